@@ -1,0 +1,91 @@
+//! Flags every server takes.
+
+use std::{net::SocketAddr, time::Duration};
+
+use addons_store::{Location, OpenOptions, Store};
+use anyhow::Context as _;
+
+/// Flags shared by the marketplace, the manager and the monitor. Every flag
+/// has an environment-variable equivalent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Address the gRPC server listens on; port 0 picks a free port, and the
+    /// bound address is printed on stdout as `listening on ADDR`.
+    #[arg(long, env = "ADDONS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// How long in-flight calls may take to finish after SIGTERM or SIGINT.
+    #[arg(
+        long,
+        env = "ADDONS_SHUTDOWN_GRACE",
+        value_name = "DURATION",
+        default_value = "3s",
+        value_parser = parse_duration
+    )]
+    pub shutdown_grace: Duration,
+
+    /// Log format on stderr. The filter comes from RUST_LOG (default `info`).
+    #[arg(long, env = "ADDONS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses `250ms`, `3s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(split) => text.split_at(split),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 3s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit `{unit}` in `{text}`: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
+}
+
+/// Opens the store named by `--store`, or the embedded default, failing with
+/// one line that says which store could not be opened and why.
+pub async fn open_store(
+    location: Option<&str>,
+    default_embedded: &str,
+    default_database: &str,
+) -> anyhow::Result<Store> {
+    let location: Location = match location {
+        Some(text) => text.parse()?,
+        None => format!("embedded:{default_embedded}").parse()?,
+    };
+    let store = Store::open(&location, &OpenOptions::new(default_database))
+        .await
+        .context("store unavailable")?;
+    tracing::info!(store = %store.describe(), "store opened");
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

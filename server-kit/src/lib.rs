@@ -1,0 +1,19 @@
+//! What the three Oakestra addons servers share, so each of them is only its
+//! own services: the one start-up path (flags, logging, telemetry, store),
+//! the gRPC server with health and reflection, graceful shutdown on
+//! SIGTERM/SIGINT, trace-context propagation, and the mapping of storage
+//! errors to gRPC statuses.
+
+mod args;
+mod server;
+mod shutdown;
+mod status;
+mod telemetry;
+
+pub use crate::{
+    args::{CommonArgs, LogFormat, open_store},
+    server::{Server, bind, main_with},
+    shutdown::Shutdown,
+    status::store_error_to_status,
+    telemetry::{TelemetryGuard, inject_trace_context, init_telemetry},
+};

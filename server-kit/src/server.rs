@@ -1,0 +1,152 @@
+//! The one start-up path of every server: bind, serve with health and
+//! reflection, drain on shutdown.
+
+use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::Shutdown;
+
+/// A gRPC server under construction: the binary's own services, plus the
+/// health and reflection services every server has.
+#[derive(Debug)]
+pub struct Server {
+    routes: Routes,
+    health: HealthReporter,
+    health_names: Vec<&'static str>,
+}
+
+impl Server {
+    /// A server with health and reflection (both `v1` and `v1alpha`, so old
+    /// and new `grpcurl` can list and describe it).
+    pub fn new() -> anyhow::Result<Self> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(oakestra_addons_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .context("cannot build the reflection service")?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("cannot build the reflection service")?;
+        let routes = Routes::new(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        Ok(Self {
+            routes,
+            health,
+            health_names: Vec::new(),
+        })
+    }
+
+    /// Adds one of the binary's services; health reports it by its name.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower_service::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.health_names.push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` fires, then reports NOT_SERVING,
+    /// stops accepting, and waits up to `grace` for in-flight calls.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: Shutdown,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let Self {
+            routes,
+            health,
+            health_names,
+        } = self;
+        for name in &health_names {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let stop = shutdown.clone();
+        let health_on_stop = health.clone();
+        let names = health_names.clone();
+        let stopped = async move {
+            stop.fired().await;
+            for name in names {
+                health_on_stop
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            health_on_stop
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+        };
+        let server = tonic::transport::Server::builder()
+            .trace_fn(crate::telemetry::server_span)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped);
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => return result.context("the gRPC server failed"),
+            () = shutdown.fired() => {}
+        }
+        match tokio::time::timeout(grace, server).await {
+            Ok(result) => result.context("the gRPC server failed"),
+            Err(_) => {
+                tracing::warn!(?grace, "in-flight calls did not finish within the grace period");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Binds `addr` and prints the bound address on stdout as
+/// `listening on ADDR`, so callers that asked for port 0 learn the port.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr().context("cannot read the bound address")?;
+    println!("listening on {bound}");
+    tracing::info!(address = %bound, "listening");
+    Ok(listener)
+}
+
+/// Runs a server's `main`: a start-up failure is one line on stderr and
+/// exit code 1; a clean shutdown is exit code 0.
+pub fn main_with<F, Fut>(run: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Typed access to one collection, and the change feed of the process.
+
+use std::{
+    any::Any,
+    collections::HashMap,
+    marker::PhantomData,
+    sync::{Arc, Mutex},
+};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use tokio::sync::broadcast;
+
+use crate::{
+    Backend, Document, Error, Filter, Page, Precondition, RawFilter, RawRecord, Result, Versioned,
+    stored_key,
+};
+
+/// How many changes a watcher may fall behind before it misses some.
+const CHANGE_BUFFER: usize = 1024;
+
+/// How often a read-modify-write retries after losing a race.
+const MODIFY_ATTEMPTS: usize = 32;
+
+/// What happened to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Inserted or replaced.
+    Upserted,
+    /// Deleted; the change carries its last state.
+    Deleted,
+}
+
+/// A committed write, as seen by watchers in this process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change<T> {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The record after the write (before it, for a delete).
+    pub record: Versioned<T>,
+}
+
+/// Change feeds per collection. Each collection has one writer process (the
+/// service that owns it), so an in-process feed sees every change.
+#[derive(Clone, Default)]
+pub(crate) struct ChangeHub {
+    senders: Arc<Mutex<HashMap<&'static str, Box<dyn Any + Send + Sync>>>>,
+}
+
+impl ChangeHub {
+    pub(crate) fn sender<T: Document>(&self) -> broadcast::Sender<Change<T>> {
+        let mut senders = self
+            .senders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = senders
+            .entry(T::COLLECTION)
+            .or_insert_with(|| Box::new(broadcast::channel::<Change<T>>(CHANGE_BUFFER).0));
+        match entry.downcast_ref::<broadcast::Sender<Change<T>>>() {
+            Some(sender) => sender.clone(),
+            // Two document types sharing a collection name is a programming
+            // error that the first use in any test reveals.
+            None => panic!("two document types use collection `{}`", T::COLLECTION),
+        }
+    }
+}
+
+/// The records of type `T`. Cheap to clone.
+pub struct Collection<T> {
+    backend: Arc<dyn Backend>,
+    changes: broadcast::Sender<Change<T>>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Collection<T> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            changes: self.changes.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T: Document> std::fmt::Debug for Collection<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collection")
+            .field("name", &T::COLLECTION)
+            .finish()
+    }
+}
+
+impl<T: Document> Collection<T> {
+    pub(crate) fn new(backend: Arc<dyn Backend>, changes: broadcast::Sender<Change<T>>) -> Self {
+        Self {
+            backend,
+            changes,
+            _type: PhantomData,
+        }
+    }
+
+    /// Stores a new record at revision 1. Fails with
+    /// [`Error::AlreadyExists`] when its id or unique key is taken.
+    pub async fn insert(&self, value: T) -> Result<Versioned<T>> {
+        let record = Versioned { revision: 1, value };
+        self.backend
+            .insert(T::COLLECTION, &encode(&record)?)
+            .await?;
+        self.publish(ChangeKind::Upserted, &record);
+        Ok(record)
+    }
+
+    /// The record with `id`, if there is one.
+    pub async fn get(&self, id: &str) -> Result<Option<Versioned<T>>> {
+        self.backend
+            .get(T::COLLECTION, id)
+            .await?
+            .map(decode)
+            .transpose()
+    }
+
+    /// The record with `id`, or [`Error::NotFound`].
+    pub async fn require(&self, id: &str) -> Result<Versioned<T>> {
+        self.get(id).await?.ok_or_else(|| Error::NotFound {
+            collection: T::COLLECTION.to_owned(),
+            id: id.to_owned(),
+        })
+    }
+
+    /// Replaces the record with `value.id()` if `condition` holds, bumping
+    /// its revision. Fails with [`Error::Conflict`] and writes nothing when
+    /// it does not, and with [`Error::NotFound`] when there is no record.
+    pub async fn replace(&self, value: T, condition: &Precondition) -> Result<Versioned<T>> {
+        if let Some(expected) = condition.revision {
+            return self.replace_at(value, expected, &condition.status_in).await;
+        }
+        // Without a revision to hold on to, the write is against whatever
+        // revision is current; a concurrent write only means trying again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.require(value.id()).await?;
+            crate::check(
+                &encode(&current)?,
+                None,
+                &condition.status_in,
+            )?;
+            match self
+                .replace_at(value.clone(), current.revision, &condition.status_in)
+                .await
+            {
+                Err(Error::Conflict { .. }) if attempt < MODIFY_ATTEMPTS => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn replace_at(
+        &self,
+        value: T,
+        expected: u64,
+        status_in: &[String],
+    ) -> Result<Versioned<T>> {
+        let record = Versioned {
+            revision: expected + 1,
+            value,
+        };
+        self.backend
+            .replace(T::COLLECTION, &encode(&record)?, status_in)
+            .await?;
+        self.publish(ChangeKind::Upserted, &record);
+        Ok(record)
+    }
+
+    /// Read-modify-write: applies `change` to the current record and stores
+    /// the result, retrying on a concurrent write. `change` returns
+    /// `Ok(false)` to leave the record as it is, and its error aborts.
+    pub async fn modify<F>(&self, id: &str, mut change: F) -> Result<Versioned<T>>
+    where
+        F: FnMut(&mut T) -> Result<bool>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut current = self.require(id).await?;
+            if !change(&mut current.value)? {
+                return Ok(current);
+            }
+            match self
+                .replace(current.value, &Precondition::revision(current.revision))
+                .await
+            {
+                Err(Error::Conflict { .. }) if attempt < MODIFY_ATTEMPTS => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Deletes the record with `id` if `condition` holds. Returns `false`
+    /// when there was no record.
+    pub async fn delete(&self, id: &str, condition: &Precondition) -> Result<bool> {
+        let Some(before) = self.get(id).await? else {
+            return Ok(false);
+        };
+        let deleted = self.backend.delete(T::COLLECTION, id, condition).await?;
+        if deleted {
+            self.publish(ChangeKind::Deleted, &before);
+        }
+        Ok(deleted)
+    }
+
+    /// One page of the records matching `filter`, in id order. `page_token`
+    /// is `None` for the first page and then the previous page's
+    /// `next_page_token`.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<T>> {
+        let page_size = page_size.max(1);
+        let after = page_token.map(decode_token).transpose()?;
+        let raw_filter = RawFilter {
+            statuses: filter.statuses.clone(),
+            key: filter.unique_key.clone().map(|key| stored_key(Some(key), "")),
+        };
+        // One record more than asked tells whether another page follows.
+        let mut records = self
+            .backend
+            .list(T::COLLECTION, &raw_filter, after.as_deref(), page_size + 1)
+            .await?;
+        let more = records.len() > page_size;
+        records.truncate(page_size);
+        let next_page_token = match (more, records.last()) {
+            (true, Some(last)) => Some(encode_token(&last.id)),
+            _ => None,
+        };
+        Ok(Page {
+            items: records.into_iter().map(decode).collect::<Result<_>>()?,
+            next_page_token,
+        })
+    }
+
+    /// Every record matching `filter`, following pages to the end.
+    pub async fn list_all(&self, filter: &Filter) -> Result<Vec<Versioned<T>>> {
+        let mut all = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list(filter, 500, token.as_deref()).await?;
+            all.extend(page.items);
+            match page.next_page_token {
+                Some(next) => token = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Changes committed through this process from now on. A receiver that
+    /// falls more than 1024 changes behind gets
+    /// [`broadcast::error::RecvError::Lagged`] instead of slowing writers.
+    pub fn watch(&self) -> broadcast::Receiver<Change<T>> {
+        self.changes.subscribe()
+    }
+
+    fn publish(&self, kind: ChangeKind, record: &Versioned<T>) {
+        // No receiver is not an error: nobody is watching.
+        let _ = self.changes.send(Change {
+            kind,
+            record: record.clone(),
+        });
+    }
+}
+
+fn encode<T: Document>(record: &Versioned<T>) -> Result<RawRecord> {
+    let id = record.value.id().to_owned();
+    let body = serde_json::to_value(&record.value).map_err(|source| Error::Codec {
+        action: "encode",
+        collection: T::COLLECTION.to_owned(),
+        id: id.clone(),
+        source,
+    })?;
+    Ok(RawRecord {
+        key: stored_key(record.value.unique_key(), &id),
+        status: record.value.status(),
+        revision: record.revision,
+        id,
+        body,
+    })
+}
+
+fn decode<T: Document>(raw: RawRecord) -> Result<Versioned<T>> {
+    let value = serde_json::from_value(raw.body).map_err(|source| Error::Codec {
+        action: "decode",
+        collection: T::COLLECTION.to_owned(),
+        id: raw.id,
+        source,
+    })?;
+    Ok(Versioned {
+        revision: raw.revision,
+        value,
+    })
+}
+
+const TOKEN_PREFIX: &str = "v1:";
+
+fn encode_token(last_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{last_id}"))
+}
+
+fn decode_token(token: &str) -> Result<String> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| Error::InvalidPageToken)?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::InvalidPageToken)?;
+    text.strip_prefix(TOKEN_PREFIX)
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .ok_or(Error::InvalidPageToken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let token = encode_token("01hx");
+        assert_eq!(decode_token(&token).unwrap(), "01hx");
+        assert!(matches!(
+            decode_token("not a token"),
+            Err(Error::InvalidPageToken)
+        ));
+        assert!(matches!(
+            decode_token(&URL_SAFE_NO_PAD.encode("v2:x")),
+            Err(Error::InvalidPageToken)
+        ));
+    }
+}

@@ -1,0 +1,300 @@
+//! The embedded backend: one redb file, crash-safe, no server to run.
+//!
+//! Each collection is a table from id to the JSON-encoded record plus a
+//! table from unique key to id. Every write is one redb write transaction,
+//! committed with redb's default immediate durability before the call
+//! returns, so preconditions are checked and unique keys enforced atomically
+//! with the write.
+
+use std::{path::Path, sync::Arc};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+
+use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check};
+
+pub(crate) struct EmbeddedBackend {
+    db: Arc<Database>,
+    path: String,
+}
+
+fn records(collection: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(collection)
+}
+
+fn keys(name: &str) -> TableDefinition<'_, &'static str, &'static str> {
+    TableDefinition::new(name)
+}
+
+fn keys_table(collection: &str) -> String {
+    format!("{collection}.keys")
+}
+
+impl EmbeddedBackend {
+    pub(crate) async fn open(path: &Path) -> Result<Self> {
+        let display = path.display().to_string();
+        let owned = path.to_owned();
+        let db = tokio::task::spawn_blocking(move || {
+            if let Some(parent) = owned.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|err| err.to_string())?;
+            }
+            Database::create(&owned).map_err(|err| err.to_string())
+        })
+        .await
+        .map_err(|err| Error::backend("open", err))?
+        .map_err(|reason| Error::Unavailable {
+            store: format!("embedded:{display}"),
+            reason,
+        })?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: display,
+        })
+    }
+
+    /// Runs blocking redb work off the async runtime.
+    async fn blocking<R, F>(&self, operation: &'static str, work: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Database) -> Result<R> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || work(&db))
+            .await
+            .map_err(|err| Error::backend(operation, err))?
+    }
+}
+
+fn decode_record(operation: &'static str, bytes: &[u8]) -> Result<RawRecord> {
+    serde_json::from_slice(bytes).map_err(|err| Error::backend(operation, err))
+}
+
+fn encode_record(operation: &'static str, record: &RawRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec(record).map_err(|err| Error::backend(operation, err))
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    async fn prepare(&self, collection: &str) -> Result<()> {
+        let collection = collection.to_owned();
+        self.blocking("prepare", move |db| {
+            let tx = db.begin_write().map_err(|e| Error::backend("prepare", e))?;
+            tx.open_table(records(&collection))
+                .map_err(|e| Error::backend("prepare", e))?;
+            tx.open_table(keys(&keys_table(&collection)))
+                .map_err(|e| Error::backend("prepare", e))?;
+            tx.commit().map_err(|e| Error::backend("prepare", e))
+        })
+        .await
+    }
+
+    async fn insert(&self, collection: &str, record: &RawRecord) -> Result<()> {
+        const OP: &str = "insert";
+        let collection = collection.to_owned();
+        let record = record.clone();
+        self.blocking(OP, move |db| {
+            let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            {
+                let mut table = tx
+                    .open_table(records(&collection))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let mut key_index = tx
+                    .open_table(keys(&keys_table(&collection)))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let taken = |key: &str| Error::AlreadyExists {
+                    collection: collection.clone(),
+                    key: key.to_owned(),
+                };
+                if table
+                    .get(record.id.as_str())
+                    .map_err(|e| Error::backend(OP, e))?
+                    .is_some()
+                {
+                    return Err(taken(&record.id));
+                }
+                if key_index
+                    .get(record.key.as_str())
+                    .map_err(|e| Error::backend(OP, e))?
+                    .is_some()
+                {
+                    return Err(taken(unique_part(&record.key)));
+                }
+                let bytes = encode_record(OP, &record)?;
+                table
+                    .insert(record.id.as_str(), bytes.as_slice())
+                    .map_err(|e| Error::backend(OP, e))?;
+                key_index
+                    .insert(record.key.as_str(), record.id.as_str())
+                    .map_err(|e| Error::backend(OP, e))?;
+            }
+            tx.commit().map_err(|e| Error::backend(OP, e))
+        })
+        .await
+    }
+
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<RawRecord>> {
+        const OP: &str = "get";
+        let collection = collection.to_owned();
+        let id = id.to_owned();
+        self.blocking(OP, move |db| {
+            let tx = db.begin_read().map_err(|e| Error::backend(OP, e))?;
+            let table = match tx.open_table(records(&collection)) {
+                Ok(table) => table,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(Error::backend(OP, e)),
+            };
+            let value = table.get(id.as_str()).map_err(|e| Error::backend(OP, e))?;
+            value.map(|v| decode_record(OP, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn replace(
+        &self,
+        collection: &str,
+        record: &RawRecord,
+        status_in: &[String],
+    ) -> Result<()> {
+        const OP: &str = "replace";
+        let collection = collection.to_owned();
+        let record = record.clone();
+        let status_in = status_in.to_vec();
+        self.blocking(OP, move |db| {
+            let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            {
+                let mut table = tx
+                    .open_table(records(&collection))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let mut key_index = tx
+                    .open_table(keys(&keys_table(&collection)))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let current = match table
+                    .get(record.id.as_str())
+                    .map_err(|e| Error::backend(OP, e))?
+                {
+                    Some(bytes) => decode_record(OP, bytes.value())?,
+                    None => {
+                        return Err(Error::NotFound {
+                            collection: collection.clone(),
+                            id: record.id.clone(),
+                        });
+                    }
+                };
+                check(&current, Some(record.revision - 1), &status_in)?;
+                if current.key != record.key {
+                    if key_index
+                        .get(record.key.as_str())
+                        .map_err(|e| Error::backend(OP, e))?
+                        .is_some()
+                    {
+                        return Err(Error::AlreadyExists {
+                            collection: collection.clone(),
+                            key: unique_part(&record.key).to_owned(),
+                        });
+                    }
+                    key_index
+                        .remove(current.key.as_str())
+                        .map_err(|e| Error::backend(OP, e))?;
+                    key_index
+                        .insert(record.key.as_str(), record.id.as_str())
+                        .map_err(|e| Error::backend(OP, e))?;
+                }
+                let bytes = encode_record(OP, &record)?;
+                table
+                    .insert(record.id.as_str(), bytes.as_slice())
+                    .map_err(|e| Error::backend(OP, e))?;
+            }
+            tx.commit().map_err(|e| Error::backend(OP, e))
+        })
+        .await
+    }
+
+    async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool> {
+        const OP: &str = "delete";
+        let collection = collection.to_owned();
+        let id = id.to_owned();
+        let condition = condition.clone();
+        self.blocking(OP, move |db| {
+            let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            {
+                let mut table = tx
+                    .open_table(records(&collection))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let mut key_index = tx
+                    .open_table(keys(&keys_table(&collection)))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let current = match table.get(id.as_str()).map_err(|e| Error::backend(OP, e))? {
+                    Some(bytes) => decode_record(OP, bytes.value())?,
+                    None => return Ok(false),
+                };
+                check(&current, condition.revision, &condition.status_in)?;
+                table
+                    .remove(id.as_str())
+                    .map_err(|e| Error::backend(OP, e))?;
+                key_index
+                    .remove(current.key.as_str())
+                    .map_err(|e| Error::backend(OP, e))?;
+            }
+            tx.commit().map_err(|e| Error::backend(OP, e))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        collection: &str,
+        filter: &RawFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RawRecord>> {
+        const OP: &str = "list";
+        let collection = collection.to_owned();
+        let filter = filter.clone();
+        let after = after.map(str::to_owned);
+        self.blocking(OP, move |db| {
+            let tx = db.begin_read().map_err(|e| Error::backend(OP, e))?;
+            let table = match tx.open_table(records(&collection)) {
+                Ok(table) => table,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(Error::backend(OP, e)),
+            };
+            let range = match after.as_deref() {
+                Some(after) => table.range::<&str>((
+                    std::ops::Bound::Excluded(after),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => table.range::<&str>(..),
+            }
+            .map_err(|e| Error::backend(OP, e))?;
+            let mut out = Vec::new();
+            for entry in range {
+                let (_, bytes) = entry.map_err(|e| Error::backend(OP, e))?;
+                let record = decode_record(OP, bytes.value())?;
+                let status_ok =
+                    filter.statuses.is_empty() || filter.statuses.contains(&record.status);
+                let key_ok = filter.key.as_ref().is_none_or(|key| *key == record.key);
+                if status_ok && key_ok {
+                    out.push(record);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("embedded:{}", self.path)
+    }
+}
+
+/// The caller's unique key inside a stored key.
+fn unique_part(stored: &str) -> &str {
+    stored
+        .strip_prefix("k:")
+        .or_else(|| stored.strip_prefix("i:"))
+        .unwrap_or(stored)
+}

@@ -1,0 +1,87 @@
+//! The one error type of the storage layer.
+
+/// Result of a storage operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `--store` names no usable location.
+    #[error("invalid store location: {reason}")]
+    InvalidLocation {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database cannot be reached or opened.
+    #[error("cannot open the store ({store}): {reason}")]
+    Unavailable {
+        /// Which store, without credentials.
+        store: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another record holds the id or the unique key.
+    #[error("{collection} record with key `{key}` already exists")]
+    AlreadyExists {
+        /// Collection of the record.
+        collection: String,
+        /// The id or unique key that is taken.
+        key: String,
+    },
+    /// No record has the id.
+    #[error("{collection} record `{id}` not found")]
+    NotFound {
+        /// Collection searched.
+        collection: String,
+        /// The id looked for.
+        id: String,
+    },
+    /// The record changed since it was read, or has another status than the
+    /// write expected; nothing was written.
+    #[error("record `{id}` changed concurrently: {reason}")]
+    Conflict {
+        /// The record.
+        id: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// A page token that this store did not hand out.
+    #[error("invalid page token")]
+    InvalidPageToken,
+    /// A stored record does not decode, or a record does not encode.
+    #[error("cannot {action} {collection} record `{id}`: {source}")]
+    Codec {
+        /// `encode` or `decode`.
+        action: &'static str,
+        /// Collection of the record.
+        collection: String,
+        /// The record.
+        id: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The database failed an operation.
+    #[error("store operation `{operation}` failed: {reason}")]
+    Backend {
+        /// What was being done.
+        operation: &'static str,
+        /// The database's error.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn backend(operation: &'static str, err: impl std::fmt::Display) -> Self {
+        Self::Backend {
+            operation,
+            reason: err.to_string(),
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::Backend { .. })
+    }
+}

@@ -1,0 +1,381 @@
+//! Storage of the Oakestra addons services.
+//!
+//! The marketplace and the manager keep their records through [`Store`], which
+//! hides which database is behind it: MongoDB through the official driver
+//! (`mongodb://host:port/dbname`, as Oakestra runs it) or an embedded,
+//! crash-safe redb file (`embedded:PATH`, the default). Both backends give the
+//! same guarantees, checked by one conformance suite in `integration-tests`:
+//!
+//! - a record's [`Document::unique_key`] is unique within its collection;
+//! - every record carries a revision, starting at 1 and bumped by every
+//!   write; a write whose [`Precondition`] names a stale revision or a status
+//!   the record no longer has fails with [`Error::Conflict`] and changes
+//!   nothing (optimistic concurrency and compare-and-set status transitions);
+//! - listings filter on status and unique key and page in id order with
+//!   opaque tokens that stay valid while records are added or removed;
+//! - a write is durable when its future returns `Ok`.
+//!
+//! **No crate but this one knows which database is behind a [`Store`].**
+
+mod collection;
+mod embedded;
+mod error;
+mod mongo;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use serde::{Serialize, de::DeserializeOwned};
+
+pub use crate::{
+    collection::{Change, ChangeKind, Collection},
+    error::{Error, Result},
+};
+
+/// A record type the store can hold.
+pub trait Document: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// Name of the collection (MongoDB collection, redb table) holding it.
+    const COLLECTION: &'static str;
+
+    /// Identifier of the record; never changes.
+    fn id(&self) -> &str;
+
+    /// Key that must be unique within the collection, if the record has one
+    /// right now (the marketplace: the addon name; the manager: the
+    /// marketplace id of an installation that is not disabled).
+    fn unique_key(&self) -> Option<String>;
+
+    /// Status the store filters on and compares in preconditions.
+    fn status(&self) -> String;
+}
+
+/// A record together with its revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    /// Starts at 1, grows by one with every write of the record.
+    pub revision: u64,
+    /// The record.
+    pub value: T,
+}
+
+/// What must hold for a write to go ahead.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Precondition {
+    /// The record must still be at this revision.
+    pub revision: Option<u64>,
+    /// The record's status must be one of these; empty means any.
+    pub status_in: Vec<String>,
+}
+
+impl Precondition {
+    /// No condition: the write goes ahead whatever the record looks like.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The record must still be at `revision`.
+    pub fn revision(revision: u64) -> Self {
+        Self {
+            revision: Some(revision),
+            status_in: Vec::new(),
+        }
+    }
+
+    /// The record's status must be one of `statuses`.
+    pub fn status_in<S: Into<String>>(statuses: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            revision: None,
+            status_in: statuses.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Which records a listing returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Statuses to include; empty means any.
+    pub statuses: Vec<String>,
+    /// Only the record holding this unique key.
+    pub unique_key: Option<String>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// Records of this page in id order.
+    pub items: Vec<Versioned<T>>,
+    /// Token for the next page; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Returns a new record identifier. Identifiers are ULIDs in lowercase: they
+/// sort in creation order, which gives listings a stable order.
+pub fn new_id() -> String {
+    ulid::Ulid::new().to_string().to_lowercase()
+}
+
+/// Where a [`Store`] keeps its data, parsed from `--store`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A redb file at this path.
+    Embedded(std::path::PathBuf),
+    /// A MongoDB deployment.
+    MongoDb {
+        /// The connection string as given.
+        uri: String,
+        /// Database named in the connection string's path, if any.
+        database: Option<String>,
+    },
+}
+
+impl fmt::Debug for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Connection strings may carry passwords; never print them.
+        match self {
+            Self::Embedded(path) => f.debug_tuple("Embedded").field(path).finish(),
+            Self::MongoDb { database, .. } => f
+                .debug_struct("MongoDb")
+                .field("database", database)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl std::str::FromStr for Location {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(path) = s.strip_prefix("embedded:") {
+            if path.is_empty() {
+                return Err(Error::InvalidLocation {
+                    reason: "`embedded:` needs a file path, as in `embedded:/var/lib/addons/store.redb`"
+                        .into(),
+                });
+            }
+            return Ok(Self::Embedded(path.into()));
+        }
+        if s.starts_with("mongodb://") || s.starts_with("mongodb+srv://") {
+            return Ok(Self::MongoDb {
+                uri: s.to_owned(),
+                database: mongo::database_from_uri(s),
+            });
+        }
+        Err(Error::InvalidLocation {
+            reason: format!(
+                "`{}` is neither `embedded:PATH` nor a `mongodb://` connection string",
+                redact(s)
+            ),
+        })
+    }
+}
+
+/// Removes a password from a connection string before it is shown.
+fn redact(s: &str) -> String {
+    match (s.find("://"), s.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &s[..scheme], &s[at..]),
+        _ => s.to_owned(),
+    }
+}
+
+/// Options for opening a [`Store`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Database used when a MongoDB connection string names none.
+    pub default_database: String,
+    /// How long to wait for MongoDB to answer at start before giving up.
+    pub connect_timeout: Duration,
+}
+
+impl OpenOptions {
+    /// Options with `default_database` and a 5 s connect timeout.
+    pub fn new(default_database: impl Into<String>) -> Self {
+        Self {
+            default_database: default_database.into(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    changes: collection::ChangeHub,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend.describe())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the store at `location`, creating what is missing, and checks
+    /// that it answers. Fails at once on an unreachable MongoDB or an
+    /// embedded file another process holds.
+    pub async fn open(location: &Location, options: &OpenOptions) -> Result<Self> {
+        let backend: Arc<dyn Backend> = match location {
+            Location::Embedded(path) => Arc::new(embedded::EmbeddedBackend::open(path).await?),
+            Location::MongoDb { uri, database } => Arc::new(
+                mongo::MongoBackend::connect(
+                    uri,
+                    database.as_deref().unwrap_or(&options.default_database),
+                    options.connect_timeout,
+                )
+                .await?,
+            ),
+        };
+        Ok(Self {
+            backend,
+            changes: collection::ChangeHub::default(),
+        })
+    }
+
+    /// The collection of records of type `T`, with its unique-key index in
+    /// place.
+    pub async fn collection<T: Document>(&self) -> Result<Collection<T>> {
+        self.backend.prepare(T::COLLECTION).await?;
+        Ok(Collection::new(
+            self.backend.clone(),
+            self.changes.sender::<T>(),
+        ))
+    }
+
+    /// Describes the backend for logs, without credentials.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+}
+
+/// A record as the backends store it: the envelope fields they index, and
+/// the document itself as JSON-shaped data.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RawRecord {
+    pub id: String,
+    pub key: String,
+    pub status: String,
+    pub revision: u64,
+    pub body: serde_json::Value,
+}
+
+/// What a database must do for the store. Implementations enforce the
+/// unique key, check preconditions atomically with the write, and return
+/// only once the write is durable.
+#[async_trait]
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// Creates the collection and its indexes if missing.
+    async fn prepare(&self, collection: &str) -> Result<()>;
+    /// Inserts a new record; [`Error::AlreadyExists`] when its id or key is
+    /// taken.
+    async fn insert(&self, collection: &str, record: &RawRecord) -> Result<()>;
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<RawRecord>>;
+    /// Replaces the record with `record.id`, whose stored revision must be
+    /// `record.revision - 1` and whose status must satisfy `status_in`.
+    async fn replace(
+        &self,
+        collection: &str,
+        record: &RawRecord,
+        status_in: &[String],
+    ) -> Result<()>;
+    /// Deletes the record if it satisfies `condition`; `false` when there
+    /// was none.
+    async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool>;
+    /// Up to `limit` records matching `filter` with ids after `after`, in id
+    /// order.
+    async fn list(
+        &self,
+        collection: &str,
+        filter: &RawFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RawRecord>>;
+    fn describe(&self) -> String;
+}
+
+/// A [`Filter`] in the backends' terms.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawFilter {
+    pub statuses: Vec<String>,
+    pub key: Option<String>,
+}
+
+/// The stored form of a unique key. Records without one get a key derived
+/// from their id, so one plain unique index serves both cases on every
+/// backend.
+pub(crate) fn stored_key(unique_key: Option<String>, id: &str) -> String {
+    match unique_key {
+        Some(key) => format!("k:{key}"),
+        None => format!("i:{id}"),
+    }
+}
+
+/// Checks a precondition against a stored record; used by backends that
+/// check in-process, inside their write transaction.
+pub(crate) fn check(
+    record: &RawRecord,
+    expected_revision: Option<u64>,
+    status_in: &[String],
+) -> Result<()> {
+    if let Some(expected) = expected_revision
+        && record.revision != expected
+    {
+        return Err(Error::Conflict {
+            id: record.id.clone(),
+            reason: format!(
+                "revision is {}, the write expected {expected}",
+                record.revision
+            ),
+        });
+    }
+    if !status_in.is_empty() && !status_in.contains(&record.status) {
+        return Err(Error::Conflict {
+            id: record.id.clone(),
+            reason: format!(
+                "status is {}, the write expected one of {}",
+                record.status,
+                status_in.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_locations() {
+        assert_eq!(
+            "embedded:/tmp/x.redb".parse::<Location>().unwrap(),
+            Location::Embedded("/tmp/x.redb".into())
+        );
+        let Location::MongoDb { database, .. } = "mongodb://db:27017/marketplace?w=majority"
+            .parse::<Location>()
+            .unwrap()
+        else {
+            panic!("not mongodb")
+        };
+        assert_eq!(database.as_deref(), Some("marketplace"));
+        assert!("embedded:".parse::<Location>().is_err());
+        assert!("postgres://x".parse::<Location>().is_err());
+    }
+
+    #[test]
+    fn never_shows_passwords() {
+        let err = "redis://user:secret@host".parse::<Location>().unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        let loc = "mongodb://user:secret@host/db".parse::<Location>().unwrap();
+        assert!(!format!("{loc:?}").contains("secret"));
+    }
+
+    #[test]
+    fn ids_sort_in_creation_order() {
+        let a = new_id();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = new_id();
+        assert!(a < b, "{a} !< {b}");
+    }
+}

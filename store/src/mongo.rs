@@ -1,0 +1,314 @@
+//! The MongoDB backend, through the official `mongodb` driver.
+//!
+//! Each collection holds documents `{_id, key, status, revision, body}`, with
+//! a unique index on `key`. `body` is the record as a JSON string: addon
+//! labels and environment keys may contain dots and dollar signs, which
+//! MongoDB-compatible servers treat differently as field names. Preconditions
+//! are part of the write's filter, so they are checked atomically by the
+//! server. Writes use `w: majority, j: true` so that a successful call is on
+//! disk (on a majority of a replica set).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::{
+    Client, Collection, Database, IndexModel,
+    bson::{Document, doc},
+    error::{ErrorKind, WriteFailure},
+    options::{
+        ClientOptions, CollectionOptions, IndexOptions, ReadConcern, WriteConcern,
+    },
+};
+
+use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check};
+
+/// MongoDB's duplicate key error code.
+const DUPLICATE_KEY: i32 = 11000;
+
+pub(crate) struct MongoBackend {
+    db: Database,
+    description: String,
+}
+
+/// The database named in a connection string's path, if any.
+pub(crate) fn database_from_uri(uri: &str) -> Option<String> {
+    let rest = &uri[uri.find("://")? + 3..];
+    let path = &rest[rest.find('/')? + 1..];
+    let name = path.split('?').next().unwrap_or_default();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+impl MongoBackend {
+    pub(crate) async fn connect(uri: &str, database: &str, timeout: Duration) -> Result<Self> {
+        let description = format!("mongodb database `{database}`");
+        let unavailable = |reason: String| Error::Unavailable {
+            store: description.clone(),
+            reason,
+        };
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|err| unavailable(err.to_string()))?;
+        options.server_selection_timeout = Some(timeout);
+        options.connect_timeout = Some(timeout);
+        options.app_name.get_or_insert_with(|| "oakestra-addons".to_owned());
+        let client = Client::with_options(options).map_err(|err| unavailable(err.to_string()))?;
+        let db = client.database(database);
+        db.run_command(doc! { "ping": 1 })
+            .await
+            .map_err(|err| unavailable(first_line(&err.to_string())))?;
+        Ok(Self { db, description })
+    }
+
+    fn collection(&self, name: &str) -> Collection<Document> {
+        let options = CollectionOptions::builder()
+            .write_concern(
+                WriteConcern::builder()
+                    .w(mongodb::options::Acknowledgment::Majority)
+                    .journal(true)
+                    .build(),
+            )
+            .read_concern(ReadConcern::majority())
+            .build();
+        self.db.collection_with_options(name, options)
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    match err.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(write)) => write.code == DUPLICATE_KEY,
+        ErrorKind::Command(command) => command.code == DUPLICATE_KEY,
+        _ => err.to_string().contains("E11000"),
+    }
+}
+
+fn to_document(record: &RawRecord) -> Result<Document> {
+    let body = serde_json::to_string(&record.body).map_err(|e| Error::backend("encode", e))?;
+    let revision = i64::try_from(record.revision).map_err(|e| Error::backend("encode", e))?;
+    Ok(doc! {
+        "_id": &record.id,
+        "key": &record.key,
+        "status": &record.status,
+        "revision": revision,
+        "body": body,
+    })
+}
+
+fn from_document(document: &Document) -> Result<RawRecord> {
+    let field = |name: &str| {
+        document
+            .get_str(name)
+            .map_err(|e| Error::backend("decode", format!("field `{name}`: {e}")))
+    };
+    let revision = document
+        .get_i64("revision")
+        .or_else(|_| document.get_i32("revision").map(i64::from))
+        .map_err(|e| Error::backend("decode", format!("field `revision`: {e}")))?;
+    Ok(RawRecord {
+        id: field("_id")?.to_owned(),
+        key: field("key")?.to_owned(),
+        status: field("status")?.to_owned(),
+        revision: u64::try_from(revision).map_err(|e| Error::backend("decode", e))?,
+        body: serde_json::from_str(field("body")?).map_err(|e| Error::backend("decode", e))?,
+    })
+}
+
+fn status_filter(filter: &mut Document, statuses: &[String]) {
+    if !statuses.is_empty() {
+        filter.insert("status", doc! { "$in": statuses.to_vec() });
+    }
+}
+
+#[async_trait]
+impl Backend for MongoBackend {
+    async fn prepare(&self, collection: &str) -> Result<()> {
+        let coll = self.collection(collection);
+        let unique = IndexModel::builder()
+            .keys(doc! { "key": 1 })
+            .options(
+                IndexOptions::builder()
+                    .unique(true)
+                    .name("key_unique".to_owned())
+                    .build(),
+            )
+            .build();
+        let by_status = IndexModel::builder()
+            .keys(doc! { "status": 1, "_id": 1 })
+            .options(IndexOptions::builder().name("status_id".to_owned()).build())
+            .build();
+        coll.create_indexes([unique, by_status])
+            .await
+            .map_err(|e| Error::backend("prepare", e))?;
+        Ok(())
+    }
+
+    async fn insert(&self, collection: &str, record: &RawRecord) -> Result<()> {
+        let coll = self.collection(collection);
+        match coll.insert_one(to_document(record)?).await {
+            Ok(_) => Ok(()),
+            Err(err) if is_duplicate_key(&err) => {
+                let key = if err.to_string().contains("_id") {
+                    record.id.clone()
+                } else {
+                    record.key.get(2..).unwrap_or_default().to_owned()
+                };
+                Err(Error::AlreadyExists {
+                    collection: collection.to_owned(),
+                    key,
+                })
+            }
+            Err(err) => Err(Error::backend("insert", err)),
+        }
+    }
+
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<RawRecord>> {
+        self.collection(collection)
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(|e| Error::backend("get", e))?
+            .as_ref()
+            .map(from_document)
+            .transpose()
+    }
+
+    async fn replace(
+        &self,
+        collection: &str,
+        record: &RawRecord,
+        status_in: &[String],
+    ) -> Result<()> {
+        let expected = record.revision - 1;
+        let mut filter = doc! {
+            "_id": &record.id,
+            "revision": i64::try_from(expected).map_err(|e| Error::backend("replace", e))?,
+        };
+        status_filter(&mut filter, status_in);
+        let result = match self
+            .collection(collection)
+            .replace_one(filter, to_document(record)?)
+            .await
+        {
+            Ok(result) => result,
+            Err(err) if is_duplicate_key(&err) => {
+                return Err(Error::AlreadyExists {
+                    collection: collection.to_owned(),
+                    key: record.key.get(2..).unwrap_or_default().to_owned(),
+                });
+            }
+            Err(err) => return Err(Error::backend("replace", err)),
+        };
+        if result.matched_count == 1 {
+            return Ok(());
+        }
+        self.explain_miss(collection, &record.id, Some(expected), status_in)
+            .await
+    }
+
+    async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool> {
+        let mut filter = doc! { "_id": id };
+        if let Some(revision) = condition.revision {
+            let revision = i64::try_from(revision).map_err(|e| Error::backend("delete", e))?;
+            filter.insert("revision", revision);
+        }
+        status_filter(&mut filter, &condition.status_in);
+        let result = self
+            .collection(collection)
+            .delete_one(filter)
+            .await
+            .map_err(|e| Error::backend("delete", e))?;
+        if result.deleted_count == 1 {
+            return Ok(true);
+        }
+        match self
+            .explain_miss(collection, id, condition.revision, &condition.status_in)
+            .await
+        {
+            Err(Error::NotFound { .. }) => Ok(false),
+            other => other.map(|()| false),
+        }
+    }
+
+    async fn list(
+        &self,
+        collection: &str,
+        filter: &RawFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RawRecord>> {
+        let mut query = Document::new();
+        status_filter(&mut query, &filter.statuses);
+        if let Some(key) = &filter.key {
+            query.insert("key", key);
+        }
+        if let Some(after) = after {
+            query.insert("_id", doc! { "$gt": after });
+        }
+        let limit = i64::try_from(limit).map_err(|e| Error::backend("list", e))?;
+        let documents: Vec<Document> = self
+            .collection(collection)
+            .find(query)
+            .sort(doc! { "_id": 1 })
+            .limit(limit)
+            .await
+            .map_err(|e| Error::backend("list", e))?
+            .try_collect()
+            .await
+            .map_err(|e| Error::backend("list", e))?;
+        documents.iter().map(from_document).collect()
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+impl MongoBackend {
+    /// Says why a conditional write matched nothing: no record, or a
+    /// precondition that does not hold.
+    async fn explain_miss(
+        &self,
+        collection: &str,
+        id: &str,
+        expected_revision: Option<u64>,
+        status_in: &[String],
+    ) -> Result<()> {
+        match self.get(collection, id).await? {
+            None => Err(Error::NotFound {
+                collection: collection.to_owned(),
+                id: id.to_owned(),
+            }),
+            Some(current) => {
+                check(&current, expected_revision, status_in)?;
+                // The record matched when read back: another write won the
+                // race in between.
+                Err(Error::Conflict {
+                    id: id.to_owned(),
+                    reason: "another write came first".to_owned(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_database_in_a_connection_string() {
+        assert_eq!(
+            database_from_uri("mongodb://h:1/addons?w=1").as_deref(),
+            Some("addons")
+        );
+        assert_eq!(database_from_uri("mongodb://h:1/"), None);
+        assert_eq!(database_from_uri("mongodb://h:1"), None);
+        assert_eq!(
+            database_from_uri("mongodb://u:p@h1:1,h2:2/db").as_deref(),
+            Some("db")
+        );
+    }
+}
