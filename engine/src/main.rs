@@ -1,1 +1,41 @@
-fn main() {}
+use std::{net::SocketAddr, process::ExitCode};
+
+use addons_engine::{
+    Manager,
+    api::{ManagerApi, MonitorLinkApi},
+    config::Config,
+};
+use addons_server_kit::{
+    Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
+};
+
+fn main() -> ExitCode {
+    match parse_config::<Config>() {
+        Ok(config) => main_with(|| run(config)),
+        Err(code) => code,
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let _telemetry = init_telemetry("addons-manager", config.common.log_format)?;
+    let shutdown = Shutdown::on_signals()?;
+    let store = open_store(
+        config.store.as_deref(),
+        "/var/lib/oakestra-addons/manager.redb",
+        "addons",
+    )
+    .await?;
+    let core = Manager::new(&store, &config.marketplace, config.plane).await?;
+    let listener = bind(
+        config
+            .common
+            .listen
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], config.default_port()))),
+    )
+    .await?;
+    Server::new()?
+        .add_service(ManagerApi::new(core, shutdown.clone()).into_service())
+        .add_service(MonitorLinkApi.into_service())
+        .serve(listener, shutdown, config.common.shutdown_grace)
+        .await
+}

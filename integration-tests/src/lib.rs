@@ -1,1 +1,74 @@
+//! The harness of the end-to-end tests: starts the real binaries and the
+//! real servers they need (the MongoDB-wire test server today; containerd and
+//! an OCI registry as later suites need them) on free loopback ports and in
+//! temp dirs, and stops them again.
+//!
+//! Nothing here is skipped quietly: a server that cannot be started fails the
+//! test with what is missing and how to get it.
 
+mod mongo;
+mod process;
+
+use std::{future::Future, path::PathBuf, time::Duration};
+
+pub use crate::{
+    mongo::MongoServer,
+    process::{ServerProcess, Started},
+};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary, built by `cargo build --workspace --bins`
+/// (which `scripts/test.sh` runs before the tests). Panics with that advice
+/// when it is missing.
+pub fn binary(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug"));
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "binary {} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after
+/// `patience` with `what` and the last observation.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: not true after {patience:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1, for servers that cannot report the port
+/// they bound themselves.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener
+        .local_addr()
+        .expect("read the ephemeral port")
+        .port()
+}

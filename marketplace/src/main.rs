@@ -1,1 +1,40 @@
-fn main() {}
+use std::{net::SocketAddr, process::ExitCode};
+
+use addons_marketplace::{
+    Marketplace,
+    api::MarketplaceApi,
+    config::{Config, DEFAULT_PORT},
+};
+use addons_server_kit::{
+    Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
+};
+
+fn main() -> ExitCode {
+    match parse_config::<Config>() {
+        Ok(config) => main_with(|| run(config)),
+        Err(code) => code,
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let _telemetry = init_telemetry("addons-marketplace", config.common.log_format)?;
+    let shutdown = Shutdown::on_signals()?;
+    let store = open_store(
+        config.store.as_deref(),
+        "/var/lib/oakestra-addons/marketplace.redb",
+        "marketplace",
+    )
+    .await?;
+    let listener = bind(
+        config
+            .common
+            .listen
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+    )
+    .await?;
+    let core = Marketplace::new(&store).await?;
+    Server::new()?
+        .add_service(MarketplaceApi::new(core, shutdown.clone()).into_service())
+        .serve(listener, shutdown, config.common.shutdown_grace)
+        .await
+}

@@ -89,3 +89,29 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
     }
 }
+
+/// Parses a server's flags. Help and version go to stdout with exit code 0;
+/// a bad flag is one line on stderr (`error: ...`) and exit code 2.
+pub fn parse_config<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
+    use clap::error::ErrorKind;
+    match C::try_parse() {
+        Ok(config) => Ok(config),
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = err.print();
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            let text = err.render().to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}

@@ -11,9 +11,9 @@ mod status;
 mod telemetry;
 
 pub use crate::{
-    args::{CommonArgs, LogFormat, open_store},
+    args::{CommonArgs, LogFormat, open_store, parse_config},
     server::{Server, bind, main_with},
     shutdown::Shutdown,
     status::store_error_to_status,
-    telemetry::{TelemetryGuard, inject_trace_context, init_telemetry},
+    telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
 };

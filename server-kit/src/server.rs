@@ -79,7 +79,9 @@ impl Server {
             health_names,
         } = self;
         for name in &health_names {
-            health.set_service_status(*name, ServingStatus::Serving).await;
+            health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
         }
         health.set_service_status("", ServingStatus::Serving).await;
 
@@ -109,7 +111,10 @@ impl Server {
         match tokio::time::timeout(grace, server).await {
             Ok(result) => result.context("the gRPC server failed"),
             Err(_) => {
-                tracing::warn!(?grace, "in-flight calls did not finish within the grace period");
+                tracing::warn!(
+                    ?grace,
+                    "in-flight calls did not finish within the grace period"
+                );
                 Ok(())
             }
         }
@@ -122,7 +127,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let bound = listener.local_addr().context("cannot read the bound address")?;
+    let bound = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
     println!("listening on {bound}");
     tracing::info!(address = %bound, "listening");
     Ok(listener)
@@ -135,7 +142,10 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

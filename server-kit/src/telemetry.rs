@@ -32,7 +32,10 @@ impl Drop for TelemetryGuard {
 /// when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set, export of traces
 /// over OTLP/gRPC. The W3C trace-context propagator is installed either way,
 /// so trace context passes through this process even without export.
-pub fn init_telemetry(service_name: &'static str, format: LogFormat) -> anyhow::Result<TelemetryGuard> {
+pub fn init_telemetry(
+    service_name: &'static str,
+    format: LogFormat,
+) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -85,7 +88,8 @@ pub(crate) fn server_span(request: &http::Request<()>) -> tracing::Span {
         rpc.service = %service,
         rpc.method = %method,
     );
-    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let parent =
+        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
     let _ = span.set_parent(parent);
     span
 }

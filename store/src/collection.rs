@@ -139,11 +139,7 @@ impl<T: Document> Collection<T> {
         loop {
             attempt += 1;
             let current = self.require(value.id()).await?;
-            crate::check(
-                &encode(&current)?,
-                None,
-                &condition.status_in,
-            )?;
+            crate::check(&encode(&current)?, None, &condition.status_in)?;
             match self
                 .replace_at(value.clone(), current.revision, &condition.status_in)
                 .await
@@ -221,7 +217,10 @@ impl<T: Document> Collection<T> {
         let after = page_token.map(decode_token).transpose()?;
         let raw_filter = RawFilter {
             statuses: filter.statuses.clone(),
-            key: filter.unique_key.clone().map(|key| stored_key(Some(key), "")),
+            key: filter
+                .unique_key
+                .clone()
+                .map(|key| stored_key(Some(key), "")),
         };
         // One record more than asked tells whether another page follows.
         let mut records = self

@@ -260,10 +260,8 @@ impl Backend for EmbeddedBackend {
                 Err(e) => return Err(Error::backend(OP, e)),
             };
             let range = match after.as_deref() {
-                Some(after) => table.range::<&str>((
-                    std::ops::Bound::Excluded(after),
-                    std::ops::Bound::Unbounded,
-                )),
+                Some(after) => table
+                    .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
                 None => table.range::<&str>(..),
             }
             .map_err(|e| Error::backend(OP, e))?;

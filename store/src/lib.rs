@@ -148,8 +148,9 @@ impl std::str::FromStr for Location {
         if let Some(path) = s.strip_prefix("embedded:") {
             if path.is_empty() {
                 return Err(Error::InvalidLocation {
-                    reason: "`embedded:` needs a file path, as in `embedded:/var/lib/addons/store.redb`"
-                        .into(),
+                    reason:
+                        "`embedded:` needs a file path, as in `embedded:/var/lib/addons/store.redb`"
+                            .into(),
                 });
             }
             return Ok(Self::Embedded(path.into()));

@@ -16,9 +16,7 @@ use mongodb::{
     Client, Collection, Database, IndexModel,
     bson::{Document, doc},
     error::{ErrorKind, WriteFailure},
-    options::{
-        ClientOptions, CollectionOptions, IndexOptions, ReadConcern, WriteConcern,
-    },
+    options::{ClientOptions, CollectionOptions, IndexOptions, ReadConcern, WriteConcern},
 };
 
 use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check};
@@ -51,12 +49,14 @@ impl MongoBackend {
             .map_err(|err| unavailable(err.to_string()))?;
         options.server_selection_timeout = Some(timeout);
         options.connect_timeout = Some(timeout);
-        options.app_name.get_or_insert_with(|| "oakestra-addons".to_owned());
+        options
+            .app_name
+            .get_or_insert_with(|| "oakestra-addons".to_owned());
         let client = Client::with_options(options).map_err(|err| unavailable(err.to_string()))?;
         let db = client.database(database);
         db.run_command(doc! { "ping": 1 })
             .await
-            .map_err(|err| unavailable(first_line(&err.to_string())))?;
+            .map_err(|err| unavailable(ping_failure(&err, timeout)))?;
         Ok(Self { db, description })
     }
 
@@ -74,8 +74,24 @@ impl MongoBackend {
     }
 }
 
-fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or_default().to_owned()
+/// The gist of a failed first contact; the driver's message describes the
+/// whole topology on one very long line.
+fn ping_failure(err: &mongodb::error::Error, timeout: Duration) -> String {
+    match err.kind.as_ref() {
+        ErrorKind::ServerSelection { message, .. } => {
+            let cause = message
+                .split_once("Error: Kind: ")
+                .map(|(_, rest)| rest.split(", labels").next().unwrap_or(rest))
+                .unwrap_or("no server answered");
+            format!("no MongoDB server answered within {timeout:?}: {cause}")
+        }
+        _ => err
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    }
 }
 
 fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
@@ -136,9 +152,11 @@ impl Backend for MongoBackend {
                     .build(),
             )
             .build();
+        // A plain status index: listings sort on `_id`, which has its own
+        // index. (nx-27017 cannot index `_id` inside a compound index.)
         let by_status = IndexModel::builder()
-            .keys(doc! { "status": 1, "_id": 1 })
-            .options(IndexOptions::builder().name("status_id".to_owned()).build())
+            .keys(doc! { "status": 1 })
+            .options(IndexOptions::builder().name("status".to_owned()).build())
             .build();
         coll.create_indexes([unique, by_status])
             .await

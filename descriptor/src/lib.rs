@@ -1,0 +1,116 @@
+//! The addon descriptor: what an addon developer publishes and what an
+//! installation runs. The marketplace stores it with its review state, the
+//! manager snapshots it at install time, and clients build it from Oakestra's
+//! JSON format. Field names follow Oakestra's marketplace schema.
+
+mod convert;
+mod validate;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::validate::{DEFAULT_NETWORK, MAX_SERVICES, validate};
+
+/// A field that breaks a rule, by its path in the request
+/// (`services[1].ports[0].host_port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field in the request message.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// An addon as its developer describes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Descriptor {
+    /// Unique name: a lowercase DNS label.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// The services, at least one.
+    pub services: Vec<Service>,
+    /// Named volumes the services may mount.
+    pub volumes: Vec<Volume>,
+    /// Networks besides the default `oakestra`.
+    pub networks: Vec<Network>,
+}
+
+/// One service of an addon: a container to run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    /// Name, unique within the addon; naming a core component replaces it.
+    pub service_name: String,
+    /// Image reference as published.
+    pub image: String,
+    /// Command and arguments; empty means the image's.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub environment: BTreeMap<String, String>,
+    /// Ports published on the node.
+    pub ports: Vec<Port>,
+    /// `src:dst[:ro]` mounts.
+    pub volumes: Vec<String>,
+    /// Networks joined; empty means `oakestra`.
+    pub networks: Vec<String>,
+    /// Container labels.
+    pub labels: BTreeMap<String, String>,
+    /// The image pinned by digest, once verification approved it.
+    pub resolved_image: Option<String>,
+    /// Whether the container asks for privileged mode.
+    pub privileged: bool,
+    /// Whether a replacing service inherits the core component's environment.
+    pub inherit_core_environment: bool,
+}
+
+/// A port published on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    /// Port in the container.
+    pub container_port: u16,
+    /// Port on the node.
+    pub host_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+/// A named volume shared by the services of an addon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Name services refer to.
+    pub name: String,
+    /// Driver, `local` by default.
+    pub driver: String,
+    /// Driver options.
+    pub driver_opts: BTreeMap<String, String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A network the services of an addon may join.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    /// Name services refer to.
+    pub name: String,
+    /// Driver, `bridge` by default.
+    pub driver: String,
+    /// Whether it has IPv6 addresses too.
+    pub enable_ipv6: bool,
+}

@@ -1,0 +1,261 @@
+//! Validation of published descriptors.
+
+use std::collections::HashSet;
+
+use crate::{Descriptor, FieldViolation, Service};
+
+/// Bounds that keep any request from making the server allocate without
+/// limit.
+pub const MAX_SERVICES: usize = 32;
+const MAX_DNS_LABEL: usize = 63;
+const MAX_DESCRIPTION: usize = 4096;
+const MAX_ENTRIES: usize = 128;
+const MAX_VALUE: usize = 4096;
+/// Network every service joins when it names none.
+pub const DEFAULT_NETWORK: &str = "oakestra";
+
+#[derive(Default)]
+struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, reason));
+    }
+
+    fn into_result(self) -> Result<(), Vec<FieldViolation>> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
+    }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_DNS_LABEL
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn check_label(v: &mut Violations, field: &str, name: &str) {
+    if name.is_empty() {
+        v.add(field, "required");
+    } else if !is_dns_label(name) {
+        v.add(
+            field,
+            "must be a lowercase DNS label: a-z, 0-9 and '-', at most 63 characters, not starting or ending with '-'",
+        );
+    }
+}
+
+fn is_env_name(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Checks a published descriptor; returns every violation with its field
+/// path, so a developer sees all of them at once.
+pub fn validate(addon: &Descriptor) -> Result<(), Vec<FieldViolation>> {
+    let mut v = Violations::default();
+    check_label(&mut v, "name", &addon.name);
+    if addon.description.len() > MAX_DESCRIPTION {
+        v.add("description", format!("at most {MAX_DESCRIPTION} bytes"));
+    }
+    if addon.services.is_empty() {
+        v.add("services", "at least one service is required");
+    }
+    if addon.services.len() > MAX_SERVICES {
+        v.add("services", format!("at most {MAX_SERVICES} services"));
+    }
+    let volumes: HashSet<&str> = addon.volumes.iter().map(|vol| vol.name.as_str()).collect();
+    let networks: HashSet<&str> = addon.networks.iter().map(|n| n.name.as_str()).collect();
+    for (i, volume) in addon.volumes.iter().enumerate() {
+        check_label(&mut v, &format!("volumes[{i}].name"), &volume.name);
+    }
+    for (i, network) in addon.networks.iter().enumerate() {
+        check_label(&mut v, &format!("networks[{i}].name"), &network.name);
+    }
+    let mut names = HashSet::new();
+    let mut host_ports = HashSet::new();
+    for (i, service) in addon.services.iter().take(MAX_SERVICES).enumerate() {
+        let at = format!("services[{i}]");
+        check_label(&mut v, &format!("{at}.service_name"), &service.service_name);
+        if !service.service_name.is_empty() && !names.insert(service.service_name.as_str()) {
+            v.add(
+                format!("{at}.service_name"),
+                "used by another service of the addon",
+            );
+        }
+        check_service(&mut v, &at, service, &volumes, &networks, &mut host_ports);
+    }
+    v.into_result()
+}
+
+fn check_service<'a>(
+    v: &mut Violations,
+    at: &str,
+    service: &'a Service,
+    volumes: &HashSet<&str>,
+    networks: &HashSet<&str>,
+    host_ports: &mut HashSet<(u16, &'a str)>,
+) {
+    if service.image.is_empty() {
+        v.add(format!("{at}.image"), "required");
+    } else if service.image.len() > 512 || service.image.contains(char::is_whitespace) {
+        v.add(format!("{at}.image"), "not an image reference");
+    }
+    for (field, len) in [
+        ("command", service.command.len()),
+        ("environment", service.environment.len()),
+        ("labels", service.labels.len()),
+        ("ports", service.ports.len()),
+        ("volumes", service.volumes.len()),
+        ("networks", service.networks.len()),
+    ] {
+        if len > MAX_ENTRIES {
+            v.add(
+                format!("{at}.{field}"),
+                format!("at most {MAX_ENTRIES} entries"),
+            );
+        }
+    }
+    for (key, value) in &service.environment {
+        if !is_env_name(key) {
+            v.add(
+                format!("{at}.environment[{key}]"),
+                "not a variable name: letters, digits and '_', not starting with a digit",
+            );
+        }
+        if value.len() > MAX_VALUE {
+            v.add(
+                format!("{at}.environment[{key}]"),
+                format!("value over {MAX_VALUE} bytes"),
+            );
+        }
+    }
+    for (j, port) in service.ports.iter().enumerate() {
+        let field = format!("{at}.ports[{j}]");
+        if port.container_port == 0 {
+            v.add(format!("{field}.container_port"), "must be 1..65535");
+        }
+        if port.host_port == 0 {
+            v.add(format!("{field}.host_port"), "must be 1..65535");
+        } else if !host_ports.insert((port.host_port, port.protocol.as_str())) {
+            v.add(format!("{field}.host_port"), "used twice within the addon");
+        }
+        if port.protocol != "tcp" && port.protocol != "udp" {
+            v.add(format!("{field}.protocol"), "must be tcp or udp");
+        }
+    }
+    for (j, mount) in service.volumes.iter().enumerate() {
+        let field = format!("{at}.volumes[{j}]");
+        let parts: Vec<&str> = mount.split(':').collect();
+        let (src, dst, mode) = match parts.as_slice() {
+            [src, dst] => (*src, *dst, None),
+            [src, dst, mode] => (*src, *dst, Some(*mode)),
+            _ => {
+                v.add(field, "must be src:dst or src:dst:ro");
+                continue;
+            }
+        };
+        if mode.is_some_and(|m| m != "ro" && m != "rw") {
+            v.add(field.clone(), "mode must be ro or rw");
+        }
+        if !dst.starts_with('/') || dst.split('/').any(|part| part == "..") {
+            v.add(field.clone(), "dst must be an absolute path without '..'");
+        }
+        if src.starts_with('/') {
+            if src.split('/').any(|part| part == "..") {
+                v.add(field, "src must not contain '..'");
+            }
+        } else if !volumes.contains(src) {
+            v.add(
+                field,
+                format!("volume `{src}` is not declared in the addon's volumes"),
+            );
+        }
+    }
+    for (j, network) in service.networks.iter().enumerate() {
+        if network != DEFAULT_NETWORK && !networks.contains(network.as_str()) {
+            v.add(
+                format!("{at}.networks[{j}]"),
+                format!("network `{network}` is not declared in the addon's networks"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Port;
+
+    fn addon() -> Descriptor {
+        Descriptor {
+            name: "energy-scheduler".into(),
+            description: String::new(),
+            services: vec![Service {
+                service_name: "scheduler".into(),
+                image: "registry.local/sched:1".into(),
+                ports: vec![Port {
+                    container_port: 80,
+                    host_port: 10004,
+                    protocol: "tcp".into(),
+                }],
+                ..Service::default()
+            }],
+            volumes: Vec::new(),
+            networks: Vec::new(),
+        }
+    }
+
+    fn fields(addon: &Descriptor) -> Vec<String> {
+        validate(addon)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
+    }
+
+    #[test]
+    fn accepts_a_good_descriptor() {
+        assert_eq!(validate(&addon()), Ok(()));
+    }
+
+    #[test]
+    fn names_every_bad_field() {
+        let mut a = addon();
+        a.name = "Energy_Scheduler".into();
+        a.services.push(a.services[0].clone());
+        a.services[1].ports[0].protocol = "sctp".into();
+        a.services[1].volumes = vec!["data:/var/lib".into(), "x:relative".into()];
+        a.services[1].networks = vec!["nowhere".into()];
+        a.services[1].environment.insert("1BAD".into(), "v".into());
+        assert_eq!(
+            fields(&a),
+            [
+                "name",
+                "services[1].service_name",
+                "services[1].environment[1BAD]",
+                "services[1].ports[0].protocol",
+                "services[1].volumes[0]",
+                "services[1].volumes[1]",
+                "services[1].volumes[1]",
+                "services[1].networks[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn requires_services() {
+        let mut a = addon();
+        a.services.clear();
+        assert_eq!(fields(&a), ["services"]);
+    }
+}

@@ -1,0 +1,41 @@
+//! Command-line flags of `addons-manager`.
+
+use addons_server_kit::CommonArgs;
+
+use crate::model::Plane;
+
+/// The Oakestra Addons Manager: install and uninstall approved addons.
+#[derive(Debug, clap::Parser)]
+#[command(name = "addons-manager", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Where records are kept: `embedded:PATH` (the default, under
+    /// /var/lib/oakestra-addons) or `mongodb://host:port/dbname`.
+    #[arg(long, env = "ADDONS_STORE", value_name = "STORE")]
+    pub store: Option<String>,
+
+    /// gRPC URL of the addons marketplace.
+    #[arg(
+        long,
+        env = "ADDONS_MARKETPLACE",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:11102"
+    )]
+    pub marketplace: String,
+
+    /// The orchestration plane this manager serves.
+    #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = Plane::Root)]
+    pub plane: Plane,
+}
+
+impl Config {
+    /// Oakestra's manager port for the plane.
+    pub fn default_port(&self) -> u16 {
+        match self.plane {
+            Plane::Root => 11101,
+            Plane::Cluster => 11201,
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Conversions between the protobuf messages and the manager's records.
+
+use addons_store::Versioned;
+use oakestra_addons_proto::engine::v1 as pb;
+use prost_types::Timestamp;
+
+use crate::model::{Installation, InstallationStatus, Plane, ServicePhase, ServiceStatus};
+
+fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: time.timestamp(),
+        // Always below 2e9, so it fits.
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+impl From<InstallationStatus> for pb::InstallationStatus {
+    fn from(status: InstallationStatus) -> Self {
+        match status {
+            InstallationStatus::Installing => Self::Installing,
+            InstallationStatus::Active => Self::Active,
+            InstallationStatus::PartiallyActive => Self::PartiallyActive,
+            InstallationStatus::Failed => Self::Failed,
+            InstallationStatus::Disabling => Self::Disabling,
+            InstallationStatus::Disabled => Self::Disabled,
+        }
+    }
+}
+
+/// Maps a requested status; `None` for UNSPECIFIED and unknown values.
+pub(crate) fn status_from_proto(value: i32) -> Option<InstallationStatus> {
+    Some(match pb::InstallationStatus::try_from(value).ok()? {
+        pb::InstallationStatus::Unspecified => return None,
+        pb::InstallationStatus::Installing => InstallationStatus::Installing,
+        pb::InstallationStatus::Active => InstallationStatus::Active,
+        pb::InstallationStatus::PartiallyActive => InstallationStatus::PartiallyActive,
+        pb::InstallationStatus::Failed => InstallationStatus::Failed,
+        pb::InstallationStatus::Disabling => InstallationStatus::Disabling,
+        pb::InstallationStatus::Disabled => InstallationStatus::Disabled,
+    })
+}
+
+impl From<Plane> for pb::Plane {
+    fn from(plane: Plane) -> Self {
+        match plane {
+            Plane::Root => Self::Root,
+            Plane::Cluster => Self::Cluster,
+        }
+    }
+}
+
+impl From<ServicePhase> for pb::ServicePhase {
+    fn from(phase: ServicePhase) -> Self {
+        match phase {
+            ServicePhase::Pending => Self::Pending,
+            ServicePhase::Pulling => Self::Pulling,
+            ServicePhase::Starting => Self::Starting,
+            ServicePhase::Running => Self::Running,
+            ServicePhase::Backoff => Self::Backoff,
+            ServicePhase::Failed => Self::Failed,
+            ServicePhase::Stopping => Self::Stopping,
+            ServicePhase::Removed => Self::Removed,
+            ServicePhase::Unknown => Self::Unknown,
+        }
+    }
+}
+
+fn service_status_to_proto(s: ServiceStatus) -> pb::ServiceStatus {
+    pb::ServiceStatus {
+        service_name: s.service_name,
+        phase: pb::ServicePhase::from(s.phase).into(),
+        container_id: s.container_id,
+        node_id: s.node_id,
+        restart_count: s.restart_count,
+        exit_code: s.exit_code,
+        reason: s.reason,
+        logs_tail: s.logs_tail,
+        replaced_core_component: s.replaced_core_component.unwrap_or_default(),
+        update_time: Some(timestamp(s.update_time)),
+        pull_bytes_done: s.pull_bytes_done,
+        pull_bytes_total: s.pull_bytes_total,
+    }
+}
+
+pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Installation {
+    let installation = record.value;
+    pb::Installation {
+        id: installation.id,
+        addon: Some(oakestra_addons_proto::marketplace::v1::Addon {
+            id: installation.marketplace_id.clone(),
+            status: oakestra_addons_proto::marketplace::v1::AddonStatus::Approved.into(),
+            ..installation.addon.into_proto()
+        }),
+        marketplace_id: installation.marketplace_id,
+        status: pb::InstallationStatus::from(installation.status).into(),
+        status_message: installation.status_message,
+        services: installation
+            .services
+            .into_iter()
+            .map(service_status_to_proto)
+            .collect(),
+        create_time: Some(timestamp(installation.create_time)),
+        update_time: Some(timestamp(installation.update_time)),
+        revision: record.revision,
+        plane: pb::Plane::from(installation.plane).into(),
+    }
+}

@@ -1,0 +1,15 @@
+//! The Oakestra Addons Manager: takes install and uninstall requests for
+//! approved addons, owns the desired state, and is the only writer of
+//! installation records.
+//!
+//! [`Manager`] is the domain core over the store and the marketplace;
+//! [`api`] holds the thin tonic adapters.
+
+pub mod api;
+pub mod config;
+mod convert;
+mod error;
+pub mod model;
+mod service;
+
+pub use crate::{error::Error, service::Manager};

@@ -1,0 +1,142 @@
+//! The manager's records: installations and the status of their services.
+
+use addons_descriptor::Descriptor;
+use addons_store::Document;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The aggregated status of an installation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallationStatus {
+    /// Accepted; services being pulled and started.
+    Installing,
+    /// Every service runs.
+    Active,
+    /// Some services run.
+    PartiallyActive,
+    /// No service runs and the monitor gave up.
+    Failed,
+    /// Being uninstalled.
+    Disabling,
+    /// Every service is gone.
+    Disabled,
+}
+
+impl InstallationStatus {
+    /// The name the store filters on (Oakestra's status strings).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Installing => "installing",
+            Self::Active => "active",
+            Self::PartiallyActive => "partially_active",
+            Self::Failed => "failed",
+            Self::Disabling => "disabling",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// An orchestration plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Plane {
+    /// The root orchestrator's plane.
+    Root,
+    /// A cluster orchestrator's plane.
+    Cluster,
+}
+
+/// An installed addon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Installation {
+    /// Server-assigned id.
+    pub id: String,
+    /// The addon's id in the marketplace.
+    pub marketplace_id: String,
+    /// The approved descriptor at install time, images pinned by digest.
+    pub addon: Descriptor,
+    /// Plane whose monitors run it.
+    pub plane: Plane,
+    /// Aggregated status.
+    pub status: InstallationStatus,
+    /// Why it has its status.
+    pub status_message: String,
+    /// Status of each service, as monitors report it.
+    pub services: Vec<ServiceStatus>,
+    /// When it was installed.
+    pub create_time: DateTime<Utc>,
+    /// When it last changed.
+    pub update_time: DateTime<Utc>,
+}
+
+impl Document for Installation {
+    const COLLECTION: &'static str = "installations";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// One live installation per marketplace addon; disabled ones step
+    /// aside so the addon can be installed again.
+    fn unique_key(&self) -> Option<String> {
+        (self.status != InstallationStatus::Disabled).then(|| self.marketplace_id.clone())
+    }
+
+    fn status(&self) -> String {
+        self.status.as_str().to_owned()
+    }
+}
+
+/// Where a service is in its life on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServicePhase {
+    /// Not yet acted on.
+    Pending,
+    /// Image being pulled.
+    Pulling,
+    /// Container being created and started.
+    Starting,
+    /// Running.
+    Running,
+    /// Exited, waiting to restart.
+    Backoff,
+    /// Given up.
+    Failed,
+    /// Being removed.
+    Stopping,
+    /// Removed.
+    Removed,
+    /// The node's monitor is disconnected.
+    Unknown,
+}
+
+/// The status of one service of an installation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Name of the service.
+    pub service_name: String,
+    /// Phase.
+    pub phase: ServicePhase,
+    /// containerd container id.
+    pub container_id: String,
+    /// Node running it.
+    pub node_id: String,
+    /// Restarts so far.
+    pub restart_count: u32,
+    /// Exit code of the last exited task.
+    pub exit_code: Option<i32>,
+    /// Why it is in its phase.
+    pub reason: String,
+    /// Last output lines, on failure.
+    pub logs_tail: Vec<String>,
+    /// Core component it replaced.
+    pub replaced_core_component: Option<String>,
+    /// When the status last changed.
+    pub update_time: DateTime<Utc>,
+    /// Image bytes pulled so far.
+    pub pull_bytes_done: u64,
+    /// Image bytes to pull.
+    pub pull_bytes_total: u64,
+}

@@ -1,0 +1,276 @@
+//! The manager's domain core: what each API call does, on records.
+
+use std::{collections::HashSet, time::Duration};
+
+use addons_descriptor::Descriptor;
+use addons_store::{ChangeKind, Collection, Filter, Page, Precondition, Store, Versioned};
+use oakestra_addons_proto::marketplace::v1::{
+    self as mpb, marketplace_service_client::MarketplaceServiceClient,
+};
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tonic::{
+    Code,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
+
+use crate::{
+    Error,
+    model::{Installation, InstallationStatus, Plane},
+};
+
+/// Listing page size when the request names none.
+const DEFAULT_PAGE_SIZE: usize = 50;
+/// Largest listing page.
+const MAX_PAGE_SIZE: usize = 500;
+
+type Interceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+type MarketplaceClient = MarketplaceServiceClient<InterceptedService<Channel, Interceptor>>;
+
+/// What a watcher receives.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    /// The installation as it is now.
+    Changed(Versioned<Installation>),
+    /// The installation was purged; its last state.
+    Deleted(Versioned<Installation>),
+}
+
+/// Why a watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The watcher hung up, or the server is shutting down.
+    Done,
+    /// The watcher fell too far behind the changes and was dropped.
+    TooSlow,
+}
+
+/// The manager over its store and the marketplace. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    installations: Collection<Installation>,
+    marketplace: MarketplaceClient,
+    plane: Plane,
+}
+
+impl Manager {
+    /// The manager of `plane`, over `store`, installing from the marketplace
+    /// at `marketplace_url`. The marketplace is connected lazily, so the
+    /// manager starts even when the marketplace does not run yet.
+    pub async fn new(store: &Store, marketplace_url: &str, plane: Plane) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(marketplace_url.to_owned())
+            .map_err(|err| anyhow::anyhow!("invalid marketplace URL `{marketplace_url}`: {err}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let marketplace = MarketplaceServiceClient::with_interceptor(
+            channel,
+            addons_server_kit::inject_trace_context as Interceptor,
+        );
+        Ok(Self {
+            installations: store.collection().await?,
+            marketplace,
+            plane,
+        })
+    }
+
+    /// Installs an approved addon: snapshots its descriptor, images pinned.
+    pub async fn install(&self, marketplace_id: &str) -> Result<Versioned<Installation>, Error> {
+        let addon = self.fetch_approved(marketplace_id).await?;
+        let now = chrono::Utc::now();
+        let installation = Installation {
+            id: addons_store::new_id(),
+            marketplace_id: marketplace_id.to_owned(),
+            addon,
+            plane: self.plane,
+            status: InstallationStatus::Installing,
+            status_message: "waiting for a monitor to start the services".to_owned(),
+            services: Vec::new(),
+            create_time: now,
+            update_time: now,
+        };
+        match self.installations.insert(installation).await {
+            Ok(stored) => Ok(stored),
+            Err(addons_store::Error::AlreadyExists { .. }) => {
+                let filter = Filter {
+                    unique_key: Some(marketplace_id.to_owned()),
+                    ..Filter::default()
+                };
+                let holder = self.installations.list(&filter, 1, None).await?;
+                Err(Error::AlreadyInstalled {
+                    marketplace_id: marketplace_id.to_owned(),
+                    installation_id: holder
+                        .items
+                        .first()
+                        .map(|i| i.value.id.clone())
+                        .unwrap_or_default(),
+                })
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn fetch_approved(&self, marketplace_id: &str) -> Result<Descriptor, Error> {
+        let response = self
+            .marketplace
+            .clone()
+            .get_addon(mpb::GetAddonRequest {
+                id: marketplace_id.to_owned(),
+            })
+            .await;
+        let addon = match response {
+            Ok(response) => response.into_inner().addon.unwrap_or_default(),
+            Err(status) if status.code() == Code::NotFound => {
+                return Err(Error::AddonNotFound(marketplace_id.to_owned()));
+            }
+            Err(status) => return Err(Error::MarketplaceUnavailable(status.message().to_owned())),
+        };
+        let status = mpb::AddonStatus::try_from(addon.status).unwrap_or_default();
+        if status != mpb::AddonStatus::Approved {
+            return Err(Error::NotInstallable(format!(
+                "addon `{marketplace_id}` is {} and only approved addons can be installed",
+                status.as_str_name()
+            )));
+        }
+        let descriptor = Descriptor::from_stored(addon).map_err(|violations| {
+            Error::NotInstallable(format!(
+                "the marketplace returned an unusable descriptor: {}",
+                violations
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        })?;
+        if let Some(service) = descriptor
+            .services
+            .iter()
+            .find(|s| s.resolved_image.is_none())
+        {
+            return Err(Error::NotInstallable(format!(
+                "service `{}` of addon `{marketplace_id}` has no image pinned by digest",
+                service.service_name
+            )));
+        }
+        Ok(descriptor)
+    }
+
+    /// Starts uninstalling; with `purge`, deletes a disabled record.
+    /// Returns the record after the call, or `None` when purged.
+    pub async fn uninstall(
+        &self,
+        id: &str,
+        purge: bool,
+    ) -> Result<Option<Versioned<Installation>>, Error> {
+        let record = self
+            .installations
+            .modify(id, |installation| {
+                if matches!(
+                    installation.status,
+                    InstallationStatus::Disabling | InstallationStatus::Disabled
+                ) {
+                    return Ok(false);
+                }
+                installation.status = InstallationStatus::Disabling;
+                installation.status_message = "stopping and removing the services".to_owned();
+                installation.update_time = chrono::Utc::now();
+                Ok(true)
+            })
+            .await
+            .map_err(|err| match err {
+                addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
+                err => err.into(),
+            })?;
+        if purge && record.value.status == InstallationStatus::Disabled {
+            let condition = Precondition::status_in([InstallationStatus::Disabled.as_str()]);
+            self.installations.delete(id, &condition).await?;
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+
+    /// One installation.
+    pub async fn get(&self, id: &str) -> Result<Versioned<Installation>, Error> {
+        self.installations
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))
+    }
+
+    /// A page of installations; no statuses means all.
+    pub async fn list(
+        &self,
+        statuses: &[InstallationStatus],
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<Installation>, Error> {
+        let filter = Filter {
+            statuses: statuses.iter().map(|s| s.as_str().to_owned()).collect(),
+            unique_key: None,
+        };
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        Ok(self
+            .installations
+            .list(&filter, page_size, page_token)
+            .await?)
+    }
+
+    /// Sends the current state of the selected installations (all when `ids`
+    /// is empty), then every change, until `out` closes or `stop` fires. A
+    /// watcher that falls behind is ended with [`WatchEnd::TooSlow`] rather
+    /// than slowing writers or other watchers.
+    pub async fn watch(
+        &self,
+        ids: Vec<String>,
+        out: mpsc::Sender<WatchEvent>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<WatchEnd, Error> {
+        tokio::pin!(stop);
+        let selected: HashSet<String> = ids.iter().cloned().collect();
+        let wanted = |id: &str| selected.is_empty() || selected.contains(id);
+        // Subscribe before reading, so no change falls between the two.
+        let mut changes = self.installations.watch();
+        let current = if ids.is_empty() {
+            self.installations.list_all(&Filter::default()).await?
+        } else {
+            let mut found = Vec::new();
+            for id in &ids {
+                found.push(self.get(id).await?);
+            }
+            found
+        };
+        for record in current {
+            if out.send(WatchEvent::Changed(record)).await.is_err() {
+                return Ok(WatchEnd::Done);
+            }
+        }
+        loop {
+            let change = tokio::select! {
+                () = &mut stop => return Ok(WatchEnd::Done),
+                () = out.closed() => return Ok(WatchEnd::Done),
+                received = changes.recv() => match received {
+                    Ok(change) => change,
+                    Err(RecvError::Lagged(_)) => return Ok(WatchEnd::TooSlow),
+                    Err(RecvError::Closed) => return Ok(WatchEnd::Done),
+                },
+            };
+            if !wanted(&change.record.value.id) {
+                continue;
+            }
+            let event = match change.kind {
+                ChangeKind::Upserted => WatchEvent::Changed(change.record),
+                ChangeKind::Deleted => WatchEvent::Deleted(change.record),
+            };
+            // A watcher whose buffer is full is too slow: end it instead of
+            // waiting on it.
+            match out.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => return Ok(WatchEnd::TooSlow),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(WatchEnd::Done),
+            }
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The storage conformance suite: the same guarantees, checked against the
+//! embedded store and against a MongoDB-wire server (a private nx-27017, or
+//! the real MongoDB that `MONGODB_URI` names).
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use addons_store::{
+    ChangeKind, Document, Error, Filter, Location, OpenOptions, Precondition, Store,
+};
+use integration_tests::MongoServer;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Item {
+    id: String,
+    name: String,
+    unique: bool,
+    status: String,
+    counter: u32,
+    labels: BTreeMap<String, String>,
+}
+
+impl Document for Item {
+    const COLLECTION: &'static str = "items";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn unique_key(&self) -> Option<String> {
+        self.unique.then(|| self.name.clone())
+    }
+
+    fn status(&self) -> String {
+        self.status.clone()
+    }
+}
+
+fn item(name: &str, status: &str) -> Item {
+    Item {
+        id: addons_store::new_id(),
+        name: name.to_owned(),
+        unique: true,
+        status: status.to_owned(),
+        counter: 0,
+        // Keys that MongoDB-compatible servers treat specially as field names.
+        labels: BTreeMap::from([
+            (
+                "oakestra.io/core-component".to_owned(),
+                "scheduler".to_owned(),
+            ),
+            ("$weird".to_owned(), "value".to_owned()),
+        ]),
+    }
+}
+
+async fn open(location: &str) -> Store {
+    let location: Location = location.parse().expect("valid location");
+    Store::open(&location, &OpenOptions::new("conformance"))
+        .await
+        .expect("open store")
+}
+
+async fn round_trips_records(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let stored = items.insert(item("alpha", "new")).await.unwrap();
+    assert_eq!(stored.revision, 1);
+    let read = items.require(&stored.value.id).await.unwrap();
+    assert_eq!(read, stored);
+    assert_eq!(items.get("no-such-id").await.unwrap(), None);
+    assert!(matches!(
+        items.require("no-such-id").await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+async fn enforces_unique_keys(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let first = items.insert(item("taken", "new")).await.unwrap();
+    assert!(matches!(
+        items.insert(item("taken", "new")).await,
+        Err(Error::AlreadyExists { key, .. }) if key == "taken"
+    ));
+    // Same id, other name: the id is unique too.
+    let mut same_id = item("other", "new");
+    same_id.id = first.value.id.clone();
+    assert!(matches!(
+        items.insert(same_id).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    // Records without a unique key do not collide.
+    let mut free = item("taken", "new");
+    free.unique = false;
+    let free = items.insert(free).await.unwrap();
+    // Taking a held key by an update fails and changes nothing.
+    let mut grab = free.value.clone();
+    grab.unique = true;
+    grab.counter = 99;
+    assert!(matches!(
+        items.replace(grab, &Precondition::revision(1)).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    assert_eq!(items.require(&free.value.id).await.unwrap(), free);
+    // Releasing the key lets another record take it.
+    let mut release = first.value.clone();
+    release.unique = false;
+    items
+        .replace(release, &Precondition::revision(1))
+        .await
+        .unwrap();
+    items.insert(item("taken", "new")).await.unwrap();
+    // Deleting frees a key as well.
+    let gone = items.insert(item("short-lived", "new")).await.unwrap();
+    assert!(
+        items
+            .delete(&gone.value.id, &Precondition::none())
+            .await
+            .unwrap()
+    );
+    items.insert(item("short-lived", "new")).await.unwrap();
+}
+
+async fn one_of_two_concurrent_writers_wins(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let base = items.insert(item("contested", "new")).await.unwrap();
+    let writers = (0..2).map(|n| {
+        let items = items.clone();
+        let mut value = base.value.clone();
+        value.counter = 100 + n;
+        tokio::spawn(async move { items.replace(value, &Precondition::revision(1)).await })
+    });
+    let results: Vec<_> = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .map(|joined| joined.expect("writer task"))
+        .collect();
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "exactly one writer wins: {results:?}");
+    assert!(
+        results
+            .iter()
+            .any(|r| matches!(r, Err(Error::Conflict { .. }))),
+        "the loser sees a conflict: {results:?}"
+    );
+    let stored = items.require(&base.value.id).await.unwrap();
+    assert_eq!(stored.revision, 2);
+    assert_eq!(stored.value.counter, winners[0].value.counter);
+
+    // A stale revision changes nothing.
+    let mut stale = base.value.clone();
+    stale.counter = 7;
+    assert!(matches!(
+        items.replace(stale, &Precondition::revision(1)).await,
+        Err(Error::Conflict { .. })
+    ));
+    assert_eq!(items.require(&base.value.id).await.unwrap(), stored);
+}
+
+async fn read_modify_write_loses_no_update(store: &Store) {
+    let items = Arc::new(store.collection::<Item>().await.unwrap());
+    let base = items.insert(item("counter", "new")).await.unwrap();
+    let id = base.value.id.clone();
+    let tasks = (0..6).map(|_| {
+        let items = items.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                items
+                    .modify(&id, |item| {
+                        item.counter += 1;
+                        Ok(true)
+                    })
+                    .await
+                    .expect("modify");
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.expect("incrementing task");
+    }
+    let stored = items.require(&id).await.unwrap();
+    assert_eq!(stored.value.counter, 24);
+    assert_eq!(stored.revision, 25);
+}
+
+async fn transitions_status_atomically(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let base = items.insert(item("lifecycle", "installing")).await.unwrap();
+    let mut next = base.value.clone();
+    next.status = "disabled".into();
+    assert!(matches!(
+        items
+            .replace(next.clone(), &Precondition::status_in(["active"]))
+            .await,
+        Err(Error::Conflict { .. })
+    ));
+    assert_eq!(items.require(&base.value.id).await.unwrap(), base);
+    let moved = items
+        .replace(next, &Precondition::status_in(["installing", "active"]))
+        .await
+        .unwrap();
+    assert_eq!(moved.revision, 2);
+    assert_eq!(moved.value.status, "disabled");
+    // Conditional deletes: wrong status or stale revision keep the record.
+    assert!(matches!(
+        items
+            .delete(&base.value.id, &Precondition::status_in(["active"]))
+            .await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(matches!(
+        items
+            .delete(&base.value.id, &Precondition::revision(1))
+            .await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(
+        items
+            .delete(&base.value.id, &Precondition::status_in(["disabled"]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !items
+            .delete(&base.value.id, &Precondition::none())
+            .await
+            .unwrap()
+    );
+    let mut ghost = base.value.clone();
+    ghost.counter = 1;
+    assert!(matches!(
+        items.replace(ghost, &Precondition::none()).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+async fn pages_through_filtered_listings(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let mut expected = Vec::new();
+    for n in 0..23 {
+        let status = if n % 3 == 0 { "skip" } else { "keep" };
+        let stored = items
+            .insert(item(&format!("item-{n:02}"), status))
+            .await
+            .unwrap();
+        if status == "keep" {
+            expected.push(stored.value.id);
+        }
+    }
+    let filter = Filter {
+        statuses: vec!["keep".into()],
+        unique_key: None,
+    };
+    let mut seen = Vec::new();
+    let mut token = None;
+    let mut pages = 0;
+    loop {
+        let page = items.list(&filter, 4, token.as_deref()).await.unwrap();
+        pages += 1;
+        assert!(page.items.len() <= 4);
+        seen.extend(page.items.into_iter().map(|r| r.value.id));
+        match page.next_page_token {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected, "every matching record once, in id order");
+    assert_eq!(pages, expected.len().div_ceil(4));
+
+    // Tokens stay valid while records come and go between pages.
+    let first = items.list(&filter, 5, None).await.unwrap();
+    let deleted = &first.items[1].value.id;
+    items.delete(deleted, &Precondition::none()).await.unwrap();
+    let added = items.insert(item("late", "keep")).await.unwrap();
+    let rest = items
+        .list_all_after(&filter, first.next_page_token.as_deref())
+        .await;
+    let mut after: Vec<_> = first.items.iter().map(|r| r.value.id.clone()).collect();
+    after.extend(rest);
+    let mut want: Vec<_> = expected
+        .iter()
+        .filter(|id| *id != deleted)
+        .cloned()
+        .collect();
+    want.insert(1, deleted.clone());
+    want.push(added.value.id.clone());
+    assert_eq!(after, want, "no record skipped or repeated across pages");
+
+    let by_name = Filter {
+        statuses: Vec::new(),
+        unique_key: Some("item-05".into()),
+    };
+    let found = items.list(&by_name, 10, None).await.unwrap();
+    assert_eq!(found.items.len(), 1);
+    assert_eq!(found.items[0].value.name, "item-05");
+    assert!(matches!(
+        items.list(&filter, 4, Some("garbage")).await,
+        Err(Error::InvalidPageToken)
+    ));
+}
+
+async fn feeds_changes_to_watchers(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let mut changes = items.watch();
+    let stored = items.insert(item("watched", "new")).await.unwrap();
+    let mut next = stored.value.clone();
+    next.counter = 1;
+    items
+        .replace(next, &Precondition::revision(1))
+        .await
+        .unwrap();
+    items
+        .delete(&stored.value.id, &Precondition::none())
+        .await
+        .unwrap();
+    let kinds: Vec<_> = [
+        changes.recv().await.unwrap(),
+        changes.recv().await.unwrap(),
+        changes.recv().await.unwrap(),
+    ]
+    .into_iter()
+    .map(|c| (c.kind, c.record.revision))
+    .collect();
+    assert_eq!(
+        kinds,
+        [
+            (ChangeKind::Upserted, 1),
+            (ChangeKind::Upserted, 2),
+            (ChangeKind::Deleted, 2)
+        ]
+    );
+}
+
+trait ListAllAfter {
+    async fn list_all_after(&self, filter: &Filter, token: Option<&str>) -> Vec<String>;
+}
+
+impl ListAllAfter for addons_store::Collection<Item> {
+    async fn list_all_after(&self, filter: &Filter, token: Option<&str>) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut token = token.map(str::to_owned);
+        while let Some(current) = token {
+            let page = self.list(filter, 5, Some(&current)).await.unwrap();
+            ids.extend(page.items.into_iter().map(|r| r.value.id));
+            token = page.next_page_token;
+        }
+        ids
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = super::open(&format!("embedded:{}/store.redb", dir.path().display())).await;
+                    super::$case(&store).await;
+                }
+            )*
+        }
+        mod mongodb {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let server = super::MongoServer::start(stringify!($case)).await;
+                    let store = super::open(&server.uri()).await;
+                    super::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    round_trips_records,
+    enforces_unique_keys,
+    one_of_two_concurrent_writers_wins,
+    read_modify_write_loses_no_update,
+    transitions_status_atomically,
+    pages_through_filtered_listings,
+    feeds_changes_to_watchers,
+);
+
+/// Data written before a restart of the process is there after it.
+#[tokio::test]
+async fn embedded_data_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = format!("embedded:{}/store.redb", dir.path().display());
+    let store = open(&location).await;
+    let items = store.collection::<Item>().await.unwrap();
+    let stored = items.insert(item("durable", "new")).await.unwrap();
+    drop(items);
+    drop(store);
+    let reopened = open(&location).await;
+    let items = reopened.collection::<Item>().await.unwrap();
+    assert_eq!(items.require(&stored.value.id).await.unwrap(), stored);
+}
+
+/// A second process cannot open an embedded store that one holds.
+#[tokio::test]
+async fn embedded_store_is_held_by_one_opener() {
+    let dir = tempfile::tempdir().unwrap();
+    let location: Location = format!("embedded:{}/store.redb", dir.path().display())
+        .parse()
+        .unwrap();
+    let _held = Store::open(&location, &OpenOptions::new("x"))
+        .await
+        .unwrap();
+    let err = Store::open(&location, &OpenOptions::new("x"))
+        .await
+        .expect_err("second open must fail");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+}
+
+/// Data written before the database server restarts is there after it.
+#[tokio::test]
+async fn mongodb_data_survives_a_server_restart() {
+    let mut server = MongoServer::start("restart").await;
+    let store = open(&server.uri()).await;
+    let items = store.collection::<Item>().await.unwrap();
+    let stored = items.insert(item("durable", "new")).await.unwrap();
+    drop(items);
+    drop(store);
+    server.restart().await;
+    let store = open(&server.uri()).await;
+    let items = store.collection::<Item>().await.unwrap();
+    assert_eq!(items.require(&stored.value.id).await.unwrap(), stored);
+    // Unique keys still hold after the restart.
+    assert!(matches!(
+        items.insert(item("durable", "new")).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+}

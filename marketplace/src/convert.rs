@@ -1,0 +1,70 @@
+//! Conversions between the protobuf messages and the marketplace's records.
+
+use oakestra_addons_proto::marketplace::v1 as pb;
+use prost_types::Timestamp;
+
+use crate::model::{Addon, AddonStatus, ServiceVerification, Verification};
+
+pub(crate) fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: time.timestamp(),
+        // Always below 2e9, so it fits.
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+impl From<AddonStatus> for pb::AddonStatus {
+    fn from(status: AddonStatus) -> Self {
+        match status {
+            AddonStatus::UnderReview => Self::UnderReview,
+            AddonStatus::Approved => Self::Approved,
+            AddonStatus::FailedVerification => Self::FailedVerification,
+        }
+    }
+}
+
+/// Maps a requested status; `None` for UNSPECIFIED and unknown values.
+pub(crate) fn status_from_proto(value: i32) -> Option<AddonStatus> {
+    match pb::AddonStatus::try_from(value).ok()? {
+        pb::AddonStatus::Unspecified => None,
+        pb::AddonStatus::UnderReview => Some(AddonStatus::UnderReview),
+        pb::AddonStatus::Approved => Some(AddonStatus::Approved),
+        pb::AddonStatus::FailedVerification => Some(AddonStatus::FailedVerification),
+    }
+}
+
+pub(crate) fn addon_to_proto(record: addons_store::Versioned<Addon>) -> pb::Addon {
+    let addon = record.value;
+    pb::Addon {
+        id: addon.id,
+        status: pb::AddonStatus::from(addon.status).into(),
+        verification: Some(verification_to_proto(addon.verification)),
+        create_time: Some(timestamp(addon.create_time)),
+        update_time: Some(timestamp(addon.update_time)),
+        revision: record.revision,
+        ..addon.descriptor.into_proto()
+    }
+}
+
+fn verification_to_proto(v: Verification) -> pb::Verification {
+    pb::Verification {
+        attempts: v.attempts,
+        last_error: v.last_error.unwrap_or_default(),
+        next_attempt_time: v.next_attempt_time.map(timestamp),
+        complete_time: v.complete_time.map(timestamp),
+        services: v
+            .services
+            .into_iter()
+            .map(|s: ServiceVerification| pb::ServiceVerification {
+                service_name: s.service_name,
+                image: s.image,
+                resolved_image: s.resolved_image.unwrap_or_default(),
+                ok: s.ok,
+                reason: s.reason.unwrap_or_default(),
+                platforms: s.platforms,
+                bytes_fetched: s.bytes_fetched,
+            })
+            .collect(),
+        reason: v.reason.unwrap_or_default(),
+    }
+}

@@ -1,0 +1,100 @@
+//! The marketplace's records: addon descriptors and their review state, as
+//! the handlers use them and as the store keeps them.
+
+use addons_descriptor::Descriptor;
+use addons_store::Document;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Where an addon is in its review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AddonStatus {
+    /// Published; verification has not finished.
+    UnderReview,
+    /// Every image verified and pinned.
+    Approved,
+    /// An image failed verification for good.
+    FailedVerification,
+}
+
+impl AddonStatus {
+    /// The name the store filters on (Oakestra's status strings).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnderReview => "under_review",
+            Self::Approved => "approved",
+            Self::FailedVerification => "failed_verification",
+        }
+    }
+}
+
+/// A published addon: its descriptor and its review.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Addon {
+    /// Server-assigned id, sorting in creation order.
+    pub id: String,
+    /// What the developer published.
+    #[serde(flatten)]
+    pub descriptor: Descriptor,
+    /// Review status.
+    pub status: AddonStatus,
+    /// The latest verification.
+    pub verification: Verification,
+    /// When it was published.
+    pub create_time: DateTime<Utc>,
+    /// When it last changed.
+    pub update_time: DateTime<Utc>,
+}
+
+impl Document for Addon {
+    const COLLECTION: &'static str = "addons";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn unique_key(&self) -> Option<String> {
+        Some(self.descriptor.name.clone())
+    }
+
+    fn status(&self) -> String {
+        self.status.as_str().to_owned()
+    }
+}
+
+/// The state of an addon's verification.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    /// Attempts in the current review.
+    pub attempts: u32,
+    /// The last transient error.
+    pub last_error: Option<String>,
+    /// When the next attempt runs.
+    pub next_attempt_time: Option<DateTime<Utc>>,
+    /// When the verification reached its result.
+    pub complete_time: Option<DateTime<Utc>>,
+    /// Per-service results of the latest attempt.
+    pub services: Vec<ServiceVerification>,
+    /// Why the addon failed, summarised.
+    pub reason: Option<String>,
+}
+
+/// The verification result of one service image.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceVerification {
+    /// The service.
+    pub service_name: String,
+    /// The image as published.
+    pub image: String,
+    /// The image pinned by digest.
+    pub resolved_image: Option<String>,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Platforms the image provides.
+    pub platforms: Vec<String>,
+    /// Registry bytes fetched to verify it.
+    pub bytes_fetched: u64,
+}

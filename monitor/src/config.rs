@@ -1,0 +1,79 @@
+//! Command-line flags of `addons-monitor`.
+
+use std::path::PathBuf;
+
+use addons_server_kit::CommonArgs;
+
+/// The orchestration plane a monitor serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlaneArg {
+    /// The root orchestrator's plane.
+    Root,
+    /// A cluster orchestrator's plane.
+    Cluster,
+}
+
+impl From<PlaneArg> for oakestra_addons_proto::engine::v1::Plane {
+    fn from(plane: PlaneArg) -> Self {
+        match plane {
+            PlaneArg::Root => Self::Root,
+            PlaneArg::Cluster => Self::Cluster,
+        }
+    }
+}
+
+/// The Oakestra Addons Monitor: run a plane's addons on this node's
+/// containerd.
+#[derive(Debug, clap::Parser)]
+#[command(name = "addons-monitor", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// gRPC URL of the Addons Manager of this node's plane.
+    #[arg(
+        long,
+        env = "ADDONS_MANAGER",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:11101"
+    )]
+    pub manager: String,
+
+    /// containerd's gRPC socket.
+    #[arg(
+        long,
+        env = "ADDONS_CONTAINERD_SOCKET",
+        value_name = "PATH",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
+
+    /// containerd namespace of addon and core containers.
+    #[arg(
+        long,
+        env = "ADDONS_NAMESPACE",
+        value_name = "NS",
+        default_value = "oakestra"
+    )]
+    pub namespace: String,
+
+    /// Unique id of this node; the host name when not set.
+    #[arg(long, env = "ADDONS_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Directory for volumes, logs and network state.
+    #[arg(
+        long,
+        env = "ADDONS_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/oakestra-addons/monitor"
+    )]
+    pub state_dir: PathBuf,
+
+    /// The orchestration plane this monitor serves.
+    #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = PlaneArg::Root)]
+    pub plane: PlaneArg,
+}
+
+/// Port of the node-local API by default.
+pub const DEFAULT_PORT: u16 = 11103;

@@ -1,0 +1,10 @@
+//! The Oakestra Addons Monitor: runs on a node next to the core components
+//! and makes the node's containerd match the desired state of its plane.
+//!
+//! **Only this crate talks to containerd.**
+
+pub mod api;
+pub mod config;
+mod runtime;
+
+pub use crate::runtime::Containerd;

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs what building, testing and running the addons system needs, and
+# only what is missing. Safe to run any number of times.
+#
+#   Debian packages  containerd, runc, CNI plugins, the OCI registry,
+#                    protoc, busybox-static, iptables, python3 + venv, npm
+#   buf              from the npm registry (@bufbuild/buf), for `buf lint`
+#   nx-27017         MongoDB-wire test server from PyPI, in a virtualenv
+#                    under target/test-env
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUF_VERSION=1.75.0
+NX_VERSION=0.8.1
+VENV="$ROOT/target/test-env/venv"
+
+log() { echo "setup: $*" >&2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    log "cargo is missing: install the Rust toolchain with rustup first (https://rustup.rs)"
+    exit 1
+fi
+
+packages=(containerd runc containernetworking-plugins docker-registry protobuf-compiler
+          busybox-static iptables iproute2 curl ca-certificates)
+# A Python or npm already on the PATH (pyenv, nvm) is as good as Debian's.
+if ! { command -v python3 >/dev/null 2>&1 && python3 -m venv --help >/dev/null 2>&1; }; then
+    packages+=(python3 python3-venv)
+fi
+command -v npm >/dev/null 2>&1 || packages+=(npm)
+missing=()
+for package in "${packages[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v buf >/dev/null 2>&1 || [ "$(buf --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+    log "installing buf $BUF_VERSION from the npm registry"
+    as_root npm install --global --silent "@bufbuild/buf@$BUF_VERSION" >/dev/null
+fi
+
+nx_installed=$("$VENV/bin/pip" show nx-27017 2>/dev/null | sed -n 's/^Version: //p' || true)
+if [ ! -x "$VENV/bin/nx-27017" ] || [ "$nx_installed" != "$NX_VERSION" ]; then
+    log "installing nx-27017 $NX_VERSION (MongoDB-wire test server) into $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "nx-27017==$NX_VERSION"
+fi
+
+log "everything is in place"
