@@ -6,7 +6,7 @@ use crate::model::Plane;
 
 /// The Oakestra Addons Manager: install and uninstall approved addons.
 #[derive(Debug, clap::Parser)]
-#[command(name = "addons-manager", version)]
+#[command(name = "addons-manager", version, args_override_self = true)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,

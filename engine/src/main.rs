@@ -33,7 +33,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], config.default_port()))),
     )
     .await?;
-    Server::new()?
+    Server::new()
         .add_service(ManagerApi::new(core, shutdown.clone()).into_service())
         .add_service(MonitorLinkApi.into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)

@@ -5,7 +5,7 @@ use addons_server_kit::CommonArgs;
 /// The Oakestra addons marketplace: publish addon descriptors and verify
 /// their images.
 #[derive(Debug, clap::Parser)]
-#[command(name = "addons-marketplace", version)]
+#[command(name = "addons-marketplace", version, args_override_self = true)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,

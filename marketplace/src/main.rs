@@ -33,7 +33,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let core = Marketplace::new(&store).await?;
-    Server::new()?
+    Server::new()
         .add_service(MarketplaceApi::new(core, shutdown.clone()).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await

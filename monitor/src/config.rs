@@ -25,7 +25,7 @@ impl From<PlaneArg> for oakestra_addons_proto::engine::v1::Plane {
 /// The Oakestra Addons Monitor: run a plane's addons on this node's
 /// containerd.
 #[derive(Debug, clap::Parser)]
-#[command(name = "addons-monitor", version)]
+#[command(name = "addons-monitor", version, args_override_self = true)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,

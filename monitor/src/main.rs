@@ -44,7 +44,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))),
     )
     .await?;
-    Server::new()?
+    Server::new()
         .add_service(NodeMonitorApi::new(containerd, node_id, config.plane.into()).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await

@@ -14,6 +14,7 @@ use crate::Shutdown;
 /// A gRPC server under construction: the binary's own services, plus the
 /// health and reflection services every server has.
 #[derive(Debug)]
+#[must_use = "a server does nothing until it serves"]
 pub struct Server {
     routes: Routes,
     health: HealthReporter,
@@ -21,29 +22,47 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with health and reflection (both `v1` and `v1alpha`, so old
-    /// and new `grpcurl` can list and describe it).
-    pub fn new() -> anyhow::Result<Self> {
+    /// A server with health, and reflection (both `v1` and `v1alpha`, so
+    /// old and new `grpcurl` can list and describe it) added when it serves.
+    pub fn new() -> Self {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(oakestra_addons_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 = reflection()
-            .build_v1()
-            .context("cannot build the reflection service")?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .context("cannot build the reflection service")?;
-        let routes = Routes::new(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
-        Ok(Self {
-            routes,
+        Self {
+            routes: Routes::new(health_service),
             health,
             health_names: Vec::new(),
-        })
+        }
+    }
+
+    /// Reflection services (v1 and v1alpha) that list exactly what this
+    /// server serves and describe it from the contracts.
+    fn add_reflection(mut self) -> anyhow::Result<Self> {
+        const HEALTH: &str = "grpc.health.v1.Health";
+        const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+        const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+        let names = self.health_names.clone();
+        let reflection = || {
+            let builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(oakestra_addons_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+                .with_service_name(HEALTH)
+                .with_service_name(REFLECTION_V1)
+                .with_service_name(REFLECTION_V1ALPHA);
+            names
+                .iter()
+                .fold(builder, |builder, name| builder.with_service_name(*name))
+        };
+        let v1 = reflection()
+            .build_v1()
+            .context("cannot build the reflection service")?;
+        let v1alpha = reflection()
+            .build_v1alpha()
+            .context("cannot build the reflection service")?;
+        self.routes = self.routes.add_service(v1).add_service(v1alpha);
+        Ok(self)
     }
 
     /// Adds one of the binary's services; health reports it by its name.
@@ -77,7 +96,7 @@ impl Server {
             routes,
             health,
             health_names,
-        } = self;
+        } = self.add_reflection()?;
         for name in &health_names {
             health
                 .set_service_status(*name, ServingStatus::Serving)
