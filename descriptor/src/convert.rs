@@ -2,61 +2,21 @@
 
 use oakestra_addons_proto::marketplace::v1 as pb;
 
-use crate::{Descriptor, FieldViolation, Network, Port, Service, Volume};
+use crate::{Descriptor, Network, Port, Service, Volume};
 
 impl Descriptor {
-    /// The descriptor part of a published `Addon` message. Output-only
-    /// fields (`id`, `status`, `resolved_image`, ...) are ignored; values
-    /// that do not fit the descriptor's types are reported by field path.
-    /// Defaults are filled in: protocol `tcp`, volume driver `local`,
-    /// network driver `bridge`.
-    pub fn from_published(addon: pb::Addon) -> Result<Self, Vec<FieldViolation>> {
-        let mut violations = Vec::new();
-        let services = addon
-            .services
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let mut service = Service::from_proto(s, i, &mut violations);
-                service.resolved_image = None;
-                service
-            })
-            .collect();
-        let descriptor = Self {
+    /// The descriptor part of an `Addon` message; the record fields (`id`,
+    /// `status`, times, `revision`) are left out. Defaults are filled in:
+    /// protocol `tcp`, volume driver `local`, network driver `bridge`. A
+    /// port beyond 65535 becomes 0, which [`crate::validate`] rejects with
+    /// its field path.
+    pub fn from_proto(addon: pb::Addon) -> Self {
+        Self {
             name: addon.name,
             description: addon.description,
-            services,
+            services: addon.services.into_iter().map(Service::from).collect(),
             volumes: addon.volumes.into_iter().map(Volume::from).collect(),
             networks: addon.networks.into_iter().map(Network::from).collect(),
-        };
-        if violations.is_empty() {
-            Ok(descriptor)
-        } else {
-            Err(violations)
-        }
-    }
-
-    /// A stored descriptor read back from an `Addon` message, keeping
-    /// `resolved_image` (the manager's snapshot of an approved addon).
-    pub fn from_stored(addon: pb::Addon) -> Result<Self, Vec<FieldViolation>> {
-        let mut violations = Vec::new();
-        let services = addon
-            .services
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| Service::from_proto(s, i, &mut violations))
-            .collect();
-        let descriptor = Self {
-            name: addon.name,
-            description: addon.description,
-            services,
-            volumes: addon.volumes.into_iter().map(Volume::from).collect(),
-            networks: addon.networks.into_iter().map(Network::from).collect(),
-        };
-        if violations.is_empty() {
-            Ok(descriptor)
-        } else {
-            Err(violations)
         }
     }
 
@@ -74,39 +34,27 @@ impl Descriptor {
     }
 }
 
-impl Service {
-    fn from_proto(s: pb::ServiceSpec, i: usize, violations: &mut Vec<FieldViolation>) -> Self {
-        let ports = s
-            .ports
-            .into_iter()
-            .enumerate()
-            .map(|(j, p)| {
-                let mut port = |value: u32, name: &str| {
-                    u16::try_from(value).unwrap_or_else(|_| {
-                        violations.push(FieldViolation::new(
-                            format!("services[{i}].ports[{j}].{name}"),
-                            "must be 1..65535",
-                        ));
-                        0
-                    })
-                };
-                Port {
-                    container_port: port(p.container_port, "container_port"),
-                    host_port: port(p.host_port, "host_port"),
+impl From<pb::ServiceSpec> for Service {
+    fn from(s: pb::ServiceSpec) -> Self {
+        let port = |value: u32| u16::try_from(value).unwrap_or(0);
+        Self {
+            ports: s
+                .ports
+                .into_iter()
+                .map(|p| Port {
+                    container_port: port(p.container_port),
+                    host_port: port(p.host_port),
                     protocol: if p.protocol.is_empty() {
                         "tcp".to_owned()
                     } else {
                         p.protocol.to_ascii_lowercase()
                     },
-                }
-            })
-            .collect();
-        Self {
+                })
+                .collect(),
             service_name: s.service_name,
             image: s.image,
             command: s.command,
             environment: s.environment.into_iter().collect(),
-            ports,
             volumes: s.volumes,
             networks: s.networks,
             labels: s.labels.into_iter().collect(),
@@ -198,8 +146,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trips_and_reports_oversized_ports() {
-        let published = pb::Addon {
+    fn round_trips_and_fills_in_defaults() {
+        let message = pb::Addon {
             name: "x".into(),
             services: vec![pb::ServiceSpec {
                 service_name: "s".into(),
@@ -207,25 +155,27 @@ mod tests {
                 resolved_image: "r/i@sha256:00".into(),
                 ports: vec![pb::PortMapping {
                     container_port: 80,
-                    host_port: 8080,
+                    host_port: 70000,
                     protocol: String::new(),
                 }],
                 ..Default::default()
             }],
+            volumes: vec![pb::VolumeSpec {
+                name: "v".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
-        let descriptor = Descriptor::from_published(published.clone()).unwrap();
-        assert_eq!(descriptor.services[0].resolved_image, None);
-        assert_eq!(descriptor.services[0].ports[0].protocol, "tcp");
-        let stored = Descriptor::from_stored(published.clone()).unwrap();
+        let descriptor = Descriptor::from_proto(message);
+        let service = &descriptor.services[0];
+        assert_eq!(service.resolved_image.as_deref(), Some("r/i@sha256:00"));
+        assert_eq!(service.ports[0].protocol, "tcp");
         assert_eq!(
-            stored.into_proto().services[0].resolved_image,
-            "r/i@sha256:00"
+            service.ports[0].host_port, 0,
+            "out of range becomes invalid"
         );
-
-        let mut bad = published;
-        bad.services[0].ports[0].host_port = 70000;
-        let violations = Descriptor::from_published(bad).unwrap_err();
-        assert_eq!(violations[0].field, "services[0].ports[0].host_port");
+        assert_eq!(descriptor.volumes[0].driver, "local");
+        let back = descriptor.clone().into_proto();
+        assert_eq!(Descriptor::from_proto(back), descriptor);
     }
 }

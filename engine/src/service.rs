@@ -132,16 +132,7 @@ impl Manager {
                 status.as_str_name()
             )));
         }
-        let descriptor = Descriptor::from_stored(addon).map_err(|violations| {
-            Error::NotInstallable(format!(
-                "the marketplace returned an unusable descriptor: {}",
-                violations
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ))
-        })?;
+        let descriptor = Descriptor::from_proto(addon);
         if let Some(service) = descriptor
             .services
             .iter()

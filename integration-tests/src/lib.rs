@@ -6,12 +6,14 @@
 //! Nothing here is skipped quietly: a server that cannot be started fails the
 //! test with what is missing and how to get it.
 
+mod containerd;
 mod mongo;
 mod process;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
 pub use crate::{
+    containerd::Containerd,
     mongo::MongoServer,
     process::{ServerProcess, Started},
 };

@@ -90,8 +90,10 @@ impl Private {
         );
         let log = std::fs::File::create(dir.path().join("nx.log")).expect("nx log file");
         let mut child = Command::new(&binary)
-            .arg("--db")
-            .arg(dir.path().join("db.sqlite"))
+            // One SQLite file per database, so databases are separate as
+            // on a real MongoDB.
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
             .arg("--pid-file")
             .arg(dir.path().join("nx.pid"))
             .args(["--host", "127.0.0.1", "-p", &port.to_string()])

@@ -53,7 +53,7 @@ impl MarketplaceService for MarketplaceApi {
             .into_inner()
             .addon
             .ok_or_else(|| Error::required("addon"))?;
-        let descriptor = Descriptor::from_published(addon).map_err(Error::Invalid)?;
+        let descriptor = Descriptor::from_proto(addon);
         let stored = self.core.publish(descriptor).await?;
         tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
         Ok(Response::new(pb::PublishAddonResponse {

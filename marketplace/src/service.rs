@@ -28,8 +28,12 @@ impl Marketplace {
         })
     }
 
-    /// Validates a descriptor and stores it as a new addon in review.
-    pub async fn publish(&self, descriptor: Descriptor) -> Result<Versioned<Addon>, Error> {
+    /// Validates a descriptor and stores it as a new addon in review. Pinned
+    /// images in the request are dropped: only verification pins them.
+    pub async fn publish(&self, mut descriptor: Descriptor) -> Result<Versioned<Addon>, Error> {
+        for service in &mut descriptor.services {
+            service.resolved_image = None;
+        }
         addons_descriptor::validate(&descriptor).map_err(Error::Invalid)?;
         let name = descriptor.name.clone();
         let now = chrono::Utc::now();

@@ -1,0 +1,99 @@
+//! A private containerd for one test: its own root, state dir and socket
+//! under a temp dir, never the machine's default one.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::process::{Child, Command};
+
+/// A running private containerd. Stopped when dropped.
+#[derive(Debug)]
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Starts containerd (Debian's package, installed by
+    /// `scripts/setup.sh`) and waits until its socket answers.
+    pub async fn start() -> Self {
+        let binary = which("containerd").unwrap_or_else(|| {
+            panic!(
+                "containerd is not installed: run scripts/setup.sh (Debian package `containerd`)"
+            )
+        });
+        // Unix socket paths are limited to 108 bytes: keep the dir short.
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd")
+            .tempdir_in("/tmp")
+            .expect("temp dir for containerd");
+        let root = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}/root"
+state = "{root}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{root}/containerd.sock"
+
+[ttrpc]
+  address = "{root}/containerd.sock.ttrpc"
+
+[debug]
+  address = "{root}/debug.sock"
+"#,
+            root = root.display()
+        );
+        std::fs::write(root.join("config.toml"), config).expect("write containerd config");
+        let log = std::fs::File::create(root.join("containerd.log")).expect("containerd log");
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(root.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start containerd");
+        let socket = root.join("containerd.sock");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::UnixStream::connect(&socket).await.is_err() {
+            let log = || std::fs::read_to_string(root.join("containerd.log")).unwrap_or_default();
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("containerd exited at start with {status}:\n{}", log());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "containerd did not answer within 30 s:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, dir }
+    }
+
+    /// Its gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// Stops it with SIGTERM and waits for the exit.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"])
+        .map(|dir| PathBuf::from(dir).join(name))
+        .find(|path| path.is_file())
+}

@@ -1,0 +1,348 @@
+//! The marketplace's API over the real binary, on both stores: publish,
+//! validation with field paths, listing, watch, delete, and durability across
+//! a crash of the process.
+
+use std::time::Duration;
+
+use integration_tests::{MongoServer, ServerProcess, binary};
+use oakestra_addons_proto::marketplace::v1::{
+    self as pb, marketplace_service_client::MarketplaceServiceClient,
+};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt as _;
+
+type Client = MarketplaceServiceClient<Channel>;
+
+fn descriptor(name: &str) -> pb::Addon {
+    pb::Addon {
+        name: name.to_owned(),
+        description: "test addon".into(),
+        services: vec![pb::ServiceSpec {
+            service_name: "scheduler".into(),
+            image: "127.0.0.1:5000/sched:1".into(),
+            command: vec!["/bin/sched".into(), "--port=10004".into()],
+            environment: [("API_PORT".to_owned(), "10004".to_owned())].into(),
+            ports: vec![pb::PortMapping {
+                container_port: 10004,
+                host_port: 10004,
+                protocol: "tcp".into(),
+            }],
+            volumes: vec!["data:/var/lib/sched:ro".into()],
+            networks: vec!["backplane".into()],
+            labels: [("oakestra.io/role".to_owned(), "scheduler".to_owned())].into(),
+            ..Default::default()
+        }],
+        volumes: vec![pb::VolumeSpec {
+            name: "data".into(),
+            ..Default::default()
+        }],
+        networks: vec![pb::NetworkSpec {
+            name: "backplane".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn publish(client: &mut Client, addon: pb::Addon) -> Result<pb::Addon, tonic::Status> {
+    Ok(client
+        .publish_addon(pb::PublishAddonRequest { addon: Some(addon) })
+        .await?
+        .into_inner()
+        .addon
+        .expect("response carries the addon"))
+}
+
+async fn list(client: &mut Client, statuses: &[pb::AddonStatus], name: &str) -> Vec<String> {
+    client
+        .list_addons(pb::ListAddonsRequest {
+            statuses: statuses.iter().map(|s| *s as i32).collect(),
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addons
+        .into_iter()
+        .map(|a| a.name)
+        .collect()
+}
+
+async fn api_behaves(server: &ServerProcess) {
+    let mut client = Client::new(server.channel());
+    let published = publish(&mut client, descriptor("energy-scheduler"))
+        .await
+        .unwrap();
+    assert_eq!(published.status(), pb::AddonStatus::UnderReview);
+    assert_eq!(published.revision, 1);
+    assert!(!published.id.is_empty());
+    assert!(published.create_time.is_some());
+    assert_eq!(published.volumes[0].driver, "local", "defaults filled in");
+    assert_eq!(published.networks[0].driver, "bridge");
+
+    let fetched = client
+        .get_addon(pb::GetAddonRequest {
+            id: published.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(fetched, published);
+
+    // Output-only fields of the request are ignored.
+    let mut sneaky = descriptor("sneaky");
+    sneaky.status = pb::AddonStatus::Approved as i32;
+    sneaky.services[0].resolved_image = "evil@sha256:00".into();
+    let sneaky = publish(&mut client, sneaky).await.unwrap();
+    assert_eq!(sneaky.status(), pb::AddonStatus::UnderReview);
+    assert_eq!(sneaky.services[0].resolved_image, "");
+
+    let duplicate = publish(&mut client, descriptor("energy-scheduler"))
+        .await
+        .unwrap_err();
+    assert_eq!(duplicate.code(), Code::AlreadyExists);
+    assert!(
+        duplicate.message().contains("energy-scheduler"),
+        "{}",
+        duplicate.message()
+    );
+
+    // Oakestra's catalog lists approved addons only.
+    assert!(list(&mut client, &[], "").await.is_empty());
+    assert_eq!(
+        list(&mut client, &[pb::AddonStatus::UnderReview], "").await,
+        ["energy-scheduler", "sneaky"]
+    );
+    assert_eq!(
+        list(&mut client, &[pb::AddonStatus::UnderReview], "sneaky").await,
+        ["sneaky"]
+    );
+
+    let missing = client
+        .get_addon(pb::GetAddonRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Watch: the current state, then the change that reverify makes.
+    let mut watch = client
+        .watch_addon(pb::WatchAddonRequest {
+            id: published.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap().addon.unwrap();
+    assert_eq!(first.revision, 1);
+    let reverified = client
+        .reverify_addon(pb::ReverifyAddonRequest {
+            id: published.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(reverified.revision, 2);
+    let second = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("watch sees the change")
+        .unwrap()
+        .unwrap()
+        .addon
+        .unwrap();
+    assert_eq!(second, reverified);
+
+    // Delete ends the watch and the addon is gone.
+    client
+        .delete_addon(pb::DeleteAddonRequest {
+            id: published.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("watch ends")
+            .is_none()
+    );
+    let gone = client
+        .delete_addon(pb::DeleteAddonRequest {
+            id: published.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    // The name is free again.
+    publish(&mut client, descriptor("energy-scheduler"))
+        .await
+        .unwrap();
+}
+
+async fn pages(server: &ServerProcess) {
+    let mut client = Client::new(server.channel());
+    for n in 0..7 {
+        publish(&mut client, descriptor(&format!("paged-{n}")))
+            .await
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_addons(pb::ListAddonsRequest {
+                statuses: vec![pb::AddonStatus::UnderReview as i32],
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.addons.len() <= 3);
+        names.extend(page.addons.into_iter().map(|a| a.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<_> = (0..7).map(|n| format!("paged-{n}")).collect();
+    assert_eq!(names, expected);
+    let bad = client
+        .list_addons(pb::ListAddonsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+fn violations(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries google.rpc.BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+async fn validation(server: &ServerProcess) {
+    let mut client = Client::new(server.channel());
+    let missing = client
+        .publish_addon(pb::PublishAddonRequest { addon: None })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&missing), ["addon"]);
+
+    // A port beyond 65535 is reported with the rest, by field path.
+    let mut bad = descriptor("too-far");
+    bad.services[0].ports[0].host_port = 70000;
+    let status = publish(&mut client, bad).await.unwrap_err();
+    assert_eq!(violations(&status), ["services[0].ports[0].host_port"]);
+
+    let mut bad = descriptor("Bad_Name");
+    bad.services.push(pb::ServiceSpec {
+        service_name: "scheduler".into(),
+        image: String::new(),
+        ports: vec![pb::PortMapping {
+            container_port: 0,
+            host_port: 10004,
+            protocol: "sctp".into(),
+        }],
+        volumes: vec!["undeclared:/data".into(), "data:relative".into()],
+        networks: vec!["elsewhere".into()],
+        environment: [("9LIVES".to_owned(), "x".to_owned())].into(),
+        ..Default::default()
+    });
+    let status = publish(&mut client, bad).await.unwrap_err();
+    assert_eq!(
+        violations(&status),
+        [
+            "name",
+            "services[1].service_name",
+            "services[1].image",
+            "services[1].environment[9LIVES]",
+            "services[1].ports[0].container_port",
+            "services[1].ports[0].protocol",
+            "services[1].volumes[0]",
+            "services[1].volumes[1]",
+            "services[1].networks[0]",
+        ]
+    );
+    assert!(
+        status.message().contains("services[1].image: required"),
+        "{}",
+        status.message()
+    );
+    // Nothing was stored.
+    assert!(
+        list(&mut client, &[pb::AddonStatus::UnderReview], "")
+            .await
+            .is_empty()
+    );
+}
+
+async fn survives_a_crash(mut server: ServerProcess, args: &[&str]) {
+    let mut client = Client::new(server.channel());
+    let published = publish(&mut client, descriptor("durable")).await.unwrap();
+    for _ in 0..2 {
+        server.kill().await;
+        server = ServerProcess::start(&binary("addons-marketplace"), args).await;
+        let mut client = Client::new(server.channel());
+        let fetched = client
+            .get_addon(pb::GetAddonRequest {
+                id: published.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .addon
+            .unwrap();
+        assert_eq!(fetched, published);
+    }
+    assert_eq!(server.stop().await.code(), Some(0));
+}
+
+/// Runs each case against a fresh server on its own store.
+async fn run_cases(store_for: impl Fn(u32) -> String) {
+    for case in 0..4 {
+        let store = store_for(case);
+        let args = ["--store", store.as_str()];
+        let server = ServerProcess::start(&binary("addons-marketplace"), &args).await;
+        match case {
+            0 => api_behaves(&server).await,
+            1 => pages(&server).await,
+            2 => validation(&server).await,
+            _ => {
+                survives_a_crash(server, &args).await;
+                continue;
+            }
+        }
+        assert_eq!(server.stop().await.code(), Some(0));
+    }
+}
+
+#[tokio::test]
+async fn marketplace_api_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    run_cases(|case| format!("embedded:{}/case{case}.redb", dir.path().display())).await;
+}
+
+#[tokio::test]
+async fn marketplace_api_on_mongodb() {
+    let mongo = MongoServer::start("marketplace_api").await;
+    let uri = mongo.uri();
+    // Every case gets a database of its own on the same server.
+    run_cases(|case| match uri.split_once('?') {
+        Some((base, options)) => format!("{base}_case{case}?{options}"),
+        None => format!("{uri}_case{case}"),
+    })
+    .await;
+}
