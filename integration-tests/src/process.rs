@@ -26,7 +26,7 @@ pub struct ServerProcess {
 #[derive(Debug)]
 pub enum Started {
     /// It listens.
-    Running(ServerProcess),
+    Running(Box<ServerProcess>),
     /// It exited before listening, with its stderr.
     Exited(ExitStatus, String),
 }
@@ -36,7 +36,7 @@ impl ServerProcess {
     /// until it prints the address it listens on.
     pub async fn start(binary: &Path, args: &[&str]) -> Self {
         match Self::try_start(binary, args).await {
-            Started::Running(server) => server,
+            Started::Running(server) => *server,
             Started::Exited(status, stderr) => panic!(
                 "{} exited at start with {status}:\n{stderr}",
                 binary.display()
@@ -82,12 +82,12 @@ impl ServerProcess {
             Some(addr) => {
                 // Keep draining stdout so the server never blocks on it.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                Started::Running(Self {
+                Started::Running(Box::new(Self {
                     name,
                     child,
                     addr,
                     stderr,
-                })
+                }))
             }
             None => {
                 let status = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await

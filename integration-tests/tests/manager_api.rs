@@ -1,6 +1,8 @@
 //! The manager's install API over the real binaries: it refuses what it
 //! must refuse, with the right codes, against a real marketplace.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use integration_tests::{ServerProcess, binary};
 use oakestra_addons_proto::{
     engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},

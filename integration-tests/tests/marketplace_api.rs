@@ -2,6 +2,8 @@
 //! validation with field paths, listing, watch, delete, and durability across
 //! a crash of the process.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::time::Duration;
 
 use integration_tests::{MongoServer, ServerProcess, binary};

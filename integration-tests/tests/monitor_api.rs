@@ -1,6 +1,8 @@
 //! The monitor's node-local API over the real binary and a real, private
 //! containerd.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use integration_tests::{Containerd, ServerProcess, binary};
 use oakestra_addons_proto::{
     engine::v1::Plane,

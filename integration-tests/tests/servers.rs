@@ -2,6 +2,8 @@
 //! v1alpha), graceful shutdown, and a clear one-line failure on bad
 //! configuration.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::time::Duration;
 
 use integration_tests::{MongoServer, ServerProcess, Started, binary};

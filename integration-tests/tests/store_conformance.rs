@@ -2,6 +2,8 @@
 //! embedded store and against a MongoDB-wire server (a private nx-27017, or
 //! the real MongoDB that `MONGODB_URI` names).
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::{collections::BTreeMap, sync::Arc};
 
 use addons_store::{

@@ -75,21 +75,6 @@ pub async fn open_store(
     Ok(store)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
-        assert!(parse_duration("3 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
-}
-
 /// Parses a server's flags. Help and version go to stdout with exit code 0;
 /// a bad flag is one line on stderr (`error: ...`) and exit code 2.
 pub fn parse_config<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
@@ -113,5 +98,20 @@ pub fn parse_config<C: clap::Parser>() -> Result<C, std::process::ExitCode> {
             );
             Err(std::process::ExitCode::from(2))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 }

@@ -21,6 +21,12 @@ pub struct Server {
     health_names: Vec<&'static str>,
 }
 
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Server {
     /// A server with health, and reflection (both `v1` and `v1alpha`, so
     /// old and new `grpcurl` can list and describe it) added when it serves.
