@@ -46,6 +46,21 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::start`], but returns how a failing start ended.
     pub async fn try_start(binary: &Path, args: &[&str]) -> Started {
+        Self::try_start_with_env(binary, args, &[]).await
+    }
+
+    /// Like [`ServerProcess::start`], with extra environment variables.
+    pub async fn start_with_env(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        match Self::try_start_with_env(binary, args, env).await {
+            Started::Running(server) => *server,
+            Started::Exited(status, stderr) => panic!(
+                "{} exited at start with {status}:\n{stderr}",
+                binary.display()
+            ),
+        }
+    }
+
+    async fn try_start_with_env(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Started {
         let name = binary
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -59,6 +74,7 @@ impl ServerProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr.reopen().expect("reopen stderr file"))

@@ -43,31 +43,34 @@ pub fn init_telemetry(
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     };
-    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+    // Spans get OpenTelemetry contexts even when nothing is exported, so a
+    // caller's trace context always passes through to the calls this server
+    // makes.
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service_name).build());
+    let exporting = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.trim().is_empty() => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .build()
                 .map_err(|err| anyhow::anyhow!("cannot set up OTLP export to {endpoint}: {err}"))?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(Resource::builder().with_service_name(service_name).build())
-                .build();
-            global::set_tracer_provider(provider.clone());
-            Some(provider)
+            builder = builder.with_batch_exporter(exporter);
+            true
         }
-        _ => None,
+        _ => false,
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service_name)));
+    let provider = builder.build();
+    global::set_tracer_provider(provider.clone());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name));
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()
         .map_err(|err| anyhow::anyhow!("cannot install logging: {err}"))?;
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard {
+        provider: exporting.then_some(provider),
+    })
 }
 
 use tracing_subscriber::Layer as _;

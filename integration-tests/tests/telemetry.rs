@@ -1,0 +1,165 @@
+//! Trace export and propagation: a caller's trace context enters the
+//! manager, goes on to the marketplace with the manager's outgoing call, and
+//! both servers export their spans over OTLP to a real OTLP/gRPC receiver.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::{sync::Arc, time::Duration};
+
+use integration_tests::{ServerProcess, binary, eventually};
+use oakestra_addons_proto::engine::v1::{
+    InstallAddonRequest, addons_manager_service_client::AddonsManagerServiceClient,
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::any_value::Value,
+};
+use tokio::sync::Mutex;
+
+/// One exported span: service, trace id, span id, parent span id, name.
+#[derive(Debug, Clone)]
+struct Exported {
+    service: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+}
+
+#[derive(Default, Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Exported>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().await;
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push(Exported {
+                        service: service.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        name: span.name,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tokio::test]
+async fn trace_context_crosses_both_servers_and_spans_are_exported() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let serving = collector.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(serving))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start_with_env(
+        &binary("addons-marketplace"),
+        &["--store", &store("m")],
+        &env,
+    )
+    .await;
+    let manager = ServerProcess::start_with_env(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+        &env,
+    )
+    .await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(InstallAddonRequest {
+        marketplace_id: "no-such-addon".into(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    let status = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    let spans = eventually(
+        "both servers export the call's spans",
+        Duration::from_secs(15),
+        || {
+            let collector = collector.clone();
+            async move {
+                let spans = collector.spans.lock().await.clone();
+                let in_trace: Vec<_> = spans
+                    .into_iter()
+                    .filter(|s| s.trace_id == trace_id)
+                    .collect();
+                let services: std::collections::HashSet<_> =
+                    in_trace.iter().map(|s| s.service.as_str()).collect();
+                if services.contains("addons-manager") && services.contains("addons-marketplace") {
+                    Ok(in_trace)
+                } else {
+                    Err(format!("{in_trace:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let manager_span = spans
+        .iter()
+        .find(|s| s.service == "addons-manager" && s.parent_span_id == caller_span)
+        .unwrap_or_else(|| panic!("manager span is a child of the caller's: {spans:#?}"));
+    assert!(
+        manager_span.name.contains("InstallAddon"),
+        "{manager_span:?}"
+    );
+    let marketplace_span = spans
+        .iter()
+        .find(|s| s.service == "addons-marketplace")
+        .unwrap();
+    assert!(
+        marketplace_span.name.contains("GetAddon"),
+        "{marketplace_span:?}"
+    );
+    assert_eq!(
+        marketplace_span.parent_span_id, manager_span.span_id,
+        "the marketplace's span continues the manager's: {spans:#?}"
+    );
+    manager.stop().await;
+    marketplace.stop().await;
+}
