@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::validate::{DEFAULT_NETWORK, MAX_SERVICES, validate};
+pub use crate::validate::{DEFAULT_NETWORK, MAX_SERVICES, validate, validate_with};
 
 /// A field that breaks a rule, by its path in the request
 /// (`services[1].ports[0].host_port`).

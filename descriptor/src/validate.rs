@@ -59,8 +59,18 @@ fn is_env_name(key: &str) -> bool {
 }
 
 /// Checks a published descriptor; returns every violation with its field
-/// path, so a developer sees all of them at once.
+/// path, so a developer sees all of them at once. Image references are only
+/// checked for length and whitespace; see [`validate_with`].
 pub fn validate(addon: &Descriptor) -> Result<(), Vec<FieldViolation>> {
+    validate_with(addon, &|_| Ok(()))
+}
+
+/// Like [`validate`], with `image_check` judging each image reference's
+/// grammar (the marketplace passes its registry client's parser).
+pub fn validate_with(
+    addon: &Descriptor,
+    image_check: &dyn Fn(&str) -> Result<(), String>,
+) -> Result<(), Vec<FieldViolation>> {
     let mut v = Violations::default();
     check_label(&mut v, "name", &addon.name);
     if addon.description.len() > MAX_DESCRIPTION {
@@ -92,6 +102,14 @@ pub fn validate(addon: &Descriptor) -> Result<(), Vec<FieldViolation>> {
             );
         }
         check_service(&mut v, &at, service, &volumes, &networks, &mut host_ports);
+        if !service.image.is_empty()
+            && let Err(reason) = image_check(&service.image)
+        {
+            v.add(
+                format!("{at}.image"),
+                format!("not an image reference: {reason}"),
+            );
+        }
     }
     v.into_result()
 }
@@ -107,7 +125,10 @@ fn check_service<'a>(
     if service.image.is_empty() {
         v.add(format!("{at}.image"), "required");
     } else if service.image.len() > 512 || service.image.contains(char::is_whitespace) {
-        v.add(format!("{at}.image"), "not an image reference");
+        v.add(
+            format!("{at}.image"),
+            "not an image reference: too long or has whitespace",
+        );
     }
     for (field, len) in [
         ("command", service.command.len()),

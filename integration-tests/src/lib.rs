@@ -7,8 +7,10 @@
 //! test with what is missing and how to get it.
 
 mod containerd;
+pub mod images;
 mod mongo;
 mod process;
+mod registry;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
@@ -16,6 +18,7 @@ pub use crate::{
     containerd::Containerd,
     mongo::MongoServer,
     process::{ServerProcess, Started},
+    registry::RegistryServer,
 };
 
 /// The workspace root.

@@ -31,7 +31,7 @@ async fn install_refuses_what_is_not_installable() {
                 name: "pending".into(),
                 services: vec![mpb::ServiceSpec {
                     service_name: "svc".into(),
-                    image: "127.0.0.1:5000/svc:1".into(),
+                    image: "127.0.0.1:1/svc:1".into(),
                     ..Default::default()
                 }],
                 ..Default::default()

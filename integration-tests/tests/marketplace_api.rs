@@ -1,6 +1,10 @@
 //! The marketplace's API over the real binary, on both stores: publish,
 //! validation with field paths, listing, watch, delete, and durability across
 //! a crash of the process.
+//!
+//! Images point at a closed port, so every verification attempt fails
+//! transiently; with a one-hour backoff each addon changes exactly once after
+//! publishing (its first attempt), which the tests wait for.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
@@ -22,7 +26,7 @@ fn descriptor(name: &str) -> pb::Addon {
         description: "test addon".into(),
         services: vec![pb::ServiceSpec {
             service_name: "scheduler".into(),
-            image: "127.0.0.1:5000/sched:1".into(),
+            image: "127.0.0.1:1/sched:1".into(),
             command: vec!["/bin/sched".into(), "--port=10004".into()],
             environment: [("API_PORT".to_owned(), "10004".to_owned())].into(),
             ports: vec![pb::PortMapping {
@@ -45,6 +49,32 @@ fn descriptor(name: &str) -> pb::Addon {
         }],
         ..Default::default()
     }
+}
+
+/// The addon once its first verification attempt is stored.
+async fn first_attempt(client: &Client, id: &str) -> pb::Addon {
+    integration_tests::eventually(
+        "the first verification attempt",
+        Duration::from_secs(15),
+        || {
+            let mut client = client.clone();
+            let id = id.to_owned();
+            async move {
+                let addon = client
+                    .get_addon(pb::GetAddonRequest { id })
+                    .await
+                    .map_err(|status| status.to_string())?
+                    .into_inner()
+                    .addon
+                    .unwrap_or_default();
+                match &addon.verification {
+                    Some(v) if v.attempts == 1 => Ok(addon),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await
 }
 
 async fn publish(client: &mut Client, addon: pb::Addon) -> Result<pb::Addon, tonic::Status> {
@@ -84,6 +114,15 @@ async fn api_behaves(server: &ServerProcess) {
     assert_eq!(published.volumes[0].driver, "local", "defaults filled in");
     assert_eq!(published.networks[0].driver, "bridge");
 
+    let attempted = first_attempt(&client, &published.id).await;
+    assert_eq!(attempted.revision, 2);
+    assert_eq!(
+        attempted.status(),
+        pb::AddonStatus::UnderReview,
+        "a transient failure keeps it in review"
+    );
+    assert_eq!(attempted.services, published.services);
+    assert_eq!(attempted.create_time, published.create_time);
     let fetched = client
         .get_addon(pb::GetAddonRequest {
             id: published.id.clone(),
@@ -93,7 +132,7 @@ async fn api_behaves(server: &ServerProcess) {
         .into_inner()
         .addon
         .unwrap();
-    assert_eq!(fetched, published);
+    assert_eq!(fetched, attempted);
 
     // Output-only fields of the request are ignored.
     let mut sneaky = descriptor("sneaky");
@@ -139,7 +178,7 @@ async fn api_behaves(server: &ServerProcess) {
         .unwrap()
         .into_inner();
     let first = watch.next().await.unwrap().unwrap().addon.unwrap();
-    assert_eq!(first.revision, 1);
+    assert_eq!(first, attempted);
     let reverified = client
         .reverify_addon(pb::ReverifyAddonRequest {
             id: published.id.clone(),
@@ -149,7 +188,12 @@ async fn api_behaves(server: &ServerProcess) {
         .into_inner()
         .addon
         .unwrap();
-    assert_eq!(reverified.revision, 2);
+    assert_eq!(reverified.revision, 3);
+    assert_eq!(
+        reverified.verification.as_ref().unwrap().attempts,
+        0,
+        "a fresh review"
+    );
     let second = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .expect("watch sees the change")
@@ -166,12 +210,14 @@ async fn api_behaves(server: &ServerProcess) {
         })
         .await
         .unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_secs(5), watch.next())
-            .await
-            .expect("watch ends")
-            .is_none()
-    );
+    // The watch may still carry the re-verification's attempt; then it ends.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(item) = watch.next().await {
+            assert!(item.is_ok(), "{item:?}");
+        }
+    })
+    .await
+    .expect("watch ends after the delete");
     let gone = client
         .delete_addon(pb::DeleteAddonRequest {
             id: published.id.clone(),
@@ -294,6 +340,7 @@ async fn validation(server: &ServerProcess) {
 async fn survives_a_crash(mut server: ServerProcess, args: &[&str]) {
     let mut client = Client::new(server.channel());
     let published = publish(&mut client, descriptor("durable")).await.unwrap();
+    let published = first_attempt(&client, &published.id).await;
     for _ in 0..2 {
         server.kill().await;
         server = ServerProcess::start(&binary("addons-marketplace"), args).await;
@@ -316,7 +363,14 @@ async fn survives_a_crash(mut server: ServerProcess, args: &[&str]) {
 async fn run_cases(store_for: impl Fn(u32) -> String) {
     for case in 0..4 {
         let store = store_for(case);
-        let args = ["--store", store.as_str()];
+        let args = [
+            "--store",
+            store.as_str(),
+            "--verify-backoff",
+            "1h",
+            "--verify-backoff-max",
+            "1h",
+        ];
         let server = ServerProcess::start(&binary("addons-marketplace"), &args).await;
         match case {
             0 => api_behaves(&server).await,

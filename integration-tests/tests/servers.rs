@@ -254,7 +254,7 @@ async fn sigterm_ends_watch_streams_and_exits_zero() {
                 name: "watched".into(),
                 services: vec![ServiceSpec {
                     service_name: "svc".into(),
-                    image: "127.0.0.1:5000/svc:1".into(),
+                    image: "127.0.0.1:1/svc:1".into(),
                     ..Default::default()
                 }],
                 ..Default::default()

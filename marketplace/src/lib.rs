@@ -10,5 +10,7 @@ mod convert;
 mod error;
 pub mod model;
 mod service;
+pub mod verifier;
 
 pub use crate::{error::Error, service::Marketplace};
+pub mod registry;

@@ -1,9 +1,10 @@
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
 use addons_marketplace::{
     Marketplace,
     api::MarketplaceApi,
     config::{Config, DEFAULT_PORT},
+    registry::Registry,
 };
 use addons_server_kit::{
     Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let _telemetry = init_telemetry("addons-marketplace", config.common.log_format)?;
     let shutdown = Shutdown::on_signals()?;
+    let registry = Arc::new(Registry::new(config.registry_options()?));
     let store = open_store(
         config.store.as_deref(),
         "/var/lib/oakestra-addons/marketplace.redb",
@@ -32,7 +34,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
     )
     .await?;
-    let core = Marketplace::new(&store).await?;
+    let core = Marketplace::start(
+        &store,
+        registry,
+        config.verifier_options(),
+        shutdown.clone(),
+    )
+    .await?;
     Server::new()
         .add_service(MarketplaceApi::new(core, shutdown.clone()).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)

@@ -1,12 +1,17 @@
 //! The marketplace's domain core: what each API call does, on records.
 
+use std::sync::Arc;
+
 use addons_descriptor::Descriptor;
+use addons_server_kit::Shutdown;
 use addons_store::{Change, ChangeKind, Collection, Filter, Page, Precondition, Store, Versioned};
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 
 use crate::{
     Error,
     model::{Addon, AddonStatus, Verification},
+    registry::{self, Registry},
+    verifier::{self, VerifierOptions, VerifyQueue},
 };
 
 /// Listing page size when the request names none.
@@ -18,14 +23,22 @@ pub(crate) const MAX_PAGE_SIZE: usize = 500;
 #[derive(Debug, Clone)]
 pub struct Marketplace {
     addons: Collection<Addon>,
+    queue: VerifyQueue,
 }
 
 impl Marketplace {
-    /// The marketplace over `store`.
-    pub async fn new(store: &Store) -> Result<Self, Error> {
-        Ok(Self {
-            addons: store.collection().await?,
-        })
+    /// The marketplace over `store`, verifying images on `registry` in the
+    /// background until `shutdown` fires. Verification resumes every addon
+    /// still under review.
+    pub async fn start(
+        store: &Store,
+        registry: Arc<Registry>,
+        options: VerifierOptions,
+        shutdown: Shutdown,
+    ) -> Result<Self, Error> {
+        let addons: Collection<Addon> = store.collection().await?;
+        let queue = verifier::spawn(addons.clone(), registry, options, shutdown);
+        Ok(Self { addons, queue })
     }
 
     /// Validates a descriptor and stores it as a new addon in review. Pinned
@@ -34,7 +47,8 @@ impl Marketplace {
         for service in &mut descriptor.services {
             service.resolved_image = None;
         }
-        addons_descriptor::validate(&descriptor).map_err(Error::Invalid)?;
+        addons_descriptor::validate_with(&descriptor, &registry::parse_reference)
+            .map_err(Error::Invalid)?;
         let name = descriptor.name.clone();
         let now = chrono::Utc::now();
         let addon = Addon {
@@ -46,8 +60,12 @@ impl Marketplace {
             update_time: now,
         };
         match self.addons.insert(addon).await {
+            Ok(stored) => {
+                self.queue.enqueue(&stored.value.id);
+                Ok(stored)
+            }
             Err(addons_store::Error::AlreadyExists { .. }) => Err(Error::NameTaken(name)),
-            other => Ok(other?),
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -107,8 +125,12 @@ impl Marketplace {
             })
             .await;
         match result {
+            Ok(stored) => {
+                self.queue.enqueue(id);
+                Ok(stored)
+            }
             Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
-            other => Ok(other?),
+            Err(err) => Err(err.into()),
         }
     }
 

@@ -38,7 +38,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `250ms`, `3s`, `2m` or a bare number of seconds.
+/// Parses `250ms`, `3s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -52,7 +52,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("unknown unit `{unit}` in `{text}`: use ms, s or m")),
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}`: use ms, s, m or h"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
 }

@@ -11,7 +11,7 @@ mod status;
 mod telemetry;
 
 pub use crate::{
-    args::{CommonArgs, LogFormat, open_store, parse_config},
+    args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
     server::{Server, bind, main_with},
     shutdown::Shutdown,
     status::store_error_to_status,

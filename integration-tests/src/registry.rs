@@ -1,0 +1,148 @@
+//! A private OCI registry (Debian's `docker-registry`, the CNCF
+//! Distribution) on a free loopback port, optionally behind htpasswd auth.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::process::{Child, Command};
+
+/// A running registry. Stopped when dropped.
+#[derive(Debug)]
+pub struct RegistryServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    credentials: Option<(String, String)>,
+}
+
+impl RegistryServer {
+    /// An anonymous registry.
+    pub async fn start() -> Self {
+        Self::launch(None).await
+    }
+
+    /// A registry that needs `user`/`password` (htpasswd, bcrypt).
+    pub async fn start_with_auth(user: &str, password: &str) -> Self {
+        Self::launch(Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn launch(credentials: Option<(String, String)>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for the registry");
+        let mut registry = Self {
+            child: None,
+            port: crate::free_port(),
+            dir,
+            credentials,
+        };
+        registry.write_config();
+        registry.spawn().await;
+        registry
+    }
+
+    fn write_config(&self) {
+        let root = self.dir.path();
+        let auth = match &self.credentials {
+            Some((user, password)) => {
+                let hash = bcrypt::hash(password, 4).expect("bcrypt hash");
+                std::fs::write(root.join("htpasswd"), format!("{user}:{hash}\n"))
+                    .expect("htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                    root.join("htpasswd").display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n  secret: integration-tests\n{auth}",
+            root.join("data").display(),
+            self.port
+        );
+        std::fs::write(root.join("config.yml"), config).expect("registry config");
+    }
+
+    async fn spawn(&mut self) {
+        let binary = PathBuf::from("/usr/bin/docker-registry");
+        assert!(
+            binary.is_file(),
+            "docker-registry is not installed: run scripts/setup.sh (Debian package `docker-registry`)"
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("registry log");
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("registry log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start docker-registry");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "docker-registry exited at start with {status}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "docker-registry did not listen within 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        self.child = Some(child);
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The credentials it requires, if any.
+    pub fn credentials(&self) -> Option<(String, String)> {
+        self.credentials.clone()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+
+    /// Everything it logged, access log included.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Paths of the blob GET requests it served so far.
+    pub fn blob_gets(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                let start = line.find("\"GET /v2/")? + 5;
+                let path = line[start..].split_whitespace().next()?;
+                path.contains("/blobs/").then(|| path.to_owned())
+            })
+            .collect()
+    }
+
+    /// Stops the registry, keeping its data and port.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Starts a stopped registry again on the same port and data.
+    pub async fn resume(&mut self) {
+        assert!(self.child.is_none(), "the registry runs already");
+        self.spawn().await;
+    }
+}

@@ -1,0 +1,519 @@
+//! Inspection of images on their registries over the OCI distribution API:
+//! manifests and image configurations only, never layers.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use oci_client::{
+    Client, Reference,
+    client::{ClientConfig, ClientProtocol},
+    errors::{OciDistributionError, OciErrorCode},
+    manifest::{OciDescriptor, OciManifest},
+    secrets::RegistryAuth,
+};
+use serde::Deserialize;
+
+/// Media types of manifests and indexes the marketplace accepts.
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Largest image configuration the marketplace reads.
+const MAX_CONFIG_BYTES: i64 = 4 << 20;
+
+/// How the marketplace reaches registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Platforms every image must provide, as `os/arch[/variant]`.
+    pub platforms: Vec<String>,
+    /// Registries (`host:port`) reached over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Credentials per registry host, from a docker `config.json`.
+    pub credentials: HashMap<String, (String, String)>,
+    /// Timeout of each request to a registry.
+    pub timeout: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            platforms: vec!["linux/amd64".to_owned()],
+            insecure: Vec::new(),
+            credentials: HashMap::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// Reads registry credentials from a docker `config.json`-style file:
+/// `{"auths": {"host:port": {"auth": base64("user:password")}}}` or with
+/// `username` and `password`.
+pub fn read_credentials(path: &Path) -> anyhow::Result<HashMap<String, (String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        anyhow::anyhow!("cannot read registry auth file {}: {err}", path.display())
+    })?;
+    let config: DockerConfig = serde_json::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "registry auth file {} is not a docker config.json: {err}",
+            path.display()
+        )
+    })?;
+    let mut credentials = HashMap::new();
+    for (key, entry) in config.auths {
+        let host = registry_host(&key);
+        let pair = match (entry.auth, entry.username, entry.password) {
+            (Some(auth), _, _) => {
+                let decoded = STANDARD
+                    .decode(auth.trim())
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .and_then(|text| {
+                        text.split_once(':')
+                            .map(|(u, p)| (u.to_owned(), p.to_owned()))
+                    });
+                decoded.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "registry auth file {}: `auth` of `{key}` is not base64 of user:password",
+                        path.display()
+                    )
+                })?
+            }
+            (None, Some(user), Some(password)) => (user, password),
+            _ => anyhow::bail!(
+                "registry auth file {}: `{key}` has neither `auth` nor `username` and `password`",
+                path.display()
+            ),
+        };
+        credentials.insert(host, pair);
+    }
+    Ok(credentials)
+}
+
+/// `https://host:port/v1/` → `host:port`; Docker Hub's legacy key →
+/// `docker.io`.
+fn registry_host(key: &str) -> String {
+    let without_scheme = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = without_scheme.split('/').next().unwrap_or(without_scheme);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// What the registry says about an image that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// `registry/repository@sha256:...` of what the reference resolved to.
+    pub resolved: String,
+    /// Platforms the image provides.
+    pub platforms: Vec<String>,
+    /// Bytes of manifests and configurations fetched.
+    pub bytes_fetched: u64,
+}
+
+/// Why an image did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// The image fails for good: unknown, unauthorized, wrong platform,
+    /// invalid configuration.
+    #[error("{reason}")]
+    Definite {
+        /// Why, in words.
+        reason: String,
+        /// Bytes fetched before it failed.
+        bytes_fetched: u64,
+    },
+    /// The registry could not answer now: retry later.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The slice of an image configuration the checks read.
+#[derive(Deserialize)]
+struct ImageConfig {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    variant: Option<String>,
+    #[serde(default)]
+    config: Option<RunConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RunConfig {
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+}
+
+fn platform_name(os: &str, arch: &str, variant: Option<&str>) -> String {
+    match variant.filter(|v| !v.is_empty()) {
+        Some(variant) => format!("{os}/{arch}/{variant}"),
+        None => format!("{os}/{arch}"),
+    }
+}
+
+/// Whether `available` satisfies `required` (`os/arch` matches any
+/// variant; `os/arch/variant` only that variant).
+fn platform_matches(required: &str, available: &str) -> bool {
+    required == available || available.starts_with(&format!("{required}/"))
+}
+
+/// Registry access with the marketplace's credentials and settings.
+pub struct Registry {
+    client: Client,
+    options: RegistryOptions,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("platforms", &self.options.platforms)
+            .field("insecure", &self.options.insecure)
+            .field(
+                "credentials_for",
+                &self.options.credentials.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Registry {
+    /// A registry client with `options`.
+    pub fn new(options: RegistryOptions) -> Self {
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(options.insecure.clone()),
+            // Indexes are resolved here, per required platform.
+            platform_resolver: None,
+            read_timeout: Some(options.timeout),
+            connect_timeout: Some(options.timeout),
+            user_agent: concat!("oakestra-addons-marketplace/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        });
+        Self { client, options }
+    }
+
+    fn auth(&self, reference: &Reference) -> RegistryAuth {
+        match self.options.credentials.get(reference.resolve_registry()) {
+            Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Checks one image: it resolves, provides every required platform,
+    /// has a readable configuration, and has something to run (from the
+    /// image or from `descriptor_command`).
+    pub async fn inspect(
+        &self,
+        image: &str,
+        has_descriptor_command: bool,
+    ) -> Result<Inspection, CheckError> {
+        let reference: Reference = image.parse().map_err(|err| CheckError::Definite {
+            reason: format!("`{image}` is not an image reference: {err}"),
+            bytes_fetched: 0,
+        })?;
+        let auth = self.auth(&reference);
+        let mut fetched = 0_u64;
+        let (body, digest) = self
+            .client
+            .pull_manifest_raw(&reference, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|err| classify(image, err, fetched))?;
+        fetched += body.len() as u64;
+        let manifest: OciManifest =
+            serde_json::from_slice(&body).map_err(|err| CheckError::Definite {
+                reason: format!("manifest of `{image}` does not parse: {err}"),
+                bytes_fetched: fetched,
+            })?;
+        let pinned = Reference::with_digest(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            digest.clone(),
+        );
+        let mut platforms = Vec::new();
+        match manifest {
+            OciManifest::Image(manifest) => {
+                let (platform, runnable) = self
+                    .read_config(&pinned, &auth, &manifest.config, image, &mut fetched)
+                    .await?;
+                if let Some(missing) = self
+                    .options
+                    .platforms
+                    .iter()
+                    .find(|required| !platform_matches(required, &platform))
+                {
+                    return Err(CheckError::Definite {
+                        reason: format!("`{image}` is for {platform}, not {missing}"),
+                        bytes_fetched: fetched,
+                    });
+                }
+                if !runnable && !has_descriptor_command {
+                    return Err(not_runnable(image, fetched));
+                }
+                platforms.push(platform);
+            }
+            OciManifest::ImageIndex(index) => {
+                let entries: Vec<(String, String)> = index
+                    .manifests
+                    .iter()
+                    .filter_map(|entry| {
+                        let platform = entry.platform.as_ref()?;
+                        Some((
+                            platform_name(
+                                &platform.os.to_string(),
+                                &platform.architecture.to_string(),
+                                platform.variant.as_deref(),
+                            ),
+                            entry.digest.clone(),
+                        ))
+                    })
+                    .collect();
+                platforms = entries.iter().map(|(p, _)| p.clone()).collect();
+                for required in &self.options.platforms {
+                    let Some((_, entry_digest)) =
+                        entries.iter().find(|(p, _)| platform_matches(required, p))
+                    else {
+                        return Err(CheckError::Definite {
+                            reason: format!(
+                                "`{image}` has no {required} image (it has: {})",
+                                if platforms.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    platforms.join(", ")
+                                }
+                            ),
+                            bytes_fetched: fetched,
+                        });
+                    };
+                    let child = pinned.clone_with_digest(entry_digest.clone());
+                    let (body, _) = self
+                        .client
+                        .pull_manifest_raw(&child, &auth, MANIFEST_TYPES)
+                        .await
+                        .map_err(|err| classify(image, err, fetched))?;
+                    fetched += body.len() as u64;
+                    let OciManifest::Image(manifest) =
+                        serde_json::from_slice(&body).map_err(|err| CheckError::Definite {
+                            reason: format!(
+                                "{required} manifest of `{image}` does not parse: {err}"
+                            ),
+                            bytes_fetched: fetched,
+                        })?
+                    else {
+                        return Err(CheckError::Definite {
+                            reason: format!("{required} entry of `{image}` is a nested index"),
+                            bytes_fetched: fetched,
+                        });
+                    };
+                    let (_, runnable) = self
+                        .read_config(&child, &auth, &manifest.config, image, &mut fetched)
+                        .await?;
+                    if !runnable && !has_descriptor_command {
+                        return Err(not_runnable(image, fetched));
+                    }
+                }
+            }
+        }
+        Ok(Inspection {
+            resolved: format!(
+                "{}/{}@{digest}",
+                reference.registry(),
+                reference.repository()
+            ),
+            platforms,
+            bytes_fetched: fetched,
+        })
+    }
+
+    /// Fetches and parses an image configuration; returns its platform and
+    /// whether it names something to run.
+    async fn read_config(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        descriptor: &OciDescriptor,
+        image: &str,
+        fetched: &mut u64,
+    ) -> Result<(String, bool), CheckError> {
+        if descriptor.size > MAX_CONFIG_BYTES {
+            return Err(CheckError::Definite {
+                reason: format!(
+                    "configuration of `{image}` is {} bytes, over the 4 MiB limit",
+                    descriptor.size
+                ),
+                bytes_fetched: *fetched,
+            });
+        }
+        // Authentication was set up by the manifest request.
+        let _ = auth;
+        let mut data = Vec::with_capacity(usize::try_from(descriptor.size).unwrap_or(0));
+        self.client
+            .pull_blob(reference, descriptor, &mut data)
+            .await
+            .map_err(|err| classify(image, err, *fetched))?;
+        *fetched += data.len() as u64;
+        let config: ImageConfig =
+            serde_json::from_slice(&data).map_err(|err| CheckError::Definite {
+                reason: format!("configuration of `{image}` does not parse: {err}"),
+                bytes_fetched: *fetched,
+            })?;
+        let runnable = config.config.is_some_and(|run| {
+            run.entrypoint.is_some_and(|e| !e.is_empty()) || run.cmd.is_some_and(|c| !c.is_empty())
+        });
+        Ok((
+            platform_name(&config.os, &config.architecture, config.variant.as_deref()),
+            runnable,
+        ))
+    }
+}
+
+fn not_runnable(image: &str, fetched: u64) -> CheckError {
+    CheckError::Definite {
+        reason: format!("`{image}` has no entrypoint or command and the service sets no command"),
+        bytes_fetched: fetched,
+    }
+}
+
+/// Sorts registry errors into definite failures and transient ones.
+fn classify(image: &str, err: OciDistributionError, fetched: u64) -> CheckError {
+    let definite = |reason: String| CheckError::Definite {
+        reason,
+        bytes_fetched: fetched,
+    };
+    match err {
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let rate_limited = envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, OciErrorCode::Toomanyrequests));
+            let text = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if rate_limited {
+                CheckError::Transient(format!("registry rate-limits `{image}`: {text}"))
+            } else {
+                definite(format!("registry refused `{image}`: {text}"))
+            }
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            definite(format!("`{image}` not found in its registry"))
+        }
+        OciDistributionError::UnauthorizedError { .. } => definite(format!(
+            "not authorized to pull `{image}` with the configured credentials"
+        )),
+        OciDistributionError::AuthenticationFailure(reason) => {
+            definite(format!("authentication for `{image}` failed: {reason}"))
+        }
+        OciDistributionError::ServerError { code, message, .. } => {
+            if code == 429 || code >= 500 {
+                CheckError::Transient(format!("registry answered {code} for `{image}`"))
+            } else if code == 404 {
+                definite(format!("`{image}` not found in its registry"))
+            } else {
+                definite(format!(
+                    "registry answered {code} for `{image}`: {}",
+                    message.trim()
+                ))
+            }
+        }
+        OciDistributionError::RequestError(err) => CheckError::Transient(format!(
+            "registry of `{image}` unreachable: {}",
+            error_chain(&err)
+        )),
+        OciDistributionError::IoError(err) => {
+            CheckError::Transient(format!("reading `{image}` from its registry failed: {err}"))
+        }
+        other => definite(format!("`{image}` is not a valid image: {other}")),
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Checks the grammar of an image reference.
+pub fn parse_reference(image: &str) -> Result<(), String> {
+    image
+        .parse::<Reference>()
+        .map(|_| ())
+        .map_err(|err| err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_platforms() {
+        assert!(platform_matches("linux/amd64", "linux/amd64"));
+        assert!(platform_matches("linux/arm64", "linux/arm64/v8"));
+        assert!(!platform_matches("linux/arm64/v8", "linux/arm64"));
+        assert!(!platform_matches("linux/amd64", "linux/arm64"));
+    }
+
+    #[test]
+    fn reads_docker_config_credentials() {
+        let dir = std::env::temp_dir().join(format!("regauth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths": {"https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNz"},
+                          "127.0.0.1:5000": {"username": "a", "password": "b:c"}}}"#,
+        )
+        .unwrap();
+        let credentials = read_credentials(&path).unwrap();
+        assert_eq!(credentials["docker.io"], ("user".into(), "pass".into()));
+        assert_eq!(credentials["127.0.0.1:5000"], ("a".into(), "b:c".into()));
+        std::fs::write(&path, r#"{"auths": {"x": {"auth": "!!"}}}"#).unwrap();
+        assert!(read_credentials(&path).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn checks_reference_grammar() {
+        assert!(parse_reference("127.0.0.1:5000/team/sched:1.0").is_ok());
+        assert!(parse_reference("busybox").is_ok());
+        assert!(
+            parse_reference(
+                "r/x@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+            )
+            .is_ok()
+        );
+        assert!(parse_reference("UPPER/Case").is_err());
+        assert!(parse_reference("x:tag:tag").is_err());
+    }
+}

@@ -1,0 +1,356 @@
+//! Background verification of addons under review.
+//!
+//! The queue is the database: every addon in `under_review` is pending work.
+//! At start the verifier picks all of them up again, honouring each one's
+//! `next_attempt_time`, so a crash or restart loses no verification. An
+//! attempt inspects every service image on its registry (manifests and
+//! configurations, never layers) and ends in one atomic update:
+//!
+//! - every image passed: each service's `resolved_image` is pinned by digest
+//!   and the addon is `approved`;
+//! - an image failed for good: `failed_verification`, with a reason per
+//!   service;
+//! - otherwise a registry could not answer: the addon stays `under_review`
+//!   with `attempts`, `last_error` and `next_attempt_time`, retried with
+//!   exponential backoff and jitter.
+//!
+//! The update names the revision the attempt started from; if the addon
+//! changed meanwhile (re-verify, delete), the result is dropped and the
+//! attempt runs again on the new state.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use addons_server_kit::Shutdown;
+use addons_store::{Collection, Filter, Precondition};
+use chrono::Utc;
+use tokio::{sync::mpsc, task::JoinSet, time::Instant};
+
+use crate::{
+    model::{Addon, AddonStatus, ServiceVerification, Verification},
+    registry::{CheckError, Registry},
+};
+
+/// How verification runs.
+#[derive(Debug, Clone)]
+pub struct VerifierOptions {
+    /// Addons verified at the same time.
+    pub concurrency: usize,
+    /// Delay before the first retry after a transient error.
+    pub backoff_base: Duration,
+    /// Longest delay between retries.
+    pub backoff_max: Duration,
+}
+
+impl Default for VerifierOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Hands addon ids to the verifier. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct VerifyQueue {
+    wake: mpsc::UnboundedSender<String>,
+}
+
+impl VerifyQueue {
+    /// Asks for a verification of `id` now. The addon's status in the store
+    /// decides whether one runs.
+    pub fn enqueue(&self, id: &str) {
+        // A closed channel means the verifier stopped at shutdown; the addon
+        // stays under review and is picked up at the next start.
+        let _ = self.wake.send(id.to_owned());
+    }
+}
+
+/// What one attempt decided.
+enum Outcome {
+    /// Final, or nothing to do.
+    Done,
+    /// Try again at this time.
+    RetryAt(Instant),
+    /// The addon changed under the attempt: run again now.
+    Again,
+}
+
+/// Starts the verifier: it resumes every addon under review and then takes
+/// ids from the returned queue until `shutdown` fires.
+pub fn spawn(
+    addons: Collection<Addon>,
+    registry: Arc<Registry>,
+    options: VerifierOptions,
+    shutdown: Shutdown,
+) -> VerifyQueue {
+    let (wake, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(addons, registry, options, rx, shutdown));
+    VerifyQueue { wake }
+}
+
+async fn run(
+    addons: Collection<Addon>,
+    registry: Arc<Registry>,
+    options: VerifierOptions,
+    mut wake: mpsc::UnboundedReceiver<String>,
+    shutdown: Shutdown,
+) {
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    let resume = Filter {
+        statuses: vec![AddonStatus::UnderReview.as_str().to_owned()],
+        unique_key: None,
+    };
+    loop {
+        match addons.list_all(&resume).await {
+            Ok(pending) => {
+                for record in pending {
+                    let at = record
+                        .value
+                        .verification
+                        .next_attempt_time
+                        .map(instant_of)
+                        .unwrap_or_else(Instant::now);
+                    due.insert(record.value.id, at);
+                }
+                tracing::info!(pending = due.len(), "verification resumed");
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list addons under review; retrying");
+                tokio::select! {
+                    () = shutdown.fired() => return,
+                    () = tokio::time::sleep(options.backoff_base) => {}
+                }
+            }
+        }
+    }
+    let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut busy: HashSet<String> = HashSet::new();
+    // Ids asked for again while an attempt for them runs.
+    let mut again: HashSet<String> = HashSet::new();
+    loop {
+        let now = Instant::now();
+        let mut ready: Vec<String> = due
+            .iter()
+            .filter(|(id, at)| **at <= now && !busy.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ready.sort();
+        for id in ready
+            .into_iter()
+            .take(options.concurrency.saturating_sub(busy.len()))
+        {
+            due.remove(&id);
+            busy.insert(id.clone());
+            let addons = addons.clone();
+            let registry = registry.clone();
+            let options = options.clone();
+            running.spawn(async move {
+                let outcome = attempt(&addons, &registry, &options, &id).await;
+                (id, outcome)
+            });
+        }
+        let next = due
+            .iter()
+            .filter(|(id, _)| !busy.contains(*id))
+            .map(|(_, at)| *at)
+            .min();
+        let at_capacity = busy.len() >= options.concurrency;
+        tokio::select! {
+            () = shutdown.fired() => break,
+            Some(id) = wake.recv() => {
+                if busy.contains(&id) {
+                    again.insert(id);
+                } else {
+                    due.insert(id, Instant::now());
+                }
+            }
+            Some(joined) = running.join_next(), if !running.is_empty() => {
+                let Ok((id, outcome)) = joined else { continue };
+                busy.remove(&id);
+                let asked_again = again.remove(&id);
+                match outcome {
+                    Outcome::Again => { due.insert(id, Instant::now()); }
+                    _ if asked_again => { due.insert(id, Instant::now()); }
+                    Outcome::RetryAt(at) => { due.insert(id, at); }
+                    Outcome::Done => {}
+                }
+            }
+            () = sleep_until(next), if next.is_some() && !at_capacity => {}
+        }
+    }
+    running.abort_all();
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn instant_of(time: chrono::DateTime<Utc>) -> Instant {
+    let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    Instant::now() + wait
+}
+
+/// The delay before retry number `attempts`: exponential, capped, with
+/// jitter over its upper half so that retries of many addons spread out.
+fn backoff(options: &VerifierOptions, attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(20);
+    let delay = options
+        .backoff_base
+        .saturating_mul(1 << exponent)
+        .min(options.backoff_max);
+    delay.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+async fn attempt(
+    addons: &Collection<Addon>,
+    registry: &Registry,
+    options: &VerifierOptions,
+    id: &str,
+) -> Outcome {
+    let current = match addons.get(id).await {
+        Ok(Some(record)) if record.value.status == AddonStatus::UnderReview => record,
+        Ok(_) => return Outcome::Done,
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot load addon to verify");
+            return Outcome::RetryAt(Instant::now() + options.backoff_base);
+        }
+    };
+    let started = std::time::Instant::now();
+    let checks = current
+        .value
+        .descriptor
+        .services
+        .iter()
+        .map(|service| async {
+            registry
+                .inspect(&service.image, !service.command.is_empty())
+                .await
+        });
+    let results = futures::future::join_all(checks).await;
+
+    let mut addon = current.value.clone();
+    let now = Utc::now();
+    let attempts = addon.verification.attempts + 1;
+    let mut services = Vec::new();
+    let mut definite = Vec::new();
+    let mut transient = None;
+    for (service, result) in addon.descriptor.services.iter().zip(&results) {
+        let mut verdict = ServiceVerification {
+            service_name: service.service_name.clone(),
+            image: service.image.clone(),
+            ..ServiceVerification::default()
+        };
+        match result {
+            Ok(inspection) => {
+                verdict.ok = true;
+                verdict.resolved_image = Some(inspection.resolved.clone());
+                verdict.platforms = inspection.platforms.clone();
+                verdict.bytes_fetched = inspection.bytes_fetched;
+            }
+            Err(CheckError::Definite {
+                reason,
+                bytes_fetched,
+            }) => {
+                verdict.reason = Some(reason.clone());
+                verdict.bytes_fetched = *bytes_fetched;
+                definite.push(format!("{}: {reason}", service.service_name));
+            }
+            Err(CheckError::Transient(reason)) => {
+                verdict.reason = Some(reason.clone());
+                transient.get_or_insert_with(|| reason.clone());
+            }
+        }
+        services.push(verdict);
+    }
+    let outcome;
+    if !definite.is_empty() {
+        addon.status = AddonStatus::FailedVerification;
+        addon.verification = Verification {
+            attempts,
+            last_error: None,
+            next_attempt_time: None,
+            complete_time: Some(now),
+            services,
+            reason: Some(definite.join("; ")),
+        };
+        outcome = Outcome::Done;
+    } else if let Some(error) = transient {
+        let delay = backoff(options, attempts);
+        addon.verification = Verification {
+            attempts,
+            last_error: Some(error),
+            next_attempt_time: Some(now + delay),
+            complete_time: None,
+            services,
+            reason: None,
+        };
+        outcome = Outcome::RetryAt(Instant::now() + delay);
+    } else {
+        for (service, verdict) in addon.descriptor.services.iter_mut().zip(&services) {
+            service.resolved_image = verdict.resolved_image.clone();
+        }
+        addon.status = AddonStatus::Approved;
+        addon.verification = Verification {
+            attempts,
+            last_error: None,
+            next_attempt_time: None,
+            complete_time: Some(now),
+            services,
+            reason: None,
+        };
+        outcome = Outcome::Done;
+    }
+    addon.update_time = now;
+    let condition = Precondition {
+        revision: Some(current.revision),
+        status_in: vec![AddonStatus::UnderReview.as_str().to_owned()],
+    };
+    match addons.replace(addon, &condition).await {
+        Ok(stored) => {
+            tracing::info!(
+                %id,
+                status = stored.value.status.as_str(),
+                attempts,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "verification attempt finished"
+            );
+            outcome
+        }
+        Err(addons_store::Error::Conflict { .. }) => Outcome::Again,
+        Err(addons_store::Error::NotFound { .. }) => Outcome::Done,
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot store verification result");
+            Outcome::RetryAt(Instant::now() + options.backoff_base)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let options = VerifierOptions {
+            concurrency: 1,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+        };
+        for attempts in 1..40 {
+            let full =
+                Duration::from_secs(1 << (attempts - 1).min(20)).min(Duration::from_secs(30));
+            let delay = backoff(&options, attempts);
+            assert!(delay <= full && delay >= full / 2, "{attempts}: {delay:?}");
+        }
+    }
+}
