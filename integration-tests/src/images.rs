@@ -14,6 +14,9 @@ use sha2::{Digest as _, Sha256};
 /// What an image holds.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
+    /// Bytes of incompressible filler in a second layer, to give the image
+    /// a realistic size.
+    pub filler_bytes: usize,
     /// `os` of the configuration.
     pub os: String,
     /// `architecture` of the configuration.
@@ -29,6 +32,7 @@ pub struct ImageSpec {
 impl Default for ImageSpec {
     fn default() -> Self {
         Self {
+            filler_bytes: 0,
             os: "linux".into(),
             architecture: "amd64".into(),
             entrypoint: Vec::new(),
@@ -80,6 +84,32 @@ fn busybox_layer() -> (Vec<u8>, String) {
     (gz.finish().expect("gzip"), diff_id)
 }
 
+/// A gzip layer holding one file of `size` pseudo-random (incompressible)
+/// bytes; returns the layer and its uncompressed digest.
+fn filler_layer(size: usize) -> (Vec<u8>, String) {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let data: Vec<u8> = (0..size)
+        .map(|_| {
+            // xorshift64*: fast, deterministic, incompressible enough.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(0o644);
+    header.set_size(data.len() as u64);
+    tar.append_data(&mut header, "filler.bin", data.as_slice())
+        .expect("tar filler");
+    let raw = tar.into_inner().expect("tar");
+    let diff_id = sha256(&raw);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).expect("gzip");
+    (gz.finish().expect("gzip"), diff_id)
+}
+
 /// A registry client for test registries (plain HTTP).
 pub fn client() -> Client {
     Client::new(ClientConfig {
@@ -106,6 +136,13 @@ pub async fn push_image(
     credentials: Option<(String, String)>,
 ) -> (String, i64) {
     let (layer, diff_id) = busybox_layer();
+    let mut layers = vec![ImageLayer::oci_v1_gzip(layer, None)];
+    let mut diff_ids = vec![diff_id];
+    if spec.filler_bytes > 0 {
+        let (filler, filler_diff_id) = filler_layer(spec.filler_bytes);
+        layers.push(ImageLayer::oci_v1_gzip(filler, None));
+        diff_ids.push(filler_diff_id);
+    }
     let config = serde_json::json!({
         "architecture": spec.architecture,
         "os": spec.os,
@@ -114,7 +151,7 @@ pub async fn push_image(
             "Cmd": if spec.cmd.is_empty() { serde_json::Value::Null } else { spec.cmd.clone().into() },
             "Env": spec.env,
         },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let reference = Reference::with_tag(host.to_owned(), repository.to_owned(), tag.to_owned());
     let client = client();
@@ -122,7 +159,7 @@ pub async fn push_image(
     client
         .push(
             &reference,
-            &[ImageLayer::oci_v1_gzip(layer, None)],
+            &layers,
             Config::oci_v1(serde_json::to_vec(&config).expect("config json"), None),
             &auth,
             None,

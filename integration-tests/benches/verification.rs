@@ -1,0 +1,149 @@
+//! Verification benchmark: publish → APPROVED latency and registry bytes per
+//! verification, against the baseline of verifying by pulling the whole image
+//! (what Oakestra's marketplace does through the Docker daemon), measured in
+//! the same run against the same loopback registry.
+//!
+//! Run with `scripts/bench.sh verification` (builds the release binaries
+//! first).
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // A benchmark report.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    RegistryServer, ServerProcess, binary,
+    images::{self, ImageSpec, push_image},
+};
+use oakestra_addons_proto::marketplace::v1::{
+    self as pb, marketplace_service_client::MarketplaceServiceClient,
+};
+use oci_client::{Reference, secrets::RegistryAuth};
+use tokio_stream::StreamExt as _;
+
+const ROUNDS: usize = 15;
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
+}
+
+/// Oakestra's way: pull the manifest and every blob of the image.
+async fn full_pull(host: &str, repository: &str, tag: &str) -> u64 {
+    let client = images::client();
+    let reference = Reference::with_tag(host.to_owned(), repository.to_owned(), tag.to_owned());
+    let (manifest, _) = client
+        .pull_image_manifest(&reference, &RegistryAuth::Anonymous)
+        .await
+        .unwrap();
+    let mut bytes = 0;
+    for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+        let mut data = Vec::new();
+        client.pull_blob(&reference, blob, &mut data).await.unwrap();
+        bytes += data.len() as u64;
+    }
+    bytes + serde_json::to_vec(&manifest).unwrap().len() as u64
+}
+
+async fn publish_until_approved(
+    client: &mut MarketplaceServiceClient<tonic::transport::Channel>,
+    name: &str,
+    image: &str,
+) -> (Duration, pb::Addon) {
+    let started = Instant::now();
+    let addon = client
+        .publish_addon(pb::PublishAddonRequest {
+            addon: Some(pb::Addon {
+                name: name.into(),
+                services: vec![pb::ServiceSpec {
+                    service_name: "svc".into(),
+                    image: image.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    let mut watch = client
+        .watch_addon(pb::WatchAddonRequest { id: addon.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(update) = watch.next().await {
+        let addon = update.unwrap().addon.unwrap();
+        match addon.status() {
+            pb::AddonStatus::UnderReview => continue,
+            pb::AddonStatus::Approved => return (started.elapsed(), addon),
+            other => panic!("verification of {image} ended {other:?}: {:?}", addon.verification),
+        }
+    }
+    panic!("watch ended before approval");
+}
+
+#[tokio::main]
+async fn main() {
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    let small = ImageSpec::default();
+    let large = ImageSpec {
+        filler_bytes: 32 << 20,
+        ..ImageSpec::default()
+    };
+    push_image(&host, "bench/small", "1", &small, None).await;
+    push_image(&host, "bench/large", "1", &large, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/bench.redb", dir.path().display());
+    let server = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store, "--insecure-registry", &host],
+    )
+    .await;
+    let mut client = MarketplaceServiceClient::new(server.channel());
+
+    println!("| image | ours: publish → APPROVED p50 | p90 | baseline: full pull p50 | p90 | ours / baseline (p50) | registry bytes, ours | baseline | layer blobs fetched by ours |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, repository) in [("busybox (1 MiB)", "bench/small"), ("busybox + 32 MiB layer", "bench/large")] {
+        let image = format!("{host}/{repository}:1");
+        let blob_gets_before = registry.blob_gets().len();
+        let mut ours = Vec::new();
+        let mut our_bytes = 0;
+        for round in 0..ROUNDS {
+            let name = format!("{}-{round}", repository.replace('/', "-"));
+            let (elapsed, addon) = publish_until_approved(&mut client, &name, &image).await;
+            ours.push(elapsed);
+            our_bytes = addon.verification.unwrap().services[0].bytes_fetched;
+        }
+        let blob_gets = registry.blob_gets().len() - blob_gets_before;
+        let mut baseline = Vec::new();
+        let mut baseline_bytes = 0;
+        for _ in 0..ROUNDS {
+            let started = Instant::now();
+            baseline_bytes = full_pull(&host, repository, "1").await;
+            baseline.push(started.elapsed());
+        }
+        let ratio = percentile(&mut ours, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
+        println!(
+            "| {label} | {} | {} | {} | {} | {ratio:.2} | {} | {} | {} (config blobs: {blob_gets} for {ROUNDS} verifications) |",
+            ms(percentile(&mut ours, 0.5)),
+            ms(percentile(&mut ours, 0.9)),
+            ms(percentile(&mut baseline, 0.5)),
+            ms(percentile(&mut baseline, 0.9)),
+            kib(our_bytes),
+            kib(baseline_bytes),
+            blob_gets.saturating_sub(ROUNDS),
+        );
+    }
+    server.stop().await;
+}
