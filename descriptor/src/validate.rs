@@ -11,6 +11,7 @@ const MAX_DNS_LABEL: usize = 63;
 const MAX_DESCRIPTION: usize = 4096;
 const MAX_ENTRIES: usize = 128;
 const MAX_VALUE: usize = 4096;
+const MAX_LABEL_KEY: usize = 256;
 /// Network every service joins when it names none.
 pub const DEFAULT_NETWORK: &str = "oakestra";
 
@@ -156,6 +157,14 @@ fn check_service<'a>(
             v.add(
                 format!("{at}.environment[{key}]"),
                 format!("value over {MAX_VALUE} bytes"),
+            );
+        }
+    }
+    for (key, value) in &service.labels {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_VALUE {
+            v.add(
+                format!("{at}.labels[{key}]"),
+                format!("keys must be 1..={MAX_LABEL_KEY} bytes and values at most {MAX_VALUE}"),
             );
         }
     }

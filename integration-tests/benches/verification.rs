@@ -77,7 +77,9 @@ async fn publish_until_approved(
         .addon
         .unwrap();
     let mut watch = client
-        .watch_addon(pb::WatchAddonRequest { id: addon.id.clone() })
+        .watch_addon(pb::WatchAddonRequest {
+            id: addon.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -86,7 +88,10 @@ async fn publish_until_approved(
         match addon.status() {
             pb::AddonStatus::UnderReview => continue,
             pb::AddonStatus::Approved => return (started.elapsed(), addon),
-            other => panic!("verification of {image} ended {other:?}: {:?}", addon.verification),
+            other => panic!(
+                "verification of {image} ended {other:?}: {:?}",
+                addon.verification
+            ),
         }
     }
     panic!("watch ended before approval");
@@ -112,9 +117,14 @@ async fn main() {
     .await;
     let mut client = MarketplaceServiceClient::new(server.channel());
 
-    println!("| image | ours: publish → APPROVED p50 | p90 | baseline: full pull p50 | p90 | ours / baseline (p50) | registry bytes, ours | baseline | layer blobs fetched by ours |");
+    println!(
+        "| image | ours: publish → APPROVED p50 | p90 | baseline: full pull p50 | p90 | ours / baseline (p50) | registry bytes, ours | baseline | layer blobs fetched by ours |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (label, repository) in [("busybox (1 MiB)", "bench/small"), ("busybox + 32 MiB layer", "bench/large")] {
+    for (label, repository) in [
+        ("busybox (1 MiB)", "bench/small"),
+        ("busybox + 32 MiB layer", "bench/large"),
+    ] {
         let image = format!("{host}/{repository}:1");
         let blob_gets_before = registry.blob_gets().len();
         let mut ours = Vec::new();
@@ -133,7 +143,8 @@ async fn main() {
             baseline_bytes = full_pull(&host, repository, "1").await;
             baseline.push(started.elapsed());
         }
-        let ratio = percentile(&mut ours, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
+        let ratio =
+            percentile(&mut ours, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
         println!(
             "| {label} | {} | {} | {} | {} | {ratio:.2} | {} | {} | {} (config blobs: {blob_gets} for {ROUNDS} verifications) |",
             ms(percentile(&mut ours, 0.5)),

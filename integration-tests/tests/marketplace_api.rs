@@ -329,6 +329,32 @@ async fn validation(server: &ServerProcess) {
         "{}",
         status.message()
     );
+    // Image grammar, counts and sizes.
+    let mut bad = descriptor("limits");
+    bad.services[0].image = "Upper/Case:1".into();
+    bad.services[0]
+        .environment
+        .insert("BIG".into(), "x".repeat(5000));
+    bad.services[0].labels.insert(String::new(), "v".into());
+    let status = publish(&mut client, bad).await.unwrap_err();
+    assert_eq!(
+        violations(&status),
+        [
+            "services[0].environment[BIG]",
+            "services[0].labels[]",
+            "services[0].image",
+        ]
+    );
+    let mut crowded = descriptor("crowded");
+    crowded.services = (0..33)
+        .map(|n| pb::ServiceSpec {
+            service_name: format!("s{n}"),
+            image: "127.0.0.1:1/x:1".into(),
+            ..Default::default()
+        })
+        .collect();
+    let status = publish(&mut client, crowded).await.unwrap_err();
+    assert_eq!(violations(&status), ["services"]);
     // Nothing was stored.
     assert!(
         list(&mut client, &[pb::AddonStatus::UnderReview], "")
