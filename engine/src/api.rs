@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     Error, Manager, convert,
+    link::LinkHub,
     service::{WatchEnd, WatchEvent},
 };
 
@@ -174,10 +175,17 @@ impl AddonsManagerService for ManagerApi {
 }
 
 /// The manager's end of the monitor link.
-#[derive(Debug, Clone, Default)]
-pub struct MonitorLinkApi;
+#[derive(Debug, Clone)]
+pub struct MonitorLinkApi {
+    hub: LinkHub,
+}
 
 impl MonitorLinkApi {
+    /// Serves links through `hub`.
+    pub fn new(hub: LinkHub) -> Self {
+        Self { hub }
+    }
+
     /// The tonic service.
     pub fn into_service(self) -> MonitorLinkServiceServer<Self> {
         MonitorLinkServiceServer::new(self)
@@ -190,12 +198,9 @@ impl MonitorLinkService for MonitorLinkApi {
 
     async fn connect(
         &self,
-        _request: Request<Streaming<pb::ConnectRequest>>,
+        request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        // The link protocol (desired state, status reports, acks) is the
-        // manager issue's work; until it lands, monitors get a clear answer.
-        Err(Status::unimplemented(
-            "the monitor link is not implemented by this manager yet",
-        ))
+        let outbound = self.hub.connect(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 }

@@ -25,6 +25,11 @@ pub struct Config {
     )]
     pub marketplace: String,
 
+    /// How long a monitor link may stay silent before it counts as dead; a
+    /// node whose link died is shown as disconnected after as long again.
+    #[arg(long, env = "ADDONS_HEARTBEAT_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = addons_server_kit::parse_duration)]
+    pub heartbeat_timeout: std::time::Duration,
+
     /// The orchestration plane this manager serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = Plane::Root)]
     pub plane: Plane,

@@ -105,3 +105,67 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
         plane: pb::Plane::from(installation.plane).into(),
     }
 }
+
+/// The plane's name in logs, messages and ids.
+pub(crate) fn plane_name(plane: Plane) -> &'static str {
+    match plane {
+        Plane::Root => "root",
+        Plane::Cluster => "cluster",
+    }
+}
+
+/// A reported service status; the error names the field that is wrong.
+pub(crate) fn service_status_from_proto(s: pb::ServiceStatus) -> Result<ServiceStatus, String> {
+    let phase = match pb::ServicePhase::try_from(s.phase)
+        .map_err(|_| format!("unknown phase {}", s.phase))?
+    {
+        pb::ServicePhase::Unspecified => {
+            return Err(format!("phase of `{}` is required", s.service_name));
+        }
+        pb::ServicePhase::Pending => ServicePhase::Pending,
+        pb::ServicePhase::Pulling => ServicePhase::Pulling,
+        pb::ServicePhase::Starting => ServicePhase::Starting,
+        pb::ServicePhase::Running => ServicePhase::Running,
+        pb::ServicePhase::Backoff => ServicePhase::Backoff,
+        pb::ServicePhase::Failed => ServicePhase::Failed,
+        pb::ServicePhase::Stopping => ServicePhase::Stopping,
+        pb::ServicePhase::Removed => ServicePhase::Removed,
+        pb::ServicePhase::Unknown => ServicePhase::Unknown,
+    };
+    if s.service_name.is_empty() {
+        return Err("service_name is required".to_owned());
+    }
+    // Bound what one report can make the manager store.
+    const MAX_LOG_LINES: usize = 100;
+    const MAX_TEXT: usize = 4096;
+    let clip = |mut text: String| {
+        if text.len() > MAX_TEXT {
+            let mut end = MAX_TEXT;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        text
+    };
+    let skip = s.logs_tail.len().saturating_sub(MAX_LOG_LINES);
+    Ok(ServiceStatus {
+        service_name: s.service_name,
+        phase,
+        container_id: clip(s.container_id),
+        node_id: String::new(),
+        restart_count: s.restart_count,
+        exit_code: s.exit_code,
+        reason: clip(s.reason),
+        logs_tail: s.logs_tail.into_iter().skip(skip).map(clip).collect(),
+        replaced_core_component: Some(s.replaced_core_component).filter(|c| !c.is_empty()),
+        update_time: s
+            .update_time
+            .and_then(|t| {
+                chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+            })
+            .unwrap_or_else(chrono::Utc::now),
+        pull_bytes_done: s.pull_bytes_done,
+        pull_bytes_total: s.pull_bytes_total,
+    })
+}

@@ -9,7 +9,9 @@ pub mod api;
 pub mod config;
 mod convert;
 mod error;
+pub mod link;
 pub mod model;
 mod service;
+mod status;
 
 pub use crate::{error::Error, service::Manager};

@@ -4,6 +4,7 @@ use addons_engine::{
     Manager,
     api::{ManagerApi, MonitorLinkApi},
     config::Config,
+    link::{LinkHub, LinkOptions},
 };
 use addons_server_kit::{
     Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
@@ -26,6 +27,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let core = Manager::new(&store, &config.marketplace, config.plane).await?;
+    let hub = LinkHub::start(
+        &store,
+        config.plane,
+        LinkOptions {
+            heartbeat_timeout: config.heartbeat_timeout,
+            ..LinkOptions::default()
+        },
+        shutdown.clone(),
+    )
+    .await?;
     let listener = bind(
         config
             .common
@@ -35,7 +46,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await?;
     Server::new()
         .add_service(ManagerApi::new(core, shutdown.clone()).into_service())
-        .add_service(MonitorLinkApi.into_service())
+        .add_service(MonitorLinkApi::new(hub).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -4,6 +4,7 @@ use addons_descriptor::Descriptor;
 use addons_store::Document;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The aggregated status of an installation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +63,16 @@ pub struct Installation {
     pub status: InstallationStatus,
     /// Why it has its status.
     pub status_message: String,
-    /// Status of each service, as monitors report it.
+    /// Status of each service on each node, as monitors report it.
     pub services: Vec<ServiceStatus>,
+    /// Sequence number of the last report applied, per node: a report with
+    /// a number up to this one is a re-send and changes nothing.
+    #[serde(default)]
+    pub report_sequences: BTreeMap<String, u64>,
+    /// Uninstall asked for a purge: delete the record and the named volumes
+    /// once every service is gone.
+    #[serde(default)]
+    pub purge_requested: bool,
     /// When it was installed.
     pub create_time: DateTime<Utc>,
     /// When it last changed.
@@ -112,7 +121,7 @@ pub enum ServicePhase {
     Unknown,
 }
 
-/// The status of one service of an installation.
+/// The status of one service of an installation on one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     /// Name of the service.

@@ -17,6 +17,7 @@ use tonic::{
 use crate::{
     Error,
     model::{Installation, InstallationStatus, Plane},
+    status,
 };
 
 /// Listing page size when the request names none.
@@ -86,6 +87,8 @@ impl Manager {
             status: InstallationStatus::Installing,
             status_message: "waiting for a monitor to start the services".to_owned(),
             services: Vec::new(),
+            report_sequences: Default::default(),
+            purge_requested: false,
             create_time: now,
             update_time: now,
         };
@@ -146,8 +149,11 @@ impl Manager {
         Ok(descriptor)
     }
 
-    /// Starts uninstalling; with `purge`, deletes a disabled record.
-    /// Returns the record after the call, or `None` when purged.
+    /// Starts uninstalling: `DISABLING` until the monitors report every
+    /// service removed, then `DISABLED`. With `purge`, a `DISABLED` record is
+    /// deleted, now or as soon as it gets there, and the monitors delete the
+    /// addon's named volumes. Returns the record after the call, or `None`
+    /// when it was deleted.
     pub async fn uninstall(
         &self,
         id: &str,
@@ -156,23 +162,31 @@ impl Manager {
         let record = self
             .installations
             .modify(id, |installation| {
-                if matches!(
+                let mut changed = false;
+                if purge && !installation.purge_requested {
+                    installation.purge_requested = true;
+                    changed = true;
+                }
+                if !matches!(
                     installation.status,
                     InstallationStatus::Disabling | InstallationStatus::Disabled
                 ) {
-                    return Ok(false);
+                    installation.status = InstallationStatus::Disabling;
+                    // Nothing reported running anywhere: nothing to wait for.
+                    status::recompute(installation);
+                    changed = true;
                 }
-                installation.status = InstallationStatus::Disabling;
-                installation.status_message = "stopping and removing the services".to_owned();
-                installation.update_time = chrono::Utc::now();
-                Ok(true)
+                if changed {
+                    installation.update_time = chrono::Utc::now();
+                }
+                Ok(changed)
             })
             .await
             .map_err(|err| match err {
                 addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
                 err => err.into(),
             })?;
-        if purge && record.value.status == InstallationStatus::Disabled {
+        if record.value.purge_requested && record.value.status == InstallationStatus::Disabled {
             let condition = Precondition::status_in([InstallationStatus::Disabled.as_str()]);
             self.installations.delete(id, &condition).await?;
             return Ok(None);

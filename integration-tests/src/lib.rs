@@ -8,6 +8,7 @@
 
 mod containerd;
 pub mod images;
+pub mod link;
 mod mongo;
 mod process;
 mod registry;

@@ -1,0 +1,363 @@
+//! How an installation's status follows from its services' statuses. Pure
+//! functions, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::{Installation, InstallationStatus, ServicePhase, ServiceStatus};
+
+/// Replaces what `node` reported earlier for the installation with
+/// `services` and recomputes the installation's status. Entries for services
+/// the addon does not have are dropped.
+pub(crate) fn apply_report(
+    installation: &mut Installation,
+    node: &str,
+    services: Vec<ServiceStatus>,
+) {
+    let known: BTreeSet<&str> = installation
+        .addon
+        .services
+        .iter()
+        .map(|s| s.service_name.as_str())
+        .collect();
+    let mut fresh: Vec<ServiceStatus> = services
+        .into_iter()
+        .filter(|s| known.contains(s.service_name.as_str()))
+        .map(|mut s| {
+            s.node_id = node.to_owned();
+            s
+        })
+        .collect();
+    installation.services.retain(|s| s.node_id != node);
+    installation.services.append(&mut fresh);
+    installation
+        .services
+        .sort_by(|a, b| (&a.service_name, &a.node_id).cmp(&(&b.service_name, &b.node_id)));
+    recompute(installation);
+}
+
+/// Marks what `node` reported as unknown: its monitor is gone.
+pub(crate) fn mark_disconnected(installation: &mut Installation, node: &str) -> bool {
+    let mut changed = false;
+    for service in installation
+        .services
+        .iter_mut()
+        .filter(|s| s.node_id == node)
+    {
+        if service.phase != ServicePhase::Unknown && service.phase != ServicePhase::Removed {
+            service.phase = ServicePhase::Unknown;
+            service.reason = format!("the monitor of node {node} is disconnected");
+            service.update_time = chrono::Utc::now();
+            changed = true;
+        }
+    }
+    if changed {
+        recompute(installation);
+    }
+    changed
+}
+
+/// Sets `status` and `status_message` from the services' statuses.
+pub(crate) fn recompute(installation: &mut Installation) {
+    let (status, message) = aggregate(installation);
+    installation.status = status;
+    installation.status_message = message;
+}
+
+/// The status an installation has given its services' statuses:
+///
+/// - uninstalling: `DISABLED` once every service reported on any node is
+///   removed, else `DISABLING`;
+/// - otherwise, over every (service, node) pair of the nodes that
+///   reported: all running → `ACTIVE`; some running → `PARTIALLY_ACTIVE`;
+///   none running and every one failed for good → `FAILED`; else
+///   `INSTALLING`. Pairs whose monitor is disconnected count as not running;
+///   if every node is disconnected the status stays as it was.
+pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, String) {
+    let services = &installation.services;
+    match installation.status {
+        InstallationStatus::Disabled => {
+            return (
+                InstallationStatus::Disabled,
+                installation.status_message.clone(),
+            );
+        }
+        InstallationStatus::Disabling => {
+            let remaining: Vec<String> = services
+                .iter()
+                .filter(|s| s.phase != ServicePhase::Removed)
+                .map(|s| format!("{} on {}", s.service_name, s.node_id))
+                .collect();
+            return if remaining.is_empty() {
+                (
+                    InstallationStatus::Disabled,
+                    "every service is removed".to_owned(),
+                )
+            } else {
+                (
+                    InstallationStatus::Disabling,
+                    format!("waiting for removal of {}", remaining.join(", ")),
+                )
+            };
+        }
+        _ => {}
+    }
+    let expected: Vec<&str> = installation
+        .addon
+        .services
+        .iter()
+        .map(|s| s.service_name.as_str())
+        .collect();
+    let nodes: BTreeSet<&str> = services.iter().map(|s| s.node_id.as_str()).collect();
+    if nodes.is_empty() {
+        return (
+            InstallationStatus::Installing,
+            "waiting for a monitor to start the services".to_owned(),
+        );
+    }
+    let by_pair: BTreeMap<(&str, &str), &ServiceStatus> = services
+        .iter()
+        .map(|s| ((s.service_name.as_str(), s.node_id.as_str()), s))
+        .collect();
+    let disconnected: BTreeSet<&str> = services
+        .iter()
+        .filter(|s| s.phase == ServicePhase::Unknown)
+        .map(|s| s.node_id.as_str())
+        .collect();
+    if disconnected.len() == nodes.len() {
+        return (
+            installation.status,
+            format!(
+                "monitor of {} disconnected; last known: {}",
+                disconnected.iter().copied().collect::<Vec<_>>().join(", "),
+                installation.status_message
+            ),
+        );
+    }
+    let mut running = 0;
+    let mut failed = Vec::new();
+    let mut waiting = Vec::new();
+    let mut total = 0;
+    for node in &nodes {
+        for name in &expected {
+            total += 1;
+            match by_pair.get(&(*name, *node)).map(|s| s.phase) {
+                Some(ServicePhase::Running) => running += 1,
+                Some(ServicePhase::Failed) => {
+                    let status = by_pair[&(*name, *node)];
+                    let detail = match status.exit_code {
+                        Some(code) => format!("{name} on {node} (exit code {code})"),
+                        None => format!("{name} on {node}"),
+                    };
+                    failed.push(detail);
+                }
+                _ => waiting.push(format!("{name} on {node}")),
+            }
+        }
+    }
+    let mut message = if running == total {
+        format!("all {total} services running")
+    } else if running > 0 {
+        let mut parts = vec![format!("{running} of {total} services running")];
+        if !failed.is_empty() {
+            parts.push(format!("failed: {}", failed.join(", ")));
+        }
+        if !waiting.is_empty() {
+            parts.push(format!("not running yet: {}", waiting.join(", ")));
+        }
+        parts.join("; ")
+    } else if waiting.is_empty() {
+        format!("every service failed: {}", failed.join(", "))
+    } else {
+        format!("starting: {}", waiting.join(", "))
+    };
+    if !disconnected.is_empty() {
+        message.push_str(&format!(
+            "; monitor of {} disconnected",
+            disconnected.iter().copied().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let status = if running == total {
+        InstallationStatus::Active
+    } else if running > 0 {
+        InstallationStatus::PartiallyActive
+    } else if waiting.is_empty() {
+        InstallationStatus::Failed
+    } else {
+        InstallationStatus::Installing
+    };
+    (status, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use addons_descriptor::{Descriptor, Service};
+
+    use super::*;
+    use crate::model::Plane;
+
+    fn installation(services: &[&str]) -> Installation {
+        Installation {
+            id: "i1".into(),
+            marketplace_id: "m1".into(),
+            addon: Descriptor {
+                name: "a".into(),
+                services: services
+                    .iter()
+                    .map(|name| Service {
+                        service_name: (*name).into(),
+                        ..Service::default()
+                    })
+                    .collect(),
+                ..Descriptor::default()
+            },
+            plane: Plane::Root,
+            status: InstallationStatus::Installing,
+            status_message: String::new(),
+            services: Vec::new(),
+            report_sequences: Default::default(),
+            purge_requested: false,
+            create_time: chrono::Utc::now(),
+            update_time: chrono::Utc::now(),
+        }
+    }
+
+    fn status(name: &str, phase: ServicePhase) -> ServiceStatus {
+        ServiceStatus {
+            service_name: name.into(),
+            phase,
+            container_id: format!("root_{name}"),
+            node_id: String::new(),
+            restart_count: 0,
+            exit_code: (phase == ServicePhase::Failed).then_some(3),
+            reason: String::new(),
+            logs_tail: Vec::new(),
+            replaced_core_component: None,
+            update_time: chrono::Utc::now(),
+            pull_bytes_done: 0,
+            pull_bytes_total: 0,
+        }
+    }
+
+    #[test]
+    fn follows_the_services() {
+        use ServicePhase::*;
+        let mut i = installation(&["api", "worker"]);
+        assert_eq!(aggregate(&i).0, InstallationStatus::Installing);
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Pulling), status("worker", Pending)],
+        );
+        assert_eq!(i.status, InstallationStatus::Installing);
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Running), status("worker", Starting)],
+        );
+        assert_eq!(i.status, InstallationStatus::PartiallyActive);
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Running), status("worker", Running)],
+        );
+        assert_eq!(i.status, InstallationStatus::Active);
+        assert_eq!(i.status_message, "all 2 services running");
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Running), status("worker", Failed)],
+        );
+        assert_eq!(i.status, InstallationStatus::PartiallyActive);
+        assert!(
+            i.status_message.contains("worker on n1 (exit code 3)"),
+            "{}",
+            i.status_message
+        );
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Failed), status("worker", Failed)],
+        );
+        assert_eq!(i.status, InstallationStatus::Failed);
+        // Crash-looping but not given up yet is not failed.
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Backoff), status("worker", Failed)],
+        );
+        assert_eq!(i.status, InstallationStatus::Installing);
+    }
+
+    #[test]
+    fn counts_every_node_and_ignores_unknown_services() {
+        use ServicePhase::*;
+        let mut i = installation(&["api"]);
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Running), status("ghost", Running)],
+        );
+        assert_eq!(i.services.len(), 1, "unknown service dropped");
+        assert_eq!(i.status, InstallationStatus::Active);
+        apply_report(&mut i, "n2", vec![status("api", Starting)]);
+        assert_eq!(i.status, InstallationStatus::PartiallyActive);
+        assert_eq!(i.services.len(), 2);
+        assert_eq!(
+            i.services[1].node_id, "n2",
+            "node comes from the link, not the report"
+        );
+    }
+
+    #[test]
+    fn a_disconnected_monitor_is_shown_and_keeps_the_status() {
+        use ServicePhase::*;
+        let mut i = installation(&["api"]);
+        apply_report(&mut i, "n1", vec![status("api", Running)]);
+        assert!(mark_disconnected(&mut i, "n1"));
+        assert_eq!(i.services[0].phase, Unknown);
+        assert_eq!(
+            i.status,
+            InstallationStatus::Active,
+            "last known status stays"
+        );
+        assert!(
+            i.status_message.contains("disconnected"),
+            "{}",
+            i.status_message
+        );
+        assert!(
+            !mark_disconnected(&mut i, "n1"),
+            "marking twice changes nothing"
+        );
+        apply_report(&mut i, "n2", vec![status("api", Running)]);
+        assert_eq!(i.status, InstallationStatus::PartiallyActive);
+    }
+
+    #[test]
+    fn uninstall_ends_when_every_service_is_removed() {
+        use ServicePhase::*;
+        let mut i = installation(&["api", "worker"]);
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Running), status("worker", Running)],
+        );
+        i.status = InstallationStatus::Disabling;
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Removed), status("worker", Stopping)],
+        );
+        assert_eq!(i.status, InstallationStatus::Disabling);
+        assert!(i.status_message.contains("worker on n1"));
+        apply_report(
+            &mut i,
+            "n1",
+            vec![status("api", Removed), status("worker", Removed)],
+        );
+        assert_eq!(i.status, InstallationStatus::Disabled);
+        // Reports after that change nothing about the status.
+        apply_report(&mut i, "n1", vec![status("api", Running)]);
+        assert_eq!(i.status, InstallationStatus::Disabled);
+    }
+}

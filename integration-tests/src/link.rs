@@ -1,0 +1,231 @@
+//! A monitor stand-in that speaks the link protocol to a real manager:
+//! hello, numbered status reports kept until acked and re-sent after a
+//! reconnect, and the desired state as the manager sends it.
+
+use std::collections::BTreeMap;
+
+use oakestra_addons_proto::engine::v1::{
+    self as pb, connect_request, connect_response,
+    monitor_link_service_client::MonitorLinkServiceClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming, transport::Channel};
+
+/// One simulated node's monitor.
+#[derive(Debug)]
+pub struct TestMonitor {
+    node: String,
+    plane: pb::Plane,
+    tx: mpsc::Sender<pb::ConnectRequest>,
+    inbound: Streaming<pb::ConnectResponse>,
+    next_sequence: u64,
+    unacked: BTreeMap<u64, pb::StatusReport>,
+    /// The newest desired state received.
+    pub desired: Option<pb::DesiredState>,
+    /// The highest sequence number acked.
+    pub acked: u64,
+}
+
+fn hello(node: &str, plane: pb::Plane) -> pb::ConnectRequest {
+    pb::ConnectRequest {
+        message: Some(connect_request::Message::Hello(pb::Hello {
+            node_id: node.to_owned(),
+            plane: plane.into(),
+            monitor_version: "test".into(),
+            observed: Vec::new(),
+            applied_generation: 0,
+            heartbeat_interval_seconds: 0,
+        })),
+    }
+}
+
+/// Opens a link whose first message is `first`; for protocol tests.
+pub async fn open_raw(
+    channel: Channel,
+    first: pb::ConnectRequest,
+) -> Result<
+    (
+        mpsc::Sender<pb::ConnectRequest>,
+        Streaming<pb::ConnectResponse>,
+    ),
+    Status,
+> {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(first).await.expect("queue the first message");
+    let inbound = MonitorLinkServiceClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
+impl TestMonitor {
+    /// Connects as `node` of `plane`.
+    pub async fn connect(channel: Channel, node: &str, plane: pb::Plane) -> Result<Self, Status> {
+        let (tx, inbound) = open_raw(channel, hello(node, plane)).await?;
+        let mut monitor = Self {
+            node: node.to_owned(),
+            plane,
+            tx,
+            inbound,
+            next_sequence: 1,
+            unacked: BTreeMap::new(),
+            desired: None,
+            acked: 0,
+        };
+        monitor.handshake().await?;
+        Ok(monitor)
+    }
+
+    /// Reads the desired state and the ack that open every link.
+    async fn handshake(&mut self) -> Result<(), Status> {
+        let mut acked = false;
+        while !acked || self.desired.is_none() {
+            match self.next().await? {
+                Some(pb::ConnectResponse {
+                    message: Some(connect_response::Message::Ack(_)),
+                }) => acked = true,
+                Some(_) => {}
+                None => return Err(Status::unavailable("link closed during the handshake")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects again (to a restarted manager, say) and re-sends every
+    /// report not acked yet, in order.
+    pub async fn reconnect(&mut self, channel: Channel) -> Result<(), Status> {
+        let (tx, inbound) = open_raw(channel, hello(&self.node, self.plane)).await?;
+        self.tx = tx;
+        self.inbound = inbound;
+        self.handshake().await?;
+        for report in self.unacked.values() {
+            self.send(connect_request::Message::Report(report.clone()))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Ends the link from this side.
+    pub fn hang_up(self) {}
+
+    async fn send(&self, message: connect_request::Message) {
+        // A closed link shows up as the end of `inbound`.
+        let _ = self
+            .tx
+            .send(pb::ConnectRequest {
+                message: Some(message),
+            })
+            .await;
+    }
+
+    /// Sends a raw message, for protocol tests.
+    pub async fn send_raw(&self, message: pb::ConnectRequest) {
+        let _ = self.tx.send(message).await;
+    }
+
+    /// Reports the installation's services on this node; returns the
+    /// report's sequence number.
+    pub async fn report(&mut self, installation_id: &str, services: Vec<pb::ServiceStatus>) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let report = pb::StatusReport {
+            sequence,
+            installation_id: installation_id.to_owned(),
+            services,
+            observe_time: None,
+        };
+        self.unacked.insert(sequence, report.clone());
+        self.send(connect_request::Message::Report(report)).await;
+        sequence
+    }
+
+    /// Sends a report with a chosen sequence number (a stale re-send, say).
+    pub async fn report_as(
+        &mut self,
+        sequence: u64,
+        installation_id: &str,
+        services: Vec<pb::ServiceStatus>,
+    ) {
+        let report = pb::StatusReport {
+            sequence,
+            installation_id: installation_id.to_owned(),
+            services,
+            observe_time: None,
+        };
+        self.send(connect_request::Message::Report(report)).await;
+    }
+
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&self) {
+        self.send(connect_request::Message::Heartbeat(pb::Heartbeat {
+            send_time: None,
+        }))
+        .await;
+    }
+
+    /// Reports sent and not acked yet.
+    pub fn unacked(&self) -> Vec<u64> {
+        self.unacked.keys().copied().collect()
+    }
+
+    /// The next message from the manager, recorded; `Err` when the link
+    /// ended with a status, `Ok(None)` when it ended cleanly.
+    pub async fn next(&mut self) -> Result<Option<pb::ConnectResponse>, Status> {
+        let message = self.inbound.message().await?;
+        if let Some(message) = &message {
+            match &message.message {
+                Some(connect_response::Message::DesiredState(state)) => {
+                    self.desired = Some(state.clone())
+                }
+                Some(connect_response::Message::Ack(ack)) => {
+                    self.acked = self.acked.max(ack.sequence);
+                    // Numbering continues above what the manager stored.
+                    self.next_sequence = self.next_sequence.max(ack.sequence + 1);
+                    self.unacked.retain(|sequence, _| *sequence > ack.sequence);
+                }
+                None => {}
+            }
+        }
+        Ok(message)
+    }
+
+    /// Reads messages until `sequence` is acked.
+    pub async fn wait_acked(&mut self, sequence: u64) {
+        while self.acked < sequence {
+            self.next()
+                .await
+                .expect("link alive")
+                .expect("link open while waiting for an ack");
+        }
+    }
+
+    /// Reads messages until the desired state satisfies `check`.
+    pub async fn wait_desired(
+        &mut self,
+        check: impl Fn(&pb::DesiredState) -> bool,
+    ) -> pb::DesiredState {
+        loop {
+            if let Some(state) = &self.desired
+                && check(state)
+            {
+                return state.clone();
+            }
+            self.next()
+                .await
+                .expect("link alive")
+                .expect("link open while waiting for the desired state");
+        }
+    }
+}
+
+/// A service status as a monitor reports it.
+pub fn service(name: &str, phase: pb::ServicePhase) -> pb::ServiceStatus {
+    pb::ServiceStatus {
+        service_name: name.to_owned(),
+        phase: phase.into(),
+        container_id: format!("root_{name}"),
+        ..Default::default()
+    }
+}

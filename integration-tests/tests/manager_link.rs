@@ -1,0 +1,644 @@
+//! The manager's lifecycle and its link to monitors, over the real manager
+//! and marketplace binaries, a real registry, and a monitor stand-in that
+//! speaks the link protocol. On both stores.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::time::Duration;
+
+use integration_tests::{
+    MongoServer, RegistryServer, ServerProcess, binary, eventually,
+    images::{ImageSpec, push_image},
+    link::{TestMonitor, open_raw, service},
+};
+use oakestra_addons_proto::{
+    engine::v1::{
+        self as pb, InstallationStatus as Status_, ServicePhase,
+        addons_manager_service_client::AddonsManagerServiceClient,
+    },
+    marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, transport::Channel};
+
+type Manager = AddonsManagerServiceClient<Channel>;
+
+/// A registry, a marketplace and a manager, with stores of their own.
+struct Stack {
+    _dir: tempfile::TempDir,
+    _mongo: Option<MongoServer>,
+    registry: RegistryServer,
+    marketplace: ServerProcess,
+    manager_store: String,
+    manager: ServerProcess,
+}
+
+async fn start_manager(store: &str, marketplace: &str) -> ServerProcess {
+    ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            store,
+            "--marketplace",
+            marketplace,
+            "--plane",
+            "root",
+            "--heartbeat-timeout",
+            "1s",
+        ],
+    )
+    .await
+}
+
+impl Stack {
+    async fn start(mongo: bool, test: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mongo = if mongo {
+            Some(MongoServer::start(test).await)
+        } else {
+            None
+        };
+        let registry = RegistryServer::start().await;
+        push_image(
+            &registry.host(),
+            "team/app",
+            "1",
+            &ImageSpec::default(),
+            None,
+        )
+        .await;
+        let store = |name: &str| match &mongo {
+            Some(server) => format!("{}_{name}", server.uri()),
+            None => format!("embedded:{}/{name}.redb", dir.path().display()),
+        };
+        let marketplace = ServerProcess::start(
+            &binary("addons-marketplace"),
+            &[
+                "--store",
+                &store("marketplace"),
+                "--insecure-registry",
+                &registry.host(),
+                "--verify-backoff",
+                "100ms",
+                "--verify-backoff-max",
+                "200ms",
+            ],
+        )
+        .await;
+        let manager_store = store("manager");
+        let manager = start_manager(&manager_store, &marketplace.url()).await;
+        Self {
+            _dir: dir,
+            _mongo: mongo,
+            registry,
+            marketplace,
+            manager_store,
+            manager,
+        }
+    }
+
+    /// Crashes the manager (SIGKILL) and starts it again on the same store.
+    async fn crash_and_restart_manager(self) -> Self {
+        let Self {
+            _dir,
+            _mongo,
+            registry,
+            marketplace,
+            manager_store,
+            manager,
+        } = self;
+        manager.kill().await;
+        let manager = start_manager(&manager_store, &marketplace.url()).await;
+        Self {
+            _dir,
+            _mongo,
+            registry,
+            marketplace,
+            manager_store,
+            manager,
+        }
+    }
+
+    fn manager(&self) -> Manager {
+        Manager::new(self.manager.channel())
+    }
+
+    /// Publishes a two-service addon and waits for its approval.
+    async fn approved_addon(&self, name: &str) -> mpb::Addon {
+        let mut market = MarketplaceServiceClient::new(self.marketplace.channel());
+        let image = format!("{}/team/app:1", self.registry.host());
+        let addon = market
+            .publish_addon(mpb::PublishAddonRequest {
+                addon: Some(mpb::Addon {
+                    name: name.into(),
+                    services: ["api", "worker"]
+                        .iter()
+                        .map(|s| mpb::ServiceSpec {
+                            service_name: (*s).into(),
+                            image: image.clone(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .addon
+            .unwrap();
+        eventually("the addon is approved", Duration::from_secs(30), || {
+            let mut market = market.clone();
+            let id = addon.id.clone();
+            async move {
+                let addon = market
+                    .get_addon(mpb::GetAddonRequest { id })
+                    .await
+                    .map_err(|s| s.to_string())?;
+                let addon = addon.into_inner().addon.unwrap();
+                if addon.status() == mpb::AddonStatus::Approved {
+                    Ok(addon)
+                } else {
+                    Err(format!("{:?}", addon.status()))
+                }
+            }
+        })
+        .await
+    }
+}
+
+async fn install(
+    manager: &mut Manager,
+    marketplace_id: &str,
+) -> Result<pb::Installation, tonic::Status> {
+    Ok(manager
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: marketplace_id.into(),
+        })
+        .await?
+        .into_inner()
+        .installation
+        .unwrap())
+}
+
+async fn get(manager: &mut Manager, id: &str) -> pb::Installation {
+    manager
+        .get_installation(pb::GetInstallationRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+}
+
+async fn status_becomes(manager: &Manager, id: &str, want: Status_) -> pb::Installation {
+    eventually(
+        &format!("installation becomes {want:?}"),
+        Duration::from_secs(15),
+        || {
+            let mut manager = manager.clone();
+            let id = id.to_owned();
+            async move {
+                let installation = get(&mut manager, &id).await;
+                if installation.status() == want {
+                    Ok(installation)
+                } else {
+                    Err(format!(
+                        "{:?}: {}",
+                        installation.status(),
+                        installation.status_message
+                    ))
+                }
+            }
+        },
+    )
+    .await
+}
+
+async fn lifecycle(mongo: bool) {
+    let stack = Stack::start(mongo, "lifecycle").await;
+    let mut manager = stack.manager();
+
+    // Refused before approval (the registry is down, so it stays in review).
+    let mut market = MarketplaceServiceClient::new(stack.marketplace.channel());
+    let pending = market
+        .publish_addon(mpb::PublishAddonRequest {
+            addon: Some(mpb::Addon {
+                name: "pending".into(),
+                services: vec![mpb::ServiceSpec {
+                    service_name: "svc".into(),
+                    image: "127.0.0.1:1/never:1".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    let refused = install(&mut manager, &pending.id).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    let addon = stack.approved_addon("app").await;
+    let installation = install(&mut manager, &addon.id).await.unwrap();
+    assert_eq!(installation.status(), Status_::Installing);
+    let snapshot = installation.addon.clone().unwrap();
+    assert!(
+        snapshot
+            .services
+            .iter()
+            .all(|s| s.resolved_image.contains("@sha256:"))
+    );
+    let again = install(&mut manager, &addon.id).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert!(
+        again.message().contains(&installation.id),
+        "names the installation: {}",
+        again.message()
+    );
+
+    let mut watch = manager
+        .watch_installations(pb::WatchInstallationsRequest {
+            ids: vec![installation.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut monitor = TestMonitor::connect(stack.manager.channel(), "node-1", pb::Plane::Root)
+        .await
+        .unwrap();
+    let desired = monitor
+        .wait_desired(|d| {
+            d.installations
+                .iter()
+                .any(|i| i.installation_id == installation.id)
+        })
+        .await;
+    let entry = desired
+        .installations
+        .iter()
+        .find(|i| i.installation_id == installation.id)
+        .unwrap();
+    assert_eq!(entry.presence(), pb::DesiredPresence::Running);
+    assert_eq!(entry.addon.as_ref().unwrap().services, snapshot.services);
+
+    let id = installation.id.clone();
+    let steps: Vec<(Vec<pb::ServiceStatus>, Status_)> = vec![
+        (
+            vec![
+                service("api", ServicePhase::Pulling),
+                service("worker", ServicePhase::Pulling),
+            ],
+            Status_::Installing,
+        ),
+        (
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Starting),
+            ],
+            Status_::PartiallyActive,
+        ),
+        (
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Running),
+            ],
+            Status_::Active,
+        ),
+        (
+            vec![service("api", ServicePhase::Running), {
+                let mut failed = service("worker", ServicePhase::Failed);
+                failed.exit_code = Some(3);
+                failed.restart_count = 5;
+                failed.logs_tail = vec!["boom".into()];
+                failed
+            }],
+            Status_::PartiallyActive,
+        ),
+    ];
+    for (services, want) in steps {
+        let sequence = monitor.report(&id, services).await;
+        monitor.wait_acked(sequence).await;
+        // Acked means stored.
+        assert_eq!(get(&mut manager, &id).await.status(), want);
+    }
+    let current = get(&mut manager, &id).await;
+    let worker = current
+        .services
+        .iter()
+        .find(|s| s.service_name == "worker")
+        .unwrap();
+    assert_eq!(
+        (
+            worker.exit_code,
+            worker.restart_count,
+            worker.node_id.as_str()
+        ),
+        (Some(3), 5, "node-1")
+    );
+    assert_eq!(worker.logs_tail, ["boom"]);
+    assert!(
+        current.status_message.contains("exit code 3"),
+        "{}",
+        current.status_message
+    );
+
+    // Uninstall: DISABLING until the monitor reports the services removed.
+    let uninstalling = manager
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.clone(),
+            purge: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+    assert_eq!(uninstalling.status(), Status_::Disabling);
+    let desired = monitor
+        .wait_desired(|d| {
+            d.installations
+                .iter()
+                .any(|i| i.installation_id == id && i.presence() == pb::DesiredPresence::Removed)
+        })
+        .await;
+    assert!(desired.generation > 1);
+    let sequence = monitor
+        .report(
+            &id,
+            vec![
+                service("api", ServicePhase::Removed),
+                service("worker", ServicePhase::Removed),
+            ],
+        )
+        .await;
+    monitor.wait_acked(sequence).await;
+    assert_eq!(get(&mut manager, &id).await.status(), Status_::Disabled);
+    monitor
+        .wait_desired(|d| d.installations.iter().all(|i| i.installation_id != id))
+        .await;
+    // Repeating is harmless; purge deletes the disabled record.
+    manager
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.clone(),
+            purge: false,
+        })
+        .await
+        .unwrap();
+    let purged = manager
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.clone(),
+            purge: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(purged.installation.is_none());
+    let gone = manager
+        .get_installation(pb::GetInstallationRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // The watcher saw every transition, in order, then the deletion.
+    let mut statuses = Vec::new();
+    let mut deleted = false;
+    while let Ok(Some(Ok(update))) =
+        tokio::time::timeout(Duration::from_secs(2), watch.next()).await
+    {
+        if update.deleted {
+            deleted = true;
+            break;
+        }
+        let status = update.installation.unwrap().status();
+        if statuses.last() != Some(&status) {
+            statuses.push(status);
+        }
+    }
+    assert!(deleted, "the watcher saw the purge");
+    assert_eq!(
+        statuses,
+        [
+            Status_::Installing,
+            Status_::PartiallyActive,
+            Status_::Active,
+            Status_::PartiallyActive,
+            Status_::Disabling,
+            Status_::Disabled,
+        ]
+    );
+
+    // The addon can be installed again.
+    let reinstalled = install(&mut manager, &addon.id).await.unwrap();
+    assert_ne!(reinstalled.id, id);
+    stack.manager.stop().await;
+}
+
+async fn survives_a_manager_crash(mongo: bool) {
+    let stack = Stack::start(mongo, "crash").await;
+    let mut manager = stack.manager();
+    let addon = stack.approved_addon("app").await;
+    let id = install(&mut manager, &addon.id).await.unwrap().id;
+    let mut monitor = TestMonitor::connect(stack.manager.channel(), "node-1", pb::Plane::Root)
+        .await
+        .unwrap();
+    let acked = monitor
+        .report(
+            &id,
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Starting),
+            ],
+        )
+        .await;
+    monitor.wait_acked(acked).await;
+    // A report that may or may not be stored before the crash.
+    let unacked = monitor
+        .report(
+            &id,
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Running),
+            ],
+        )
+        .await;
+    let stack = stack.crash_and_restart_manager().await;
+    let _ = monitor.next().await;
+    let mut manager = stack.manager();
+    // Nothing acked was lost.
+    let after = get(&mut manager, &id).await;
+    assert!(
+        matches!(after.status(), Status_::PartiallyActive | Status_::Active),
+        "{:?}",
+        after.status()
+    );
+    // The monitor re-sends what was not acked; the manager applies it once.
+    monitor.reconnect(stack.manager.channel()).await.unwrap();
+    monitor.wait_acked(unacked).await;
+    assert!(monitor.unacked().is_empty());
+    let active = get(&mut manager, &id).await;
+    assert_eq!(active.status(), Status_::Active);
+    // A stale re-send changes nothing.
+    monitor
+        .report_as(
+            acked,
+            &id,
+            vec![
+                service("api", ServicePhase::Failed),
+                service("worker", ServicePhase::Failed),
+            ],
+        )
+        .await;
+    monitor.wait_acked(acked).await;
+    let sequence = monitor
+        .report(
+            &id,
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Running),
+            ],
+        )
+        .await;
+    monitor.wait_acked(sequence).await;
+    let unchanged = get(&mut manager, &id).await;
+    assert_eq!(unchanged.status(), Status_::Active);
+    assert!(
+        unchanged
+            .services
+            .iter()
+            .all(|s| s.phase() == ServicePhase::Running)
+    );
+    stack.manager.stop().await;
+}
+
+async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
+    let stack = Stack::start(mongo, "links").await;
+    let channel = stack.manager.channel();
+    let mut manager = stack.manager();
+
+    let report_first = pb::ConnectRequest {
+        message: Some(pb::connect_request::Message::Heartbeat(pb::Heartbeat {
+            send_time: None,
+        })),
+    };
+    let err = match open_raw(channel.clone(), report_first).await {
+        Err(status) => status,
+        Ok((_tx, mut inbound)) => inbound.message().await.unwrap_err(),
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let err = TestMonitor::connect(channel.clone(), "node-x", pb::Plane::Cluster)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("root"), "{}", err.message());
+
+    let mut first = TestMonitor::connect(channel.clone(), "node-1", pb::Plane::Root)
+        .await
+        .unwrap();
+    let err = TestMonitor::connect(channel.clone(), "node-1", pb::Plane::Root)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // Garbage on an open link ends that link with a clear status.
+    let garbage = TestMonitor::connect(channel.clone(), "node-2", pb::Plane::Root)
+        .await
+        .unwrap();
+    garbage.send_raw(pb::ConnectRequest { message: None }).await;
+    let mut garbage = garbage;
+    let ended = loop {
+        match garbage.next().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("link ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::InvalidArgument);
+
+    // A monitor that goes away is shown as disconnected.
+    let addon = stack.approved_addon("app").await;
+    let id = install(&mut manager, &addon.id).await.unwrap().id;
+    let sequence = first
+        .report(
+            &id,
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Running),
+            ],
+        )
+        .await;
+    first.wait_acked(sequence).await;
+    first.hang_up();
+    let shown = eventually(
+        "the node shows as disconnected",
+        Duration::from_secs(10),
+        || {
+            let mut manager = manager.clone();
+            let id = id.clone();
+            async move {
+                let installation = get(&mut manager, &id).await;
+                if installation
+                    .services
+                    .iter()
+                    .all(|s| s.phase() == ServicePhase::Unknown)
+                {
+                    Ok(installation)
+                } else {
+                    Err(format!("{:?}", installation.services))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        shown.status_message.contains("disconnected"),
+        "{}",
+        shown.status_message
+    );
+    assert!(shown.services[0].reason.contains("node-1"));
+
+    // It can come back and report again; the manager never went down.
+    let mut back = TestMonitor::connect(channel.clone(), "node-1", pb::Plane::Root)
+        .await
+        .unwrap();
+    let sequence = back
+        .report(
+            &id,
+            vec![
+                service("api", ServicePhase::Running),
+                service("worker", ServicePhase::Running),
+            ],
+        )
+        .await;
+    back.wait_acked(sequence).await;
+    status_becomes(&manager, &id, Status_::Active).await;
+    assert!(
+        get(&mut manager, &id)
+            .await
+            .services
+            .iter()
+            .all(|s| s.phase() == ServicePhase::Running)
+    );
+    stack.manager.stop().await;
+}
+
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $( #[tokio::test] async fn $case() { super::$case(false).await; } )*
+        }
+        mod mongodb {
+            $( #[tokio::test] async fn $case() { super::$case(true).await; } )*
+        }
+    };
+}
+
+on_both_stores!(
+    lifecycle,
+    survives_a_manager_crash,
+    refuses_bad_links_and_shows_disconnects
+);
