@@ -11,7 +11,8 @@ cd "$ROOT"
 scripts/setup.sh
 cargo build --release --bins --quiet
 export ADDONS_NX27017="$ROOT/target/test-env/venv/bin/nx-27017"
-benches=("${@:-verification}")
+benches=("${@:-verification status}")
+read -r -a benches <<<"${benches[*]}"
 for bench in "${benches[@]}"; do
     echo "## $bench ($(date -u +%Y-%m-%d), $(nproc) cores)"
     cargo bench --quiet -p integration-tests --bench "$bench" 2>/dev/null

@@ -26,7 +26,7 @@ use oakestra_addons_proto::{
     marketplace::v1 as mpb,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast::error::RecvError, mpsc, watch};
+use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, watch};
 use tonic::{Status, Streaming};
 
 use crate::{
@@ -112,6 +112,22 @@ fn desired_entry(installation: &Installation) -> Option<pb::DesiredInstallation>
     })
 }
 
+/// A report waiting for its installation's next write.
+#[derive(Debug)]
+struct PendingReport {
+    node: String,
+    sequence: u64,
+    services: Vec<crate::model::ServiceStatus>,
+    done: oneshot::Sender<Result<(), Status>>,
+}
+
+/// The write queue of one installation.
+#[derive(Debug, Default)]
+struct Writer {
+    queue: Mutex<Vec<PendingReport>>,
+    turn: tokio::sync::Mutex<()>,
+}
+
 /// The links of every connected monitor, and the desired state they follow.
 #[derive(Debug, Clone)]
 pub struct LinkHub {
@@ -120,6 +136,10 @@ pub struct LinkHub {
     desired: watch::Receiver<Arc<Desired>>,
     connected: Arc<Mutex<HashMap<String, u64>>>,
     epochs: Arc<AtomicU64>,
+    /// One writer at a time per installation: reports from many nodes for
+    /// the same installation queue here and are written together, instead
+    /// of racing on its revision.
+    writers: Arc<Mutex<HashMap<String, Arc<Writer>>>>,
     options: LinkOptions,
     shutdown: Shutdown,
 }
@@ -155,6 +175,7 @@ impl LinkHub {
             desired: rx,
             connected: Arc::default(),
             epochs: Arc::default(),
+            writers: Arc::default(),
             options,
             shutdown,
         };
@@ -385,23 +406,71 @@ impl LinkHub {
             .map(convert::service_status_from_proto)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|field| Status::invalid_argument(format!("report.services: {field}")))?;
-        let sequence = report.sequence;
+        let (done, outcome) = oneshot::channel();
+        let writer = self
+            .writers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(report.installation_id.clone())
+            .or_default()
+            .clone();
+        writer
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(PendingReport {
+                node: node.to_owned(),
+                sequence: report.sequence,
+                services,
+                done,
+            });
+        {
+            // Group commit: whoever holds the turn writes every report queued
+            // for the installation so far in one store write; the others
+            // find theirs already answered.
+            let _turn = writer.turn.lock().await;
+            let batch: Vec<PendingReport> = std::mem::take(
+                &mut *writer
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            if !batch.is_empty() {
+                let result = self.write_batch(&report.installation_id, &batch).await;
+                for pending in batch {
+                    let _ = pending.done.send(result.clone());
+                }
+            }
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(Status::internal("a status report was dropped")))
+    }
+
+    /// Applies queued reports for one installation in one conditional write.
+    async fn write_batch(&self, id: &str, batch: &[PendingReport]) -> Result<(), Status> {
         let result = self
             .installations
-            .modify(&report.installation_id, |installation| {
-                if installation
-                    .report_sequences
-                    .get(node)
-                    .is_some_and(|applied| *applied >= sequence)
-                {
-                    return Ok(false);
+            .modify(id, |installation| {
+                let mut changed = false;
+                for pending in batch {
+                    if installation
+                        .report_sequences
+                        .get(&pending.node)
+                        .is_some_and(|applied| *applied >= pending.sequence)
+                    {
+                        continue;
+                    }
+                    installation
+                        .report_sequences
+                        .insert(pending.node.clone(), pending.sequence);
+                    status::apply_report(installation, &pending.node, pending.services.clone());
+                    changed = true;
                 }
-                installation
-                    .report_sequences
-                    .insert(node.to_owned(), sequence);
-                status::apply_report(installation, node, services.clone());
-                installation.update_time = chrono::Utc::now();
-                Ok(true)
+                if changed {
+                    installation.update_time = chrono::Utc::now();
+                }
+                Ok(changed)
             })
             .await;
         match result {
@@ -422,9 +491,15 @@ impl LinkHub {
                 Ok(())
             }
             // Purged meanwhile: nothing to record.
-            Err(addons_store::Error::NotFound { .. }) => Ok(()),
+            Err(addons_store::Error::NotFound { .. }) => {
+                self.writers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(id);
+                Ok(())
+            }
             Err(err) => {
-                tracing::warn!(%node, error = %err, "cannot persist a status report");
+                tracing::warn!(%id, error = %err, "cannot persist status reports");
                 Err(Status::unavailable(
                     "cannot persist the report; reconnect and send it again",
                 ))

@@ -1,0 +1,198 @@
+//! Status latency benchmark: a monitor's status report → the change visible
+//! to a `WatchInstallations` client, with 1, 100 and 500 simulated monitors
+//! each reporting for 10 installations, against the baseline of a unary
+//! gRPC round trip to the same manager measured in the same run.
+//!
+//! Run with `scripts/bench.sh status`.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // A benchmark report.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    RegistryServer, ServerProcess, binary,
+    images::{ImageSpec, push_image},
+    link::{TestMonitor, service},
+};
+use oakestra_addons_proto::{
+    engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},
+    marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+};
+use tokio_stream::StreamExt as _;
+
+const INSTALLATIONS: usize = 10;
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn approved_addons(marketplace: &ServerProcess, image: &str) -> Vec<String> {
+    let mut client = MarketplaceServiceClient::new(marketplace.channel());
+    let mut ids = Vec::new();
+    for n in 0..INSTALLATIONS {
+        let addon = client
+            .publish_addon(mpb::PublishAddonRequest {
+                addon: Some(mpb::Addon {
+                    name: format!("bench-{n}"),
+                    services: vec![mpb::ServiceSpec {
+                        service_name: "svc".into(),
+                        image: image.into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .addon
+            .unwrap();
+        ids.push(addon.id);
+    }
+    for id in &ids {
+        loop {
+            let addon = client
+                .get_addon(mpb::GetAddonRequest { id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner()
+                .addon
+                .unwrap();
+            if addon.status() == mpb::AddonStatus::Approved {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    ids
+}
+
+async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) -> (Vec<Duration>, Vec<Duration>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/manager.redb", dir.path().display());
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store, "--marketplace", &marketplace.url(), "--heartbeat-timeout", "60s"],
+    )
+    .await;
+    let mut client = AddonsManagerServiceClient::new(manager.channel());
+    let mut installations = Vec::new();
+    for addon in addons {
+        let installation = client
+            .install_addon(pb::InstallAddonRequest { marketplace_id: addon.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .installation
+            .unwrap();
+        installations.push(installation.id);
+    }
+
+    // Baseline: unary round trips to the same manager.
+    let mut baseline = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        client
+            .get_installation(pb::GetInstallationRequest { id: installations[0].clone() })
+            .await
+            .unwrap();
+        baseline.push(started.elapsed());
+    }
+
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut watch = client
+        .watch_installations(pb::WatchInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let watcher = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(update)) = watch.next().await {
+                let now = Instant::now();
+                let installation = update.installation.unwrap();
+                let mut seen = seen.lock().unwrap();
+                for status in installation.services {
+                    seen.entry(status.reason).or_insert(now);
+                }
+            }
+        })
+    };
+
+    let mut links = Vec::new();
+    for n in 0..monitors {
+        links.push(TestMonitor::connect(manager.channel(), &format!("node-{n}"), pb::Plane::Root).await.unwrap());
+    }
+    let tasks = links.into_iter().enumerate().map(|(n, mut monitor)| {
+        let sent = sent.clone();
+        let installations = installations.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for (k, id) in installations.iter().enumerate() {
+                let marker = format!("node-{n}/{k}");
+                let mut status = service("svc", pb::ServicePhase::Running);
+                status.reason = marker.clone();
+                sent.lock().unwrap().insert(marker, Instant::now());
+                last = monitor.report(id, vec![status]).await;
+            }
+            monitor.wait_acked(last).await;
+            monitor
+        })
+    });
+    let monitors_done = futures::future::join_all(tasks).await;
+    let expected = monitors * INSTALLATIONS;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.lock().unwrap().keys().filter(|k| k.starts_with("node-")).count() < expected {
+        assert!(Instant::now() < deadline, "not every report became visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = sent.lock().unwrap();
+    let seen = seen.lock().unwrap();
+    let latencies = sent
+        .iter()
+        .map(|(marker, at)| seen[marker].duration_since(*at))
+        .collect();
+    drop(monitors_done);
+    watcher.abort();
+    manager.stop().await;
+    (latencies, baseline)
+}
+
+#[tokio::main]
+async fn main() {
+    let registry = RegistryServer::start().await;
+    push_image(&registry.host(), "bench/app", "1", &ImageSpec::default(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/marketplace.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store, "--insecure-registry", &registry.host()],
+    )
+    .await;
+    let addons = approved_addons(&marketplace, &format!("{}/bench/app:1", registry.host())).await;
+    println!("| monitors × installations | reports | report → visible in WatchInstallations p50 | p99 | baseline: unary GetInstallation round trip p50 | p99 | ratio (p50) |");
+    println!("|---|---|---|---|---|---|---|");
+    for monitors in [1, 100, 500] {
+        let (mut latencies, mut baseline) = run(monitors, &marketplace, &addons).await;
+        let ratio = percentile(&mut latencies, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
+        println!(
+            "| {monitors} × {INSTALLATIONS} | {} | {} | {} | {} | {} | {ratio:.1} |",
+            latencies.len(),
+            ms(percentile(&mut latencies, 0.5)),
+            ms(percentile(&mut latencies, 0.99)),
+            ms(percentile(&mut baseline, 0.5)),
+            ms(percentile(&mut baseline, 0.99)),
+        );
+    }
+    marketplace.stop().await;
+}
