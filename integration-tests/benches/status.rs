@@ -76,19 +76,32 @@ async fn approved_addons(marketplace: &ServerProcess, image: &str) -> Vec<String
     ids
 }
 
-async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) -> (Vec<Duration>, Vec<Duration>) {
+async fn run(
+    monitors: usize,
+    marketplace: &ServerProcess,
+    addons: &[String],
+) -> (Vec<Duration>, Vec<Duration>) {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded:{}/manager.redb", dir.path().display());
     let manager = ServerProcess::start(
         &binary("addons-manager"),
-        &["--store", &store, "--marketplace", &marketplace.url(), "--heartbeat-timeout", "60s"],
+        &[
+            "--store",
+            &store,
+            "--marketplace",
+            &marketplace.url(),
+            "--heartbeat-timeout",
+            "60s",
+        ],
     )
     .await;
     let mut client = AddonsManagerServiceClient::new(manager.channel());
     let mut installations = Vec::new();
     for addon in addons {
         let installation = client
-            .install_addon(pb::InstallAddonRequest { marketplace_id: addon.clone() })
+            .install_addon(pb::InstallAddonRequest {
+                marketplace_id: addon.clone(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -102,7 +115,9 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
     for _ in 0..200 {
         let started = Instant::now();
         client
-            .get_installation(pb::GetInstallationRequest { id: installations[0].clone() })
+            .get_installation(pb::GetInstallationRequest {
+                id: installations[0].clone(),
+            })
             .await
             .unwrap();
         baseline.push(started.elapsed());
@@ -131,7 +146,11 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
 
     let mut links = Vec::new();
     for n in 0..monitors {
-        links.push(TestMonitor::connect(manager.channel(), &format!("node-{n}"), pb::Plane::Root).await.unwrap());
+        links.push(
+            TestMonitor::connect(manager.channel(), &format!("node-{n}"), pb::Plane::Root)
+                .await
+                .unwrap(),
+        );
     }
     let tasks = links.into_iter().enumerate().map(|(n, mut monitor)| {
         let sent = sent.clone();
@@ -152,7 +171,14 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
     let monitors_done = futures::future::join_all(tasks).await;
     let expected = monitors * INSTALLATIONS;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while seen.lock().unwrap().keys().filter(|k| k.starts_with("node-")).count() < expected {
+    while seen
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("node-"))
+        .count()
+        < expected
+    {
         assert!(Instant::now() < deadline, "not every report became visible");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -171,7 +197,14 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
 #[tokio::main]
 async fn main() {
     let registry = RegistryServer::start().await;
-    push_image(&registry.host(), "bench/app", "1", &ImageSpec::default(), None).await;
+    push_image(
+        &registry.host(),
+        "bench/app",
+        "1",
+        &ImageSpec::default(),
+        None,
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded:{}/marketplace.redb", dir.path().display());
     let marketplace = ServerProcess::start(
@@ -180,11 +213,14 @@ async fn main() {
     )
     .await;
     let addons = approved_addons(&marketplace, &format!("{}/bench/app:1", registry.host())).await;
-    println!("| monitors × installations | reports | report → visible in WatchInstallations p50 | p99 | baseline: unary GetInstallation round trip p50 | p99 | ratio (p50) |");
+    println!(
+        "| monitors × installations | reports | report → visible in WatchInstallations p50 | p99 | baseline: unary GetInstallation round trip p50 | p99 | ratio (p50) |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for monitors in [1, 100, 500] {
         let (mut latencies, mut baseline) = run(monitors, &marketplace, &addons).await;
-        let ratio = percentile(&mut latencies, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
+        let ratio = percentile(&mut latencies, 0.5).as_secs_f64()
+            / percentile(&mut baseline, 0.5).as_secs_f64();
         println!(
             "| {monitors} × {INSTALLATIONS} | {} | {} | {} | {} | {} | {ratio:.1} |",
             latencies.len(),

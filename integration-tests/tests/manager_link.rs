@@ -626,6 +626,91 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
     stack.manager.stop().await;
 }
 
+async fn drops_a_slow_watcher_without_slowing_anyone(mongo: bool) {
+    let stack = Stack::start(mongo, "slow").await;
+    let mut manager = stack.manager();
+    let addon = stack.approved_addon("app").await;
+    let id = install(&mut manager, &addon.id).await.unwrap().id;
+    // One watcher never reads; another keeps up.
+    let mut slow = manager
+        .watch_installations(pb::WatchInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fast = manager
+        .watch_installations(pb::WatchInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let reader = tokio::spawn(async move {
+        let mut updates = 0;
+        while let Some(Ok(_)) = fast.next().await {
+            updates += 1;
+        }
+        updates
+    });
+    let mut monitor = TestMonitor::connect(stack.manager.channel(), "node-1", pb::Plane::Root)
+        .await
+        .unwrap();
+    let reports = 600;
+    let started = std::time::Instant::now();
+    for n in 0..reports {
+        let mut api = service("api", ServicePhase::Running);
+        api.restart_count = n;
+        // Large updates, so that a watcher that does not read falls behind
+        // within a few hundred changes whatever the transport buffers.
+        api.logs_tail = (0..100)
+            .map(|line| format!("{n}:{line}:{}", "x".repeat(90)))
+            .collect();
+        let sequence = monitor
+            .report(&id, vec![api, service("worker", ServicePhase::Running)])
+            .await;
+        monitor.wait_acked(sequence).await;
+    }
+    let elapsed = started.elapsed();
+    // The slow watcher gets what was buffered, then a clear status.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match slow.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the slow watcher's stream ends");
+    let status = end.expect("ended with a status");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("watch again"),
+        "{}",
+        status.message()
+    );
+    // Watching again resumes from the current state.
+    let mut again = manager
+        .watch_installations(pb::WatchInstallationsRequest {
+            ids: vec![id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let current = again.next().await.unwrap().unwrap().installation.unwrap();
+    let api = current
+        .services
+        .iter()
+        .find(|s| s.service_name == "api")
+        .unwrap();
+    assert_eq!(api.restart_count, reports - 1);
+    stack.manager.stop().await;
+    let updates = reader.await.unwrap();
+    assert!(
+        updates >= reports as usize,
+        "the fast watcher saw every change: {updates}"
+    );
+    assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
+}
+
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -640,5 +725,6 @@ macro_rules! on_both_stores {
 on_both_stores!(
     lifecycle,
     survives_a_manager_crash,
-    refuses_bad_links_and_shows_disconnects
+    refuses_bad_links_and_shows_disconnects,
+    drops_a_slow_watcher_without_slowing_anyone,
 );
