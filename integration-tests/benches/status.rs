@@ -182,12 +182,13 @@ async fn run(
         assert!(Instant::now() < deadline, "not every report became visible");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sent = sent.lock().unwrap();
-    let seen = seen.lock().unwrap();
-    let latencies = sent
-        .iter()
-        .map(|(marker, at)| seen[marker].duration_since(*at))
-        .collect();
+    let latencies = {
+        let sent = sent.lock().unwrap();
+        let seen = seen.lock().unwrap();
+        sent.iter()
+            .map(|(marker, at)| seen[marker].duration_since(*at))
+            .collect()
+    };
     drop(monitors_done);
     watcher.abort();
     manager.stop().await;
