@@ -5,6 +5,6 @@
 
 pub mod api;
 pub mod config;
-mod runtime;
+pub mod runtime;
 
 pub use crate::runtime::Containerd;

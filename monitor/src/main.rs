@@ -30,7 +30,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .filter(|name| !name.is_empty())
             .context("--node-id is not set and the host name is unknown")?,
     };
-    let containerd = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
+    let containerd = Containerd::new(
+        config.containerd_socket.clone(),
+        config.namespace.clone(),
+        "overlayfs".to_owned(),
+    );
     // containerd may start after the monitor or restart under it; the
     // monitor keeps running and says so.
     match containerd.version().await {

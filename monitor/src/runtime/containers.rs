@@ -1,0 +1,469 @@
+//! Containers and their tasks: create, start, stop, remove, inspect, and
+//! the stream of task exits.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use containerd_client::{
+    services::v1::{
+        Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+        DeleteTaskRequest, GetRequest, KillRequest, ListContainersRequest, PublishRequest,
+        StartRequest, SubscribeRequest, WaitRequest,
+        container::Runtime,
+        containers_client::ContainersClient,
+        events_client::EventsClient,
+        snapshots::{MountsRequest, PrepareSnapshotRequest, snapshots_client::SnapshotsClient},
+        tasks_client::TasksClient,
+    },
+    types::v1::Status as ProcessStatus,
+};
+use futures::{StreamExt as _, stream::BoxStream};
+use prost::Message as _;
+
+use super::{Containerd, RuntimeError};
+
+/// A container as containerd lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Its id.
+    pub id: String,
+    /// The image it was created from.
+    pub image: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+}
+
+/// The state of a container's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// No task.
+    Absent,
+    /// Created, not started.
+    Created,
+    /// Running, with this pid.
+    Running(u32),
+    /// Exited with this status; the task still exists.
+    Stopped(u32),
+    /// Paused or pausing.
+    Paused,
+}
+
+/// A task exited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskExit {
+    /// The container.
+    pub container_id: String,
+    /// Its exit status.
+    pub exit_status: u32,
+}
+
+const RUNTIME: &str = "io.containerd.runc.v2";
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+
+impl Containerd {
+    /// Creates container `id` from `image` with its own writable snapshot
+    /// on top of `top_snapshot`.
+    pub async fn create_container(
+        &self,
+        id: &str,
+        image: &str,
+        top_snapshot: &str,
+        spec: &oci_spec::runtime::Spec,
+        labels: HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        let channel = self.channel().await?;
+        let prepared = SnapshotsClient::new(channel.clone())
+            .prepare(self.request(
+                PrepareSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: id.to_owned(),
+                    parent: top_snapshot.to_owned(),
+                    labels: HashMap::new(),
+                },
+                None,
+            ))
+            .await;
+        match prepared {
+            Ok(_) => {}
+            // Left over from an earlier attempt: reuse it.
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {}
+            Err(status) => {
+                return Err(RuntimeError::Call {
+                    call: "Snapshots.Prepare",
+                    status,
+                });
+            }
+        }
+        let spec = serde_json::to_vec(spec).map_err(|err| RuntimeError::InvalidImage {
+            image: image.to_owned(),
+            reason: format!("runtime spec does not encode: {err}"),
+        })?;
+        let container = Container {
+            id: id.to_owned(),
+            labels,
+            image: image.to_owned(),
+            runtime: Some(Runtime {
+                name: RUNTIME.to_owned(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE.to_owned(),
+                value: spec,
+            }),
+            snapshotter: self.snapshotter.clone(),
+            snapshot_key: id.to_owned(),
+            ..Container::default()
+        };
+        ContainersClient::new(channel)
+            .create(self.request(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Containers.Create"))?;
+        Ok(())
+    }
+
+    /// Creates and starts the task of container `id`, its output appended
+    /// to `log` (through the shim's `file://` log URI). Returns its pid.
+    pub async fn start_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
+        let channel = self.channel().await?;
+        let mounts = SnapshotsClient::new(channel.clone())
+            .mounts(self.request(
+                MountsRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: id.to_owned(),
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Snapshots.Mounts"))?
+            .into_inner()
+            .mounts;
+        let uri = format!("file://{}", log.display());
+        let mut tasks = TasksClient::new(channel);
+        tasks
+            .create(self.request(
+                CreateTaskRequest {
+                    container_id: id.to_owned(),
+                    rootfs: mounts,
+                    stdout: uri.clone(),
+                    stderr: uri,
+                    ..CreateTaskRequest::default()
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Tasks.Create"))?;
+        let started = tasks
+            .start(self.request(
+                StartRequest {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Tasks.Start"))?;
+        Ok(started.into_inner().pid)
+    }
+
+    /// The state of container `id`'s task.
+    pub async fn task_state(&self, id: &str) -> Result<TaskState, RuntimeError> {
+        let mut tasks = TasksClient::new(self.channel().await?);
+        let response = match tasks
+            .get(self.request(
+                GetRequest {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(TaskState::Absent),
+            Err(status) => {
+                return Err(RuntimeError::Call {
+                    call: "Tasks.Get",
+                    status,
+                });
+            }
+        };
+        let Some(process) = response.process else {
+            return Ok(TaskState::Absent);
+        };
+        Ok(
+            match ProcessStatus::try_from(process.status).unwrap_or(ProcessStatus::Unknown) {
+                ProcessStatus::Running => TaskState::Running(process.pid),
+                ProcessStatus::Created => TaskState::Created,
+                ProcessStatus::Stopped => TaskState::Stopped(process.exit_status),
+                ProcessStatus::Paused | ProcessStatus::Pausing => TaskState::Paused,
+                ProcessStatus::Unknown => TaskState::Absent,
+            },
+        )
+    }
+
+    /// Stops container `id`'s task: SIGTERM, up to `grace`, then SIGKILL;
+    /// then deletes the task. A missing task is fine.
+    pub async fn stop_task(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let mut tasks = TasksClient::new(self.channel().await?);
+        if let TaskState::Running(_) | TaskState::Paused | TaskState::Created =
+            self.task_state(id).await?
+        {
+            let wait = {
+                let mut tasks = tasks.clone();
+                let request = self.request(
+                    WaitRequest {
+                        container_id: id.to_owned(),
+                        exec_id: String::new(),
+                    },
+                    None,
+                );
+                tokio::spawn(async move { tasks.wait(request).await })
+            };
+            self.kill(&mut tasks, id, 15).await?;
+            if tokio::time::timeout(grace, wait).await.is_err() {
+                self.kill(&mut tasks, id, 9).await?;
+                let waited = tasks
+                    .wait(self.request(
+                        WaitRequest {
+                            container_id: id.to_owned(),
+                            exec_id: String::new(),
+                        },
+                        None,
+                    ))
+                    .await;
+                if let Err(status) = waited
+                    && status.code() != tonic::Code::NotFound
+                {
+                    return Err(RuntimeError::Call {
+                        call: "Tasks.Wait",
+                        status,
+                    });
+                }
+            }
+        }
+        self.delete_task(id).await
+    }
+
+    async fn kill(
+        &self,
+        tasks: &mut TasksClient<tonic::transport::Channel>,
+        id: &str,
+        signal: u32,
+    ) -> Result<(), RuntimeError> {
+        match tasks
+            .kill(self.request(
+                KillRequest {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                    signal,
+                    all: true,
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Tasks.Kill",
+                status,
+            }),
+        }
+    }
+
+    /// Deletes container `id`'s (exited) task; a missing task is fine.
+    pub async fn delete_task(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut tasks = TasksClient::new(self.channel().await?);
+        match tasks
+            .delete(self.request(
+                DeleteTaskRequest {
+                    container_id: id.to_owned(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Tasks.Delete",
+                status,
+            }),
+        }
+    }
+
+    /// Removes container `id`: its task (stopped within `grace`), the
+    /// container and its snapshot. Missing parts are fine.
+    pub async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        self.stop_task(id, grace).await?;
+        let mut containers = ContainersClient::new(self.channel().await?);
+        match containers
+            .delete(self.request(DeleteContainerRequest { id: id.to_owned() }, None))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => {
+                return Err(RuntimeError::Call {
+                    call: "Containers.Delete",
+                    status,
+                });
+            }
+        }
+        self.remove_snapshot(id).await
+    }
+
+    /// The containers whose labels match every `key=value` in `labels`.
+    pub async fn list_containers(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let filter = labels
+            .iter()
+            .map(|(key, value)| format!("labels.\"{key}\"=={value}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut containers = ContainersClient::new(self.channel().await?);
+        let response = containers
+            .list(self.request(
+                ListContainersRequest {
+                    filters: if filter.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![filter]
+                    },
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Containers.List"))?
+            .into_inner();
+        Ok(response
+            .containers
+            .into_iter()
+            .map(|c| ContainerInfo {
+                id: c.id,
+                image: c.image,
+                labels: c.labels,
+            })
+            .collect())
+    }
+
+    /// Task exits in the monitor's namespace, as containerd publishes them
+    /// from now on. Returns once the subscription is known to be active:
+    /// containerd sends a subscription's response headers only with its
+    /// first event, so the monitor publishes a ping of its own on the
+    /// subscription and waits for it to come back.
+    pub async fn task_exits(
+        &self,
+    ) -> Result<BoxStream<'static, Result<TaskExit, RuntimeError>>, RuntimeError> {
+        const PING: &str = "/oakestra/monitor/subscribed";
+        let channel = self.channel().await?;
+        let namespace = self.namespace.clone();
+        let request = tonic::Request::new(SubscribeRequest {
+            filters: vec![
+                format!("namespace=={namespace},topic==\"/tasks/exit\""),
+                format!("namespace=={namespace},topic==\"{PING}\""),
+            ],
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (active_tx, active_rx) = tokio::sync::oneshot::channel::<Result<(), RuntimeError>>();
+        let mut events = EventsClient::new(channel.clone());
+        tokio::spawn(async move {
+            let mut active = Some(active_tx);
+            let mut stream = match events.subscribe(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    let err = RuntimeError::Call {
+                        call: "Events.Subscribe",
+                        status,
+                    };
+                    match active.take() {
+                        Some(active) => {
+                            let _ = active.send(Err(err));
+                        }
+                        None => {
+                            let _ = tx.send(Err(err)).await;
+                        }
+                    }
+                    return;
+                }
+            };
+            while let Some(item) = stream.next().await {
+                let envelope = match item {
+                    Ok(envelope) => envelope,
+                    Err(status) => {
+                        let _ = tx
+                            .send(Err(RuntimeError::Call {
+                                call: "Events.Subscribe",
+                                status,
+                            }))
+                            .await;
+                        return;
+                    }
+                };
+                if envelope.topic == PING {
+                    if let Some(active) = active.take() {
+                        let _ = active.send(Ok(()));
+                    }
+                    continue;
+                }
+                let Some(event) = envelope.event else {
+                    continue;
+                };
+                let Ok(exit) = containerd_client::events::TaskExit::decode(event.value.as_slice())
+                else {
+                    continue;
+                };
+                // Exec processes exit too; only the container's own task matters.
+                if exit.id != exit.container_id && !exit.id.is_empty() {
+                    continue;
+                }
+                let exit = TaskExit {
+                    container_id: exit.container_id,
+                    exit_status: exit.exit_status,
+                };
+                if tx.send(Ok(exit)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut publisher = EventsClient::new(channel);
+        let ping = containerd_client::to_any(&containerd_client::events::TaskExit::default());
+        let waiting = async {
+            futures::pin_mut!(active_rx);
+            loop {
+                publisher
+                    .publish(self.request(
+                        PublishRequest {
+                            topic: PING.to_owned(),
+                            event: Some(ping.clone()),
+                        },
+                        None,
+                    ))
+                    .await
+                    .map_err(RuntimeError::call("Events.Publish"))?;
+                tokio::select! {
+                    outcome = &mut active_rx => {
+                        return outcome.unwrap_or_else(|_| Err(RuntimeError::Connect {
+                            socket: self.socket.display().to_string(),
+                            reason: "the event subscription ended".to_owned(),
+                        }));
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .map_err(|_| RuntimeError::Connect {
+                socket: self.socket.display().to_string(),
+                reason: "the event subscription did not become active".to_owned(),
+            })??;
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+    }
+}

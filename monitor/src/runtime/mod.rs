@@ -1,0 +1,208 @@
+//! The monitor's handle on containerd's gRPC API: one connection helper,
+//! the namespace (and, during pulls, the lease) added to every request in
+//! one place, and the operations the monitor needs: pull and unpack images,
+//! create, start, stop and remove containers, watch task exits.
+//!
+//! **Only this module talks to containerd.**
+
+mod containers;
+mod pull;
+mod spec;
+
+use std::{path::PathBuf, time::Duration};
+
+use containerd_client::services::v1::version_client::VersionClient;
+use tokio::sync::Mutex;
+use tonic::{Code, transport::Channel};
+
+pub use self::{
+    containers::{ContainerInfo, TaskExit, TaskState},
+    pull::{ImageConfig, PulledImage, RegistryAccess},
+    spec::{RunSpec, build_spec},
+};
+
+/// containerd's version, as its Version service reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeVersion {
+    /// Release, such as `1.6.20`.
+    pub version: String,
+    /// Git revision of the build.
+    pub revision: String,
+}
+
+/// Why a containerd operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The socket does not answer.
+    #[error("cannot connect to containerd at {socket}: {reason}")]
+    Connect {
+        /// Path of the socket.
+        socket: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A call failed.
+    #[error("containerd call {call} failed: {}", .status.message())]
+    Call {
+        /// The call.
+        call: &'static str,
+        /// containerd's answer.
+        status: tonic::Status,
+    },
+    /// The registry side of a pull failed.
+    #[error("pulling {image}: {reason}")]
+    Registry {
+        /// The image.
+        image: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The image cannot be run.
+    #[error("image {image} cannot be run: {reason}")]
+    InvalidImage {
+        /// The image.
+        image: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RuntimeError {
+    fn call(call: &'static str) -> impl FnOnce(tonic::Status) -> Self {
+        move |status| Self::Call { call, status }
+    }
+
+    /// Whether containerd answered NOT_FOUND.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Call { status, .. } if status.code() == Code::NotFound)
+    }
+
+    /// Whether containerd answered ALREADY_EXISTS.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, Self::Call { status, .. } if status.code() == Code::AlreadyExists)
+    }
+
+    /// Whether containerd could not be reached (retry after reconnecting).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Call { status, .. } => {
+                matches!(status.code(), Code::Unavailable | Code::Unknown)
+                    && status.message().contains("transport")
+                    || status.code() == Code::Unavailable
+            }
+            _ => false,
+        }
+    }
+}
+
+/// containerd at one socket, in one namespace. Cheap to clone; the
+/// connection is made on first use and remade after containerd restarts.
+#[derive(Debug, Clone)]
+pub struct Containerd {
+    socket: PathBuf,
+    namespace: String,
+    snapshotter: String,
+    channel: std::sync::Arc<Mutex<Option<Channel>>>,
+}
+
+impl Containerd {
+    /// containerd listening at `socket`; containers live in `namespace`
+    /// and their root filesystems in `snapshotter`.
+    pub fn new(socket: PathBuf, namespace: String, snapshotter: String) -> Self {
+        Self {
+            socket,
+            namespace,
+            snapshotter,
+            channel: Default::default(),
+        }
+    }
+
+    /// Path of the socket.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// The namespace of the monitor's containers.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The snapshotter root filesystems are unpacked into.
+    pub fn snapshotter(&self) -> &str {
+        &self.snapshotter
+    }
+
+    /// The connection, made now if there is none.
+    async fn channel(&self) -> Result<Channel, RuntimeError> {
+        let mut guard = self.channel.lock().await;
+        if let Some(channel) = guard.as_ref() {
+            return Ok(channel.clone());
+        }
+        let connect = containerd_client::connect(&self.socket);
+        let channel = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(err)) => {
+                return Err(RuntimeError::Connect {
+                    socket: self.socket.display().to_string(),
+                    reason: error_chain(&err),
+                });
+            }
+            Err(_) => {
+                return Err(RuntimeError::Connect {
+                    socket: self.socket.display().to_string(),
+                    reason: "timed out".to_owned(),
+                });
+            }
+        };
+        *guard = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Drops the connection, so the next call connects again (after
+    /// containerd restarted, say).
+    pub async fn reset(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    /// A request in the monitor's namespace, within `lease` if given.
+    fn request<T>(&self, message: T, lease: Option<&str>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        // Namespaces and lease ids are checked to be valid metadata when
+        // the monitor starts and when leases are created.
+        if let Ok(value) = self.namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", value);
+        }
+        if let Some(lease) = lease
+            && let Ok(value) = lease.parse()
+        {
+            request.metadata_mut().insert("containerd-lease", value);
+        }
+        request
+    }
+
+    /// Asks containerd for its version.
+    pub async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
+        let mut client = VersionClient::new(self.channel().await?);
+        let response = client
+            .version(())
+            .await
+            .map_err(RuntimeError::call("Version"))?
+            .into_inner();
+        Ok(RuntimeVersion {
+            version: response.version,
+            revision: response.revision,
+        })
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,840 @@
+//! Pulling an image by digest into containerd the way containerd's own Go
+//! client does on 1.6 (which has no server-side transfer service): blobs
+//! from the registry into the content store under a lease, the image record,
+//! then each layer unpacked into the snapshotter through the diff service.
+//! Whatever is already present is skipped.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use containerd_client::{
+    services::v1::{
+        CreateImageRequest, CreateRequest as CreateLeaseRequest,
+        DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, InfoRequest,
+        ReadContentRequest, UpdateRequest as UpdateContentRequest, WriteAction,
+        WriteContentRequest,
+        content_client::ContentClient,
+        diff_client::DiffClient,
+        images_client::ImagesClient,
+        leases_client::LeasesClient,
+        snapshots::{
+            CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+            StatSnapshotRequest, snapshots_client::SnapshotsClient,
+        },
+    },
+    types::Descriptor,
+};
+use futures::StreamExt as _;
+use oci_client::{
+    Client, Reference,
+    client::{ClientConfig, ClientProtocol},
+    manifest::OciDescriptor,
+    secrets::RegistryAuth,
+};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::{Containerd, RuntimeError};
+
+const INDEX_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// How the monitor reaches registries.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryAccess {
+    /// Registries (`host:port`) reached over plain HTTP.
+    pub insecure: Vec<String>,
+}
+
+/// The parts of an image configuration that shape the container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env` as `KEY=value`.
+    pub env: Vec<String>,
+    /// `WorkingDir`.
+    pub working_dir: String,
+}
+
+/// An image ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledImage {
+    /// The image record's name (the pinned reference).
+    pub name: String,
+    /// The snapshot holding the unpacked root filesystem.
+    pub top_snapshot: String,
+    /// How to run it.
+    pub config: ImageConfig,
+    /// Bytes written to the content store by this pull (0 when everything
+    /// was present).
+    pub bytes_pulled: u64,
+}
+
+#[derive(Deserialize)]
+struct RawManifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    manifests: Vec<RawIndexEntry>,
+    config: Option<OciDescriptor>,
+    #[serde(default)]
+    layers: Vec<OciDescriptor>,
+}
+
+#[derive(Deserialize)]
+struct RawIndexEntry {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    platform: Option<RawPlatform>,
+}
+
+#[derive(Deserialize)]
+struct RawPlatform {
+    os: String,
+    architecture: String,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    config: Option<RawRunConfig>,
+    rootfs: RawRootfs,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawRunConfig {
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawRootfs {
+    diff_ids: Vec<String>,
+}
+
+/// The architecture name images use for this machine.
+fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "s390x" => "s390x",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// The chain id of a layer stack, as the OCI image spec defines it.
+pub(crate) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut chain: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for diff_id in diff_ids {
+        let next = match chain.last() {
+            None => diff_id.clone(),
+            Some(parent) => {
+                let digest = Sha256::digest(format!("{parent} {diff_id}").as_bytes());
+                format!("sha256:{}", hex(&digest))
+            }
+        };
+        chain.push(next);
+    }
+    chain
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn registry_error(
+    image: &str,
+) -> impl Fn(oci_client::errors::OciDistributionError) -> RuntimeError + '_ {
+    move |err| RuntimeError::Registry {
+        image: image.to_owned(),
+        reason: super::error_chain(&err),
+    }
+}
+
+impl Containerd {
+    /// Pulls `image` (pinned by digest) and unpacks it, skipping what is
+    /// already present; `progress` counts bytes written as they arrive.
+    pub async fn pull(
+        &self,
+        image: &str,
+        registry: &RegistryAccess,
+        progress: Arc<AtomicU64>,
+    ) -> Result<PulledImage, RuntimeError> {
+        let reference: Reference = image.parse().map_err(|err| RuntimeError::InvalidImage {
+            image: image.to_owned(),
+            reason: format!("not an image reference: {err}"),
+        })?;
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(registry.insecure.clone()),
+            platform_resolver: None,
+            ..ClientConfig::default()
+        });
+        let auth = RegistryAuth::Anonymous;
+        let channel = self.channel().await?;
+        let mut leases = LeasesClient::new(channel.clone());
+        let lease_id = format!("oakestra-pull-{}", rand_suffix());
+        let lease_labels =
+            HashMap::from([("containerd.io/gc.expire".to_owned(), chrono_like_expiry())]);
+        leases
+            .create(self.request(
+                CreateLeaseRequest {
+                    id: lease_id.clone(),
+                    labels: lease_labels,
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Leases.Create"))?;
+        let result = self
+            .pull_within_lease(image, &reference, &client, &auth, &lease_id, progress)
+            .await;
+        // The image record and the snapshot labels now hold what the lease
+        // protected; if the pull failed, releasing it lets GC clean up.
+        let _ = leases
+            .delete(self.request(
+                DeleteLeaseRequest {
+                    id: lease_id,
+                    sync: false,
+                },
+                None,
+            ))
+            .await;
+        result
+    }
+
+    async fn pull_within_lease(
+        &self,
+        image: &str,
+        reference: &Reference,
+        client: &Client,
+        auth: &RegistryAuth,
+        lease: &str,
+        progress: Arc<AtomicU64>,
+    ) -> Result<PulledImage, RuntimeError> {
+        let (top_bytes, top_digest) = client
+            .pull_manifest_raw(reference, auth, MANIFEST_TYPES)
+            .await
+            .map_err(registry_error(image))?;
+        let top: RawManifest =
+            serde_json::from_slice(&top_bytes).map_err(|err| RuntimeError::InvalidImage {
+                image: image.to_owned(),
+                reason: format!("manifest does not parse: {err}"),
+            })?;
+        let mut bytes_pulled = 0;
+        let top_media_type;
+        let (manifest_bytes, manifest_digest, manifest_media_type) =
+            if INDEX_TYPES.contains(&top.media_type.as_str()) || !top.manifests.is_empty() {
+                top_media_type = if top.media_type.is_empty() {
+                    INDEX_TYPES[0].to_owned()
+                } else {
+                    top.media_type.clone()
+                };
+                let arch = host_architecture();
+                let entry = top
+                    .manifests
+                    .iter()
+                    .find(|e| {
+                        e.platform
+                            .as_ref()
+                            .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                    })
+                    .ok_or_else(|| RuntimeError::InvalidImage {
+                        image: image.to_owned(),
+                        reason: format!("the index has no linux/{arch} image"),
+                    })?;
+                let child = reference.clone_with_digest(entry.digest.clone());
+                let (bytes, digest) = client
+                    .pull_manifest_raw(&child, auth, MANIFEST_TYPES)
+                    .await
+                    .map_err(registry_error(image))?;
+                let labels = HashMap::from([(
+                    "containerd.io/gc.ref.content.m.0".to_owned(),
+                    digest.clone(),
+                )]);
+                bytes_pulled += self
+                    .write_blob(&top_digest, &top_bytes, labels, lease)
+                    .await?;
+                let media_type = if entry.media_type.is_empty() {
+                    MANIFEST_TYPES[0].to_owned()
+                } else {
+                    entry.media_type.clone()
+                };
+                (bytes, digest, media_type)
+            } else {
+                top_media_type = if top.media_type.is_empty() {
+                    MANIFEST_TYPES[0].to_owned()
+                } else {
+                    top.media_type.clone()
+                };
+                (
+                    top_bytes.clone(),
+                    top_digest.clone(),
+                    top_media_type.clone(),
+                )
+            };
+        let manifest: RawManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|err| RuntimeError::InvalidImage {
+                image: image.to_owned(),
+                reason: format!("manifest does not parse: {err}"),
+            })?;
+        let config_descriptor =
+            manifest
+                .config
+                .clone()
+                .ok_or_else(|| RuntimeError::InvalidImage {
+                    image: image.to_owned(),
+                    reason: "the manifest names no configuration".to_owned(),
+                })?;
+
+        // Configuration: from the content store if present, else the registry.
+        let config_bytes = match self.read_blob(&config_descriptor.digest).await {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                let mut data = Vec::new();
+                client
+                    .pull_blob(reference, &config_descriptor, &mut data)
+                    .await
+                    .map_err(registry_error(image))?;
+                bytes_pulled += self
+                    .write_blob(&config_descriptor.digest, &data, HashMap::new(), lease)
+                    .await?;
+                data
+            }
+        };
+        let config: RawConfig =
+            serde_json::from_slice(&config_bytes).map_err(|err| RuntimeError::InvalidImage {
+                image: image.to_owned(),
+                reason: format!("configuration does not parse: {err}"),
+            })?;
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(RuntimeError::InvalidImage {
+                image: image.to_owned(),
+                reason: "the configuration's diff ids do not match the layers".to_owned(),
+            });
+        }
+        let chain = chain_ids(&config.rootfs.diff_ids);
+
+        // Layers: fetch those whose snapshot is missing and unpack them.
+        let mut parent = String::new();
+        for (layer, chain_id) in manifest.layers.iter().zip(&chain) {
+            if !self.snapshot_exists(chain_id).await? {
+                if !self.blob_exists(&layer.digest).await? {
+                    bytes_pulled += self
+                        .stream_blob(client, reference, layer, lease, image, &progress)
+                        .await?;
+                }
+                self.unpack_layer(layer, &parent, chain_id, lease).await?;
+            }
+            parent = chain_id.clone();
+        }
+
+        // The manifest, with labels that keep its config and layers alive.
+        let mut labels = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_owned(),
+            config_descriptor.digest.clone(),
+        )]);
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                layer.digest.clone(),
+            );
+        }
+        bytes_pulled += self
+            .write_blob(&manifest_digest, &manifest_bytes, labels, lease)
+            .await?;
+        // The unpacked snapshot stays alive through the configuration.
+        self.label_blob(
+            &config_descriptor.digest,
+            &format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
+            &parent,
+        )
+        .await?;
+        let _ = manifest_media_type;
+        self.create_image(
+            image,
+            &top_media_type,
+            &top_digest,
+            top_bytes.len() as i64,
+            lease,
+        )
+        .await?;
+        let run = config.config.unwrap_or_default();
+        Ok(PulledImage {
+            name: image.to_owned(),
+            top_snapshot: parent,
+            config: ImageConfig {
+                entrypoint: run.entrypoint.unwrap_or_default(),
+                cmd: run.cmd.unwrap_or_default(),
+                env: run.env.unwrap_or_default(),
+                working_dir: run.working_dir.unwrap_or_default(),
+            },
+            bytes_pulled,
+        })
+    }
+
+    async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
+        let mut content = ContentClient::new(self.channel().await?);
+        match content
+            .info(self.request(
+                InfoRequest {
+                    digest: digest.to_owned(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Content.Info",
+                status,
+            }),
+        }
+    }
+
+    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, RuntimeError> {
+        let mut content = ContentClient::new(self.channel().await?);
+        let mut stream = content
+            .read(self.request(
+                ReadContentRequest {
+                    digest: digest.to_owned(),
+                    offset: 0,
+                    size: 0,
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Content.Read"))?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            data.extend(chunk.map_err(RuntimeError::call("Content.Read"))?.data);
+        }
+        Ok(data)
+    }
+
+    /// Writes a small blob in one go; returns the bytes written (0 when it
+    /// was present).
+    async fn write_blob(
+        &self,
+        digest: &str,
+        data: &[u8],
+        labels: HashMap<String, String>,
+        lease: &str,
+    ) -> Result<u64, RuntimeError> {
+        let chunk = bytes::Bytes::copy_from_slice(data);
+        let size = data.len() as i64;
+        self.write_content(
+            digest,
+            size,
+            labels,
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(chunk)]),
+            lease,
+            None,
+        )
+        .await
+    }
+
+    /// Streams a layer from the registry into the content store.
+    async fn stream_blob(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        layer: &OciDescriptor,
+        lease: &str,
+        image: &str,
+        progress: &Arc<AtomicU64>,
+    ) -> Result<u64, RuntimeError> {
+        let stream = client
+            .pull_blob_stream(reference, layer)
+            .await
+            .map_err(registry_error(image))?;
+        let chunks = stream
+            .stream
+            .map(|chunk| chunk.map_err(|err| err.to_string()));
+        self.write_content(
+            &layer.digest,
+            layer.size,
+            HashMap::new(),
+            chunks,
+            lease,
+            Some(progress),
+        )
+        .await
+    }
+
+    /// Writes content through containerd's Write stream, committing it with
+    /// its expected digest and size.
+    async fn write_content<S, E>(
+        &self,
+        digest: &str,
+        size: i64,
+        labels: HashMap<String, String>,
+        chunks: S,
+        lease: &str,
+        progress: Option<&Arc<AtomicU64>>,
+    ) -> Result<u64, RuntimeError>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let mut content = ContentClient::new(self.channel().await?);
+        let write_ref = format!("oakestra-{digest}");
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let feeder = {
+            let write_ref = write_ref.clone();
+            let digest = digest.to_owned();
+            let failed = failed.clone();
+            let progress = progress.cloned();
+            tokio::spawn(async move {
+                let mut offset = 0_i64;
+                futures::pin_mut!(chunks);
+                while let Some(chunk) = chunks.next().await {
+                    let chunk = match chunk {
+                        Ok(chunk) => chunk,
+                        Err(err) => {
+                            *failed
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                Some(err.to_string());
+                            return;
+                        }
+                    };
+                    let len = chunk.len() as i64;
+                    let request = WriteContentRequest {
+                        action: WriteAction::Write.into(),
+                        r#ref: write_ref.clone(),
+                        total: size,
+                        expected: digest.clone(),
+                        offset,
+                        data: chunk.to_vec(),
+                        labels: HashMap::new(),
+                    };
+                    if tx.send(request).await.is_err() {
+                        return;
+                    }
+                    offset += len;
+                    if let Some(progress) = &progress {
+                        progress.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                }
+                let _ = tx
+                    .send(WriteContentRequest {
+                        action: WriteAction::Commit.into(),
+                        r#ref: write_ref,
+                        total: size,
+                        expected: digest,
+                        offset,
+                        data: Vec::new(),
+                        labels,
+                    })
+                    .await;
+            })
+        };
+        let result = content
+            .write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx), Some(lease)))
+            .await;
+        let outcome = match result {
+            Ok(response) => {
+                let mut responses = response.into_inner();
+                let mut last = Ok(());
+                while let Some(item) = responses.next().await {
+                    if let Err(status) = item {
+                        last = Err(status);
+                        break;
+                    }
+                }
+                last
+            }
+            Err(status) => Err(status),
+        };
+        let _ = feeder.await;
+        if let Some(reason) = failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            return Err(RuntimeError::Registry {
+                image: digest.to_owned(),
+                reason,
+            });
+        }
+        match outcome {
+            Ok(()) => Ok(size.max(0) as u64),
+            // Present already (written by an earlier pull): nothing to do.
+            Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(0),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Content.Write",
+                status,
+            }),
+        }
+    }
+
+    async fn label_blob(&self, digest: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
+        let mut content = ContentClient::new(self.channel().await?);
+        content
+            .update(self.request(
+                UpdateContentRequest {
+                    info: Some(containerd_client::services::v1::Info {
+                        digest: digest.to_owned(),
+                        labels: HashMap::from([(key.to_owned(), value.to_owned())]),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{key}")],
+                    }),
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Content.Update"))?;
+        Ok(())
+    }
+
+    async fn snapshot_exists(&self, key: &str) -> Result<bool, RuntimeError> {
+        let mut snapshots = SnapshotsClient::new(self.channel().await?);
+        match snapshots
+            .stat(self.request(
+                StatSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: key.to_owned(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Snapshots.Stat",
+                status,
+            }),
+        }
+    }
+
+    /// Applies one layer on top of `parent` and commits it as `chain_id`.
+    async fn unpack_layer(
+        &self,
+        layer: &OciDescriptor,
+        parent: &str,
+        chain_id: &str,
+        lease: &str,
+    ) -> Result<(), RuntimeError> {
+        let channel = self.channel().await?;
+        let mut snapshots = SnapshotsClient::new(channel.clone());
+        let key = format!("extract-{}-{chain_id}", rand_suffix());
+        let mounts = snapshots
+            .prepare(self.request(
+                PrepareSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: key.clone(),
+                    parent: parent.to_owned(),
+                    labels: HashMap::new(),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(RuntimeError::call("Snapshots.Prepare"))?
+            .into_inner()
+            .mounts;
+        let applied = DiffClient::new(channel)
+            .apply(self.request(
+                containerd_client::services::v1::ApplyRequest {
+                    diff: Some(Descriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest.clone(),
+                        size: layer.size,
+                        annotations: HashMap::new(),
+                    }),
+                    mounts,
+                    payloads: HashMap::new(),
+                    sync_fs: false,
+                },
+                Some(lease),
+            ))
+            .await;
+        if let Err(status) = applied {
+            let _ = self.remove_snapshot(&key).await;
+            return Err(RuntimeError::Call {
+                call: "Diff.Apply",
+                status,
+            });
+        }
+        let committed = snapshots
+            .commit(self.request(
+                CommitSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    name: chain_id.to_owned(),
+                    key: key.clone(),
+                    labels: HashMap::new(),
+                },
+                Some(lease),
+            ))
+            .await;
+        match committed {
+            Ok(_) => Ok(()),
+            // Unpacked concurrently by someone else: theirs is as good.
+            Err(status) if status.code() == tonic::Code::AlreadyExists => {
+                let _ = self.remove_snapshot(&key).await;
+                Ok(())
+            }
+            Err(status) => {
+                let _ = self.remove_snapshot(&key).await;
+                Err(RuntimeError::Call {
+                    call: "Snapshots.Commit",
+                    status,
+                })
+            }
+        }
+    }
+
+    pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), RuntimeError> {
+        let mut snapshots = SnapshotsClient::new(self.channel().await?);
+        match snapshots
+            .remove(self.request(
+                RemoveSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: key.to_owned(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Snapshots.Remove",
+                status,
+            }),
+        }
+    }
+
+    async fn create_image(
+        &self,
+        name: &str,
+        media_type: &str,
+        digest: &str,
+        size: i64,
+        lease: &str,
+    ) -> Result<(), RuntimeError> {
+        let mut images = ImagesClient::new(self.channel().await?);
+        let exists = images
+            .get(self.request(
+                GetImageRequest {
+                    name: name.to_owned(),
+                },
+                None,
+            ))
+            .await
+            .is_ok();
+        if exists {
+            return Ok(());
+        }
+        let image = Image {
+            name: name.to_owned(),
+            labels: HashMap::from([(
+                "oakestra.io/managed-by".to_owned(),
+                "addons-monitor".to_owned(),
+            )]),
+            target: Some(Descriptor {
+                media_type: media_type.to_owned(),
+                digest: digest.to_owned(),
+                size,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        match images
+            .create(self.request(
+                CreateImageRequest {
+                    image: Some(image),
+                    source_date_epoch: None,
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
+            Err(status) => Err(RuntimeError::Call {
+                call: "Images.Create",
+                status,
+            }),
+        }
+    }
+}
+
+/// A short random suffix for temporary keys.
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// An expiry one hour from now in RFC 3339, for the pull lease: a monitor
+/// that dies mid-pull leaves nothing that GC cannot collect.
+fn chrono_like_expiry() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    let timestamp = prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: 0,
+    };
+    timestamp.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn computes_chain_ids() {
+        // The example of the OCI image spec's layer chain id section.
+        let a =
+            "sha256:a9561eb1b190625c9adb5a9513e72c4dedafc1cb2d4c5236c9a6957ec7dfd5a9".to_owned();
+        let b =
+            "sha256:3b7bc2e2e3e2b8a2e7c3f8e8fa0f3c6f5e3a7a6a9d4c2b8e4f1f0e6b9c8d7a6b".to_owned();
+        let chain = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(chain[0], a);
+        let expected = format!(
+            "sha256:{}",
+            hex(&Sha256::digest(format!("{a} {b}").as_bytes()))
+        );
+        assert_eq!(chain[1], expected);
+    }
+}
