@@ -1,8 +1,8 @@
 //! Command-line flags of `addons-monitor`.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
-use addons_server_kit::CommonArgs;
+use addons_server_kit::{CommonArgs, parse_duration};
 
 /// The orchestration plane a monitor serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,6 +69,57 @@ pub struct Config {
         default_value = "/var/lib/oakestra-addons/monitor"
     )]
     pub state_dir: PathBuf,
+
+    /// Registries (`host:port`) reached over plain HTTP when pulling.
+    #[arg(
+        long = "insecure-registry",
+        env = "ADDONS_INSECURE_REGISTRIES",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+
+    /// containerd snapshotter for root filesystems.
+    #[arg(
+        long,
+        env = "ADDONS_SNAPSHOTTER",
+        value_name = "NAME",
+        default_value = "overlayfs"
+    )]
+    pub snapshotter: String,
+
+    /// Period of the full resync with containerd, besides its events.
+    #[arg(long, env = "ADDONS_RESYNC_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Grace between SIGTERM and SIGKILL when removing a service.
+    #[arg(long, env = "ADDONS_STOP_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+
+    /// First restart delay of an exited service; doubles per failure.
+    #[arg(long, env = "ADDONS_RESTART_BACKOFF", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub restart_backoff: Duration,
+
+    /// Longest restart delay.
+    #[arg(long, env = "ADDONS_RESTART_BACKOFF_MAX", value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub restart_backoff_max: Duration,
+
+    /// Exits within the failure window after which a service is FAILED.
+    #[arg(
+        long,
+        env = "ADDONS_MAX_FAILURES",
+        value_name = "N",
+        default_value_t = 5
+    )]
+    pub max_failures: usize,
+
+    /// Window in which exits are counted.
+    #[arg(long, env = "ADDONS_FAILURE_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub failure_window: Duration,
+
+    /// Interval of heartbeats on the link to the manager.
+    #[arg(long, env = "ADDONS_HEARTBEAT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
 
     /// The orchestration plane this monitor serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = PlaneArg::Root)]

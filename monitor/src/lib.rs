@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod config;
+pub mod link;
+pub mod reconcile;
 pub mod runtime;
 
 pub use crate::runtime::Containerd;

@@ -1,12 +1,16 @@
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use addons_monitor::{
     Containerd,
     api::NodeMonitorApi,
     config::{Config, DEFAULT_PORT},
+    link::{self, LinkSettings},
+    reconcile::{self, ReconcileOptions},
+    runtime::RegistryAccess,
 };
 use addons_server_kit::{Server, Shutdown, bind, init_telemetry, main_with, parse_config};
 use anyhow::Context as _;
+use oakestra_addons_proto::engine::v1::Plane;
 
 fn main() -> ExitCode {
     match parse_config::<Config>() {
@@ -30,10 +34,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .filter(|name| !name.is_empty())
             .context("--node-id is not set and the host name is unknown")?,
     };
+    if config
+        .namespace
+        .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+        .is_err()
+        || config.namespace.is_empty()
+    {
+        anyhow::bail!(
+            "--namespace `{}` is not a valid containerd namespace",
+            config.namespace
+        );
+    }
     let containerd = Containerd::new(
         config.containerd_socket.clone(),
         config.namespace.clone(),
-        "overlayfs".to_owned(),
+        config.snapshotter.clone(),
     );
     // containerd may start after the monitor or restart under it; the
     // monitor keeps running and says so.
@@ -48,8 +63,46 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))),
     )
     .await?;
+    let plane: Plane = config.plane.into();
+    let (observed_tx, observed_rx) = tokio::sync::watch::channel(Vec::new());
+    let link = link::spawn(
+        LinkSettings {
+            manager: config.manager.clone(),
+            node_id: node_id.clone(),
+            plane,
+            heartbeat: config.heartbeat,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        },
+        observed_rx,
+        shutdown.clone(),
+    );
+    tokio::spawn(reconcile::run(
+        containerd.clone(),
+        ReconcileOptions {
+            plane: match plane {
+                Plane::Cluster => "cluster".to_owned(),
+                _ => "root".to_owned(),
+            },
+            state_dir: config.state_dir.clone(),
+            registry: RegistryAccess {
+                insecure: config.insecure_registries.clone(),
+            },
+            resync: config.resync_interval,
+            stop_grace: config.stop_grace,
+            restart_backoff: config.restart_backoff,
+            restart_backoff_max: config.restart_backoff_max.max(config.restart_backoff),
+            max_failures: config.max_failures,
+            failure_window: config.failure_window,
+        },
+        node_id.clone(),
+        link.desired.clone(),
+        link.reports.clone(),
+        observed_tx,
+        shutdown.clone(),
+    ));
     Server::new()
-        .add_service(NodeMonitorApi::new(containerd, node_id, config.plane.into()).into_service())
+        .add_service(NodeMonitorApi::new(containerd, node_id, plane).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

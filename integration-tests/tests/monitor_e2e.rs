@@ -1,0 +1,317 @@
+//! The real monitor on a real, private containerd, linked to the real
+//! manager, installing an addon built and pushed by the test: services run,
+//! a crashing one is given up on with its exit code and logs, a killed task
+//! is restarted, a monitor crash touches nothing, uninstall removes all.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::time::Duration;
+
+use addons_monitor::runtime::{Containerd as Runtime, TaskState};
+use integration_tests::{
+    Containerd, RegistryServer, ServerProcess, binary, eventually,
+    images::{ImageSpec, push_image},
+};
+use oakestra_addons_proto::{
+    engine::v1::{
+        self as pb, InstallationStatus, ServicePhase,
+        addons_manager_service_client::AddonsManagerServiceClient,
+    },
+    marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+};
+
+const NAMESPACE: &str = "oakestra-e2e";
+
+async fn start_monitor(
+    manager: &ServerProcess,
+    containerd: &Containerd,
+    state: &std::path::Path,
+    registry: &str,
+) -> ServerProcess {
+    ServerProcess::start(
+        &binary("addons-monitor"),
+        &[
+            "--manager",
+            &manager.url(),
+            "--containerd-socket",
+            &containerd.socket().display().to_string(),
+            "--namespace",
+            NAMESPACE,
+            "--node-id",
+            "node-1",
+            "--state-dir",
+            &state.display().to_string(),
+            "--insecure-registry",
+            registry,
+            "--restart-backoff",
+            "200ms",
+            "--max-failures",
+            "2",
+            "--resync-interval",
+            "1s",
+            "--stop-grace",
+            "2s",
+            "--heartbeat",
+            "1s",
+        ],
+    )
+    .await
+}
+
+fn command(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+async fn installation(manager: &ServerProcess, id: &str) -> pb::Installation {
+    AddonsManagerServiceClient::new(manager.channel())
+        .get_installation(pb::GetInstallationRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+}
+
+#[tokio::test]
+async fn runs_restarts_gives_up_survives_and_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            &store("e"),
+            "--marketplace",
+            &marketplace.url(),
+            "--heartbeat-timeout",
+            "3s",
+        ],
+    )
+    .await;
+    let state = dir.path().join("monitor");
+    let mut monitor = start_monitor(&manager, &containerd, &state, &host).await;
+
+    let mut market = MarketplaceServiceClient::new(marketplace.channel());
+    let image = format!("{host}/team/app:1");
+    let addon = market
+        .publish_addon(mpb::PublishAddonRequest {
+            addon: Some(mpb::Addon {
+                name: "e2e".into(),
+                services: vec![
+                    mpb::ServiceSpec {
+                        service_name: "looper".into(),
+                        image: image.clone(),
+                        command: command("echo started; exec /bin/busybox sleep 3600"),
+                        environment: [("GREETING".to_owned(), "hi".to_owned())].into(),
+                        volumes: vec!["data:/data".into()],
+                        ..Default::default()
+                    },
+                    mpb::ServiceSpec {
+                        service_name: "crasher".into(),
+                        image: image.clone(),
+                        command: command("echo failing-now >&2; exit 1"),
+                        ..Default::default()
+                    },
+                ],
+                volumes: vec![mpb::VolumeSpec {
+                    name: "data".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    eventually("approval", Duration::from_secs(30), || {
+        let mut market = market.clone();
+        let id = addon.id.clone();
+        async move {
+            let addon = market
+                .get_addon(mpb::GetAddonRequest { id })
+                .await
+                .unwrap()
+                .into_inner()
+                .addon
+                .unwrap();
+            if addon.status() == mpb::AddonStatus::Approved {
+                Ok(())
+            } else {
+                Err(format!("{:?}", addon.status()))
+            }
+        }
+    })
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+
+    // The looping service runs; the crashing one is given up on.
+    let settled = eventually(
+        "partially active with the crasher failed",
+        Duration::from_secs(60),
+        || {
+            let manager = &manager;
+            let id = id.clone();
+            async move {
+                let installation = installation(manager, &id).await;
+                let crasher = installation
+                    .services
+                    .iter()
+                    .find(|s| s.service_name == "crasher");
+                if installation.status() == InstallationStatus::PartiallyActive
+                    && crasher.is_some_and(|c| c.phase() == ServicePhase::Failed)
+                {
+                    Ok(installation)
+                } else {
+                    Err(format!(
+                        "{:?} {}: {:?}",
+                        installation.status(),
+                        installation.status_message,
+                        installation.services
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    let crasher = settled
+        .services
+        .iter()
+        .find(|s| s.service_name == "crasher")
+        .unwrap();
+    assert_eq!(crasher.exit_code, Some(1));
+    assert_eq!(crasher.restart_count, 2);
+    assert!(
+        crasher.logs_tail.iter().any(|l| l.contains("failing-now")),
+        "{:?}",
+        crasher.logs_tail
+    );
+    assert_eq!(crasher.node_id, "node-1");
+    assert_eq!(crasher.container_id, "root_crasher");
+    let looper = settled
+        .services
+        .iter()
+        .find(|s| s.service_name == "looper")
+        .unwrap();
+    assert_eq!(looper.phase(), ServicePhase::Running);
+    assert!(
+        state.join("volumes").join(&id).join("data").is_dir(),
+        "named volume created"
+    );
+    let log = std::fs::read_to_string(state.join("logs/root_looper.log")).unwrap();
+    assert!(log.contains("started"), "{log}");
+
+    // Killing the running task: restarted and reported.
+    let runtime = Runtime::new(containerd.socket(), NAMESPACE.into(), "overlayfs".into());
+    runtime
+        .stop_task("root_looper", Duration::from_secs(2))
+        .await
+        .unwrap();
+    eventually(
+        "the killed service is restarted",
+        Duration::from_secs(30),
+        || {
+            let manager = &manager;
+            let id = id.clone();
+            async move {
+                let installation = installation(manager, &id).await;
+                let looper = installation
+                    .services
+                    .iter()
+                    .find(|s| s.service_name == "looper")
+                    .unwrap()
+                    .clone();
+                if looper.restart_count == 1 && looper.phase() == ServicePhase::Running {
+                    Ok(())
+                } else {
+                    Err(format!("{looper:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    let TaskState::Running(pid) = runtime.task_state("root_looper").await.unwrap() else {
+        panic!("looper not running");
+    };
+
+    // A monitor crash and restart touches nothing and duplicates nothing.
+    monitor.kill().await;
+    monitor = start_monitor(&manager, &containerd, &state, &host).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        runtime.task_state("root_looper").await.unwrap(),
+        TaskState::Running(pid)
+    );
+    let mut ids: Vec<_> = runtime
+        .list_containers(&[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["root_crasher", "root_looper"]);
+    // SIGTERM of the monitor leaves addons running.
+    assert_eq!(monitor.stop().await.code(), Some(0));
+    assert_eq!(
+        runtime.task_state("root_looper").await.unwrap(),
+        TaskState::Running(pid)
+    );
+    let monitor = start_monitor(&manager, &containerd, &state, &host).await;
+
+    // Uninstall: everything goes.
+    AddonsManagerServiceClient::new(manager.channel())
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.clone(),
+            purge: true,
+        })
+        .await
+        .unwrap();
+    eventually("uninstall completes", Duration::from_secs(30), || {
+        let manager = &manager;
+        let id = id.clone();
+        async move {
+            match AddonsManagerServiceClient::new(manager.channel())
+                .get_installation(pb::GetInstallationRequest { id })
+                .await
+            {
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+                Err(status) => Err(status.to_string()),
+                Ok(found) => Err(format!(
+                    "{:?}",
+                    found
+                        .into_inner()
+                        .installation
+                        .map(|i| (i.status(), i.status_message))
+                )),
+            }
+        }
+    })
+    .await;
+    assert!(runtime.list_containers(&[]).await.unwrap().is_empty());
+    assert!(
+        !state.join("volumes").join(&id).exists(),
+        "purge removed the volumes"
+    );
+    monitor.stop().await;
+    containerd.stop().await;
+}

@@ -1,0 +1,282 @@
+//! The monitor's end of the link to the manager: connect with jittered
+//! exponential backoff, say hello, follow the desired state, send numbered
+//! status reports and keep each until the manager acks it, re-sending what
+//! is unacked after a reconnect.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use addons_server_kit::Shutdown;
+use oakestra_addons_proto::engine::v1::{
+    self as pb, connect_request, connect_response,
+    monitor_link_service_client::MonitorLinkServiceClient,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+/// Settings of the link.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// gRPC URL of the manager.
+    pub manager: String,
+    /// This node.
+    pub node_id: String,
+    /// This node's plane.
+    pub plane: pb::Plane,
+    /// How often to send a heartbeat.
+    pub heartbeat: Duration,
+    /// First reconnect delay; doubles up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// What the reconciler sees of the link.
+#[derive(Debug, Clone)]
+pub struct LinkHandle {
+    /// The newest desired state, `None` until the first one arrives.
+    pub desired: watch::Receiver<Option<pb::DesiredState>>,
+    /// Status reports to send: installation id and its services on this node.
+    pub reports: mpsc::Sender<(String, Vec<pb::ServiceStatus>)>,
+    /// Whether the link is up.
+    pub connected: watch::Receiver<bool>,
+}
+
+/// Starts the link; it runs until `shutdown` fires. `observed` tells the
+/// hello what runs on the node right now.
+pub fn spawn(
+    settings: LinkSettings,
+    observed: watch::Receiver<Vec<pb::ObservedService>>,
+    shutdown: Shutdown,
+) -> LinkHandle {
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let (reports_tx, reports_rx) = mpsc::channel(1024);
+    let (connected_tx, connected_rx) = watch::channel(false);
+    tokio::spawn(run(
+        settings,
+        observed,
+        desired_tx,
+        reports_rx,
+        connected_tx,
+        shutdown,
+    ));
+    LinkHandle {
+        desired: desired_rx,
+        reports: reports_tx,
+        connected: connected_rx,
+    }
+}
+
+/// Reports not acked yet, in sequence order, at most one per installation:
+/// a newer report about an installation supersedes an unacked older one.
+#[derive(Debug, Default)]
+struct Outbox {
+    next_sequence: u64,
+    unacked: BTreeMap<u64, pb::StatusReport>,
+}
+
+impl Outbox {
+    fn push(
+        &mut self,
+        installation_id: String,
+        services: Vec<pb::ServiceStatus>,
+    ) -> pb::StatusReport {
+        self.next_sequence = self.next_sequence.max(1);
+        self.unacked
+            .retain(|_, report| report.installation_id != installation_id);
+        let report = pb::StatusReport {
+            sequence: self.next_sequence,
+            installation_id,
+            services,
+            observe_time: Some(now()),
+        };
+        self.next_sequence += 1;
+        self.unacked.insert(report.sequence, report.clone());
+        report
+    }
+
+    fn ack(&mut self, sequence: u64) {
+        self.unacked.retain(|seq, _| *seq > sequence);
+        // Numbering continues above what the manager has stored.
+        self.next_sequence = self.next_sequence.max(sequence + 1);
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+async fn run(
+    settings: LinkSettings,
+    observed: watch::Receiver<Vec<pb::ObservedService>>,
+    desired: watch::Sender<Option<pb::DesiredState>>,
+    mut reports: mpsc::Receiver<(String, Vec<pb::ServiceStatus>)>,
+    connected: watch::Sender<bool>,
+    shutdown: Shutdown,
+) {
+    let mut outbox = Outbox::default();
+    let mut failures = 0_u32;
+    loop {
+        let started = std::time::Instant::now();
+        let result = session(
+            &settings,
+            &observed,
+            &desired,
+            &mut reports,
+            &connected,
+            &mut outbox,
+            &shutdown,
+        )
+        .await;
+        connected.send_replace(false);
+        if shutdown.is_fired() {
+            return;
+        }
+        match result {
+            Ok(()) => tracing::info!("manager closed the link"),
+            Err(err) => tracing::warn!(error = %err, "link to the manager failed"),
+        }
+        // A link that stayed up for a while resets the backoff.
+        if started.elapsed() > Duration::from_secs(30) {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        let delay = settings
+            .backoff_base
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(settings.backoff_max)
+            .mul_f64(0.5 + jitter() * 0.5);
+        tokio::select! {
+            () = shutdown.fired() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// A number in [0, 1) that differs between calls and nodes.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mixed = (u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(17))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> 11) as f64 / (1_u64 << 53) as f64
+}
+
+async fn session(
+    settings: &LinkSettings,
+    observed: &watch::Receiver<Vec<pb::ObservedService>>,
+    desired: &watch::Sender<Option<pb::DesiredState>>,
+    reports: &mut mpsc::Receiver<(String, Vec<pb::ServiceStatus>)>,
+    connected: &watch::Sender<bool>,
+    outbox: &mut Outbox,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let channel = Endpoint::from_shared(settings.manager.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel(64);
+    let hello = pb::Hello {
+        node_id: settings.node_id.clone(),
+        plane: settings.plane.into(),
+        monitor_version: env!("CARGO_PKG_VERSION").to_owned(),
+        observed: observed.borrow().clone(),
+        applied_generation: desired.borrow().as_ref().map_or(0, |d| d.generation),
+        heartbeat_interval_seconds: u32::try_from(settings.heartbeat.as_secs()).unwrap_or(u32::MAX),
+    };
+    tx.send(pb::ConnectRequest {
+        message: Some(connect_request::Message::Hello(hello)),
+    })
+    .await?;
+    let mut inbound = MonitorLinkServiceClient::new(channel)
+        .connect(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The link opens with the desired state and an ack of what is stored.
+    let mut handshake_acked = false;
+    while !handshake_acked {
+        let message = inbound
+            .message()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("link closed during the handshake"))?;
+        match message.message {
+            Some(connect_response::Message::DesiredState(state)) => {
+                desired.send_replace(Some(state));
+            }
+            Some(connect_response::Message::Ack(ack)) => {
+                outbox.ack(ack.sequence);
+                handshake_acked = true;
+            }
+            None => {}
+        }
+    }
+    connected.send_replace(true);
+    tracing::info!(manager = %settings.manager, "linked to the manager");
+    for report in outbox.unacked.values() {
+        tx.send(pb::ConnectRequest {
+            message: Some(connect_request::Message::Report(report.clone())),
+        })
+        .await?;
+    }
+    let mut heartbeat = tokio::time::interval(settings.heartbeat);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.fired() => return Ok(()),
+            _ = heartbeat.tick() => {
+                tx.send(pb::ConnectRequest {
+                    message: Some(connect_request::Message::Heartbeat(pb::Heartbeat { send_time: Some(now()) })),
+                })
+                .await?;
+            }
+            report = reports.recv() => {
+                let Some((installation_id, services)) = report else { return Ok(()) };
+                let report = outbox.push(installation_id, services);
+                tx.send(pb::ConnectRequest {
+                    message: Some(connect_request::Message::Report(report)),
+                })
+                .await?;
+            }
+            message = inbound.message() => {
+                let Some(message) = message? else { return Ok(()) };
+                match message.message {
+                    Some(connect_response::Message::DesiredState(state)) => {
+                        desired.send_replace(Some(state));
+                    }
+                    Some(connect_response::Message::Ack(ack)) => outbox.ack(ack.sequence),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_keeps_the_newest_report_per_installation_and_numbers_above_acks() {
+        let mut outbox = Outbox::default();
+        assert_eq!(outbox.push("a".into(), Vec::new()).sequence, 1);
+        assert_eq!(outbox.push("b".into(), Vec::new()).sequence, 2);
+        assert_eq!(outbox.push("a".into(), Vec::new()).sequence, 3);
+        assert_eq!(outbox.unacked.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        outbox.ack(2);
+        assert_eq!(outbox.unacked.keys().copied().collect::<Vec<_>>(), [3]);
+        // A manager that stored more (a restarted monitor) moves numbering up.
+        outbox.ack(10);
+        assert!(outbox.unacked.is_empty());
+        assert_eq!(outbox.push("a".into(), Vec::new()).sequence, 11);
+    }
+}

@@ -1,0 +1,634 @@
+//! The reconciler: makes containerd match the desired state, level-triggered.
+//!
+//! A pass compares the newest desired state with the containers that carry
+//! the monitor's labels and acts on the difference. It is blind to why it
+//! runs: a new desired state, a task exit from containerd's event stream,
+//! a restart timer, or the periodic resync that catches anything missed.
+//! Nothing is removed before the first desired state arrives, so a monitor
+//! that restarts adopts the running containers instead of touching them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use addons_server_kit::Shutdown;
+use futures::StreamExt as _;
+use oakestra_addons_proto::{
+    engine::v1::{self as pb, DesiredPresence, ServicePhase},
+    marketplace::v1 as mpb,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::runtime::{
+    Containerd, PulledImage, RegistryAccess, RunSpec, RuntimeError, TaskState, build_spec,
+};
+
+/// Label marking the monitor's containers.
+pub const MANAGED_BY: &str = "oakestra.io/managed-by";
+const MANAGED_BY_VALUE: &str = "addons-monitor";
+const INSTALLATION: &str = "oakestra.io/installation-id";
+const SERVICE: &str = "oakestra.io/service-name";
+const PLANE: &str = "oakestra.io/plane";
+const ADDON: &str = "oakestra.io/addon-id";
+
+/// How the reconciler behaves.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    /// `root` or `cluster`: container ids are `<plane>_<service_name>`.
+    pub plane: String,
+    /// Directory for logs, generated files and volumes.
+    pub state_dir: PathBuf,
+    /// Registry settings for pulls.
+    pub registry: RegistryAccess,
+    /// Full resync period.
+    pub resync: Duration,
+    /// SIGTERM-to-SIGKILL grace when removing a container.
+    pub stop_grace: Duration,
+    /// First restart delay of an exited service; doubles per failure.
+    pub restart_backoff: Duration,
+    /// Longest restart delay.
+    pub restart_backoff_max: Duration,
+    /// A service that exits more often than this within `failure_window`
+    /// is given up on (`FAILED`).
+    pub max_failures: usize,
+    /// Window for counting failures.
+    pub failure_window: Duration,
+}
+
+/// What the reconciler tracks per container.
+#[derive(Debug, Clone)]
+struct Tracked {
+    installation_id: String,
+    status: pb::ServiceStatus,
+    failures: Vec<Instant>,
+    next_restart: Option<Instant>,
+}
+
+/// The reconciler's state.
+struct Reconciler {
+    runtime: Containerd,
+    options: ReconcileOptions,
+    node_id: String,
+    tracked: HashMap<String, Tracked>,
+    images: HashMap<String, PulledImage>,
+    reported: HashMap<String, Vec<pb::ServiceStatus>>,
+    reports: mpsc::Sender<(String, Vec<pb::ServiceStatus>)>,
+    observed: watch::Sender<Vec<pb::ObservedService>>,
+}
+
+/// Runs the reconciler until `shutdown` fires. Addon containers keep
+/// running when it stops.
+pub async fn run(
+    runtime: Containerd,
+    options: ReconcileOptions,
+    node_id: String,
+    mut desired: watch::Receiver<Option<pb::DesiredState>>,
+    reports: mpsc::Sender<(String, Vec<pb::ServiceStatus>)>,
+    observed: watch::Sender<Vec<pb::ObservedService>>,
+    shutdown: Shutdown,
+) {
+    let mut reconciler = Reconciler {
+        runtime,
+        options,
+        node_id,
+        tracked: HashMap::new(),
+        images: HashMap::new(),
+        reported: HashMap::new(),
+        reports,
+        observed,
+    };
+    let mut resync = tokio::time::interval(reconciler.options.resync);
+    let mut exits = None;
+    loop {
+        if exits.is_none() {
+            match reconciler.runtime.task_exits().await {
+                Ok(stream) => exits = Some(stream),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot subscribe to containerd's task exits; retrying at the next resync");
+                    reconciler.runtime.reset().await;
+                }
+            }
+        }
+        let state = desired.borrow_and_update().clone();
+        if let Err(err) = reconciler.pass(state.as_ref()).await {
+            tracing::warn!(error = %err, "reconcile pass failed; retrying at the next resync");
+            if err.is_unavailable() {
+                reconciler.runtime.reset().await;
+                exits = None;
+            }
+        }
+        let next_restart = reconciler
+            .tracked
+            .values()
+            .filter_map(|t| t.next_restart)
+            .min();
+        tokio::select! {
+            () = shutdown.fired() => return,
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            exit = async {
+                match exits.as_mut() {
+                    Some(stream) => stream.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match exit {
+                    Some(Ok(exit)) => tracing::debug!(container = %exit.container_id, status = exit.exit_status, "task exited"),
+                    Some(Err(err)) => {
+                        tracing::warn!(error = %err, "containerd's event stream failed");
+                        exits = None;
+                    }
+                    None => exits = None,
+                }
+            }
+            _ = resync.tick() => {}
+            () = async {
+                match next_restart {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
+
+impl Reconciler {
+    fn container_id(&self, service: &str) -> String {
+        format!("{}_{service}", self.options.plane)
+    }
+
+    async fn pass(&mut self, desired: Option<&pb::DesiredState>) -> Result<(), RuntimeError> {
+        let containers = self
+            .runtime
+            .list_containers(&[(MANAGED_BY, MANAGED_BY_VALUE)])
+            .await?;
+        self.publish_observed(&containers).await;
+        // Before the first desired state, nothing is known to be unwanted.
+        let Some(desired) = desired else {
+            return Ok(());
+        };
+        let existing: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
+        let mut wanted = HashSet::new();
+        for installation in &desired.installations {
+            let Some(addon) = installation.addon.as_ref() else {
+                continue;
+            };
+            let presence = installation.presence();
+            for service in &addon.services {
+                let id = self.container_id(&service.service_name);
+                match presence {
+                    DesiredPresence::Running => {
+                        wanted.insert(id.clone());
+                        if let Err(err) = self
+                            .ensure_running(
+                                installation,
+                                addon,
+                                service,
+                                &id,
+                                existing.contains(&id),
+                            )
+                            .await
+                        {
+                            if err.is_unavailable() {
+                                return Err(err);
+                            }
+                            tracing::warn!(container = %id, error = %err, "cannot run service");
+                            self.set_phase(
+                                &installation.installation_id,
+                                service,
+                                &id,
+                                ServicePhase::Backoff,
+                                err.to_string(),
+                            );
+                            let tracked = self.tracked.get_mut(&id);
+                            if let Some(tracked) = tracked {
+                                tracked.next_restart =
+                                    Some(Instant::now() + self.options.restart_backoff);
+                            }
+                        }
+                    }
+                    _ => {
+                        if existing.contains(&id) {
+                            self.set_phase(
+                                &installation.installation_id,
+                                service,
+                                &id,
+                                ServicePhase::Stopping,
+                                "removing".into(),
+                            );
+                            self.send_report(&installation.installation_id).await;
+                            self.runtime
+                                .remove_container(&id, self.options.stop_grace)
+                                .await?;
+                        }
+                        self.set_phase(
+                            &installation.installation_id,
+                            service,
+                            &id,
+                            ServicePhase::Removed,
+                            "removed".into(),
+                        );
+                    }
+                }
+            }
+            if presence != DesiredPresence::Running && installation.purge_volumes {
+                let volumes = self
+                    .options
+                    .state_dir
+                    .join("volumes")
+                    .join(&installation.installation_id);
+                if volumes.exists() {
+                    let _ = std::fs::remove_dir_all(&volumes);
+                }
+            }
+            self.send_report(&installation.installation_id).await;
+        }
+        // Orphans: the monitor's containers that no desired installation wants.
+        for container in &containers {
+            if !wanted.contains(&container.id)
+                && !desired.installations.iter().any(|i| {
+                    Some(&i.installation_id) == container.labels.get(INSTALLATION)
+                        && i.presence() != DesiredPresence::Running
+                })
+            {
+                tracing::info!(container = %container.id, "removing orphan container");
+                self.runtime
+                    .remove_container(&container.id, self.options.stop_grace)
+                    .await?;
+                self.tracked.remove(&container.id);
+            }
+        }
+        let desired_ids: HashSet<&str> = desired
+            .installations
+            .iter()
+            .map(|i| i.installation_id.as_str())
+            .collect();
+        self.tracked
+            .retain(|_, t| desired_ids.contains(t.installation_id.as_str()));
+        self.reported
+            .retain(|id, _| desired_ids.contains(id.as_str()));
+        Ok(())
+    }
+
+    async fn publish_observed(&self, containers: &[crate::runtime::ContainerInfo]) {
+        let mut observed = Vec::new();
+        for container in containers {
+            let phase = match self.runtime.task_state(&container.id).await {
+                Ok(TaskState::Running(_)) => ServicePhase::Running,
+                _ => ServicePhase::Backoff,
+            };
+            observed.push(pb::ObservedService {
+                installation_id: container
+                    .labels
+                    .get(INSTALLATION)
+                    .cloned()
+                    .unwrap_or_default(),
+                service_name: container.labels.get(SERVICE).cloned().unwrap_or_default(),
+                container_id: container.id.clone(),
+                phase: phase.into(),
+            });
+        }
+        self.observed.send_replace(observed);
+    }
+
+    fn set_phase(
+        &mut self,
+        installation: &str,
+        service: &mpb::ServiceSpec,
+        id: &str,
+        phase: ServicePhase,
+        reason: String,
+    ) {
+        let tracked = self
+            .tracked
+            .entry(id.to_owned())
+            .or_insert_with(|| Tracked {
+                installation_id: installation.to_owned(),
+                status: pb::ServiceStatus {
+                    service_name: service.service_name.clone(),
+                    container_id: id.to_owned(),
+                    ..Default::default()
+                },
+                failures: Vec::new(),
+                next_restart: None,
+            });
+        tracked.installation_id = installation.to_owned();
+        if tracked.status.phase() != phase || tracked.status.reason != reason {
+            tracked.status.phase = phase.into();
+            tracked.status.reason = reason;
+            tracked.status.update_time = Some(now());
+        }
+        tracked.status.node_id = self.node_id.clone();
+    }
+
+    async fn ensure_running(
+        &mut self,
+        installation: &pb::DesiredInstallation,
+        addon: &mpb::Addon,
+        service: &mpb::ServiceSpec,
+        id: &str,
+        exists: bool,
+    ) -> Result<(), RuntimeError> {
+        let installation_id = installation.installation_id.as_str();
+        if self
+            .tracked
+            .get(id)
+            .is_some_and(|t| t.status.phase() == ServicePhase::Failed)
+        {
+            return Ok(());
+        }
+        let log = self
+            .options
+            .state_dir
+            .join("logs")
+            .join(format!("{id}.log"));
+        if !exists {
+            let image = if service.resolved_image.is_empty() {
+                &service.image
+            } else {
+                &service.resolved_image
+            };
+            self.set_phase(
+                installation_id,
+                service,
+                id,
+                ServicePhase::Pulling,
+                format!("pulling {image}"),
+            );
+            self.send_report(installation_id).await;
+            let pulled = match self.images.get(image) {
+                Some(pulled) => pulled.clone(),
+                None => {
+                    let progress = Arc::new(AtomicU64::new(0));
+                    let pulled = self
+                        .runtime
+                        .pull(image, &self.options.registry, progress)
+                        .await?;
+                    self.images.insert(image.clone(), pulled.clone());
+                    pulled
+                }
+            };
+            self.set_phase(
+                installation_id,
+                service,
+                id,
+                ServicePhase::Starting,
+                "starting".into(),
+            );
+            let run = self.run_spec(installation_id, service, id, &pulled)?;
+            let spec = build_spec(&run, self.runtime.namespace()).map_err(|reason| {
+                RuntimeError::InvalidImage {
+                    image: image.clone(),
+                    reason,
+                }
+            })?;
+            let labels = HashMap::from([
+                (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
+                (INSTALLATION.to_owned(), installation_id.to_owned()),
+                (SERVICE.to_owned(), service.service_name.clone()),
+                (PLANE.to_owned(), self.options.plane.clone()),
+                (ADDON.to_owned(), addon.id.clone()),
+            ]);
+            std::fs::create_dir_all(self.options.state_dir.join("logs")).ok();
+            self.runtime
+                .create_container(id, image, &pulled.top_snapshot, &spec, labels)
+                .await?;
+            self.runtime.start_task(id, &log).await?;
+            self.set_phase(
+                installation_id,
+                service,
+                id,
+                ServicePhase::Running,
+                "running".into(),
+            );
+            return Ok(());
+        }
+        match self.runtime.task_state(id).await? {
+            TaskState::Running(_) | TaskState::Paused => {
+                self.set_phase(
+                    installation_id,
+                    service,
+                    id,
+                    ServicePhase::Running,
+                    "running".into(),
+                );
+                if let Some(tracked) = self.tracked.get_mut(id) {
+                    tracked.next_restart = None;
+                }
+            }
+            state @ (TaskState::Stopped(_) | TaskState::Absent | TaskState::Created) => {
+                let exit_code = match state {
+                    TaskState::Stopped(code) => Some(i32::try_from(code).unwrap_or(i32::MAX)),
+                    _ => None,
+                };
+                let now = Instant::now();
+                let window = self.options.failure_window;
+                let max_failures = self.options.max_failures;
+                let (backoff, backoff_max) = (
+                    self.options.restart_backoff,
+                    self.options.restart_backoff_max,
+                );
+                if !self.tracked.contains_key(id) {
+                    self.set_phase(
+                        installation_id,
+                        service,
+                        id,
+                        ServicePhase::Backoff,
+                        "exited".into(),
+                    );
+                }
+                let Some(tracked) = self.tracked.get_mut(id) else {
+                    return Ok(());
+                };
+                if tracked.status.phase() != ServicePhase::Backoff {
+                    tracked.status.phase = ServicePhase::Backoff.into();
+                    tracked.status.update_time = Some(now_timestamp());
+                }
+                if tracked.next_restart.is_none() {
+                    // A new exit.
+                    tracked
+                        .failures
+                        .retain(|at| now.duration_since(*at) < window);
+                    tracked.failures.push(now);
+                    tracked.status.exit_code = exit_code.or(tracked.status.exit_code);
+                    if tracked.failures.len() > max_failures {
+                        tracked.status.phase = ServicePhase::Failed.into();
+                        tracked.status.reason = format!(
+                            "exited {} times within {:?}; last exit code {}",
+                            tracked.failures.len(),
+                            window,
+                            tracked
+                                .status
+                                .exit_code
+                                .map_or("unknown".to_owned(), |c| c.to_string())
+                        );
+                        tracked.status.logs_tail = tail(&log, 50);
+                        tracked.status.update_time = Some(now_timestamp());
+                        return Ok(());
+                    }
+                    let exponent = u32::try_from(tracked.failures.len().saturating_sub(1))
+                        .unwrap_or(16)
+                        .min(16);
+                    let delay = backoff.saturating_mul(1 << exponent).min(backoff_max);
+                    tracked.next_restart = Some(now + delay);
+                    tracked.status.reason = format!(
+                        "exited with code {}; restarting in {delay:?}",
+                        tracked
+                            .status
+                            .exit_code
+                            .map_or("unknown".to_owned(), |c| c.to_string())
+                    );
+                    tracked.status.logs_tail = tail(&log, 20);
+                } else if tracked.next_restart.is_some_and(|at| at <= now) {
+                    tracked.next_restart = None;
+                    tracked.status.restart_count += 1;
+                    self.runtime.delete_task(id).await?;
+                    self.runtime.start_task(id, &log).await?;
+                    self.set_phase(
+                        installation_id,
+                        service,
+                        id,
+                        ServicePhase::Running,
+                        "running".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_spec(
+        &self,
+        installation: &str,
+        service: &mpb::ServiceSpec,
+        id: &str,
+        pulled: &PulledImage,
+    ) -> Result<RunSpec, RuntimeError> {
+        let invalid = |reason: String| RuntimeError::InvalidImage {
+            image: service.image.clone(),
+            reason,
+        };
+        let mut args = pulled.config.entrypoint.clone();
+        args.extend(if service.command.is_empty() {
+            pulled.config.cmd.clone()
+        } else {
+            service.command.clone()
+        });
+        if args.is_empty() {
+            return Err(invalid(
+                "nothing to run: no entrypoint, cmd or command".into(),
+            ));
+        }
+        let mut env: Vec<String> = pulled.config.env.clone();
+        for (key, value) in &service.environment {
+            env.retain(|entry| !entry.starts_with(&format!("{key}=")));
+            env.push(format!("{key}={value}"));
+        }
+        let files = self.options.state_dir.join("containers").join(id);
+        std::fs::create_dir_all(&files)
+            .map_err(|err| invalid(format!("cannot create {}: {err}", files.display())))?;
+        let hosts = files.join("hosts");
+        std::fs::write(
+            &hosts,
+            format!(
+                "127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost\n",
+                name = service.service_name
+            ),
+        )
+        .map_err(|err| invalid(format!("cannot write {}: {err}", hosts.display())))?;
+        let resolv = files.join("resolv.conf");
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        std::fs::write(&resolv, host_resolv)
+            .map_err(|err| invalid(format!("cannot write {}: {err}", resolv.display())))?;
+        let mut binds = vec![
+            (hosts, "/etc/hosts".to_owned(), true),
+            (resolv, "/etc/resolv.conf".to_owned(), true),
+        ];
+        for mount in &service.volumes {
+            let parts: Vec<&str> = mount.split(':').collect();
+            let (source, destination, readonly) = match parts.as_slice() {
+                [source, destination] => (*source, *destination, false),
+                [source, destination, mode] => (*source, *destination, *mode == "ro"),
+                _ => return Err(invalid(format!("bad volume `{mount}`"))),
+            };
+            let source = if source.starts_with('/') {
+                PathBuf::from(source)
+            } else {
+                let dir = self
+                    .options
+                    .state_dir
+                    .join("volumes")
+                    .join(installation)
+                    .join(source);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|err| invalid(format!("cannot create {}: {err}", dir.display())))?;
+                dir
+            };
+            binds.push((source, destination.to_owned(), readonly));
+        }
+        Ok(RunSpec {
+            id: id.to_owned(),
+            hostname: service.service_name.clone(),
+            args,
+            env,
+            cwd: pulled.config.working_dir.clone(),
+            binds,
+            privileged: service.privileged,
+        })
+    }
+
+    /// Sends the installation's statuses on this node if they changed since
+    /// the last report.
+    async fn send_report(&mut self, installation: &str) {
+        let mut services: Vec<pb::ServiceStatus> = self
+            .tracked
+            .values()
+            .filter(|t| t.installation_id == installation)
+            .map(|t| t.status.clone())
+            .collect();
+        services.sort_by(|a, b| a.service_name.cmp(&b.service_name));
+        let unchanged = self.reported.get(installation).is_some_and(|last| {
+            last.len() == services.len()
+                && last.iter().zip(&services).all(|(a, b)| {
+                    (a.phase, &a.reason, a.restart_count, a.exit_code)
+                        == (b.phase, &b.reason, b.restart_count, b.exit_code)
+                })
+        });
+        if unchanged || services.is_empty() {
+            return;
+        }
+        self.reported
+            .insert(installation.to_owned(), services.clone());
+        let _ = self.reports.send((installation.to_owned(), services)).await;
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    now_timestamp()
+}
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The last `lines` lines of a log file.
+fn tail(path: &Path, lines: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect()
+}
