@@ -18,6 +18,10 @@ use oakestra_addons_proto::{
         addons_manager_service_client::AddonsManagerServiceClient,
     },
     marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+    monitor::v1::{
+        GetServiceLogsRequest, ListManagedServicesRequest,
+        node_monitor_service_client::NodeMonitorServiceClient,
+    },
 };
 
 const NAMESPACE: &str = "oakestra-e2e";
@@ -219,6 +223,51 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     );
     let log = std::fs::read_to_string(state.join("logs/root_looper.log")).unwrap();
     assert!(log.contains("started"), "{log}");
+
+    // The node-local API shows the services and their logs.
+    let mut node = NodeMonitorServiceClient::new(monitor.channel());
+    let managed = node
+        .list_managed_services(ListManagedServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    let names: Vec<_> = managed
+        .iter()
+        .map(|s| (s.container_id.as_str(), s.phase()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("root_crasher", ServicePhase::Backoff),
+            ("root_looper", ServicePhase::Running)
+        ]
+    );
+    assert!(managed.iter().all(|s| {
+        s.installation_id == id
+            && s.image
+                .ends_with(&format!("@{}", s.image.rsplit('@').next().unwrap()))
+    }));
+    let logs = node
+        .get_service_logs(GetServiceLogsRequest {
+            installation_id: id.clone(),
+            service_name: "crasher".into(),
+            tail_lines: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lines;
+    assert_eq!(logs, ["failing-now", "failing-now"]);
+    let missing = node
+        .get_service_logs(GetServiceLogsRequest {
+            installation_id: id.clone(),
+            service_name: "nope".into(),
+            tail_lines: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
 
     // Killing the running task: restarted and reported.
     let runtime = Runtime::new(containerd.socket(), NAMESPACE.into(), "overlayfs".into());

@@ -1,7 +1,9 @@
 //! The tonic adapter of `oakestra.addons.monitor.v1.NodeMonitorService`.
 
+use std::path::PathBuf;
+
 use oakestra_addons_proto::{
-    engine::v1::Plane,
+    engine::v1::{Plane, ServicePhase},
     monitor::v1::{
         self as pb,
         node_monitor_service_server::{NodeMonitorService, NodeMonitorServiceServer},
@@ -9,7 +11,7 @@ use oakestra_addons_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::Containerd;
+use crate::{Containerd, reconcile::MANAGED_BY, runtime::TaskState};
 
 /// The node-local API of the monitor.
 #[derive(Debug, Clone)]
@@ -17,16 +19,23 @@ pub struct NodeMonitorApi {
     containerd: Containerd,
     node_id: String,
     plane: Plane,
+    state_dir: PathBuf,
 }
 
 impl NodeMonitorApi {
-    /// The API of the monitor of `node_id` in `plane`.
-    pub fn new(containerd: Containerd, node_id: String, plane: Plane) -> Self {
+    /// The API of the monitor of `node_id` in `plane`, whose logs live under
+    /// `state_dir`.
+    pub fn new(containerd: Containerd, node_id: String, plane: Plane, state_dir: PathBuf) -> Self {
         Self {
             containerd,
             node_id,
             plane,
+            state_dir,
         }
+    }
+
+    fn unavailable(err: crate::runtime::RuntimeError) -> Status {
+        Status::unavailable(err.to_string())
     }
 
     /// The tonic service.
@@ -41,18 +50,83 @@ impl NodeMonitorService for NodeMonitorApi {
         &self,
         _request: Request<pb::ListManagedServicesRequest>,
     ) -> Result<Response<pb::ListManagedServicesResponse>, Status> {
-        Err(Status::unimplemented(
-            "this monitor does not run addons yet: the containerd reconciler is not implemented",
-        ))
+        let containers = self
+            .containerd
+            .list_containers(&[(MANAGED_BY, "addons-monitor")])
+            .await
+            .map_err(Self::unavailable)?;
+        let mut services = Vec::new();
+        for container in containers {
+            let phase = match self
+                .containerd
+                .task_state(&container.id)
+                .await
+                .map_err(Self::unavailable)?
+            {
+                TaskState::Running(_) | TaskState::Paused => ServicePhase::Running,
+                _ => ServicePhase::Backoff,
+            };
+            services.push(pb::ManagedService {
+                installation_id: container
+                    .labels
+                    .get("oakestra.io/installation-id")
+                    .cloned()
+                    .unwrap_or_default(),
+                service_name: container
+                    .labels
+                    .get("oakestra.io/service-name")
+                    .cloned()
+                    .unwrap_or_default(),
+                container_id: container.id,
+                phase: phase.into(),
+                image: container.image,
+                replaced_core_component: String::new(),
+            });
+        }
+        services.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        Ok(Response::new(pb::ListManagedServicesResponse { services }))
     }
 
     async fn get_service_logs(
         &self,
-        _request: Request<pb::GetServiceLogsRequest>,
+        request: Request<pb::GetServiceLogsRequest>,
     ) -> Result<Response<pb::GetServiceLogsResponse>, Status> {
-        Err(Status::unimplemented(
-            "this monitor does not run addons yet: there are no service logs",
-        ))
+        let request = request.into_inner();
+        if request.installation_id.is_empty() || request.service_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "installation_id and service_name are required",
+            ));
+        }
+        let lines = match request.tail_lines {
+            0 => 100,
+            n => n.min(10_000) as usize,
+        };
+        let containers = self
+            .containerd
+            .list_containers(&[
+                (MANAGED_BY, "addons-monitor"),
+                ("oakestra.io/installation-id", &request.installation_id),
+                ("oakestra.io/service-name", &request.service_name),
+            ])
+            .await
+            .map_err(Self::unavailable)?;
+        let Some(container) = containers.first() else {
+            return Err(Status::not_found(format!(
+                "service {} of installation {} does not run on this node",
+                request.service_name, request.installation_id
+            )));
+        };
+        let path = self
+            .state_dir
+            .join("logs")
+            .join(format!("{}.log", container.id));
+        let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let lines = all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect();
+        Ok(Response::new(pb::GetServiceLogsResponse { lines }))
     }
 
     async fn get_runtime_info(

@@ -102,7 +102,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     Server::new()
-        .add_service(NodeMonitorApi::new(containerd, node_id, plane).into_service())
+        .add_service(
+            NodeMonitorApi::new(containerd, node_id, plane, config.state_dir.clone())
+                .into_service(),
+        )
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -199,18 +199,12 @@ impl Reconciler {
                                 return Err(err);
                             }
                             tracing::warn!(container = %id, error = %err, "cannot run service");
-                            self.set_phase(
+                            self.record_failure(
                                 &installation.installation_id,
                                 service,
                                 &id,
-                                ServicePhase::Backoff,
                                 err.to_string(),
                             );
-                            let tracked = self.tracked.get_mut(&id);
-                            if let Some(tracked) = tracked {
-                                tracked.next_restart =
-                                    Some(Instant::now() + self.options.restart_backoff);
-                            }
                         }
                     }
                     _ => {
@@ -295,6 +289,51 @@ impl Reconciler {
             });
         }
         self.observed.send_replace(observed);
+    }
+
+    /// Counts a failed attempt to run a service: back off, or give up once
+    /// the failure budget of the window is spent.
+    fn record_failure(
+        &mut self,
+        installation: &str,
+        service: &mpb::ServiceSpec,
+        id: &str,
+        reason: String,
+    ) {
+        self.set_phase(
+            installation,
+            service,
+            id,
+            ServicePhase::Backoff,
+            reason.clone(),
+        );
+        let (window, max_failures) = (self.options.failure_window, self.options.max_failures);
+        let (backoff, backoff_max) = (
+            self.options.restart_backoff,
+            self.options.restart_backoff_max,
+        );
+        let Some(tracked) = self.tracked.get_mut(id) else {
+            return;
+        };
+        let now = Instant::now();
+        tracked
+            .failures
+            .retain(|at| now.duration_since(*at) < window);
+        tracked.failures.push(now);
+        if tracked.failures.len() > max_failures {
+            tracked.status.phase = ServicePhase::Failed.into();
+            tracked.status.reason = format!(
+                "gave up after {} failures: {reason}",
+                tracked.failures.len()
+            );
+            tracked.next_restart = None;
+        } else {
+            let exponent = u32::try_from(tracked.failures.len().saturating_sub(1))
+                .unwrap_or(16)
+                .min(16);
+            tracked.next_restart =
+                Some(now + backoff.saturating_mul(1 << exponent).min(backoff_max));
+        }
     }
 
     fn set_phase(

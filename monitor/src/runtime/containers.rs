@@ -70,6 +70,24 @@ impl Containerd {
         spec: &oci_spec::runtime::Spec,
         labels: HashMap<String, String>,
     ) -> Result<(), RuntimeError> {
+        // Under a lease until the container record references the snapshot.
+        let lease = self.create_lease().await?;
+        let result = self
+            .create_container_within_lease(id, image, top_snapshot, spec, labels, &lease)
+            .await;
+        self.delete_lease(&lease).await;
+        result
+    }
+
+    async fn create_container_within_lease(
+        &self,
+        id: &str,
+        image: &str,
+        top_snapshot: &str,
+        spec: &oci_spec::runtime::Spec,
+        labels: HashMap<String, String>,
+        lease: &str,
+    ) -> Result<(), RuntimeError> {
         let channel = self.channel().await?;
         let prepared = SnapshotsClient::new(channel.clone())
             .prepare(self.request(
@@ -79,7 +97,7 @@ impl Containerd {
                     parent: top_snapshot.to_owned(),
                     labels: HashMap::new(),
                 },
-                None,
+                Some(lease),
             ))
             .await;
         match prepared {
@@ -118,7 +136,7 @@ impl Containerd {
                 CreateContainerRequest {
                     container: Some(container),
                 },
-                None,
+                Some(lease),
             ))
             .await
             .map_err(RuntimeError::call("Containers.Create"))?;

@@ -181,6 +181,45 @@ impl Containerd {
         request
     }
 
+    /// Creates a lease that expires in an hour: resources made under it are
+    /// safe from containerd's GC until they are referenced, and a monitor
+    /// that dies midway leaves nothing GC cannot collect.
+    async fn create_lease(&self) -> Result<String, RuntimeError> {
+        use containerd_client::services::v1::{CreateRequest, leases_client::LeasesClient};
+        let id = format!("oakestra-{}", rand_suffix());
+        let labels = std::collections::HashMap::from([(
+            "containerd.io/gc.expire".to_owned(),
+            expiry_in_an_hour(),
+        )]);
+        LeasesClient::new(self.channel().await?)
+            .create(self.request(
+                CreateRequest {
+                    id: id.clone(),
+                    labels,
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Leases.Create"))?;
+        Ok(id)
+    }
+
+    /// Releases a lease; failures only delay GC until the lease expires.
+    async fn delete_lease(&self, id: &str) {
+        use containerd_client::services::v1::{DeleteRequest, leases_client::LeasesClient};
+        if let Ok(channel) = self.channel().await {
+            let _ = LeasesClient::new(channel)
+                .delete(self.request(
+                    DeleteRequest {
+                        id: id.to_owned(),
+                        sync: false,
+                    },
+                    None,
+                ))
+                .await;
+        }
+    }
+
     /// Asks containerd for its version.
     pub async fn version(&self) -> Result<RuntimeVersion, RuntimeError> {
         let mut client = VersionClient::new(self.channel().await?);
@@ -194,6 +233,31 @@ impl Containerd {
             revision: response.revision,
         })
     }
+}
+
+/// A short random suffix for temporary keys.
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// One hour from now in RFC 3339.
+fn expiry_in_an_hour() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    prost_types::Timestamp {
+        seconds: i64::try_from(secs).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+    .to_string()
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

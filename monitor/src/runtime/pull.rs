@@ -14,14 +14,11 @@ use std::{
 
 use containerd_client::{
     services::v1::{
-        CreateImageRequest, CreateRequest as CreateLeaseRequest,
-        DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, InfoRequest,
-        ReadContentRequest, UpdateRequest as UpdateContentRequest, WriteAction,
-        WriteContentRequest,
+        CreateImageRequest, GetImageRequest, Image, InfoRequest, ReadContentRequest,
+        UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
         content_client::ContentClient,
         diff_client::DiffClient,
         images_client::ImagesClient,
-        leases_client::LeasesClient,
         snapshots::{
             CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
             StatSnapshotRequest, snapshots_client::SnapshotsClient,
@@ -39,7 +36,7 @@ use oci_client::{
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::{Containerd, RuntimeError};
+use super::{Containerd, RuntimeError, rand_suffix};
 
 const INDEX_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
@@ -196,35 +193,13 @@ impl Containerd {
             ..ClientConfig::default()
         });
         let auth = RegistryAuth::Anonymous;
-        let channel = self.channel().await?;
-        let mut leases = LeasesClient::new(channel.clone());
-        let lease_id = format!("oakestra-pull-{}", rand_suffix());
-        let lease_labels =
-            HashMap::from([("containerd.io/gc.expire".to_owned(), chrono_like_expiry())]);
-        leases
-            .create(self.request(
-                CreateLeaseRequest {
-                    id: lease_id.clone(),
-                    labels: lease_labels,
-                },
-                None,
-            ))
-            .await
-            .map_err(RuntimeError::call("Leases.Create"))?;
+        let lease_id = self.create_lease().await?;
         let result = self
             .pull_within_lease(image, &reference, &client, &auth, &lease_id, progress)
             .await;
         // The image record and the snapshot labels now hold what the lease
         // protected; if the pull failed, releasing it lets GC clean up.
-        let _ = leases
-            .delete(self.request(
-                DeleteLeaseRequest {
-                    id: lease_id,
-                    sync: false,
-                },
-                None,
-            ))
-            .await;
+        self.delete_lease(&lease_id).await;
         result
     }
 
@@ -790,32 +765,6 @@ impl Containerd {
             }),
         }
     }
-}
-
-/// A short random suffix for temporary keys.
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ (u64::from(std::process::id()) << 32)
-}
-
-/// An expiry one hour from now in RFC 3339, for the pull lease: a monitor
-/// that dies mid-pull leaves nothing that GC cannot collect.
-fn chrono_like_expiry() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + 3600;
-    let timestamp = prost_types::Timestamp {
-        seconds: secs as i64,
-        nanos: 0,
-    };
-    timestamp.to_string()
 }
 
 #[cfg(test)]
