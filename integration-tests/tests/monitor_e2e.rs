@@ -32,9 +32,25 @@ async fn start_monitor(
     state: &std::path::Path,
     registry: &str,
 ) -> ServerProcess {
+    start_monitor_on(manager, containerd, state, registry, "oe", "10.91").await
+}
+
+/// Each test gets bridges and subnets of its own, so tests run side by side.
+async fn start_monitor_on(
+    manager: &ServerProcess,
+    containerd: &Containerd,
+    state: &std::path::Path,
+    registry: &str,
+    bridge_prefix: &str,
+    subnet_prefix: &str,
+) -> ServerProcess {
     ServerProcess::start(
         &binary("addons-monitor"),
         &[
+            "--bridge-prefix",
+            bridge_prefix,
+            "--subnet-prefix",
+            subnet_prefix,
             "--manager",
             &manager.url(),
             "--containerd-socket",
@@ -361,6 +377,214 @@ async fn runs_restarts_gives_up_survives_and_removes() {
         !state.join("volumes").join(&id).exists(),
         "purge removed the volumes"
     );
+    monitor.stop().await;
+    containerd.stop().await;
+}
+
+/// Host-side traces of a container network: veths on our bridges, NAT rules
+/// naming our containers.
+fn network_leftovers(bridge_prefix: &str) -> Vec<String> {
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    let nat = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    let nat = String::from_utf8_lossy(&nat.stdout).into_owned();
+    links
+        .lines()
+        .filter(|l| l.contains(&format!("master {bridge_prefix}")))
+        .chain(
+            nat.lines()
+                .filter(|l| l.contains("root_web") || l.contains("root_client")),
+        )
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn publishes_ports_and_resolves_service_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+    )
+    .await;
+    let state = dir.path().join("monitor");
+    let monitor = start_monitor_on(&manager, &containerd, &state, &host, "on", "10.92").await;
+    let port = integration_tests::free_port();
+    let image = format!("{host}/team/app:1");
+    let mut market = MarketplaceServiceClient::new(marketplace.channel());
+    let addon = market
+        .publish_addon(mpb::PublishAddonRequest {
+            addon: Some(mpb::Addon {
+                name: "net".into(),
+                services: vec![
+                    mpb::ServiceSpec {
+                        service_name: "web".into(),
+                        image: image.clone(),
+                        command: command(
+                            "mkdir -p /www && echo hello-from-web > /www/index.html && exec /bin/busybox httpd -f -p 80 -h /www",
+                        ),
+                        ports: vec![mpb::PortMapping { container_port: 80, host_port: u32::from(port), protocol: "tcp".into() }],
+                        ..Default::default()
+                    },
+                    mpb::ServiceSpec {
+                        service_name: "client".into(),
+                        image: image.clone(),
+                        command: command(
+                            "while true; do /bin/busybox wget -q -O - http://web/ && echo; /bin/busybox sleep 0.5; done",
+                        ),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    eventually("approval", Duration::from_secs(30), || {
+        let mut market = market.clone();
+        let id = addon.id.clone();
+        async move {
+            let addon = market
+                .get_addon(mpb::GetAddonRequest { id })
+                .await
+                .unwrap()
+                .into_inner()
+                .addon
+                .unwrap();
+            if addon.status() == mpb::AddonStatus::Approved {
+                Ok(())
+            } else {
+                Err(format!("{:?}", addon.status()))
+            }
+        }
+    })
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    eventually("active", Duration::from_secs(60), || {
+        let manager = &manager;
+        let id = id.clone();
+        async move {
+            let installation = installation(manager, &id).await;
+            if installation.status() == InstallationStatus::Active {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?} {} {:?}",
+                    installation.status(),
+                    installation.status_message,
+                    installation.services
+                ))
+            }
+        }
+    })
+    .await;
+
+    // The declared port answers on the host's loopback.
+    let body = eventually(
+        "the web service answers on 127.0.0.1",
+        Duration::from_secs(20),
+        || async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| e.to_string())?;
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            stream
+                .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut response = String::new();
+            stream
+                .read_to_string(&mut response)
+                .await
+                .map_err(|e| e.to_string())?;
+            if response.contains("hello-from-web") {
+                Ok(response)
+            } else {
+                Err(response)
+            }
+        },
+    )
+    .await;
+    assert!(body.starts_with("HTTP/1."), "{body}");
+    // The client reaches the web service by its name.
+    eventually(
+        "the client reaches web by name",
+        Duration::from_secs(20),
+        || {
+            let log = state.join("logs/root_client.log");
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("hello-from-web") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        !network_leftovers("on").is_empty(),
+        "attached while running"
+    );
+
+    // Uninstall leaves no container, namespace, veth or NAT rule behind.
+    AddonsManagerServiceClient::new(manager.channel())
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.clone(),
+            purge: true,
+        })
+        .await
+        .unwrap();
+    let runtime = Runtime::new(containerd.socket(), NAMESPACE.into(), "overlayfs".into());
+    eventually("everything removed", Duration::from_secs(30), || {
+        let runtime = runtime.clone();
+        let netns = state.join("netns");
+        async move {
+            let containers = runtime
+                .list_containers(&[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let namespaces: Vec<_> = std::fs::read_dir(&netns)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            let leftovers = network_leftovers("on");
+            if containers.is_empty() && namespaces.is_empty() && leftovers.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{containers:?} {namespaces:?} {leftovers:?}"))
+            }
+        }
+    })
+    .await;
     monitor.stop().await;
     containerd.stop().await;
 }

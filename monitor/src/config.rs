@@ -79,6 +79,24 @@ pub struct Config {
     )]
     pub insecure_registries: Vec<String>,
 
+    /// Directory of the CNI plugin binaries (Debian's
+    /// containernetworking-plugins).
+    #[arg(
+        long,
+        env = "ADDONS_CNI_PLUGIN_DIR",
+        value_name = "DIR",
+        default_value = "/usr/lib/cni"
+    )]
+    pub cni_plugin_dir: PathBuf,
+
+    /// Name prefix of the bridges of addon networks (`<prefix><n>`).
+    #[arg(long, env = "ADDONS_BRIDGE_PREFIX", value_name = "PREFIX", default_value = "oak", value_parser = parse_bridge_prefix)]
+    pub bridge_prefix: String,
+
+    /// First two octets of addon network subnets (`<prefix>.<n>.0/24`).
+    #[arg(long, env = "ADDONS_SUBNET_PREFIX", value_name = "A.B", default_value = "10.89", value_parser = parse_subnet_prefix)]
+    pub subnet_prefix: String,
+
     /// containerd snapshotter for root filesystems.
     #[arg(
         long,
@@ -124,6 +142,26 @@ pub struct Config {
     /// The orchestration plane this monitor serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = PlaneArg::Root)]
     pub plane: PlaneArg,
+}
+
+fn parse_bridge_prefix(text: &str) -> Result<String, String> {
+    if text.is_empty()
+        || text.len() > 12
+        || !text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(
+            "1 to 12 letters, digits or '-' (bridge names have at most 15 characters)".into(),
+        );
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_subnet_prefix(text: &str) -> Result<String, String> {
+    let octets: Vec<&str> = text.split('.').collect();
+    if octets.len() != 2 || octets.iter().any(|o| o.parse::<u8>().is_err()) {
+        return Err("two octets, such as 10.89".into());
+    }
+    Ok(text.to_owned())
 }
 
 /// Port of the node-local API by default.

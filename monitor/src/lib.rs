@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod link;
+pub mod network;
 pub mod reconcile;
 pub mod runtime;
 

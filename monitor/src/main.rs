@@ -5,6 +5,7 @@ use addons_monitor::{
     api::NodeMonitorApi,
     config::{Config, DEFAULT_PORT},
     link::{self, LinkSettings},
+    network::NetworkOptions,
     reconcile::{self, ReconcileOptions},
     runtime::RegistryAccess,
 };
@@ -94,6 +95,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             restart_backoff_max: config.restart_backoff_max.max(config.restart_backoff),
             max_failures: config.max_failures,
             failure_window: config.failure_window,
+            network: NetworkOptions {
+                plugin_dir: config.cni_plugin_dir.clone(),
+                bridge_prefix: config.bridge_prefix.clone(),
+                subnet_prefix: config.subnet_prefix.clone(),
+            },
         },
         node_id.clone(),
         link.desired.clone(),

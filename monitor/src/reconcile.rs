@@ -22,6 +22,7 @@ use oakestra_addons_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::network::{NetworkOptions, Networks, PortMapping};
 use crate::runtime::{
     Containerd, PulledImage, RegistryAccess, RunSpec, RuntimeError, TaskState, build_spec,
 };
@@ -56,6 +57,8 @@ pub struct ReconcileOptions {
     pub max_failures: usize,
     /// Window for counting failures.
     pub failure_window: Duration,
+    /// Where container networks live on the host.
+    pub network: NetworkOptions,
 }
 
 /// What the reconciler tracks per container.
@@ -70,6 +73,7 @@ struct Tracked {
 /// The reconciler's state.
 struct Reconciler {
     runtime: Containerd,
+    networks: Networks,
     options: ReconcileOptions,
     node_id: String,
     tracked: HashMap<String, Tracked>,
@@ -91,6 +95,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let mut reconciler = Reconciler {
+        networks: Networks::new(options.network.clone(), &options.state_dir),
         runtime,
         options,
         node_id,
@@ -217,9 +222,7 @@ impl Reconciler {
                                 "removing".into(),
                             );
                             self.send_report(&installation.installation_id).await;
-                            self.runtime
-                                .remove_container(&id, self.options.stop_grace)
-                                .await?;
+                            self.remove(&id).await?;
                         }
                         self.set_phase(
                             &installation.installation_id,
@@ -252,9 +255,7 @@ impl Reconciler {
                 })
             {
                 tracing::info!(container = %container.id, "removing orphan container");
-                self.runtime
-                    .remove_container(&container.id, self.options.stop_grace)
-                    .await?;
+                self.remove(&container.id).await?;
                 self.tracked.remove(&container.id);
             }
         }
@@ -420,7 +421,41 @@ impl Reconciler {
                 ServicePhase::Starting,
                 "starting".into(),
             );
-            let run = self.run_spec(installation_id, service, id, &pulled)?;
+            let mut run = self.run_spec(installation_id, service, id, &pulled)?;
+            let networks = if service.networks.is_empty() {
+                vec![addons_descriptor_default_network()]
+            } else {
+                service.networks.clone()
+            };
+            let ports: Vec<PortMapping> = service
+                .ports
+                .iter()
+                .map(|p| PortMapping {
+                    host_port: u16::try_from(p.host_port).unwrap_or(0),
+                    container_port: u16::try_from(p.container_port).unwrap_or(0),
+                    protocol: if p.protocol.is_empty() {
+                        "tcp".into()
+                    } else {
+                        p.protocol.clone()
+                    },
+                })
+                .collect();
+            self.networks
+                .attach(id, &networks, &ports)
+                .await
+                .map_err(|err| RuntimeError::InvalidImage {
+                    image: image.clone(),
+                    reason: err.to_string(),
+                })?;
+            run.netns = Some(self.networks.netns_path(id));
+            self.set_phase(
+                installation_id,
+                service,
+                id,
+                ServicePhase::Starting,
+                "starting".into(),
+            );
+            self.write_hosts(installation_id);
             let spec = build_spec(&run, self.runtime.namespace()).map_err(|reason| {
                 RuntimeError::InvalidImage {
                     image: image.clone(),
@@ -435,10 +470,17 @@ impl Reconciler {
                 (ADDON.to_owned(), addon.id.clone()),
             ]);
             std::fs::create_dir_all(self.options.state_dir.join("logs")).ok();
-            self.runtime
-                .create_container(id, image, &pulled.top_snapshot, &spec, labels)
-                .await?;
-            self.runtime.start_task(id, &log).await?;
+            let created = async {
+                self.runtime
+                    .create_container(id, image, &pulled.top_snapshot, &spec, labels)
+                    .await?;
+                self.runtime.start_task(id, &log).await
+            }
+            .await;
+            if let Err(err) = created {
+                let _ = self.remove(id).await;
+                return Err(err);
+            }
             self.set_phase(
                 installation_id,
                 service,
@@ -619,7 +661,63 @@ impl Reconciler {
             cwd: pulled.config.working_dir.clone(),
             binds,
             privileged: service.privileged,
+            netns: None,
         })
+    }
+
+    /// Stops and removes a container and its network attachments.
+    async fn remove(&mut self, id: &str) -> Result<(), RuntimeError> {
+        self.runtime
+            .remove_container(id, self.options.stop_grace)
+            .await?;
+        if let Err(err) = self.networks.detach(id).await {
+            tracing::warn!(container = %id, error = %err, "cannot detach networks");
+        }
+        let _ = std::fs::remove_dir_all(self.options.state_dir.join("containers").join(id));
+        Ok(())
+    }
+
+    /// Rewrites the hosts files of an installation's containers, in place
+    /// (they are bind-mounted), so services on a shared network reach each
+    /// other by service name.
+    fn write_hosts(&self, installation: &str) {
+        // (container id, service name, (network, address) pairs)
+        type Member<'a> = (&'a str, &'a str, Vec<(String, String)>);
+        let members: Vec<Member<'_>> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.installation_id == installation)
+            .map(|(id, t)| {
+                (
+                    id.as_str(),
+                    t.status.service_name.as_str(),
+                    self.networks.addresses(id),
+                )
+            })
+            .collect();
+        for (id, name, own) in &members {
+            let mut text = format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost\n");
+            for (other_id, other_name, addresses) in &members {
+                if other_id == id {
+                    continue;
+                }
+                if let Some((_, address)) = addresses
+                    .iter()
+                    .find(|(network, _)| own.iter().any(|(mine, _)| mine == network))
+                {
+                    text.push_str(&format!("{address}\t{other_name}\n"));
+                }
+            }
+            let path = self
+                .options
+                .state_dir
+                .join("containers")
+                .join(id)
+                .join("hosts");
+            if let Err(err) = std::fs::write(&path, text) {
+                tracing::warn!(path = %path.display(), error = %err, "cannot write hosts file");
+            }
+        }
     }
 
     /// Sends the installation's statuses on this node if they changed since
@@ -646,6 +744,11 @@ impl Reconciler {
             .insert(installation.to_owned(), services.clone());
         let _ = self.reports.send((installation.to_owned(), services)).await;
     }
+}
+
+/// The network a service joins when it names none.
+fn addons_descriptor_default_network() -> String {
+    "oakestra".to_owned()
 }
 
 fn now() -> prost_types::Timestamp {

@@ -25,6 +25,8 @@ pub struct RunSpec {
     pub binds: Vec<(PathBuf, String, bool)>,
     /// Privileged mode: every capability.
     pub privileged: bool,
+    /// Network namespace to join; a fresh, unconnected one when `None`.
+    pub netns: Option<PathBuf>,
 }
 
 /// Docker's default capability set: enough for ordinary services, no
@@ -140,6 +142,15 @@ pub fn build_spec(run: &RunSpec, namespace: &str) -> Result<Spec, String> {
     spec.set_mounts(Some(mounts));
     if let Some(linux) = spec.linux_mut() {
         linux.set_cgroups_path(Some(format!("/{namespace}/{}", run.id).into()));
+        if let Some(netns) = &run.netns
+            && let Some(namespaces) = linux.namespaces_mut()
+        {
+            for ns in namespaces.iter_mut() {
+                if ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network {
+                    ns.set_path(Some(netns.clone()));
+                }
+            }
+        }
         if run.privileged {
             linux.set_masked_paths(None);
             linux.set_readonly_paths(None);
@@ -162,6 +173,7 @@ mod tests {
             cwd: String::new(),
             binds: vec![("/var/lib/x/hosts".into(), "/etc/hosts".into(), true)],
             privileged: false,
+            netns: Some("/run/netns/root_api".into()),
         };
         let spec = build_spec(&run, "oakestra").unwrap();
         let json = serde_json::to_value(&spec).unwrap();

@@ -1,0 +1,460 @@
+//! Container networking through the standard CNI plugins (Debian's
+//! `containernetworking-plugins`): every descriptor network is a bridge
+//! network (`bridge` + `host-local` IPAM, then `portmap` for published ports
+//! and `firewall`), each container gets a network namespace of its own, and
+//! CNI DEL undoes all of it on removal.
+//!
+//! The monitor runs the plugins itself, following the CNI spec for network
+//! configuration lists: each plugin gets the network's name and CNI version,
+//! the previous plugin's result, and the runtime config it asks for. ADD
+//! results are kept under the state dir, so DEL works after a monitor
+//! restart too.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt as _;
+
+const CNI_VERSION: &str = "0.4.0";
+
+/// Why a network operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A CNI plugin failed.
+    #[error("CNI {command} of {plugin} for {container} on network {network} failed: {reason}")]
+    Plugin {
+        /// ADD or DEL.
+        command: &'static str,
+        /// The plugin.
+        plugin: String,
+        /// The container.
+        container: String,
+        /// The network.
+        network: String,
+        /// The plugin's message.
+        reason: String,
+    },
+    /// Local state could not be read or written.
+    #[error("network state: {0}")]
+    State(String),
+}
+
+/// A published port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// Port on the node.
+    pub host_port: u16,
+    /// Port in the container.
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+/// One network attachment of a container, as stored for DEL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Attachment {
+    network: String,
+    ifname: String,
+    ports: Vec<PortMapping>,
+    result: Value,
+    address: Option<String>,
+}
+
+/// Where the monitor's networks live on the host.
+#[derive(Debug, Clone)]
+pub struct NetworkOptions {
+    /// Directory of the CNI plugin binaries.
+    pub plugin_dir: PathBuf,
+    /// Bridges are named `<prefix><n>` (at most 15 characters in all).
+    pub bridge_prefix: String,
+    /// Subnets are `<prefix>.<n>.0/24`, such as `10.89.1.0/24`.
+    pub subnet_prefix: String,
+}
+
+/// The CNI plugins and the monitor's network state.
+#[derive(Debug, Clone)]
+pub struct Networks {
+    options: NetworkOptions,
+    plugin_dir: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Networks {
+    /// Networks as `options` say, with state under `state_dir/cni` and
+    /// network namespaces under `state_dir/netns`.
+    pub fn new(options: NetworkOptions, state_dir: &Path) -> Self {
+        Self {
+            plugin_dir: options.plugin_dir.clone(),
+            options,
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    /// Where container `id`'s network namespace is.
+    pub fn netns_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("netns").join(id)
+    }
+
+    fn cni_dir(&self) -> PathBuf {
+        self.state_dir.join("cni")
+    }
+
+    fn attachments_path(&self, id: &str) -> PathBuf {
+        self.cni_dir().join("containers").join(format!("{id}.json"))
+    }
+
+    /// The subnet index of `network`, allocated on first use and kept.
+    fn network_index(&self, network: &str) -> Result<u8, NetworkError> {
+        let path = self.cni_dir().join("networks.json");
+        let mut networks: BTreeMap<String, u8> = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        if let Some(index) = networks.get(network) {
+            return Ok(*index);
+        }
+        let index = (1..=250_u8)
+            .find(|i| !networks.values().any(|used| used == i))
+            .ok_or_else(|| NetworkError::State("no free subnet for another network".into()))?;
+        networks.insert(network.to_owned(), index);
+        std::fs::create_dir_all(self.cni_dir()).map_err(|e| NetworkError::State(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&networks).map_err(|e| NetworkError::State(e.to_string()))?;
+        std::fs::write(&path, bytes).map_err(|e| NetworkError::State(e.to_string()))?;
+        Ok(index)
+    }
+
+    /// The plugin list of `network`.
+    fn plugins(&self, network: &str) -> Result<Vec<Value>, NetworkError> {
+        let index = self.network_index(network)?;
+        Ok(vec![
+            json!({
+                "type": "bridge",
+                "bridge": format!("{}{index}", self.options.bridge_prefix),
+                "isGateway": true,
+                "ipMasq": true,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": format!("{}.{index}.0/24", self.options.subnet_prefix) }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": self.cni_dir().join("ipam").display().to_string(),
+                },
+            }),
+            json!({ "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }),
+            json!({ "type": "firewall" }),
+        ])
+    }
+
+    /// Creates container `id`'s network namespace and attaches it to
+    /// `networks` in order (`eth0`, `eth1`, ...), publishing `ports` on the
+    /// first. Returns the container's address on each network.
+    pub async fn attach(
+        &self,
+        id: &str,
+        networks: &[String],
+        ports: &[PortMapping],
+    ) -> Result<Vec<(String, String)>, NetworkError> {
+        let netns = self.netns_path(id);
+        if !netns.exists() {
+            create_netns(&netns)?;
+        }
+        let mut attachments: Vec<Attachment> = Vec::new();
+        for (i, network) in networks.iter().enumerate() {
+            let ifname = format!("eth{i}");
+            let ports = if i == 0 { ports.to_vec() } else { Vec::new() };
+            match self.add(id, &netns, network, &ifname, &ports).await {
+                Ok(result) => {
+                    let address = first_address(&result);
+                    attachments.push(Attachment {
+                        network: network.clone(),
+                        ifname,
+                        ports,
+                        result,
+                        address,
+                    });
+                    self.save(id, &attachments)?;
+                }
+                Err(err) => {
+                    let _ = self.detach(id).await;
+                    return Err(err);
+                }
+            }
+        }
+        Ok(attachments
+            .into_iter()
+            .filter_map(|a| Some((a.network, a.address?)))
+            .collect())
+    }
+
+    /// The addresses container `id` has on its networks, from the state.
+    pub fn addresses(&self, id: &str) -> Vec<(String, String)> {
+        self.load(id)
+            .into_iter()
+            .filter_map(|a| Some((a.network, a.address?)))
+            .collect()
+    }
+
+    /// Undoes [`Networks::attach`]: CNI DEL on every attachment, in reverse,
+    /// then the network namespace. Missing parts are fine.
+    pub async fn detach(&self, id: &str) -> Result<(), NetworkError> {
+        let netns = self.netns_path(id);
+        let attachments = self.load(id);
+        let mut first_error = None;
+        for attachment in attachments.iter().rev() {
+            if let Err(err) = self.del(id, &netns, attachment).await {
+                tracing::warn!(container = %id, error = %err, "CNI DEL failed");
+                first_error.get_or_insert(err);
+            }
+        }
+        if first_error.is_none() {
+            let _ = std::fs::remove_file(self.attachments_path(id));
+        }
+        remove_netns(&netns);
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    fn save(&self, id: &str, attachments: &[Attachment]) -> Result<(), NetworkError> {
+        let path = self.attachments_path(id);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| NetworkError::State(e.to_string()))?;
+        }
+        let bytes =
+            serde_json::to_vec(attachments).map_err(|e| NetworkError::State(e.to_string()))?;
+        std::fs::write(path, bytes).map_err(|e| NetworkError::State(e.to_string()))
+    }
+
+    fn load(&self, id: &str) -> Vec<Attachment> {
+        std::fs::read(self.attachments_path(id))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    async fn add(
+        &self,
+        id: &str,
+        netns: &Path,
+        network: &str,
+        ifname: &str,
+        ports: &[PortMapping],
+    ) -> Result<Value, NetworkError> {
+        let mut previous: Option<Value> = None;
+        for plugin in self.plugins(network)? {
+            let config = plugin_config(plugin, network, previous.as_ref(), ports);
+            let result = self.exec("ADD", id, netns, network, ifname, config).await?;
+            previous = Some(result);
+        }
+        Ok(previous.unwrap_or(Value::Null))
+    }
+
+    async fn del(
+        &self,
+        id: &str,
+        netns: &Path,
+        attachment: &Attachment,
+    ) -> Result<(), NetworkError> {
+        let mut plugins = self.plugins(&attachment.network)?;
+        plugins.reverse();
+        for plugin in plugins {
+            let config = plugin_config(
+                plugin,
+                &attachment.network,
+                Some(&attachment.result),
+                &attachment.ports,
+            );
+            self.exec(
+                "DEL",
+                id,
+                netns,
+                &attachment.network,
+                &attachment.ifname,
+                config,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn exec(
+        &self,
+        command: &'static str,
+        id: &str,
+        netns: &Path,
+        network: &str,
+        ifname: &str,
+        config: Value,
+    ) -> Result<Value, NetworkError> {
+        let plugin = config["type"].as_str().unwrap_or_default().to_owned();
+        let fail = |reason: String| NetworkError::Plugin {
+            command,
+            plugin: plugin.clone(),
+            container: id.to_owned(),
+            network: network.to_owned(),
+            reason,
+        };
+        let mut child = tokio::process::Command::new(self.plugin_dir.join(&plugin))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_PATH", &self.plugin_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|err| {
+                fail(format!(
+                    "cannot run {}: {err}",
+                    self.plugin_dir.join(&plugin).display()
+                ))
+            })?;
+        let input = serde_json::to_vec(&config).map_err(|e| fail(e.to_string()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&input)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !output.status.success() {
+            let message: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+            let reason = match message.get("msg").and_then(Value::as_str) {
+                Some(msg) => format!(
+                    "{msg}{}",
+                    message
+                        .get("details")
+                        .and_then(Value::as_str)
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                ),
+                None => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            };
+            return Err(fail(reason));
+        }
+        if command == "DEL" || output.stdout.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&output.stdout)
+            .map_err(|err| fail(format!("result does not parse: {err}")))
+    }
+}
+
+/// One plugin's configuration within a list, as the CNI spec builds it.
+fn plugin_config(
+    mut plugin: Value,
+    network: &str,
+    previous: Option<&Value>,
+    ports: &[PortMapping],
+) -> Value {
+    plugin["cniVersion"] = json!(CNI_VERSION);
+    plugin["name"] = json!(network);
+    if let Some(previous) = previous
+        && !previous.is_null()
+    {
+        plugin["prevResult"] = previous.clone();
+    }
+    if plugin["capabilities"]["portMappings"] == json!(true) {
+        plugin["runtimeConfig"] = json!({
+            "portMappings": ports
+                .iter()
+                .map(|p| json!({ "hostPort": p.host_port, "containerPort": p.container_port, "protocol": p.protocol }))
+                .collect::<Vec<_>>()
+        });
+    }
+    plugin
+}
+
+/// The first IPv4 address of a CNI result, without its prefix length.
+fn first_address(result: &Value) -> Option<String> {
+    result["ips"]
+        .as_array()?
+        .iter()
+        .filter_map(|ip| ip["address"].as_str())
+        .find(|address| address.contains('.'))
+        .and_then(|address| address.split('/').next())
+        .map(str::to_owned)
+}
+
+/// Creates a persistent network namespace at `path`: a thread moves into a
+/// new namespace and bind-mounts it there, the way `ip netns add` does.
+fn create_netns(path: &Path) -> Result<(), NetworkError> {
+    use nix::{
+        mount::{MsFlags, mount},
+        sched::{CloneFlags, unshare},
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| NetworkError::State(e.to_string()))?;
+    }
+    std::fs::File::create(path)
+        .map_err(|e| NetworkError::State(format!("{}: {e}", path.display())))?;
+    let target = path.to_owned();
+    let created = std::thread::spawn(move || -> Result<(), String> {
+        // Only this thread changes namespace; it ends right after.
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind mount: {e}"))
+    })
+    .join()
+    .map_err(|_| NetworkError::State("the namespace thread panicked".into()))?;
+    created.map_err(|reason| {
+        let _ = std::fs::remove_file(path);
+        NetworkError::State(format!(
+            "cannot create network namespace {}: {reason}",
+            path.display()
+        ))
+    })
+}
+
+fn remove_netns(path: &Path) {
+    if path.exists() {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_plugin_configs_as_the_spec_says() {
+        let ports = [PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp".into(),
+        }];
+        let previous = json!({ "ips": [{ "address": "10.89.1.2/24" }] });
+        let config = plugin_config(
+            json!({ "type": "portmap", "capabilities": { "portMappings": true } }),
+            "oakestra",
+            Some(&previous),
+            &ports,
+        );
+        assert_eq!(config["name"], "oakestra");
+        assert_eq!(config["cniVersion"], CNI_VERSION);
+        assert_eq!(config["prevResult"], previous);
+        assert_eq!(config["runtimeConfig"]["portMappings"][0]["hostPort"], 8080);
+        let bridge = plugin_config(json!({ "type": "bridge" }), "oakestra", None, &ports);
+        assert!(bridge.get("runtimeConfig").is_none());
+        assert!(bridge.get("prevResult").is_none());
+        assert_eq!(first_address(&previous).as_deref(), Some("10.89.1.2"));
+    }
+}
