@@ -45,31 +45,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             root = root.display()
         );
         std::fs::write(root.join("config.toml"), config).expect("write containerd config");
-        let log = std::fs::File::create(root.join("containerd.log")).expect("containerd log");
-        let mut child = Command::new(binary)
-            .arg("--config")
-            .arg(root.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start containerd");
-        let socket = root.join("containerd.sock");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::UnixStream::connect(&socket).await.is_err() {
-            let log = || std::fs::read_to_string(root.join("containerd.log")).unwrap_or_default();
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("containerd exited at start with {status}:\n{}", log());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "containerd did not answer within 30 s:\n{}",
-                log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = spawn(&binary, root).await;
         Self { child, dir }
+    }
+
+    /// Stops containerd (SIGKILL, as a crash) and starts it again on the
+    /// same root, state and socket. Running tasks survive in their shims.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+        let binary = which("containerd").expect("containerd");
+        self.child = spawn(&binary, self.dir.path()).await;
     }
 
     /// Its gRPC socket.
@@ -87,6 +73,39 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
     }
+}
+
+async fn spawn(binary: &std::path::Path, root: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("containerd.log"))
+        .expect("containerd log");
+    let socket = root.join("containerd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(root.join("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start containerd");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::UnixStream::connect(&socket).await.is_err() {
+        let log = || std::fs::read_to_string(root.join("containerd.log")).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("containerd exited at start with {status}:\n{}", log());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "containerd did not answer within 30 s:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
 }
 
 fn which(name: &str) -> Option<PathBuf> {

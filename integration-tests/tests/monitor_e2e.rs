@@ -95,7 +95,7 @@ async fn installation(manager: &ServerProcess, id: &str) -> pb::Installation {
 #[tokio::test]
 async fn runs_restarts_gives_up_survives_and_removes() {
     let dir = tempfile::tempdir().unwrap();
-    let containerd = Containerd::start().await;
+    let mut containerd = Containerd::start().await;
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
@@ -342,6 +342,66 @@ async fn runs_restarts_gives_up_survives_and_removes() {
         TaskState::Running(pid)
     );
     let monitor = start_monitor(&manager, &containerd, &state, &host).await;
+
+    // containerd crashes and comes back: the addon keeps running, and the
+    // monitor reconnects and sees exits again.
+    containerd.restart().await;
+    eventually("containerd answers again", Duration::from_secs(20), || {
+        let runtime = runtime.clone();
+        async move {
+            runtime.reset().await;
+            runtime
+                .task_state("root_looper")
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        runtime.task_state("root_looper").await.unwrap(),
+        TaskState::Running(pid)
+    );
+    runtime
+        .stop_task("root_looper", Duration::from_secs(2))
+        .await
+        .unwrap();
+    eventually(
+        "restarted after the containerd restart",
+        Duration::from_secs(30),
+        || {
+            let manager = &manager;
+            let id = id.clone();
+            async move {
+                let installation = installation(manager, &id).await;
+                let looper = installation
+                    .services
+                    .iter()
+                    .find(|s| s.service_name == "looper")
+                    .unwrap()
+                    .clone();
+                if looper.restart_count >= 2 && looper.phase() == ServicePhase::Running {
+                    Ok(())
+                } else {
+                    Err(format!("{looper:?}"))
+                }
+            }
+        },
+    )
+    .await;
+
+    // Restarts of the monitor kept the counters and did not revive the
+    // service it gave up on.
+    let after = installation(&manager, &id).await;
+    let crasher = after
+        .services
+        .iter()
+        .find(|s| s.service_name == "crasher")
+        .unwrap();
+    assert_eq!(
+        (crasher.phase(), crasher.restart_count),
+        (ServicePhase::Failed, 2),
+        "{crasher:?}"
+    );
 
     // Uninstall: everything goes.
     AddonsManagerServiceClient::new(manager.channel())

@@ -337,6 +337,38 @@ impl Reconciler {
         }
     }
 
+    /// The tracked state of container `id`, restored from the state dir
+    /// when this run of the monitor has not seen it yet.
+    fn track(&mut self, installation: &str, service: &mpb::ServiceSpec, id: &str) -> &mut Tracked {
+        let saved = self
+            .options
+            .state_dir
+            .join("containers")
+            .join(id)
+            .join("status.pb");
+        self.tracked.entry(id.to_owned()).or_insert_with(|| {
+            // What an earlier run of the monitor knew: restarts, exit code,
+            // and whether it gave up, so a restart of the monitor neither
+            // resets the counters nor revives a failed service.
+            let restored = std::fs::read(&saved)
+                .ok()
+                .and_then(|bytes| {
+                    <pb::ServiceStatus as prost::Message>::decode(bytes.as_slice()).ok()
+                })
+                .filter(|status| status.service_name == service.service_name);
+            Tracked {
+                installation_id: installation.to_owned(),
+                status: restored.unwrap_or_else(|| pb::ServiceStatus {
+                    service_name: service.service_name.clone(),
+                    container_id: id.to_owned(),
+                    ..Default::default()
+                }),
+                failures: Vec::new(),
+                next_restart: None,
+            }
+        })
+    }
+
     fn set_phase(
         &mut self,
         installation: &str,
@@ -345,26 +377,15 @@ impl Reconciler {
         phase: ServicePhase,
         reason: String,
     ) {
-        let tracked = self
-            .tracked
-            .entry(id.to_owned())
-            .or_insert_with(|| Tracked {
-                installation_id: installation.to_owned(),
-                status: pb::ServiceStatus {
-                    service_name: service.service_name.clone(),
-                    container_id: id.to_owned(),
-                    ..Default::default()
-                },
-                failures: Vec::new(),
-                next_restart: None,
-            });
+        let node_id = self.node_id.clone();
+        let tracked = self.track(installation, service, id);
         tracked.installation_id = installation.to_owned();
         if tracked.status.phase() != phase || tracked.status.reason != reason {
             tracked.status.phase = phase.into();
             tracked.status.reason = reason;
             tracked.status.update_time = Some(now());
         }
-        tracked.status.node_id = self.node_id.clone();
+        tracked.status.node_id = node_id;
     }
 
     async fn ensure_running(
@@ -376,6 +397,7 @@ impl Reconciler {
         exists: bool,
     ) -> Result<(), RuntimeError> {
         let installation_id = installation.installation_id.as_str();
+        self.track(installation_id, service, id);
         if self
             .tracked
             .get(id)
@@ -742,6 +764,19 @@ impl Reconciler {
         }
         self.reported
             .insert(installation.to_owned(), services.clone());
+        for (id, tracked) in self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.installation_id == installation)
+        {
+            let dir = self.options.state_dir.join("containers").join(id);
+            if dir.is_dir() {
+                let bytes = prost::Message::encode_to_vec(&tracked.status);
+                if let Err(err) = std::fs::write(dir.join("status.pb"), bytes) {
+                    tracing::warn!(container = %id, error = %err, "cannot save service status");
+                }
+            }
+        }
         let _ = self.reports.send((installation.to_owned(), services)).await;
     }
 }
