@@ -108,6 +108,48 @@ async fn spawn(binary: &std::path::Path, root: &std::path::Path) -> Child {
     child
 }
 
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // A test that failed midway leaves tasks behind: their shims outlive
+        // containerd. Kill those of this containerd, and their containers.
+        kill_shims(&self.dir.path().join("containerd.sock"));
+    }
+}
+
+/// Kills the shims serving `socket` and their child processes.
+fn kill_shims(socket: &std::path::Path) {
+    use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+    let needle = socket.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    let mut processes: Vec<(i32, i32, String)> = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The parent pid is the second field after the parenthesised name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        processes.push((pid, ppid, cmdline));
+    }
+    let shims: Vec<i32> = processes
+        .iter()
+        .filter(|(_, _, cmd)| cmd.contains("containerd-shim") && cmd.contains(&needle))
+        .map(|(pid, _, _)| *pid)
+        .collect();
+    for (pid, ppid, _) in &processes {
+        if shims.contains(ppid) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+    for pid in shims {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?

@@ -17,6 +17,8 @@ pub struct ImageSpec {
     /// Bytes of incompressible filler in a second layer, to give the image
     /// a realistic size.
     pub filler_bytes: usize,
+    /// Seed of the filler, so images of equal size differ in content.
+    pub filler_seed: u64,
     /// `os` of the configuration.
     pub os: String,
     /// `architecture` of the configuration.
@@ -33,6 +35,7 @@ impl Default for ImageSpec {
     fn default() -> Self {
         Self {
             filler_bytes: 0,
+            filler_seed: 0,
             os: "linux".into(),
             architecture: "amd64".into(),
             entrypoint: Vec::new(),
@@ -86,8 +89,8 @@ fn busybox_layer() -> (Vec<u8>, String) {
 
 /// A gzip layer holding one file of `size` pseudo-random (incompressible)
 /// bytes; returns the layer and its uncompressed digest.
-fn filler_layer(size: usize) -> (Vec<u8>, String) {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+fn filler_layer(size: usize, seed: u64) -> (Vec<u8>, String) {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     let data: Vec<u8> = (0..size)
         .map(|_| {
             // xorshift64*: fast, deterministic, incompressible enough.
@@ -139,7 +142,7 @@ pub async fn push_image(
     let mut layers = vec![ImageLayer::oci_v1_gzip(layer, None)];
     let mut diff_ids = vec![diff_id];
     if spec.filler_bytes > 0 {
-        let (filler, filler_diff_id) = filler_layer(spec.filler_bytes);
+        let (filler, filler_diff_id) = filler_layer(spec.filler_bytes, spec.filler_seed);
         layers.push(ImageLayer::oci_v1_gzip(filler, None));
         diff_ids.push(filler_diff_id);
     }

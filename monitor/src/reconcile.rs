@@ -180,6 +180,7 @@ impl Reconciler {
         };
         let existing: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
         let mut wanted = HashSet::new();
+        let mut removing = Vec::new();
         for installation in &desired.installations {
             let Some(addon) = installation.addon.as_ref() else {
                 continue;
@@ -221,16 +222,30 @@ impl Reconciler {
                                 ServicePhase::Stopping,
                                 "removing".into(),
                             );
-                            self.send_report(&installation.installation_id).await;
-                            self.remove(&id).await?;
+                            removing.push(id.clone());
+                        } else {
+                            self.set_phase(
+                                &installation.installation_id,
+                                service,
+                                &id,
+                                ServicePhase::Removed,
+                                "removed".into(),
+                            );
                         }
-                        self.set_phase(
-                            &installation.installation_id,
-                            service,
-                            &id,
-                            ServicePhase::Removed,
-                            "removed".into(),
-                        );
+                    }
+                }
+            }
+            if !removing.is_empty() {
+                // Stop an installation's services side by side: each may take
+                // its whole grace period.
+                self.send_report(&installation.installation_id).await;
+                let results = futures::future::join_all(removing.iter().map(|id| self.remove(id))).await;
+                for (id, result) in removing.drain(..).zip(results) {
+                    result?;
+                    if let Some(tracked) = self.tracked.get_mut(&id) {
+                        tracked.status.phase = ServicePhase::Removed.into();
+                        tracked.status.reason = "removed".into();
+                        tracked.status.update_time = Some(now_timestamp());
                     }
                 }
             }
@@ -247,17 +262,24 @@ impl Reconciler {
             self.send_report(&installation.installation_id).await;
         }
         // Orphans: the monitor's containers that no desired installation wants.
-        for container in &containers {
-            if !wanted.contains(&container.id)
-                && !desired.installations.iter().any(|i| {
-                    Some(&i.installation_id) == container.labels.get(INSTALLATION)
-                        && i.presence() != DesiredPresence::Running
-                })
-            {
-                tracing::info!(container = %container.id, "removing orphan container");
-                self.remove(&container.id).await?;
-                self.tracked.remove(&container.id);
-            }
+        let orphans: Vec<String> = containers
+            .iter()
+            .filter(|container| {
+                !wanted.contains(&container.id)
+                    && !desired.installations.iter().any(|i| {
+                        Some(&i.installation_id) == container.labels.get(INSTALLATION)
+                            && i.presence() != DesiredPresence::Running
+                    })
+            })
+            .map(|container| container.id.clone())
+            .collect();
+        for id in &orphans {
+            tracing::info!(container = %id, "removing orphan container");
+        }
+        let results = futures::future::join_all(orphans.iter().map(|id| self.remove(id))).await;
+        for (id, result) in orphans.iter().zip(results) {
+            result?;
+            self.tracked.remove(id);
         }
         let desired_ids: HashSet<&str> = desired
             .installations
@@ -688,7 +710,7 @@ impl Reconciler {
     }
 
     /// Stops and removes a container and its network attachments.
-    async fn remove(&mut self, id: &str) -> Result<(), RuntimeError> {
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.runtime
             .remove_container(id, self.options.stop_grace)
             .await?;

@@ -266,6 +266,12 @@ impl Containerd {
         self.delete_task(id).await
     }
 
+    /// Sends `signal` to container `id`'s task, without waiting.
+    pub async fn signal_task(&self, id: &str, signal: u32) -> Result<(), RuntimeError> {
+        let mut tasks = TasksClient::new(self.channel().await?);
+        self.kill(&mut tasks, id, signal).await
+    }
+
     async fn kill(
         &self,
         tasks: &mut TasksClient<tonic::transport::Channel>,
