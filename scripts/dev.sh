@@ -147,6 +147,20 @@ down() {
     for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
         stop "${COMPONENTS[$i]}"
     done
+    # Addon containers outlive the monitor and containerd by design (their
+    # shims keep them); the dev stack takes them down with it.
+    local socket="$DATA/containerd/containerd.sock"
+    for shim in $(pgrep -f "containerd-shim.*-address $socket" || true); do
+        pkill -KILL -P "$shim" 2>/dev/null || true
+        kill -KILL "$shim" 2>/dev/null || true
+    done
+    if [ -d "$DATA/monitor/netns" ]; then
+        for ns in "$DATA"/monitor/netns/*; do
+            [ -e "$ns" ] || continue
+            umount -l "$ns" 2>/dev/null || true
+            rm -f "$ns"
+        done
+    fi
 }
 
 status() {

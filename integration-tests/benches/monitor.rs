@@ -58,10 +58,18 @@ fn sleeper(name: &str, image: &str) -> mpb::ServiceSpec {
     }
 }
 
-async fn publish_approved(market: &mut MarketplaceServiceClient<tonic::transport::Channel>, name: &str, services: Vec<mpb::ServiceSpec>) -> String {
+async fn publish_approved(
+    market: &mut MarketplaceServiceClient<tonic::transport::Channel>,
+    name: &str,
+    services: Vec<mpb::ServiceSpec>,
+) -> String {
     let addon = market
         .publish_addon(mpb::PublishAddonRequest {
-            addon: Some(mpb::Addon { name: name.into(), services, ..Default::default() }),
+            addon: Some(mpb::Addon {
+                name: name.into(),
+                services,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap()
@@ -69,7 +77,15 @@ async fn publish_approved(market: &mut MarketplaceServiceClient<tonic::transport
         .addon
         .unwrap();
     loop {
-        let current = market.get_addon(mpb::GetAddonRequest { id: addon.id.clone() }).await.unwrap().into_inner().addon.unwrap();
+        let current = market
+            .get_addon(mpb::GetAddonRequest {
+                id: addon.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .addon
+            .unwrap();
         match current.status() {
             mpb::AddonStatus::Approved => return addon.id,
             mpb::AddonStatus::UnderReview => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -80,12 +96,22 @@ async fn publish_approved(market: &mut MarketplaceServiceClient<tonic::transport
 
 /// Installs and waits for the installation to reach `status`; returns the
 /// time from the install call to the first update showing it.
-async fn install_until(manager: &ServerProcess, marketplace_id: &str, status: pb::InstallationStatus) -> (Duration, String) {
+async fn install_until(
+    manager: &ServerProcess,
+    marketplace_id: &str,
+    status: pb::InstallationStatus,
+) -> (Duration, String) {
     let mut client = AddonsManagerServiceClient::new(manager.channel());
-    let mut watch = client.watch_installations(pb::WatchInstallationsRequest::default()).await.unwrap().into_inner();
+    let mut watch = client
+        .watch_installations(pb::WatchInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let started = Instant::now();
     let id = client
-        .install_addon(pb::InstallAddonRequest { marketplace_id: marketplace_id.into() })
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: marketplace_id.into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -109,12 +135,22 @@ async fn install_until(manager: &ServerProcess, marketplace_id: &str, status: pb
 async fn uninstall_and_wait(manager: &ServerProcess, id: &str) {
     let mut client = AddonsManagerServiceClient::new(manager.channel());
     client
-        .uninstall_addon(pb::UninstallAddonRequest { id: id.into(), purge: true })
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.into(),
+            purge: true,
+        })
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while client.get_installation(pb::GetInstallationRequest { id: id.into() }).await.is_ok() {
-        assert!(Instant::now() < deadline, "uninstall of {id} did not finish");
+    while client
+        .get_installation(pb::GetInstallationRequest { id: id.into() })
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "uninstall of {id} did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -126,24 +162,44 @@ async fn main() {
     let registry = RegistryServer::start().await;
     let host = registry.host();
     let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start(&binary("addons-marketplace"), &["--store", &store("m"), "--insecure-registry", &host]).await;
-    let manager = ServerProcess::start(&binary("addons-manager"), &["--store", &store("e"), "--marketplace", &marketplace.url()]).await;
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+    )
+    .await;
     let state = dir.path().join("monitor");
     let monitor = ServerProcess::start(
         &binary("addons-monitor"),
         &[
-            "--manager", &manager.url(),
-            "--containerd-socket", &containerd.socket().display().to_string(),
-            "--namespace", "bench",
-            "--node-id", "bench-node",
-            "--state-dir", &state.display().to_string(),
-            "--insecure-registry", &host,
-            "--restart-backoff", "50ms",
-            "--restart-backoff-max", "50ms",
-            "--stop-grace", "1s",
-            "--max-failures", "1000",
-            "--bridge-prefix", "ob",
-            "--subnet-prefix", "10.93",
+            "--manager",
+            &manager.url(),
+            "--containerd-socket",
+            &containerd.socket().display().to_string(),
+            "--namespace",
+            "bench",
+            "--node-id",
+            "bench-node",
+            "--state-dir",
+            &state.display().to_string(),
+            "--insecure-registry",
+            &host,
+            "--restart-backoff",
+            "50ms",
+            "--restart-backoff-max",
+            "50ms",
+            "--stop-grace",
+            "1s",
+            "--max-failures",
+            "1000",
+            "--bridge-prefix",
+            "ob",
+            "--subnet-prefix",
+            "10.93",
         ],
     )
     .await;
@@ -152,17 +208,33 @@ async fn main() {
     let idle_rss = rss_kib(monitor_pid);
     let mut market = MarketplaceServiceClient::new(marketplace.channel());
     let raw = Runtime::new(containerd.socket(), "bench-raw".into(), "overlayfs".into());
-    let access = RegistryAccess { insecure: vec![host.clone()] };
+    let access = RegistryAccess {
+        insecure: vec![host.clone()],
+    };
 
     // Install → ACTIVE against raw pull + start, each on an image never pulled before.
     let mut ours = Vec::new();
     let mut baseline = Vec::new();
     for round in 0..ROUNDS {
-        let ours_image = ImageSpec { filler_bytes: FILLER, filler_seed: 2 * round + 1, ..ImageSpec::default() };
-        let raw_image = ImageSpec { filler_bytes: FILLER, filler_seed: 2 * round + 2, ..ImageSpec::default() };
+        let ours_image = ImageSpec {
+            filler_bytes: FILLER,
+            filler_seed: 2 * round + 1,
+            ..ImageSpec::default()
+        };
+        let raw_image = ImageSpec {
+            filler_bytes: FILLER,
+            filler_seed: 2 * round + 2,
+            ..ImageSpec::default()
+        };
         let (_, _) = push_image(&host, "bench/ours", &round.to_string(), &ours_image, None).await;
-        let (raw_digest, _) = push_image(&host, "bench/raw", &round.to_string(), &raw_image, None).await;
-        let addon = publish_approved(&mut market, &format!("install-{round}"), vec![sleeper("svc", &format!("{host}/bench/ours:{round}"))]).await;
+        let (raw_digest, _) =
+            push_image(&host, "bench/raw", &round.to_string(), &raw_image, None).await;
+        let addon = publish_approved(
+            &mut market,
+            &format!("install-{round}"),
+            vec![sleeper("svc", &format!("{host}/bench/ours:{round}"))],
+        )
+        .await;
         let (elapsed, id) = install_until(&manager, &addon, pb::InstallationStatus::Active).await;
         ours.push(elapsed);
         uninstall_and_wait(&manager, &id).await;
@@ -177,23 +249,44 @@ async fn main() {
             args: vec!["/bin/busybox".into(), "sleep".into(), "3600".into()],
             ..RunSpec::default()
         };
-        raw.create_container(&container, &image, &pulled.top_snapshot, &build_spec(&run, "bench-raw").unwrap(), Default::default())
+        raw.create_container(
+            &container,
+            &image,
+            &pulled.top_snapshot,
+            &build_spec(&run, "bench-raw").unwrap(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        raw.start_task(&container, &dir.path().join(format!("{container}.log")))
             .await
             .unwrap();
-        raw.start_task(&container, &dir.path().join(format!("{container}.log"))).await.unwrap();
         baseline.push(started.elapsed());
-        raw.remove_container(&container, Duration::from_secs(1)).await.unwrap();
+        raw.remove_container(&container, Duration::from_secs(1))
+            .await
+            .unwrap();
     }
 
     // Task exit → visible to a watcher.
     push_image(&host, "bench/small", "1", &ImageSpec::default(), None).await;
-    let addon = publish_approved(&mut market, "exits", vec![sleeper("victim", &format!("{host}/bench/small:1"))]).await;
+    let addon = publish_approved(
+        &mut market,
+        "exits",
+        vec![sleeper("victim", &format!("{host}/bench/small:1"))],
+    )
+    .await;
     let (_, id) = install_until(&manager, &addon, pb::InstallationStatus::Active).await;
     let monitored = Runtime::new(containerd.socket(), "bench".into(), "overlayfs".into());
     let mut client = AddonsManagerServiceClient::new(manager.channel());
     let mut exits = Vec::new();
     for _ in 0..20 {
-        let mut watch = client.watch_installations(pb::WatchInstallationsRequest { ids: vec![id.clone()] }).await.unwrap().into_inner();
+        let mut watch = client
+            .watch_installations(pb::WatchInstallationsRequest {
+                ids: vec![id.clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
         watch.next().await.unwrap().unwrap();
         // SIGKILL ends the task at once; the time to the watcher includes
         // containerd's kill and exit event, the monitor, the link, the
@@ -202,7 +295,11 @@ async fn main() {
         monitored.signal_task("root_victim", 9).await.unwrap();
         loop {
             let installation = watch.next().await.unwrap().unwrap().installation.unwrap();
-            if installation.services.iter().any(|s| s.phase() != pb::ServicePhase::Running) {
+            if installation
+                .services
+                .iter()
+                .any(|s| s.phase() != pb::ServicePhase::Running)
+            {
                 exits.push(started.elapsed());
                 break;
             }
@@ -217,7 +314,9 @@ async fn main() {
     uninstall_and_wait(&manager, &id).await;
 
     // Resident memory with 20 services.
-    let services = (0..20).map(|n| sleeper(&format!("s{n}"), &format!("{host}/bench/small:1"))).collect();
+    let services = (0..20)
+        .map(|n| sleeper(&format!("s{n}"), &format!("{host}/bench/small:1")))
+        .collect();
     let addon = publish_approved(&mut market, "twenty", services).await;
     let (_, twenty) = install_until(&manager, &addon, pb::InstallationStatus::Active).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -225,9 +324,12 @@ async fn main() {
     // Uninstall through the monitor, so networks are taken down too.
     uninstall_and_wait(&manager, &twenty).await;
 
-    println!("| measure | ours p50 | ours p90 | baseline p50 | baseline p90 | ours / baseline (p50) |");
+    println!(
+        "| measure | ours p50 | ours p90 | baseline p50 | baseline p90 | ours / baseline (p50) |"
+    );
     println!("|---|---|---|---|---|---|");
-    let ratio = percentile(&mut ours, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
+    let ratio =
+        percentile(&mut ours, 0.5).as_secs_f64() / percentile(&mut baseline, 0.5).as_secs_f64();
     println!(
         "| InstallAddon → ACTIVE (image with a 16 MiB layer, never pulled before) vs raw containerd pull + start | {} | {} | {} | {} | {ratio:.2} |",
         ms(percentile(&mut ours, 0.5)),

@@ -118,12 +118,19 @@ impl Drop for Containerd {
 
 /// Kills the shims serving `socket` and their child processes.
 fn kill_shims(socket: &std::path::Path) {
-    use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
     let needle = socket.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
     let mut processes: Vec<(i32, i32, String)> = Vec::new();
     for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();

@@ -239,7 +239,8 @@ impl Reconciler {
                 // Stop an installation's services side by side: each may take
                 // its whole grace period.
                 self.send_report(&installation.installation_id).await;
-                let results = futures::future::join_all(removing.iter().map(|id| self.remove(id))).await;
+                let results =
+                    futures::future::join_all(removing.iter().map(|id| self.remove(id))).await;
                 for (id, result) in removing.drain(..).zip(results) {
                     result?;
                     if let Some(tracked) = self.tracked.get_mut(&id) {
