@@ -210,6 +210,7 @@ async fn main() {
     let raw = Runtime::new(containerd.socket(), "bench-raw".into(), "overlayfs".into());
     let access = RegistryAccess {
         insecure: vec![host.clone()],
+        ..RegistryAccess::default()
     };
 
     // Install → ACTIVE against raw pull + start, each on an image never pulled before.

@@ -36,6 +36,7 @@ async fn pulls_runs_watches_and_removes() {
     let runtime = Containerd::new(server.socket(), NAMESPACE.into(), "overlayfs".into());
     let access = RegistryAccess {
         insecure: vec![host.clone()],
+        ..RegistryAccess::default()
     };
 
     let progress = Arc::new(AtomicU64::new(0));
@@ -175,5 +176,48 @@ async fn pulls_runs_watches_and_removes() {
         .remove_container("root_app", Duration::from_secs(1))
         .await
         .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pulls_from_a_private_registry_with_credentials() {
+    let server = ContainerdServer::start().await;
+    let registry = RegistryServer::start_with_auth("puller", "s3cret").await;
+    let host = registry.host();
+    let (digest, _) = push_image(
+        &host,
+        "private/app",
+        "1",
+        &ImageSpec::default(),
+        registry.credentials(),
+    )
+    .await;
+    let image = format!("{host}/private/app@{digest}");
+    let runtime = Containerd::new(server.socket(), NAMESPACE.into(), "overlayfs".into());
+    let anonymous = RegistryAccess {
+        insecure: vec![host.clone()],
+        ..RegistryAccess::default()
+    };
+    let refused = runtime
+        .pull(&image, &anonymous, Arc::default())
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("authoriz"),
+        "{refused}"
+    );
+    let authorized = RegistryAccess {
+        insecure: vec![host.clone()],
+        credentials: [(host.clone(), ("puller".to_owned(), "s3cret".to_owned()))].into(),
+    };
+    let pulled = runtime
+        .pull(&image, &authorized, Arc::default())
+        .await
+        .unwrap();
+    assert!(pulled.top_snapshot.starts_with("sha256:"));
+    assert!(
+        !format!("{authorized:?}").contains("s3cret"),
+        "credentials never printed"
+    );
     server.stop().await;
 }

@@ -76,7 +76,7 @@ impl Config {
             platforms: self.platforms.clone(),
             insecure: self.insecure_registries.clone(),
             credentials: match &self.registry_auth {
-                Some(path) => crate::registry::read_credentials(path)?,
+                Some(path) => addons_server_kit::read_registry_credentials(path)?,
                 None => Default::default(),
             },
             timeout: self.registry_timeout,

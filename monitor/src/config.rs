@@ -97,6 +97,11 @@ pub struct Config {
     #[arg(long, env = "ADDONS_SUBNET_PREFIX", value_name = "A.B", default_value = "10.89", value_parser = parse_subnet_prefix)]
     pub subnet_prefix: String,
 
+    /// Registry credentials for pulls, as a docker `config.json`
+    /// (`{"auths": {...}}`), the same file the marketplace takes.
+    #[arg(long, env = "ADDONS_REGISTRY_AUTH", value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
+
     /// containerd snapshotter for root filesystems.
     #[arg(
         long,

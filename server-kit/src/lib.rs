@@ -5,6 +5,7 @@
 //! errors to gRPC statuses.
 
 mod args;
+mod registry_auth;
 mod server;
 mod shutdown;
 mod status;
@@ -12,6 +13,7 @@ mod telemetry;
 
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
+    registry_auth::read_registry_credentials,
     server::{Server, bind, main_with},
     shutdown::Shutdown,
     status::store_error_to_status,

@@ -50,10 +50,25 @@ const MANIFEST_TYPES: &[&str] = &[
 ];
 
 /// How the monitor reaches registries.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RegistryAccess {
     /// Registries (`host:port`) reached over plain HTTP.
     pub insecure: Vec<String>,
+    /// Credentials per registry host; others are accessed anonymously.
+    pub credentials: HashMap<String, (String, String)>,
+}
+
+impl std::fmt::Debug for RegistryAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print passwords.
+        f.debug_struct("RegistryAccess")
+            .field("insecure", &self.insecure)
+            .field(
+                "credentials_for",
+                &self.credentials.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// The parts of an image configuration that shape the container.
@@ -192,7 +207,10 @@ impl Containerd {
             platform_resolver: None,
             ..ClientConfig::default()
         });
-        let auth = RegistryAuth::Anonymous;
+        let auth = match registry.credentials.get(reference.resolve_registry()) {
+            Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
         let lease_id = self.create_lease().await?;
         let result = self
             .pull_within_lease(image, &reference, &client, &auth, &lease_id, progress)
