@@ -140,6 +140,10 @@ pub struct Config {
     #[arg(long, env = "ADDONS_FAILURE_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub failure_window: Duration,
 
+    /// Size at which a service's log is rotated (one old file is kept).
+    #[arg(long, env = "ADDONS_LOG_MAX_BYTES", value_name = "BYTES", default_value_t = 10 << 20)]
+    pub log_max_bytes: u64,
+
     /// Interval of heartbeats on the link to the manager.
     #[arg(long, env = "ADDONS_HEARTBEAT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat: Duration,

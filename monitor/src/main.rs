@@ -99,6 +99,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             restart_backoff_max: config.restart_backoff_max.max(config.restart_backoff),
             max_failures: config.max_failures,
             failure_window: config.failure_window,
+            log_max_bytes: config.log_max_bytes,
             network: NetworkOptions {
                 plugin_dir: config.cni_plugin_dir.clone(),
                 bridge_prefix: config.bridge_prefix.clone(),

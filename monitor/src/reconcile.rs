@@ -59,6 +59,8 @@ pub struct ReconcileOptions {
     pub failure_window: Duration,
     /// Where container networks live on the host.
     pub network: NetworkOptions,
+    /// A service's log is rotated (to `<id>.log.1`) when it grows past this.
+    pub log_max_bytes: u64,
 }
 
 /// What the reconciler tracks per container.
@@ -174,6 +176,16 @@ impl Reconciler {
             .list_containers(&[(MANAGED_BY, MANAGED_BY_VALUE)])
             .await?;
         self.publish_observed(&containers).await;
+        for container in &containers {
+            let log = self
+                .options
+                .state_dir
+                .join("logs")
+                .join(format!("{}.log", container.id));
+            if let Err(err) = rotate_log(&log, self.options.log_max_bytes) {
+                tracing::warn!(container = %container.id, error = %err, "cannot rotate log");
+            }
+        }
         // Before the first desired state, nothing is known to be unwanted.
         let Some(desired) = desired else {
             return Ok(());
@@ -823,6 +835,29 @@ fn now_timestamp() -> prost_types::Timestamp {
     }
 }
 
+/// Keeps a log under `max_bytes`: past it, the log is copied to `.1`
+/// (replacing the previous one) and truncated in place. The shim appends
+/// (`O_APPEND`), so it goes on writing at the new end; lines written between
+/// the copy and the truncation are lost, as with logrotate's copytruncate.
+fn rotate_log(path: &Path, max_bytes: u64) -> std::io::Result<bool> {
+    let size = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(err),
+    };
+    if size <= max_bytes {
+        return Ok(false);
+    }
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    std::fs::copy(path, PathBuf::from(rotated))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
 /// The last `lines` lines of a log file.
 fn tail(path: &Path, lines: usize) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -831,4 +866,28 @@ fn tail(path: &Path, lines: usize) -> Vec<String> {
         .iter()
         .map(|l| (*l).to_owned())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_logs_past_the_cap() {
+        let dir = std::env::temp_dir().join(format!("rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("root_x.log");
+        assert!(!rotate_log(&log, 10).unwrap(), "no log, nothing to do");
+        std::fs::write(&log, "0123456789").unwrap();
+        assert!(!rotate_log(&log, 10).unwrap(), "at the cap is fine");
+        std::fs::write(&log, "0123456789abc\n").unwrap();
+        assert!(rotate_log(&log, 10).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("root_x.log.1")).unwrap(),
+            "0123456789abc\n"
+        );
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(tail(&dir.join("root_x.log.1"), 1), ["0123456789abc"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
