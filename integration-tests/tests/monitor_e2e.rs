@@ -227,6 +227,14 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     );
     assert_eq!(crasher.node_id, "node-1");
     assert_eq!(crasher.container_id, "root_crasher");
+    assert!(
+        settled
+            .services
+            .iter()
+            .any(|s| s.pull_bytes_total > 500_000),
+        "the pull's bytes are reported: {:?}",
+        settled.services
+    );
     let looper = settled
         .services
         .iter()

@@ -463,10 +463,53 @@ impl Reconciler {
                 Some(pulled) => pulled.clone(),
                 None => {
                     let progress = Arc::new(AtomicU64::new(0));
+                    // While the pull runs, report the bytes so far twice a
+                    // second (the link keeps only the newest per installation).
+                    let reporter = {
+                        let progress = progress.clone();
+                        let reports = self.reports.clone();
+                        let installation = installation_id.to_owned();
+                        let mut services: Vec<pb::ServiceStatus> = self
+                            .tracked
+                            .values()
+                            .filter(|t| t.installation_id == installation_id)
+                            .map(|t| t.status.clone())
+                            .collect();
+                        services.sort_by(|a, b| a.service_name.cmp(&b.service_name));
+                        let name = service.service_name.clone();
+                        tokio::spawn(async move {
+                            let mut last = 0;
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                let done = progress.load(std::sync::atomic::Ordering::Relaxed);
+                                if done == last {
+                                    continue;
+                                }
+                                last = done;
+                                for status in services.iter_mut().filter(|s| s.service_name == name)
+                                {
+                                    status.pull_bytes_done = done;
+                                }
+                                if reports
+                                    .send((installation.clone(), services.clone()))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        })
+                    };
                     let pulled = self
                         .runtime
                         .pull(image, &self.options.registry, progress)
-                        .await?;
+                        .await;
+                    reporter.abort();
+                    let pulled = pulled?;
+                    if let Some(tracked) = self.tracked.get_mut(id) {
+                        tracked.status.pull_bytes_done = pulled.bytes_pulled;
+                        tracked.status.pull_bytes_total = pulled.bytes_pulled;
+                    }
                     self.images.insert(image.clone(), pulled.clone());
                     pulled
                 }
