@@ -78,3 +78,45 @@ pub fn free_port() -> u16 {
         .expect("read the ephemeral port")
         .port()
 }
+
+/// Publishes `addon` to the marketplace and waits until it is approved;
+/// panics with its verification if it fails.
+pub async fn publish_approved(
+    marketplace: &ServerProcess,
+    addon: oakestra_addons_proto::marketplace::v1::Addon,
+) -> oakestra_addons_proto::marketplace::v1::Addon {
+    use oakestra_addons_proto::marketplace::v1::{
+        AddonStatus, GetAddonRequest, PublishAddonRequest,
+        marketplace_service_client::MarketplaceServiceClient,
+    };
+    let client = MarketplaceServiceClient::new(marketplace.channel());
+    let published = client
+        .clone()
+        .publish_addon(PublishAddonRequest { addon: Some(addon) })
+        .await
+        .unwrap_or_else(|status| panic!("publish: {status}"))
+        .into_inner()
+        .addon
+        .unwrap_or_default();
+    eventually("the addon is approved", Duration::from_secs(30), || {
+        let mut client = client.clone();
+        let id = published.id.clone();
+        async move {
+            let addon = client
+                .get_addon(GetAddonRequest { id })
+                .await
+                .map_err(|status| status.to_string())?
+                .into_inner()
+                .addon
+                .unwrap_or_default();
+            match addon.status() {
+                AddonStatus::Approved => Ok(addon),
+                AddonStatus::FailedVerification => {
+                    panic!("verification failed: {:?}", addon.verification)
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+}

@@ -10,6 +10,7 @@ use integration_tests::{
     MongoServer, RegistryServer, ServerProcess, binary, eventually,
     images::{ImageSpec, push_image},
     link::{TestMonitor, open_raw, service},
+    publish_approved,
 };
 use oakestra_addons_proto::{
     engine::v1::{
@@ -125,44 +126,23 @@ impl Stack {
 
     /// Publishes a two-service addon and waits for its approval.
     async fn approved_addon(&self, name: &str) -> mpb::Addon {
-        let mut market = MarketplaceServiceClient::new(self.marketplace.channel());
         let image = format!("{}/team/app:1", self.registry.host());
-        let addon = market
-            .publish_addon(mpb::PublishAddonRequest {
-                addon: Some(mpb::Addon {
-                    name: name.into(),
-                    services: ["api", "worker"]
-                        .iter()
-                        .map(|s| mpb::ServiceSpec {
-                            service_name: (*s).into(),
-                            image: image.clone(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                }),
+        let services = ["api", "worker"]
+            .iter()
+            .map(|s| mpb::ServiceSpec {
+                service_name: (*s).into(),
+                image: image.clone(),
+                ..Default::default()
             })
-            .await
-            .unwrap()
-            .into_inner()
-            .addon
-            .unwrap();
-        eventually("the addon is approved", Duration::from_secs(30), || {
-            let mut market = market.clone();
-            let id = addon.id.clone();
-            async move {
-                let addon = market
-                    .get_addon(mpb::GetAddonRequest { id })
-                    .await
-                    .map_err(|s| s.to_string())?;
-                let addon = addon.into_inner().addon.unwrap();
-                if addon.status() == mpb::AddonStatus::Approved {
-                    Ok(addon)
-                } else {
-                    Err(format!("{:?}", addon.status()))
-                }
-            }
-        })
+            .collect();
+        publish_approved(
+            &self.marketplace,
+            mpb::Addon {
+                name: name.into(),
+                services,
+                ..Default::default()
+            },
+        )
         .await
     }
 }

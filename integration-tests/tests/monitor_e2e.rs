@@ -11,13 +11,14 @@ use addons_monitor::runtime::{Containerd as Runtime, TaskState};
 use integration_tests::{
     Containerd, RegistryServer, ServerProcess, binary, eventually,
     images::{ImageSpec, push_image},
+    publish_approved,
 };
 use oakestra_addons_proto::{
     engine::v1::{
         self as pb, InstallationStatus, ServicePhase,
         addons_manager_service_client::AddonsManagerServiceClient,
     },
-    marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+    marketplace::v1 as mpb,
     monitor::v1::{
         GetServiceLogsRequest, ListManagedServicesRequest,
         node_monitor_service_client::NodeMonitorServiceClient,
@@ -120,58 +121,34 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     let state = dir.path().join("monitor");
     let mut monitor = start_monitor(&manager, &containerd, &state, &host).await;
 
-    let mut market = MarketplaceServiceClient::new(marketplace.channel());
     let image = format!("{host}/team/app:1");
-    let addon = market
-        .publish_addon(mpb::PublishAddonRequest {
-            addon: Some(mpb::Addon {
-                name: "e2e".into(),
-                services: vec![
-                    mpb::ServiceSpec {
-                        service_name: "looper".into(),
-                        image: image.clone(),
-                        command: command("echo started; exec /bin/busybox sleep 3600"),
-                        environment: [("GREETING".to_owned(), "hi".to_owned())].into(),
-                        volumes: vec!["data:/data".into()],
-                        ..Default::default()
-                    },
-                    mpb::ServiceSpec {
-                        service_name: "crasher".into(),
-                        image: image.clone(),
-                        command: command("echo failing-now >&2; exit 1"),
-                        ..Default::default()
-                    },
-                ],
-                volumes: vec![mpb::VolumeSpec {
-                    name: "data".into(),
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "e2e".into(),
+            services: vec![
+                mpb::ServiceSpec {
+                    service_name: "looper".into(),
+                    image: image.clone(),
+                    command: command("echo started; exec /bin/busybox sleep 3600"),
+                    environment: [("GREETING".to_owned(), "hi".to_owned())].into(),
+                    volumes: vec!["data:/data".into()],
                     ..Default::default()
-                }],
+                },
+                mpb::ServiceSpec {
+                    service_name: "crasher".into(),
+                    image: image.clone(),
+                    command: command("echo failing-now >&2; exit 1"),
+                    ..Default::default()
+                },
+            ],
+            volumes: vec![mpb::VolumeSpec {
+                name: "data".into(),
                 ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .addon
-        .unwrap();
-    eventually("approval", Duration::from_secs(30), || {
-        let mut market = market.clone();
-        let id = addon.id.clone();
-        async move {
-            let addon = market
-                .get_addon(mpb::GetAddonRequest { id })
-                .await
-                .unwrap()
-                .into_inner()
-                .addon
-                .unwrap();
-            if addon.status() == mpb::AddonStatus::Approved {
-                Ok(())
-            } else {
-                Err(format!("{:?}", addon.status()))
-            }
-        }
-    })
+            }],
+            ..Default::default()
+        },
+    )
     .await;
     let id = AddonsManagerServiceClient::new(manager.channel())
         .install_addon(pb::InstallAddonRequest {
@@ -495,56 +472,32 @@ async fn publishes_ports_and_resolves_service_names() {
     let monitor = start_monitor_on(&manager, &containerd, &state, &host, "on", "10.92").await;
     let port = integration_tests::free_port();
     let image = format!("{host}/team/app:1");
-    let mut market = MarketplaceServiceClient::new(marketplace.channel());
-    let addon = market
-        .publish_addon(mpb::PublishAddonRequest {
-            addon: Some(mpb::Addon {
-                name: "net".into(),
-                services: vec![
-                    mpb::ServiceSpec {
-                        service_name: "web".into(),
-                        image: image.clone(),
-                        command: command(
-                            "mkdir -p /www && echo hello-from-web > /www/index.html && exec /bin/busybox httpd -f -p 80 -h /www",
-                        ),
-                        ports: vec![mpb::PortMapping { container_port: 80, host_port: u32::from(port), protocol: "tcp".into() }],
-                        ..Default::default()
-                    },
-                    mpb::ServiceSpec {
-                        service_name: "client".into(),
-                        image: image.clone(),
-                        command: command(
-                            "while true; do /bin/busybox wget -q -O - http://web/ && echo; /bin/busybox sleep 0.5; done",
-                        ),
-                        ..Default::default()
-                    },
-                ],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .addon
-        .unwrap();
-    eventually("approval", Duration::from_secs(30), || {
-        let mut market = market.clone();
-        let id = addon.id.clone();
-        async move {
-            let addon = market
-                .get_addon(mpb::GetAddonRequest { id })
-                .await
-                .unwrap()
-                .into_inner()
-                .addon
-                .unwrap();
-            if addon.status() == mpb::AddonStatus::Approved {
-                Ok(())
-            } else {
-                Err(format!("{:?}", addon.status()))
-            }
-        }
-    })
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "net".into(),
+            services: vec![
+                mpb::ServiceSpec {
+                    service_name: "web".into(),
+                    image: image.clone(),
+                    command: command(
+                        "mkdir -p /www && echo hello-from-web > /www/index.html && exec /bin/busybox httpd -f -p 80 -h /www",
+                    ),
+                    ports: vec![mpb::PortMapping { container_port: 80, host_port: u32::from(port), protocol: "tcp".into() }],
+                    ..Default::default()
+                },
+                mpb::ServiceSpec {
+                    service_name: "client".into(),
+                    image: image.clone(),
+                    command: command(
+                        "while true; do /bin/busybox wget -q -O - http://web/ && echo; /bin/busybox sleep 0.5; done",
+                    ),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    )
     .await;
     let id = AddonsManagerServiceClient::new(manager.channel())
         .install_addon(pb::InstallAddonRequest {
