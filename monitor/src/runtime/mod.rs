@@ -86,10 +86,11 @@ impl RuntimeError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Connect { .. } => true,
+            // A dropped connection shows up as UNAVAILABLE, or as UNKNOWN
+            // with a transport error.
             Self::Call { status, .. } => {
-                matches!(status.code(), Code::Unavailable | Code::Unknown)
-                    && status.message().contains("transport")
-                    || status.code() == Code::Unavailable
+                status.code() == Code::Unavailable
+                    || (status.code() == Code::Unknown && status.message().contains("transport"))
             }
             _ => false,
         }
