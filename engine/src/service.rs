@@ -78,6 +78,7 @@ impl Manager {
     /// Installs an approved addon: snapshots its descriptor, images pinned.
     pub async fn install(&self, marketplace_id: &str) -> Result<Versioned<Installation>, Error> {
         let addon = self.fetch_approved(marketplace_id).await?;
+        self.check_service_names(marketplace_id, &addon).await?;
         let now = chrono::Utc::now();
         let installation = Installation {
             id: addons_store::new_id(),
@@ -111,6 +112,40 @@ impl Manager {
             }
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Containers are named `<plane>_<service_name>` on every node, so two
+    /// live installations must not share a service name.
+    async fn check_service_names(
+        &self,
+        marketplace_id: &str,
+        addon: &Descriptor,
+    ) -> Result<(), Error> {
+        let live = self
+            .installations
+            .list_all(&Filter::default())
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.value.status != InstallationStatus::Disabled
+                    && r.value.marketplace_id != marketplace_id
+            });
+        for other in live {
+            if let Some(service) = addon.services.iter().find(|s| {
+                other
+                    .value
+                    .addon
+                    .services
+                    .iter()
+                    .any(|o| o.service_name == s.service_name)
+            }) {
+                return Err(Error::NotInstallable(format!(
+                    "service `{}` is already provided by installation `{}` (addon `{}`)",
+                    service.service_name, other.value.id, other.value.addon.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn fetch_approved(&self, marketplace_id: &str) -> Result<Descriptor, Error> {

@@ -231,6 +231,16 @@ async fn lifecycle(mongo: bool) {
             .iter()
             .all(|s| s.resolved_image.contains("@sha256:"))
     );
+    // Another addon with the same service names would fight over the same
+    // containers: refused, naming the installation that holds them.
+    let rival = stack.approved_addon("rival").await;
+    let clash = install(&mut manager, &rival.id).await.unwrap_err();
+    assert_eq!(clash.code(), Code::FailedPrecondition);
+    assert!(
+        clash.message().contains(&installation.id),
+        "{}",
+        clash.message()
+    );
     let again = install(&mut manager, &addon.id).await.unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists);
     assert!(
