@@ -7,11 +7,7 @@ use prost_types::Timestamp;
 use crate::model::{Installation, InstallationStatus, Plane, ServicePhase, ServiceStatus};
 
 fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
-    Timestamp {
-        seconds: time.timestamp(),
-        // Always below 2e9, so it fits.
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }
+    std::time::SystemTime::from(time).into()
 }
 
 impl From<InstallationStatus> for pb::InstallationStatus {

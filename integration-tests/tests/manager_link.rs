@@ -147,6 +147,11 @@ impl Stack {
     }
 }
 
+/// A report of both services of the test addon.
+fn both(api: ServicePhase, worker: ServicePhase) -> Vec<pb::ServiceStatus> {
+    vec![service("api", api), service("worker", worker)]
+}
+
 async fn install(
     manager: &mut Manager,
     marketplace_id: &str,
@@ -278,24 +283,15 @@ async fn lifecycle(mongo: bool) {
     let id = installation.id.clone();
     let steps: Vec<(Vec<pb::ServiceStatus>, Status_)> = vec![
         (
-            vec![
-                service("api", ServicePhase::Pulling),
-                service("worker", ServicePhase::Pulling),
-            ],
+            both(ServicePhase::Pulling, ServicePhase::Pulling),
             Status_::Installing,
         ),
         (
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Starting),
-            ],
+            both(ServicePhase::Running, ServicePhase::Starting),
             Status_::PartiallyActive,
         ),
         (
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Running),
-            ],
+            both(ServicePhase::Running, ServicePhase::Running),
             Status_::Active,
         ),
         (
@@ -357,13 +353,7 @@ async fn lifecycle(mongo: bool) {
         .await;
     assert!(desired.generation > 1);
     let sequence = monitor
-        .report(
-            &id,
-            vec![
-                service("api", ServicePhase::Removed),
-                service("worker", ServicePhase::Removed),
-            ],
-        )
+        .report(&id, both(ServicePhase::Removed, ServicePhase::Removed))
         .await;
     monitor.wait_acked(sequence).await;
     assert_eq!(get(&mut manager, &id).await.status(), Status_::Disabled);
@@ -436,24 +426,12 @@ async fn survives_a_manager_crash(mongo: bool) {
         .await
         .unwrap();
     let acked = monitor
-        .report(
-            &id,
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Starting),
-            ],
-        )
+        .report(&id, both(ServicePhase::Running, ServicePhase::Starting))
         .await;
     monitor.wait_acked(acked).await;
     // A report that may or may not be stored before the crash.
     let unacked = monitor
-        .report(
-            &id,
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Running),
-            ],
-        )
+        .report(&id, both(ServicePhase::Running, ServicePhase::Running))
         .await;
     let stack = stack.crash_and_restart_manager().await;
     let _ = monitor.next().await;
@@ -473,24 +451,11 @@ async fn survives_a_manager_crash(mongo: bool) {
     assert_eq!(active.status(), Status_::Active);
     // A stale re-send changes nothing.
     monitor
-        .report_as(
-            acked,
-            &id,
-            vec![
-                service("api", ServicePhase::Failed),
-                service("worker", ServicePhase::Failed),
-            ],
-        )
+        .report_as(acked, &id, both(ServicePhase::Failed, ServicePhase::Failed))
         .await;
     monitor.wait_acked(acked).await;
     let sequence = monitor
-        .report(
-            &id,
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Running),
-            ],
-        )
+        .report(&id, both(ServicePhase::Running, ServicePhase::Running))
         .await;
     monitor.wait_acked(sequence).await;
     let unchanged = get(&mut manager, &id).await;
@@ -553,13 +518,7 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
     let addon = stack.approved_addon("app").await;
     let id = install(&mut manager, &addon.id).await.unwrap().id;
     let sequence = first
-        .report(
-            &id,
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Running),
-            ],
-        )
+        .report(&id, both(ServicePhase::Running, ServicePhase::Running))
         .await;
     first.wait_acked(sequence).await;
     first.hang_up();
@@ -596,13 +555,7 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
         .await
         .unwrap();
     let sequence = back
-        .report(
-            &id,
-            vec![
-                service("api", ServicePhase::Running),
-                service("worker", ServicePhase::Running),
-            ],
-        )
+        .report(&id, both(ServicePhase::Running, ServicePhase::Running))
         .await;
     back.wait_acked(sequence).await;
     status_becomes(&manager, &id, Status_::Active).await;

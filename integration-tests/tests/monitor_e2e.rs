@@ -83,6 +83,34 @@ fn command(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
 }
 
+/// Waits until service `name` of installation `id` satisfies `check`.
+async fn service_becomes(
+    manager: &ServerProcess,
+    id: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&pb::ServiceStatus) -> bool,
+) -> pb::ServiceStatus {
+    eventually(what, Duration::from_secs(30), || {
+        let check = &check;
+        async move {
+            let installation = installation(manager, id).await;
+            let service = installation
+                .services
+                .iter()
+                .find(|s| s.service_name == name)
+                .cloned()
+                .unwrap_or_default();
+            if check(&service) {
+                Ok(service)
+            } else {
+                Err(format!("{service:?}"))
+            }
+        }
+    })
+    .await
+}
+
 async fn installation(manager: &ServerProcess, id: &str) -> pb::Installation {
     AddonsManagerServiceClient::new(manager.channel())
         .get_installation(pb::GetInstallationRequest { id: id.into() })
@@ -276,27 +304,12 @@ async fn runs_restarts_gives_up_survives_and_removes() {
         .stop_task("root_looper", Duration::from_secs(2))
         .await
         .unwrap();
-    eventually(
+    service_becomes(
+        &manager,
+        &id,
+        "looper",
         "the killed service is restarted",
-        Duration::from_secs(30),
-        || {
-            let manager = &manager;
-            let id = id.clone();
-            async move {
-                let installation = installation(manager, &id).await;
-                let looper = installation
-                    .services
-                    .iter()
-                    .find(|s| s.service_name == "looper")
-                    .unwrap()
-                    .clone();
-                if looper.restart_count == 1 && looper.phase() == ServicePhase::Running {
-                    Ok(())
-                } else {
-                    Err(format!("{looper:?}"))
-                }
-            }
-        },
+        |looper| looper.restart_count == 1 && looper.phase() == ServicePhase::Running,
     )
     .await;
     let TaskState::Running(pid) = runtime.task_state("root_looper").await.unwrap() else {
@@ -350,27 +363,12 @@ async fn runs_restarts_gives_up_survives_and_removes() {
         .stop_task("root_looper", Duration::from_secs(2))
         .await
         .unwrap();
-    eventually(
+    service_becomes(
+        &manager,
+        &id,
+        "looper",
         "restarted after the containerd restart",
-        Duration::from_secs(30),
-        || {
-            let manager = &manager;
-            let id = id.clone();
-            async move {
-                let installation = installation(manager, &id).await;
-                let looper = installation
-                    .services
-                    .iter()
-                    .find(|s| s.service_name == "looper")
-                    .unwrap()
-                    .clone();
-                if looper.restart_count >= 2 && looper.phase() == ServicePhase::Running {
-                    Ok(())
-                } else {
-                    Err(format!("{looper:?}"))
-                }
-            }
-        },
+        |looper| looper.restart_count >= 2 && looper.phase() == ServicePhase::Running,
     )
     .await;
 

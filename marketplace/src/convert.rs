@@ -6,11 +6,7 @@ use prost_types::Timestamp;
 use crate::model::{Addon, AddonStatus, ServiceVerification, Verification};
 
 pub(crate) fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
-    Timestamp {
-        seconds: time.timestamp(),
-        // Always below 2e9, so it fits.
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }
+    std::time::SystemTime::from(time).into()
 }
 
 impl From<AddonStatus> for pb::AddonStatus {

@@ -185,7 +185,7 @@ impl Registry {
         match manifest {
             OciManifest::Image(manifest) => {
                 let (platform, runnable) = self
-                    .read_config(&pinned, &auth, &manifest.config, image, &mut fetched)
+                    .read_config(&pinned, &manifest.config, image, &mut fetched)
                     .await?;
                 if let Some(missing) = self
                     .options
@@ -257,7 +257,7 @@ impl Registry {
                         });
                     };
                     let (_, runnable) = self
-                        .read_config(&child, &auth, &manifest.config, image, &mut fetched)
+                        .read_config(&child, &manifest.config, image, &mut fetched)
                         .await?;
                     if !runnable && !has_descriptor_command {
                         return Err(not_runnable(image, fetched));
@@ -276,12 +276,12 @@ impl Registry {
         })
     }
 
-    /// Fetches and parses an image configuration; returns its platform and
-    /// whether it names something to run.
+    /// Fetches and parses an image configuration (with the authentication
+    /// the manifest request set up); returns its platform and whether it
+    /// names something to run.
     async fn read_config(
         &self,
         reference: &Reference,
-        auth: &RegistryAuth,
         descriptor: &OciDescriptor,
         image: &str,
         fetched: &mut u64,
@@ -295,8 +295,6 @@ impl Registry {
                 bytes_fetched: *fetched,
             });
         }
-        // Authentication was set up by the manifest request.
-        let _ = auth;
         let mut data = Vec::with_capacity(usize::try_from(descriptor.size).unwrap_or(0));
         self.client
             .pull_blob(reference, descriptor, &mut data)

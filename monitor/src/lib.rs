@@ -11,3 +11,8 @@ pub mod reconcile;
 pub mod runtime;
 
 pub use crate::runtime::Containerd;
+
+/// The current time as a protobuf timestamp.
+pub(crate) fn now() -> prost_types::Timestamp {
+    std::time::SystemTime::now().into()
+}

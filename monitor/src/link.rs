@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use crate::now;
+
 /// Settings of the link.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
@@ -99,16 +101,6 @@ impl Outbox {
         self.unacked.retain(|seq, _| *seq > sequence);
         // Numbering continues above what the manager has stored.
         self.next_sequence = self.next_sequence.max(sequence + 1);
-    }
-}
-
-fn now() -> prost_types::Timestamp {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
     }
 }
 

@@ -23,6 +23,7 @@ use oakestra_addons_proto::{
 use tokio::sync::{mpsc, watch};
 
 use crate::network::{NetworkOptions, Networks, PortMapping};
+use crate::now;
 use crate::runtime::{
     Containerd, PulledImage, RegistryAccess, RunSpec, RuntimeError, TaskState, build_spec,
 };
@@ -258,7 +259,7 @@ impl Reconciler {
                     if let Some(tracked) = self.tracked.get_mut(&id) {
                         tracked.status.phase = ServicePhase::Removed.into();
                         tracked.status.reason = "removed".into();
-                        tracked.status.update_time = Some(now_timestamp());
+                        tracked.status.update_time = Some(now());
                     }
                 }
             }
@@ -629,7 +630,7 @@ impl Reconciler {
                 };
                 if tracked.status.phase() != ServicePhase::Backoff {
                     tracked.status.phase = ServicePhase::Backoff.into();
-                    tracked.status.update_time = Some(now_timestamp());
+                    tracked.status.update_time = Some(crate::now());
                 }
                 if tracked.next_restart.is_none() {
                     // A new exit.
@@ -650,7 +651,7 @@ impl Reconciler {
                                 .map_or("unknown".to_owned(), |c| c.to_string())
                         );
                         tracked.status.logs_tail = tail(&log, 50);
-                        tracked.status.update_time = Some(now_timestamp());
+                        tracked.status.update_time = Some(crate::now());
                         return Ok(());
                     }
                     let exponent = u32::try_from(tracked.failures.len().saturating_sub(1))
@@ -862,20 +863,6 @@ impl Reconciler {
 /// The network a service joins when it names none.
 fn addons_descriptor_default_network() -> String {
     "oakestra".to_owned()
-}
-
-fn now() -> prost_types::Timestamp {
-    now_timestamp()
-}
-
-fn now_timestamp() -> prost_types::Timestamp {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
-    }
 }
 
 /// Keeps a log under `max_bytes`: past it, the log is copied to `.1`

@@ -111,8 +111,6 @@ struct RawManifest {
 
 #[derive(Deserialize)]
 struct RawIndexEntry {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
     digest: String,
     platform: Option<RawPlatform>,
 }
@@ -241,7 +239,7 @@ impl Containerd {
             })?;
         let mut bytes_pulled = 0;
         let top_media_type;
-        let (manifest_bytes, manifest_digest, manifest_media_type) =
+        let (manifest_bytes, manifest_digest) =
             if INDEX_TYPES.contains(&top.media_type.as_str()) || !top.manifests.is_empty() {
                 top_media_type = if top.media_type.is_empty() {
                     INDEX_TYPES[0].to_owned()
@@ -273,23 +271,14 @@ impl Containerd {
                 bytes_pulled += self
                     .write_blob(&top_digest, &top_bytes, labels, lease)
                     .await?;
-                let media_type = if entry.media_type.is_empty() {
-                    MANIFEST_TYPES[0].to_owned()
-                } else {
-                    entry.media_type.clone()
-                };
-                (bytes, digest, media_type)
+                (bytes, digest)
             } else {
                 top_media_type = if top.media_type.is_empty() {
                     MANIFEST_TYPES[0].to_owned()
                 } else {
                     top.media_type.clone()
                 };
-                (
-                    top_bytes.clone(),
-                    top_digest.clone(),
-                    top_media_type.clone(),
-                )
+                (top_bytes.clone(), top_digest.clone())
             };
         let manifest: RawManifest =
             serde_json::from_slice(&manifest_bytes).map_err(|err| RuntimeError::InvalidImage {
@@ -368,7 +357,6 @@ impl Containerd {
             &parent,
         )
         .await?;
-        let _ = manifest_media_type;
         self.create_image(
             image,
             &top_media_type,
