@@ -56,7 +56,13 @@ impl AddonsManagerService for ManagerApi {
         request: Request<pb::InstallAddonRequest>,
     ) -> Result<Response<pb::InstallAddonResponse>, Status> {
         let marketplace_id = required("marketplace_id", &request.get_ref().marketplace_id)?;
-        let installation = self.core.install(marketplace_id).await?;
+        let installation = self
+            .core
+            .install(
+                marketplace_id,
+                request.get_ref().keep_core_stopped_on_failure,
+            )
+            .await?;
         tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
         Ok(Response::new(pb::InstallAddonResponse {
             installation: Some(convert::installation_to_proto(installation)),

@@ -99,6 +99,7 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
         update_time: Some(timestamp(installation.update_time)),
         revision: record.revision,
         plane: pb::Plane::from(installation.plane).into(),
+        keep_core_stopped_on_failure: installation.keep_core_stopped_on_failure,
     }
 }
 

@@ -109,6 +109,7 @@ fn desired_entry(installation: &Installation) -> Option<pb::DesiredInstallation>
         }),
         presence: presence.into(),
         purge_volumes: installation.purge_requested,
+        keep_core_stopped_on_failure: installation.keep_core_stopped_on_failure,
     })
 }
 

@@ -73,6 +73,10 @@ pub struct Installation {
     /// once every service is gone.
     #[serde(default)]
     pub purge_requested: bool,
+    /// Leave a replaced core component stopped when its replacement fails
+    /// for good (the default restores it).
+    #[serde(default)]
+    pub keep_core_stopped_on_failure: bool,
     /// When it was installed.
     pub create_time: DateTime<Utc>,
     /// When it last changed.

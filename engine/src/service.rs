@@ -76,7 +76,11 @@ impl Manager {
     }
 
     /// Installs an approved addon: snapshots its descriptor, images pinned.
-    pub async fn install(&self, marketplace_id: &str) -> Result<Versioned<Installation>, Error> {
+    pub async fn install(
+        &self,
+        marketplace_id: &str,
+        keep_core_stopped_on_failure: bool,
+    ) -> Result<Versioned<Installation>, Error> {
         let addon = self.fetch_approved(marketplace_id).await?;
         self.check_service_names(marketplace_id, &addon).await?;
         let now = chrono::Utc::now();
@@ -90,6 +94,7 @@ impl Manager {
             services: Vec::new(),
             report_sequences: Default::default(),
             purge_requested: false,
+            keep_core_stopped_on_failure,
             create_time: now,
             update_time: now,
         };

@@ -144,9 +144,21 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
                 Some(ServicePhase::Running) => running += 1,
                 Some(ServicePhase::Failed) => {
                     let status = by_pair[&(*name, *node)];
-                    let detail = match status.exit_code {
-                        Some(code) => format!("{name} on {node} (exit code {code})"),
-                        None => format!("{name} on {node}"),
+                    let mut notes = Vec::new();
+                    if let Some(code) = status.exit_code {
+                        notes.push(format!("exit code {code}"));
+                    }
+                    if let Some(core) = &status.replaced_core_component {
+                        notes.push(if installation.keep_core_stopped_on_failure {
+                            format!("replaced core component {core} kept stopped")
+                        } else {
+                            format!("replaced core component {core} restored")
+                        });
+                    }
+                    let detail = if notes.is_empty() {
+                        format!("{name} on {node}")
+                    } else {
+                        format!("{name} on {node} ({})", notes.join("; "))
                     };
                     failed.push(detail);
                 }
@@ -216,6 +228,7 @@ mod tests {
             services: Vec::new(),
             report_sequences: Default::default(),
             purge_requested: false,
+            keep_core_stopped_on_failure: false,
             create_time: chrono::Utc::now(),
             update_time: chrono::Utc::now(),
         }
@@ -236,6 +249,30 @@ mod tests {
             pull_bytes_done: 0,
             pull_bytes_total: 0,
         }
+    }
+
+    #[test]
+    fn says_when_a_replaced_core_component_came_back() {
+        let mut i = installation(&["scheduler"]);
+        let mut failed = status("scheduler", ServicePhase::Failed);
+        failed.node_id = "n1".into();
+        failed.replaced_core_component = Some("root_scheduler".into());
+        apply_report(&mut i, "n1", vec![failed.clone()]);
+        assert_eq!(i.status, InstallationStatus::Failed);
+        assert!(
+            i.status_message.contains(
+                "scheduler on n1 (exit code 3; replaced core component root_scheduler restored)"
+            ),
+            "{}",
+            i.status_message
+        );
+        i.keep_core_stopped_on_failure = true;
+        apply_report(&mut i, "n1", vec![failed]);
+        assert!(
+            i.status_message.contains("root_scheduler kept stopped"),
+            "{}",
+            i.status_message
+        );
     }
 
     #[test]

@@ -111,6 +111,7 @@ async fn install_until(
     let id = client
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: marketplace_id.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -101,6 +101,7 @@ async fn run(
         let installation = client
             .install_addon(pb::InstallAddonRequest {
                 marketplace_id: addon.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -10,6 +10,7 @@ mod containerd;
 pub mod images;
 pub mod link;
 mod mongo;
+mod node;
 mod process;
 mod registry;
 
@@ -18,6 +19,7 @@ use std::{future::Future, path::PathBuf, time::Duration};
 pub use crate::{
     containerd::Containerd,
     mongo::MongoServer,
+    node::NodeCleanup,
     process::{ServerProcess, Started},
     registry::RegistryServer,
 };

@@ -170,6 +170,19 @@ impl ServerProcess {
         }
     }
 
+    /// Waits up to `patience` for it to exit on its own.
+    pub async fn exited(mut self, patience: Duration) -> Result<ExitStatus, String> {
+        match tokio::time::timeout(patience, self.child.wait()).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(err)) => Err(format!("wait for {}: {err}", self.name)),
+            Err(_) => Err(format!(
+                "{} still running after {patience:?}; stderr:\n{}",
+                self.name,
+                self.stderr()
+            )),
+        }
+    }
+
     /// SIGTERM, then the exit status within 5 s.
     pub async fn stop(self) -> ExitStatus {
         self.signal_and_wait(signal::Signal::SIGTERM, Duration::from_secs(5))

@@ -45,6 +45,7 @@ async fn install_refuses_what_is_not_installable() {
 
     let install = |id: &str| pb::InstallAddonRequest {
         marketplace_id: id.to_owned(),
+        ..Default::default()
     };
     let refused = client
         .install_addon(install(&reviewed.id))

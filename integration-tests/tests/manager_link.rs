@@ -159,6 +159,7 @@ async fn install(
     Ok(manager
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: marketplace_id.into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -147,6 +147,7 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     )
     .await;
     let state = dir.path().join("monitor");
+    let _cleanup = integration_tests::NodeCleanup::new(&state, "oe", "10.91");
     let mut monitor = start_monitor(&manager, &containerd, &state, &host).await;
 
     let image = format!("{host}/team/app:1");
@@ -181,6 +182,7 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     let id = AddonsManagerServiceClient::new(manager.channel())
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: addon.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -467,6 +469,7 @@ async fn publishes_ports_and_resolves_service_names() {
     )
     .await;
     let state = dir.path().join("monitor");
+    let _cleanup = integration_tests::NodeCleanup::new(&state, "on", "10.92");
     let monitor = start_monitor_on(&manager, &containerd, &state, &host, "on", "10.92").await;
     let port = integration_tests::free_port();
     let image = format!("{host}/team/app:1");
@@ -500,6 +503,7 @@ async fn publishes_ports_and_resolves_service_names() {
     let id = AddonsManagerServiceClient::new(manager.channel())
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: addon.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

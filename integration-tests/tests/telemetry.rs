@@ -107,6 +107,7 @@ async fn trace_context_crosses_both_servers_and_spans_are_exported() {
     let caller_span = "00f067aa0ba902b7";
     let mut request = tonic::Request::new(InstallAddonRequest {
         marketplace_id: "no-such-addon".into(),
+        ..Default::default()
     });
     request.metadata_mut().insert(
         "traceparent",

@@ -148,6 +148,13 @@ pub struct Config {
     #[arg(long, env = "ADDONS_HEARTBEAT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat: Duration,
 
+    /// Core components the monitor runs itself, like a kubelet's static
+    /// pods: a YAML list of `{name, image, command, environment, ports:
+    /// [{container_port, host_port, protocol}], networks}`. Container ids
+    /// are `<plane>_<name>`; an addon service of the same name replaces one.
+    #[arg(long, env = "ADDONS_CORE_COMPONENTS", value_name = "FILE")]
+    pub core_components: Option<PathBuf>,
+
     /// The orchestration plane this monitor serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = PlaneArg::Root)]
     pub plane: PlaneArg,

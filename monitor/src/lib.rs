@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod config;
+pub mod cores;
+mod crash;
 pub mod link;
 pub mod network;
 pub mod reconcile;

@@ -65,6 +65,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let plane: Plane = config.plane.into();
+    let core_components = match &config.core_components {
+        Some(path) => addons_monitor::cores::load(path).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
     let (observed_tx, observed_rx) = tokio::sync::watch::channel(Vec::new());
     let link = link::spawn(
         LinkSettings {
@@ -100,6 +104,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             max_failures: config.max_failures,
             failure_window: config.failure_window,
             log_max_bytes: config.log_max_bytes,
+            core_components,
             network: NetworkOptions {
                 plugin_dir: config.cni_plugin_dir.clone(),
                 bridge_prefix: config.bridge_prefix.clone(),

@@ -100,6 +100,13 @@ impl Networks {
         self.state_dir.join("netns").join(id)
     }
 
+    /// The CNI name of `network`: the plugins name their iptables chains
+    /// after it and the container id, so it carries the bridge prefix to
+    /// keep monitors with different prefixes on one host apart.
+    fn cni_name(&self, network: &str) -> String {
+        format!("{}-{network}", self.options.bridge_prefix)
+    }
+
     fn cni_dir(&self) -> PathBuf {
         self.state_dir.join("cni")
     }
@@ -200,6 +207,59 @@ impl Networks {
             .collect()
     }
 
+    /// The ports container `id` publishes, from the state.
+    pub fn ports(&self, id: &str) -> Vec<PortMapping> {
+        self.load(id)
+            .into_iter()
+            .next()
+            .map(|a| a.ports)
+            .unwrap_or_default()
+    }
+
+    /// Replaces the ports container `id` publishes on its first network:
+    /// `portmap` DEL with the old mappings, then ADD with `ports`, on the
+    /// stored result of the attachment. Addresses and interfaces stay.
+    pub async fn set_ports(&self, id: &str, ports: &[PortMapping]) -> Result<(), NetworkError> {
+        let mut attachments = self.load(id);
+        let Some(first) = attachments.first_mut() else {
+            return Err(NetworkError::State(format!(
+                "{id} has no network attachment to publish ports on"
+            )));
+        };
+        if first.ports == ports {
+            return Ok(());
+        }
+        let netns = self.netns_path(id);
+        let portmap = self
+            .plugins(&first.network)?
+            .into_iter()
+            .find(|p| p["type"] == "portmap")
+            .ok_or_else(|| NetworkError::State("no portmap plugin".into()))?;
+        let config = plugin_config(
+            portmap.clone(),
+            &self.cni_name(&first.network),
+            Some(&first.result),
+            &first.ports,
+        );
+        self.exec("DEL", id, &netns, &first.network, &first.ifname, config)
+            .await?;
+        first.ports = Vec::new();
+        self.save(id, &attachments)?;
+        let Some(first) = attachments.first_mut() else {
+            return Ok(());
+        };
+        let config = plugin_config(
+            portmap,
+            &self.cni_name(&first.network),
+            Some(&first.result),
+            ports,
+        );
+        self.exec("ADD", id, &netns, &first.network, &first.ifname, config)
+            .await?;
+        first.ports = ports.to_vec();
+        self.save(id, &attachments)
+    }
+
     /// Undoes [`Networks::attach`]: CNI DEL on every attachment, in reverse,
     /// then the network namespace. Missing parts are fine.
     pub async fn detach(&self, id: &str) -> Result<(), NetworkError> {
@@ -249,7 +309,7 @@ impl Networks {
     ) -> Result<Value, NetworkError> {
         let mut previous: Option<Value> = None;
         for plugin in self.plugins(network)? {
-            let config = plugin_config(plugin, network, previous.as_ref(), ports);
+            let config = plugin_config(plugin, &self.cni_name(network), previous.as_ref(), ports);
             let result = self.exec("ADD", id, netns, network, ifname, config).await?;
             previous = Some(result);
         }
@@ -267,7 +327,7 @@ impl Networks {
         for plugin in plugins {
             let config = plugin_config(
                 plugin,
-                &attachment.network,
+                &self.cni_name(&attachment.network),
                 Some(&attachment.result),
                 &attachment.ports,
             );

@@ -22,10 +22,15 @@ use oakestra_addons_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::cores::{
+    self, CORE_COMPONENT, CORE_SOURCE, CORE_SOURCE_STATIC, CORE_SPEC_HASH, CoreComponentSpec,
+    REPLACED_BY, REPLACES,
+};
 use crate::network::{NetworkOptions, Networks, PortMapping};
 use crate::now;
 use crate::runtime::{
-    Containerd, PulledImage, RegistryAccess, RunSpec, RuntimeError, TaskState, build_spec,
+    ContainerInfo, Containerd, PulledImage, RegistryAccess, RunSpec, RuntimeError, TaskState,
+    build_spec,
 };
 
 /// Label marking the monitor's containers.
@@ -62,6 +67,59 @@ pub struct ReconcileOptions {
     pub network: NetworkOptions,
     /// A service's log is rotated (to `<id>.log.1`) when it grows past this.
     pub log_max_bytes: u64,
+    /// Core components the monitor runs itself (`--core-components`).
+    pub core_components: Vec<CoreComponentSpec>,
+}
+
+/// A core component found in containerd.
+#[derive(Debug, Clone)]
+struct Core {
+    /// Its name, which a replacing addon service has.
+    name: String,
+    /// Its container.
+    info: ContainerInfo,
+}
+
+impl Core {
+    fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    /// Whether the monitor runs it from the static file.
+    fn is_static(&self) -> bool {
+        self.info.labels.get(CORE_SOURCE).map(String::as_str) == Some(CORE_SOURCE_STATIC)
+    }
+
+    /// The installation replacing it, as its label says.
+    fn replaced_by(&self) -> Option<&str> {
+        self.info.labels.get(REPLACED_BY).map(String::as_str)
+    }
+
+    /// The id of the addon container that replaces it.
+    fn replacement_id(&self) -> String {
+        format!("{}.addon", self.info.id)
+    }
+}
+
+/// Restarts of a core component the monitor keeps running.
+#[derive(Debug, Clone, Copy)]
+struct CoreStarts {
+    /// Starts in a row that did not last.
+    count: u32,
+    /// Last start.
+    last: Instant,
+    /// Earliest next start.
+    next: Instant,
+    /// Exited and waiting for `next`.
+    waiting: bool,
+}
+
+/// What a swap keeps to undo it: the ports the core component published
+/// before its replacement changed them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SwapRecord {
+    installation_id: String,
+    ports: Vec<PortMapping>,
 }
 
 /// What the reconciler tracks per container.
@@ -84,6 +142,7 @@ struct Reconciler {
     reported: HashMap<String, Vec<pb::ServiceStatus>>,
     reports: mpsc::Sender<(String, Vec<pb::ServiceStatus>)>,
     observed: watch::Sender<Vec<pb::ObservedService>>,
+    core_starts: HashMap<String, CoreStarts>,
 }
 
 /// Runs the reconciler until `shutdown` fires. Addon containers keep
@@ -107,6 +166,7 @@ pub async fn run(
         reported: HashMap::new(),
         reports,
         observed,
+        core_starts: HashMap::new(),
     };
     let mut resync = tokio::time::interval(reconciler.options.resync);
     let mut exits = None;
@@ -132,6 +192,13 @@ pub async fn run(
             .tracked
             .values()
             .filter_map(|t| t.next_restart)
+            .chain(
+                reconciler
+                    .core_starts
+                    .values()
+                    .filter(|s| s.waiting)
+                    .map(|s| s.next),
+            )
             .min();
         tokio::select! {
             () = shutdown.fired() => return,
@@ -172,12 +239,18 @@ impl Reconciler {
     }
 
     async fn pass(&mut self, desired: Option<&pb::DesiredState>) -> Result<(), RuntimeError> {
-        let containers = self
-            .runtime
-            .list_containers(&[(MANAGED_BY, MANAGED_BY_VALUE)])
-            .await?;
+        let mut all = self.runtime.list_containers(&[]).await?;
+        if self.ensure_static_cores(&all).await? {
+            all = self.runtime.list_containers(&[]).await?;
+        }
+        let containers: Vec<ContainerInfo> = all
+            .iter()
+            .filter(|c| c.labels.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE))
+            .cloned()
+            .collect();
+        let cores = discover_cores(&all, &self.options.plane);
         self.publish_observed(&containers).await;
-        for container in &containers {
+        for container in &all {
             let log = self
                 .options
                 .state_dir
@@ -187,10 +260,26 @@ impl Reconciler {
                 tracing::warn!(container = %container.id, error = %err, "cannot rotate log");
             }
         }
-        // Before the first desired state, nothing is known to be unwanted.
+        // Before the first desired state, nothing is known to be unwanted,
+        // and a replaced core component stays as it is.
         let Some(desired) = desired else {
-            return Ok(());
+            return self.ensure_cores(&cores, &HashMap::new(), None).await;
         };
+        // Which running installation replaces which core component: the
+        // manager refuses a second claim, so the first one is the only one.
+        let mut claims: HashMap<String, String> = HashMap::new();
+        for installation in &desired.installations {
+            if installation.presence() != DesiredPresence::Running {
+                continue;
+            }
+            for service in installation.addon.iter().flat_map(|a| &a.services) {
+                if cores.contains_key(&service.service_name) {
+                    claims
+                        .entry(service.service_name.clone())
+                        .or_insert_with(|| installation.installation_id.clone());
+                }
+            }
+        }
         let existing: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
         let mut wanted = HashSet::new();
         let mut removing = Vec::new();
@@ -200,10 +289,30 @@ impl Reconciler {
             };
             let presence = installation.presence();
             for service in &addon.services {
-                let id = self.container_id(&service.service_name);
+                let replaces = cores.get(&service.service_name);
+                let id = match replaces {
+                    Some(core) => core.replacement_id(),
+                    None => self.container_id(&service.service_name),
+                };
                 match presence {
                     DesiredPresence::Running => {
                         wanted.insert(id.clone());
+                        if let Some(core) = replaces
+                            && claims.get(&core.name) != Some(&installation.installation_id)
+                        {
+                            let holder = claims.get(&core.name).cloned().unwrap_or_default();
+                            self.set_phase(
+                                &installation.installation_id,
+                                service,
+                                &id,
+                                ServicePhase::Failed,
+                                format!(
+                                    "core component {} is already replaced by installation {holder}",
+                                    core.id()
+                                ),
+                            );
+                            continue;
+                        }
                         if let Err(err) = self
                             .ensure_running(
                                 installation,
@@ -211,6 +320,7 @@ impl Reconciler {
                                 service,
                                 &id,
                                 existing.contains(&id),
+                                replaces,
                             )
                             .await
                         {
@@ -227,16 +337,17 @@ impl Reconciler {
                         }
                     }
                     _ => {
-                        if existing.contains(&id) {
-                            self.set_phase(
-                                &installation.installation_id,
-                                service,
-                                &id,
-                                ServicePhase::Stopping,
-                                "removing".into(),
-                            );
-                            removing.push(id.clone());
-                        } else {
+                        // The service's containers, whatever their ids
+                        // (a replacement's id follows its core component).
+                        let ids: Vec<String> = containers
+                            .iter()
+                            .filter(|c| {
+                                c.labels.get(INSTALLATION) == Some(&installation.installation_id)
+                                    && c.labels.get(SERVICE) == Some(&service.service_name)
+                            })
+                            .map(|c| c.id.clone())
+                            .collect();
+                        if ids.is_empty() {
                             self.set_phase(
                                 &installation.installation_id,
                                 service,
@@ -244,6 +355,16 @@ impl Reconciler {
                                 ServicePhase::Removed,
                                 "removed".into(),
                             );
+                        }
+                        for id in ids {
+                            self.set_phase(
+                                &installation.installation_id,
+                                service,
+                                &id,
+                                ServicePhase::Stopping,
+                                "removing".into(),
+                            );
+                            removing.push(id);
                         }
                     }
                 }
@@ -295,6 +416,8 @@ impl Reconciler {
             result?;
             self.tracked.remove(id);
         }
+        // Core components no running replacement holds come back.
+        self.ensure_cores(&cores, &claims, Some(desired)).await?;
         let desired_ids: HashSet<&str> = desired
             .installations
             .iter()
@@ -305,6 +428,321 @@ impl Reconciler {
         self.reported
             .retain(|id, _| desired_ids.contains(id.as_str()));
         Ok(())
+    }
+
+    /// Creates the containers of the static core components that have none
+    /// (or one made from an older entry), and removes static ones no longer
+    /// in the file. Does not start them. Returns whether anything changed.
+    async fn ensure_static_cores(&mut self, all: &[ContainerInfo]) -> Result<bool, RuntimeError> {
+        let mut changed = false;
+        for container in all {
+            let Some(name) = container.labels.get(CORE_COMPONENT) else {
+                continue;
+            };
+            if container.labels.get(CORE_SOURCE).map(String::as_str) == Some(CORE_SOURCE_STATIC)
+                && !container.labels.contains_key(REPLACED_BY)
+                && !self.options.core_components.iter().any(|c| &c.name == name)
+            {
+                tracing::info!(container = %container.id, "removing a core component no longer in the core-components file");
+                self.remove(&container.id).await?;
+                self.core_starts.remove(&container.id);
+                changed = true;
+            }
+        }
+        for spec in self.options.core_components.clone() {
+            let id = self.container_id(&spec.name);
+            if let Some(container) = all.iter().find(|c| c.id == id) {
+                if container.labels.get(CORE_SOURCE).map(String::as_str) != Some(CORE_SOURCE_STATIC)
+                {
+                    // Someone else's container has the id: leave it alone.
+                    continue;
+                }
+                if container.labels.get(CORE_SPEC_HASH) == Some(&spec.hash())
+                    || container.labels.contains_key(REPLACED_BY)
+                {
+                    continue;
+                }
+                tracing::info!(container = %id, "core component changed in the file; recreating it");
+                self.remove(&id).await?;
+                changed = true;
+            }
+            match self.create_static_core(&spec, &id).await {
+                Ok(()) => changed = true,
+                Err(err) if err.is_unavailable() => return Err(err),
+                Err(err) => {
+                    tracing::warn!(container = %id, error = %err, "cannot create core component; retrying")
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn create_static_core(
+        &mut self,
+        spec: &CoreComponentSpec,
+        id: &str,
+    ) -> Result<(), RuntimeError> {
+        let pulled = self.pull_cached(&spec.image).await?;
+        let service = mpb::ServiceSpec {
+            service_name: spec.name.clone(),
+            image: spec.image.clone(),
+            command: spec.command.args(),
+            environment: spec
+                .environment
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let mut run = self.run_spec("core", &service, id, &pulled)?;
+        let networks = if spec.networks.is_empty() {
+            vec![addons_descriptor_default_network()]
+        } else {
+            spec.networks.clone()
+        };
+        self.networks
+            .attach(id, &networks, &spec.port_mappings())
+            .await
+            .map_err(|err| RuntimeError::InvalidImage {
+                image: spec.image.clone(),
+                reason: err.to_string(),
+            })?;
+        run.netns = Some(self.networks.netns_path(id));
+        let oci = build_spec(&run, self.runtime.namespace()).map_err(|reason| {
+            RuntimeError::InvalidImage {
+                image: spec.image.clone(),
+                reason,
+            }
+        })?;
+        let labels = HashMap::from([
+            (CORE_COMPONENT.to_owned(), spec.name.clone()),
+            (CORE_SOURCE.to_owned(), CORE_SOURCE_STATIC.to_owned()),
+            (CORE_SPEC_HASH.to_owned(), spec.hash()),
+            (PLANE.to_owned(), self.options.plane.clone()),
+        ]);
+        if let Err(err) = self
+            .runtime
+            .create_container(id, &spec.image, &pulled.top_snapshot, &oci, labels)
+            .await
+        {
+            let _ = self.remove(id).await;
+            return Err(err);
+        }
+        tracing::info!(container = %id, "created core component");
+        Ok(())
+    }
+
+    /// Keeps every core component no running replacement holds running
+    /// (static ones always; others the monitor stopped for a swap), after
+    /// making sure its replacement no longer runs. With no desired state
+    /// yet, replaced core components are left as they are.
+    async fn ensure_cores(
+        &mut self,
+        cores: &HashMap<String, Core>,
+        claims: &HashMap<String, String>,
+        desired: Option<&pb::DesiredState>,
+    ) -> Result<(), RuntimeError> {
+        for core in cores.values() {
+            let replacement = core.replacement_id();
+            let holder = claims.get(&core.name);
+            let failed = self
+                .tracked
+                .get(&replacement)
+                .filter(|t| Some(&t.installation_id) == holder)
+                .is_some_and(|t| t.status.phase() == ServicePhase::Failed);
+            let keep_stopped = desired.is_some_and(|d| {
+                d.installations
+                    .iter()
+                    .any(|i| Some(&i.installation_id) == holder && i.keep_core_stopped_on_failure)
+            });
+            match desired {
+                None if core.replaced_by().is_some() => continue,
+                Some(_) if holder.is_some() && (!failed || keep_stopped) => continue,
+                _ => {}
+            }
+            let was_replaced = core.replaced_by().is_some();
+            if !core.is_static() && !was_replaced {
+                // Someone else's container, never swapped by the monitor.
+                continue;
+            }
+            // Never both: the replacement's task goes first (it shares the
+            // network namespace, and the ports).
+            if was_replaced
+                && let TaskState::Running(_) | TaskState::Paused | TaskState::Created =
+                    self.runtime.task_state(&replacement).await?
+            {
+                self.runtime
+                    .stop_task(&replacement, self.options.stop_grace)
+                    .await?;
+            }
+            if was_replaced {
+                crate::crash::point("restore:replacement-stopped");
+                self.restore_ports(core).await;
+            }
+            self.ensure_core_running(core).await?;
+            if was_replaced {
+                crate::crash::point("restore:core-started");
+                self.runtime.set_label(core.id(), REPLACED_BY, None).await?;
+                let _ = std::fs::remove_file(self.swap_record_path(core.id()));
+                tracing::info!(container = %core.id(), "restored core component");
+                if failed
+                    && let Some(holder) = holder
+                    && let Some(tracked) = self.tracked.get_mut(&replacement)
+                {
+                    tracked.status.reason = format!(
+                        "{}; replaced core component {} restored",
+                        tracked.status.reason,
+                        core.id()
+                    );
+                    tracked.status.update_time = Some(now());
+                    let holder = holder.clone();
+                    self.send_report(&holder).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a core component's task unless it runs, with backoff when it
+    /// keeps exiting.
+    async fn ensure_core_running(&mut self, core: &Core) -> Result<(), RuntimeError> {
+        let id = core.id().to_owned();
+        let now = Instant::now();
+        match self.runtime.task_state(&id).await? {
+            TaskState::Running(_) | TaskState::Paused => {
+                if let Some(starts) = self.core_starts.get_mut(&id) {
+                    starts.waiting = false;
+                    if now.duration_since(starts.last) > self.options.restart_backoff_max {
+                        starts.count = 0;
+                    }
+                }
+                return Ok(());
+            }
+            TaskState::Created => {
+                self.runtime.start_created_task(&id).await?;
+                return Ok(());
+            }
+            TaskState::Stopped(_) | TaskState::Absent => {}
+        }
+        if let Some(starts) = self.core_starts.get_mut(&id)
+            && starts.next > now
+        {
+            starts.waiting = true;
+            return Ok(());
+        }
+        let log = self
+            .options
+            .state_dir
+            .join("logs")
+            .join(format!("{id}.log"));
+        std::fs::create_dir_all(self.options.state_dir.join("logs")).ok();
+        self.runtime.delete_task(&id).await?;
+        self.runtime.start_task(&id, &log).await?;
+        let count = self.core_starts.get(&id).map_or(0, |s| s.count + 1);
+        let delay = self
+            .options
+            .restart_backoff
+            .saturating_mul(1 << count.min(16))
+            .min(self.options.restart_backoff_max);
+        self.core_starts.insert(
+            id.clone(),
+            CoreStarts {
+                count,
+                last: now,
+                next: now + delay,
+                waiting: false,
+            },
+        );
+        tracing::info!(container = %id, "started core component");
+        Ok(())
+    }
+
+    fn swap_record_path(&self, core_id: &str) -> PathBuf {
+        self.options
+            .state_dir
+            .join("cores")
+            .join(format!("{core_id}.json"))
+    }
+
+    /// Stops core component `core` for `installation`'s replacement: labels
+    /// it replaced (its container and snapshot stay), stops its task
+    /// gracefully, and publishes `ports` from its network namespace.
+    async fn take_over(
+        &mut self,
+        core: &Core,
+        installation: &str,
+        ports: Option<&[PortMapping]>,
+    ) -> Result<(), RuntimeError> {
+        if core.replaced_by() != Some(installation) {
+            let record = SwapRecord {
+                installation_id: installation.to_owned(),
+                ports: self.networks.ports(core.id()),
+            };
+            let path = self.swap_record_path(core.id());
+            if !path.exists() {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).ok();
+                }
+                if let Ok(bytes) = serde_json::to_vec(&record) {
+                    let _ = std::fs::write(&path, bytes);
+                }
+            }
+            self.runtime
+                .set_label(core.id(), REPLACED_BY, Some(installation))
+                .await?;
+            tracing::info!(container = %core.id(), %installation, "replacing core component");
+        }
+        match self.runtime.task_state(core.id()).await? {
+            TaskState::Absent => {}
+            TaskState::Stopped(_) => self.runtime.delete_task(core.id()).await?,
+            _ => {
+                self.runtime
+                    .stop_task(core.id(), self.options.stop_grace)
+                    .await?
+            }
+        }
+        self.core_starts.remove(core.id());
+        if let Some(ports) = ports
+            && !self.networks.addresses(core.id()).is_empty()
+            && let Err(err) = self.networks.set_ports(core.id(), ports).await
+        {
+            tracing::warn!(container = %core.id(), error = %err, "cannot publish the replacement's ports");
+        }
+        Ok(())
+    }
+
+    /// The ports core component `core` published before any swap.
+    fn swap_ports(&self, core: &Core) -> Vec<PortMapping> {
+        std::fs::read(self.swap_record_path(core.id()))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<SwapRecord>(&bytes).ok())
+            .map_or_else(|| self.networks.ports(core.id()), |record| record.ports)
+    }
+
+    /// Puts back the ports a core component published before its swap.
+    async fn restore_ports(&self, core: &Core) {
+        let record: Option<SwapRecord> = std::fs::read(self.swap_record_path(core.id()))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        if let Some(record) = record
+            && !self.networks.addresses(core.id()).is_empty()
+            && let Err(err) = self.networks.set_ports(core.id(), &record.ports).await
+        {
+            tracing::warn!(container = %core.id(), error = %err, "cannot restore the core component's ports");
+        }
+    }
+
+    /// The image, pulled now unless this run of the monitor has it.
+    async fn pull_cached(&mut self, image: &str) -> Result<PulledImage, RuntimeError> {
+        if let Some(pulled) = self.images.get(image) {
+            return Ok(pulled.clone());
+        }
+        let pulled = self
+            .runtime
+            .pull(image, &self.options.registry, Arc::new(AtomicU64::new(0)))
+            .await?;
+        self.images.insert(image.to_owned(), pulled.clone());
+        Ok(pulled)
     }
 
     async fn publish_observed(&self, containers: &[crate::runtime::ContainerInfo]) {
@@ -431,9 +869,12 @@ impl Reconciler {
         service: &mpb::ServiceSpec,
         id: &str,
         exists: bool,
+        replaces: Option<&Core>,
     ) -> Result<(), RuntimeError> {
         let installation_id = installation.installation_id.as_str();
-        self.track(installation_id, service, id);
+        self.track(installation_id, service, id)
+            .status
+            .replaced_core_component = replaces.map(|c| c.id().to_owned()).unwrap_or_default();
         if self
             .tracked
             .get(id)
@@ -523,32 +964,37 @@ impl Reconciler {
                 "starting".into(),
             );
             let mut run = self.run_spec(installation_id, service, id, &pulled)?;
-            let networks = if service.networks.is_empty() {
-                vec![addons_descriptor_default_network()]
+            let ports = declared_ports(service);
+            // A replacement joins its core component's network namespace:
+            // it inherits the addresses, networks and published ports.
+            let core_netns = replaces.and_then(|core| core.info.netns_path());
+            if let Some(core) = replaces
+                && service.inherit_core_environment
+            {
+                let declared: Vec<(String, String)> = service
+                    .environment
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                run.env = cores::merge_env(&core.info.env(), &pulled.config.env, &declared);
+            }
+            if let Some(netns) = core_netns {
+                run.netns = Some(netns);
             } else {
-                service.networks.clone()
-            };
-            let ports: Vec<PortMapping> = service
-                .ports
-                .iter()
-                .map(|p| PortMapping {
-                    host_port: u16::try_from(p.host_port).unwrap_or(0),
-                    container_port: u16::try_from(p.container_port).unwrap_or(0),
-                    protocol: if p.protocol.is_empty() {
-                        "tcp".into()
-                    } else {
-                        p.protocol.clone()
-                    },
-                })
-                .collect();
-            self.networks
-                .attach(id, &networks, &ports)
-                .await
-                .map_err(|err| RuntimeError::InvalidImage {
-                    image: image.clone(),
-                    reason: err.to_string(),
-                })?;
-            run.netns = Some(self.networks.netns_path(id));
+                let networks = if service.networks.is_empty() {
+                    vec![addons_descriptor_default_network()]
+                } else {
+                    service.networks.clone()
+                };
+                self.networks
+                    .attach(id, &networks, &ports)
+                    .await
+                    .map_err(|err| RuntimeError::InvalidImage {
+                        image: image.clone(),
+                        reason: err.to_string(),
+                    })?;
+                run.netns = Some(self.networks.netns_path(id));
+            }
             self.set_phase(
                 installation_id,
                 service,
@@ -563,19 +1009,31 @@ impl Reconciler {
                     reason,
                 }
             })?;
-            let labels = HashMap::from([
+            let mut labels = HashMap::from([
                 (MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
                 (INSTALLATION.to_owned(), installation_id.to_owned()),
                 (SERVICE.to_owned(), service.service_name.clone()),
                 (PLANE.to_owned(), self.options.plane.clone()),
                 (ADDON.to_owned(), addon.id.clone()),
             ]);
+            if let Some(core) = replaces {
+                labels.insert(REPLACES.to_owned(), core.id().to_owned());
+            }
             std::fs::create_dir_all(self.options.state_dir.join("logs")).ok();
+            // Everything is ready before a core component stops: the task
+            // is created, and starts the moment the core task has exited.
             let created = async {
                 self.runtime
                     .create_container(id, image, &pulled.top_snapshot, &spec, labels)
                     .await?;
-                self.runtime.start_task(id, &log).await
+                self.runtime.create_task(id, &log).await?;
+                if let Some(core) = replaces {
+                    crate::crash::point("swap:prepared");
+                    let ports = cores::merge_ports(&self.swap_ports(core), &ports);
+                    self.take_over(core, installation_id, Some(&ports)).await?;
+                    crate::crash::point("swap:core-stopped");
+                }
+                self.runtime.start_created_task(id).await
             }
             .await;
             if let Err(err) = created {
@@ -591,7 +1049,32 @@ impl Reconciler {
             );
             return Ok(());
         }
+        if let Some(core) = replaces {
+            // Never both: whatever happened since (a monitor restart in the
+            // middle of a swap, someone starting it), the core task stops.
+            let ports = cores::merge_ports(&self.swap_ports(core), &declared_ports(service));
+            self.take_over(core, installation_id, Some(&ports)).await?;
+        }
+        let never_started = self.tracked.get(id).is_some_and(|t| {
+            matches!(
+                t.status.phase(),
+                ServicePhase::Pending | ServicePhase::Pulling | ServicePhase::Starting
+            ) && t.next_restart.is_none()
+        });
         match self.runtime.task_state(id).await? {
+            // Created before a monitor restart and never started: start it
+            // now, it did not fail.
+            TaskState::Created | TaskState::Absent if never_started => {
+                self.runtime.delete_task(id).await?;
+                self.runtime.start_task(id, &log).await?;
+                self.set_phase(
+                    installation_id,
+                    service,
+                    id,
+                    ServicePhase::Running,
+                    "running".into(),
+                );
+            }
             TaskState::Running(_) | TaskState::Paused => {
                 self.set_phase(
                     installation_id,
@@ -789,11 +1272,12 @@ impl Reconciler {
             .iter()
             .filter(|(_, t)| t.installation_id == installation)
             .map(|(id, t)| {
-                (
-                    id.as_str(),
-                    t.status.service_name.as_str(),
-                    self.networks.addresses(id),
-                )
+                // A replacement lives in its core component's namespace.
+                let mut addresses = self.networks.addresses(id);
+                if addresses.is_empty() && !t.status.replaced_core_component.is_empty() {
+                    addresses = self.networks.addresses(&t.status.replaced_core_component);
+                }
+                (id.as_str(), t.status.service_name.as_str(), addresses)
             })
             .collect();
         for (id, name, own) in &members {
@@ -858,6 +1342,47 @@ impl Reconciler {
         }
         let _ = self.reports.send((installation.to_owned(), services)).await;
     }
+}
+
+/// The ports a service's descriptor publishes.
+fn declared_ports(service: &mpb::ServiceSpec) -> Vec<PortMapping> {
+    service
+        .ports
+        .iter()
+        .map(|p| PortMapping {
+            host_port: u16::try_from(p.host_port).unwrap_or(0),
+            container_port: u16::try_from(p.container_port).unwrap_or(0),
+            protocol: if p.protocol.is_empty() {
+                "tcp".into()
+            } else {
+                p.protocol.clone()
+            },
+        })
+        .collect()
+}
+
+/// The core components among `all`: containers that are not the monitor's
+/// addon containers, named `<plane>_<name>` or labelled with their name.
+fn discover_cores(all: &[ContainerInfo], plane: &str) -> HashMap<String, Core> {
+    let prefix = format!("{plane}_");
+    all.iter()
+        .filter(|c| !c.labels.contains_key(MANAGED_BY))
+        .filter_map(|c| {
+            let name = match c.labels.get(CORE_COMPONENT) {
+                Some(name) => name.clone(),
+                None => c.id.strip_prefix(&prefix)?.to_owned(),
+            };
+            (!name.is_empty()).then(|| {
+                (
+                    name.clone(),
+                    Core {
+                        name,
+                        info: c.clone(),
+                    },
+                )
+            })
+        })
+        .collect()
 }
 
 /// The network a service joins when it names none.

@@ -7,7 +7,7 @@ use containerd_client::{
     services::v1::{
         Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
         DeleteTaskRequest, GetRequest, KillRequest, ListContainersRequest, PublishRequest,
-        StartRequest, SubscribeRequest, WaitRequest,
+        StartRequest, SubscribeRequest, UpdateContainerRequest, WaitRequest,
         container::Runtime,
         containers_client::ContainersClient,
         events_client::EventsClient,
@@ -30,6 +30,38 @@ pub struct ContainerInfo {
     pub image: String,
     /// Its labels.
     pub labels: HashMap<String, String>,
+    /// Its OCI runtime spec, when it is JSON.
+    pub spec: Option<serde_json::Value>,
+}
+
+impl ContainerInfo {
+    /// The network namespace path the container's spec joins, if any.
+    pub fn netns_path(&self) -> Option<std::path::PathBuf> {
+        self.spec
+            .as_ref()?
+            .pointer("/linux/namespaces")?
+            .as_array()?
+            .iter()
+            .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
+            .get("path")?
+            .as_str()
+            .filter(|path| !path.is_empty())
+            .map(std::path::PathBuf::from)
+    }
+
+    /// The environment of the container's process.
+    pub fn env(&self) -> Vec<String> {
+        self.spec
+            .as_ref()
+            .and_then(|spec| spec.pointer("/process/env"))
+            .and_then(|env| env.as_array())
+            .map(|env| {
+                env.iter()
+                    .filter_map(|e| e.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// The state of a container's task.
@@ -146,6 +178,14 @@ impl Containerd {
     /// Creates and starts the task of container `id`, its output appended
     /// to `log` (through the shim's `file://` log URI). Returns its pid.
     pub async fn start_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
+        self.create_task(id, log).await?;
+        self.start_created_task(id).await
+    }
+
+    /// Creates container `id`'s task without starting it: the runtime has
+    /// set up the process, which runs the moment
+    /// [`Containerd::start_created_task`] is called.
+    pub async fn create_task(&self, id: &str, log: &Path) -> Result<(), RuntimeError> {
         let channel = self.channel().await?;
         let mounts = SnapshotsClient::new(channel.clone())
             .mounts(self.request(
@@ -174,7 +214,12 @@ impl Containerd {
             ))
             .await
             .map_err(RuntimeError::call("Tasks.Create"))?;
-        let started = tasks
+        Ok(())
+    }
+
+    /// Starts the created task of container `id`. Returns its pid.
+    pub async fn start_created_task(&self, id: &str) -> Result<u32, RuntimeError> {
+        let started = TasksClient::new(self.channel().await?)
             .start(self.request(
                 StartRequest {
                     container_id: id.to_owned(),
@@ -341,6 +386,36 @@ impl Containerd {
         self.remove_snapshot(id).await
     }
 
+    /// Sets label `key` of container `id` to `value`, or removes it.
+    pub async fn set_label(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), RuntimeError> {
+        let mut labels = HashMap::new();
+        if let Some(value) = value {
+            labels.insert(key.to_owned(), value.to_owned());
+        }
+        ContainersClient::new(self.channel().await?)
+            .update(self.request(
+                UpdateContainerRequest {
+                    container: Some(Container {
+                        id: id.to_owned(),
+                        labels,
+                        ..Container::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{key}")],
+                    }),
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Containers.Update"))?;
+        Ok(())
+    }
+
     /// The containers whose labels match every `key=value` in `labels`.
     pub async fn list_containers(
         &self,
@@ -373,6 +448,9 @@ impl Containerd {
                 id: c.id,
                 image: c.image,
                 labels: c.labels,
+                spec: c
+                    .spec
+                    .and_then(|spec| serde_json::from_slice(&spec.value).ok()),
             })
             .collect())
     }
