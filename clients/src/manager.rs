@@ -1,0 +1,172 @@
+//! The manager client: install, uninstall, get, list (every page) and
+//! watch (resumed after a dropped stream).
+
+use futures::{Stream, StreamExt as _};
+use oakestra_addons_proto::engine::v1::{
+    self as pb, addons_manager_service_client::AddonsManagerServiceClient,
+};
+use tonic::transport::Channel;
+
+use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
+
+/// A typed client of the Addons Manager.
+#[derive(Debug, Clone)]
+pub struct ManagerClient {
+    inner: AddonsManagerServiceClient<Channel>,
+    retry: RetryPolicy,
+}
+
+/// How to install.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstallOptions {
+    /// Leave a replaced core component stopped when its replacement fails
+    /// for good.
+    pub keep_core_stopped_on_failure: bool,
+}
+
+/// One change seen by [`ManagerClient::watch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstallationEvent {
+    /// The installation as it is now (its last state when deleted).
+    pub installation: pb::Installation,
+    /// It was purged.
+    pub deleted: bool,
+}
+
+impl ManagerClient {
+    /// A client of the manager at `url`.
+    pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
+        Ok(Self::new(crate::channel_with(url, options)?, options.retry))
+    }
+
+    /// A client on an existing channel.
+    pub fn new(channel: Channel, retry: RetryPolicy) -> Self {
+        Self {
+            inner: AddonsManagerServiceClient::new(channel),
+            retry,
+        }
+    }
+
+    /// Installs an approved addon. Not retried: a lost answer could mean
+    /// it was installed (a second attempt would answer `ALREADY_EXISTS`).
+    pub async fn install(
+        &self,
+        marketplace_id: &str,
+        options: InstallOptions,
+    ) -> Result<pb::Installation, ClientError> {
+        let response = self
+            .inner
+            .clone()
+            .install_addon(pb::InstallAddonRequest {
+                marketplace_id: marketplace_id.to_owned(),
+                keep_core_stopped_on_failure: options.keep_core_stopped_on_failure,
+            })
+            .await?;
+        Ok(response.into_inner().installation.unwrap_or_default())
+    }
+
+    /// Uninstalls; repeating it is harmless, so it is retried.
+    pub async fn uninstall(&self, id: &str, purge: bool) -> Result<pb::Installation, ClientError> {
+        let response = self
+            .retry
+            .run(|| {
+                self.inner
+                    .clone()
+                    .uninstall_addon(pb::UninstallAddonRequest {
+                        id: id.to_owned(),
+                        purge,
+                    })
+            })
+            .await?;
+        Ok(response.into_inner().installation.unwrap_or_default())
+    }
+
+    /// The installation with `id`.
+    pub async fn get(&self, id: &str) -> Result<pb::Installation, ClientError> {
+        let response = self
+            .retry
+            .run(|| {
+                self.inner
+                    .clone()
+                    .get_installation(pb::GetInstallationRequest { id: id.to_owned() })
+            })
+            .await?;
+        Ok(response.into_inner().installation.unwrap_or_default())
+    }
+
+    /// One page of installations.
+    pub async fn list_page(
+        &self,
+        statuses: &[pb::InstallationStatus],
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<pb::ListInstallationsResponse, ClientError> {
+        let request = pb::ListInstallationsRequest {
+            statuses: statuses.iter().map(|s| i32::from(*s)).collect(),
+            page_size,
+            page_token: page_token.to_owned(),
+        };
+        let response = self
+            .retry
+            .run(|| self.inner.clone().list_installations(request.clone()))
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Every installation with one of `statuses` (all when empty), page
+    /// after page.
+    pub fn list(
+        &self,
+        statuses: Vec<pb::InstallationStatus>,
+    ) -> impl Stream<Item = Result<pb::Installation, ClientError>> + Send + 'static {
+        let client = self.clone();
+        crate::paging::every_page(move |token| {
+            let client = client.clone();
+            let statuses = statuses.clone();
+            async move {
+                let page = client.list_page(&statuses, 0, &token).await?;
+                Ok((page.installations, page.next_page_token))
+            }
+        })
+    }
+
+    /// Changes of the installations `ids` (every installation when empty),
+    /// starting with their current states. A dropped stream is reopened
+    /// (with backoff) and states already seen are skipped.
+    pub fn watch(
+        &self,
+        ids: Vec<String>,
+    ) -> impl Stream<Item = Result<InstallationEvent, ClientError>> + Send + 'static {
+        let client = self.clone();
+        resumed(
+            self.retry,
+            move || {
+                let mut inner = client.inner.clone();
+                let ids = ids.clone();
+                async move {
+                    let stream = inner
+                        .watch_installations(pb::WatchInstallationsRequest { ids })
+                        .await?
+                        .into_inner();
+                    Ok(stream.map(|item| {
+                        item.map(|r| InstallationEvent {
+                            installation: r.installation.unwrap_or_default(),
+                            deleted: r.deleted,
+                        })
+                    }))
+                }
+            },
+            |event: &InstallationEvent| {
+                (
+                    event.installation.id.clone(),
+                    // A deletion comes after every revision of the record.
+                    if event.deleted {
+                        u64::MAX
+                    } else {
+                        event.installation.revision
+                    },
+                )
+            },
+        )
+    }
+}

@@ -1,0 +1,327 @@
+//! Oakestra's marketplace descriptor format (the body of Oakestra's
+//! `POST /api/v1/marketplace/addons`), read from JSON or YAML and turned
+//! into the protobuf descriptor, so existing descriptors publish unchanged.
+//!
+//! Services have `service_name`, `image`, `command` as one string (split as
+//! a shell would), `ports` as a `{"container": "host"}` map (`"53/udp"`
+//! keys for UDP), `environment`, `volumes` as `"src:dst"` strings,
+//! `networks` and `labels`; the top-level `volumes` and `networks` are
+//! lists of objects or maps by name. Two fields of ours are accepted on a
+//! service as well: `privileged` and `inherit_core_environment`. Unknown
+//! fields are an error naming the field, as in Oakestra.
+
+use std::collections::BTreeMap;
+
+use oakestra_addons_proto::marketplace::v1 as pb;
+use serde::Deserialize;
+
+use crate::ClientError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Descriptor {
+    name: String,
+    #[serde(default)]
+    description: String,
+    services: Vec<Service>,
+    #[serde(default)]
+    volumes: Named<Volume>,
+    #[serde(default)]
+    networks: Named<Network>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Service {
+    service_name: String,
+    image: String,
+    #[serde(default)]
+    command: Option<Command>,
+    #[serde(default)]
+    networks: Vec<String>,
+    #[serde(default)]
+    volumes: Vec<String>,
+    #[serde(default)]
+    ports: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    environment: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    labels: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    privileged: bool,
+    #[serde(default)]
+    inherit_core_environment: bool,
+}
+
+/// `command`: Oakestra's one string, or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Command {
+    Line(String),
+    Args(Vec<String>),
+}
+
+/// A string, number or boolean, as JSON and YAML files write values.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Integer(n) => n.to_string(),
+            Self::Float(n) => n.to_string(),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+/// Top-level volumes and networks: a list of objects with a `name`, or a
+/// map from name to object.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Named<T> {
+    List(Vec<T>),
+    Map(BTreeMap<String, Option<T>>),
+}
+
+impl<T> Default for Named<T> {
+    fn default() -> Self {
+        Self::List(Vec::new())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Volume {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    driver: String,
+    #[serde(default)]
+    driver_opts: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    labels: BTreeMap<String, Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Network {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    driver: String,
+    #[serde(default)]
+    enable_ipv6: bool,
+}
+
+fn strings(map: BTreeMap<String, Scalar>) -> std::collections::HashMap<String, String> {
+    map.into_iter().map(|(k, v)| (k, v.text())).collect()
+}
+
+/// Reads an Oakestra descriptor from JSON or YAML text (`name` is used in
+/// errors, such as the file's path).
+pub fn parse_descriptor(text: &str, name: &str) -> Result<pb::Addon, ClientError> {
+    let trimmed = text.trim_start();
+    let parsed: Result<Descriptor, String> = if trimmed.starts_with('{') {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            format!("{}{}", at(&path), inner)
+        })
+    } else {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            format!("{}{}", at(&path), inner)
+        })
+    };
+    let descriptor = parsed.map_err(|err| ClientError::Input(format!("{name}: {err}")))?;
+    into_proto(descriptor).map_err(|err| ClientError::Input(format!("{name}: {err}")))
+}
+
+fn at(path: &str) -> String {
+    if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!("{path}: ")
+    }
+}
+
+fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
+    let mut services = Vec::new();
+    for (i, service) in descriptor.services.into_iter().enumerate() {
+        let command = match service.command {
+            None => Vec::new(),
+            Some(Command::Args(args)) => args,
+            Some(Command::Line(line)) => shlex::split(&line).ok_or_else(|| {
+                format!("services[{i}].command: unbalanced quotes in `{line}`")
+            })?,
+        };
+        let mut ports = Vec::new();
+        for (container, host) in service.ports {
+            let (port, protocol) = match container.split_once('/') {
+                Some((port, protocol)) => (port, protocol.to_owned()),
+                None => (container.as_str(), "tcp".to_owned()),
+            };
+            let container_port = port.trim().parse::<u32>().map_err(|_| {
+                format!("services[{i}].ports: `{container}` is not a container port")
+            })?;
+            let host = host.text();
+            let host_port = host.trim().parse::<u32>().map_err(|_| {
+                format!("services[{i}].ports.{container}: `{host}` is not a host port")
+            })?;
+            ports.push(pb::PortMapping {
+                container_port,
+                host_port,
+                protocol,
+            });
+        }
+        services.push(pb::ServiceSpec {
+            service_name: service.service_name,
+            image: service.image,
+            command,
+            environment: strings(service.environment),
+            ports,
+            volumes: service.volumes,
+            networks: service.networks,
+            labels: strings(service.labels),
+            privileged: service.privileged,
+            inherit_core_environment: service.inherit_core_environment,
+            ..Default::default()
+        });
+    }
+    let volumes = match descriptor.volumes {
+        Named::List(list) => list,
+        Named::Map(map) => map
+            .into_iter()
+            .map(|(name, v)| Volume {
+                name,
+                ..v.unwrap_or_default()
+            })
+            .collect(),
+    }
+    .into_iter()
+    .map(|v| pb::VolumeSpec {
+        name: v.name,
+        driver: v.driver,
+        driver_opts: strings(v.driver_opts),
+        labels: strings(v.labels),
+    })
+    .collect();
+    let networks = match descriptor.networks {
+        Named::List(list) => list,
+        Named::Map(map) => map
+            .into_iter()
+            .map(|(name, n)| Network {
+                name,
+                ..n.unwrap_or_default()
+            })
+            .collect(),
+    }
+    .into_iter()
+    .map(|n| pb::NetworkSpec {
+        name: n.name,
+        driver: n.driver,
+        enable_ipv6: n.enable_ipv6,
+    })
+    .collect();
+    Ok(pb::Addon {
+        name: descriptor.name,
+        description: descriptor.description,
+        services,
+        volumes,
+        networks,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of Oakestra's own example descriptors.
+    const OAKESTRA: &str = r#"{
+        "name": "monitoring",
+        "description": "node metrics",
+        "services": [{
+            "service_name": "exporter",
+            "image": "ghcr.io/acme/exporter:1.2",
+            "command": "exporter --listen ':9100' --verbose",
+            "ports": {"9100": "9100", "53/udp": 5353},
+            "environment": {"LEVEL": "info", "WORKERS": 4},
+            "volumes": ["data:/var/lib/exporter", "/etc/hosts:/etc/host-hosts"],
+            "networks": ["metrics"],
+            "labels": {"team": "ops"}
+        }],
+        "volumes": [{"name": "data", "driver": "local"}],
+        "networks": [{"name": "metrics", "driver": "bridge", "enable_ipv6": false}]
+    }"#;
+
+    #[test]
+    fn converts_an_oakestra_descriptor() {
+        let addon = parse_descriptor(OAKESTRA, "addon.json").unwrap();
+        assert_eq!(addon.name, "monitoring");
+        let service = &addon.services[0];
+        assert_eq!(
+            service.command,
+            ["exporter", "--listen", ":9100", "--verbose"]
+        );
+        let mut ports: Vec<_> = service
+            .ports
+            .iter()
+            .map(|p| (p.container_port, p.host_port, p.protocol.as_str()))
+            .collect();
+        ports.sort();
+        assert_eq!(ports, [(53, 5353, "udp"), (9100, 9100, "tcp")]);
+        assert_eq!(service.environment["WORKERS"], "4");
+        assert_eq!(service.volumes[0], "data:/var/lib/exporter");
+        assert_eq!(addon.volumes[0].name, "data");
+        assert_eq!(addon.networks[0].name, "metrics");
+    }
+
+    #[test]
+    fn reads_yaml_and_maps_by_name() {
+        let addon = parse_descriptor(
+            "name: x\nservices:\n- service_name: a\n  image: busybox\n  command: [sleep, '5']\nvolumes:\n  data:\nnetworks:\n  back: {enable_ipv6: true}\n",
+            "addon.yaml",
+        )
+        .unwrap();
+        assert_eq!(addon.services[0].command, ["sleep", "5"]);
+        assert_eq!(addon.volumes[0].name, "data");
+        assert!(addon.networks[0].enable_ipv6);
+    }
+
+    #[test]
+    fn names_unknown_and_bad_fields() {
+        let err = parse_descriptor(
+            r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "replicas": 2}]}"#,
+            "f.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("f.json: services[0]"), "{err}");
+        assert!(err.contains("unknown field `replicas`"), "{err}");
+        let err = parse_descriptor(r#"{"name": "x", "services": [], "version": 2}"#, "f.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `version`"), "{err}");
+        let err = parse_descriptor(
+            r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "ports": {"http": "80"}}]}"#,
+            "f.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("services[0].ports: `http`"), "{err}");
+        let err = parse_descriptor("{\"name\": ", "f.json").unwrap_err().to_string();
+        assert!(err.starts_with("f.json: "), "{err}");
+    }
+}

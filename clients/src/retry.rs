@@ -1,0 +1,130 @@
+//! Retries of idempotent calls when the server is `UNAVAILABLE`.
+
+use std::{future::Future, time::Duration};
+
+use rand::Rng as _;
+use tonic::Code;
+
+/// How often and how patiently idempotent calls are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; 1 means no retry.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles per retry.
+    pub base_delay: Duration,
+    /// Longest delay between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries.
+    pub fn none() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// The delay before retry number `retry` (0-based), with full jitter
+    /// over its upper half.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1 << retry.min(16))
+            .min(self.max_delay);
+        let half = ceiling / 2;
+        half + ceiling
+            .saturating_sub(half)
+            .mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+
+    /// Runs `call` until it succeeds, fails with anything but
+    /// `UNAVAILABLE`, or the attempts are spent. Only for idempotent calls.
+    pub async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Err(status)
+                    if status.code() == Code::Unavailable && attempt + 1 < self.max_attempts =>
+                {
+                    tokio::time::sleep(self.delay(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn fast() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_unavailable_only_and_gives_up() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = fast()
+            .run(|| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(tonic::Status::unavailable("down"))
+            })
+            .await;
+        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        calls.store(0, Ordering::SeqCst);
+        let result: Result<(), _> = fast()
+            .run(|| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(tonic::Status::not_found("gone"))
+            })
+            .await;
+        assert_eq!(result.unwrap_err().code(), Code::NotFound);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no retry of a definite answer");
+
+        calls.store(0, Ordering::SeqCst);
+        let result = fast()
+            .run(|| async {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(tonic::Status::unavailable("blip"))
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(result.unwrap(), 7);
+    }
+
+    #[test]
+    fn delays_grow_within_bounds() {
+        let policy = RetryPolicy::default();
+        for retry in 0..10 {
+            let delay = policy.delay(retry);
+            let ceiling = (policy.base_delay * (1 << retry)).min(policy.max_delay);
+            assert!(delay >= ceiling / 2 && delay <= ceiling, "{retry}: {delay:?}");
+        }
+    }
+}
