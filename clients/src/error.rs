@@ -86,7 +86,7 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic_types::{ErrorDetails, StatusExt as _};
+    use tonic_types::ErrorDetails;
 
     #[test]
     fn says_code_message_and_violations_once() {

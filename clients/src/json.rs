@@ -46,7 +46,8 @@ pub fn from_json<M: prost::Message + Default>(
         .ok_or_else(|| ClientError::Input(format!("unknown message type {full_name}")))?;
     let dynamic = DynamicMessage::deserialize(descriptor, value.clone())
         .map_err(|err| ClientError::Input(err.to_string()))?;
-    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|err| ClientError::Input(err.to_string()))
+    M::decode(prost::Message::encode_to_vec(&dynamic).as_slice())
+        .map_err(|err| ClientError::Input(err.to_string()))
 }
 
 #[cfg(test)]

@@ -1,11 +1,75 @@
-//! Rust client library for the Oakestra addons system.
+//! Rust client library for the Oakestra addons system, and the library
+//! behind the `oak-addons` command-line tool.
 //!
-//! Today it offers the connection helper the typed clients build on and a
-//! server probe (what `grpcurl list` and a health check tell). The typed
-//! marketplace and manager clients, retries, pagination and watch helpers
-//! arrive with the clients issue.
+//! - [`MarketplaceClient`] and [`ManagerClient`]: typed clients over the
+//!   generated stubs. Idempotent calls are retried with backoff when the
+//!   server is `UNAVAILABLE` ([`RetryPolicy`]); listings stream every page;
+//!   watches reopen a dropped stream and skip what was already seen.
+//! - [`oakestra::parse_descriptor`]: Oakestra's marketplace JSON (or YAML)
+//!   descriptor to the protobuf one, so existing descriptors publish
+//!   unchanged.
+//! - [`json`]: messages as canonical proto3 JSON with proto field names.
+//! - [`probe`]: a server's services through reflection, with their health.
 
 use std::time::Duration;
+
+mod error;
+pub mod json;
+mod manager;
+mod marketplace;
+pub mod oakestra;
+mod paging;
+mod retry;
+mod watch;
+
+pub use crate::{
+    error::{ClientError, code_name, describe},
+    manager::{InstallOptions, InstallationEvent, ManagerClient},
+    marketplace::{AddonFilter, MarketplaceClient},
+    retry::RetryPolicy,
+};
+pub use oakestra_addons_proto as proto;
+
+/// How clients connect and call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Limit of each unary call (not of streams).
+    pub timeout: Duration,
+    /// Limit of connecting.
+    pub connect_timeout: Duration,
+    /// Retries of idempotent calls.
+    pub retry: RetryPolicy,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A lazily connected channel to `url` with `options`. The per-call
+/// timeout is set on unary calls by the clients, so streams can live on.
+pub fn channel_with(url: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).map_err(|err| ClientError::InvalidUrl {
+            url: url.to_owned(),
+            reason: err.to_string(),
+        })?;
+    if endpoint.uri().scheme_str() != Some("http") || endpoint.uri().host().is_none() {
+        return Err(ClientError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "expected http://HOST:PORT".to_owned(),
+        });
+    }
+    Ok(endpoint
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
 
 use tokio_stream::StreamExt as _;
 use tonic::transport::{Channel, Endpoint};

@@ -5,6 +5,8 @@ use futures::{Stream, StreamExt as _};
 use oakestra_addons_proto::engine::v1::{
     self as pb, addons_manager_service_client::AddonsManagerServiceClient,
 };
+use std::time::Duration;
+
 use tonic::transport::Channel;
 
 use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
@@ -14,6 +16,7 @@ use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
 pub struct ManagerClient {
     inner: AddonsManagerServiceClient<Channel>,
     retry: RetryPolicy,
+    timeout: Duration,
 }
 
 /// How to install.
@@ -36,14 +39,15 @@ pub struct InstallationEvent {
 impl ManagerClient {
     /// A client of the manager at `url`.
     pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-        Ok(Self::new(crate::channel_with(url, options)?, options.retry))
+        Ok(Self::new(crate::channel_with(url, options)?, options))
     }
 
     /// A client on an existing channel.
-    pub fn new(channel: Channel, retry: RetryPolicy) -> Self {
+    pub fn new(channel: Channel, options: &ClientOptions) -> Self {
         Self {
             inner: AddonsManagerServiceClient::new(channel),
-            retry,
+            retry: options.retry,
+            timeout: options.timeout,
         }
     }
 
@@ -54,14 +58,14 @@ impl ManagerClient {
         marketplace_id: &str,
         options: InstallOptions,
     ) -> Result<pb::Installation, ClientError> {
-        let response = self
-            .inner
-            .clone()
-            .install_addon(pb::InstallAddonRequest {
+        let response = crate::retry::within(
+            self.timeout,
+            self.inner.clone().install_addon(pb::InstallAddonRequest {
                 marketplace_id: marketplace_id.to_owned(),
                 keep_core_stopped_on_failure: options.keep_core_stopped_on_failure,
-            })
-            .await?;
+            }),
+        )
+        .await?;
         Ok(response.into_inner().installation.unwrap_or_default())
     }
 
@@ -70,12 +74,13 @@ impl ManagerClient {
         let response = self
             .retry
             .run(|| {
-                self.inner
-                    .clone()
-                    .uninstall_addon(pb::UninstallAddonRequest {
-                        id: id.to_owned(),
-                        purge,
-                    })
+                let mut inner = self.inner.clone();
+                let timeout = self.timeout;
+                let request = pb::UninstallAddonRequest {
+                    id: id.to_owned(),
+                    purge,
+                };
+                crate::retry::within(timeout, async move { inner.uninstall_addon(request).await })
             })
             .await?;
         Ok(response.into_inner().installation.unwrap_or_default())
@@ -86,9 +91,13 @@ impl ManagerClient {
         let response = self
             .retry
             .run(|| {
-                self.inner
-                    .clone()
-                    .get_installation(pb::GetInstallationRequest { id: id.to_owned() })
+                let mut inner = self.inner.clone();
+                let timeout = self.timeout;
+                let request = pb::GetInstallationRequest { id: id.to_owned() };
+                crate::retry::within(
+                    timeout,
+                    async move { inner.get_installation(request).await },
+                )
             })
             .await?;
         Ok(response.into_inner().installation.unwrap_or_default())
@@ -108,7 +117,15 @@ impl ManagerClient {
         };
         let response = self
             .retry
-            .run(|| self.inner.clone().list_installations(request.clone()))
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let timeout = self.timeout;
+                let request = request.clone();
+                crate::retry::within(
+                    timeout,
+                    async move { inner.list_installations(request).await },
+                )
+            })
             .await?;
         Ok(response.into_inner())
     }

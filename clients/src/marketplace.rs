@@ -5,6 +5,8 @@ use futures::{Stream, StreamExt as _};
 use oakestra_addons_proto::marketplace::v1::{
     self as pb, marketplace_service_client::MarketplaceServiceClient,
 };
+use std::time::Duration;
+
 use tonic::transport::Channel;
 
 use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
@@ -14,6 +16,7 @@ use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
 pub struct MarketplaceClient {
     inner: MarketplaceServiceClient<Channel>,
     retry: RetryPolicy,
+    timeout: Duration,
 }
 
 /// Which addons a listing returns.
@@ -43,25 +46,28 @@ impl AddonFilter {
 impl MarketplaceClient {
     /// A client of the marketplace at `url`.
     pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-        Ok(Self::new(crate::channel_with(url, options)?, options.retry))
+        Ok(Self::new(crate::channel_with(url, options)?, options))
     }
 
     /// A client on an existing channel.
-    pub fn new(channel: Channel, retry: RetryPolicy) -> Self {
+    pub fn new(channel: Channel, options: &ClientOptions) -> Self {
         Self {
             inner: MarketplaceServiceClient::new(channel),
-            retry,
+            retry: options.retry,
+            timeout: options.timeout,
         }
     }
 
     /// Publishes an addon; it starts under review. Not retried: a lost
     /// answer could mean it was published.
     pub async fn publish(&self, addon: pb::Addon) -> Result<pb::Addon, ClientError> {
-        let response = self
-            .inner
-            .clone()
-            .publish_addon(pb::PublishAddonRequest { addon: Some(addon) })
-            .await?;
+        let response = crate::retry::within(
+            self.timeout,
+            self.inner
+                .clone()
+                .publish_addon(pb::PublishAddonRequest { addon: Some(addon) }),
+        )
+        .await?;
         Ok(response.into_inner().addon.unwrap_or_default())
     }
 
@@ -70,9 +76,10 @@ impl MarketplaceClient {
         let response = self
             .retry
             .run(|| {
-                self.inner
-                    .clone()
-                    .get_addon(pb::GetAddonRequest { id: id.to_owned() })
+                let mut inner = self.inner.clone();
+                let timeout = self.timeout;
+                let request = pb::GetAddonRequest { id: id.to_owned() };
+                crate::retry::within(timeout, async move { inner.get_addon(request).await })
             })
             .await?;
         Ok(response.into_inner().addon.unwrap_or_default())
@@ -93,7 +100,12 @@ impl MarketplaceClient {
         };
         let response = self
             .retry
-            .run(|| self.inner.clone().list_addons(request.clone()))
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let timeout = self.timeout;
+                let request = request.clone();
+                crate::retry::within(timeout, async move { inner.list_addons(request).await })
+            })
             .await?;
         Ok(response.into_inner())
     }
@@ -116,10 +128,13 @@ impl MarketplaceClient {
 
     /// Deletes the addon; deleting it again answers `NOT_FOUND`.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.inner
-            .clone()
-            .delete_addon(pb::DeleteAddonRequest { id: id.to_owned() })
-            .await?;
+        crate::retry::within(
+            self.timeout,
+            self.inner
+                .clone()
+                .delete_addon(pb::DeleteAddonRequest { id: id.to_owned() }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -128,9 +143,10 @@ impl MarketplaceClient {
         let response = self
             .retry
             .run(|| {
-                self.inner
-                    .clone()
-                    .reverify_addon(pb::ReverifyAddonRequest { id: id.to_owned() })
+                let mut inner = self.inner.clone();
+                let timeout = self.timeout;
+                let request = pb::ReverifyAddonRequest { id: id.to_owned() };
+                crate::retry::within(timeout, async move { inner.reverify_addon(request).await })
             })
             .await?;
         Ok(response.into_inner().addon.unwrap_or_default())

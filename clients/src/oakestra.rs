@@ -162,9 +162,8 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
         let command = match service.command {
             None => Vec::new(),
             Some(Command::Args(args)) => args,
-            Some(Command::Line(line)) => shlex::split(&line).ok_or_else(|| {
-                format!("services[{i}].command: unbalanced quotes in `{line}`")
-            })?,
+            Some(Command::Line(line)) => shlex::split(&line)
+                .ok_or_else(|| format!("services[{i}].command: unbalanced quotes in `{line}`"))?,
         };
         let mut ports = Vec::new();
         for (container, host) in service.ports {
@@ -321,7 +320,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("services[0].ports: `http`"), "{err}");
-        let err = parse_descriptor("{\"name\": ", "f.json").unwrap_err().to_string();
+        let err = parse_descriptor("{\"name\": ", "f.json")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("f.json: "), "{err}");
     }
 }

@@ -1,6 +1,6 @@
 //! Streams every page of a paged listing.
 
-use std::future::Future;
+use std::{collections::VecDeque, future::Future};
 
 use futures::Stream;
 
@@ -13,21 +13,22 @@ where
     F: FnMut(String) -> Fut,
     Fut: Future<Output = Result<(Vec<T>, String), ClientError>>,
 {
-    futures::stream::unfold(
-        (fetch, Some(String::new())),
-        |(mut fetch, token)| async move {
-            let token = token?;
-            match fetch(token).await {
-                Ok((items, next)) => {
-                    let next = (!next.is_empty()).then_some(next);
-                    let items: Vec<Result<T, ClientError>> = items.into_iter().map(Ok).collect();
-                    Some((futures::stream::iter(items), (fetch, next)))
-                }
-                Err(err) => Some((futures::stream::iter(vec![Err(err)]), (fetch, None))),
+    let state = (fetch, VecDeque::<T>::new(), Some(String::new()));
+    futures::stream::unfold(state, |(mut fetch, mut buffer, mut next)| async move {
+        loop {
+            if let Some(item) = buffer.pop_front() {
+                return Some((Ok(item), (fetch, buffer, next)));
             }
-        },
-    )
-    .flatten()
+            let token = next.take()?;
+            match fetch(token).await {
+                Ok((items, token)) => {
+                    buffer.extend(items);
+                    next = (!token.is_empty()).then_some(token);
+                }
+                Err(err) => return Some((Err(err), (fetch, buffer, None))),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

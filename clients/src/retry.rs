@@ -70,6 +70,20 @@ impl RetryPolicy {
     }
 }
 
+/// `call`, failing with `DEADLINE_EXCEEDED` when it takes longer than
+/// `timeout`.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {timeout:?}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +117,11 @@ mod tests {
             })
             .await;
         assert_eq!(result.unwrap_err().code(), Code::NotFound);
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "no retry of a definite answer");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no retry of a definite answer"
+        );
 
         calls.store(0, Ordering::SeqCst);
         let result = fast()
@@ -124,7 +142,10 @@ mod tests {
         for retry in 0..10 {
             let delay = policy.delay(retry);
             let ceiling = (policy.base_delay * (1 << retry)).min(policy.max_delay);
-            assert!(delay >= ceiling / 2 && delay <= ceiling, "{retry}: {delay:?}");
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "{retry}: {delay:?}"
+            );
         }
     }
 }

@@ -29,25 +29,23 @@ where
         let mut failures = 0_u32;
         loop {
             let broken = match open().await {
-                Ok(mut stream) => {
-                    loop {
-                        match stream.next().await {
-                            Some(Ok(item)) => {
-                                failures = 0;
-                                let (key, revision) = version(&item);
-                                if seen.get(&key).is_some_and(|last| *last >= revision) {
-                                    continue;
-                                }
-                                seen.insert(key, revision);
-                                if tx.send(Ok(item)).await.is_err() {
-                                    return;
-                                }
+                Ok(mut stream) => loop {
+                    match stream.next().await {
+                        Some(Ok(item)) => {
+                            failures = 0;
+                            let (key, revision) = version(&item);
+                            if seen.get(&key).is_some_and(|last| *last >= revision) {
+                                continue;
                             }
-                            Some(Err(status)) => break status,
-                            None => break tonic::Status::unavailable("the watch ended"),
+                            seen.insert(key, revision);
+                            if tx.send(Ok(item)).await.is_err() {
+                                return;
+                            }
                         }
+                        Some(Err(status)) => break status,
+                        None => break tonic::Status::unavailable("the watch ended"),
                     }
-                }
+                },
                 Err(status) => status,
             };
             if broken.code() != Code::Unavailable || failures + 1 >= retry.max_attempts.max(1) {

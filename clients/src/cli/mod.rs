@@ -1,0 +1,556 @@
+//! The commands of `oak-addons`.
+
+mod output;
+mod progress;
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use clap::CommandFactory as _;
+use futures::StreamExt as _;
+use oak_addons::{
+    AddonFilter, ClientError, ClientOptions, InstallOptions, ManagerClient, MarketplaceClient,
+    proto::{
+        engine::v1 as epb,
+        marketplace::v1 as mpb,
+        monitor::v1::{
+            GetServiceLogsRequest, node_monitor_service_client::NodeMonitorServiceClient,
+        },
+    },
+};
+
+use self::output::Format;
+
+/// Everything went as asked.
+pub const EXIT_OK: u8 = 0;
+/// A server answered with an error, or could not be reached.
+pub const EXIT_ERROR: u8 = 1;
+/// Bad usage, or an input file that cannot be read or used.
+pub const EXIT_USAGE: u8 = 2;
+/// `--wait` saw the addon fail verification or the installation fail.
+pub const EXIT_FAILED: u8 = 3;
+/// `install --wait` ended partially active.
+pub const EXIT_PARTIAL: u8 = 4;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  a server answered with an error or could not be reached
+  2  bad usage, or an input file that cannot be read or used
+  3  --wait ended in FAILED_VERIFICATION (publish) or FAILED (install)
+  4  install --wait ended PARTIALLY_ACTIVE";
+
+/// Operate the Oakestra addons marketplace and manager.
+#[derive(Debug, clap::Parser)]
+#[command(name = "oak-addons", version, after_help = EXIT_CODES, args_override_self = true)]
+pub struct Cli {
+    /// gRPC URL of the marketplace.
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_MARKETPLACE",
+        default_value = "http://127.0.0.1:11102",
+        value_name = "URL"
+    )]
+    marketplace: String,
+
+    /// gRPC URL of the Addons Manager.
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_MANAGER",
+        default_value = "http://127.0.0.1:11101",
+        value_name = "URL"
+    )]
+    manager: String,
+
+    /// gRPC URL of a node's Addons Monitor (for `logs`).
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_MONITOR",
+        default_value = "http://127.0.0.1:11103",
+        value_name = "URL"
+    )]
+    monitor: String,
+
+    /// Output format.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "OAK_ADDONS_OUTPUT",
+        value_enum,
+        default_value_t = Format::Table
+    )]
+    output: Format,
+
+    /// Limit of each call, such as 500ms, 10s or 1m.
+    #[arg(long, global = true, env = "OAK_ADDONS_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+
+    /// Limit of a `--wait`.
+    #[arg(long, global = true, env = "OAK_ADDONS_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    wait_timeout: Duration,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Publish, inspect and remove addons in the marketplace.
+    #[command(subcommand)]
+    Marketplace(MarketplaceCommand),
+    /// Install an approved addon.
+    Install {
+        /// Marketplace id of the addon.
+        marketplace_id: String,
+        /// Follow the installation until ACTIVE, PARTIALLY_ACTIVE or
+        /// FAILED; the exit code says which.
+        #[arg(long)]
+        wait: bool,
+        /// When a service replacing a core component fails for good, leave
+        /// the core component stopped instead of restoring it.
+        #[arg(long)]
+        keep_core_stopped_on_failure: bool,
+    },
+    /// Uninstall an installation.
+    Uninstall {
+        /// Installation id.
+        id: String,
+        /// Also delete the record and the addon's named volumes.
+        #[arg(long)]
+        purge: bool,
+        /// Follow it until every service is gone.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List installations.
+    List {
+        /// Only these statuses (active, partially-active, failed, ...).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        status: Vec<StatusArg>,
+    },
+    /// Show an installation and its services.
+    Get {
+        /// Installation id.
+        id: String,
+    },
+    /// Print one line per change of installations (all when no id).
+    Watch {
+        /// Installation ids.
+        ids: Vec<String>,
+    },
+    /// Print a service's log lines, through the node's monitor.
+    Logs {
+        /// Installation id.
+        id: String,
+        /// Service name.
+        service: String,
+        /// Lines from the end.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// List a server's gRPC services and the health of each, as
+    /// `grpcurl -plaintext ADDR list` plus a health check would.
+    Probe {
+        /// gRPC URL of the server, such as http://127.0.0.1:11102.
+        url: String,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MarketplaceCommand {
+    /// Publish an addon from an Oakestra descriptor file (JSON or YAML;
+    /// `-` reads stdin).
+    Publish {
+        /// The descriptor file.
+        file: PathBuf,
+        /// Follow verification to its end; FAILED_VERIFICATION exits 3.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List addons (approved ones unless --all).
+    List {
+        /// Every addon, whatever its status.
+        #[arg(long)]
+        all: bool,
+        /// Only addons with this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show an addon.
+    Get {
+        /// Addon id.
+        id: String,
+    },
+    /// Delete an addon.
+    Delete {
+        /// Addon id.
+        id: String,
+    },
+    /// Verify an addon again.
+    Reverify {
+        /// Addon id.
+        id: String,
+        /// Follow verification to its end; FAILED_VERIFICATION exits 3.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// Installation statuses for `list --status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StatusArg {
+    Installing,
+    Active,
+    PartiallyActive,
+    Failed,
+    Disabling,
+    Disabled,
+}
+
+impl From<StatusArg> for epb::InstallationStatus {
+    fn from(status: StatusArg) -> Self {
+        match status {
+            StatusArg::Installing => Self::Installing,
+            StatusArg::Active => Self::Active,
+            StatusArg::PartiallyActive => Self::PartiallyActive,
+            StatusArg::Failed => Self::Failed,
+            StatusArg::Disabling => Self::Disabling,
+            StatusArg::Disabled => Self::Disabled,
+        }
+    }
+}
+
+/// Why a command failed, and its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: EXIT_USAGE,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A client error about `what`, as one line.
+fn failed(what: &str) -> impl FnOnce(ClientError) -> Failure + '_ {
+    move |err| Failure {
+        code: match err {
+            ClientError::Status(_) => EXIT_ERROR,
+            ClientError::InvalidUrl { .. } | ClientError::Input(_) => EXIT_USAGE,
+        },
+        message: format!("{what}: {err}"),
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 10s, 5m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" | "" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        _ => Err(format!(
+            "`{text}` is not a duration such as 500ms, 10s, 5m or 1h"
+        )),
+    }
+}
+
+/// Runs the command; the exit code on success.
+pub async fn run(cli: Cli) -> Result<u8, Failure> {
+    let options = ClientOptions {
+        timeout: cli.timeout,
+        ..ClientOptions::default()
+    };
+    let format = cli.output;
+    let marketplace =
+        || MarketplaceClient::connect(&cli.marketplace, &options).map_err(failed("marketplace"));
+    let manager = || ManagerClient::connect(&cli.manager, &options).map_err(failed("manager"));
+    match cli.command {
+        Command::Marketplace(command) => {
+            let client = marketplace()?;
+            match command {
+                MarketplaceCommand::Publish { file, wait } => {
+                    let (text, name) = if file.as_os_str() == "-" {
+                        let mut text = String::new();
+                        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                            .map_err(|err| Failure::usage(format!("stdin: {err}")))?;
+                        (text, "stdin".to_owned())
+                    } else {
+                        let text = std::fs::read_to_string(&file).map_err(|err| {
+                            Failure::usage(format!("cannot read {}: {err}", file.display()))
+                        })?;
+                        (text, file.display().to_string())
+                    };
+                    let addon = oak_addons::oakestra::parse_descriptor(&text, &name)
+                        .map_err(|err| Failure::usage(err.to_string()))?;
+                    let published = client
+                        .publish(addon)
+                        .await
+                        .map_err(failed("publish failed"))?;
+                    if wait {
+                        return wait_verified(&client, published, format, cli.wait_timeout).await;
+                    }
+                    output::addons(&[published], format, false).map_err(failed("output"))?;
+                }
+                MarketplaceCommand::List { all, name } => {
+                    let filter = AddonFilter {
+                        name,
+                        ..if all {
+                            AddonFilter::all()
+                        } else {
+                            AddonFilter::default()
+                        }
+                    };
+                    let addons: Vec<mpb::Addon> = collect(client.list(filter))
+                        .await
+                        .map_err(failed("listing addons failed"))?;
+                    output::addons(&addons, format, true).map_err(failed("output"))?;
+                }
+                MarketplaceCommand::Get { id } => {
+                    let addon = client
+                        .get(&id)
+                        .await
+                        .map_err(failed(&format!("addon {id}")))?;
+                    output::addons(&[addon], format, false).map_err(failed("output"))?;
+                }
+                MarketplaceCommand::Delete { id } => {
+                    client
+                        .delete(&id)
+                        .await
+                        .map_err(failed(&format!("deleting addon {id} failed")))?;
+                    if format == Format::Table {
+                        println!("deleted addon {id}");
+                    }
+                }
+                MarketplaceCommand::Reverify { id, wait } => {
+                    let addon = client
+                        .reverify(&id)
+                        .await
+                        .map_err(failed(&format!("reverifying addon {id} failed")))?;
+                    if wait {
+                        return wait_verified(&client, addon, format, cli.wait_timeout).await;
+                    }
+                    output::addons(&[addon], format, false).map_err(failed("output"))?;
+                }
+            }
+        }
+        Command::Install {
+            marketplace_id,
+            wait,
+            keep_core_stopped_on_failure,
+        } => {
+            let client = manager()?;
+            let installation = client
+                .install(
+                    &marketplace_id,
+                    InstallOptions {
+                        keep_core_stopped_on_failure,
+                    },
+                )
+                .await
+                .map_err(failed(&format!("installing addon {marketplace_id} failed")))?;
+            if wait {
+                return progress::wait_installed(&client, installation, format, cli.wait_timeout)
+                    .await;
+            }
+            output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::Uninstall { id, purge, wait } => {
+            let client = manager()?;
+            let installation = client
+                .uninstall(&id, purge)
+                .await
+                .map_err(failed(&format!("uninstalling {id} failed")))?;
+            if wait {
+                return progress::wait_removed(&client, installation, format, cli.wait_timeout)
+                    .await;
+            }
+            output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::List { status } => {
+            let client = manager()?;
+            let statuses = status.into_iter().map(Into::into).collect();
+            let list: Vec<epb::Installation> = collect(client.list(statuses))
+                .await
+                .map_err(failed("listing installations failed"))?;
+            output::installations(&list, format, true).map_err(failed("output"))?;
+        }
+        Command::Get { id } => {
+            let installation = manager()?
+                .get(&id)
+                .await
+                .map_err(failed(&format!("installation {id}")))?;
+            output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::Watch { ids } => {
+            let client = manager()?;
+            let mut events = Box::pin(client.watch(ids));
+            while let Some(event) = events.next().await {
+                let event = event.map_err(failed("watch"))?;
+                let line = match format {
+                    Format::Table => output::change_line(&event.installation, event.deleted),
+                    _ => output::change_json(&event.installation, event.deleted)
+                        .map_err(failed("output"))?,
+                };
+                println!("{line}");
+            }
+        }
+        Command::Logs { id, service, tail } => {
+            let channel =
+                oak_addons::channel_with(&cli.monitor, &options).map_err(failed("monitor"))?;
+            let lines = tokio::time::timeout(
+                options.timeout,
+                NodeMonitorServiceClient::new(channel).get_service_logs(GetServiceLogsRequest {
+                    installation_id: id.clone(),
+                    service_name: service.clone(),
+                    tail_lines: tail,
+                }),
+            )
+            .await
+            .map_err(|_| Failure {
+                message: format!("logs of {service}: no answer from {}", cli.monitor),
+                code: EXIT_ERROR,
+            })?
+            .map_err(|status| failed(&format!("logs of {service}"))(status.into()))?
+            .into_inner()
+            .lines;
+            match format {
+                Format::Table => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                }
+                Format::Json => println!("{}", serde_json::json!({ "lines": lines })),
+                Format::Yaml => {
+                    print!(
+                        "{}",
+                        serde_yaml_ng::to_string(&serde_json::json!({ "lines": lines }))
+                            .unwrap_or_default()
+                    )
+                }
+            }
+        }
+        Command::Probe { url } => {
+            let channel = oak_addons::channel_with(&url, &options).map_err(failed(&url))?;
+            let services = tokio::time::timeout(options.timeout, oak_addons::probe(channel))
+                .await
+                .map_err(|_| Failure {
+                    message: format!("{url}: no answer within {:?}", options.timeout),
+                    code: EXIT_ERROR,
+                })?
+                .map_err(|status| failed(&url)(status.into()))?;
+            let rows: Vec<Vec<String>> = services
+                .into_iter()
+                .map(|s| vec![s.name, output::status_word(&s.status)])
+                .collect();
+            output::table(&["SERVICE", "HEALTH"], &rows);
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "oak-addons",
+                &mut std::io::stdout(),
+            );
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+async fn collect<T>(
+    stream: impl futures::Stream<Item = Result<T, ClientError>>,
+) -> Result<Vec<T>, ClientError> {
+    let mut stream = Box::pin(stream);
+    let mut items = Vec::new();
+    while let Some(item) = stream.next().await {
+        items.push(item?);
+    }
+    Ok(items)
+}
+
+/// Follows verification until the addon leaves UNDER_REVIEW.
+async fn wait_verified(
+    client: &MarketplaceClient,
+    addon: mpb::Addon,
+    format: Format,
+    patience: Duration,
+) -> Result<u8, Failure> {
+    let id = addon.id.clone();
+    let mut last_error = HashMap::new();
+    let mut updates = Box::pin(client.watch(&id));
+    let done = tokio::time::timeout(patience, async {
+        let mut current = addon;
+        loop {
+            if current.status() != mpb::AddonStatus::UnderReview {
+                return Ok(current);
+            }
+            if let Some(v) = &current.verification
+                && !v.last_error.is_empty()
+                && last_error
+                    .insert(v.attempts, v.last_error.clone())
+                    .is_none()
+            {
+                eprintln!(
+                    "verifying {id}: attempt {} failed: {}; retrying",
+                    v.attempts, v.last_error
+                );
+            }
+            match updates.next().await {
+                Some(Ok(addon)) => current = addon,
+                Some(Err(err)) => return Err(failed(&format!("watching addon {id}"))(err)),
+                None => {
+                    return Err(Failure {
+                        message: format!("watching addon {id}: the stream ended"),
+                        code: EXIT_ERROR,
+                    });
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| Failure {
+        message: format!("addon {id} is still under review after {patience:?}"),
+        code: EXIT_ERROR,
+    })??;
+    output::addons(std::slice::from_ref(&done), format, false).map_err(failed("output"))?;
+    if done.status() == mpb::AddonStatus::FailedVerification {
+        let reason = done
+            .verification
+            .as_ref()
+            .map(|v| v.reason.clone())
+            .unwrap_or_default();
+        eprintln!("error: addon {id} failed verification: {reason}");
+        return Ok(EXIT_FAILED);
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,232 @@
+//! `--wait` for installs and uninstalls: live progress on a terminal (a bar
+//! for the image bytes pulled, a spinner per service with its phase), one
+//! line per change otherwise.
+
+use std::{collections::BTreeMap, io::IsTerminal as _, time::Duration};
+
+use futures::StreamExt as _;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use oak_addons::{
+    ManagerClient,
+    proto::engine::v1::{self as epb, InstallationStatus, ServicePhase},
+};
+
+use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Failure, failed, output};
+
+/// Where an install stands for `--wait`.
+fn settled(installation: &epb::Installation) -> Option<u8> {
+    match installation.status() {
+        InstallationStatus::Active => Some(EXIT_OK),
+        InstallationStatus::Failed => Some(EXIT_FAILED),
+        // Partially active is final only once nothing is still on its way.
+        InstallationStatus::PartiallyActive
+            if installation
+                .services
+                .iter()
+                .all(|s| matches!(s.phase(), ServicePhase::Running | ServicePhase::Failed)) =>
+        {
+            Some(EXIT_PARTIAL)
+        }
+        _ => None,
+    }
+}
+
+/// Live display of an installation's progress.
+struct Display {
+    live: Option<(MultiProgress, ProgressBar, BTreeMap<String, ProgressBar>)>,
+    last_line: String,
+}
+
+impl Display {
+    fn new() -> Self {
+        let live = std::io::stderr().is_terminal().then(|| {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let pull = multi.add(ProgressBar::new(0));
+            pull.set_style(
+                ProgressStyle::with_template(
+                    "pull     [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            (multi, pull, BTreeMap::new())
+        });
+        Self {
+            live,
+            last_line: String::new(),
+        }
+    }
+
+    fn show(&mut self, installation: &epb::Installation) {
+        let Some((multi, pull, spinners)) = self.live.as_mut() else {
+            // Not a terminal: one line per change.
+            let services: Vec<String> = installation
+                .services
+                .iter()
+                .map(|s| format!("{}={}", s.service_name, output::phase(s)))
+                .collect();
+            let line = format!(
+                "{} {} {}",
+                output::installation_status(installation),
+                services.join(" "),
+                installation.status_message
+            );
+            if line != self.last_line {
+                eprintln!("{line}");
+                self.last_line = line;
+            }
+            return;
+        };
+        let done: u64 = installation
+            .services
+            .iter()
+            .map(|s| s.pull_bytes_done)
+            .sum();
+        let total: u64 = installation
+            .services
+            .iter()
+            .map(|s| s.pull_bytes_total.max(s.pull_bytes_done))
+            .sum();
+        pull.set_length(total.max(done));
+        pull.set_position(done);
+        for service in &installation.services {
+            let spinner = spinners
+                .entry(service.service_name.clone())
+                .or_insert_with(|| {
+                    let spinner = multi.add(ProgressBar::new_spinner());
+                    spinner.set_style(
+                        ProgressStyle::with_template("{spinner} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    spinner.enable_steady_tick(Duration::from_millis(120));
+                    spinner
+                });
+            spinner.set_message(format!(
+                "{:<20} {:<9} {}",
+                service.service_name,
+                output::phase(service),
+                service.reason
+            ));
+            if matches!(
+                service.phase(),
+                ServicePhase::Running | ServicePhase::Failed
+            ) {
+                spinner.disable_steady_tick();
+            }
+        }
+    }
+
+    fn finish(self) {
+        if let Some((multi, pull, spinners)) = self.live {
+            pull.finish();
+            for spinner in spinners.values() {
+                spinner.finish();
+            }
+            let _ = multi.clear();
+        }
+    }
+}
+
+/// Follows an installation until it settles; the exit code says how.
+pub async fn wait_installed(
+    client: &ManagerClient,
+    installation: epb::Installation,
+    format: output::Format,
+    patience: Duration,
+) -> Result<u8, Failure> {
+    let id = installation.id.clone();
+    let mut display = Display::new();
+    let mut events = Box::pin(client.watch(vec![id.clone()]));
+    let outcome = tokio::time::timeout(patience, async {
+        let mut current = installation;
+        loop {
+            display.show(&current);
+            if let Some(code) = settled(&current) {
+                return Ok((current, code));
+            }
+            match events.next().await {
+                Some(Ok(event)) if event.deleted => {
+                    return Err(Failure {
+                        message: format!("installation {id} was deleted while installing"),
+                        code: EXIT_ERROR,
+                    });
+                }
+                Some(Ok(event)) => current = event.installation,
+                Some(Err(err)) => return Err(failed(&format!("watching installation {id}"))(err)),
+                None => {
+                    return Err(Failure {
+                        message: format!("watching installation {id}: the stream ended"),
+                        code: EXIT_ERROR,
+                    });
+                }
+            }
+        }
+    })
+    .await;
+    display.finish();
+    let (installation, code) = outcome.map_err(|_| Failure {
+        message: format!("installation {id} did not settle within {patience:?}"),
+        code: EXIT_ERROR,
+    })??;
+    output::installations(std::slice::from_ref(&installation), format, false)
+        .map_err(failed("output"))?;
+    if code != EXIT_OK {
+        eprintln!(
+            "error: installation {id} is {}: {}",
+            output::installation_status(&installation),
+            installation.status_message
+        );
+    }
+    Ok(code)
+}
+
+/// Follows an uninstall until DISABLED (or purged).
+pub async fn wait_removed(
+    client: &ManagerClient,
+    installation: epb::Installation,
+    format: output::Format,
+    patience: Duration,
+) -> Result<u8, Failure> {
+    let id = installation.id.clone();
+    let mut display = Display::new();
+    let mut events = Box::pin(client.watch(vec![id.clone()]));
+    let outcome = tokio::time::timeout(patience, async {
+        let mut current = installation;
+        loop {
+            display.show(&current);
+            if current.status() == InstallationStatus::Disabled {
+                return Ok(current);
+            }
+            match events.next().await {
+                Some(Ok(event)) if event.deleted => return Ok(event.installation),
+                Some(Ok(event)) => current = event.installation,
+                // Purged between the uninstall and the watch.
+                Some(Err(oak_addons::ClientError::Status(status)))
+                    if status.code() == tonic::Code::NotFound =>
+                {
+                    return Ok(current);
+                }
+                Some(Err(err)) => return Err(failed(&format!("watching installation {id}"))(err)),
+                None => {
+                    return Err(Failure {
+                        message: format!("watching installation {id}: the stream ended"),
+                        code: EXIT_ERROR,
+                    });
+                }
+            }
+        }
+    })
+    .await;
+    display.finish();
+    let installation = outcome.map_err(|_| Failure {
+        message: format!("installation {id} was not removed within {patience:?}"),
+        code: EXIT_ERROR,
+    })??;
+    if format == output::Format::Table {
+        println!("uninstalled {id}");
+    } else {
+        output::installations(std::slice::from_ref(&installation), format, false)
+            .map_err(failed("output"))?;
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,431 @@
+//! The `oak-addons` binary against the real servers: an Oakestra-format
+//! descriptor publishes unchanged and is approved, installs with `--wait`
+//! on a real monitor and containerd, JSON output parses and round-trips,
+//! and every error path prints one line and exits with its documented code.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::{path::Path, time::Duration};
+
+use integration_tests::{
+    Containerd, NodeCleanup, RegistryServer, ServerProcess, binary,
+    images::{ImageSpec, push_image},
+};
+use oak_addons::json;
+use oakestra_addons_proto::{
+    engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},
+    marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+};
+
+/// What a run of the CLI gave.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Exactly one line on stderr, which is returned.
+    fn one_error_line(&self) -> &str {
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line on stderr: {self:?}");
+        assert!(lines[0].starts_with("error: "), "{self:?}");
+        assert!(!self.stderr.contains("panicked"), "{self:?}");
+        lines[0]
+    }
+}
+
+async fn oak(servers: &[(&str, String)], args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(binary("oak-addons"));
+    command
+        .args(args)
+        .env_remove("OAK_ADDONS_OUTPUT")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    for (key, value) in servers {
+        command.env(key, value);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("oak-addons finished within 2 minutes")
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn publishes_installs_and_reports_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = NodeCleanup::new(&state, "cl", "10.98");
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+    )
+    .await;
+    let monitor = ServerProcess::start(
+        &binary("addons-monitor"),
+        &[
+            "--manager",
+            &manager.url(),
+            "--containerd-socket",
+            &containerd.socket().display().to_string(),
+            "--namespace",
+            "oakestra-cli",
+            "--node-id",
+            "node-1",
+            "--state-dir",
+            &state.display().to_string(),
+            "--insecure-registry",
+            &host,
+            "--bridge-prefix",
+            "cl",
+            "--subnet-prefix",
+            "10.98",
+            "--stop-grace",
+            "2s",
+        ],
+    )
+    .await;
+    let servers = [
+        ("OAK_ADDONS_MARKETPLACE", marketplace.url()),
+        ("OAK_ADDONS_MANAGER", manager.url()),
+        ("OAK_ADDONS_MONITOR", monitor.url()),
+    ];
+    let port = integration_tests::free_port();
+    // Oakestra's descriptor format, as its marketplace takes it: command as
+    // one string, ports as a map, volumes as "src:dst".
+    let file = write(
+        dir.path(),
+        "addon.json",
+        &format!(
+            r#"{{
+  "name": "cli-demo",
+  "description": "served by busybox",
+  "services": [
+    {{
+      "service_name": "web",
+      "image": "{host}/team/app:1",
+      "command": "/bin/sh -c 'echo hello-cli; exec /bin/busybox httpd -f -p 8080 -h /'",
+      "ports": {{"8080": "{port}"}},
+      "environment": {{"MODE": "demo"}},
+      "volumes": ["data:/data"],
+      "labels": {{"team": "cli"}}
+    }}
+  ],
+  "volumes": [{{"name": "data", "driver": "local"}}]
+}}"#
+        ),
+    );
+    let published = oak(
+        &servers,
+        &["-o", "json", "marketplace", "publish", &file, "--wait"],
+    )
+    .await;
+    assert_eq!(published.code, 0, "{published:?}");
+    let value: serde_json::Value = serde_json::from_str(&published.stdout).unwrap();
+    assert_eq!(value["status"], "ADDON_STATUS_APPROVED", "{value}");
+    assert_eq!(
+        value["services"][0]["command"],
+        serde_json::json!([
+            "/bin/sh",
+            "-c",
+            "echo hello-cli; exec /bin/busybox httpd -f -p 8080 -h /"
+        ])
+    );
+    assert_eq!(value["services"][0]["ports"][0]["host_port"], port);
+    // The JSON round-trips into exactly what the server holds.
+    let id = value["id"].as_str().unwrap().to_owned();
+    let parsed: mpb::Addon =
+        json::from_json(&value, "oakestra.addons.marketplace.v1.Addon").unwrap();
+    let stored = MarketplaceServiceClient::new(marketplace.channel())
+        .get_addon(mpb::GetAddonRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(parsed, stored);
+
+    // Human and YAML listings.
+    let listed = oak(&servers, &["marketplace", "list"]).await;
+    assert_eq!(listed.code, 0, "{listed:?}");
+    let header = listed.stdout.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID") && header.contains("STATUS"),
+        "{listed:?}"
+    );
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("APPROVED") && l.contains("cli-demo")),
+        "{listed:?}"
+    );
+    assert!(!listed.stdout.contains('\x1b'), "no colours with NO_COLOR");
+    let yaml = oak(&servers, &["marketplace", "list", "--all", "-o", "yaml"]).await;
+    let list: Vec<serde_json::Value> = serde_yaml_ng::from_str(&yaml.stdout).unwrap();
+    assert_eq!(list.len(), 1, "{yaml:?}");
+    assert_eq!(list[0]["id"], id.as_str());
+
+    // Install with --wait: progress on stderr, the settled installation on
+    // stdout, exit 0 for ACTIVE.
+    let installed = oak(&servers, &["install", &id, "--wait"]).await;
+    assert_eq!(installed.code, 0, "{installed:?}");
+    assert!(installed.stdout.contains("ACTIVE"), "{installed:?}");
+    assert!(
+        installed.stderr.contains("web="),
+        "progress lines: {installed:?}"
+    );
+    let installation_id = installed
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ID:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let got = oak(&servers, &["get", &installation_id, "-o", "json"]).await;
+    assert_eq!(got.code, 0, "{got:?}");
+    let value: serde_json::Value = serde_json::from_str(&got.stdout).unwrap();
+    assert_eq!(value["status"], "INSTALLATION_STATUS_ACTIVE");
+    assert_eq!(value["services"][0]["phase"], "SERVICE_PHASE_RUNNING");
+    let parsed: pb::Installation =
+        json::from_json(&value, "oakestra.addons.engine.v1.Installation").unwrap();
+    assert_eq!(
+        json::to_json(&parsed, "oakestra.addons.engine.v1.Installation").unwrap(),
+        value,
+        "JSON → message → JSON is lossless"
+    );
+    let stored = AddonsManagerServiceClient::new(manager.channel())
+        .get_installation(pb::GetInstallationRequest {
+            id: installation_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+    assert_eq!(parsed.id, stored.id);
+    assert_eq!(parsed.addon, stored.addon);
+
+    let table = oak(&servers, &["get", &installation_id]).await;
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("web") && l.contains("node-1") && l.contains("RUNNING")),
+        "{table:?}"
+    );
+    let listed = oak(&servers, &["list", "--status", "active"]).await;
+    assert!(listed.stdout.contains(&installation_id), "{listed:?}");
+    let listed = oak(&servers, &["list", "--status", "failed"]).await;
+    assert!(!listed.stdout.contains(&installation_id), "{listed:?}");
+
+    let logs = oak(&servers, &["logs", &installation_id, "web"]).await;
+    assert_eq!(logs.code, 0, "{logs:?}");
+    assert!(logs.stdout.contains("hello-cli"), "{logs:?}");
+
+    // watch prints the current state as its first line.
+    let mut watch = tokio::process::Command::new(binary("oak-addons"))
+        .args(["watch", &installation_id])
+        .envs(servers.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.contains(&installation_id) && first.contains("ACTIVE"),
+        "{first}"
+    );
+
+    let removed = oak(
+        &servers,
+        &["uninstall", &installation_id, "--purge", "--wait"],
+    )
+    .await;
+    assert_eq!(removed.code, 0, "{removed:?}");
+    let last = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut last = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let deleted = line.contains("DELETED");
+            last = line;
+            if deleted {
+                break;
+            }
+        }
+        last
+    })
+    .await
+    .unwrap();
+    assert!(last.contains("DELETED"), "watch saw the purge: {last}");
+    let _ = watch.kill().await;
+    let gone = oak(&servers, &["get", &installation_id]).await;
+    assert_eq!(gone.code, 1);
+    assert!(gone.one_error_line().contains("NOT_FOUND"), "{gone:?}");
+    monitor.stop().await;
+    containerd.stop().await;
+}
+
+#[tokio::test]
+async fn error_paths_print_one_line_with_their_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+    )
+    .await;
+    let servers = [
+        ("OAK_ADDONS_MARKETPLACE", marketplace.url()),
+        ("OAK_ADDONS_MANAGER", manager.url()),
+    ];
+
+    // Not found: exit 1.
+    let run = oak(
+        &servers,
+        &["marketplace", "get", "01J00000000000000000000000"],
+    )
+    .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.one_error_line().contains("NOT_FOUND"), "{run:?}");
+
+    // A descriptor with a field Oakestra does not know: exit 2, naming it.
+    let file = write(
+        dir.path(),
+        "unknown.json",
+        &format!(
+            r#"{{"name": "x", "services": [{{"service_name": "a", "image": "{host}/team/app:1", "replicas": 3}}]}}"#
+        ),
+    );
+    let run = oak(&servers, &["marketplace", "publish", &file]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    let line = run.one_error_line();
+    assert!(
+        line.contains("services[0]") && line.contains("unknown field `replicas`"),
+        "{line}"
+    );
+
+    // Unreadable file: exit 2.
+    let run = oak(&servers, &["marketplace", "publish", "/no/such/file.json"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.one_error_line().contains("/no/such/file.json"));
+
+    // The server's validation: exit 1 with the field path.
+    let file = write(
+        dir.path(),
+        "invalid.yaml",
+        &format!("name: x\nservices:\n- service_name: Bad_Name\n  image: {host}/team/app:1\n"),
+    );
+    let run = oak(&servers, &["marketplace", "publish", &file]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.one_error_line();
+    assert!(
+        line.contains("INVALID_ARGUMENT") && line.contains("services[0].service_name"),
+        "{line}"
+    );
+
+    // Verification fails: --wait exits 3 and says why.
+    let file = write(
+        dir.path(),
+        "missing.json",
+        &format!(
+            r#"{{"name": "missing", "services": [{{"service_name": "a", "image": "{host}/team/app:nope"}}]}}"#
+        ),
+    );
+    let run = oak(&servers, &["marketplace", "publish", &file, "--wait"]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    let last = run.stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("error: addon") && last.contains("failed verification"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("FAILED_VERIFICATION"), "{run:?}");
+    let id = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ID:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // Installing it is refused: exit 1, FAILED_PRECONDITION.
+    let run = oak(&servers, &["install", &id]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.one_error_line().contains("FAILED_PRECONDITION"),
+        "{run:?}"
+    );
+
+    // Nobody listens: exit 1, UNAVAILABLE.
+    let port = integration_tests::free_port();
+    let run = oak(
+        &servers,
+        &[
+            "--manager",
+            &format!("http://127.0.0.1:{port}"),
+            "--timeout",
+            "2s",
+            "list",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.one_error_line().contains("UNAVAILABLE"), "{run:?}");
+
+    // Bad usage: exit 2, one line.
+    for args in [
+        vec!["--manager", "ftp://x", "list"],
+        vec!["list", "--status", "sleeping"],
+        vec!["install"],
+        vec!["frobnicate"],
+        vec!["--timeout", "soon", "list"],
+    ] {
+        let run = oak(&servers, &args).await;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        run.one_error_line();
+    }
+
+    // Completions are scripts for the shell.
+    for shell in ["bash", "zsh", "fish"] {
+        let run = oak(&servers, &["completions", shell]).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(run.stdout.contains("oak-addons"), "{shell}");
+    }
+}
