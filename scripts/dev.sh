@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
 # Runs the addons system on this machine.
 #
-#   scripts/dev.sh up      set up, build (release), start everything, print how to reach it
-#   scripts/dev.sh down    stop everything `up` started
+#   scripts/dev.sh up      set up, build (release), start everything, walk through the demo story
+#   scripts/dev.sh down    stop everything `up` started and remove what it left on the host
 #   scripts/dev.sh status  show what runs
 #
 # Everything lives under .data/dev: a private containerd (own root, state and
-# socket; never the machine's default one), the embedded stores, logs and pid
-# files. The servers listen on Oakestra's ports on 127.0.0.1: marketplace
-# 11102, manager 11101 (root plane), monitor 11103.
+# socket; never the machine's default one), a loopback OCI registry with the
+# demo images, the embedded stores, logs and pid files. The servers listen on
+# Oakestra's ports on 127.0.0.1: marketplace 11102, manager 11101 (root
+# plane), monitor 11103; the registry on 11105. The monitor runs the demo
+# core scheduler from demo/core-components.yaml on port 11180.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA="$ROOT/.data/dev"
 BIN="$ROOT/target/release"
+OAK="$BIN/oak-addons"
 MARKETPLACE_ADDR=127.0.0.1:11102
 MANAGER_ADDR=127.0.0.1:11101
 MONITOR_ADDR=127.0.0.1:11103
-COMPONENTS=(containerd marketplace manager monitor)
+REGISTRY_ADDR=127.0.0.1:11105
+SCHEDULER_URL=http://127.0.0.1:11180/
+DASHBOARD_URL=http://127.0.0.1:11190/
+BRIDGE_PREFIX=oakdev
+SUBNET_PREFIX=10.88
+COMPONENTS=(containerd registry marketplace manager monitor)
+export OAK_ADDONS_MARKETPLACE="http://$MARKETPLACE_ADDR"
+export OAK_ADDONS_MANAGER="http://$MANAGER_ADDR"
+export OAK_ADDONS_MONITOR="http://$MONITOR_ADDR"
 
 log() { echo "dev: $*" >&2; }
 
@@ -94,6 +105,37 @@ TOML
     exit 1
 }
 
+start_registry() {
+    if pid=$(pid_of registry); then
+        log "registry already runs (pid $pid)"
+        return
+    fi
+    local dir="$DATA/registry"
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+http:
+  addr: $REGISTRY_ADDR
+  secret: oakestra-addons-dev
+YAML
+    /usr/bin/docker-registry serve "$dir/config.yml" >"$DATA/registry.log" 2>&1 </dev/null &
+    echo $! >"$DATA/registry.pid"
+    for _ in $(seq 1 100); do
+        if curl -fsS --max-time 1 -o /dev/null "http://$REGISTRY_ADDR/v2/" 2>/dev/null; then
+            log "registry listens on $REGISTRY_ADDR"
+            return
+        fi
+        sleep 0.1
+    done
+    log "the registry did not start; see $DATA/registry.log"
+    exit 1
+}
+
 stop() {
     local name=$1 pid
     pid=$(pid_of "$name") || return 0
@@ -110,57 +152,157 @@ stop() {
     log "$name stopped"
 }
 
+# step TEXT: prints a step of the story.
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# show COMMAND...: prints a command, then runs it.
+show() { printf '$ %s\n' "$*" | sed "s#$BIN/##" >&2; "$@"; }
+
+# get URL: the body at URL, or nothing.
+get() { curl -fsS --max-time 2 "$1" 2>/dev/null || true; }
+
+# until_answers URL TEXT: waits up to 20 s for URL to answer with TEXT.
+until_answers() {
+    for _ in $(seq 1 100); do
+        if get "$1" | grep -q "$2"; then
+            show curl -fsS "$1"
+            return
+        fi
+        sleep 0.2
+    done
+    log "$1 did not answer with '$2' within 20 s"
+    exit 1
+}
+
+# addon_id NAME FILE: the id of the approved addon NAME, published from FILE
+# if the marketplace does not have it yet.
+addon_id() {
+    local id
+    id=$("$OAK" -o id marketplace list --name "$1" | head -n 1)
+    if [ -z "$id" ]; then
+        id=$(show "$OAK" -o id marketplace publish "$2" --wait)
+    fi
+    echo "$id"
+}
+
+story() {
+    step "1. The core scheduler runs, started by the monitor from demo/core-components.yaml"
+    until_answers "$SCHEDULER_URL" "core scheduler"
+
+    step "2. Publish two addons from Oakestra descriptor files, unchanged, and wait for verification"
+    local scheduler metrics
+    scheduler=$(addon_id energy-scheduler "$ROOT/demo/energy-scheduler.json")
+    metrics=$(addon_id node-metrics "$ROOT/demo/metrics.json")
+    show "$OAK" marketplace list
+
+    step "3. Install the extension (two services sharing a volume)"
+    local ext
+    ext=$("$OAK" -o id list --addon node-metrics | head -n 1)
+    if [ -z "$ext" ]; then
+        ext=$(show "$OAK" -o id install "$metrics" --wait)
+    fi
+    show "$OAK" get "$ext"
+    until_answers "$DASHBOARD_URL" "[0-9]"
+
+    step "4. Install the energy-aware scheduler: it replaces the core scheduler on the same port"
+    local plugin
+    plugin=$("$OAK" -o id list --addon energy-scheduler | head -n 1)
+    if [ -z "$plugin" ]; then
+        plugin=$(show "$OAK" -o id install "$scheduler" --wait)
+    fi
+    show "$OAK" get "$plugin"
+    until_answers "$SCHEDULER_URL" "energy-aware scheduler"
+
+    step "5. Uninstall it: the core scheduler comes back"
+    show "$OAK" uninstall "$plugin" --purge --wait
+    until_answers "$SCHEDULER_URL" "core scheduler"
+
+    step "6. What runs now"
+    show "$OAK" list
+}
+
 up() {
     "$ROOT/scripts/setup.sh"
     log "building (release)"
     (cd "$ROOT" && cargo build --release --bins --quiet)
     mkdir -p "$DATA"
     start_containerd
+    start_registry
+    log "building and pushing the demo images"
+    "$BIN/oak-dev" images "$REGISTRY_ADDR" >"$DATA/images.txt"
     start marketplace "$MARKETPLACE_ADDR" "$BIN/addons-marketplace" \
-        --listen "$MARKETPLACE_ADDR" --store "embedded:$DATA/marketplace.redb"
+        --listen "$MARKETPLACE_ADDR" --store "embedded:$DATA/marketplace.redb" \
+        --insecure-registry "$REGISTRY_ADDR"
     start manager "$MANAGER_ADDR" "$BIN/addons-manager" \
         --listen "$MANAGER_ADDR" --store "embedded:$DATA/manager.redb" \
         --marketplace "http://$MARKETPLACE_ADDR" --plane root
     start monitor "$MONITOR_ADDR" "$BIN/addons-monitor" \
         --listen "$MONITOR_ADDR" --manager "http://$MANAGER_ADDR" \
         --containerd-socket "$DATA/containerd/containerd.sock" --namespace oakestra \
-        --node-id "$(hostname)" --state-dir "$DATA/monitor" --plane root
-    echo
-    for addr in "$MARKETPLACE_ADDR" "$MANAGER_ADDR" "$MONITOR_ADDR"; do
-        echo "== $addr"
-        "$BIN/oak-addons" probe "http://$addr"
-    done
+        --node-id "$(hostname)" --state-dir "$DATA/monitor" --plane root \
+        --insecure-registry "$REGISTRY_ADDR" --core-components "$ROOT/demo/core-components.yaml" \
+        --bridge-prefix "$BRIDGE_PREFIX" --subnet-prefix "$SUBNET_PREFIX" --stop-grace 5s
+    story
     cat <<TEXT
 
-The addons system runs. Explore it:
-  $BIN/oak-addons probe http://$MARKETPLACE_ADDR
+The addons system runs, with the extension installed. Explore it:
+  export PATH=$BIN:\$PATH
+  oak-addons list                      # installations
+  oak-addons marketplace list --all    # addons
+  oak-addons get ID                    # services, phases, restarts, exit codes
+  oak-addons watch                     # one line per change
+  oak-addons logs ID dashboard         # a service's log, through the monitor
+  oak-addons probe http://$MANAGER_ADDR
   grpcurl -plaintext $MARKETPLACE_ADDR list
-  grpcurl -plaintext $MARKETPLACE_ADDR describe oakestra.addons.marketplace.v1.MarketplaceService
-  grpcurl -plaintext -d '{"addon":{"name":"hello","services":[{"service_name":"hello","image":"127.0.0.1:5000/hello:1"}]}}' \\
-      $MARKETPLACE_ADDR oakestra.addons.marketplace.v1.MarketplaceService/PublishAddon
-  grpcurl -plaintext $MONITOR_ADDR oakestra.addons.monitor.v1.NodeMonitorService/GetRuntimeInfo
+  grpcurl -plaintext $MANAGER_ADDR describe oakestra.addons.engine.v1.AddonsManagerService
+  curl $SCHEDULER_URL   # the core scheduler
+  curl $DASHBOARD_URL   # the extension's dashboard
 Logs are in $DATA/*.log. Stop everything with: scripts/dev.sh down
 TEXT
 }
 
 down() {
+    # Uninstall everything first, so the monitor removes the addon
+    # containers and their networks the normal way.
+    if pid_of manager >/dev/null && pid_of monitor >/dev/null; then
+        for id in $("$OAK" -o id list 2>/dev/null || true); do
+            "$OAK" uninstall "$id" --purge --wait --wait-timeout 60s >/dev/null ||
+                log "could not uninstall $id; cleaning up below"
+        done
+    fi
     for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
         stop "${COMPONENTS[$i]}"
     done
-    # Addon containers outlive the monitor and containerd by design (their
-    # shims keep them); the dev stack takes them down with it.
+    # Containers outlive the monitor and containerd by design (their shims
+    # keep them): the dev stack takes them down with it, then removes what
+    # containerd and the CNI plugins left on the host.
     local socket="$DATA/containerd/containerd.sock"
     for shim in $(pgrep -f "containerd-shim.*-address $socket" || true); do
         pkill -KILL -P "$shim" 2>/dev/null || true
         kill -KILL "$shim" 2>/dev/null || true
     done
-    if [ -d "$DATA/monitor/netns" ]; then
-        for ns in "$DATA"/monitor/netns/*; do
-            [ -e "$ns" ] || continue
-            umount -l "$ns" 2>/dev/null || true
-            rm -f "$ns"
-        done
+    if [ -x "$BIN/oak-dev" ]; then
+        "$BIN/oak-dev" clean-network "$DATA/monitor" "$BRIDGE_PREFIX" "$SUBNET_PREFIX"
     fi
+    awk -v data="$DATA/" 'index($2, data) == 1 { print $2 }' /proc/mounts | sort -r |
+        while read -r mount; do umount -l "$mount" 2>/dev/null || true; done
+    rm -rf "$DATA/containerd" "$DATA/monitor"
+    local left
+    left=$(leftovers)
+    if [ -n "$left" ]; then
+        log "stopped, but these are left:"
+        echo "$left" >&2
+        exit 1
+    fi
+    log "stopped; no process, container, mount, namespace, bridge or iptables rule is left"
+}
+
+# leftovers: what the dev stack has on the host, one line each.
+leftovers() {
+    local socket="$DATA/containerd/containerd.sock"
+    pgrep -af "containerd-shim.*-address $socket" | grep -v defunct || true
+    awk -v data="$DATA/" 'index($2, data) == 1 { print "mount " $2 }' /proc/mounts
+    ip -br link 2>/dev/null | awk -v prefix="$BRIDGE_PREFIX" 'index($1, prefix) == 1 { print "link " $1 }'
+    iptables-save 2>/dev/null | grep -F -- "$SUBNET_PREFIX." | sed 's/^/iptables /' || true
 }
 
 status() {
@@ -173,6 +315,11 @@ status() {
             printf '%-12s stopped\n' "$name"
         fi
     done
+    if [ "$running" -eq 0 ]; then
+        local left
+        left=$(leftovers)
+        [ -z "$left" ] || printf 'left on the host:\n%s\n' "$left"
+    fi
     [ "$running" -eq 1 ]
 }
 

@@ -242,3 +242,39 @@ pub async fn push_index(
         .unwrap_or_else(|err| panic!("read back {reference}: {err}"));
     digest
 }
+
+/// A shell command serving `body` (and the host name) over HTTP on port
+/// 8080 that stops at once on SIGTERM (a shell as pid 1 would otherwise
+/// ignore it).
+pub fn http_server_command(body: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "mkdir -p /www && echo \"{body} on $(hostname)\" > /www/index.html && trap 'kill $p; exit 0' TERM; /bin/busybox httpd -f -p 8080 -h /www & p=$!; wait"
+        ),
+    ]
+}
+
+/// Builds the demo images of `demo/` and pushes them to `host`:
+/// `demo/core-scheduler:1`, `demo/energy-scheduler:1` and `demo/metrics:1`,
+/// each serving HTTP on port 8080 by default. Returns references and
+/// digests.
+pub async fn push_demo_images(host: &str) -> Vec<(String, String)> {
+    let images = [
+        ("demo/core-scheduler", "core scheduler (Oakestra's own)"),
+        ("demo/energy-scheduler", "energy-aware scheduler (addon)"),
+        ("demo/metrics", "metrics"),
+    ];
+    let mut pushed = Vec::new();
+    for (repository, body) in images {
+        let spec = ImageSpec {
+            cmd: http_server_command(body),
+            env: vec!["PATH=/bin".into()],
+            ..ImageSpec::default()
+        };
+        let (digest, _) = push_image(host, repository, "1", &spec, None).await;
+        pushed.push((format!("{host}/{repository}:1"), digest));
+    }
+    pushed
+}

@@ -130,6 +130,9 @@ enum Command {
         /// Only these statuses (active, partially-active, failed, ...).
         #[arg(long, value_enum, value_delimiter = ',')]
         status: Vec<StatusArg>,
+        /// Only installations of this addon (its name or marketplace id).
+        #[arg(long, value_name = "NAME_OR_ID")]
+        addon: Option<String>,
     },
     /// Show an installation and its services.
     Get {
@@ -397,12 +400,17 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             output::installations(&[installation], format, false).map_err(failed("output"))?;
         }
-        Command::List { status } => {
+        Command::List { status, addon } => {
             let client = manager()?;
             let statuses = status.into_iter().map(Into::into).collect();
-            let list: Vec<epb::Installation> = collect(client.list(statuses))
+            let mut list: Vec<epb::Installation> = collect(client.list(statuses))
                 .await
                 .map_err(failed("listing installations failed"))?;
+            if let Some(addon) = addon {
+                list.retain(|i| {
+                    i.marketplace_id == addon || i.addon.as_ref().is_some_and(|a| a.name == addon)
+                });
+            }
             output::installations(&list, format, true).map_err(failed("output"))?;
         }
         Command::Get { id } => {
@@ -419,6 +427,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 let event = event.map_err(failed("watch"))?;
                 let line = match format {
                     Format::Table => output::change_line(&event.installation, event.deleted),
+                    Format::Id => event.installation.id.clone(),
                     _ => output::change_json(&event.installation, event.deleted)
                         .map_err(failed("output"))?,
                 };
@@ -445,7 +454,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             .into_inner()
             .lines;
             match format {
-                Format::Table => {
+                Format::Table | Format::Id => {
                     for line in lines {
                         println!("{line}");
                     }

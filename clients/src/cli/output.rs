@@ -18,6 +18,8 @@ pub enum Format {
     Json,
     /// YAML, one document.
     Yaml,
+    /// Only the ids, one per line (for scripts).
+    Id,
 }
 
 const ADDON: &str = "oakestra.addons.marketplace.v1.Addon";
@@ -149,7 +151,7 @@ fn emit(value: serde_json::Value, format: Format) -> Result<(), ClientError> {
                 .map_err(|err| ClientError::Input(err.to_string()))?;
             println!("{text}");
         }
-        Format::Yaml | Format::Table => {
+        Format::Yaml | Format::Table | Format::Id => {
             let text = serde_yaml_ng::to_string(&value)
                 .map_err(|err| ClientError::Input(err.to_string()))?;
             print!("{text}");
@@ -160,6 +162,10 @@ fn emit(value: serde_json::Value, format: Format) -> Result<(), ClientError> {
 
 /// Prints addons: a table, or JSON/YAML (a list when `many`).
 pub fn addons(list: &[mpb::Addon], format: Format, many: bool) -> Result<(), ClientError> {
+    if format == Format::Id {
+        list.iter().for_each(|a| println!("{}", a.id));
+        return Ok(());
+    }
     if format != Format::Table {
         let values = list
             .iter()
@@ -255,6 +261,10 @@ pub fn installations(
     format: Format,
     many: bool,
 ) -> Result<(), ClientError> {
+    if format == Format::Id {
+        list.iter().for_each(|i| println!("{}", i.id));
+        return Ok(());
+    }
     if format != Format::Table {
         let values = list
             .iter()
