@@ -15,5 +15,9 @@ benches=("${@:-verification api status monitor swap}")
 read -r -a benches <<<"${benches[*]}"
 for bench in "${benches[@]}"; do
     echo "## $bench ($(date -u +%Y-%m-%d), $(nproc) cores)"
-    cargo bench --quiet -p integration-tests --bench "$bench" 2>/dev/null
+    if ! cargo bench --quiet -p integration-tests --bench "$bench" 2>"$ROOT/target/bench-$bench.log"; then
+        echo "bench $bench failed; the end of target/bench-$bench.log:" >&2
+        tail -n 20 "$ROOT/target/bench-$bench.log" >&2
+        exit 1
+    fi
 done

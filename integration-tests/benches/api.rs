@@ -36,6 +36,7 @@ use oakestra_addons_proto::marketplace::v1::{
     marketplace_service_server::{MarketplaceService, MarketplaceServiceServer},
 };
 use prost::Message as _;
+use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, transport::Channel};
 
 const ADDONS: usize = 50;
@@ -119,7 +120,15 @@ async fn serve_baseline(data: &str) {
             addons: page.addons.clone(),
             page,
         }))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        // As our servers do: without TCP_NODELAY small answers wait out
+        // the client's delayed ACK.
+        .serve_with_incoming(
+            tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+                stream.inspect(|stream| {
+                    let _ = stream.set_nodelay(true);
+                })
+            }),
+        )
         .await
         .unwrap();
 }

@@ -44,8 +44,9 @@ async fn approved_addons(marketplace: &ServerProcess, image: &str) -> Vec<String
             .publish_addon(mpb::PublishAddonRequest {
                 addon: Some(mpb::Addon {
                     name: format!("bench-{n}"),
+                    // Live installations may not share service names.
                     services: vec![mpb::ServiceSpec {
-                        service_name: "svc".into(),
+                        service_name: format!("svc-{n}"),
                         image: image.into(),
                         ..Default::default()
                     }],
@@ -190,7 +191,7 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
             let mut last = 0;
             for (k, id) in installations.iter().enumerate() {
                 let marker = format!("node-{n}/{k}");
-                let mut status = service("svc", pb::ServicePhase::Running);
+                let mut status = service(&format!("svc-{k}"), pb::ServicePhase::Running);
                 status.reason = marker.clone();
                 sent.lock().unwrap().insert(marker, Instant::now());
                 last = monitor.report(id, vec![status]).await;

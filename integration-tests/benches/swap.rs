@@ -27,9 +27,9 @@ use addons_monitor::{
     runtime::{Containerd as Runtime, RegistryAccess, RunSpec, build_spec},
 };
 use integration_tests::{
-    Containerd, NodeCleanup, RegistryServer, ServerProcess, binary,
-    images::{ImageSpec, push_image},
-    publish_approved,
+    Containerd, MonitorSetup, NodeCleanup, RegistryServer,
+    images::{ImageSpec, http_server_command, push_image},
+    publish_approved, start_control_plane,
 };
 use oakestra_addons_proto::{
     engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},
@@ -37,16 +37,6 @@ use oakestra_addons_proto::{
 };
 
 const ROUNDS: usize = 9;
-
-fn http_server(body: &str) -> Vec<String> {
-    vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        format!(
-            "mkdir -p /www && echo {body} > /www/index.html && trap 'kill $p; exit 0' TERM; /bin/busybox httpd -f -p 8080 -h /www & p=$!; wait"
-        ),
-    ]
-}
 
 fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
@@ -161,51 +151,34 @@ async fn main() {
     let host = registry.host();
     push_image(&host, "bench/app", "1", &ImageSpec::default(), None).await;
     let image = format!("{host}/bench/app:1");
-    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start(
-        &binary("addons-marketplace"),
-        &["--store", &store("m"), "--insecure-registry", &host],
-    )
-    .await;
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &["--store", &store("e"), "--marketplace", &marketplace.url()],
-    )
-    .await;
+    let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
     let port = integration_tests::free_port();
     let core_file = dir.path().join("core-components.yaml");
     std::fs::write(
         &core_file,
         format!(
             "- name: scheduler\n  image: {image}\n  command: {}\n  ports:\n  - {{container_port: 8080, host_port: {port}}}\n",
-            serde_json::to_string(&http_server("core")).unwrap()
+            serde_json::to_string(&http_server_command("core")).unwrap()
         ),
     )
     .unwrap();
-    let monitor = ServerProcess::start(
-        &binary("addons-monitor"),
+    let monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "bench",
+        bridge_prefix: "sw",
+        subnet_prefix: "10.96",
+    }
+    .start(
         &[
-            "--manager",
-            &manager.url(),
-            "--containerd-socket",
-            &containerd.socket().display().to_string(),
-            "--namespace",
-            "bench",
-            "--node-id",
-            "bench-node",
-            "--state-dir",
-            &state.display().to_string(),
-            "--insecure-registry",
-            &host,
             "--core-components",
             &core_file.display().to_string(),
             "--stop-grace",
             "5s",
-            "--bridge-prefix",
-            "sw",
-            "--subnet-prefix",
-            "10.96",
         ],
+        &[],
     )
     .await;
     let addon = publish_approved(
@@ -215,7 +188,7 @@ async fn main() {
             services: vec![mpb::ServiceSpec {
                 service_name: "scheduler".into(),
                 image: image.clone(),
-                command: http_server("addon"),
+                command: http_server_command("addon"),
                 ..Default::default()
             }],
             ..Default::default()
@@ -302,7 +275,7 @@ async fn main() {
         let run = RunSpec {
             id: id.into(),
             hostname: id.into(),
-            args: http_server(body),
+            args: http_server_command(body),
             netns: Some(networks.netns_path("raw_net")),
             env: vec!["PATH=/bin".into()],
             ..RunSpec::default()

@@ -122,3 +122,89 @@ pub async fn publish_approved(
     })
     .await
 }
+
+/// The control plane of a test: a marketplace reaching `registry` over
+/// plain HTTP and a manager linked to it, both on embedded stores in `dir`.
+pub async fn start_control_plane(
+    dir: &std::path::Path,
+    registry: &str,
+) -> (ServerProcess, ServerProcess) {
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store("marketplace"),
+            "--insecure-registry",
+            registry,
+        ],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            &store("manager"),
+            "--marketplace",
+            &marketplace.url(),
+        ],
+    )
+    .await;
+    (marketplace, manager)
+}
+
+/// Where a test's monitor runs: the flags every test monitor takes. Each
+/// test picks its own namespace, bridge prefix and subnet prefix, so tests
+/// run side by side without sharing cgroups, bridges or addresses.
+#[derive(Debug, Clone)]
+pub struct MonitorSetup<'a> {
+    /// gRPC URL of the manager.
+    pub manager: String,
+    /// The private containerd.
+    pub containerd: &'a Containerd,
+    /// `--state-dir`.
+    pub state_dir: &'a std::path::Path,
+    /// The registry (`host:port`), reached over plain HTTP.
+    pub registry: &'a str,
+    /// containerd namespace.
+    pub namespace: &'a str,
+    /// `--bridge-prefix`.
+    pub bridge_prefix: &'a str,
+    /// `--subnet-prefix`.
+    pub subnet_prefix: &'a str,
+}
+
+impl MonitorSetup<'_> {
+    /// The monitor's flags, node id `node-1`, followed by `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--manager",
+            &self.manager,
+            "--containerd-socket",
+            &self.containerd.socket().display().to_string(),
+            "--namespace",
+            self.namespace,
+            "--node-id",
+            "node-1",
+            "--state-dir",
+            &self.state_dir.display().to_string(),
+            "--insecure-registry",
+            self.registry,
+            "--bridge-prefix",
+            self.bridge_prefix,
+            "--subnet-prefix",
+            self.subnet_prefix,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    }
+
+    /// Starts the monitor with `extra` flags and `env`.
+    pub async fn start(&self, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ServerProcess::start_with_env(&binary("addons-monitor"), &args, env).await
+    }
+}

@@ -8,8 +8,9 @@
 use std::{path::Path, time::Duration};
 
 use integration_tests::{
-    Containerd, NodeCleanup, RegistryServer, ServerProcess, binary,
+    Containerd, MonitorSetup, NodeCleanup, RegistryServer, binary,
     images::{ImageSpec, push_image},
+    start_control_plane,
 };
 use oak_addons::json;
 use oakestra_addons_proto::{
@@ -72,40 +73,17 @@ async fn publishes_installs_and_reports_through_the_cli() {
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start(
-        &binary("addons-marketplace"),
-        &["--store", &store("m"), "--insecure-registry", &host],
-    )
-    .await;
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &["--store", &store("e"), "--marketplace", &marketplace.url()],
-    )
-    .await;
-    let monitor = ServerProcess::start(
-        &binary("addons-monitor"),
-        &[
-            "--manager",
-            &manager.url(),
-            "--containerd-socket",
-            &containerd.socket().display().to_string(),
-            "--namespace",
-            "oakestra-cli",
-            "--node-id",
-            "node-1",
-            "--state-dir",
-            &state.display().to_string(),
-            "--insecure-registry",
-            &host,
-            "--bridge-prefix",
-            "cl",
-            "--subnet-prefix",
-            "10.98",
-            "--stop-grace",
-            "2s",
-        ],
-    )
+    let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
+    let monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-cli",
+        bridge_prefix: "cl",
+        subnet_prefix: "10.98",
+    }
+    .start(&["--stop-grace", "2s"], &[])
     .await;
     let servers = [
         ("OAK_ADDONS_MARKETPLACE", marketplace.url()),
@@ -301,17 +279,7 @@ async fn error_paths_print_one_line_with_their_exit_code() {
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start(
-        &binary("addons-marketplace"),
-        &["--store", &store("m"), "--insecure-registry", &host],
-    )
-    .await;
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &["--store", &store("e"), "--marketplace", &marketplace.url()],
-    )
-    .await;
+    let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
     let servers = [
         ("OAK_ADDONS_MARKETPLACE", marketplace.url()),
         ("OAK_ADDONS_MANAGER", manager.url()),

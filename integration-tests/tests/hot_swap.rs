@@ -10,9 +10,9 @@ use std::{path::Path, time::Duration};
 
 use addons_monitor::runtime::{Containerd as Runtime, TaskState};
 use integration_tests::{
-    Containerd, NodeCleanup, RegistryServer, ServerProcess, binary, eventually,
-    images::{ImageSpec, push_image},
-    publish_approved,
+    Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess, eventually,
+    images::{ImageSpec, http_server_command, push_image},
+    publish_approved, start_control_plane,
 };
 use oakestra_addons_proto::{
     engine::v1::{
@@ -23,18 +23,6 @@ use oakestra_addons_proto::{
 
 const CORE: &str = "root_scheduler";
 const REPLACEMENT: &str = "root_scheduler.addon";
-
-/// A shell command serving `body` over HTTP on port 8080 that exits at once
-/// on SIGTERM (a shell as pid 1 would otherwise ignore it).
-fn http_server(body: &str) -> Vec<String> {
-    vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        format!(
-            "mkdir -p /www && echo \"{body}\" > /www/index.html && trap 'kill $p; exit 0' TERM; /bin/busybox httpd -f -p 8080 -h /www & p=$!; wait"
-        ),
-    ]
-}
 
 /// The parts of one test's stack.
 struct Stack {
@@ -62,20 +50,11 @@ impl Stack {
         let host = registry.host();
         push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
         let image = format!("{host}/team/app:1");
-        let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-        let marketplace = ServerProcess::start(
-            &binary("addons-marketplace"),
-            &["--store", &store("m"), "--insecure-registry", &host],
-        )
-        .await;
-        let manager = ServerProcess::start(
-            &binary("addons-manager"),
-            &["--store", &store("e"), "--marketplace", &marketplace.url()],
-        )
-        .await;
+        let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
         let host_port = integration_tests::free_port();
         let core_file = dir.path().join("core-components.yaml");
-        let command = serde_json::to_string(&http_server("core-scheduler $SCHED_TOKEN")).unwrap();
+        let command =
+            serde_json::to_string(&http_server_command("core-scheduler $SCHED_TOKEN")).unwrap();
         std::fs::write(
             &core_file,
             format!(
@@ -101,28 +80,18 @@ impl Stack {
     }
 
     async fn monitor(&self, crash_at: Option<&str>) -> ServerProcess {
-        let socket = self.containerd.socket().display().to_string();
         let namespace = self.namespace();
-        let state = self.state.display().to_string();
         let core_file = self.core_file.display().to_string();
-        let manager = self.manager.url();
-        let args = [
-            "--bridge-prefix",
-            self.bridge_prefix,
-            "--subnet-prefix",
-            self.subnet_prefix,
-            "--manager",
-            &manager,
-            "--containerd-socket",
-            &socket,
-            "--namespace",
-            &namespace,
-            "--node-id",
-            "node-1",
-            "--state-dir",
-            &state,
-            "--insecure-registry",
-            &self.registry_host,
+        let setup = MonitorSetup {
+            manager: self.manager.url(),
+            containerd: &self.containerd,
+            state_dir: &self.state,
+            registry: &self.registry_host,
+            namespace: &namespace,
+            bridge_prefix: self.bridge_prefix,
+            subnet_prefix: self.subnet_prefix,
+        };
+        let extra = [
             "--core-components",
             &core_file,
             "--restart-backoff",
@@ -140,7 +109,7 @@ impl Stack {
             .map(|point| ("ADDONS_MONITOR_CRASH_AT", point))
             .into_iter()
             .collect();
-        ServerProcess::start_with_env(&binary("addons-monitor"), &args, &env).await
+        setup.start(&extra, &env).await
     }
 
     /// A namespace per test: containers' cgroups are `/<namespace>/<id>`,
@@ -333,7 +302,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
     let addon = stack
         .publish(
             "energy-scheduler",
-            http_server("addon-scheduler $SCHED_TOKEN"),
+            http_server_command("addon-scheduler $SCHED_TOKEN"),
             true,
         )
         .await;
@@ -353,7 +322,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
     // A second installation claiming the same core component is refused,
     // naming the one that holds it.
     let rival = stack
-        .publish("rival-scheduler", http_server("rival"), false)
+        .publish("rival-scheduler", http_server_command("rival"), false)
         .await;
     let refused = stack
         .manager()
@@ -534,7 +503,11 @@ async fn converges_after_a_crash_at_every_step() {
     stack.answers("core-scheduler").await;
     monitor.stop().await;
     let addon = stack
-        .publish("crash-scheduler", http_server("addon-scheduler"), false)
+        .publish(
+            "crash-scheduler",
+            http_server_command("addon-scheduler"),
+            false,
+        )
         .await;
     for (swap_point, restore_point) in [
         ("swap:prepared", "restore:replacement-stopped"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use addons_monitor::runtime::{Containerd as Runtime, TaskState};
 use integration_tests::{
-    Containerd, RegistryServer, ServerProcess, binary, eventually,
+    Containerd, MonitorSetup, RegistryServer, ServerProcess, binary, eventually,
     images::{ImageSpec, push_image},
     publish_approved,
 };
@@ -45,25 +45,17 @@ async fn start_monitor_on(
     bridge_prefix: &str,
     subnet_prefix: &str,
 ) -> ServerProcess {
-    ServerProcess::start(
-        &binary("addons-monitor"),
+    MonitorSetup {
+        manager: manager.url(),
+        containerd,
+        state_dir: state,
+        registry,
+        namespace: NAMESPACE,
+        bridge_prefix,
+        subnet_prefix,
+    }
+    .start(
         &[
-            "--bridge-prefix",
-            bridge_prefix,
-            "--subnet-prefix",
-            subnet_prefix,
-            "--manager",
-            &manager.url(),
-            "--containerd-socket",
-            &containerd.socket().display().to_string(),
-            "--namespace",
-            NAMESPACE,
-            "--node-id",
-            "node-1",
-            "--state-dir",
-            &state.display().to_string(),
-            "--insecure-registry",
-            registry,
             "--restart-backoff",
             "200ms",
             "--max-failures",
@@ -75,6 +67,7 @@ async fn start_monitor_on(
             "--heartbeat",
             "1s",
         ],
+        &[],
     )
     .await
 }

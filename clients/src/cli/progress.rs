@@ -127,13 +127,23 @@ impl Display {
     }
 }
 
-/// Follows an installation until it settles; the exit code says how.
-pub async fn wait_installed(
+/// What the watch of an installation saw.
+enum Seen<'a> {
+    /// Its current state.
+    Now(&'a epb::Installation),
+    /// It was purged; its last state.
+    Deleted(&'a epb::Installation),
+}
+
+/// Shows an installation's changes until `finished` returns a result for
+/// what was seen, or `patience` runs out (`waiting_for` says for what).
+async fn follow<T>(
     client: &ManagerClient,
     installation: epb::Installation,
-    format: output::Format,
     patience: Duration,
-) -> Result<u8, Failure> {
+    waiting_for: &str,
+    mut finished: impl FnMut(Seen<'_>) -> Option<Result<T, Failure>>,
+) -> Result<T, Failure> {
     let id = installation.id.clone();
     let mut display = Display::new();
     let mut events = Box::pin(client.watch(vec![id.clone()]));
@@ -141,38 +151,71 @@ pub async fn wait_installed(
         let mut current = installation;
         loop {
             display.show(&current);
-            if let Some(code) = settled(&current) {
-                return Ok((current, code));
+            if let Some(result) = finished(Seen::Now(&current)) {
+                return result;
             }
-            match events.next().await {
+            let broken = match events.next().await {
                 Some(Ok(event)) if event.deleted => {
-                    return Err(Failure {
-                        message: format!("installation {id} was deleted while installing"),
-                        code: EXIT_ERROR,
-                    });
+                    if let Some(result) = finished(Seen::Deleted(&event.installation)) {
+                        return result;
+                    }
+                    format!("installation {id} was deleted")
                 }
-                Some(Ok(event)) => current = event.installation,
+                Some(Ok(event)) => {
+                    current = event.installation;
+                    continue;
+                }
+                // Purged between the call and the watch.
+                Some(Err(oak_addons::ClientError::Status(status)))
+                    if status.code() == tonic::Code::NotFound =>
+                {
+                    if let Some(result) = finished(Seen::Deleted(&current)) {
+                        return result;
+                    }
+                    format!("installation {id} was deleted")
+                }
                 Some(Err(err)) => return Err(failed(&format!("watching installation {id}"))(err)),
-                None => {
-                    return Err(Failure {
-                        message: format!("watching installation {id}: the stream ended"),
-                        code: EXIT_ERROR,
-                    });
-                }
-            }
+                None => format!("watching installation {id}: the stream ended"),
+            };
+            return Err(Failure {
+                message: broken,
+                code: EXIT_ERROR,
+            });
         }
     })
     .await;
     display.finish();
-    let (installation, code) = outcome.map_err(|_| Failure {
-        message: format!("installation {id} did not settle within {patience:?}"),
+    outcome.map_err(|_| Failure {
+        message: format!("installation {id} {waiting_for} within {patience:?}"),
         code: EXIT_ERROR,
-    })??;
+    })?
+}
+
+/// Follows an installation until it settles; the exit code says how.
+pub async fn wait_installed(
+    client: &ManagerClient,
+    installation: epb::Installation,
+    format: output::Format,
+    patience: Duration,
+) -> Result<u8, Failure> {
+    let (installation, code) =
+        follow(
+            client,
+            installation,
+            patience,
+            "did not settle",
+            |seen| match seen {
+                Seen::Now(current) => settled(current).map(|code| Ok((current.clone(), code))),
+                Seen::Deleted(_) => None,
+            },
+        )
+        .await?;
     output::installations(std::slice::from_ref(&installation), format, false)
         .map_err(failed("output"))?;
     if code != EXIT_OK {
         eprintln!(
-            "error: installation {id} is {}: {}",
+            "error: installation {} is {}: {}",
+            installation.id,
             output::installation_status(&installation),
             installation.status_message
         );
@@ -187,43 +230,22 @@ pub async fn wait_removed(
     format: output::Format,
     patience: Duration,
 ) -> Result<u8, Failure> {
-    let id = installation.id.clone();
-    let mut display = Display::new();
-    let mut events = Box::pin(client.watch(vec![id.clone()]));
-    let outcome = tokio::time::timeout(patience, async {
-        let mut current = installation;
-        loop {
-            display.show(&current);
-            if current.status() == InstallationStatus::Disabled {
-                return Ok(current);
+    let installation = follow(
+        client,
+        installation,
+        patience,
+        "was not removed",
+        |seen| match seen {
+            Seen::Now(current) if current.status() == InstallationStatus::Disabled => {
+                Some(Ok(current.clone()))
             }
-            match events.next().await {
-                Some(Ok(event)) if event.deleted => return Ok(event.installation),
-                Some(Ok(event)) => current = event.installation,
-                // Purged between the uninstall and the watch.
-                Some(Err(oak_addons::ClientError::Status(status)))
-                    if status.code() == tonic::Code::NotFound =>
-                {
-                    return Ok(current);
-                }
-                Some(Err(err)) => return Err(failed(&format!("watching installation {id}"))(err)),
-                None => {
-                    return Err(Failure {
-                        message: format!("watching installation {id}: the stream ended"),
-                        code: EXIT_ERROR,
-                    });
-                }
-            }
-        }
-    })
-    .await;
-    display.finish();
-    let installation = outcome.map_err(|_| Failure {
-        message: format!("installation {id} was not removed within {patience:?}"),
-        code: EXIT_ERROR,
-    })??;
+            Seen::Now(_) => None,
+            Seen::Deleted(last) => Some(Ok(last.clone())),
+        },
+    )
+    .await?;
     if format == output::Format::Table {
-        println!("uninstalled {id}");
+        println!("uninstalled {}", installation.id);
     } else {
         output::installations(std::slice::from_ref(&installation), format, false)
             .map_err(failed("output"))?;
