@@ -71,16 +71,31 @@ impl RetryPolicy {
 }
 
 /// `call`, failing with `DEADLINE_EXCEEDED` when it takes longer than
-/// `timeout`.
+/// `timeout`, and with `UNAVAILABLE` when the transport dropped it.
 pub(crate) async fn within<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, tonic::Status>>,
 ) -> Result<T, tonic::Status> {
     match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result,
+        Ok(result) => result.map_err(lost_connection),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "no answer within {timeout:?}"
         ))),
+    }
+}
+
+/// A status the transport made up because the connection went away is the
+/// server being unavailable: `CANCELLED` (the clients never cancel a call
+/// themselves; hyper cancels requests queued on a dead connection), or
+/// `UNKNOWN` carrying a transport error as its source (a stream cut by a
+/// crashed server). Statuses the server sent have no source.
+pub(crate) fn lost_connection(status: tonic::Status) -> tonic::Status {
+    let made_up = status.code() == Code::Cancelled
+        || (status.code() == Code::Unknown && std::error::Error::source(&status).is_some());
+    if made_up {
+        tonic::Status::unavailable(format!("connection lost: {}", status.message()))
+    } else {
+        status
     }
 }
 
@@ -134,6 +149,29 @@ mod tests {
             })
             .await;
         assert_eq!(result.unwrap(), 7);
+    }
+
+    #[test]
+    fn transport_failures_count_as_unavailable() {
+        let cut = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "stream closed",
+        )));
+        assert_eq!(cut.code(), Code::Unknown);
+        assert_eq!(lost_connection(cut).code(), Code::Unavailable);
+        assert_eq!(
+            lost_connection(tonic::Status::cancelled("operation was canceled")).code(),
+            Code::Unavailable
+        );
+        // What a server said stays what it said.
+        assert_eq!(
+            lost_connection(tonic::Status::unknown("handler failed")).code(),
+            Code::Unknown
+        );
+        assert_eq!(
+            lost_connection(tonic::Status::not_found("x")).code(),
+            Code::NotFound
+        );
     }
 
     #[test]

@@ -42,11 +42,11 @@ where
                                 return;
                             }
                         }
-                        Some(Err(status)) => break status,
+                        Some(Err(status)) => break crate::retry::lost_connection(status),
                         None => break tonic::Status::unavailable("the watch ended"),
                     }
                 },
-                Err(status) => status,
+                Err(status) => crate::retry::lost_connection(status),
             };
             if broken.code() != Code::Unavailable || failures + 1 >= retry.max_attempts.max(1) {
                 let _ = tx.send(Err(broken.into())).await;

@@ -19,7 +19,7 @@ use std::{
 
 use addons_monitor::runtime::{Containerd as Runtime, RegistryAccess, RunSpec, build_spec};
 use integration_tests::{
-    Containerd, RegistryServer, ServerProcess, binary,
+    Containerd, NodeCleanup, RegistryServer, ServerProcess, binary,
     images::{ImageSpec, push_image},
 };
 use oakestra_addons_proto::{
@@ -159,6 +159,7 @@ async fn uninstall_and_wait(manager: &ServerProcess, id: &str) {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = NodeCleanup::new(&dir.path().join("monitor"), "mb", "10.87");
     let containerd = Containerd::start().await;
     let registry = RegistryServer::start().await;
     let host = registry.host();
@@ -198,9 +199,9 @@ async fn main() {
             "--max-failures",
             "1000",
             "--bridge-prefix",
-            "ob",
+            "mb",
             "--subnet-prefix",
-            "10.93",
+            "10.87",
         ],
     )
     .await;

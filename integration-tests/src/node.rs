@@ -55,6 +55,22 @@ impl NodeCleanup {
                 }
             }
         }
+        // Any other bridge holding an address in the subnets (left by a run
+        // with another prefix) would take their routes.
+        if let Ok(output) = Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+        {
+            let text = String::from_utf8_lossy(&output.stdout);
+            for line in text.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let [_, name, "inet", address, ..] = words.as_slice()
+                    && address.starts_with(&format!("{}.", self.subnet_prefix))
+                {
+                    let _ = Command::new("ip").args(["link", "del", name]).status();
+                }
+            }
+        }
         for table in ["nat", "filter"] {
             remove_rules(table, &format!("{}.", self.subnet_prefix));
         }

@@ -543,3 +543,66 @@ async fn converges_after_a_crash_at_every_step() {
     }
     stack.containerd.stop().await;
 }
+
+/// A port the addon declares for the core's container port wins: the
+/// addon answers on its own host port and the core's goes quiet, until the
+/// core component is restored with its own ports.
+#[tokio::test]
+async fn declared_ports_win_over_inherited_ones() {
+    let stack = Stack::start("hsd", "10.90").await;
+    let monitor = stack.monitor(None).await;
+    stack.answers("core-scheduler").await;
+    let own_port = integration_tests::free_port();
+    let addon = publish_approved(
+        &stack.marketplace,
+        mpb::Addon {
+            name: "ported-scheduler".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "scheduler".into(),
+                image: stack.image.clone(),
+                command: http_server_command("ported-scheduler"),
+                ports: vec![mpb::PortMapping {
+                    container_port: 8080,
+                    host_port: u32::from(own_port),
+                    protocol: "tcp".into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = stack.install(&addon, false).await;
+    stack.status_becomes(&id, InstallationStatus::Active).await;
+    eventually(
+        "the addon answers on its own port",
+        Duration::from_secs(30),
+        || async move {
+            let body = http_get(own_port).await?;
+            if body.contains("ported-scheduler") {
+                Ok(())
+            } else {
+                Err(body)
+            }
+        },
+    )
+    .await;
+    assert!(
+        !http_get(stack.host_port)
+            .await
+            .unwrap_or_default()
+            .contains("scheduler"),
+        "the core's port no longer leads anywhere"
+    );
+    stack.uninstall(&id).await;
+    stack.answers("core-scheduler").await;
+    assert!(
+        !http_get(own_port)
+            .await
+            .unwrap_or_default()
+            .contains("scheduler"),
+        "the addon's port is gone with it"
+    );
+    monitor.stop().await;
+    stack.containerd.stop().await;
+}

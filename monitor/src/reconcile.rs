@@ -297,6 +297,26 @@ impl Reconciler {
                 match presence {
                     DesiredPresence::Running => {
                         wanted.insert(id.clone());
+                        if replaces.is_none()
+                            && self
+                                .options
+                                .core_components
+                                .iter()
+                                .any(|c| c.name == service.service_name)
+                        {
+                            // A static core component whose container is not
+                            // created yet (its image may not pull): the
+                            // service replaces it once it exists, never runs
+                            // beside it under its id.
+                            self.set_phase(
+                                &installation.installation_id,
+                                service,
+                                &id,
+                                ServicePhase::Pending,
+                                format!("waiting for core component {id} to be created"),
+                            );
+                            continue;
+                        }
                         if let Some(core) = replaces
                             && claims.get(&core.name) != Some(&installation.installation_id)
                         {
