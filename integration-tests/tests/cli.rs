@@ -83,7 +83,17 @@ async fn publishes_installs_and_reports_through_the_cli() {
         bridge_prefix: "cl",
         subnet_prefix: "10.98",
     }
-    .start(&["--stop-grace", "2s"], &[])
+    .start(
+        &[
+            "--stop-grace",
+            "2s",
+            "--restart-backoff",
+            "100ms",
+            "--max-failures",
+            "1",
+        ],
+        &[],
+    )
     .await;
     let servers = [
         ("OAK_ADDONS_MARKETPLACE", marketplace.url()),
@@ -269,6 +279,51 @@ async fn publishes_installs_and_reports_through_the_cli() {
     let gone = oak(&servers, &["get", &installation_id]).await;
     assert_eq!(gone.code, 1);
     assert!(gone.one_error_line().contains("NOT_FOUND"), "{gone:?}");
+
+    // An addon with one service that keeps crashing: `install --wait`
+    // ends PARTIALLY_ACTIVE with exit code 4 and says why.
+    let file = write(
+        dir.path(),
+        "half.yaml",
+        &format!(
+            "name: half-broken\nservices:\n- service_name: steady\n  image: {host}/team/app:1\n  command: /bin/busybox sleep 3600\n- service_name: crasher\n  image: {host}/team/app:1\n  command: /bin/sh -c 'echo no-config >&2; exit 9'\n"
+        ),
+    );
+    let published = oak(
+        &servers,
+        &["-o", "id", "marketplace", "publish", &file, "--wait"],
+    )
+    .await;
+    assert_eq!(published.code, 0, "{published:?}");
+    let half = published.stdout.trim().to_owned();
+    let installed = oak(&servers, &["-o", "id", "install", &half, "--wait"]).await;
+    assert_eq!(installed.code, 4, "{installed:?}");
+    let last = installed.stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("error: installation")
+            && last.contains("PARTIALLY_ACTIVE")
+            && last.contains("crasher"),
+        "{installed:?}"
+    );
+    let half_installation = installed.stdout.trim().to_owned();
+    let shown = oak(&servers, &["get", &half_installation]).await;
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("crasher") && l.contains("FAILED") && l.contains(" 9 ")),
+        "{shown:?}"
+    );
+    assert!(
+        shown.stdout.contains("no-config"),
+        "log tail shown: {shown:?}"
+    );
+    let removed = oak(
+        &servers,
+        &["uninstall", &half_installation, "--purge", "--wait"],
+    )
+    .await;
+    assert_eq!(removed.code, 0, "{removed:?}");
     monitor.stop().await;
     containerd.stop().await;
 }
@@ -360,6 +415,16 @@ async fn error_paths_print_one_line_with_their_exit_code() {
         run.one_error_line().contains("FAILED_PRECONDITION"),
         "{run:?}"
     );
+
+    // Verifying it again fails again; then it is deleted.
+    let run = oak(&servers, &["marketplace", "reverify", &id, "--wait"]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    let run = oak(&servers, &["marketplace", "delete", &id]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(&id), "{run:?}");
+    let run = oak(&servers, &["marketplace", "get", &id]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.one_error_line().contains("NOT_FOUND"), "{run:?}");
 
     // Nobody listens: exit 1, UNAVAILABLE.
     let port = integration_tests::free_port();

@@ -606,3 +606,110 @@ async fn declared_ports_win_over_inherited_ones() {
     monitor.stop().await;
     stack.containerd.stop().await;
 }
+
+/// A core component the monitor did not start (made here straight through
+/// containerd, with networking of its own, named by label rather than by
+/// id) is found, swapped in its network namespace and started again on
+/// uninstall.
+#[tokio::test]
+async fn swaps_a_core_component_found_by_its_label() {
+    use addons_monitor::{
+        network::{NetworkOptions, Networks, PortMapping},
+        runtime::{RegistryAccess, RunSpec, build_spec},
+    };
+    let stack = Stack::start("hse", "10.86").await;
+    std::fs::write(&stack.core_file, "").unwrap();
+    let foreign_state = stack.state.with_file_name("foreign");
+    let _foreign_cleanup = NodeCleanup::new(&foreign_state, "hsf", "10.85");
+    let runtime = stack.runtime();
+    let networks = Networks::new(
+        NetworkOptions {
+            plugin_dir: "/usr/lib/cni".into(),
+            bridge_prefix: "hsf".into(),
+            subnet_prefix: "10.85".into(),
+        },
+        &foreign_state,
+    );
+    let id = "orchestrator-sched-7";
+    networks
+        .attach(
+            id,
+            &["core".into()],
+            &[PortMapping {
+                host_port: stack.host_port,
+                container_port: 8080,
+                protocol: "tcp".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    let pulled = runtime
+        .pull(
+            &stack.image,
+            &RegistryAccess {
+                insecure: vec![stack.registry_host.clone()],
+                ..RegistryAccess::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let run = RunSpec {
+        id: id.into(),
+        hostname: id.into(),
+        args: http_server_command("foreign-scheduler"),
+        env: vec!["PATH=/bin".into()],
+        netns: Some(networks.netns_path(id)),
+        ..RunSpec::default()
+    };
+    runtime
+        .create_container(
+            id,
+            &stack.image,
+            &pulled.top_snapshot,
+            &build_spec(&run, &stack.namespace()).unwrap(),
+            [(
+                "oakestra.io/core-component".to_owned(),
+                "scheduler".to_owned(),
+            )]
+            .into(),
+        )
+        .await
+        .unwrap();
+    let logs = foreign_state.join("foreign.log");
+    runtime.start_task(id, &logs).await.unwrap();
+    stack.answers("foreign-scheduler").await;
+
+    let monitor = stack.monitor(None).await;
+    let addon = stack
+        .publish(
+            "label-scheduler",
+            http_server_command("addon-scheduler"),
+            false,
+        )
+        .await;
+    let installation = stack.install(&addon, false).await;
+    let active = stack
+        .status_becomes(&installation, InstallationStatus::Active)
+        .await;
+    assert_eq!(active.services[0].replaced_core_component, id);
+    stack.answers("addon-scheduler").await;
+    assert!(
+        !matches!(runtime.task_state(id).await.unwrap(), TaskState::Running(_)),
+        "the foreign core component is stopped"
+    );
+    stack.uninstall(&installation).await;
+    stack.answers("foreign-scheduler").await;
+    // It is someone else's again: labelled as before, and still there.
+    let containers = runtime.list_containers(&[]).await.unwrap();
+    let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, [id]);
+    assert!(!containers[0].labels.contains_key("oakestra.io/replaced-by"));
+    monitor.stop().await;
+    runtime
+        .remove_container(id, Duration::from_secs(3))
+        .await
+        .unwrap();
+    networks.detach(id).await.unwrap();
+    stack.containerd.stop().await;
+}

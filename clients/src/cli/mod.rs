@@ -92,6 +92,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "OAK_ADDONS_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
     wait_timeout: Duration,
 
+    /// How long `install --wait` watches a final status (ACTIVE,
+    /// PARTIALLY_ACTIVE, FAILED) hold before it believes it: a crashing
+    /// service is RUNNING for a moment.
+    #[arg(long, global = true, env = "OAK_ADDONS_SETTLE", default_value = "3s", value_parser = parse_duration, value_name = "DURATION")]
+    settle: Duration,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -383,8 +389,14 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await
                 .map_err(failed(&format!("installing addon {marketplace_id} failed")))?;
             if wait {
-                return progress::wait_installed(&client, installation, format, cli.wait_timeout)
-                    .await;
+                return progress::wait_installed(
+                    &client,
+                    installation,
+                    format,
+                    cli.wait_timeout,
+                    cli.settle,
+                )
+                .await;
             }
             output::installations(&[installation], format, false).map_err(failed("output"))?;
         }

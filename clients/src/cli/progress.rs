@@ -136,11 +136,13 @@ enum Seen<'a> {
 }
 
 /// Shows an installation's changes until `finished` returns a result for
-/// what was seen, or `patience` runs out (`waiting_for` says for what).
+/// what was seen and the status has held for `settle`, or `patience` runs
+/// out (`waiting_for` says for what).
 async fn follow<T>(
     client: &ManagerClient,
     installation: epb::Installation,
     patience: Duration,
+    settle: Duration,
     waiting_for: &str,
     mut finished: impl FnMut(Seen<'_>) -> Option<Result<T, Failure>>,
 ) -> Result<T, Failure> {
@@ -149,12 +151,32 @@ async fn follow<T>(
     let mut events = Box::pin(client.watch(vec![id.clone()]));
     let outcome = tokio::time::timeout(patience, async {
         let mut current = installation;
+        // The final-looking status and since when it holds.
+        let mut holding: Option<(i32, std::time::Instant)> = None;
         loop {
             display.show(&current);
-            if let Some(result) = finished(Seen::Now(&current)) {
-                return result;
-            }
-            let broken = match events.next().await {
+            let next = match finished(Seen::Now(&current)) {
+                Some(result) if settle.is_zero() => return result,
+                Some(result) => {
+                    // A crash-looping service looks RUNNING for a moment:
+                    // the status has to hold before it counts.
+                    let since = match holding {
+                        Some((status, since)) if status == current.status => since,
+                        _ => std::time::Instant::now(),
+                    };
+                    holding = Some((current.status, since));
+                    let left = settle.saturating_sub(since.elapsed());
+                    match tokio::time::timeout(left, events.next()).await {
+                        Err(_) => return result,
+                        Ok(next) => next,
+                    }
+                }
+                None => {
+                    holding = None;
+                    events.next().await
+                }
+            };
+            let broken = match next {
                 Some(Ok(event)) if event.deleted => {
                     if let Some(result) = finished(Seen::Deleted(&event.installation)) {
                         return result;
@@ -197,19 +219,20 @@ pub async fn wait_installed(
     installation: epb::Installation,
     format: output::Format,
     patience: Duration,
+    settle: Duration,
 ) -> Result<u8, Failure> {
-    let (installation, code) =
-        follow(
-            client,
-            installation,
-            patience,
-            "did not settle",
-            |seen| match seen {
-                Seen::Now(current) => settled(current).map(|code| Ok((current.clone(), code))),
-                Seen::Deleted(_) => None,
-            },
-        )
-        .await?;
+    let (installation, code) = follow(
+        client,
+        installation,
+        patience,
+        settle,
+        "did not settle",
+        |seen| match seen {
+            Seen::Now(current) => settled(current).map(|code| Ok((current.clone(), code))),
+            Seen::Deleted(_) => None,
+        },
+    )
+    .await?;
     output::installations(std::slice::from_ref(&installation), format, false)
         .map_err(failed("output"))?;
     if code != EXIT_OK {
@@ -234,6 +257,7 @@ pub async fn wait_removed(
         client,
         installation,
         patience,
+        Duration::ZERO,
         "was not removed",
         |seen| match seen {
             Seen::Now(current) if current.status() == InstallationStatus::Disabled => {
