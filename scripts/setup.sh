@@ -3,7 +3,8 @@
 # only what is missing. Safe to run any number of times.
 #
 #   Debian packages  containerd, runc, CNI plugins, the OCI registry,
-#                    protoc, busybox-static, iptables, python3 + venv, npm
+#                    protoc, busybox-static, iptables, iproute2, curl, procps,
+#                    python3 + venv, npm
 #   buf              from the npm registry (@bufbuild/buf), for `buf lint`
 #   nx-27017         MongoDB-wire test server from PyPI, in a virtualenv
 #                    under target/test-env
@@ -23,7 +24,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 packages=(containerd runc containernetworking-plugins docker-registry protobuf-compiler
-          busybox-static iptables iproute2 curl ca-certificates)
+          busybox-static iptables iproute2 curl ca-certificates procps)
 # A Python or npm already on the PATH (pyenv, nvm) is as good as Debian's.
 if ! { command -v python3 >/dev/null 2>&1 && python3 -m venv --help >/dev/null 2>&1; }; then
     packages+=(python3 python3-venv)
