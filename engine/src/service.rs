@@ -52,6 +52,11 @@ pub struct Manager {
     installations: Collection<Installation>,
     marketplace: MarketplaceClient,
     plane: Plane,
+    /// Held from the service-name check to the insert, so two installs
+    /// claiming the same names (and so the same containers and core
+    /// components) cannot both pass. The manager is the only writer of
+    /// installations, so an in-process lock makes it atomic.
+    claims: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Manager {
@@ -72,6 +77,7 @@ impl Manager {
             installations: store.collection().await?,
             marketplace,
             plane,
+            claims: Default::default(),
         })
     }
 
@@ -82,6 +88,7 @@ impl Manager {
         keep_core_stopped_on_failure: bool,
     ) -> Result<Versioned<Installation>, Error> {
         let addon = self.fetch_approved(marketplace_id).await?;
+        let _claims = self.claims.lock().await;
         self.check_service_names(marketplace_id, &addon).await?;
         let now = chrono::Utc::now();
         let installation = Installation {

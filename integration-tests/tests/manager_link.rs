@@ -655,6 +655,28 @@ async fn drops_a_slow_watcher_without_slowing_anyone(mongo: bool) {
     assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
 }
 
+/// Installs of addons with the same service names sent at the same moment:
+/// exactly one is admitted, the others are refused naming it.
+async fn concurrent_claims_admit_one(mongo: bool) {
+    let stack = Stack::start(mongo, "concurrent_claims_admit_one").await;
+    let mut addons = Vec::new();
+    for n in 0..6 {
+        addons.push(stack.approved_addon(&format!("claim-{n}")).await);
+    }
+    let results = futures::future::join_all(addons.iter().map(|addon| {
+        let mut manager = stack.manager();
+        let id = addon.id.clone();
+        async move { install(&mut manager, &id).await }
+    }))
+    .await;
+    let admitted: Vec<&pb::Installation> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(admitted.len(), 1, "{results:?}");
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains(&admitted[0].id), "{refused:?}");
+    }
+}
+
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -667,6 +689,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    concurrent_claims_admit_one,
     lifecycle,
     survives_a_manager_crash,
     refuses_bad_links_and_shows_disconnects,
