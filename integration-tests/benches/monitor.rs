@@ -19,8 +19,9 @@ use std::{
 
 use addons_monitor::runtime::{Containerd as Runtime, RegistryAccess, RunSpec, build_spec};
 use integration_tests::{
-    Containerd, NodeCleanup, RegistryServer, ServerProcess, binary,
+    Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess,
     images::{ImageSpec, push_image},
+    start_control_plane,
 };
 use oakestra_addons_proto::{
     engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},
@@ -163,33 +164,19 @@ async fn main() {
     let containerd = Containerd::start().await;
     let registry = RegistryServer::start().await;
     let host = registry.host();
-    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start(
-        &binary("addons-marketplace"),
-        &["--store", &store("m"), "--insecure-registry", &host],
-    )
-    .await;
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &["--store", &store("e"), "--marketplace", &marketplace.url()],
-    )
-    .await;
+    let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
     let state = dir.path().join("monitor");
-    let monitor = ServerProcess::start(
-        &binary("addons-monitor"),
+    let monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "bench",
+        bridge_prefix: "mb",
+        subnet_prefix: "10.87",
+    }
+    .start(
         &[
-            "--manager",
-            &manager.url(),
-            "--containerd-socket",
-            &containerd.socket().display().to_string(),
-            "--namespace",
-            "bench",
-            "--node-id",
-            "bench-node",
-            "--state-dir",
-            &state.display().to_string(),
-            "--insecure-registry",
-            &host,
             "--restart-backoff",
             "50ms",
             "--restart-backoff-max",
@@ -198,11 +185,8 @@ async fn main() {
             "1s",
             "--max-failures",
             "1000",
-            "--bridge-prefix",
-            "mb",
-            "--subnet-prefix",
-            "10.87",
         ],
+        &[],
     )
     .await;
     let monitor_pid = monitor.pid().as_raw();

@@ -1082,11 +1082,14 @@ impl Reconciler {
             ) && t.next_restart.is_none()
         });
         match self.runtime.task_state(id).await? {
-            // Created before a monitor restart and never started: start it
+            // Prepared before a monitor restart and never started: start it
             // now, it did not fail.
-            TaskState::Created | TaskState::Absent if never_started => {
-                self.runtime.delete_task(id).await?;
-                self.runtime.start_task(id, &log).await?;
+            state @ (TaskState::Created | TaskState::Absent) if never_started => {
+                if state == TaskState::Created {
+                    self.runtime.start_created_task(id).await?;
+                } else {
+                    self.runtime.start_task(id, &log).await?;
+                }
                 self.set_phase(
                     installation_id,
                     service,
