@@ -211,6 +211,7 @@ story() {
     fi
     show "$OAK" get "$plugin"
     until_answers "$SCHEDULER_URL" "energy-aware scheduler"
+    show "$OAK" node
 
     step "5. Uninstall it: the core scheduler comes back"
     show "$OAK" uninstall "$plugin" --purge --wait

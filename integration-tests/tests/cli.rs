@@ -230,6 +230,16 @@ async fn publishes_installs_and_reports_through_the_cli() {
     let listed = oak(&servers, &["list", "--status", "failed"]).await;
     assert!(!listed.stdout.contains(&installation_id), "{listed:?}");
 
+    let node = oak(&servers, &["node"]).await;
+    assert_eq!(node.code, 0, "{node:?}");
+    assert!(
+        node.stdout.lines().any(|l| l.starts_with("root_web")
+            && l.contains(&installation_id)
+            && l.contains("RUNNING")),
+        "{node:?}"
+    );
+    assert!(node.stdout.contains("CORE COMPONENT"), "{node:?}");
+
     let logs = oak(&servers, &["logs", &installation_id, "web"]).await;
     assert_eq!(logs.code, 0, "{logs:?}");
     assert!(logs.stdout.contains("hello-cli"), "{logs:?}");

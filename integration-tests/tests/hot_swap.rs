@@ -19,6 +19,9 @@ use oakestra_addons_proto::{
         self as pb, InstallationStatus, addons_manager_service_client::AddonsManagerServiceClient,
     },
     marketplace::v1 as mpb,
+    monitor::v1::{
+        ListManagedServicesRequest, node_monitor_service_client::NodeMonitorServiceClient,
+    },
 };
 
 const CORE: &str = "root_scheduler";
@@ -318,6 +321,23 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         stack.core_label("oakestra.io/replaced-by").await.as_deref(),
         Some(id.as_str())
     );
+    // The node-local API says the same.
+    let node = NodeMonitorServiceClient::new(monitor.channel())
+        .list_managed_services(ListManagedServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let core = &node.core_components[0];
+    assert_eq!(node.core_components.len(), 1, "{node:?}");
+    assert_eq!(
+        (core.name.as_str(), core.container_id.as_str()),
+        ("scheduler", CORE)
+    );
+    assert!(core.r#static && !core.running, "{core:?}");
+    assert_eq!(core.replaced_by, id);
+    assert_eq!(node.services.len(), 1, "{node:?}");
+    assert_eq!(node.services[0].container_id, REPLACEMENT);
+    assert_eq!(node.services[0].replaced_core_component, CORE);
 
     // A second installation claiming the same core component is refused,
     // naming the one that holds it.

@@ -11,7 +11,12 @@ use oakestra_addons_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{Containerd, reconcile::MANAGED_BY, runtime::TaskState};
+use crate::{
+    Containerd,
+    cores::{CORE_SOURCE, CORE_SOURCE_STATIC, REPLACED_BY, REPLACES},
+    reconcile::MANAGED_BY,
+    runtime::TaskState,
+};
 
 /// The node-local API of the monitor.
 #[derive(Debug, Clone)]
@@ -50,11 +55,15 @@ impl NodeMonitorService for NodeMonitorApi {
         &self,
         _request: Request<pb::ListManagedServicesRequest>,
     ) -> Result<Response<pb::ListManagedServicesResponse>, Status> {
-        let containers = self
+        let all = self
             .containerd
-            .list_containers(&[(MANAGED_BY, "addons-monitor")])
+            .list_containers(&[])
             .await
             .map_err(Self::unavailable)?;
+        let containers = all
+            .iter()
+            .filter(|c| c.labels.get(MANAGED_BY).map(String::as_str) == Some("addons-monitor"))
+            .cloned();
         let mut services = Vec::new();
         for container in containers {
             let phase = match self
@@ -77,14 +86,49 @@ impl NodeMonitorService for NodeMonitorApi {
                     .get("oakestra.io/service-name")
                     .cloned()
                     .unwrap_or_default(),
+                replaced_core_component: container
+                    .labels
+                    .get(REPLACES)
+                    .cloned()
+                    .unwrap_or_default(),
                 container_id: container.id,
                 phase: phase.into(),
                 image: container.image,
-                replaced_core_component: String::new(),
             });
         }
         services.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-        Ok(Response::new(pb::ListManagedServicesResponse { services }))
+        let plane = match self.plane {
+            Plane::Cluster => "cluster",
+            _ => "root",
+        };
+        let mut core_components = Vec::new();
+        for (name, container) in crate::cores::discover(&all, plane) {
+            let running = matches!(
+                self.containerd
+                    .task_state(&container.id)
+                    .await
+                    .map_err(Self::unavailable)?,
+                TaskState::Running(_) | TaskState::Paused
+            );
+            core_components.push(pb::CoreComponent {
+                name,
+                container_id: container.id.clone(),
+                running,
+                r#static: container.labels.get(CORE_SOURCE).map(String::as_str)
+                    == Some(CORE_SOURCE_STATIC),
+                replaced_by: container
+                    .labels
+                    .get(REPLACED_BY)
+                    .cloned()
+                    .unwrap_or_default(),
+                image: container.image.clone(),
+            });
+        }
+        core_components.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(pb::ListManagedServicesResponse {
+            services,
+            core_components,
+        }))
     }
 
     async fn get_service_logs(

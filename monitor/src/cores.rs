@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::network::PortMapping;
+use crate::{network::PortMapping, reconcile::MANAGED_BY, runtime::ContainerInfo};
 
 /// Label naming the core component a container is.
 pub const CORE_COMPONENT: &str = "oakestra.io/core-component";
@@ -27,6 +27,23 @@ pub const CORE_SPEC_HASH: &str = "oakestra.io/core-spec-hash";
 pub const REPLACED_BY: &str = "oakestra.io/replaced-by";
 /// Label on an addon container: the core container it replaces.
 pub const REPLACES: &str = "oakestra.io/replaces";
+
+/// The core components among `all` (every container of the namespace),
+/// with their names: containers that are not the monitor's addon
+/// containers, named `<plane>_<name>` or labelled with their name.
+pub fn discover<'a>(all: &'a [ContainerInfo], plane: &str) -> Vec<(String, &'a ContainerInfo)> {
+    let prefix = format!("{plane}_");
+    all.iter()
+        .filter(|c| !c.labels.contains_key(MANAGED_BY))
+        .filter_map(|c| {
+            let name = match c.labels.get(CORE_COMPONENT) {
+                Some(name) => name.clone(),
+                None => c.id.strip_prefix(&prefix)?.to_owned(),
+            };
+            (!name.is_empty()).then_some((name, c))
+        })
+        .collect()
+}
 
 /// One entry of the static core-components file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1384,26 +1384,18 @@ fn declared_ports(service: &mpb::ServiceSpec) -> Vec<PortMapping> {
         .collect()
 }
 
-/// The core components among `all`: containers that are not the monitor's
-/// addon containers, named `<plane>_<name>` or labelled with their name.
+/// The core components among `all`, by name.
 fn discover_cores(all: &[ContainerInfo], plane: &str) -> HashMap<String, Core> {
-    let prefix = format!("{plane}_");
-    all.iter()
-        .filter(|c| !c.labels.contains_key(MANAGED_BY))
-        .filter_map(|c| {
-            let name = match c.labels.get(CORE_COMPONENT) {
-                Some(name) => name.clone(),
-                None => c.id.strip_prefix(&prefix)?.to_owned(),
-            };
-            (!name.is_empty()).then(|| {
-                (
-                    name.clone(),
-                    Core {
-                        name,
-                        info: c.clone(),
-                    },
-                )
-            })
+    cores::discover(all, plane)
+        .into_iter()
+        .map(|(name, info)| {
+            (
+                name.clone(),
+                Core {
+                    name,
+                    info: info.clone(),
+                },
+            )
         })
         .collect()
 }

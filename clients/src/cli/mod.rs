@@ -13,7 +13,8 @@ use oak_addons::{
         engine::v1 as epb,
         marketplace::v1 as mpb,
         monitor::v1::{
-            GetServiceLogsRequest, node_monitor_service_client::NodeMonitorServiceClient,
+            GetServiceLogsRequest, ListManagedServicesRequest,
+            node_monitor_service_client::NodeMonitorServiceClient,
         },
     },
 };
@@ -160,6 +161,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         tail: u32,
     },
+    /// Show what a node's monitor runs: addon services and core
+    /// components (and which installation replaces each).
+    Node,
     /// List a server's gRPC services and the health of each, as
     /// `grpcurl -plaintext ADDR list` plus a health check would.
     Probe {
@@ -480,6 +484,23 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                     )
                 }
             }
+        }
+        Command::Node => {
+            let channel =
+                oak_addons::channel_with(&cli.monitor, &options).map_err(failed("monitor"))?;
+            let node = tokio::time::timeout(
+                options.timeout,
+                NodeMonitorServiceClient::new(channel)
+                    .list_managed_services(ListManagedServicesRequest {}),
+            )
+            .await
+            .map_err(|_| Failure {
+                message: format!("node: no answer from {}", cli.monitor),
+                code: EXIT_ERROR,
+            })?
+            .map_err(|status| failed(&format!("node at {}", cli.monitor))(status.into()))?
+            .into_inner();
+            output::node(&node, format).map_err(failed("output"))?;
         }
         Command::Probe { url } => {
             let channel = oak_addons::channel_with(&url, &options).map_err(failed(&url))?;

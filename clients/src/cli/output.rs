@@ -344,6 +344,82 @@ fn installation_details(i: &epb::Installation) {
     }
 }
 
+/// Prints what a node's monitor runs.
+pub fn node(
+    node: &oak_addons::proto::monitor::v1::ListManagedServicesResponse,
+    format: Format,
+) -> Result<(), ClientError> {
+    match format {
+        Format::Json | Format::Yaml => {
+            let value = json::to_json(
+                node,
+                "oakestra.addons.monitor.v1.ListManagedServicesResponse",
+            )?;
+            emit(value, format)
+        }
+        Format::Id => {
+            node.services
+                .iter()
+                .map(|s| &s.container_id)
+                .chain(node.core_components.iter().map(|c| &c.container_id))
+                .for_each(|id| println!("{id}"));
+            Ok(())
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = node
+                .services
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.container_id.clone(),
+                        s.installation_id.clone(),
+                        s.service_name.clone(),
+                        status_word(s.phase().as_str_name().trim_start_matches("SERVICE_PHASE_")),
+                        if s.replaced_core_component.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            s.replaced_core_component.clone()
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &["CONTAINER", "INSTALLATION", "SERVICE", "PHASE", "REPLACES"],
+                &rows,
+            );
+            println!();
+            let rows: Vec<Vec<String>> = node
+                .core_components
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.container_id.clone(),
+                        status_word(if c.running { "RUNNING" } else { "STOPPED" }),
+                        if c.r#static { "static file" } else { "found" }.to_owned(),
+                        if c.replaced_by.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            c.replaced_by.clone()
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "CORE COMPONENT",
+                    "CONTAINER",
+                    "TASK",
+                    "SOURCE",
+                    "REPLACED BY",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+    }
+}
+
 /// One line about a change, for `watch`.
 pub fn change_line(i: &epb::Installation, deleted: bool) -> String {
     let now = std::time::SystemTime::now()
