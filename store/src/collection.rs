@@ -271,7 +271,7 @@ impl<T: Document> Collection<T> {
 
 fn encode<T: Document>(record: &Versioned<T>) -> Result<RawRecord> {
     let id = record.value.id().to_owned();
-    let body = serde_json::to_value(&record.value).map_err(|source| Error::Codec {
+    let body = serde_json::value::to_raw_value(&record.value).map_err(|source| Error::Codec {
         action: "encode",
         collection: T::COLLECTION.to_owned(),
         id: id.clone(),
@@ -287,7 +287,7 @@ fn encode<T: Document>(record: &Versioned<T>) -> Result<RawRecord> {
 }
 
 fn decode<T: Document>(raw: RawRecord) -> Result<Versioned<T>> {
-    let value = serde_json::from_value(raw.body).map_err(|source| Error::Codec {
+    let value = serde_json::from_str(raw.body.get()).map_err(|source| Error::Codec {
         action: "decode",
         collection: T::COLLECTION.to_owned(),
         id: raw.id,

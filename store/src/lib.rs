@@ -251,14 +251,33 @@ impl Store {
 }
 
 /// A record as the backends store it: the envelope fields they index, and
-/// the document itself as JSON-shaped data.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// the document itself as JSON text, kept unparsed until the collection
+/// decodes it into its type (one pass, no intermediate value tree).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RawRecord {
     pub id: String,
     pub key: String,
     pub status: String,
     pub revision: u64,
-    pub body: serde_json::Value,
+    pub body: Box<serde_json::value::RawValue>,
+}
+
+impl PartialEq for RawRecord {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.id,
+            &self.key,
+            &self.status,
+            self.revision,
+            self.body.get(),
+        ) == (
+            &other.id,
+            &other.key,
+            &other.status,
+            other.revision,
+            other.body.get(),
+        )
+    }
 }
 
 /// What a database must do for the store. Implementations enforce the

@@ -103,7 +103,7 @@ fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
 }
 
 fn to_document(record: &RawRecord) -> Result<Document> {
-    let body = serde_json::to_string(&record.body).map_err(|e| Error::backend("encode", e))?;
+    let body = record.body.get();
     let revision = i64::try_from(record.revision).map_err(|e| Error::backend("encode", e))?;
     Ok(doc! {
         "_id": &record.id,
@@ -129,7 +129,8 @@ fn from_document(document: &Document) -> Result<RawRecord> {
         key: field("key")?.to_owned(),
         status: field("status")?.to_owned(),
         revision: u64::try_from(revision).map_err(|e| Error::backend("decode", e))?,
-        body: serde_json::from_str(field("body")?).map_err(|e| Error::backend("decode", e))?,
+        body: serde_json::value::RawValue::from_string(field("body")?.to_owned())
+            .map_err(|e| Error::backend("decode", e))?,
     })
 }
 
