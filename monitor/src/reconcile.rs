@@ -280,7 +280,14 @@ impl Reconciler {
                 }
             }
         }
-        let existing: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
+        // Container id → the installation it was made for.
+        let mut existing: HashMap<String, String> = containers
+            .iter()
+            .map(|c| {
+                let owner = c.labels.get(INSTALLATION).cloned().unwrap_or_default();
+                (c.id.clone(), owner)
+            })
+            .collect();
         let mut wanted = HashSet::new();
         let mut removing = Vec::new();
         for installation in &desired.installations {
@@ -333,13 +340,25 @@ impl Reconciler {
                             );
                             continue;
                         }
+                        if let Some(owner) = existing.get(&id)
+                            && *owner != installation.installation_id
+                        {
+                            // Made for an installation that went while the
+                            // monitor was away (a service name is free again
+                            // once its installation is purged): never adopt
+                            // another installation's container.
+                            tracing::info!(container = %id, previous = %owner, "replacing a container of another installation");
+                            self.remove(&id).await?;
+                            self.tracked.remove(&id);
+                            existing.remove(&id);
+                        }
                         if let Err(err) = self
                             .ensure_running(
                                 installation,
                                 addon,
                                 service,
                                 &id,
-                                existing.contains(&id),
+                                existing.contains_key(&id),
                                 replaces,
                             )
                             .await
