@@ -471,4 +471,30 @@ async fn error_paths_print_one_line_with_their_exit_code() {
         assert_eq!(run.code, 0, "{run:?}");
         assert!(run.stdout.contains("oak-addons"), "{shell}");
     }
+
+    // Colours on a terminal (util-linux `script` gives it one), and not
+    // with NO_COLOR.
+    let on_a_terminal = |no_color: Option<&str>| {
+        let mut command = std::process::Command::new("script");
+        command
+            .args(["-qec"])
+            .arg(format!(
+                "{} marketplace list --all",
+                binary("oak-addons").display()
+            ))
+            .arg("/dev/null")
+            .env("OAK_ADDONS_MARKETPLACE", marketplace.url())
+            .env_remove("NO_COLOR");
+        if let Some(value) = no_color {
+            command.env("NO_COLOR", value);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let coloured = on_a_terminal(None);
+    assert!(coloured.contains("\x1b[1mID"), "bold header: {coloured:?}");
+    let plain = on_a_terminal(Some("1"));
+    assert!(!plain.contains('\x1b'), "{plain:?}");
+    assert!(plain.contains("ID"), "{plain:?}");
 }
