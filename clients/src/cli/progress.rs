@@ -87,7 +87,12 @@ impl Display {
             .iter()
             .map(|s| s.pull_bytes_total.max(s.pull_bytes_done))
             .sum();
-        pull.set_length(total.max(done));
+        if total.max(done) == 0 {
+            // Nothing pulled (yet): no size to show a bar against.
+            pull.unset_length();
+        } else {
+            pull.set_length(total.max(done));
+        }
         pull.set_position(done);
         for service in &installation.services {
             let spinner = spinners
