@@ -32,6 +32,35 @@ impl FieldViolation {
     }
 }
 
+/// The fields every list request shares, checked: `statuses` (enum numbers,
+/// each turned into a status by `status`) and `page_size` (not negative).
+pub fn list_request<S>(
+    statuses: &[i32],
+    page_size: i32,
+    status: impl Fn(i32) -> Option<S>,
+) -> Result<(Vec<S>, usize), Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let mut known = Vec::new();
+    for (i, value) in statuses.iter().enumerate() {
+        match status(*value) {
+            Some(status) => known.push(status),
+            None => violations.push(FieldViolation::new(
+                format!("statuses[{i}]"),
+                "not a status",
+            )),
+        }
+    }
+    let page_size = usize::try_from(page_size).unwrap_or_else(|_| {
+        violations.push(FieldViolation::new("page_size", "must not be negative"));
+        0
+    });
+    if violations.is_empty() {
+        Ok((known, page_size))
+    } else {
+        Err(violations)
+    }
+}
+
 impl std::fmt::Display for FieldViolation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.field, self.reason)
@@ -113,4 +142,23 @@ pub struct Network {
     pub driver: String,
     /// Whether it has IPv6 addresses too.
     pub enable_ipv6: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_list_requests_with_field_paths() {
+        let status = |n: i32| (1..=3).contains(&n).then_some(n);
+        assert_eq!(list_request(&[1, 3], 20, status), Ok((vec![1, 3], 20)));
+        assert_eq!(list_request(&[], 0, status), Ok((vec![], 0)));
+        assert_eq!(
+            list_request(&[2, 9], -1, status),
+            Err(vec![
+                FieldViolation::new("statuses[1]", "not a status"),
+                FieldViolation::new("page_size", "must not be negative"),
+            ])
+        );
+    }
 }

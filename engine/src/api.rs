@@ -98,24 +98,12 @@ impl AddonsManagerService for ManagerApi {
         request: Request<pb::ListInstallationsRequest>,
     ) -> Result<Response<pb::ListInstallationsResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Vec::new();
-        let mut statuses = Vec::new();
-        for (i, value) in request.statuses.iter().enumerate() {
-            match convert::status_from_proto(*value) {
-                Some(status) => statuses.push(status),
-                None => violations.push(FieldViolation::new(
-                    format!("statuses[{i}]"),
-                    "not a status",
-                )),
-            }
-        }
-        let page_size = usize::try_from(request.page_size).unwrap_or_else(|_| {
-            violations.push(FieldViolation::new("page_size", "must not be negative"));
-            0
-        });
-        if !violations.is_empty() {
-            return Err(Error::Invalid(violations).into());
-        }
+        let (statuses, page_size) = addons_descriptor::list_request(
+            &request.statuses,
+            request.page_size,
+            convert::status_from_proto,
+        )
+        .map_err(Error::Invalid)?;
         let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let page = self.core.list(&statuses, page_size, token).await?;
         Ok(Response::new(pb::ListInstallationsResponse {

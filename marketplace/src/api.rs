@@ -1,7 +1,7 @@
 //! The tonic adapter of `oakestra.addons.marketplace.v1.MarketplaceService`:
 //! converts, delegates to [`Marketplace`], maps errors.
 
-use addons_descriptor::{Descriptor, FieldViolation};
+use addons_descriptor::Descriptor;
 use addons_server_kit::Shutdown;
 use oakestra_addons_proto::marketplace::v1::{
     self as pb,
@@ -76,24 +76,12 @@ impl MarketplaceService for MarketplaceApi {
         request: Request<pb::ListAddonsRequest>,
     ) -> Result<Response<pb::ListAddonsResponse>, Status> {
         let request = request.into_inner();
-        let mut statuses = Vec::new();
-        let mut violations = Vec::new();
-        for (i, value) in request.statuses.iter().enumerate() {
-            match convert::status_from_proto(*value) {
-                Some(status) => statuses.push(status),
-                None => violations.push(FieldViolation::new(
-                    format!("statuses[{i}]"),
-                    "not a status",
-                )),
-            }
-        }
-        let page_size = usize::try_from(request.page_size).unwrap_or_else(|_| {
-            violations.push(FieldViolation::new("page_size", "must not be negative"));
-            0
-        });
-        if !violations.is_empty() {
-            return Err(Error::Invalid(violations).into());
-        }
+        let (statuses, page_size) = addons_descriptor::list_request(
+            &request.statuses,
+            request.page_size,
+            convert::status_from_proto,
+        )
+        .map_err(Error::Invalid)?;
         let name = Some(request.name.as_str()).filter(|n| !n.is_empty());
         let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let page = self.core.list(&statuses, name, page_size, token).await?;
