@@ -49,23 +49,10 @@ fn ms(d: Duration) -> String {
 
 /// What `GET /` on 127.0.0.1:`port` answered, if anything.
 async fn get(port: u16) -> Option<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        stream
-            .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        response.starts_with("HTTP/1.").then_some(response)
-    };
-    tokio::time::timeout(Duration::from_millis(200), attempt)
+    integration_tests::http_get(port, Duration::from_millis(200))
         .await
         .ok()
-        .flatten()
+        .filter(|response| response.starts_with("HTTP/1."))
 }
 
 /// Polls the port every 2 ms, recording when each body was last and first

@@ -208,3 +208,27 @@ impl MonitorSetup<'_> {
         ServerProcess::start_with_env(&binary("addons-monitor"), &args, env).await
     }
 }
+
+/// The response (status line, headers and body) to `GET /` on
+/// 127.0.0.1:`port`, or why there is none within `timeout`.
+pub async fn http_get(port: u16, timeout: Duration) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response)
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}

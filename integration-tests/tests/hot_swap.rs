@@ -258,6 +258,17 @@ impl Stack {
         }
     }
 
+    /// Waits until the installation's record is gone (purged).
+    async fn purged(&self, id: &str) {
+        eventually("purged", Duration::from_secs(30), || async move {
+            match self.installation(id).await {
+                None => Ok(()),
+                Some(i) => Err(format!("{:?}", i.status())),
+            }
+        })
+        .await;
+    }
+
     async fn core_label(&self, key: &str) -> Option<String> {
         self.runtime()
             .list_containers(&[])
@@ -269,22 +280,9 @@ impl Stack {
     }
 }
 
-/// The body of `GET /` on 127.0.0.1:`port`.
+/// The response to `GET /` on 127.0.0.1:`port`.
 async fn http_get(port: u16) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(response)
+    integration_tests::http_get(port, Duration::from_secs(2)).await
 }
 
 fn count_files(dir: &Path) -> usize {
@@ -403,13 +401,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         "no swap record left"
     );
     // The rival can have it now.
-    eventually("the record is purged", Duration::from_secs(20), || async {
-        match stack.installation(&id).await {
-            None => Ok(()),
-            Some(i) => Err(format!("{:?}", i.status())),
-        }
-    })
-    .await;
+    stack.purged(&id).await;
     let rival_id = stack.install(&rival, false).await;
     stack
         .status_becomes(&rival_id, InstallationStatus::Active)
@@ -487,13 +479,7 @@ async fn a_replacement_that_fails_for_good_gives_the_core_back() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     stack.settles(true).await;
     stack.uninstall(&id).await;
-    eventually("purged", Duration::from_secs(30), || async {
-        match stack.installation(&id).await {
-            None => Ok(()),
-            Some(i) => Err(format!("{:?}", i.status())),
-        }
-    })
-    .await;
+    stack.purged(&id).await;
 
     // With the flag, the core component stays stopped.
     let id = stack.install(&crasher, true).await;
@@ -552,13 +538,7 @@ async fn converges_after_a_crash_at_every_step() {
         let monitor = stack.monitor(None).await;
         stack.answers("core-scheduler").await;
         stack.settles(true).await;
-        eventually("purged", Duration::from_secs(30), || async {
-            match stack.installation(&id).await {
-                None => Ok(()),
-                Some(i) => Err(format!("{:?}", i.status())),
-            }
-        })
-        .await;
+        stack.purged(&id).await;
         monitor.stop().await;
     }
     stack.containerd.stop().await;

@@ -533,19 +533,7 @@ async fn publishes_ports_and_resolves_service_names() {
         "the web service answers on 127.0.0.1",
         Duration::from_secs(20),
         || async move {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .map_err(|e| e.to_string())?;
-            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-            stream
-                .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut response = String::new();
-            stream
-                .read_to_string(&mut response)
-                .await
-                .map_err(|e| e.to_string())?;
+            let response = integration_tests::http_get(port, Duration::from_secs(2)).await?;
             if response.contains("hello-from-web") {
                 Ok(response)
             } else {

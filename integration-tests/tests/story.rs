@@ -78,24 +78,12 @@ fn demo_file(name: &str, registry: &str, ports: &[(u16, u16)]) -> String {
     text
 }
 
-async fn get(port: u16) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let _ = stream.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
-    let mut response = String::new();
-    let _ =
-        tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut response)).await;
-    response
-}
-
 async fn answers(port: u16, wanted: &str) {
     eventually(
         &format!("port {port} answers {wanted}"),
         Duration::from_secs(60),
         || async move {
-            let body = get(port).await;
+            let body = integration_tests::http_get(port, Duration::from_secs(2)).await?;
             if body.contains(wanted) {
                 Ok(())
             } else {

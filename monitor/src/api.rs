@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Containerd,
     cores::{CORE_SOURCE, CORE_SOURCE_STATIC, REPLACED_BY, REPLACES},
-    reconcile::MANAGED_BY,
+    reconcile::{INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, SERVICE},
     runtime::TaskState,
 };
 
@@ -62,7 +62,7 @@ impl NodeMonitorService for NodeMonitorApi {
             .map_err(Self::unavailable)?;
         let containers = all
             .iter()
-            .filter(|c| c.labels.get(MANAGED_BY).map(String::as_str) == Some("addons-monitor"))
+            .filter(|c| c.labels.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE))
             .cloned();
         let mut services = Vec::new();
         for container in containers {
@@ -78,14 +78,10 @@ impl NodeMonitorService for NodeMonitorApi {
             services.push(pb::ManagedService {
                 installation_id: container
                     .labels
-                    .get("oakestra.io/installation-id")
+                    .get(INSTALLATION)
                     .cloned()
                     .unwrap_or_default(),
-                service_name: container
-                    .labels
-                    .get("oakestra.io/service-name")
-                    .cloned()
-                    .unwrap_or_default(),
+                service_name: container.labels.get(SERVICE).cloned().unwrap_or_default(),
                 replaced_core_component: container
                     .labels
                     .get(REPLACES)
@@ -148,9 +144,9 @@ impl NodeMonitorService for NodeMonitorApi {
         let containers = self
             .containerd
             .list_containers(&[
-                (MANAGED_BY, "addons-monitor"),
-                ("oakestra.io/installation-id", &request.installation_id),
-                ("oakestra.io/service-name", &request.service_name),
+                (MANAGED_BY, MANAGED_BY_VALUE),
+                (INSTALLATION, &request.installation_id),
+                (SERVICE, &request.service_name),
             ])
             .await
             .map_err(Self::unavailable)?;

@@ -35,9 +35,10 @@ use crate::runtime::{
 
 /// Label marking the monitor's containers.
 pub const MANAGED_BY: &str = "oakestra.io/managed-by";
-const MANAGED_BY_VALUE: &str = "addons-monitor";
-const INSTALLATION: &str = "oakestra.io/installation-id";
-const SERVICE: &str = "oakestra.io/service-name";
+/// Its value on the monitor's addon containers.
+pub const MANAGED_BY_VALUE: &str = "addons-monitor";
+pub(crate) const INSTALLATION: &str = "oakestra.io/installation-id";
+pub(crate) const SERVICE: &str = "oakestra.io/service-name";
 const PLANE: &str = "oakestra.io/plane";
 const ADDON: &str = "oakestra.io/addon-id";
 
