@@ -1,16 +1,165 @@
-//! Conversions between the protobuf `Addon` message and [`Descriptor`].
+//! Conversions between [`Descriptor`] and its two protobuf forms: the
+//! marketplace's `Addon` and the engine's `AddonSnapshot`. The two contracts
+//! declare the same shapes in their own packages so they can evolve apart;
+//! one macro writes the conversions of both.
 
-use oakestra_addons_proto::marketplace::v1 as pb;
+use oakestra_addons_proto::{engine::v1 as epb, marketplace::v1 as mpb};
 
-use crate::{Descriptor, Network, Port, Service, Volume};
+use crate::{Descriptor, Mount, MountSource, Network, Port, Service, Volume};
+
+macro_rules! conversions {
+    ($pb:ident) => {
+        impl From<$pb::ServiceSpec> for Service {
+            fn from(s: $pb::ServiceSpec) -> Self {
+                let port = |value: u32| u16::try_from(value).unwrap_or(0);
+                Self {
+                    ports: s
+                        .ports
+                        .into_iter()
+                        .map(|p| Port {
+                            container_port: port(p.container_port),
+                            host_port: port(p.host_port),
+                            protocol: match $pb::Protocol::try_from(p.protocol) {
+                                Ok($pb::Protocol::Unspecified | $pb::Protocol::Tcp) => "tcp".into(),
+                                Ok($pb::Protocol::Udp) => "udp".into(),
+                                // Kept so that validation names the field.
+                                Err(_) => format!("protocol {}", p.protocol),
+                            },
+                        })
+                        .collect(),
+                    mounts: s
+                        .mounts
+                        .into_iter()
+                        .map(|m| Mount {
+                            source: match m.source {
+                                Some($pb::mount::Source::HostPath(path)) => {
+                                    MountSource::HostPath(path)
+                                }
+                                Some($pb::mount::Source::Volume(name)) => MountSource::Volume(name),
+                                None => MountSource::Volume(String::new()),
+                            },
+                            target: m.target,
+                            read_only: m.read_only,
+                        })
+                        .collect(),
+                    service_name: s.service_name,
+                    image: s.image,
+                    command: s.command,
+                    environment: s.environment,
+                    networks: s.networks,
+                    labels: s.labels,
+                    resolved_image: Some(s.resolved_image).filter(|r| !r.is_empty()),
+                    privileged: s.privileged,
+                    inherit_core_environment: s.inherit_core_environment,
+                }
+            }
+        }
+
+        impl From<Service> for $pb::ServiceSpec {
+            fn from(s: Service) -> Self {
+                Self {
+                    service_name: s.service_name,
+                    image: s.image,
+                    command: s.command,
+                    environment: s.environment,
+                    ports: s
+                        .ports
+                        .into_iter()
+                        .map(|p| $pb::PortMapping {
+                            container_port: p.container_port.into(),
+                            host_port: p.host_port.into(),
+                            protocol: if p.protocol == "udp" {
+                                $pb::Protocol::Udp
+                            } else {
+                                $pb::Protocol::Tcp
+                            }
+                            .into(),
+                        })
+                        .collect(),
+                    mounts: s
+                        .mounts
+                        .into_iter()
+                        .map(|m| $pb::Mount {
+                            source: Some(match m.source {
+                                MountSource::HostPath(path) => $pb::mount::Source::HostPath(path),
+                                MountSource::Volume(name) => $pb::mount::Source::Volume(name),
+                            }),
+                            target: m.target,
+                            read_only: m.read_only,
+                        })
+                        .collect(),
+                    networks: s.networks,
+                    labels: s.labels,
+                    resolved_image: s.resolved_image.unwrap_or_default(),
+                    privileged: s.privileged,
+                    inherit_core_environment: s.inherit_core_environment,
+                }
+            }
+        }
+
+        impl From<$pb::VolumeSpec> for Volume {
+            fn from(v: $pb::VolumeSpec) -> Self {
+                Self {
+                    name: v.name,
+                    driver: if v.driver.is_empty() {
+                        "local".into()
+                    } else {
+                        v.driver
+                    },
+                    driver_opts: v.driver_opts,
+                    labels: v.labels,
+                }
+            }
+        }
+
+        impl From<Volume> for $pb::VolumeSpec {
+            fn from(v: Volume) -> Self {
+                Self {
+                    name: v.name,
+                    driver: v.driver,
+                    driver_opts: v.driver_opts,
+                    labels: v.labels,
+                }
+            }
+        }
+
+        impl From<$pb::NetworkSpec> for Network {
+            fn from(n: $pb::NetworkSpec) -> Self {
+                Self {
+                    name: n.name,
+                    driver: if n.driver.is_empty() {
+                        "bridge".into()
+                    } else {
+                        n.driver
+                    },
+                    enable_ipv6: n.enable_ipv6,
+                }
+            }
+        }
+
+        impl From<Network> for $pb::NetworkSpec {
+            fn from(n: Network) -> Self {
+                Self {
+                    name: n.name,
+                    driver: n.driver,
+                    enable_ipv6: n.enable_ipv6,
+                }
+            }
+        }
+    };
+}
+
+conversions!(mpb);
+conversions!(epb);
 
 impl Descriptor {
-    /// The descriptor part of an `Addon` message; the record fields (`id`,
-    /// `status`, times, `revision`) are left out. Defaults are filled in:
-    /// protocol `tcp`, volume driver `local`, network driver `bridge`. A
-    /// port beyond 65535 becomes 0, which [`crate::validate`] rejects with
-    /// its field path.
-    pub fn from_proto(addon: pb::Addon) -> Self {
+    /// The descriptor part of a marketplace `Addon` message; the record
+    /// fields (`id`, `status`, times, `revision`) are left out. Defaults are
+    /// filled in: protocol `tcp`, volume driver `local`, network driver
+    /// `bridge`. A port beyond 65535 becomes 0, an unknown protocol or a
+    /// mount without a source stays recognisable, so [`crate::validate`]
+    /// rejects them with their field paths.
+    pub fn from_proto(addon: mpb::Addon) -> Self {
         Self {
             name: addon.name,
             description: addon.description,
@@ -20,123 +169,38 @@ impl Descriptor {
         }
     }
 
-    /// An `Addon` message holding the descriptor; the caller fills in the
-    /// record fields (`id`, `status`, times, `revision`).
-    pub fn into_proto(self) -> pb::Addon {
-        pb::Addon {
+    /// A marketplace `Addon` message holding the descriptor; the caller fills
+    /// in the record fields (`id`, `status`, times, `revision`).
+    pub fn into_proto(self) -> mpb::Addon {
+        mpb::Addon {
             name: self.name,
             description: self.description,
             services: self.services.into_iter().map(Into::into).collect(),
             volumes: self.volumes.into_iter().map(Into::into).collect(),
             networks: self.networks.into_iter().map(Into::into).collect(),
-            ..pb::Addon::default()
+            ..mpb::Addon::default()
         }
     }
-}
 
-impl From<pb::ServiceSpec> for Service {
-    fn from(s: pb::ServiceSpec) -> Self {
-        let port = |value: u32| u16::try_from(value).unwrap_or(0);
+    /// The descriptor held by an engine `AddonSnapshot`.
+    pub fn from_snapshot(addon: epb::AddonSnapshot) -> Self {
         Self {
-            ports: s
-                .ports
-                .into_iter()
-                .map(|p| Port {
-                    container_port: port(p.container_port),
-                    host_port: port(p.host_port),
-                    protocol: if p.protocol.is_empty() {
-                        "tcp".to_owned()
-                    } else {
-                        p.protocol.to_ascii_lowercase()
-                    },
-                })
-                .collect(),
-            service_name: s.service_name,
-            image: s.image,
-            command: s.command,
-            environment: s.environment.into_iter().collect(),
-            volumes: s.volumes,
-            networks: s.networks,
-            labels: s.labels.into_iter().collect(),
-            resolved_image: Some(s.resolved_image).filter(|r| !r.is_empty()),
-            privileged: s.privileged,
-            inherit_core_environment: s.inherit_core_environment,
+            name: addon.name,
+            description: addon.description,
+            services: addon.services.into_iter().map(Service::from).collect(),
+            volumes: addon.volumes.into_iter().map(Volume::from).collect(),
+            networks: addon.networks.into_iter().map(Network::from).collect(),
         }
     }
-}
 
-impl From<Service> for pb::ServiceSpec {
-    fn from(s: Service) -> Self {
-        Self {
-            service_name: s.service_name,
-            image: s.image,
-            command: s.command,
-            environment: s.environment.into_iter().collect(),
-            ports: s
-                .ports
-                .into_iter()
-                .map(|p| pb::PortMapping {
-                    container_port: p.container_port.into(),
-                    host_port: p.host_port.into(),
-                    protocol: p.protocol,
-                })
-                .collect(),
-            volumes: s.volumes,
-            networks: s.networks,
-            labels: s.labels.into_iter().collect(),
-            resolved_image: s.resolved_image.unwrap_or_default(),
-            privileged: s.privileged,
-            inherit_core_environment: s.inherit_core_environment,
-        }
-    }
-}
-
-impl From<pb::VolumeSpec> for Volume {
-    fn from(v: pb::VolumeSpec) -> Self {
-        Self {
-            name: v.name,
-            driver: if v.driver.is_empty() {
-                "local".into()
-            } else {
-                v.driver
-            },
-            driver_opts: v.driver_opts.into_iter().collect(),
-            labels: v.labels.into_iter().collect(),
-        }
-    }
-}
-
-impl From<Volume> for pb::VolumeSpec {
-    fn from(v: Volume) -> Self {
-        Self {
-            name: v.name,
-            driver: v.driver,
-            driver_opts: v.driver_opts.into_iter().collect(),
-            labels: v.labels.into_iter().collect(),
-        }
-    }
-}
-
-impl From<pb::NetworkSpec> for Network {
-    fn from(n: pb::NetworkSpec) -> Self {
-        Self {
-            name: n.name,
-            driver: if n.driver.is_empty() {
-                "bridge".into()
-            } else {
-                n.driver
-            },
-            enable_ipv6: n.enable_ipv6,
-        }
-    }
-}
-
-impl From<Network> for pb::NetworkSpec {
-    fn from(n: Network) -> Self {
-        Self {
-            name: n.name,
-            driver: n.driver,
-            enable_ipv6: n.enable_ipv6,
+    /// The engine's `AddonSnapshot` of the descriptor.
+    pub fn into_snapshot(self) -> epb::AddonSnapshot {
+        epb::AddonSnapshot {
+            name: self.name,
+            description: self.description,
+            services: self.services.into_iter().map(Into::into).collect(),
+            volumes: self.volumes.into_iter().map(Into::into).collect(),
+            networks: self.networks.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -147,20 +211,25 @@ mod tests {
 
     #[test]
     fn round_trips_and_fills_in_defaults() {
-        let message = pb::Addon {
+        let message = mpb::Addon {
             name: "x".into(),
-            services: vec![pb::ServiceSpec {
+            services: vec![mpb::ServiceSpec {
                 service_name: "s".into(),
                 image: "r/i:1".into(),
                 resolved_image: "r/i@sha256:00".into(),
-                ports: vec![pb::PortMapping {
+                ports: vec![mpb::PortMapping {
                     container_port: 80,
                     host_port: 70000,
-                    protocol: String::new(),
+                    protocol: mpb::Protocol::Unspecified.into(),
+                }],
+                mounts: vec![mpb::Mount {
+                    source: Some(mpb::mount::Source::Volume("v".into())),
+                    target: "/data".into(),
+                    read_only: true,
                 }],
                 ..Default::default()
             }],
-            volumes: vec![pb::VolumeSpec {
+            volumes: vec![mpb::VolumeSpec {
                 name: "v".into(),
                 ..Default::default()
             }],
@@ -170,6 +239,7 @@ mod tests {
         let service = &descriptor.services[0];
         assert_eq!(service.resolved_image.as_deref(), Some("r/i@sha256:00"));
         assert_eq!(service.ports[0].protocol, "tcp");
+        assert_eq!(service.mounts[0].to_string(), "v:/data:ro");
         assert_eq!(
             service.ports[0].host_port, 0,
             "out of range becomes invalid"
@@ -177,5 +247,40 @@ mod tests {
         assert_eq!(descriptor.volumes[0].driver, "local");
         let back = descriptor.clone().into_proto();
         assert_eq!(Descriptor::from_proto(back), descriptor);
+        let snapshot = descriptor.clone().into_snapshot();
+        assert_eq!(Descriptor::from_snapshot(snapshot), descriptor);
+    }
+
+    #[test]
+    fn unknown_protocols_and_sourceless_mounts_are_rejected_by_field() {
+        let mut message = mpb::Addon {
+            name: "x".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "s".into(),
+                image: "r/i:1".into(),
+                ports: vec![mpb::PortMapping {
+                    container_port: 80,
+                    host_port: 80,
+                    protocol: 9,
+                }],
+                mounts: vec![mpb::Mount {
+                    source: None,
+                    target: "/data".into(),
+                    read_only: false,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        message.description.clear();
+        let fields: Vec<String> = crate::validate(&Descriptor::from_proto(message))
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            ["services[0].ports[0].protocol", "services[0].mounts[0]"]
+        );
     }
 }

@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::validate::{DEFAULT_NETWORK, MAX_SERVICES, validate, validate_with};
+pub use crate::validate::{
+    DEFAULT_NETWORK, MAX_ARGUMENT, MAX_ENCODED_ADDON, MAX_ENTRIES, MAX_SERVICES, validate,
+    validate_with,
+};
 
 /// A field that breaks a rule, by its path in the request
 /// (`services[1].ports[0].host_port`).
@@ -46,7 +49,7 @@ pub fn list_request<S>(
             Some(status) => known.push(status),
             None => violations.push(FieldViolation::new(
                 format!("statuses[{i}]"),
-                "not a status",
+                "not a status (UNSPECIFIED is not accepted; leave the list empty for the default)",
             )),
         }
     }
@@ -95,8 +98,8 @@ pub struct Service {
     pub environment: BTreeMap<String, String>,
     /// Ports published on the node.
     pub ports: Vec<Port>,
-    /// `src:dst[:ro]` mounts.
-    pub volumes: Vec<String>,
+    /// What is mounted into the container.
+    pub mounts: Vec<Mount>,
     /// Networks joined; empty means `oakestra`.
     pub networks: Vec<String>,
     /// Container labels.
@@ -118,6 +121,66 @@ pub struct Port {
     pub host_port: u16,
     /// `tcp` or `udp`.
     pub protocol: String,
+}
+
+/// A mount of a named volume or a host path into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// What is mounted.
+    pub source: MountSource,
+    /// Absolute path in the container.
+    pub target: String,
+    /// Whether the container may only read it.
+    pub read_only: bool,
+}
+
+/// What a [`Mount`] mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountSource {
+    /// A named volume declared in the addon.
+    Volume(String),
+    /// An absolute path on the node.
+    HostPath(String),
+}
+
+impl Mount {
+    /// Reads the `src:dst[:ro|:rw]` form of Oakestra's descriptors and the
+    /// CLI: `src` is a host path when it starts with `/`, else a volume name.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let (src, dst, read_only) = match parts.as_slice() {
+            [src, dst] => (*src, *dst, false),
+            [src, dst, "ro"] => (*src, *dst, true),
+            [src, dst, "rw"] => (*src, *dst, false),
+            [_, _, _] => return Err("mode must be ro or rw".to_owned()),
+            _ => return Err("must be src:dst, src:dst:ro or src:dst:rw".to_owned()),
+        };
+        if src.is_empty() || dst.is_empty() {
+            return Err("must be src:dst, src:dst:ro or src:dst:rw".to_owned());
+        }
+        let source = if src.starts_with('/') {
+            MountSource::HostPath(src.to_owned())
+        } else {
+            MountSource::Volume(src.to_owned())
+        };
+        Ok(Self {
+            source,
+            target: dst.to_owned(),
+            read_only,
+        })
+    }
+}
+
+impl std::fmt::Display for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (MountSource::Volume(src) | MountSource::HostPath(src)) = &self.source;
+        write!(f, "{src}:{}", self.target)?;
+        if self.read_only {
+            f.write_str(":ro")?;
+        }
+        Ok(())
+    }
 }
 
 /// A named volume shared by the services of an addon.
@@ -156,7 +219,10 @@ mod tests {
         assert_eq!(
             list_request(&[2, 9], -1, status),
             Err(vec![
-                FieldViolation::new("statuses[1]", "not a status"),
+                FieldViolation::new(
+                    "statuses[1]",
+                    "not a status (UNSPECIFIED is not accepted; leave the list empty for the default)"
+                ),
                 FieldViolation::new("page_size", "must not be negative"),
             ])
         );

@@ -2,16 +2,22 @@
 
 use std::collections::HashSet;
 
-use crate::{Descriptor, FieldViolation, Service};
+use crate::{Descriptor, FieldViolation, MountSource, Service};
 
 /// Bounds that keep any request from making the server allocate without
-/// limit.
+/// limit; the contract documents each of them.
 pub const MAX_SERVICES: usize = 32;
 const MAX_DNS_LABEL: usize = 63;
 const MAX_DESCRIPTION: usize = 4096;
-const MAX_ENTRIES: usize = 128;
-const MAX_VALUE: usize = 4096;
+/// Most entries of any list or map of a descriptor (arguments, environment,
+/// labels, ports, mounts, networks, volumes, driver options).
+pub const MAX_ENTRIES: usize = 128;
+/// Longest command argument, environment or label value, or path.
+pub const MAX_ARGUMENT: usize = 4096;
+const MAX_VALUE: usize = MAX_ARGUMENT;
 const MAX_LABEL_KEY: usize = 256;
+/// Largest encoded `Addon` message a publish accepts.
+pub const MAX_ENCODED_ADDON: usize = 1024 * 1024;
 /// Network every service joins when it names none.
 pub const DEFAULT_NETWORK: &str = "oakestra";
 
@@ -83,10 +89,36 @@ pub fn validate_with(
     if addon.services.len() > MAX_SERVICES {
         v.add("services", format!("at most {MAX_SERVICES} services"));
     }
+    for (field, len) in [
+        ("volumes", addon.volumes.len()),
+        ("networks", addon.networks.len()),
+    ] {
+        if len > MAX_ENTRIES {
+            v.add(field, format!("at most {MAX_ENTRIES} entries"));
+        }
+    }
     let volumes: HashSet<&str> = addon.volumes.iter().map(|vol| vol.name.as_str()).collect();
     let networks: HashSet<&str> = addon.networks.iter().map(|n| n.name.as_str()).collect();
-    for (i, volume) in addon.volumes.iter().enumerate() {
+    for (i, volume) in addon.volumes.iter().enumerate().take(MAX_ENTRIES) {
         check_label(&mut v, &format!("volumes[{i}].name"), &volume.name);
+        for (field, map) in [("driver_opts", &volume.driver_opts), ("labels", &volume.labels)] {
+            if map.len() > MAX_ENTRIES {
+                v.add(
+                    format!("volumes[{i}].{field}"),
+                    format!("at most {MAX_ENTRIES} entries"),
+                );
+            }
+            for (key, value) in map {
+                if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_VALUE {
+                    v.add(
+                        format!("volumes[{i}].{field}[{key}]"),
+                        format!(
+                            "keys must be 1..={MAX_LABEL_KEY} bytes and values at most {MAX_VALUE}"
+                        ),
+                    );
+                }
+            }
+        }
     }
     for (i, network) in addon.networks.iter().enumerate() {
         check_label(&mut v, &format!("networks[{i}].name"), &network.name);
@@ -136,13 +168,21 @@ fn check_service<'a>(
         ("environment", service.environment.len()),
         ("labels", service.labels.len()),
         ("ports", service.ports.len()),
-        ("volumes", service.volumes.len()),
+        ("mounts", service.mounts.len()),
         ("networks", service.networks.len()),
     ] {
         if len > MAX_ENTRIES {
             v.add(
                 format!("{at}.{field}"),
                 format!("at most {MAX_ENTRIES} entries"),
+            );
+        }
+    }
+    for (j, argument) in service.command.iter().enumerate().take(MAX_ENTRIES) {
+        if argument.len() > MAX_ARGUMENT {
+            v.add(
+                format!("{at}.command[{j}]"),
+                format!("at most {MAX_ARGUMENT} bytes"),
             );
         }
     }
@@ -182,32 +222,39 @@ fn check_service<'a>(
             v.add(format!("{field}.protocol"), "must be tcp or udp");
         }
     }
-    for (j, mount) in service.volumes.iter().enumerate() {
-        let field = format!("{at}.volumes[{j}]");
-        let parts: Vec<&str> = mount.split(':').collect();
-        let (src, dst, mode) = match parts.as_slice() {
-            [src, dst] => (*src, *dst, None),
-            [src, dst, mode] => (*src, *dst, Some(*mode)),
-            _ => {
-                v.add(field, "must be src:dst or src:dst:ro");
-                continue;
-            }
-        };
-        if mode.is_some_and(|m| m != "ro" && m != "rw") {
-            v.add(field.clone(), "mode must be ro or rw");
-        }
-        if !dst.starts_with('/') || dst.split('/').any(|part| part == "..") {
-            v.add(field.clone(), "dst must be an absolute path without '..'");
-        }
-        if src.starts_with('/') {
-            if src.split('/').any(|part| part == "..") {
-                v.add(field, "src must not contain '..'");
-            }
-        } else if !volumes.contains(src) {
+    let bad_path = |path: &str| {
+        !path.starts_with('/') || path.len() > MAX_ARGUMENT || path.split('/').any(|p| p == "..")
+    };
+    for (j, mount) in service.mounts.iter().enumerate() {
+        let field = format!("{at}.mounts[{j}]");
+        if bad_path(&mount.target) {
             v.add(
-                field,
-                format!("volume `{src}` is not declared in the addon's volumes"),
+                format!("{field}.target"),
+                format!("must be an absolute path without '..', at most {MAX_ARGUMENT} bytes"),
             );
+        }
+        match &mount.source {
+            MountSource::HostPath(path) => {
+                if bad_path(path) {
+                    v.add(
+                        format!("{field}.host_path"),
+                        format!(
+                            "must be an absolute path without '..', at most {MAX_ARGUMENT} bytes"
+                        ),
+                    );
+                }
+            }
+            MountSource::Volume(name) if name.is_empty() => {
+                v.add(field, "one of `volume` or `host_path` is required");
+            }
+            MountSource::Volume(name) => {
+                if !volumes.contains(name.as_str()) {
+                    v.add(
+                        format!("{field}.volume"),
+                        format!("volume `{name}` is not declared in the addon's volumes"),
+                    );
+                }
+            }
         }
     }
     for (j, network) in service.networks.iter().enumerate() {
@@ -264,7 +311,10 @@ mod tests {
         a.name = "Energy_Scheduler".into();
         a.services.push(a.services[0].clone());
         a.services[1].ports[0].protocol = "sctp".into();
-        a.services[1].volumes = vec!["data:/var/lib".into(), "x:relative".into()];
+        a.services[1].mounts = vec![
+            crate::Mount::parse("data:/var/lib").unwrap(),
+            crate::Mount::parse("/x/../y:relative").unwrap(),
+        ];
         a.services[1].networks = vec!["nowhere".into()];
         a.services[1].environment.insert("1BAD".into(), "v".into());
         assert_eq!(
@@ -274,9 +324,9 @@ mod tests {
                 "services[1].service_name",
                 "services[1].environment[1BAD]",
                 "services[1].ports[0].protocol",
-                "services[1].volumes[0]",
-                "services[1].volumes[1]",
-                "services[1].volumes[1]",
+                "services[1].mounts[0].volume",
+                "services[1].mounts[1].target",
+                "services[1].mounts[1].host_path",
                 "services[1].networks[0]",
             ]
         );

@@ -5,7 +5,9 @@
 //! errors to gRPC statuses.
 
 mod args;
+mod errors;
 mod registry_auth;
+mod requests;
 mod server;
 mod shutdown;
 mod status;
@@ -13,8 +15,10 @@ mod telemetry;
 
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
+    errors::{ApiError, ERROR_DOMAIN, reason_of},
+    requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
     registry_auth::read_registry_credentials,
-    server::{Server, bind, main_with},
+    server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, main_with},
     shutdown::Shutdown,
     status::store_error_to_status,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},

@@ -10,6 +10,12 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::Shutdown;
 
+/// Largest request message any service of the servers decodes. The biggest
+/// legitimate request, a publish, is bounded at 1 MiB of descriptor.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest response message any service of the servers encodes.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A gRPC server under construction: the binary's own services, plus the
 /// health and reflection services every server has.
 #[derive(Debug)]
@@ -48,6 +54,9 @@ impl Server {
         let reflection = || {
             let builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(oakestra_addons_proto::FILE_DESCRIPTOR_SET)
+                // google.rpc error details, so clients such as grpcurl decode
+                // the BadRequest, ErrorInfo and other details of errors.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(

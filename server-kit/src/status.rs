@@ -3,24 +3,49 @@
 use addons_store::Error;
 use tonic::{Code, Status};
 
-/// Maps a storage error to the status a client should see. Errors the
-/// client can act on keep their message; failures of the database are
-/// logged here and reported as `UNAVAILABLE` (retryable) without internals.
+use crate::ApiError;
+
+/// Maps a storage error to the status a client should see, with its
+/// `ErrorInfo` reason. Errors the client can act on keep their message;
+/// failures of the database are logged here and reported as `UNAVAILABLE`
+/// `STORE_UNAVAILABLE` (retryable) without internals.
 pub fn store_error_to_status(err: Error) -> Status {
-    match &err {
-        Error::AlreadyExists { .. } => Status::already_exists(err.to_string()),
-        Error::NotFound { .. } => Status::not_found(err.to_string()),
-        Error::Conflict { .. } => Status::aborted(err.to_string()),
-        Error::InvalidPageToken => {
-            Status::invalid_argument("page_token: not a token this server handed out")
+    let error = match &err {
+        Error::AlreadyExists { key, .. } => {
+            ApiError::new(Code::AlreadyExists, "ALREADY_EXISTS", err.to_string())
+                .resource("record", key.clone())
+        }
+        Error::NotFound { id, .. } => ApiError::new(Code::NotFound, "NOT_FOUND", err.to_string())
+            .resource("record", id.clone()),
+        Error::Conflict { .. } => {
+            ApiError::new(Code::Aborted, "CONCURRENT_MODIFICATION", err.to_string())
+        }
+        Error::InvalidPageToken => ApiError::new(
+            Code::InvalidArgument,
+            "INVALID_PAGE_TOKEN",
+            "page_token: not a token this server handed out",
+        )
+        .violation("page_token", "not a token this server handed out"),
+        Error::CursorOutOfRange { .. } => {
+            ApiError::new(Code::OutOfRange, "WATCH_CURSOR_EXPIRED", err.to_string())
+                .violation("since_revision", err.to_string())
         }
         Error::Codec { .. } => {
             tracing::error!(error = %err, "stored record does not decode");
-            Status::new(Code::Internal, "stored record is unreadable")
+            ApiError::new(
+                Code::Internal,
+                "RECORD_UNREADABLE",
+                "stored record is unreadable",
+            )
         }
         _ => {
             tracing::warn!(error = %err, "store operation failed");
-            Status::unavailable("the store is unavailable, retry later")
+            ApiError::new(
+                Code::Unavailable,
+                "STORE_UNAVAILABLE",
+                "the store is unavailable, retry later",
+            )
         }
-    }
+    };
+    error.into_status()
 }

@@ -12,6 +12,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     Backend, Document, Error, Filter, Page, Precondition, RawFilter, RawRecord, Result, Versioned,
+    changelog::{ChangeKind, ChangeLog, Entry, LogState},
     stored_key,
 };
 
@@ -21,20 +22,14 @@ const CHANGE_BUFFER: usize = 1024;
 /// How often a read-modify-write retries after losing a race.
 const MODIFY_ATTEMPTS: usize = 32;
 
-/// What happened to a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// Inserted or replaced.
-    Upserted,
-    /// Deleted; the change carries its last state.
-    Deleted,
-}
-
 /// A committed write, as seen by watchers in this process.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change<T> {
     /// What happened.
     pub kind: ChangeKind,
+    /// The write's number in the store's change sequence; 0 for a collection
+    /// that is not logged.
+    pub seq: u64,
     /// The record after the write (before it, for a delete).
     pub record: Versioned<T>,
 }
@@ -68,6 +63,7 @@ impl ChangeHub {
 pub struct Collection<T> {
     backend: Arc<dyn Backend>,
     changes: broadcast::Sender<Change<T>>,
+    log: Arc<ChangeLog>,
     _type: PhantomData<fn() -> T>,
 }
 
@@ -76,6 +72,7 @@ impl<T> Clone for Collection<T> {
         Self {
             backend: self.backend.clone(),
             changes: self.changes.clone(),
+            log: self.log.clone(),
             _type: PhantomData,
         }
     }
@@ -90,22 +87,69 @@ impl<T: Document> std::fmt::Debug for Collection<T> {
 }
 
 impl<T: Document> Collection<T> {
-    pub(crate) fn new(backend: Arc<dyn Backend>, changes: broadcast::Sender<Change<T>>) -> Self {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        changes: broadcast::Sender<Change<T>>,
+        log: Arc<ChangeLog>,
+    ) -> Self {
         Self {
             backend,
             changes,
+            log,
             _type: PhantomData,
         }
+    }
+
+    /// Holds the change log while a write of a logged collection runs, so
+    /// sequences are handed out in commit order.
+    async fn write_lock(&self) -> Option<tokio::sync::MutexGuard<'_, LogState>> {
+        if T::LOGGED {
+            Some(self.log.lock().await)
+        } else {
+            None
+        }
+    }
+
+    /// Logs and publishes a committed write.
+    async fn committed(
+        &self,
+        state: Option<&mut LogState>,
+        kind: ChangeKind,
+        seq: u64,
+        raw: &RawRecord,
+        record: &Versioned<T>,
+    ) {
+        if let Some(state) = state {
+            let entry = Entry {
+                kind,
+                id: raw.id.clone(),
+                revision: raw.revision,
+                body: raw.body.clone(),
+            };
+            if let Err(err) = self.log.append(state, T::COLLECTION, seq, &entry).await {
+                // The record is written and carries its sequence: the next
+                // open of the collection logs it. Live watchers still see it.
+                tracing::error!(collection = T::COLLECTION, id = %raw.id, seq, error = %err, "cannot log a change");
+            }
+        }
+        // No receiver is not an error: nobody is watching.
+        let _ = self.changes.send(Change {
+            kind,
+            seq,
+            record: record.clone(),
+        });
     }
 
     /// Stores a new record at revision 1. Fails with
     /// [`Error::AlreadyExists`] when its id or unique key is taken.
     pub async fn insert(&self, value: T) -> Result<Versioned<T>> {
+        let mut guard = self.write_lock().await;
+        let seq = guard.as_ref().map_or(0, |state| state.head + 1);
         let record = Versioned { revision: 1, value };
-        self.backend
-            .insert(T::COLLECTION, &encode(&record)?)
-            .await?;
-        self.publish(ChangeKind::Upserted, &record);
+        let raw = encode(&record, seq)?;
+        self.backend.insert(T::COLLECTION, &raw).await?;
+        self.committed(guard.as_deref_mut(), ChangeKind::Added, seq, &raw, &record)
+            .await;
         Ok(record)
     }
 
@@ -139,7 +183,7 @@ impl<T: Document> Collection<T> {
         loop {
             attempt += 1;
             let current = self.require(value.id()).await?;
-            crate::check(&encode(&current)?, None, &condition.status_in)?;
+            crate::check(&encode(&current, 0)?, None, &condition.status_in)?;
             match self
                 .replace_at(value.clone(), current.revision, &condition.status_in)
                 .await
@@ -156,14 +200,18 @@ impl<T: Document> Collection<T> {
         expected: u64,
         status_in: &[String],
     ) -> Result<Versioned<T>> {
+        let mut guard = self.write_lock().await;
+        let seq = guard.as_ref().map_or(0, |state| state.head + 1);
         let record = Versioned {
             revision: expected + 1,
             value,
         };
+        let raw = encode(&record, seq)?;
         self.backend
-            .replace(T::COLLECTION, &encode(&record)?, status_in)
+            .replace(T::COLLECTION, &raw, status_in)
             .await?;
-        self.publish(ChangeKind::Upserted, &record);
+        self.committed(guard.as_deref_mut(), ChangeKind::Modified, seq, &raw, &record)
+            .await;
         Ok(record)
     }
 
@@ -194,12 +242,16 @@ impl<T: Document> Collection<T> {
     /// Deletes the record with `id` if `condition` holds. Returns `false`
     /// when there was no record.
     pub async fn delete(&self, id: &str, condition: &Precondition) -> Result<bool> {
-        let Some(before) = self.get(id).await? else {
+        let mut guard = self.write_lock().await;
+        let Some(raw) = self.backend.get(T::COLLECTION, id).await? else {
             return Ok(false);
         };
         let deleted = self.backend.delete(T::COLLECTION, id, condition).await?;
         if deleted {
-            self.publish(ChangeKind::Deleted, &before);
+            let seq = guard.as_ref().map_or(0, |state| state.head + 1);
+            let before = decode(raw.clone())?;
+            self.committed(guard.as_deref_mut(), ChangeKind::Deleted, seq, &raw, &before)
+                .await;
         }
         Ok(deleted)
     }
@@ -260,16 +312,52 @@ impl<T: Document> Collection<T> {
         self.changes.subscribe()
     }
 
-    fn publish(&self, kind: ChangeKind, record: &Versioned<T>) {
-        // No receiver is not an error: nobody is watching.
-        let _ = self.changes.send(Change {
-            kind,
-            record: record.clone(),
-        });
+    /// Runs `read` while no write of a logged collection can happen, and
+    /// returns its result with the sequence it reflects (every change up to
+    /// it, none after it) and a receiver of every later change.
+    pub async fn snapshot<R, F>(&self, read: F) -> Result<(R, u64, broadcast::Receiver<Change<T>>)>
+    where
+        F: AsyncFnOnce(&Self) -> Result<R>,
+    {
+        let state = self.log.lock().await;
+        let receiver = self.changes.subscribe();
+        let value = read(self).await?;
+        Ok((value, state.head, receiver))
+    }
+
+    /// Every change of this collection after the sequence `since`, in order,
+    /// and a receiver of later changes (which may repeat some of them: skip
+    /// what is not above the last sequence returned). Fails with
+    /// [`Error::CursorOutOfRange`] when the log no longer holds every change
+    /// after `since`, or `since` is beyond the last change.
+    pub async fn changes_since(
+        &self,
+        since: u64,
+    ) -> Result<(Vec<Change<T>>, broadcast::Receiver<Change<T>>)> {
+        let receiver = self.changes.subscribe();
+        let entries = self.log.since(T::COLLECTION, since).await?;
+        let mut changes = Vec::with_capacity(entries.len());
+        for (seq, entry) in entries {
+            let value = serde_json::from_str(entry.body.get()).map_err(|source| Error::Codec {
+                action: "decode",
+                collection: T::COLLECTION.to_owned(),
+                id: entry.id.clone(),
+                source,
+            })?;
+            changes.push(Change {
+                kind: entry.kind,
+                seq,
+                record: Versioned {
+                    revision: entry.revision,
+                    value,
+                },
+            });
+        }
+        Ok((changes, receiver))
     }
 }
 
-fn encode<T: Document>(record: &Versioned<T>) -> Result<RawRecord> {
+fn encode<T: Document>(record: &Versioned<T>, seq: u64) -> Result<RawRecord> {
     let id = record.value.id().to_owned();
     let body = serde_json::value::to_raw_value(&record.value).map_err(|source| Error::Codec {
         action: "encode",
@@ -281,6 +369,7 @@ fn encode<T: Document>(record: &Versioned<T>) -> Result<RawRecord> {
         key: stored_key(record.value.unique_key(), &id),
         status: record.value.status(),
         revision: record.revision,
+        seq,
         id,
         body,
     })

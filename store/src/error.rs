@@ -46,6 +46,15 @@ pub enum Error {
         /// What did not match.
         reason: String,
     },
+    /// A change-log cursor whose changes are no longer all kept, or that is
+    /// beyond the last change.
+    #[error("cannot resume after change {since}: {reason}")]
+    CursorOutOfRange {
+        /// The cursor.
+        since: u64,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A page token that this store did not hand out.
     #[error("invalid page token")]
     InvalidPageToken,

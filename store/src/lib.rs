@@ -17,6 +17,7 @@
 //!
 //! **No crate but this one knows which database is behind a [`Store`].**
 
+mod changelog;
 mod collection;
 mod embedded;
 mod error;
@@ -28,7 +29,8 @@ use async_trait::async_trait;
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use crate::{
-    collection::{Change, ChangeKind, Collection},
+    changelog::{ChangeKind, RETAINED as CHANGES_RETAINED},
+    collection::{Change, Collection},
     error::{Error, Result},
 };
 
@@ -47,6 +49,11 @@ pub trait Document: Serialize + DeserializeOwned + Clone + Send + Sync + 'static
 
     /// Status the store filters on and compares in preconditions.
     fn status(&self) -> String;
+
+    /// Whether writes of this collection go to the store's change log, so
+    /// watchers can resume ([`Collection::changes_since`]). Bookkeeping
+    /// collections turn it off.
+    const LOGGED: bool = true;
 }
 
 /// A record together with its revision.
@@ -202,6 +209,7 @@ impl OpenOptions {
 pub struct Store {
     backend: Arc<dyn Backend>,
     changes: collection::ChangeHub,
+    log: Arc<changelog::ChangeLog>,
 }
 
 impl fmt::Debug for Store {
@@ -228,19 +236,25 @@ impl Store {
                 .await?,
             ),
         };
+        let log = Arc::new(changelog::ChangeLog::open(backend.clone()).await?);
         Ok(Self {
             backend,
             changes: collection::ChangeHub::default(),
+            log,
         })
     }
 
     /// The collection of records of type `T`, with its unique-key index in
-    /// place.
+    /// place and its change log brought in line with it.
     pub async fn collection<T: Document>(&self) -> Result<Collection<T>> {
         self.backend.prepare(T::COLLECTION).await?;
+        if T::LOGGED {
+            self.log.repair(T::COLLECTION).await?;
+        }
         Ok(Collection::new(
             self.backend.clone(),
             self.changes.sender::<T>(),
+            self.log.clone(),
         ))
     }
 
@@ -259,6 +273,9 @@ pub(crate) struct RawRecord {
     pub key: String,
     pub status: String,
     pub revision: u64,
+    /// The change sequence of the record's last write (0: not logged).
+    #[serde(default)]
+    pub seq: u64,
     pub body: Box<serde_json::value::RawValue>,
 }
 
@@ -269,12 +286,14 @@ impl PartialEq for RawRecord {
             &self.key,
             &self.status,
             self.revision,
+            self.seq,
             self.body.get(),
         ) == (
             &other.id,
             &other.key,
             &other.status,
             other.revision,
+            other.seq,
             other.body.get(),
         )
     }

@@ -105,11 +105,13 @@ fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
 fn to_document(record: &RawRecord) -> Result<Document> {
     let body = record.body.get();
     let revision = i64::try_from(record.revision).map_err(|e| Error::backend("encode", e))?;
+    let seq = i64::try_from(record.seq).map_err(|e| Error::backend("encode", e))?;
     Ok(doc! {
         "_id": &record.id,
         "key": &record.key,
         "status": &record.status,
         "revision": revision,
+        "seq": seq,
         "body": body,
     })
 }
@@ -129,6 +131,12 @@ fn from_document(document: &Document) -> Result<RawRecord> {
         key: field("key")?.to_owned(),
         status: field("status")?.to_owned(),
         revision: u64::try_from(revision).map_err(|e| Error::backend("decode", e))?,
+        seq: document
+            .get_i64("seq")
+            .or_else(|_| document.get_i32("seq").map(i64::from))
+            .ok()
+            .and_then(|seq| u64::try_from(seq).ok())
+            .unwrap_or(0),
         body: serde_json::value::RawValue::from_string(field("body")?.to_owned())
             .map_err(|e| Error::backend("decode", e))?,
     })

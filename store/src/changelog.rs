@@ -1,0 +1,259 @@
+//! The store-wide change log: every write of a logged collection gets the
+//! next number of one sequence, and the change (kind, revision, the record
+//! after it) is kept under that number, so a watcher that lost its stream
+//! can resume from the last sequence it saw and receive exactly what it
+//! missed.
+//!
+//! The log is an ordinary collection of the backend (`changes`), one entry
+//! per change with the zero-padded sequence as its id, so id order is
+//! sequence order on every backend. Writes of logged collections are
+//! serialised by one lock: the record is written (carrying its sequence),
+//! then its entry, then the change is published to this process's watchers.
+//! The newest [`RETAINED`] entries are kept; a cursor older than those is
+//! expired. A crash between a record write and its entry is repaired when
+//! the collection is opened again: a record newer than the log gets an entry
+//! for its current state, and a record the log believes alive but that is
+//! gone gets a deletion.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result};
+
+/// Name of the backend collection holding the log.
+pub(crate) const LOG_COLLECTION: &str = "changes";
+/// How many changes the log keeps, across collections.
+pub const RETAINED: usize = 4096;
+/// How many entries are pruned at once when the log is over [`RETAINED`].
+const PRUNE_BATCH: usize = 256;
+
+/// What happened to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// The record was created.
+    Added,
+    /// The record was replaced.
+    Modified,
+    /// The record was deleted; the change carries its last state.
+    Deleted,
+}
+
+/// One entry of the log, as stored in the entry's body.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    pub kind: ChangeKind,
+    pub id: String,
+    pub revision: u64,
+    pub body: Box<RawValue>,
+}
+
+/// Where the log stands.
+#[derive(Debug, Default)]
+pub(crate) struct LogState {
+    /// The highest sequence handed out.
+    pub head: u64,
+    /// Sequences of the entries kept, oldest first.
+    retained: VecDeque<u64>,
+    /// Every entry up to this sequence was pruned (or never existed).
+    pruned_through: u64,
+}
+
+pub(crate) struct ChangeLog {
+    backend: Arc<dyn Backend>,
+    state: Mutex<LogState>,
+}
+
+fn entry_id(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+impl ChangeLog {
+    /// Reads where the log stands.
+    pub(crate) async fn open(backend: Arc<dyn Backend>) -> Result<Self> {
+        backend.prepare(LOG_COLLECTION).await?;
+        let mut state = LogState::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = backend
+                .list(LOG_COLLECTION, &RawFilter::default(), after.as_deref(), 500)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            state.retained.extend(page.iter().map(|entry| entry.seq));
+        }
+        state.head = state.retained.back().copied().unwrap_or(0);
+        state.pruned_through = state.retained.front().map_or(0, |first| first - 1);
+        Ok(Self {
+            backend,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// Holds the log: no logged write happens while the guard lives.
+    pub(crate) async fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state.lock().await
+    }
+
+    /// Appends the entry of a change already written to its record, and
+    /// prunes the oldest entries when the log is over its size. The record
+    /// holds `seq`, so the head moves even when the append fails (a later
+    /// open repairs the missing entry).
+    pub(crate) async fn append(
+        &self,
+        state: &mut LogState,
+        collection: &str,
+        seq: u64,
+        entry: &Entry,
+    ) -> Result<()> {
+        state.head = state.head.max(seq);
+        let body = serde_json::value::to_raw_value(entry).map_err(|e| Error::backend("log", e))?;
+        let id = entry_id(seq);
+        let record = RawRecord {
+            key: format!("i:{id}"),
+            id,
+            status: collection.to_owned(),
+            revision: 1,
+            seq,
+            body,
+        };
+        self.backend.insert(LOG_COLLECTION, &record).await?;
+        state.retained.push_back(seq);
+        if state.retained.len() > RETAINED + PRUNE_BATCH {
+            while state.retained.len() > RETAINED {
+                let Some(oldest) = state.retained.front().copied() else {
+                    break;
+                };
+                self.backend
+                    .delete(LOG_COLLECTION, &entry_id(oldest), &Precondition::none())
+                    .await?;
+                state.retained.pop_front();
+                state.pruned_through = oldest;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of `collection` after `since`, in sequence order, or
+    /// [`Error::CursorOutOfRange`] when some of them are no longer kept or the
+    /// cursor is ahead of the log.
+    pub(crate) async fn since(
+        &self,
+        collection: &str,
+        since: u64,
+    ) -> Result<Vec<(u64, Entry)>> {
+        {
+            let state = self.state.lock().await;
+            if since < state.pruned_through {
+                return Err(Error::CursorOutOfRange {
+                    since,
+                    reason: format!(
+                        "changes up to {} are no longer kept; watch again without a cursor",
+                        state.pruned_through
+                    ),
+                });
+            }
+            if since > state.head {
+                return Err(Error::CursorOutOfRange {
+                    since,
+                    reason: format!(
+                        "the store's changes end at {}; watch again without a cursor",
+                        state.head
+                    ),
+                });
+            }
+        }
+        self.read(collection, since).await
+    }
+
+    async fn read(&self, collection: &str, since: u64) -> Result<Vec<(u64, Entry)>> {
+        let filter = RawFilter {
+            statuses: vec![collection.to_owned()],
+            key: None,
+        };
+        let mut out = Vec::new();
+        let mut after = Some(entry_id(since));
+        loop {
+            let page = self
+                .backend
+                .list(LOG_COLLECTION, &filter, after.as_deref(), 500)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            after = Some(last.id.clone());
+            for record in page {
+                let entry: Entry = serde_json::from_str(record.body.get())
+                    .map_err(|e| Error::backend("read log", e))?;
+                out.push((record.seq, entry));
+            }
+        }
+    }
+
+    /// Brings the log in line with `collection` after a crash between a
+    /// record write and its entry.
+    pub(crate) async fn repair(&self, collection: &str) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let logged = self.read(collection, 0).await?;
+        let mut last_logged: std::collections::HashMap<String, (u64, ChangeKind, Box<RawValue>, u64)> =
+            std::collections::HashMap::new();
+        for (seq, entry) in logged {
+            last_logged.insert(entry.id, (seq, entry.kind, entry.body, entry.revision));
+        }
+        let mut records = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .backend
+                .list(collection, &RawFilter::default(), after.as_deref(), 500)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            records.extend(page);
+        }
+        // Records written after their last entry: log their current state.
+        let mut newer: Vec<&RawRecord> = records
+            .iter()
+            .filter(|r| r.seq > last_logged.get(&r.id).map_or(state.pruned_through, |l| l.0))
+            .collect();
+        newer.sort_by_key(|r| r.seq);
+        for record in newer {
+            let seq = record.seq.max(state.head + 1);
+            let entry = Entry {
+                kind: if record.revision == 1 {
+                    ChangeKind::Added
+                } else {
+                    ChangeKind::Modified
+                },
+                id: record.id.clone(),
+                revision: record.revision,
+                body: record.body.clone(),
+            };
+            self.append(&mut state, collection, seq, &entry).await?;
+        }
+        // Records the log believes alive that are gone: log their deletion.
+        let present: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.id.as_str()).collect();
+        let mut gone: Vec<_> = last_logged
+            .into_iter()
+            .filter(|(id, (_, kind, _, _))| {
+                *kind != ChangeKind::Deleted && !present.contains(id.as_str())
+            })
+            .collect();
+        gone.sort_by_key(|(_, (seq, ..))| *seq);
+        for (id, (_, _, body, revision)) in gone {
+            let seq = state.head + 1;
+            let entry = Entry {
+                kind: ChangeKind::Deleted,
+                id,
+                revision,
+                body,
+            };
+            self.append(&mut state, collection, seq, &entry).await?;
+        }
+        Ok(())
+    }
+}
