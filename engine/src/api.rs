@@ -2,7 +2,8 @@
 //! [`Manager`], map errors.
 
 use addons_descriptor::FieldViolation;
-use addons_server_kit::Shutdown;
+use addons_server_kit::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown};
+use addons_store::{ChangeKind, Event, FollowEnd, Start};
 use oakestra_addons_proto::engine::v1::{
     self as pb,
     addons_manager_service_server::{AddonsManagerService, AddonsManagerServiceServer},
@@ -12,11 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{
-    Error, Manager, convert,
-    link::LinkHub,
-    service::{WatchEnd, WatchEvent},
-};
+use crate::{Error, Manager, convert, link::LinkHub};
 
 /// How many changes a watcher may have in flight before it is dropped.
 const WATCH_BUFFER: usize = 256;
@@ -25,18 +22,26 @@ const WATCH_BUFFER: usize = 256;
 #[derive(Debug, Clone)]
 pub struct ManagerApi {
     core: Manager,
+    requests: Requests,
     shutdown: Shutdown,
 }
 
 impl ManagerApi {
-    /// Serves `core`; watch streams end when `shutdown` fires.
-    pub fn new(core: Manager, shutdown: Shutdown) -> Self {
-        Self { core, shutdown }
+    /// Serves `core`, remembering mutating calls in `requests` for their
+    /// retries; watch streams end when `shutdown` fires.
+    pub fn new(core: Manager, requests: Requests, shutdown: Shutdown) -> Self {
+        Self {
+            core,
+            requests,
+            shutdown,
+        }
     }
 
-    /// The tonic service.
+    /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> AddonsManagerServiceServer<Self> {
         AddonsManagerServiceServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
     }
 }
 
@@ -49,35 +54,60 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
 
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+fn change_type(kind: ChangeKind) -> pb::ChangeType {
+    match kind {
+        ChangeKind::Added => pb::ChangeType::Added,
+        ChangeKind::Modified => pb::ChangeType::Modified,
+        ChangeKind::Deleted => pb::ChangeType::Deleted,
+    }
+}
+
+/// Most ids one watch may select.
+const MAX_WATCH_IDS: usize = 500;
+
 #[tonic::async_trait]
 impl AddonsManagerService for ManagerApi {
     async fn install_addon(
         &self,
         request: Request<pb::InstallAddonRequest>,
     ) -> Result<Response<pb::InstallAddonResponse>, Status> {
-        let marketplace_id = required("marketplace_id", &request.get_ref().marketplace_id)?;
-        let installation = self
-            .core
-            .install(
-                marketplace_id,
-                request.get_ref().keep_core_stopped_on_failure,
-            )
-            .await?;
-        tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
-        Ok(Response::new(pb::InstallAddonResponse {
-            installation: Some(convert::installation_to_proto(installation)),
-        }))
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        self.requests
+            .once("InstallAddon", &request_id, &request, || async {
+                let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
+                let installation = self
+                    .core
+                    .install(marketplace_id, request.keep_core_stopped_on_failure)
+                    .await?;
+                tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
+                Ok(pb::InstallAddonResponse {
+                    installation: Some(convert::installation_to_proto(installation)),
+                })
+            })
+            .await
+            .map(Response::new)
     }
 
     async fn uninstall_addon(
         &self,
         request: Request<pb::UninstallAddonRequest>,
     ) -> Result<Response<pb::UninstallAddonResponse>, Status> {
-        let id = required("id", &request.get_ref().id)?;
-        let installation = self.core.uninstall(id, request.get_ref().purge).await?;
-        Ok(Response::new(pb::UninstallAddonResponse {
-            installation: installation.map(convert::installation_to_proto),
-        }))
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        self.requests
+            .once("UninstallAddon", &request_id, &request, || async {
+                let id = required("id", &request.id)?;
+                let installation = self
+                    .core
+                    .uninstall(id, request.purge, request.expected_revision)
+                    .await?;
+                Ok(pb::UninstallAddonResponse {
+                    installation: installation.map(convert::installation_to_proto),
+                })
+            })
+            .await
+            .map(Response::new)
     }
 
     async fn get_installation(
@@ -122,33 +152,50 @@ impl AddonsManagerService for ManagerApi {
         &self,
         request: Request<pb::WatchInstallationsRequest>,
     ) -> Result<Response<Self::WatchInstallationsStream>, Status> {
-        let ids = request.into_inner().ids;
+        let request = request.into_inner();
+        let ids = request.ids;
+        if ids.len() > MAX_WATCH_IDS {
+            return Err(Error::Invalid(vec![FieldViolation::new(
+                "ids",
+                format!("at most {MAX_WATCH_IDS} ids"),
+            )])
+            .into());
+        }
         if let Some(i) = ids.iter().position(String::is_empty) {
             return Err(
                 Error::Invalid(vec![FieldViolation::new(format!("ids[{i}]"), "empty")]).into(),
             );
         }
-        // Unknown ids fail the call itself, before the stream starts.
-        for id in &ids {
-            self.core.get(id).await?;
-        }
+        let start = match request.since_revision {
+            0 => {
+                // Unknown ids fail the call itself, before the stream starts.
+                for id in &ids {
+                    self.core.get(id).await?;
+                }
+                Start::Snapshot
+            }
+            since => Start::After(since),
+        };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let (end_tx, end_rx) = oneshot::channel();
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let end = core.watch(ids, tx, shutdown.fired()).await;
+            let end = core.watch(ids, start, tx, shutdown.fired()).await;
             let _ = end_tx.send(end);
         });
         let events = ReceiverStream::new(rx).map(|event| {
             Ok(match event {
-                WatchEvent::Changed(record) => pb::WatchInstallationsResponse {
-                    installation: Some(convert::installation_to_proto(record)),
-                    deleted: false,
+                Event::Change(change) => pb::WatchInstallationsResponse {
+                    r#type: change_type(change.kind).into(),
+                    sequence: change.seq,
+                    installation: Some(convert::installation_to_proto(change.record)),
+                    in_sync: false,
                 },
-                WatchEvent::Deleted(record) => pb::WatchInstallationsResponse {
-                    installation: Some(convert::installation_to_proto(record)),
-                    deleted: true,
+                Event::InSync(sequence) => pb::WatchInstallationsResponse {
+                    sequence,
+                    in_sync: true,
+                    ..pb::WatchInstallationsResponse::default()
                 },
             })
         });
@@ -156,10 +203,10 @@ impl AddonsManagerService for ManagerApi {
         // client's or the server's choice.
         let ending = futures::stream::once(async move {
             match end_rx.await {
-                Ok(Ok(WatchEnd::Done)) | Err(_) => None,
-                Ok(Ok(WatchEnd::TooSlow)) => Some(Err(Status::resource_exhausted(
-                    "watcher fell too far behind the changes; watch again to resume from the current state",
-                ))),
+                Ok(Ok(FollowEnd::Stopped | FollowEnd::Ended)) | Err(_) => None,
+                Ok(Ok(FollowEnd::Lagged { resume_from })) => {
+                    Some(Err(addons_server_kit::watch_too_slow(resume_from)))
+                }
                 Ok(Err(err)) => Some(Err(Status::from(err))),
             }
         });
@@ -180,20 +227,22 @@ impl MonitorLinkApi {
         Self { hub }
     }
 
-    /// The tonic service.
+    /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> MonitorLinkServiceServer<Self> {
         MonitorLinkServiceServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
     }
 }
 
 #[tonic::async_trait]
 impl MonitorLinkService for MonitorLinkApi {
-    type ConnectStream = BoxStream<pb::ConnectResponse>;
+    type OpenLinkStream = BoxStream<pb::OpenLinkResponse>;
 
-    async fn connect(
+    async fn open_link(
         &self,
-        request: Request<Streaming<pb::ConnectRequest>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
+        request: Request<Streaming<pb::OpenLinkRequest>>,
+    ) -> Result<Response<Self::OpenLinkStream>, Status> {
         let outbound = self.hub.connect(request.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }

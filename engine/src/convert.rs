@@ -82,11 +82,7 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
     let installation = record.value;
     pb::Installation {
         id: installation.id,
-        addon: Some(oakestra_addons_proto::marketplace::v1::Addon {
-            id: installation.marketplace_id.clone(),
-            status: oakestra_addons_proto::marketplace::v1::AddonStatus::Approved.into(),
-            ..installation.addon.into_proto()
-        }),
+        addon: Some(installation.addon.into_snapshot()),
         marketplace_id: installation.marketplace_id,
         status: pb::InstallationStatus::from(installation.status).into(),
         status_message: installation.status_message,

@@ -1,8 +1,14 @@
-//! The manager's error type and its one mapping to gRPC statuses.
+//! The manager's error type and its one mapping to gRPC statuses, each with
+//! the stable `ErrorInfo` reason the contract documents.
 
 use addons_descriptor::FieldViolation;
+use addons_server_kit::ApiError;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt as _};
+
+/// The resource type of installations in `ResourceInfo` details.
+const INSTALLATION: &str = "oakestra.addons.engine.v1.Installation";
+/// The resource type of marketplace addons in `ResourceInfo` details.
+const ADDON: &str = "oakestra.addons.marketplace.v1.Addon";
 
 /// Why a manager operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -16,9 +22,32 @@ pub enum Error {
     /// The marketplace does not know the addon.
     #[error("addon `{0}` not found in the marketplace")]
     AddonNotFound(String),
-    /// The addon cannot be installed in its current state.
-    #[error("{0}")]
-    NotInstallable(String),
+    /// The addon is not approved.
+    #[error("addon `{marketplace_id}` is {status} and only approved addons can be installed")]
+    NotApproved {
+        /// The addon.
+        marketplace_id: String,
+        /// Its status, as the contract names it.
+        status: String,
+    },
+    /// A service of the addon has no image pinned by digest.
+    #[error("service `{service}` of addon `{marketplace_id}` has no image pinned by digest")]
+    ImageNotPinned {
+        /// The addon.
+        marketplace_id: String,
+        /// The service.
+        service: String,
+    },
+    /// Another live installation already provides a service of that name.
+    #[error("service `{service}` is already provided by installation `{installation_id}` (addon `{addon}`)")]
+    ServiceNameTaken {
+        /// The service name.
+        service: String,
+        /// The installation providing it.
+        installation_id: String,
+        /// That installation's addon name.
+        addon: String,
+    },
     /// The addon is installed already.
     #[error("addon `{marketplace_id}` is already installed as installation `{installation_id}`")]
     AlreadyInstalled {
@@ -26,6 +55,16 @@ pub enum Error {
         marketplace_id: String,
         /// The live installation holding it.
         installation_id: String,
+    },
+    /// The installation is not at the revision the request expected.
+    #[error("installation `{id}` is at revision {current}, the request expected {expected}")]
+    RevisionMismatch {
+        /// The installation.
+        id: String,
+        /// Its revision now.
+        current: u64,
+        /// What the request expected.
+        expected: u64,
     },
     /// The marketplace cannot be reached or failed.
     #[error("the marketplace is unavailable: {0}")]
@@ -44,19 +83,55 @@ impl Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let message = err.to_string();
-        match err {
-            Error::Invalid(violations) => {
-                let mut details = ErrorDetails::new();
-                for violation in violations {
-                    details.add_bad_request_violation(violation.field, violation.reason);
-                }
-                Status::with_error_details(Code::InvalidArgument, message, details)
+        let error = match err {
+            Error::Invalid(violations) => ApiError::invalid(
+                message,
+                violations.into_iter().map(|v| (v.field, v.reason)),
+            ),
+            Error::NotFound(id) => ApiError::new(Code::NotFound, "INSTALLATION_NOT_FOUND", message)
+                .resource(INSTALLATION, id),
+            Error::AddonNotFound(id) => {
+                ApiError::new(Code::NotFound, "ADDON_NOT_FOUND", message).resource(ADDON, id)
             }
-            Error::NotFound(_) | Error::AddonNotFound(_) => Status::not_found(message),
-            Error::NotInstallable(_) => Status::failed_precondition(message),
-            Error::AlreadyInstalled { .. } => Status::already_exists(message),
-            Error::MarketplaceUnavailable(_) => Status::unavailable(message),
-            Error::Store(err) => addons_server_kit::store_error_to_status(err),
-        }
+            Error::NotApproved {
+                marketplace_id,
+                status,
+            } => ApiError::new(Code::FailedPrecondition, "ADDON_NOT_APPROVED", message.clone())
+                .precondition("STATUS", format!("addons/{marketplace_id}"), format!(
+                    "the addon is {status}; it must be ADDON_STATUS_APPROVED"
+                )),
+            Error::ImageNotPinned {
+                marketplace_id,
+                service,
+            } => ApiError::new(Code::FailedPrecondition, "IMAGE_NOT_PINNED", message.clone())
+                .precondition(
+                    "IMAGE",
+                    format!("addons/{marketplace_id}/services/{service}"),
+                    "the image is not pinned by digest; reverify the addon",
+                ),
+            Error::ServiceNameTaken {
+                service,
+                installation_id,
+                ..
+            } => ApiError::new(Code::FailedPrecondition, "SERVICE_NAME_TAKEN", message.clone())
+                .precondition(
+                    "SERVICE_NAME",
+                    format!("installations/{installation_id}/services/{service}"),
+                    "a live installation of another addon provides a service of this name; uninstall it first",
+                ),
+            Error::AlreadyInstalled {
+                installation_id, ..
+            } => ApiError::new(Code::AlreadyExists, "ADDON_ALREADY_INSTALLED", message)
+                .resource(INSTALLATION, installation_id),
+            Error::RevisionMismatch { current, .. } => {
+                ApiError::new(Code::Aborted, "REVISION_MISMATCH", message)
+                    .metadata("current_revision", current)
+            }
+            Error::MarketplaceUnavailable(_) => {
+                ApiError::new(Code::Unavailable, "MARKETPLACE_UNAVAILABLE", message)
+            }
+            Error::Store(err) => return addons_server_kit::store_error_to_status(err),
+        };
+        error.into()
     }
 }

@@ -19,15 +19,14 @@ use std::{
     time::Duration,
 };
 
-use addons_server_kit::Shutdown;
+use addons_server_kit::{ApiError, Shutdown};
 use addons_store::{ChangeKind, Collection, Document, Filter, Precondition, Store};
 use oakestra_addons_proto::{
-    engine::v1::{self as pb, connect_request, connect_response},
-    marketplace::v1 as mpb,
+    engine::v1::{self as pb, open_link_request, open_link_response},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, watch};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
 use crate::{
     convert,
@@ -63,6 +62,8 @@ struct PlaneState {
 
 impl Document for PlaneState {
     const COLLECTION: &'static str = "planes";
+    // A counter, not something anyone watches.
+    const LOGGED: bool = false;
 
     fn id(&self) -> &str {
         &self.id
@@ -93,6 +94,23 @@ impl Desired {
     }
 }
 
+/// Shortest heartbeat interval a monitor may announce.
+const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest heartbeat interval a monitor may announce: a silent link is
+/// dropped after three of them.
+const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+
+/// A link error with its `ErrorInfo` reason.
+fn link_error(code: Code, reason: &'static str, message: impl Into<String>) -> Status {
+    ApiError::new(code, reason, message).into()
+}
+
+/// INVALID_ARGUMENT `INVALID_REQUEST` about one field of a link message.
+fn invalid(field: &str, reason: impl Into<String>) -> Status {
+    let reason = reason.into();
+    ApiError::invalid(format!("{field}: {reason}"), [(field, reason)]).into()
+}
+
 /// What monitors must do about an installation; `None` when nothing.
 fn desired_entry(installation: &Installation) -> Option<pb::DesiredInstallation> {
     let presence = match installation.status {
@@ -102,11 +120,7 @@ fn desired_entry(installation: &Installation) -> Option<pb::DesiredInstallation>
     };
     Some(pb::DesiredInstallation {
         installation_id: installation.id.clone(),
-        addon: Some(mpb::Addon {
-            id: installation.marketplace_id.clone(),
-            status: mpb::AddonStatus::Approved.into(),
-            ..installation.addon.clone().into_proto()
-        }),
+        addon: Some(installation.addon.clone().into_snapshot()),
         presence: presence.into(),
         purge_volumes: installation.purge_requested,
         keep_core_stopped_on_failure: installation.keep_core_stopped_on_failure,
@@ -207,7 +221,7 @@ impl LinkHub {
                         let id = change.record.value.id.clone();
                         let entry = match change.kind {
                             ChangeKind::Deleted => None,
-                            ChangeKind::Upserted => desired_entry(&change.record.value),
+                            ChangeKind::Added | ChangeKind::Modified => desired_entry(&change.record.value),
                         };
                         if current.installations.get(&id) == entry.as_ref() {
                             false
@@ -258,41 +272,33 @@ impl LinkHub {
     /// returns the stream of messages to the monitor.
     pub async fn connect(
         &self,
-        mut inbound: Streaming<pb::ConnectRequest>,
-    ) -> Result<mpsc::Receiver<Result<pb::ConnectResponse, Status>>, Status> {
+        mut inbound: Streaming<pb::OpenLinkRequest>,
+    ) -> Result<mpsc::Receiver<Result<pb::OpenLinkResponse, Status>>, Status> {
         let first = tokio::time::timeout(self.options.hello_timeout, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within the hello timeout"))??;
+            .map_err(|_| link_error(Code::DeadlineExceeded, "HELLO_TIMEOUT", "no hello within the hello timeout"))??;
         let hello = match first.and_then(|m| m.message) {
-            Some(connect_request::Message::Hello(hello)) => hello,
+            Some(open_link_request::Message::Hello(hello)) => hello,
             Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first message of a link must be a hello",
-                ));
+                return Err(invalid("hello", "the first message of a link must be a hello"));
             }
             None => {
-                return Err(Status::invalid_argument(
-                    "the link closed or sent an empty message before its hello",
-                ));
+                return Err(invalid("hello", "the link closed or sent an empty message before its hello"));
             }
         };
         let node = hello.node_id.trim().to_owned();
         if node.is_empty() || node.len() > 253 || node.contains(char::is_whitespace) {
-            return Err(Status::invalid_argument(
-                "hello.node_id: required, at most 253 characters, no whitespace",
-            ));
+            return Err(invalid("hello.node_id", "required, at most 253 characters, no whitespace"));
         }
         let plane = match pb::Plane::try_from(hello.plane).unwrap_or_default() {
             pb::Plane::Root => Plane::Root,
             pb::Plane::Cluster => Plane::Cluster,
             pb::Plane::Unspecified => {
-                return Err(Status::invalid_argument(
-                    "hello.plane: required (PLANE_ROOT or PLANE_CLUSTER)",
-                ));
+                return Err(invalid("hello.plane", "required (PLANE_ROOT or PLANE_CLUSTER)"));
             }
         };
         if plane != self.plane {
-            return Err(Status::failed_precondition(format!(
+            return Err(link_error(Code::FailedPrecondition, "PLANE_MISMATCH", format!(
                 "this manager serves the {} plane; node {node} belongs to the {} plane",
                 convert::plane_name(self.plane),
                 convert::plane_name(plane),
@@ -305,15 +311,25 @@ impl LinkHub {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if connected.contains_key(&node) {
-                return Err(Status::already_exists(format!(
-                    "a monitor of node {node} is connected already"
-                )));
+                return Err(link_error(
+                    Code::AlreadyExists,
+                    "NODE_ALREADY_CONNECTED",
+                    format!("a monitor of node {node} is connected already"),
+                ));
             }
             connected.insert(node.clone(), epoch);
         }
-        let heartbeat_timeout = self.options.heartbeat_timeout.max(Duration::from_secs(
-            u64::from(hello.heartbeat_interval_seconds) * 3,
-        ));
+        let interval = hello
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::ZERO);
+        if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&interval) {
+            return Err(invalid(
+                "hello.heartbeat_interval",
+                format!("required, {MIN_HEARTBEAT:?} to {MAX_HEARTBEAT:?}"),
+            ));
+        }
+        let heartbeat_timeout = self.options.heartbeat_timeout.max(interval * 3);
         tracing::info!(%node, version = %hello.monitor_version, observed = hello.observed.len(), "monitor connected");
         let (tx, rx) = mpsc::channel(16);
         let hub = self.clone();
@@ -334,58 +350,60 @@ impl LinkHub {
     async fn run_link(
         &self,
         node: &str,
-        mut inbound: Streaming<pb::ConnectRequest>,
-        tx: &mpsc::Sender<Result<pb::ConnectResponse, Status>>,
+        mut inbound: Streaming<pb::OpenLinkRequest>,
+        tx: &mpsc::Sender<Result<pb::OpenLinkResponse, Status>>,
         heartbeat_timeout: Duration,
     ) -> Result<(), Status> {
         let mut desired = self.desired.clone();
-        let send = |message: connect_response::Message| async move {
-            tx.send(Ok(pb::ConnectResponse {
+        let send = |message: open_link_response::Message| async move {
+            tx.send(Ok(pb::OpenLinkResponse {
                 message: Some(message),
             }))
             .await
-            .map_err(|_| Status::cancelled("the monitor went away"))
+            .map_err(|_| link_error(Code::Cancelled, "MONITOR_GONE", "the monitor went away"))
         };
         let snapshot = desired.borrow_and_update().to_proto();
-        send(connect_response::Message::DesiredState(snapshot)).await?;
+        send(open_link_response::Message::DesiredState(snapshot)).await?;
         // Tell the monitor where its numbering stands here (0: nothing
         // stored), so a restarted monitor continues above what is stored
         // instead of being ignored.
         let stored = self.last_sequence(node).await?;
-        send(connect_response::Message::Ack(pb::Ack { sequence: stored })).await?;
+        send(open_link_response::Message::Ack(pb::Ack { sequence: stored })).await?;
         loop {
             tokio::select! {
                 biased;
                 () = self.shutdown.fired() => {
-                    return Err(Status::unavailable("the manager is shutting down; reconnect"));
+                    return Err(link_error(Code::Unavailable, "SHUTTING_DOWN", "the manager is shutting down; reconnect"));
                 }
                 changed = desired.changed() => {
                     if changed.is_err() {
-                        return Err(Status::unavailable("the manager is shutting down; reconnect"));
+                        return Err(link_error(Code::Unavailable, "SHUTTING_DOWN", "the manager is shutting down; reconnect"));
                     }
                     let snapshot = desired.borrow_and_update().to_proto();
-                    send(connect_response::Message::DesiredState(snapshot)).await?;
+                    send(open_link_response::Message::DesiredState(snapshot)).await?;
                 }
                 received = tokio::time::timeout(heartbeat_timeout, inbound.message()) => {
                     let message = match received {
-                        Err(_) => return Err(Status::deadline_exceeded(format!(
-                            "no message from node {node} for {heartbeat_timeout:?}"
-                        ))),
+                        Err(_) => return Err(link_error(
+                            Code::DeadlineExceeded,
+                            "HEARTBEAT_TIMEOUT",
+                            format!("no message from node {node} for {heartbeat_timeout:?}"),
+                        )),
                         Ok(Err(status)) => return Err(status),
                         Ok(Ok(None)) => return Ok(()),
                         Ok(Ok(Some(message))) => message,
                     };
                     match message.message {
-                        Some(connect_request::Message::Heartbeat(_)) => {}
-                        Some(connect_request::Message::Report(report)) => {
+                        Some(open_link_request::Message::Heartbeat(_)) => {}
+                        Some(open_link_request::Message::Report(report)) => {
                             let sequence = report.sequence;
                             self.apply_report(node, report).await?;
-                            send(connect_response::Message::Ack(pb::Ack { sequence })).await?;
+                            send(open_link_response::Message::Ack(pb::Ack { sequence })).await?;
                         }
-                        Some(connect_request::Message::Hello(_)) => {
-                            return Err(Status::invalid_argument("a link says hello once"));
+                        Some(open_link_request::Message::Hello(_)) => {
+                            return Err(invalid("hello", "a link says hello once"));
                         }
-                        None => return Err(Status::invalid_argument("empty message on the link")),
+                        None => return Err(invalid("message", "empty message on the link")),
                     }
                 }
             }
@@ -396,17 +414,17 @@ impl LinkHub {
     /// re-send, or about an installation that no longer exists).
     async fn apply_report(&self, node: &str, report: pb::StatusReport) -> Result<(), Status> {
         if report.sequence == 0 {
-            return Err(Status::invalid_argument("report.sequence: starts at 1"));
+            return Err(invalid("report.sequence", "starts at 1"));
         }
         if report.installation_id.is_empty() {
-            return Err(Status::invalid_argument("report.installation_id: required"));
+            return Err(invalid("report.installation_id", "required"));
         }
         let services = report
             .services
             .into_iter()
             .map(convert::service_status_from_proto)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|field| Status::invalid_argument(format!("report.services: {field}")))?;
+            .map_err(|field| invalid("report.services", field.to_string()))?;
         let (done, outcome) = oneshot::channel();
         let writer = self
             .writers
@@ -445,7 +463,7 @@ impl LinkHub {
         }
         outcome
             .await
-            .unwrap_or_else(|_| Err(Status::internal("a status report was dropped")))
+            .unwrap_or_else(|_| Err(link_error(Code::Internal, "REPORT_DROPPED", "a status report was dropped")))
     }
 
     /// Applies queued reports for one installation in one conditional write.
@@ -501,7 +519,9 @@ impl LinkHub {
             }
             Err(err) => {
                 tracing::warn!(%id, error = %err, "cannot persist status reports");
-                Err(Status::unavailable(
+                Err(link_error(
+                    Code::Unavailable,
+                    "STORE_UNAVAILABLE",
                     "cannot persist the report; reconnect and send it again",
                 ))
             }
@@ -516,7 +536,7 @@ impl LinkHub {
             .await
             .map_err(|err| {
                 tracing::warn!(%node, error = %err, "cannot read report sequences");
-                Status::unavailable("the store is unavailable; reconnect")
+                link_error(Code::Unavailable, "STORE_UNAVAILABLE", "the store is unavailable; reconnect")
             })?;
         Ok(all
             .iter()

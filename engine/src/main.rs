@@ -7,7 +7,7 @@ use addons_engine::{
     link::{LinkHub, LinkOptions},
 };
 use addons_server_kit::{
-    Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
+    Requests, Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
 };
 
 fn main() -> ExitCode {
@@ -27,6 +27,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let core = Manager::new(&store, &config.marketplace, config.plane).await?;
+    let requests = Requests::open(&store).await?;
     let hub = LinkHub::start(
         &store,
         config.plane,
@@ -45,7 +46,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     Server::new()
-        .add_service(ManagerApi::new(core, shutdown.clone()).into_service())
+        .add_service(ManagerApi::new(core, requests, shutdown.clone()).into_service())
         .add_service(MonitorLinkApi::new(hub).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await

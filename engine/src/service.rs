@@ -3,11 +3,13 @@
 use std::{collections::HashSet, time::Duration};
 
 use addons_descriptor::Descriptor;
-use addons_store::{ChangeKind, Collection, Filter, Page, Precondition, Store, Versioned};
+use addons_store::{
+    Collection, Event, Filter, FollowEnd, Page, Precondition, Start, Store, Versioned,
+};
 use oakestra_addons_proto::marketplace::v1::{
     self as mpb, marketplace_service_client::MarketplaceServiceClient,
 };
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::mpsc;
 use tonic::{
     Code,
     service::interceptor::InterceptedService,
@@ -27,24 +29,6 @@ const MAX_PAGE_SIZE: usize = 500;
 
 type Interceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
 type MarketplaceClient = MarketplaceServiceClient<InterceptedService<Channel, Interceptor>>;
-
-/// What a watcher receives.
-#[derive(Debug, Clone)]
-pub enum WatchEvent {
-    /// The installation as it is now.
-    Changed(Versioned<Installation>),
-    /// The installation was purged; its last state.
-    Deleted(Versioned<Installation>),
-}
-
-/// Why a watch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WatchEnd {
-    /// The watcher hung up, or the server is shutting down.
-    Done,
-    /// The watcher fell too far behind the changes and was dropped.
-    TooSlow,
-}
 
 /// The manager over its store and the marketplace. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -151,10 +135,11 @@ impl Manager {
                     .iter()
                     .any(|o| o.service_name == s.service_name)
             }) {
-                return Err(Error::NotInstallable(format!(
-                    "service `{}` is already provided by installation `{}` (addon `{}`)",
-                    service.service_name, other.value.id, other.value.addon.name
-                )));
+                return Err(Error::ServiceNameTaken {
+                    service: service.service_name.clone(),
+                    installation_id: other.value.id.clone(),
+                    addon: other.value.addon.name.clone(),
+                });
             }
         }
         Ok(())
@@ -177,10 +162,10 @@ impl Manager {
         };
         let status = mpb::AddonStatus::try_from(addon.status).unwrap_or_default();
         if status != mpb::AddonStatus::Approved {
-            return Err(Error::NotInstallable(format!(
-                "addon `{marketplace_id}` is {} and only approved addons can be installed",
-                status.as_str_name()
-            )));
+            return Err(Error::NotApproved {
+                marketplace_id: marketplace_id.to_owned(),
+                status: status.as_str_name().to_owned(),
+            });
         }
         let descriptor = Descriptor::from_proto(addon);
         if let Some(service) = descriptor
@@ -188,10 +173,10 @@ impl Manager {
             .iter()
             .find(|s| s.resolved_image.is_none())
         {
-            return Err(Error::NotInstallable(format!(
-                "service `{}` of addon `{marketplace_id}` has no image pinned by digest",
-                service.service_name
-            )));
+            return Err(Error::ImageNotPinned {
+                marketplace_id: marketplace_id.to_owned(),
+                service: service.service_name.clone(),
+            });
         }
         Ok(descriptor)
     }
@@ -205,34 +190,68 @@ impl Manager {
         &self,
         id: &str,
         purge: bool,
+        expected_revision: Option<u64>,
     ) -> Result<Option<Versioned<Installation>>, Error> {
-        let record = self
-            .installations
-            .modify(id, |installation| {
-                let mut changed = false;
-                if purge && !installation.purge_requested {
-                    installation.purge_requested = true;
-                    changed = true;
+        let change = |installation: &mut Installation| {
+            let mut changed = false;
+            if purge && !installation.purge_requested {
+                installation.purge_requested = true;
+                changed = true;
+            }
+            if !matches!(
+                installation.status,
+                InstallationStatus::Disabling | InstallationStatus::Disabled
+            ) {
+                installation.status = InstallationStatus::Disabling;
+                // Nothing reported running anywhere: nothing to wait for.
+                status::recompute(installation);
+                changed = true;
+            }
+            if changed {
+                installation.update_time = chrono::Utc::now();
+            }
+            changed
+        };
+        let not_found = |err| match err {
+            addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
+            err => err.into(),
+        };
+        let record = match expected_revision {
+            None => self
+                .installations
+                .modify(id, |installation| Ok(change(installation)))
+                .await
+                .map_err(not_found)?,
+            Some(expected) => {
+                let mut current = self.get(id).await?;
+                if current.revision != expected {
+                    return Err(Error::RevisionMismatch {
+                        id: id.to_owned(),
+                        current: current.revision,
+                        expected,
+                    });
                 }
-                if !matches!(
-                    installation.status,
-                    InstallationStatus::Disabling | InstallationStatus::Disabled
-                ) {
-                    installation.status = InstallationStatus::Disabling;
-                    // Nothing reported running anywhere: nothing to wait for.
-                    status::recompute(installation);
-                    changed = true;
+                if change(&mut current.value) {
+                    match self
+                        .installations
+                        .replace(current.value, &Precondition::revision(expected))
+                        .await
+                    {
+                        Ok(stored) => stored,
+                        Err(addons_store::Error::Conflict { .. }) => {
+                            return Err(Error::RevisionMismatch {
+                                id: id.to_owned(),
+                                current: self.get(id).await?.revision,
+                                expected,
+                            });
+                        }
+                        Err(err) => return Err(not_found(err)),
+                    }
+                } else {
+                    current
                 }
-                if changed {
-                    installation.update_time = chrono::Utc::now();
-                }
-                Ok(changed)
-            })
-            .await
-            .map_err(|err| match err {
-                addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
-                err => err.into(),
-            })?;
+            }
+        };
         if record.value.purge_requested && record.value.status == InstallationStatus::Disabled {
             let condition = Precondition::status_in([InstallationStatus::Disabled.as_str()]);
             self.installations.delete(id, &condition).await?;
@@ -271,58 +290,40 @@ impl Manager {
     }
 
     /// Sends the current state of the selected installations (all when `ids`
-    /// is empty), then every change, until `out` closes or `stop` fires. A
-    /// watcher that falls behind is ended with [`WatchEnd::TooSlow`] rather
-    /// than slowing writers or other watchers.
+    /// is empty), or from a cursor the changes after it, then the in-sync
+    /// marker, then every change, until `out` closes, `stop` fires or the
+    /// watcher falls behind (rather than slowing writers or other watchers).
     pub async fn watch(
         &self,
         ids: Vec<String>,
-        out: mpsc::Sender<WatchEvent>,
+        start: Start,
+        out: mpsc::Sender<Event<Installation>>,
         stop: impl std::future::Future<Output = ()>,
-    ) -> Result<WatchEnd, Error> {
-        tokio::pin!(stop);
+    ) -> Result<FollowEnd, Error> {
         let selected: HashSet<String> = ids.iter().cloned().collect();
-        let wanted = |id: &str| selected.is_empty() || selected.contains(id);
-        // Subscribe before reading, so no change falls between the two.
-        let mut changes = self.installations.watch();
-        let current = if ids.is_empty() {
-            self.installations.list_all(&Filter::default()).await?
-        } else {
-            let mut found = Vec::new();
-            for id in &ids {
-                found.push(self.get(id).await?);
-            }
-            found
-        };
-        for record in current {
-            if out.send(WatchEvent::Changed(record)).await.is_err() {
-                return Ok(WatchEnd::Done);
-            }
-        }
-        loop {
-            let change = tokio::select! {
-                () = &mut stop => return Ok(WatchEnd::Done),
-                () = out.closed() => return Ok(WatchEnd::Done),
-                received = changes.recv() => match received {
-                    Ok(change) => change,
-                    Err(RecvError::Lagged(_)) => return Ok(WatchEnd::TooSlow),
-                    Err(RecvError::Closed) => return Ok(WatchEnd::Done),
+        let result = self
+            .installations
+            .follow(
+                start,
+                async |installations| {
+                    if ids.is_empty() {
+                        return installations.list_all(&Filter::default()).await;
+                    }
+                    let mut found = Vec::new();
+                    for id in &ids {
+                        found.push(installations.require(id).await?);
+                    }
+                    Ok(found)
                 },
-            };
-            if !wanted(&change.record.value.id) {
-                continue;
-            }
-            let event = match change.kind {
-                ChangeKind::Upserted => WatchEvent::Changed(change.record),
-                ChangeKind::Deleted => WatchEvent::Deleted(change.record),
-            };
-            // A watcher whose buffer is full is too slow: end it instead of
-            // waiting on it.
-            match out.try_send(event) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => return Ok(WatchEnd::TooSlow),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(WatchEnd::Done),
-            }
+                |change| selected.is_empty() || selected.contains(&change.record.value.id),
+                |_| false,
+                out,
+                stop,
+            )
+            .await;
+        match result {
+            Err(addons_store::Error::NotFound { id, .. }) => Err(Error::NotFound(id)),
+            other => Ok(other?),
         }
     }
 }

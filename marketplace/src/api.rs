@@ -1,34 +1,47 @@
 //! The tonic adapter of `oakestra.addons.marketplace.v1.MarketplaceService`:
 //! converts, delegates to [`Marketplace`], maps errors.
 
-use addons_descriptor::Descriptor;
-use addons_server_kit::Shutdown;
+use addons_descriptor::{Descriptor, FieldViolation};
+use addons_server_kit::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown};
+use addons_store::{ChangeKind, Event, FollowEnd, Start};
 use oakestra_addons_proto::marketplace::v1::{
     self as pb,
     marketplace_service_server::{MarketplaceService, MarketplaceServiceServer},
 };
-use tokio::sync::mpsc;
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Marketplace, convert};
 
+/// How many events a watcher may have in flight before it is dropped.
+const WATCH_BUFFER: usize = 64;
+
 /// The gRPC face of the marketplace.
 #[derive(Debug, Clone)]
 pub struct MarketplaceApi {
     core: Marketplace,
+    requests: Requests,
     shutdown: Shutdown,
 }
 
 impl MarketplaceApi {
-    /// Serves `core`; watch streams end when `shutdown` fires.
-    pub fn new(core: Marketplace, shutdown: Shutdown) -> Self {
-        Self { core, shutdown }
+    /// Serves `core`, remembering mutating calls in `requests` for their
+    /// retries; watch streams end when `shutdown` fires.
+    pub fn new(core: Marketplace, requests: Requests, shutdown: Shutdown) -> Self {
+        Self {
+            core,
+            requests,
+            shutdown,
+        }
     }
 
-    /// The tonic service.
+    /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> MarketplaceServiceServer<Self> {
         MarketplaceServiceServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
     }
 }
 
@@ -39,9 +52,27 @@ fn required_id(id: &str) -> Result<&str, Status> {
     Ok(id)
 }
 
+/// Field paths of a publish's descriptor start at `addon.`.
+fn in_addon(violations: Vec<FieldViolation>) -> Error {
+    Error::Invalid(
+        violations
+            .into_iter()
+            .map(|v| FieldViolation::new(format!("addon.{}", v.field), v.reason))
+            .collect(),
+    )
+}
+
 type WatchStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::WatchAddonResponse, Status>> + Send>,
 >;
+
+fn change_type(kind: ChangeKind) -> pb::ChangeType {
+    match kind {
+        ChangeKind::Added => pb::ChangeType::Added,
+        ChangeKind::Modified => pb::ChangeType::Modified,
+        ChangeKind::Deleted => pb::ChangeType::Deleted,
+    }
+}
 
 #[tonic::async_trait]
 impl MarketplaceService for MarketplaceApi {
@@ -49,16 +80,37 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::PublishAddonRequest>,
     ) -> Result<Response<pb::PublishAddonResponse>, Status> {
-        let addon = request
-            .into_inner()
-            .addon
-            .ok_or_else(|| Error::required("addon"))?;
-        let descriptor = Descriptor::from_proto(addon);
-        let stored = self.core.publish(descriptor).await?;
-        tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
-        Ok(Response::new(pb::PublishAddonResponse {
-            addon: Some(convert::addon_to_proto(stored)),
-        }))
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        self.requests
+            .once("PublishAddon", &request_id, &request, || async {
+                let addon = request
+                    .addon
+                    .clone()
+                    .ok_or_else(|| Error::required("addon"))?;
+                if addon.encoded_len() > addons_descriptor::MAX_ENCODED_ADDON {
+                    return Err(Error::Invalid(vec![FieldViolation::new(
+                        "addon",
+                        format!(
+                            "encodes to {} bytes, at most {} are accepted",
+                            addon.encoded_len(),
+                            addons_descriptor::MAX_ENCODED_ADDON
+                        ),
+                    )])
+                    .into());
+                }
+                let descriptor = Descriptor::from_proto(addon);
+                let stored = self.core.publish(descriptor).await.map_err(|err| match err {
+                    Error::Invalid(violations) => in_addon(violations),
+                    other => other,
+                })?;
+                tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
+                Ok(pb::PublishAddonResponse {
+                    addon: Some(convert::addon_to_proto(stored)),
+                })
+            })
+            .await
+            .map(Response::new)
     }
 
     async fn get_addon(
@@ -99,23 +151,37 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::DeleteAddonRequest>,
     ) -> Result<Response<pb::DeleteAddonResponse>, Status> {
-        let id = required_id(&request.get_ref().id)?;
-        self.core.delete(id).await?;
-        tracing::info!(%id, "addon deleted");
-        Ok(Response::new(pb::DeleteAddonResponse {}))
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        self.requests
+            .once("DeleteAddon", &request_id, &request, || async {
+                let id = required_id(&request.id)?;
+                self.core.delete(id, request.expected_revision).await?;
+                tracing::info!(%id, "addon deleted");
+                Ok(pb::DeleteAddonResponse {})
+            })
+            .await
+            .map(Response::new)
     }
 
     async fn reverify_addon(
         &self,
         request: Request<pb::ReverifyAddonRequest>,
     ) -> Result<Response<pb::ReverifyAddonResponse>, Status> {
-        let addon = self
-            .core
-            .reverify(required_id(&request.get_ref().id)?)
-            .await?;
-        Ok(Response::new(pb::ReverifyAddonResponse {
-            addon: Some(convert::addon_to_proto(addon)),
-        }))
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        self.requests
+            .once("ReverifyAddon", &request_id, &request, || async {
+                let addon = self
+                    .core
+                    .reverify(required_id(&request.id)?, request.expected_revision)
+                    .await?;
+                Ok(pb::ReverifyAddonResponse {
+                    addon: Some(convert::addon_to_proto(addon)),
+                })
+            })
+            .await
+            .map(Response::new)
     }
 
     type WatchAddonStream = WatchStream;
@@ -124,17 +190,47 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::WatchAddonRequest>,
     ) -> Result<Response<Self::WatchAddonStream>, Status> {
-        let id = required_id(&request.get_ref().id)?.to_owned();
-        let (tx, rx) = mpsc::channel(16);
+        let request = request.into_inner();
+        let id = required_id(&request.id)?.to_owned();
+        let start = match request.since_revision {
+            0 => {
+                // An unknown addon fails the call itself, before the stream.
+                self.core.get(&id).await?;
+                Start::Snapshot
+            }
+            since => Start::After(since),
+        };
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let (end_tx, end_rx) = oneshot::channel();
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move { core.watch(&id, tx, shutdown.fired()).await });
-        let stream = ReceiverStream::new(rx).map(|item| {
-            item.map(|addon| pb::WatchAddonResponse {
-                addon: Some(convert::addon_to_proto(addon)),
-            })
-            .map_err(Status::from)
+        tokio::spawn(async move {
+            let end = core.watch(&id, start, tx, shutdown.fired()).await;
+            let _ = end_tx.send(end);
         });
+        let events = ReceiverStream::new(rx).map(|event| {
+            Ok(match event {
+                Event::Change(change) => pb::WatchAddonResponse {
+                    r#type: change_type(change.kind).into(),
+                    sequence: change.seq,
+                    addon: Some(convert::addon_to_proto(change.record)),
+                    in_sync: false,
+                },
+                Event::InSync(sequence) => pb::WatchAddonResponse {
+                    sequence,
+                    in_sync: true,
+                    ..pb::WatchAddonResponse::default()
+                },
+            })
+        });
+        let ending = futures::stream::once(async move {
+            match end_rx.await {
+                Ok(Ok(FollowEnd::Stopped | FollowEnd::Ended)) | Err(_) => None,
+                Ok(Ok(FollowEnd::Lagged { resume_from })) => Some(Err(addons_server_kit::watch_too_slow(resume_from))),
+                Ok(Err(err)) => Some(Err(Status::from(err))),
+            }
+        });
+        let stream = events.chain(ending.filter_map(|end| end));
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,21 +1,40 @@
-//! The marketplace's error type and its one mapping to gRPC statuses.
+//! The marketplace's error type and its one mapping to gRPC statuses, each
+//! with the stable `ErrorInfo` reason the contract documents.
 
 use addons_descriptor::FieldViolation;
-use tonic::Status;
-use tonic_types::{ErrorDetails, StatusExt as _};
+use addons_server_kit::ApiError;
+use tonic::{Code, Status};
+
+/// The resource type named in `ResourceInfo` details.
+const ADDON: &str = "oakestra.addons.marketplace.v1.Addon";
 
 /// Why a marketplace operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is invalid; each entry is a field path and what is wrong.
-    #[error("invalid addon: {}", summary(.0))]
+    #[error("invalid request: {}", summary(.0))]
     Invalid(Vec<FieldViolation>),
     /// No addon has the id.
     #[error("addon `{0}` not found")]
     NotFound(String),
     /// Another addon has the name.
-    #[error("an addon named `{0}` already exists")]
-    NameTaken(String),
+    #[error("an addon named `{name}` already exists (`{existing_id}`)")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The addon holding it.
+        existing_id: String,
+    },
+    /// The addon is not at the revision the request expected.
+    #[error("addon `{id}` is at revision {current}, the request expected {expected}")]
+    RevisionMismatch {
+        /// The addon.
+        id: String,
+        /// Its revision now.
+        current: u64,
+        /// What the request expected.
+        expected: u64,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] addons_store::Error),
@@ -38,17 +57,26 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
+        let message = err.to_string();
         match err {
-            Error::Invalid(violations) => {
-                let message = format!("invalid addon: {}", summary(&violations));
-                let mut details = ErrorDetails::new();
-                for violation in violations {
-                    details.add_bad_request_violation(violation.field, violation.reason);
-                }
-                Status::with_error_details(tonic::Code::InvalidArgument, message, details)
+            Error::Invalid(violations) => ApiError::invalid(
+                message,
+                violations.into_iter().map(|v| (v.field, v.reason)),
+            )
+            .into(),
+            Error::NotFound(id) => ApiError::new(Code::NotFound, "ADDON_NOT_FOUND", message)
+                .resource(ADDON, id)
+                .into(),
+            Error::NameTaken { existing_id, .. } => {
+                ApiError::new(Code::AlreadyExists, "ADDON_NAME_TAKEN", message)
+                    .resource(ADDON, existing_id)
+                    .into()
             }
-            Error::NotFound(_) => Status::not_found(err.to_string()),
-            Error::NameTaken(_) => Status::already_exists(err.to_string()),
+            Error::RevisionMismatch { current, .. } => {
+                ApiError::new(Code::Aborted, "REVISION_MISMATCH", message)
+                    .metadata("current_revision", current)
+                    .into()
+            }
             Error::Store(err) => addons_server_kit::store_error_to_status(err),
         }
     }

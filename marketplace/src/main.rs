@@ -7,7 +7,7 @@ use addons_marketplace::{
     registry::Registry,
 };
 use addons_server_kit::{
-    Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
+    Requests, Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
 };
 
 fn main() -> ExitCode {
@@ -41,8 +41,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    let requests = Requests::open(&store).await?;
     Server::new()
-        .add_service(MarketplaceApi::new(core, shutdown.clone()).into_service())
+        .add_service(MarketplaceApi::new(core, requests, shutdown.clone()).into_service())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use addons_descriptor::Descriptor;
 use addons_server_kit::Shutdown;
-use addons_store::{Change, ChangeKind, Collection, Filter, Page, Precondition, Store, Versioned};
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use addons_store::{
+    ChangeKind, Collection, Event, Filter, FollowEnd, Page, Precondition, Start, Store, Versioned,
+};
+use tokio::sync::mpsc;
 
 use crate::{
     Error,
@@ -64,7 +66,21 @@ impl Marketplace {
                 self.queue.enqueue(&stored.value.id);
                 Ok(stored)
             }
-            Err(addons_store::Error::AlreadyExists { .. }) => Err(Error::NameTaken(name)),
+            Err(addons_store::Error::AlreadyExists { .. }) => {
+                let filter = Filter {
+                    unique_key: Some(name.clone()),
+                    ..Filter::default()
+                };
+                let holder = self.addons.list(&filter, 1, None).await?;
+                Err(Error::NameTaken {
+                    name,
+                    existing_id: holder
+                        .items
+                        .first()
+                        .map(|a| a.value.id.clone())
+                        .unwrap_or_default(),
+                })
+            }
             Err(err) => Err(err.into()),
         }
     }
@@ -101,85 +117,114 @@ impl Marketplace {
         Ok(self.addons.list(&filter, page_size, page_token).await?)
     }
 
-    /// Deletes an addon.
-    pub async fn delete(&self, id: &str) -> Result<(), Error> {
-        if self.addons.delete(id, &Precondition::none()).await? {
-            Ok(())
-        } else {
-            Err(Error::NotFound(id.to_owned()))
+    /// Deletes an addon, only while it is at `expected_revision` when given.
+    pub async fn delete(&self, id: &str, expected_revision: Option<u64>) -> Result<(), Error> {
+        let condition = Precondition {
+            revision: expected_revision,
+            status_in: Vec::new(),
+        };
+        match self.addons.delete(id, &condition).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::NotFound(id.to_owned())),
+            Err(addons_store::Error::Conflict { .. }) => {
+                Err(self.mismatch(id, expected_revision.unwrap_or_default()).await)
+            }
+            Err(err) => Err(err.into()),
         }
     }
 
-    /// Puts an addon back in review with a fresh verification.
-    pub async fn reverify(&self, id: &str) -> Result<Versioned<Addon>, Error> {
-        let result = self
-            .addons
-            .modify(id, |addon| {
-                addon.status = AddonStatus::UnderReview;
-                addon.verification = Verification::default();
-                for service in &mut addon.descriptor.services {
-                    service.resolved_image = None;
+    /// The error for a request that expected another revision.
+    async fn mismatch(&self, id: &str, expected: u64) -> Error {
+        match self.addons.get(id).await {
+            Ok(Some(current)) => Error::RevisionMismatch {
+                id: id.to_owned(),
+                current: current.revision,
+                expected,
+            },
+            Ok(None) => Error::NotFound(id.to_owned()),
+            Err(err) => err.into(),
+        }
+    }
+
+    /// Puts an addon back in review with a fresh verification, only while it
+    /// is at `expected_revision` when given.
+    pub async fn reverify(
+        &self,
+        id: &str,
+        expected_revision: Option<u64>,
+    ) -> Result<Versioned<Addon>, Error> {
+        let reset = |addon: &mut Addon| {
+            addon.status = AddonStatus::UnderReview;
+            addon.verification = Verification::default();
+            for service in &mut addon.descriptor.services {
+                service.resolved_image = None;
+            }
+            addon.update_time = chrono::Utc::now();
+        };
+        let result = match expected_revision {
+            Some(expected) => match self.addons.get(id).await? {
+                None => return Err(Error::NotFound(id.to_owned())),
+                Some(current) if current.revision != expected => {
+                    return Err(Error::RevisionMismatch {
+                        id: id.to_owned(),
+                        current: current.revision,
+                        expected,
+                    });
                 }
-                addon.update_time = chrono::Utc::now();
-                Ok(true)
-            })
-            .await;
+                Some(mut current) => {
+                    reset(&mut current.value);
+                    self.addons
+                        .replace(current.value, &Precondition::revision(expected))
+                        .await
+                }
+            },
+            None => {
+                self.addons
+                    .modify(id, |addon| {
+                        reset(addon);
+                        Ok(true)
+                    })
+                    .await
+            }
+        };
         match result {
             Ok(stored) => {
                 self.queue.enqueue(id);
                 Ok(stored)
             }
             Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
+            Err(addons_store::Error::Conflict { .. }) => {
+                Err(self.mismatch(id, expected_revision.unwrap_or_default()).await)
+            }
             Err(err) => Err(err.into()),
         }
     }
 
-    /// Sends the addon's current state to `out`, then every change, until
-    /// the addon is deleted, `out` is closed, or `stop` completes.
+    /// Sends the addon's current state (or, from a cursor, the changes after
+    /// it) to `out`, the in-sync marker, then every change, until the addon
+    /// is deleted, `out` is closed, `stop` completes or the watcher falls
+    /// behind.
     pub async fn watch(
         &self,
         id: &str,
-        out: mpsc::Sender<Result<Versioned<Addon>, Error>>,
+        start: Start,
+        out: mpsc::Sender<Event<Addon>>,
         stop: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(stop);
-        // Subscribe before reading, so no change falls between the two.
-        let mut changes = self.addons.watch();
-        let mut last_revision = 0;
-        let mut current = Some(self.get(id).await);
-        loop {
-            if let Some(state) = current.take() {
-                let end = state.is_err();
-                if let Ok(record) = &state {
-                    last_revision = record.revision;
-                }
-                if out.send(state).await.is_err() || end {
-                    return;
-                }
-            }
-            let change: Change<Addon> = tokio::select! {
-                () = &mut stop => return,
-                () = out.closed() => return,
-                received = changes.recv() => match received {
-                    Ok(change) => change,
-                    // Fell behind: the current state is all that matters.
-                    Err(RecvError::Lagged(_)) => {
-                        current = Some(self.get(id).await);
-                        continue;
-                    }
-                    Err(RecvError::Closed) => return,
-                },
-            };
-            if change.record.value.id != id {
-                continue;
-            }
-            match change.kind {
-                ChangeKind::Deleted => return,
-                ChangeKind::Upserted if change.record.revision > last_revision => {
-                    current = Some(Ok(change.record));
-                }
-                ChangeKind::Upserted => {}
-            }
+    ) -> Result<FollowEnd, Error> {
+        let result = self
+            .addons
+            .follow(
+                start,
+                async |addons| Ok(vec![addons.require(id).await?]),
+                |change| change.record.value.id == id,
+                |change| change.kind == ChangeKind::Deleted,
+                out,
+                stop,
+            )
+            .await;
+        match result {
+            Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
+            other => Ok(other?),
         }
     }
 }

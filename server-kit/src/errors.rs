@@ -98,6 +98,20 @@ impl From<ApiError> for Status {
     }
 }
 
+/// RESOURCE_EXHAUSTED `WATCH_TOO_SLOW` for a watcher that fell behind: it
+/// resumes with `since_revision` = `resume_from` (also in the metadata).
+pub fn watch_too_slow(resume_from: u64) -> Status {
+    ApiError::new(
+        Code::ResourceExhausted,
+        "WATCH_TOO_SLOW",
+        format!(
+            "watcher fell too far behind the changes; watch again with since_revision {resume_from}"
+        ),
+    )
+    .metadata("resume_from", resume_from)
+    .into()
+}
+
 /// The stable reason of a status made by [`ApiError`], if it has one.
 pub fn reason_of(status: &Status) -> Option<String> {
     status

@@ -21,6 +21,7 @@ mod changelog;
 mod collection;
 mod embedded;
 mod error;
+mod follow;
 mod mongo;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -31,6 +32,7 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use crate::{
     changelog::{ChangeKind, RETAINED as CHANGES_RETAINED},
     collection::{Change, Collection},
+    follow::{Event, FollowEnd, Start},
     error::{Error, Result},
 };
 
