@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
+use crate::{
+    ClientError, ClientOptions, RetryPolicy,
+    watch::{Cursor, new_request_id, resumed},
+};
 
 /// A typed client of the Addons Manager.
 #[derive(Debug, Clone)]
@@ -32,6 +35,11 @@ pub struct InstallOptions {
 pub struct InstallationEvent {
     /// The installation as it is now (its last state when deleted).
     pub installation: pb::Installation,
+    /// What happened: added (or part of the initial state), modified, or
+    /// deleted (purged).
+    pub change: pb::ChangeType,
+    /// The change's position in the manager's change sequence.
+    pub sequence: u64,
     /// It was purged.
     pub deleted: bool,
 }
@@ -51,26 +59,36 @@ impl ManagerClient {
         }
     }
 
-    /// Installs an approved addon. Not retried: a lost answer could mean
-    /// it was installed (a second attempt would answer `ALREADY_EXISTS`).
+    /// Installs an approved addon. Retried on `UNAVAILABLE` with one
+    /// `request_id`, so the manager installs it once however often the
+    /// request arrives.
     pub async fn install(
         &self,
         marketplace_id: &str,
         options: InstallOptions,
     ) -> Result<pb::Installation, ClientError> {
-        let response = crate::retry::within(
-            self.timeout,
-            self.inner.clone().install_addon(pb::InstallAddonRequest {
-                marketplace_id: marketplace_id.to_owned(),
-                keep_core_stopped_on_failure: options.keep_core_stopped_on_failure,
-            }),
-        )
-        .await?;
+        let request = pb::InstallAddonRequest {
+            marketplace_id: marketplace_id.to_owned(),
+            keep_core_stopped_on_failure: options.keep_core_stopped_on_failure,
+            request_id: new_request_id(),
+        };
+        let response = self
+            .retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move {
+                    inner.install_addon(request).await
+                })
+            })
+            .await?;
         Ok(response.into_inner().installation.unwrap_or_default())
     }
 
-    /// Uninstalls; repeating it is harmless, so it is retried.
+    /// Uninstalls; retried on `UNAVAILABLE` with one `request_id`, so a
+    /// purge whose answer was lost succeeds on its retry.
     pub async fn uninstall(&self, id: &str, purge: bool) -> Result<pb::Installation, ClientError> {
+        let request_id = new_request_id();
         let response = self
             .retry
             .run(|| {
@@ -79,6 +97,8 @@ impl ManagerClient {
                 let request = pb::UninstallAddonRequest {
                     id: id.to_owned(),
                     purge,
+                    request_id: request_id.clone(),
+                    expected_revision: None,
                 };
                 crate::retry::within(timeout, async move { inner.uninstall_addon(request).await })
             })
@@ -149,7 +169,8 @@ impl ManagerClient {
 
     /// Changes of the installations `ids` (every installation when empty),
     /// starting with their current states. A dropped stream is reopened
-    /// (with backoff) and states already seen are skipped.
+    /// (with backoff) from the last sequence received, so no change is lost
+    /// or repeated.
     pub fn watch(
         &self,
         ids: Vec<String>,
@@ -157,32 +178,30 @@ impl ManagerClient {
         let client = self.clone();
         resumed(
             self.retry,
-            move || {
+            move |since_revision| {
                 let mut inner = client.inner.clone();
                 let ids = ids.clone();
                 async move {
                     let stream = inner
-                        .watch_installations(pb::WatchInstallationsRequest { ids })
+                        .watch_installations(pb::WatchInstallationsRequest {
+                            ids,
+                            since_revision,
+                        })
                         .await?
                         .into_inner();
                     Ok(stream.map(|item| {
                         item.map(|r| InstallationEvent {
+                            change: r.r#type(),
+                            sequence: r.sequence,
+                            deleted: r.r#type() == pb::ChangeType::Deleted,
                             installation: r.installation.unwrap_or_default(),
-                            deleted: r.deleted,
                         })
                     }))
                 }
             },
-            |event: &InstallationEvent| {
-                (
-                    event.installation.id.clone(),
-                    // A deletion comes after every revision of the record.
-                    if event.deleted {
-                        u64::MAX
-                    } else {
-                        event.installation.revision
-                    },
-                )
+            |event: &InstallationEvent| Cursor {
+                sequence: event.sequence,
+                marker: event.change == pb::ChangeType::Unspecified,
             },
         )
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use crate::{ClientError, ClientOptions, RetryPolicy, watch::resumed};
+use crate::{ClientError, ClientOptions, RetryPolicy, watch::{Cursor, new_request_id, resumed}};
 
 /// A typed client of the marketplace.
 #[derive(Debug, Clone)]
@@ -58,16 +58,23 @@ impl MarketplaceClient {
         }
     }
 
-    /// Publishes an addon; it starts under review. Not retried: a lost
-    /// answer could mean it was published.
+    /// Publishes an addon; it starts under review. Retried on
+    /// `UNAVAILABLE` with one `request_id`, so it is published once.
     pub async fn publish(&self, addon: pb::Addon) -> Result<pb::Addon, ClientError> {
-        let response = crate::retry::within(
-            self.timeout,
-            self.inner
-                .clone()
-                .publish_addon(pb::PublishAddonRequest { addon: Some(addon) }),
-        )
-        .await?;
+        let request = pb::PublishAddonRequest {
+            addon: Some(addon),
+            request_id: new_request_id(),
+        };
+        let response = self
+            .retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move {
+                    inner.publish_addon(request).await
+                })
+            })
+            .await?;
         Ok(response.into_inner().addon.unwrap_or_default())
     }
 
@@ -126,26 +133,40 @@ impl MarketplaceClient {
         })
     }
 
-    /// Deletes the addon; deleting it again answers `NOT_FOUND`.
+    /// Deletes the addon. Retried on `UNAVAILABLE` with one `request_id`
+    /// (a retry after a lost answer succeeds); a new call after the addon is
+    /// gone answers `NOT_FOUND`.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        crate::retry::within(
-            self.timeout,
-            self.inner
-                .clone()
-                .delete_addon(pb::DeleteAddonRequest { id: id.to_owned() }),
-        )
-        .await?;
+        let request = pb::DeleteAddonRequest {
+            id: id.to_owned(),
+            request_id: new_request_id(),
+            expected_revision: None,
+        };
+        self.retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move {
+                    inner.delete_addon(request).await
+                })
+            })
+            .await?;
         Ok(())
     }
 
     /// Puts the addon back under review and verifies it again.
     pub async fn reverify(&self, id: &str) -> Result<pb::Addon, ClientError> {
+        let request_id = new_request_id();
         let response = self
             .retry
             .run(|| {
                 let mut inner = self.inner.clone();
                 let timeout = self.timeout;
-                let request = pb::ReverifyAddonRequest { id: id.to_owned() };
+                let request = pb::ReverifyAddonRequest {
+                    id: id.to_owned(),
+                    request_id: request_id.clone(),
+                    expected_revision: None,
+                };
                 crate::retry::within(timeout, async move { inner.reverify_addon(request).await })
             })
             .await?;
@@ -153,8 +174,9 @@ impl MarketplaceClient {
     }
 
     /// The addon's states as they change, starting with the current one.
-    /// A dropped stream is reopened (with backoff) and states already seen
-    /// (by revision) are skipped; the stream ends on a definite error.
+    /// A dropped stream is reopened (with backoff) from the last sequence
+    /// received, so no change is lost or repeated; the stream ends after the
+    /// addon's deletion (its last state) or on a definite error.
     pub fn watch(
         &self,
         id: &str,
@@ -163,18 +185,26 @@ impl MarketplaceClient {
         let id = id.to_owned();
         resumed(
             self.retry,
-            move || {
+            move |since_revision| {
                 let mut inner = client.inner.clone();
                 let id = id.clone();
                 async move {
                     let stream = inner
-                        .watch_addon(pb::WatchAddonRequest { id })
+                        .watch_addon(pb::WatchAddonRequest { id, since_revision })
                         .await?
                         .into_inner();
-                    Ok(stream.map(|item| item.map(|r| r.addon.unwrap_or_default())))
+                    Ok(stream.map(|item| item.map(WatchedAddon)))
                 }
             },
-            |addon: &pb::Addon| (addon.id.clone(), addon.revision),
+            |item: &WatchedAddon| Cursor {
+                sequence: item.0.sequence,
+                marker: item.0.in_sync,
+            },
         )
+        .map(|item| item.map(|watched| watched.0.addon.unwrap_or_default()))
     }
 }
+
+/// One message of a marketplace watch.
+#[derive(Debug)]
+struct WatchedAddon(pb::WatchAddonResponse);

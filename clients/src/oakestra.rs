@@ -121,7 +121,7 @@ struct Network {
     enable_ipv6: bool,
 }
 
-fn strings(map: BTreeMap<String, Scalar>) -> std::collections::HashMap<String, String> {
+fn strings(map: BTreeMap<String, Scalar>) -> BTreeMap<String, String> {
     map.into_iter().map(|(k, v)| (k, v.text())).collect()
 }
 
@@ -156,6 +156,28 @@ fn at(path: &str) -> String {
     }
 }
 
+/// Oakestra's `src:dst[:ro]` volume strings as mounts.
+fn mounts(service: usize, volumes: &[String]) -> Result<Vec<pb::Mount>, String> {
+    volumes
+        .iter()
+        .enumerate()
+        .map(|(j, text)| {
+            let mount = addons_descriptor::Mount::parse(text)
+                .map_err(|reason| format!("services[{service}].volumes[{j}]: `{text}`: {reason}"))?;
+            Ok(pb::Mount {
+                source: Some(match mount.source {
+                    addons_descriptor::MountSource::HostPath(path) => {
+                        pb::mount::Source::HostPath(path)
+                    }
+                    addons_descriptor::MountSource::Volume(name) => pb::mount::Source::Volume(name),
+                }),
+                target: mount.target,
+                read_only: mount.read_only,
+            })
+        })
+        .collect()
+}
+
 fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
     let mut services = Vec::new();
     for (i, service) in descriptor.services.into_iter().enumerate() {
@@ -171,6 +193,16 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
                 Some((port, protocol)) => (port, protocol.to_owned()),
                 None => (container.as_str(), "tcp".to_owned()),
             };
+            let protocol = match protocol.to_ascii_lowercase().as_str() {
+                "tcp" => pb::Protocol::Tcp,
+                "udp" => pb::Protocol::Udp,
+                other => {
+                    return Err(format!(
+                        "services[{i}].ports: `{container}` has protocol `{other}`; tcp or udp"
+                    ));
+                }
+            }
+            .into();
             let container_port = port.trim().parse::<u32>().map_err(|_| {
                 format!("services[{i}].ports: `{container}` is not a container port")
             })?;
@@ -190,7 +222,7 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
             command,
             environment: strings(service.environment),
             ports,
-            volumes: service.volumes,
+            mounts: mounts(i, &service.volumes)?,
             networks: service.networks,
             labels: strings(service.labels),
             privileged: service.privileged,

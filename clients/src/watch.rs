@@ -1,43 +1,55 @@
-//! Watch streams that survive a dropped connection.
+//! Watch streams that survive a dropped connection by resuming from their
+//! cursor.
 
-use std::{collections::HashMap, future::Future};
+use std::future::Future;
 
 use futures::{Stream, StreamExt as _};
 use tonic::Code;
 
 use crate::{ClientError, RetryPolicy};
 
-/// Opens a watch with `open` and yields its items; when the stream breaks
-/// with `UNAVAILABLE` (or ends, which the servers do only when shutting
-/// down), it is reopened after a backoff from `retry`. Watches start with
-/// the current state, so after a reopen the items whose `(key, revision)`
-/// was already seen are skipped. Any other error is yielded and ends it.
+/// Where a watch stands, as the servers number changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    /// The `sequence` of the last message received.
+    pub sequence: u64,
+    /// Whether the message is the in-sync marker (not handed on).
+    pub marker: bool,
+}
+
+/// Opens a watch with `open(since_revision)` and yields its items. When the
+/// stream breaks with `UNAVAILABLE`, ends (which the servers do only when
+/// shutting down) or is ended as too slow (`RESOURCE_EXHAUSTED`), it is
+/// reopened after a backoff from `retry` with the sequence of the last
+/// message received, so it receives exactly the changes it missed. A cursor
+/// the server no longer holds (`OUT_OF_RANGE`) reopens from the current
+/// state. Any other error is yielded and ends it.
 pub(crate) fn resumed<T, S, F, Fut>(
     retry: RetryPolicy,
     open: F,
-    version: impl Fn(&T) -> (String, u64) + Send + 'static,
+    cursor: impl Fn(&T) -> Cursor + Send + 'static,
 ) -> impl Stream<Item = Result<T, ClientError>> + Send + 'static
 where
     T: Send + 'static,
     S: Stream<Item = Result<T, tonic::Status>> + Send + Unpin + 'static,
-    F: Fn() -> Fut + Send + 'static,
+    F: Fn(u64) -> Fut + Send + 'static,
     Fut: Future<Output = Result<S, tonic::Status>> + Send,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut since = 0_u64;
         let mut failures = 0_u32;
         loop {
-            let broken = match open().await {
+            let broken = match open(since).await {
                 Ok(mut stream) => loop {
                     match stream.next().await {
                         Some(Ok(item)) => {
                             failures = 0;
-                            let (key, revision) = version(&item);
-                            if seen.get(&key).is_some_and(|last| *last >= revision) {
+                            let at = cursor(&item);
+                            since = since.max(at.sequence);
+                            if at.marker {
                                 continue;
                             }
-                            seen.insert(key, revision);
                             if tx.send(Ok(item)).await.is_err() {
                                 return;
                             }
@@ -48,7 +60,15 @@ where
                 },
                 Err(status) => crate::retry::lost_connection(status),
             };
-            if broken.code() != Code::Unavailable || failures + 1 >= retry.max_attempts.max(1) {
+            match broken.code() {
+                Code::Unavailable | Code::ResourceExhausted => {}
+                Code::OutOfRange if since > 0 => since = 0,
+                _ => {
+                    let _ = tx.send(Err(broken.into())).await;
+                    return;
+                }
+            }
+            if failures + 1 >= retry.max_attempts.max(1) {
                 let _ = tx.send(Err(broken.into())).await;
                 return;
             }
@@ -57,4 +77,10 @@ where
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A fresh `request_id` for one logical mutating call: every retry of the
+/// call sends the same one, so the server runs it once (AIP-155).
+pub(crate) fn new_request_id() -> String {
+    ulid::Ulid::new().to_string().to_lowercase()
 }

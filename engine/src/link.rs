@@ -121,6 +121,7 @@ fn desired_entry(installation: &Installation) -> Option<pb::DesiredInstallation>
     Some(pb::DesiredInstallation {
         installation_id: installation.id.clone(),
         addon: Some(installation.addon.clone().into_snapshot()),
+        marketplace_id: installation.marketplace_id.clone(),
         presence: presence.into(),
         purge_volumes: installation.purge_requested,
         keep_core_stopped_on_failure: installation.keep_core_stopped_on_failure,

@@ -94,7 +94,10 @@ pub async fn publish_approved(
     let client = MarketplaceServiceClient::new(marketplace.channel());
     let published = client
         .clone()
-        .publish_addon(PublishAddonRequest { addon: Some(addon) })
+        .publish_addon(PublishAddonRequest {
+            addon: Some(addon),
+            request_id: String::new(),
+        })
         .await
         .unwrap_or_else(|status| panic!("publish: {status}"))
         .into_inner()

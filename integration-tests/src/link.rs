@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use oakestra_addons_proto::engine::v1::{
-    self as pb, connect_request, connect_response,
+    self as pb, open_link_request, open_link_response,
     monitor_link_service_client::MonitorLinkServiceClient,
 };
 use tokio::sync::mpsc;
@@ -17,8 +17,8 @@ use tonic::{Status, Streaming, transport::Channel};
 pub struct TestMonitor {
     node: String,
     plane: pb::Plane,
-    tx: mpsc::Sender<pb::ConnectRequest>,
-    inbound: Streaming<pb::ConnectResponse>,
+    tx: mpsc::Sender<pb::OpenLinkRequest>,
+    inbound: Streaming<pb::OpenLinkResponse>,
     next_sequence: u64,
     unacked: BTreeMap<u64, pb::StatusReport>,
     /// The newest desired state received.
@@ -27,15 +27,15 @@ pub struct TestMonitor {
     pub acked: u64,
 }
 
-fn hello(node: &str, plane: pb::Plane) -> pb::ConnectRequest {
-    pb::ConnectRequest {
-        message: Some(connect_request::Message::Hello(pb::Hello {
+fn hello(node: &str, plane: pb::Plane) -> pb::OpenLinkRequest {
+    pb::OpenLinkRequest {
+        message: Some(open_link_request::Message::Hello(pb::Hello {
             node_id: node.to_owned(),
             plane: plane.into(),
             monitor_version: "test".into(),
             observed: Vec::new(),
             applied_generation: 0,
-            heartbeat_interval_seconds: 0,
+            heartbeat_interval: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
         })),
     }
 }
@@ -43,18 +43,18 @@ fn hello(node: &str, plane: pb::Plane) -> pb::ConnectRequest {
 /// Opens a link whose first message is `first`; for protocol tests.
 pub async fn open_raw(
     channel: Channel,
-    first: pb::ConnectRequest,
+    first: pb::OpenLinkRequest,
 ) -> Result<
     (
-        mpsc::Sender<pb::ConnectRequest>,
-        Streaming<pb::ConnectResponse>,
+        mpsc::Sender<pb::OpenLinkRequest>,
+        Streaming<pb::OpenLinkResponse>,
     ),
     Status,
 > {
     let (tx, rx) = mpsc::channel(64);
     tx.send(first).await.expect("queue the first message");
     let inbound = MonitorLinkServiceClient::new(channel)
-        .connect(ReceiverStream::new(rx))
+        .open_link(ReceiverStream::new(rx))
         .await?
         .into_inner();
     Ok((tx, inbound))
@@ -83,8 +83,8 @@ impl TestMonitor {
         let mut acked = false;
         while !acked || self.desired.is_none() {
             match self.next().await? {
-                Some(pb::ConnectResponse {
-                    message: Some(connect_response::Message::Ack(_)),
+                Some(pb::OpenLinkResponse {
+                    message: Some(open_link_response::Message::Ack(_)),
                 }) => acked = true,
                 Some(_) => {}
                 None => return Err(Status::unavailable("link closed during the handshake")),
@@ -101,7 +101,7 @@ impl TestMonitor {
         self.inbound = inbound;
         self.handshake().await?;
         for report in self.unacked.values() {
-            self.send(connect_request::Message::Report(report.clone()))
+            self.send(open_link_request::Message::Report(report.clone()))
                 .await;
         }
         Ok(())
@@ -110,18 +110,18 @@ impl TestMonitor {
     /// Ends the link from this side.
     pub fn hang_up(self) {}
 
-    async fn send(&self, message: connect_request::Message) {
+    async fn send(&self, message: open_link_request::Message) {
         // A closed link shows up as the end of `inbound`.
         let _ = self
             .tx
-            .send(pb::ConnectRequest {
+            .send(pb::OpenLinkRequest {
                 message: Some(message),
             })
             .await;
     }
 
     /// Sends a raw message, for protocol tests.
-    pub async fn send_raw(&self, message: pb::ConnectRequest) {
+    pub async fn send_raw(&self, message: pb::OpenLinkRequest) {
         let _ = self.tx.send(message).await;
     }
 
@@ -137,7 +137,7 @@ impl TestMonitor {
             observe_time: None,
         };
         self.unacked.insert(sequence, report.clone());
-        self.send(connect_request::Message::Report(report)).await;
+        self.send(open_link_request::Message::Report(report)).await;
         sequence
     }
 
@@ -154,12 +154,12 @@ impl TestMonitor {
             services,
             observe_time: None,
         };
-        self.send(connect_request::Message::Report(report)).await;
+        self.send(open_link_request::Message::Report(report)).await;
     }
 
     /// Sends a heartbeat.
     pub async fn heartbeat(&self) {
-        self.send(connect_request::Message::Heartbeat(pb::Heartbeat {
+        self.send(open_link_request::Message::Heartbeat(pb::Heartbeat {
             send_time: None,
         }))
         .await;
@@ -172,14 +172,14 @@ impl TestMonitor {
 
     /// The next message from the manager, recorded; `Err` when the link
     /// ended with a status, `Ok(None)` when it ended cleanly.
-    pub async fn next(&mut self) -> Result<Option<pb::ConnectResponse>, Status> {
+    pub async fn next(&mut self) -> Result<Option<pb::OpenLinkResponse>, Status> {
         let message = self.inbound.message().await?;
         if let Some(message) = &message {
             match &message.message {
-                Some(connect_response::Message::DesiredState(state)) => {
+                Some(open_link_response::Message::DesiredState(state)) => {
                     self.desired = Some(state.clone())
                 }
-                Some(connect_response::Message::Ack(ack)) => {
+                Some(open_link_response::Message::Ack(ack)) => {
                     self.acked = self.acked.max(ack.sequence);
                     // Numbering continues above what the manager stored.
                     self.next_sequence = self.next_sequence.max(ack.sequence + 1);

@@ -475,8 +475,8 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
     let channel = stack.manager.channel();
     let mut manager = stack.manager();
 
-    let report_first = pb::ConnectRequest {
-        message: Some(pb::connect_request::Message::Heartbeat(pb::Heartbeat {
+    let report_first = pb::OpenLinkRequest {
+        message: Some(pb::open_link_request::Message::Heartbeat(pb::Heartbeat {
             send_time: None,
         })),
     };
@@ -504,7 +504,7 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
     let garbage = TestMonitor::connect(channel.clone(), "node-2", pb::Plane::Root)
         .await
         .unwrap();
-    garbage.send_raw(pb::ConnectRequest { message: None }).await;
+    garbage.send_raw(pb::OpenLinkRequest { message: None }).await;
     let mut garbage = garbage;
     let ended = loop {
         match garbage.next().await {

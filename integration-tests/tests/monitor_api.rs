@@ -42,7 +42,7 @@ async fn reports_containerd_and_survives_its_absence() {
         .into_inner();
     assert_eq!(info.node_id, "edge-7");
     assert_eq!(info.plane(), Plane::Cluster);
-    assert_eq!(info.namespace, "oakestra-test");
+    assert_eq!(info.containerd_namespace, "oakestra-test");
     assert_eq!(info.containerd_socket, socket);
     assert!(
         info.containerd_version.starts_with('1') || info.containerd_version.starts_with('2'),

@@ -326,11 +326,50 @@ async fn feeds_changes_to_watchers(store: &Store) {
     assert_eq!(
         kinds,
         [
-            (ChangeKind::Upserted, 1),
-            (ChangeKind::Upserted, 2),
+            (ChangeKind::Added, 1),
+            (ChangeKind::Modified, 2),
             (ChangeKind::Deleted, 2)
         ]
     );
+}
+
+/// A watcher that stops at a cursor and resumes from it receives exactly
+/// the changes after it, in order, and nothing else; a cursor beyond the
+/// log is refused.
+async fn resumes_changes_from_a_cursor(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let first = items.insert(item("first", "new")).await.unwrap();
+    let (changes, _) = items.changes_since(0).await.unwrap();
+    let cursor = changes.last().unwrap().seq;
+    // Three changes the watcher misses.
+    let second = items.insert(item("second", "new")).await.unwrap();
+    let mut next = first.value.clone();
+    next.counter = 7;
+    items.replace(next, &Precondition::revision(1)).await.unwrap();
+    items
+        .delete(&second.value.id, &Precondition::none())
+        .await
+        .unwrap();
+    let (missed, _) = items.changes_since(cursor).await.unwrap();
+    let seen: Vec<_> = missed
+        .iter()
+        .map(|c| (c.kind, c.record.value.name.clone(), c.record.revision))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ChangeKind::Added, "second".to_owned(), 1),
+            (ChangeKind::Modified, "first".to_owned(), 2),
+            (ChangeKind::Deleted, "second".to_owned(), 1),
+        ]
+    );
+    assert!(missed.windows(2).all(|w| w[0].seq < w[1].seq));
+    let head = missed.last().unwrap().seq;
+    assert!(items.changes_since(head).await.unwrap().0.is_empty());
+    assert!(matches!(
+        items.changes_since(head + 10).await,
+        Err(Error::CursorOutOfRange { .. })
+    ));
 }
 
 trait ListAllAfter {
@@ -383,7 +422,30 @@ conformance!(
     transitions_status_atomically,
     pages_through_filtered_listings,
     feeds_changes_to_watchers,
+    resumes_changes_from_a_cursor,
 );
+
+/// The change log and its sequence survive reopening the store: a cursor
+/// taken before resumes after.
+#[tokio::test]
+async fn embedded_change_log_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = format!("embedded:{}/store.redb", dir.path().display());
+    let store = open(&location).await;
+    let items = store.collection::<Item>().await.unwrap();
+    items.insert(item("before", "new")).await.unwrap();
+    let (changes, _) = items.changes_since(0).await.unwrap();
+    let cursor = changes.last().unwrap().seq;
+    drop(items);
+    drop(store);
+    let store = open(&location).await;
+    let items = store.collection::<Item>().await.unwrap();
+    let after = items.insert(item("after", "new")).await.unwrap();
+    let (missed, _) = items.changes_since(cursor).await.unwrap();
+    assert_eq!(missed.len(), 1);
+    assert_eq!(missed[0].record, after);
+    assert!(missed[0].seq > cursor);
+}
 
 /// Data written before a restart of the process is there after it.
 #[tokio::test]

@@ -81,12 +81,13 @@ impl NodeMonitorService for NodeMonitorApi {
                     .get(INSTALLATION)
                     .cloned()
                     .unwrap_or_default(),
+                // A replacement is named like the core component it replaces.
+                replaced_core_component: if container.labels.contains_key(REPLACES) {
+                    container.labels.get(SERVICE).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                },
                 service_name: container.labels.get(SERVICE).cloned().unwrap_or_default(),
-                replaced_core_component: container
-                    .labels
-                    .get(REPLACES)
-                    .cloned()
-                    .unwrap_or_default(),
                 container_id: container.id,
                 phase: phase.into(),
                 image: container.image,
@@ -110,7 +111,7 @@ impl NodeMonitorService for NodeMonitorApi {
                 name,
                 container_id: container.id.clone(),
                 running,
-                r#static: container.labels.get(CORE_SOURCE).map(String::as_str)
+                static_component: container.labels.get(CORE_SOURCE).map(String::as_str)
                     == Some(CORE_SOURCE_STATIC),
                 replaced_by: container
                     .labels
@@ -177,7 +178,7 @@ impl NodeMonitorService for NodeMonitorApi {
             node_id: self.node_id.clone(),
             plane: self.plane.into(),
             containerd_socket: self.containerd.socket().display().to_string(),
-            namespace: self.containerd.namespace().to_owned(),
+            containerd_namespace: self.containerd.namespace().to_owned(),
             monitor_version: env!("CARGO_PKG_VERSION").to_owned(),
             ..Default::default()
         };

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use addons_server_kit::Shutdown;
 use oakestra_addons_proto::engine::v1::{
-    self as pb, connect_request, connect_response,
+    self as pb, open_link_request, open_link_response,
     monitor_link_service_client::MonitorLinkServiceClient,
 };
 use tokio::sync::{mpsc, watch};
@@ -184,14 +184,14 @@ async fn session(
         monitor_version: env!("CARGO_PKG_VERSION").to_owned(),
         observed: observed.borrow().clone(),
         applied_generation: desired.borrow().as_ref().map_or(0, |d| d.generation),
-        heartbeat_interval_seconds: u32::try_from(settings.heartbeat.as_secs()).unwrap_or(u32::MAX),
+        heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat).ok(),
     };
-    tx.send(pb::ConnectRequest {
-        message: Some(connect_request::Message::Hello(hello)),
+    tx.send(pb::OpenLinkRequest {
+        message: Some(open_link_request::Message::Hello(hello)),
     })
     .await?;
     let mut inbound = MonitorLinkServiceClient::new(channel)
-        .connect(ReceiverStream::new(rx))
+        .open_link(ReceiverStream::new(rx))
         .await?
         .into_inner();
     // The link opens with the desired state and an ack of what is stored.
@@ -202,10 +202,10 @@ async fn session(
             .await?
             .ok_or_else(|| anyhow::anyhow!("link closed during the handshake"))?;
         match message.message {
-            Some(connect_response::Message::DesiredState(state)) => {
+            Some(open_link_response::Message::DesiredState(state)) => {
                 desired.send_replace(Some(state));
             }
-            Some(connect_response::Message::Ack(ack)) => {
+            Some(open_link_response::Message::Ack(ack)) => {
                 outbox.ack(ack.sequence);
                 handshake_acked = true;
             }
@@ -215,8 +215,8 @@ async fn session(
     connected.send_replace(true);
     tracing::info!(manager = %settings.manager, "linked to the manager");
     for report in outbox.unacked.values() {
-        tx.send(pb::ConnectRequest {
-            message: Some(connect_request::Message::Report(report.clone())),
+        tx.send(pb::OpenLinkRequest {
+            message: Some(open_link_request::Message::Report(report.clone())),
         })
         .await?;
     }
@@ -226,26 +226,26 @@ async fn session(
         tokio::select! {
             () = shutdown.fired() => return Ok(()),
             _ = heartbeat.tick() => {
-                tx.send(pb::ConnectRequest {
-                    message: Some(connect_request::Message::Heartbeat(pb::Heartbeat { send_time: Some(now()) })),
+                tx.send(pb::OpenLinkRequest {
+                    message: Some(open_link_request::Message::Heartbeat(pb::Heartbeat { send_time: Some(now()) })),
                 })
                 .await?;
             }
             report = reports.recv() => {
                 let Some((installation_id, services)) = report else { return Ok(()) };
                 let report = outbox.push(installation_id, services);
-                tx.send(pb::ConnectRequest {
-                    message: Some(connect_request::Message::Report(report)),
+                tx.send(pb::OpenLinkRequest {
+                    message: Some(open_link_request::Message::Report(report)),
                 })
                 .await?;
             }
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(()) };
                 match message.message {
-                    Some(connect_response::Message::DesiredState(state)) => {
+                    Some(open_link_response::Message::DesiredState(state)) => {
                         desired.send_replace(Some(state));
                     }
-                    Some(connect_response::Message::Ack(ack)) => outbox.ack(ack.sequence),
+                    Some(open_link_response::Message::Ack(ack)) => outbox.ack(ack.sequence),
                     None => {}
                 }
             }

@@ -18,7 +18,6 @@ use addons_server_kit::Shutdown;
 use futures::StreamExt as _;
 use oakestra_addons_proto::{
     engine::v1::{self as pb, DesiredPresence, ServicePhase},
-    marketplace::v1 as mpb,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -356,7 +355,6 @@ impl Reconciler {
                         if let Err(err) = self
                             .ensure_running(
                                 installation,
-                                addon,
                                 service,
                                 &id,
                                 existing.contains_key(&id),
@@ -523,7 +521,7 @@ impl Reconciler {
         id: &str,
     ) -> Result<(), RuntimeError> {
         let pulled = self.pull_cached(&spec.image).await?;
-        let service = mpb::ServiceSpec {
+        let service = pb::ServiceSpec {
             service_name: spec.name.clone(),
             image: spec.image.clone(),
             command: spec.command.args(),
@@ -811,7 +809,7 @@ impl Reconciler {
     fn record_failure(
         &mut self,
         installation: &str,
-        service: &mpb::ServiceSpec,
+        service: &pb::ServiceSpec,
         id: &str,
         reason: String,
     ) {
@@ -853,7 +851,7 @@ impl Reconciler {
 
     /// The tracked state of container `id`, restored from the state dir
     /// when this run of the monitor has not seen it yet.
-    fn track(&mut self, installation: &str, service: &mpb::ServiceSpec, id: &str) -> &mut Tracked {
+    fn track(&mut self, installation: &str, service: &pb::ServiceSpec, id: &str) -> &mut Tracked {
         let saved = self
             .options
             .state_dir
@@ -886,7 +884,7 @@ impl Reconciler {
     fn set_phase(
         &mut self,
         installation: &str,
-        service: &mpb::ServiceSpec,
+        service: &pb::ServiceSpec,
         id: &str,
         phase: ServicePhase,
         reason: String,
@@ -905,8 +903,7 @@ impl Reconciler {
     async fn ensure_running(
         &mut self,
         installation: &pb::DesiredInstallation,
-        addon: &mpb::Addon,
-        service: &mpb::ServiceSpec,
+        service: &pb::ServiceSpec,
         id: &str,
         exists: bool,
         replaces: Option<&Core>,
@@ -914,7 +911,9 @@ impl Reconciler {
         let installation_id = installation.installation_id.as_str();
         self.track(installation_id, service, id)
             .status
-            .replaced_core_component = replaces.map(|c| c.id().to_owned()).unwrap_or_default();
+            .replaced_core_component = replaces
+            .map(|_| service.service_name.clone())
+            .unwrap_or_default();
         if self
             .tracked
             .get(id)
@@ -1054,7 +1053,7 @@ impl Reconciler {
                 (INSTALLATION.to_owned(), installation_id.to_owned()),
                 (SERVICE.to_owned(), service.service_name.clone()),
                 (PLANE.to_owned(), self.options.plane.clone()),
-                (ADDON.to_owned(), addon.id.clone()),
+                (ADDON.to_owned(), installation.marketplace_id.clone()),
             ]);
             if let Some(core) = replaces {
                 labels.insert(REPLACES.to_owned(), core.id().to_owned());
@@ -1214,7 +1213,7 @@ impl Reconciler {
     fn run_spec(
         &self,
         installation: &str,
-        service: &mpb::ServiceSpec,
+        service: &pb::ServiceSpec,
         id: &str,
         pulled: &PulledImage,
     ) -> Result<RunSpec, RuntimeError> {
@@ -1258,27 +1257,26 @@ impl Reconciler {
             (hosts, "/etc/hosts".to_owned(), true),
             (resolv, "/etc/resolv.conf".to_owned(), true),
         ];
-        for mount in &service.volumes {
-            let parts: Vec<&str> = mount.split(':').collect();
-            let (source, destination, readonly) = match parts.as_slice() {
-                [source, destination] => (*source, *destination, false),
-                [source, destination, mode] => (*source, *destination, *mode == "ro"),
-                _ => return Err(invalid(format!("bad volume `{mount}`"))),
+        for mount in &service.mounts {
+            let source = match &mount.source {
+                Some(pb::mount::Source::HostPath(path)) => PathBuf::from(path),
+                Some(pb::mount::Source::Volume(name))
+                    if !name.is_empty() && !name.contains('/') && name != ".." =>
+                {
+                    let dir = self
+                        .options
+                        .state_dir
+                        .join("volumes")
+                        .join(installation)
+                        .join(name);
+                    std::fs::create_dir_all(&dir).map_err(|err| {
+                        invalid(format!("cannot create {}: {err}", dir.display()))
+                    })?;
+                    dir
+                }
+                _ => return Err(invalid(format!("bad mount of `{}`", mount.target))),
             };
-            let source = if source.starts_with('/') {
-                PathBuf::from(source)
-            } else {
-                let dir = self
-                    .options
-                    .state_dir
-                    .join("volumes")
-                    .join(installation)
-                    .join(source);
-                std::fs::create_dir_all(&dir)
-                    .map_err(|err| invalid(format!("cannot create {}: {err}", dir.display())))?;
-                dir
-            };
-            binds.push((source, destination.to_owned(), readonly));
+            binds.push((source, mount.target.clone(), mount.read_only));
         }
         Ok(RunSpec {
             id: id.to_owned(),
@@ -1317,8 +1315,12 @@ impl Reconciler {
             .map(|(id, t)| {
                 // A replacement lives in its core component's namespace.
                 let mut addresses = self.networks.addresses(id);
-                if addresses.is_empty() && !t.status.replaced_core_component.is_empty() {
-                    addresses = self.networks.addresses(&t.status.replaced_core_component);
+                // A replacement's id is `<core id>.addon`.
+                if addresses.is_empty()
+                    && !t.status.replaced_core_component.is_empty()
+                    && let Some(core_id) = id.strip_suffix(".addon")
+                {
+                    addresses = self.networks.addresses(core_id);
                 }
                 (id.as_str(), t.status.service_name.as_str(), addresses)
             })
@@ -1388,17 +1390,17 @@ impl Reconciler {
 }
 
 /// The ports a service's descriptor publishes.
-fn declared_ports(service: &mpb::ServiceSpec) -> Vec<PortMapping> {
+fn declared_ports(service: &pb::ServiceSpec) -> Vec<PortMapping> {
     service
         .ports
         .iter()
         .map(|p| PortMapping {
             host_port: u16::try_from(p.host_port).unwrap_or(0),
             container_port: u16::try_from(p.container_port).unwrap_or(0),
-            protocol: if p.protocol.is_empty() {
-                "tcp".into()
+            protocol: if p.protocol() == pb::Protocol::Udp {
+                "udp".into()
             } else {
-                p.protocol.clone()
+                "tcp".into()
             },
         })
         .collect()
