@@ -77,9 +77,10 @@ impl ManagerClient {
             .run(|| {
                 let mut inner = self.inner.clone();
                 let request = request.clone();
-                crate::retry::within(self.timeout, async move {
-                    inner.install_addon(request).await
-                })
+                crate::retry::within(
+                    self.timeout,
+                    async move { inner.install_addon(request).await },
+                )
             })
             .await?;
         Ok(response.into_inner().installation.unwrap_or_default())

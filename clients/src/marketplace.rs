@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use crate::{ClientError, ClientOptions, RetryPolicy, watch::{Cursor, new_request_id, resumed}};
+use crate::{
+    ClientError, ClientOptions, RetryPolicy,
+    watch::{Cursor, new_request_id, resumed},
+};
 
 /// A typed client of the marketplace.
 #[derive(Debug, Clone)]
@@ -70,9 +73,10 @@ impl MarketplaceClient {
             .run(|| {
                 let mut inner = self.inner.clone();
                 let request = request.clone();
-                crate::retry::within(self.timeout, async move {
-                    inner.publish_addon(request).await
-                })
+                crate::retry::within(
+                    self.timeout,
+                    async move { inner.publish_addon(request).await },
+                )
             })
             .await?;
         Ok(response.into_inner().addon.unwrap_or_default())
@@ -146,9 +150,10 @@ impl MarketplaceClient {
             .run(|| {
                 let mut inner = self.inner.clone();
                 let request = request.clone();
-                crate::retry::within(self.timeout, async move {
-                    inner.delete_addon(request).await
-                })
+                crate::retry::within(
+                    self.timeout,
+                    async move { inner.delete_addon(request).await },
+                )
             })
             .await?;
         Ok(())

@@ -162,8 +162,9 @@ fn mounts(service: usize, volumes: &[String]) -> Result<Vec<pb::Mount>, String> 
         .iter()
         .enumerate()
         .map(|(j, text)| {
-            let mount = addons_descriptor::Mount::parse(text)
-                .map_err(|reason| format!("services[{service}].volumes[{j}]: `{text}`: {reason}"))?;
+            let mount = addons_descriptor::Mount::parse(text).map_err(|reason| {
+                format!("services[{service}].volumes[{j}]: `{text}`: {reason}")
+            })?;
             Ok(pb::Mount {
                 source: Some(match mount.source {
                     addons_descriptor::MountSource::HostPath(path) => {
@@ -309,12 +310,25 @@ mod tests {
         let mut ports: Vec<_> = service
             .ports
             .iter()
-            .map(|p| (p.container_port, p.host_port, p.protocol.as_str()))
+            .map(|p| (p.container_port, p.host_port, p.protocol()))
             .collect();
         ports.sort();
-        assert_eq!(ports, [(53, 5353, "udp"), (9100, 9100, "tcp")]);
+        assert_eq!(
+            ports,
+            [
+                (53, 5353, pb::Protocol::Udp),
+                (9100, 9100, pb::Protocol::Tcp)
+            ]
+        );
         assert_eq!(service.environment["WORKERS"], "4");
-        assert_eq!(service.volumes[0], "data:/var/lib/exporter");
+        assert_eq!(
+            service.mounts[0],
+            pb::Mount {
+                source: Some(pb::mount::Source::Volume("data".into())),
+                target: "/var/lib/exporter".into(),
+                read_only: false,
+            }
+        );
         assert_eq!(addon.volumes[0].name, "data");
         assert_eq!(addon.networks[0].name, "metrics");
     }

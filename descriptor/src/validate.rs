@@ -101,7 +101,10 @@ pub fn validate_with(
     let networks: HashSet<&str> = addon.networks.iter().map(|n| n.name.as_str()).collect();
     for (i, volume) in addon.volumes.iter().enumerate().take(MAX_ENTRIES) {
         check_label(&mut v, &format!("volumes[{i}].name"), &volume.name);
-        for (field, map) in [("driver_opts", &volume.driver_opts), ("labels", &volume.labels)] {
+        for (field, map) in [
+            ("driver_opts", &volume.driver_opts),
+            ("labels", &volume.labels),
+        ] {
             if map.len() > MAX_ENTRIES {
                 v.add(
                     format!("volumes[{i}].{field}"),

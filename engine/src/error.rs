@@ -39,7 +39,9 @@ pub enum Error {
         service: String,
     },
     /// Another live installation already provides a service of that name.
-    #[error("service `{service}` is already provided by installation `{installation_id}` (addon `{addon}`)")]
+    #[error(
+        "service `{service}` is already provided by installation `{installation_id}` (addon `{addon}`)"
+    )]
     ServiceNameTaken {
         /// The service name.
         service: String,

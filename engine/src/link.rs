@@ -21,9 +21,7 @@ use std::{
 
 use addons_server_kit::{ApiError, Shutdown};
 use addons_store::{ChangeKind, Collection, Document, Filter, Precondition, Store};
-use oakestra_addons_proto::{
-    engine::v1::{self as pb, open_link_request, open_link_response},
-};
+use oakestra_addons_proto::engine::v1::{self as pb, open_link_request, open_link_response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast::error::RecvError, mpsc, oneshot, watch};
 use tonic::{Code, Status, Streaming};
@@ -277,33 +275,55 @@ impl LinkHub {
     ) -> Result<mpsc::Receiver<Result<pb::OpenLinkResponse, Status>>, Status> {
         let first = tokio::time::timeout(self.options.hello_timeout, inbound.message())
             .await
-            .map_err(|_| link_error(Code::DeadlineExceeded, "HELLO_TIMEOUT", "no hello within the hello timeout"))??;
+            .map_err(|_| {
+                link_error(
+                    Code::DeadlineExceeded,
+                    "HELLO_TIMEOUT",
+                    "no hello within the hello timeout",
+                )
+            })??;
         let hello = match first.and_then(|m| m.message) {
             Some(open_link_request::Message::Hello(hello)) => hello,
             Some(_) => {
-                return Err(invalid("hello", "the first message of a link must be a hello"));
+                return Err(invalid(
+                    "hello",
+                    "the first message of a link must be a hello",
+                ));
             }
             None => {
-                return Err(invalid("hello", "the link closed or sent an empty message before its hello"));
+                return Err(invalid(
+                    "hello",
+                    "the link closed or sent an empty message before its hello",
+                ));
             }
         };
         let node = hello.node_id.trim().to_owned();
         if node.is_empty() || node.len() > 253 || node.contains(char::is_whitespace) {
-            return Err(invalid("hello.node_id", "required, at most 253 characters, no whitespace"));
+            return Err(invalid(
+                "hello.node_id",
+                "required, at most 253 characters, no whitespace",
+            ));
         }
         let plane = match pb::Plane::try_from(hello.plane).unwrap_or_default() {
             pb::Plane::Root => Plane::Root,
             pb::Plane::Cluster => Plane::Cluster,
             pb::Plane::Unspecified => {
-                return Err(invalid("hello.plane", "required (PLANE_ROOT or PLANE_CLUSTER)"));
+                return Err(invalid(
+                    "hello.plane",
+                    "required (PLANE_ROOT or PLANE_CLUSTER)",
+                ));
             }
         };
         if plane != self.plane {
-            return Err(link_error(Code::FailedPrecondition, "PLANE_MISMATCH", format!(
-                "this manager serves the {} plane; node {node} belongs to the {} plane",
-                convert::plane_name(self.plane),
-                convert::plane_name(plane),
-            )));
+            return Err(link_error(
+                Code::FailedPrecondition,
+                "PLANE_MISMATCH",
+                format!(
+                    "this manager serves the {} plane; node {node} belongs to the {} plane",
+                    convert::plane_name(self.plane),
+                    convert::plane_name(plane),
+                ),
+            ));
         }
         let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
         {
@@ -369,7 +389,10 @@ impl LinkHub {
         // stored), so a restarted monitor continues above what is stored
         // instead of being ignored.
         let stored = self.last_sequence(node).await?;
-        send(open_link_response::Message::Ack(pb::Ack { sequence: stored })).await?;
+        send(open_link_response::Message::Ack(pb::Ack {
+            sequence: stored,
+        }))
+        .await?;
         loop {
             tokio::select! {
                 biased;
@@ -462,9 +485,13 @@ impl LinkHub {
                 }
             }
         }
-        outcome
-            .await
-            .unwrap_or_else(|_| Err(link_error(Code::Internal, "REPORT_DROPPED", "a status report was dropped")))
+        outcome.await.unwrap_or_else(|_| {
+            Err(link_error(
+                Code::Internal,
+                "REPORT_DROPPED",
+                "a status report was dropped",
+            ))
+        })
     }
 
     /// Applies queued reports for one installation in one conditional write.
@@ -537,7 +564,11 @@ impl LinkHub {
             .await
             .map_err(|err| {
                 tracing::warn!(%node, error = %err, "cannot read report sequences");
-                link_error(Code::Unavailable, "STORE_UNAVAILABLE", "the store is unavailable; reconnect")
+                link_error(
+                    Code::Unavailable,
+                    "STORE_UNAVAILABLE",
+                    "the store is unavailable; reconnect",
+                )
             })?;
         Ok(all
             .iter()

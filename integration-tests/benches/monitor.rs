@@ -71,6 +71,7 @@ async fn publish_approved(
                 services,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -140,6 +141,7 @@ async fn uninstall_and_wait(manager: &ServerProcess, id: &str) {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: id.into(),
             purge: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -270,6 +272,7 @@ async fn main() {
         let mut watch = client
             .watch_installations(pb::WatchInstallationsRequest {
                 ids: vec![id.clone()],
+                ..Default::default()
             })
             .await
             .unwrap()

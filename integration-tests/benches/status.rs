@@ -52,6 +52,7 @@ async fn approved_addons(marketplace: &ServerProcess, image: &str) -> Vec<String
                     }],
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -210,6 +210,7 @@ async fn main() {
             .uninstall_addon(pb::UninstallAddonRequest {
                 id: id.clone(),
                 purge: true,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -70,6 +70,7 @@ async fn publish_until_approved(
                 }],
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -79,6 +80,7 @@ async fn publish_until_approved(
     let mut watch = client
         .watch_addon(pb::WatchAddonRequest {
             id: addon.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

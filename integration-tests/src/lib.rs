@@ -97,6 +97,7 @@ pub async fn publish_approved(
         .publish_addon(PublishAddonRequest {
             addon: Some(addon),
             request_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|status| panic!("publish: {status}"))

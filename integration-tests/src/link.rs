@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use oakestra_addons_proto::engine::v1::{
-    self as pb, open_link_request, open_link_response,
-    monitor_link_service_client::MonitorLinkServiceClient,
+    self as pb, monitor_link_service_client::MonitorLinkServiceClient, open_link_request,
+    open_link_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,7 +35,10 @@ fn hello(node: &str, plane: pb::Plane) -> pb::OpenLinkRequest {
             monitor_version: "test".into(),
             observed: Vec::new(),
             applied_generation: 0,
-            heartbeat_interval: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
         })),
     }
 }

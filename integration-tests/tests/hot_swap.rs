@@ -157,6 +157,7 @@ impl Stack {
             .install_addon(pb::InstallAddonRequest {
                 marketplace_id: addon.id.clone(),
                 keep_core_stopped_on_failure: keep_core_stopped,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -171,6 +172,7 @@ impl Stack {
             .uninstall_addon(pb::UninstallAddonRequest {
                 id: id.into(),
                 purge: true,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -331,7 +333,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         (core.name.as_str(), core.container_id.as_str()),
         ("scheduler", CORE)
     );
-    assert!(core.r#static && !core.running, "{core:?}");
+    assert!(core.static_component && !core.running, "{core:?}");
     assert_eq!(core.replaced_by, id);
     assert_eq!(node.services.len(), 1, "{node:?}");
     assert_eq!(node.services[0].container_id, REPLACEMENT);
@@ -347,6 +349,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: rival.id.clone(),
             keep_core_stopped_on_failure: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -564,7 +567,7 @@ async fn declared_ports_win_over_inherited_ones() {
                 ports: vec![mpb::PortMapping {
                     container_port: 8080,
                     host_port: u32::from(own_port),
-                    protocol: "tcp".into(),
+                    protocol: mpb::Protocol::Tcp.into(),
                 }],
                 ..Default::default()
             }],

@@ -36,6 +36,7 @@ async fn install_refuses_what_is_not_installable() {
                 }],
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -91,6 +92,7 @@ async fn install_refuses_what_is_not_installable() {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: "nope".into(),
             purge: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -98,6 +100,7 @@ async fn install_refuses_what_is_not_installable() {
     let missing = client
         .watch_installations(pb::WatchInstallationsRequest {
             ids: vec!["nope".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -218,6 +218,7 @@ async fn lifecycle(mongo: bool) {
                 }],
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -258,6 +259,7 @@ async fn lifecycle(mongo: bool) {
     let mut watch = manager
         .watch_installations(pb::WatchInstallationsRequest {
             ids: vec![installation.id.clone()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -338,6 +340,7 @@ async fn lifecycle(mongo: bool) {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: id.clone(),
             purge: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -366,6 +369,7 @@ async fn lifecycle(mongo: bool) {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: id.clone(),
             purge: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -373,6 +377,7 @@ async fn lifecycle(mongo: bool) {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: id.clone(),
             purge: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -390,7 +395,10 @@ async fn lifecycle(mongo: bool) {
     while let Ok(Some(Ok(update))) =
         tokio::time::timeout(Duration::from_secs(2), watch.next()).await
     {
-        if update.deleted {
+        if update.in_sync {
+            continue;
+        }
+        if update.r#type() == pb::ChangeType::Deleted {
             deleted = true;
             break;
         }
@@ -504,7 +512,9 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
     let garbage = TestMonitor::connect(channel.clone(), "node-2", pb::Plane::Root)
         .await
         .unwrap();
-    garbage.send_raw(pb::OpenLinkRequest { message: None }).await;
+    garbage
+        .send_raw(pb::OpenLinkRequest { message: None })
+        .await;
     let mut garbage = garbage;
     let ended = loop {
         match garbage.next().await {
@@ -635,6 +645,7 @@ async fn drops_a_slow_watcher_without_slowing_anyone(mongo: bool) {
     let mut again = manager
         .watch_installations(pb::WatchInstallationsRequest {
             ids: vec![id.clone()],
+            ..Default::default()
         })
         .await
         .unwrap()

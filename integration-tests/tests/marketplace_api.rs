@@ -32,9 +32,13 @@ fn descriptor(name: &str) -> pb::Addon {
             ports: vec![pb::PortMapping {
                 container_port: 10004,
                 host_port: 10004,
-                protocol: "tcp".into(),
+                protocol: pb::Protocol::Tcp.into(),
             }],
-            volumes: vec!["data:/var/lib/sched:ro".into()],
+            mounts: vec![pb::Mount {
+                source: Some(pb::mount::Source::Volume("data".into())),
+                target: "/var/lib/sched".into(),
+                read_only: true,
+            }],
             networks: vec!["backplane".into()],
             labels: [("oakestra.io/role".to_owned(), "scheduler".to_owned())].into(),
             ..Default::default()
@@ -79,7 +83,10 @@ async fn first_attempt(client: &Client, id: &str) -> pb::Addon {
 
 async fn publish(client: &mut Client, addon: pb::Addon) -> Result<pb::Addon, tonic::Status> {
     Ok(client
-        .publish_addon(pb::PublishAddonRequest { addon: Some(addon) })
+        .publish_addon(pb::PublishAddonRequest {
+            addon: Some(addon),
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .addon
@@ -173,6 +180,7 @@ async fn api_behaves(server: &ServerProcess) {
     let mut watch = client
         .watch_addon(pb::WatchAddonRequest {
             id: published.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -182,6 +190,7 @@ async fn api_behaves(server: &ServerProcess) {
     let reverified = client
         .reverify_addon(pb::ReverifyAddonRequest {
             id: published.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -207,6 +216,7 @@ async fn api_behaves(server: &ServerProcess) {
     client
         .delete_addon(pb::DeleteAddonRequest {
             id: published.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -221,6 +231,7 @@ async fn api_behaves(server: &ServerProcess) {
     let gone = client
         .delete_addon(pb::DeleteAddonRequest {
             id: published.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -284,7 +295,10 @@ fn violations(status: &tonic::Status) -> Vec<String> {
 async fn validation(server: &ServerProcess) {
     let mut client = Client::new(server.channel());
     let missing = client
-        .publish_addon(pb::PublishAddonRequest { addon: None })
+        .publish_addon(pb::PublishAddonRequest {
+            addon: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(violations(&missing), ["addon"]);
@@ -293,7 +307,10 @@ async fn validation(server: &ServerProcess) {
     let mut bad = descriptor("too-far");
     bad.services[0].ports[0].host_port = 70000;
     let status = publish(&mut client, bad).await.unwrap_err();
-    assert_eq!(violations(&status), ["services[0].ports[0].host_port"]);
+    assert_eq!(
+        violations(&status),
+        ["addon.services[0].ports[0].host_port"]
+    );
 
     let mut bad = descriptor("Bad_Name");
     bad.services.push(pb::ServiceSpec {
@@ -302,9 +319,20 @@ async fn validation(server: &ServerProcess) {
         ports: vec![pb::PortMapping {
             container_port: 0,
             host_port: 10004,
-            protocol: "sctp".into(),
+            protocol: 7,
         }],
-        volumes: vec!["undeclared:/data".into(), "data:relative".into()],
+        mounts: vec![
+            pb::Mount {
+                source: Some(pb::mount::Source::Volume("undeclared".into())),
+                target: "/data".into(),
+                read_only: false,
+            },
+            pb::Mount {
+                source: Some(pb::mount::Source::Volume("data".into())),
+                target: "relative".into(),
+                read_only: false,
+            },
+        ],
         networks: vec!["elsewhere".into()],
         environment: [("9LIVES".to_owned(), "x".to_owned())].into(),
         ..Default::default()
@@ -313,19 +341,21 @@ async fn validation(server: &ServerProcess) {
     assert_eq!(
         violations(&status),
         [
-            "name",
-            "services[1].service_name",
-            "services[1].image",
-            "services[1].environment[9LIVES]",
-            "services[1].ports[0].container_port",
-            "services[1].ports[0].protocol",
-            "services[1].volumes[0]",
-            "services[1].volumes[1]",
-            "services[1].networks[0]",
+            "addon.name",
+            "addon.services[1].service_name",
+            "addon.services[1].image",
+            "addon.services[1].environment[9LIVES]",
+            "addon.services[1].ports[0].container_port",
+            "addon.services[1].ports[0].protocol",
+            "addon.services[1].mounts[0].volume",
+            "addon.services[1].mounts[1].target",
+            "addon.services[1].networks[0]",
         ]
     );
     assert!(
-        status.message().contains("services[1].image: required"),
+        status
+            .message()
+            .contains("addon.services[1].image: required"),
         "{}",
         status.message()
     );
@@ -340,9 +370,9 @@ async fn validation(server: &ServerProcess) {
     assert_eq!(
         violations(&status),
         [
-            "services[0].environment[BIG]",
-            "services[0].labels[]",
-            "services[0].image",
+            "addon.services[0].environment[BIG]",
+            "addon.services[0].labels[]",
+            "addon.services[0].image",
         ]
     );
     let mut crowded = descriptor("crowded");

@@ -154,7 +154,11 @@ async fn runs_restarts_gives_up_survives_and_removes() {
                     image: image.clone(),
                     command: command("echo started; exec /bin/busybox sleep 3600"),
                     environment: [("GREETING".to_owned(), "hi".to_owned())].into(),
-                    volumes: vec!["data:/data".into()],
+                    mounts: vec![mpb::Mount {
+                        source: Some(mpb::mount::Source::Volume("data".into())),
+                        target: "/data".into(),
+                        read_only: false,
+                    }],
                     ..Default::default()
                 },
                 mpb::ServiceSpec {
@@ -391,6 +395,7 @@ async fn runs_restarts_gives_up_survives_and_removes() {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: id.clone(),
             purge: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -482,7 +487,7 @@ async fn publishes_ports_and_resolves_service_names() {
                     command: command(
                         "mkdir -p /www && echo hello-from-web > /www/index.html && exec /bin/busybox httpd -f -p 80 -h /www",
                     ),
-                    ports: vec![mpb::PortMapping { container_port: 80, host_port: u32::from(port), protocol: "tcp".into() }],
+                    ports: vec![mpb::PortMapping { container_port: 80, host_port: u32::from(port), protocol: mpb::Protocol::Tcp.into() }],
                     ..Default::default()
                 },
                 mpb::ServiceSpec {
@@ -570,6 +575,7 @@ async fn publishes_ports_and_resolves_service_names() {
         .uninstall_addon(pb::UninstallAddonRequest {
             id: id.clone(),
             purge: true,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -259,6 +259,7 @@ async fn sigterm_ends_watch_streams_and_exits_zero() {
                 }],
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -266,7 +267,10 @@ async fn sigterm_ends_watch_streams_and_exits_zero() {
         .addon
         .unwrap();
     let mut watch = client
-        .watch_addon(WatchAddonRequest { id: addon.id })
+        .watch_addon(WatchAddonRequest {
+            id: addon.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -345,7 +345,10 @@ async fn resumes_changes_from_a_cursor(store: &Store) {
     let second = items.insert(item("second", "new")).await.unwrap();
     let mut next = first.value.clone();
     next.counter = 7;
-    items.replace(next, &Precondition::revision(1)).await.unwrap();
+    items
+        .replace(next, &Precondition::revision(1))
+        .await
+        .unwrap();
     items
         .delete(&second.value.id, &Precondition::none())
         .await

@@ -75,6 +75,7 @@ async fn publish(client: &mut Client, name: &str, services: Vec<pb::ServiceSpec>
                 services,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -135,6 +136,7 @@ async fn approves_and_pins_the_digest(mongo: bool) {
     let mut watch = client
         .watch_addon(pb::WatchAddonRequest {
             id: addon.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -432,6 +434,7 @@ async fn uses_registry_credentials(mongo: bool) {
     let retried = client
         .reverify_addon(pb::ReverifyAddonRequest {
             id: refused.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

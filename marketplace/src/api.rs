@@ -226,7 +226,9 @@ impl MarketplaceService for MarketplaceApi {
         let ending = futures::stream::once(async move {
             match end_rx.await {
                 Ok(Ok(FollowEnd::Stopped | FollowEnd::Ended)) | Err(_) => None,
-                Ok(Ok(FollowEnd::Lagged { resume_from })) => Some(Err(addons_server_kit::watch_too_slow(resume_from))),
+                Ok(Ok(FollowEnd::Lagged { resume_from })) => {
+                    Some(Err(addons_server_kit::watch_too_slow(resume_from)))
+                }
                 Ok(Err(err)) => Some(Err(Status::from(err))),
             }
         });

@@ -59,11 +59,10 @@ impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let message = err.to_string();
         match err {
-            Error::Invalid(violations) => ApiError::invalid(
-                message,
-                violations.into_iter().map(|v| (v.field, v.reason)),
-            )
-            .into(),
+            Error::Invalid(violations) => {
+                ApiError::invalid(message, violations.into_iter().map(|v| (v.field, v.reason)))
+                    .into()
+            }
             Error::NotFound(id) => ApiError::new(Code::NotFound, "ADDON_NOT_FOUND", message)
                 .resource(ADDON, id)
                 .into(),

@@ -126,9 +126,9 @@ impl Marketplace {
         match self.addons.delete(id, &condition).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::NotFound(id.to_owned())),
-            Err(addons_store::Error::Conflict { .. }) => {
-                Err(self.mismatch(id, expected_revision.unwrap_or_default()).await)
-            }
+            Err(addons_store::Error::Conflict { .. }) => Err(self
+                .mismatch(id, expected_revision.unwrap_or_default())
+                .await),
             Err(err) => Err(err.into()),
         }
     }
@@ -193,9 +193,9 @@ impl Marketplace {
                 Ok(stored)
             }
             Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
-            Err(addons_store::Error::Conflict { .. }) => {
-                Err(self.mismatch(id, expected_revision.unwrap_or_default()).await)
-            }
+            Err(addons_store::Error::Conflict { .. }) => Err(self
+                .mismatch(id, expected_revision.unwrap_or_default())
+                .await),
             Err(err) => Err(err.into()),
         }
     }

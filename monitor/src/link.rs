@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use addons_server_kit::Shutdown;
 use oakestra_addons_proto::engine::v1::{
-    self as pb, open_link_request, open_link_response,
-    monitor_link_service_client::MonitorLinkServiceClient,
+    self as pb, monitor_link_service_client::MonitorLinkServiceClient, open_link_request,
+    open_link_response,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;

@@ -16,9 +16,7 @@ use std::{
 
 use addons_server_kit::Shutdown;
 use futures::StreamExt as _;
-use oakestra_addons_proto::{
-    engine::v1::{self as pb, DesiredPresence, ServicePhase},
-};
+use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence, ServicePhase};
 use tokio::sync::{mpsc, watch};
 
 use crate::cores::{

@@ -16,8 +16,8 @@ mod telemetry;
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
-    requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
     registry_auth::read_registry_credentials,
+    requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
     server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, main_with},
     shutdown::Shutdown,
     status::store_error_to_status,

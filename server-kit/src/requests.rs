@@ -82,9 +82,7 @@ fn expired(record: &RequestRecord) -> bool {
 /// Checks a `request_id`: at most [`MAX_REQUEST_ID`] bytes of printable
 /// ASCII. The error names the field `request_id`.
 pub fn check_request_id(request_id: &str) -> Result<(), Status> {
-    if request_id.len() > MAX_REQUEST_ID
-        || !request_id.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if request_id.len() > MAX_REQUEST_ID || !request_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::invalid(
             "invalid request_id",
             [(

@@ -140,11 +140,7 @@ impl ChangeLog {
     /// The entries of `collection` after `since`, in sequence order, or
     /// [`Error::CursorOutOfRange`] when some of them are no longer kept or the
     /// cursor is ahead of the log.
-    pub(crate) async fn since(
-        &self,
-        collection: &str,
-        since: u64,
-    ) -> Result<Vec<(u64, Entry)>> {
+    pub(crate) async fn since(&self, collection: &str, since: u64) -> Result<Vec<(u64, Entry)>> {
         {
             let state = self.state.lock().await;
             if since < state.pruned_through {
@@ -198,8 +194,10 @@ impl ChangeLog {
     pub(crate) async fn repair(&self, collection: &str) -> Result<()> {
         let mut state = self.state.lock().await;
         let logged = self.read(collection, 0).await?;
-        let mut last_logged: std::collections::HashMap<String, (u64, ChangeKind, Box<RawValue>, u64)> =
-            std::collections::HashMap::new();
+        let mut last_logged: std::collections::HashMap<
+            String,
+            (u64, ChangeKind, Box<RawValue>, u64),
+        > = std::collections::HashMap::new();
         for (seq, entry) in logged {
             last_logged.insert(entry.id, (seq, entry.kind, entry.body, entry.revision));
         }

@@ -207,11 +207,15 @@ impl<T: Document> Collection<T> {
             value,
         };
         let raw = encode(&record, seq)?;
-        self.backend
-            .replace(T::COLLECTION, &raw, status_in)
-            .await?;
-        self.committed(guard.as_deref_mut(), ChangeKind::Modified, seq, &raw, &record)
-            .await;
+        self.backend.replace(T::COLLECTION, &raw, status_in).await?;
+        self.committed(
+            guard.as_deref_mut(),
+            ChangeKind::Modified,
+            seq,
+            &raw,
+            &record,
+        )
+        .await;
         Ok(record)
     }
 
@@ -250,8 +254,14 @@ impl<T: Document> Collection<T> {
         if deleted {
             let seq = guard.as_ref().map_or(0, |state| state.head + 1);
             let before = decode(raw.clone())?;
-            self.committed(guard.as_deref_mut(), ChangeKind::Deleted, seq, &raw, &before)
-                .await;
+            self.committed(
+                guard.as_deref_mut(),
+                ChangeKind::Deleted,
+                seq,
+                &raw,
+                &before,
+            )
+            .await;
         }
         Ok(deleted)
     }

@@ -32,8 +32,8 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use crate::{
     changelog::{ChangeKind, RETAINED as CHANGES_RETAINED},
     collection::{Change, Collection},
-    follow::{Event, FollowEnd, Start},
     error::{Error, Result},
+    follow::{Event, FollowEnd, Start},
 };
 
 /// A record type the store can hold.

@@ -396,7 +396,12 @@ pub fn node(
                         c.name.clone(),
                         c.container_id.clone(),
                         status_word(if c.running { "RUNNING" } else { "STOPPED" }),
-                        if c.r#static { "static file" } else { "found" }.to_owned(),
+                        if c.static_component {
+                            "static file"
+                        } else {
+                            "found"
+                        }
+                        .to_owned(),
                         if c.replaced_by.is_empty() {
                             "-".to_owned()
                         } else {
