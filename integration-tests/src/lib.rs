@@ -96,7 +96,6 @@ pub async fn publish_approved(
         .clone()
         .publish_addon(PublishAddonRequest {
             addon: Some(addon),
-            request_id: String::new(),
             ..Default::default()
         })
         .await

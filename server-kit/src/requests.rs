@@ -65,10 +65,6 @@ pub struct Requests {
 }
 
 fn now() -> i64 {
-    chrono_now_seconds()
-}
-
-fn chrono_now_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -221,12 +217,10 @@ impl Requests {
             // The call took effect; only its retry is not covered.
             tracing::warn!(%key, error = %err, "cannot remember a response for its retries");
         }
-        if self
+        let inserted = self
             .inserts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            % 64
-            == 0
-        {
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if inserted.is_multiple_of(64) {
             self.prune().await;
         }
         Ok(response)
