@@ -28,6 +28,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "buf lint"
 buf lint
 
+step "buf breaking (against the frozen v1 contracts, proto/v1.binpb)"
+buf breaking --against proto/v1.binpb
+
 step "build the binaries the integration tests start"
 cargo build --workspace --bins
 

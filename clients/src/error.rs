@@ -33,11 +33,16 @@ impl ClientError {
     }
 }
 
-/// One line for a status: its code, its message, and the field violations
-/// it carries, such as
-/// `INVALID_ARGUMENT: invalid addon (services[0].image: must not be empty)`.
+/// One line for a status: its code, its `ErrorInfo` reason, its message,
+/// and the field violations it carries, such as
+/// `INVALID_ARGUMENT (INVALID_REQUEST): invalid request (addon.services[0].image: required)`.
 pub fn describe(status: &tonic::Status) -> String {
-    let code = code_name(status.code());
+    let code = match status.get_details_error_info() {
+        Some(info) if !info.reason.is_empty() => {
+            format!("{} ({})", code_name(status.code()), info.reason)
+        }
+        _ => code_name(status.code()).to_owned(),
+    };
     let mut message = status.message().trim().replace('\n', " ");
     if message.is_empty() {
         message = "no message".to_owned();

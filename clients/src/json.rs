@@ -13,8 +13,40 @@ use crate::ClientError;
 fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        DescriptorPool::decode(oakestra_addons_proto::FILE_DESCRIPTOR_SET)
-            .expect("the built-in descriptor set decodes")
+        let mut pool = DescriptorPool::decode(oakestra_addons_proto::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptor set decodes");
+        // google.rpc error details, to print what an error carries.
+        pool.decode_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .expect("the error details' descriptor set decodes");
+        pool
+    })
+}
+
+/// An error as JSON: its code by name, its message, its `ErrorInfo` reason
+/// (when it has one) and every detail it carries, each with its `@type`.
+pub fn status_to_json(status: &tonic::Status) -> serde_json::Value {
+    let mut details = serde_json::Value::Array(Vec::new());
+    if !status.details().is_empty()
+        && let Some(descriptor) = pool().get_message_by_name("google.rpc.Status")
+        && let Ok(decoded) = DynamicMessage::decode(descriptor, status.details())
+    {
+        let options = SerializeOptions::new().use_proto_field_name(true);
+        if let Ok(serde_json::Value::Object(mut object)) =
+            decoded.serialize_with_options(serde_json::value::Serializer, &options)
+            && let Some(found) = object.remove("details")
+        {
+            details = found;
+        }
+    }
+    let reason = {
+        use tonic_types::StatusExt as _;
+        status.get_details_error_info().map(|info| info.reason)
+    };
+    serde_json::json!({
+        "code": crate::error::code_name(status.code()),
+        "reason": reason,
+        "message": status.message(),
+        "details": details,
     })
 }
 

@@ -38,10 +38,14 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_ERROR);
         }
     };
+    let structured = cli.structured_errors();
     match runtime.block_on(cli::run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err}");
+            if structured && let Some(details) = err.details_json() {
+                eprintln!("{details:#}");
+            }
             ExitCode::from(err.exit_code())
         }
     }

@@ -119,28 +119,24 @@ async fn pages_retries_and_resumed_watches() {
         .unwrap();
     assert_eq!(event.installation.id, one.id);
 
-    // The manager crashes. A non-idempotent call fails at once; an
-    // idempotent one waits for the manager to come back.
+    // The manager crashes. Every call is retried until it is back: an
+    // install carries one request id across its retries, so it installs
+    // once however often it was sent.
     manager.kill().await;
-    let refused = engine
-        .install(&second.id, InstallOptions::default())
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Some(tonic::Code::Unavailable), "{refused}");
     let restart = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
         start_manager(manager_args).await
     });
-    let got = engine.get(&one.id).await.unwrap();
-    assert_eq!(got.id, one.id);
-    let manager = restart.await.unwrap();
-
-    // The watch resumed by itself: the next event is the new installation,
-    // not the first one again.
     let two = engine
         .install(&second.id, InstallOptions::default())
         .await
         .unwrap();
+    let got = engine.get(&one.id).await.unwrap();
+    assert_eq!(got.id, one.id);
+    let manager = restart.await.unwrap();
+
+    // The watch resumed by itself from its cursor: the next event is the
+    // new installation, not the first one again.
     let event = tokio::time::timeout(Duration::from_secs(15), events.next())
         .await
         .unwrap()

@@ -311,7 +311,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         .await;
     let id = stack.install(&addon, false).await;
     let active = stack.status_becomes(&id, InstallationStatus::Active).await;
-    assert_eq!(active.services[0].replaced_core_component, CORE);
+    assert_eq!(active.services[0].replaced_core_component, "scheduler");
     // The same host port now answers from the addon, which inherited the
     // core component's environment as it asked.
     stack.answers("addon-scheduler from-core").await;
@@ -337,7 +337,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
     assert_eq!(core.replaced_by, id);
     assert_eq!(node.services.len(), 1, "{node:?}");
     assert_eq!(node.services[0].container_id, REPLACEMENT);
-    assert_eq!(node.services[0].replaced_core_component, CORE);
+    assert_eq!(node.services[0].replaced_core_component, "scheduler");
 
     // A second installation claiming the same core component is refused,
     // naming the one that holds it.
@@ -469,7 +469,7 @@ async fn a_replacement_that_fails_for_good_gives_the_core_back() {
     assert!(
         failed
             .status_message
-            .contains("replaced core component root_scheduler restored"),
+            .contains("replaced core component scheduler restored"),
         "{}",
         failed.status_message
     );
@@ -695,7 +695,7 @@ async fn swaps_a_core_component_found_by_its_label() {
     let active = stack
         .status_becomes(&installation, InstallationStatus::Active)
         .await;
-    assert_eq!(active.services[0].replaced_core_component, id);
+    assert_eq!(active.services[0].replaced_core_component, "scheduler");
     stack.answers("addon-scheduler").await;
     assert!(
         !matches!(runtime.task_state(id).await.unwrap(), TaskState::Running(_)),

@@ -124,6 +124,24 @@ impl Stack {
         Manager::new(self.manager.channel())
     }
 
+    /// Publishes a one-service addon whose service is named like the addon,
+    /// so several of them can be installed side by side.
+    async fn approved_single(&self, name: &str) -> mpb::Addon {
+        publish_approved(
+            &self.marketplace,
+            mpb::Addon {
+                name: name.into(),
+                services: vec![mpb::ServiceSpec {
+                    service_name: name.into(),
+                    image: format!("{}/team/app:1", self.registry.host()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     /// Publishes a two-service addon and waits for its approval.
     async fn approved_addon(&self, name: &str) -> mpb::Addon {
         let image = format!("{}/team/app:1", self.registry.host());
@@ -688,6 +706,231 @@ async fn concurrent_claims_admit_one(mongo: bool) {
     }
 }
 
+/// The `ErrorInfo` reason of an error.
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    let info = status
+        .get_details_error_info()
+        .expect("every error has an ErrorInfo");
+    assert_eq!(info.domain, "addons.oakestra.io");
+    info.reason
+}
+
+/// An install sent again with its `request_id` (also after a manager
+/// restart) yields the one installation and the same answer; the same id
+/// with another body is refused; a purge retried with its id succeeds.
+async fn retries_with_a_request_id_run_once(mongo: bool) {
+    let stack = Stack::start(mongo, "request-ids").await;
+    let addon = stack.approved_single("retried").await;
+    let request = pb::InstallAddonRequest {
+        marketplace_id: addon.id.clone(),
+        request_id: "install-retried-1".into(),
+        ..Default::default()
+    };
+    let first = stack
+        .manager()
+        .install_addon(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = stack
+        .manager()
+        .install_addon(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, second, "the same answer twice");
+    let stack = stack.crash_and_restart_manager().await;
+    let third = stack
+        .manager()
+        .install_addon(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, third, "the same answer after a restart");
+    let all = stack
+        .manager()
+        .list_installations(pb::ListInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .installations;
+    assert_eq!(all.len(), 1, "one installation: {all:?}");
+
+    let reused = stack
+        .manager()
+        .install_addon(pb::InstallAddonRequest {
+            keep_core_stopped_on_failure: true,
+            ..request.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument);
+    assert_eq!(reason(&reused), "REQUEST_ID_REUSED");
+    // Without a request id, a second install is what it always was.
+    let again = install(&mut stack.manager(), &addon.id).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert_eq!(reason(&again), "ADDON_ALREADY_INSTALLED");
+
+    let id = first.installation.unwrap().id;
+    let purge = pb::UninstallAddonRequest {
+        id: id.clone(),
+        purge: true,
+        request_id: "purge-retried-1".into(),
+        ..Default::default()
+    };
+    // No monitor runs anything: the purge deletes the record at once.
+    let purged = stack
+        .manager()
+        .uninstall_addon(purge.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(purged.installation.is_none(), "{purged:?}");
+    let retried = stack
+        .manager()
+        .uninstall_addon(purge.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purged, retried, "the retried purge succeeds");
+    let fresh = stack
+        .manager()
+        .uninstall_addon(pb::UninstallAddonRequest {
+            request_id: String::new(),
+            ..purge
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fresh.code(), Code::NotFound);
+    assert_eq!(reason(&fresh), "INSTALLATION_NOT_FOUND");
+}
+
+/// A mutation that names a stale revision is ABORTED with the current one.
+async fn stale_expected_revision_is_aborted(mongo: bool) {
+    let stack = Stack::start(mongo, "revisions").await;
+    let addon = stack.approved_single("revised").await;
+    let installation = install(&mut stack.manager(), &addon.id).await.unwrap();
+    let stale = stack
+        .manager()
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: installation.id.clone(),
+            expected_revision: Some(installation.revision + 1),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    assert_eq!(reason(&stale), "REVISION_MISMATCH");
+    use tonic_types::StatusExt as _;
+    let info = stale.get_details_error_info().unwrap();
+    assert_eq!(
+        info.metadata["current_revision"],
+        installation.revision.to_string()
+    );
+    assert_eq!(
+        get(&mut stack.manager(), &installation.id).await.revision,
+        installation.revision,
+        "nothing changed"
+    );
+    let current = stack
+        .manager()
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: installation.id.clone(),
+            expected_revision: Some(installation.revision),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(current.installation.unwrap().revision > installation.revision);
+
+    // The marketplace checks revisions the same way.
+    let mut market = MarketplaceServiceClient::new(stack.marketplace.channel());
+    let stale = market
+        .delete_addon(mpb::DeleteAddonRequest {
+            id: addon.id.clone(),
+            expected_revision: Some(addon.revision + 7),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(reason(&stale), "REVISION_MISMATCH");
+}
+
+/// A watcher that disconnects, misses three changes and resumes with its
+/// cursor receives exactly those three, then the in-sync marker.
+async fn watch_resumes_from_its_cursor(mongo: bool) {
+    let stack = Stack::start(mongo, "resume").await;
+    let first = stack.approved_single("first").await;
+    let second = stack.approved_single("second").await;
+    let third = stack.approved_single("third").await;
+    let a = install(&mut stack.manager(), &first.id).await.unwrap();
+    let mut watch = stack
+        .manager()
+        .watch_installations(pb::WatchInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let initial = watch.next().await.unwrap().unwrap();
+    assert_eq!(initial.r#type(), pb::ChangeType::Added);
+    assert_eq!(initial.installation.unwrap().id, a.id);
+    let marker = watch.next().await.unwrap().unwrap();
+    assert!(marker.in_sync, "{marker:?}");
+    let cursor = marker.sequence;
+    drop(watch);
+
+    let b = install(&mut stack.manager(), &second.id).await.unwrap();
+    let c = install(&mut stack.manager(), &third.id).await.unwrap();
+    let disabled = stack
+        .manager()
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: a.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+
+    let mut resumed = stack
+        .manager()
+        .watch_installations(pb::WatchInstallationsRequest {
+            since_revision: cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), resumed.next())
+            .await
+            .expect("the resumed watch says when it is in sync")
+            .unwrap()
+            .unwrap();
+        if message.in_sync {
+            break;
+        }
+        assert!(
+            message.sequence > cursor,
+            "nothing it already had: {message:?}"
+        );
+        let installation = message.installation.clone().unwrap();
+        events.push((message.r#type(), installation.id, installation.revision));
+    }
+    assert_eq!(
+        events,
+        [
+            (pb::ChangeType::Added, b.id, b.revision),
+            (pb::ChangeType::Added, c.id, c.revision),
+            (pb::ChangeType::Modified, a.id, disabled.revision),
+        ]
+    );
+}
+
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -700,6 +943,9 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    retries_with_a_request_id_run_once,
+    stale_expected_revision_is_aborted,
+    watch_resumes_from_its_cursor,
     concurrent_claims_admit_one,
     lifecycle,
     survives_a_manager_crash,

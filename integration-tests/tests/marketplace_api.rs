@@ -149,10 +149,53 @@ async fn api_behaves(server: &ServerProcess) {
     assert_eq!(sneaky.status(), pb::AddonStatus::UnderReview);
     assert_eq!(sneaky.services[0].resolved_image, "");
 
+    // A publish retried with its request id answers as the first call did,
+    // even though the name is taken now; another body with the same id is
+    // refused.
+    let retried = pb::PublishAddonRequest {
+        addon: Some(descriptor("retried")),
+        request_id: "publish-retried".into(),
+    };
+    let once = client
+        .publish_addon(retried.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let twice = client
+        .publish_addon(retried.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(once, twice);
+    let reused = client
+        .publish_addon(pb::PublishAddonRequest {
+            addon: Some(descriptor("other")),
+            ..retried
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument);
+    assert_eq!(reason(&reused), "REQUEST_ID_REUSED");
+    client
+        .delete_addon(pb::DeleteAddonRequest {
+            id: once.addon.unwrap().id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     let duplicate = publish(&mut client, descriptor("energy-scheduler"))
         .await
         .unwrap_err();
     assert_eq!(duplicate.code(), Code::AlreadyExists);
+    assert_eq!(reason(&duplicate), "ADDON_NAME_TAKEN");
+    assert_eq!(
+        duplicate
+            .get_details_resource_info()
+            .expect("names the existing addon")
+            .resource_name,
+        published.id
+    );
     assert!(
         duplicate.message().contains("energy-scheduler"),
         "{}",
@@ -185,8 +228,11 @@ async fn api_behaves(server: &ServerProcess) {
         .await
         .unwrap()
         .into_inner();
-    let first = watch.next().await.unwrap().unwrap().addon.unwrap();
-    assert_eq!(first, attempted);
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.r#type(), pb::ChangeType::Added);
+    assert_eq!(first.addon.unwrap(), attempted);
+    let marker = watch.next().await.unwrap().unwrap();
+    assert!(marker.in_sync && marker.addon.is_none(), "{marker:?}");
     let reverified = client
         .reverify_addon(pb::ReverifyAddonRequest {
             id: published.id.clone(),
@@ -207,10 +253,10 @@ async fn api_behaves(server: &ServerProcess) {
         .await
         .expect("watch sees the change")
         .unwrap()
-        .unwrap()
-        .addon
         .unwrap();
-    assert_eq!(second, reverified);
+    assert_eq!(second.r#type(), pb::ChangeType::Modified);
+    assert!(second.sequence > marker.sequence);
+    assert_eq!(second.addon.unwrap(), reverified);
 
     // Delete ends the watch and the addon is gone.
     client
@@ -220,14 +266,20 @@ async fn api_behaves(server: &ServerProcess) {
         })
         .await
         .unwrap();
-    // The watch may still carry the re-verification's attempt; then it ends.
-    tokio::time::timeout(Duration::from_secs(5), async {
+    // The watch may still carry the re-verification's attempt; then the
+    // deletion, with the addon's last state; then it ends with OK.
+    let last = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut last = None;
         while let Some(item) = watch.next().await {
-            assert!(item.is_ok(), "{item:?}");
+            last = Some(item.expect("the watch ends with OK"));
         }
+        last
     })
     .await
-    .expect("watch ends after the delete");
+    .expect("watch ends after the delete")
+    .expect("the deletion is an event");
+    assert_eq!(last.r#type(), pb::ChangeType::Deleted);
+    assert_eq!(last.addon.unwrap().id, published.id);
     let gone = client
         .delete_addon(pb::DeleteAddonRequest {
             id: published.id.clone(),
@@ -384,7 +436,36 @@ async fn validation(server: &ServerProcess) {
         })
         .collect();
     let status = publish(&mut client, crowded).await.unwrap_err();
-    assert_eq!(violations(&status), ["services"]);
+    assert_eq!(violations(&status), ["addon.services"]);
+    assert_eq!(reason(&status), "INVALID_REQUEST");
+
+    // The documented bounds, each by its field path.
+    let mut long = descriptor("long");
+    long.services[0].command = vec!["x".repeat(4097)];
+    long.volumes[0].driver_opts = (0..129).map(|n| (format!("k{n}"), "v".into())).collect();
+    long.networks.extend((0..128).map(|n| pb::NetworkSpec {
+        name: format!("n{n}"),
+        ..Default::default()
+    }));
+    let status = publish(&mut client, long).await.unwrap_err();
+    assert_eq!(
+        violations(&status),
+        [
+            "addon.networks",
+            "addon.volumes[0].driver_opts",
+            "addon.services[0].command[0]",
+        ]
+    );
+    // A descriptor over 1 MiB encoded is refused as a whole, before anything
+    // else is looked at; one over the 4 MiB message limit never decodes.
+    let mut huge = descriptor("huge");
+    huge.description = "x".repeat(1024 * 1024 + 1);
+    let status = publish(&mut client, huge).await.unwrap_err();
+    assert_eq!(violations(&status), ["addon"]);
+    let mut enormous = descriptor("enormous");
+    enormous.description = "x".repeat(5 * 1024 * 1024);
+    let status = publish(&mut client, enormous).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     // Nothing was stored.
     assert!(
         list(&mut client, &[pb::AddonStatus::UnderReview], "")
@@ -439,6 +520,15 @@ async fn run_cases(store_for: impl Fn(u32) -> String) {
         }
         assert_eq!(server.stop().await.code(), Some(0));
     }
+}
+
+/// The `ErrorInfo` reason of an error, which every error carries.
+fn reason(status: &tonic::Status) -> String {
+    let info = status
+        .get_details_error_info()
+        .expect("every error has an ErrorInfo");
+    assert_eq!(info.domain, "addons.oakestra.io");
+    info.reason
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use addons_server_kit::ApiError;
 use oakestra_addons_proto::{
     engine::v1::{Plane, ServicePhase},
     monitor::v1::{
@@ -9,7 +10,7 @@ use oakestra_addons_proto::{
         node_monitor_service_server::{NodeMonitorService, NodeMonitorServiceServer},
     },
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     Containerd,
@@ -40,12 +41,14 @@ impl NodeMonitorApi {
     }
 
     fn unavailable(err: crate::runtime::RuntimeError) -> Status {
-        Status::unavailable(err.to_string())
+        ApiError::new(Code::Unavailable, "CONTAINERD_UNAVAILABLE", err.to_string()).into()
     }
 
-    /// The tonic service.
+    /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> NodeMonitorServiceServer<Self> {
         NodeMonitorServiceServer::new(self)
+            .max_decoding_message_size(addons_server_kit::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(addons_server_kit::MAX_RESPONSE_BYTES)
     }
 }
 
@@ -133,10 +136,20 @@ impl NodeMonitorService for NodeMonitorApi {
         request: Request<pb::GetServiceLogsRequest>,
     ) -> Result<Response<pb::GetServiceLogsResponse>, Status> {
         let request = request.into_inner();
-        if request.installation_id.is_empty() || request.service_name.is_empty() {
-            return Err(Status::invalid_argument(
+        let missing: Vec<(&str, &str)> = [
+            ("installation_id", request.installation_id.is_empty()),
+            ("service_name", request.service_name.is_empty()),
+        ]
+        .into_iter()
+        .filter(|(_, empty)| *empty)
+        .map(|(field, _)| (field, "required"))
+        .collect();
+        if !missing.is_empty() {
+            return Err(ApiError::invalid(
                 "installation_id and service_name are required",
-            ));
+                missing,
+            )
+            .into());
         }
         let lines = match request.tail_lines {
             0 => 100,
@@ -152,10 +165,15 @@ impl NodeMonitorService for NodeMonitorApi {
             .await
             .map_err(Self::unavailable)?;
         let Some(container) = containers.first() else {
-            return Err(Status::not_found(format!(
-                "service {} of installation {} does not run on this node",
-                request.service_name, request.installation_id
-            )));
+            return Err(ApiError::new(
+                Code::NotFound,
+                "SERVICE_NOT_FOUND",
+                format!(
+                    "service {} of installation {} does not run on this node",
+                    request.service_name, request.installation_id
+                ),
+            )
+            .into());
         };
         let path = self
             .state_dir

@@ -246,6 +246,8 @@ impl From<StatusArg> for epb::InstallationStatus {
 pub struct Failure {
     message: String,
     code: u8,
+    /// The server's error, with every detail, for `--output json|yaml`.
+    status: Option<tonic::Status>,
 }
 
 impl Failure {
@@ -254,11 +256,33 @@ impl Failure {
         self.code
     }
 
+    /// The server's error as JSON (code, reason, message, every detail), when
+    /// the failure came from a server.
+    pub fn details_json(&self) -> Option<serde_json::Value> {
+        self.status.as_ref().map(oak_addons::json::status_to_json)
+    }
+
+    fn error(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: EXIT_ERROR,
+            status: None,
+        }
+    }
+
     fn usage(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             code: EXIT_USAGE,
+            status: None,
         }
+    }
+}
+
+impl Cli {
+    /// Whether errors are printed as documents (`--output json|yaml`).
+    pub fn structured_errors(&self) -> bool {
+        matches!(self.output, Format::Json | Format::Yaml)
     }
 }
 
@@ -276,6 +300,10 @@ fn failed(what: &str) -> impl FnOnce(ClientError) -> Failure + '_ {
             ClientError::InvalidUrl { .. } | ClientError::Input(_) => EXIT_USAGE,
         },
         message: format!("{what}: {err}"),
+        status: match &err {
+            ClientError::Status(status) => Some(status.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -462,9 +490,8 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 }),
             )
             .await
-            .map_err(|_| Failure {
-                message: format!("logs of {service}: no answer from {}", cli.monitor),
-                code: EXIT_ERROR,
+            .map_err(|_| {
+                Failure::error(format!("logs of {service}: no answer from {}", cli.monitor))
             })?
             .map_err(|status| failed(&format!("logs of {service}"))(status.into()))?
             .into_inner()
@@ -494,10 +521,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                     .list_managed_services(ListManagedServicesRequest {}),
             )
             .await
-            .map_err(|_| Failure {
-                message: format!("node: no answer from {}", cli.monitor),
-                code: EXIT_ERROR,
-            })?
+            .map_err(|_| Failure::error(format!("node: no answer from {}", cli.monitor)))?
             .map_err(|status| failed(&format!("node at {}", cli.monitor))(status.into()))?
             .into_inner();
             output::node(&node, format).map_err(failed("output"))?;
@@ -506,9 +530,8 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             let channel = oak_addons::channel_with(&url, &options).map_err(failed(&url))?;
             let services = tokio::time::timeout(options.timeout, oak_addons::probe(channel))
                 .await
-                .map_err(|_| Failure {
-                    message: format!("{url}: no answer within {:?}", options.timeout),
-                    code: EXIT_ERROR,
+                .map_err(|_| {
+                    Failure::error(format!("{url}: no answer within {:?}", options.timeout))
                 })?
                 .map_err(|status| failed(&url)(status.into()))?;
             let rows: Vec<Vec<String>> = services
@@ -571,18 +594,18 @@ async fn wait_verified(
                 Some(Ok(addon)) => current = addon,
                 Some(Err(err)) => return Err(failed(&format!("watching addon {id}"))(err)),
                 None => {
-                    return Err(Failure {
-                        message: format!("watching addon {id}: the stream ended"),
-                        code: EXIT_ERROR,
-                    });
+                    return Err(Failure::error(format!(
+                        "watching addon {id}: the stream ended"
+                    )));
                 }
             }
         }
     })
     .await
-    .map_err(|_| Failure {
-        message: format!("addon {id} is still under review after {patience:?}"),
-        code: EXIT_ERROR,
+    .map_err(|_| {
+        Failure::error(format!(
+            "addon {id} is still under review after {patience:?}"
+        ))
     })??;
     output::addons(std::slice::from_ref(&done), format, false).map_err(failed("output"))?;
     if done.status() == mpb::AddonStatus::FailedVerification {

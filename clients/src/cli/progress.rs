@@ -11,7 +11,7 @@ use oak_addons::{
     proto::engine::v1::{self as epb, InstallationStatus, ServicePhase},
 };
 
-use super::{EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Failure, failed, output};
+use super::{EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, Failure, failed, output};
 
 /// Where an install stands for `--wait`.
 fn settled(installation: &epb::Installation) -> Option<u8> {
@@ -204,17 +204,15 @@ async fn follow<T>(
                 Some(Err(err)) => return Err(failed(&format!("watching installation {id}"))(err)),
                 None => format!("watching installation {id}: the stream ended"),
             };
-            return Err(Failure {
-                message: broken,
-                code: EXIT_ERROR,
-            });
+            return Err(Failure::error(broken));
         }
     })
     .await;
     display.finish();
-    outcome.map_err(|_| Failure {
-        message: format!("installation {id} {waiting_for} within {patience:?}"),
-        code: EXIT_ERROR,
+    outcome.map_err(|_| {
+        Failure::error(format!(
+            "installation {id} {waiting_for} within {patience:?}"
+        ))
     })?
 }
 
