@@ -2,15 +2,16 @@
 //! [`Manager`], map errors.
 
 use addons_descriptor::FieldViolation;
-use addons_server_kit::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown};
-use addons_store::{ChangeKind, Event, FollowEnd, Start};
+use addons_server_kit::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown, WatchStream, watch_stream,
+};
+use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::engine::v1::{
     self as pb,
     addons_manager_service_server::{AddonsManagerService, AddonsManagerServiceServer},
     monitor_link_service_server::{MonitorLinkService, MonitorLinkServiceServer},
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{Error, Manager, convert, link::LinkHub};
@@ -51,8 +52,6 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     }
     Ok(value)
 }
-
-type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn change_type(kind: ChangeKind) -> pb::ChangeType {
     match kind {
@@ -146,7 +145,7 @@ impl AddonsManagerService for ManagerApi {
         }))
     }
 
-    type WatchInstallationsStream = BoxStream<pb::WatchInstallationsResponse>;
+    type WatchInstallationsStream = WatchStream<pb::WatchInstallationsResponse>;
 
     async fn watch_installations(
         &self,
@@ -176,16 +175,12 @@ impl AddonsManagerService for ManagerApi {
             }
             since => Start::After(since),
         };
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let (end_tx, end_rx) = oneshot::channel();
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let end = core.watch(ids, start, tx, shutdown.fired()).await;
-            let _ = end_tx.send(end);
-        });
-        let events = ReceiverStream::new(rx).map(|event| {
-            Ok(match event {
+        let stream = watch_stream(
+            WATCH_BUFFER,
+            move |tx| async move { core.watch(ids, start, tx, shutdown.fired()).await },
+            |event| match event {
                 Event::Change(change) => pb::WatchInstallationsResponse {
                     r#type: change_type(change.kind).into(),
                     sequence: change.seq,
@@ -197,21 +192,9 @@ impl AddonsManagerService for ManagerApi {
                     in_sync: true,
                     ..pb::WatchInstallationsResponse::default()
                 },
-            })
-        });
-        // After the last event, say why the stream ended if it was not the
-        // client's or the server's choice.
-        let ending = futures::stream::once(async move {
-            match end_rx.await {
-                Ok(Ok(FollowEnd::Stopped | FollowEnd::Ended)) | Err(_) => None,
-                Ok(Ok(FollowEnd::Lagged { resume_from })) => {
-                    Some(Err(addons_server_kit::watch_too_slow(resume_from)))
-                }
-                Ok(Err(err)) => Some(Err(Status::from(err))),
-            }
-        });
-        let stream = events.chain(ending.filter_map(|end| end));
-        Ok(Response::new(Box::pin(stream)))
+            },
+        );
+        Ok(Response::new(stream))
     }
 }
 
@@ -237,7 +220,7 @@ impl MonitorLinkApi {
 
 #[tonic::async_trait]
 impl MonitorLinkService for MonitorLinkApi {
-    type OpenLinkStream = BoxStream<pb::OpenLinkResponse>;
+    type OpenLinkStream = WatchStream<pb::OpenLinkResponse>;
 
     async fn open_link(
         &self,

@@ -703,11 +703,28 @@ async fn swaps_a_core_component_found_by_its_label() {
     );
     stack.uninstall(&installation).await;
     stack.answers("foreign-scheduler").await;
-    // It is someone else's again: labelled as before, and still there.
-    let containers = runtime.list_containers(&[]).await.unwrap();
-    let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
-    assert_eq!(ids, [id]);
-    assert!(!containers[0].labels.contains_key("oakestra.io/replaced-by"));
+    // It is someone else's again: labelled as before, and still there. (The
+    // monitor drops its label right after the core task is back, so wait
+    // for that.)
+    eventually(
+        "the core component is no longer labelled as replaced",
+        Duration::from_secs(10),
+        || {
+            let runtime = runtime.clone();
+            async move {
+                let containers = runtime.list_containers(&[]).await.unwrap();
+                let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
+                if ids != [id] {
+                    return Err(format!("containers {ids:?}"));
+                }
+                if containers[0].labels.contains_key("oakestra.io/replaced-by") {
+                    return Err(format!("labels {:?}", containers[0].labels));
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
     monitor.stop().await;
     runtime
         .remove_container(id, Duration::from_secs(3))

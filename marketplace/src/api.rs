@@ -2,15 +2,15 @@
 //! converts, delegates to [`Marketplace`], maps errors.
 
 use addons_descriptor::{Descriptor, FieldViolation};
-use addons_server_kit::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown};
-use addons_store::{ChangeKind, Event, FollowEnd, Start};
+use addons_server_kit::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown, WatchStream, watch_stream,
+};
+use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::marketplace::v1::{
     self as pb,
     marketplace_service_server::{MarketplaceService, MarketplaceServiceServer},
 };
 use prost::Message as _;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{Error, Marketplace, convert};
@@ -61,10 +61,6 @@ fn in_addon(violations: Vec<FieldViolation>) -> Error {
             .collect(),
     )
 }
-
-type WatchStream = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<pb::WatchAddonResponse, Status>> + Send>,
->;
 
 fn change_type(kind: ChangeKind) -> pb::ChangeType {
     match kind {
@@ -184,7 +180,7 @@ impl MarketplaceService for MarketplaceApi {
             .map(Response::new)
     }
 
-    type WatchAddonStream = WatchStream;
+    type WatchAddonStream = WatchStream<pb::WatchAddonResponse>;
 
     async fn watch_addon(
         &self,
@@ -200,16 +196,12 @@ impl MarketplaceService for MarketplaceApi {
             }
             since => Start::After(since),
         };
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let (end_tx, end_rx) = oneshot::channel();
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let end = core.watch(&id, start, tx, shutdown.fired()).await;
-            let _ = end_tx.send(end);
-        });
-        let events = ReceiverStream::new(rx).map(|event| {
-            Ok(match event {
+        let stream = watch_stream(
+            WATCH_BUFFER,
+            move |tx| async move { core.watch(&id, start, tx, shutdown.fired()).await },
+            |event| match event {
                 Event::Change(change) => pb::WatchAddonResponse {
                     r#type: change_type(change.kind).into(),
                     sequence: change.seq,
@@ -221,18 +213,8 @@ impl MarketplaceService for MarketplaceApi {
                     in_sync: true,
                     ..pb::WatchAddonResponse::default()
                 },
-            })
-        });
-        let ending = futures::stream::once(async move {
-            match end_rx.await {
-                Ok(Ok(FollowEnd::Stopped | FollowEnd::Ended)) | Err(_) => None,
-                Ok(Ok(FollowEnd::Lagged { resume_from })) => {
-                    Some(Err(addons_server_kit::watch_too_slow(resume_from)))
-                }
-                Ok(Err(err)) => Some(Err(Status::from(err))),
-            }
-        });
-        let stream = events.chain(ending.filter_map(|end| end));
-        Ok(Response::new(Box::pin(stream)))
+            },
+        );
+        Ok(Response::new(stream))
     }
 }

@@ -12,6 +12,7 @@ mod server;
 mod shutdown;
 mod status;
 mod telemetry;
+mod watch;
 
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
@@ -22,4 +23,5 @@ pub use crate::{
     shutdown::Shutdown,
     status::store_error_to_status,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
+    watch::{WatchStream, watch_stream},
 };
