@@ -3,8 +3,9 @@
 # only what is missing. Safe to run any number of times.
 #
 #   Debian packages  containerd, runc, CNI plugins, the OCI registry,
-#                    protoc, busybox-static, iptables, iproute2, curl, procps,
-#                    python3 + venv, npm
+#                    protoc (containerd-client's build runs it; our own protos
+#                    compile with protox), busybox-static, iptables, iproute2,
+#                    curl, procps, python3 + venv, npm
 #   buf              from the npm registry (@bufbuild/buf), for `buf lint`
 #   nx-27017         MongoDB-wire test server from PyPI, in a virtualenv
 #                    under target/test-env
