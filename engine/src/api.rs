@@ -77,7 +77,11 @@ impl AddonsManagerService for ManagerApi {
                 let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
                 let installation = self
                     .core
-                    .install(marketplace_id, request.keep_core_stopped_on_failure)
+                    .install(
+                        marketplace_id,
+                        request.keep_core_stopped_on_failure,
+                        Some(request_id.as_str()).filter(|id| !id.is_empty()),
+                    )
                     .await?;
                 tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
                 Ok(pb::InstallAddonResponse {

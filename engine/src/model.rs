@@ -77,6 +77,11 @@ pub struct Installation {
     /// for good (the default restores it).
     #[serde(default)]
     pub keep_core_stopped_on_failure: bool,
+    /// The `request_id` of the install that made it, if it had one: a retry
+    /// that finds the record made but not its remembered answer (the manager
+    /// stopped in between) gets the record instead of ALREADY_EXISTS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// When it was installed.
     pub create_time: DateTime<Utc>,
     /// When it last changed.

@@ -66,10 +66,13 @@ impl Manager {
     }
 
     /// Installs an approved addon: snapshots its descriptor, images pinned.
+    /// `request_id` is the install's own, if it has one: a live installation
+    /// of the addon made by the same request is returned as it is.
     pub async fn install(
         &self,
         marketplace_id: &str,
         keep_core_stopped_on_failure: bool,
+        request_id: Option<&str>,
     ) -> Result<Versioned<Installation>, Error> {
         let addon = self.fetch_approved(marketplace_id).await?;
         let _claims = self.claims.lock().await;
@@ -86,6 +89,7 @@ impl Manager {
             report_sequences: Default::default(),
             purge_requested: false,
             keep_core_stopped_on_failure,
+            request_id: request_id.map(str::to_owned),
             create_time: now,
             update_time: now,
         };
@@ -97,14 +101,18 @@ impl Manager {
                     ..Filter::default()
                 };
                 let holder = self.installations.list(&filter, 1, None).await?;
-                Err(Error::AlreadyInstalled {
-                    marketplace_id: marketplace_id.to_owned(),
-                    installation_id: holder
-                        .items
-                        .first()
-                        .map(|i| i.value.id.clone())
-                        .unwrap_or_default(),
-                })
+                match holder.items.into_iter().next() {
+                    Some(made)
+                        if request_id.is_some()
+                            && made.value.request_id.as_deref() == request_id =>
+                    {
+                        Ok(made)
+                    }
+                    holder => Err(Error::AlreadyInstalled {
+                        marketplace_id: marketplace_id.to_owned(),
+                        installation_id: holder.map(|i| i.value.id).unwrap_or_default(),
+                    }),
+                }
             }
             Err(err) => Err(err.into()),
         }

@@ -229,6 +229,7 @@ mod tests {
             report_sequences: Default::default(),
             purge_requested: false,
             keep_core_stopped_on_failure: false,
+            request_id: None,
             create_time: chrono::Utc::now(),
             update_time: chrono::Utc::now(),
         }

@@ -806,6 +806,61 @@ async fn retries_with_a_request_id_run_once(mongo: bool) {
     assert_eq!(reason(&fresh), "INSTALLATION_NOT_FOUND");
 }
 
+/// The manager stopped after it stored an installation and before it
+/// remembered the answer for the request id: the retry finds the
+/// installation the same request made and answers with it, not
+/// ALREADY_EXISTS. (The remembered answers are deleted behind the manager's
+/// back, which leaves exactly the state such a crash leaves.)
+#[tokio::test]
+async fn install_retried_across_a_lost_answer_returns_the_installation() {
+    let stack = Stack::start(true, "lost-answer").await;
+    let addon = stack.approved_single("lost").await;
+    let request = pb::InstallAddonRequest {
+        marketplace_id: addon.id.clone(),
+        request_id: "install-lost-1".into(),
+        ..Default::default()
+    };
+    let first = stack
+        .manager()
+        .install_addon(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+    let uri = stack.manager_store.clone();
+    let client = ::mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let database = client
+        .default_database()
+        .expect("the store names its database");
+    let forgotten = database
+        .collection::<::mongodb::bson::Document>("requests")
+        .delete_many(::mongodb::bson::doc! {})
+        .await
+        .unwrap();
+    assert_eq!(forgotten.deleted_count, 1);
+    let retried = stack
+        .manager()
+        .install_addon(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+    assert_eq!(retried.id, first.id);
+    // Another request for the same addon is still refused.
+    let other = stack
+        .manager()
+        .install_addon(pb::InstallAddonRequest {
+            request_id: "install-lost-2".into(),
+            ..request
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    assert_eq!(reason(&other), "ADDON_ALREADY_INSTALLED");
+}
+
 /// A mutation that names a stale revision is ABORTED with the current one.
 async fn stale_expected_revision_is_aborted(mongo: bool) {
     let stack = Stack::start(mongo, "revisions").await;
