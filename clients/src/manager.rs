@@ -203,6 +203,7 @@ impl ManagerClient {
             |event: &InstallationEvent| Cursor {
                 sequence: event.sequence,
                 marker: event.change == pb::ChangeType::Unspecified,
+                last: false,
             },
         )
     }

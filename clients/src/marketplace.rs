@@ -204,6 +204,7 @@ impl MarketplaceClient {
             |item: &WatchedAddon| Cursor {
                 sequence: item.0.sequence,
                 marker: item.0.in_sync,
+                last: item.0.r#type() == pb::ChangeType::Deleted,
             },
         )
         .map(|item| item.map(|watched| watched.0.addon.unwrap_or_default()))

@@ -15,6 +15,9 @@ pub(crate) struct Cursor {
     pub sequence: u64,
     /// Whether the message is the in-sync marker (not handed on).
     pub marker: bool,
+    /// Whether the message is the last of the watch (the watched record was
+    /// deleted): it is handed on and the watch ends.
+    pub last: bool,
 }
 
 /// Opens a watch with `open(since_revision)` and yields its items. When the
@@ -23,7 +26,8 @@ pub(crate) struct Cursor {
 /// reopened after a backoff from `retry` with the sequence of the last
 /// message received, so it receives exactly the changes it missed. A cursor
 /// the server no longer holds (`OUT_OF_RANGE`) reopens from the current
-/// state. Any other error is yielded and ends it.
+/// state. Any other error is yielded and ends it, and so does an item that
+/// `cursor` marks as the last.
 pub(crate) fn resumed<T, S, F, Fut>(
     retry: RetryPolicy,
     open: F,
@@ -50,7 +54,7 @@ where
                             if at.marker {
                                 continue;
                             }
-                            if tx.send(Ok(item)).await.is_err() {
+                            if tx.send(Ok(item)).await.is_err() || at.last {
                                 return;
                             }
                         }

@@ -84,6 +84,28 @@ async fn pages_retries_and_resumed_watches() {
         .await;
     assert_eq!(named.len(), 1);
 
+    // A watched addon's deletion is its last event: the watch yields the
+    // last state, then ends, instead of waiting for changes that cannot come.
+    let doomed = market
+        .publish(addon("doomed", "doomed", &image))
+        .await
+        .unwrap();
+    let mut watched = Box::pin(market.watch(&doomed.id));
+    let current = tokio::time::timeout(Duration::from_secs(10), watched.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.id, doomed.id);
+    market.delete(&doomed.id).await.unwrap();
+    let rest: Vec<mpb::Addon> = tokio::time::timeout(
+        Duration::from_secs(10),
+        watched.map(|item| item.unwrap()).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the watch ends after the deletion");
+    assert_eq!(rest.last().map(|a| a.id.as_str()), Some(doomed.id.as_str()));
+
     // A manager on a fixed port, so it can come back where clients expect it.
     let first = publish_approved(&marketplace, addon("first", "one", &image)).await;
     let second = publish_approved(&marketplace, addon("second", "two", &image)).await;
