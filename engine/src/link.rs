@@ -315,15 +315,23 @@ impl LinkHub {
             }
         };
         if plane != self.plane {
-            return Err(link_error(
-                Code::FailedPrecondition,
-                "PLANE_MISMATCH",
-                format!(
-                    "this manager serves the {} plane; node {node} belongs to the {} plane",
-                    convert::plane_name(self.plane),
-                    convert::plane_name(plane),
-                ),
-            ));
+            let message = format!(
+                "this manager serves the {} plane; node {node} belongs to the {} plane",
+                convert::plane_name(self.plane),
+                convert::plane_name(plane),
+            );
+            return Err(
+                ApiError::new(Code::FailedPrecondition, "PLANE_MISMATCH", message)
+                    .precondition(
+                        "PLANE",
+                        format!("nodes/{node}"),
+                        format!(
+                            "connect the monitor to the manager of the {} plane",
+                            convert::plane_name(plane)
+                        ),
+                    )
+                    .into(),
+            );
         }
         let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
         {

@@ -245,6 +245,8 @@ async fn lifecycle(mongo: bool) {
         .unwrap();
     let refused = install(&mut manager, &pending.id).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "ADDON_NOT_APPROVED");
+    assert_precondition(&refused, &format!("addons/{}", pending.id));
 
     let addon = stack.approved_addon("app").await;
     let installation = install(&mut manager, &addon.id).await.unwrap();
@@ -261,6 +263,11 @@ async fn lifecycle(mongo: bool) {
     let rival = stack.approved_addon("rival").await;
     let clash = install(&mut manager, &rival.id).await.unwrap_err();
     assert_eq!(clash.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&clash), "SERVICE_NAME_TAKEN");
+    assert_precondition(
+        &clash,
+        &format!("installations/{}/services/api", installation.id),
+    );
     assert!(
         clash.message().contains(&installation.id),
         "{}",
@@ -517,6 +524,8 @@ async fn refuses_bad_links_and_shows_disconnects(mongo: bool) {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("root"), "{}", err.message());
+    assert_eq!(reason(&err), "PLANE_MISMATCH");
+    assert_precondition(&err, "nodes/node-x");
 
     let mut first = TestMonitor::connect(channel.clone(), "node-1", pb::Plane::Root)
         .await
@@ -704,6 +713,18 @@ async fn concurrent_claims_admit_one(mongo: bool) {
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         assert!(refused.message().contains(&admitted[0].id), "{refused:?}");
     }
+}
+
+/// The error carries a `PreconditionFailure` about `subject`.
+fn assert_precondition(status: &tonic::Status, subject: &str) {
+    use tonic_types::StatusExt as _;
+    let failure = status
+        .get_details_precondition_failure()
+        .unwrap_or_else(|| panic!("no PreconditionFailure in {status:?}"));
+    assert!(
+        failure.violations.iter().any(|v| v.subject == subject),
+        "{failure:?}"
+    );
 }
 
 /// The `ErrorInfo` reason of an error.
