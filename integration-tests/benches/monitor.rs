@@ -122,7 +122,11 @@ async fn install_until(
         .unwrap()
         .id;
     while let Some(update) = watch.next().await {
-        let installation = update.unwrap().installation.unwrap();
+        let update = update.unwrap();
+        if update.in_sync {
+            continue;
+        }
+        let installation = update.installation.unwrap();
         if installation.id == id && installation.status() == status {
             return (started.elapsed(), id);
         }
@@ -277,7 +281,9 @@ async fn main() {
             .await
             .unwrap()
             .into_inner();
+        // The current state, then the in-sync marker.
         watch.next().await.unwrap().unwrap();
+        assert!(watch.next().await.unwrap().unwrap().in_sync);
         // SIGKILL ends the task at once; the time to the watcher includes
         // containerd's kill and exit event, the monitor, the link, the
         // manager's durable write and the watch stream.

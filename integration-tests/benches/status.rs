@@ -168,7 +168,9 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
         tokio::spawn(async move {
             while let Some(Ok(update)) = watch.next().await {
                 let now = Instant::now();
-                let installation = update.installation.unwrap();
+                let Some(installation) = update.installation else {
+                    continue; // the in-sync marker
+                };
                 let mut seen = seen.lock().unwrap();
                 for status in installation.services {
                     seen.entry(status.reason).or_insert(now);

@@ -86,7 +86,9 @@ async fn publish_until_approved(
         .unwrap()
         .into_inner();
     while let Some(update) = watch.next().await {
-        let addon = update.unwrap().addon.unwrap();
+        let Some(addon) = update.unwrap().addon else {
+            continue; // the in-sync marker
+        };
         match addon.status() {
             pb::AddonStatus::UnderReview => continue,
             pb::AddonStatus::Approved => return (started.elapsed(), addon),
