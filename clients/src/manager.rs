@@ -89,21 +89,22 @@ impl ManagerClient {
     /// Uninstalls; retried on `UNAVAILABLE` with one `request_id`, so a
     /// purge whose answer was lost succeeds on its retry.
     pub async fn uninstall(&self, id: &str, purge: bool) -> Result<pb::Installation, ClientError> {
-        let request_id = new_request_id();
-        let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let timeout = self.timeout;
-                let request = pb::UninstallAddonRequest {
-                    id: id.to_owned(),
-                    purge,
-                    request_id: request_id.clone(),
-                    expected_revision: None,
-                };
-                crate::retry::within(timeout, async move { inner.uninstall_addon(request).await })
-            })
-            .await?;
+        let request = pb::UninstallAddonRequest {
+            id: id.to_owned(),
+            purge,
+            request_id: new_request_id(),
+            expected_revision: None,
+        };
+        let response =
+            self.retry
+                .run(|| {
+                    let mut inner = self.inner.clone();
+                    let request = request.clone();
+                    crate::retry::within(self.timeout, async move {
+                        inner.uninstall_addon(request).await
+                    })
+                })
+                .await?;
         Ok(response.into_inner().installation.unwrap_or_default())
     }
 

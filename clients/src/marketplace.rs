@@ -161,20 +161,21 @@ impl MarketplaceClient {
 
     /// Puts the addon back under review and verifies it again.
     pub async fn reverify(&self, id: &str) -> Result<pb::Addon, ClientError> {
-        let request_id = new_request_id();
-        let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let timeout = self.timeout;
-                let request = pb::ReverifyAddonRequest {
-                    id: id.to_owned(),
-                    request_id: request_id.clone(),
-                    expected_revision: None,
-                };
-                crate::retry::within(timeout, async move { inner.reverify_addon(request).await })
-            })
-            .await?;
+        let request = pb::ReverifyAddonRequest {
+            id: id.to_owned(),
+            request_id: new_request_id(),
+            expected_revision: None,
+        };
+        let response =
+            self.retry
+                .run(|| {
+                    let mut inner = self.inner.clone();
+                    let request = request.clone();
+                    crate::retry::within(self.timeout, async move {
+                        inner.reverify_addon(request).await
+                    })
+                })
+                .await?;
         Ok(response.into_inner().addon.unwrap_or_default())
     }
 

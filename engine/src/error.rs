@@ -58,16 +58,6 @@ pub enum Error {
         /// The live installation holding it.
         installation_id: String,
     },
-    /// The installation is not at the revision the request expected.
-    #[error("installation `{id}` is at revision {current}, the request expected {expected}")]
-    RevisionMismatch {
-        /// The installation.
-        id: String,
-        /// Its revision now.
-        current: u64,
-        /// What the request expected.
-        expected: u64,
-    },
     /// The marketplace cannot be reached or failed.
     #[error("the marketplace is unavailable: {0}")]
     MarketplaceUnavailable(String),
@@ -125,10 +115,6 @@ impl From<Error> for Status {
                 installation_id, ..
             } => ApiError::new(Code::AlreadyExists, "ADDON_ALREADY_INSTALLED", message)
                 .resource(INSTALLATION, installation_id),
-            Error::RevisionMismatch { current, .. } => {
-                ApiError::new(Code::Aborted, "REVISION_MISMATCH", message)
-                    .metadata("current_revision", current)
-            }
             Error::MarketplaceUnavailable(_) => {
                 ApiError::new(Code::Unavailable, "MARKETPLACE_UNAVAILABLE", message)
             }

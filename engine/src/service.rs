@@ -96,12 +96,7 @@ impl Manager {
         match self.installations.insert(installation).await {
             Ok(stored) => Ok(stored),
             Err(addons_store::Error::AlreadyExists { .. }) => {
-                let filter = Filter {
-                    unique_key: Some(marketplace_id.to_owned()),
-                    ..Filter::default()
-                };
-                let holder = self.installations.list(&filter, 1, None).await?;
-                match holder.items.into_iter().next() {
+                match self.installations.by_unique_key(marketplace_id).await? {
                     Some(made)
                         if request_id.is_some()
                             && made.value.request_id.as_deref() == request_id =>
@@ -200,66 +195,33 @@ impl Manager {
         purge: bool,
         expected_revision: Option<u64>,
     ) -> Result<Option<Versioned<Installation>>, Error> {
-        let change = |installation: &mut Installation| {
-            let mut changed = false;
-            if purge && !installation.purge_requested {
-                installation.purge_requested = true;
-                changed = true;
-            }
-            if !matches!(
-                installation.status,
-                InstallationStatus::Disabling | InstallationStatus::Disabled
-            ) {
-                installation.status = InstallationStatus::Disabling;
-                // Nothing reported running anywhere: nothing to wait for.
-                status::recompute(installation);
-                changed = true;
-            }
-            if changed {
-                installation.update_time = chrono::Utc::now();
-            }
-            changed
-        };
-        let not_found = |err| match err {
-            addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
-            err => err.into(),
-        };
-        let record = match expected_revision {
-            None => self
-                .installations
-                .modify(id, |installation| Ok(change(installation)))
-                .await
-                .map_err(not_found)?,
-            Some(expected) => {
-                let mut current = self.get(id).await?;
-                if current.revision != expected {
-                    return Err(Error::RevisionMismatch {
-                        id: id.to_owned(),
-                        current: current.revision,
-                        expected,
-                    });
+        let record = self
+            .installations
+            .modify_at(id, expected_revision, |installation| {
+                let mut changed = false;
+                if purge && !installation.purge_requested {
+                    installation.purge_requested = true;
+                    changed = true;
                 }
-                if change(&mut current.value) {
-                    match self
-                        .installations
-                        .replace(current.value, &Precondition::revision(expected))
-                        .await
-                    {
-                        Ok(stored) => stored,
-                        Err(addons_store::Error::Conflict { .. }) => {
-                            return Err(Error::RevisionMismatch {
-                                id: id.to_owned(),
-                                current: self.get(id).await?.revision,
-                                expected,
-                            });
-                        }
-                        Err(err) => return Err(not_found(err)),
-                    }
-                } else {
-                    current
+                if !matches!(
+                    installation.status,
+                    InstallationStatus::Disabling | InstallationStatus::Disabled
+                ) {
+                    installation.status = InstallationStatus::Disabling;
+                    // Nothing reported running anywhere: nothing to wait for.
+                    status::recompute(installation);
+                    changed = true;
                 }
-            }
-        };
+                if changed {
+                    installation.update_time = chrono::Utc::now();
+                }
+                Ok(changed)
+            })
+            .await
+            .map_err(|err| match err {
+                addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
+                err => err.into(),
+            })?;
         if record.value.purge_requested && record.value.status == InstallationStatus::Disabled {
             let condition = Precondition::status_in([InstallationStatus::Disabled.as_str()]);
             self.installations.delete(id, &condition).await?;

@@ -390,8 +390,31 @@ async fn error_paths_print_one_line_with_their_exit_code() {
     assert_eq!(run.code, 1, "{run:?}");
     let line = run.one_error_line();
     assert!(
-        line.contains("INVALID_ARGUMENT") && line.contains("services[0].service_name"),
+        line.contains("INVALID_ARGUMENT (INVALID_REQUEST)")
+            && line.contains("services[0].service_name"),
         "{line}"
+    );
+    // With -o json, the whole error follows the line, every detail decoded.
+    let run = oak(&servers, &["-o", "json", "marketplace", "publish", &file]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let (line, document) = run.stderr.split_once('\n').expect("a line, then the error");
+    assert!(line.starts_with("error: "), "{run:?}");
+    let error: serde_json::Value = serde_json::from_str(document).unwrap();
+    assert_eq!(error["code"], "INVALID_ARGUMENT", "{error}");
+    assert_eq!(error["reason"], "INVALID_REQUEST", "{error}");
+    let details = error["details"].as_array().unwrap();
+    let types: Vec<&str> = details.iter().filter_map(|d| d["@type"].as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "type.googleapis.com/google.rpc.ErrorInfo",
+            "type.googleapis.com/google.rpc.BadRequest"
+        ],
+        "{error}"
+    );
+    assert_eq!(
+        details[1]["field_violations"][0]["field"], "addon.services[0].service_name",
+        "{error}"
     );
 
     // Verification fails: --wait exits 3 and says why.

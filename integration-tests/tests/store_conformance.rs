@@ -185,6 +185,49 @@ async fn read_modify_write_loses_no_update(store: &Store) {
     assert_eq!(stored.revision, 25);
 }
 
+/// A change or delete that expects another revision than the record has
+/// is refused with the current revision and writes nothing.
+async fn refuses_stale_revisions(store: &Store) {
+    let items = store.collection::<Item>().await.unwrap();
+    let stored = items.insert(item("revised", "new")).await.unwrap();
+    let bump = |item: &mut Item| {
+        item.counter += 1;
+        Ok(true)
+    };
+    let stale = items.modify_at(&stored.value.id, Some(7), bump).await;
+    assert!(
+        matches!(
+            stale,
+            Err(Error::StaleRevision {
+                current: 1,
+                expected: 7,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    let changed = items
+        .modify_at(&stored.value.id, Some(1), bump)
+        .await
+        .unwrap();
+    assert_eq!((changed.revision, changed.value.counter), (2, 1));
+    let stale = items.delete_at(&stored.value.id, Some(1)).await;
+    assert!(
+        matches!(
+            stale,
+            Err(Error::StaleRevision {
+                current: 2,
+                expected: 1,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(items.require(&stored.value.id).await.unwrap(), changed);
+    assert!(items.delete_at(&stored.value.id, Some(2)).await.unwrap());
+    assert!(!items.delete_at(&stored.value.id, None).await.unwrap());
+}
+
 async fn transitions_status_atomically(store: &Store) {
     let items = store.collection::<Item>().await.unwrap();
     let base = items.insert(item("lifecycle", "installing")).await.unwrap();
@@ -426,6 +469,7 @@ conformance!(
     pages_through_filtered_listings,
     feeds_changes_to_watchers,
     resumes_changes_from_a_cursor,
+    refuses_stale_revisions,
 );
 
 /// The change log and its sequence survive reopening the store: a cursor

@@ -25,16 +25,6 @@ pub enum Error {
         /// The addon holding it.
         existing_id: String,
     },
-    /// The addon is not at the revision the request expected.
-    #[error("addon `{id}` is at revision {current}, the request expected {expected}")]
-    RevisionMismatch {
-        /// The addon.
-        id: String,
-        /// Its revision now.
-        current: u64,
-        /// What the request expected.
-        expected: u64,
-    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] addons_store::Error),
@@ -69,11 +59,6 @@ impl From<Error> for Status {
             Error::NameTaken { existing_id, .. } => {
                 ApiError::new(Code::AlreadyExists, "ADDON_NAME_TAKEN", message)
                     .resource(ADDON, existing_id)
-                    .into()
-            }
-            Error::RevisionMismatch { current, .. } => {
-                ApiError::new(Code::Aborted, "REVISION_MISMATCH", message)
-                    .metadata("current_revision", current)
                     .into()
             }
             Error::Store(err) => addons_server_kit::store_error_to_status(err),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use addons_descriptor::Descriptor;
 use addons_server_kit::Shutdown;
 use addons_store::{
-    ChangeKind, Collection, Event, Filter, FollowEnd, Page, Precondition, Start, Store, Versioned,
+    ChangeKind, Collection, Event, Filter, FollowEnd, Page, Start, Store, Versioned,
 };
 use tokio::sync::mpsc;
 
@@ -67,18 +67,10 @@ impl Marketplace {
                 Ok(stored)
             }
             Err(addons_store::Error::AlreadyExists { .. }) => {
-                let filter = Filter {
-                    unique_key: Some(name.clone()),
-                    ..Filter::default()
-                };
-                let holder = self.addons.list(&filter, 1, None).await?;
+                let holder = self.addons.by_unique_key(&name).await?;
                 Err(Error::NameTaken {
                     name,
-                    existing_id: holder
-                        .items
-                        .first()
-                        .map(|a| a.value.id.clone())
-                        .unwrap_or_default(),
+                    existing_id: holder.map(|a| a.value.id).unwrap_or_default(),
                 })
             }
             Err(err) => Err(err.into()),
@@ -119,30 +111,10 @@ impl Marketplace {
 
     /// Deletes an addon, only while it is at `expected_revision` when given.
     pub async fn delete(&self, id: &str, expected_revision: Option<u64>) -> Result<(), Error> {
-        let condition = Precondition {
-            revision: expected_revision,
-            status_in: Vec::new(),
-        };
-        match self.addons.delete(id, &condition).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::NotFound(id.to_owned())),
-            Err(addons_store::Error::Conflict { .. }) => Err(self
-                .mismatch(id, expected_revision.unwrap_or_default())
-                .await),
-            Err(err) => Err(err.into()),
-        }
-    }
-
-    /// The error for a request that expected another revision.
-    async fn mismatch(&self, id: &str, expected: u64) -> Error {
-        match self.addons.get(id).await {
-            Ok(Some(current)) => Error::RevisionMismatch {
-                id: id.to_owned(),
-                current: current.revision,
-                expected,
-            },
-            Ok(None) => Error::NotFound(id.to_owned()),
-            Err(err) => err.into(),
+        if self.addons.delete_at(id, expected_revision).await? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(id.to_owned()))
         }
     }
 
@@ -153,49 +125,24 @@ impl Marketplace {
         id: &str,
         expected_revision: Option<u64>,
     ) -> Result<Versioned<Addon>, Error> {
-        let reset = |addon: &mut Addon| {
-            addon.status = AddonStatus::UnderReview;
-            addon.verification = Verification::default();
-            for service in &mut addon.descriptor.services {
-                service.resolved_image = None;
-            }
-            addon.update_time = chrono::Utc::now();
-        };
-        let result = match expected_revision {
-            Some(expected) => match self.addons.get(id).await? {
-                None => return Err(Error::NotFound(id.to_owned())),
-                Some(current) if current.revision != expected => {
-                    return Err(Error::RevisionMismatch {
-                        id: id.to_owned(),
-                        current: current.revision,
-                        expected,
-                    });
+        let result = self
+            .addons
+            .modify_at(id, expected_revision, |addon| {
+                addon.status = AddonStatus::UnderReview;
+                addon.verification = Verification::default();
+                for service in &mut addon.descriptor.services {
+                    service.resolved_image = None;
                 }
-                Some(mut current) => {
-                    reset(&mut current.value);
-                    self.addons
-                        .replace(current.value, &Precondition::revision(expected))
-                        .await
-                }
-            },
-            None => {
-                self.addons
-                    .modify(id, |addon| {
-                        reset(addon);
-                        Ok(true)
-                    })
-                    .await
-            }
-        };
+                addon.update_time = chrono::Utc::now();
+                Ok(true)
+            })
+            .await;
         match result {
             Ok(stored) => {
                 self.queue.enqueue(id);
                 Ok(stored)
             }
             Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
-            Err(addons_store::Error::Conflict { .. }) => Err(self
-                .mismatch(id, expected_revision.unwrap_or_default())
-                .await),
             Err(err) => Err(err.into()),
         }
     }

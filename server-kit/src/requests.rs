@@ -29,7 +29,7 @@ struct RequestRecord {
     id: String,
     /// `method/request_id`.
     key: String,
-    /// SHA-256 of the encoded request without its `request_id`, hex.
+    /// SHA-256 of the encoded request without its `request_id`, base64.
     fingerprint: String,
     /// The encoded response, base64.
     response: String,
@@ -123,7 +123,7 @@ impl Requests {
         }
         check_request_id(request_id)?;
         let key = format!("{method}/{request_id}");
-        let fingerprint = hex(&Sha256::digest(request.encode_to_vec()));
+        let fingerprint = STANDARD.encode(Sha256::digest(request.encode_to_vec()));
         let slot = {
             let mut in_flight = self
                 .in_flight
@@ -158,18 +158,11 @@ impl Requests {
         Resp: Message + Default,
         Fut: Future<Output = Result<Resp, Status>>,
     {
-        let filter = Filter {
-            unique_key: Some(key.to_owned()),
-            ..Filter::default()
-        };
         let found = self
             .records
-            .list(&filter, 1, None)
+            .by_unique_key(key)
             .await
-            .map_err(crate::store_error_to_status)?
-            .items
-            .into_iter()
-            .next();
+            .map_err(crate::store_error_to_status)?;
         if let Some(found) = found {
             if expired(&found.value) {
                 self.records
@@ -188,21 +181,18 @@ impl Requests {
                 )
                 .into());
             } else {
-                let bytes = STANDARD.decode(&found.value.response).map_err(|_| {
-                    ApiError::new(
-                        Code::Internal,
-                        "RECORD_UNREADABLE",
-                        "remembered response is unreadable",
-                    )
-                })?;
-                return Resp::decode(bytes.as_slice()).map_err(|_| {
-                    ApiError::new(
-                        Code::Internal,
-                        "RECORD_UNREADABLE",
-                        "remembered response is unreadable",
-                    )
-                    .into()
-                });
+                return STANDARD
+                    .decode(&found.value.response)
+                    .ok()
+                    .and_then(|bytes| Resp::decode(bytes.as_slice()).ok())
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            Code::Internal,
+                            "RECORD_UNREADABLE",
+                            "remembered response is unreadable",
+                        )
+                        .into()
+                    });
             }
         }
         let response = call().await?;
@@ -239,8 +229,4 @@ impl Requests {
                 .await;
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

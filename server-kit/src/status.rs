@@ -17,6 +17,11 @@ pub fn store_error_to_status(err: Error) -> Status {
         }
         Error::NotFound { id, .. } => ApiError::new(Code::NotFound, "NOT_FOUND", err.to_string())
             .resource("record", id.clone()),
+        Error::StaleRevision { id, current, .. } => {
+            ApiError::new(Code::Aborted, "REVISION_MISMATCH", err.to_string())
+                .metadata("current_revision", current)
+                .resource("record", id.clone())
+        }
         Error::Conflict { .. } => {
             ApiError::new(Code::Aborted, "CONCURRENT_MODIFICATION", err.to_string())
         }

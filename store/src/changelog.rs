@@ -15,7 +15,10 @@
 //! for its current state, and a record the log believes alive but that is
 //! gone gets a deletion.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -26,7 +29,7 @@ use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result};
 /// Name of the backend collection holding the log.
 pub(crate) const LOG_COLLECTION: &str = "changes";
 /// How many changes the log keeps, across collections.
-pub const RETAINED: usize = 4096;
+pub(crate) const RETAINED: usize = 4096;
 /// How many entries are pruned at once when the log is over [`RETAINED`].
 const PRUNE_BATCH: usize = 256;
 
@@ -65,10 +68,35 @@ pub(crate) struct LogState {
 pub(crate) struct ChangeLog {
     backend: Arc<dyn Backend>,
     state: Mutex<LogState>,
+    /// Collections repaired since the store was opened: a process opens a
+    /// collection many times, a crash is repaired once.
+    repaired: std::sync::Mutex<HashSet<String>>,
 }
 
 fn entry_id(seq: u64) -> String {
     format!("{seq:020}")
+}
+
+/// Every record of `collection` matching `filter` with an id after `after`,
+/// page after page.
+async fn scan(
+    backend: &dyn Backend,
+    collection: &str,
+    filter: &RawFilter,
+    after: Option<String>,
+) -> Result<Vec<RawRecord>> {
+    let mut all = Vec::new();
+    let mut after = after;
+    loop {
+        let page = backend
+            .list(collection, filter, after.as_deref(), 500)
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(all);
+        };
+        after = Some(last.id.clone());
+        all.extend(page);
+    }
 }
 
 impl ChangeLog {
@@ -76,20 +104,17 @@ impl ChangeLog {
     pub(crate) async fn open(backend: Arc<dyn Backend>) -> Result<Self> {
         backend.prepare(LOG_COLLECTION).await?;
         let mut state = LogState::default();
-        let mut after: Option<String> = None;
-        loop {
-            let page = backend
-                .list(LOG_COLLECTION, &RawFilter::default(), after.as_deref(), 500)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            state.retained.extend(page.iter().map(|entry| entry.seq));
-        }
+        state.retained = scan(&*backend, LOG_COLLECTION, &RawFilter::default(), None)
+            .await?
+            .iter()
+            .map(|entry| entry.seq)
+            .collect();
         state.head = state.retained.back().copied().unwrap_or(0);
         state.pruned_through = state.retained.front().map_or(0, |first| first - 1);
         Ok(Self {
             backend,
             state: Mutex::new(state),
+            repaired: std::sync::Mutex::default(),
         })
     }
 
@@ -170,48 +195,40 @@ impl ChangeLog {
             statuses: vec![collection.to_owned()],
             key: None,
         };
-        let mut out = Vec::new();
-        let mut after = Some(entry_id(since));
-        loop {
-            let page = self
-                .backend
-                .list(LOG_COLLECTION, &filter, after.as_deref(), 500)
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(out);
-            };
-            after = Some(last.id.clone());
-            for record in page {
-                let entry: Entry = serde_json::from_str(record.body.get())
-                    .map_err(|e| Error::backend("read log", e))?;
-                out.push((record.seq, entry));
-            }
-        }
+        scan(
+            &*self.backend,
+            LOG_COLLECTION,
+            &filter,
+            Some(entry_id(since)),
+        )
+        .await?
+        .into_iter()
+        .map(|record| {
+            let entry: Entry = serde_json::from_str(record.body.get())
+                .map_err(|e| Error::backend("read log", e))?;
+            Ok((record.seq, entry))
+        })
+        .collect()
     }
 
     /// Brings the log in line with `collection` after a crash between a
-    /// record write and its entry.
+    /// record write and its entry; once per collection and process.
     pub(crate) async fn repair(&self, collection: &str) -> Result<()> {
         let mut state = self.state.lock().await;
-        let logged = self.read(collection, 0).await?;
-        let mut last_logged: std::collections::HashMap<
-            String,
-            (u64, ChangeKind, Box<RawValue>, u64),
-        > = std::collections::HashMap::new();
-        for (seq, entry) in logged {
-            last_logged.insert(entry.id, (seq, entry.kind, entry.body, entry.revision));
+        if self
+            .repaired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(collection)
+        {
+            return Ok(());
         }
-        let mut records = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .backend
-                .list(collection, &RawFilter::default(), after.as_deref(), 500)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            records.extend(page);
+        // The last entry of each record the log knows.
+        let mut last_logged: HashMap<String, (u64, Entry)> = HashMap::new();
+        for (seq, entry) in self.read(collection, 0).await? {
+            last_logged.insert(entry.id.clone(), (seq, entry));
         }
+        let records = scan(&*self.backend, collection, &RawFilter::default(), None).await?;
         // Records written after their last entry: log their current state.
         let mut newer: Vec<&RawRecord> = records
             .iter()
@@ -233,25 +250,26 @@ impl ChangeLog {
             self.append(&mut state, collection, seq, &entry).await?;
         }
         // Records the log believes alive that are gone: log their deletion.
-        let present: std::collections::HashSet<&str> =
-            records.iter().map(|r| r.id.as_str()).collect();
-        let mut gone: Vec<_> = last_logged
-            .into_iter()
-            .filter(|(id, (_, kind, _, _))| {
-                *kind != ChangeKind::Deleted && !present.contains(id.as_str())
+        let present: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let mut gone: Vec<(u64, Entry)> = last_logged
+            .into_values()
+            .filter(|(_, entry)| {
+                entry.kind != ChangeKind::Deleted && !present.contains(entry.id.as_str())
             })
             .collect();
-        gone.sort_by_key(|(_, (seq, ..))| *seq);
-        for (id, (_, _, body, revision)) in gone {
+        gone.sort_by_key(|(seq, _)| *seq);
+        for (_, entry) in gone {
             let seq = state.head + 1;
             let entry = Entry {
                 kind: ChangeKind::Deleted,
-                id,
-                revision,
-                body,
+                ..entry
             };
             self.append(&mut state, collection, seq, &entry).await?;
         }
+        self.repaired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(collection.to_owned());
         Ok(())
     }
 }

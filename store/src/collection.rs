@@ -222,7 +222,23 @@ impl<T: Document> Collection<T> {
     /// Read-modify-write: applies `change` to the current record and stores
     /// the result, retrying on a concurrent write. `change` returns
     /// `Ok(false)` to leave the record as it is, and its error aborts.
-    pub async fn modify<F>(&self, id: &str, mut change: F) -> Result<Versioned<T>>
+    pub async fn modify<F>(&self, id: &str, change: F) -> Result<Versioned<T>>
+    where
+        F: FnMut(&mut T) -> Result<bool>,
+    {
+        self.modify_at(id, None, change).await
+    }
+
+    /// [`Collection::modify`] of a record that must be at
+    /// `expected_revision` when one is given: [`Error::StaleRevision`] (with
+    /// the current revision) and nothing written when it is not, also when a
+    /// concurrent write moves it on in between.
+    pub async fn modify_at<F>(
+        &self,
+        id: &str,
+        expected_revision: Option<u64>,
+        mut change: F,
+    ) -> Result<Versioned<T>>
     where
         F: FnMut(&mut T) -> Result<bool>,
     {
@@ -230,6 +246,7 @@ impl<T: Document> Collection<T> {
         loop {
             attempt += 1;
             let mut current = self.require(id).await?;
+            stale_check::<T>(id, current.revision, expected_revision)?;
             if !change(&mut current.value)? {
                 return Ok(current);
             }
@@ -241,6 +258,38 @@ impl<T: Document> Collection<T> {
                 other => return other,
             }
         }
+    }
+
+    /// Deletes the record with `id`, only while it is at `expected_revision`
+    /// when one is given: [`Error::StaleRevision`] (with the current
+    /// revision) when it is not. Returns `false` when there was no record.
+    pub async fn delete_at(&self, id: &str, expected_revision: Option<u64>) -> Result<bool> {
+        let condition = Precondition {
+            revision: expected_revision,
+            status_in: Vec::new(),
+        };
+        match self.delete(id, &condition).await {
+            // Only the revision can fail to hold, and revisions only grow.
+            Err(Error::Conflict { .. }) => match self.get(id).await? {
+                None => Ok(false),
+                Some(current) => Err(Error::StaleRevision {
+                    collection: T::COLLECTION.to_owned(),
+                    id: id.to_owned(),
+                    current: current.revision,
+                    expected: expected_revision.unwrap_or_default(),
+                }),
+            },
+            other => other,
+        }
+    }
+
+    /// The live record holding `unique_key`, if one does.
+    pub async fn by_unique_key(&self, unique_key: &str) -> Result<Option<Versioned<T>>> {
+        let filter = Filter {
+            unique_key: Some(unique_key.to_owned()),
+            ..Filter::default()
+        };
+        Ok(self.list(&filter, 1, None).await?.items.into_iter().next())
     }
 
     /// Deletes the record with `id` if `condition` holds. Returns `false`
@@ -348,19 +397,10 @@ impl<T: Document> Collection<T> {
         let entries = self.log.since(T::COLLECTION, since).await?;
         let mut changes = Vec::with_capacity(entries.len());
         for (seq, entry) in entries {
-            let value = serde_json::from_str(entry.body.get()).map_err(|source| Error::Codec {
-                action: "decode",
-                collection: T::COLLECTION.to_owned(),
-                id: entry.id.clone(),
-                source,
-            })?;
             changes.push(Change {
                 kind: entry.kind,
                 seq,
-                record: Versioned {
-                    revision: entry.revision,
-                    value,
-                },
+                record: decode_body(&entry.id, entry.revision, &entry.body)?,
             });
         }
         Ok((changes, receiver))
@@ -386,16 +426,35 @@ fn encode<T: Document>(record: &Versioned<T>, seq: u64) -> Result<RawRecord> {
 }
 
 fn decode<T: Document>(raw: RawRecord) -> Result<Versioned<T>> {
-    let value = serde_json::from_str(raw.body.get()).map_err(|source| Error::Codec {
+    decode_body(&raw.id, raw.revision, &raw.body)
+}
+
+fn decode_body<T: Document>(
+    id: &str,
+    revision: u64,
+    body: &serde_json::value::RawValue,
+) -> Result<Versioned<T>> {
+    let value = serde_json::from_str(body.get()).map_err(|source| Error::Codec {
         action: "decode",
         collection: T::COLLECTION.to_owned(),
-        id: raw.id,
+        id: id.to_owned(),
         source,
     })?;
-    Ok(Versioned {
-        revision: raw.revision,
-        value,
-    })
+    Ok(Versioned { revision, value })
+}
+
+/// [`Error::StaleRevision`] when a record at `current` is not at the
+/// revision a request expects.
+fn stale_check<T: Document>(id: &str, current: u64, expected: Option<u64>) -> Result<()> {
+    match expected {
+        Some(expected) if expected != current => Err(Error::StaleRevision {
+            collection: T::COLLECTION.to_owned(),
+            id: id.to_owned(),
+            current,
+            expected,
+        }),
+        _ => Ok(()),
+    }
 }
 
 const TOKEN_PREFIX: &str = "v1:";

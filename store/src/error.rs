@@ -46,6 +46,19 @@ pub enum Error {
         /// What did not match.
         reason: String,
     },
+    /// The record is not at the revision the request expected; nothing was
+    /// written.
+    #[error("{collection} record `{id}` is at revision {current}, the request expected {expected}")]
+    StaleRevision {
+        /// Collection of the record.
+        collection: String,
+        /// The record.
+        id: String,
+        /// Its revision now.
+        current: u64,
+        /// The revision the request expected.
+        expected: u64,
+    },
     /// A change-log cursor whose changes are no longer all kept, or that is
     /// beyond the last change.
     #[error("cannot resume after change {since}: {reason}")]

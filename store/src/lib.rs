@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use crate::{
-    changelog::{ChangeKind, RETAINED as CHANGES_RETAINED},
+    changelog::ChangeKind,
     collection::{Change, Collection},
     error::{Error, Result},
     follow::{Event, FollowEnd, Start},

@@ -116,24 +116,31 @@ fn to_document(record: &RawRecord) -> Result<Document> {
     })
 }
 
+/// An integer field, stored as 64 or 32 bits.
+fn integer(
+    document: &Document,
+    name: &str,
+) -> Result<i64, mongodb::bson::document::ValueAccessError> {
+    document
+        .get_i64(name)
+        .or_else(|_| document.get_i32(name).map(i64::from))
+}
+
 fn from_document(document: &Document) -> Result<RawRecord> {
     let field = |name: &str| {
         document
             .get_str(name)
             .map_err(|e| Error::backend("decode", format!("field `{name}`: {e}")))
     };
-    let revision = document
-        .get_i64("revision")
-        .or_else(|_| document.get_i32("revision").map(i64::from))
+    let revision = integer(document, "revision")
         .map_err(|e| Error::backend("decode", format!("field `revision`: {e}")))?;
     Ok(RawRecord {
         id: field("_id")?.to_owned(),
         key: field("key")?.to_owned(),
         status: field("status")?.to_owned(),
         revision: u64::try_from(revision).map_err(|e| Error::backend("decode", e))?,
-        seq: document
-            .get_i64("seq")
-            .or_else(|_| document.get_i32("seq").map(i64::from))
+        // Records written before the change log have none.
+        seq: integer(document, "seq")
             .ok()
             .and_then(|seq| u64::try_from(seq).ok())
             .unwrap_or(0),
