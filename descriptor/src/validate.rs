@@ -111,16 +111,7 @@ pub fn validate_with(
                     format!("at most {MAX_ENTRIES} entries"),
                 );
             }
-            for (key, value) in map {
-                if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_VALUE {
-                    v.add(
-                        format!("volumes[{i}].{field}[{key}]"),
-                        format!(
-                            "keys must be 1..={MAX_LABEL_KEY} bytes and values at most {MAX_VALUE}"
-                        ),
-                    );
-                }
-            }
+            check_entries(&mut v, &format!("volumes[{i}].{field}"), map);
         }
     }
     for (i, network) in addon.networks.iter().enumerate() {
@@ -148,6 +139,29 @@ pub fn validate_with(
         }
     }
     v.into_result()
+}
+
+/// Keys of 1 to 256 bytes and values of at most 4096 (labels, driver
+/// options).
+fn check_entries(v: &mut Violations, at: &str, map: &std::collections::BTreeMap<String, String>) {
+    for (key, value) in map {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_VALUE {
+            v.add(
+                format!("{at}[{key}]"),
+                format!("keys must be 1..={MAX_LABEL_KEY} bytes and values at most {MAX_VALUE}"),
+            );
+        }
+    }
+}
+
+/// An absolute path without `..`, of at most 4096 bytes.
+fn check_path(v: &mut Violations, field: &str, path: &str) {
+    if !path.starts_with('/') || path.len() > MAX_ARGUMENT || path.split('/').any(|p| p == "..") {
+        v.add(
+            field,
+            format!("must be an absolute path without '..', at most {MAX_ARGUMENT} bytes"),
+        );
+    }
 }
 
 fn check_service<'a>(
@@ -203,14 +217,7 @@ fn check_service<'a>(
             );
         }
     }
-    for (key, value) in &service.labels {
-        if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_VALUE {
-            v.add(
-                format!("{at}.labels[{key}]"),
-                format!("keys must be 1..={MAX_LABEL_KEY} bytes and values at most {MAX_VALUE}"),
-            );
-        }
-    }
+    check_entries(v, &format!("{at}.labels"), &service.labels);
     for (j, port) in service.ports.iter().enumerate() {
         let field = format!("{at}.ports[{j}]");
         if port.container_port == 0 {
@@ -225,28 +232,11 @@ fn check_service<'a>(
             v.add(format!("{field}.protocol"), "must be tcp or udp");
         }
     }
-    let bad_path = |path: &str| {
-        !path.starts_with('/') || path.len() > MAX_ARGUMENT || path.split('/').any(|p| p == "..")
-    };
     for (j, mount) in service.mounts.iter().enumerate() {
         let field = format!("{at}.mounts[{j}]");
-        if bad_path(&mount.target) {
-            v.add(
-                format!("{field}.target"),
-                format!("must be an absolute path without '..', at most {MAX_ARGUMENT} bytes"),
-            );
-        }
+        check_path(v, &format!("{field}.target"), &mount.target);
         match &mount.source {
-            MountSource::HostPath(path) => {
-                if bad_path(path) {
-                    v.add(
-                        format!("{field}.host_path"),
-                        format!(
-                            "must be an absolute path without '..', at most {MAX_ARGUMENT} bytes"
-                        ),
-                    );
-                }
-            }
+            MountSource::HostPath(path) => check_path(v, &format!("{field}.host_path"), path),
             MountSource::Volume(name) if name.is_empty() => {
                 v.add(field, "one of `volume` or `host_path` is required");
             }
