@@ -10,14 +10,30 @@ use oakestra_addons_proto::{
         node_monitor_service_server::{NodeMonitorService, NodeMonitorServiceServer},
     },
 };
+use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
     Containerd,
-    cores::{CORE_SOURCE, CORE_SOURCE_STATIC, REPLACED_BY, REPLACES},
-    reconcile::{INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, SERVICE},
+    labels::{
+        CORE_SOURCE, CORE_SOURCE_STATIC, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, REPLACED_BY,
+        REPLACES, SERVICE,
+    },
+    outbox::ReportOutbox,
+    reconcile::NodeView,
     runtime::TaskState,
 };
+
+/// What the API reads of the running monitor.
+#[derive(Debug, Clone)]
+pub struct MonitorState {
+    /// What the reconciler published after its last pass.
+    pub view: watch::Receiver<NodeView>,
+    /// Whether the link to the manager is up.
+    pub connected: watch::Receiver<bool>,
+    /// Reports waiting for the link.
+    pub outbox: ReportOutbox,
+}
 
 /// The node-local API of the monitor.
 #[derive(Debug, Clone)]
@@ -26,17 +42,25 @@ pub struct NodeMonitorApi {
     node_id: String,
     plane: Plane,
     state_dir: PathBuf,
+    state: MonitorState,
 }
 
 impl NodeMonitorApi {
     /// The API of the monitor of `node_id` in `plane`, whose logs live under
     /// `state_dir`.
-    pub fn new(containerd: Containerd, node_id: String, plane: Plane, state_dir: PathBuf) -> Self {
+    pub fn new(
+        containerd: Containerd,
+        node_id: String,
+        plane: Plane,
+        state_dir: PathBuf,
+        state: MonitorState,
+    ) -> Self {
         Self {
             containerd,
             node_id,
             plane,
             state_dir,
+            state,
         }
     }
 
@@ -68,16 +92,24 @@ impl NodeMonitorService for NodeMonitorApi {
             .filter(|c| c.labels.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE))
             .cloned();
         let mut services = Vec::new();
+        let view = self.state.view.borrow().clone();
         for container in containers {
-            let phase = match self
-                .containerd
-                .task_state(&container.id)
-                .await
-                .map_err(Self::unavailable)?
-            {
-                TaskState::Running(_) | TaskState::Paused => ServicePhase::Running,
-                _ => ServicePhase::Backoff,
+            // What the monitor reported, so the node and the manager agree;
+            // the task's state for a container it has not decided about.
+            let known = view.services.get(&container.id);
+            let phase = match known {
+                Some(status) => status.phase(),
+                None => match self
+                    .containerd
+                    .task_state(&container.id)
+                    .await
+                    .map_err(Self::unavailable)?
+                {
+                    TaskState::Running(_) | TaskState::Paused => ServicePhase::Running,
+                    _ => ServicePhase::Backoff,
+                },
             };
+            let reason = known.map(|s| s.reason.clone()).unwrap_or_default();
             services.push(pb::ManagedService {
                 installation_id: container
                     .labels
@@ -94,6 +126,7 @@ impl NodeMonitorService for NodeMonitorApi {
                 container_id: container.id,
                 phase: phase.into(),
                 image: container.image,
+                reason,
             });
         }
         services.sort_by(|a, b| a.container_id.cmp(&b.container_id));
@@ -198,6 +231,10 @@ impl NodeMonitorService for NodeMonitorApi {
             containerd_socket: self.containerd.socket().display().to_string(),
             containerd_namespace: self.containerd.namespace().to_owned(),
             monitor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            completed_passes: self.state.view.borrow().completed_passes,
+            applied_generation: self.state.view.borrow().applied_generation,
+            manager_connected: *self.state.connected.borrow(),
+            pending_reports: u32::try_from(self.state.outbox.len()).unwrap_or(u32::MAX),
             ..Default::default()
         };
         match self.containerd.version().await {

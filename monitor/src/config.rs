@@ -111,6 +111,11 @@ pub struct Config {
     )]
     pub snapshotter: String,
 
+    /// Longest time a pull may take; past it, the pull fails and its
+    /// services back off and retry.
+    #[arg(long, env = "ADDONS_PULL_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub pull_timeout: Duration,
+
     /// Period of the full resync with containerd, besides its events.
     #[arg(long, env = "ADDONS_RESYNC_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub resync_interval: Duration,

@@ -13,20 +13,11 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{network::PortMapping, reconcile::MANAGED_BY, runtime::ContainerInfo};
-
-/// Label naming the core component a container is.
-pub const CORE_COMPONENT: &str = "oakestra.io/core-component";
-/// Label on containers the monitor runs from the static file.
-pub const CORE_SOURCE: &str = "oakestra.io/core-source";
-/// Value of [`CORE_SOURCE`] for static core components.
-pub const CORE_SOURCE_STATIC: &str = "static";
-/// Label on a static core container: hash of its entry in the file.
-pub const CORE_SPEC_HASH: &str = "oakestra.io/core-spec-hash";
-/// Label on a core container while an installation replaces it.
-pub const REPLACED_BY: &str = "oakestra.io/replaced-by";
-/// Label on an addon container: the core container it replaces.
-pub const REPLACES: &str = "oakestra.io/replaces";
+use crate::{
+    labels::{CORE_COMPONENT, MANAGED_BY},
+    network::PortMapping,
+    runtime::ContainerInfo,
+};
 
 /// The core components among `all` (every container of the namespace),
 /// with their names: containers that are not the monitor's addon

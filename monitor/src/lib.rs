@@ -7,10 +7,17 @@ pub mod api;
 pub mod config;
 pub mod cores;
 mod crash;
+pub mod error;
+pub mod labels;
 pub mod link;
 pub mod network;
+pub mod outbox;
+pub mod plan;
+pub mod policy;
+pub mod pulls;
 pub mod reconcile;
 pub mod runtime;
+pub mod state_dir;
 
 pub use crate::runtime::Containerd;
 

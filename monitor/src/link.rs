@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use crate::now;
+use crate::{now, outbox::ReportOutbox, reconcile::NodeView};
 
 /// Settings of the link.
 #[derive(Debug, Clone)]
@@ -38,33 +38,30 @@ pub struct LinkSettings {
 pub struct LinkHandle {
     /// The newest desired state, `None` until the first one arrives.
     pub desired: watch::Receiver<Option<pb::DesiredState>>,
-    /// Status reports to send: installation id and its services on this node.
-    pub reports: mpsc::Sender<(String, Vec<pb::ServiceStatus>)>,
     /// Whether the link is up.
     pub connected: watch::Receiver<bool>,
 }
 
-/// Starts the link; it runs until `shutdown` fires. `observed` tells the
-/// hello what runs on the node right now.
+/// Starts the link; it runs until `shutdown` fires. `view` tells the hello
+/// what runs on the node right now; reports are taken from `outbox`.
 pub fn spawn(
     settings: LinkSettings,
-    observed: watch::Receiver<Vec<pb::ObservedService>>,
+    view: watch::Receiver<NodeView>,
+    outbox: ReportOutbox,
     shutdown: Shutdown,
 ) -> LinkHandle {
     let (desired_tx, desired_rx) = watch::channel(None);
-    let (reports_tx, reports_rx) = mpsc::channel(1024);
     let (connected_tx, connected_rx) = watch::channel(false);
     tokio::spawn(run(
         settings,
-        observed,
+        view,
         desired_tx,
-        reports_rx,
+        outbox,
         connected_tx,
         shutdown,
     ));
     LinkHandle {
         desired: desired_rx,
-        reports: reports_tx,
         connected: connected_rx,
     }
 }
@@ -106,23 +103,24 @@ impl Outbox {
 
 async fn run(
     settings: LinkSettings,
-    observed: watch::Receiver<Vec<pb::ObservedService>>,
+    view: watch::Receiver<NodeView>,
     desired: watch::Sender<Option<pb::DesiredState>>,
-    mut reports: mpsc::Receiver<(String, Vec<pb::ServiceStatus>)>,
+    outbox: ReportOutbox,
     connected: watch::Sender<bool>,
     shutdown: Shutdown,
 ) {
-    let mut outbox = Outbox::default();
+    let reports = outbox;
+    let mut unacked = Outbox::default();
     let mut failures = 0_u32;
     loop {
         let started = std::time::Instant::now();
         let result = session(
             &settings,
-            &observed,
+            &view,
             &desired,
-            &mut reports,
+            &reports,
             &connected,
-            &mut outbox,
+            &mut unacked,
             &shutdown,
         )
         .await;
@@ -164,9 +162,9 @@ fn jitter() -> f64 {
 
 async fn session(
     settings: &LinkSettings,
-    observed: &watch::Receiver<Vec<pb::ObservedService>>,
+    view: &watch::Receiver<NodeView>,
     desired: &watch::Sender<Option<pb::DesiredState>>,
-    reports: &mut mpsc::Receiver<(String, Vec<pb::ServiceStatus>)>,
+    reports: &ReportOutbox,
     connected: &watch::Sender<bool>,
     outbox: &mut Outbox,
     shutdown: &Shutdown,
@@ -182,7 +180,7 @@ async fn session(
         node_id: settings.node_id.clone(),
         plane: settings.plane.into(),
         monitor_version: env!("CARGO_PKG_VERSION").to_owned(),
-        observed: observed.borrow().clone(),
+        observed: view.borrow().observed.clone(),
         applied_generation: desired.borrow().as_ref().map_or(0, |d| d.generation),
         heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat).ok(),
     };
@@ -231,13 +229,14 @@ async fn session(
                 })
                 .await?;
             }
-            report = reports.recv() => {
-                let Some((installation_id, services)) = report else { return Ok(()) };
-                let report = outbox.push(installation_id, services);
-                tx.send(pb::OpenLinkRequest {
-                    message: Some(open_link_request::Message::Report(report)),
-                })
-                .await?;
+            () = reports.ready() => {
+                for (installation_id, services) in reports.take() {
+                    let report = outbox.push(installation_id, services);
+                    tx.send(pb::OpenLinkRequest {
+                        message: Some(open_link_request::Message::Report(report)),
+                    })
+                    .await?;
+                }
             }
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(()) };

@@ -2,11 +2,13 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use addons_monitor::{
     Containerd,
-    api::NodeMonitorApi,
+    api::{MonitorState, NodeMonitorApi},
     config::{Config, DEFAULT_PORT},
     link::{self, LinkSettings},
     network::NetworkOptions,
-    reconcile::{self, ReconcileOptions},
+    outbox::ReportOutbox,
+    policy::RestartPolicy,
+    reconcile::{self, NodeView, ReconcileOptions},
     runtime::RegistryAccess,
 };
 use addons_server_kit::{Server, Shutdown, bind, init_telemetry, main_with, parse_config};
@@ -69,7 +71,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => addons_monitor::cores::load(path).map_err(anyhow::Error::msg)?,
         None => Vec::new(),
     };
-    let (observed_tx, observed_rx) = tokio::sync::watch::channel(Vec::new());
+    let (view_tx, view_rx) = tokio::sync::watch::channel(NodeView::default());
+    let outbox = ReportOutbox::default();
     let link = link::spawn(
         LinkSettings {
             manager: config.manager.clone(),
@@ -79,7 +82,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
         },
-        observed_rx,
+        view_rx.clone(),
+        outbox.clone(),
         shutdown.clone(),
     );
     tokio::spawn(reconcile::run(
@@ -97,12 +101,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     None => Default::default(),
                 },
             },
+            pull_timeout: config.pull_timeout,
             resync: config.resync_interval,
             stop_grace: config.stop_grace,
-            restart_backoff: config.restart_backoff,
-            restart_backoff_max: config.restart_backoff_max.max(config.restart_backoff),
-            max_failures: config.max_failures,
-            failure_window: config.failure_window,
+            restart: RestartPolicy {
+                backoff: config.restart_backoff,
+                backoff_max: config.restart_backoff_max.max(config.restart_backoff),
+                max_failures: config.max_failures,
+                window: config.failure_window,
+            },
             log_max_bytes: config.log_max_bytes,
             core_components,
             network: NetworkOptions {
@@ -113,14 +120,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         node_id.clone(),
         link.desired.clone(),
-        link.reports.clone(),
-        observed_tx,
+        outbox.clone(),
+        view_tx,
         shutdown.clone(),
     ));
     Server::new()
         .add_service(
-            NodeMonitorApi::new(containerd, node_id, plane, config.state_dir.clone())
-                .into_service(),
+            NodeMonitorApi::new(
+                containerd,
+                node_id,
+                plane,
+                config.state_dir.clone(),
+                MonitorState {
+                    view: view_rx,
+                    connected: link.connected.clone(),
+                    outbox,
+                },
+            )
+            .into_service(),
         )
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await

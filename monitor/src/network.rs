@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 
+use crate::state_dir::{StateDir, StateDirError};
+
 const CNI_VERSION: &str = "0.4.0";
 
 /// Why a network operation failed.
@@ -39,9 +41,12 @@ pub enum NetworkError {
         /// The plugin's message.
         reason: String,
     },
-    /// Local state could not be read or written.
+    /// Local state is inconsistent.
     #[error("network state: {0}")]
     State(String),
+    /// A state file could not be read or written.
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
 }
 
 /// A published port.
@@ -118,22 +123,71 @@ impl Networks {
     /// The subnet index of `network`, allocated on first use and kept.
     fn network_index(&self, network: &str) -> Result<u8, NetworkError> {
         let path = self.cni_dir().join("networks.json");
-        let mut networks: BTreeMap<String, u8> = std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let mut networks: BTreeMap<String, u8> = match StateDir::read_json(&path) {
+            Ok(networks) => networks.unwrap_or_default(),
+            Err(err @ StateDirError::Corrupt { .. }) => {
+                // Rebuilt from the attachments, which hold every address in
+                // use: a network in use keeps its subnet, so no subnet ever
+                // goes to two networks.
+                let rebuilt = self.indexes_in_use()?;
+                tracing::warn!(error = %err, networks = ?rebuilt, "rebuilt the subnet index from the attachments");
+                rebuilt
+            }
+            Err(err) => return Err(err.into()),
+        };
         if let Some(index) = networks.get(network) {
             return Ok(*index);
         }
+        let in_use = self.indexes_in_use()?;
         let index = (1..=250_u8)
-            .find(|i| !networks.values().any(|used| used == i))
+            .find(|i| {
+                !networks
+                    .values()
+                    .chain(in_use.values())
+                    .any(|used| used == i)
+            })
             .ok_or_else(|| NetworkError::State("no free subnet for another network".into()))?;
         networks.insert(network.to_owned(), index);
-        std::fs::create_dir_all(self.cni_dir()).map_err(|e| NetworkError::State(e.to_string()))?;
-        let bytes =
-            serde_json::to_vec_pretty(&networks).map_err(|e| NetworkError::State(e.to_string()))?;
-        std::fs::write(&path, bytes).map_err(|e| NetworkError::State(e.to_string()))?;
+        StateDir::write_json(&path, &networks)?;
         Ok(index)
+    }
+
+    /// The subnet index of each network some attachment has an address in.
+    fn indexes_in_use(&self) -> Result<BTreeMap<String, u8>, NetworkError> {
+        let dir = self.cni_dir().join("containers");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(err) => {
+                return Err(StateDirError::Io {
+                    action: "listing",
+                    path: dir,
+                    err,
+                }
+                .into());
+            }
+        };
+        let prefix = format!("{}.", self.options.subnet_prefix);
+        let mut used = BTreeMap::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let attachments: Vec<Attachment> = StateDir::read_json(&path)?.unwrap_or_default();
+            for attachment in attachments {
+                let index = attachment
+                    .address
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix(&prefix))
+                    .and_then(|rest| rest.split('.').next())
+                    .and_then(|octet| octet.parse::<u8>().ok());
+                if let Some(index) = index {
+                    used.insert(attachment.network, index);
+                }
+            }
+        }
+        Ok(used)
     }
 
     /// The plugin list of `network`.
@@ -200,27 +254,29 @@ impl Networks {
     }
 
     /// The addresses container `id` has on its networks, from the state.
-    pub fn addresses(&self, id: &str) -> Vec<(String, String)> {
-        self.load(id)
+    pub fn addresses(&self, id: &str) -> Result<Vec<(String, String)>, NetworkError> {
+        Ok(self
+            .load(id)?
             .into_iter()
             .filter_map(|a| Some((a.network, a.address?)))
-            .collect()
+            .collect())
     }
 
     /// The ports container `id` publishes, from the state.
-    pub fn ports(&self, id: &str) -> Vec<PortMapping> {
-        self.load(id)
+    pub fn ports(&self, id: &str) -> Result<Vec<PortMapping>, NetworkError> {
+        Ok(self
+            .load(id)?
             .into_iter()
             .next()
             .map(|a| a.ports)
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
     /// Replaces the ports container `id` publishes on its first network:
     /// `portmap` DEL with the old mappings, then ADD with `ports`, on the
     /// stored result of the attachment. Addresses and interfaces stay.
     pub async fn set_ports(&self, id: &str, ports: &[PortMapping]) -> Result<(), NetworkError> {
-        let mut attachments = self.load(id);
+        let mut attachments = self.load(id)?;
         let Some(first) = attachments.first_mut() else {
             return Err(NetworkError::State(format!(
                 "{id} has no network attachment to publish ports on"
@@ -264,7 +320,7 @@ impl Networks {
     /// then the network namespace. Missing parts are fine.
     pub async fn detach(&self, id: &str) -> Result<(), NetworkError> {
         let netns = self.netns_path(id);
-        let attachments = self.load(id);
+        let attachments = self.load(id)?;
         let mut first_error = None;
         for attachment in attachments.iter().rev() {
             if let Err(err) = self.del(id, &netns, attachment).await {
@@ -273,7 +329,7 @@ impl Networks {
             }
         }
         if first_error.is_none() {
-            let _ = std::fs::remove_file(self.attachments_path(id));
+            StateDir::remove(&self.attachments_path(id))?;
         }
         remove_netns(&netns);
         match first_error {
@@ -283,20 +339,14 @@ impl Networks {
     }
 
     fn save(&self, id: &str, attachments: &[Attachment]) -> Result<(), NetworkError> {
-        let path = self.attachments_path(id);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| NetworkError::State(e.to_string()))?;
-        }
-        let bytes =
-            serde_json::to_vec(attachments).map_err(|e| NetworkError::State(e.to_string()))?;
-        std::fs::write(path, bytes).map_err(|e| NetworkError::State(e.to_string()))
+        Ok(StateDir::write_json(
+            &self.attachments_path(id),
+            attachments,
+        )?)
     }
 
-    fn load(&self, id: &str) -> Vec<Attachment> {
-        std::fs::read(self.attachments_path(id))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+    fn load(&self, id: &str) -> Result<Vec<Attachment>, NetworkError> {
+        Ok(StateDir::read_json(&self.attachments_path(id))?.unwrap_or_default())
     }
 
     async fn add(

@@ -9,7 +9,13 @@ mod containers;
 mod pull;
 mod spec;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use containerd_client::services::v1::version_client::VersionClient;
 use tokio::sync::Mutex;
@@ -20,6 +26,130 @@ pub use self::{
     pull::{ImageConfig, PulledImage, RegistryAccess},
     spec::{RunSpec, build_spec},
 };
+
+/// What the reconciler needs of a container runtime. containerd is the
+/// product's; unit tests use a recording fake.
+pub trait Runtime: Clone + Send + Sync + 'static {
+    /// The namespace containers live in.
+    fn namespace(&self) -> &str;
+    /// Every container of the namespace.
+    fn list_containers(
+        &self,
+    ) -> impl Future<Output = Result<Vec<ContainerInfo>, RuntimeError>> + Send;
+    /// The state of container `id`'s task.
+    fn task_state(&self, id: &str) -> impl Future<Output = Result<TaskState, RuntimeError>> + Send;
+    /// Pulls and unpacks `image`, counting bytes in `progress`.
+    fn pull(
+        &self,
+        image: &str,
+        registry: &RegistryAccess,
+        progress: Arc<AtomicU64>,
+    ) -> impl Future<Output = Result<PulledImage, RuntimeError>> + Send;
+    /// Creates container `id` on `top_snapshot` with `spec` and `labels`.
+    fn create_container(
+        &self,
+        id: &str,
+        image: &str,
+        top_snapshot: &str,
+        spec: &oci_spec::runtime::Spec,
+        labels: HashMap<String, String>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Creates container `id`'s task without starting it.
+    fn create_task(
+        &self,
+        id: &str,
+        log: &Path,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Starts a created task.
+    fn start_created_task(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<u32, RuntimeError>> + Send;
+    /// Deletes an exited task; a missing one is fine.
+    fn delete_task(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Stops a task: SIGTERM, SIGKILL after `grace`, then deletes it.
+    fn stop_task(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Stops and removes container `id` and its snapshot.
+    fn remove_container(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Sets or removes a label of container `id`.
+    fn set_label(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}
+
+impl Runtime for Containerd {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    async fn list_containers(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        Containerd::list_containers(self, &[]).await
+    }
+
+    async fn task_state(&self, id: &str) -> Result<TaskState, RuntimeError> {
+        Containerd::task_state(self, id).await
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        registry: &RegistryAccess,
+        progress: Arc<AtomicU64>,
+    ) -> Result<PulledImage, RuntimeError> {
+        Containerd::pull(self, image, registry, progress).await
+    }
+
+    async fn create_container(
+        &self,
+        id: &str,
+        image: &str,
+        top_snapshot: &str,
+        spec: &oci_spec::runtime::Spec,
+        labels: HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        Containerd::create_container(self, id, image, top_snapshot, spec, labels).await
+    }
+
+    async fn create_task(&self, id: &str, log: &Path) -> Result<(), RuntimeError> {
+        Containerd::create_task(self, id, log).await
+    }
+
+    async fn start_created_task(&self, id: &str) -> Result<u32, RuntimeError> {
+        Containerd::start_created_task(self, id).await
+    }
+
+    async fn delete_task(&self, id: &str) -> Result<(), RuntimeError> {
+        Containerd::delete_task(self, id).await
+    }
+
+    async fn stop_task(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        Containerd::stop_task(self, id, grace).await
+    }
+
+    async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        Containerd::remove_container(self, id, grace).await
+    }
+
+    async fn set_label(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), RuntimeError> {
+        Containerd::set_label(self, id, key, value).await
+    }
+}
 
 /// containerd's version, as its Version service reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

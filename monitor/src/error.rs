@@ -1,0 +1,48 @@
+//! The monitor's error: each variant says which part failed, so a status
+//! reason reads "network ...", "state dir ...", "image ..." or "containerd
+//! ...", and the reconciler can tell what to retry.
+
+use crate::{network::NetworkError, runtime::RuntimeError, state_dir::StateDirError};
+
+/// Why the monitor could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// containerd failed or could not be reached.
+    #[error("containerd: {0}")]
+    Runtime(#[source] RuntimeError),
+    /// The image could not be pulled or cannot be run.
+    #[error("image: {0}")]
+    Image(#[source] RuntimeError),
+    /// A pull took longer than the pull timeout.
+    #[error("image: pulling {image} timed out after {after:?}")]
+    PullTimeout {
+        /// The image.
+        image: String,
+        /// The pull timeout.
+        after: std::time::Duration,
+    },
+    /// A CNI plugin or the network state failed.
+    #[error("network: {0}")]
+    Network(#[from] NetworkError),
+    /// A file under the state dir could not be read or written.
+    #[error("state dir: {0}")]
+    StateDir(#[from] StateDirError),
+}
+
+impl From<RuntimeError> for MonitorError {
+    fn from(err: RuntimeError) -> Self {
+        match err {
+            RuntimeError::Registry { .. } | RuntimeError::InvalidImage { .. } => Self::Image(err),
+            _ => Self::Runtime(err),
+        }
+    }
+}
+
+impl MonitorError {
+    /// Whether containerd could not be reached: the pass stops and the
+    /// connection is made again, instead of counting a failure against a
+    /// service.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Runtime(err) if err.is_unavailable())
+    }
+}

@@ -1,0 +1,380 @@
+//! What the monitor knows of each service: its status as reported, its
+//! failures and its next restart, kept under the state dir so a monitor
+//! restart neither resets counters and the failure window nor revives a
+//! service it gave up on; and how that knowledge leaves the reconciler: the
+//! report outbox, and the view the node API and the link's hello read.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime},
+};
+
+use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
+
+use super::Reconciler;
+use crate::{
+    error::MonitorError,
+    plan::{self, Container, Phase, ServiceMemory},
+    policy::{FailureHistory, Verdict, unix_millis},
+    runtime::Runtime,
+    state_dir::StateDir,
+};
+
+/// What the reconciler tracks per addon container.
+#[derive(Debug, Clone)]
+pub(super) struct Tracked {
+    pub(super) installation_id: String,
+    pub(super) status: pb::ServiceStatus,
+    history: FailureHistory,
+    retry_at: Option<Instant>,
+}
+
+impl Tracked {
+    /// The planner's view of it.
+    pub(super) fn memory(&self) -> ServiceMemory {
+        ServiceMemory {
+            installation: self.installation_id.clone(),
+            failed: self.status.phase() == ServicePhase::Failed,
+            retry_at: self.retry_at,
+            never_started: self.retry_at.is_none()
+                && matches!(
+                    self.status.phase(),
+                    ServicePhase::Pending | ServicePhase::Pulling | ServicePhase::Starting
+                ),
+        }
+    }
+
+    /// Sets phase and reason, stamping the time when either changed.
+    pub(super) fn set(&mut self, phase: ServicePhase, reason: String) {
+        if self.status.phase() != phase || self.status.reason != reason {
+            self.status.phase = phase.into();
+            self.status.reason = reason;
+            self.status.update_time = Some(crate::now());
+        }
+    }
+}
+
+impl From<Phase> for ServicePhase {
+    fn from(phase: Phase) -> Self {
+        match phase {
+            Phase::Pending => Self::Pending,
+            Phase::Running => Self::Running,
+            Phase::Failed => Self::Failed,
+            Phase::Stopping => Self::Stopping,
+            Phase::Removed => Self::Removed,
+        }
+    }
+}
+
+/// What the reconciler publishes about the node after each pass.
+#[derive(Debug, Clone, Default)]
+pub struct NodeView {
+    /// Passes completed since the monitor started.
+    pub completed_passes: u64,
+    /// Generation of the desired state the last pass applied (0: none yet).
+    pub applied_generation: u64,
+    /// The status of each addon container the monitor knows, by id.
+    pub services: BTreeMap<String, pb::ServiceStatus>,
+    /// The addon containers on the node, for the link's hello.
+    pub observed: Vec<pb::ObservedService>,
+}
+
+/// The failures of a service and its pending restart, as stored
+/// (wall-clock milliseconds).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Failures {
+    /// The installation they are about.
+    #[serde(default)]
+    installation: String,
+    #[serde(flatten)]
+    history: FailureHistory,
+    #[serde(default)]
+    retry_at: Option<u64>,
+}
+
+impl<R: Runtime> Reconciler<R> {
+    /// The tracked state of container `id`, restored from the state dir
+    /// when this run of the monitor has not seen it yet.
+    pub(super) fn track(&mut self, installation: &str, service: &str, id: &str) -> &mut Tracked {
+        // What the monitor knows is about one installation's service: a
+        // container id that another installation takes over starts afresh.
+        if self
+            .tracked
+            .get(id)
+            .is_none_or(|t| t.installation_id != installation)
+        {
+            let tracked = self.restore(installation, service, id);
+            self.tracked.insert(id.to_owned(), tracked);
+        }
+        let tracked = self.tracked.get_mut(id).unwrap_or_else(|| unreachable!());
+        tracked.status.node_id.clone_from(&self.node_id);
+        tracked
+    }
+
+    fn restore(&self, installation: &str, service: &str, id: &str) -> Tracked {
+        let fresh = pb::ServiceStatus {
+            service_name: service.to_owned(),
+            container_id: id.to_owned(),
+            node_id: self.node_id.clone(),
+            ..Default::default()
+        };
+        let status = match StateDir::read(&self.state.status_file(id)) {
+            Ok(Some(bytes)) => {
+                match <pb::ServiceStatus as prost::Message>::decode(bytes.as_slice()) {
+                    Ok(status) if status.service_name == service => status,
+                    Ok(_) => fresh.clone(),
+                    Err(err) => {
+                        // Rebuilt from what the node shows at the next pass.
+                        tracing::warn!(path = %self.state.status_file(id).display(), error = %err, "corrupt service status; starting afresh");
+                        fresh.clone()
+                    }
+                }
+            }
+            Ok(None) => fresh.clone(),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read service status; starting afresh");
+                fresh.clone()
+            }
+        };
+        let failures: Failures = match StateDir::read_json(&self.state.failures_file(id)) {
+            Ok(failures) => failures.unwrap_or_default(),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the failure history; counting afresh");
+                Failures::default()
+            }
+        };
+        if failures.installation != installation {
+            // Another installation's service had the container id.
+            return Tracked {
+                installation_id: installation.to_owned(),
+                status: fresh,
+                history: FailureHistory::default(),
+                retry_at: None,
+            };
+        }
+        let now_ms = unix_millis(SystemTime::now());
+        let retry_at = failures
+            .retry_at
+            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms)));
+        Tracked {
+            installation_id: installation.to_owned(),
+            status,
+            history: failures.history,
+            retry_at,
+        }
+    }
+
+    /// Saves what must survive a restart of the monitor.
+    fn persist(&self, id: &str) {
+        let Some(tracked) = self.tracked.get(id) else {
+            return;
+        };
+        if !self.state.container_dir(id).is_dir() {
+            return;
+        }
+        let bytes = prost::Message::encode_to_vec(&tracked.status);
+        let retry_at = tracked.retry_at.map(|at| {
+            unix_millis(SystemTime::now() + at.saturating_duration_since(Instant::now()))
+        });
+        let failures = Failures {
+            installation: tracked.installation_id.clone(),
+            history: tracked.history.clone(),
+            retry_at,
+        };
+        let saved = crate::state_dir::write_atomic(&self.state.status_file(id), &bytes)
+            .and_then(|()| StateDir::write_json(&self.state.failures_file(id), &failures));
+        if let Err(err) = saved {
+            tracing::warn!(container = %id, error = %err, "cannot save service status");
+        }
+    }
+
+    pub(super) fn set_phase(
+        &mut self,
+        installation: &str,
+        service: &str,
+        id: &str,
+        phase: ServicePhase,
+        reason: String,
+    ) {
+        let tracked = self.track(installation, service, id);
+        tracked.installation_id = installation.to_owned();
+        tracked.set(phase, reason);
+        if phase == ServicePhase::Running {
+            tracked.retry_at = None;
+        }
+    }
+
+    /// Counts an exit of the service's task and decides, by the restart
+    /// policy, when to restart it or to give up.
+    pub(super) fn exited(
+        &mut self,
+        installation: &str,
+        service: &str,
+        id: &str,
+        exit_code: Option<i32>,
+    ) {
+        let log = self.state.log(id);
+        let tracked = self.track(installation, service, id);
+        tracked.status.exit_code = exit_code.or(tracked.status.exit_code);
+        let code = tracked
+            .status
+            .exit_code
+            .map_or("unknown".to_owned(), |c| c.to_string());
+        let policy = self.options.restart;
+        let tracked = self.track(installation, service, id);
+        match policy.on_failure(&mut tracked.history, SystemTime::now()) {
+            Verdict::RetryIn(delay) => {
+                tracked.retry_at = Some(Instant::now() + delay);
+                tracked.set(
+                    ServicePhase::Backoff,
+                    format!("exited with code {code}; restarting in {delay:?}"),
+                );
+                tracked.status.logs_tail = super::services::tail(&log, 20);
+            }
+            Verdict::GiveUp(count) => {
+                tracked.retry_at = None;
+                tracked.set(
+                    ServicePhase::Failed,
+                    format!(
+                        "exited {count} times within {:?}; last exit code {code}",
+                        policy.window
+                    ),
+                );
+                tracked.status.logs_tail = super::services::tail(&log, 50);
+            }
+        }
+        self.persist(id);
+    }
+
+    /// Records the outcome of an attempt to create or start a service: a
+    /// failure counts against the restart policy like an exit does.
+    pub(super) fn after_attempt(
+        &mut self,
+        installation: &str,
+        service: &str,
+        id: &str,
+        result: Result<(), MonitorError>,
+    ) -> Result<(), MonitorError> {
+        let err = match result {
+            Ok(()) => {
+                self.persist(id);
+                return Ok(());
+            }
+            Err(err) if err.is_unavailable() => return Err(err),
+            Err(err) => err,
+        };
+        tracing::warn!(container = %id, error = %err, "cannot run service");
+        let policy = self.options.restart;
+        let tracked = self.track(installation, service, id);
+        match policy.on_failure(&mut tracked.history, SystemTime::now()) {
+            Verdict::RetryIn(delay) => {
+                tracked.retry_at = Some(Instant::now() + delay);
+                tracked.set(
+                    ServicePhase::Backoff,
+                    format!("{err}; retrying in {delay:?}"),
+                );
+            }
+            Verdict::GiveUp(count) => {
+                tracked.retry_at = None;
+                tracked.set(
+                    ServicePhase::Failed,
+                    format!("gave up after {count} failures: {err}"),
+                );
+            }
+        }
+        self.persist(id);
+        Ok(())
+    }
+
+    /// Puts the statuses of every installation that changed since its last
+    /// report into the outbox.
+    pub(super) fn report_all(&mut self, desired: Option<&pb::DesiredState>) {
+        let Some(desired) = desired else {
+            return;
+        };
+        for installation in &desired.installations {
+            let id = &installation.installation_id;
+            // A service the monitor has not decided about yet has no phase
+            // to report.
+            let mut services: Vec<pb::ServiceStatus> = self
+                .tracked
+                .values()
+                .filter(|t| &t.installation_id == id && t.status.phase != 0)
+                .map(|t| t.status.clone())
+                .collect();
+            services.sort_by(|a, b| a.service_name.cmp(&b.service_name));
+            let unchanged = self.reported.get(id).is_some_and(|last| {
+                last.len() == services.len()
+                    && last.iter().zip(&services).all(|(a, b)| {
+                        (
+                            a.phase,
+                            &a.reason,
+                            a.restart_count,
+                            a.exit_code,
+                            a.pull_bytes_done,
+                        ) == (
+                            b.phase,
+                            &b.reason,
+                            b.restart_count,
+                            b.exit_code,
+                            b.pull_bytes_done,
+                        )
+                    })
+            });
+            if unchanged || services.is_empty() {
+                continue;
+            }
+            let ids: Vec<String> = self
+                .tracked
+                .iter()
+                .filter(|(_, t)| &t.installation_id == id)
+                .map(|(cid, _)| cid.clone())
+                .collect();
+            for cid in ids {
+                self.persist(&cid);
+            }
+            self.reported.insert(id.clone(), services.clone());
+            self.outbox.put(id.clone(), services);
+        }
+    }
+
+    /// Publishes what the node runs and what the monitor reported about
+    /// it, after a pass.
+    pub(super) fn publish_view(
+        &self,
+        containers: &[Container],
+        desired: Option<&pb::DesiredState>,
+    ) {
+        let observed = containers
+            .iter()
+            .filter_map(|c| match &c.role {
+                plan::Role::Addon {
+                    installation,
+                    service,
+                } => Some(pb::ObservedService {
+                    installation_id: installation.clone(),
+                    service_name: service.clone(),
+                    container_id: c.id.clone(),
+                    phase: match self.tracked.get(&c.id) {
+                        Some(t) => t.status.phase,
+                        None if c.task == plan::Task::Running => ServicePhase::Running.into(),
+                        None => ServicePhase::Backoff.into(),
+                    },
+                }),
+                plan::Role::Core { .. } => None,
+            })
+            .collect();
+        let services = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.status.phase != 0)
+            .map(|(id, t)| (id.clone(), t.status.clone()))
+            .collect();
+        self.view.send_modify(|view| {
+            view.completed_passes += 1;
+            view.applied_generation = desired.map_or(0, |d| d.generation);
+            view.services = services;
+            view.observed = observed;
+        });
+    }
+}
