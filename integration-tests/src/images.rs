@@ -180,6 +180,41 @@ pub async fn push_image(
     (digest, body.len() as i64)
 }
 
+/// Pushes a forged image as `host/repository:tag`: its one layer holds a
+/// filler file, but its configuration claims the diff id of the busybox
+/// layer every other test image starts from. Returns the manifest digest.
+pub async fn push_forged_image(host: &str, repository: &str, tag: &str) -> String {
+    let (_, busybox_diff_id) = busybox_layer();
+    let (filler, _) = filler_layer(64 << 10, 7);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Cmd": ["/bin/busybox", "sleep", "3600"], "Env": ["PATH=/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": [busybox_diff_id] },
+    });
+    let reference = Reference::with_tag(host.to_owned(), repository.to_owned(), tag.to_owned());
+    let client = client();
+    client
+        .push(
+            &reference,
+            &[ImageLayer::oci_v1_gzip(filler, None)],
+            Config::oci_v1(serde_json::to_vec(&config).expect("config json"), None),
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .unwrap_or_else(|err| panic!("push {reference}: {err}"));
+    let (_, digest) = client
+        .pull_manifest_raw(
+            &reference,
+            &RegistryAuth::Anonymous,
+            &["application/vnd.oci.image.manifest.v1+json"],
+        )
+        .await
+        .unwrap_or_else(|err| panic!("read back {reference}: {err}"));
+    digest
+}
+
 /// Pushes a multi-platform index as `host/repository:tag` with one image per
 /// `(os, architecture)`; returns the index digest.
 pub async fn push_index(

@@ -13,7 +13,7 @@ use addons_monitor::runtime::{Containerd, RegistryAccess, RunSpec, TaskState, bu
 use futures::StreamExt as _;
 use integration_tests::{
     Containerd as ContainerdServer, RegistryServer, eventually,
-    images::{ImageSpec, push_image},
+    images::{ImageSpec, push_forged_image, push_image},
 };
 
 const NAMESPACE: &str = "oakestra-test";
@@ -219,5 +219,71 @@ async fn pulls_from_a_private_registry_with_credentials() {
         !format!("{authorized:?}").contains("s3cret"),
         "credentials never printed"
     );
+    server.stop().await;
+}
+
+/// An image whose layer does not hold what its configuration declares is
+/// refused and leaves no snapshot behind, so an honest image with that diff
+/// id still gets its own content.
+#[tokio::test]
+async fn refuses_a_layer_whose_content_is_not_its_diff_id() {
+    let server = ContainerdServer::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    let forged = push_forged_image(&host, "evil/base", "1").await;
+    let (honest, _) = push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let runtime = Containerd::new(server.socket(), "oakestra-forged".into(), "overlayfs".into());
+    let access = RegistryAccess {
+        insecure: vec![host.clone()],
+        ..RegistryAccess::default()
+    };
+    let refused = runtime
+        .pull(&format!("{host}/evil/base@{forged}"), &access, Arc::default())
+        .await
+        .unwrap_err();
+    let message = refused.to_string();
+    assert!(
+        message.contains("not the diff id") && message.contains("evil/base"),
+        "{message}"
+    );
+    // The honest image unpacks its own layer and runs from it.
+    let image = format!("{host}/team/app@{honest}");
+    let pulled = runtime.pull(&image, &access, Arc::default()).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let run = RunSpec {
+        id: "root_honest".into(),
+        hostname: "honest".into(),
+        args: vec!["/bin/sh".into(), "-c".into(), "echo honest-busybox".into()],
+        env: pulled.config.env.clone(),
+        ..RunSpec::default()
+    };
+    runtime
+        .create_container(
+            "root_honest",
+            &image,
+            &pulled.top_snapshot,
+            &build_spec(&run, "oakestra-forged").unwrap(),
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+    let log = state.path().join("honest.log");
+    runtime.start_task("root_honest", &log).await.unwrap();
+    eventually("the honest image runs busybox", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("honest-busybox") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        }
+    })
+    .await;
+    runtime
+        .remove_container("root_honest", Duration::from_secs(2))
+        .await
+        .unwrap();
     server.stop().await;
 }

@@ -49,6 +49,11 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
+/// Longest wait for a registry to accept a connection.
+const REGISTRY_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest silence of a registry within one response.
+const REGISTRY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How the monitor reaches registries.
 #[derive(Clone, Default)]
 pub struct RegistryAccess {
@@ -203,6 +208,11 @@ impl Containerd {
         let client = Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(registry.insecure.clone()),
             platform_resolver: None,
+            // A registry that accepts a connection and then says nothing
+            // fails the pull instead of holding it forever; the monitor's
+            // pull timeout bounds the whole pull on top of this.
+            connect_timeout: Some(REGISTRY_CONNECT_TIMEOUT),
+            read_timeout: Some(REGISTRY_READ_TIMEOUT),
             ..ClientConfig::default()
         });
         let auth = match registry.credentials.get(reference.resolve_registry()) {
@@ -323,15 +333,21 @@ impl Containerd {
         let chain = chain_ids(&config.rootfs.diff_ids);
 
         // Layers: fetch those whose snapshot is missing and unpack them.
+        // A snapshot is only ever committed under a chain id after the
+        // content it holds was checked against its diff id, so one that
+        // exists can be trusted as a base.
         let mut parent = String::new();
-        for (layer, chain_id) in manifest.layers.iter().zip(&chain) {
+        for ((layer, chain_id), diff_id) in
+            manifest.layers.iter().zip(&chain).zip(&config.rootfs.diff_ids)
+        {
             if !self.snapshot_exists(chain_id).await? {
                 if !self.blob_exists(&layer.digest).await? {
                     bytes_pulled += self
                         .stream_blob(client, reference, layer, lease, image, &progress)
                         .await?;
                 }
-                self.unpack_layer(layer, &parent, chain_id, lease).await?;
+                self.unpack_layer(image, layer, diff_id, &parent, chain_id, lease)
+                    .await?;
             }
             parent = chain_id.clone();
         }
@@ -620,10 +636,15 @@ impl Containerd {
         }
     }
 
-    /// Applies one layer on top of `parent` and commits it as `chain_id`.
+    /// Applies one layer on top of `parent` and commits it as `chain_id`,
+    /// once the digest of the applied (uncompressed) content is the
+    /// `diff_id` the image's configuration declares for it; otherwise the
+    /// extraction is removed and the pull fails.
     async fn unpack_layer(
         &self,
+        image: &str,
         layer: &OciDescriptor,
+        diff_id: &str,
         parent: &str,
         chain_id: &str,
         lease: &str,
@@ -661,11 +682,25 @@ impl Containerd {
                 Some(lease),
             ))
             .await;
-        if let Err(status) = applied {
+        let applied = match applied {
+            Ok(response) => response.into_inner().applied,
+            Err(status) => {
+                let _ = self.remove_snapshot(&key).await;
+                return Err(RuntimeError::Call {
+                    call: "Diff.Apply",
+                    status,
+                });
+            }
+        };
+        let digest = applied.map(|d| d.digest).unwrap_or_default();
+        if digest != diff_id {
             let _ = self.remove_snapshot(&key).await;
-            return Err(RuntimeError::Call {
-                call: "Diff.Apply",
-                status,
+            return Err(RuntimeError::InvalidImage {
+                image: image.to_owned(),
+                reason: format!(
+                    "layer {} unpacks to content {digest}, not the diff id {diff_id} its configuration declares",
+                    layer.digest
+                ),
             });
         }
         let committed = snapshots
