@@ -232,13 +232,21 @@ async fn refuses_a_layer_whose_content_is_not_its_diff_id() {
     let host = registry.host();
     let forged = push_forged_image(&host, "evil/base", "1").await;
     let (honest, _) = push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let runtime = Containerd::new(server.socket(), "oakestra-forged".into(), "overlayfs".into());
+    let runtime = Containerd::new(
+        server.socket(),
+        "oakestra-forged".into(),
+        "overlayfs".into(),
+    );
     let access = RegistryAccess {
         insecure: vec![host.clone()],
         ..RegistryAccess::default()
     };
     let refused = runtime
-        .pull(&format!("{host}/evil/base@{forged}"), &access, Arc::default())
+        .pull(
+            &format!("{host}/evil/base@{forged}"),
+            &access,
+            Arc::default(),
+        )
         .await
         .unwrap_err();
     let message = refused.to_string();
@@ -269,17 +277,21 @@ async fn refuses_a_layer_whose_content_is_not_its_diff_id() {
         .unwrap();
     let log = state.path().join("honest.log");
     runtime.start_task("root_honest", &log).await.unwrap();
-    eventually("the honest image runs busybox", Duration::from_secs(10), || {
-        let log = log.clone();
-        async move {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("honest-busybox") {
-                Ok(())
-            } else {
-                Err(text)
+    eventually(
+        "the honest image runs busybox",
+        Duration::from_secs(10),
+        || {
+            let log = log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("honest-busybox") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     runtime
         .remove_container("root_honest", Duration::from_secs(2))

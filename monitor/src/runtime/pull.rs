@@ -337,8 +337,11 @@ impl Containerd {
         // content it holds was checked against its diff id, so one that
         // exists can be trusted as a base.
         let mut parent = String::new();
-        for ((layer, chain_id), diff_id) in
-            manifest.layers.iter().zip(&chain).zip(&config.rootfs.diff_ids)
+        for ((layer, chain_id), diff_id) in manifest
+            .layers
+            .iter()
+            .zip(&chain)
+            .zip(&config.rootfs.diff_ids)
         {
             if !self.snapshot_exists(chain_id).await? {
                 if !self.blob_exists(&layer.digest).await? {
