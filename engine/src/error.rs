@@ -61,6 +61,42 @@ pub enum Error {
     /// The marketplace cannot be reached or failed.
     #[error("the marketplace is unavailable: {0}")]
     MarketplaceUnavailable(String),
+    /// A new link sent no hello in time.
+    #[error("no hello within {0:?}")]
+    HelloTimeout(std::time::Duration),
+    /// A link went silent.
+    #[error("no message from node {node} for {after:?}")]
+    HeartbeatTimeout {
+        /// The node.
+        node: String,
+        /// How long it was silent.
+        after: std::time::Duration,
+    },
+    /// A monitor of another plane connected.
+    #[error("this manager serves the {manager} plane; node {node} belongs to the {monitor} plane")]
+    PlaneMismatch {
+        /// The node.
+        node: String,
+        /// The manager's plane.
+        manager: &'static str,
+        /// The monitor's plane.
+        monitor: &'static str,
+    },
+    /// A monitor of the node is linked already.
+    #[error("a monitor of node {0} is connected already")]
+    NodeAlreadyConnected(String),
+    /// The manager is shutting down.
+    #[error("the manager is shutting down; reconnect")]
+    ShuttingDown,
+    /// The monitor end of a link went away.
+    #[error("the monitor went away")]
+    MonitorGone,
+    /// A status report could not be stored.
+    #[error("cannot persist the report ({0}); reconnect and send it again")]
+    ReportNotStored(String),
+    /// A status report was lost before it was written.
+    #[error("a status report was dropped")]
+    ReportDropped,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] addons_store::Error),
@@ -69,6 +105,11 @@ pub enum Error {
 impl Error {
     pub(crate) fn required(field: &str) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, "required")])
+    }
+
+    /// An invalid request about one field.
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid(vec![FieldViolation::new(field, reason)])
     }
 }
 
@@ -117,6 +158,29 @@ impl From<Error> for Status {
                 .resource(INSTALLATION, installation_id),
             Error::MarketplaceUnavailable(_) => {
                 ApiError::new(Code::Unavailable, "MARKETPLACE_UNAVAILABLE", message)
+            }
+            Error::HelloTimeout(_) => {
+                ApiError::new(Code::DeadlineExceeded, "HELLO_TIMEOUT", message)
+            }
+            Error::HeartbeatTimeout { .. } => {
+                ApiError::new(Code::DeadlineExceeded, "HEARTBEAT_TIMEOUT", message)
+            }
+            Error::PlaneMismatch { node, monitor, .. } => {
+                ApiError::new(Code::FailedPrecondition, "PLANE_MISMATCH", message.clone())
+                    .precondition(
+                        "PLANE",
+                        format!("nodes/{node}"),
+                        format!("connect the monitor to the manager of the {monitor} plane"),
+                    )
+            }
+            Error::NodeAlreadyConnected(_) => {
+                ApiError::new(Code::AlreadyExists, "NODE_ALREADY_CONNECTED", message)
+            }
+            Error::ShuttingDown => ApiError::new(Code::Unavailable, "SHUTTING_DOWN", message),
+            Error::MonitorGone => ApiError::new(Code::Cancelled, "MONITOR_GONE", message),
+            Error::ReportDropped => ApiError::new(Code::Internal, "REPORT_DROPPED", message),
+            Error::ReportNotStored(_) => {
+                ApiError::new(Code::Unavailable, "STORE_UNAVAILABLE", message)
             }
             Error::Store(err) => return addons_server_kit::store_error_to_status(err),
         };

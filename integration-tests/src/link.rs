@@ -25,9 +25,17 @@ pub struct TestMonitor {
     pub desired: Option<pb::DesiredState>,
     /// The highest sequence number acked.
     pub acked: u64,
+    /// Takes the desired state in chunks.
+    chunked: bool,
+    /// The desired state being put together from chunks.
+    staging: BTreeMap<String, pb::DesiredInstallation>,
+    /// Encoded size of the largest message received.
+    pub largest_message: usize,
+    /// Desired-state chunks received.
+    pub chunks: usize,
 }
 
-fn hello(node: &str, plane: pb::Plane) -> pb::OpenLinkRequest {
+fn hello_with(node: &str, plane: pb::Plane, chunked: bool) -> pb::OpenLinkRequest {
     pb::OpenLinkRequest {
         message: Some(open_link_request::Message::Hello(pb::Hello {
             node_id: node.to_owned(),
@@ -39,6 +47,7 @@ fn hello(node: &str, plane: pb::Plane) -> pb::OpenLinkRequest {
                 seconds: 5,
                 nanos: 0,
             }),
+            accepts_desired_state_chunks: chunked,
         })),
     }
 }
@@ -64,9 +73,20 @@ pub async fn open_raw(
 }
 
 impl TestMonitor {
-    /// Connects as `node` of `plane`.
+    /// Connects as `node` of `plane`, taking the desired state whole.
     pub async fn connect(channel: Channel, node: &str, plane: pb::Plane) -> Result<Self, Status> {
-        let (tx, inbound) = open_raw(channel, hello(node, plane)).await?;
+        Self::connect_with(channel, node, plane, false).await
+    }
+
+    /// Connects as `node` of `plane`, taking the desired state in chunks
+    /// when `chunked`.
+    pub async fn connect_with(
+        channel: Channel,
+        node: &str,
+        plane: pb::Plane,
+        chunked: bool,
+    ) -> Result<Self, Status> {
+        let (tx, inbound) = open_raw(channel, hello_with(node, plane, chunked)).await?;
         let mut monitor = Self {
             node: node.to_owned(),
             plane,
@@ -76,6 +96,10 @@ impl TestMonitor {
             unacked: BTreeMap::new(),
             desired: None,
             acked: 0,
+            chunked,
+            staging: BTreeMap::new(),
+            largest_message: 0,
+            chunks: 0,
         };
         monitor.handshake().await?;
         Ok(monitor)
@@ -99,7 +123,8 @@ impl TestMonitor {
     /// Connects again (to a restarted manager, say) and re-sends every
     /// report not acked yet, in order.
     pub async fn reconnect(&mut self, channel: Channel) -> Result<(), Status> {
-        let (tx, inbound) = open_raw(channel, hello(&self.node, self.plane)).await?;
+        let (tx, inbound) =
+            open_raw(channel, hello_with(&self.node, self.plane, self.chunked)).await?;
         self.tx = tx;
         self.inbound = inbound;
         self.handshake().await?;
@@ -178,9 +203,31 @@ impl TestMonitor {
     pub async fn next(&mut self) -> Result<Option<pb::OpenLinkResponse>, Status> {
         let message = self.inbound.message().await?;
         if let Some(message) = &message {
+            self.largest_message = self
+                .largest_message
+                .max(prost::Message::encoded_len(message));
             match &message.message {
                 Some(open_link_response::Message::DesiredState(state)) => {
                     self.desired = Some(state.clone())
+                }
+                Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
+                    self.chunks += 1;
+                    if chunk.reset {
+                        self.staging.clear();
+                    }
+                    for id in &chunk.removed_installation_ids {
+                        self.staging.remove(id);
+                    }
+                    for upsert in &chunk.upserts {
+                        self.staging
+                            .insert(upsert.installation_id.clone(), upsert.clone());
+                    }
+                    if chunk.complete {
+                        self.desired = Some(pb::DesiredState {
+                            generation: chunk.generation,
+                            installations: self.staging.values().cloned().collect(),
+                        });
+                    }
                 }
                 Some(open_link_response::Message::Ack(ack)) => {
                     self.acked = self.acked.max(ack.sequence);

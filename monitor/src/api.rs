@@ -33,6 +33,8 @@ pub struct MonitorState {
     pub connected: watch::Receiver<bool>,
     /// Reports waiting for the link.
     pub outbox: ReportOutbox,
+    /// The newest desired state received.
+    pub desired: watch::Receiver<Option<oakestra_addons_proto::engine::v1::DesiredState>>,
 }
 
 /// The node-local API of the monitor.
@@ -235,6 +237,15 @@ impl NodeMonitorService for NodeMonitorApi {
             applied_generation: self.state.view.borrow().applied_generation,
             manager_connected: *self.state.connected.borrow(),
             pending_reports: u32::try_from(self.state.outbox.len()).unwrap_or(u32::MAX),
+            desired_generation: self
+                .state
+                .desired
+                .borrow()
+                .as_ref()
+                .map_or(0, |d| d.generation),
+            desired_installations: self.state.desired.borrow().as_ref().map_or(0, |d| {
+                u32::try_from(d.installations.len()).unwrap_or(u32::MAX)
+            }),
             ..Default::default()
         };
         match self.containerd.version().await {

@@ -183,6 +183,7 @@ async fn session(
         observed: view.borrow().observed.clone(),
         applied_generation: desired.borrow().as_ref().map_or(0, |d| d.generation),
         heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat).ok(),
+        accepts_desired_state_chunks: true,
     };
     tx.send(pb::OpenLinkRequest {
         message: Some(open_link_request::Message::Hello(hello)),
@@ -193,6 +194,7 @@ async fn session(
         .await?
         .into_inner();
     // The link opens with the desired state and an ack of what is stored.
+    let mut assembler = Assembler::default();
     let mut handshake_acked = false;
     while !handshake_acked {
         let message = inbound
@@ -202,6 +204,11 @@ async fn session(
         match message.message {
             Some(open_link_response::Message::DesiredState(state)) => {
                 desired.send_replace(Some(state));
+            }
+            Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
+                if let Some(state) = assembler.apply(chunk)? {
+                    desired.send_replace(Some(state));
+                }
             }
             Some(open_link_response::Message::Ack(ack)) => {
                 outbox.ack(ack.sequence);
@@ -244,6 +251,11 @@ async fn session(
                     Some(open_link_response::Message::DesiredState(state)) => {
                         desired.send_replace(Some(state));
                     }
+                    Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
+                        if let Some(state) = assembler.apply(chunk)? {
+                            desired.send_replace(Some(state));
+                        }
+                    }
                     Some(open_link_response::Message::Ack(ack)) => outbox.ack(ack.sequence),
                     None => {}
                 }
@@ -252,9 +264,108 @@ async fn session(
     }
 }
 
+/// Puts the desired state together from its chunks: a run that starts
+/// with `reset` replaces the state, any other run changes it, and the state
+/// is handed on only when a run is complete.
+#[derive(Debug, Default)]
+struct Assembler {
+    installations: BTreeMap<String, pb::DesiredInstallation>,
+    /// A full sync began on this link.
+    synced: bool,
+}
+
+impl Assembler {
+    /// Applies one chunk; returns the whole state when its run completes.
+    fn apply(&mut self, chunk: pb::DesiredStateChunk) -> anyhow::Result<Option<pb::DesiredState>> {
+        if chunk.reset {
+            self.installations.clear();
+            self.synced = true;
+        } else if !self.synced {
+            anyhow::bail!("the manager sent desired-state changes before the full state");
+        }
+        for id in &chunk.removed_installation_ids {
+            self.installations.remove(id);
+        }
+        for upsert in chunk.upserts {
+            self.installations
+                .insert(upsert.installation_id.clone(), upsert);
+        }
+        Ok(chunk.complete.then(|| pb::DesiredState {
+            generation: chunk.generation,
+            installations: self.installations.values().cloned().collect(),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn installation(id: &str) -> pb::DesiredInstallation {
+        pb::DesiredInstallation {
+            installation_id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn assembles_the_desired_state_from_runs_of_chunks() {
+        let mut assembler = Assembler::default();
+        let change = pb::DesiredStateChunk {
+            generation: 1,
+            complete: true,
+            ..Default::default()
+        };
+        assert!(
+            assembler.apply(change).is_err(),
+            "changes need a full state first"
+        );
+        let first = pb::DesiredStateChunk {
+            generation: 2,
+            reset: true,
+            upserts: vec![installation("a"), installation("b")],
+            ..Default::default()
+        };
+        assert_eq!(assembler.apply(first).unwrap(), None, "not complete yet");
+        let last = pb::DesiredStateChunk {
+            generation: 2,
+            upserts: vec![installation("c")],
+            complete: true,
+            ..Default::default()
+        };
+        let state = assembler.apply(last).unwrap().unwrap();
+        assert_eq!(state.generation, 2);
+        assert_eq!(state.installations.len(), 3);
+        let change = pb::DesiredStateChunk {
+            generation: 3,
+            upserts: vec![installation("d")],
+            removed_installation_ids: vec!["a".into()],
+            complete: true,
+            ..Default::default()
+        };
+        let state = assembler.apply(change).unwrap().unwrap();
+        let ids: Vec<&str> = state
+            .installations
+            .iter()
+            .map(|i| i.installation_id.as_str())
+            .collect();
+        assert_eq!((state.generation, ids), (3, vec!["b", "c", "d"]));
+        // A new full sync replaces everything.
+        let reset = pb::DesiredStateChunk {
+            generation: 4,
+            reset: true,
+            complete: true,
+            ..Default::default()
+        };
+        assert!(
+            assembler
+                .apply(reset)
+                .unwrap()
+                .unwrap()
+                .installations
+                .is_empty()
+        );
+    }
 
     #[test]
     fn outbox_keeps_the_newest_report_per_installation_and_numbers_above_acks() {

@@ -135,6 +135,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     view: view_rx,
                     connected: link.connected.clone(),
                     outbox,
+                    desired: link.desired.clone(),
                 },
             )
             .into_service(),

@@ -1,0 +1,126 @@
+//! The first message of a link, checked once into a [`ValidHello`].
+
+use std::time::Duration;
+
+use oakestra_addons_proto::engine::v1 as pb;
+
+use crate::{Error, model::Plane};
+
+/// Shortest heartbeat interval a monitor may announce.
+pub(super) const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest heartbeat interval a monitor may announce: a silent link is
+/// dropped after three of them.
+pub(super) const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+
+/// A hello that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ValidHello {
+    /// The node, trimmed.
+    pub(super) node: String,
+    /// Its plane.
+    pub(super) plane: Plane,
+    /// Its heartbeat interval.
+    pub(super) heartbeat: Duration,
+    /// Whether it takes the desired state in chunks.
+    pub(super) accepts_chunks: bool,
+    /// The monitor's version.
+    pub(super) version: String,
+    /// How many services it runs.
+    pub(super) observed: usize,
+}
+
+impl TryFrom<pb::Hello> for ValidHello {
+    type Error = Error;
+
+    fn try_from(hello: pb::Hello) -> Result<Self, Error> {
+        let node = hello.node_id.trim().to_owned();
+        if node.is_empty() || node.len() > 253 || node.contains(char::is_whitespace) {
+            return Err(Error::invalid(
+                "hello.node_id",
+                "required, at most 253 characters, no whitespace",
+            ));
+        }
+        let plane = match pb::Plane::try_from(hello.plane).unwrap_or_default() {
+            pb::Plane::Root => Plane::Root,
+            pb::Plane::Cluster => Plane::Cluster,
+            pb::Plane::Unspecified => {
+                return Err(Error::invalid(
+                    "hello.plane",
+                    "required (PLANE_ROOT or PLANE_CLUSTER)",
+                ));
+            }
+        };
+        let heartbeat = hello
+            .heartbeat_interval
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::ZERO);
+        if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&heartbeat) {
+            return Err(Error::invalid(
+                "hello.heartbeat_interval",
+                format!("required, {MIN_HEARTBEAT:?} to {MAX_HEARTBEAT:?}"),
+            ));
+        }
+        Ok(Self {
+            node,
+            plane,
+            heartbeat,
+            accepts_chunks: hello.accepts_desired_state_chunks,
+            version: hello.monitor_version,
+            observed: hello.observed.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> pb::Hello {
+        pb::Hello {
+            node_id: " node-1 ".into(),
+            plane: pb::Plane::Root.into(),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::Invalid(violations) => violations[0].field.clone(),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn checks_every_field() {
+        let valid = ValidHello::try_from(hello()).unwrap();
+        assert_eq!(
+            (valid.node.as_str(), valid.plane, valid.heartbeat),
+            ("node-1", Plane::Root, Duration::from_secs(5))
+        );
+        type Spoil = fn(&mut pb::Hello);
+        let cases: [(Spoil, &str); 5] = [
+            (|h| h.node_id = "a b".into(), "hello.node_id"),
+            (|h| h.node_id = "x".repeat(254), "hello.node_id"),
+            (|h| h.plane = 0, "hello.plane"),
+            (|h| h.heartbeat_interval = None, "hello.heartbeat_interval"),
+            (
+                |h| {
+                    h.heartbeat_interval = Some(prost_types::Duration {
+                        seconds: i64::from(u32::MAX),
+                        nanos: 0,
+                    })
+                },
+                "hello.heartbeat_interval",
+            ),
+        ];
+        for (spoil, field) in cases {
+            let mut bad = hello();
+            spoil(&mut bad);
+            assert_eq!(field_of(ValidHello::try_from(bad).unwrap_err()), field);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! One link's session: the hello, then the desired state (whole, or in
+//! chunks and changes), the ack of what is stored, and the loop of reports,
+//! heartbeats and desired-state changes.
+
+use std::{sync::Arc, time::Duration};
+
+use oakestra_addons_proto::engine::v1::{self as pb, open_link_request, open_link_response};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::{LinkHub, desired::Desired, hello::ValidHello};
+use crate::{Error, convert};
+
+/// The monitor's end of the session.
+type Outbound = mpsc::Sender<Result<pb::OpenLinkResponse, Status>>;
+
+impl LinkHub {
+    /// Serves one link: checks the hello, then runs the link in a task and
+    /// returns the stream of messages to the monitor.
+    pub async fn connect(
+        &self,
+        mut inbound: Streaming<pb::OpenLinkRequest>,
+    ) -> Result<mpsc::Receiver<Result<pb::OpenLinkResponse, Status>>, Status> {
+        let first = tokio::time::timeout(self.options.hello_timeout, inbound.message())
+            .await
+            .map_err(|_| Error::HelloTimeout(self.options.hello_timeout))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(open_link_request::Message::Hello(hello)) => hello,
+            Some(_) => {
+                return Err(
+                    Error::invalid("hello", "the first message of a link must be a hello").into(),
+                );
+            }
+            None => {
+                return Err(Error::invalid(
+                    "hello",
+                    "the link closed or sent an empty message before its hello",
+                )
+                .into());
+            }
+        };
+        let hello = ValidHello::try_from(hello)?;
+        if hello.plane != self.plane {
+            return Err(Error::PlaneMismatch {
+                node: hello.node.clone(),
+                manager: convert::plane_name(self.plane),
+                monitor: convert::plane_name(hello.plane),
+            }
+            .into());
+        }
+        let epoch = self.presence.register(&hello.node)?;
+        let heartbeat_timeout = self.options.heartbeat_timeout.max(hello.heartbeat * 3);
+        tracing::info!(node = %hello.node, version = %hello.version, observed = hello.observed, chunks = hello.accepts_chunks, "monitor connected");
+        let (tx, rx) = mpsc::channel(16);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let node = hello.node.clone();
+            match hub.run_link(&hello, inbound, &tx, heartbeat_timeout).await {
+                Err(err) => {
+                    let status = Status::from(err);
+                    tracing::info!(%node, code = ?status.code(), reason = status.message(), "monitor link ended");
+                    let _ = tx.send(Err(status)).await;
+                }
+                Ok(()) => tracing::info!(%node, "monitor link ended"),
+            }
+            hub.presence.unregister(&node, epoch);
+            hub.mark_disconnected_later(node);
+        });
+        Ok(rx)
+    }
+
+    async fn run_link(
+        &self,
+        hello: &ValidHello,
+        mut inbound: Streaming<pb::OpenLinkRequest>,
+        tx: &Outbound,
+        heartbeat_timeout: Duration,
+    ) -> Result<(), Error> {
+        let node = hello.node.as_str();
+        let mut desired = self.desired.clone();
+        let mut sent: Arc<Desired> = desired.borrow_and_update().clone();
+        if hello.accepts_chunks {
+            for chunk in sent.full_chunks() {
+                send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
+            }
+        } else {
+            send(
+                tx,
+                open_link_response::Message::DesiredState(sent.to_proto()),
+            )
+            .await?;
+        }
+        // Tell the monitor where its numbering stands here (0: nothing
+        // stored), so a restarted monitor continues above what is stored
+        // instead of being ignored.
+        let stored = self.presence.last_sequence(node);
+        send(
+            tx,
+            open_link_response::Message::Ack(pb::Ack { sequence: stored }),
+        )
+        .await?;
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.fired() => return Err(Error::ShuttingDown),
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::ShuttingDown);
+                    }
+                    let current = desired.borrow_and_update().clone();
+                    if hello.accepts_chunks {
+                        for chunk in current.chunks_since(&sent) {
+                            send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
+                        }
+                    } else {
+                        send(tx, open_link_response::Message::DesiredState(current.to_proto())).await?;
+                    }
+                    sent = current;
+                }
+                received = tokio::time::timeout(heartbeat_timeout, inbound.message()) => {
+                    let message = match received {
+                        Err(_) => return Err(Error::HeartbeatTimeout {
+                            node: node.to_owned(),
+                            after: heartbeat_timeout,
+                        }),
+                        Ok(Err(status)) => {
+                            tracing::debug!(%node, error = %status, "link stream failed");
+                            return Err(Error::MonitorGone);
+                        }
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Ok(Some(message))) => message,
+                    };
+                    match message.message {
+                        Some(open_link_request::Message::Heartbeat(_)) => {}
+                        Some(open_link_request::Message::Report(report)) => {
+                            let sequence = report.sequence;
+                            self.apply_report(node, report).await?;
+                            send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
+                        }
+                        Some(open_link_request::Message::Hello(_)) => {
+                            return Err(Error::invalid("hello", "a link says hello once"));
+                        }
+                        None => return Err(Error::invalid("message", "empty message on the link")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(tx: &Outbound, message: open_link_response::Message) -> Result<(), Error> {
+    tx.send(Ok(pb::OpenLinkResponse {
+        message: Some(message),
+    }))
+    .await
+    .map_err(|_| Error::MonitorGone)
+}
