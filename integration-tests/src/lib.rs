@@ -71,6 +71,37 @@ where
     }
 }
 
+/// Waits until `monitor` completed `passes` more reconcile passes with a
+/// desired state than when called: proof that it looked at the node since,
+/// for checks that something did *not* happen.
+pub async fn monitor_looked(monitor: &ServerProcess, passes: u64) {
+    use oakestra_addons_proto::monitor::v1::{
+        GetRuntimeInfoRequest, node_monitor_service_client::NodeMonitorServiceClient,
+    };
+    let info = || async {
+        NodeMonitorServiceClient::new(monitor.channel())
+            .get_runtime_info(GetRuntimeInfoRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| e.to_string())
+    };
+    let start = eventually("the monitor answers", Duration::from_secs(30), info).await;
+    eventually(
+        &format!("{passes} more reconcile passes"),
+        Duration::from_secs(60),
+        || async {
+            let now = info().await?;
+            if now.applied_generation > 0 && now.completed_passes >= start.completed_passes + passes
+            {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        },
+    )
+    .await;
+}
+
 /// A free TCP port on 127.0.0.1, for servers that cannot report the port
 /// they bound themselves.
 pub fn free_port() -> u16 {

@@ -12,7 +12,7 @@ use addons_monitor::runtime::{Containerd as Runtime, TaskState};
 use integration_tests::{
     Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess, eventually,
     images::{ImageSpec, http_server_command, push_image},
-    publish_approved, start_control_plane,
+    monitor_looked, publish_approved, start_control_plane,
 };
 use oakestra_addons_proto::{
     engine::v1::{
@@ -240,8 +240,8 @@ impl Stack {
     }
 
     /// Waits until exactly the expected one of core and replacement runs,
-    /// then checks that it stays so.
-    async fn settles(&self, core: bool) {
+    /// then checks that it stays so while the monitor looks again.
+    async fn settles(&self, monitor: &ServerProcess, core: bool) {
         let what = if core {
             "only the core component runs"
         } else {
@@ -254,10 +254,8 @@ impl Stack {
             }
         })
         .await;
-        for _ in 0..10 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            assert_eq!(self.running().await, (core, !core), "{what}, and stays so");
-        }
+        monitor_looked(monitor, 2).await;
+        assert_eq!(self.running().await, (core, !core), "{what}, and stays so");
     }
 
     /// Waits until the installation's record is gone (purged).
@@ -315,7 +313,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
     // The same host port now answers from the addon, which inherited the
     // core component's environment as it asked.
     stack.answers("addon-scheduler from-core").await;
-    stack.settles(false).await;
+    stack.settles(&monitor, false).await;
     // The core container is kept, labelled with who replaced it.
     assert_eq!(
         stack.core_label("oakestra.io/replaced-by").await.as_deref(),
@@ -363,17 +361,17 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
     };
     monitor.kill().await;
     let monitor = stack.monitor(None).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    monitor_looked(&monitor, 2).await;
     assert_eq!(
         stack.runtime().task_state(REPLACEMENT).await.unwrap(),
         TaskState::Running(replacement_pid)
     );
-    stack.settles(false).await;
+    stack.settles(&monitor, false).await;
 
     // Uninstall: the core component comes back with its own spec.
     stack.uninstall(&id).await;
     stack.answers("core-scheduler from-core").await;
-    stack.settles(true).await;
+    stack.settles(&monitor, true).await;
     assert_ne!(
         stack.runtime().task_state(CORE).await.unwrap(),
         TaskState::Running(core_pid),
@@ -410,7 +408,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         .status_becomes(&rival_id, InstallationStatus::Active)
         .await;
     stack.answers("rival").await;
-    stack.settles(false).await;
+    stack.settles(&monitor, false).await;
     stack.uninstall(&rival_id).await;
     stack.answers("core-scheduler").await;
 
@@ -475,12 +473,11 @@ async fn a_replacement_that_fails_for_good_gives_the_core_back() {
     );
     assert_eq!(failed.services[0].exit_code, Some(7));
     stack.answers("core-scheduler").await;
-    stack.settles(true).await;
+    stack.settles(&monitor, true).await;
     // A monitor restart does not take it away again.
     monitor.kill().await;
     let monitor = stack.monitor(None).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stack.settles(true).await;
+    stack.settles(&monitor, true).await;
     stack.uninstall(&id).await;
     stack.purged(&id).await;
 
@@ -492,13 +489,13 @@ async fn a_replacement_that_fails_for_good_gives_the_core_back() {
         "{}",
         failed.status_message
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    monitor_looked(&monitor, 2).await;
     assert_eq!(stack.running().await, (false, false));
     assert!(http_get(stack.host_port).await.is_err(), "nothing answers");
     // Until the installation goes.
     stack.uninstall(&id).await;
     stack.answers("core-scheduler").await;
-    stack.settles(true).await;
+    stack.settles(&monitor, true).await;
     monitor.stop().await;
     stack.containerd.stop().await;
 }
@@ -529,7 +526,7 @@ async fn converges_after_a_crash_at_every_step() {
         assert!(!status.success(), "crashed at {swap_point}");
         let monitor = stack.monitor(None).await;
         stack.answers("addon-scheduler").await;
-        stack.settles(false).await;
+        stack.settles(&monitor, false).await;
         stack.status_becomes(&id, InstallationStatus::Active).await;
         monitor.stop().await;
 
@@ -540,7 +537,7 @@ async fn converges_after_a_crash_at_every_step() {
         assert!(!status.success(), "crashed at {restore_point}");
         let monitor = stack.monitor(None).await;
         stack.answers("core-scheduler").await;
-        stack.settles(true).await;
+        stack.settles(&monitor, true).await;
         stack.purged(&id).await;
         monitor.stop().await;
     }

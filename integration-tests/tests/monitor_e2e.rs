@@ -324,7 +324,7 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     // A monitor crash and restart touches nothing and duplicates nothing.
     monitor.kill().await;
     monitor = start_monitor(&manager, &containerd, &state, &host).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    integration_tests::monitor_looked(&monitor, 2).await;
     assert_eq!(
         runtime.task_state("root_looper").await.unwrap(),
         TaskState::Running(pid)
