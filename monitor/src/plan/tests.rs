@@ -1,3 +1,9 @@
+//! Tests of the planner: one unit test per decision, then a model of a
+//! node (one static core component, its replacement, the reconciler's
+//! executor with failing runtime calls) driven by property tests. Over 500
+//! lines because the model and the unit tests share their helpers; it is
+//! test code only.
+
 use std::time::Duration;
 
 use proptest::prelude::*;

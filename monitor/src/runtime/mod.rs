@@ -6,8 +6,11 @@
 //! **Only this module talks to containerd.**
 
 mod containers;
+mod content;
 mod pull;
 mod spec;
+mod tasks;
+mod unpack;
 
 use std::{
     collections::HashMap,

@@ -2,31 +2,18 @@
 //! client does on 1.6 (which has no server-side transfer service): blobs
 //! from the registry into the content store under a lease, the image record,
 //! then each layer unpacked into the snapshotter through the diff service.
-//! Whatever is already present is skipped.
+//! Whatever is already present is skipped. `content.rs` writes the blobs,
+//! `unpack.rs` the snapshots.
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
 };
 
 use containerd_client::{
-    services::v1::{
-        CreateImageRequest, GetImageRequest, Image, InfoRequest, ReadContentRequest,
-        UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
-        content_client::ContentClient,
-        diff_client::DiffClient,
-        images_client::ImagesClient,
-        snapshots::{
-            CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
-            StatSnapshotRequest, snapshots_client::SnapshotsClient,
-        },
-    },
+    services::v1::{CreateImageRequest, GetImageRequest, Image, images_client::ImagesClient},
     types::Descriptor,
 };
-use futures::StreamExt as _;
 use oci_client::{
     Client, Reference,
     client::{ClientConfig, ClientProtocol},
@@ -36,7 +23,7 @@ use oci_client::{
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::{Containerd, RuntimeError, rand_suffix};
+use super::{Containerd, RuntimeError};
 
 const INDEX_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
@@ -183,7 +170,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn registry_error(
+pub(super) fn registry_error(
     image: &str,
 ) -> impl Fn(oci_client::errors::OciDistributionError) -> RuntimeError + '_ {
     move |err| RuntimeError::Registry {
@@ -396,363 +383,6 @@ impl Containerd {
             },
             bytes_pulled,
         })
-    }
-
-    async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
-        let mut content = ContentClient::new(self.channel().await?);
-        match content
-            .info(self.request(
-                InfoRequest {
-                    digest: digest.to_owned(),
-                },
-                None,
-            ))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Content.Info",
-                status,
-            }),
-        }
-    }
-
-    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, RuntimeError> {
-        let mut content = ContentClient::new(self.channel().await?);
-        let mut stream = content
-            .read(self.request(
-                ReadContentRequest {
-                    digest: digest.to_owned(),
-                    offset: 0,
-                    size: 0,
-                },
-                None,
-            ))
-            .await
-            .map_err(RuntimeError::call("Content.Read"))?
-            .into_inner();
-        let mut data = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            data.extend(chunk.map_err(RuntimeError::call("Content.Read"))?.data);
-        }
-        Ok(data)
-    }
-
-    /// Writes a small blob in one go; returns the bytes written (0 when it
-    /// was present).
-    async fn write_blob(
-        &self,
-        digest: &str,
-        data: &[u8],
-        labels: HashMap<String, String>,
-        lease: &str,
-    ) -> Result<u64, RuntimeError> {
-        let chunk = bytes::Bytes::copy_from_slice(data);
-        let size = data.len() as i64;
-        self.write_content(
-            digest,
-            size,
-            labels,
-            futures::stream::iter([Ok::<_, std::convert::Infallible>(chunk)]),
-            lease,
-            None,
-        )
-        .await
-    }
-
-    /// Streams a layer from the registry into the content store.
-    async fn stream_blob(
-        &self,
-        client: &Client,
-        reference: &Reference,
-        layer: &OciDescriptor,
-        lease: &str,
-        image: &str,
-        progress: &Arc<AtomicU64>,
-    ) -> Result<u64, RuntimeError> {
-        let stream = client
-            .pull_blob_stream(reference, layer)
-            .await
-            .map_err(registry_error(image))?;
-        let chunks = stream
-            .stream
-            .map(|chunk| chunk.map_err(|err| err.to_string()));
-        self.write_content(
-            &layer.digest,
-            layer.size,
-            HashMap::new(),
-            chunks,
-            lease,
-            Some(progress),
-        )
-        .await
-    }
-
-    /// Writes content through containerd's Write stream, committing it with
-    /// its expected digest and size.
-    async fn write_content<S, E>(
-        &self,
-        digest: &str,
-        size: i64,
-        labels: HashMap<String, String>,
-        chunks: S,
-        lease: &str,
-        progress: Option<&Arc<AtomicU64>>,
-    ) -> Result<u64, RuntimeError>
-    where
-        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
-        E: std::fmt::Display + Send + 'static,
-    {
-        let mut content = ContentClient::new(self.channel().await?);
-        let write_ref = format!("oakestra-{digest}");
-        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
-        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-        let feeder = {
-            let write_ref = write_ref.clone();
-            let digest = digest.to_owned();
-            let failed = failed.clone();
-            let progress = progress.cloned();
-            tokio::spawn(async move {
-                let mut offset = 0_i64;
-                futures::pin_mut!(chunks);
-                while let Some(chunk) = chunks.next().await {
-                    let chunk = match chunk {
-                        Ok(chunk) => chunk,
-                        Err(err) => {
-                            *failed
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                                Some(err.to_string());
-                            return;
-                        }
-                    };
-                    let len = chunk.len() as i64;
-                    let request = WriteContentRequest {
-                        action: WriteAction::Write.into(),
-                        r#ref: write_ref.clone(),
-                        total: size,
-                        expected: digest.clone(),
-                        offset,
-                        data: chunk.to_vec(),
-                        labels: HashMap::new(),
-                    };
-                    if tx.send(request).await.is_err() {
-                        return;
-                    }
-                    offset += len;
-                    if let Some(progress) = &progress {
-                        progress.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                }
-                let _ = tx
-                    .send(WriteContentRequest {
-                        action: WriteAction::Commit.into(),
-                        r#ref: write_ref,
-                        total: size,
-                        expected: digest,
-                        offset,
-                        data: Vec::new(),
-                        labels,
-                    })
-                    .await;
-            })
-        };
-        let result = content
-            .write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx), Some(lease)))
-            .await;
-        let outcome = match result {
-            Ok(response) => {
-                let mut responses = response.into_inner();
-                let mut last = Ok(());
-                while let Some(item) = responses.next().await {
-                    if let Err(status) = item {
-                        last = Err(status);
-                        break;
-                    }
-                }
-                last
-            }
-            Err(status) => Err(status),
-        };
-        let _ = feeder.await;
-        if let Some(reason) = failed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
-            return Err(RuntimeError::Registry {
-                image: digest.to_owned(),
-                reason,
-            });
-        }
-        match outcome {
-            Ok(()) => Ok(size.max(0) as u64),
-            // Present already (written by an earlier pull): nothing to do.
-            Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(0),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Content.Write",
-                status,
-            }),
-        }
-    }
-
-    async fn label_blob(&self, digest: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
-        let mut content = ContentClient::new(self.channel().await?);
-        content
-            .update(self.request(
-                UpdateContentRequest {
-                    info: Some(containerd_client::services::v1::Info {
-                        digest: digest.to_owned(),
-                        labels: HashMap::from([(key.to_owned(), value.to_owned())]),
-                        ..Default::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec![format!("labels.{key}")],
-                    }),
-                },
-                None,
-            ))
-            .await
-            .map_err(RuntimeError::call("Content.Update"))?;
-        Ok(())
-    }
-
-    async fn snapshot_exists(&self, key: &str) -> Result<bool, RuntimeError> {
-        let mut snapshots = SnapshotsClient::new(self.channel().await?);
-        match snapshots
-            .stat(self.request(
-                StatSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: key.to_owned(),
-                },
-                None,
-            ))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Snapshots.Stat",
-                status,
-            }),
-        }
-    }
-
-    /// Applies one layer on top of `parent` and commits it as `chain_id`,
-    /// once the digest of the applied (uncompressed) content is the
-    /// `diff_id` the image's configuration declares for it; otherwise the
-    /// extraction is removed and the pull fails.
-    async fn unpack_layer(
-        &self,
-        image: &str,
-        layer: &OciDescriptor,
-        diff_id: &str,
-        parent: &str,
-        chain_id: &str,
-        lease: &str,
-    ) -> Result<(), RuntimeError> {
-        let channel = self.channel().await?;
-        let mut snapshots = SnapshotsClient::new(channel.clone());
-        let key = format!("extract-{}-{chain_id}", rand_suffix());
-        let mounts = snapshots
-            .prepare(self.request(
-                PrepareSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: key.clone(),
-                    parent: parent.to_owned(),
-                    labels: HashMap::new(),
-                },
-                Some(lease),
-            ))
-            .await
-            .map_err(RuntimeError::call("Snapshots.Prepare"))?
-            .into_inner()
-            .mounts;
-        let applied = DiffClient::new(channel)
-            .apply(self.request(
-                containerd_client::services::v1::ApplyRequest {
-                    diff: Some(Descriptor {
-                        media_type: layer.media_type.clone(),
-                        digest: layer.digest.clone(),
-                        size: layer.size,
-                        annotations: HashMap::new(),
-                    }),
-                    mounts,
-                    payloads: HashMap::new(),
-                    sync_fs: false,
-                },
-                Some(lease),
-            ))
-            .await;
-        let applied = match applied {
-            Ok(response) => response.into_inner().applied,
-            Err(status) => {
-                let _ = self.remove_snapshot(&key).await;
-                return Err(RuntimeError::Call {
-                    call: "Diff.Apply",
-                    status,
-                });
-            }
-        };
-        let digest = applied.map(|d| d.digest).unwrap_or_default();
-        if digest != diff_id {
-            let _ = self.remove_snapshot(&key).await;
-            return Err(RuntimeError::InvalidImage {
-                image: image.to_owned(),
-                reason: format!(
-                    "layer {} unpacks to content {digest}, not the diff id {diff_id} its configuration declares",
-                    layer.digest
-                ),
-            });
-        }
-        let committed = snapshots
-            .commit(self.request(
-                CommitSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    name: chain_id.to_owned(),
-                    key: key.clone(),
-                    labels: HashMap::new(),
-                },
-                Some(lease),
-            ))
-            .await;
-        match committed {
-            Ok(_) => Ok(()),
-            // Unpacked concurrently by someone else: theirs is as good.
-            Err(status) if status.code() == tonic::Code::AlreadyExists => {
-                let _ = self.remove_snapshot(&key).await;
-                Ok(())
-            }
-            Err(status) => {
-                let _ = self.remove_snapshot(&key).await;
-                Err(RuntimeError::Call {
-                    call: "Snapshots.Commit",
-                    status,
-                })
-            }
-        }
-    }
-
-    pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), RuntimeError> {
-        let mut snapshots = SnapshotsClient::new(self.channel().await?);
-        match snapshots
-            .remove(self.request(
-                RemoveSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: key.to_owned(),
-                },
-                None,
-            ))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Snapshots.Remove",
-                status,
-            }),
-        }
     }
 
     async fn create_image(

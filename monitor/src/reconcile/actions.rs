@@ -1,0 +1,219 @@
+//! Carrying out the planner's actions, one object at a time: an error is
+//! recorded against the object it is about, and only an unreachable
+//! containerd ends the pass.
+
+use std::collections::HashMap;
+
+use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence};
+
+use super::{Reconciler, services};
+use crate::{
+    error::MonitorError,
+    plan::Action,
+    runtime::{ContainerInfo, Runtime},
+};
+
+impl<R: Runtime> Reconciler<R> {
+    /// Runs one action; an error about its object is recorded against it,
+    /// and only an unreachable containerd is returned.
+    pub(super) async fn execute(
+        &mut self,
+        action: Action,
+        specs: &Specs<'_>,
+        infos: &HashMap<String, ContainerInfo>,
+    ) -> Result<(), MonitorError> {
+        let result = match action {
+            Action::Phase {
+                installation,
+                service,
+                id,
+                phase,
+                reason,
+            } => {
+                self.set_phase(&installation, &service, &id, phase.into(), reason);
+                Ok(())
+            }
+            Action::Remove { .. } => Ok(()),
+            Action::Create {
+                installation,
+                service,
+                id,
+                replaces,
+            } => {
+                let Some((desired, spec)) = specs.get(&installation, &service) else {
+                    return Ok(());
+                };
+                let core = replaces.as_ref().and_then(|core| infos.get(core));
+                let result = self.create(desired, spec, &id, core).await;
+                self.after_attempt(&installation, &service, &id, result)
+            }
+            Action::Start {
+                installation,
+                service,
+                id,
+                restart,
+                take_over,
+            } => {
+                let spec = specs.get(&installation, &service).map(|(_, s)| s);
+                let core = take_over.as_ref().and_then(|core| infos.get(core));
+                let result = self
+                    .start(&installation, &service, &id, restart, core, spec)
+                    .await;
+                self.after_attempt(&installation, &service, &id, result)
+            }
+            Action::Exited {
+                installation,
+                service,
+                id,
+                exit_code,
+            } => {
+                self.exited(&installation, &service, &id, exit_code);
+                Ok(())
+            }
+            Action::TakeOver { core, installation } => match infos.get(&core) {
+                Some(info) => {
+                    let ports =
+                        specs.ports_of_replacement(&self.options.plane, &installation, info);
+                    self.take_over(info, &installation, &ports).await
+                }
+                None => Ok(()),
+            },
+            Action::RunCore {
+                core,
+                stop_first,
+                restore,
+                start,
+            } => match infos.get(&core) {
+                Some(info) => {
+                    self.run_core(info, stop_first.as_deref(), restore, start)
+                        .await
+                }
+                None => Ok(()),
+            },
+        };
+        match result {
+            Err(err) if err.is_unavailable() => Err(err),
+            Err(err) => {
+                tracing::warn!(error = %err, "reconcile step failed; retrying at the next pass");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Stops and removes containers side by side: each may take its whole
+    /// grace period.
+    pub(super) async fn remove_all(&mut self, removals: Vec<Action>) -> Result<(), MonitorError> {
+        let targets: Vec<(String, Option<String>)> = removals
+            .into_iter()
+            .filter_map(|action| match action {
+                Action::Remove {
+                    id, installation, ..
+                } => Some((id, installation)),
+                _ => None,
+            })
+            .collect();
+        for (id, installation) in &targets {
+            if installation.is_none() {
+                tracing::info!(container = %id, "removing a container no desired installation wants");
+            }
+        }
+        let results =
+            futures::future::join_all(targets.iter().map(|(id, _)| self.remove(id))).await;
+        let mut unavailable = None;
+        for ((id, installation), result) in targets.into_iter().zip(results) {
+            match result {
+                Ok(()) => match installation {
+                    Some(_) => {
+                        if let Some(tracked) = self.tracked.get_mut(&id) {
+                            tracked.set(pb::ServicePhase::Removed, "removed".into());
+                        }
+                    }
+                    None => {
+                        self.tracked.remove(&id);
+                    }
+                },
+                Err(err) if err.is_unavailable() => unavailable = Some(err),
+                Err(err) => {
+                    tracing::warn!(container = %id, error = %err, "cannot remove container; retrying at the next pass");
+                }
+            }
+        }
+        unavailable.map_or(Ok(()), Err)
+    }
+
+    /// Deletes the named volumes of removed installations that asked for
+    /// it, once none of their services is left.
+    pub(super) fn purge_volumes(&self, desired: &pb::DesiredState) {
+        for installation in &desired.installations {
+            if installation.presence() == DesiredPresence::Running || !installation.purge_volumes {
+                continue;
+            }
+            let gone = self
+                .tracked
+                .values()
+                .filter(|t| t.installation_id == installation.installation_id)
+                .all(|t| t.status.phase() == pb::ServicePhase::Removed);
+            let volumes = self.state.volumes(&installation.installation_id);
+            if gone
+                && volumes.exists()
+                && let Err(err) = std::fs::remove_dir_all(&volumes)
+            {
+                tracing::warn!(path = %volumes.display(), error = %err, "cannot delete volumes");
+            }
+        }
+    }
+}
+
+/// The desired installations and services of a pass, by id and name.
+pub(super) struct Specs<'a> {
+    services: HashMap<(&'a str, &'a str), (&'a pb::DesiredInstallation, &'a pb::ServiceSpec)>,
+}
+
+impl<'a> Specs<'a> {
+    pub(super) fn new(desired: Option<&'a pb::DesiredState>) -> Self {
+        let services = desired
+            .into_iter()
+            .flat_map(|d| &d.installations)
+            .flat_map(|i| {
+                i.addon.iter().flat_map(|a| &a.services).map(move |s| {
+                    (
+                        (i.installation_id.as_str(), s.service_name.as_str()),
+                        (i, s),
+                    )
+                })
+            })
+            .collect();
+        Self { services }
+    }
+
+    fn get(
+        &self,
+        installation: &str,
+        service: &str,
+    ) -> Option<(&'a pb::DesiredInstallation, &'a pb::ServiceSpec)> {
+        self.services.get(&(installation, service)).copied()
+    }
+
+    /// The ports the replacement of core component `core` declares.
+    fn ports_of_replacement(
+        &self,
+        plane: &str,
+        installation: &str,
+        core: &ContainerInfo,
+    ) -> Vec<crate::network::PortMapping> {
+        let name = core
+            .labels
+            .get(crate::labels::CORE_COMPONENT)
+            .cloned()
+            .or_else(|| {
+                core.id
+                    .strip_prefix(&format!("{plane}_"))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        self.get(installation, &name)
+            .map(|(_, spec)| services::declared_ports(spec))
+            .unwrap_or_default()
+    }
+}
