@@ -82,6 +82,67 @@ pub struct NetworkOptions {
     pub subnet_prefix: String,
 }
 
+/// What the reconciler needs of container networking. The CNI plugins are
+/// the product's ([`Networks`]); unit tests use a recording fake.
+pub trait Network: Send + Sync + 'static {
+    /// Where container `id`'s network namespace is.
+    fn netns_path(&self, id: &str) -> PathBuf;
+    /// Attaches container `id` to `networks`, publishing `ports` on the
+    /// first; returns its address on each.
+    fn attach(
+        &self,
+        id: &str,
+        networks: &[String],
+        ports: &[PortMapping],
+    ) -> impl std::future::Future<Output = Result<Vec<(String, String)>, NetworkError>> + Send;
+    /// Replaces the ports container `id` publishes.
+    fn set_ports(
+        &self,
+        id: &str,
+        ports: &[PortMapping],
+    ) -> impl std::future::Future<Output = Result<(), NetworkError>> + Send;
+    /// Undoes [`Network::attach`].
+    fn detach(
+        &self,
+        id: &str,
+    ) -> impl std::future::Future<Output = Result<(), NetworkError>> + Send;
+    /// Container `id`'s address on each of its networks.
+    fn addresses(&self, id: &str) -> Result<Vec<(String, String)>, NetworkError>;
+    /// The ports container `id` publishes.
+    fn ports(&self, id: &str) -> Result<Vec<PortMapping>, NetworkError>;
+}
+
+impl Network for Networks {
+    fn netns_path(&self, id: &str) -> PathBuf {
+        Networks::netns_path(self, id)
+    }
+
+    async fn attach(
+        &self,
+        id: &str,
+        networks: &[String],
+        ports: &[PortMapping],
+    ) -> Result<Vec<(String, String)>, NetworkError> {
+        Networks::attach(self, id, networks, ports).await
+    }
+
+    async fn set_ports(&self, id: &str, ports: &[PortMapping]) -> Result<(), NetworkError> {
+        Networks::set_ports(self, id, ports).await
+    }
+
+    async fn detach(&self, id: &str) -> Result<(), NetworkError> {
+        Networks::detach(self, id).await
+    }
+
+    fn addresses(&self, id: &str) -> Result<Vec<(String, String)>, NetworkError> {
+        Networks::addresses(self, id)
+    }
+
+    fn ports(&self, id: &str) -> Result<Vec<PortMapping>, NetworkError> {
+        Networks::ports(self, id)
+    }
+}
+
 /// The CNI plugins and the monitor's network state.
 #[derive(Debug, Clone)]
 pub struct Networks {

@@ -41,7 +41,7 @@ use crate::{
         CORE_SOURCE, CORE_SOURCE_STATIC, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, REPLACED_BY,
         SERVICE,
     },
-    network::{NetworkOptions, Networks},
+    network::{Network, NetworkOptions, Networks},
     outbox::ReportOutbox,
     plan::{self, Action, Container, Role},
     policy::RestartPolicy,
@@ -76,9 +76,9 @@ pub struct ReconcileOptions {
 }
 
 /// The reconciler's state.
-pub struct Reconciler<R: Runtime> {
+pub struct Reconciler<R: Runtime, N: Network = Networks> {
     runtime: R,
-    networks: Networks,
+    networks: N,
     state: StateDir,
     options: ReconcileOptions,
     node_id: String,
@@ -94,7 +94,7 @@ pub struct Reconciler<R: Runtime> {
     static_names: BTreeSet<String>,
 }
 
-impl<R: Runtime> std::fmt::Debug for Reconciler<R> {
+impl<R: Runtime, N: Network> std::fmt::Debug for Reconciler<R, N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reconciler")
             .field("node_id", &self.node_id)
@@ -114,8 +114,23 @@ impl<R: Runtime> Reconciler<R> {
         outbox: ReportOutbox,
         view: watch::Sender<NodeView>,
     ) -> Self {
+        let networks = Networks::new(options.network.clone(), &options.state_dir);
+        Self::with_network(runtime, networks, options, node_id, outbox, view)
+    }
+}
+
+impl<R: Runtime, N: Network> Reconciler<R, N> {
+    /// A reconciler driving `runtime` and `networks`.
+    pub fn with_network(
+        runtime: R,
+        networks: N,
+        options: ReconcileOptions,
+        node_id: String,
+        outbox: ReportOutbox,
+        view: watch::Sender<NodeView>,
+    ) -> Self {
         Self {
-            networks: Networks::new(options.network.clone(), &options.state_dir),
+            networks,
             state: StateDir::new(options.state_dir.clone()),
             pulls: Pulls::new(
                 runtime.clone(),
@@ -238,7 +253,7 @@ fn wants(desired: &pb::DesiredState) -> Vec<plan::Want> {
         .collect()
 }
 
-impl<R: Runtime> Reconciler<R> {
+impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// One pass; returns when the next restart or core start is due.
     async fn pass(
         &mut self,
@@ -348,3 +363,6 @@ impl<R: Runtime> Reconciler<R> {
         Ok(plan.wake_at)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,11 +9,12 @@ use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence};
 use super::{Reconciler, services};
 use crate::{
     error::MonitorError,
+    network::Network,
     plan::Action,
     runtime::{ContainerInfo, Runtime},
 };
 
-impl<R: Runtime> Reconciler<R> {
+impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// Runs one action; an error about its object is recorded against it,
     /// and only an unreachable containerd is returned.
     pub(super) async fn execute(

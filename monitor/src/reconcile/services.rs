@@ -13,13 +13,14 @@ use crate::{
     cores,
     error::MonitorError,
     labels::{ADDON, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, PLANE, REPLACES, SERVICE},
+    network::Network,
     network::PortMapping,
     pulls::PullState,
     runtime::{ContainerInfo, PulledImage, RunSpec, Runtime, RuntimeError, build_spec},
     state_dir::StateDir,
 };
 
-impl<R: Runtime> Reconciler<R> {
+impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// The image a service runs: pinned by the manager when it can be.
     fn image_of(service: &pb::ServiceSpec) -> &str {
         if service.resolved_image.is_empty() {

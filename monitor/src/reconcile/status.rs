@@ -14,6 +14,7 @@ use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
 use super::Reconciler;
 use crate::{
     error::MonitorError,
+    network::Network,
     plan::{self, Container, Phase, ServiceMemory},
     policy::{FailureHistory, Verdict, unix_millis},
     runtime::Runtime,
@@ -92,7 +93,7 @@ struct Failures {
     retry_at: Option<u64>,
 }
 
-impl<R: Runtime> Reconciler<R> {
+impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// The tracked state of container `id`, restored from the state dir
     /// when this run of the monitor has not seen it yet.
     pub(super) fn track(&mut self, installation: &str, service: &str, id: &str) -> &mut Tracked {

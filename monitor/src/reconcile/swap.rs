@@ -16,6 +16,7 @@ use crate::{
     cores::{self, CoreComponentSpec},
     error::MonitorError,
     labels::{CORE_COMPONENT, CORE_SOURCE, CORE_SOURCE_STATIC, CORE_SPEC_HASH, PLANE, REPLACED_BY},
+    network::Network,
     network::PortMapping,
     plan::{CoreMemory, replacement_id},
     pulls::PullState,
@@ -50,7 +51,7 @@ struct SwapRecord {
     ports: Vec<PortMapping>,
 }
 
-impl<R: Runtime> Reconciler<R> {
+impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// Creates the containers of the static core components that have none
     /// (or one made from an older entry), and removes static ones no longer
     /// in the file. Does not start them. Returns whether anything changed.

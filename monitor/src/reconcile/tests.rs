@@ -1,0 +1,435 @@
+//! The reconciler's passes against a recording fake runtime and network:
+//! one failing object never stops the others, a stalled pull delays no
+//! restart, and every failure says which part failed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
+    time::Duration,
+};
+
+use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence, ServicePhase};
+use tokio::sync::watch;
+
+use super::{NodeView, ReconcileOptions, Reconciler};
+use crate::{
+    cores::CoreComponentSpec,
+    labels::{
+        CORE_COMPONENT, CORE_SOURCE, CORE_SOURCE_STATIC, CORE_SPEC_HASH, INSTALLATION, MANAGED_BY,
+        MANAGED_BY_VALUE, REPLACED_BY, REPLACES, SERVICE,
+    },
+    network::{Network, NetworkError, NetworkOptions, PortMapping},
+    outbox::ReportOutbox,
+    policy::RestartPolicy,
+    runtime::{
+        ContainerInfo, ImageConfig, PulledImage, RegistryAccess, Runtime, RuntimeError, TaskState,
+    },
+};
+
+#[derive(Debug, Clone)]
+struct FakeContainer {
+    image: String,
+    labels: HashMap<String, String>,
+    task: TaskState,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    containers: BTreeMap<String, FakeContainer>,
+    /// Every runtime and network call, as `op id`.
+    calls: Vec<String>,
+    /// Calls (`op id`) that fail.
+    failing: Vec<String>,
+    /// Images that pull; any other pull never ends.
+    images: Vec<String>,
+}
+
+/// A runtime and a network over one recorded world.
+#[derive(Debug, Clone, Default)]
+struct Fake(Arc<Mutex<World>>);
+
+impl Fake {
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn call(&self, op: &str, id: &str) -> Result<(), RuntimeError> {
+        let name = format!("{op} {id}");
+        let mut world = self.world();
+        world.calls.push(name.clone());
+        if world.failing.contains(&name) {
+            return Err(RuntimeError::Call {
+                call: "fake",
+                status: tonic::Status::internal(format!("{name} fails")),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_task(&self, id: &str, task: TaskState) {
+        if let Some(container) = self.world().containers.get_mut(id) {
+            container.task = task;
+        }
+    }
+
+    fn task(&self, id: &str) -> Option<TaskState> {
+        self.world().containers.get(id).map(|c| c.task)
+    }
+
+    fn add(&self, id: &str, labels: &[(&str, &str)], task: TaskState) {
+        self.world().containers.insert(
+            id.to_owned(),
+            FakeContainer {
+                image: "img".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                task,
+            },
+        );
+    }
+}
+
+impl Runtime for Fake {
+    fn namespace(&self) -> &str {
+        "test"
+    }
+
+    async fn list_containers(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        Ok(self
+            .world()
+            .containers
+            .iter()
+            .map(|(id, c)| ContainerInfo {
+                id: id.clone(),
+                image: c.image.clone(),
+                labels: c.labels.clone(),
+                spec: None,
+            })
+            .collect())
+    }
+
+    async fn task_state(&self, id: &str) -> Result<TaskState, RuntimeError> {
+        Ok(self.task(id).unwrap_or(TaskState::Absent))
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        _registry: &RegistryAccess,
+        _progress: Arc<AtomicU64>,
+    ) -> Result<PulledImage, RuntimeError> {
+        self.call("pull", image)?;
+        if !self.world().images.iter().any(|i| i == image) {
+            std::future::pending::<()>().await;
+        }
+        Ok(PulledImage {
+            name: image.to_owned(),
+            top_snapshot: "sha256:top".into(),
+            config: ImageConfig {
+                cmd: vec!["/bin/run".into()],
+                ..ImageConfig::default()
+            },
+            bytes_pulled: 1,
+        })
+    }
+
+    async fn create_container(
+        &self,
+        id: &str,
+        image: &str,
+        _top_snapshot: &str,
+        _spec: &oci_spec::runtime::Spec,
+        labels: HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        self.call("create", id)?;
+        self.world().containers.insert(
+            id.to_owned(),
+            FakeContainer {
+                image: image.to_owned(),
+                labels,
+                task: TaskState::Absent,
+            },
+        );
+        Ok(())
+    }
+
+    async fn create_task(&self, id: &str, _log: &Path) -> Result<(), RuntimeError> {
+        self.call("create-task", id)?;
+        self.set_task(id, TaskState::Created);
+        Ok(())
+    }
+
+    async fn start_created_task(&self, id: &str) -> Result<u32, RuntimeError> {
+        self.call("start", id)?;
+        self.set_task(id, TaskState::Running(1));
+        Ok(1)
+    }
+
+    async fn delete_task(&self, id: &str) -> Result<(), RuntimeError> {
+        self.call("delete-task", id)?;
+        self.set_task(id, TaskState::Absent);
+        Ok(())
+    }
+
+    async fn stop_task(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+        self.call("stop", id)?;
+        self.set_task(id, TaskState::Absent);
+        Ok(())
+    }
+
+    async fn remove_container(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+        self.call("remove", id)?;
+        self.world().containers.remove(id);
+        Ok(())
+    }
+
+    async fn set_label(
+        &self,
+        id: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), RuntimeError> {
+        self.call("label", id)?;
+        if let Some(container) = self.world().containers.get_mut(id) {
+            match value {
+                Some(value) => container.labels.insert(key.to_owned(), value.to_owned()),
+                None => container.labels.remove(key),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Network for Fake {
+    fn netns_path(&self, id: &str) -> PathBuf {
+        PathBuf::from("/nonexistent/netns").join(id)
+    }
+
+    async fn attach(
+        &self,
+        id: &str,
+        networks: &[String],
+        _ports: &[PortMapping],
+    ) -> Result<Vec<(String, String)>, NetworkError> {
+        self.call("attach", id)
+            .map_err(|err| NetworkError::Plugin {
+                command: "ADD",
+                plugin: "bridge".into(),
+                container: id.to_owned(),
+                network: networks.first().cloned().unwrap_or_default(),
+                reason: err.to_string(),
+            })?;
+        Ok(Vec::new())
+    }
+
+    async fn set_ports(&self, id: &str, _ports: &[PortMapping]) -> Result<(), NetworkError> {
+        self.call("ports", id)
+            .map_err(|err| NetworkError::State(err.to_string()))
+    }
+
+    async fn detach(&self, id: &str) -> Result<(), NetworkError> {
+        self.call("detach", id)
+            .map_err(|err| NetworkError::State(err.to_string()))
+    }
+
+    fn addresses(&self, _id: &str) -> Result<Vec<(String, String)>, NetworkError> {
+        Ok(Vec::new())
+    }
+
+    fn ports(&self, _id: &str) -> Result<Vec<PortMapping>, NetworkError> {
+        Ok(Vec::new())
+    }
+}
+
+fn scheduler_spec() -> CoreComponentSpec {
+    crate::cores::parse("- name: scheduler\n  image: img\n")
+        .unwrap()
+        .remove(0)
+}
+
+fn reconciler(fake: &Fake, state: &Path) -> Reconciler<Fake, Fake> {
+    let options = ReconcileOptions {
+        plane: "root".into(),
+        state_dir: state.to_owned(),
+        registry: RegistryAccess::default(),
+        pull_timeout: Duration::from_secs(3600),
+        resync: Duration::from_secs(10),
+        stop_grace: Duration::from_secs(1),
+        restart: RestartPolicy {
+            backoff: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            max_failures: 5,
+            window: Duration::from_secs(60),
+        },
+        network: NetworkOptions {
+            plugin_dir: "/nonexistent".into(),
+            bridge_prefix: "t".into(),
+            subnet_prefix: "10.1".into(),
+        },
+        log_max_bytes: 1 << 20,
+        core_components: vec![scheduler_spec()],
+    };
+    let (view, _) = watch::channel(NodeView::default());
+    Reconciler::with_network(
+        fake.clone(),
+        fake.clone(),
+        options,
+        "node-1".into(),
+        ReportOutbox::default(),
+        view,
+    )
+}
+
+fn desired(installations: Vec<(&str, DesiredPresence, Vec<(&str, &str)>)>) -> pb::DesiredState {
+    pb::DesiredState {
+        generation: 1,
+        installations: installations
+            .into_iter()
+            .map(|(id, presence, services)| pb::DesiredInstallation {
+                installation_id: id.into(),
+                presence: presence.into(),
+                addon: Some(pb::AddonSnapshot {
+                    services: services
+                        .into_iter()
+                        .map(|(name, image)| pb::ServiceSpec {
+                            service_name: name.into(),
+                            image: image.into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn addon_labels<'a>(installation: &'a str, service: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (MANAGED_BY, MANAGED_BY_VALUE),
+        (INSTALLATION, installation),
+        (SERVICE, service),
+    ]
+}
+
+async fn pass(reconciler: &mut Reconciler<Fake, Fake>, state: &pb::DesiredState) {
+    tokio::time::timeout(Duration::from_secs(5), reconciler.pass(Some(state)))
+        .await
+        .expect("a pass never waits for a pull")
+        .expect("the pass completes");
+}
+
+/// One container that cannot be removed does not keep a core component
+/// from coming back in the same pass.
+#[tokio::test]
+async fn a_failing_removal_does_not_stop_a_core_restore() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let hash = scheduler_spec().hash();
+    fake.add(
+        "root_scheduler",
+        &[
+            (CORE_COMPONENT, "scheduler"),
+            (CORE_SOURCE, CORE_SOURCE_STATIC),
+            (CORE_SPEC_HASH, &hash),
+            (REPLACED_BY, "i1"),
+        ],
+        TaskState::Absent,
+    );
+    let mut replacement = addon_labels("i1", "scheduler");
+    replacement.push((REPLACES, "root_scheduler"));
+    fake.add("root_scheduler.addon", &replacement, TaskState::Running(2));
+    fake.add(
+        "root_stuck",
+        &addon_labels("i0", "stuck"),
+        TaskState::Running(3),
+    );
+    fake.world().failing.push("remove root_stuck".into());
+    let mut reconciler = reconciler(&fake, state.path());
+    let uninstalled = desired(vec![(
+        "i1",
+        DesiredPresence::Removed,
+        vec![("scheduler", "img")],
+    )]);
+    pass(&mut reconciler, &uninstalled).await;
+    assert_eq!(fake.task("root_scheduler"), Some(TaskState::Running(1)));
+    assert!(fake.task("root_scheduler.addon").is_none());
+    assert!(fake.task("root_stuck").is_some(), "still there, to retry");
+    let world = fake.world();
+    assert!(
+        !world.containers["root_scheduler"]
+            .labels
+            .contains_key(REPLACED_BY)
+    );
+    let removed = world
+        .calls
+        .iter()
+        .position(|c| c == "remove root_scheduler.addon")
+        .unwrap();
+    let started = world
+        .calls
+        .iter()
+        .position(|c| c == "start root_scheduler")
+        .unwrap();
+    assert!(removed < started, "{:?}", world.calls);
+}
+
+/// A pull that never ends holds up its own service only: another service
+/// is restarted, pass after pass.
+#[tokio::test]
+async fn a_stalled_pull_delays_no_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    fake.world().images.push("ok".into());
+    fake.add(
+        "root_api",
+        &addon_labels("i1", "api"),
+        TaskState::Stopped(1),
+    );
+    let mut reconciler = reconciler(&fake, state.path());
+    let wanted = desired(vec![(
+        "i1",
+        DesiredPresence::Running,
+        vec![("api", "ok"), ("web", "stalls")],
+    )]);
+    // The exit is counted; the restart is due a millisecond later.
+    pass(&mut reconciler, &wanted).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    pass(&mut reconciler, &wanted).await;
+    assert_eq!(fake.task("root_api"), Some(TaskState::Running(1)));
+    let web = &reconciler.tracked["root_web"].status;
+    assert_eq!(web.phase(), ServicePhase::Pulling, "{web:?}");
+    let api = &reconciler.tracked["root_api"].status;
+    assert_eq!((api.phase(), api.restart_count), (ServicePhase::Running, 1));
+}
+
+/// A CNI failure reads as one, not as an image that cannot run, and counts
+/// against the restart policy.
+#[tokio::test]
+async fn failures_say_which_part_failed() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    fake.world().images.push("ok".into());
+    fake.world().failing.push("attach root_web".into());
+    let mut reconciler = reconciler(&fake, state.path());
+    let wanted = desired(vec![("i1", DesiredPresence::Running, vec![("web", "ok")])]);
+    // The first pass starts the pull; once it is in, the create fails.
+    pass(&mut reconciler, &wanted).await;
+    let image = tokio::time::timeout(Duration::from_secs(5), reconciler.pulls.finished())
+        .await
+        .unwrap();
+    assert_eq!(image, "ok");
+    pass(&mut reconciler, &wanted).await;
+    let web = &reconciler.tracked["root_web"].status;
+    assert_eq!(web.phase(), ServicePhase::Backoff, "{web:?}");
+    assert!(
+        web.reason
+            .starts_with("network: CNI ADD of bridge for root_web"),
+        "{web:?}"
+    );
+    assert!(fake.task("root_web").is_none(), "nothing half made is left");
+}
