@@ -283,7 +283,10 @@ fn reconciler(fake: &Fake, state: &Path) -> Reconciler<Fake, Fake> {
     )
 }
 
-fn desired(installations: Vec<(&str, DesiredPresence, Vec<(&str, &str)>)>) -> pb::DesiredState {
+/// An installation: its id, presence, and `(service, image)` pairs.
+type Installation<'a> = (&'a str, DesiredPresence, Vec<(&'a str, &'a str)>);
+
+fn desired(installations: Vec<Installation<'_>>) -> pb::DesiredState {
     pb::DesiredState {
         generation: 1,
         installations: installations
