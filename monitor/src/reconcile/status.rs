@@ -112,6 +112,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         tracked
     }
 
+    /// What an earlier run of the monitor knew of container `id`. Files
+    /// that cannot be read are rebuilt on the safe side, never read as
+    /// empty: a lost failure history counts the restarts the status shows
+    /// as recent failures, and a lost status of a service whose history
+    /// spent its budget stays given up on.
     fn restore(&self, installation: &str, service: &str, id: &str) -> Tracked {
         let fresh = pb::ServiceStatus {
             service_name: service.to_owned(),
@@ -119,32 +124,18 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             node_id: self.node_id.clone(),
             ..Default::default()
         };
-        let status = match StateDir::read(&self.state.status_file(id)) {
-            Ok(Some(bytes)) => {
-                match <pb::ServiceStatus as prost::Message>::decode(bytes.as_slice()) {
-                    Ok(status) if status.service_name == service => status,
-                    Ok(_) => fresh.clone(),
-                    Err(err) => {
-                        // Rebuilt from what the node shows at the next pass.
-                        tracing::warn!(path = %self.state.status_file(id).display(), error = %err, "corrupt service status; starting afresh");
-                        fresh.clone()
-                    }
-                }
-            }
-            Ok(None) => fresh.clone(),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read service status; starting afresh");
-                fresh.clone()
-            }
+        let status_path = self.state.status_file(id);
+        let status = match StateDir::read(&status_path) {
+            Ok(Some(bytes)) => <pb::ServiceStatus as prost::Message>::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|err| err.to_string()),
+            Ok(None) => Ok(None),
+            Err(err) => Err(err.to_string()),
         };
-        let failures: Failures = match StateDir::read_json(&self.state.failures_file(id)) {
-            Ok(failures) => failures.unwrap_or_default(),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read the failure history; counting afresh");
-                Failures::default()
-            }
-        };
-        if failures.installation != installation {
+        let failures = StateDir::read_json::<Failures>(&self.state.failures_file(id));
+        if let Ok(Some(failures)) = &failures
+            && failures.installation != installation
+        {
             // Another installation's service had the container id.
             return Tracked {
                 installation_id: installation.to_owned(),
@@ -153,14 +144,43 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 retry_at: None,
             };
         }
+        let policy = self.options.restart;
         let now_ms = unix_millis(SystemTime::now());
-        let retry_at = failures
-            .retry_at
-            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms)));
+        let mut status = match status {
+            Ok(Some(status)) if status.service_name == service => status,
+            Ok(_) => fresh.clone(),
+            Err(err) => {
+                tracing::error!(path = %status_path.display(), error = %err, "unreadable service status; rebuilt from the failure history");
+                fresh.clone()
+            }
+        };
+        let (history, retry_at) = match failures {
+            Ok(Some(failures)) => (failures.history, failures.retry_at),
+            Ok(None) => (FailureHistory::default(), None),
+            Err(err) => {
+                tracing::error!(error = %err, "unreadable failure history; counting the restarts the status shows as recent failures");
+                let counted = usize::try_from(status.restart_count)
+                    .unwrap_or(usize::MAX)
+                    .min(policy.max_failures);
+                let history = FailureHistory {
+                    at: vec![now_ms; counted],
+                };
+                (history, None)
+            }
+        };
+        if status.phase == 0 && history.at.len() > policy.max_failures {
+            status.phase = ServicePhase::Failed.into();
+            status.reason = format!(
+                "gave up after {} failures (before the monitor restarted)",
+                history.at.len()
+            );
+        }
+        let retry_at =
+            retry_at.map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms)));
         Tracked {
             installation_id: installation.to_owned(),
             status,
-            history: failures.history,
+            history,
             retry_at,
         }
     }
