@@ -436,3 +436,46 @@ async fn failures_say_which_part_failed() {
     );
     assert!(fake.task("root_web").is_none(), "nothing half made is left");
 }
+
+/// A service record that does not parse is rebuilt on the safe side: a
+/// lost failure history counts the restarts the status shows, and a lost
+/// status of a service whose budget is spent stays given up on.
+#[tokio::test]
+async fn unreadable_records_never_reset_a_service() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let mut reconciler = reconciler(&fake, state.path());
+    let web = reconciler.state.container_dir("root_web");
+    std::fs::create_dir_all(&web).unwrap();
+    let status = pb::ServiceStatus {
+        service_name: "web".into(),
+        phase: ServicePhase::Backoff.into(),
+        restart_count: 5,
+        ..Default::default()
+    };
+    std::fs::write(
+        web.join("status.pb"),
+        prost::Message::encode_to_vec(&status),
+    )
+    .unwrap();
+    std::fs::write(
+        web.join("failures.json"),
+        "{\"installation\": \"i1\", \"at\": [1,",
+    )
+    .unwrap();
+    // Five failures counted: the next exit spends the budget of five.
+    reconciler.exited("i1", "web", "root_web", Some(1));
+    let web = &reconciler.tracked["root_web"].status;
+    assert_eq!(web.phase(), ServicePhase::Failed, "{web:?}");
+
+    let api = reconciler.state.container_dir("root_api");
+    std::fs::create_dir_all(&api).unwrap();
+    std::fs::write(api.join("status.pb"), b"\xff\xff\xff").unwrap();
+    std::fs::write(
+        api.join("failures.json"),
+        "{\"installation\": \"i1\", \"at\": [1, 2, 3, 4, 5, 6]}",
+    )
+    .unwrap();
+    let api = reconciler.track("i1", "api", "root_api").memory();
+    assert!(api.failed, "{api:?}");
+}
