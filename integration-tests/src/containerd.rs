@@ -45,6 +45,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             root = root.display()
         );
         std::fs::write(root.join("config.toml"), config).expect("write containerd config");
+        remove_stale_leftovers();
         let child = spawn(&binary, root).await;
         Self { child, dir }
     }
@@ -72,6 +73,97 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             );
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// runc keeps a container's state under `/run/containerd/runc/<namespace>`
+/// whatever containerd's root is, and a killed shim leaves its rootfs
+/// mounted: a test that ended with containers running would leave state
+/// that makes the next run's `Tasks.Create` of the same id fail. Removes
+/// the leftovers of every private containerd no process runs any more;
+/// those of tests running now stay.
+fn remove_stale_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    let commands = process_commands();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("ctrd") || !dir.is_dir() {
+            continue;
+        }
+        // A dir made moments ago may be one whose containerd is starting.
+        let young = std::fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_none_or(|age| age < Duration::from_secs(60));
+        let config = dir.join("config.toml").display().to_string();
+        if young || commands.iter().any(|c| c.contains(&config)) {
+            continue;
+        }
+        remove_leftovers(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The command lines of every process.
+fn process_commands() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+        .collect()
+}
+
+/// Deletes the runc state of the containers whose bundles live under `dir`
+/// and unmounts everything mounted under it.
+fn remove_leftovers(dir: &std::path::Path) {
+    let prefix = dir.display().to_string();
+    if let Ok(namespaces) = std::fs::read_dir("/run/containerd/runc") {
+        for namespace in namespaces.flatten() {
+            let root = namespace.path();
+            let Ok(output) = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "--format", "json"])
+                .output()
+            else {
+                continue;
+            };
+            let listed: Vec<serde_json::Value> =
+                serde_json::from_slice(&output.stdout).unwrap_or_default();
+            for container in listed {
+                let (Some(id), Some(bundle)) =
+                    (container["id"].as_str(), container["bundle"].as_str())
+                else {
+                    continue;
+                };
+                if bundle.starts_with(&prefix) {
+                    let _ = std::process::Command::new("runc")
+                        .arg("--root")
+                        .arg(&root)
+                        .args(["delete", "--force", id])
+                        .output();
+                }
+            }
+        }
+    }
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .filter(|point| point.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    // Deepest first.
+    mounts.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in mounts {
+        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -113,6 +205,8 @@ impl Drop for Containerd {
         // A test that failed midway leaves tasks behind: their shims outlive
         // containerd. Kill those of this containerd, and their containers.
         kill_shims(&self.dir.path().join("containerd.sock"));
+        let _ = self.child.start_kill();
+        remove_leftovers(self.dir.path());
     }
 }
 

@@ -259,6 +259,16 @@ impl Stack {
     }
 }
 
+/// The monitor's warnings, for failure messages.
+fn warnings(monitor: &ServerProcess) -> String {
+    monitor
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 async fn node_services(monitor: &ServerProcess) -> ListManagedServicesResponse {
     NodeMonitorServiceClient::new(monitor.channel())
         .list_managed_services(ListManagedServicesRequest {})
@@ -351,7 +361,9 @@ async fn keeps_the_node_right_while_the_manager_is_away() {
         .unwrap();
     assert_eq!(
         (crasher.phase(), crasher.restart_count),
-        (ServicePhase::Failed, 2)
+        (ServicePhase::Failed, 2),
+        "{}",
+        warnings(&monitor)
     );
     drop(monitor);
 }
@@ -451,7 +463,8 @@ async fn a_stalled_registry_delays_nothing_else() {
         .await;
     assert!(
         crasher.services.iter().all(|s| s.restart_count == 2),
-        "{crasher:?}"
+        "{crasher:?}\n{}",
+        warnings(&monitor)
     );
     let waiting = stack.installation(&stalled).await;
     assert_eq!(
@@ -602,10 +615,15 @@ async fn the_failure_window_survives_a_monitor_restart() {
     })
     .await;
     monitor.kill().await;
-    let _monitor = stack.monitor(&flags).await;
+    let monitor = stack.monitor(&flags).await;
     let failed = stack.status_becomes(&id, InstallationStatus::Failed).await;
     let crasher = &failed.services[0];
     assert_eq!(crasher.phase(), ServicePhase::Failed);
     assert!(crasher.reason.starts_with("exited 3 times"), "{crasher:?}");
-    assert_eq!(crasher.restart_count, 2, "{crasher:?}");
+    assert_eq!(
+        crasher.restart_count,
+        2,
+        "{crasher:?}\n{}",
+        warnings(&monitor)
+    );
 }
