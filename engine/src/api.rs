@@ -3,7 +3,8 @@
 
 use addons_descriptor::FieldViolation;
 use addons_server_kit::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown, WatchStream, watch_stream,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown, WatchStream,
+    watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::engine::v1::{
@@ -18,6 +19,37 @@ use crate::{Error, Manager, convert, link::LinkHub};
 
 /// How many changes a watcher may have in flight before it is dropped.
 const WATCH_BUFFER: usize = 256;
+
+/// Who may call what on the manager: viewers read, operators change.
+pub const MANAGER_PERMISSIONS: &[MethodAccess] = &[
+    MethodAccess {
+        method: "GetInstallation",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "ListInstallations",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "WatchInstallations",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "InstallAddon",
+        roles: &[Role::Operator],
+    },
+    MethodAccess {
+        method: "UninstallAddon",
+        roles: &[Role::Operator],
+    },
+];
+
+/// Only nodes open the monitor link (and only as themselves, checked by
+/// the link).
+pub const LINK_PERMISSIONS: &[MethodAccess] = &[MethodAccess {
+    method: "OpenLink",
+    roles: &[Role::Node],
+}];
 
 /// The gRPC face of the manager's install API.
 #[derive(Debug, Clone)]
@@ -230,7 +262,8 @@ impl MonitorLinkService for MonitorLinkApi {
         &self,
         request: Request<Streaming<pb::OpenLinkRequest>>,
     ) -> Result<Response<Self::OpenLinkStream>, Status> {
-        let outbound = self.hub.connect(request.into_inner()).await?;
+        let identity = addons_server_kit::Identity::of(&request);
+        let outbound = self.hub.connect(identity, request.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 }

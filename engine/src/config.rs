@@ -25,6 +25,33 @@ pub struct Config {
     )]
     pub marketplace: String,
 
+    /// CA to trust for the marketplace's TLS certificate (PEM).
+    #[arg(long, env = "ADDONS_MARKETPLACE_CA", value_name = "FILE")]
+    pub marketplace_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate for the marketplace (PEM), for mTLS.
+    #[arg(
+        long,
+        env = "ADDONS_MARKETPLACE_CERT",
+        value_name = "FILE",
+        requires = "marketplace_key"
+    )]
+    pub marketplace_cert: Option<std::path::PathBuf>,
+
+    /// Key of `--marketplace-cert` (PEM).
+    #[arg(
+        long,
+        env = "ADDONS_MARKETPLACE_KEY",
+        value_name = "FILE",
+        requires = "marketplace_cert"
+    )]
+    pub marketplace_key: Option<std::path::PathBuf>,
+
+    /// Bearer token (a viewer's) for the marketplace, read from this file
+    /// again whenever it changes.
+    #[arg(long, env = "ADDONS_MARKETPLACE_TOKEN_FILE", value_name = "FILE")]
+    pub marketplace_token_file: Option<std::path::PathBuf>,
+
     /// How long a monitor link may stay silent before it counts as dead; a
     /// node whose link died is shown as disconnected after as long again.
     #[arg(long, env = "ADDONS_HEARTBEAT_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = addons_server_kit::parse_duration)]
@@ -36,6 +63,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// How the manager reaches the marketplace.
+    pub fn marketplace_credentials(&self) -> addons_server_kit::ClientCredentials {
+        addons_server_kit::ClientCredentials {
+            ca: self.marketplace_ca.clone(),
+            cert: self.marketplace_cert.clone(),
+            key: self.marketplace_key.clone(),
+            token_file: self.marketplace_token_file.clone(),
+        }
+    }
+
     /// Oakestra's manager port for the plane.
     pub fn default_port(&self) -> u16 {
         match self.plane {

@@ -82,6 +82,17 @@ pub enum Error {
         /// The monitor's plane.
         monitor: &'static str,
     },
+    /// The caller's identity is not the node it says hello as.
+    #[error("{subject} may not link as node {node}")]
+    NodeIdentityMismatch {
+        /// The authenticated caller.
+        subject: String,
+        /// The node of the hello.
+        node: String,
+    },
+    /// A newer link of the same node and identity took over.
+    #[error("a newer link of node {0} from the same identity replaced this one")]
+    LinkReplaced(String),
     /// A monitor of the node is linked already.
     #[error("a monitor of node {0} is connected already")]
     NodeAlreadyConnected(String),
@@ -173,6 +184,10 @@ impl From<Error> for Status {
                         format!("connect the monitor to the manager of the {monitor} plane"),
                     )
             }
+            Error::NodeIdentityMismatch { .. } => {
+                ApiError::new(Code::PermissionDenied, "NODE_IDENTITY_MISMATCH", message)
+            }
+            Error::LinkReplaced(_) => ApiError::new(Code::Aborted, "LINK_REPLACED", message),
             Error::NodeAlreadyConnected(_) => {
                 ApiError::new(Code::AlreadyExists, "NODE_ALREADY_CONNECTED", message)
             }

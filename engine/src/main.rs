@@ -26,7 +26,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "addons",
     )
     .await?;
-    let core = Manager::new(&store, &config.marketplace, config.plane).await?;
+    let core = Manager::new(
+        &store,
+        &config.marketplace,
+        &config.marketplace_credentials(),
+        config.plane,
+    )
+    .await?;
     let requests = Requests::open(&store).await?;
     let hub = LinkHub::start(
         &store,
@@ -38,16 +44,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    let security = addons_server_kit::Security::load(&config.common.auth)?;
     let listener = bind(
         config
             .common
             .listen
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], config.default_port()))),
+        &security,
     )
     .await?;
     Server::new()
-        .add_service(ManagerApi::new(core, requests, shutdown.clone()).into_service())
-        .add_service(MonitorLinkApi::new(hub).into_service())
+        .secure(security)
+        .add_service(
+            ManagerApi::new(core, requests, shutdown.clone()).into_service(),
+            addons_engine::api::MANAGER_PERMISSIONS,
+        )
+        .add_service(
+            MonitorLinkApi::new(hub).into_service(),
+            addons_engine::api::LINK_PERMISSIONS,
+        )
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -1,5 +1,6 @@
 //! The manager's domain core: what each API call does, on records.
 
+use anyhow::Context as _;
 use std::{collections::HashSet, time::Duration};
 
 use addons_descriptor::Descriptor;
@@ -10,11 +11,7 @@ use oakestra_addons_proto::marketplace::v1::{
     self as mpb, marketplace_service_client::MarketplaceServiceClient,
 };
 use tokio::sync::mpsc;
-use tonic::{
-    Code,
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{
     Error,
@@ -27,8 +24,8 @@ const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest listing page.
 const MAX_PAGE_SIZE: usize = 500;
 
-type Interceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-type MarketplaceClient = MarketplaceServiceClient<InterceptedService<Channel, Interceptor>>;
+type MarketplaceClient =
+    MarketplaceServiceClient<InterceptedService<Channel, addons_server_kit::Authorize>>;
 
 /// The manager over its store and the marketplace. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -47,16 +44,20 @@ impl Manager {
     /// The manager of `plane`, over `store`, installing from the marketplace
     /// at `marketplace_url`. The marketplace is connected lazily, so the
     /// manager starts even when the marketplace does not run yet.
-    pub async fn new(store: &Store, marketplace_url: &str, plane: Plane) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(marketplace_url.to_owned())
-            .map_err(|err| anyhow::anyhow!("invalid marketplace URL `{marketplace_url}`: {err}"))?
+    pub async fn new(
+        store: &Store,
+        marketplace_url: &str,
+        credentials: &addons_server_kit::ClientCredentials,
+        plane: Plane,
+    ) -> anyhow::Result<Self> {
+        let channel = credentials
+            .endpoint(marketplace_url)
+            .with_context(|| format!("cannot reach the marketplace at `{marketplace_url}`"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .connect_lazy();
-        let marketplace = MarketplaceServiceClient::with_interceptor(
-            channel,
-            addons_server_kit::inject_trace_context as Interceptor,
-        );
+        let marketplace =
+            MarketplaceServiceClient::with_interceptor(channel, credentials.authorize()?);
         Ok(Self {
             installations: store.collection().await?,
             marketplace,

@@ -11,6 +11,7 @@ pub mod images;
 pub mod link;
 mod mongo;
 mod node;
+pub mod pki;
 mod process;
 mod registry;
 

@@ -52,6 +52,37 @@ fn hello_with(node: &str, plane: pb::Plane, chunked: bool) -> pb::OpenLinkReques
     }
 }
 
+/// Opens a link whose first message is `first`, with a bearer token if
+/// given; for protocol and security tests.
+pub async fn open_raw_with(
+    channel: Channel,
+    first: pb::OpenLinkRequest,
+    token: Option<&str>,
+) -> Result<
+    (
+        mpsc::Sender<pb::OpenLinkRequest>,
+        Streaming<pb::OpenLinkResponse>,
+    ),
+    Status,
+> {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(first).await.expect("queue the first message");
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .expect("a token is header text"),
+        );
+    }
+    let inbound = MonitorLinkServiceClient::new(channel)
+        .open_link(request)
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
 /// Opens a link whose first message is `first`; for protocol tests.
 pub async fn open_raw(
     channel: Channel,

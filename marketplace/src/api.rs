@@ -3,7 +3,8 @@
 
 use addons_descriptor::{Descriptor, FieldViolation};
 use addons_server_kit::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Requests, Shutdown, WatchStream, watch_stream,
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown, WatchStream,
+    watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::marketplace::v1::{
@@ -17,6 +18,36 @@ use crate::{Error, Marketplace, convert};
 
 /// How many events a watcher may have in flight before it is dropped.
 const WATCH_BUFFER: usize = 64;
+
+/// Who may call what: every role that views may read; publishing needs
+/// `publisher`; deleting and reverifying need `publisher` (own addons only,
+/// checked by the service) or `reviewer`.
+pub const PERMISSIONS: &[MethodAccess] = &[
+    MethodAccess {
+        method: "GetAddon",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "ListAddons",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "WatchAddon",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "PublishAddon",
+        roles: &[Role::Publisher],
+    },
+    MethodAccess {
+        method: "DeleteAddon",
+        roles: &[Role::Publisher, Role::Reviewer],
+    },
+    MethodAccess {
+        method: "ReverifyAddon",
+        roles: &[Role::Publisher, Role::Reviewer],
+    },
+];
 
 /// The gRPC face of the marketplace.
 #[derive(Debug, Clone)]

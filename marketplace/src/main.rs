@@ -27,11 +27,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "marketplace",
     )
     .await?;
+    let security = addons_server_kit::Security::load(&config.common.auth)?;
     let listener = bind(
         config
             .common
             .listen
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
+        &security,
     )
     .await?;
     let core = Marketplace::start(
@@ -43,7 +45,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await?;
     let requests = Requests::open(&store).await?;
     Server::new()
-        .add_service(MarketplaceApi::new(core, requests, shutdown.clone()).into_service())
+        .secure(security)
+        .add_service(
+            MarketplaceApi::new(core, requests, shutdown.clone()).into_service(),
+            addons_marketplace::api::PERMISSIONS,
+        )
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use addons_server_kit::ApiError;
+use addons_server_kit::{ApiError, MethodAccess, Role};
 use oakestra_addons_proto::{
     engine::v1::{Plane, ServicePhase},
     monitor::v1::{
@@ -23,6 +23,23 @@ use crate::{
     reconcile::NodeView,
     runtime::TaskState,
 };
+
+/// Who may call the node API: viewers see what runs; logs, which may hold
+/// secrets, need an operator.
+pub const PERMISSIONS: &[MethodAccess] = &[
+    MethodAccess {
+        method: "ListManagedServices",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "GetRuntimeInfo",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "GetServiceLogs",
+        roles: &[Role::Operator],
+    },
+];
 
 /// What the API reads of the running monitor.
 #[derive(Debug, Clone)]

@@ -39,6 +39,33 @@ pub struct Config {
     )]
     pub manager: String,
 
+    /// CA to trust for the manager's TLS certificate (PEM).
+    #[arg(long, env = "ADDONS_MANAGER_CA", value_name = "FILE")]
+    pub manager_ca: Option<PathBuf>,
+
+    /// Client certificate for the manager (PEM): its CN must be the node id.
+    #[arg(
+        long,
+        env = "ADDONS_MANAGER_CERT",
+        value_name = "FILE",
+        requires = "manager_key"
+    )]
+    pub manager_cert: Option<PathBuf>,
+
+    /// Key of `--manager-cert` (PEM).
+    #[arg(
+        long,
+        env = "ADDONS_MANAGER_KEY",
+        value_name = "FILE",
+        requires = "manager_cert"
+    )]
+    pub manager_key: Option<PathBuf>,
+
+    /// Bearer token of this node (role `node`, `sub` the node id), read
+    /// again whenever the file changes.
+    #[arg(long, env = "ADDONS_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
     /// containerd's gRPC socket.
     #[arg(
         long,

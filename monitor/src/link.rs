@@ -12,7 +12,6 @@ use oakestra_addons_proto::engine::v1::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::{now, outbox::ReportOutbox, reconcile::NodeView};
 
@@ -31,6 +30,8 @@ pub struct LinkSettings {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// TLS and token for the manager.
+    pub credentials: addons_server_kit::ClientCredentials,
 }
 
 /// What the reconciler sees of the link.
@@ -169,7 +170,9 @@ async fn session(
     outbox: &mut Outbox,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(settings.manager.clone())?
+    let channel = settings
+        .credentials
+        .endpoint(&settings.manager)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -189,10 +192,11 @@ async fn session(
         message: Some(open_link_request::Message::Hello(hello)),
     })
     .await?;
-    let mut inbound = MonitorLinkServiceClient::new(channel)
-        .open_link(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut inbound =
+        MonitorLinkServiceClient::with_interceptor(channel, settings.credentials.authorize()?)
+            .open_link(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
     // The link opens with the desired state and an ack of what is stored.
     let mut assembler = Assembler::default();
     let mut handshake_acked = false;

@@ -27,6 +27,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals()?;
     tonic::transport::Endpoint::from_shared(config.manager.clone())
         .with_context(|| format!("invalid manager URL `{}`", config.manager))?;
+    if let Some(token) = &config.token_file {
+        std::fs::read(token)
+            .with_context(|| format!("cannot read the token file {}", token.display()))?;
+    }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create the state dir {}", config.state_dir.display()))?;
     let node_id = match config.node_id.clone() {
@@ -59,11 +63,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Ok(version) => tracing::info!(version = %version.version, "containerd answers"),
         Err(err) => tracing::warn!(error = %err, "containerd does not answer yet"),
     }
+    let security = addons_server_kit::Security::load(&config.common.auth)?;
     let listener = bind(
         config
             .common
             .listen
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))),
+        &security,
     )
     .await?;
     let plane: Plane = config.plane.into();
@@ -81,6 +87,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             heartbeat: config.heartbeat,
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            credentials: addons_server_kit::ClientCredentials {
+                ca: config.manager_ca.clone(),
+                cert: config.manager_cert.clone(),
+                key: config.manager_key.clone(),
+                token_file: config.token_file.clone(),
+            },
         },
         view_rx.clone(),
         outbox.clone(),
@@ -125,6 +137,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     Server::new()
+        .secure(security)
         .add_service(
             NodeMonitorApi::new(
                 containerd,
@@ -139,6 +152,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 },
             )
             .into_service(),
+            addons_monitor::api::PERMISSIONS,
         )
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await

@@ -27,6 +27,10 @@ pub struct CommonArgs {
     /// Log format on stderr. The filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "ADDONS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// TLS and authentication.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 /// How logs are written.

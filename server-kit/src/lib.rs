@@ -5,6 +5,8 @@
 //! errors to gRPC statuses.
 
 mod args;
+pub mod auth;
+mod client;
 mod errors;
 mod registry_auth;
 mod requests;
@@ -16,10 +18,12 @@ mod watch;
 
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
+    auth::{AuthArgs, Identity, MethodAccess, Role, Security},
+    client::{Authorize, ClientCredentials},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
     registry_auth::read_registry_credentials,
     requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
-    server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, main_with},
+    server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with},
     shutdown::Shutdown,
     status::store_error_to_status,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},

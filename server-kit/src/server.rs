@@ -1,14 +1,22 @@
 //! The one start-up path of every server: bind, serve with health and
 //! reflection, drain on shutdown.
 
-use std::{future::Future, net::SocketAddr, process::ExitCode, time::Duration};
+use std::{
+    collections::HashMap, future::Future, net::SocketAddr, process::ExitCode, time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tonic::{service::Routes, transport::server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Certificate, ServerTlsConfig, server::TcpIncoming},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::Shutdown;
+use crate::{
+    Shutdown,
+    auth::{AuthLayer, MethodAccess, Security},
+};
 
 /// Largest request message any service of the servers decodes. The biggest
 /// legitimate request, a publish, is bounded at 1 MiB of descriptor.
@@ -24,6 +32,8 @@ pub struct Server {
     routes: Routes,
     health: HealthReporter,
     health_names: Vec<&'static str>,
+    permissions: HashMap<&'static str, &'static [MethodAccess]>,
+    security: Security,
 }
 
 impl Default for Server {
@@ -41,7 +51,15 @@ impl Server {
             routes: Routes::new(health_service),
             health,
             health_names: Vec::new(),
+            permissions: HashMap::new(),
+            security: Security::default(),
         }
+    }
+
+    /// Serves with TLS and authentication as `security` says.
+    pub fn secure(mut self, security: Security) -> Self {
+        self.security = security;
+        self
     }
 
     /// Reflection services (v1 and v1alpha) that list exactly what this
@@ -79,8 +97,9 @@ impl Server {
         Ok(self)
     }
 
-    /// Adds one of the binary's services; health reports it by its name.
-    pub fn add_service<S>(mut self, service: S) -> Self
+    /// Adds one of the binary's services with the roles each of its
+    /// methods needs; health reports it by its name.
+    pub fn add_service<S>(mut self, service: S, permissions: &'static [MethodAccess]) -> Self
     where
         S: tower_service::Service<
                 http::Request<tonic::body::Body>,
@@ -94,6 +113,7 @@ impl Server {
         S::Future: Send + 'static,
     {
         self.health_names.push(S::NAME);
+        self.permissions.insert(S::NAME, permissions);
         self.routes = self.routes.add_service(service);
         self
     }
@@ -110,7 +130,10 @@ impl Server {
             routes,
             health,
             health_names,
+            permissions,
+            security,
         } = self.add_reflection()?;
+        security.check_listen(listener.local_addr()?)?;
         for name in &health_names {
             health
                 .set_service_status(*name, ServingStatus::Serving)
@@ -132,8 +155,25 @@ impl Server {
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
         };
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &security.tls {
+            let mut config = ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
+            if let Some(ca) = &tls.client_ca {
+                // Callers may also come with a token only: the guard
+                // decides, so a call gets UNAUTHENTICATED, not a failed
+                // handshake.
+                config = config
+                    .client_ca_root(Certificate::from_pem(ca))
+                    .client_auth_optional(true);
+            }
+            builder = builder
+                .tls_config(config)
+                .context("invalid TLS certificate or key")?;
+        }
+        let server = builder
             .trace_fn(crate::telemetry::server_span)
+            .layer(AuthLayer::new(security, permissions))
             .add_routes(routes)
             // Without TCP_NODELAY, small responses wait out the peer's
             // delayed ACK (40 ms on Linux).
@@ -159,9 +199,16 @@ impl Server {
     }
 }
 
+/// Makes `ring` the process's TLS crypto: the dependency graph enables more
+/// than one rustls backend, and rustls then refuses to pick. Idempotent.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Binds `addr` and prints the bound address on stdout as
 /// `listening on ADDR`, so callers that asked for port 0 learn the port.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr, security: &Security) -> anyhow::Result<TcpListener> {
+    security.check_listen(addr)?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -180,6 +227,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    install_crypto();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

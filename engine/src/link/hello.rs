@@ -9,8 +9,9 @@ use crate::{Error, model::Plane};
 /// Shortest heartbeat interval a monitor may announce.
 pub(super) const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Longest heartbeat interval a monitor may announce: a silent link is
-/// dropped after three of them.
-pub(super) const MAX_HEARTBEAT: Duration = Duration::from_secs(300);
+/// dropped after three of them, so a dead or fake link goes within three
+/// minutes.
+pub(super) const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// A hello that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]

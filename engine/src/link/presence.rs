@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -22,11 +22,21 @@ struct NodeReports {
     installations: BTreeSet<String>,
 }
 
+/// The current link of a node.
+#[derive(Debug)]
+struct Link {
+    epoch: u64,
+    /// Who opened it; empty without authentication.
+    subject: String,
+    /// Fired when a newer link of the same identity replaces it.
+    replaced: Arc<tokio::sync::Notify>,
+}
+
 /// The linked nodes and their reports.
 #[derive(Debug, Default)]
 pub(super) struct Presence {
-    /// Node → epoch of its current link.
-    connected: Mutex<HashMap<String, u64>>,
+    /// Node → its current link.
+    connected: Mutex<HashMap<String, Link>>,
     epochs: AtomicU64,
     nodes: Mutex<HashMap<String, NodeReports>>,
 }
@@ -56,18 +66,38 @@ impl Presence {
         nodes.keys().cloned().collect()
     }
 
-    /// Registers a link of `node`; returns its epoch.
-    pub(super) fn register(&self, node: &str) -> Result<u64, Error> {
+    /// Registers a link of `node` opened by `subject` (empty without
+    /// authentication); returns its epoch and what fires when a newer link
+    /// replaces it. A link of an authenticated identity replaces that
+    /// identity's earlier link of the node (a half-open stream behind a
+    /// sidecar must not lock the node out); any other second link is
+    /// refused.
+    pub(super) fn register(
+        &self,
+        node: &str,
+        subject: &str,
+    ) -> Result<(u64, Arc<tokio::sync::Notify>), Error> {
         let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
         let mut connected = self
             .connected
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if connected.contains_key(node) {
-            return Err(Error::NodeAlreadyConnected(node.to_owned()));
+        if let Some(current) = connected.get(node) {
+            if subject.is_empty() || current.subject != subject {
+                return Err(Error::NodeAlreadyConnected(node.to_owned()));
+            }
+            current.replaced.notify_one();
         }
-        connected.insert(node.to_owned(), epoch);
-        Ok(epoch)
+        let replaced = Arc::new(tokio::sync::Notify::new());
+        connected.insert(
+            node.to_owned(),
+            Link {
+                epoch,
+                subject: subject.to_owned(),
+                replaced: replaced.clone(),
+            },
+        );
+        Ok((epoch, replaced))
     }
 
     /// Ends the link of `node` with `epoch`, unless a newer one replaced it.
@@ -76,7 +106,7 @@ impl Presence {
             .connected
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if connected.get(node) == Some(&epoch) {
+        if connected.get(node).is_some_and(|link| link.epoch == epoch) {
             connected.remove(node);
         }
     }
@@ -136,9 +166,9 @@ mod tests {
     #[test]
     fn one_link_per_node_and_sequences_only_grow() {
         let presence = Presence::default();
-        let first = presence.register("n1").unwrap();
+        let (first, _) = presence.register("n1", "").unwrap();
         assert!(matches!(
-            presence.register("n1"),
+            presence.register("n1", ""),
             Err(Error::NodeAlreadyConnected(_))
         ));
         presence.unregister("n1", first + 100);
@@ -152,5 +182,24 @@ mod tests {
         presence.forget_installation("i1");
         assert_eq!(presence.installations_of("n1"), ["i2"]);
         assert_eq!(presence.last_sequence("other"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_same_identity_replaces_its_link_and_no_other_does() {
+        let presence = Presence::default();
+        let (first, replaced) = presence.register("n1", "n1").unwrap();
+        assert!(matches!(
+            presence.register("n1", "n2"),
+            Err(Error::NodeAlreadyConnected(_))
+        ));
+        let (second, _) = presence.register("n1", "n1").unwrap();
+        replaced.notified().await;
+        presence.unregister("n1", first);
+        assert!(
+            presence.is_connected("n1"),
+            "the old link's end removes nothing"
+        );
+        presence.unregister("n1", second);
+        assert!(!presence.is_connected("n1"));
     }
 }

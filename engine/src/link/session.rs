@@ -11,6 +11,11 @@ use tonic::{Status, Streaming};
 use super::{LinkHub, desired::Desired, hello::ValidHello};
 use crate::{Error, convert};
 
+/// How far past the last stored sequence number a report may jump: far
+/// more than a monitor's unacked reports, far less than what would lock the
+/// node's real reports out.
+const MAX_SEQUENCE_STEP: u64 = 1 << 20;
+
 /// The monitor's end of the session.
 type Outbound = mpsc::Sender<Result<pb::OpenLinkResponse, Status>>;
 
@@ -19,6 +24,7 @@ impl LinkHub {
     /// returns the stream of messages to the monitor.
     pub async fn connect(
         &self,
+        identity: addons_server_kit::Identity,
         mut inbound: Streaming<pb::OpenLinkRequest>,
     ) -> Result<mpsc::Receiver<Result<pb::OpenLinkResponse, Status>>, Status> {
         let first = tokio::time::timeout(self.options.hello_timeout, inbound.message())
@@ -48,14 +54,35 @@ impl LinkHub {
             }
             .into());
         }
-        let epoch = self.presence.register(&hello.node)?;
+        // A node's identity is its node id: a token's `sub` or a
+        // certificate's CN. Only an admin may speak for any node.
+        let authenticated = identity.source != addons_server_kit::auth::Source::Anonymous;
+        if authenticated
+            && identity.subject != hello.node
+            && !identity.has(addons_server_kit::Role::Admin)
+        {
+            return Err(Error::NodeIdentityMismatch {
+                subject: identity.subject,
+                node: hello.node,
+            }
+            .into());
+        }
+        let subject = if authenticated {
+            identity.subject.as_str()
+        } else {
+            ""
+        };
+        let (epoch, replaced) = self.presence.register(&hello.node, subject)?;
         let heartbeat_timeout = self.options.heartbeat_timeout.max(hello.heartbeat * 3);
         tracing::info!(node = %hello.node, version = %hello.version, observed = hello.observed, chunks = hello.accepts_chunks, "monitor connected");
         let (tx, rx) = mpsc::channel(16);
         let hub = self.clone();
         tokio::spawn(async move {
             let node = hello.node.clone();
-            match hub.run_link(&hello, inbound, &tx, heartbeat_timeout).await {
+            match hub
+                .run_link(&hello, inbound, &tx, heartbeat_timeout, &replaced)
+                .await
+            {
                 Err(err) => {
                     let status = Status::from(err);
                     tracing::info!(%node, code = ?status.code(), reason = status.message(), "monitor link ended");
@@ -75,6 +102,7 @@ impl LinkHub {
         mut inbound: Streaming<pb::OpenLinkRequest>,
         tx: &Outbound,
         heartbeat_timeout: Duration,
+        replaced: &tokio::sync::Notify,
     ) -> Result<(), Error> {
         let node = hello.node.as_str();
         let mut desired = self.desired.clone();
@@ -103,6 +131,7 @@ impl LinkHub {
             tokio::select! {
                 biased;
                 () = self.shutdown.fired() => return Err(Error::ShuttingDown),
+                () = replaced.notified() => return Err(Error::LinkReplaced(node.to_owned())),
                 changed = desired.changed() => {
                     if changed.is_err() {
                         return Err(Error::ShuttingDown);
@@ -134,7 +163,26 @@ impl LinkHub {
                         Some(open_link_request::Message::Heartbeat(_)) => {}
                         Some(open_link_request::Message::Report(report)) => {
                             let sequence = report.sequence;
-                            self.apply_report(node, report).await?;
+                            let last = self.presence.last_sequence(node);
+                            if sequence > last.saturating_add(MAX_SEQUENCE_STEP) {
+                                return Err(Error::invalid(
+                                    "report.sequence",
+                                    format!("{sequence} jumps more than {MAX_SEQUENCE_STEP} past the last stored {last}"),
+                                ));
+                            }
+                            // Only what the node was asked to run is the
+                            // node's to report on; anything else (an
+                            // installation purged meanwhile, or a forgery)
+                            // is acked and not stored.
+                            let wanted = desired
+                                .borrow()
+                                .installations
+                                .contains_key(&report.installation_id);
+                            if wanted {
+                                self.apply_report(node, report).await?;
+                            } else {
+                                tracing::debug!(%node, installation = %report.installation_id, "report about an installation not in the desired state ignored");
+                            }
                             send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
                         }
                         Some(open_link_request::Message::Hello(_)) => {

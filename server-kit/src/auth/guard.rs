@@ -1,0 +1,310 @@
+//! The guard in front of every service: authenticates each call, checks
+//! the roles its method needs in the service's permission table, puts the
+//! [`Identity`] into the request's extensions, and answers UNAUTHENTICATED
+//! or PERMISSION_DENIED (with an `ErrorInfo` reason) itself.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::BoxFuture;
+use tonic::{
+    Code, Status,
+    body::Body,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+
+use super::{Identity, Role, Security, Source};
+use crate::ApiError;
+
+/// The roles one method needs: holding any of them (or one that grants
+/// it) is enough.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodAccess {
+    /// The method's name, as in the `.proto`.
+    pub method: &'static str,
+    /// Roles that may call it.
+    pub roles: &'static [Role],
+}
+
+struct Tables {
+    security: Security,
+    services: HashMap<&'static str, &'static [MethodAccess]>,
+}
+
+/// The guard as a tower layer for `tonic::transport::Server::layer`.
+#[derive(Clone)]
+pub struct AuthLayer {
+    tables: Arc<Tables>,
+}
+
+impl std::fmt::Debug for AuthLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("services", &self.tables.services.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthLayer {
+    /// Guards the services of `permissions` (service name → its table).
+    pub fn new(
+        security: Security,
+        permissions: HashMap<&'static str, &'static [MethodAccess]>,
+    ) -> Self {
+        Self {
+            tables: Arc::new(Tables {
+                security,
+                services: permissions,
+            }),
+        }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = Guarded<S>;
+
+    fn layer(&self, inner: S) -> Guarded<S> {
+        Guarded {
+            inner,
+            tables: self.tables.clone(),
+        }
+    }
+}
+
+/// A service behind the guard.
+#[derive(Clone)]
+pub struct Guarded<S> {
+    inner: S,
+    tables: Arc<Tables>,
+}
+
+impl<S> std::fmt::Debug for Guarded<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded").finish_non_exhaustive()
+    }
+}
+
+impl<S> tower_service::Service<http::Request<Body>> for Guarded<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        match self.tables.check(&request) {
+            Ok(identity) => {
+                request.extensions_mut().insert(identity);
+                Box::pin(self.inner.call(request))
+            }
+            Err(status) => Box::pin(async move { Ok(status.into_http::<Body>()) }),
+        }
+    }
+}
+
+fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Status {
+    ApiError::new(Code::Unauthenticated, reason, message).into()
+}
+
+impl Tables {
+    fn check<B>(&self, request: &http::Request<B>) -> Result<Identity, Status> {
+        let path = request.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        if service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.") {
+            // Open for probes and grpcurl.
+            return Ok(Identity {
+                subject: String::new(),
+                roles: Default::default(),
+                source: Source::Anonymous,
+            });
+        }
+        let identity = self.authenticate(request)?;
+        let Some(table) = self.services.get(service) else {
+            // Not ours: the router answers UNIMPLEMENTED.
+            return Ok(identity);
+        };
+        let access = table.iter().find(|m| m.method == method);
+        let allowed = access.is_some_and(|access| access.roles.iter().any(|r| identity.has(*r)));
+        if allowed {
+            return Ok(identity);
+        }
+        let needed: Vec<&str> = access
+            .map(|a| a.roles.iter().map(|r| r.as_str()).collect())
+            .unwrap_or_default();
+        let message = if needed.is_empty() {
+            format!("{service}/{method} is not open to any role")
+        } else {
+            let who = if identity.subject.is_empty() {
+                "the caller"
+            } else {
+                identity.subject.as_str()
+            };
+            format!(
+                "{who} may not call {service}/{method}: it needs the role {}",
+                needed.join(" or ")
+            )
+        };
+        Err(
+            ApiError::new(Code::PermissionDenied, "ROLE_REQUIRED", message)
+                .metadata("required_roles", needed.join(","))
+                .into(),
+        )
+    }
+
+    fn authenticate<B>(&self, request: &http::Request<B>) -> Result<Identity, Status> {
+        let security = &self.security;
+        if !security.authenticates() {
+            return Ok(Identity::anonymous());
+        }
+        if let Some(value) = request.headers().get(http::header::AUTHORIZATION) {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .ok_or_else(|| {
+                    unauthenticated(
+                        "CREDENTIALS_INVALID",
+                        "the authorization header must be `Bearer <token>`",
+                    )
+                })?;
+            let Some(jwt) = &security.jwt else {
+                return Err(unauthenticated(
+                    "TOKENS_NOT_ACCEPTED",
+                    "this server accepts no bearer tokens",
+                ));
+            };
+            let (subject, roles) = jwt
+                .verify(token.trim())
+                .map_err(|reason| unauthenticated("TOKEN_INVALID", reason))?;
+            return Ok(Identity {
+                subject,
+                roles,
+                source: Source::Token,
+            });
+        }
+        let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        if let Some(certificates) = tls.and_then(TlsConnectInfo::peer_certs)
+            && let Some(leaf) = certificates.first()
+        {
+            let subject = common_name(leaf.as_ref()).ok_or_else(|| {
+                unauthenticated(
+                    "CERTIFICATE_INVALID",
+                    "the client certificate has no subject CN",
+                )
+            })?;
+            let roles = security
+                .identity_roles
+                .get(&subject)
+                .cloned()
+                .unwrap_or_default();
+            return Ok(Identity {
+                subject,
+                roles,
+                source: Source::Certificate,
+            });
+        }
+        if let Some(header) = &security.trusted_header
+            && let Some(value) = request.headers().get(header)
+            && peer(request).is_some_and(|p| p.ip().is_loopback())
+        {
+            let subject = mesh_identity(value.to_str().unwrap_or_default());
+            if !subject.is_empty() {
+                let roles = security
+                    .identity_roles
+                    .get(&subject)
+                    .cloned()
+                    .unwrap_or_default();
+                return Ok(Identity {
+                    subject,
+                    roles,
+                    source: Source::Mesh,
+                });
+            }
+        }
+        Err(unauthenticated(
+            "CREDENTIALS_MISSING",
+            "no bearer token, client certificate or trusted identity",
+        ))
+    }
+}
+
+/// The peer of a request, over TLS or not.
+fn peer<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
+/// The identity in a sidecar's header: Envoy's `x-forwarded-client-cert`
+/// names it as `URI=...` (a SPIFFE id) or `Subject="...CN=..."`; Linkerd's
+/// `l5d-client-id` is the identity itself.
+fn mesh_identity(value: &str) -> String {
+    for part in value.split(';') {
+        if let Some(uri) = part.trim().strip_prefix("URI=") {
+            return uri.trim_matches('"').to_owned();
+        }
+    }
+    for part in value.split([';', ',']) {
+        if let Some(cn) = part
+            .trim()
+            .trim_start_matches("Subject=\"")
+            .strip_prefix("CN=")
+        {
+            return cn.trim_matches('"').to_owned();
+        }
+    }
+    value.trim().to_owned()
+}
+
+/// The subject CN of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+    certificate
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_mesh_identities() {
+        assert_eq!(
+            mesh_identity("By=spiffe://a;Hash=x;URI=spiffe://cluster/ns/oak/sa/node-1"),
+            "spiffe://cluster/ns/oak/sa/node-1"
+        );
+        assert_eq!(
+            mesh_identity("Hash=x;Subject=\"CN=node-2,O=oak\""),
+            "node-2"
+        );
+        assert_eq!(
+            mesh_identity("node-3.oak.serviceaccount.identity.linkerd.cluster.local"),
+            "node-3.oak.serviceaccount.identity.linkerd.cluster.local"
+        );
+    }
+}
