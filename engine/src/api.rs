@@ -3,8 +3,8 @@
 
 use addons_descriptor::FieldViolation;
 use addons_server_kit::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown, WatchStream,
-    watch_stream,
+    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown,
+    WatchStream, audit, watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::engine::v1::{
@@ -102,9 +102,11 @@ impl AddonsManagerService for ManagerApi {
         &self,
         request: Request<pb::InstallAddonRequest>,
     ) -> Result<Response<pb::InstallAddonResponse>, Status> {
+        let identity = Identity::of(&request);
         let mut request = request.into_inner();
         let request_id = std::mem::take(&mut request.request_id);
-        self.requests
+        let outcome = self
+            .requests
             .once("InstallAddon", &request_id, &request, || async {
                 let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
                 let installation = self
@@ -120,17 +122,20 @@ impl AddonsManagerService for ManagerApi {
                     installation: Some(convert::installation_to_proto(installation)),
                 })
             })
-            .await
-            .map(Response::new)
+            .await;
+        audit(&identity, "InstallAddon", &request.marketplace_id, &outcome);
+        outcome.map(Response::new)
     }
 
     async fn uninstall_addon(
         &self,
         request: Request<pb::UninstallAddonRequest>,
     ) -> Result<Response<pb::UninstallAddonResponse>, Status> {
+        let identity = Identity::of(&request);
         let mut request = request.into_inner();
         let request_id = std::mem::take(&mut request.request_id);
-        self.requests
+        let outcome = self
+            .requests
             .once("UninstallAddon", &request_id, &request, || async {
                 let id = required("id", &request.id)?;
                 let installation = self
@@ -141,8 +146,9 @@ impl AddonsManagerService for ManagerApi {
                     installation: installation.map(convert::installation_to_proto),
                 })
             })
-            .await
-            .map(Response::new)
+            .await;
+        audit(&identity, "UninstallAddon", &request.id, &outcome);
+        outcome.map(Response::new)
     }
 
     async fn get_installation(

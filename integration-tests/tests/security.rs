@@ -184,6 +184,35 @@ async fn strangers_are_refused_and_roles_decide() {
     );
     assert!(denied.message().contains("publisher"), "{denied:?}");
     let publisher = token(SECRET, "pat", &["publisher"], 60);
+    let published = client
+        .publish_addon(bearer(publish(), &publisher))
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(published.owner, "pat");
+
+    // Another publisher may not delete it; a reviewer may.
+    let delete = || mpb::DeleteAddonRequest {
+        id: published.id.clone(),
+        ..Default::default()
+    };
+    let other = token(SECRET, "pia", &["publisher"], 60);
+    let denied = client
+        .delete_addon(bearer(delete(), &other))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (denied.code(), reason(&denied).as_str()),
+        (Code::PermissionDenied, "NOT_OWNER"),
+        "{denied:?}"
+    );
+    let reviewer = token(SECRET, "rita", &["reviewer"], 60);
+    client
+        .delete_addon(bearer(delete(), &reviewer))
+        .await
+        .unwrap();
     client
         .publish_addon(bearer(publish(), &publisher))
         .await

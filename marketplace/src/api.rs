@@ -3,8 +3,8 @@
 
 use addons_descriptor::{Descriptor, FieldViolation};
 use addons_server_kit::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown, WatchStream,
-    watch_stream,
+    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown,
+    WatchStream, audit, watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::marketplace::v1::{
@@ -48,6 +48,16 @@ pub const PERMISSIONS: &[MethodAccess] = &[
         roles: &[Role::Publisher, Role::Reviewer],
     },
 ];
+
+/// Who calls: a reviewer (or admin, or anyone on a marketplace without
+/// authentication) may change any addon, a publisher only its own.
+fn caller<T>(request: &Request<T>) -> crate::service::Caller {
+    let identity = Identity::of(request);
+    crate::service::Caller {
+        any: identity.has(Role::Reviewer),
+        subject: identity.subject,
+    }
+}
 
 /// The gRPC face of the marketplace.
 #[derive(Debug, Clone)]
@@ -107,9 +117,11 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::PublishAddonRequest>,
     ) -> Result<Response<pb::PublishAddonResponse>, Status> {
+        let identity = Identity::of(&request);
         let mut request = request.into_inner();
         let request_id = std::mem::take(&mut request.request_id);
-        self.requests
+        let outcome = self
+            .requests
             .once("PublishAddon", &request_id, &request, || async {
                 let addon = request
                     .addon
@@ -127,7 +139,11 @@ impl MarketplaceService for MarketplaceApi {
                     .into());
                 }
                 let descriptor = Descriptor::from_proto(addon);
-                let stored = self.core.publish(descriptor).await.map_err(|err| match err {
+                let stored = self
+                    .core
+                    .publish(descriptor, &identity.subject)
+                    .await
+                    .map_err(|err| match err {
                     Error::Invalid(violations) => in_addon(violations),
                     other => other,
                 })?;
@@ -136,8 +152,14 @@ impl MarketplaceService for MarketplaceApi {
                     addon: Some(convert::addon_to_proto(stored)),
                 })
             })
-            .await
-            .map(Response::new)
+            .await;
+        audit(
+            &identity,
+            "PublishAddon",
+            request.addon.as_ref().map_or("", |a| a.name.as_str()),
+            &outcome,
+        );
+        outcome.map(Response::new)
     }
 
     async fn get_addon(
@@ -178,37 +200,51 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::DeleteAddonRequest>,
     ) -> Result<Response<pb::DeleteAddonResponse>, Status> {
+        let identity = Identity::of(&request);
+        let caller = caller(&request);
         let mut request = request.into_inner();
         let request_id = std::mem::take(&mut request.request_id);
-        self.requests
+        let outcome = self
+            .requests
             .once("DeleteAddon", &request_id, &request, || async {
                 let id = required_id(&request.id)?;
-                self.core.delete(id, request.expected_revision).await?;
+                self.core
+                    .delete(id, request.expected_revision, &caller)
+                    .await?;
                 tracing::info!(%id, "addon deleted");
                 Ok(pb::DeleteAddonResponse {})
             })
-            .await
-            .map(Response::new)
+            .await;
+        audit(&identity, "DeleteAddon", &request.id, &outcome);
+        outcome.map(Response::new)
     }
 
     async fn reverify_addon(
         &self,
         request: Request<pb::ReverifyAddonRequest>,
     ) -> Result<Response<pb::ReverifyAddonResponse>, Status> {
+        let identity = Identity::of(&request);
+        let caller = caller(&request);
         let mut request = request.into_inner();
         let request_id = std::mem::take(&mut request.request_id);
-        self.requests
+        let outcome = self
+            .requests
             .once("ReverifyAddon", &request_id, &request, || async {
                 let addon = self
                     .core
-                    .reverify(required_id(&request.id)?, request.expected_revision)
+                    .reverify(
+                        required_id(&request.id)?,
+                        request.expected_revision,
+                        &caller,
+                    )
                     .await?;
                 Ok(pb::ReverifyAddonResponse {
                     addon: Some(convert::addon_to_proto(addon)),
                 })
             })
-            .await
-            .map(Response::new)
+            .await;
+        audit(&identity, "ReverifyAddon", &request.id, &outcome);
+        outcome.map(Response::new)
     }
 
     type WatchAddonStream = WatchStream<pb::WatchAddonResponse>;

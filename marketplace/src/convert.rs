@@ -38,6 +38,7 @@ pub(crate) fn addon_to_proto(record: addons_store::Versioned<Addon>) -> pb::Addo
         create_time: Some(timestamp(addon.create_time)),
         update_time: Some(timestamp(addon.update_time)),
         revision: record.revision,
+        owner: addon.owner,
         ..addon.descriptor.into_proto()
     }
 }

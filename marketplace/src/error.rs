@@ -17,6 +17,16 @@ pub enum Error {
     /// No addon has the id.
     #[error("addon `{0}` not found")]
     NotFound(String),
+    /// A publisher touched an addon someone else published.
+    #[error(
+        "addon `{id}` was published by {owner}; only its publisher or a reviewer may change it"
+    )]
+    NotOwner {
+        /// The addon.
+        id: String,
+        /// Who published it.
+        owner: String,
+    },
     /// Another addon has the name.
     #[error("an addon named `{name}` already exists (`{existing_id}`)")]
     NameTaken {
@@ -56,6 +66,11 @@ impl From<Error> for Status {
             Error::NotFound(id) => ApiError::new(Code::NotFound, "ADDON_NOT_FOUND", message)
                 .resource(ADDON, id)
                 .into(),
+            Error::NotOwner { id, .. } => {
+                ApiError::new(Code::PermissionDenied, "NOT_OWNER", message)
+                    .resource(ADDON, id)
+                    .into()
+            }
             Error::NameTaken { existing_id, .. } => {
                 ApiError::new(Code::AlreadyExists, "ADDON_NAME_TAKEN", message)
                     .resource(ADDON, existing_id)

@@ -12,5 +12,8 @@ pub mod model;
 mod service;
 pub mod verifier;
 
-pub use crate::{error::Error, service::Marketplace};
+pub use crate::{
+    error::Error,
+    service::{Caller, Marketplace},
+};
 pub mod registry;

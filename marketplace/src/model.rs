@@ -45,6 +45,9 @@ pub struct Addon {
     pub create_time: DateTime<Utc>,
     /// When it last changed.
     pub update_time: DateTime<Utc>,
+    /// Who published it; empty without authentication.
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl Document for Addon {

@@ -28,6 +28,16 @@ pub struct Marketplace {
     queue: VerifyQueue,
 }
 
+/// Who asks to change an addon.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The caller's identity (empty without authentication).
+    pub subject: String,
+    /// It may change any addon (reviewer, admin, or no authentication);
+    /// otherwise only those it published.
+    pub any: bool,
+}
+
 impl Marketplace {
     /// The marketplace over `store`, verifying images on `registry` in the
     /// background until `shutdown` fires. Verification resumes every addon
@@ -45,7 +55,11 @@ impl Marketplace {
 
     /// Validates a descriptor and stores it as a new addon in review. Pinned
     /// images in the request are dropped: only verification pins them.
-    pub async fn publish(&self, mut descriptor: Descriptor) -> Result<Versioned<Addon>, Error> {
+    pub async fn publish(
+        &self,
+        mut descriptor: Descriptor,
+        owner: &str,
+    ) -> Result<Versioned<Addon>, Error> {
         for service in &mut descriptor.services {
             service.resolved_image = None;
         }
@@ -60,6 +74,7 @@ impl Marketplace {
             verification: Verification::default(),
             create_time: now,
             update_time: now,
+            owner: owner.to_owned(),
         };
         match self.addons.insert(addon).await {
             Ok(stored) => {
@@ -109,8 +124,31 @@ impl Marketplace {
         Ok(self.addons.list(&filter, page_size, page_token).await?)
     }
 
+    /// Refuses `caller` changing an addon it did not publish, unless it may
+    /// change any. An addon's owner never changes, so a read suffices.
+    async fn check_owner(&self, id: &str, caller: &Caller) -> Result<(), Error> {
+        if caller.any {
+            return Ok(());
+        }
+        let addon = self.get(id).await?;
+        if addon.value.owner == caller.subject {
+            Ok(())
+        } else {
+            Err(Error::NotOwner {
+                id: id.to_owned(),
+                owner: addon.value.owner,
+            })
+        }
+    }
+
     /// Deletes an addon, only while it is at `expected_revision` when given.
-    pub async fn delete(&self, id: &str, expected_revision: Option<u64>) -> Result<(), Error> {
+    pub async fn delete(
+        &self,
+        id: &str,
+        expected_revision: Option<u64>,
+        caller: &Caller,
+    ) -> Result<(), Error> {
+        self.check_owner(id, caller).await?;
         if self.addons.delete_at(id, expected_revision).await? {
             Ok(())
         } else {
@@ -124,7 +162,9 @@ impl Marketplace {
         &self,
         id: &str,
         expected_revision: Option<u64>,
+        caller: &Caller,
     ) -> Result<Versioned<Addon>, Error> {
+        self.check_owner(id, caller).await?;
         let result = self
             .addons
             .modify_at(id, expected_revision, |addon| {

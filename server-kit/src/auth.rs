@@ -129,6 +129,35 @@ impl Identity {
     }
 }
 
+/// Writes the audit record (log target `audit`) of a mutating call: who,
+/// how they proved it, the method, the resource and the outcome.
+pub fn audit<T>(
+    identity: &Identity,
+    method: &str,
+    resource: &str,
+    outcome: &Result<T, tonic::Status>,
+) {
+    match outcome {
+        Ok(_) => tracing::info!(
+            target: "audit",
+            subject = %identity.subject,
+            source = ?identity.source,
+            method,
+            resource,
+            outcome = "OK",
+        ),
+        Err(status) => tracing::info!(
+            target: "audit",
+            subject = %identity.subject,
+            source = ?identity.source,
+            method,
+            resource,
+            outcome = ?status.code(),
+            reason = crate::reason_of(status).unwrap_or_default(),
+        ),
+    }
+}
+
 /// Security flags every server takes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AuthArgs {

@@ -18,7 +18,7 @@ mod watch;
 
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
-    auth::{AuthArgs, Identity, MethodAccess, Role, Security},
+    auth::{AuthArgs, Identity, MethodAccess, Role, Security, audit},
     client::{Authorize, ClientCredentials},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
     registry_auth::read_registry_credentials,

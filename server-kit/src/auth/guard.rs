@@ -109,7 +109,16 @@ where
                 request.extensions_mut().insert(identity);
                 Box::pin(self.inner.call(request))
             }
-            Err(status) => Box::pin(async move { Ok(status.into_http::<Body>()) }),
+            Err(status) => {
+                tracing::info!(
+                    target: "audit",
+                    method = request.uri().path(),
+                    outcome = ?status.code(),
+                    reason = crate::reason_of(&status).unwrap_or_default(),
+                    "call refused",
+                );
+                Box::pin(async move { Ok(status.into_http::<Body>()) })
+            }
         }
     }
 }
