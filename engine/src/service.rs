@@ -52,7 +52,7 @@ impl Manager {
     ) -> anyhow::Result<Self> {
         let channel = credentials
             .endpoint(marketplace_url)
-            .with_context(|| format!("cannot reach the marketplace at `{marketplace_url}`"))?
+            .with_context(|| format!("invalid marketplace URL `{marketplace_url}`"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .connect_lazy();

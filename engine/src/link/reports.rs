@@ -107,6 +107,12 @@ impl LinkHub {
         let result = self
             .installations
             .modify(id, |installation| {
+                // Only an installation in the desired state is a node's to
+                // report on: anything else (a late report, or a forgery) is
+                // acked and not stored.
+                if installation.status == InstallationStatus::Disabled {
+                    return Ok(false);
+                }
                 let mut changed = false;
                 for pending in batch {
                     if installation

@@ -170,19 +170,7 @@ impl LinkHub {
                                     format!("{sequence} jumps more than {MAX_SEQUENCE_STEP} past the last stored {last}"),
                                 ));
                             }
-                            // Only what the node was asked to run is the
-                            // node's to report on; anything else (an
-                            // installation purged meanwhile, or a forgery)
-                            // is acked and not stored.
-                            let wanted = desired
-                                .borrow()
-                                .installations
-                                .contains_key(&report.installation_id);
-                            if wanted {
-                                self.apply_report(node, report).await?;
-                            } else {
-                                tracing::debug!(%node, installation = %report.installation_id, "report about an installation not in the desired state ignored");
-                            }
+                            self.apply_report(node, report).await?;
                             send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
                         }
                         Some(open_link_request::Message::Hello(_)) => {
