@@ -31,7 +31,7 @@ pub use crate::{
 pub use oakestra_addons_proto as proto;
 
 /// How clients connect and call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientOptions {
     /// Limit of each unary call (not of streams).
     pub timeout: Duration,
@@ -39,6 +39,8 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Retries of idempotent calls.
     pub retry: RetryPolicy,
+    /// TLS and bearer token.
+    pub credentials: Credentials,
 }
 
 impl Default for ClientOptions {
@@ -47,23 +49,100 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             retry: RetryPolicy::default(),
+            credentials: Credentials::default(),
         }
     }
 }
 
-/// A lazily connected channel to `url` with `options`. The per-call
-/// timeout is set on unary calls by the clients, so streams can live on.
+/// Whom a client trusts and how it proves who it is.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// CA certificate (PEM) the servers' TLS certificates must chain to;
+    /// needed for `https://` URLs (the system's roots are not loaded).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM), for mTLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Bearer token sent with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token or the key.
+        f.debug_struct("Credentials")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// The token of `credentials`; one that is not header text is an error.
+    pub fn new(credentials: &Credentials) -> Result<Self, ClientError> {
+        match &credentials.token {
+            None => Ok(Self(None)),
+            Some(token) => format!("Bearer {}", token.trim())
+                .parse()
+                .map(|header| Self(Some(header)))
+                .map_err(|_| ClientError::Input("the token is not valid header text".into())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(header) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the client's token.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// A lazily connected channel to `url` (`http://` or `https://`) with
+/// `options`. The per-call timeout is set on unary calls by the clients,
+/// so streams can live on.
 pub fn channel_with(url: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).map_err(|err| ClientError::InvalidUrl {
-            url: url.to_owned(),
-            reason: err.to_string(),
-        })?;
-    if endpoint.uri().scheme_str() != Some("http") || endpoint.uri().host().is_none() {
-        return Err(ClientError::InvalidUrl {
-            url: url.to_owned(),
-            reason: "expected http://HOST:PORT".to_owned(),
-        });
+    // rustls needs one crypto backend for the process; several are linked.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let invalid = |reason: String| ClientError::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut endpoint =
+        Endpoint::from_shared(url.to_owned()).map_err(|err| invalid(err.to_string()))?;
+    let scheme = endpoint.uri().scheme_str().unwrap_or_default().to_owned();
+    if !matches!(scheme.as_str(), "http" | "https") || endpoint.uri().host().is_none() {
+        return Err(invalid(
+            "expected http://HOST:PORT or https://HOST:PORT".to_owned(),
+        ));
+    }
+    let credentials = &options.credentials;
+    if scheme == "https" {
+        let mut tls = ClientTlsConfig::new();
+        match &credentials.ca_pem {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
+            None => {
+                return Err(invalid(
+                    "an https URL needs a CA certificate (--ca-cert)".to_owned(),
+                ));
+            }
+        }
+        if let Some((cert, key)) = &credentials.identity_pem {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|err| ClientError::Input(format!("TLS: {err}")))?;
     }
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
@@ -71,8 +150,21 @@ pub fn channel_with(url: &str, options: &ClientOptions) -> Result<Channel, Clien
         .connect_lazy())
 }
 
+/// [`channel_with`], its calls carrying the token of `options`.
+pub fn auth_channel(url: &str, options: &ClientOptions) -> Result<AuthChannel, ClientError> {
+    Ok(InterceptedService::new(
+        channel_with(url, options)?,
+        Bearer::new(&options.credentials)?,
+    ))
+}
+
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Status,
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,

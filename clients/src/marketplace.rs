@@ -17,7 +17,7 @@ use crate::{
 /// A typed client of the marketplace.
 #[derive(Debug, Clone)]
 pub struct MarketplaceClient {
-    inner: MarketplaceServiceClient<Channel>,
+    inner: MarketplaceServiceClient<crate::AuthChannel>,
     retry: RetryPolicy,
     timeout: Duration,
 }
@@ -49,13 +49,24 @@ impl AddonFilter {
 impl MarketplaceClient {
     /// A client of the marketplace at `url`.
     pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-        Ok(Self::new(crate::channel_with(url, options)?, options))
+        let bearer = crate::Bearer::new(&options.credentials)?;
+        Ok(Self::with_bearer(
+            crate::channel_with(url, options)?,
+            bearer,
+            options,
+        ))
     }
 
-    /// A client on an existing channel.
+    /// A client on an existing channel (a token in `options` that is not
+    /// header text is left out).
     pub fn new(channel: Channel, options: &ClientOptions) -> Self {
+        let bearer = crate::Bearer::new(&options.credentials).unwrap_or_default();
+        Self::with_bearer(channel, bearer, options)
+    }
+
+    fn with_bearer(channel: Channel, bearer: crate::Bearer, options: &ClientOptions) -> Self {
         Self {
-            inner: MarketplaceServiceClient::new(channel),
+            inner: MarketplaceServiceClient::with_interceptor(channel, bearer),
             retry: options.retry,
             timeout: options.timeout,
         }

@@ -428,3 +428,113 @@ fn grpcurl() -> std::path::PathBuf {
         .find(|path| path.is_file())
         .expect("grpcurl is installed by scripts/setup.sh")
 }
+
+/// Runs `oak-addons` with `args` and no `OAK_ADDONS_*` from the test's
+/// environment; returns its exit code, stdout and stderr.
+async fn oak(args: &[&str]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(binary("oak-addons"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OAK_ADDONS_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command.args(args).output().await.unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_and_the_library_speak_tls_with_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut args = pki.flags();
+    args.extend([
+        "--store".to_owned(),
+        format!("embedded:{}/m.redb", dir.path().display()),
+    ]);
+    let marketplace = start("addons-marketplace", &args).await;
+    let url = format!("https://{}", marketplace.addr());
+    let ca = pki.ca.cert().display().to_string();
+    let descriptor = dir.path().join("addon.json");
+    std::fs::write(
+        &descriptor,
+        r#"{"name": "cli-tool", "services": [{"service_name": "tool", "image": "127.0.0.1:1/tool:1"}]}"#,
+    )
+    .unwrap();
+    let file = descriptor.display().to_string();
+
+    // Without a token: refused, one line naming the code.
+    let (code, _, stderr) = oak(&[
+        "--marketplace",
+        &url,
+        "--ca-cert",
+        &ca,
+        "marketplace",
+        "publish",
+        &file,
+    ])
+    .await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    // An https URL without a CA is bad usage.
+    let (code, _, stderr) = oak(&["--marketplace", &url, "marketplace", "list"]).await;
+    assert_eq!(code, 2, "{stderr}");
+
+    // With a publisher's token, through a context.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(SECRET, "pat", &["publisher"], 600)).unwrap();
+    let config = dir.path().join("config.yaml").display().to_string();
+    let (code, _, stderr) = oak(&[
+        "--config",
+        &config,
+        "config",
+        "set-context",
+        "secured",
+        "--set-marketplace",
+        &url,
+        "--set-ca-cert",
+        &ca,
+        "--set-token-file",
+        &token_file.display().to_string(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = oak(&["--config", &config, "config", "use-context", "secured"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = oak(&[
+        "--config",
+        &config,
+        "-o",
+        "json",
+        "marketplace",
+        "publish",
+        &file,
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\"owner\": \"pat\""), "{stdout}");
+    let (code, stdout, _) = oak(&["--config", &config, "config", "get-contexts"]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("* secured"), "{stdout}");
+
+    // The library, with the CA and a viewer's token.
+    let options = oak_addons::ClientOptions {
+        credentials: oak_addons::Credentials {
+            ca_pem: Some(std::fs::read(pki.ca.cert()).unwrap()),
+            identity_pem: None,
+            token: Some(token(SECRET, "vera", &["viewer"], 60)),
+        },
+        ..oak_addons::ClientOptions::default()
+    };
+    let client = oak_addons::MarketplaceClient::connect(&url, &options).unwrap();
+    use futures::StreamExt as _;
+    let listed: Vec<_> = client
+        .list(oak_addons::AddonFilter::all())
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].is_ok(), "{listed:?}");
+}

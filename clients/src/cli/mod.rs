@@ -1,9 +1,14 @@
 //! The commands of `oak-addons`.
 
+mod config;
 mod output;
 mod progress;
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::CommandFactory as _;
 use futures::StreamExt as _;
@@ -44,35 +49,77 @@ Exit codes:
 #[derive(Debug, clap::Parser)]
 #[command(name = "oak-addons", version, after_help = EXIT_CODES, args_override_self = true)]
 pub struct Cli {
-    /// gRPC URL of the marketplace.
+    /// gRPC URL of the marketplace [default: the context's, else
+    /// http://127.0.0.1:11102].
     #[arg(
         long,
         global = true,
         env = "OAK_ADDONS_MARKETPLACE",
-        default_value = "http://127.0.0.1:11102",
         value_name = "URL"
     )]
-    marketplace: String,
+    marketplace: Option<String>,
 
-    /// gRPC URL of the Addons Manager.
+    /// gRPC URL of the Addons Manager [default: the context's, else
+    /// http://127.0.0.1:11101].
+    #[arg(long, global = true, env = "OAK_ADDONS_MANAGER", value_name = "URL")]
+    manager: Option<String>,
+
+    /// gRPC URL of a node's Addons Monitor (for `logs` and `node`)
+    /// [default: the context's, else http://127.0.0.1:11103].
+    #[arg(long, global = true, env = "OAK_ADDONS_MONITOR", value_name = "URL")]
+    monitor: Option<String>,
+
+    /// Bearer token sent with every call.
     #[arg(
         long,
         global = true,
-        env = "OAK_ADDONS_MANAGER",
-        default_value = "http://127.0.0.1:11101",
-        value_name = "URL"
+        env = "OAK_ADDONS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
     )]
-    manager: String,
+    token: Option<String>,
 
-    /// gRPC URL of a node's Addons Monitor (for `logs`).
+    /// File holding the bearer token.
     #[arg(
         long,
         global = true,
-        env = "OAK_ADDONS_MONITOR",
-        default_value = "http://127.0.0.1:11103",
-        value_name = "URL"
+        env = "OAK_ADDONS_TOKEN_FILE",
+        value_name = "FILE"
     )]
-    monitor: String,
+    token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) of the servers' TLS certificates; needed for
+    /// https URLs.
+    #[arg(long, global = true, env = "OAK_ADDONS_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM), for mTLS.
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+
+    /// Key of --client-cert (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+
+    /// Context of the config file to use [default: its current one].
+    #[arg(long, global = true, env = "OAK_ADDONS_CONTEXT", value_name = "NAME")]
+    context: Option<String>,
+
+    /// Config file [default: ~/.config/oak-addons/config.yaml].
+    #[arg(long, global = true, env = "OAK_ADDONS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 
     /// Output format.
     #[arg(
@@ -170,11 +217,51 @@ enum Command {
         /// gRPC URL of the server, such as http://127.0.0.1:11102.
         url: String,
     },
+    /// Manage the contexts of the config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ConfigCommand {
+    /// Make a context the current one.
+    UseContext {
+        /// Its name.
+        name: String,
+    },
+    /// Create or change a context; only the given fields change.
+    SetContext {
+        /// Its name.
+        name: String,
+        /// URL of the marketplace.
+        #[arg(long = "set-marketplace", value_name = "URL")]
+        marketplace: Option<String>,
+        /// URL of the manager.
+        #[arg(long = "set-manager", value_name = "URL")]
+        manager: Option<String>,
+        /// URL of a node's monitor.
+        #[arg(long = "set-monitor", value_name = "URL")]
+        monitor: Option<String>,
+        /// CA certificate file.
+        #[arg(long = "set-ca-cert", value_name = "FILE")]
+        ca_cert: Option<PathBuf>,
+        /// Token file.
+        #[arg(long = "set-token-file", value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Client certificate file.
+        #[arg(long = "set-client-cert", value_name = "FILE")]
+        client_cert: Option<PathBuf>,
+        /// Client key file.
+        #[arg(long = "set-client-key", value_name = "FILE")]
+        client_key: Option<PathBuf>,
+    },
+    /// List the contexts; `*` marks the current one.
+    GetContexts,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -326,16 +413,179 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Where the servers are, from the flags, else the context, else the
+/// defaults.
+struct Servers {
+    marketplace: String,
+    manager: String,
+    monitor: String,
+}
+
+/// Reads a file the flags or the context name.
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path)
+        .map_err(|err| Failure::usage(format!("cannot read the {what} {}: {err}", path.display())))
+}
+
+/// The servers and credentials: flags (and their environment variables)
+/// win over the context.
+fn resolve(cli: &mut Cli) -> Result<(Servers, oak_addons::Credentials), Failure> {
+    let file_path = config::path(cli.config.as_deref());
+    let file = config::load(&file_path).map_err(Failure::usage)?;
+    let context = match cli.context.clone().or_else(|| file.current_context.clone()) {
+        Some(name) => file.contexts.get(&name).cloned().ok_or_else(|| {
+            Failure::usage(format!("no context `{name}` in {}", file_path.display()))
+        })?,
+        None => config::Context::default(),
+    };
+    let servers = Servers {
+        marketplace: cli
+            .marketplace
+            .take()
+            .or(context.marketplace)
+            .unwrap_or_else(|| "http://127.0.0.1:11102".into()),
+        manager: cli
+            .manager
+            .take()
+            .or(context.manager)
+            .unwrap_or_else(|| "http://127.0.0.1:11101".into()),
+        monitor: cli
+            .monitor
+            .take()
+            .or(context.monitor)
+            .unwrap_or_else(|| "http://127.0.0.1:11103".into()),
+    };
+    let token = match (
+        cli.token.take(),
+        cli.token_file.take().or(context.token_file),
+    ) {
+        (Some(token), _) => Some(token),
+        (None, Some(path)) => Some(
+            String::from_utf8_lossy(&read_file(&path, "token file")?)
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let ca_pem = cli
+        .ca_cert
+        .take()
+        .or(context.ca_cert)
+        .map(|path| read_file(&path, "CA certificate"))
+        .transpose()?;
+    let identity_pem = match (
+        cli.client_cert.take().or(context.client_cert),
+        cli.client_key.take().or(context.client_key),
+    ) {
+        (Some(cert), Some(key)) => Some((
+            read_file(&cert, "client certificate")?,
+            read_file(&key, "client key")?,
+        )),
+        _ => None,
+    };
+    Ok((
+        servers,
+        oak_addons::Credentials {
+            ca_pem,
+            identity_pem,
+            token,
+        },
+    ))
+}
+
+/// `oak-addons config ...`.
+fn configure(cli: &Cli, command: ConfigCommand) -> Result<u8, Failure> {
+    let path = config::path(cli.config.as_deref());
+    let mut file = config::load(&path).map_err(Failure::usage)?;
+    match command {
+        ConfigCommand::UseContext { name } => {
+            if !file.contexts.contains_key(&name) {
+                return Err(Failure::usage(format!(
+                    "no context `{name}` in {}; create it with `oak-addons config set-context {name}`",
+                    path.display()
+                )));
+            }
+            file.current_context = Some(name.clone());
+            config::save(&path, &file).map_err(Failure::usage)?;
+            println!("current context: {name}");
+        }
+        ConfigCommand::SetContext {
+            name,
+            marketplace,
+            manager,
+            monitor,
+            ca_cert,
+            token_file,
+            client_cert,
+            client_key,
+        } => {
+            let context = file.contexts.entry(name.clone()).or_default();
+            let set = |field: &mut Option<String>, value: Option<String>| {
+                if value.is_some() {
+                    *field = value;
+                }
+            };
+            set(&mut context.marketplace, marketplace);
+            set(&mut context.manager, manager);
+            set(&mut context.monitor, monitor);
+            for (field, value) in [
+                (&mut context.ca_cert, ca_cert),
+                (&mut context.token_file, token_file),
+                (&mut context.client_cert, client_cert),
+                (&mut context.client_key, client_key),
+            ] {
+                if let Some(value) = value {
+                    // Absolute, so the context works from any directory.
+                    *field = Some(std::path::absolute(&value).unwrap_or(value));
+                }
+            }
+            if file.current_context.is_none() {
+                file.current_context = Some(name.clone());
+            }
+            config::save(&path, &file).map_err(Failure::usage)?;
+            println!("context {name} saved in {}", path.display());
+        }
+        ConfigCommand::GetContexts => {
+            for (name, context) in &file.contexts {
+                let current = if file.current_context.as_ref() == Some(name) {
+                    "*"
+                } else {
+                    " "
+                };
+                println!(
+                    "{current} {name}\tmarketplace={} manager={} monitor={}",
+                    context.marketplace.as_deref().unwrap_or("-"),
+                    context.manager.as_deref().unwrap_or("-"),
+                    context.monitor.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
 /// Runs the command; the exit code on success.
-pub async fn run(cli: Cli) -> Result<u8, Failure> {
+pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
+    if let Command::Config(_) = &cli.command {
+        let Command::Config(command) = std::mem::replace(
+            &mut cli.command,
+            Command::Config(ConfigCommand::GetContexts),
+        ) else {
+            unreachable!()
+        };
+        return configure(&cli, command);
+    }
+    let (servers, credentials) = resolve(&mut cli)?;
     let options = ClientOptions {
         timeout: cli.timeout,
+        credentials,
         ..ClientOptions::default()
     };
     let format = cli.output;
-    let marketplace =
-        || MarketplaceClient::connect(&cli.marketplace, &options).map_err(failed("marketplace"));
-    let manager = || ManagerClient::connect(&cli.manager, &options).map_err(failed("manager"));
+    let marketplace = || {
+        MarketplaceClient::connect(&servers.marketplace, &options).map_err(failed("marketplace"))
+    };
+    let manager = || ManagerClient::connect(&servers.manager, &options).map_err(failed("manager"));
     match cli.command {
         Command::Marketplace(command) => {
             let client = marketplace()?;
@@ -480,7 +730,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Logs { id, service, tail } => {
             let channel =
-                oak_addons::channel_with(&cli.monitor, &options).map_err(failed("monitor"))?;
+                oak_addons::auth_channel(&servers.monitor, &options).map_err(failed("monitor"))?;
             let lines = tokio::time::timeout(
                 options.timeout,
                 NodeMonitorServiceClient::new(channel).get_service_logs(GetServiceLogsRequest {
@@ -491,7 +741,10 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             )
             .await
             .map_err(|_| {
-                Failure::error(format!("logs of {service}: no answer from {}", cli.monitor))
+                Failure::error(format!(
+                    "logs of {service}: no answer from {}",
+                    servers.monitor
+                ))
             })?
             .map_err(|status| failed(&format!("logs of {service}"))(status.into()))?
             .into_inner()
@@ -514,15 +767,15 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Node => {
             let channel =
-                oak_addons::channel_with(&cli.monitor, &options).map_err(failed("monitor"))?;
+                oak_addons::auth_channel(&servers.monitor, &options).map_err(failed("monitor"))?;
             let node = tokio::time::timeout(
                 options.timeout,
                 NodeMonitorServiceClient::new(channel)
                     .list_managed_services(ListManagedServicesRequest {}),
             )
             .await
-            .map_err(|_| Failure::error(format!("node: no answer from {}", cli.monitor)))?
-            .map_err(|status| failed(&format!("node at {}", cli.monitor))(status.into()))?
+            .map_err(|_| Failure::error(format!("node: no answer from {}", servers.monitor)))?
+            .map_err(|status| failed(&format!("node at {}", servers.monitor))(status.into()))?
             .into_inner();
             output::node(&node, format).map_err(failed("output"))?;
         }
@@ -540,6 +793,8 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 .collect();
             output::table(&["SERVICE", "HEALTH"], &rows);
         }
+        // Handled before any connection is made.
+        Command::Config(_) => {}
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
