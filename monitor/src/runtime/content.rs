@@ -125,6 +125,18 @@ impl Containerd {
         S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
         E: std::fmt::Display + Send + 'static,
     {
+        let turn = self
+            .writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(digest.to_owned())
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
+        // Written by another pull while this one waited its turn.
+        if self.blob_exists(digest).await? {
+            return Ok(0);
+        }
         let mut content = ContentClient::new(self.channel().await?);
         let write_ref = format!("oakestra-{digest}");
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);

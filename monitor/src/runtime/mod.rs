@@ -238,6 +238,10 @@ pub struct Containerd {
     namespace: String,
     snapshotter: String,
     channel: std::sync::Arc<Mutex<Option<Channel>>>,
+    /// One writer per blob: pulls run side by side, and two of them writing
+    /// the same blob (images sharing a layer, or one image by tag and by
+    /// digest) would collide on its write ref.
+    writes: std::sync::Arc<std::sync::Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>>,
 }
 
 impl Containerd {
@@ -249,6 +253,7 @@ impl Containerd {
             namespace,
             snapshotter,
             channel: Default::default(),
+            writes: Default::default(),
         }
     }
 
