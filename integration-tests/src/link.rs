@@ -94,13 +94,7 @@ pub async fn open_raw(
     ),
     Status,
 > {
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(first).await.expect("queue the first message");
-    let inbound = MonitorLinkServiceClient::new(channel)
-        .open_link(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    Ok((tx, inbound))
+    open_raw_with(channel, first, None).await
 }
 
 impl TestMonitor {

