@@ -13,6 +13,8 @@
 //!   there are.
 
 mod desired;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hello;
 mod presence;
 mod reports;

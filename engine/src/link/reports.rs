@@ -30,6 +30,25 @@ pub(super) struct Writer {
     turn: tokio::sync::Mutex<()>,
 }
 
+/// Checks what a report says and converts its statuses; the report comes
+/// back without them.
+pub(super) fn check_report(
+    mut report: pb::StatusReport,
+) -> Result<(Vec<crate::model::ServiceStatus>, pb::StatusReport), Error> {
+    if report.sequence == 0 {
+        return Err(Error::invalid("report.sequence", "starts at 1"));
+    }
+    if report.installation_id.is_empty() {
+        return Err(Error::required("report.installation_id"));
+    }
+    let services = std::mem::take(&mut report.services)
+        .into_iter()
+        .map(convert::service_status_from_proto)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|field| Error::invalid("report.services", field.to_string()))?;
+    Ok((services, report))
+}
+
 impl LinkHub {
     /// Persists a report; returns once it is durable (or known to be a
     /// re-send, or about an installation that no longer exists).
@@ -38,18 +57,7 @@ impl LinkHub {
         node: &str,
         report: pb::StatusReport,
     ) -> Result<(), Error> {
-        if report.sequence == 0 {
-            return Err(Error::invalid("report.sequence", "starts at 1"));
-        }
-        if report.installation_id.is_empty() {
-            return Err(Error::required("report.installation_id"));
-        }
-        let services = report
-            .services
-            .into_iter()
-            .map(convert::service_status_from_proto)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|field| Error::invalid("report.services", field.to_string()))?;
+        let (services, report) = check_report(report)?;
         let (done, outcome) = oneshot::channel();
         let writer = self
             .writers
