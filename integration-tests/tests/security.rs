@@ -524,3 +524,69 @@ async fn the_cli_and_the_library_speak_tls_with_tokens() {
     assert_eq!(listed.len(), 1);
     assert!(listed[0].is_ok(), "{listed:?}");
 }
+
+const PYTHON_TLS_CLIENT: &str = r#"
+import sys
+import grpc
+from oakestra.addons.marketplace.v1 import marketplace_pb2 as m, marketplace_pb2_grpc as mg
+
+address, ca, token = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(ca, "rb") as f:
+    credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+stub = mg.MarketplaceServiceStub(grpc.secure_channel(address, credentials))
+try:
+    stub.ListAddons(m.ListAddonsRequest())
+    raise SystemExit("a call without a token must be refused")
+except grpc.RpcError as err:
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+reply = stub.ListAddons(m.ListAddonsRequest(), metadata=[("authorization", "Bearer " + token)])
+print("python tls ok", len(reply.addons))
+"#;
+
+/// Stubs generated from the protos by another language speak TLS with a
+/// token to a secured server.
+#[tokio::test]
+async fn python_stubs_speak_tls_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let mut args = pki.flags();
+    args.extend([
+        "--store".to_owned(),
+        format!("embedded:{}/m.redb", dir.path().display()),
+    ]);
+    let marketplace = start("addons-marketplace", &args).await;
+    let venv = integration_tests::workspace_root().join("target/test-env/venv");
+    let python = venv.join("bin/python");
+    let stubs = dir.path().join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let generated = Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(integration_tests::workspace_root().join("proto"))
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .arg("oakestra/addons/marketplace/v1/marketplace.proto")
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, PYTHON_TLS_CLIENT).unwrap();
+    let run = Command::new(&python)
+        .arg(&script)
+        .arg(marketplace.addr().to_string())
+        .arg(pki.ca.cert())
+        .arg(token(SECRET, "vera", &["viewer"], 60))
+        .env("PYTHONPATH", &stubs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(stdout.trim(), "python tls ok 0");
+}
