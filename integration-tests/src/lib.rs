@@ -69,6 +69,29 @@ pub fn grpcurl() -> PathBuf {
         .expect("grpcurl is installed by scripts/setup.sh")
 }
 
+/// Generates Python stubs of `protos` (paths under `proto/`) into
+/// `dir/stubs` with `grpc_tools` from the test virtualenv; returns that
+/// Python and the stubs dir (for `PYTHONPATH`).
+pub fn python_stubs(dir: &std::path::Path, protos: &[&str]) -> (PathBuf, PathBuf) {
+    let python = workspace_root().join("target/test-env/venv/bin/python");
+    let stubs = dir.join("stubs");
+    std::fs::create_dir_all(&stubs).expect("stubs dir");
+    let generated = std::process::Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(workspace_root().join("proto"))
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .args(protos)
+        .output()
+        .unwrap_or_else(|err| panic!("{}: {err}; run scripts/setup.sh", python.display()));
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    (python, stubs)
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after
 /// `patience` with `what` and the last observation.
 pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T

@@ -5,13 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use integration_tests::{ServerProcess, binary, grpcurl, workspace_root};
-
-fn venv() -> PathBuf {
-    workspace_root().join("target/test-env/venv")
-}
+use integration_tests::{ServerProcess, binary, grpcurl};
 
 async fn marketplace(dir: &std::path::Path) -> ServerProcess {
     ServerProcess::start(
@@ -109,31 +105,14 @@ async fn python_stubs_from_the_protos_work_against_live_servers() {
         ],
     )
     .await;
-    let stubs = dir.path().join("stubs");
-    std::fs::create_dir_all(&stubs).unwrap();
-    let proto = workspace_root().join("proto");
-    let mut protos: Vec<String> = Vec::new();
-    for package in [
-        "marketplace/v1/marketplace.proto",
-        "engine/v1/manager.proto",
-        "engine/v1/monitor_link.proto",
-        "monitor/v1/monitor.proto",
-    ] {
-        protos.push(format!("oakestra/addons/{package}"));
-    }
-    let python = venv().join("bin/python");
-    let generated = Command::new(&python)
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(&proto)
-        .arg(format!("--python_out={}", stubs.display()))
-        .arg(format!("--grpc_python_out={}", stubs.display()))
-        .args(&protos)
-        .output()
-        .unwrap();
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
+    let (python, stubs) = integration_tests::python_stubs(
+        dir.path(),
+        &[
+            "oakestra/addons/marketplace/v1/marketplace.proto",
+            "oakestra/addons/engine/v1/manager.proto",
+            "oakestra/addons/engine/v1/monitor_link.proto",
+            "oakestra/addons/monitor/v1/monitor.proto",
+        ],
     );
     let script = dir.path().join("client.py");
     std::fs::write(&script, PYTHON_CLIENT).unwrap();

@@ -70,6 +70,16 @@ impl Pki {
         .to_vec()
     }
 
+    /// The flags of a secured server with an embedded store `name` in `dir`.
+    fn server_args(&self, dir: &Path, name: &str) -> Vec<String> {
+        let mut args = self.flags();
+        args.extend([
+            "--store".to_owned(),
+            format!("embedded:{}/{name}.redb", dir.display()),
+        ]);
+        args
+    }
+
     /// A TLS channel to `server`, with a client certificate if given.
     fn channel(&self, server: &ServerProcess, client: Option<&CertFiles>) -> Channel {
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
@@ -114,11 +124,7 @@ fn reason(status: &tonic::Status) -> String {
 async fn strangers_are_refused_and_roles_decide() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let mut args = pki.flags();
-    args.extend([
-        "--store".to_owned(),
-        format!("embedded:{}/m.redb", dir.path().display()),
-    ]);
+    let args = pki.server_args(dir.path(), "m");
     let marketplace = start("addons-marketplace", &args).await;
     let mut client = MarketplaceServiceClient::new(pki.channel(&marketplace, None));
     let list = || ListAddonsRequest::default();
@@ -258,10 +264,8 @@ async fn strangers_are_refused_and_roles_decide() {
     // viewer may not install, an operator may.
     let viewer_file = dir.path().join("manager-token");
     std::fs::write(&viewer_file, token(SECRET, "manager", &["viewer"], 3600)).unwrap();
-    let mut args = pki.flags();
+    let mut args = pki.server_args(dir.path(), "e");
     args.extend([
-        "--store".to_owned(),
-        format!("embedded:{}/e.redb", dir.path().display()),
         "--marketplace".to_owned(),
         format!("https://{}", marketplace.addr()),
         "--marketplace-ca".to_owned(),
@@ -311,11 +315,7 @@ fn hello(node: &str, secs: i64) -> pb::OpenLinkRequest {
 async fn a_node_may_only_be_itself() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let mut args = pki.flags();
-    args.extend([
-        "--store".to_owned(),
-        format!("embedded:{}/e.redb", dir.path().display()),
-    ]);
+    let args = pki.server_args(dir.path(), "e");
     let manager = start("addons-manager", &args).await;
     let channel = || pki.channel(&manager, None);
     let n1 = token(SECRET, "n1", &["node"], 60);
@@ -436,11 +436,7 @@ async fn oak(args: &[&str]) -> (i32, String, String) {
 async fn the_cli_and_the_library_speak_tls_with_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let mut args = pki.flags();
-    args.extend([
-        "--store".to_owned(),
-        format!("embedded:{}/m.redb", dir.path().display()),
-    ]);
+    let args = pki.server_args(dir.path(), "m");
     let marketplace = start("addons-marketplace", &args).await;
     let url = format!("https://{}", marketplace.addr());
     let ca = pki.ca.cert().display().to_string();
@@ -549,28 +545,11 @@ print("python tls ok", len(reply.addons))
 async fn python_stubs_speak_tls_with_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    let mut args = pki.flags();
-    args.extend([
-        "--store".to_owned(),
-        format!("embedded:{}/m.redb", dir.path().display()),
-    ]);
+    let args = pki.server_args(dir.path(), "m");
     let marketplace = start("addons-marketplace", &args).await;
-    let venv = integration_tests::workspace_root().join("target/test-env/venv");
-    let python = venv.join("bin/python");
-    let stubs = dir.path().join("stubs");
-    std::fs::create_dir_all(&stubs).unwrap();
-    let generated = Command::new(&python)
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(integration_tests::workspace_root().join("proto"))
-        .arg(format!("--python_out={}", stubs.display()))
-        .arg(format!("--grpc_python_out={}", stubs.display()))
-        .arg("oakestra/addons/marketplace/v1/marketplace.proto")
-        .output()
-        .unwrap();
-    assert!(
-        generated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&generated.stderr)
+    let (python, stubs) = integration_tests::python_stubs(
+        dir.path(),
+        &["oakestra/addons/marketplace/v1/marketplace.proto"],
     );
     let script = dir.path().join("client.py");
     std::fs::write(&script, PYTHON_TLS_CLIENT).unwrap();
