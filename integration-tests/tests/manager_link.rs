@@ -385,10 +385,37 @@ async fn lifecycle(mongo: bool) {
         .report(&id, both(ServicePhase::Removed, ServicePhase::Removed))
         .await;
     monitor.wait_acked(sequence).await;
-    assert_eq!(get(&mut manager, &id).await.status(), Status_::Disabled);
+    let disabled = get(&mut manager, &id).await;
+    assert_eq!(disabled.status(), Status_::Disabled);
     monitor
         .wait_desired(|d| d.installations.iter().all(|i| i.installation_id != id))
         .await;
+    // A node reports only on installations in its desired state: a late (or
+    // forged) report on the disabled one, and one on an installation that
+    // never existed, are acked and change nothing.
+    let sequence = monitor
+        .report(&id, both(ServicePhase::Running, ServicePhase::Running))
+        .await;
+    monitor.wait_acked(sequence).await;
+    let after = get(&mut manager, &id).await;
+    assert_eq!(
+        (after.status(), after.revision, &after.services),
+        (Status_::Disabled, disabled.revision, &disabled.services)
+    );
+    let sequence = monitor
+        .report(
+            "no-such-installation",
+            both(ServicePhase::Running, ServicePhase::Running),
+        )
+        .await;
+    monitor.wait_acked(sequence).await;
+    let missing = manager
+        .get_installation(pb::GetInstallationRequest {
+            id: "no-such-installation".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
     // Repeating is harmless; purge deletes the disabled record.
     manager
         .uninstall_addon(pb::UninstallAddonRequest {

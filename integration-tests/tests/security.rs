@@ -159,11 +159,22 @@ async fn strangers_are_refused_and_roles_decide() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
 
-    // A client certificate from another CA does not get through TLS.
+    // A client certificate from another CA, even one naming a known
+    // identity, and even beside a valid token.
     let rogue = TestCa::new(dir.path(), "rogue").client("viewer-cert");
     let mut stranger = MarketplaceServiceClient::new(pki.channel(&marketplace, Some(&rogue)));
     let refused = stranger.list_addons(list()).await.unwrap_err();
-    assert_ne!(refused.code(), Code::Ok);
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::Unauthenticated, "CERTIFICATE_UNTRUSTED"),
+        "{refused:?}"
+    );
+    let valid = token(SECRET, "vera", &["viewer"], 60);
+    let refused = stranger
+        .list_addons(bearer(list(), &valid))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 
     // A viewer reads and may not publish; a publisher publishes.
     let viewer = token(SECRET, "vera", &["viewer"], 60);

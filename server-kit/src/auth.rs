@@ -179,8 +179,10 @@ pub struct AuthArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
-    /// Require client certificates signed by this CA (PEM); their subject's
-    /// CN is the caller, with roles from `--identity-roles`.
+    /// Authenticate callers by client certificates signed by this CA (PEM):
+    /// the subject's CN is the caller, with roles from `--identity-roles`.
+    /// A certificate from any other CA is refused (UNAUTHENTICATED); a
+    /// caller without a certificate needs a token, if tokens are accepted.
     #[arg(
         long,
         env = "ADDONS_TLS_CLIENT_CA",
@@ -236,6 +238,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, Default)]
 pub struct Security {
     pub(crate) tls: Option<TlsFiles>,
+    pub(crate) client_certificates: Option<crate::tls::ClientCertificates>,
     pub(crate) jwt: Option<JwtVerifier>,
     pub(crate) identity_roles: BTreeMap<String, BTreeSet<Role>>,
     pub(crate) trusted_header: Option<http::HeaderName>,
@@ -261,6 +264,12 @@ impl Security {
             }),
             _ => None,
         };
+        let client_certificates = tls
+            .as_ref()
+            .and_then(|tls| tls.client_ca.as_deref())
+            .map(crate::tls::ClientCertificates::from_pem)
+            .transpose()
+            .context("in --tls-client-ca")?;
         let secret = args
             .jwt_secret_file
             .as_ref()
@@ -299,6 +308,7 @@ impl Security {
             .transpose()?;
         Ok(Self {
             tls,
+            client_certificates,
             jwt,
             identity_roles,
             trusted_header,
@@ -316,9 +326,7 @@ impl Security {
 
     /// Whether callers must prove who they are.
     pub fn authenticates(&self) -> bool {
-        self.jwt.is_some()
-            || self.trusted_header.is_some()
-            || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+        self.jwt.is_some() || self.trusted_header.is_some() || self.client_certificates.is_some()
     }
 
     /// Refuses to serve on a non-loopback address without authentication,

@@ -14,6 +14,7 @@ mod server;
 mod shutdown;
 mod status;
 mod telemetry;
+mod tls;
 mod watch;
 
 pub use crate::{

@@ -7,10 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tonic::{
-    service::Routes,
-    transport::{Certificate, ServerTlsConfig, server::TcpIncoming},
-};
+use tonic::{service::Routes, transport::server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -155,32 +152,30 @@ impl Server {
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
         };
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &security.tls {
-            let mut config = ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key));
-            if let Some(ca) = &tls.client_ca {
-                // Callers may also come with a token only: the guard
-                // decides, so a call gets UNAUTHENTICATED, not a failed
-                // handshake.
-                config = config
-                    .client_ca_root(Certificate::from_pem(ca))
-                    .client_auth_optional(true);
-            }
-            builder = builder
-                .tls_config(config)
-                .context("invalid TLS certificate or key")?;
-        }
-        let server = builder
+        let tls = security
+            .tls
+            .as_ref()
+            .map(|files| crate::tls::server_config(files, security.client_certificates.as_ref()))
+            .transpose()?;
+        let router = tonic::transport::Server::builder()
             .trace_fn(crate::telemetry::server_span)
             .layer(AuthLayer::new(security, permissions))
-            .add_routes(routes)
-            // Without TCP_NODELAY, small responses wait out the peer's
-            // delayed ACK (40 ms on Linux).
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stopped,
-            );
+            .add_routes(routes);
+        let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
+            match tls {
+                Some(config) => {
+                    Box::pin(router.serve_with_incoming_shutdown(
+                        crate::tls::incoming(listener, config),
+                        stopped,
+                    ))
+                }
+                // Without TCP_NODELAY, small responses wait out the peer's
+                // delayed ACK (40 ms on Linux).
+                None => Box::pin(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped,
+                )),
+            };
         tokio::pin!(server);
         tokio::select! {
             result = &mut server => return result.context("the gRPC server failed"),

@@ -177,6 +177,19 @@ impl Tables {
         if !security.authenticates() {
             return Ok(Identity::anonymous());
         }
+        // A certificate that does not chain to the client CA is refused
+        // even beside a valid token: whoever shows it is not who it says.
+        let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        let certificates = tls
+            .and_then(TlsConnectInfo::peer_certs)
+            .filter(|chain| !chain.is_empty());
+        if let Some(chain) = &certificates {
+            let verdict = match &security.client_certificates {
+                Some(trusted) => trusted.verify(chain),
+                None => Err("this server accepts no client certificates".to_owned()),
+            };
+            verdict.map_err(|reason| unauthenticated("CERTIFICATE_UNTRUSTED", reason))?;
+        }
         if let Some(value) = request.headers().get(http::header::AUTHORIZATION) {
             let token = value
                 .to_str()
@@ -206,10 +219,7 @@ impl Tables {
                 source: Source::Token,
             });
         }
-        let tls = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
-        if let Some(certificates) = tls.and_then(TlsConnectInfo::peer_certs)
-            && let Some(leaf) = certificates.first()
-        {
+        if let Some(leaf) = certificates.as_ref().and_then(|chain| chain.first()) {
             let subject = common_name(leaf.as_ref()).ok_or_else(|| {
                 unauthenticated(
                     "CERTIFICATE_INVALID",

@@ -1,0 +1,207 @@
+//! The servers' TLS: our own rustls acceptor, so that a client certificate
+//! is checked by the guard rather than in the handshake. A certificate from
+//! an unknown CA then gets a gRPC UNAUTHENTICATED with a reason, like every
+//! other bad credential, instead of a torn-down connection the client can
+//! only report as UNAVAILABLE.
+//!
+//! The handshake still proves that the client holds the key of the
+//! certificate it shows (the signature checks are webpki's); only the
+//! chain's trust is deferred to [`ClientCertificates::verify`].
+
+use std::{io, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _},
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::auth::TlsFiles;
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in flight at once; more connections wait in the backlog.
+const MAX_HANDSHAKES: usize = 256;
+
+/// The CA that client certificates must chain to.
+#[derive(Clone)]
+pub(crate) struct ClientCertificates {
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ClientCertificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificates").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertificates {
+    /// Trusts the certificates of the CA bundle `pem`.
+    pub(crate) fn from_pem(pem: &[u8]) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(pem) {
+            roots
+                .add(certificate.context("not a PEM certificate")?)
+                .context("not a usable CA certificate")?;
+        }
+        anyhow::ensure!(!roots.is_empty(), "holds no certificate");
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .allow_unauthenticated()
+        .build()
+        .context("cannot build a client certificate verifier")?;
+        Ok(Self { verifier })
+    }
+
+    /// Whether the chain `certificates` (leaf first) is signed by the CA,
+    /// valid now and meant for clients; the reason when not.
+    pub(crate) fn verify(&self, certificates: &[CertificateDer<'_>]) -> Result<(), String> {
+        let (leaf, intermediates) = certificates
+            .split_first()
+            .ok_or_else(|| "no certificate".to_owned())?;
+        self.verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|err| format!("the client certificate is not trusted: {err}"))
+    }
+}
+
+/// The handshake's verifier: asks for a certificate, checks that the client
+/// holds its key, and leaves the chain to the guard.
+#[derive(Debug)]
+struct Deferred(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for Deferred {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // A caller may come with a token only; the guard decides.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Checked per call by `ClientCertificates::verify`.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The rustls configuration of a server: its certificate, HTTP/2 only, and
+/// client certificates asked for when a client CA is configured.
+pub(crate) fn server_config(
+    files: &TlsFiles,
+    clients: Option<&ClientCertificates>,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let chain = CertificateDer::pem_slice_iter(&files.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .context("the TLS certificate is not PEM")?;
+    anyhow::ensure!(!chain.is_empty(), "the TLS certificate file holds none");
+    let key = PrivateKeyDer::from_pem_slice(&files.key).context("the TLS key is not a PEM key")?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("no TLS protocol version")?;
+    let builder = match clients {
+        Some(clients) => {
+            builder.with_client_cert_verifier(Arc::new(Deferred(clients.verifier.clone())))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .context("the TLS key does not match the certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The TLS connections of `listener`: each handshake runs on its own task,
+/// bounded in time and in number, so a slow or silent client holds up no
+/// one. A failed handshake is logged and dropped.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = sender.closed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off a bit
+                    // rather than spin.
+                    tracing::warn!(error = %err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = sender.send(Ok(stream)).await;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}
