@@ -11,12 +11,19 @@
 # Oakestra's ports on 127.0.0.1: marketplace 11102, manager 11101 (root
 # plane), monitor 11103; the registry on 11105. The monitor runs the demo
 # core scheduler from demo/core-components.yaml on port 11180.
+#
+# The stack is secured as a real one is: a throwaway CA in .data/dev/pki
+# signs the servers' TLS certificate; every call carries a role token signed
+# with the stack's JWT secret (the user's: publisher, reviewer, operator;
+# the manager's, to read the marketplace: viewer; the node's: node). The CLI
+# reads them from the context `dev` of .data/dev/oak-addons.yaml.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA="$ROOT/.data/dev"
 BIN="$ROOT/target/release"
 OAK="$BIN/oak-addons"
+GRPCURL="$ROOT/target/test-env/venv/bin/grpcurl" # installed by scripts/setup.sh
 MARKETPLACE_ADDR=127.0.0.1:11102
 MANAGER_ADDR=127.0.0.1:11101
 MONITOR_ADDR=127.0.0.1:11103
@@ -26,9 +33,13 @@ DASHBOARD_URL=http://127.0.0.1:11190/
 BRIDGE_PREFIX=oakdev
 SUBNET_PREFIX=10.88
 COMPONENTS=(containerd registry marketplace manager monitor)
-export OAK_ADDONS_MARKETPLACE="http://$MARKETPLACE_ADDR"
-export OAK_ADDONS_MANAGER="http://$MANAGER_ADDR"
-export OAK_ADDONS_MONITOR="http://$MONITOR_ADDR"
+PKI="$DATA/pki"
+NODE_ID=$(hostname)
+# The CLI's config file, with the context `dev`; the script's own calls use
+# it too, and nothing from the caller's environment overrides it.
+export OAK_ADDONS_CONFIG="$DATA/oak-addons.yaml"
+unset OAK_ADDONS_MARKETPLACE OAK_ADDONS_MANAGER OAK_ADDONS_MONITOR OAK_ADDONS_CONTEXT \
+    OAK_ADDONS_TOKEN OAK_ADDONS_TOKEN_FILE OAK_ADDONS_CA_CERT OAK_ADDONS_CLIENT_CERT OAK_ADDONS_CLIENT_KEY
 
 log() { echo "dev: $*" >&2; }
 
@@ -187,6 +198,11 @@ addon_id() {
 story() {
     step "1. The core scheduler runs, started by the monitor from demo/core-components.yaml"
     until_answers "$SCHEDULER_URL" "core scheduler"
+    echo "Every call needs a token (the CLI's context \`dev\` has the developer's); without one:"
+    if show "$OAK" --token-file /dev/null marketplace list; then
+        log "the marketplace answered a caller without a token"
+        exit 1
+    fi
 
     step "2. Publish two addons from Oakestra descriptor files, unchanged, and wait for verification"
     local scheduler metrics
@@ -230,31 +246,45 @@ up() {
     start_registry
     log "building and pushing the demo images"
     "$BIN/oak-dev" images "$REGISTRY_ADDR" >"$DATA/images.txt"
-    start marketplace "$MARKETPLACE_ADDR" "$BIN/addons-marketplace" \
+    log "making the stack's CA, certificate, JWT secret and role tokens in $PKI"
+    "$BIN/oak-dev" pki "$PKI" "$NODE_ID" >&2
+    "$OAK" config set-context dev --set-marketplace "https://$MARKETPLACE_ADDR" \
+        --set-manager "https://$MANAGER_ADDR" --set-monitor "https://$MONITOR_ADDR" \
+        --set-ca-cert "$PKI/ca.pem" --set-token-file "$PKI/user.jwt" >/dev/null
+    "$OAK" config use-context dev >/dev/null
+    local secured=(--tls-cert "$PKI/ca/server.pem" --tls-key "$PKI/ca/server.key"
+        --jwt-secret-file "$PKI/jwt-secret")
+    start marketplace "$MARKETPLACE_ADDR" "$BIN/addons-marketplace" "${secured[@]}" \
         --listen "$MARKETPLACE_ADDR" --store "embedded:$DATA/marketplace.redb" \
         --insecure-registry "$REGISTRY_ADDR"
-    start manager "$MANAGER_ADDR" "$BIN/addons-manager" \
+    start manager "$MANAGER_ADDR" "$BIN/addons-manager" "${secured[@]}" \
         --listen "$MANAGER_ADDR" --store "embedded:$DATA/manager.redb" \
-        --marketplace "http://$MARKETPLACE_ADDR" --plane root
-    start monitor "$MONITOR_ADDR" "$BIN/addons-monitor" \
-        --listen "$MONITOR_ADDR" --manager "http://$MANAGER_ADDR" \
+        --marketplace "https://$MARKETPLACE_ADDR" --marketplace-ca "$PKI/ca.pem" \
+        --marketplace-token-file "$PKI/manager.jwt" --plane root
+    start monitor "$MONITOR_ADDR" "$BIN/addons-monitor" "${secured[@]}" \
+        --listen "$MONITOR_ADDR" --manager "https://$MANAGER_ADDR" \
+        --manager-ca "$PKI/ca.pem" --token-file "$PKI/node.jwt" \
         --containerd-socket "$DATA/containerd/containerd.sock" --namespace oakestra \
-        --node-id "$(hostname)" --state-dir "$DATA/monitor" --plane root \
+        --node-id "$NODE_ID" --state-dir "$DATA/monitor" --plane root \
         --insecure-registry "$REGISTRY_ADDR" --core-components "$ROOT/demo/core-components.yaml" \
         --bridge-prefix "$BRIDGE_PREFIX" --subnet-prefix "$SUBNET_PREFIX" --stop-grace 5s
     story
     cat <<TEXT
 
-The addons system runs, with the extension installed. Explore it:
-  export PATH=$BIN:\$PATH
+The addons system runs, with the extension installed, over TLS and with
+role tokens (CA and tokens in $PKI). Explore it:
+  export PATH=$BIN:\$PATH OAK_ADDONS_CONFIG=$OAK_ADDONS_CONFIG
+  oak-addons config get-contexts       # the context \`dev\`: servers, CA, token
   oak-addons list                      # installations
   oak-addons marketplace list --all    # addons
   oak-addons get ID                    # services, phases, restarts, exit codes
   oak-addons watch                     # one line per change
   oak-addons logs ID dashboard         # a service's log, through the monitor
-  oak-addons probe http://$MANAGER_ADDR
-  grpcurl -plaintext $MARKETPLACE_ADDR list
-  grpcurl -plaintext $MANAGER_ADDR describe oakestra.addons.engine.v1.AddonsManagerService
+  oak-addons probe https://$MANAGER_ADDR
+  oak-addons --token-file /dev/null list   # refused: UNAUTHENTICATED
+  $GRPCURL -cacert $PKI/ca.pem $MARKETPLACE_ADDR list
+  $GRPCURL -cacert $PKI/ca.pem -H "authorization: Bearer \$(cat $PKI/user.jwt)" \\
+      $MANAGER_ADDR oakestra.addons.engine.v1.AddonsManagerService/ListInstallations
   curl $SCHEDULER_URL   # the core scheduler
   curl $DASHBOARD_URL   # the extension's dashboard
 Logs are in $DATA/*.log. Stop everything with: scripts/dev.sh down

@@ -82,11 +82,12 @@ impl std::fmt::Debug for Credentials {
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Bearer {
-    /// The token of `credentials`; one that is not header text is an error.
+    /// The token of `credentials` (an empty one is none); one that is not
+    /// header text is an error.
     pub fn new(credentials: &Credentials) -> Result<Self, ClientError> {
-        match &credentials.token {
-            None => Ok(Self(None)),
-            Some(token) => format!("Bearer {}", token.trim())
+        match credentials.token.as_deref().map(str::trim) {
+            None | Some("") => Ok(Self(None)),
+            Some(token) => format!("Bearer {token}")
                 .parse()
                 .map(|header| Self(Some(header)))
                 .map_err(|_| ClientError::Input("the token is not valid header text".into())),

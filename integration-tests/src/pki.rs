@@ -85,7 +85,7 @@ impl TestCa {
             key: self.dir.join(format!("{name}.key")),
         };
         std::fs::write(&files.cert, cert.pem()).expect("write cert");
-        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+        write_private(&files.key, key.serialize_pem().as_bytes());
         files
     }
 }
@@ -103,4 +103,150 @@ pub fn token(secret: &[u8], sub: &str, roles: &[&str], ttl_secs: i64) -> String 
         &jsonwebtoken::EncodingKey::from_secret(secret),
     )
     .expect("sign a token")
+}
+
+/// The security of a whole stack, laid out in one directory, as
+/// `scripts/dev.sh` and the story test run it: a CA and one server
+/// certificate (127.0.0.1 and localhost) for the three servers, an HS256
+/// secret, and role tokens signed with it for the user, the manager (to
+/// read the marketplace) and the node.
+#[derive(Debug, Clone)]
+pub struct StackPki {
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    /// The servers' certificate and key.
+    pub server: CertFiles,
+    /// The JWT secret the servers verify tokens with.
+    pub secret: PathBuf,
+    /// The user's token: publisher, reviewer and operator.
+    pub user_token: PathBuf,
+    /// The manager's token for the marketplace: viewer.
+    pub manager_token: PathBuf,
+    /// The node's token: node, as the node id.
+    pub node_token: PathBuf,
+}
+
+impl StackPki {
+    /// How long the tokens it mints are valid.
+    pub const TOKEN_TTL_SECS: i64 = 30 * 24 * 3600;
+
+    /// Creates the CA, certificate and secret in `dir` unless they are
+    /// there (servers that already run keep trusting them), and mints fresh
+    /// tokens; `node` is the node id of the node token.
+    pub fn create(dir: &Path, node: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("PKI dir");
+        let ca = dir.join("ca.pem");
+        let server = CertFiles {
+            cert: dir.join("ca").join("server.pem"),
+            key: dir.join("ca").join("server.key"),
+        };
+        if !(ca.exists() && server.cert.exists() && server.key.exists()) {
+            let authority = TestCa::new(dir, "ca");
+            authority.server("server");
+        }
+        let secret = dir.join("jwt-secret");
+        if !secret.exists() {
+            let mut random = [0u8; 32];
+            std::io::Read::read_exact(
+                &mut std::fs::File::open("/dev/urandom").expect("open /dev/urandom"),
+                &mut random,
+            )
+            .expect("read /dev/urandom");
+            let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+            write_private(&secret, hex.as_bytes());
+        }
+        let key = std::fs::read(&secret).expect("read the JWT secret");
+        let mint = |name: &str, sub: &str, roles: &[&str]| {
+            let path = dir.join(format!("{name}.jwt"));
+            write_private(
+                &path,
+                token(&key, sub, roles, Self::TOKEN_TTL_SECS).as_bytes(),
+            );
+            path
+        };
+        Self {
+            user_token: mint("user", "developer", &["publisher", "reviewer", "operator"]),
+            manager_token: mint("manager", "addons-manager", &["viewer"]),
+            node_token: mint("node", node, &["node"]),
+            ca,
+            server,
+            secret,
+        }
+    }
+
+    /// The flags of a server: TLS with the stack's certificate, tokens
+    /// verified with its secret.
+    pub fn server_flags(&self) -> Vec<String> {
+        [
+            "--tls-cert",
+            &self.server.cert.display().to_string(),
+            "--tls-key",
+            &self.server.key.display().to_string(),
+            "--jwt-secret-file",
+            &self.secret.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The flags of a manager that reads the marketplace at `url`.
+    pub fn manager_flags(&self, url: &str) -> Vec<String> {
+        let mut flags = self.server_flags();
+        flags.extend(
+            [
+                "--marketplace",
+                url,
+                "--marketplace-ca",
+                &self.ca.display().to_string(),
+                "--marketplace-token-file",
+                &self.manager_token.display().to_string(),
+            ]
+            .map(String::from),
+        );
+        flags
+    }
+
+    /// The flags of a monitor that links to the manager at `url`.
+    pub fn monitor_flags(&self, url: &str) -> Vec<String> {
+        let mut flags = self.server_flags();
+        flags.extend(
+            [
+                "--manager",
+                url,
+                "--manager-ca",
+                &self.ca.display().to_string(),
+                "--token-file",
+                &self.node_token.display().to_string(),
+            ]
+            .map(String::from),
+        );
+        flags
+    }
+
+    /// The user's credentials for the client library.
+    pub fn user_credentials(&self) -> oak_addons::Credentials {
+        oak_addons::Credentials {
+            ca_pem: Some(std::fs::read(&self.ca).expect("read the CA")),
+            identity_pem: None,
+            token: Some(
+                std::fs::read_to_string(&self.user_token)
+                    .expect("read the user token")
+                    .trim()
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, contents: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create a private file");
+    std::io::Write::write_all(&mut file, contents).expect("write a private file");
 }

@@ -9,7 +9,7 @@ use std::{path::Path, process::Command};
 use integration_tests::{
     ServerProcess, Started, binary, grpcurl,
     link::{open_raw_with, service},
-    pki::{CertFiles, TestCa, token},
+    pki::{CertFiles, StackPki, TestCa, token},
 };
 use oakestra_addons_proto::{
     engine::v1::{
@@ -579,4 +579,95 @@ async fn python_stubs_speak_tls_with_a_token() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert_eq!(stdout.trim(), "python tls ok 0");
+}
+
+#[tokio::test]
+async fn the_node_api_needs_roles_and_the_monitor_links_over_tls() {
+    use oakestra_addons_proto::monitor::v1::{
+        self as npb, node_monitor_service_client::NodeMonitorServiceClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stack = StackPki::create(&dir.path().join("pki"), "node-1");
+    let containerd = integration_tests::Containerd::start().await;
+    let store = format!("embedded:{}/e.redb", dir.path().display());
+    let mut args = stack.manager_flags("https://127.0.0.1:1");
+    args.extend(["--store".to_owned(), store]);
+    let manager = start("addons-manager", &args).await;
+    let mut args = stack.monitor_flags(&format!("https://{}", manager.addr()));
+    let state = dir.path().join("monitor");
+    args.extend(
+        [
+            "--containerd-socket",
+            &containerd.socket().display().to_string(),
+            "--namespace",
+            "oakestra-secured",
+            "--node-id",
+            "node-1",
+            "--state-dir",
+            &state.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let monitor = start("addons-monitor", &args).await;
+    let channel = Endpoint::from_shared(format!("https://{}", monitor.addr()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(std::fs::read(&stack.ca).unwrap())),
+        )
+        .unwrap()
+        .connect_lazy();
+    let mut node = NodeMonitorServiceClient::new(channel);
+
+    let refused = node
+        .list_managed_services(npb::ListManagedServicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let secret = std::fs::read(&stack.secret).unwrap();
+    let viewer = token(&secret, "vera", &["viewer"], 60);
+    node.list_managed_services(bearer(npb::ListManagedServicesRequest::default(), &viewer))
+        .await
+        .unwrap();
+    let denied = node
+        .get_service_logs(bearer(
+            npb::GetServiceLogsRequest {
+                installation_id: "i".into(),
+                service_name: "x".into(),
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (denied.code(), reason(&denied).as_str()),
+        (Code::PermissionDenied, "ROLE_REQUIRED")
+    );
+
+    // The monitor reached the manager over TLS with its node token.
+    integration_tests::eventually(
+        "the monitor is linked",
+        std::time::Duration::from_secs(30),
+        || {
+            let mut node = node.clone();
+            let viewer = viewer.clone();
+            async move {
+                let info = node
+                    .get_runtime_info(bearer(npb::GetRuntimeInfoRequest {}, &viewer))
+                    .await
+                    .map_err(|status| status.to_string())?
+                    .into_inner();
+                if info.manager_connected {
+                    Ok(())
+                } else {
+                    Err(format!("{info:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    monitor.stop().await;
+    manager.stop().await;
+    containerd.stop().await;
 }

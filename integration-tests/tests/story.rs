@@ -1,7 +1,8 @@
 //! The whole story of `scripts/dev.sh up`, on the same real stack
 //! (containerd, registry, marketplace, manager, monitor with the demo core
-//! scheduler) started privately on free ports, with the demo's own
-//! descriptor files, through the client library. Every server is SIGKILLed
+//! scheduler) started privately on free ports, secured the same way (TLS,
+//! role tokens from the same [`StackPki`]), with the demo's own descriptor
+//! files, through the client library. Every server is SIGKILLed
 //! and restarted somewhere in the middle, and the story still ends right:
 //! two addons in sequence, the core scheduler replaced and restored,
 //! uninstall and reinstall of the same addon.
@@ -13,7 +14,7 @@ use std::{path::PathBuf, time::Duration};
 use futures::StreamExt as _;
 use integration_tests::{
     Containerd, NodeCleanup, RegistryServer, ServerProcess, binary, eventually,
-    images::push_demo_images, workspace_root,
+    images::push_demo_images, pki::StackPki, workspace_root,
 };
 use oak_addons::{
     ClientOptions, InstallOptions, ManagerClient, MarketplaceClient, RetryPolicy,
@@ -49,7 +50,7 @@ impl Server {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL, then start again on the same port and store.
@@ -150,34 +151,27 @@ async fn the_demo_story_survives_every_server_crashing() {
     let core_file = dir.path().join("core-components.yaml");
     std::fs::write(&core_file, demo_file("core-components.yaml", &host, &ports)).unwrap();
 
+    let pki = StackPki::create(&dir.path().join("pki"), "node-1");
     let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let mut marketplace = Server::start(
-        "addons-marketplace",
-        vec![
-            "--store".into(),
-            store("m"),
-            "--insecure-registry".into(),
-            host.clone(),
-        ],
-    )
-    .await;
-    let mut manager = Server::start(
-        "addons-manager",
-        vec![
-            "--store".into(),
-            store("e"),
-            "--marketplace".into(),
-            marketplace.url(),
-            "--heartbeat-timeout".into(),
-            "3s".into(),
-        ],
-    )
-    .await;
-    let mut monitor = Server::start(
-        "addons-monitor",
+    let mut args = pki.server_flags();
+    args.extend([
+        "--store".into(),
+        store("m"),
+        "--insecure-registry".into(),
+        host.clone(),
+    ]);
+    let mut marketplace = Server::start("addons-marketplace", args).await;
+    let mut args = pki.manager_flags(&marketplace.url());
+    args.extend([
+        "--store".into(),
+        store("e"),
+        "--heartbeat-timeout".into(),
+        "3s".into(),
+    ]);
+    let mut manager = Server::start("addons-manager", args).await;
+    let mut args = pki.monitor_flags(&manager.url());
+    args.extend(
         [
-            "--manager",
-            &manager.url(),
             "--containerd-socket",
             &containerd.socket().display().to_string(),
             "--namespace",
@@ -201,10 +195,9 @@ async fn the_demo_story_survives_every_server_crashing() {
             "--heartbeat",
             "1s",
         ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await;
+        .map(String::from),
+    );
+    let mut monitor = Server::start("addons-monitor", args).await;
     // Patient retries: servers go away and come back during the story.
     let options = ClientOptions {
         retry: RetryPolicy {
@@ -212,6 +205,7 @@ async fn the_demo_story_survives_every_server_crashing() {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(500),
         },
+        credentials: pki.user_credentials(),
         ..ClientOptions::default()
     };
     let market = MarketplaceClient::connect(&marketplace.url(), &options).unwrap();
