@@ -23,11 +23,14 @@ pub struct ManagerClient {
 }
 
 /// How to install.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstallOptions {
     /// Leave a replaced core component stopped when its replacement fails
     /// for good.
     pub keep_core_stopped_on_failure: bool,
+    /// The privileges granted: they must cover every privilege the addon
+    /// needs (see the addon's `required_privileges`).
+    pub accepted_privileges: Vec<pb::Privilege>,
 }
 
 /// One change seen by [`ManagerClient::watch`].
@@ -82,6 +85,7 @@ impl ManagerClient {
             marketplace_id: marketplace_id.to_owned(),
             keep_core_stopped_on_failure: options.keep_core_stopped_on_failure,
             request_id: new_request_id(),
+            accepted_privileges: options.accepted_privileges,
         };
         let response = self
             .retry

@@ -5,7 +5,10 @@
 
 use oakestra_addons_proto::{engine::v1 as epb, marketplace::v1 as mpb};
 
-use crate::{Descriptor, Mount, MountSource, Network, Port, Service, Volume};
+use crate::{
+    Descriptor, Mount, MountSource, Network, Port, Privilege, PrivilegeKind, Resources, Service,
+    Volume,
+};
 
 macro_rules! conversions {
     ($pb:ident) => {
@@ -51,6 +54,14 @@ macro_rules! conversions {
                     resolved_image: Some(s.resolved_image).filter(|r| !r.is_empty()),
                     privileged: s.privileged,
                     inherit_core_environment: s.inherit_core_environment,
+                    resources: s
+                        .resources
+                        .map(|r| Resources {
+                            memory_bytes: Some(r.memory_bytes).filter(|v| *v > 0),
+                            cpu_millis: Some(r.cpu_millis).filter(|v| *v > 0),
+                            pids: Some(r.pids).filter(|v| *v > 0),
+                        })
+                        .unwrap_or_default(),
                 }
             }
         }
@@ -93,6 +104,54 @@ macro_rules! conversions {
                     resolved_image: s.resolved_image.unwrap_or_default(),
                     privileged: s.privileged,
                     inherit_core_environment: s.inherit_core_environment,
+                    resources: (s.resources != Resources::default()).then(|| $pb::Resources {
+                        memory_bytes: s.resources.memory_bytes.unwrap_or(0),
+                        cpu_millis: s.resources.cpu_millis.unwrap_or(0),
+                        pids: s.resources.pids.unwrap_or(0),
+                    }),
+                }
+            }
+        }
+
+        impl From<$pb::Privilege> for Privilege {
+            fn from(p: $pb::Privilege) -> Self {
+                Self {
+                    kind: match $pb::PrivilegeKind::try_from(p.kind) {
+                        Ok($pb::PrivilegeKind::Privileged) => Some(PrivilegeKind::Privileged),
+                        Ok($pb::PrivilegeKind::HostPath) => Some(PrivilegeKind::HostPath),
+                        Ok($pb::PrivilegeKind::HostPort) => Some(PrivilegeKind::HostPort),
+                        Ok($pb::PrivilegeKind::CoreComponent) => Some(PrivilegeKind::CoreComponent),
+                        Ok($pb::PrivilegeKind::CoreEnvironment) => {
+                            Some(PrivilegeKind::CoreEnvironment)
+                        }
+                        Ok($pb::PrivilegeKind::KeepCoreStopped) => {
+                            Some(PrivilegeKind::KeepCoreStopped)
+                        }
+                        Ok($pb::PrivilegeKind::Unspecified) | Err(_) => None,
+                    },
+                    service_name: p.service_name,
+                    value: p.value,
+                    read_only: p.read_only,
+                }
+            }
+        }
+
+        impl From<Privilege> for $pb::Privilege {
+            fn from(p: Privilege) -> Self {
+                Self {
+                    kind: match p.kind {
+                        Some(PrivilegeKind::Privileged) => $pb::PrivilegeKind::Privileged,
+                        Some(PrivilegeKind::HostPath) => $pb::PrivilegeKind::HostPath,
+                        Some(PrivilegeKind::HostPort) => $pb::PrivilegeKind::HostPort,
+                        Some(PrivilegeKind::CoreComponent) => $pb::PrivilegeKind::CoreComponent,
+                        Some(PrivilegeKind::CoreEnvironment) => $pb::PrivilegeKind::CoreEnvironment,
+                        Some(PrivilegeKind::KeepCoreStopped) => $pb::PrivilegeKind::KeepCoreStopped,
+                        None => $pb::PrivilegeKind::Unspecified,
+                    }
+                    .into(),
+                    service_name: p.service_name,
+                    value: p.value,
+                    read_only: p.read_only,
                 }
             }
         }

@@ -4,12 +4,15 @@
 //! JSON format. Field names follow Oakestra's marketplace schema.
 
 mod convert;
+pub mod policy;
+pub mod privileges;
 mod validate;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::privileges::{Privilege, PrivilegeKind};
 pub use crate::validate::{
     DEFAULT_NETWORK, MAX_ARGUMENT, MAX_ENCODED_ADDON, MAX_ENTRIES, MAX_SERVICES, validate,
     validate_with,
@@ -110,6 +113,19 @@ pub struct Service {
     pub privileged: bool,
     /// Whether a replacing service inherits the core component's environment.
     pub inherit_core_environment: bool,
+    /// Limits of the container; unset ones take the node policy's defaults.
+    pub resources: Resources,
+}
+
+/// Limits of a container; `None` is "not set".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a CPU.
+    pub cpu_millis: Option<u32>,
+    /// Largest number of processes and threads.
+    pub pids: Option<u32>,
 }
 
 /// A port published on the node.

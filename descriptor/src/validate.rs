@@ -180,6 +180,21 @@ fn check_service<'a>(
             "not an image reference: too long or has whitespace",
         );
     }
+    if service.resources.memory_bytes.is_some_and(|m| m < 4 << 20) {
+        v.add(
+            format!("{at}.resources.memory_bytes"),
+            "at least 4 MiB (4194304) when set",
+        );
+    }
+    if service.resources.cpu_millis.is_some_and(|c| c > 1_000_000) {
+        v.add(
+            format!("{at}.resources.cpu_millis"),
+            "at most 1000000 (a thousand CPUs)",
+        );
+    }
+    if service.resources.pids.is_some_and(|p| p > 4_194_304) {
+        v.add(format!("{at}.resources.pids"), "at most 4194304");
+    }
     for (field, len) in [
         ("command", service.command.len()),
         ("environment", service.environment.len()),

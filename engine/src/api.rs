@@ -114,6 +114,12 @@ impl AddonsManagerService for ManagerApi {
                     .install(
                         marketplace_id,
                         request.keep_core_stopped_on_failure,
+                        request
+                            .accepted_privileges
+                            .iter()
+                            .cloned()
+                            .map(Into::into)
+                            .collect(),
                         Some(request_id.as_str()).filter(|id| !id.is_empty()),
                     )
                     .await?;

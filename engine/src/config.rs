@@ -57,12 +57,30 @@ pub struct Config {
     #[arg(long, env = "ADDONS_HEARTBEAT_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = addons_server_kit::parse_duration)]
     pub heartbeat_timeout: std::time::Duration,
 
+    /// The privilege policy (YAML): what installs may be granted at all.
+    /// Without it: nothing privileged, no host paths, host ports 1024-65535
+    /// except our servers' ports, any core component (each node decides).
+    #[arg(long, env = "ADDONS_POLICY", value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
+
     /// The orchestration plane this manager serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = Plane::Root)]
     pub plane: Plane,
 }
 
 impl Config {
+    /// The policy of `--policy`, or the default.
+    pub fn load_policy(&self) -> anyhow::Result<addons_descriptor::policy::Policy> {
+        use anyhow::Context as _;
+        let Some(path) = &self.policy else {
+            return Ok(addons_descriptor::policy::Policy::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the policy {}", path.display()))?;
+        addons_descriptor::policy::Policy::from_yaml(&text)
+            .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))
+    }
+
     /// How the manager reaches the marketplace.
     pub fn marketplace_credentials(&self) -> addons_server_kit::ClientCredentials {
         addons_server_kit::ClientCredentials {

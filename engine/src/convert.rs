@@ -96,6 +96,11 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
         revision: record.revision,
         plane: pb::Plane::from(installation.plane).into(),
         keep_core_stopped_on_failure: installation.keep_core_stopped_on_failure,
+        granted_privileges: installation
+            .granted_privileges
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     }
 }
 

@@ -50,6 +50,42 @@ pub enum Error {
         /// That installation's addon name.
         addon: String,
     },
+    /// The accepted privileges do not cover what the addon needs.
+    #[error(
+        "addon `{marketplace_id}` needs privileges that were not accepted: {}",
+        .missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    PrivilegesNotAccepted {
+        /// The addon.
+        marketplace_id: String,
+        /// What is needed and not accepted.
+        missing: Vec<addons_descriptor::Privilege>,
+    },
+    /// The manager's policy does not allow what the addon needs.
+    #[error(
+        "addon `{marketplace_id}` is not allowed here: {}",
+        .violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    PolicyViolation {
+        /// The addon.
+        marketplace_id: String,
+        /// Each refused need, with its rule.
+        violations: Vec<addons_descriptor::policy::Violation>,
+    },
+    /// Another live installation publishes the host port.
+    #[error(
+        "host port {port} of service `{service}` is published by service `{holder}` of installation `{installation_id}`"
+    )]
+    HostPortInUse {
+        /// `PORT/PROTOCOL`.
+        port: String,
+        /// The service asking for it.
+        service: String,
+        /// The installation holding it.
+        installation_id: String,
+        /// Its service holding it.
+        holder: String,
+    },
     /// The addon is installed already.
     #[error("addon `{marketplace_id}` is already installed as installation `{installation_id}`")]
     AlreadyInstalled {
@@ -162,6 +198,58 @@ impl From<Error> for Status {
                     "SERVICE_NAME",
                     format!("installations/{installation_id}/services/{service}"),
                     "a live installation of another addon provides a service of this name; uninstall it first",
+                ),
+            Error::PrivilegesNotAccepted {
+                marketplace_id,
+                missing,
+            } => missing.iter().fold(
+                ApiError::new(Code::FailedPrecondition, "PRIVILEGES_NOT_ACCEPTED", message.clone())
+                    .metadata(
+                        "missing",
+                        missing
+                            .iter()
+                            .map(addons_descriptor::Privilege::grant_text)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                |error, need| {
+                    error.precondition(
+                        "PRIVILEGE",
+                        format!("addons/{marketplace_id}/services/{}", need.service_name),
+                        format!("accept {}", need.grant_text()),
+                    )
+                },
+            ),
+            Error::PolicyViolation {
+                marketplace_id,
+                violations,
+            } => violations.iter().fold(
+                ApiError::new(Code::FailedPrecondition, "POLICY_VIOLATION", message.clone())
+                    .metadata(
+                        "rules",
+                        violations.iter().map(|v| v.rule).collect::<Vec<_>>().join(","),
+                    ),
+                |error, violation| {
+                    error.precondition(
+                        "POLICY",
+                        format!(
+                            "addons/{marketplace_id}/services/{}",
+                            violation.service_name
+                        ),
+                        violation.to_string(),
+                    )
+                },
+            ),
+            Error::HostPortInUse {
+                installation_id,
+                service,
+                port,
+                ..
+            } => ApiError::new(Code::FailedPrecondition, "HOST_PORT_IN_USE", message.clone())
+                .precondition(
+                    "HOST_PORT",
+                    format!("installations/{installation_id}/services/{service}/ports/{port}"),
+                    "another live installation publishes this host port; uninstall it first",
                 ),
             Error::AlreadyInstalled {
                 installation_id, ..

@@ -26,11 +26,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "addons",
     )
     .await?;
+    let listen = config
+        .common
+        .listen
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], config.default_port())));
     let core = Manager::new(
         &store,
         &config.marketplace,
         &config.marketplace_credentials(),
         config.plane,
+        config.load_policy()?,
+        vec![listen.port()],
     )
     .await?;
     let requests = Requests::open(&store).await?;
@@ -45,14 +51,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let security = addons_server_kit::Security::load(&config.common.auth)?;
-    let listener = bind(
-        config
-            .common
-            .listen
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], config.default_port()))),
-        &security,
-    )
-    .await?;
+    let listener = bind(listen, &security).await?;
     Server::new()
         .secure(security)
         .add_service(

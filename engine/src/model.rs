@@ -77,6 +77,9 @@ pub struct Installation {
     /// for good (the default restores it).
     #[serde(default)]
     pub keep_core_stopped_on_failure: bool,
+    /// The privileges the installing operator granted.
+    #[serde(default)]
+    pub granted_privileges: Vec<addons_descriptor::Privilege>,
     /// The `request_id` of the install that made it, if it had one: a retry
     /// that finds the record made but not its remembered answer (the manager
     /// stopped in between) gets the record instead of ALREADY_EXISTS.

@@ -3,7 +3,11 @@
 use anyhow::Context as _;
 use std::{collections::HashSet, time::Duration};
 
-use addons_descriptor::Descriptor;
+use addons_descriptor::{
+    Descriptor, Privilege,
+    policy::{CoreRules, Policy, Violation},
+    privileges,
+};
 use addons_store::{
     Collection, Event, Filter, FollowEnd, Page, Precondition, Start, Store, Versioned,
 };
@@ -38,7 +42,14 @@ pub struct Manager {
     /// components) cannot both pass. The manager is the only writer of
     /// installations, so an in-process lock makes it atomic.
     claims: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// What may be granted at all.
+    policy: std::sync::Arc<Policy>,
+    /// Ports no addon may publish: the manager's own.
+    reserved_ports: Vec<u16>,
 }
+
+/// Most privileges one install may accept.
+pub const MAX_ACCEPTED_PRIVILEGES: usize = 1024;
 
 impl Manager {
     /// The manager of `plane`, over `store`, installing from the marketplace
@@ -49,6 +60,8 @@ impl Manager {
         marketplace_url: &str,
         credentials: &addons_server_kit::ClientCredentials,
         plane: Plane,
+        policy: Policy,
+        reserved_ports: Vec<u16>,
     ) -> anyhow::Result<Self> {
         let channel = credentials
             .endpoint(marketplace_url)
@@ -63,19 +76,52 @@ impl Manager {
             marketplace,
             plane,
             claims: Default::default(),
+            policy: std::sync::Arc::new(policy),
+            reserved_ports,
         })
     }
 
     /// Installs an approved addon: snapshots its descriptor, images pinned.
     /// `request_id` is the install's own, if it has one: a live installation
     /// of the addon made by the same request is returned as it is.
+    ///
+    /// The `accepted` privileges must cover everything the addon needs, and
+    /// the manager's policy must allow it; both are checked before anything
+    /// is written.
     pub async fn install(
         &self,
         marketplace_id: &str,
         keep_core_stopped_on_failure: bool,
+        accepted: Vec<Privilege>,
         request_id: Option<&str>,
     ) -> Result<Versioned<Installation>, Error> {
+        check_accepted(&accepted)?;
         let addon = self.fetch_approved(marketplace_id).await?;
+        let needs = privileges::for_install(&addon, keep_core_stopped_on_failure);
+        let missing = privileges::missing(&needs, &accepted);
+        if !missing.is_empty() {
+            return Err(Error::PrivilegesNotAccepted {
+                marketplace_id: marketplace_id.to_owned(),
+                missing,
+            });
+        }
+        let mut violations: Vec<Violation> = self.policy.check_all(
+            &needs,
+            &self.reserved_ports,
+            &self.policy.core_rules(CoreRules::any()),
+        );
+        violations.extend(
+            addon
+                .services
+                .iter()
+                .filter_map(|service| self.policy.limits(service).err()),
+        );
+        if !violations.is_empty() {
+            return Err(Error::PolicyViolation {
+                marketplace_id: marketplace_id.to_owned(),
+                violations,
+            });
+        }
         let _claims = self.claims.lock().await;
         self.check_service_names(marketplace_id, &addon).await?;
         let now = chrono::Utc::now();
@@ -90,6 +136,7 @@ impl Manager {
             report_sequences: Default::default(),
             purge_requested: false,
             keep_core_stopped_on_failure,
+            granted_privileges: accepted,
             request_id: request_id.map(str::to_owned),
             create_time: now,
             update_time: now,
@@ -115,7 +162,8 @@ impl Manager {
     }
 
     /// Containers are named `<plane>_<service_name>` on every node, so two
-    /// live installations must not share a service name.
+    /// live installations must not share a service name; nor may they
+    /// publish the same host port.
     async fn check_service_names(
         &self,
         marketplace_id: &str,
@@ -144,6 +192,23 @@ impl Manager {
                     installation_id: other.value.id.clone(),
                     addon: other.value.addon.name.clone(),
                 });
+            }
+            for service in &addon.services {
+                for port in &service.ports {
+                    let holder = other.value.addon.services.iter().find(|o| {
+                        o.ports
+                            .iter()
+                            .any(|p| p.host_port == port.host_port && p.protocol == port.protocol)
+                    });
+                    if let Some(holder) = holder {
+                        return Err(Error::HostPortInUse {
+                            port: format!("{}/{}", port.host_port, port.protocol),
+                            service: service.service_name.clone(),
+                            installation_id: other.value.id.clone(),
+                            holder: holder.service_name.clone(),
+                        });
+                    }
+                }
             }
         }
         Ok(())
@@ -296,5 +361,43 @@ impl Manager {
             Err(addons_store::Error::NotFound { id, .. }) => Err(Error::NotFound(id)),
             other => Ok(other?),
         }
+    }
+}
+
+/// Checks the accepted privileges of a request: bounded, each with a kind
+/// and a bounded value.
+fn check_accepted(accepted: &[Privilege]) -> Result<(), Error> {
+    use addons_descriptor::FieldViolation;
+    if accepted.len() > MAX_ACCEPTED_PRIVILEGES {
+        return Err(Error::invalid(
+            "accepted_privileges",
+            format!("at most {MAX_ACCEPTED_PRIVILEGES} entries"),
+        ));
+    }
+    let mut violations = Vec::new();
+    for (i, grant) in accepted.iter().enumerate() {
+        if grant.kind.is_none() {
+            violations.push(FieldViolation::new(
+                format!("accepted_privileges[{i}].kind"),
+                "required (PRIVILEGE_KIND_UNSPECIFIED is not a privilege)",
+            ));
+        }
+        if grant.value.len() > 4096 {
+            violations.push(FieldViolation::new(
+                format!("accepted_privileges[{i}].value"),
+                "at most 4096 bytes",
+            ));
+        }
+        if grant.service_name.len() > 63 {
+            violations.push(FieldViolation::new(
+                format!("accepted_privileges[{i}].service_name"),
+                "at most 63 bytes",
+            ));
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(violations))
     }
 }

@@ -228,6 +228,7 @@ mod tests {
             services: Vec::new(),
             report_sequences: Default::default(),
             purge_requested: false,
+            granted_privileges: Vec::new(),
             keep_core_stopped_on_failure: false,
             request_id: None,
             create_time: chrono::Utc::now(),

@@ -39,6 +39,10 @@ pub(crate) fn addon_to_proto(record: addons_store::Versioned<Addon>) -> pb::Addo
         update_time: Some(timestamp(addon.update_time)),
         revision: record.revision,
         owner: addon.owner,
+        required_privileges: addons_descriptor::privileges::required(&addon.descriptor)
+            .into_iter()
+            .map(Into::into)
+            .collect(),
         ..addon.descriptor.into_proto()
     }
 }

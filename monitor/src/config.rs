@@ -187,6 +187,13 @@ pub struct Config {
     #[arg(long, env = "ADDONS_CORE_COMPONENTS", value_name = "FILE")]
     pub core_components: Option<PathBuf>,
 
+    /// This node's privilege policy (YAML): what it runs at all, whatever
+    /// the manager sends. Without it: nothing privileged, no host paths,
+    /// host ports 1024-65535 except our servers' ports, and only the core
+    /// components `--core-components` marks `replaceable: true`.
+    #[arg(long, env = "ADDONS_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
     /// The orchestration plane this monitor serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = PlaneArg::Root)]
     pub plane: PlaneArg,

@@ -56,6 +56,13 @@ pub struct CoreComponentSpec {
     /// Networks, `oakestra` when empty.
     #[serde(default)]
     pub networks: Vec<String>,
+    /// Whether an addon service may replace it (granted at install, and
+    /// allowed here). Without it, only a `--policy` naming it allows that.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaceable: bool,
+    /// Whether its replacement may start with its environment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherit_environment: bool,
 }
 
 /// A command line, written as a list or as one string.

@@ -27,6 +27,11 @@ pub enum MonitorError {
     /// A file under the state dir could not be read or written.
     #[error("state dir: {0}")]
     StateDir(#[from] StateDirError),
+    /// The node does not run the service: not granted, against the node's
+    /// policy, or its host port is taken. Final until the desired state
+    /// changes.
+    #[error("refused: {0}")]
+    Refused(#[from] crate::admission::Refusal),
 }
 
 impl From<RuntimeError> for MonitorError {
@@ -44,5 +49,10 @@ impl MonitorError {
     /// service.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Runtime(err) if err.is_unavailable())
+    }
+
+    /// Whether trying again cannot help: the node refused the service.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Refused(_))
     }
 }

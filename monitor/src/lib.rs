@@ -3,6 +3,7 @@
 //!
 //! **Only this crate talks to containerd.**
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod cores;

@@ -77,6 +77,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => addons_monitor::cores::load(path).map_err(anyhow::Error::msg)?,
         None => Vec::new(),
     };
+    let policy = match &config.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the policy {}", path.display()))?;
+            addons_descriptor::policy::Policy::from_yaml(&text)
+                .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?
+        }
+        None => addons_descriptor::policy::Policy::default(),
+    };
     let (view_tx, view_rx) = tokio::sync::watch::channel(NodeView::default());
     let outbox = ReportOutbox::default();
     let link = link::spawn(
@@ -124,6 +133,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             },
             log_max_bytes: config.log_max_bytes,
             core_components,
+            policy: std::sync::Arc::new(policy),
+            reserved_ports: vec![listener.local_addr()?.port()],
             network: NetworkOptions {
                 plugin_dir: config.cni_plugin_dir.clone(),
                 bridge_prefix: config.bridge_prefix.clone(),

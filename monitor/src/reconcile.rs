@@ -73,6 +73,10 @@ pub struct ReconcileOptions {
     pub log_max_bytes: u64,
     /// Core components the monitor runs itself (`--core-components`).
     pub core_components: Vec<CoreComponentSpec>,
+    /// What this node allows (`--policy`).
+    pub policy: std::sync::Arc<addons_descriptor::policy::Policy>,
+    /// Ports no addon may publish here: the monitor's own.
+    pub reserved_ports: Vec<u16>,
 }
 
 /// The reconciler's state.

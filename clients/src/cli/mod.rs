@@ -1,6 +1,7 @@
 //! The commands of `oak-addons`.
 
 mod config;
+mod consent;
 mod output;
 mod progress;
 
@@ -167,6 +168,14 @@ enum Command {
         /// the core component stopped instead of restoring it.
         #[arg(long)]
         keep_core_stopped_on_failure: bool,
+        /// Grant every privilege the addon needs, without asking.
+        #[arg(long)]
+        grant_all: bool,
+        /// Grant one privilege: `KIND=VALUE`, such as `host-path=/var/log`,
+        /// `host-path=/var/log:ro`, `host-port=8080/tcp`,
+        /// `core-component=scheduler`, or `privileged`. Repeatable.
+        #[arg(long = "grant", value_name = "KIND=VALUE")]
+        grants: Vec<String>,
     },
     /// Uninstall an installation.
     Uninstall {
@@ -659,13 +668,22 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             marketplace_id,
             wait,
             keep_core_stopped_on_failure,
+            grant_all,
+            grants,
         } => {
+            let addon = marketplace()?
+                .get(&marketplace_id)
+                .await
+                .map_err(failed(&format!("reading addon {marketplace_id} failed")))?;
+            let accepted_privileges =
+                consent::decide(&addon, keep_core_stopped_on_failure, grant_all, &grants)?;
             let client = manager()?;
             let installation = client
                 .install(
                     &marketplace_id,
                     InstallOptions {
                         keep_core_stopped_on_failure,
+                        accepted_privileges,
                     },
                 )
                 .await

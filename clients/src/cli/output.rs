@@ -253,6 +253,34 @@ fn addon_details(addon: &mpb::Addon) {
         })
         .collect();
     table(&["SERVICE", "IMAGE", "PORTS", "VERIFICATION"], &rows);
+    println!();
+    if addon.required_privileges.is_empty() {
+        println!("Privileges:  none");
+    } else {
+        println!("Privileges an install must grant:");
+        privileges_table(&addon.required_privileges, |p| {
+            addons_descriptor::Privilege::from(p.clone())
+        });
+    }
+}
+
+/// A table of privileges: the grant text (`KIND=VALUE`) and the service.
+fn privileges_table<P>(list: &[P], convert: impl Fn(&P) -> addons_descriptor::Privilege) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            let privilege = convert(p);
+            vec![
+                privilege.grant_text(),
+                if privilege.service_name.is_empty() {
+                    "(any)".to_owned()
+                } else {
+                    privilege.service_name
+                },
+            ]
+        })
+        .collect();
+    table(&["PRIVILEGE", "SERVICE"], &rows);
 }
 
 /// Prints installations: a table, or JSON/YAML (a list when `many`).
@@ -336,6 +364,12 @@ fn installation_details(i: &epb::Installation) {
         &["SERVICE", "NODE", "PHASE", "RESTARTS", "EXIT", "REASON"],
         &rows,
     );
+    if !i.granted_privileges.is_empty() {
+        println!("\nGranted privileges:");
+        privileges_table(&i.granted_privileges, |p| {
+            addons_descriptor::Privilege::from(p.clone())
+        });
+    }
     for s in i.services.iter().filter(|s| !s.logs_tail.is_empty()) {
         println!("\nLast lines of {} on {}:", s.service_name, s.node_id);
         for line in &s.logs_tail {

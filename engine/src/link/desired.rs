@@ -167,6 +167,12 @@ pub(super) fn desired_entry(installation: &Installation) -> Option<pb::DesiredIn
         presence: presence.into(),
         purge_volumes: installation.purge_requested,
         keep_core_stopped_on_failure: installation.keep_core_stopped_on_failure,
+        granted_privileges: installation
+            .granted_privileges
+            .iter()
+            .cloned()
+            .map(Into::into)
+            .collect(),
     })
 }
 

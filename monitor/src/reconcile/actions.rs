@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence};
 
 use super::{Reconciler, services};
+use addons_descriptor::policy::CoreRules;
+
 use crate::{
+    admission::{self, Refusal},
     error::MonitorError,
     network::Network,
     plan::Action,
@@ -45,7 +48,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     return Ok(());
                 };
                 let core = replaces.as_ref().and_then(|core| infos.get(core));
-                let result = self.create(desired, spec, &id, core).await;
+                let result = match self.admit(desired, spec, replaces.is_some(), specs) {
+                    Ok(limits) => self.create(desired, spec, &id, core, limits).await,
+                    Err(refusal) => Err(refusal.into()),
+                };
                 self.after_attempt(&installation, &service, &id, result)
             }
             Action::Start {
@@ -169,6 +175,83 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
 /// The desired installations and services of a pass, by id and name.
 pub(super) struct Specs<'a> {
     services: HashMap<(&'a str, &'a str), (&'a pb::DesiredInstallation, &'a pb::ServiceSpec)>,
+}
+
+impl<R: Runtime, N: Network> Reconciler<R, N> {
+    /// Whether this node runs `spec` of `desired` (see [`admission`]); the
+    /// limits it runs with when it does.
+    fn admit(
+        &self,
+        desired: &pb::DesiredInstallation,
+        spec: &pb::ServiceSpec,
+        replaces_core: bool,
+        specs: &Specs<'_>,
+    ) -> Result<addons_descriptor::Resources, Refusal> {
+        let policy = &self.options.policy;
+        let statics = &self.options.core_components;
+        let mut core = policy.core_rules(CoreRules::default());
+        core.replace.extend(
+            statics
+                .iter()
+                .filter(|c| c.replaceable)
+                .map(|c| c.name.clone()),
+        );
+        core.inherit_environment.extend(
+            statics
+                .iter()
+                .filter(|c| c.inherit_environment)
+                .map(|c| c.name.clone()),
+        );
+        let mut in_use: Vec<(u16, String, String)> = statics
+            .iter()
+            .filter(|c| c.name != spec.service_name)
+            .flat_map(|c| {
+                c.ports.iter().map(|p| {
+                    (
+                        p.host_port,
+                        p.protocol.clone(),
+                        format!("core component {}", c.name),
+                    )
+                })
+            })
+            .collect();
+        for tracked in self.tracked.values() {
+            if tracked.installation_id == desired.installation_id {
+                continue;
+            }
+            let name = &tracked.status.service_name;
+            if let Some((_, other)) = specs.get(&tracked.installation_id, name) {
+                in_use.extend(other.ports.iter().map(|p| {
+                    (
+                        u16::try_from(p.host_port).unwrap_or(0),
+                        if p.protocol == pb::Protocol::Udp as i32 {
+                            "udp".to_owned()
+                        } else {
+                            "tcp".to_owned()
+                        },
+                        format!("service {name} of installation {}", tracked.installation_id),
+                    )
+                }));
+            }
+        }
+        let granted: Vec<addons_descriptor::Privilege> = desired
+            .granted_privileges
+            .iter()
+            .cloned()
+            .map(Into::into)
+            .collect();
+        admission::admit(
+            admission::Node {
+                policy,
+                core: &core,
+                reserved_ports: &self.options.reserved_ports,
+                ports_in_use: &in_use,
+            },
+            &addons_descriptor::Service::from(spec.clone()),
+            replaces_core,
+            &granted,
+        )
+    }
 }
 
 impl<'a> Specs<'a> {

@@ -39,6 +39,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         service: &pb::ServiceSpec,
         id: &str,
         core: Option<&ContainerInfo>,
+        limits: addons_descriptor::Resources,
     ) -> Result<(), MonitorError> {
         let installation_id = installation.installation_id.as_str();
         let name = service.service_name.as_str();
@@ -72,6 +73,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             "starting".into(),
         );
         let mut run = self.run_spec(installation_id, service, id, &pulled)?;
+        run.limits = limits;
         let ports = declared_ports(service);
         if let Some(core) = core
             && service.inherit_core_environment
@@ -275,6 +277,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             binds,
             privileged: service.privileged,
             netns: None,
+            user: pulled.config.user.clone(),
+            limits: addons_descriptor::Resources::default(),
         })
     }
 

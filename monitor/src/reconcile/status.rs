@@ -302,6 +302,12 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             Err(err) => err,
         };
         tracing::warn!(container = %id, error = %err, "cannot run service");
+        if err.is_final() {
+            let tracked = self.track(installation, service, id);
+            tracked.retry_at = None;
+            tracked.set(ServicePhase::Failed, err.to_string());
+            return Ok(());
+        }
         let policy = self.options.restart;
         self.track(installation, service, id).fail(
             policy,

@@ -271,6 +271,8 @@ fn reconciler(fake: &Fake, state: &Path) -> Reconciler<Fake, Fake> {
         },
         log_max_bytes: 1 << 20,
         core_components: vec![scheduler_spec()],
+        policy: Default::default(),
+        reserved_ports: Vec::new(),
     };
     let (view, _) = watch::channel(NodeView::default());
     Reconciler::with_network(
@@ -478,4 +480,60 @@ async fn unreadable_records_never_reset_a_service() {
     .unwrap();
     let api = reconciler.track("i1", "api", "root_api").memory();
     assert!(api.failed, "{api:?}");
+}
+
+/// The node checks what it runs itself: a replacement of a core component
+/// that the grants do not cover, or that the node does not allow, is FAILED
+/// with the reason before anything is pulled, and the core keeps running.
+#[tokio::test]
+async fn a_node_refuses_what_was_not_granted_or_is_not_allowed() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let hash = scheduler_spec().hash();
+    fake.add(
+        "root_scheduler",
+        &[
+            (CORE_COMPONENT, "scheduler"),
+            (CORE_SOURCE, CORE_SOURCE_STATIC),
+            (CORE_SPEC_HASH, &hash),
+        ],
+        TaskState::Running(1),
+    );
+    fake.world().images.push("img".into());
+    let mut reconciler = reconciler(&fake, state.path());
+    let mut wanted = desired(vec![(
+        "i1",
+        DesiredPresence::Running,
+        vec![("scheduler", "img")],
+    )]);
+    pass(&mut reconciler, &wanted).await;
+    let status = &reconciler.tracked["root_scheduler.addon"].status;
+    assert_eq!(status.phase(), ServicePhase::Failed, "{status:?}");
+    assert_eq!(
+        status.reason,
+        "refused: not granted: core-component=scheduler"
+    );
+    // Granted, but this node's core-components file does not mark the
+    // scheduler replaceable.
+    wanted.installations[0].granted_privileges = vec![
+        addons_descriptor::Privilege::parse_grant("core-component=scheduler")
+            .unwrap()
+            .into(),
+    ];
+    reconciler.tracked.clear();
+    pass(&mut reconciler, &wanted).await;
+    let status = &reconciler.tracked["root_scheduler.addon"].status;
+    assert_eq!(status.phase(), ServicePhase::Failed, "{status:?}");
+    assert!(
+        status.reason.contains("core_components.replace"),
+        "{status:?}"
+    );
+    assert_eq!(fake.task("root_scheduler"), Some(TaskState::Running(1)));
+    assert!(fake.task("root_scheduler.addon").is_none());
+    let world = fake.world();
+    assert!(
+        !world.calls.iter().any(|c| c.starts_with("pull")),
+        "nothing pulled for a refused service: {:?}",
+        world.calls
+    );
 }

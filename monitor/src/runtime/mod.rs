@@ -8,6 +8,7 @@
 mod containers;
 mod content;
 mod pull;
+mod seccomp;
 mod spec;
 mod tasks;
 mod unpack;

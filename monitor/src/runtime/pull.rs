@@ -74,6 +74,8 @@ pub struct ImageConfig {
     pub env: Vec<String>,
     /// `WorkingDir`.
     pub working_dir: String,
+    /// `User`: `uid`, `uid:gid` or names; empty for root.
+    pub user: String,
 }
 
 /// An image ready to run.
@@ -131,6 +133,8 @@ struct RawRunConfig {
     env: Option<Vec<String>>,
     #[serde(default)]
     working_dir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +384,7 @@ impl Containerd {
                 cmd: run.cmd.unwrap_or_default(),
                 env: run.env.unwrap_or_default(),
                 working_dir: run.working_dir.unwrap_or_default(),
+                user: run.user.unwrap_or_default(),
             },
             bytes_pulled,
         })

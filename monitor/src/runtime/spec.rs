@@ -27,6 +27,56 @@ pub struct RunSpec {
     pub privileged: bool,
     /// Network namespace to join; a fresh, unconnected one when `None`.
     pub netns: Option<PathBuf>,
+    /// The image's `USER`: `uid` or `uid:gid`; root when empty.
+    pub user: String,
+    /// Memory, CPU and process limits.
+    pub limits: addons_descriptor::Resources,
+}
+
+/// The CFS period CPU limits are expressed in, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The uid and gid of an image's `USER`. Names would need the image's
+/// `/etc/passwd`; they are refused rather than run as root.
+fn parse_user(user: &str) -> Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (uid, gid) = user.split_once(':').unwrap_or((user, ""));
+    let uid: u32 = uid.parse().map_err(|_| {
+        format!("the image's USER `{user}` is a name; only a numeric uid[:gid] is supported")
+    })?;
+    let gid: u32 = if gid.is_empty() {
+        uid
+    } else {
+        gid.parse().map_err(|_| {
+            format!(
+                "the image's USER `{user}` names a group; only a numeric uid[:gid] is supported"
+            )
+        })?
+    };
+    Ok((uid, gid))
+}
+
+/// The cgroup limits of `limits`, as the runtime spec writes them.
+fn resources(
+    limits: &addons_descriptor::Resources,
+) -> Result<oci_spec::runtime::LinuxResources, String> {
+    let mut value = serde_json::json!({});
+    if let Some(memory) = limits.memory_bytes {
+        // No swap beyond the limit: memory+swap equals memory.
+        value["memory"] = serde_json::json!({ "limit": memory, "swap": memory });
+    }
+    if let Some(millis) = limits.cpu_millis {
+        value["cpu"] = serde_json::json!({
+            "quota": u64::from(millis) * CPU_PERIOD_US / 1000,
+            "period": CPU_PERIOD_US,
+        });
+    }
+    if let Some(pids) = limits.pids {
+        value["pids"] = serde_json::json!({ "limit": pids });
+    }
+    serde_json::from_value(value).map_err(|err| format!("resource limits: {err}"))
 }
 
 /// Docker's default capability set: enough for ordinary services, no
@@ -113,6 +163,14 @@ pub fn build_spec(run: &RunSpec, namespace: &str) -> Result<Spec, String> {
         })
         .capabilities(capabilities)
         .no_new_privileges(!run.privileged)
+        .user({
+            let (uid, gid) = parse_user(&run.user)?;
+            oci_spec::runtime::UserBuilder::default()
+                .uid(uid)
+                .gid(gid)
+                .build()
+                .map_err(|err| err.to_string())?
+        })
         .build()
         .map_err(|err| err.to_string())?;
     let mut spec = Spec::default();
@@ -154,7 +212,19 @@ pub fn build_spec(run: &RunSpec, namespace: &str) -> Result<Spec, String> {
         if run.privileged {
             linux.set_masked_paths(None);
             linux.set_readonly_paths(None);
+        } else {
+            linux.set_seccomp(Some(super::seccomp::profile()));
         }
+        let mut limits = resources(&run.limits)?;
+        // Every device denied first (runc then allows its default set:
+        // null, zero, full, random, urandom, tty, the pts); a privileged
+        // container gets them all.
+        let devices: Vec<oci_spec::runtime::LinuxDeviceCgroup> = serde_json::from_value(
+            serde_json::json!([{ "allow": run.privileged, "access": "rwm" }]),
+        )
+        .map_err(|err| format!("device rules: {err}"))?;
+        limits.set_devices(Some(devices));
+        linux.set_resources(Some(limits));
     }
     Ok(spec)
 }
@@ -174,6 +244,12 @@ mod tests {
             binds: vec![("/var/lib/x/hosts".into(), "/etc/hosts".into(), true)],
             privileged: false,
             netns: Some("/run/netns/root_api".into()),
+            user: "1000:100".into(),
+            limits: addons_descriptor::Resources {
+                memory_bytes: Some(64 << 20),
+                cpu_millis: Some(500),
+                pids: Some(64),
+            },
         };
         let spec = build_spec(&run, "oakestra").unwrap();
         let json = serde_json::to_value(&spec).unwrap();
@@ -197,6 +273,35 @@ mod tests {
             mounts.iter().any(|m| m["destination"] == "/proc"),
             "standard mounts kept"
         );
+        assert_eq!(json["process"]["noNewPrivileges"], true);
+        assert_eq!(json["process"]["user"]["uid"], 1000);
+        assert_eq!(json["process"]["user"]["gid"], 100);
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert!(
+            json["linux"]["maskedPaths"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        );
+        let limits = &json["linux"]["resources"];
+        assert_eq!(limits["memory"]["limit"], 64 << 20);
+        assert_eq!(limits["cpu"]["quota"], 50_000);
+        assert_eq!(limits["pids"]["limit"], 64);
+        assert_eq!(
+            limits["devices"],
+            serde_json::json!([{ "allow": false, "access": "rwm" }]),
+            "every device denied but runc's defaults"
+        );
+        assert!(
+            build_spec(
+                &RunSpec {
+                    user: "nobody".into(),
+                    ..run.clone()
+                },
+                "oakestra"
+            )
+            .unwrap_err()
+            .contains("numeric")
+        );
 
         let privileged = build_spec(
             &RunSpec {
@@ -211,5 +316,9 @@ mod tests {
             .as_array()
             .unwrap();
         assert!(caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        assert!(
+            json["linux"]["seccomp"].is_null(),
+            "no seccomp when privileged"
+        );
     }
 }
