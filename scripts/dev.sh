@@ -210,11 +210,16 @@ story() {
     metrics=$(addon_id node-metrics "$ROOT/demo/metrics.json")
     show "$OAK" marketplace list
 
-    step "3. Install the extension (two services sharing a volume)"
+    step "3. Install the extension (two services sharing a volume): grant what it asks for"
     local ext
     ext=$("$OAK" -o id list --addon node-metrics | head -n 1)
     if [ -z "$ext" ]; then
-        ext=$(show "$OAK" -o id install "$metrics" --wait)
+        echo "Approved is not consent: an install must grant every privilege the addon needs."
+        if show "$OAK" -o id install "$metrics"; then
+            log "the manager installed an addon without consent"
+            exit 1
+        fi
+        ext=$(show "$OAK" -o id install "$metrics" --wait --grant host-port=11190/tcp)
     fi
     show "$OAK" get "$ext"
     until_answers "$DASHBOARD_URL" "[0-9]"
@@ -223,7 +228,9 @@ story() {
     local plugin
     plugin=$("$OAK" -o id list --addon energy-scheduler | head -n 1)
     if [ -z "$plugin" ]; then
-        plugin=$(show "$OAK" -o id install "$scheduler" --wait)
+        echo "Replacing a core component is a privilege; this node's core-components file marks the scheduler replaceable."
+        show "$OAK" marketplace get "$scheduler"
+        plugin=$(show "$OAK" -o id install "$scheduler" --wait --grant core-component=scheduler)
     fi
     show "$OAK" get "$plugin"
     until_answers "$SCHEDULER_URL" "energy-aware scheduler"

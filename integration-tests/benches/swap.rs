@@ -144,7 +144,7 @@ async fn main() {
     std::fs::write(
         &core_file,
         format!(
-            "- name: scheduler\n  image: {image}\n  command: {}\n  ports:\n  - {{container_port: 8080, host_port: {port}}}\n",
+            "- name: scheduler\n  image: {image}\n  command: {}\n  replaceable: true\n  ports:\n  - {{container_port: 8080, host_port: {port}}}\n",
             serde_json::to_string(&http_server_command("core")).unwrap()
         ),
     )
@@ -195,6 +195,7 @@ async fn main() {
         let id = client
             .install_addon(pb::InstallAddonRequest {
                 marketplace_id: addon.id.clone(),
+                accepted_privileges: integration_tests::grant_all(&addon, false),
                 ..Default::default()
             })
             .await

@@ -306,3 +306,18 @@ pub async fn http_get(port: u16, timeout: Duration) -> Result<String, String> {
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
+
+/// Every privilege installing `addon` needs (what an operator answering
+/// "y" at the CLI's prompt grants), for `InstallAddonRequest.accepted_privileges`.
+pub fn grant_all(
+    addon: &oakestra_addons_proto::marketplace::v1::Addon,
+    keep_core_stopped: bool,
+) -> Vec<oakestra_addons_proto::engine::v1::Privilege> {
+    addons_descriptor::privileges::for_install(
+        &addons_descriptor::Descriptor::from_proto(addon.clone()),
+        keep_core_stopped,
+    )
+    .into_iter()
+    .map(Into::into)
+    .collect()
+}

@@ -178,7 +178,28 @@ async fn publishes_installs_and_reports_through_the_cli() {
 
     // Install with --wait: progress on stderr, the settled installation on
     // stdout, exit 0 for ACTIVE.
-    let installed = oak(&servers, &["install", &id, "--wait"]).await;
+    // The addon publishes a host port: that is a privilege. Without a
+    // terminal and without grants the CLI refuses, naming the grant; `get`
+    // shows it.
+    let shown = oak(&servers, &["marketplace", "get", &id]).await;
+    assert!(
+        shown.stdout.contains(&format!("host-port={port}/tcp")),
+        "{shown:?}"
+    );
+    let refused = oak(&servers, &["install", &id, "--wait"]).await;
+    assert_eq!(refused.code, 2, "{refused:?}");
+    let last = refused.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: not installed")
+            && last.contains(&format!("--grant host-port={port}/tcp")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.stderr.contains("needs these privileges"),
+        "the list is shown: {refused:?}"
+    );
+    let grant = format!("host-port={port}");
+    let installed = oak(&servers, &["install", &id, "--wait", "--grant", &grant]).await;
     assert_eq!(installed.code, 0, "{installed:?}");
     assert!(installed.stdout.contains("ACTIVE"), "{installed:?}");
     assert!(

@@ -56,12 +56,13 @@ impl Stack {
         let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
         let host_port = integration_tests::free_port();
         let core_file = dir.path().join("core-components.yaml");
+        std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
         let command =
             serde_json::to_string(&http_server_command("core-scheduler $SCHED_TOKEN")).unwrap();
         std::fs::write(
             &core_file,
             format!(
-                "- name: scheduler\n  image: {image}\n  command: {command}\n  environment:\n    SCHED_TOKEN: from-core\n  ports:\n  - container_port: 8080\n    host_port: {host_port}\n"
+                "- name: scheduler\n  image: {image}\n  command: {command}\n  replaceable: true\n  inherit_environment: true\n  environment:\n    SCHED_TOKEN: from-core\n  ports:\n  - container_port: 8080\n    host_port: {host_port}\n"
             ),
         )
         .unwrap();
@@ -85,6 +86,7 @@ impl Stack {
     async fn monitor(&self, crash_at: Option<&str>) -> ServerProcess {
         let namespace = self.namespace();
         let core_file = self.core_file.display().to_string();
+        let policy = self.policy_file().display().to_string();
         let setup = MonitorSetup {
             manager: self.manager.url(),
             containerd: &self.containerd,
@@ -97,6 +99,8 @@ impl Stack {
         let extra = [
             "--core-components",
             &core_file,
+            "--policy",
+            &policy,
             "--restart-backoff",
             "200ms",
             "--max-failures",
@@ -113,6 +117,11 @@ impl Stack {
             .into_iter()
             .collect();
         setup.start(&extra, &env).await
+    }
+
+    /// The monitor's `--policy` (empty: the default policy).
+    fn policy_file(&self) -> std::path::PathBuf {
+        self.state.with_file_name("policy.yaml")
     }
 
     /// A namespace per test: containers' cgroups are `/<namespace>/<id>`,
@@ -157,6 +166,7 @@ impl Stack {
             .install_addon(pb::InstallAddonRequest {
                 marketplace_id: addon.id.clone(),
                 keep_core_stopped_on_failure: keep_core_stopped,
+                accepted_privileges: integration_tests::grant_all(addon, keep_core_stopped),
                 ..Default::default()
             })
             .await
@@ -347,6 +357,7 @@ async fn swaps_a_core_component_and_restores_it_on_uninstall() {
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: rival.id.clone(),
             keep_core_stopped_on_failure: false,
+            accepted_privileges: integration_tests::grant_all(&rival, false),
             ..Default::default()
         })
         .await
@@ -619,6 +630,13 @@ async fn swaps_a_core_component_found_by_its_label() {
     };
     let stack = Stack::start("hse", "10.86").await;
     std::fs::write(&stack.core_file, "").unwrap();
+    // Not in the core-components file: this node's policy lets it be
+    // replaced.
+    std::fs::write(
+        stack.policy_file(),
+        "core_components:\n  replace: [scheduler]\n",
+    )
+    .unwrap();
     let foreign_state = stack.state.with_file_name("foreign");
     let _foreign_cleanup = NodeCleanup::new(&foreign_state, "hsf", "10.85");
     let runtime = stack.runtime();

@@ -179,6 +179,7 @@ async fn runs_restarts_gives_up_survives_and_removes() {
     let id = AddonsManagerServiceClient::new(manager.channel())
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: addon.id.clone(),
+            accepted_privileges: integration_tests::grant_all(&addon, false),
             ..Default::default()
         })
         .await
@@ -507,6 +508,7 @@ async fn publishes_ports_and_resolves_service_names() {
     let id = AddonsManagerServiceClient::new(manager.channel())
         .install_addon(pb::InstallAddonRequest {
             marketplace_id: addon.id.clone(),
+            accepted_privileges: integration_tests::grant_all(&addon, false),
             ..Default::default()
         })
         .await

@@ -73,7 +73,7 @@ impl Stack {
         std::fs::write(
             &core_file,
             format!(
-                "- name: scheduler\n  image: {image}\n  command: {command}\n  ports:\n  - container_port: 8080\n    host_port: {core_port}\n"
+                "- name: scheduler\n  image: {image}\n  command: {command}\n  replaceable: true\n  ports:\n  - container_port: 8080\n    host_port: {core_port}\n"
             ),
         )
         .unwrap();
@@ -203,6 +203,7 @@ impl Stack {
         .await;
         self.manager()
             .install_addon(pb::InstallAddonRequest {
+                accepted_privileges: integration_tests::grant_all(&addon, false),
                 marketplace_id: addon.id,
                 ..Default::default()
             })
@@ -420,6 +421,7 @@ async fn a_stalled_registry_delays_nothing_else() {
     let stalled = stack
         .manager()
         .install_addon(pb::InstallAddonRequest {
+            accepted_privileges: integration_tests::grant_all(&approved, false),
             marketplace_id: approved.id,
             ..Default::default()
         })

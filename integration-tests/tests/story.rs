@@ -233,8 +233,27 @@ async fn the_demo_story_survives_every_server_crashing() {
     approved(&market, &metrics).await;
 
     // 3. The extension installs; the manager crashes right after accepting it.
-    let extension = engine
+    // The operator grants what each addon shows it needs (the extension's
+    // dashboard port; the plugin's taking over the core scheduler).
+    let grants = |id: &str| {
+        let market = market.clone();
+        let id = id.to_owned();
+        async move {
+            let addon = market.get(&id).await.unwrap();
+            assert!(!addon.required_privileges.is_empty(), "{addon:?}");
+            InstallOptions {
+                accepted_privileges: integration_tests::grant_all(&addon, false),
+                ..InstallOptions::default()
+            }
+        }
+    };
+    let refused = engine
         .install(&metrics, InstallOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::FailedPrecondition));
+    let extension = engine
+        .install(&metrics, grants(&metrics).await)
         .await
         .unwrap()
         .id;
@@ -245,7 +264,7 @@ async fn the_demo_story_survives_every_server_crashing() {
     // 4. The plugin replaces the core scheduler; the monitor crashes in the
     //    middle of the swap.
     let plugin = engine
-        .install(&scheduler, InstallOptions::default())
+        .install(&scheduler, grants(&scheduler).await)
         .await
         .unwrap()
         .id;
@@ -262,7 +281,7 @@ async fn the_demo_story_survives_every_server_crashing() {
 
     // 6. The same addon again, then gone again.
     let plugin = engine
-        .install(&scheduler, InstallOptions::default())
+        .install(&scheduler, grants(&scheduler).await)
         .await
         .unwrap()
         .id;
