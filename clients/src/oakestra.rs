@@ -6,9 +6,10 @@
 //! a shell would), `ports` as a `{"container": "host"}` map (`"53/udp"`
 //! keys for UDP), `environment`, `volumes` as `"src:dst"` strings,
 //! `networks` and `labels`; the top-level `volumes` and `networks` are
-//! lists of objects or maps by name. Two fields of ours are accepted on a
-//! service as well: `privileged` and `inherit_core_environment`. Unknown
-//! fields are an error naming the field, as in Oakestra.
+//! lists of objects or maps by name. Fields of ours are accepted on a
+//! service as well: `privileged`, `inherit_core_environment` and
+//! `resources` (`memory_bytes`, `cpu_millis`, `pids`). Unknown fields are an
+//! error naming the field, as in Oakestra.
 
 use std::collections::BTreeMap;
 
@@ -51,6 +52,20 @@ struct Service {
     privileged: bool,
     #[serde(default)]
     inherit_core_environment: bool,
+    #[serde(default)]
+    resources: Option<Resources>,
+}
+
+/// `resources`: limits of the service's container.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resources {
+    #[serde(default)]
+    memory_bytes: u64,
+    #[serde(default)]
+    cpu_millis: u32,
+    #[serde(default)]
+    pids: u32,
 }
 
 /// `command`: Oakestra's one string, or a list.
@@ -228,6 +243,11 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
             labels: strings(service.labels),
             privileged: service.privileged,
             inherit_core_environment: service.inherit_core_environment,
+            resources: service.resources.map(|r| pb::Resources {
+                memory_bytes: r.memory_bytes,
+                cpu_millis: r.cpu_millis,
+                pids: r.pids,
+            }),
             ..Default::default()
         });
     }
@@ -336,11 +356,19 @@ mod tests {
     #[test]
     fn reads_yaml_and_maps_by_name() {
         let addon = parse_descriptor(
-            "name: x\nservices:\n- service_name: a\n  image: busybox\n  command: [sleep, '5']\nvolumes:\n  data:\nnetworks:\n  back: {enable_ipv6: true}\n",
+            "name: x\nservices:\n- service_name: a\n  image: busybox\n  command: [sleep, '5']\n  resources: {memory_bytes: 67108864, pids: 64}\nvolumes:\n  data:\nnetworks:\n  back: {enable_ipv6: true}\n",
             "addon.yaml",
         )
         .unwrap();
         assert_eq!(addon.services[0].command, ["sleep", "5"]);
+        assert_eq!(
+            addon.services[0].resources,
+            Some(pb::Resources {
+                memory_bytes: 64 << 20,
+                cpu_millis: 0,
+                pids: 64,
+            })
+        );
         assert_eq!(addon.volumes[0].name, "data");
         assert!(addon.networks[0].enable_ipv6);
     }

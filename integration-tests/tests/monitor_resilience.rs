@@ -79,6 +79,13 @@ impl Stack {
         .unwrap();
         let trigger = dir.path().join("trigger");
         std::fs::create_dir_all(&trigger).unwrap();
+        // The trigger directory is the one host path the tests' services
+        // mount (read-only): the manager and the node allow it.
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            format!("host_paths:\n  - prefix: {}\n", trigger.display()),
+        )
+        .unwrap();
         let mut stack = Self {
             state,
             containerd,
@@ -110,10 +117,17 @@ impl Stack {
                 &self.marketplace.url(),
                 "--listen",
                 &format!("127.0.0.1:{}", self.manager_port),
+                "--policy",
+                &self.policy_file(),
             ],
         )
         .await;
         self.manager = Some(manager);
+    }
+
+    /// The manager's and the monitor's `--policy`.
+    fn policy_file(&self) -> String {
+        self.dir.path().join("policy.yaml").display().to_string()
     }
 
     async fn stop_manager(&mut self) {
@@ -125,9 +139,12 @@ impl Stack {
     async fn monitor(&self, extra: &[&str]) -> ServerProcess {
         let namespace = format!("oakestra-{}", self.prefix);
         let core_file = self.core_file.display().to_string();
+        let policy = self.policy_file();
         let mut args = vec![
             "--core-components",
             &core_file,
+            "--policy",
+            &policy,
             "--restart-backoff",
             "200ms",
             "--max-failures",
