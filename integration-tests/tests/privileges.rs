@@ -221,6 +221,14 @@ async fn approval_is_not_consent_and_policies_decide() {
     let missing = refused.get_details_precondition_failure().unwrap();
     assert_eq!(missing.violations.len(), 1, "{missing:?}");
     assert_eq!(missing.violations[0].description, "accept host-path=/");
+    for manager in [&strict, &manager] {
+        // The default policy, and one that allows only another directory.
+        let refused = install(manager, &root, grant_all(&root, false))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&refused), "POLICY_VIOLATION", "{refused:?}");
+        assert!(refused.message().contains("`host_paths`"), "{refused:?}");
+    }
     let refused = install(&manager, &root, grant_all(&root, false))
         .await
         .unwrap_err();
