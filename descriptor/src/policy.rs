@@ -283,6 +283,17 @@ impl Policy {
         Ok(policy)
     }
 
+    /// The policy of `--policy PATH`, or the default without one; the error
+    /// names the file.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, String> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read the policy {}: {err}", path.display()))?;
+        Self::from_yaml(&text).map_err(|err| format!("{}: {err}", path.display()))
+    }
+
     /// The core rules in force: the file's, else `default`.
     pub fn core_rules(&self, default: CoreRules) -> CoreRules {
         self.core_components.clone().unwrap_or(default)

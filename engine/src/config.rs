@@ -71,14 +71,7 @@ pub struct Config {
 impl Config {
     /// The policy of `--policy`, or the default.
     pub fn load_policy(&self) -> anyhow::Result<addons_descriptor::policy::Policy> {
-        use anyhow::Context as _;
-        let Some(path) = &self.policy else {
-            return Ok(addons_descriptor::policy::Policy::default());
-        };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the policy {}", path.display()))?;
-        addons_descriptor::policy::Policy::from_yaml(&text)
-            .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))
+        addons_descriptor::policy::Policy::load(self.policy.as_deref()).map_err(anyhow::Error::msg)
     }
 
     /// How the manager reaches the marketplace.

@@ -82,21 +82,26 @@ impl Pki {
 
     /// A TLS channel to `server`, with a client certificate if given.
     fn channel(&self, server: &ServerProcess, client: Option<&CertFiles>) -> Channel {
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
-            std::fs::read(self.ca.cert()).unwrap(),
-        ));
-        if let Some(client) = client {
-            tls = tls.identity(Identity::from_pem(
-                std::fs::read(&client.cert).unwrap(),
-                std::fs::read(&client.key).unwrap(),
-            ));
-        }
-        Endpoint::from_shared(format!("https://{}", server.addr()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect_lazy()
+        tls_channel(&self.ca.cert(), server, client)
     }
+}
+
+/// A TLS channel to `server` trusting `ca`, with a client certificate if
+/// given.
+fn tls_channel(ca: &Path, server: &ServerProcess, client: Option<&CertFiles>) -> Channel {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some(client) = client {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&client.cert).unwrap(),
+            std::fs::read(&client.key).unwrap(),
+        ));
+    }
+    Endpoint::from_shared(format!("https://{}", server.addr()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy()
 }
 
 fn bearer<T>(message: T, token: &str) -> Request<T> {
@@ -609,15 +614,7 @@ async fn the_node_api_needs_roles_and_the_monitor_links_over_tls() {
         .map(String::from),
     );
     let monitor = start("addons-monitor", &args).await;
-    let channel = Endpoint::from_shared(format!("https://{}", monitor.addr()))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(std::fs::read(&stack.ca).unwrap())),
-        )
-        .unwrap()
-        .connect_lazy();
-    let mut node = NodeMonitorServiceClient::new(channel);
+    let mut node = NodeMonitorServiceClient::new(tls_channel(&stack.ca, &monitor, None));
 
     let refused = node
         .list_managed_services(npb::ListManagedServicesRequest::default())

@@ -77,15 +77,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => addons_monitor::cores::load(path).map_err(anyhow::Error::msg)?,
         None => Vec::new(),
     };
-    let policy = match &config.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the policy {}", path.display()))?;
-            addons_descriptor::policy::Policy::from_yaml(&text)
-                .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?
-        }
-        None => addons_descriptor::policy::Policy::default(),
-    };
+    let policy = addons_descriptor::policy::Policy::load(config.policy.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let (view_tx, view_rx) = tokio::sync::watch::channel(NodeView::default());
     let outbox = ReportOutbox::default();
     let link = link::spawn(

@@ -57,7 +57,6 @@ impl ClientCertificates {
             Arc::new(roots),
             Arc::new(rustls::crypto::ring::default_provider()),
         )
-        .allow_unauthenticated()
         .build()
         .context("cannot build a client certificate verifier")?;
         Ok(Self { verifier })

@@ -206,13 +206,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             .iter()
             .filter(|c| c.name != spec.service_name)
             .flat_map(|c| {
-                c.ports.iter().map(|p| {
-                    (
-                        p.host_port,
-                        p.protocol.clone(),
-                        format!("core component {}", c.name),
-                    )
-                })
+                let holder = format!("core component {}", c.name);
+                c.port_mappings()
+                    .into_iter()
+                    .map(move |p| (p.host_port, p.protocol, holder.clone()))
             })
             .collect();
         for tracked in self.tracked.values() {
@@ -221,17 +218,12 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             }
             let name = &tracked.status.service_name;
             if let Some((_, other)) = specs.get(&tracked.installation_id, name) {
-                in_use.extend(other.ports.iter().map(|p| {
-                    (
-                        u16::try_from(p.host_port).unwrap_or(0),
-                        if p.protocol == pb::Protocol::Udp as i32 {
-                            "udp".to_owned()
-                        } else {
-                            "tcp".to_owned()
-                        },
-                        format!("service {name} of installation {}", tracked.installation_id),
-                    )
-                }));
+                let holder = format!("service {name} of installation {}", tracked.installation_id);
+                in_use.extend(
+                    services::declared_ports(other)
+                        .into_iter()
+                        .map(|p| (p.host_port, p.protocol, holder.clone())),
+                );
             }
         }
         let granted: Vec<addons_descriptor::Privilege> = desired
