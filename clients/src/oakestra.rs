@@ -22,6 +22,9 @@ use crate::ClientError;
 #[serde(deny_unknown_fields)]
 struct Descriptor {
     name: String,
+    /// Not in Oakestra's schema: ours, optional (`1.0.0` when absent).
+    #[serde(default)]
+    version: String,
     #[serde(default)]
     description: String,
     services: Vec<Service>,
@@ -288,6 +291,7 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
     .collect();
     Ok(pb::Addon {
         name: descriptor.name,
+        version: descriptor.version,
         description: descriptor.description,
         services,
         volumes,

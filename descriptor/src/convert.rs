@@ -211,6 +211,16 @@ macro_rules! conversions {
 conversions!(mpb);
 conversions!(epb);
 
+/// A message's version: empty (a client that predates versions, or an
+/// Oakestra descriptor) means [`crate::DEFAULT_VERSION`].
+fn version_or_default(version: String) -> String {
+    if version.is_empty() {
+        crate::DEFAULT_VERSION.to_owned()
+    } else {
+        version
+    }
+}
+
 impl Descriptor {
     /// The descriptor part of a marketplace `Addon` message; the record
     /// fields (`id`, `status`, times, `revision`) are left out. Defaults are
@@ -220,6 +230,7 @@ impl Descriptor {
     /// rejects them with their field paths.
     pub fn from_proto(addon: mpb::Addon) -> Self {
         Self {
+            version: version_or_default(addon.version),
             name: addon.name,
             description: addon.description,
             services: addon.services.into_iter().map(Service::from).collect(),
@@ -233,6 +244,7 @@ impl Descriptor {
     pub fn into_proto(self) -> mpb::Addon {
         mpb::Addon {
             name: self.name,
+            version: self.version,
             description: self.description,
             services: self.services.into_iter().map(Into::into).collect(),
             volumes: self.volumes.into_iter().map(Into::into).collect(),
@@ -244,6 +256,7 @@ impl Descriptor {
     /// The descriptor held by an engine `AddonSnapshot`.
     pub fn from_snapshot(addon: epb::AddonSnapshot) -> Self {
         Self {
+            version: version_or_default(addon.version),
             name: addon.name,
             description: addon.description,
             services: addon.services.into_iter().map(Service::from).collect(),
@@ -256,6 +269,7 @@ impl Descriptor {
     pub fn into_snapshot(self) -> epb::AddonSnapshot {
         epb::AddonSnapshot {
             name: self.name,
+            version: self.version,
             description: self.description,
             services: self.services.into_iter().map(Into::into).collect(),
             volumes: self.volumes.into_iter().map(Into::into).collect(),

@@ -73,11 +73,23 @@ impl std::fmt::Display for FieldViolation {
     }
 }
 
+/// The version of a descriptor that names none (every Oakestra descriptor).
+pub const DEFAULT_VERSION: &str = "1.0.0";
+
+fn default_version() -> String {
+    DEFAULT_VERSION.to_owned()
+}
+
 /// An addon as its developer describes it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Descriptor {
-    /// Unique name: a lowercase DNS label.
+    /// The addon's name: a lowercase DNS label; with `version`, unique in
+    /// the marketplace.
     pub name: String,
+    /// A semantic version (`1.2.0`, `2.0.0-rc.1`); [`DEFAULT_VERSION`] when
+    /// the publisher names none.
+    #[serde(default = "default_version")]
+    pub version: String,
     /// Free text.
     pub description: String,
     /// The services, at least one.
@@ -86,6 +98,27 @@ pub struct Descriptor {
     pub volumes: Vec<Volume>,
     /// Networks besides the default `oakestra`.
     pub networks: Vec<Network>,
+}
+
+impl Default for Descriptor {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            version: default_version(),
+            description: String::new(),
+            services: Vec::new(),
+            volumes: Vec::new(),
+            networks: Vec::new(),
+        }
+    }
+}
+
+impl Descriptor {
+    /// The version as a semantic version, when it is one (validation
+    /// refuses a descriptor whose version is not).
+    pub fn semver(&self) -> Option<semver::Version> {
+        semver::Version::parse(&self.version).ok()
+    }
 }
 
 /// One service of an addon: a container to run.

@@ -9,6 +9,8 @@ use crate::{Descriptor, FieldViolation, MountSource, Service};
 pub const MAX_SERVICES: usize = 32;
 const MAX_DNS_LABEL: usize = 63;
 const MAX_DESCRIPTION: usize = 4096;
+/// Longest version string.
+const MAX_VERSION: usize = 64;
 /// Most entries of any list or map of a descriptor (arguments, environment,
 /// labels, ports, mounts, networks, volumes, driver options).
 pub const MAX_ENTRIES: usize = 128;
@@ -80,6 +82,14 @@ pub fn validate_with(
 ) -> Result<(), Vec<FieldViolation>> {
     let mut v = Violations::default();
     check_label(&mut v, "name", &addon.name);
+    if addon.version.len() > MAX_VERSION {
+        v.add("version", format!("at most {MAX_VERSION} bytes"));
+    } else if let Err(err) = semver::Version::parse(&addon.version) {
+        v.add(
+            "version",
+            format!("not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.2.0): {err}"),
+        );
+    }
     if addon.description.len() > MAX_DESCRIPTION {
         v.add("description", format!("at most {MAX_DESCRIPTION} bytes"));
     }
@@ -283,6 +293,7 @@ mod tests {
     fn addon() -> Descriptor {
         Descriptor {
             name: "energy-scheduler".into(),
+            version: "1.0.0".into(),
             description: String::new(),
             services: vec![Service {
                 service_name: "scheduler".into(),
@@ -317,6 +328,7 @@ mod tests {
     fn names_every_bad_field() {
         let mut a = addon();
         a.name = "Energy_Scheduler".into();
+        a.version = "1.2".into();
         a.services.push(a.services[0].clone());
         a.services[1].ports[0].protocol = "sctp".into();
         a.services[1].mounts = vec![
@@ -329,6 +341,7 @@ mod tests {
             fields(&a),
             [
                 "name",
+                "version",
                 "services[1].service_name",
                 "services[1].environment[1BAD]",
                 "services[1].ports[0].protocol",

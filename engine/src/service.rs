@@ -313,7 +313,7 @@ impl Manager {
     ) -> Result<Page<Installation>, Error> {
         let filter = Filter {
             statuses: statuses.iter().map(|s| s.as_str().to_owned()).collect(),
-            unique_key: None,
+            ..Filter::default()
         };
         let page_size = match page_size {
             0 => DEFAULT_PAGE_SIZE,

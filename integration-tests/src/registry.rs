@@ -106,6 +106,33 @@ impl RegistryServer {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Deletes manifest `digest` of `repository` (no credentials): the
+    /// registry loses an image. Returns the HTTP status line.
+    pub async fn delete_manifest(&self, repository: &str, digest: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect to the registry");
+        let request = format!(
+            "DELETE /v2/{repository}/manifests/{digest} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.host()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send the delete");
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .expect("read the answer");
+        String::from_utf8_lossy(&response)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// The credentials it requires, if any.
     pub fn credentials(&self) -> Option<(String, String)> {
         self.credentials.clone()

@@ -496,9 +496,58 @@ async fn survives_a_crash(mut server: ServerProcess, args: &[&str]) {
     assert_eq!(server.stop().await.code(), Some(0));
 }
 
+/// Versions: an unversioned descriptor is 1.0.0; higher versions add
+/// versions of the name; the same or a lower one is refused; listing by name
+/// shows every version.
+async fn versions(server: &ServerProcess) {
+    let mut client = Client::new(server.channel());
+    let first = publish(&mut client, descriptor("metrics")).await.unwrap();
+    assert_eq!(first.version, "1.0.0", "no version means 1.0.0");
+    let mut next = descriptor("metrics");
+    next.version = "1.1.0".into();
+    let second = publish(&mut client, next.clone()).await.unwrap();
+    assert_eq!(second.version, "1.1.0");
+    assert_ne!(second.id, first.id);
+
+    let again = publish(&mut client, next).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert_eq!(reason(&again), "ADDON_NAME_TAKEN");
+    let mut lower = descriptor("metrics");
+    lower.version = "1.0.5".into();
+    let lower = publish(&mut client, lower).await.unwrap_err();
+    assert_eq!(lower.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&lower), "VERSION_NOT_NEWER");
+    assert_eq!(
+        lower.get_details_error_info().unwrap().metadata["highest_version"],
+        "1.1.0"
+    );
+    let mut bad = descriptor("metrics");
+    bad.version = "two".into();
+    let bad = publish(&mut client, bad).await.unwrap_err();
+    assert_eq!(violations(&bad), ["addon.version"]);
+
+    publish(&mut client, descriptor("metrics-other"))
+        .await
+        .unwrap();
+    let versions: Vec<String> = client
+        .list_addons(pb::ListAddonsRequest {
+            statuses: vec![pb::AddonStatus::UnderReview as i32],
+            name: "metrics".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addons
+        .into_iter()
+        .map(|a| format!("{} {}", a.name, a.version))
+        .collect();
+    assert_eq!(versions, ["metrics 1.0.0", "metrics 1.1.0"]);
+}
+
 /// Runs each case against a fresh server on its own store.
 async fn run_cases(store_for: impl Fn(u32) -> String) {
-    for case in 0..4 {
+    for case in 0..5 {
         let store = store_for(case);
         let args = [
             "--store",
@@ -513,6 +562,7 @@ async fn run_cases(store_for: impl Fn(u32) -> String) {
             0 => api_behaves(&server).await,
             1 => pages(&server).await,
             2 => validation(&server).await,
+            3 => versions(&server).await,
             _ => {
                 survives_a_crash(server, &args).await;
                 continue;

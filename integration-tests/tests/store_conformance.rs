@@ -294,7 +294,7 @@ async fn pages_through_filtered_listings(store: &Store) {
     }
     let filter = Filter {
         statuses: vec!["keep".into()],
-        unique_key: None,
+        ..Filter::default()
     };
     let mut seen = Vec::new();
     let mut token = None;
@@ -332,12 +332,40 @@ async fn pages_through_filtered_listings(store: &Store) {
     assert_eq!(after, want, "no record skipped or repeated across pages");
 
     let by_name = Filter {
-        statuses: Vec::new(),
         unique_key: Some("item-05".into()),
+        ..Filter::default()
     };
     let found = items.list(&by_name, 10, None).await.unwrap();
     assert_eq!(found.items.len(), 1);
     assert_eq!(found.items[0].value.name, "item-05");
+    let by_prefix = Filter {
+        unique_key_prefix: Some("item-0".into()),
+        ..Filter::default()
+    };
+    let found: Vec<String> = items
+        .list(&by_prefix, 100, None)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|r| r.value.name)
+        .collect();
+    let mut want: Vec<String> = items
+        .list_all(&Filter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.value.name)
+        .filter(|n| n.starts_with("item-0"))
+        .collect();
+    want.sort();
+    let mut found = found;
+    found.sort();
+    assert!(
+        (1..=10).contains(&found.len()),
+        "item-00 to item-09, less any deleted: {found:?}"
+    );
+    assert_eq!(found, want, "exactly the keys with the prefix");
     assert!(matches!(
         items.list(&filter, 4, Some("garbage")).await,
         Err(Error::InvalidPageToken)

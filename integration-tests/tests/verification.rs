@@ -193,6 +193,57 @@ async fn approves_and_pins_the_digest(mongo: bool) {
         .into_inner()
         .addons;
     assert_eq!(listed.len(), 1);
+
+    // The tag moves on: a reverify keeps the approved digest, never
+    // re-pins to what the tag points to now.
+    let moved = ImageSpec {
+        filler_bytes: 64,
+        filler_seed: 7,
+        ..ImageSpec::default()
+    };
+    let (moved_digest, _) = push_image(&host, "team/sched", "1.0", &moved, None).await;
+    assert_ne!(moved_digest, digest);
+    let reverify = |client: &mut Client| {
+        let id = addon.id.clone();
+        let mut client = client.clone();
+        async move {
+            client
+                .reverify_addon(pb::ReverifyAddonRequest {
+                    id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    reverify(&mut client).await;
+    let kept = settled(&client, &addon.id).await;
+    assert_eq!(
+        kept.status(),
+        pb::AddonStatus::Approved,
+        "{}",
+        reason(&kept)
+    );
+    assert_eq!(
+        kept.services[0].resolved_image,
+        format!("{host}/team/sched@{digest}")
+    );
+    // The registry loses the pinned manifest: the reverify says so, and
+    // the pin still names what was approved.
+    let deleted = registry.delete_manifest("team/sched", &digest).await;
+    assert!(deleted.contains("202"), "{deleted}");
+    reverify(&mut client).await;
+    let lost = settled(&client, &addon.id).await;
+    assert_eq!(lost.status(), pb::AddonStatus::FailedVerification);
+    assert!(
+        reason(&lost).contains("lost pinned image"),
+        "{}",
+        reason(&lost)
+    );
+    assert_eq!(
+        lost.services[0].resolved_image,
+        format!("{host}/team/sched@{digest}")
+    );
     server.stop().await;
 }
 

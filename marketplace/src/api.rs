@@ -52,10 +52,13 @@ pub const PERMISSIONS: &[MethodAccess] = &[
 /// Who calls: a reviewer (or admin, or anyone on a marketplace without
 /// authentication) may change any addon, a publisher only its own.
 fn caller<T>(request: &Request<T>) -> crate::service::Caller {
-    let identity = Identity::of(request);
+    caller_of(&Identity::of(request))
+}
+
+fn caller_of(identity: &Identity) -> crate::service::Caller {
     crate::service::Caller {
         any: identity.has(Role::Reviewer),
-        subject: identity.subject,
+        subject: identity.subject.clone(),
     }
 }
 
@@ -141,7 +144,7 @@ impl MarketplaceService for MarketplaceApi {
                 let descriptor = Descriptor::from_proto(addon);
                 let stored = self
                     .core
-                    .publish(descriptor, &identity.subject)
+                    .publish(descriptor, &caller_of(&identity))
                     .await
                     .map_err(|err| match err {
                     Error::Invalid(violations) => in_addon(violations),

@@ -27,13 +27,29 @@ pub enum Error {
         /// Who published it.
         owner: String,
     },
-    /// Another addon has the name.
-    #[error("an addon named `{name}` already exists (`{existing_id}`)")]
+    /// The name already has this version.
+    #[error("version {version} of addon `{name}` already exists (`{existing_id}`)")]
     NameTaken {
         /// The name.
         name: String,
+        /// The version.
+        version: String,
         /// The addon holding it.
         existing_id: String,
+    },
+    /// A new version must be higher than every published one.
+    #[error(
+        "version {version} of addon `{name}` is not higher than its highest published version {highest}"
+    )]
+    VersionNotNewer {
+        /// The name.
+        name: String,
+        /// The version asked for.
+        version: String,
+        /// The highest published version.
+        highest: String,
+        /// The addon holding it.
+        highest_id: String,
     },
     /// The store failed.
     #[error(transparent)]
@@ -76,6 +92,14 @@ impl From<Error> for Status {
                     .resource(ADDON, existing_id)
                     .into()
             }
+            Error::VersionNotNewer {
+                highest,
+                highest_id,
+                ..
+            } => ApiError::new(Code::FailedPrecondition, "VERSION_NOT_NEWER", message)
+                .metadata("highest_version", highest)
+                .resource(ADDON, highest_id)
+                .into(),
             Error::Store(err) => addons_server_kit::store_error_to_status(err),
         }
     }

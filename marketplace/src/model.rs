@@ -57,13 +57,24 @@ impl Document for Addon {
         &self.id
     }
 
+    /// One record per name and version.
     fn unique_key(&self) -> Option<String> {
-        Some(self.descriptor.name.clone())
+        Some(version_key(&self.descriptor.name, &self.descriptor.version))
     }
 
     fn status(&self) -> String {
         self.status.as_str().to_owned()
     }
+}
+
+/// The unique key of version `version` of addon `name`.
+pub(crate) fn version_key(name: &str, version: &str) -> String {
+    format!("{name}@{version}")
+}
+
+/// The prefix of the unique keys of every version of addon `name`.
+pub(crate) fn versions_prefix(name: &str) -> String {
+    format!("{name}@")
 }
 
 /// The state of an addon's verification.

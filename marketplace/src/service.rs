@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Error,
-    model::{Addon, AddonStatus, Verification},
+    model::{self, Addon, AddonStatus, Verification},
     registry::{self, Registry},
     verifier::{self, VerifierOptions, VerifyQueue},
 };
@@ -26,6 +26,10 @@ pub(crate) const MAX_PAGE_SIZE: usize = 500;
 pub struct Marketplace {
     addons: Collection<Addon>,
     queue: VerifyQueue,
+    /// Held from the version check to the insert, so two publishes of one
+    /// name cannot both pass it. The marketplace is the only writer of
+    /// addons, so an in-process lock makes it atomic.
+    publishing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Who asks to change an addon.
@@ -50,15 +54,23 @@ impl Marketplace {
     ) -> Result<Self, Error> {
         let addons: Collection<Addon> = store.collection().await?;
         let queue = verifier::spawn(addons.clone(), registry, options, shutdown);
-        Ok(Self { addons, queue })
+        Ok(Self {
+            addons,
+            queue,
+            publishing: Default::default(),
+        })
     }
 
     /// Validates a descriptor and stores it as a new addon in review. Pinned
     /// images in the request are dropped: only verification pins them.
+    ///
+    /// A name's first version makes `caller` its owner; a further version
+    /// must come from the owner (or a caller that may change any addon)
+    /// and be higher than every version already published.
     pub async fn publish(
         &self,
         mut descriptor: Descriptor,
-        owner: &str,
+        caller: &Caller,
     ) -> Result<Versioned<Addon>, Error> {
         for service in &mut descriptor.services {
             service.resolved_image = None;
@@ -66,6 +78,42 @@ impl Marketplace {
         addons_descriptor::validate_with(&descriptor, &registry::parse_reference)
             .map_err(Error::Invalid)?;
         let name = descriptor.name.clone();
+        let version = descriptor.version.clone();
+        let _publishing = self.publishing.lock().await;
+        let versions = self.versions(&name).await?;
+        if let Some(same) = versions
+            .iter()
+            .find(|v| v.value.descriptor.version == version)
+        {
+            return Err(Error::NameTaken {
+                name,
+                version,
+                existing_id: same.value.id.clone(),
+            });
+        }
+        if let Some(first) = versions.first()
+            && !caller.any
+            && first.value.owner != caller.subject
+        {
+            return Err(Error::NotOwner {
+                id: first.value.id.clone(),
+                owner: first.value.owner.clone(),
+            });
+        }
+        let highest = versions
+            .iter()
+            .filter_map(|v| v.value.descriptor.semver().map(|s| (s, v)))
+            .max_by(|a, b| a.0.cmp(&b.0));
+        if let (Some((highest, holder)), Some(new)) = (highest, descriptor.semver())
+            && new <= highest
+        {
+            return Err(Error::VersionNotNewer {
+                name,
+                version,
+                highest: highest.to_string(),
+                highest_id: holder.value.id.clone(),
+            });
+        }
         let now = chrono::Utc::now();
         let addon = Addon {
             id: addons_store::new_id(),
@@ -74,7 +122,7 @@ impl Marketplace {
             verification: Verification::default(),
             create_time: now,
             update_time: now,
-            owner: owner.to_owned(),
+            owner: caller.subject.clone(),
         };
         match self.addons.insert(addon).await {
             Ok(stored) => {
@@ -82,14 +130,27 @@ impl Marketplace {
                 Ok(stored)
             }
             Err(addons_store::Error::AlreadyExists { .. }) => {
-                let holder = self.addons.by_unique_key(&name).await?;
+                let holder = self
+                    .addons
+                    .by_unique_key(&model::version_key(&name, &version))
+                    .await?;
                 Err(Error::NameTaken {
                     name,
+                    version,
                     existing_id: holder.map(|a| a.value.id).unwrap_or_default(),
                 })
             }
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Every version of addon `name` in any status, in publication order.
+    pub async fn versions(&self, name: &str) -> Result<Vec<Versioned<Addon>>, Error> {
+        let filter = Filter {
+            unique_key_prefix: Some(model::versions_prefix(name)),
+            ..Filter::default()
+        };
+        Ok(self.addons.list_all(&filter).await?)
     }
 
     /// One addon in any status.
@@ -115,7 +176,8 @@ impl Marketplace {
         };
         let filter = Filter {
             statuses: statuses.iter().map(|s| s.as_str().to_owned()).collect(),
-            unique_key: name.map(str::to_owned),
+            unique_key_prefix: name.map(model::versions_prefix),
+            ..Filter::default()
         };
         let page_size = match page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -157,7 +219,10 @@ impl Marketplace {
     }
 
     /// Puts an addon back in review with a fresh verification, only while it
-    /// is at `expected_revision` when given.
+    /// is at `expected_revision` when given. An approved version keeps its
+    /// pinned images: the verification checks that each pinned digest still
+    /// resolves, and fails the addon naming each one the registry lost;
+    /// nothing ever re-pins it to what a tag points to now.
     pub async fn reverify(
         &self,
         id: &str,
@@ -170,9 +235,6 @@ impl Marketplace {
             .modify_at(id, expected_revision, |addon| {
                 addon.status = AddonStatus::UnderReview;
                 addon.verification = Verification::default();
-                for service in &mut addon.descriptor.services {
-                    service.resolved_image = None;
-                }
                 addon.update_time = chrono::Utc::now();
                 Ok(true)
             })

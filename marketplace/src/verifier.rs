@@ -104,7 +104,7 @@ async fn run(
     let mut due: HashMap<String, Instant> = HashMap::new();
     let resume = Filter {
         statuses: vec![AddonStatus::UnderReview.as_str().to_owned()],
-        unique_key: None,
+        ..Filter::default()
     };
     loop {
         match addons.list_all(&resume).await {
@@ -232,8 +232,12 @@ async fn attempt(
         .services
         .iter()
         .map(|service| async {
+            // An approved version back in review keeps its pins: the check
+            // is that each pinned digest still resolves, never what the tag
+            // points to now.
+            let reference = service.resolved_image.as_deref().unwrap_or(&service.image);
             registry
-                .inspect(&service.image, !service.command.is_empty())
+                .inspect(reference, !service.command.is_empty())
                 .await
         });
     let results = futures::future::join_all(checks).await;
@@ -261,6 +265,12 @@ async fn attempt(
                 reason,
                 bytes_fetched,
             }) => {
+                let reason = match &service.resolved_image {
+                    Some(pinned) => format!(
+                        "the registry lost pinned image {pinned} (the approved digest no longer resolves): {reason}"
+                    ),
+                    None => reason.clone(),
+                };
                 verdict.reason = Some(reason.clone());
                 verdict.bytes_fetched = *bytes_fetched;
                 definite.push(format!("{}: {reason}", service.service_name));

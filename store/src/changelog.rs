@@ -194,6 +194,7 @@ impl ChangeLog {
         let filter = RawFilter {
             statuses: vec![collection.to_owned()],
             key: None,
+            key_prefix: None,
         };
         scan(
             &*self.backend,

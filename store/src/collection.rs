@@ -332,6 +332,10 @@ impl<T: Document> Collection<T> {
                 .unique_key
                 .clone()
                 .map(|key| stored_key(Some(key), "")),
+            key_prefix: filter
+                .unique_key_prefix
+                .clone()
+                .map(|prefix| stored_key(Some(prefix), "")),
         };
         // One record more than asked tells whether another page follows.
         let mut records = self

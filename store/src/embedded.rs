@@ -271,7 +271,7 @@ impl Backend for EmbeddedBackend {
                 let record = decode_record(OP, bytes.value())?;
                 let status_ok =
                     filter.statuses.is_empty() || filter.statuses.contains(&record.status);
-                let key_ok = filter.key.as_ref().is_none_or(|key| *key == record.key);
+                let key_ok = filter.key_matches(&record.key);
                 if status_ok && key_ok {
                     out.push(record);
                     if out.len() == limit {

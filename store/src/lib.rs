@@ -106,6 +106,9 @@ pub struct Filter {
     pub statuses: Vec<String>,
     /// Only the record holding this unique key.
     pub unique_key: Option<String>,
+    /// Only records whose unique key starts with this (for keys made of
+    /// parts, such as `name@version`).
+    pub unique_key_prefix: Option<String>,
 }
 
 /// One page of a listing.
@@ -340,6 +343,19 @@ pub(crate) trait Backend: Send + Sync + 'static {
 pub(crate) struct RawFilter {
     pub statuses: Vec<String>,
     pub key: Option<String>,
+    /// A prefix of the stored key (`k:` included).
+    pub key_prefix: Option<String>,
+}
+
+impl RawFilter {
+    /// Whether a stored key passes the key conditions.
+    pub(crate) fn key_matches(&self, key: &str) -> bool {
+        self.key.as_ref().is_none_or(|k| k == key)
+            && self
+                .key_prefix
+                .as_ref()
+                .is_none_or(|p| key.starts_with(p.as_str()))
+    }
 }
 
 /// The stored form of a unique key. Records without one get a key derived

@@ -275,8 +275,19 @@ impl Backend for MongoBackend {
     ) -> Result<Vec<RawRecord>> {
         let mut query = Document::new();
         status_filter(&mut query, &filter.statuses);
-        if let Some(key) = &filter.key {
-            query.insert("key", key);
+        match (&filter.key, &filter.key_prefix) {
+            (Some(key), _) => {
+                query.insert("key", key);
+            }
+            // A range rather than a regular expression: every MongoDB-wire
+            // server answers it from the key index.
+            (None, Some(prefix)) => {
+                query.insert(
+                    "key",
+                    doc! { "$gte": prefix, "$lt": format!("{prefix}\u{10ffff}") },
+                );
+            }
+            (None, None) => {}
         }
         if let Some(after) = after {
             query.insert("_id", doc! { "$gt": after });

@@ -183,13 +183,17 @@ pub fn addons(list: &[mpb::Addon], format: Format, many: bool) -> Result<(), Cli
             vec![
                 a.id.clone(),
                 a.name.clone(),
+                a.version.clone(),
                 status_word(&addon_status(a)),
                 a.services.len().to_string(),
                 ago(a.update_time.as_ref()),
             ]
         })
         .collect();
-    table(&["ID", "NAME", "STATUS", "SERVICES", "UPDATED"], &rows);
+    table(
+        &["ID", "NAME", "VERSION", "STATUS", "SERVICES", "UPDATED"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -204,6 +208,7 @@ fn single_or_list(mut values: Vec<serde_json::Value>, many: bool) -> serde_json:
 fn addon_details(addon: &mpb::Addon) {
     println!("ID:          {}", addon.id);
     println!("Name:        {}", addon.name);
+    println!("Version:     {}", addon.version);
     if !addon.description.is_empty() {
         println!("Description: {}", addon.description);
     }
@@ -314,7 +319,10 @@ pub fn installations(
                 .count();
             vec![
                 i.id.clone(),
-                i.addon.as_ref().map(|a| a.name.clone()).unwrap_or_default(),
+                i.addon
+                    .as_ref()
+                    .map(|a| format!("{} {}", a.name, a.version))
+                    .unwrap_or_default(),
                 status_word(&installation_status(i)),
                 format!(
                     "{running}/{}",
@@ -335,7 +343,10 @@ pub fn installations(
 fn installation_details(i: &epb::Installation) {
     println!("ID:          {}", i.id);
     if let Some(addon) = &i.addon {
-        println!("Addon:       {} ({})", addon.name, i.marketplace_id);
+        println!(
+            "Addon:       {} {} ({})",
+            addon.name, addon.version, i.marketplace_id
+        );
     }
     println!("Status:      {}", status_word(&installation_status(i)));
     println!("Message:     {}", i.status_message);
