@@ -12,6 +12,7 @@ use oakestra_addons_proto::engine::v1::{
     addons_manager_service_server::{AddonsManagerService, AddonsManagerServiceServer},
     monitor_link_service_server::{MonitorLinkService, MonitorLinkServiceServer},
 };
+use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -40,6 +41,14 @@ pub const MANAGER_PERMISSIONS: &[MethodAccess] = &[
     },
     MethodAccess {
         method: "UninstallAddon",
+        roles: &[Role::Operator],
+    },
+    MethodAccess {
+        method: "UpgradeInstallation",
+        roles: &[Role::Operator],
+    },
+    MethodAccess {
+        method: "RollbackInstallation",
         roles: &[Role::Operator],
     },
 ];
@@ -93,6 +102,61 @@ fn change_type(kind: ChangeKind) -> pb::ChangeType {
     }
 }
 
+fn accepted(privileges: &[pb::Privilege]) -> Vec<addons_descriptor::Privilege> {
+    privileges.iter().cloned().map(Into::into).collect()
+}
+
+/// The rollout options of an upgrade or rollback request, checked.
+fn rollout_options(
+    max_parallel: u32,
+    min_healthy_time: Option<prost_types::Duration>,
+    progress_deadline: Option<prost_types::Duration>,
+) -> Result<crate::rollout::RolloutOptions, Error> {
+    use crate::rollout::{
+        DEFAULT_DEADLINE_MARGIN, DEFAULT_MIN_HEALTHY_TIME, MAX_MIN_HEALTHY_TIME,
+        MAX_PROGRESS_DEADLINE,
+    };
+    let mut violations = Vec::new();
+    let mut duration = |field: &str, value: Option<prost_types::Duration>, max: Duration| {
+        let value = value?;
+        match Duration::try_from(value) {
+            Ok(d) if d <= max => Some(d),
+            _ => {
+                violations.push(FieldViolation::new(
+                    field,
+                    format!("must be between 0 and {max:?}"),
+                ));
+                None
+            }
+        }
+    };
+    let min_healthy_time = duration("min_healthy_time", min_healthy_time, MAX_MIN_HEALTHY_TIME)
+        .unwrap_or(DEFAULT_MIN_HEALTHY_TIME);
+    let progress_deadline = duration(
+        "progress_deadline",
+        progress_deadline,
+        MAX_PROGRESS_DEADLINE,
+    )
+    .unwrap_or(min_healthy_time + DEFAULT_DEADLINE_MARGIN);
+    if progress_deadline <= min_healthy_time {
+        violations.push(FieldViolation::new(
+            "progress_deadline",
+            "must be longer than min_healthy_time",
+        ));
+    }
+    if max_parallel > 10_000 {
+        violations.push(FieldViolation::new("max_parallel", "at most 10000"));
+    }
+    if !violations.is_empty() {
+        return Err(Error::Invalid(violations));
+    }
+    Ok(crate::rollout::RolloutOptions {
+        max_parallel: max_parallel.max(1),
+        min_healthy_time,
+        progress_deadline,
+    })
+}
+
 /// Most ids one watch may select.
 const MAX_WATCH_IDS: usize = 500;
 
@@ -121,6 +185,7 @@ impl AddonsManagerService for ManagerApi {
                             .map(Into::into)
                             .collect(),
                         Some(request_id.as_str()).filter(|id| !id.is_empty()),
+                        &identity.subject,
                     )
                     .await?;
                 tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
@@ -130,6 +195,81 @@ impl AddonsManagerService for ManagerApi {
             })
             .await;
         audit(&identity, "InstallAddon", &request.marketplace_id, &outcome);
+        outcome.map(Response::new)
+    }
+
+    async fn upgrade_installation(
+        &self,
+        request: Request<pb::UpgradeInstallationRequest>,
+    ) -> Result<Response<pb::UpgradeInstallationResponse>, Status> {
+        let identity = Identity::of(&request);
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        let outcome = self
+            .requests
+            .once("UpgradeInstallation", &request_id, &request, || async {
+                let id = required("id", &request.id)?;
+                let version = required("version", &request.version)?;
+                let options = rollout_options(
+                    request.max_parallel,
+                    request.min_healthy_time,
+                    request.progress_deadline,
+                )?;
+                let installation = self
+                    .core
+                    .upgrade(
+                        id,
+                        version,
+                        accepted(&request.accepted_privileges),
+                        options,
+                        request.expected_revision,
+                        &identity.subject,
+                    )
+                    .await?;
+                tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
+                Ok(pb::UpgradeInstallationResponse {
+                    installation: Some(convert::installation_to_proto(installation)),
+                })
+            })
+            .await;
+        audit(&identity, "UpgradeInstallation", &request.id, &outcome);
+        outcome.map(Response::new)
+    }
+
+    async fn rollback_installation(
+        &self,
+        request: Request<pb::RollbackInstallationRequest>,
+    ) -> Result<Response<pb::RollbackInstallationResponse>, Status> {
+        let identity = Identity::of(&request);
+        let mut request = request.into_inner();
+        let request_id = std::mem::take(&mut request.request_id);
+        let outcome = self
+            .requests
+            .once("RollbackInstallation", &request_id, &request, || async {
+                let id = required("id", &request.id)?;
+                let options = rollout_options(
+                    request.max_parallel,
+                    request.min_healthy_time,
+                    request.progress_deadline,
+                )?;
+                let installation = self
+                    .core
+                    .rollback(
+                        id,
+                        request.release,
+                        accepted(&request.accepted_privileges),
+                        options,
+                        request.expected_revision,
+                        &identity.subject,
+                    )
+                    .await?;
+                tracing::info!(%id, release = installation.value.release, "rollback started");
+                Ok(pb::RollbackInstallationResponse {
+                    installation: Some(convert::installation_to_proto(installation)),
+                })
+            })
+            .await;
+        audit(&identity, "RollbackInstallation", &request.id, &outcome);
         outcome.map(Response::new)
     }
 

@@ -4,7 +4,10 @@ use addons_store::Versioned;
 use oakestra_addons_proto::engine::v1 as pb;
 use prost_types::Timestamp;
 
-use crate::model::{Installation, InstallationStatus, Plane, ServicePhase, ServiceStatus};
+use crate::model::{
+    Installation, InstallationStatus, NodeState, Plane, Release, ReleaseOutcome, Rollout,
+    ServicePhase, ServiceStatus,
+};
 
 fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
     std::time::SystemTime::from(time).into()
@@ -19,6 +22,8 @@ impl From<InstallationStatus> for pb::InstallationStatus {
             InstallationStatus::Failed => Self::Failed,
             InstallationStatus::Disabling => Self::Disabling,
             InstallationStatus::Disabled => Self::Disabled,
+            InstallationStatus::Upgrading => Self::Upgrading,
+            InstallationStatus::RolledBack => Self::RolledBack,
         }
     }
 }
@@ -33,6 +38,8 @@ pub(crate) fn status_from_proto(value: i32) -> Option<InstallationStatus> {
         pb::InstallationStatus::Failed => InstallationStatus::Failed,
         pb::InstallationStatus::Disabling => InstallationStatus::Disabling,
         pb::InstallationStatus::Disabled => InstallationStatus::Disabled,
+        pb::InstallationStatus::Upgrading => InstallationStatus::Upgrading,
+        pb::InstallationStatus::RolledBack => InstallationStatus::RolledBack,
     })
 }
 
@@ -75,6 +82,68 @@ fn service_status_to_proto(s: ServiceStatus) -> pb::ServiceStatus {
         update_time: Some(timestamp(s.update_time)),
         pull_bytes_done: s.pull_bytes_done,
         pull_bytes_total: s.pull_bytes_total,
+        release: s.release,
+    }
+}
+
+fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or_default()
+}
+
+fn release_to_proto(r: Release) -> pb::Release {
+    pb::Release {
+        number: r.number,
+        version: r.addon.version.clone(),
+        marketplace_id: r.marketplace_id,
+        images: r
+            .addon
+            .services
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}={}",
+                    s.service_name,
+                    s.resolved_image.as_deref().unwrap_or(&s.image)
+                )
+            })
+            .collect(),
+        create_time: Some(timestamp(r.create_time)),
+        requested_by: r.requested_by,
+        outcome: match r.outcome {
+            ReleaseOutcome::InProgress => pb::ReleaseOutcome::InProgress,
+            ReleaseOutcome::Deployed => pb::ReleaseOutcome::Deployed,
+            ReleaseOutcome::Superseded => pb::ReleaseOutcome::Superseded,
+            ReleaseOutcome::RolledBack => pb::ReleaseOutcome::RolledBack,
+        }
+        .into(),
+        reason: r.reason,
+        rollback_of: r.rollback_of.unwrap_or_default(),
+    }
+}
+
+fn rollout_to_proto(r: Rollout) -> pb::Rollout {
+    pb::Rollout {
+        from_release: r.from_release,
+        to_release: r.to_release,
+        nodes: r
+            .nodes
+            .into_iter()
+            .map(|n| pb::NodeRollout {
+                node_id: n.node_id,
+                state: match n.state {
+                    NodeState::Waiting => pb::NodeRolloutState::Waiting,
+                    NodeState::Upgrading => pb::NodeRolloutState::Upgrading,
+                    NodeState::Healthy => pb::NodeRolloutState::Healthy,
+                    NodeState::Failed => pb::NodeRolloutState::Failed,
+                }
+                .into(),
+                since: Some(timestamp(n.since)),
+                reason: n.reason,
+            })
+            .collect(),
+        max_parallel: r.max_parallel,
+        min_healthy_time: Some(duration(r.min_healthy_time)),
+        progress_deadline: Some(duration(r.progress_deadline)),
     }
 }
 
@@ -101,6 +170,13 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
             .into_iter()
             .map(Into::into)
             .collect(),
+        release: installation.release,
+        history: installation
+            .history
+            .into_iter()
+            .map(release_to_proto)
+            .collect(),
+        rollout: installation.rollout.map(rollout_to_proto),
     }
 }
 
@@ -165,5 +241,6 @@ pub(crate) fn service_status_from_proto(s: pb::ServiceStatus) -> Result<ServiceS
             .unwrap_or_else(chrono::Utc::now),
         pull_bytes_done: s.pull_bytes_done,
         pull_bytes_total: s.pull_bytes_total,
+        release: s.release,
     })
 }

@@ -94,6 +94,44 @@ pub enum Error {
         /// The live installation holding it.
         installation_id: String,
     },
+    /// A rollout runs already.
+    #[error("installation `{id}` is rolling out release {release}; wait for it to end")]
+    RolloutInProgress {
+        /// The installation.
+        id: String,
+        /// The release rolling out.
+        release: u64,
+    },
+    /// The installation is being uninstalled.
+    #[error("installation `{id}` is {status}")]
+    NotRunning {
+        /// The installation.
+        id: String,
+        /// Its status.
+        status: &'static str,
+    },
+    /// The installation runs the version already.
+    #[error("installation `{id}` runs version {version} already")]
+    AlreadyAtVersion {
+        /// The installation.
+        id: String,
+        /// The version.
+        version: String,
+    },
+    /// The release is not in the kept history.
+    #[error(
+        "installation `{id}` has no release {release} to return to (current: {current}; kept: {kept:?})"
+    )]
+    ReleaseNotFound {
+        /// The installation.
+        id: String,
+        /// The release asked for (0: the one before the current).
+        release: u64,
+        /// The releases kept.
+        kept: Vec<u64>,
+        /// The current release.
+        current: u64,
+    },
     /// The marketplace cannot be reached or failed.
     #[error("the marketplace is unavailable: {0}")]
     MarketplaceUnavailable(String),
@@ -240,6 +278,34 @@ impl From<Error> for Status {
                     )
                 },
             ),
+            Error::RolloutInProgress { id, release } => {
+                ApiError::new(Code::FailedPrecondition, "ROLLOUT_IN_PROGRESS", message.clone())
+                    .metadata("release", release)
+                    .precondition(
+                        "ROLLOUT",
+                        format!("installations/{id}"),
+                        "a release is rolling out; wait for it to end",
+                    )
+            }
+            Error::NotRunning { id, status } => {
+                ApiError::new(Code::FailedPrecondition, "INSTALLATION_NOT_RUNNING", message.clone())
+                    .precondition(
+                        "STATUS",
+                        format!("installations/{id}"),
+                        format!("the installation is {status}"),
+                    )
+            }
+            Error::AlreadyAtVersion { id, version } => {
+                ApiError::new(Code::FailedPrecondition, "ALREADY_AT_VERSION", message.clone())
+                    .precondition(
+                        "VERSION",
+                        format!("installations/{id}"),
+                        format!("the installation runs {version} already"),
+                    )
+            }
+            Error::ReleaseNotFound { id, .. } => {
+                ApiError::new(Code::NotFound, "RELEASE_NOT_FOUND", message).resource(INSTALLATION, id)
+            }
             Error::HostPortInUse {
                 installation_id,
                 service,

@@ -11,6 +11,7 @@ mod convert;
 mod error;
 pub mod link;
 pub mod model;
+pub mod rollout;
 mod service;
 mod status;
 

@@ -39,6 +39,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         vec![listen.port()],
     )
     .await?;
+    core.spawn_rollout_deadlines(shutdown.clone());
     let requests = Requests::open(&store).await?;
     let hub = LinkHub::start(
         &store,

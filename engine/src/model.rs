@@ -22,6 +22,10 @@ pub enum InstallationStatus {
     Disabling,
     /// Every service is gone.
     Disabled,
+    /// A new release rolls out node by node.
+    Upgrading,
+    /// A release failed in its rollout; the previous one runs everywhere.
+    RolledBack,
 }
 
 impl InstallationStatus {
@@ -34,6 +38,8 @@ impl InstallationStatus {
             Self::Failed => "failed",
             Self::Disabling => "disabling",
             Self::Disabled => "disabled",
+            Self::Upgrading => "upgrading",
+            Self::RolledBack => "rolled_back",
         }
     }
 }
@@ -89,6 +95,122 @@ pub struct Installation {
     pub create_time: DateTime<Utc>,
     /// When it last changed.
     pub update_time: DateTime<Utc>,
+    /// The release `addon` is: 1 at install, one more per upgrade or
+    /// rollback.
+    #[serde(default = "first_release")]
+    pub release: u64,
+    /// The newest releases, oldest first, each with its snapshot (empty
+    /// for a record made before releases: its first upgrade adds release
+    /// 1 from `addon`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Release>,
+    /// The release rolling out, while one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+    /// Why the last rollout was rolled back; cleared by the next upgrade
+    /// or rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
+}
+
+fn first_release() -> u64 {
+    1
+}
+
+/// How a release went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseOutcome {
+    /// Rolling out.
+    InProgress,
+    /// Runs on every node.
+    Deployed,
+    /// Deployed once, replaced since.
+    Superseded,
+    /// Failed in its rollout; the nodes went back.
+    RolledBack,
+}
+
+/// One release of an installation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// Its number.
+    pub number: u64,
+    /// The marketplace addon it was made from.
+    pub marketplace_id: String,
+    /// Its snapshot, images pinned.
+    pub addon: Descriptor,
+    /// What was granted to it.
+    pub granted_privileges: Vec<addons_descriptor::Privilege>,
+    /// When it was asked for.
+    pub create_time: DateTime<Utc>,
+    /// Who asked.
+    pub requested_by: String,
+    /// How it went.
+    pub outcome: ReleaseOutcome,
+    /// Why it has its outcome.
+    pub reason: String,
+    /// For a rollback, the release it returned to.
+    pub rollback_of: Option<u64>,
+}
+
+/// Where a node is in a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Not its turn yet.
+    Waiting,
+    /// Runs the new release, not healthy long enough yet.
+    Upgrading,
+    /// Healthy for the minimum time.
+    Healthy,
+    /// Failed and went back.
+    Failed,
+}
+
+/// One node of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRollout {
+    /// The node.
+    pub node_id: String,
+    /// Where it is.
+    pub state: NodeState,
+    /// Since when.
+    pub since: DateTime<Utc>,
+    /// Why it failed.
+    pub reason: String,
+}
+
+/// A release rolling out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The release the nodes ran before.
+    pub from_release: u64,
+    /// The release rolling out.
+    pub to_release: u64,
+    /// The nodes in order.
+    pub nodes: Vec<NodeRollout>,
+    /// Nodes upgraded at once.
+    pub max_parallel: u32,
+    /// How long a node must stay healthy.
+    #[serde(with = "millis")]
+    pub min_healthy_time: std::time::Duration,
+    /// How long a node may take to become healthy.
+    #[serde(with = "millis")]
+    pub progress_deadline: std::time::Duration,
+}
+
+mod millis {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
 }
 
 impl Document for Installation {
@@ -160,4 +282,8 @@ pub struct ServiceStatus {
     pub pull_bytes_done: u64,
     /// Image bytes to pull.
     pub pull_bytes_total: u64,
+    /// The installation release it runs (0: a monitor that predates
+    /// releases).
+    #[serde(default)]
+    pub release: u64,
 }

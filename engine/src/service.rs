@@ -19,7 +19,8 @@ use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{
     Error,
-    model::{Installation, InstallationStatus, Plane},
+    model::{Installation, InstallationStatus, Plane, Release, ReleaseOutcome},
+    rollout::{self, NewRelease, RolloutOptions},
     status,
 };
 
@@ -94,11 +95,82 @@ impl Manager {
         keep_core_stopped_on_failure: bool,
         accepted: Vec<Privilege>,
         request_id: Option<&str>,
+        requested_by: &str,
     ) -> Result<Versioned<Installation>, Error> {
         check_accepted(&accepted)?;
         let addon = self.fetch_approved(marketplace_id).await?;
-        let needs = privileges::for_install(&addon, keep_core_stopped_on_failure);
-        let missing = privileges::missing(&needs, &accepted);
+        self.admit(
+            marketplace_id,
+            &addon,
+            keep_core_stopped_on_failure,
+            &accepted,
+        )?;
+        let _claims = self.claims.lock().await;
+        self.check_service_names(marketplace_id, None, &addon)
+            .await?;
+        let now = chrono::Utc::now();
+        let first = Release {
+            number: 1,
+            marketplace_id: marketplace_id.to_owned(),
+            addon: addon.clone(),
+            granted_privileges: accepted.clone(),
+            create_time: now,
+            requested_by: requested_by.to_owned(),
+            outcome: ReleaseOutcome::Deployed,
+            reason: "installed".to_owned(),
+            rollback_of: None,
+        };
+        let installation = Installation {
+            id: addons_store::new_id(),
+            marketplace_id: marketplace_id.to_owned(),
+            addon,
+            plane: self.plane,
+            status: InstallationStatus::Installing,
+            status_message: "waiting for a monitor to start the services".to_owned(),
+            services: Vec::new(),
+            report_sequences: Default::default(),
+            purge_requested: false,
+            keep_core_stopped_on_failure,
+            granted_privileges: accepted,
+            request_id: request_id.map(str::to_owned),
+            create_time: now,
+            update_time: now,
+            release: 1,
+            history: vec![first],
+            rollout: None,
+            rolled_back: None,
+        };
+        match self.installations.insert(installation).await {
+            Ok(stored) => Ok(stored),
+            Err(addons_store::Error::AlreadyExists { .. }) => {
+                match self.installations.by_unique_key(marketplace_id).await? {
+                    Some(made)
+                        if request_id.is_some()
+                            && made.value.request_id.as_deref() == request_id =>
+                    {
+                        Ok(made)
+                    }
+                    holder => Err(Error::AlreadyInstalled {
+                        marketplace_id: marketplace_id.to_owned(),
+                        installation_id: holder.map(|i| i.value.id).unwrap_or_default(),
+                    }),
+                }
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Whether `addon` may run with `granted`: the grants cover what it
+    /// needs, and the manager's policy allows it.
+    fn admit(
+        &self,
+        marketplace_id: &str,
+        addon: &Descriptor,
+        keep_core_stopped_on_failure: bool,
+        granted: &[Privilege],
+    ) -> Result<(), Error> {
+        let needs = privileges::for_install(addon, keep_core_stopped_on_failure);
+        let missing = privileges::missing(&needs, granted);
         if !missing.is_empty() {
             return Err(Error::PrivilegesNotAccepted {
                 marketplace_id: marketplace_id.to_owned(),
@@ -122,51 +194,233 @@ impl Manager {
                 violations,
             });
         }
-        let _claims = self.claims.lock().await;
-        self.check_service_names(marketplace_id, &addon).await?;
-        let now = chrono::Utc::now();
-        let installation = Installation {
-            id: addons_store::new_id(),
-            marketplace_id: marketplace_id.to_owned(),
+        Ok(())
+    }
+
+    /// Upgrades installation `id` to `version` of its addon: checks it like
+    /// an install (the grants it already has plus `accepted` must cover the
+    /// new version) and starts the rollout of a new release.
+    pub async fn upgrade(
+        &self,
+        id: &str,
+        version: &str,
+        accepted: Vec<Privilege>,
+        options: RolloutOptions,
+        expected_revision: Option<u64>,
+        requested_by: &str,
+    ) -> Result<Versioned<Installation>, Error> {
+        check_accepted(&accepted)?;
+        let current = self.get(id).await?;
+        check_can_roll_out(&current.value)?;
+        if current.value.addon.version == version {
+            return Err(Error::AlreadyAtVersion {
+                id: id.to_owned(),
+                version: version.to_owned(),
+            });
+        }
+        let (marketplace_id, addon) = self
+            .fetch_version(&current.value.addon.name, version)
+            .await?;
+        let mut granted = current.value.granted_privileges.clone();
+        granted.extend(accepted);
+        self.admit(
+            &marketplace_id,
+            &addon,
+            current.value.keep_core_stopped_on_failure,
+            &granted,
+        )?;
+        let new = NewRelease {
+            marketplace_id,
             addon,
-            plane: self.plane,
-            status: InstallationStatus::Installing,
-            status_message: "waiting for a monitor to start the services".to_owned(),
-            services: Vec::new(),
-            report_sequences: Default::default(),
-            purge_requested: false,
-            keep_core_stopped_on_failure,
-            granted_privileges: accepted,
-            request_id: request_id.map(str::to_owned),
-            create_time: now,
-            update_time: now,
+            granted_privileges: granted,
+            requested_by: requested_by.to_owned(),
+            rollback_of: None,
         };
-        match self.installations.insert(installation).await {
-            Ok(stored) => Ok(stored),
-            Err(addons_store::Error::AlreadyExists { .. }) => {
-                match self.installations.by_unique_key(marketplace_id).await? {
-                    Some(made)
-                        if request_id.is_some()
-                            && made.value.request_id.as_deref() == request_id =>
-                    {
-                        Ok(made)
-                    }
-                    holder => Err(Error::AlreadyInstalled {
-                        marketplace_id: marketplace_id.to_owned(),
-                        installation_id: holder.map(|i| i.value.id).unwrap_or_default(),
-                    }),
+        self.roll_out(id, new, options, expected_revision).await
+    }
+
+    /// Returns installation `id` to release `release` of its history (0:
+    /// the one before the current release), as a new release.
+    pub async fn rollback(
+        &self,
+        id: &str,
+        release: u64,
+        accepted: Vec<Privilege>,
+        options: RolloutOptions,
+        expected_revision: Option<u64>,
+        requested_by: &str,
+    ) -> Result<Versioned<Installation>, Error> {
+        check_accepted(&accepted)?;
+        let mut current = self.get(id).await?.value;
+        check_can_roll_out(&current)?;
+        rollout::ensure_history(&mut current);
+        let target = if release == 0 {
+            current
+                .history
+                .iter()
+                .rev()
+                .find(|r| r.number < current.release)
+        } else {
+            rollout::find(&current, release)
+        };
+        let Some(target) = target.filter(|r| r.number != current.release).cloned() else {
+            return Err(Error::ReleaseNotFound {
+                id: id.to_owned(),
+                release,
+                kept: current.history.iter().map(|r| r.number).collect(),
+                current: current.release,
+            });
+        };
+        let mut granted = target.granted_privileges.clone();
+        granted.extend(accepted);
+        self.admit(
+            &target.marketplace_id,
+            &target.addon,
+            current.keep_core_stopped_on_failure,
+            &granted,
+        )?;
+        let new = NewRelease {
+            marketplace_id: target.marketplace_id,
+            addon: target.addon,
+            granted_privileges: granted,
+            requested_by: requested_by.to_owned(),
+            rollback_of: Some(target.number),
+        };
+        self.roll_out(id, new, options, expected_revision).await
+    }
+
+    /// Starts rolling `new` out on installation `id`, after the same name
+    /// and port checks as an install, in one conditional write.
+    async fn roll_out(
+        &self,
+        id: &str,
+        new: NewRelease,
+        options: RolloutOptions,
+        expected_revision: Option<u64>,
+    ) -> Result<Versioned<Installation>, Error> {
+        let _claims = self.claims.lock().await;
+        self.check_service_names(&new.marketplace_id, Some(id), &new.addon)
+            .await?;
+        let mut refused = None;
+        let result = self
+            .installations
+            .modify_at(id, expected_revision, |installation| {
+                if let Err(err) = check_can_roll_out(installation) {
+                    refused = Some(err);
+                    return Ok(false);
+                }
+                let now = chrono::Utc::now();
+                rollout::begin(installation, new.clone(), options, now);
+                status::recompute(installation);
+                installation.update_time = now;
+                Ok(true)
+            })
+            .await
+            .map_err(|err| match err {
+                addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
+                err => err.into(),
+            })?;
+        match refused {
+            Some(err) => Err(err),
+            None => Ok(result),
+        }
+    }
+
+    /// Checks the rollouts' deadlines every second until `shutdown` fires.
+    pub fn spawn_rollout_deadlines(&self, shutdown: addons_server_kit::Shutdown) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.fired() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(err) = manager.check_rollout_deadlines().await {
+                    tracing::warn!(error = %err, "cannot check the rollouts' deadlines");
                 }
             }
-            Err(err) => Err(err.into()),
+        });
+    }
+
+    /// Fails rollouts whose node took longer than their deadline.
+    pub async fn check_rollout_deadlines(&self) -> Result<(), Error> {
+        let filter = Filter {
+            statuses: vec![InstallationStatus::Upgrading.as_str().to_owned()],
+            ..Filter::default()
+        };
+        for record in self.installations.list_all(&filter).await? {
+            let now = chrono::Utc::now();
+            let mut probe = record.value.clone();
+            if !rollout::on_tick(&mut probe, now) {
+                continue;
+            }
+            let result = self
+                .installations
+                .modify(&record.value.id, |installation| {
+                    let now = chrono::Utc::now();
+                    if !rollout::on_tick(installation, now) {
+                        return Ok(false);
+                    }
+                    status::recompute(installation);
+                    installation.update_time = now;
+                    Ok(true)
+                })
+                .await;
+            match result {
+                Ok(stored) => {
+                    tracing::warn!(id = %stored.value.id, reason = ?stored.value.rolled_back, "rollout failed at its deadline");
+                }
+                Err(addons_store::Error::NotFound { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
         }
+        Ok(())
+    }
+
+    /// Approved version `version` of addon `name`: its marketplace id and
+    /// its descriptor, images pinned.
+    async fn fetch_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<(String, Descriptor), Error> {
+        let response = self
+            .marketplace
+            .clone()
+            .list_addons(mpb::ListAddonsRequest {
+                statuses: vec![
+                    mpb::AddonStatus::Approved.into(),
+                    mpb::AddonStatus::UnderReview.into(),
+                    mpb::AddonStatus::FailedVerification.into(),
+                ],
+                name: name.to_owned(),
+                page_size: 500,
+                page_token: String::new(),
+            })
+            .await
+            .map_err(|status| Error::MarketplaceUnavailable(status.message().to_owned()))?;
+        let Some(found) = response
+            .into_inner()
+            .addons
+            .into_iter()
+            .find(|a| a.version == version)
+        else {
+            return Err(Error::AddonNotFound(format!("{name}@{version}")));
+        };
+        let descriptor = self.fetch_approved(&found.id).await?;
+        Ok((found.id, descriptor))
     }
 
     /// Containers are named `<plane>_<service_name>` on every node, so two
     /// live installations must not share a service name; nor may they
-    /// publish the same host port.
+    /// publish the same host port. `except` is the installation being
+    /// upgraded, whose own names are its to keep.
     async fn check_service_names(
         &self,
         marketplace_id: &str,
+        except: Option<&str>,
         addon: &Descriptor,
     ) -> Result<(), Error> {
         let live = self
@@ -177,6 +431,7 @@ impl Manager {
             .filter(|r| {
                 r.value.status != InstallationStatus::Disabled
                     && r.value.marketplace_id != marketplace_id
+                    && Some(r.value.id.as_str()) != except
             });
         for other in live {
             if let Some(service) = addon.services.iter().find(|s| {
@@ -362,6 +617,26 @@ impl Manager {
             other => Ok(other?),
         }
     }
+}
+
+/// Refuses a rollout while another runs or the installation goes away.
+fn check_can_roll_out(installation: &Installation) -> Result<(), Error> {
+    if let Some(rollout) = &installation.rollout {
+        return Err(Error::RolloutInProgress {
+            id: installation.id.clone(),
+            release: rollout.to_release,
+        });
+    }
+    if matches!(
+        installation.status,
+        InstallationStatus::Disabling | InstallationStatus::Disabled
+    ) {
+        return Err(Error::NotRunning {
+            id: installation.id.clone(),
+            status: installation.status.as_str(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks the accepted privileges of a request: bounded, each with a kind

@@ -13,10 +13,17 @@ pub(crate) fn apply_report(
     node: &str,
     services: Vec<ServiceStatus>,
 ) {
+    // While a release rolls out, a node may report either release's
+    // services.
+    let previous = installation
+        .rollout
+        .as_ref()
+        .and_then(|r| crate::rollout::find(installation, r.from_release));
     let known: BTreeSet<&str> = installation
         .addon
         .services
         .iter()
+        .chain(previous.iter().flat_map(|r| &r.addon.services))
         .map(|s| s.service_name.as_str())
         .collect();
     let mut fresh: Vec<ServiceStatus> = services
@@ -59,6 +66,7 @@ pub(crate) fn mark_disconnected(installation: &mut Installation, node: &str) -> 
 /// Sets `status` and `status_message` from the services' statuses.
 pub(crate) fn recompute(installation: &mut Installation) {
     let (status, message) = aggregate(installation);
+    let (status, message) = crate::rollout::overlay(installation, status, message);
     installation.status = status;
     installation.status_message = message;
 }
@@ -201,13 +209,13 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use addons_descriptor::{Descriptor, Service};
 
     use super::*;
     use crate::model::Plane;
 
-    fn installation(services: &[&str]) -> Installation {
+    pub(crate) fn installation(services: &[&str]) -> Installation {
         Installation {
             id: "i1".into(),
             marketplace_id: "m1".into(),
@@ -233,10 +241,14 @@ mod tests {
             request_id: None,
             create_time: chrono::Utc::now(),
             update_time: chrono::Utc::now(),
+            release: 1,
+            history: Vec::new(),
+            rollout: None,
+            rolled_back: None,
         }
     }
 
-    fn status(name: &str, phase: ServicePhase) -> ServiceStatus {
+    pub(crate) fn status(name: &str, phase: ServicePhase) -> ServiceStatus {
         ServiceStatus {
             service_name: name.into(),
             phase,
@@ -250,6 +262,7 @@ mod tests {
             update_time: chrono::Utc::now(),
             pull_bytes_done: 0,
             pull_bytes_total: 0,
+            release: 0,
         }
     }
 

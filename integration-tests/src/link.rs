@@ -188,6 +188,7 @@ impl TestMonitor {
             installation_id: installation_id.to_owned(),
             services,
             observe_time: None,
+            verdict: None,
         };
         self.unacked.insert(sequence, report.clone());
         self.send(open_link_request::Message::Report(report)).await;
@@ -206,6 +207,7 @@ impl TestMonitor {
             installation_id: installation_id.to_owned(),
             services,
             observe_time: None,
+            verdict: None,
         };
         self.send(open_link_request::Message::Report(report)).await;
     }

@@ -392,6 +392,7 @@ async fn a_node_may_only_be_itself() {
                 installation_id: "i".into(),
                 services: vec![service("s", pb::ServicePhase::Running)],
                 observe_time: None,
+                verdict: None,
             })),
         })
         .await

@@ -26,3 +26,5 @@ pub const CORE_SPEC_HASH: &str = "oakestra.io/core-spec-hash";
 pub const REPLACED_BY: &str = "oakestra.io/replaced-by";
 /// Label on an addon container: the core container it replaces.
 pub const REPLACES: &str = "oakestra.io/replaces";
+/// The installation release a container runs (absent: release 1).
+pub const RELEASE: &str = "oakestra.io/release";

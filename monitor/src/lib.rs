@@ -17,6 +17,7 @@ pub mod plan;
 pub mod policy;
 pub mod pulls;
 pub mod reconcile;
+pub mod release;
 pub mod runtime;
 pub mod state_dir;
 

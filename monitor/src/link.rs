@@ -13,7 +13,11 @@ use oakestra_addons_proto::engine::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{now, outbox::ReportOutbox, reconcile::NodeView};
+use crate::{
+    now,
+    outbox::{Report, ReportOutbox},
+    reconcile::NodeView,
+};
 
 /// Settings of the link.
 #[derive(Debug, Clone)]
@@ -76,19 +80,16 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(
-        &mut self,
-        installation_id: String,
-        services: Vec<pb::ServiceStatus>,
-    ) -> pb::StatusReport {
+    fn push(&mut self, installation_id: String, report: Report) -> pb::StatusReport {
         self.next_sequence = self.next_sequence.max(1);
         self.unacked
             .retain(|_, report| report.installation_id != installation_id);
         let report = pb::StatusReport {
             sequence: self.next_sequence,
             installation_id,
-            services,
+            services: report.services,
             observe_time: Some(now()),
+            verdict: report.verdict,
         };
         self.next_sequence += 1;
         self.unacked.insert(report.sequence, report.clone());
@@ -241,8 +242,8 @@ async fn session(
                 .await?;
             }
             () = reports.ready() => {
-                for (installation_id, services) in reports.take() {
-                    let report = outbox.push(installation_id, services);
+                for (installation_id, report) in reports.take() {
+                    let report = outbox.push(installation_id, report);
                     tx.send(pb::OpenLinkRequest {
                         message: Some(open_link_request::Message::Report(report)),
                     })
@@ -374,15 +375,15 @@ mod tests {
     #[test]
     fn outbox_keeps_the_newest_report_per_installation_and_numbers_above_acks() {
         let mut outbox = Outbox::default();
-        assert_eq!(outbox.push("a".into(), Vec::new()).sequence, 1);
-        assert_eq!(outbox.push("b".into(), Vec::new()).sequence, 2);
-        assert_eq!(outbox.push("a".into(), Vec::new()).sequence, 3);
+        assert_eq!(outbox.push("a".into(), Report::default()).sequence, 1);
+        assert_eq!(outbox.push("b".into(), Report::default()).sequence, 2);
+        assert_eq!(outbox.push("a".into(), Report::default()).sequence, 3);
         assert_eq!(outbox.unacked.keys().copied().collect::<Vec<_>>(), [2, 3]);
         outbox.ack(2);
         assert_eq!(outbox.unacked.keys().copied().collect::<Vec<_>>(), [3]);
         // A manager that stored more (a restarted monitor) moves numbering up.
         outbox.ack(10);
         assert!(outbox.unacked.is_empty());
-        assert_eq!(outbox.push("a".into(), Vec::new()).sequence, 11);
+        assert_eq!(outbox.push("a".into(), Report::default()).sequence, 11);
     }
 }

@@ -14,26 +14,35 @@ use std::{
 use oakestra_addons_proto::engine::v1 as pb;
 use tokio::sync::Notify;
 
+/// What the node says about one installation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Its services' statuses on the node.
+    pub services: Vec<pb::ServiceStatus>,
+    /// While a release rolls out on the node: how it goes.
+    pub verdict: Option<pb::ReleaseVerdict>,
+}
+
 /// Reports waiting for the link, the newest per installation.
 #[derive(Debug, Clone, Default)]
 pub struct ReportOutbox {
-    pending: Arc<Mutex<BTreeMap<String, Vec<pb::ServiceStatus>>>>,
+    pending: Arc<Mutex<BTreeMap<String, Report>>>,
     ready: Arc<Notify>,
 }
 
 impl ReportOutbox {
     /// Puts the newest statuses of `installation`'s services on this node,
     /// replacing any not taken yet. Never waits.
-    pub fn put(&self, installation: String, services: Vec<pb::ServiceStatus>) {
+    pub fn put(&self, installation: String, report: Report) {
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(installation, services);
+            .insert(installation, report);
         self.ready.notify_one();
     }
 
     /// Takes every waiting report, in installation order.
-    pub fn take(&self) -> Vec<(String, Vec<pb::ServiceStatus>)> {
+    pub fn take(&self) -> Vec<(String, Report)> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
             .into_iter()
             .collect()
@@ -62,11 +71,14 @@ impl ReportOutbox {
 mod tests {
     use super::*;
 
-    fn status(reason: &str) -> Vec<pb::ServiceStatus> {
-        vec![pb::ServiceStatus {
-            reason: reason.into(),
-            ..Default::default()
-        }]
+    fn status(reason: &str) -> Report {
+        Report {
+            services: vec![pb::ServiceStatus {
+                reason: reason.into(),
+                ..Default::default()
+            }],
+            verdict: None,
+        }
     }
 
     #[tokio::test]
@@ -82,7 +94,7 @@ mod tests {
         assert_eq!(
             taken
                 .iter()
-                .map(|(id, s)| (id.as_str(), s[0].reason.as_str()))
+                .map(|(id, r)| (id.as_str(), r.services[0].reason.as_str()))
                 .collect::<Vec<_>>(),
             [("i0", "99999"), ("i1", "99997"), ("i2", "99998")]
         );

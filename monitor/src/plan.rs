@@ -63,7 +63,9 @@ pub enum Action {
     },
     /// Makes the service's container (image, networks, spec) and starts it.
     /// A replacement has its task created first, then takes `replaces` over
-    /// (stops it), then starts.
+    /// (stops it), then starts. The containers of the service's other
+    /// releases (`supersedes`) are removed only once the new one is
+    /// prepared, right before it starts.
     Create {
         /// Its installation.
         installation: String,
@@ -73,6 +75,8 @@ pub enum Action {
         id: String,
         /// The core container it replaces.
         replaces: Option<String>,
+        /// The service's containers of other releases.
+        supersedes: Vec<String>,
     },
     /// Counts an exit of the service's task: the restart policy decides
     /// when to start it again, or to give up.
@@ -162,9 +166,22 @@ impl CoreView<'_> {
     }
 }
 
-/// The container id of the replacement of core container `core_id`.
+/// The container id of the replacement of core container `core_id`, in
+/// release 1.
 pub fn replacement_id(core_id: &str) -> String {
     format!("{core_id}.addon")
+}
+
+/// The id of a service's container in `release`: release 1 (and 0, from a
+/// manager that predates releases) keeps the plain id, so containers made
+/// before releases are adopted; later releases get their own, so two can
+/// exist side by side while one takes over from the other.
+pub fn release_id(base: &str, release: u64) -> String {
+    if release <= 1 {
+        base.to_owned()
+    } else {
+        format!("{base}.r{release}")
+    }
 }
 
 /// Plans one pass.
@@ -198,14 +215,14 @@ pub fn plan(input: &Input<'_>) -> Plan {
         // unreplaced static core components are kept running, and a
         // replaced one that someone started beside its running
         // replacement is stopped again.
-        for core in cores.values() {
+        for (name, core) in &cores {
             match core.replaced_by {
                 None if core.is_static => plan_core_run(input, &mut plan, core, None, false),
                 None => {}
                 Some(holder) => {
                     let replacement_runs = addons
-                        .get(core.replacement_id().as_str())
-                        .is_some_and(|(c, i, _)| *i == holder && c.task == Task::Running);
+                        .values()
+                        .any(|(c, i, s)| *i == holder && s == name && c.task == Task::Running);
                     if replacement_runs && core.container.task.is_live() {
                         plan.actions.push(Action::TakeOver {
                             core: core.container.id.clone(),
@@ -232,10 +249,11 @@ pub fn plan(input: &Input<'_>) -> Plan {
     for want in desired {
         for service in &want.services {
             let core = cores.get(service.as_str());
-            let id = match core {
+            let base = match core {
                 Some(core) => core.replacement_id(),
                 None => format!("{}_{service}", input.plane),
             };
+            let id = release_id(&base, want.release);
             if !want.running {
                 let mut any = false;
                 for (container, _, _) in addons.values().filter(|(_, installation, name)| {
@@ -312,6 +330,29 @@ pub fn plan(input: &Input<'_>) -> Plan {
                 removing.insert(&container.id);
                 existing = None;
             }
+            // The service's containers of other releases: kept while the
+            // new one is prepared, removed right before it starts.
+            let superseded: Vec<&str> = addons
+                .iter()
+                .filter(|(old, (_, owner, name))| {
+                    *owner == want.installation && *name == service && **old != id
+                })
+                .map(|(old, _)| *old)
+                .collect();
+            for old in &superseded {
+                if existing.is_some() {
+                    // The new release's container exists (a monitor stopped
+                    // in the middle of a switch): the others go first.
+                    plan.actions.push(Action::Remove {
+                        id: (*old).to_owned(),
+                        installation: None,
+                        service: service.clone(),
+                    });
+                    removing.insert(old);
+                } else {
+                    wanted.insert((*old).to_owned());
+                }
+            }
             let memory = input
                 .services
                 .get(&id)
@@ -333,6 +374,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
                         service: service.clone(),
                         id: id.clone(),
                         replaces: core.map(|c| c.container.id.clone()),
+                        supersedes: superseded.iter().map(|s| (*s).to_owned()).collect(),
                     }),
                 }
                 continue;
@@ -401,8 +443,8 @@ pub fn plan(input: &Input<'_>) -> Plan {
     // Core components no running replacement holds come back.
     for (name, core) in &cores {
         let holder = claims.get(name);
-        let replacement = core.replacement_id();
         if let Some(holder) = holder {
+            let replacement = release_id(&core.replacement_id(), holder.release);
             let failed = input
                 .services
                 .get(&replacement)
@@ -416,8 +458,8 @@ pub fn plan(input: &Input<'_>) -> Plan {
             continue;
         }
         let stop_first = addons
-            .get(replacement.as_str())
-            .filter(|(c, _, _)| c.task.is_live())
+            .values()
+            .find(|(c, _, service)| service == name && c.task.is_live())
             .map(|(c, _, _)| c.id.clone());
         plan_core_run(
             input,

@@ -46,6 +46,7 @@ use crate::{
     plan::{self, Action, Container, Role},
     policy::RestartPolicy,
     pulls::Pulls,
+    release::{self, Trial},
     runtime::{ContainerInfo, RegistryAccess, Runtime},
     state_dir::StateDir,
 };
@@ -91,11 +92,18 @@ pub struct Reconciler<R: Runtime, N: Network = Networks> {
     /// Start backoff of the core components the monitor keeps running.
     core_starts: HashMap<String, CoreStarts>,
     pulls: Pulls<R>,
-    /// The last statuses put in the outbox, per installation.
-    reported: HashMap<String, Vec<pb::ServiceStatus>>,
+    /// The last report put in the outbox, per installation.
+    reported: HashMap<String, crate::outbox::Report>,
     outbox: ReportOutbox,
     view: watch::Sender<NodeView>,
     static_names: BTreeSet<String>,
+    /// This node's trials of releases rolling out, by installation.
+    trials: HashMap<String, Trial>,
+    /// The trials were read from the state dir.
+    trials_loaded: bool,
+    /// The container id each desired service has in the release this node
+    /// runs: only those are reported.
+    current: BTreeSet<String>,
 }
 
 impl<R: Runtime, N: Network> std::fmt::Debug for Reconciler<R, N> {
@@ -154,6 +162,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             reported: HashMap::new(),
             outbox,
             view,
+            trials: HashMap::new(),
+            trials_loaded: false,
+            current: BTreeSet::new(),
         }
     }
 
@@ -247,6 +258,7 @@ fn wants(desired: &pb::DesiredState) -> Vec<plan::Want> {
             installation: i.installation_id.clone(),
             running: i.presence() == DesiredPresence::Running,
             keep_core_stopped: i.keep_core_stopped_on_failure,
+            release: i.release,
             services: i
                 .addon
                 .iter()
@@ -258,8 +270,32 @@ fn wants(desired: &pb::DesiredState) -> Vec<plan::Want> {
 }
 
 impl<R: Runtime, N: Network> Reconciler<R, N> {
-    /// One pass; returns when the next restart or core start is due.
+    /// One pass over the desired state as this node runs it (see
+    /// [`release::resolve`]); returns when to pass again at the latest.
     async fn pass(
+        &mut self,
+        desired: Option<&pb::DesiredState>,
+    ) -> Result<Option<Instant>, MonitorError> {
+        let resolved = desired.map(|d| {
+            self.load_trials();
+            self.trials = release::wanted_trials(d, &self.node_id, &self.trials);
+            release::resolve(d, &self.node_id, &self.trials)
+        });
+        let wake_at = self.pass_resolved(resolved.as_ref()).await?;
+        let judged = match desired {
+            Some(desired) => {
+                let judged = self.judge_trials(desired);
+                // A verdict reached in this pass leaves with the statuses.
+                self.report_all(resolved.as_ref());
+                judged
+            }
+            None => None,
+        };
+        Ok([wake_at, judged].into_iter().flatten().min())
+    }
+
+    /// One pass over `desired`, as this node runs it.
+    async fn pass_resolved(
         &mut self,
         desired: Option<&pb::DesiredState>,
     ) -> Result<Option<Instant>, MonitorError> {
@@ -302,13 +338,18 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         // What an earlier run of the monitor knew of the services it may
         // act on: counters, failures and pending restarts.
         if let Some(desired) = desired {
+            self.current.clear();
             for installation in &desired.installations {
                 for service in installation.addon.iter().flat_map(|a| &a.services) {
-                    let id = match cores.iter().find(|(name, _)| *name == service.service_name) {
+                    let base = match cores.iter().find(|(name, _)| *name == service.service_name) {
                         Some((_, core)) => plan::replacement_id(&core.id),
                         None => self.container_id(&service.service_name),
                     };
-                    self.track(&installation.installation_id, &service.service_name, &id);
+                    let id = plan::release_id(&base, installation.release);
+                    self.track(&installation.installation_id, &service.service_name, &id)
+                        .status
+                        .release = installation.release;
+                    self.current.insert(id);
                 }
             }
         }
@@ -358,13 +399,118 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 .iter()
                 .map(|i| i.installation_id.as_str())
                 .collect();
-            self.tracked
-                .retain(|_, t| ids.contains(t.installation_id.as_str()));
+            // Other releases' containers are tracked until they are gone
+            // (seen gone at the start of a pass).
+            let current = &self.current;
+            self.tracked.retain(|id, t| {
+                ids.contains(t.installation_id.as_str())
+                    && (current.contains(id) || containers.iter().any(|c| &c.id == id))
+            });
             self.reported.retain(|id, _| ids.contains(id.as_str()));
         }
         self.report_all(desired);
         self.publish_view(&containers, desired);
         Ok(plan.wake_at)
+    }
+}
+
+impl<R: Runtime, N: Network> Reconciler<R, N> {
+    /// Reads the trials an earlier run of the monitor kept, once.
+    fn load_trials(&mut self) {
+        if std::mem::replace(&mut self.trials_loaded, true) {
+            return;
+        }
+        let dir = self.state.trial("x");
+        let Some(dir) = dir.parent() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match StateDir::read_json::<Trial>(&path) {
+                Ok(Some(trial)) => {
+                    self.trials.insert(trial.installation.clone(), trial);
+                }
+                Ok(None) => {}
+                // Lost: the release is judged again from now on.
+                Err(err) => {
+                    tracing::warn!(error = %err, "unreadable release trial; starting it again")
+                }
+            }
+        }
+    }
+
+    /// Judges this node's trials from what it reported, keeps them under
+    /// the state dir, and returns when to judge again. A trial that failed
+    /// takes effect at the next pass, which runs the release before.
+    fn judge_trials(&mut self, desired: &pb::DesiredState) -> Option<Instant> {
+        let now_ms = crate::policy::unix_millis(std::time::SystemTime::now());
+        let mut wake: Option<Instant> = None;
+        let mut failed_now = false;
+        for installation in &desired.installations {
+            let Some(trial) = self.trials.get_mut(&installation.installation_id) else {
+                continue;
+            };
+            let Some(rollout) = &installation.rollout else {
+                continue;
+            };
+            let expected = installation.addon.as_ref().map_or(0, |a| a.services.len());
+            let services: Vec<&pb::ServiceStatus> = self
+                .tracked
+                .iter()
+                .filter(|(id, t)| {
+                    t.installation_id == installation.installation_id
+                        && self.current.contains(*id)
+                        && t.status.release == trial.release
+                })
+                .map(|(_, t)| &t.status)
+                .collect();
+            let min_healthy = rollout
+                .min_healthy_time
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or_default();
+            let before = trial.clone();
+            if let Some(due) = trial.judge(&services, expected, min_healthy, now_ms) {
+                let at = Instant::now() + Duration::from_millis(due.saturating_sub(now_ms));
+                wake = Some(wake.map_or(at, |w| w.min(at)));
+            }
+            if *trial != before {
+                if let release::Outcome::Failed(reason) = &trial.outcome {
+                    tracing::warn!(installation = %trial.installation, release = trial.release, %reason, "release failed on this node; going back to the release before");
+                    failed_now = true;
+                }
+                if let Err(err) =
+                    StateDir::write_json(&self.state.trial(&trial.installation), trial)
+                {
+                    tracing::warn!(error = %err, "cannot save the release trial");
+                }
+            }
+        }
+        // Trials no longer wanted go with their files.
+        if let Some(dir) = self.state.trial("x").parent()
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let keep = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .is_some_and(|id| self.trials.contains_key(id));
+                if !keep && let Err(err) = StateDir::remove(&path) {
+                    tracing::warn!(error = %err, "cannot remove a finished release trial");
+                }
+            }
+        }
+        if failed_now {
+            // The release before runs from the next pass on, right away.
+            return Some(Instant::now());
+        }
+        wake
     }
 }
 

@@ -92,6 +92,13 @@ impl StateDir {
         self.root.join("cores").join(format!("{core_id}.json"))
     }
 
+    /// The node's trial of a release of `installation` rolling out.
+    pub fn trial(&self, installation: &str) -> PathBuf {
+        self.root
+            .join("trials")
+            .join(format!("{installation}.json"))
+    }
+
     /// The named volumes of an installation.
     pub fn volumes(&self, installation: &str) -> PathBuf {
         self.root.join("volumes").join(installation)

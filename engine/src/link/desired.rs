@@ -173,6 +173,22 @@ pub(super) fn desired_entry(installation: &Installation) -> Option<pb::DesiredIn
             .cloned()
             .map(Into::into)
             .collect(),
+        release: installation.release,
+        rollout: installation.rollout.as_ref().and_then(|rollout| {
+            let previous = crate::rollout::find(installation, rollout.from_release)?;
+            Some(pb::RolloutPlan {
+                previous_release: previous.number,
+                previous_addon: Some(previous.addon.clone().into_snapshot()),
+                previous_granted_privileges: previous
+                    .granted_privileges
+                    .iter()
+                    .cloned()
+                    .map(Into::into)
+                    .collect(),
+                target_nodes: crate::rollout::targets(rollout),
+                min_healthy_time: prost_types::Duration::try_from(rollout.min_healthy_time).ok(),
+            })
+        }),
     })
 }
 

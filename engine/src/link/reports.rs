@@ -12,7 +12,12 @@ use oakestra_addons_proto::engine::v1 as pb;
 use tokio::sync::oneshot;
 
 use super::LinkHub;
-use crate::{Error, convert, model::InstallationStatus, status};
+use crate::{
+    Error, convert,
+    model::InstallationStatus,
+    rollout::{self, Verdict},
+    status,
+};
 
 /// A report waiting for its installation's next write.
 #[derive(Debug)]
@@ -20,6 +25,7 @@ struct PendingReport {
     node: String,
     sequence: u64,
     services: Vec<crate::model::ServiceStatus>,
+    verdict: Option<(u64, Verdict)>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -30,11 +36,16 @@ pub(super) struct Writer {
     turn: tokio::sync::Mutex<()>,
 }
 
-/// Checks what a report says and converts its statuses; the report comes
-/// back without them.
-pub(super) fn check_report(
-    mut report: pb::StatusReport,
-) -> Result<(Vec<crate::model::ServiceStatus>, pb::StatusReport), Error> {
+/// A report's services and its verdict on a rolling-out release.
+type Checked = (
+    Vec<crate::model::ServiceStatus>,
+    Option<(u64, Verdict)>,
+    pb::StatusReport,
+);
+
+/// Checks what a report says and converts its statuses and verdict; the
+/// report comes back without them.
+pub(super) fn check_report(mut report: pb::StatusReport) -> Result<Checked, Error> {
     if report.sequence == 0 {
         return Err(Error::invalid("report.sequence", "starts at 1"));
     }
@@ -46,7 +57,34 @@ pub(super) fn check_report(
         .map(convert::service_status_from_proto)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|field| Error::invalid("report.services", field.to_string()))?;
-    Ok((services, report))
+    let verdict = match report.verdict.take() {
+        None => None,
+        Some(verdict) => {
+            let state = match pb::ReleaseVerdictState::try_from(verdict.state) {
+                Ok(pb::ReleaseVerdictState::Progressing) => Verdict::Progressing,
+                Ok(pb::ReleaseVerdictState::Healthy) => Verdict::Healthy,
+                Ok(pb::ReleaseVerdictState::Failed) => {
+                    let mut reason = verdict.reason;
+                    if reason.len() > 4096 {
+                        let mut end = 4096;
+                        while !reason.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        reason.truncate(end);
+                    }
+                    Verdict::Failed(reason)
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        "report.verdict.state",
+                        "PROGRESSING, HEALTHY or FAILED",
+                    ));
+                }
+            };
+            Some((verdict.release, state))
+        }
+    };
+    Ok((services, verdict, report))
 }
 
 impl LinkHub {
@@ -57,7 +95,7 @@ impl LinkHub {
         node: &str,
         report: pb::StatusReport,
     ) -> Result<(), Error> {
-        let (services, report) = check_report(report)?;
+        let (services, verdict, report) = check_report(report)?;
         let (done, outcome) = oneshot::channel();
         let writer = self
             .writers
@@ -74,6 +112,7 @@ impl LinkHub {
                 node: node.to_owned(),
                 sequence: report.sequence,
                 services,
+                verdict,
                 done,
             });
         {
@@ -134,6 +173,17 @@ impl LinkHub {
                         .report_sequences
                         .insert(pending.node.clone(), pending.sequence);
                     status::apply_report(installation, &pending.node, pending.services.clone());
+                    if let Some((release, verdict)) = &pending.verdict
+                        && rollout::on_verdict(
+                            installation,
+                            &pending.node,
+                            *release,
+                            verdict,
+                            chrono::Utc::now(),
+                        )
+                    {
+                        status::recompute(installation);
+                    }
                     changed = true;
                 }
                 if changed {

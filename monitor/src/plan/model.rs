@@ -80,6 +80,8 @@ pub struct Want {
     pub running: bool,
     /// Leave a replaced core component stopped when the replacement fails.
     pub keep_core_stopped: bool,
+    /// The installation release to run; its containers' ids carry it.
+    pub release: u64,
     /// Its services' names.
     pub services: Vec<String>,
 }

@@ -41,6 +41,7 @@ fn want(installation: &str, services: &[&str]) -> Want {
         installation: installation.into(),
         running: true,
         keep_core_stopped: false,
+        release: 1,
         services: services.iter().map(|s| (*s).to_owned()).collect(),
     }
 }
@@ -132,12 +133,14 @@ fn a_claim_creates_the_replacement_which_takes_the_core_over() {
                 service: "scheduler".into(),
                 id: REPLACEMENT.into(),
                 replaces: Some(CORE.into()),
+                supersedes: Vec::new(),
             },
             Action::Create {
                 installation: "i1".into(),
                 service: "helper".into(),
                 id: "root_helper".into(),
                 replaces: None,
+                supersedes: Vec::new(),
             },
         ]
     );
@@ -314,6 +317,7 @@ fn removes_orphans_and_other_installations_containers() {
                 service: "web".into(),
                 id: "root_web".into(),
                 replaces: None,
+                supersedes: Vec::new(),
             },
             Action::Remove {
                 id: "root_old".into(),
@@ -731,4 +735,128 @@ proptest! {
         }
         node.settle_and_check();
     }
+}
+
+fn release(mut want: Want, release: u64) -> Want {
+    want.release = release;
+    want
+}
+
+#[test]
+fn a_new_release_is_prepared_before_the_old_one_goes() {
+    let case = Case::new(
+        Some(vec![release(want("i1", &["web"]), 2)]),
+        vec![addon("root_web", "i1", "web", Task::Running)],
+    );
+    assert_eq!(
+        case.steps(),
+        [Action::Create {
+            installation: "i1".into(),
+            service: "web".into(),
+            id: "root_web.r2".into(),
+            replaces: None,
+            supersedes: vec!["root_web".into()],
+        }],
+        "the old container is not removed as an orphan"
+    );
+    // Back to release 1 (a rollback): the plain id again.
+    let case = Case::new(
+        Some(vec![want("i1", &["web"])]),
+        vec![addon("root_web.r2", "i1", "web", Task::Running)],
+    );
+    assert_eq!(
+        case.steps(),
+        [Action::Create {
+            installation: "i1".into(),
+            service: "web".into(),
+            id: "root_web".into(),
+            replaces: None,
+            supersedes: vec!["root_web.r2".into()],
+        }]
+    );
+}
+
+#[test]
+fn a_plugin_goes_from_release_to_release_never_through_the_core() {
+    let case = Case::new(
+        Some(vec![release(want("i1", &["scheduler"]), 3)]),
+        vec![
+            core(Task::Absent, Some("i1")),
+            addon(REPLACEMENT, "i1", "scheduler", Task::Running),
+        ],
+    );
+    let steps = case.steps();
+    assert_eq!(
+        steps,
+        [Action::Create {
+            installation: "i1".into(),
+            service: "scheduler".into(),
+            id: format!("{REPLACEMENT}.r3"),
+            replaces: Some(CORE.into()),
+            supersedes: vec![REPLACEMENT.into()],
+        }],
+    );
+    assert!(
+        !steps.iter().any(|a| matches!(a, Action::RunCore { .. })),
+        "the core component stays stopped"
+    );
+    // The new release failed for good: the core component comes back, the
+    // old release's container stopped first.
+    let case = Case::new(
+        Some(vec![release(want("i1", &["scheduler"]), 3)]),
+        vec![
+            core(Task::Absent, Some("i1")),
+            addon(
+                &format!("{REPLACEMENT}.r3"),
+                "i1",
+                "scheduler",
+                Task::Exited(Some(1)),
+            ),
+        ],
+    )
+    .memory(
+        &format!("{REPLACEMENT}.r3"),
+        ServiceMemory {
+            installation: "i1".into(),
+            failed: true,
+            ..ServiceMemory::default()
+        },
+    );
+    assert_eq!(case.steps(), [run_core(None, true, true)]);
+}
+
+#[test]
+fn after_a_crash_mid_switch_the_old_release_goes_first() {
+    let case = Case::new(
+        Some(vec![release(want("i1", &["web"]), 2)]),
+        vec![
+            addon("root_web", "i1", "web", Task::Running),
+            addon("root_web.r2", "i1", "web", Task::Created),
+        ],
+    )
+    .memory(
+        "root_web.r2",
+        ServiceMemory {
+            installation: "i1".into(),
+            never_started: true,
+            ..ServiceMemory::default()
+        },
+    );
+    assert_eq!(
+        case.steps(),
+        [
+            Action::Remove {
+                id: "root_web".into(),
+                installation: None,
+                service: "web".into(),
+            },
+            Action::Start {
+                installation: "i1".into(),
+                service: "web".into(),
+                id: "root_web.r2".into(),
+                restart: false,
+                take_over: None,
+            },
+        ]
+    );
 }

@@ -43,13 +43,17 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 service,
                 id,
                 replaces,
+                supersedes,
             } => {
                 let Some((desired, spec)) = specs.get(&installation, &service) else {
                     return Ok(());
                 };
                 let core = replaces.as_ref().and_then(|core| infos.get(core));
                 let result = match self.admit(desired, spec, replaces.is_some(), specs) {
-                    Ok(limits) => self.create(desired, spec, &id, core, limits).await,
+                    Ok(limits) => {
+                        self.create(desired, spec, &id, core, &supersedes, limits)
+                            .await
+                    }
                     Err(refusal) => Err(refusal.into()),
                 };
                 self.after_attempt(&installation, &service, &id, result)

@@ -12,7 +12,9 @@ use super::Reconciler;
 use crate::{
     cores,
     error::MonitorError,
-    labels::{ADDON, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, PLANE, REPLACES, SERVICE},
+    labels::{
+        ADDON, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, PLANE, RELEASE, REPLACES, SERVICE,
+    },
     network::Network,
     network::PortMapping,
     pulls::PullState,
@@ -33,12 +35,19 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// Makes the service's container and starts it; a replacement has its
     /// task created before it takes `core` over, and starts the moment the
     /// core task has exited. Waits (showing PULLING) while the image pulls.
+    ///
+    /// The service's containers of other releases (`supersedes`) keep
+    /// running until the new one is prepared (container and task made);
+    /// then they go, the new one takes their published ports and starts.
+    /// A replacement shares its core component's namespace, so the core
+    /// component never runs in between.
     pub(super) async fn create(
         &mut self,
         installation: &pb::DesiredInstallation,
         service: &pb::ServiceSpec,
         id: &str,
         core: Option<&ContainerInfo>,
+        supersedes: &[String],
         limits: addons_descriptor::Resources,
     ) -> Result<(), MonitorError> {
         let installation_id = installation.installation_id.as_str();
@@ -95,7 +104,13 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 } else {
                     service.networks.clone()
                 };
-                self.networks.attach(id, &networks, &ports).await?;
+                // The old release holds the host ports until it goes.
+                let first = if supersedes.is_empty() {
+                    ports.as_slice()
+                } else {
+                    &[]
+                };
+                self.networks.attach(id, &networks, first).await?;
                 run.netns = Some(self.networks.netns_path(id));
             }
         }
@@ -112,6 +127,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             (SERVICE.to_owned(), name.to_owned()),
             (PLANE.to_owned(), self.options.plane.clone()),
             (ADDON.to_owned(), installation.marketplace_id.clone()),
+            (RELEASE.to_owned(), installation.release.max(1).to_string()),
         ]);
         if let Some(core) = core {
             labels.insert(REPLACES.to_owned(), core.id.clone());
@@ -123,6 +139,17 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 .create_container(id, image, &pulled.top_snapshot, &spec, labels)
                 .await?;
             self.runtime.create_task(id, &log).await?;
+            if !supersedes.is_empty() {
+                crate::crash::point("upgrade:prepared");
+                for old in supersedes {
+                    self.remove(old).await?;
+                }
+                tracing::info!(container = %id, old = ?supersedes, "took over from the service's other releases");
+                crate::crash::point("upgrade:old-removed");
+                if core.is_none() {
+                    self.networks.set_ports(id, &ports).await?;
+                }
+            }
             if let Some(core) = core {
                 crate::crash::point("swap:prepared");
                 self.take_over(core, installation_id, &ports).await?;
@@ -163,6 +190,15 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if let Some(core) = core {
             let ports = spec.map(declared_ports).unwrap_or_default();
             self.take_over(core, installation, &ports).await?;
+        } else if let Some(spec) = spec
+            && !self.networks.addresses(id)?.is_empty()
+        {
+            // Prepared while another release held the ports, and the
+            // monitor stopped before they moved over: they move now.
+            let ports = declared_ports(spec);
+            if self.networks.ports(id)? != ports {
+                self.networks.set_ports(id, &ports).await?;
+            }
         }
         let log = self.state.log(id);
         ensure_dir(log.parent())?;

@@ -328,16 +328,22 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             let id = &installation.installation_id;
             // A service the monitor has not decided about yet has no phase
             // to report.
+            // Only the release this node runs: a container of another
+            // release is on its way out.
             let mut services: Vec<pb::ServiceStatus> = self
                 .tracked
-                .values()
-                .filter(|t| &t.installation_id == id && t.status.phase != 0)
-                .map(|t| t.status.clone())
+                .iter()
+                .filter(|(cid, t)| {
+                    &t.installation_id == id && t.status.phase != 0 && self.current.contains(*cid)
+                })
+                .map(|(_, t)| t.status.clone())
                 .collect();
+            let verdict = self.trials.get(id).map(crate::release::Trial::verdict);
             services.sort_by(|a, b| a.service_name.cmp(&b.service_name));
             let unchanged = self.reported.get(id).is_some_and(|last| {
-                last.len() == services.len()
-                    && last.iter().zip(&services).all(|(a, b)| {
+                last.verdict == verdict
+                    && last.services.len() == services.len()
+                    && last.services.iter().zip(&services).all(|(a, b)| {
                         (
                             a.phase,
                             &a.reason,
@@ -365,8 +371,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             for cid in ids {
                 self.persist(&cid);
             }
-            self.reported.insert(id.clone(), services.clone());
-            self.outbox.put(id.clone(), services);
+            let report = crate::outbox::Report { services, verdict };
+            self.reported.insert(id.clone(), report.clone());
+            self.outbox.put(id.clone(), report);
         }
     }
 

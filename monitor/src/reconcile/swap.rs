@@ -281,16 +281,22 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             self.runtime.set_label(&core.id, REPLACED_BY, None).await?;
             StateDir::remove(&self.state.swap_record(&core.id))?;
             tracing::info!(container = %core.id, "restored core component");
+            // The replacement of any release.
             let replacement = replacement_id(&core.id);
-            if let Some(tracked) = self.tracked.get_mut(&replacement)
-                && tracked.status.phase() == pb::ServicePhase::Failed
-                && !tracked.status.reason.contains("restored")
+            for (_, tracked) in self
+                .tracked
+                .iter_mut()
+                .filter(|(id, _)| id.starts_with(replacement.as_str()))
             {
-                let reason = format!(
-                    "{}; replaced core component {} restored",
-                    tracked.status.reason, core.id
-                );
-                tracked.set(pb::ServicePhase::Failed, reason);
+                if tracked.status.phase() == pb::ServicePhase::Failed
+                    && !tracked.status.reason.contains("restored")
+                {
+                    let reason = format!(
+                        "{}; replaced core component {} restored",
+                        tracked.status.reason, core.id
+                    );
+                    tracked.set(pb::ServicePhase::Failed, reason);
+                }
             }
         }
         Ok(())
