@@ -24,7 +24,7 @@ mod watch;
 
 pub use crate::{
     error::{ClientError, code_name, describe},
-    manager::{InstallOptions, InstallationEvent, ManagerClient},
+    manager::{InstallOptions, InstallationEvent, ManagerClient, RolloutOptions},
     marketplace::{AddonFilter, MarketplaceClient},
     retry::RetryPolicy,
 };

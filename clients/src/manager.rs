@@ -33,6 +33,26 @@ pub struct InstallOptions {
     pub accepted_privileges: Vec<pb::Privilege>,
 }
 
+/// How an upgrade or a rollback rolls out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutOptions {
+    /// Privileges the release needs beyond what the installation (or, for
+    /// a rollback, that release) was granted.
+    pub accepted_privileges: Vec<pb::Privilege>,
+    /// Nodes upgraded at once; 0 means 1.
+    pub max_parallel: u32,
+    /// How long each node must keep the release healthy; `None` means the
+    /// manager's default (10 s).
+    pub min_healthy_time: Option<Duration>,
+}
+
+impl RolloutOptions {
+    fn min_healthy_time(&self) -> Option<prost_types::Duration> {
+        self.min_healthy_time
+            .and_then(|d| prost_types::Duration::try_from(d).ok())
+    }
+}
+
 /// One change seen by [`ManagerClient::watch`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstallationEvent {
@@ -96,6 +116,68 @@ impl ManagerClient {
                     self.timeout,
                     async move { inner.install_addon(request).await },
                 )
+            })
+            .await?;
+        Ok(response.into_inner().installation.unwrap_or_default())
+    }
+
+    /// Starts upgrading installation `id` to `version` of its addon.
+    /// Retried on `UNAVAILABLE` with one `request_id`.
+    pub async fn upgrade(
+        &self,
+        id: &str,
+        version: &str,
+        options: RolloutOptions,
+    ) -> Result<pb::Installation, ClientError> {
+        let request = pb::UpgradeInstallationRequest {
+            id: id.to_owned(),
+            version: version.to_owned(),
+            min_healthy_time: options.min_healthy_time(),
+            accepted_privileges: options.accepted_privileges,
+            request_id: new_request_id(),
+            max_parallel: options.max_parallel,
+            expected_revision: None,
+            progress_deadline: None,
+        };
+        let response = self
+            .retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move {
+                    inner.upgrade_installation(request).await
+                })
+            })
+            .await?;
+        Ok(response.into_inner().installation.unwrap_or_default())
+    }
+
+    /// Starts returning installation `id` to release `release` (0: the one
+    /// before the current). Retried on `UNAVAILABLE` with one `request_id`.
+    pub async fn rollback(
+        &self,
+        id: &str,
+        release: u64,
+        options: RolloutOptions,
+    ) -> Result<pb::Installation, ClientError> {
+        let request = pb::RollbackInstallationRequest {
+            id: id.to_owned(),
+            release,
+            min_healthy_time: options.min_healthy_time(),
+            accepted_privileges: options.accepted_privileges,
+            request_id: new_request_id(),
+            max_parallel: options.max_parallel,
+            expected_revision: None,
+            progress_deadline: None,
+        };
+        let response = self
+            .retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move {
+                    inner.rollback_installation(request).await
+                })
             })
             .await?;
         Ok(response.into_inner().installation.unwrap_or_default())

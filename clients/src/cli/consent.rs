@@ -17,7 +17,20 @@ pub(super) fn decide(
     grant_all: bool,
     grants: &[String],
 ) -> Result<Vec<epb::Privilege>, Failure> {
-    let needs = privileges::for_install(&Descriptor::from_proto(addon.clone()), keep_core_stopped);
+    decide_beyond(addon, keep_core_stopped, grant_all, grants, &[])
+}
+
+/// The privileges to accept for moving to `addon` from a release that was
+/// granted `held`: only what `held` does not cover is asked for.
+pub(super) fn decide_beyond(
+    addon: &mpb::Addon,
+    keep_core_stopped: bool,
+    grant_all: bool,
+    grants: &[String],
+    held: &[Privilege],
+) -> Result<Vec<epb::Privilege>, Failure> {
+    let all = privileges::for_install(&Descriptor::from_proto(addon.clone()), keep_core_stopped);
+    let needs = privileges::missing(&all, held);
     let mut granted = grants
         .iter()
         .map(|text| {
@@ -37,8 +50,8 @@ pub(super) fn decide(
     let mut stderr = std::io::stderr();
     let _ = writeln!(
         stderr,
-        "Addon {} ({}) needs these privileges on every node it runs on:",
-        addon.name, addon.id
+        "Addon {} {} ({}) needs these privileges on every node it runs on:",
+        addon.name, addon.version, addon.id
     );
     for need in &needs {
         let mark = if missing.contains(need) { " " } else { "✓" };
@@ -61,16 +74,16 @@ pub(super) fn decide(
             granted.extend(missing);
             return Ok(granted.into_iter().map(Into::into).collect());
         }
-        return Err(Failure::usage(
-            "not installed: the privileges were not granted",
-        ));
+        return Err(Failure::usage("refused: the privileges were not granted"));
     }
     let flags: Vec<String> = missing
         .iter()
         .map(|need| format!("--grant {}", need.grant_text()))
         .collect();
     Err(Failure::usage(format!(
-        "not installed: addon {} needs privileges that were not granted; pass --grant-all or {}",
+        "refused: addon {} {} ({}) needs privileges that were not granted; pass --grant-all or {}",
+        addon.name,
+        addon.version,
         addon.id,
         flags.join(" ")
     )))

@@ -15,6 +15,7 @@ use clap::CommandFactory as _;
 use futures::StreamExt as _;
 use oak_addons::{
     AddonFilter, ClientError, ClientOptions, InstallOptions, ManagerClient, MarketplaceClient,
+    RolloutOptions,
     proto::{
         engine::v1 as epb,
         marketplace::v1 as mpb,
@@ -43,7 +44,8 @@ Exit codes:
   0  success
   1  a server answered with an error or could not be reached
   2  bad usage, or an input file that cannot be read or used
-  3  --wait ended in FAILED_VERIFICATION (publish) or FAILED (install)
+  3  --wait ended in FAILED_VERIFICATION (publish), FAILED (install) or
+     ROLLED_BACK (upgrade, rollback)
   4  install --wait ended PARTIALLY_ACTIVE";
 
 /// Operate the Oakestra addons marketplace and manager.
@@ -176,6 +178,54 @@ enum Command {
         /// `core-component=scheduler`, or `privileged`. Repeatable.
         #[arg(long = "grant", value_name = "KIND=VALUE")]
         grants: Vec<String>,
+    },
+    /// Upgrade an installation to another approved version of its addon,
+    /// node by node; a node that fails sends every node back.
+    Upgrade {
+        /// Installation id.
+        id: String,
+        /// The addon version to move to.
+        version: String,
+        /// Follow the rollout node by node until it ends; exit code 0 when
+        /// the new version runs, 3 when it was rolled back.
+        #[arg(long)]
+        wait: bool,
+        /// Nodes upgraded at once.
+        #[arg(long, default_value_t = 1)]
+        max_parallel: u32,
+        /// How long each node must keep the new version healthy before the
+        /// next one starts (manager default: 10s).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        min_healthy_time: Option<Duration>,
+        /// Grant every new privilege the version needs, without asking.
+        #[arg(long)]
+        grant_all: bool,
+        /// Grant one privilege (as for install). Repeatable.
+        #[arg(long = "grant", value_name = "KIND=VALUE")]
+        grants: Vec<String>,
+    },
+    /// Return an installation to an earlier release of its history.
+    Rollback {
+        /// Installation id.
+        id: String,
+        /// The release to return to (see `history`); the one before the
+        /// current release when left out.
+        release: Option<u64>,
+        /// Follow the rollout until it ends.
+        #[arg(long)]
+        wait: bool,
+        /// Nodes rolled back at once.
+        #[arg(long, default_value_t = 1)]
+        max_parallel: u32,
+        /// How long each node must keep the release healthy.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        min_healthy_time: Option<Duration>,
+    },
+    /// Show an installation's releases: version, pinned images, who asked,
+    /// when and how each went.
+    History {
+        /// Installation id.
+        id: String,
     },
     /// Uninstall an installation.
     Uninstall {
@@ -322,6 +372,8 @@ enum StatusArg {
     Failed,
     Disabling,
     Disabled,
+    Upgrading,
+    RolledBack,
 }
 
 impl From<StatusArg> for epb::InstallationStatus {
@@ -333,6 +385,8 @@ impl From<StatusArg> for epb::InstallationStatus {
             StatusArg::Failed => Self::Failed,
             StatusArg::Disabling => Self::Disabling,
             StatusArg::Disabled => Self::Disabled,
+            StatusArg::Upgrading => Self::Upgrading,
+            StatusArg::RolledBack => Self::RolledBack,
         }
     }
 }
@@ -699,6 +753,112 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                 .await;
             }
             output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::Upgrade {
+            id,
+            version,
+            wait,
+            max_parallel,
+            min_healthy_time,
+            grant_all,
+            grants,
+        } => {
+            let client = manager()?;
+            let current = client
+                .get(&id)
+                .await
+                .map_err(failed(&format!("installation {id}")))?;
+            let name = current
+                .addon
+                .as_ref()
+                .map(|a| a.name.clone())
+                .unwrap_or_default();
+            let versions = collect(marketplace()?.list(AddonFilter {
+                name: Some(name.clone()),
+                statuses: Vec::new(),
+            }))
+            .await
+            .map_err(failed(&format!("listing the versions of {name}")))?;
+            let Some(addon) = versions.into_iter().find(|a| a.version == version) else {
+                return Err(Failure::usage(format!(
+                    "addon {name} has no approved version {version}"
+                )));
+            };
+            let held: Vec<addons_descriptor::Privilege> = current
+                .granted_privileges
+                .iter()
+                .cloned()
+                .map(Into::into)
+                .collect();
+            let accepted_privileges = consent::decide_beyond(
+                &addon,
+                current.keep_core_stopped_on_failure,
+                grant_all,
+                &grants,
+                &held,
+            )?;
+            let installation = client
+                .upgrade(
+                    &id,
+                    &version,
+                    RolloutOptions {
+                        accepted_privileges,
+                        max_parallel,
+                        min_healthy_time,
+                    },
+                )
+                .await
+                .map_err(failed(&format!("upgrading {id} to {version} failed")))?;
+            if wait {
+                return progress::wait_rolled_out(
+                    &client,
+                    installation,
+                    format,
+                    cli.wait_timeout,
+                    cli.settle,
+                )
+                .await;
+            }
+            output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::Rollback {
+            id,
+            release,
+            wait,
+            max_parallel,
+            min_healthy_time,
+        } => {
+            let client = manager()?;
+            let installation = client
+                .rollback(
+                    &id,
+                    release.unwrap_or(0),
+                    RolloutOptions {
+                        accepted_privileges: Vec::new(),
+                        max_parallel,
+                        min_healthy_time,
+                    },
+                )
+                .await
+                .map_err(failed(&format!("rolling {id} back failed")))?;
+            if wait {
+                return progress::wait_rolled_out(
+                    &client,
+                    installation,
+                    format,
+                    cli.wait_timeout,
+                    cli.settle,
+                )
+                .await;
+            }
+            output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::History { id } => {
+            let installation = manager()?
+                .get(&id)
+                .await
+                .map_err(failed(&format!("installation {id}")))?;
+            output::history(&installation, format).map_err(failed("output"))?;
         }
         Command::Uninstall { id, purge, wait } => {
             let client = manager()?;

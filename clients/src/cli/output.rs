@@ -24,6 +24,7 @@ pub enum Format {
 
 const ADDON: &str = "oakestra.addons.marketplace.v1.Addon";
 const INSTALLATION: &str = "oakestra.addons.engine.v1.Installation";
+const RELEASE: &str = "oakestra.addons.engine.v1.Release";
 
 /// Colours when stdout is a terminal and `NO_COLOR` is not set.
 pub fn colours() -> bool {
@@ -340,6 +341,64 @@ pub fn installations(
     Ok(())
 }
 
+/// An installation's releases, oldest first.
+pub fn history(i: &epb::Installation, format: Format) -> Result<(), ClientError> {
+    match format {
+        Format::Id => {
+            i.history.iter().for_each(|r| println!("{}", r.number));
+            Ok(())
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = i
+                .history
+                .iter()
+                .map(|r| {
+                    let mut outcome = r
+                        .outcome()
+                        .as_str_name()
+                        .trim_start_matches("RELEASE_OUTCOME_")
+                        .to_lowercase();
+                    if r.number == i.release {
+                        outcome.push_str(" (current)");
+                    }
+                    let mut note = r.reason.clone();
+                    if r.rollback_of != 0 {
+                        note = format!("rollback to {}; {note}", r.rollback_of);
+                    }
+                    vec![
+                        r.number.to_string(),
+                        r.version.clone(),
+                        status_word(&outcome),
+                        ago(r.create_time.as_ref()),
+                        if r.requested_by.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            r.requested_by.clone()
+                        },
+                        r.images.join(" "),
+                        note.trim_end_matches("; ").to_owned(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "RELEASE", "VERSION", "OUTCOME", "WHEN", "BY", "IMAGES", "NOTE",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        _ => {
+            let values = i
+                .history
+                .iter()
+                .map(|r| json::to_json(r, RELEASE))
+                .collect::<Result<Vec<_>, _>>()?;
+            emit(serde_json::Value::Array(values), format)
+        }
+    }
+}
+
 fn installation_details(i: &epb::Installation) {
     println!("ID:          {}", i.id);
     if let Some(addon) = &i.addon {
@@ -347,6 +406,7 @@ fn installation_details(i: &epb::Installation) {
             "Addon:       {} {} ({})",
             addon.name, addon.version, i.marketplace_id
         );
+        println!("Release:     {}", i.release);
     }
     println!("Status:      {}", status_word(&installation_status(i)));
     println!("Message:     {}", i.status_message);

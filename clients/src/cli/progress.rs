@@ -279,3 +279,43 @@ pub async fn wait_removed(
     }
     Ok(EXIT_OK)
 }
+
+/// Follows an upgrade or a rollback until its rollout ends: exit code 0
+/// when the new release runs everywhere, 3 when it was rolled back (or
+/// the installation failed), 4 when it ended partially active. The
+/// status message shows each node's progress as it changes.
+pub async fn wait_rolled_out(
+    client: &ManagerClient,
+    installation: epb::Installation,
+    format: output::Format,
+    patience: Duration,
+    settle: Duration,
+) -> Result<u8, Failure> {
+    let (installation, code) = follow(
+        client,
+        installation,
+        patience,
+        settle,
+        "did not finish its rollout",
+        |seen| match seen {
+            Seen::Now(current) => match current.status() {
+                InstallationStatus::Upgrading => None,
+                InstallationStatus::RolledBack => Some(Ok((current.clone(), EXIT_FAILED))),
+                _ => settled(current).map(|code| Ok((current.clone(), code))),
+            },
+            Seen::Deleted(_) => None,
+        },
+    )
+    .await?;
+    output::installations(std::slice::from_ref(&installation), format, false)
+        .map_err(failed("output"))?;
+    if code != EXIT_OK {
+        eprintln!(
+            "error: installation {} is {}: {}",
+            installation.id,
+            output::installation_status(&installation),
+            installation.status_message
+        );
+    }
+    Ok(code)
+}
