@@ -139,6 +139,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 .create_container(id, image, &pulled.top_snapshot, &spec, labels)
                 .await?;
             self.runtime.create_task(id, &log).await?;
+            // Prepared, not started: a monitor that stops from here on
+            // finds it STARTING, and its first start is no restart.
+            self.persist(id);
             if !supersedes.is_empty() {
                 crate::crash::point("upgrade:prepared");
                 for old in supersedes {

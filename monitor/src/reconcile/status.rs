@@ -208,7 +208,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     }
 
     /// Saves what must survive a restart of the monitor.
-    fn persist(&self, id: &str) {
+    pub(super) fn persist(&self, id: &str) {
         let Some(tracked) = self.tracked.get(id) else {
             return;
         };
