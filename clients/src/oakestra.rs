@@ -387,10 +387,14 @@ mod tests {
         .to_string();
         assert!(err.starts_with("f.json: services[0]"), "{err}");
         assert!(err.contains("unknown field `replicas`"), "{err}");
+        let err = parse_descriptor(r#"{"name": "x", "services": [], "owner": 2}"#, "f.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `owner`"), "{err}");
         let err = parse_descriptor(r#"{"name": "x", "services": [], "version": 2}"#, "f.json")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("unknown field `version`"), "{err}");
+        assert!(err.contains("version: invalid type"), "{err}");
         let err = parse_descriptor(
             r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "ports": {"http": "80"}}]}"#,
             "f.json",

@@ -190,7 +190,7 @@ async fn publishes_installs_and_reports_through_the_cli() {
     assert_eq!(refused.code, 2, "{refused:?}");
     let last = refused.stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("error: not installed")
+        last.starts_with("error: refused")
             && last.contains(&format!("--grant host-port={port}/tcp")),
         "{refused:?}"
     );

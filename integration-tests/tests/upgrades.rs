@@ -286,6 +286,30 @@ impl Stack {
     }
 }
 
+/// Runs the CLI against the stack; returns exit code, stdout and stderr.
+async fn oak(stack: &Stack, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(binary("oak-addons"))
+            .args(args)
+            .env("OAK_ADDONS_MANAGER", stack.manager().url())
+            .env("OAK_ADDONS_MARKETPLACE", stack.marketplace.url())
+            .env_remove("OAK_ADDONS_OUTPUT")
+            .env_remove("OAK_ADDONS_CONFIG")
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("oak-addons finished within 3 minutes")
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 fn outcomes(installation: &pb::Installation) -> Vec<(u64, String, ReleaseOutcome)> {
     installation
         .history
@@ -314,10 +338,28 @@ async fn upgrade_rolls_back_a_crash_and_rolls_back_on_request() {
     stack.settles(&id, InstallationStatus::Active, 1).await;
     stack.serves(stack.app_port, "web 1.0.0").await;
 
-    // 1.0.0 → 1.1.0: the new version serves; history has both releases.
-    let upgrading = stack.upgrade(&id, "1.1.0").await.unwrap();
-    assert_eq!(upgrading.release, 2);
-    assert_eq!(upgrading.status(), InstallationStatus::Upgrading);
+    // 1.0.0 → 1.1.0 with the CLI: the new version serves; history has
+    // both releases.
+    let (code, stdout, stderr) = oak(
+        &stack,
+        &[
+            "upgrade",
+            &id,
+            "1.1.0",
+            "--min-healthy-time",
+            "2s",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let upgrading: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(upgrading["release"], "2", "{stdout}");
+    assert_eq!(
+        upgrading["status"], "INSTALLATION_STATUS_UPGRADING",
+        "{stdout}"
+    );
     let again = stack.upgrade(&id, "1.1.0").await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     let upgraded = stack.settles(&id, InstallationStatus::Active, 2).await;
@@ -332,10 +374,36 @@ async fn upgrade_rolls_back_a_crash_and_rolls_back_on_request() {
     );
     assert!(upgraded.history[1].images[0].contains("@sha256:"));
     assert_eq!(upgraded.services[0].release, 2);
+    let (code, history, _) = oak(&stack, &["history", &id]).await;
+    assert_eq!(code, 0);
+    let rows: Vec<&str> = history.lines().skip(1).collect();
+    assert!(
+        rows.len() == 2
+            && rows[0].starts_with("1 ")
+            && rows[0].contains("1.0.0")
+            && rows[0].contains("superseded")
+            && rows[1].starts_with("2 ")
+            && rows[1].contains("1.1.0")
+            && rows[1].contains("deployed (current)"),
+        "{history}"
+    );
 
     // 1.1.0 → 1.2.0, which crashes: rolled back by itself, 1.1.0 serves
-    // again, and the status says why.
-    stack.upgrade(&id, &broken.version).await.unwrap();
+    // again, and the status says why; `upgrade --wait` exits 3.
+    let (code, _, stderr) = oak(
+        &stack,
+        &[
+            "upgrade",
+            &id,
+            &broken.version,
+            "--wait",
+            "--min-healthy-time",
+            "2s",
+        ],
+    )
+    .await;
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("ROLLED_BACK"), "{stderr}");
     let rolled_back = stack.settles(&id, InstallationStatus::RolledBack, 2).await;
     assert!(
         rolled_back
