@@ -5,7 +5,9 @@
 //! installed through the manager. A poller sends `GET /` to the host port
 //! every 2 ms; the gap runs from the last answer of the core component to
 //! the first answer of the addon. Uninstall gives the restore gap the same
-//! way (addon → core).
+//! way (addon → core). Upgrades of a plugin give the upgrade gap: from
+//! the last answer of one release to the first answer of the next, the
+//! core component never in between.
 //!
 //! Baseline, in the same run: two containers with the same HTTP servers in
 //! one network namespace behind the same kind of published port, switched
@@ -227,6 +229,93 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    // Ours: upgrades of an installed plugin, from release to release.
+    let versions = [("1.0.0", "rel-a"), ("1.1.0", "rel-b")];
+    let mut ids = Vec::new();
+    for (version, body) in versions {
+        ids.push(
+            publish_approved(
+                &marketplace,
+                mpb::Addon {
+                    name: "upgrade-bench".into(),
+                    version: version.into(),
+                    services: vec![mpb::ServiceSpec {
+                        service_name: "scheduler".into(),
+                        image: image.clone(),
+                        command: http_server_command(body),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )
+            .await,
+        );
+    }
+    let installation = client
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: ids[0].id.clone(),
+            accepted_privileges: integration_tests::grant_all(&ids[0], false),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    let watcher = client.clone();
+    let settled = |release: u64| {
+        let mut client = watcher.clone();
+        let id = installation.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let i = client
+                    .get_installation(pb::GetInstallationRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .installation
+                    .unwrap();
+                if i.release == release && i.status() == pb::InstallationStatus::Active {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "release {release} never active");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    settled(1).await;
+    let mut upgrades = Vec::new();
+    let mut core_seen = 0;
+    for round in 0..ROUNDS {
+        let (from, to) = (versions[round % 2], versions[(round + 1) % 2]);
+        poller.clear();
+        poller.wait_for(from.1).await;
+        client
+            .upgrade_installation(pb::UpgradeInstallationRequest {
+                id: installation.clone(),
+                version: to.0.into(),
+                min_healthy_time: Some(prost_types::Duration::default()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        upgrades.push(poller.gap(from.1, to.1).await);
+        core_seen += poller
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, body)| body.contains("core"))
+            .count();
+        settled(round as u64 + 2).await;
+    }
+    assert_eq!(
+        core_seen, 0,
+        "the core component answered during an upgrade"
+    );
     drop(poller);
     monitor.stop().await;
 
@@ -305,9 +394,10 @@ async fn main() {
     }
     networks.detach("raw_net").await.unwrap();
 
-    let (swap, restore, base) = (
+    let (swap, restore, upgrade, base) = (
         median(&mut swaps),
         median(&mut restores),
+        median(&mut upgrades),
         median(&mut baseline),
     );
     println!(
@@ -328,9 +418,16 @@ async fn main() {
         restore.as_secs_f64() / base.as_secs_f64()
     );
     println!(
-        "\nall swap gaps: {:?}\nall restore gaps: {:?}\nall baseline gaps: {:?}",
+        "| upgrade: plugin release → next release | {} | {} | {:.2} |",
+        ms(upgrade),
+        ms(base),
+        upgrade.as_secs_f64() / base.as_secs_f64()
+    );
+    println!(
+        "\nall swap gaps: {:?}\nall restore gaps: {:?}\nall upgrade gaps: {:?}\nall baseline gaps: {:?}",
         swaps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
         restores.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        upgrades.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
         baseline.iter().map(|d| ms(*d)).collect::<Vec<_>>()
     );
     containerd.stop().await;
