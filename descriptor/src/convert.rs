@@ -6,8 +6,8 @@
 use oakestra_addons_proto::{engine::v1 as epb, marketplace::v1 as mpb};
 
 use crate::{
-    Descriptor, Mount, MountSource, Network, Port, Privilege, PrivilegeKind, Resources, Service,
-    Volume,
+    Descriptor, HealthCheck, Mount, MountSource, Network, Port, Privilege, PrivilegeKind, Probe,
+    Resources, Service, Volume,
 };
 
 macro_rules! conversions {
@@ -62,6 +62,39 @@ macro_rules! conversions {
                             pids: Some(r.pids).filter(|v| *v > 0),
                         })
                         .unwrap_or_default(),
+                    health_check: s.health_check.map(|h| {
+                        let ms = |d: Option<prost_types::Duration>, default: u64| {
+                            d.map_or(default, |d| {
+                                // Negative or out-of-range values become 0,
+                                // which validation rejects with its path.
+                                std::time::Duration::try_from(d)
+                                    .ok()
+                                    .and_then(|d| u64::try_from(d.as_millis()).ok())
+                                    .unwrap_or(0)
+                            })
+                        };
+                        HealthCheck {
+                            probe: match h.probe {
+                                Some($pb::health_check::Probe::Http(http)) => Probe::Http {
+                                    port: port(http.port),
+                                    path: http.path,
+                                },
+                                Some($pb::health_check::Probe::Tcp(tcp)) => Probe::Tcp {
+                                    port: port(tcp.port),
+                                },
+                                // Kept recognisable: validation names it.
+                                None => Probe::Tcp { port: 0 },
+                            },
+                            interval_ms: ms(h.interval, crate::DEFAULT_HEALTH_INTERVAL_MS),
+                            timeout_ms: ms(h.timeout, crate::DEFAULT_HEALTH_TIMEOUT_MS),
+                            retries: if h.retries == 0 {
+                                crate::DEFAULT_HEALTH_RETRIES
+                            } else {
+                                h.retries
+                            },
+                            start_period_ms: ms(h.start_period, 0),
+                        }
+                    }),
                 }
             }
         }
@@ -108,6 +141,27 @@ macro_rules! conversions {
                         memory_bytes: s.resources.memory_bytes.unwrap_or(0),
                         cpu_millis: s.resources.cpu_millis.unwrap_or(0),
                         pids: s.resources.pids.unwrap_or(0),
+                    }),
+                    health_check: s.health_check.map(|h| {
+                        let duration =
+                            |ms: u64| prost_types::Duration::try_from(std::time::Duration::from_millis(ms)).ok();
+                        $pb::HealthCheck {
+                            probe: Some(match h.probe {
+                                Probe::Http { port, path } => {
+                                    $pb::health_check::Probe::Http($pb::HttpProbe {
+                                        port: port.into(),
+                                        path,
+                                    })
+                                }
+                                Probe::Tcp { port } => {
+                                    $pb::health_check::Probe::Tcp($pb::TcpProbe { port: port.into() })
+                                }
+                            }),
+                            interval: duration(h.interval_ms),
+                            timeout: duration(h.timeout_ms),
+                            retries: h.retries,
+                            start_period: duration(h.start_period_ms),
+                        }
                     }),
                 }
             }

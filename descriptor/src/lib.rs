@@ -148,6 +148,51 @@ pub struct Service {
     pub inherit_core_environment: bool,
     /// Limits of the container; unset ones take the node policy's defaults.
     pub resources: Resources,
+    /// How the node checks that the service works, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A service's health check, as compose files declare one: a probe run
+/// every `interval`; the service is unhealthy after `retries` failures in a
+/// row, failures within `start_period` of a start not counting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// What is checked.
+    pub probe: Probe,
+    /// Between two probes, in milliseconds.
+    pub interval_ms: u64,
+    /// Longest a probe may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Failures in a row that make the service unhealthy.
+    pub retries: u32,
+    /// After a start, failures do not count for this long, in milliseconds.
+    pub start_period_ms: u64,
+}
+
+/// Default time between probes.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 10_000;
+/// Default probe timeout.
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 5_000;
+/// Default failures in a row before unhealthy.
+pub const DEFAULT_HEALTH_RETRIES: u32 = 3;
+
+/// What a health check probes, inside the container's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probe {
+    /// `GET path` on `port`: a 2xx or 3xx answer is healthy.
+    Http {
+        /// The container port.
+        port: u16,
+        /// The path, starting with `/`.
+        path: String,
+    },
+    /// A TCP connection to `port` is accepted.
+    Tcp {
+        /// The container port.
+        port: u16,
+    },
 }
 
 /// Limits of a container; `None` is "not set".

@@ -139,6 +139,9 @@ pub fn validate_with(
             );
         }
         check_service(&mut v, &at, service, &volumes, &networks, &mut host_ports);
+        if let Some(check) = &service.health_check {
+            check_health(&mut v, &format!("{at}.health_check"), check);
+        }
         if !service.image.is_empty()
             && let Err(reason) = image_check(&service.image)
         {
@@ -149,6 +152,46 @@ pub fn validate_with(
         }
     }
     v.into_result()
+}
+
+/// A health check's bounds.
+fn check_health(v: &mut Violations, at: &str, check: &crate::HealthCheck) {
+    const SECOND: u64 = 1000;
+    const HOUR: u64 = 3600 * SECOND;
+    match &check.probe {
+        crate::Probe::Http { port, path } => {
+            if *port == 0 {
+                v.add(format!("{at}.http.port"), "must be 1..65535");
+            }
+            if !path.starts_with('/') || path.len() > 1024 || path.chars().any(char::is_whitespace)
+            {
+                v.add(
+                    format!("{at}.http.path"),
+                    "must start with `/`, have no whitespace and be at most 1024 bytes",
+                );
+            }
+        }
+        crate::Probe::Tcp { port } => {
+            if *port == 0 {
+                v.add(
+                    format!("{at}.tcp.port"),
+                    "must be 1..65535 (a health check needs an http or tcp probe)",
+                );
+            }
+        }
+    }
+    if !(SECOND..=HOUR).contains(&check.interval_ms) {
+        v.add(format!("{at}.interval"), "must be 1s to 1h");
+    }
+    if check.timeout_ms < 100 || check.timeout_ms > check.interval_ms {
+        v.add(format!("{at}.timeout"), "must be 100ms to the interval");
+    }
+    if check.retries == 0 || check.retries > 100 {
+        v.add(format!("{at}.retries"), "must be 1 to 100");
+    }
+    if check.start_period_ms > HOUR {
+        v.add(format!("{at}.start_period"), "at most 1h");
+    }
 }
 
 /// Keys of 1 to 256 bytes and values of at most 4096 (labels, driver
@@ -337,6 +380,16 @@ mod tests {
         ];
         a.services[1].networks = vec!["nowhere".into()];
         a.services[1].environment.insert("1BAD".into(), "v".into());
+        a.services[1].health_check = Some(crate::HealthCheck {
+            probe: crate::Probe::Http {
+                port: 8080,
+                path: "health".into(),
+            },
+            interval_ms: 500,
+            timeout_ms: 5000,
+            retries: 3,
+            start_period_ms: 0,
+        });
         assert_eq!(
             fields(&a),
             [
@@ -349,6 +402,9 @@ mod tests {
                 "services[1].mounts[1].target",
                 "services[1].mounts[1].host_path",
                 "services[1].networks[0]",
+                "services[1].health_check.http.path",
+                "services[1].health_check.interval",
+                "services[1].health_check.timeout",
             ]
         );
     }

@@ -5,7 +5,7 @@ use oakestra_addons_proto::engine::v1 as pb;
 use prost_types::Timestamp;
 
 use crate::model::{
-    Installation, InstallationStatus, NodeState, Plane, Release, ReleaseOutcome, Rollout,
+    Health, Installation, InstallationStatus, NodeState, Plane, Release, ReleaseOutcome, Rollout,
     ServicePhase, ServiceStatus,
 };
 
@@ -83,6 +83,13 @@ fn service_status_to_proto(s: ServiceStatus) -> pb::ServiceStatus {
         pull_bytes_done: s.pull_bytes_done,
         pull_bytes_total: s.pull_bytes_total,
         release: s.release,
+        health: match s.health {
+            None => pb::ServiceHealth::Unspecified,
+            Some(Health::Starting) => pb::ServiceHealth::Starting,
+            Some(Health::Healthy) => pb::ServiceHealth::Healthy,
+            Some(Health::Unhealthy) => pb::ServiceHealth::Unhealthy,
+        }
+        .into(),
     }
 }
 
@@ -242,5 +249,12 @@ pub(crate) fn service_status_from_proto(s: pb::ServiceStatus) -> Result<ServiceS
         pull_bytes_done: s.pull_bytes_done,
         pull_bytes_total: s.pull_bytes_total,
         release: s.release,
+        health: match pb::ServiceHealth::try_from(s.health) {
+            Ok(pb::ServiceHealth::Starting) => Some(Health::Starting),
+            Ok(pb::ServiceHealth::Healthy) => Some(Health::Healthy),
+            Ok(pb::ServiceHealth::Unhealthy) => Some(Health::Unhealthy),
+            // Unset, or a value this manager does not know: no check.
+            _ => None,
+        },
     })
 }

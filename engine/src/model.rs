@@ -286,4 +286,19 @@ pub struct ServiceStatus {
     /// releases).
     #[serde(default)]
     pub release: u64,
+    /// What its health check says; `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// What a service's health check says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Not yet found healthy.
+    Starting,
+    /// The last probe passed.
+    Healthy,
+    /// Failed probes in a row.
+    Unhealthy,
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{Installation, InstallationStatus, ServicePhase, ServiceStatus};
+use crate::model::{Health, Installation, InstallationStatus, ServicePhase, ServiceStatus};
 
 /// Replaces what `node` reported earlier for the installation with
 /// `services` and recomputes the installation's status. Entries for services
@@ -148,9 +148,17 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
     for node in &nodes {
         for name in &expected {
             total += 1;
-            match by_pair.get(&(*name, *node)).map(|s| s.phase) {
-                Some(ServicePhase::Running) => running += 1,
-                Some(ServicePhase::Failed) => {
+            match by_pair.get(&(*name, *node)).map(|s| (s.phase, s.health)) {
+                Some((ServicePhase::Running, None | Some(Health::Healthy))) => running += 1,
+                Some((ServicePhase::Running, Some(health))) => {
+                    let what = if health == Health::Unhealthy {
+                        "unhealthy"
+                    } else {
+                        "health check starting"
+                    };
+                    waiting.push(format!("{name} on {node} ({what})"));
+                }
+                Some((ServicePhase::Failed, _)) => {
                     let status = by_pair[&(*name, *node)];
                     let mut notes = Vec::new();
                     if let Some(code) = status.exit_code {
@@ -263,6 +271,7 @@ pub(crate) mod tests {
             pull_bytes_done: 0,
             pull_bytes_total: 0,
             release: 0,
+            health: None,
         }
     }
 
@@ -288,6 +297,22 @@ pub(crate) mod tests {
             "{}",
             i.status_message
         );
+    }
+
+    #[test]
+    fn a_running_service_counts_only_once_healthy() {
+        let mut i = installation(&["web"]);
+        let mut web = status("web", ServicePhase::Running);
+        web.health = Some(Health::Starting);
+        apply_report(&mut i, "n1", vec![web.clone()]);
+        assert_eq!(i.status, InstallationStatus::Installing);
+        web.health = Some(Health::Unhealthy);
+        apply_report(&mut i, "n1", vec![web.clone()]);
+        assert_eq!(i.status, InstallationStatus::Installing);
+        assert!(i.status_message.contains("web on n1 (unhealthy)"), "{}", i.status_message);
+        web.health = Some(Health::Healthy);
+        apply_report(&mut i, "n1", vec![web]);
+        assert_eq!(i.status, InstallationStatus::Active);
     }
 
     #[test]
