@@ -143,8 +143,10 @@ macro_rules! conversions {
                         pids: s.resources.pids.unwrap_or(0),
                     }),
                     health_check: s.health_check.map(|h| {
-                        let duration =
-                            |ms: u64| prost_types::Duration::try_from(std::time::Duration::from_millis(ms)).ok();
+                        let duration = |ms: u64| {
+                            prost_types::Duration::try_from(std::time::Duration::from_millis(ms))
+                                .ok()
+                        };
                         $pb::HealthCheck {
                             probe: Some(match h.probe {
                                 Probe::Http { port, path } => {
@@ -154,7 +156,9 @@ macro_rules! conversions {
                                     })
                                 }
                                 Probe::Tcp { port } => {
-                                    $pb::health_check::Probe::Tcp($pb::TcpProbe { port: port.into() })
+                                    $pb::health_check::Probe::Tcp($pb::TcpProbe {
+                                        port: port.into(),
+                                    })
                                 }
                             }),
                             interval: duration(h.interval_ms),

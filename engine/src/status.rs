@@ -309,7 +309,11 @@ pub(crate) mod tests {
         web.health = Some(Health::Unhealthy);
         apply_report(&mut i, "n1", vec![web.clone()]);
         assert_eq!(i.status, InstallationStatus::Installing);
-        assert!(i.status_message.contains("web on n1 (unhealthy)"), "{}", i.status_message);
+        assert!(
+            i.status_message.contains("web on n1 (unhealthy)"),
+            "{}",
+            i.status_message
+        );
         web.health = Some(Health::Healthy);
         apply_report(&mut i, "n1", vec![web]);
         assert_eq!(i.status, InstallationStatus::Active);

@@ -239,10 +239,14 @@ impl Stack {
                     Ok(i)
                 } else {
                     Err(format!(
-                        "{:?} release {}: {}",
+                        "{:?} release {}: {}; services: {:?}",
                         i.status(),
                         i.release,
-                        i.status_message
+                        i.status_message,
+                        i.services
+                            .iter()
+                            .map(|s| format!("{} {:?}: {}", s.service_name, s.phase(), s.reason))
+                            .collect::<Vec<_>>()
                     ))
                 }
             },
@@ -600,5 +604,156 @@ async fn a_manager_or_monitor_killed_mid_rollout_ends_consistent() {
     stack.serves(stack.app_port, "api 1.2.0").await;
     assert_eq!(done.services.len(), 1, "{:?}", done.services);
     assert_eq!(done.services[0].container_id, "root_api.r3");
+    monitor.stop().await;
+}
+
+/// An HTTP health check of `path` on port 8080, probed every second.
+fn http_check(path: &str) -> mpb::HealthCheck {
+    mpb::HealthCheck {
+        probe: Some(mpb::health_check::Probe::Http(mpb::HttpProbe {
+            port: 8080,
+            path: path.into(),
+        })),
+        interval: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000,
+        }),
+        retries: 2,
+        start_period: None,
+    }
+}
+
+#[tokio::test]
+async fn health_checks_gate_active_and_fail_an_upgrade() {
+    let stack = Stack::start("upd", "10.78").await;
+    let monitor = stack.monitor(None).await;
+    // busybox httpd answers 404 for a file that does not exist.
+    let publish = |version: &'static str, path: &'static str| {
+        let stack = &stack;
+        async move {
+            let mut addon = mpb::Addon {
+                name: "checked".into(),
+                version: version.into(),
+                services: vec![mpb::ServiceSpec {
+                    service_name: "checked".into(),
+                    image: stack.image.clone(),
+                    command: http_server_command(&format!("checked {version}")),
+                    ports: vec![mpb::PortMapping {
+                        container_port: 8080,
+                        host_port: u32::from(stack.app_port),
+                        protocol: mpb::Protocol::Tcp.into(),
+                    }],
+                    health_check: Some(http_check(path)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            addon = publish_approved(&stack.marketplace, addon).await;
+            assert!(addon.services[0].health_check.is_some());
+            addon
+        }
+    };
+    let good = publish("1.0.0", "/index.html").await;
+    let bad_upgrade = publish("1.1.0", "/missing").await;
+
+    // A passing check: ACTIVE, and the service shows HEALTHY.
+    let id = stack.install(&good).await;
+    let active = stack.settles(&id, InstallationStatus::Active, 1).await;
+    assert_eq!(
+        active.services[0].health(),
+        pb::ServiceHealth::Healthy,
+        "{:?}",
+        active.services[0]
+    );
+
+    // An upgrade whose check fails: rolled back, the reason names it.
+    stack.upgrade(&id, &bad_upgrade.version).await.unwrap();
+    let rolled_back = stack.settles(&id, InstallationStatus::RolledBack, 1).await;
+    assert!(
+        rolled_back.status_message.contains("unhealthy")
+            && rolled_back.status_message.contains("answered 404"),
+        "{}",
+        rolled_back.status_message
+    );
+    stack.serves(stack.app_port, "checked 1.0.0").await;
+    stack
+        .client()
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: id.clone(),
+            purge: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually("purged", Duration::from_secs(60), || async {
+        match stack.get(&id).await {
+            Err(_) => Ok(()),
+            Ok(i) => Err(format!("{:?}", i.status())),
+        }
+    })
+    .await;
+
+    // An installation whose check fails is never ACTIVE: it shows the
+    // service unhealthy, stops it, and gives up after the failure budget.
+    let bad = publish_approved(
+        &stack.marketplace,
+        mpb::Addon {
+            name: "unchecked".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "unchecked".into(),
+                image: stack.image.clone(),
+                command: http_server_command("unchecked"),
+                health_check: Some(http_check("/missing")),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut watch = stack
+        .client()
+        .watch_installations(pb::WatchInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let id = stack.install(&bad).await;
+    let mut seen = Vec::new();
+    let mut unhealthy = false;
+    let ended = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(event) = watch.message().await.unwrap() {
+            let Some(i) = event.installation.filter(|i| i.id == id) else {
+                continue;
+            };
+            unhealthy |= i.services.iter().any(|s| {
+                s.health() == pb::ServiceHealth::Unhealthy || s.reason.contains("unhealthy")
+            });
+            seen.push(i.status());
+            if i.status() == InstallationStatus::Failed {
+                return i;
+            }
+        }
+        panic!("the watch ended");
+    })
+    .await
+    .expect("the installation failed within 2 minutes");
+    assert!(unhealthy, "the service was shown unhealthy: {seen:?}");
+    assert!(
+        !seen.contains(&InstallationStatus::Active),
+        "never ACTIVE: {seen:?}"
+    );
+    assert!(
+        ended.status_message.contains("every service failed"),
+        "{}",
+        ended.status_message
+    );
+    assert!(
+        ended.services[0].reason.contains("stopped as unhealthy"),
+        "{:?}",
+        ended.services[0]
+    );
     monitor.stop().await;
 }

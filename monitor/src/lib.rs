@@ -9,6 +9,7 @@ pub mod config;
 pub mod cores;
 mod crash;
 pub mod error;
+pub mod health;
 pub mod labels;
 pub mod link;
 pub mod network;

@@ -286,6 +286,17 @@ impl Networks {
         let netns = self.netns_path(id);
         if !netns.exists() {
             create_netns(&netns)?;
+            // `lo` up, as every container runtime does: a service reaches
+            // itself on 127.0.0.1, and so do its health probes.
+            let loopback = json!({
+                "cniVersion": CNI_VERSION,
+                "name": "lo",
+                "type": "loopback",
+            });
+            if let Err(err) = self.exec("ADD", id, &netns, "lo", "lo", loopback).await {
+                remove_netns(&netns);
+                return Err(err);
+            }
         }
         let mut attachments: Vec<Attachment> = Vec::new();
         for (i, network) in networks.iter().enumerate() {

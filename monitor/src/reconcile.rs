@@ -37,6 +37,7 @@ use self::{actions::Specs, status::Tracked, swap::CoreStarts};
 use crate::{
     cores::{self, CoreComponentSpec},
     error::MonitorError,
+    health::{Checks, Health},
     labels::{
         CORE_SOURCE, CORE_SOURCE_STATIC, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, REPLACED_BY,
         SERVICE,
@@ -104,6 +105,10 @@ pub struct Reconciler<R: Runtime, N: Network = Networks> {
     /// The container id each desired service has in the release this node
     /// runs: only those are reported.
     current: BTreeSet<String>,
+    /// Health checks of the running services that declare one.
+    health: Checks,
+    /// Why the monitor stopped a task: it was unhealthy.
+    unhealthy_stops: HashMap<String, String>,
 }
 
 impl<R: Runtime, N: Network> std::fmt::Debug for Reconciler<R, N> {
@@ -165,6 +170,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             trials: HashMap::new(),
             trials_loaded: false,
             current: BTreeSet::new(),
+            health: Checks::default(),
+            unhealthy_stops: HashMap::new(),
         }
     }
 
@@ -239,6 +246,7 @@ pub async fn run(
             }
             _ = resync.tick() => {}
             image = reconciler.pulls.finished() => tracing::debug!(%image, "pull finished"),
+            () = reconciler.health.finished() => {}
             () = async {
                 match wake_at {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -392,6 +400,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         for action in rest {
             self.execute(action, &specs, &infos).await?;
         }
+        let health_wake = match desired {
+            Some(desired) => self.check_health(desired).await?,
+            None => None,
+        };
         if let Some(desired) = desired {
             self.purge_volumes(desired);
             let ids: BTreeSet<&str> = desired
@@ -410,7 +422,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         }
         self.report_all(desired);
         self.publish_view(&containers, desired);
-        Ok(plan.wake_at)
+        Ok([plan.wake_at, health_wake].into_iter().flatten().min())
     }
 }
 
@@ -511,6 +523,83 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             return Some(Instant::now());
         }
         wake
+    }
+}
+
+impl<R: Runtime, N: Network> Reconciler<R, N> {
+    /// Runs the health checks of the running services that declare one:
+    /// takes finished probes, starts due ones, shows the health in each
+    /// status, and stops the task of a service found unhealthy (its exit
+    /// then counts against the restart policy). Returns when the next
+    /// probe is due.
+    async fn check_health(
+        &mut self,
+        desired: &pb::DesiredState,
+    ) -> Result<Option<Instant>, MonitorError> {
+        let now = Instant::now();
+        self.health.collect(now);
+        let mut wake: Option<Instant> = None;
+        let mut checked = BTreeSet::new();
+        let wanted: Vec<(String, String, addons_descriptor::HealthCheck)> = desired
+            .installations
+            .iter()
+            .filter(|i| i.presence() == DesiredPresence::Running)
+            .flat_map(|i| {
+                i.addon
+                    .iter()
+                    .flat_map(|a| &a.services)
+                    .filter_map(move |s| {
+                        let check = addons_descriptor::Service::from(s.clone()).health_check?;
+                        Some((i.installation_id.clone(), s.service_name.clone(), check))
+                    })
+            })
+            .collect();
+        for (installation, service, check) in wanted {
+            let Some((id, tracked)) = self.tracked.iter().find(|(id, t)| {
+                t.installation_id == installation
+                    && t.status.service_name == service
+                    && self.current.contains(*id)
+            }) else {
+                continue;
+            };
+            if tracked.status.phase() != pb::ServicePhase::Running {
+                continue;
+            }
+            let id = id.clone();
+            let crate::runtime::TaskState::Running(pid) = self.runtime.task_state(&id).await?
+            else {
+                continue;
+            };
+            self.health.track(&id, pid, &check, now);
+            checked.insert(id.clone());
+            if let Some(next) = self.health.probe_if_due(&id, now) {
+                wake = Some(wake.map_or(next, |w| w.min(next)));
+            }
+            let Some(state) = self.health.get(&id) else {
+                continue;
+            };
+            let (health, error) = (state.health, state.last_error.clone());
+            let Some(tracked) = self.tracked.get_mut(&id) else {
+                continue;
+            };
+            tracked.status.health = match health {
+                Health::Starting => pb::ServiceHealth::Starting,
+                Health::Healthy => pb::ServiceHealth::Healthy,
+                Health::Unhealthy => pb::ServiceHealth::Unhealthy,
+            }
+            .into();
+            if health == Health::Unhealthy && !self.unhealthy_stops.contains_key(&id) {
+                let reason = format!("unhealthy: {error}");
+                tracked.set(pb::ServicePhase::Running, reason.clone());
+                tracing::warn!(container = %id, %reason, "stopping an unhealthy service");
+                self.unhealthy_stops.insert(id.clone(), reason);
+                self.runtime.stop_task(&id, self.options.stop_grace).await?;
+            }
+        }
+        self.health.retain(|id| checked.contains(id));
+        self.unhealthy_stops
+            .retain(|id, _| self.tracked.contains_key(id));
+        Ok(wake)
     }
 }
 

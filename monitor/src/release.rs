@@ -80,7 +80,9 @@ impl Trial {
             return None;
         }
         if let Some(failed) = services.iter().find(|s| {
-            matches!(s.phase(), ServicePhase::Backoff | ServicePhase::Failed) || s.restart_count > 0
+            matches!(s.phase(), ServicePhase::Backoff | ServicePhase::Failed)
+                || s.restart_count > 0
+                || s.health() == pb::ServiceHealth::Unhealthy
         }) {
             let reason = if failed.reason.is_empty() {
                 format!("{} failed", failed.service_name)
@@ -91,7 +93,13 @@ impl Trial {
             return None;
         }
         let all_running = services.len() >= expected
-            && services.iter().all(|s| s.phase() == ServicePhase::Running);
+            && services.iter().all(|s| {
+                s.phase() == ServicePhase::Running
+                    && matches!(
+                        s.health(),
+                        pb::ServiceHealth::Unspecified | pb::ServiceHealth::Healthy
+                    )
+            });
         if !all_running {
             self.running_since_ms = None;
             return None;
@@ -257,6 +265,21 @@ mod tests {
         assert_eq!(
             trial.outcome,
             Outcome::Failed("web: exited with code 3".into())
+        );
+        // A health check: healthy counts as running, starting does not,
+        // unhealthy fails.
+        let mut checked = status(ServicePhase::Running, 0);
+        checked.health = pb::ServiceHealth::Starting.into();
+        let mut trial = Trial::new("i", 2);
+        assert_eq!(trial.judge(&[&checked], 1, min, 0), None);
+        checked.health = pb::ServiceHealth::Healthy.into();
+        assert_eq!(trial.judge(&[&checked], 1, min, 1), Some(10_001));
+        checked.health = pb::ServiceHealth::Unhealthy.into();
+        checked.reason = "unhealthy: GET / answered 500".into();
+        trial.judge(&[&checked], 1, min, 2);
+        assert_eq!(
+            trial.outcome,
+            Outcome::Failed("web: unhealthy: GET / answered 500".into())
         );
         // Restarted quickly: a restart counts too.
         let mut trial = Trial::new("i", 2);

@@ -257,12 +257,19 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         exit_code: Option<i32>,
     ) {
         let log = self.state.log(id);
+        let cause = self
+            .unhealthy_stops
+            .remove(id)
+            .map(|reason| format!(" after it was stopped as {reason}"))
+            .unwrap_or_default();
         let tracked = self.track(installation, service, id);
         tracked.status.exit_code = exit_code.or(tracked.status.exit_code);
+        tracked.status.health = 0;
         let code = tracked
             .status
             .exit_code
             .map_or("unknown".to_owned(), |c| c.to_string());
+        let code = format!("{code}{cause}");
         let policy = self.options.restart;
         let tracked = self.track(installation, service, id);
         let verdict = tracked.fail(
@@ -350,12 +357,14 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                             a.restart_count,
                             a.exit_code,
                             a.pull_bytes_done,
+                            a.health,
                         ) == (
                             b.phase,
                             &b.reason,
                             b.restart_count,
                             b.exit_code,
                             b.pull_bytes_done,
+                            b.health,
                         )
                     })
             });
