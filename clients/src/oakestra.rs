@@ -57,6 +57,74 @@ struct Service {
     inherit_core_environment: bool,
     #[serde(default)]
     resources: Option<Resources>,
+    #[serde(default)]
+    health_check: Option<HealthCheck>,
+}
+
+/// `health_check`: ours, like compose's `healthcheck` but with an HTTP or
+/// TCP probe; durations as `500ms`, `10s`, `5m` or a number of seconds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheck {
+    #[serde(default)]
+    http: Option<HttpProbe>,
+    #[serde(default)]
+    tcp: Option<TcpProbe>,
+    #[serde(default)]
+    interval: Option<Scalar>,
+    #[serde(default)]
+    timeout: Option<Scalar>,
+    #[serde(default)]
+    retries: u32,
+    #[serde(default)]
+    start_period: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpProbe {
+    port: u32,
+    #[serde(default = "root_path")]
+    path: String,
+}
+
+fn root_path() -> String {
+    "/".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TcpProbe {
+    port: u32,
+}
+
+/// A health check in the marketplace's form; the error names the field.
+fn health_check(i: usize, check: HealthCheck) -> Result<pb::HealthCheck, String> {
+    let at = format!("services[{i}].health_check");
+    let duration = |field: &str, value: Option<Scalar>| {
+        value
+            .map(|v| {
+                crate::parse_duration(&v.text())
+                    .map_err(|err| format!("{at}.{field}: {err}"))
+                    .map(|d| prost_types::Duration::try_from(d).unwrap_or_default())
+            })
+            .transpose()
+    };
+    let probe = match (check.http, check.tcp) {
+        (Some(http), None) => pb::health_check::Probe::Http(pb::HttpProbe {
+            port: http.port,
+            path: http.path,
+        }),
+        (None, Some(tcp)) => pb::health_check::Probe::Tcp(pb::TcpProbe { port: tcp.port }),
+        _ => return Err(format!("{at}: exactly one of `http` and `tcp`")),
+    };
+    Ok(pb::HealthCheck {
+        probe: Some(probe),
+        interval: duration("interval", check.interval)?,
+        timeout: duration("timeout", check.timeout)?,
+        retries: check.retries,
+        start_period: duration("start_period", check.start_period)?,
+    })
 }
 
 /// `resources`: limits of the service's container.
@@ -251,6 +319,10 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
                 cpu_millis: r.cpu_millis,
                 pids: r.pids,
             }),
+            health_check: service
+                .health_check
+                .map(|check| health_check(i, check))
+                .transpose()?,
             ..Default::default()
         });
     }
@@ -387,6 +459,28 @@ mod tests {
         .to_string();
         assert!(err.starts_with("f.json: services[0]"), "{err}");
         assert!(err.contains("unknown field `replicas`"), "{err}");
+        let err = parse_descriptor(
+            r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "health_check": {"tcp": {"port": 80}, "interval": "soon"}}]}"#,
+            "f.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("services[0].health_check.interval: `soon` is not a duration"),
+            "{err}"
+        );
+        let parsed = parse_descriptor(
+            "name: x\nservices:\n- service_name: a\n  image: b\n  health_check: {http: {port: 8080, path: /health}, interval: 5s, retries: 2}\n",
+            "f.yaml",
+        )
+        .unwrap();
+        let check = parsed.services[0].health_check.clone().unwrap();
+        assert_eq!(check.interval.unwrap().seconds, 5);
+        assert_eq!(check.retries, 2);
+        assert!(matches!(
+            check.probe,
+            Some(pb::health_check::Probe::Http(ref http)) if http.path == "/health"
+        ));
         let err = parse_descriptor(r#"{"name": "x", "services": [], "owner": 2}"#, "f.json")
             .unwrap_err()
             .to_string();

@@ -458,22 +458,7 @@ fn failed(what: &str) -> impl FnOnce(ClientError) -> Failure + '_ {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 10s, 5m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "s" | "" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        "h" => Ok(Duration::from_secs(number * 3600)),
-        _ => Err(format!(
-            "`{text}` is not a duration such as 500ms, 10s, 5m or 1h"
-        )),
-    }
+    oak_addons::parse_duration(text)
 }
 
 /// Where the servers are, from the flags, else the context, else the
