@@ -224,14 +224,36 @@ pub async fn wait_installed(
     patience: Duration,
     settle: Duration,
 ) -> Result<u8, Failure> {
+    wait_until(
+        client,
+        installation,
+        format,
+        (patience, settle),
+        "did not settle",
+        settled,
+    )
+    .await
+}
+
+/// Follows an installation until `exit_code` has a code for it (and it
+/// held for `settle`), then prints it; a code other than 0 also says why
+/// on stderr.
+async fn wait_until(
+    client: &ManagerClient,
+    installation: epb::Installation,
+    format: output::Format,
+    (patience, settle): (Duration, Duration),
+    waiting_for: &str,
+    exit_code: fn(&epb::Installation) -> Option<u8>,
+) -> Result<u8, Failure> {
     let (installation, code) = follow(
         client,
         installation,
         patience,
         settle,
-        "did not settle",
+        waiting_for,
         |seen| match seen {
-            Seen::Now(current) => settled(current).map(|code| Ok((current.clone(), code))),
+            Seen::Now(current) => exit_code(current).map(|code| Ok((current.clone(), code))),
             Seen::Deleted(_) => None,
         },
     )
@@ -291,31 +313,17 @@ pub async fn wait_rolled_out(
     patience: Duration,
     settle: Duration,
 ) -> Result<u8, Failure> {
-    let (installation, code) = follow(
+    wait_until(
         client,
         installation,
-        patience,
-        settle,
+        format,
+        (patience, settle),
         "did not finish its rollout",
-        |seen| match seen {
-            Seen::Now(current) => match current.status() {
-                InstallationStatus::Upgrading => None,
-                InstallationStatus::RolledBack => Some(Ok((current.clone(), EXIT_FAILED))),
-                _ => settled(current).map(|code| Ok((current.clone(), code))),
-            },
-            Seen::Deleted(_) => None,
+        |current| match current.status() {
+            InstallationStatus::Upgrading => None,
+            InstallationStatus::RolledBack => Some(EXIT_FAILED),
+            _ => settled(current),
         },
     )
-    .await?;
-    output::installations(std::slice::from_ref(&installation), format, false)
-        .map_err(failed("output"))?;
-    if code != EXIT_OK {
-        eprintln!(
-            "error: installation {} is {}: {}",
-            installation.id,
-            output::installation_status(&installation),
-            installation.status_message
-        );
-    }
-    Ok(code)
+    .await
 }
