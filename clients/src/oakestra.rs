@@ -71,6 +71,8 @@ struct HealthCheck {
     #[serde(default)]
     tcp: Option<TcpProbe>,
     #[serde(default)]
+    exec: Option<Command>,
+    #[serde(default)]
     interval: Option<Scalar>,
     #[serde(default)]
     timeout: Option<Scalar>,
@@ -110,13 +112,20 @@ fn health_check(i: usize, check: HealthCheck) -> Result<pb::HealthCheck, String>
             })
             .transpose()
     };
-    let probe = match (check.http, check.tcp) {
-        (Some(http), None) => pb::health_check::Probe::Http(pb::HttpProbe {
+    let probe = match (check.http, check.tcp, check.exec) {
+        (Some(http), None, None) => pb::health_check::Probe::Http(pb::HttpProbe {
             port: http.port,
             path: http.path,
         }),
-        (None, Some(tcp)) => pb::health_check::Probe::Tcp(pb::TcpProbe { port: tcp.port }),
-        _ => return Err(format!("{at}: exactly one of `http` and `tcp`")),
+        (None, Some(tcp), None) => pb::health_check::Probe::Tcp(pb::TcpProbe { port: tcp.port }),
+        (None, None, Some(exec)) => pb::health_check::Probe::Exec(pb::ExecProbe {
+            command: match exec {
+                Command::Args(args) => args,
+                Command::Line(line) => shlex::split(&line)
+                    .ok_or_else(|| format!("{at}.exec: unbalanced quotes in `{line}`"))?,
+            },
+        }),
+        _ => return Err(format!("{at}: exactly one of `http`, `tcp` and `exec`")),
     };
     Ok(pb::HealthCheck {
         probe: Some(probe),

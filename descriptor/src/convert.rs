@@ -82,6 +82,9 @@ macro_rules! conversions {
                                 Some($pb::health_check::Probe::Tcp(tcp)) => Probe::Tcp {
                                     port: port(tcp.port),
                                 },
+                                Some($pb::health_check::Probe::Exec(exec)) => Probe::Exec {
+                                    command: exec.command,
+                                },
                                 // Kept recognisable: validation names it.
                                 None => Probe::Tcp { port: 0 },
                             },
@@ -159,6 +162,9 @@ macro_rules! conversions {
                                     $pb::health_check::Probe::Tcp($pb::TcpProbe {
                                         port: port.into(),
                                     })
+                                }
+                                Probe::Exec { command } => {
+                                    $pb::health_check::Probe::Exec($pb::ExecProbe { command })
                                 }
                             }),
                             interval: duration(h.interval_ms),

@@ -193,6 +193,11 @@ pub enum Probe {
         /// The container port.
         port: u16,
     },
+    /// `command` run in the container exits 0.
+    Exec {
+        /// The command and its arguments.
+        command: Vec<String>,
+    },
 }
 
 /// Limits of a container; `None` is "not set".

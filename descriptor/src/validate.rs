@@ -175,7 +175,18 @@ fn check_health(v: &mut Violations, at: &str, check: &crate::HealthCheck) {
             if *port == 0 {
                 v.add(
                     format!("{at}.tcp.port"),
-                    "must be 1..65535 (a health check needs an http or tcp probe)",
+                    "must be 1..65535 (a health check needs an http, tcp or exec probe)",
+                );
+            }
+        }
+        crate::Probe::Exec { command } => {
+            if command.is_empty()
+                || command.len() > 64
+                || command.iter().any(|a| a.len() > MAX_ARGUMENT)
+            {
+                v.add(
+                    format!("{at}.exec.command"),
+                    format!("1 to 64 arguments of at most {MAX_ARGUMENT} bytes"),
                 );
             }
         }

@@ -631,7 +631,8 @@ fn http_check(path: &str) -> mpb::HealthCheck {
 async fn health_checks_gate_active_and_fail_an_upgrade() {
     let stack = Stack::start("upd", "10.78").await;
     let monitor = stack.monitor(None).await;
-    // busybox httpd answers 404 for a file that does not exist.
+    // busybox httpd answers 404 for a file that does not exist; the first
+    // version checks with a command in the container instead.
     let publish = |version: &'static str, path: &'static str| {
         let stack = &stack;
         async move {
@@ -647,7 +648,20 @@ async fn health_checks_gate_active_and_fail_an_upgrade() {
                         host_port: u32::from(stack.app_port),
                         protocol: mpb::Protocol::Tcp.into(),
                     }],
-                    health_check: Some(http_check(path)),
+                    health_check: Some(if path.is_empty() {
+                        mpb::HealthCheck {
+                            probe: Some(mpb::health_check::Probe::Exec(mpb::ExecProbe {
+                                command: vec![
+                                    "/bin/sh".into(),
+                                    "-c".into(),
+                                    "test -f /www/index.html".into(),
+                                ],
+                            })),
+                            ..http_check("/")
+                        }
+                    } else {
+                        http_check(path)
+                    }),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -657,10 +671,11 @@ async fn health_checks_gate_active_and_fail_an_upgrade() {
             addon
         }
     };
-    let good = publish("1.0.0", "/index.html").await;
+    let good = publish("1.0.0", "").await;
     let bad_upgrade = publish("1.1.0", "/missing").await;
 
-    // A passing check: ACTIVE, and the service shows HEALTHY.
+    // A passing check (a command in the container): ACTIVE, and the
+    // service shows HEALTHY.
     let id = stack.install(&good).await;
     let active = stack.settles(&id, InstallationStatus::Active, 1).await;
     assert_eq!(

@@ -1,8 +1,8 @@
-//! Health checks: each due probe runs on a thread of its own that enters
-//! the container's network namespace (`/proc/<pid>/ns/net`), so an HTTP GET
-//! or a TCP connect reaches the service on its container port whatever its
-//! networks are, and the reconcile loop never waits on one. Results come
-//! back to the loop, which wakes on them.
+//! Health checks: each due HTTP or TCP probe runs on a thread of its own
+//! that enters the container's network namespace (`/proc/<pid>/ns/net`),
+//! so it reaches the service on its container port whatever its networks
+//! are; an exec probe runs as a containerd exec in the task. The reconcile
+//! loop never waits on one: results come back to it, and it wakes on them.
 //!
 //! [`CheckState`] is the pure part: failures in a row, the start period,
 //! and the verdict.
@@ -16,6 +16,8 @@ use std::{
 
 use addons_descriptor::{HealthCheck, Probe};
 use tokio::sync::mpsc;
+
+use crate::runtime::Runtime;
 
 /// What a health check says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +106,8 @@ pub struct Checks {
     results_tx: mpsc::UnboundedSender<(String, u32, Result<(), String>)>,
     results_rx: mpsc::UnboundedReceiver<(String, u32, Result<(), String>)>,
     done: Vec<(String, u32, Result<(), String>)>,
+    /// Numbers exec probes, whose ids must be unique per task.
+    execs: u64,
 }
 
 impl Default for Checks {
@@ -114,6 +118,7 @@ impl Default for Checks {
             results_tx,
             results_rx,
             done: Vec::new(),
+            execs: 0,
         }
     }
 }
@@ -158,8 +163,14 @@ impl Checks {
         &self.states[id]
     }
 
-    /// Starts the probe of `id` if it is due; returns when the next one is.
-    pub fn probe_if_due(&mut self, id: &str, now: Instant) -> Option<Instant> {
+    /// Starts the probe of `id` if it is due (an exec probe through
+    /// `runtime`); returns when the next one is.
+    pub fn probe_if_due<R: Runtime>(
+        &mut self,
+        id: &str,
+        now: Instant,
+        runtime: &R,
+    ) -> Option<Instant> {
         let state = self.states.get_mut(id)?;
         if state.due(now) {
             state.in_flight = true;
@@ -167,6 +178,20 @@ impl Checks {
             let timeout = Duration::from_millis(state.check.timeout_ms);
             let tx = self.results_tx.clone();
             let id = id.to_owned();
+            if let Probe::Exec { command } = probe {
+                self.execs += 1;
+                let exec_id = format!("health-{}", self.execs);
+                let runtime = runtime.clone();
+                tokio::spawn(async move {
+                    let result = match runtime.exec(&id, &exec_id, &command, timeout).await {
+                        Ok(0) => Ok(()),
+                        Ok(code) => Err(format!("`{}` exited with {code}", command.join(" "))),
+                        Err(err) => Err(err.to_string()),
+                    };
+                    let _ = tx.send((id, pid, result));
+                });
+                return None;
+            }
             // A thread of its own: it enters the container's network
             // namespace, which must not leak into a shared pool thread.
             let spawned = std::thread::Builder::new()
@@ -206,6 +231,7 @@ fn probe_in_netns(pid: u32, probe: &Probe, timeout: Duration) -> Result<(), Stri
         .map_err(|err| format!("cannot enter the container's network namespace: {err}"))?;
     let port = match probe {
         Probe::Http { port, .. } | Probe::Tcp { port } => *port,
+        Probe::Exec { .. } => return Err("an exec probe runs through containerd".into()),
     };
     let address = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&address, timeout)

@@ -572,7 +572,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             };
             self.health.track(&id, pid, &check, now);
             checked.insert(id.clone());
-            if let Some(next) = self.health.probe_if_due(&id, now) {
+            if let Some(next) = self.health.probe_if_due(&id, now, &self.runtime) {
                 wake = Some(wake.map_or(next, |w| w.min(next)));
             }
             let Some(state) = self.health.get(&id) else {

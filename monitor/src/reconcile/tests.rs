@@ -186,6 +186,17 @@ impl Runtime for Fake {
         Ok(())
     }
 
+    async fn exec(
+        &self,
+        id: &str,
+        _exec_id: &str,
+        _args: &[String],
+        _timeout: Duration,
+    ) -> Result<u32, RuntimeError> {
+        self.call("exec", id)?;
+        Ok(0)
+    }
+
     async fn set_label(
         &self,
         id: &str,

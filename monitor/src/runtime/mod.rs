@@ -83,6 +83,14 @@ pub trait Runtime: Clone + Send + Sync + 'static {
         id: &str,
         grace: Duration,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Runs `args` in container `id`'s running task; its exit status.
+    fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<u32, RuntimeError>> + Send;
     /// Sets or removes a label of container `id`.
     fn set_label(
         &self,
@@ -153,6 +161,16 @@ impl Runtime for Containerd {
     ) -> Result<(), RuntimeError> {
         Containerd::set_label(self, id, key, value).await
     }
+
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<u32, RuntimeError> {
+        Containerd::exec(self, id, exec_id, args, timeout).await
+    }
 }
 
 /// containerd's version, as its Version service reports it.
@@ -196,6 +214,14 @@ pub enum RuntimeError {
     InvalidImage {
         /// The image.
         image: String,
+        /// Why.
+        reason: String,
+    },
+    /// A command run in a container did not finish.
+    #[error("command in {container}: {reason}")]
+    Exec {
+        /// The container.
+        container: String,
         /// Why.
         reason: String,
     },

@@ -5,8 +5,10 @@ use std::{path::Path, time::Duration};
 
 use containerd_client::{
     services::v1::{
-        CreateTaskRequest, DeleteTaskRequest, GetRequest, KillRequest, PublishRequest,
-        StartRequest, SubscribeRequest, WaitRequest,
+        CreateTaskRequest, DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest,
+        GetContainerRequest, GetRequest, KillRequest, PublishRequest, StartRequest,
+        SubscribeRequest, WaitRequest,
+        containers_client::ContainersClient,
         events_client::EventsClient,
         snapshots::{MountsRequest, snapshots_client::SnapshotsClient},
         tasks_client::TasksClient,
@@ -17,6 +19,9 @@ use futures::{StreamExt as _, stream::BoxStream};
 use prost::Message as _;
 
 use super::{Containerd, RuntimeError, TaskExit, TaskState};
+
+/// The type of an exec's process spec.
+const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 impl Containerd {
     /// Creates and starts the task of container `id`, its output appended
@@ -186,6 +191,123 @@ impl Containerd {
                 status,
             }),
         }
+    }
+
+    /// Runs `args` in container `id`'s running task, as its process runs
+    /// (user, environment, working directory, capabilities), without
+    /// stdio, and returns its exit status. Past `timeout` the process is
+    /// killed and the answer is [`RuntimeError::Timeout`]. The exec is
+    /// deleted either way.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<u32, RuntimeError> {
+        let channel = self.channel().await?;
+        let container = ContainersClient::new(channel.clone())
+            .get(self.request(GetContainerRequest { id: id.to_owned() }, None))
+            .await
+            .map_err(RuntimeError::call("Containers.Get"))?
+            .into_inner()
+            .container
+            .unwrap_or_default();
+        let spec: serde_json::Value = container
+            .spec
+            .as_ref()
+            .and_then(|any| serde_json::from_slice(&any.value).ok())
+            .unwrap_or_default();
+        let mut process = spec["process"].clone();
+        if !process.is_object() {
+            return Err(RuntimeError::Exec {
+                container: id.to_owned(),
+                reason: "the container's spec has no process".into(),
+            });
+        }
+        process["args"] = serde_json::json!(args);
+        process["terminal"] = serde_json::json!(false);
+        let mut tasks = TasksClient::new(channel);
+        tasks
+            .exec(self.request(
+                ExecProcessRequest {
+                    container_id: id.to_owned(),
+                    spec: Some(prost_types::Any {
+                        type_url: PROCESS_TYPE.to_owned(),
+                        value: serde_json::to_vec(&process).unwrap_or_default(),
+                    }),
+                    exec_id: exec_id.to_owned(),
+                    ..ExecProcessRequest::default()
+                },
+                None,
+            ))
+            .await
+            .map_err(RuntimeError::call("Tasks.Exec"))?;
+        let ran = async {
+            tasks
+                .start(self.request(
+                    StartRequest {
+                        container_id: id.to_owned(),
+                        exec_id: exec_id.to_owned(),
+                    },
+                    None,
+                ))
+                .await
+                .map_err(RuntimeError::call("Tasks.Start"))?;
+            let mut waiter = tasks.clone();
+            let wait = waiter.wait(self.request(
+                WaitRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                },
+                None,
+            ));
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(answer) => Ok(answer
+                    .map_err(RuntimeError::call("Tasks.Wait"))?
+                    .into_inner()
+                    .exit_status),
+                Err(_) => {
+                    let _ = tasks
+                        .kill(self.request(
+                            KillRequest {
+                                container_id: id.to_owned(),
+                                exec_id: exec_id.to_owned(),
+                                signal: 9,
+                                all: false,
+                            },
+                            None,
+                        ))
+                        .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        tasks.clone().wait(self.request(
+                            WaitRequest {
+                                container_id: id.to_owned(),
+                                exec_id: exec_id.to_owned(),
+                            },
+                            None,
+                        )),
+                    )
+                    .await;
+                    Err(RuntimeError::Exec {
+                        container: id.to_owned(),
+                        reason: format!("did not finish within {timeout:?}; killed"),
+                    })
+                }
+            }
+        }
+        .await;
+        let _ = tasks
+            .delete_process(self.request(
+                DeleteProcessRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        ran
     }
 
     /// Deletes container `id`'s (exited) task; a missing task is fine.
