@@ -409,8 +409,8 @@ impl Manager {
         else {
             return Err(Error::AddonNotFound(format!("{name}@{version}")));
         };
-        let descriptor = self.fetch_approved(&found.id).await?;
-        Ok((found.id, descriptor))
+        let id = found.id.clone();
+        Ok((id.clone(), approved(&id, found)?))
     }
 
     /// Containers are named `<plane>_<service_name>` on every node, so two
@@ -484,25 +484,7 @@ impl Manager {
             }
             Err(status) => return Err(Error::MarketplaceUnavailable(status.message().to_owned())),
         };
-        let status = mpb::AddonStatus::try_from(addon.status).unwrap_or_default();
-        if status != mpb::AddonStatus::Approved {
-            return Err(Error::NotApproved {
-                marketplace_id: marketplace_id.to_owned(),
-                status: status.as_str_name().to_owned(),
-            });
-        }
-        let descriptor = Descriptor::from_proto(addon);
-        if let Some(service) = descriptor
-            .services
-            .iter()
-            .find(|s| s.resolved_image.is_none())
-        {
-            return Err(Error::ImageNotPinned {
-                marketplace_id: marketplace_id.to_owned(),
-                service: service.service_name.clone(),
-            });
-        }
-        Ok(descriptor)
+        approved(marketplace_id, addon)
     }
 
     /// Starts uninstalling: `DISABLING` until the monitors report every
@@ -617,6 +599,30 @@ impl Manager {
             other => Ok(other?),
         }
     }
+}
+
+/// The descriptor of marketplace addon `marketplace_id`, if it is approved
+/// with every image pinned.
+fn approved(marketplace_id: &str, addon: mpb::Addon) -> Result<Descriptor, Error> {
+    let status = mpb::AddonStatus::try_from(addon.status).unwrap_or_default();
+    if status != mpb::AddonStatus::Approved {
+        return Err(Error::NotApproved {
+            marketplace_id: marketplace_id.to_owned(),
+            status: status.as_str_name().to_owned(),
+        });
+    }
+    let descriptor = Descriptor::from_proto(addon);
+    if let Some(service) = descriptor
+        .services
+        .iter()
+        .find(|s| s.resolved_image.is_none())
+    {
+        return Err(Error::ImageNotPinned {
+            marketplace_id: marketplace_id.to_owned(),
+            service: service.service_name.clone(),
+        });
+    }
+    Ok(descriptor)
 }
 
 /// Refuses a rollout while another runs or the installation goes away.

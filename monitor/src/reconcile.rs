@@ -286,7 +286,14 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     ) -> Result<Option<Instant>, MonitorError> {
         let resolved = desired.map(|d| {
             self.load_trials();
-            self.trials = release::wanted_trials(d, &self.node_id, &self.trials);
+            let wanted = release::wanted_trials(d, &self.node_id, &self.trials);
+            // Trials no longer wanted go with their files.
+            for ended in self.trials.keys().filter(|id| !wanted.contains_key(*id)) {
+                if let Err(err) = StateDir::remove(&self.state.trial(ended)) {
+                    tracing::warn!(error = %err, "cannot remove a finished release trial");
+                }
+            }
+            self.trials = wanted;
             release::resolve(d, &self.node_id, &self.trials)
         });
         let wake_at = self.pass_resolved(resolved.as_ref()).await?;
@@ -432,11 +439,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if std::mem::replace(&mut self.trials_loaded, true) {
             return;
         }
-        let dir = self.state.trial("x");
-        let Some(dir) = dir.parent() else {
-            return;
-        };
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(entries) = std::fs::read_dir(self.state.trials()) else {
             return;
         };
         for entry in entries.flatten() {
@@ -500,21 +503,6 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     StateDir::write_json(&self.state.trial(&trial.installation), trial)
                 {
                     tracing::warn!(error = %err, "cannot save the release trial");
-                }
-            }
-        }
-        // Trials no longer wanted go with their files.
-        if let Some(dir) = self.state.trial("x").parent()
-            && let Ok(entries) = std::fs::read_dir(dir)
-        {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let keep = path
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .is_some_and(|id| self.trials.contains_key(id));
-                if !keep && let Err(err) = StateDir::remove(&path) {
-                    tracing::warn!(error = %err, "cannot remove a finished release trial");
                 }
             }
         }

@@ -94,9 +94,12 @@ impl StateDir {
 
     /// The node's trial of a release of `installation` rolling out.
     pub fn trial(&self, installation: &str) -> PathBuf {
-        self.root
-            .join("trials")
-            .join(format!("{installation}.json"))
+        self.trials().join(format!("{installation}.json"))
+    }
+
+    /// Where the node's release trials are kept.
+    pub fn trials(&self) -> PathBuf {
+        self.root.join("trials")
     }
 
     /// The named volumes of an installation.
