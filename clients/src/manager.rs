@@ -31,6 +31,8 @@ pub struct InstallOptions {
     /// The privileges granted: they must cover every privilege the addon
     /// needs (see the addon's `required_privileges`).
     pub accepted_privileges: Vec<pb::Privilege>,
+    /// Labels a node must have to run the addon; empty: every node.
+    pub node_selector: std::collections::BTreeMap<String, String>,
 }
 
 /// How an upgrade or a rollback rolls out.
@@ -106,6 +108,7 @@ impl ManagerClient {
             keep_core_stopped_on_failure: options.keep_core_stopped_on_failure,
             request_id: new_request_id(),
             accepted_privileges: options.accepted_privileges,
+            node_selector: options.node_selector,
         };
         let response = self
             .retry
@@ -247,6 +250,59 @@ impl ManagerClient {
             })
             .await?;
         Ok(response.into_inner())
+    }
+
+    /// One page of the plane's nodes.
+    pub async fn list_nodes_page(
+        &self,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<pb::ListNodesResponse, ClientError> {
+        let request = pb::ListNodesRequest {
+            page_size,
+            page_token: page_token.to_owned(),
+        };
+        let response = self
+            .retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move { inner.list_nodes(request).await })
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Every node of the plane, page after page.
+    pub fn list_nodes(
+        &self,
+    ) -> impl Stream<Item = Result<pb::Node, ClientError>> + Send + 'static {
+        let client = self.clone();
+        crate::paging::every_page(move |token| {
+            let client = client.clone();
+            async move {
+                let page = client.list_nodes_page(0, &token).await?;
+                Ok((page.nodes, page.next_page_token))
+            }
+        })
+    }
+
+    /// Forgets a node whose monitor is gone for good. Retried on
+    /// `UNAVAILABLE`: forgetting twice only answers NOT_FOUND the second
+    /// time.
+    pub async fn forget_node(&self, node_id: &str) -> Result<pb::Node, ClientError> {
+        let request = pb::ForgetNodeRequest {
+            node_id: node_id.to_owned(),
+        };
+        let response = self
+            .retry
+            .run(|| {
+                let mut inner = self.inner.clone();
+                let request = request.clone();
+                crate::retry::within(self.timeout, async move { inner.forget_node(request).await })
+            })
+            .await?;
+        Ok(response.into_inner().node.unwrap_or_default())
     }
 
     /// Every installation with one of `statuses` (all when empty), page

@@ -4,6 +4,7 @@
 //! JSON format. Field names follow Oakestra's marketplace schema.
 
 mod convert;
+pub mod labels;
 pub mod policy;
 pub mod privileges;
 mod validate;

@@ -51,6 +51,14 @@ pub const MANAGER_PERMISSIONS: &[MethodAccess] = &[
         method: "RollbackInstallation",
         roles: &[Role::Operator],
     },
+    MethodAccess {
+        method: "ListNodes",
+        roles: &[Role::Viewer],
+    },
+    MethodAccess {
+        method: "ForgetNode",
+        roles: &[Role::Operator],
+    },
 ];
 
 /// Only nodes open the monitor link (and only as themselves, checked by
@@ -64,16 +72,19 @@ pub const LINK_PERMISSIONS: &[MethodAccess] = &[MethodAccess {
 #[derive(Debug, Clone)]
 pub struct ManagerApi {
     core: Manager,
+    nodes: LinkHub,
     requests: Requests,
     shutdown: Shutdown,
 }
 
 impl ManagerApi {
-    /// Serves `core`, remembering mutating calls in `requests` for their
-    /// retries; watch streams end when `shutdown` fires.
-    pub fn new(core: Manager, requests: Requests, shutdown: Shutdown) -> Self {
+    /// Serves `core` and the nodes linked to `nodes`, remembering mutating
+    /// calls in `requests` for their retries; watch streams end when
+    /// `shutdown` fires.
+    pub fn new(core: Manager, nodes: LinkHub, requests: Requests, shutdown: Shutdown) -> Self {
         Self {
             core,
+            nodes,
             requests,
             shutdown,
         }
@@ -184,6 +195,7 @@ impl AddonsManagerService for ManagerApi {
                             .cloned()
                             .map(Into::into)
                             .collect(),
+                        request.node_selector.clone().into_iter().collect(),
                         Some(request_id.as_str()).filter(|id| !id.is_empty()),
                         &identity.subject,
                     )
@@ -308,6 +320,37 @@ impl AddonsManagerService for ManagerApi {
         Ok(Response::new(pb::GetInstallationResponse {
             installation: Some(convert::installation_to_proto(installation)),
         }))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = usize::try_from(request.page_size)
+            .map_err(|_| Error::invalid("page_size", "must not be negative"))?;
+        let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
+        let (nodes, next) = self.nodes.list_nodes(page_size, token).await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn forget_node(
+        &self,
+        request: Request<pb::ForgetNodeRequest>,
+    ) -> Result<Response<pb::ForgetNodeResponse>, Status> {
+        let identity = Identity::of(&request);
+        let request = request.into_inner();
+        let outcome = async {
+            let node = required("node_id", &request.node_id)?;
+            let node = self.nodes.forget(node).await?;
+            Ok(pb::ForgetNodeResponse { node: Some(node) })
+        }
+        .await;
+        audit(&identity, "ForgetNode", &request.node_id, &outcome);
+        outcome.map(Response::new)
     }
 
     async fn list_installations(

@@ -57,6 +57,12 @@ pub struct Config {
     #[arg(long, env = "ADDONS_HEARTBEAT_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = addons_server_kit::parse_duration)]
     pub heartbeat_timeout: std::time::Duration,
 
+    /// A node whose monitor stays disconnected this long is forgotten, as
+    /// by ForgetNode: its statuses go and nothing waits for it (an
+    /// uninstall completes and names it). At least 1s.
+    #[arg(long, env = "ADDONS_NODE_EXPIRY", value_name = "DURATION", default_value = "1h", value_parser = parse_node_expiry)]
+    pub node_expiry: std::time::Duration,
+
     /// The privilege policy (YAML): what installs may be granted at all.
     /// Without it: nothing privileged, no host paths, host ports 1024-65535
     /// except our servers' ports, any core component (each node decides).
@@ -66,6 +72,14 @@ pub struct Config {
     /// The orchestration plane this manager serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = Plane::Root)]
     pub plane: Plane,
+}
+
+fn parse_node_expiry(text: &str) -> Result<std::time::Duration, String> {
+    let expiry = addons_server_kit::parse_duration(text)?;
+    if expiry < std::time::Duration::from_secs(1) {
+        return Err("at least 1s".to_owned());
+    }
+    Ok(expiry)
 }
 
 impl Config {

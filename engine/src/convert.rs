@@ -9,7 +9,7 @@ use crate::model::{
     ServicePhase, ServiceStatus,
 };
 
-fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
+pub(crate) fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
     std::time::SystemTime::from(time).into()
 }
 
@@ -68,7 +68,7 @@ impl From<ServicePhase> for pb::ServicePhase {
     }
 }
 
-fn service_status_to_proto(s: ServiceStatus) -> pb::ServiceStatus {
+pub(crate) fn service_status_to_proto(s: ServiceStatus) -> pb::ServiceStatus {
     pb::ServiceStatus {
         service_name: s.service_name,
         phase: pb::ServicePhase::from(s.phase).into(),
@@ -184,6 +184,8 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
             .map(release_to_proto)
             .collect(),
         rollout: installation.rollout.map(rollout_to_proto),
+        node_selector: installation.node_selector.into_iter().collect(),
+        unconfirmed_nodes: installation.unconfirmed_nodes,
     }
 }
 

@@ -7,6 +7,8 @@ use tonic::{Code, Status};
 
 /// The resource type of installations in `ResourceInfo` details.
 const INSTALLATION: &str = "oakestra.addons.engine.v1.Installation";
+/// The resource type of a node in error details.
+const NODE: &str = "oakestra.addons.engine.v1.Node";
 /// The resource type of marketplace addons in `ResourceInfo` details.
 const ADDON: &str = "oakestra.addons.marketplace.v1.Addon";
 
@@ -167,6 +169,12 @@ pub enum Error {
     /// A newer link of the same node and identity took over.
     #[error("a newer link of node {0} from the same identity replaced this one")]
     LinkReplaced(String),
+    /// No such node.
+    #[error("node {0} is not known")]
+    NodeNotFound(String),
+    /// The node's monitor is linked: it cannot be forgotten.
+    #[error("the monitor of node {0} is connected; stop it before forgetting the node")]
+    NodeConnected(String),
     /// A monitor of the node is linked already.
     #[error("a monitor of node {0} is connected already")]
     NodeAlreadyConnected(String),
@@ -342,6 +350,17 @@ impl From<Error> for Status {
                 ApiError::new(Code::PermissionDenied, "NODE_IDENTITY_MISMATCH", message)
             }
             Error::LinkReplaced(_) => ApiError::new(Code::Aborted, "LINK_REPLACED", message),
+            Error::NodeNotFound(node) => {
+                ApiError::new(Code::NotFound, "NODE_NOT_FOUND", message).resource(NODE, node)
+            }
+            Error::NodeConnected(node) => {
+                ApiError::new(Code::FailedPrecondition, "NODE_CONNECTED", message.clone())
+                    .precondition(
+                        "CONNECTED",
+                        format!("nodes/{node}"),
+                        "the node's monitor is linked; stop it first",
+                    )
+            }
             Error::NodeAlreadyConnected(_) => {
                 ApiError::new(Code::AlreadyExists, "NODE_ALREADY_CONNECTED", message)
             }

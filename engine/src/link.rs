@@ -16,6 +16,7 @@ mod desired;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hello;
+mod nodes;
 mod presence;
 mod reports;
 mod session;
@@ -48,6 +49,8 @@ pub struct LinkOptions {
     pub heartbeat_timeout: Duration,
     /// How long a new link may take to say hello.
     pub hello_timeout: Duration,
+    /// A node whose monitor stays disconnected this long is forgotten.
+    pub node_expiry: Duration,
 }
 
 impl Default for LinkOptions {
@@ -55,6 +58,7 @@ impl Default for LinkOptions {
         Self {
             heartbeat_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
+            node_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -63,6 +67,7 @@ impl Default for LinkOptions {
 #[derive(Debug, Clone)]
 pub struct LinkHub {
     installations: Collection<Installation>,
+    nodes: Collection<nodes::NodeRecord>,
     plane: Plane,
     desired: watch::Receiver<Arc<Desired>>,
     presence: Arc<Presence>,
@@ -94,6 +99,7 @@ impl LinkHub {
         let reported = presence.seed(all.iter().map(|r| &r.value));
         let hub = Self {
             installations: installations.clone(),
+            nodes: store.collection().await?,
             plane,
             desired: rx,
             presence,
@@ -109,10 +115,28 @@ impl LinkHub {
             tx,
             shutdown,
         ));
+        hub.seed_nodes(&reported).await?;
         for node in reported {
             hub.mark_disconnected_later(node);
         }
         Ok(hub)
+    }
+
+    /// A page of the plane's nodes, in id order, and the next page's token.
+    pub async fn list_nodes(
+        &self,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<(Vec<oakestra_addons_proto::engine::v1::Node>, Option<String>), crate::Error> {
+        self.list_nodes_page(page_size, page_token).await
+    }
+
+    /// Forgets a node whose monitor is not linked (`ForgetNode`).
+    pub async fn forget(
+        &self,
+        node: &str,
+    ) -> Result<oakestra_addons_proto::engine::v1::Node, crate::Error> {
+        self.forget_node(node, nodes::Forget::Asked).await
     }
 
     /// After the heartbeat timeout, shows `node`'s services as unknown

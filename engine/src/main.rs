@@ -46,6 +46,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.plane,
         LinkOptions {
             heartbeat_timeout: config.heartbeat_timeout,
+            node_expiry: config.node_expiry,
             ..LinkOptions::default()
         },
         shutdown.clone(),
@@ -56,7 +57,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Server::new()
         .secure(security)
         .add_service(
-            ManagerApi::new(core, requests, shutdown.clone()).into_service(),
+            ManagerApi::new(core, hub.clone(), requests, shutdown.clone()).into_service(),
             addons_engine::api::MANAGER_PERMISSIONS,
         )
         .add_service(

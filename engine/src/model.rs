@@ -111,6 +111,12 @@ pub struct Installation {
     /// or rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<String>,
+    /// Labels a node must have to run it; empty: every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Nodes forgotten before they confirmed the removal of its services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed_nodes: Vec<String>,
 }
 
 fn first_release() -> u64 {

@@ -234,6 +234,21 @@ pub fn on_tick(installation: &mut Installation, now: DateTime<Utc>) -> bool {
     true
 }
 
+/// Takes a forgotten node out of the rollout, which goes on without it.
+/// Returns whether the record changed.
+pub fn forget_node(installation: &mut Installation, node: &str, now: DateTime<Utc>) -> bool {
+    let Some(rollout) = installation.rollout.as_mut() else {
+        return false;
+    };
+    let before = rollout.nodes.len();
+    rollout.nodes.retain(|n| n.node_id != node);
+    if rollout.nodes.len() == before {
+        return false;
+    }
+    advance(installation, now);
+    true
+}
+
 /// The nodes that run the new release now.
 pub fn targets(rollout: &Rollout) -> Vec<String> {
     rollout

@@ -1,7 +1,10 @@
 //! The manager's domain core: what each API call does, on records.
 
 use anyhow::Context as _;
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
 use addons_descriptor::{
     Descriptor, Privilege,
@@ -94,10 +97,15 @@ impl Manager {
         marketplace_id: &str,
         keep_core_stopped_on_failure: bool,
         accepted: Vec<Privilege>,
+        node_selector: BTreeMap<String, String>,
         request_id: Option<&str>,
         requested_by: &str,
     ) -> Result<Versioned<Installation>, Error> {
         check_accepted(&accepted)?;
+        let violations = addons_descriptor::labels::validate_labels(&node_selector, "node_selector");
+        if !violations.is_empty() {
+            return Err(Error::Invalid(violations));
+        }
         let addon = self.fetch_approved(marketplace_id).await?;
         self.admit(
             marketplace_id,
@@ -139,6 +147,8 @@ impl Manager {
             history: vec![first],
             rollout: None,
             rolled_back: None,
+            node_selector,
+            unconfirmed_nodes: Vec::new(),
         };
         match self.installations.insert(installation).await {
             Ok(stored) => Ok(stored),

@@ -63,6 +63,32 @@ pub(crate) fn mark_disconnected(installation: &mut Installation, node: &str) -> 
     changed
 }
 
+/// Drops what `node` reported: it was forgotten, or its labels no longer
+/// match the installation's selector. An uninstall that waited for the
+/// node names it in `unconfirmed_nodes`. Returns whether the record
+/// changed.
+pub(crate) fn forget_node(installation: &mut Installation, node: &str) -> bool {
+    let before = installation.services.len();
+    let unremoved = installation
+        .services
+        .iter()
+        .any(|s| s.node_id == node && s.phase != ServicePhase::Removed);
+    installation.services.retain(|s| s.node_id != node);
+    let mut changed = installation.services.len() != before;
+    changed |= installation.report_sequences.remove(node).is_some();
+    if unremoved
+        && installation.status == InstallationStatus::Disabling
+        && !installation.unconfirmed_nodes.iter().any(|n| n == node)
+    {
+        installation.unconfirmed_nodes.push(node.to_owned());
+    }
+    changed |= crate::rollout::forget_node(installation, node, chrono::Utc::now());
+    if changed {
+        recompute(installation);
+    }
+    changed
+}
+
 /// Sets `status` and `status_message` from the services' statuses.
 pub(crate) fn recompute(installation: &mut Installation) {
     let (status, message) = aggregate(installation);
@@ -95,10 +121,18 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
                 .filter(|s| s.phase != ServicePhase::Removed)
                 .map(|s| format!("{} on {}", s.service_name, s.node_id))
                 .collect();
-            return if remaining.is_empty() {
+            return if remaining.is_empty() && installation.unconfirmed_nodes.is_empty() {
                 (
                     InstallationStatus::Disabled,
                     "every service is removed".to_owned(),
+                )
+            } else if remaining.is_empty() {
+                (
+                    InstallationStatus::Disabled,
+                    format!(
+                        "every service is removed; never confirmed by {} (forgotten)",
+                        installation.unconfirmed_nodes.join(", ")
+                    ),
                 )
             } else {
                 (
@@ -253,6 +287,8 @@ pub(crate) mod tests {
             history: Vec::new(),
             rollout: None,
             rolled_back: None,
+            node_selector: Default::default(),
+            unconfirmed_nodes: Vec::new(),
         }
     }
 
@@ -440,5 +476,38 @@ pub(crate) mod tests {
         // Reports after that change nothing about the status.
         apply_report(&mut i, "n1", vec![status("api", Running)]);
         assert_eq!(i.status, InstallationStatus::Disabled);
+    }
+
+    #[test]
+    fn a_forgotten_node_stops_counting_and_an_uninstall_names_it() {
+        use ServicePhase::*;
+        let mut i = installation(&["api"]);
+        for node in ["n1", "n2", "n3"] {
+            i.report_sequences.insert(node.into(), 4);
+            apply_report(&mut i, node, vec![status("api", Running)]);
+        }
+        assert!(mark_disconnected(&mut i, "n3"));
+        assert_eq!(i.status, InstallationStatus::PartiallyActive);
+        // Forgotten while the addon runs: it simply stops counting.
+        let mut running = i.clone();
+        assert!(forget_node(&mut running, "n3"));
+        assert_eq!(running.status, InstallationStatus::Active);
+        assert!(running.unconfirmed_nodes.is_empty());
+        assert!(!running.report_sequences.contains_key("n3"));
+        assert!(!forget_node(&mut running, "n3"), "a second time changes nothing");
+
+        i.status = InstallationStatus::Disabling;
+        for node in ["n1", "n2"] {
+            apply_report(&mut i, node, vec![status("api", Removed)]);
+        }
+        assert_eq!(i.status, InstallationStatus::Disabling);
+        assert!(i.status_message.contains("api on n3"), "{}", i.status_message);
+        assert!(forget_node(&mut i, "n3"));
+        assert_eq!(i.status, InstallationStatus::Disabled);
+        assert_eq!(i.unconfirmed_nodes, ["n3"]);
+        assert!(i.status_message.contains("never confirmed by n3"), "{}", i.status_message);
+        // A node that had confirmed is not named when forgotten afterwards.
+        assert!(forget_node(&mut i, "n1"));
+        assert_eq!(i.unconfirmed_nodes, ["n3"]);
     }
 }

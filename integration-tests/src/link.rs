@@ -48,6 +48,7 @@ fn hello_with(node: &str, plane: pb::Plane, chunked: bool) -> pb::OpenLinkReques
                 nanos: 0,
             }),
             accepts_desired_state_chunks: chunked,
+            labels: Default::default(),
         })),
     }
 }

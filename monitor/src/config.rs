@@ -88,6 +88,18 @@ pub struct Config {
     #[arg(long, env = "ADDONS_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
 
+    /// A label of this node, `KEY=VALUE`, which installations' node
+    /// selectors match (repeatable; at most 32). The manager sends this
+    /// node only the installations whose selector its labels satisfy.
+    #[arg(
+        long = "node-label",
+        env = "ADDONS_NODE_LABELS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ',',
+        value_parser = addons_descriptor::labels::parse_label
+    )]
+    pub node_labels: Vec<(String, String)>,
+
     /// Directory for volumes, logs and network state.
     #[arg(
         long,

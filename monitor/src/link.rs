@@ -28,6 +28,8 @@ pub struct LinkSettings {
     pub node_id: String,
     /// This node's plane.
     pub plane: pb::Plane,
+    /// This node's labels.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// How often to send a heartbeat.
     pub heartbeat: Duration,
     /// First reconnect delay; doubles up to `backoff_max`.
@@ -188,6 +190,7 @@ async fn session(
         applied_generation: desired.borrow().as_ref().map_or(0, |d| d.generation),
         heartbeat_interval: prost_types::Duration::try_from(settings.heartbeat).ok(),
         accepts_desired_state_chunks: true,
+        labels: settings.labels.clone(),
     };
     tx.send(pb::OpenLinkRequest {
         message: Some(open_link_request::Message::Hello(hello)),

@@ -79,6 +79,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let policy = addons_descriptor::policy::Policy::load(config.policy.as_deref())
         .map_err(anyhow::Error::msg)?;
+    let labels: std::collections::BTreeMap<String, String> =
+        config.node_labels.iter().cloned().collect();
+    if let Some(violation) =
+        addons_descriptor::labels::validate_labels(&labels, "--node-label").first()
+    {
+        anyhow::bail!("{}: {}", violation.field, violation.reason);
+    }
     let (view_tx, view_rx) = tokio::sync::watch::channel(NodeView::default());
     let outbox = ReportOutbox::default();
     let link = link::spawn(
@@ -86,6 +93,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             manager: config.manager.clone(),
             node_id: node_id.clone(),
             plane,
+            labels,
             heartbeat: config.heartbeat,
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),

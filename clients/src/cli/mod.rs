@@ -178,6 +178,10 @@ enum Command {
         /// `core-component=scheduler`, or `privileged`. Repeatable.
         #[arg(long = "grant", value_name = "KIND=VALUE")]
         grants: Vec<String>,
+        /// Run the addon only on nodes with this label (`--node-label` of
+        /// their monitors). Repeatable: a node needs every one.
+        #[arg(long = "node-selector", value_name = "KEY=VALUE", value_parser = addons_descriptor::labels::parse_label)]
+        node_selector: Vec<(String, String)>,
     },
     /// Upgrade an installation to another approved version of its addon,
     /// node by node; a node that fails sends every node back.
@@ -270,6 +274,16 @@ enum Command {
     /// Show what a node's monitor runs: addon services and core
     /// components (and which installation replaces each).
     Node,
+    /// List the plane's nodes, as the manager knows them: labels, link,
+    /// when a disconnected one will be forgotten, services running.
+    Nodes,
+    /// Forget a node that is gone for good: its statuses leave every
+    /// installation and nothing waits for it (its monitor must be
+    /// stopped).
+    ForgetNode {
+        /// Node id.
+        node: String,
+    },
     /// List a server's gRPC services and the health of each, as
     /// `grpcurl -plaintext ADDR list` plus a health check would.
     Probe {
@@ -709,6 +723,7 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             keep_core_stopped_on_failure,
             grant_all,
             grants,
+            node_selector,
         } => {
             let addon = marketplace()?
                 .get(&marketplace_id)
@@ -723,6 +738,7 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                     InstallOptions {
                         keep_core_stopped_on_failure,
                         accepted_privileges,
+                        node_selector: node_selector.into_iter().collect(),
                     },
                 )
                 .await
@@ -856,6 +872,23 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                     .await;
             }
             output::installations(&[installation], format, false).map_err(failed("output"))?;
+        }
+        Command::Nodes => {
+            let nodes: Vec<epb::Node> = collect(manager()?.list_nodes())
+                .await
+                .map_err(failed("listing nodes failed"))?;
+            output::plane_nodes(&nodes, format, true).map_err(failed("output"))?;
+        }
+        Command::ForgetNode { node } => {
+            let forgotten = manager()?
+                .forget_node(&node)
+                .await
+                .map_err(failed(&format!("forgetting node {node} failed")))?;
+            if format == Format::Table {
+                println!("forgot node {}", forgotten.node_id);
+            } else {
+                output::plane_nodes(&[forgotten], format, false).map_err(failed("output"))?;
+            }
         }
         Command::List { status, addon } => {
             let client = manager()?;

@@ -530,6 +530,72 @@ pub fn node(
     }
 }
 
+/// Prints the plane's nodes: a table, or JSON/YAML (a list when `many`).
+pub fn plane_nodes(list: &[epb::Node], format: Format, many: bool) -> Result<(), ClientError> {
+    match format {
+        Format::Id => {
+            list.iter().for_each(|n| println!("{}", n.node_id));
+            Ok(())
+        }
+        Format::Json | Format::Yaml => {
+            let values = list
+                .iter()
+                .map(|n| json::to_json(n, "oakestra.addons.engine.v1.Node"))
+                .collect::<Result<Vec<_>, _>>()?;
+            emit(single_or_list(values, many), format)
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|n| {
+                    let (running, total) = n
+                        .installations
+                        .iter()
+                        .flat_map(|i| &i.services)
+                        .fold((0, 0), |(running, total), s| {
+                            let up = s.phase() == epb::ServicePhase::Running;
+                            (running + usize::from(up), total + 1)
+                        });
+                    let labels: Vec<String> =
+                        n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        n.node_id.clone(),
+                        if n.connected {
+                            status_word("CONNECTED")
+                        } else {
+                            status_word("DISCONNECTED")
+                        },
+                        if n.connected {
+                            ago(n.connect_time.as_ref())
+                        } else {
+                            ago(n.disconnect_time.as_ref())
+                        },
+                        if n.connected {
+                            "-".to_owned()
+                        } else {
+                            ago(n.expire_time.as_ref())
+                        },
+                        if labels.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            labels.join(",")
+                        },
+                        format!("{running}/{total}"),
+                        n.monitor_version.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "NODE", "LINK", "SINCE", "FORGOTTEN", "LABELS", "RUNNING", "MONITOR",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+    }
+}
+
 /// One line about a change, for `watch`.
 pub fn change_line(i: &epb::Installation, deleted: bool) -> String {
     let now = std::time::SystemTime::now()

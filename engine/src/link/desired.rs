@@ -69,49 +69,69 @@ impl Desired {
         }
     }
 
-    /// The whole state in one message, for monitors that take no chunks.
-    pub(super) fn to_proto(&self) -> pb::DesiredState {
+    /// The whole state in one message, for monitors that take no chunks:
+    /// what a node with `labels` runs.
+    pub(super) fn to_proto(&self, labels: &Labels) -> pb::DesiredState {
         pb::DesiredState {
             generation: self.generation,
-            installations: self.installations.values().map(|i| (**i).clone()).collect(),
+            installations: self
+                .installations
+                .values()
+                .filter(|i| placed(i, labels))
+                .map(|i| (**i).clone())
+                .collect(),
         }
     }
 
-    /// The whole state as a run of chunks, the first with `reset`.
-    pub(super) fn full_chunks(&self) -> Vec<pb::DesiredStateChunk> {
+    /// The whole state of a node with `labels` as a run of chunks, the
+    /// first with `reset`.
+    pub(super) fn full_chunks(&self, labels: &Labels) -> Vec<pb::DesiredStateChunk> {
         chunks(
             self.generation,
             true,
-            self.installations.values().cloned().collect(),
+            self.installations
+                .values()
+                .filter(|i| placed(i, labels))
+                .cloned()
+                .collect(),
             Vec::new(),
         )
     }
 
-    /// What changed since `earlier`, as a run of chunks; empty when
-    /// nothing did.
-    pub(super) fn chunks_since(&self, earlier: &Self) -> Vec<pb::DesiredStateChunk> {
+    /// What changed for a node with `labels` since `earlier`, as a run of
+    /// chunks; empty when nothing did.
+    pub(super) fn chunks_since(&self, earlier: &Self, labels: &Labels) -> Vec<pb::DesiredStateChunk> {
         let upserts: Vec<Arc<pb::DesiredInstallation>> = self
             .installations
             .iter()
+            .filter(|(_, entry)| placed(entry, labels))
             .filter(|(id, entry)| {
-                earlier
-                    .installations
-                    .get(*id)
-                    .is_none_or(|old| !Arc::ptr_eq(old, entry) && old != *entry)
+                earlier.installations.get(*id).is_none_or(|old| {
+                    !placed(old, labels) || (!Arc::ptr_eq(old, entry) && old != *entry)
+                })
             })
             .map(|(_, entry)| entry.clone())
             .collect();
         let removed: Vec<String> = earlier
             .installations
-            .keys()
-            .filter(|id| !self.installations.contains_key(*id))
-            .cloned()
+            .iter()
+            .filter(|(_, old)| placed(old, labels))
+            .filter(|(id, _)| self.installations.get(*id).is_none_or(|now| !placed(now, labels)))
+            .map(|(id, _)| id.clone())
             .collect();
         if upserts.is_empty() && removed.is_empty() && self.generation == earlier.generation {
             return Vec::new();
         }
         chunks(self.generation, false, upserts, removed)
     }
+}
+
+/// A node's labels.
+pub(super) type Labels = BTreeMap<String, String>;
+
+/// Whether a node with `labels` runs `entry`.
+fn placed(entry: &pb::DesiredInstallation, labels: &Labels) -> bool {
+    addons_descriptor::labels::matches(&entry.node_selector, labels)
 }
 
 /// Cuts upserts into chunks of at most [`CHUNK_BYTES`] (and at least one
@@ -189,6 +209,11 @@ pub(super) fn desired_entry(installation: &Installation) -> Option<pb::DesiredIn
                 min_healthy_time: prost_types::Duration::try_from(rollout.min_healthy_time).ok(),
             })
         }),
+        node_selector: installation
+            .node_selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -334,7 +359,7 @@ mod tests {
                 .map(|i| (format!("i{i:03}"), entry(&format!("i{i:03}"), 45_000)))
                 .collect(),
         };
-        let chunks = desired.full_chunks();
+        let chunks = desired.full_chunks(&Labels::new());
         assert!(chunks.len() >= 9, "{} chunks", chunks.len());
         assert!(chunks[0].reset && chunks.iter().skip(1).all(|c| !c.reset));
         assert!(chunks.last().unwrap().complete);
@@ -349,7 +374,7 @@ mod tests {
             generation: 1,
             installations: [("big".to_owned(), entry("big", CHUNK_BYTES + 10))].into(),
         };
-        assert_eq!(big.full_chunks().len(), 1);
+        assert_eq!(big.full_chunks(&Labels::new()).len(), 1);
     }
 
     #[test]
@@ -364,7 +389,7 @@ mod tests {
             generation: 2,
             installations: [("a".to_owned(), a), ("c".to_owned(), entry("c", 10))].into(),
         };
-        let chunks = later.chunks_since(&earlier);
+        let chunks = later.chunks_since(&earlier, &Labels::new());
         assert_eq!(chunks.len(), 1);
         let chunk = &chunks[0];
         assert!(!chunk.reset && chunk.complete);
@@ -378,9 +403,56 @@ mod tests {
             ["c"]
         );
         let mut state = BTreeMap::new();
-        apply(&mut state, &earlier.full_chunks());
+        apply(&mut state, &earlier.full_chunks(&Labels::new()));
         apply(&mut state, &chunks);
         assert_eq!(state.keys().collect::<Vec<_>>(), ["a", "c"]);
-        assert!(later.chunks_since(&later).is_empty());
+        assert!(later.chunks_since(&later, &Labels::new()).is_empty());
+    }
+
+    #[test]
+    fn a_node_gets_only_what_its_labels_place() {
+        let placed_on = |id: &str, zone: &str| {
+            Arc::new(pb::DesiredInstallation {
+                installation_id: id.into(),
+                node_selector: [("zone".to_owned(), zone.to_owned())].into(),
+                ..Default::default()
+            })
+        };
+        let state = Desired {
+            generation: 3,
+            installations: [
+                ("all".to_owned(), entry("all", 10)),
+                ("edge".to_owned(), placed_on("edge", "edge")),
+                ("cloud".to_owned(), placed_on("cloud", "cloud")),
+            ]
+            .into(),
+        };
+        let node: Labels = [("zone".to_owned(), "edge".to_owned()), ("gpu".to_owned(), "yes".to_owned())].into();
+        let ids = |chunks: &[pb::DesiredStateChunk]| {
+            let mut got = BTreeMap::new();
+            apply(&mut got, chunks);
+            got.into_keys().collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&state.full_chunks(&node)), ["all", "edge"]);
+        assert_eq!(ids(&state.full_chunks(&Labels::new())), ["all"]);
+        let whole: Vec<String> = state
+            .to_proto(&node)
+            .installations
+            .into_iter()
+            .map(|i| i.installation_id)
+            .collect();
+        assert_eq!(whole, ["all", "edge"]);
+        // A change to an installation placed elsewhere sends this node
+        // nothing; one placed here goes, and one that moves away is removed.
+        let mut later = state.clone();
+        later.generation = 4;
+        later.installations.insert("cloud".into(), placed_on("cloud", "cloud2"));
+        let chunks = later.chunks_since(&state, &node);
+        assert!(chunks.iter().all(|c| c.upserts.is_empty() && c.removed_installation_ids.is_empty()));
+        later.installations.insert("edge".into(), placed_on("edge", "cloud"));
+        let chunks = later.chunks_since(&state, &node);
+        assert_eq!(chunks[0].removed_installation_ids, ["edge"]);
+        assert!(chunks[0].upserts.is_empty());
+        assert!(later.chunks_since(&later, &node).is_empty());
     }
 }

@@ -28,6 +28,8 @@ pub(super) struct ValidHello {
     pub(super) version: String,
     /// How many services it runs.
     pub(super) observed: usize,
+    /// Its labels.
+    pub(super) labels: std::collections::BTreeMap<String, String>,
 }
 
 impl TryFrom<pb::Hello> for ValidHello {
@@ -61,6 +63,13 @@ impl TryFrom<pb::Hello> for ValidHello {
                 format!("required, {MIN_HEARTBEAT:?} to {MAX_HEARTBEAT:?}"),
             ));
         }
+        let violations = addons_descriptor::labels::validate_labels(&hello.labels, "hello.labels");
+        if !violations.is_empty() {
+            return Err(Error::Invalid(violations));
+        }
+        if hello.monitor_version.len() > 128 {
+            return Err(Error::invalid("hello.monitor_version", "at most 128 bytes"));
+        }
         Ok(Self {
             node,
             plane,
@@ -68,6 +77,7 @@ impl TryFrom<pb::Hello> for ValidHello {
             accepts_chunks: hello.accepts_desired_state_chunks,
             version: hello.monitor_version,
             observed: hello.observed.len(),
+            labels: hello.labels,
         })
     }
 }
@@ -103,7 +113,14 @@ mod tests {
             ("node-1", Plane::Root, Duration::from_secs(5))
         );
         type Spoil = fn(&mut pb::Hello);
-        let cases: [(Spoil, &str); 5] = [
+        let cases: [(Spoil, &str); 7] = [
+            (
+                |h| {
+                    h.labels.insert("zone".into(), "a b".into());
+                },
+                "hello.labels[zone]",
+            ),
+            (|h| h.monitor_version = "v".repeat(129), "hello.monitor_version"),
             (|h| h.node_id = "a b".into(), "hello.node_id"),
             (|h| h.node_id = "x".repeat(254), "hello.node_id"),
             (|h| h.plane = 0, "hello.plane"),

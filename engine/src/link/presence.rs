@@ -146,6 +146,14 @@ impl Presence {
             .unwrap_or_default()
     }
 
+    /// Forgets a node: what it reported on and its sequence numbers.
+    pub(super) fn forget_node(&self, node: &str) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(node);
+    }
+
     /// Forgets an installation that is gone.
     pub(super) fn forget_installation(&self, installation: &str) {
         for node in self

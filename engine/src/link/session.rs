@@ -73,6 +73,10 @@ impl LinkHub {
             ""
         };
         let (epoch, replaced) = self.presence.register(&hello.node, subject)?;
+        if let Err(err) = self.node_linked(&hello).await {
+            self.presence.unregister(&hello.node, epoch);
+            return Err(err.into());
+        }
         let heartbeat_timeout = self.options.heartbeat_timeout.max(hello.heartbeat * 3);
         tracing::info!(node = %hello.node, version = %hello.version, observed = hello.observed, chunks = hello.accepts_chunks, "monitor connected");
         let (tx, rx) = mpsc::channel(16);
@@ -91,7 +95,10 @@ impl LinkHub {
                 Ok(()) => tracing::info!(%node, "monitor link ended"),
             }
             hub.presence.unregister(&node, epoch);
-            hub.mark_disconnected_later(node);
+            if !hub.presence.is_connected(&node) {
+                hub.node_unlinked(&node, chrono::Utc::now()).await;
+                hub.mark_disconnected_later(node);
+            }
         });
         Ok(rx)
     }
@@ -108,13 +115,13 @@ impl LinkHub {
         let mut desired = self.desired.clone();
         let mut sent: Arc<Desired> = desired.borrow_and_update().clone();
         if hello.accepts_chunks {
-            for chunk in sent.full_chunks() {
+            for chunk in sent.full_chunks(&hello.labels) {
                 send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
             }
         } else {
             send(
                 tx,
-                open_link_response::Message::DesiredState(sent.to_proto()),
+                open_link_response::Message::DesiredState(sent.to_proto(&hello.labels)),
             )
             .await?;
         }
@@ -138,11 +145,11 @@ impl LinkHub {
                     }
                     let current = desired.borrow_and_update().clone();
                     if hello.accepts_chunks {
-                        for chunk in current.chunks_since(&sent) {
+                        for chunk in current.chunks_since(&sent, &hello.labels) {
                             send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
                         }
                     } else {
-                        send(tx, open_link_response::Message::DesiredState(current.to_proto())).await?;
+                        send(tx, open_link_response::Message::DesiredState(current.to_proto(&hello.labels))).await?;
                     }
                     sent = current;
                 }
