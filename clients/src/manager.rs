@@ -274,9 +274,7 @@ impl ManagerClient {
     }
 
     /// Every node of the plane, page after page.
-    pub fn list_nodes(
-        &self,
-    ) -> impl Stream<Item = Result<pb::Node, ClientError>> + Send + 'static {
+    pub fn list_nodes(&self) -> impl Stream<Item = Result<pb::Node, ClientError>> + Send + 'static {
         let client = self.clone();
         crate::paging::every_page(move |token| {
             let client = client.clone();
@@ -299,7 +297,10 @@ impl ManagerClient {
             .run(|| {
                 let mut inner = self.inner.clone();
                 let request = request.clone();
-                crate::retry::within(self.timeout, async move { inner.forget_node(request).await })
+                crate::retry::within(
+                    self.timeout,
+                    async move { inner.forget_node(request).await },
+                )
             })
             .await?;
         Ok(response.into_inner().node.unwrap_or_default())

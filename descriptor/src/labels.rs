@@ -90,15 +90,31 @@ mod tests {
 
     #[test]
     fn checks_keys_values_and_count() {
-        assert!(validate_labels(&labels(&[("zone", "edge"), ("oakestra.io/arch", "arm64")]), "l").is_empty());
-        assert!(validate_labels(&labels(&[("gpu", "")]), "l").is_empty(), "an empty value is a value");
-        let bad = validate_labels(&labels(&[("", "x"), ("a b", "x"), ("ok", "a=b")]), "hello.labels");
+        assert!(
+            validate_labels(
+                &labels(&[("zone", "edge"), ("oakestra.io/arch", "arm64")]),
+                "l"
+            )
+            .is_empty()
+        );
+        assert!(
+            validate_labels(&labels(&[("gpu", "")]), "l").is_empty(),
+            "an empty value is a value"
+        );
+        let bad = validate_labels(
+            &labels(&[("", "x"), ("a b", "x"), ("ok", "a=b")]),
+            "hello.labels",
+        );
         let fields: Vec<&str> = bad.iter().map(|v| v.field.as_str()).collect();
-        assert_eq!(fields, ["hello.labels[]", "hello.labels[a b]", "hello.labels[ok]"]);
+        assert_eq!(
+            fields,
+            ["hello.labels[]", "hello.labels[a b]", "hello.labels[ok]"]
+        );
         let too_long = "k".repeat(64);
         assert_eq!(validate_labels(&labels(&[(&too_long, "v")]), "l").len(), 1);
-        let many: BTreeMap<String, String> =
-            (0..=MAX_LABELS).map(|n| (format!("k{n}"), String::new())).collect();
+        let many: BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|n| (format!("k{n}"), String::new()))
+            .collect();
         assert_eq!(validate_labels(&many, "l")[0].field, "l");
         let hostile = validate_labels(&labels(&[("a\nb", "v")]), "l");
         assert_eq!(hostile[0].field, "l[a\\nb]");
@@ -111,13 +127,19 @@ mod tests {
         assert!(matches(&labels(&[("zone", "edge")]), &node));
         assert!(matches(&node, &node));
         assert!(!matches(&labels(&[("zone", "cloud")]), &node));
-        assert!(!matches(&labels(&[("zone", "edge"), ("ssd", "yes")]), &node));
+        assert!(!matches(
+            &labels(&[("zone", "edge"), ("ssd", "yes")]),
+            &node
+        ));
         assert!(!matches(&labels(&[("zone", "edge")]), &BTreeMap::new()));
     }
 
     #[test]
     fn parses_flags() {
-        assert_eq!(parse_label("zone=edge").unwrap(), ("zone".into(), "edge".into()));
+        assert_eq!(
+            parse_label("zone=edge").unwrap(),
+            ("zone".into(), "edge".into())
+        );
         assert_eq!(parse_label("gpu=").unwrap(), ("gpu".into(), String::new()));
         assert!(parse_label("zone").unwrap_err().contains("KEY=VALUE"));
         assert!(parse_label("=edge").is_err());

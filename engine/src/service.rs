@@ -102,7 +102,8 @@ impl Manager {
         requested_by: &str,
     ) -> Result<Versioned<Installation>, Error> {
         check_accepted(&accepted)?;
-        let violations = addons_descriptor::labels::validate_labels(&node_selector, "node_selector");
+        let violations =
+            addons_descriptor::labels::validate_labels(&node_selector, "node_selector");
         if !violations.is_empty() {
             return Err(Error::Invalid(violations));
         }

@@ -494,18 +494,29 @@ pub(crate) mod tests {
         assert_eq!(running.status, InstallationStatus::Active);
         assert!(running.unconfirmed_nodes.is_empty());
         assert!(!running.report_sequences.contains_key("n3"));
-        assert!(!forget_node(&mut running, "n3"), "a second time changes nothing");
+        assert!(
+            !forget_node(&mut running, "n3"),
+            "a second time changes nothing"
+        );
 
         i.status = InstallationStatus::Disabling;
         for node in ["n1", "n2"] {
             apply_report(&mut i, node, vec![status("api", Removed)]);
         }
         assert_eq!(i.status, InstallationStatus::Disabling);
-        assert!(i.status_message.contains("api on n3"), "{}", i.status_message);
+        assert!(
+            i.status_message.contains("api on n3"),
+            "{}",
+            i.status_message
+        );
         assert!(forget_node(&mut i, "n3"));
         assert_eq!(i.status, InstallationStatus::Disabled);
         assert_eq!(i.unconfirmed_nodes, ["n3"]);
-        assert!(i.status_message.contains("never confirmed by n3"), "{}", i.status_message);
+        assert!(
+            i.status_message.contains("never confirmed by n3"),
+            "{}",
+            i.status_message
+        );
         // A node that had confirmed is not named when forgotten afterwards.
         assert!(forget_node(&mut i, "n1"));
         assert_eq!(i.unconfirmed_nodes, ["n3"]);

@@ -10,12 +10,21 @@ use tokio::process::{Child, Command};
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
+    /// The network namespace it runs in (`/run/netns/NAME`), if not the
+    /// machine's.
+    netns: Option<String>,
 }
 
 impl Containerd {
     /// Starts containerd (Debian's package, installed by
     /// `scripts/setup.sh`) and waits until its socket answers.
     pub async fn start() -> Self {
+        Self::start_in(None).await
+    }
+
+    /// Starts it in network namespace `/run/netns/NETNS` (a test host), or
+    /// the machine's own when `None`.
+    pub async fn start_in(netns: Option<&str>) -> Self {
         let binary = which("containerd").unwrap_or_else(|| {
             panic!(
                 "containerd is not installed: run scripts/setup.sh (Debian package `containerd`)"
@@ -46,8 +55,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         );
         std::fs::write(root.join("config.toml"), config).expect("write containerd config");
         remove_stale_leftovers();
-        let child = spawn(&binary, root).await;
-        Self { child, dir }
+        let netns = netns.map(str::to_owned);
+        let child = spawn(&binary, root, netns.as_deref()).await;
+        Self { child, dir, netns }
     }
 
     /// Stops containerd (SIGKILL, as a crash) and starts it again on the
@@ -56,12 +66,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let _ = self.child.kill().await;
         let _ = self.child.wait().await;
         let binary = which("containerd").expect("containerd");
-        self.child = spawn(&binary, self.dir.path()).await;
+        self.child = spawn(&binary, self.dir.path(), self.netns.as_deref()).await;
     }
 
     /// Its gRPC socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
+    }
+
+    /// Kills it (SIGKILL, as a crash of its machine would) and its shims
+    /// and their containers, and waits for the exit.
+    pub async fn kill(&mut self) {
+        kill_shims(&self.socket());
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
     }
 
     /// Stops it with SIGTERM and waits for the exit.
@@ -167,7 +185,7 @@ fn remove_leftovers(dir: &std::path::Path) {
     }
 }
 
-async fn spawn(binary: &std::path::Path, root: &std::path::Path) -> Child {
+async fn spawn(binary: &std::path::Path, root: &std::path::Path, netns: Option<&str>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -175,7 +193,15 @@ async fn spawn(binary: &std::path::Path, root: &std::path::Path) -> Child {
         .expect("containerd log");
     let socket = root.join("containerd.sock");
     let _ = std::fs::remove_file(&socket);
-    let mut child = Command::new(binary)
+    let mut command = match netns {
+        Some(netns) => {
+            let mut command = Command::new("nsenter");
+            command.arg(format!("--net=/run/netns/{netns}")).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .arg("--config")
         .arg(root.join("config.toml"))
         .stdin(Stdio::null())

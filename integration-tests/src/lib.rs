@@ -7,6 +7,7 @@
 //! test with what is missing and how to get it.
 
 mod containerd;
+pub mod hosts;
 pub mod images;
 pub mod link;
 mod mongo;

@@ -60,13 +60,42 @@ impl ServerProcess {
         }
     }
 
+    /// Like [`ServerProcess::start_with_env`], in the network namespace
+    /// `/run/netns/NETNS` (through `nsenter`, which execs the binary: the
+    /// process is the server itself, in the machine's mount namespace).
+    pub async fn start_in_netns(
+        netns: &str,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{netns}")).arg(binary);
+        match Self::launch(command, binary, args, env).await {
+            Started::Running(server) => *server,
+            Started::Exited(status, stderr) => panic!(
+                "{} in {netns} exited at start with {status}:\n{stderr}",
+                binary.display()
+            ),
+        }
+    }
+
     async fn try_start_with_env(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> Started {
+        Self::launch(Command::new(binary), binary, args, env).await
+    }
+
+    async fn launch(
+        mut command: Command,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Started {
         let name = binary
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let stderr = tempfile::NamedTempFile::new().expect("temp file for stderr");
-        let mut child = Command::new(binary)
+        let mut child = command
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env(

@@ -9,6 +9,8 @@ use tokio::process::{Child, Command};
 #[derive(Debug)]
 pub struct RegistryServer {
     child: Option<Child>,
+    /// The address it listens on.
+    ip: std::net::Ipv4Addr,
     dir: tempfile::TempDir,
     port: u16,
     credentials: Option<(String, String)>,
@@ -17,18 +19,29 @@ pub struct RegistryServer {
 impl RegistryServer {
     /// An anonymous registry.
     pub async fn start() -> Self {
-        Self::launch(None).await
+        Self::launch(None, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// An anonymous registry on `ip` (the address of a test bridge, so the
+    /// test hosts' network namespaces reach it too), on a free port.
+    pub async fn start_on(ip: std::net::Ipv4Addr) -> Self {
+        Self::launch(None, ip).await
     }
 
     /// A registry that needs `user`/`password` (htpasswd, bcrypt).
     pub async fn start_with_auth(user: &str, password: &str) -> Self {
-        Self::launch(Some((user.to_owned(), password.to_owned()))).await
+        Self::launch(
+            Some((user.to_owned(), password.to_owned())),
+            std::net::Ipv4Addr::LOCALHOST,
+        )
+        .await
     }
 
-    async fn launch(credentials: Option<(String, String)>) -> Self {
+    async fn launch(credentials: Option<(String, String)>, ip: std::net::Ipv4Addr) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for the registry");
         let mut registry = Self {
             child: None,
+            ip,
             port: crate::free_port(),
             dir,
             credentials,
@@ -53,8 +66,9 @@ impl RegistryServer {
             None => String::new(),
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n  secret: integration-tests\n{auth}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {}:{}\n  secret: integration-tests\n{auth}",
             root.join("data").display(),
+            self.ip,
             self.port
         );
         std::fs::write(root.join("config.yml"), config).expect("registry config");
@@ -81,7 +95,7 @@ impl RegistryServer {
             .spawn()
             .expect("start docker-registry");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+        while tokio::net::TcpStream::connect((self.ip, self.port))
             .await
             .is_err()
         {
@@ -101,16 +115,16 @@ impl RegistryServer {
         self.child = Some(child);
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT` (`127.0.0.1:PORT` unless started on another address).
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// Deletes manifest `digest` of `repository` (no credentials): the
     /// registry loses an image. Returns the HTTP status line.
     pub async fn delete_manifest(&self, repository: &str, digest: &str) -> String {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+        let mut stream = tokio::net::TcpStream::connect((self.ip, self.port))
             .await
             .expect("connect to the registry");
         let request = format!(

@@ -548,14 +548,13 @@ pub fn plane_nodes(list: &[epb::Node], format: Format, many: bool) -> Result<(),
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|n| {
-                    let (running, total) = n
-                        .installations
-                        .iter()
-                        .flat_map(|i| &i.services)
-                        .fold((0, 0), |(running, total), s| {
+                    let (running, total) = n.installations.iter().flat_map(|i| &i.services).fold(
+                        (0, 0),
+                        |(running, total), s| {
                             let up = s.phase() == epb::ServicePhase::Running;
                             (running + usize::from(up), total + 1)
-                        });
+                        },
+                    );
                     let labels: Vec<String> =
                         n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     vec![
@@ -587,7 +586,13 @@ pub fn plane_nodes(list: &[epb::Node], format: Format, many: bool) -> Result<(),
                 .collect();
             table(
                 &[
-                    "NODE", "LINK", "SINCE", "FORGOTTEN", "LABELS", "RUNNING", "MONITOR",
+                    "NODE",
+                    "LINK",
+                    "SINCE",
+                    "FORGOTTEN",
+                    "LABELS",
+                    "RUNNING",
+                    "MONITOR",
                 ],
                 &rows,
             );

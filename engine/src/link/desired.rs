@@ -100,7 +100,11 @@ impl Desired {
 
     /// What changed for a node with `labels` since `earlier`, as a run of
     /// chunks; empty when nothing did.
-    pub(super) fn chunks_since(&self, earlier: &Self, labels: &Labels) -> Vec<pb::DesiredStateChunk> {
+    pub(super) fn chunks_since(
+        &self,
+        earlier: &Self,
+        labels: &Labels,
+    ) -> Vec<pb::DesiredStateChunk> {
         let upserts: Vec<Arc<pb::DesiredInstallation>> = self
             .installations
             .iter()
@@ -116,7 +120,11 @@ impl Desired {
             .installations
             .iter()
             .filter(|(_, old)| placed(old, labels))
-            .filter(|(id, _)| self.installations.get(*id).is_none_or(|now| !placed(now, labels)))
+            .filter(|(id, _)| {
+                self.installations
+                    .get(*id)
+                    .is_none_or(|now| !placed(now, labels))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         if upserts.is_empty() && removed.is_empty() && self.generation == earlier.generation {
@@ -427,7 +435,11 @@ mod tests {
             ]
             .into(),
         };
-        let node: Labels = [("zone".to_owned(), "edge".to_owned()), ("gpu".to_owned(), "yes".to_owned())].into();
+        let node: Labels = [
+            ("zone".to_owned(), "edge".to_owned()),
+            ("gpu".to_owned(), "yes".to_owned()),
+        ]
+        .into();
         let ids = |chunks: &[pb::DesiredStateChunk]| {
             let mut got = BTreeMap::new();
             apply(&mut got, chunks);
@@ -446,10 +458,18 @@ mod tests {
         // nothing; one placed here goes, and one that moves away is removed.
         let mut later = state.clone();
         later.generation = 4;
-        later.installations.insert("cloud".into(), placed_on("cloud", "cloud2"));
+        later
+            .installations
+            .insert("cloud".into(), placed_on("cloud", "cloud2"));
         let chunks = later.chunks_since(&state, &node);
-        assert!(chunks.iter().all(|c| c.upserts.is_empty() && c.removed_installation_ids.is_empty()));
-        later.installations.insert("edge".into(), placed_on("edge", "cloud"));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.upserts.is_empty() && c.removed_installation_ids.is_empty())
+        );
+        later
+            .installations
+            .insert("edge".into(), placed_on("edge", "cloud"));
         let chunks = later.chunks_since(&state, &node);
         assert_eq!(chunks[0].removed_installation_ids, ["edge"]);
         assert!(chunks[0].upserts.is_empty());

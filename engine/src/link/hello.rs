@@ -120,7 +120,10 @@ mod tests {
                 },
                 "hello.labels[zone]",
             ),
-            (|h| h.monitor_version = "v".repeat(129), "hello.monitor_version"),
+            (
+                |h| h.monitor_version = "v".repeat(129),
+                "hello.monitor_version",
+            ),
             (|h| h.node_id = "a b".into(), "hello.node_id"),
             (|h| h.node_id = "x".repeat(254), "hello.node_id"),
             (|h| h.plane = 0, "hello.plane"),
