@@ -446,6 +446,77 @@ async fn resumes_changes_from_a_cursor(store: &Store) {
     ));
 }
 
+async fn writes_many_records_all_or_none(store: &Store) {
+    use addons_store::Versioned;
+    let items = store.collection::<Item>().await.unwrap();
+    let existing = items.insert(item("existing", "new")).await.unwrap();
+    let (before, _) = items.changes_since(0).await.unwrap();
+    let cursor = before.last().unwrap().seq;
+    let mut changed = existing.value.clone();
+    changed.counter = 1;
+    let fresh = item("fresh", "new");
+    let written = items
+        .write_many(vec![
+            Versioned {
+                revision: 1,
+                value: fresh.clone(),
+            },
+            Versioned {
+                revision: 2,
+                value: changed.clone(),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written.len(), 2);
+    assert_eq!(items.require(&fresh.id).await.unwrap().revision, 1);
+    let read = items.require(&changed.id).await.unwrap();
+    assert_eq!((read.revision, read.value.counter), (2, 1));
+    let (logged, _) = items.changes_since(cursor).await.unwrap();
+    let kinds: Vec<_> = logged
+        .iter()
+        .map(|c| (c.kind, c.record.value.name.clone(), c.record.revision))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (ChangeKind::Added, "fresh".to_owned(), 1),
+            (ChangeKind::Modified, "existing".to_owned(), 2),
+        ]
+    );
+    // One stale write: none of the batch happens, not even the new record.
+    let other = item("other", "new");
+    let mut stale = changed.clone();
+    stale.counter = 9;
+    let err = items
+        .write_many(vec![
+            Versioned {
+                revision: 1,
+                value: other.clone(),
+            },
+            Versioned {
+                revision: 2,
+                value: stale,
+            },
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    assert_eq!(items.get(&other.id).await.unwrap(), None);
+    assert_eq!(items.require(&changed.id).await.unwrap().value.counter, 1);
+    // A record that exists is not created again.
+    let err = items
+        .write_many(vec![Versioned {
+            revision: 1,
+            value: fresh,
+        }])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    let (after, _) = items.changes_since(cursor).await.unwrap();
+    assert_eq!(after.len(), 2, "failed batches log nothing");
+}
+
 trait ListAllAfter {
     async fn list_all_after(&self, filter: &Filter, token: Option<&str>) -> Vec<String>;
 }
@@ -498,6 +569,7 @@ conformance!(
     feeds_changes_to_watchers,
     resumes_changes_from_a_cursor,
     refuses_stale_revisions,
+    writes_many_records_all_or_none,
 );
 
 /// The change log and its sequence survive reopening the store: a cursor

@@ -134,19 +134,41 @@ impl ChangeLog {
         seq: u64,
         entry: &Entry,
     ) -> Result<()> {
-        state.head = state.head.max(seq);
-        let body = serde_json::value::to_raw_value(entry).map_err(|e| Error::backend("log", e))?;
-        let id = entry_id(seq);
-        let record = RawRecord {
-            key: format!("i:{id}"),
-            id,
-            status: collection.to_owned(),
-            revision: 1,
-            seq,
-            body,
+        self.append_many(state, collection, &[(seq, entry)]).await
+    }
+
+    /// Appends the entries of changes already written (each record holds
+    /// its sequence) in one backend write, and prunes the oldest entries
+    /// when the log is over its size.
+    pub(crate) async fn append_many(
+        &self,
+        state: &mut LogState,
+        collection: &str,
+        entries: &[(u64, &Entry)],
+    ) -> Result<()> {
+        let Some(last) = entries.iter().map(|(seq, _)| *seq).max() else {
+            return Ok(());
         };
-        self.backend.insert(LOG_COLLECTION, &record).await?;
-        state.retained.push_back(seq);
+        state.head = state.head.max(last);
+        let mut records = Vec::with_capacity(entries.len());
+        for (seq, entry) in entries {
+            let body =
+                serde_json::value::to_raw_value(entry).map_err(|e| Error::backend("log", e))?;
+            let id = entry_id(*seq);
+            records.push(RawRecord {
+                key: format!("i:{id}"),
+                id,
+                status: collection.to_owned(),
+                revision: 1,
+                seq: *seq,
+                body,
+            });
+        }
+        match records.as_slice() {
+            [one] => self.backend.insert(LOG_COLLECTION, one).await?,
+            many => self.backend.write_many(LOG_COLLECTION, many).await?,
+        }
+        state.retained.extend(entries.iter().map(|(seq, _)| *seq));
         if state.retained.len() > RETAINED + PRUNE_BATCH {
             while state.retained.len() > RETAINED {
                 let Some(oldest) = state.retained.front().copied() else {

@@ -260,6 +260,70 @@ impl<T: Document> Collection<T> {
         }
     }
 
+    /// Writes many records in one step: each is the record after its write,
+    /// at revision 1 when it is new (it must not exist) and otherwise
+    /// replacing its record at the revision before. Either every write
+    /// happens or, when one fails its condition ([`Error::Conflict`],
+    /// [`Error::AlreadyExists`], [`Error::NotFound`]), none does (see
+    /// the backends for how atomic that is). Each write is one change in
+    /// the log and the feed, in order.
+    pub async fn write_many(&self, writes: Vec<Versioned<T>>) -> Result<Vec<Versioned<T>>> {
+        if writes.is_empty() {
+            return Ok(writes);
+        }
+        let mut guard = self.write_lock().await;
+        let first = guard.as_ref().map_or(0, |state| state.head + 1);
+        let mut raws = Vec::with_capacity(writes.len());
+        for (n, record) in writes.iter().enumerate() {
+            if record.revision == 0 {
+                return Err(Error::backend(
+                    "write_many",
+                    format!("record {} at revision 0", record.value.id()),
+                ));
+            }
+            let seq = if T::LOGGED { first + n as u64 } else { 0 };
+            raws.push(encode(record, seq)?);
+        }
+        self.backend.write_many(T::COLLECTION, &raws).await?;
+        let kind = |raw: &RawRecord| {
+            if raw.revision == 1 {
+                ChangeKind::Added
+            } else {
+                ChangeKind::Modified
+            }
+        };
+        if let Some(state) = guard.as_deref_mut() {
+            let entries: Vec<(u64, Entry)> = raws
+                .iter()
+                .map(|raw| {
+                    (
+                        raw.seq,
+                        Entry {
+                            kind: kind(raw),
+                            id: raw.id.clone(),
+                            revision: raw.revision,
+                            body: raw.body.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let borrowed: Vec<(u64, &Entry)> = entries.iter().map(|(s, e)| (*s, e)).collect();
+            if let Err(err) = self.log.append_many(state, T::COLLECTION, &borrowed).await {
+                // The records are written and carry their sequences: the next
+                // open of the collection logs them.
+                tracing::error!(collection = T::COLLECTION, error = %err, "cannot log changes");
+            }
+        }
+        for (raw, record) in raws.iter().zip(&writes) {
+            let _ = self.changes.send(Change {
+                kind: kind(raw),
+                seq: raw.seq,
+                record: record.clone(),
+            });
+        }
+        Ok(writes)
+    }
+
     /// Deletes the record with `id`, only while it is at `expected_revision`
     /// when one is given: [`Error::StaleRevision`] (with the current
     /// revision) when it is not. Returns `false` when there was no record.

@@ -95,37 +95,8 @@ impl Backend for EmbeddedBackend {
         self.blocking(OP, move |db| {
             let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
             {
-                let mut table = tx
-                    .open_table(records(&collection))
-                    .map_err(|e| Error::backend(OP, e))?;
-                let mut key_index = tx
-                    .open_table(keys(&keys_table(&collection)))
-                    .map_err(|e| Error::backend(OP, e))?;
-                let taken = |key: &str| Error::AlreadyExists {
-                    collection: collection.clone(),
-                    key: key.to_owned(),
-                };
-                if table
-                    .get(record.id.as_str())
-                    .map_err(|e| Error::backend(OP, e))?
-                    .is_some()
-                {
-                    return Err(taken(&record.id));
-                }
-                if key_index
-                    .get(record.key.as_str())
-                    .map_err(|e| Error::backend(OP, e))?
-                    .is_some()
-                {
-                    return Err(taken(unique_part(&record.key)));
-                }
-                let bytes = encode_record(OP, &record)?;
-                table
-                    .insert(record.id.as_str(), bytes.as_slice())
-                    .map_err(|e| Error::backend(OP, e))?;
-                key_index
-                    .insert(record.key.as_str(), record.id.as_str())
-                    .map_err(|e| Error::backend(OP, e))?;
+                let mut tables = Tables::open(&tx, &collection, OP)?;
+                tables.insert(&record)?;
             }
             tx.commit().map_err(|e| Error::backend(OP, e))
         })
@@ -162,48 +133,31 @@ impl Backend for EmbeddedBackend {
         self.blocking(OP, move |db| {
             let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
             {
-                let mut table = tx
-                    .open_table(records(&collection))
-                    .map_err(|e| Error::backend(OP, e))?;
-                let mut key_index = tx
-                    .open_table(keys(&keys_table(&collection)))
-                    .map_err(|e| Error::backend(OP, e))?;
-                let current = match table
-                    .get(record.id.as_str())
-                    .map_err(|e| Error::backend(OP, e))?
-                {
-                    Some(bytes) => decode_record(OP, bytes.value())?,
-                    None => {
-                        return Err(Error::NotFound {
-                            collection: collection.clone(),
-                            id: record.id.clone(),
-                        });
-                    }
-                };
-                check(&current, Some(record.revision - 1), &status_in)?;
-                if current.key != record.key {
-                    if key_index
-                        .get(record.key.as_str())
-                        .map_err(|e| Error::backend(OP, e))?
-                        .is_some()
-                    {
-                        return Err(Error::AlreadyExists {
-                            collection: collection.clone(),
-                            key: unique_part(&record.key).to_owned(),
-                        });
-                    }
-                    key_index
-                        .remove(current.key.as_str())
-                        .map_err(|e| Error::backend(OP, e))?;
-                    key_index
-                        .insert(record.key.as_str(), record.id.as_str())
-                        .map_err(|e| Error::backend(OP, e))?;
-                }
-                let bytes = encode_record(OP, &record)?;
-                table
-                    .insert(record.id.as_str(), bytes.as_slice())
-                    .map_err(|e| Error::backend(OP, e))?;
+                let mut tables = Tables::open(&tx, &collection, OP)?;
+                tables.replace(&record, &status_in)?;
             }
+            tx.commit().map_err(|e| Error::backend(OP, e))
+        })
+        .await
+    }
+
+    async fn write_many(&self, collection: &str, records: &[RawRecord]) -> Result<()> {
+        const OP: &str = "write_many";
+        let collection = collection.to_owned();
+        let records = records.to_vec();
+        self.blocking(OP, move |db| {
+            let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            {
+                let mut tables = Tables::open(&tx, &collection, OP)?;
+                for record in &records {
+                    if record.revision == 1 {
+                        tables.insert(record)?;
+                    } else {
+                        tables.replace(record, &[])?;
+                    }
+                }
+            }
+            // An error above drops the transaction: nothing is written.
             tx.commit().map_err(|e| Error::backend(OP, e))
         })
         .await
@@ -286,6 +240,111 @@ impl Backend for EmbeddedBackend {
 
     fn describe(&self) -> String {
         format!("embedded:{}", self.path)
+    }
+}
+
+/// A collection's tables inside one write transaction.
+struct Tables<'tx> {
+    collection: &'tx str,
+    operation: &'static str,
+    records: redb::Table<'tx, &'static str, &'static [u8]>,
+    keys: redb::Table<'tx, &'static str, &'static str>,
+}
+
+impl<'tx> Tables<'tx> {
+    fn open(
+        tx: &'tx redb::WriteTransaction,
+        collection: &'tx str,
+        operation: &'static str,
+    ) -> Result<Self> {
+        Ok(Self {
+            collection,
+            operation,
+            records: tx
+                .open_table(records(collection))
+                .map_err(|e| Error::backend(operation, e))?,
+            keys: tx
+                .open_table(keys(&keys_table(collection)))
+                .map_err(|e| Error::backend(operation, e))?,
+        })
+    }
+
+    /// Inserts a new record; [`Error::AlreadyExists`] when its id or key is
+    /// taken.
+    fn insert(&mut self, record: &RawRecord) -> Result<()> {
+        let op = self.operation;
+        let taken = |key: &str| Error::AlreadyExists {
+            collection: self.collection.to_owned(),
+            key: key.to_owned(),
+        };
+        if self
+            .records
+            .get(record.id.as_str())
+            .map_err(|e| Error::backend(op, e))?
+            .is_some()
+        {
+            return Err(taken(&record.id));
+        }
+        if self
+            .keys
+            .get(record.key.as_str())
+            .map_err(|e| Error::backend(op, e))?
+            .is_some()
+        {
+            return Err(taken(unique_part(&record.key)));
+        }
+        let bytes = encode_record(op, record)?;
+        self.records
+            .insert(record.id.as_str(), bytes.as_slice())
+            .map_err(|e| Error::backend(op, e))?;
+        self.keys
+            .insert(record.key.as_str(), record.id.as_str())
+            .map_err(|e| Error::backend(op, e))?;
+        Ok(())
+    }
+
+    /// Replaces the record at `record.revision - 1` whose status is one of
+    /// `status_in` (any when empty).
+    fn replace(&mut self, record: &RawRecord, status_in: &[String]) -> Result<()> {
+        let op = self.operation;
+        let current = match self
+            .records
+            .get(record.id.as_str())
+            .map_err(|e| Error::backend(op, e))?
+        {
+            Some(bytes) => decode_record(op, bytes.value())?,
+            None => {
+                return Err(Error::NotFound {
+                    collection: self.collection.to_owned(),
+                    id: record.id.clone(),
+                });
+            }
+        };
+        check(&current, Some(record.revision - 1), status_in)?;
+        if current.key != record.key {
+            if self
+                .keys
+                .get(record.key.as_str())
+                .map_err(|e| Error::backend(op, e))?
+                .is_some()
+            {
+                return Err(Error::AlreadyExists {
+                    collection: self.collection.to_owned(),
+                    key: unique_part(&record.key).to_owned(),
+                });
+            }
+            self.keys
+                .remove(current.key.as_str())
+                .map_err(|e| Error::backend(op, e))?;
+            self.keys
+                .insert(record.key.as_str(), record.id.as_str())
+                .map_err(|e| Error::backend(op, e))?;
+        }
+        let bytes = encode_record(op, record)?;
+        self.records
+            .insert(record.id.as_str(), bytes.as_slice())
+            .map_err(|e| Error::backend(op, e))?;
+        Ok(())
     }
 }
 

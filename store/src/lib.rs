@@ -323,6 +323,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
         record: &RawRecord,
         status_in: &[String],
     ) -> Result<()>;
+    /// Writes `records` in one step: one at revision 1 is inserted (as
+    /// [`Backend::insert`]), any other replaces its record at the revision
+    /// before (as [`Backend::replace`], with no status condition). When one
+    /// write fails, none happens: atomically where the database can (redb);
+    /// MongoDB checks every condition first and then writes one by one.
+    async fn write_many(&self, collection: &str, records: &[RawRecord]) -> Result<()>;
     /// Deletes the record if it satisfies `condition`; `false` when there
     /// was none.
     async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool>;

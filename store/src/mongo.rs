@@ -242,6 +242,40 @@ impl Backend for MongoBackend {
             .await
     }
 
+    async fn write_many(&self, collection: &str, records: &[RawRecord]) -> Result<()> {
+        // No multi-document transactions without a replica set: check every
+        // condition first, then write one by one. Each collection has one
+        // writer process, which serialises its writes, so nothing moves in
+        // between.
+        for record in records {
+            let current = self.get(collection, &record.id).await?;
+            match (record.revision, current) {
+                (1, Some(_)) => {
+                    return Err(Error::AlreadyExists {
+                        collection: collection.to_owned(),
+                        key: record.id.clone(),
+                    });
+                }
+                (1, None) => {}
+                (_, None) => {
+                    return Err(Error::NotFound {
+                        collection: collection.to_owned(),
+                        id: record.id.clone(),
+                    });
+                }
+                (revision, Some(current)) => check(&current, Some(revision - 1), &[])?,
+            }
+        }
+        for record in records {
+            if record.revision == 1 {
+                self.insert(collection, record).await?;
+            } else {
+                self.replace(collection, record, &[]).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool> {
         let mut filter = doc! { "_id": id };
         if let Some(revision) = condition.revision {
