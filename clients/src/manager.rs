@@ -342,6 +342,7 @@ impl ManagerClient {
                         .watch_installations(pb::WatchInstallationsRequest {
                             ids,
                             since_revision,
+                            changed_services_only: false,
                         })
                         .await?
                         .into_inner();

@@ -408,16 +408,26 @@ impl AddonsManagerService for ManagerApi {
         };
         let core = self.core.clone();
         let shutdown = self.shutdown.clone();
+        let whole = self.core.clone();
+        let changed_only = request.changed_services_only;
         let stream = watch_stream(
             WATCH_BUFFER,
             move |tx| async move { core.watch(ids, start, tx, shutdown.fired()).await },
-            |event| match event {
-                Event::Change(change) => pb::WatchInstallationsResponse {
-                    r#type: change_type(change.kind).into(),
-                    sequence: change.seq,
-                    installation: Some(convert::installation_to_proto(change.record)),
-                    in_sync: false,
-                },
+            move |event| match event {
+                Event::Change(mut change) => {
+                    let installation = &mut change.record.value;
+                    if !changed_only {
+                        whole.hydrate(installation);
+                    } else if installation.services.is_empty() {
+                        installation.services = std::mem::take(&mut installation.changed);
+                    }
+                    pb::WatchInstallationsResponse {
+                        r#type: change_type(change.kind).into(),
+                        sequence: change.seq,
+                        installation: Some(convert::installation_to_proto(change.record)),
+                        in_sync: false,
+                    }
+                }
                 Event::InSync(sequence) => pb::WatchInstallationsResponse {
                     sequence,
                     in_sync: true,

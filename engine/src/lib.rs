@@ -11,8 +11,9 @@ mod convert;
 mod error;
 pub mod link;
 pub mod model;
+mod records;
 pub mod rollout;
 mod service;
 mod status;
 
-pub use crate::{error::Error, service::Manager};
+pub use crate::{error::Error, records::Installations, service::Manager};

@@ -21,11 +21,7 @@ mod presence;
 mod reports;
 mod session;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use addons_server_kit::Shutdown;
 use addons_store::{Collection, Filter, Store};
@@ -38,6 +34,7 @@ use self::{
 };
 use crate::{
     model::{Installation, Plane},
+    records::Installations,
     status,
 };
 
@@ -66,13 +63,13 @@ impl Default for LinkOptions {
 /// The links of every connected monitor, and the desired state they follow.
 #[derive(Debug, Clone)]
 pub struct LinkHub {
-    installations: Collection<Installation>,
+    installations: Installations,
     nodes: Collection<nodes::NodeRecord>,
     plane: Plane,
     desired: watch::Receiver<Arc<Desired>>,
     presence: Arc<Presence>,
-    /// One writer at a time per installation.
-    writers: Arc<Mutex<HashMap<String, Arc<Writer>>>>,
+    /// Reports waiting for the next group commit.
+    writer: Arc<Writer>,
     options: LinkOptions,
     shutdown: Shutdown,
 }
@@ -83,37 +80,33 @@ impl LinkHub {
     /// reconnect are shown as disconnected after the heartbeat timeout.
     pub async fn start(
         store: &Store,
+        installations: Installations,
         plane: Plane,
         options: LinkOptions,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
-        let installations: Collection<Installation> = store.collection().await?;
+        let records: Collection<Installation> = installations.records().clone();
         let planes: Collection<PlaneState> = store.collection().await?;
         // Subscribe before reading, so no change falls between the two.
-        let changes = installations.watch();
-        let all = installations.list_all(&Filter::default()).await?;
+        let changes = records.watch();
+        let all = records.list_all(&Filter::default()).await?;
         let mut desired = Desired::from_records(all.iter().map(|r| &r.value));
         desired.generation = desired::bump_generation(&planes, plane).await?;
         let (tx, rx) = watch::channel(Arc::new(desired));
         let presence = Arc::new(Presence::default());
-        let reported = presence.seed(all.iter().map(|r| &r.value));
+        let reported = presence.seed(installations.reported());
         let hub = Self {
-            installations: installations.clone(),
+            installations,
             nodes: store.collection().await?,
             plane,
             desired: rx,
             presence,
-            writers: Arc::default(),
+            writer: Arc::default(),
             options,
             shutdown: shutdown.clone(),
         };
         tokio::spawn(desired::follow(
-            installations,
-            changes,
-            planes,
-            plane,
-            tx,
-            shutdown,
+            records, changes, planes, plane, tx, shutdown,
         ));
         hub.seed_nodes(&reported).await?;
         for node in reported {

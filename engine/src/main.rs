@@ -1,7 +1,7 @@
 use std::{net::SocketAddr, process::ExitCode};
 
 use addons_engine::{
-    Manager,
+    Installations, Manager,
     api::{ManagerApi, MonitorLinkApi},
     config::Config,
     link::{LinkHub, LinkOptions},
@@ -30,8 +30,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .common
         .listen
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], config.default_port())));
+    let installations = Installations::open(&store).await?;
     let core = Manager::new(
-        &store,
+        installations.clone(),
         &config.marketplace,
         &config.marketplace_credentials(),
         config.plane,
@@ -43,6 +44,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let requests = Requests::open(&store).await?;
     let hub = LinkHub::start(
         &store,
+        installations,
         config.plane,
         LinkOptions {
             heartbeat_timeout: config.heartbeat_timeout,

@@ -69,12 +69,21 @@ pub struct Installation {
     pub status: InstallationStatus,
     /// Why it has its status.
     pub status_message: String,
-    /// Status of each service on each node, as monitors report it.
+    /// Status of each service on each node, as monitors report it. Kept in
+    /// records of their own, one per node (`records.rs`): empty in a stored
+    /// installation record, filled in every read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceStatus>,
     /// Sequence number of the last report applied, per node: a report with
-    /// a number up to this one is a re-send and changes nothing.
-    #[serde(default)]
+    /// a number up to this one is a re-send and changes nothing. Kept with
+    /// the nodes' statuses, like `services`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub report_sequences: BTreeMap<String, u64>,
+    /// In a stored record: the statuses its last write changed (the
+    /// reporting nodes' services), which watchers of a large plane follow
+    /// instead of every node's. Empty in reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<ServiceStatus>,
     /// Uninstall asked for a purge: delete the record and the named volumes
     /// once every service is gone.
     #[serde(default)]

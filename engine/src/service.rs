@@ -11,9 +11,7 @@ use addons_descriptor::{
     policy::{CoreRules, Policy, Violation},
     privileges,
 };
-use addons_store::{
-    Collection, Event, Filter, FollowEnd, Page, Precondition, Start, Store, Versioned,
-};
+use addons_store::{Event, Filter, FollowEnd, Page, Precondition, Start, Versioned};
 use oakestra_addons_proto::marketplace::v1::{
     self as mpb, marketplace_service_client::MarketplaceServiceClient,
 };
@@ -23,6 +21,7 @@ use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 use crate::{
     Error,
     model::{Installation, InstallationStatus, Plane, Release, ReleaseOutcome},
+    records::Installations,
     rollout::{self, NewRelease, RolloutOptions},
     status,
 };
@@ -38,7 +37,7 @@ type MarketplaceClient =
 /// The manager over its store and the marketplace. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Manager {
-    installations: Collection<Installation>,
+    installations: Installations,
     marketplace: MarketplaceClient,
     plane: Plane,
     /// Held from the service-name check to the insert, so two installs
@@ -60,7 +59,7 @@ impl Manager {
     /// at `marketplace_url`. The marketplace is connected lazily, so the
     /// manager starts even when the marketplace does not run yet.
     pub async fn new(
-        store: &Store,
+        installations: Installations,
         marketplace_url: &str,
         credentials: &addons_server_kit::ClientCredentials,
         plane: Plane,
@@ -76,7 +75,7 @@ impl Manager {
         let marketplace =
             MarketplaceServiceClient::with_interceptor(channel, credentials.authorize()?);
         Ok(Self {
-            installations: store.collection().await?,
+            installations,
             marketplace,
             plane,
             claims: Default::default(),
@@ -138,6 +137,7 @@ impl Manager {
             status_message: "waiting for a monitor to start the services".to_owned(),
             services: Vec::new(),
             report_sequences: Default::default(),
+            changed: Vec::new(),
             purge_requested: false,
             keep_core_stopped_on_failure,
             granted_privileges: accepted,
@@ -573,8 +573,15 @@ impl Manager {
             .await?)
     }
 
+    /// Fills a watched record's `services`: every node's statuses, now.
+    pub(crate) fn hydrate(&self, installation: &mut Installation) {
+        self.installations.hydrate(installation);
+    }
+
     /// Sends the current state of the selected installations (all when `ids`
-    /// is empty), or from a cursor the changes after it, then the in-sync
+    /// is empty; whole, every node's statuses in `services`), or from a
+    /// cursor the changes after it (as stored: the statuses each write
+    /// changed in `changed`), then the in-sync
     /// marker, then every change, until `out` closes, `stop` fires or the
     /// watcher falls behind (rather than slowing writers or other watchers).
     pub async fn watch(
@@ -585,17 +592,19 @@ impl Manager {
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<FollowEnd, Error> {
         let selected: HashSet<String> = ids.iter().cloned().collect();
+        let whole = &self.installations;
         let result = self
             .installations
+            .records()
             .follow(
                 start,
-                async |installations| {
+                async |_| {
                     if ids.is_empty() {
-                        return installations.list_all(&Filter::default()).await;
+                        return whole.list_all(&Filter::default()).await;
                     }
                     let mut found = Vec::new();
                     for id in &ids {
-                        found.push(installations.require(id).await?);
+                        found.push(whole.require(id).await?);
                     }
                     Ok(found)
                 },

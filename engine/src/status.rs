@@ -131,13 +131,13 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
                     InstallationStatus::Disabled,
                     format!(
                         "every service is removed; never confirmed by {} (forgotten)",
-                        installation.unconfirmed_nodes.join(", ")
+                        listed(&installation.unconfirmed_nodes)
                     ),
                 )
             } else {
                 (
                     InstallationStatus::Disabling,
-                    format!("waiting for removal of {}", remaining.join(", ")),
+                    format!("waiting for removal of {}", listed(&remaining)),
                 )
             };
         }
@@ -170,8 +170,17 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
             installation.status,
             format!(
                 "monitor of {} disconnected; last known: {}",
-                disconnected.iter().copied().collect::<Vec<_>>().join(", "),
-                installation.status_message
+                listed(
+                    &disconnected
+                        .iter()
+                        .map(|n| (*n).to_owned())
+                        .collect::<Vec<_>>()
+                ),
+                installation
+                    .status_message
+                    .split("; last known: ")
+                    .last()
+                    .unwrap_or_default()
             ),
         );
     }
@@ -221,21 +230,26 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
     } else if running > 0 {
         let mut parts = vec![format!("{running} of {total} services running")];
         if !failed.is_empty() {
-            parts.push(format!("failed: {}", failed.join(", ")));
+            parts.push(format!("failed: {}", listed(&failed)));
         }
         if !waiting.is_empty() {
-            parts.push(format!("not running yet: {}", waiting.join(", ")));
+            parts.push(format!("not running yet: {}", listed(&waiting)));
         }
         parts.join("; ")
     } else if waiting.is_empty() {
-        format!("every service failed: {}", failed.join(", "))
+        format!("every service failed: {}", listed(&failed))
     } else {
-        format!("starting: {}", waiting.join(", "))
+        format!("starting: {}", listed(&waiting))
     };
     if !disconnected.is_empty() {
         message.push_str(&format!(
             "; monitor of {} disconnected",
-            disconnected.iter().copied().collect::<Vec<_>>().join(", ")
+            listed(
+                &disconnected
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .collect::<Vec<_>>()
+            )
         ));
     }
     let status = if running == total {
@@ -248,6 +262,22 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
         InstallationStatus::Installing
     };
     (status, message)
+}
+
+/// Most items a status message names; the rest are counted.
+const LISTED: usize = 8;
+
+/// `a, b, c`, or the first [`LISTED`] and how many more: a message stays
+/// short however many nodes a plane has.
+fn listed(items: &[String]) -> String {
+    if items.len() <= LISTED {
+        return items.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        items[..LISTED].join(", "),
+        items.len() - LISTED
+    )
 }
 
 #[cfg(test)]
@@ -277,6 +307,7 @@ pub(crate) mod tests {
             status_message: String::new(),
             services: Vec::new(),
             report_sequences: Default::default(),
+            changed: Vec::new(),
             purge_requested: false,
             granted_privileges: Vec::new(),
             keep_core_stopped_on_failure: false,
@@ -520,5 +551,25 @@ pub(crate) mod tests {
         // A node that had confirmed is not named when forgotten afterwards.
         assert!(forget_node(&mut i, "n1"));
         assert_eq!(i.unconfirmed_nodes, ["n3"]);
+    }
+
+    #[test]
+    fn a_message_stays_short_on_a_large_plane() {
+        use ServicePhase::*;
+        let mut i = installation(&["api"]);
+        for n in 0..1000 {
+            apply_report(&mut i, &format!("n{n:04}"), vec![status("api", Pending)]);
+        }
+        assert_eq!(i.status, InstallationStatus::Installing);
+        assert!(i.status_message.len() < 300, "{}", i.status_message);
+        assert!(
+            i.status_message.ends_with("and 992 more"),
+            "{}",
+            i.status_message
+        );
+        for n in 0..1000 {
+            assert!(mark_disconnected(&mut i, &format!("n{n:04}")) || n == 999);
+        }
+        assert!(i.status_message.len() < 400, "{}", i.status_message);
     }
 }

@@ -273,7 +273,8 @@ impl LinkHub {
         }
     }
 
-    /// A page of the plane's nodes, in id order.
+    /// A page of the plane's nodes, in id order: the nodes of a page
+    /// mostly run the same installations, whose names are read once.
     pub(super) async fn list_nodes_page(
         &self,
         page_size: usize,
@@ -290,8 +291,6 @@ impl LinkHub {
             .nodes
             .list(&Filter::default(), page_size, page_token)
             .await?;
-        // The nodes of a page mostly run the same installations: read each
-        // once.
         let mut cache = HashMap::new();
         let mut nodes = Vec::with_capacity(items.len());
         for record in items {
@@ -309,7 +308,7 @@ impl LinkHub {
         &self,
         record: Option<NodeRecord>,
         node: &str,
-        cache: &mut HashMap<String, Option<Installation>>,
+        cache: &mut HashMap<String, Option<String>>,
     ) -> Result<pb::Node, Error> {
         let connected = self.presence.is_connected(node);
         let mut shown = pb::Node {
@@ -330,17 +329,21 @@ impl LinkHub {
         }
         for id in self.presence.installations_of(node) {
             if !cache.contains_key(&id) {
-                let found = self.installations.get(&id).await?.map(|r| r.value);
-                cache.insert(id.clone(), found);
+                let name = self
+                    .installations
+                    .records()
+                    .get(&id)
+                    .await?
+                    .map(|r| r.value.addon.name);
+                cache.insert(id.clone(), name);
             }
-            let Some(Some(installation)) = cache.get(&id) else {
+            let Some(Some(addon_name)) = cache.get(&id) else {
                 continue;
             };
-            let services: Vec<pb::ServiceStatus> = installation
-                .services
-                .iter()
-                .filter(|s| s.node_id == node)
-                .cloned()
+            let services: Vec<pb::ServiceStatus> = self
+                .installations
+                .node_services(&id, node)
+                .into_iter()
                 .map(convert::service_status_to_proto)
                 .collect();
             if services.is_empty() {
@@ -348,7 +351,7 @@ impl LinkHub {
             }
             shown.installations.push(pb::NodeInstallation {
                 installation_id: id,
-                addon_name: installation.addon.name.clone(),
+                addon_name: addon_name.clone(),
                 services,
             });
         }

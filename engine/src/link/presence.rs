@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use crate::{Error, model::Installation};
+use crate::Error;
 
 /// What the manager knows of one node's reports.
 #[derive(Debug, Default)]
@@ -42,26 +42,17 @@ pub(super) struct Presence {
 }
 
 impl Presence {
-    /// Seeded from the stored installations; returns the nodes that
-    /// reported before.
-    pub(super) fn seed<'a>(
+    /// Seeded from the stored statuses, as (installation, node, last
+    /// sequence); returns the nodes that reported before.
+    pub(super) fn seed(
         &self,
-        records: impl IntoIterator<Item = &'a Installation>,
+        reported: impl IntoIterator<Item = (String, String, u64)>,
     ) -> Vec<String> {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        for installation in records {
-            for service in &installation.services {
-                nodes
-                    .entry(service.node_id.clone())
-                    .or_default()
-                    .installations
-                    .insert(installation.id.clone());
-            }
-            for (node, sequence) in &installation.report_sequences {
-                let entry = nodes.entry(node.clone()).or_default();
-                entry.last_sequence = entry.last_sequence.max(*sequence);
-                entry.installations.insert(installation.id.clone());
-            }
+        for (installation, node, sequence) in reported {
+            let entry = nodes.entry(node).or_default();
+            entry.last_sequence = entry.last_sequence.max(sequence);
+            entry.installations.insert(installation);
         }
         nodes.keys().cloned().collect()
     }

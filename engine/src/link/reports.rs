@@ -5,7 +5,10 @@
 //! one installation are written together (group commit) instead of racing
 //! on its revision.
 
-use std::sync::{Mutex, PoisonError};
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, PoisonError},
+};
 
 use addons_store::Precondition;
 use oakestra_addons_proto::engine::v1 as pb;
@@ -14,7 +17,8 @@ use tokio::sync::oneshot;
 use super::LinkHub;
 use crate::{
     Error, convert,
-    model::InstallationStatus,
+    model::{Installation, InstallationStatus},
+    records::Change,
     rollout::{self, Verdict},
     status,
 };
@@ -23,18 +27,22 @@ use crate::{
 #[derive(Debug)]
 struct PendingReport {
     node: String,
+    installation: String,
     sequence: u64,
     services: Vec<crate::model::ServiceStatus>,
     verdict: Option<(u64, Verdict)>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// The write queue of one installation.
+/// Reports waiting to be written, and whose turn it is to write them.
 #[derive(Debug, Default)]
 pub(super) struct Writer {
     queue: Mutex<Vec<PendingReport>>,
     turn: tokio::sync::Mutex<()>,
 }
+
+/// Most reports one group commit writes.
+const MAX_BATCH: usize = 4096;
 
 /// A report's services and its verdict on a rolling-out release.
 type Checked = (
@@ -97,46 +105,34 @@ impl LinkHub {
     ) -> Result<(), Error> {
         let (services, verdict, report) = check_report(report)?;
         let (done, outcome) = oneshot::channel();
-        let writer = self
-            .writers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(report.installation_id.clone())
-            .or_default()
-            .clone();
-        writer
+        self.writer
             .queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(PendingReport {
                 node: node.to_owned(),
+                installation: report.installation_id.clone(),
                 sequence: report.sequence,
                 services,
                 verdict,
                 done,
             });
         {
-            // Group commit: whoever holds the turn writes every report queued
-            // for the installation so far in one store write; the others
-            // find theirs already answered.
-            let _turn = writer.turn.lock().await;
-            let batch: Vec<PendingReport> =
-                std::mem::take(&mut *writer.queue.lock().unwrap_or_else(PoisonError::into_inner));
+            // Group commit: whoever holds the turn writes the reports queued
+            // so far, of every node and installation, in one batch of store
+            // writes; the others find theirs already answered.
+            let _turn = self.writer.turn.lock().await;
+            let batch: Vec<PendingReport> = {
+                let mut queue = self
+                    .writer
+                    .queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let take = queue.len().min(MAX_BATCH);
+                queue.drain(..take).collect()
+            };
             if !batch.is_empty() {
-                let result = self.write_batch(&report.installation_id, &batch).await;
-                if result.is_ok() {
-                    for pending in &batch {
-                        self.presence.stored(
-                            &pending.node,
-                            &report.installation_id,
-                            pending.sequence,
-                        );
-                    }
-                }
-                let shared = result.map_err(|err| err.to_string());
-                for pending in batch {
-                    let _ = pending.done.send(shared.clone());
-                }
+                self.write_batch(batch).await;
             }
         }
         match outcome.await {
@@ -149,76 +145,92 @@ impl LinkHub {
         }
     }
 
-    /// Applies queued reports for one installation in one conditional write.
-    async fn write_batch(&self, id: &str, batch: &[PendingReport]) -> Result<(), Error> {
-        let result = self
-            .installations
-            .modify(id, |installation| {
-                // Only an installation in the desired state is a node's to
-                // report on: anything else (a late report, or a forgery) is
-                // acked and not stored.
-                if installation.status == InstallationStatus::Disabled {
-                    return Ok(false);
-                }
-                let mut changed = false;
-                for pending in batch {
-                    if installation
-                        .report_sequences
-                        .get(&pending.node)
-                        .is_some_and(|applied| *applied >= pending.sequence)
-                    {
-                        continue;
-                    }
-                    installation
-                        .report_sequences
-                        .insert(pending.node.clone(), pending.sequence);
-                    status::apply_report(installation, &pending.node, pending.services.clone());
-                    if let Some((release, verdict)) = &pending.verdict
-                        && rollout::on_verdict(
-                            installation,
-                            &pending.node,
-                            *release,
-                            verdict,
-                            chrono::Utc::now(),
-                        )
-                    {
-                        status::recompute(installation);
-                    }
-                    changed = true;
-                }
-                if changed {
-                    installation.update_time = chrono::Utc::now();
-                }
-                Ok(changed)
+    /// Applies a batch of reports, each installation's in one change, and
+    /// answers each report.
+    async fn write_batch(&self, batch: Vec<PendingReport>) {
+        let mut by_installation: BTreeMap<String, Vec<PendingReport>> = BTreeMap::new();
+        for pending in batch {
+            by_installation
+                .entry(pending.installation.clone())
+                .or_default()
+                .push(pending);
+        }
+        let changes: Vec<(String, Option<u64>, Change<'_>)> = by_installation
+            .iter()
+            .map(|(id, reports)| {
+                let change: Change<'_> = Box::new(move |installation: &mut Installation| {
+                    Ok(apply_reports(installation, reports))
+                });
+                (id.clone(), None, change)
             })
-            .await;
-        match result {
-            Ok(record) => {
-                if record.value.status == InstallationStatus::Disabled
-                    && record.value.purge_requested
-                {
-                    let condition =
-                        Precondition::status_in([InstallationStatus::Disabled.as_str()]);
-                    if let Err(err) = self
-                        .installations
-                        .delete(&record.value.id, &condition)
-                        .await
+            .collect();
+        let results = self.installations.modify_many(changes).await;
+        for ((id, reports), result) in by_installation.into_iter().zip(results) {
+            let outcome = match result {
+                Ok(record) => {
+                    if record.value.status == InstallationStatus::Disabled
+                        && record.value.purge_requested
                     {
-                        tracing::warn!(id = %record.value.id, error = %err, "cannot purge installation");
+                        let condition =
+                            Precondition::status_in([InstallationStatus::Disabled.as_str()]);
+                        if let Err(err) = self.installations.delete(&id, &condition).await {
+                            tracing::warn!(%id, error = %err, "cannot purge installation");
+                        }
                     }
+                    Ok(())
                 }
-                Ok(())
+                // Purged meanwhile: nothing to record.
+                Err(addons_store::Error::NotFound { .. }) => {
+                    self.presence.forget_installation(&id);
+                    Ok(())
+                }
+                Err(err) => Err(err.to_string()),
+            };
+            for pending in reports {
+                if outcome.is_ok() {
+                    self.presence.stored(&pending.node, &id, pending.sequence);
+                }
+                let _ = pending.done.send(outcome.clone());
             }
-            // Purged meanwhile: nothing to record.
-            Err(addons_store::Error::NotFound { .. }) => {
-                self.writers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(id);
-                self.presence.forget_installation(id);
-                Ok(())
-            }
-            Err(err) => Err(err.into()),
         }
     }
+}
+
+/// Applies one installation's queued reports; whether anything changed.
+fn apply_reports(installation: &mut Installation, reports: &[PendingReport]) -> bool {
+    // Only an installation in the desired state is a node's to report on:
+    // anything else (a late report, or a forgery) is acked and not stored.
+    if installation.status == InstallationStatus::Disabled {
+        return false;
+    }
+    let mut changed = false;
+    for pending in reports {
+        if installation
+            .report_sequences
+            .get(&pending.node)
+            .is_some_and(|applied| *applied >= pending.sequence)
+        {
+            continue;
+        }
+        installation
+            .report_sequences
+            .insert(pending.node.clone(), pending.sequence);
+        status::apply_report(installation, &pending.node, pending.services.clone());
+        if let Some((release, verdict)) = &pending.verdict
+            && rollout::on_verdict(
+                installation,
+                &pending.node,
+                *release,
+                verdict,
+                chrono::Utc::now(),
+            )
+        {
+            status::recompute(installation);
+        }
+        changed = true;
+    }
+    if changed {
+        installation.update_time = chrono::Utc::now();
+    }
+    changed
 }

@@ -1,0 +1,557 @@
+//! Installations and what each node reports about them, kept apart: one
+//! record per installation (what was asked for, its aggregate status) and
+//! one per installation and node (that node's services), so a report
+//! writes what its node said and never every other node's statuses again.
+//!
+//! [`Installations`] puts them together again. The nodes' statuses are kept
+//! in memory as well (seeded from their records at start; the manager is
+//! their only writer), so every read comes back whole, with `services` and
+//! `report_sequences` filled (hydrated), and the pure functions of
+//! `status.rs` and `rollout.rs` work on whole installations. A write takes
+//! the whole installation the closure changed and stores the nodes whose
+//! statuses changed, then the installation record without them; the
+//! record keeps the statuses that write changed in `changed`, which is what
+//! watchers of a large plane follow. Writes of one installation are
+//! serialised in-process.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+};
+
+use addons_store::{Collection, Document, Filter, Page, Precondition, Store, Versioned};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Installation, ServiceStatus};
+
+/// What one node reported about one installation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct NodeStatus {
+    /// `<installation id>/<node id>`.
+    id: String,
+    installation_id: String,
+    node_id: String,
+    /// The node's services of the installation.
+    services: Vec<ServiceStatus>,
+    /// The sequence number of the node's last report applied.
+    sequence: u64,
+}
+
+impl Document for NodeStatus {
+    const COLLECTION: &'static str = "node_statuses";
+    // Watchers follow the installation records, which say what changed.
+    const LOGGED: bool = false;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn unique_key(&self) -> Option<String> {
+        None
+    }
+
+    /// The installation, so one installation's records list by status.
+    fn status(&self) -> String {
+        self.installation_id.clone()
+    }
+}
+
+/// A node's statuses of one installation, as stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Cached {
+    /// Revision of its record.
+    revision: u64,
+    sequence: u64,
+    services: Vec<ServiceStatus>,
+}
+
+/// Installation → node → what the node reported.
+type Cache = HashMap<String, BTreeMap<String, Cached>>;
+
+/// Installations with their nodes' statuses. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Installations {
+    records: Collection<Installation>,
+    nodes: Collection<NodeStatus>,
+    cache: Arc<RwLock<Cache>>,
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// One installation's write in a batch: the closure that changes it.
+pub(crate) type Change<'a> =
+    Box<dyn FnMut(&mut Installation) -> addons_store::Result<bool> + Send + 'a>;
+
+impl Installations {
+    /// Opens both collections and loads the nodes' statuses. Records
+    /// written before statuses had records of their own move there.
+    pub async fn open(store: &Store) -> anyhow::Result<Self> {
+        let this = Self {
+            records: store.collection().await?,
+            nodes: store.collection().await?,
+            cache: Arc::default(),
+            locks: Arc::default(),
+        };
+        let statuses = this.nodes.list_all(&Filter::default()).await?;
+        {
+            let mut cache = this.write_cache();
+            for record in statuses {
+                let status = record.value;
+                cache.entry(status.installation_id).or_default().insert(
+                    status.node_id,
+                    Cached {
+                        revision: record.revision,
+                        sequence: status.sequence,
+                        services: status.services,
+                    },
+                );
+            }
+        }
+        let filter = Filter::default();
+        for record in this.records.list_all(&filter).await? {
+            let old = &record.value;
+            if old.services.is_empty() && old.report_sequences.is_empty() {
+                continue;
+            }
+            tracing::info!(id = %old.id, "moving an installation's node statuses to records of their own");
+            let id = old.id.clone();
+            let touched = BTreeMap::from([(id.clone(), true)]);
+            this.store_batch(&BTreeMap::from([(id, record)]), &touched)
+                .await?;
+        }
+        Ok(this)
+    }
+
+    /// The installation records as stored, without the nodes' statuses:
+    /// for readers that need only what was asked for (the desired state).
+    pub(crate) fn records(&self) -> &Collection<Installation> {
+        &self.records
+    }
+
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
+        self.cache.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fills in the nodes' statuses of a stored record.
+    pub(crate) fn hydrate(&self, installation: &mut Installation) {
+        installation.changed.clear();
+        installation.services.clear();
+        installation.report_sequences.clear();
+        let cache = self.read_cache();
+        let Some(nodes) = cache.get(&installation.id) else {
+            return;
+        };
+        for (node, cached) in nodes {
+            installation
+                .services
+                .extend(cached.services.iter().cloned());
+            if cached.sequence > 0 {
+                installation
+                    .report_sequences
+                    .insert(node.clone(), cached.sequence);
+            }
+        }
+        installation
+            .services
+            .sort_by(|a, b| (&a.service_name, &a.node_id).cmp(&(&b.service_name, &b.node_id)));
+    }
+
+    fn hydrated(&self, mut record: Versioned<Installation>) -> Versioned<Installation> {
+        self.hydrate(&mut record.value);
+        record
+    }
+
+    /// The services `node` reported for installation `id`.
+    pub(crate) fn node_services(&self, id: &str, node: &str) -> Vec<ServiceStatus> {
+        self.read_cache()
+            .get(id)
+            .and_then(|nodes| nodes.get(node))
+            .map(|cached| cached.services.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every (installation, node, last sequence) with a status record.
+    pub(crate) fn reported(&self) -> Vec<(String, String, u64)> {
+        self.read_cache()
+            .iter()
+            .flat_map(|(id, nodes)| {
+                nodes
+                    .iter()
+                    .map(move |(node, cached)| (id.clone(), node.clone(), cached.sequence))
+            })
+            .collect()
+    }
+
+    /// One installation, whole.
+    pub(crate) async fn get(
+        &self,
+        id: &str,
+    ) -> addons_store::Result<Option<Versioned<Installation>>> {
+        Ok(self.records.get(id).await?.map(|r| self.hydrated(r)))
+    }
+
+    /// One installation, whole, or [`addons_store::Error::NotFound`].
+    pub(crate) async fn require(&self, id: &str) -> addons_store::Result<Versioned<Installation>> {
+        Ok(self.hydrated(self.records.require(id).await?))
+    }
+
+    /// A page of installations, whole.
+    pub(crate) async fn list(
+        &self,
+        filter: &Filter,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> addons_store::Result<Page<Installation>> {
+        let mut page = self.records.list(filter, page_size, page_token).await?;
+        for record in &mut page.items {
+            self.hydrate(&mut record.value);
+        }
+        Ok(page)
+    }
+
+    /// Every installation matching `filter`, whole.
+    pub(crate) async fn list_all(
+        &self,
+        filter: &Filter,
+    ) -> addons_store::Result<Vec<Versioned<Installation>>> {
+        let mut all = self.records.list_all(filter).await?;
+        for record in &mut all {
+            self.hydrate(&mut record.value);
+        }
+        Ok(all)
+    }
+
+    /// The live installation holding `unique_key`, whole.
+    pub(crate) async fn by_unique_key(
+        &self,
+        unique_key: &str,
+    ) -> addons_store::Result<Option<Versioned<Installation>>> {
+        Ok(self
+            .records
+            .by_unique_key(unique_key)
+            .await?
+            .map(|r| self.hydrated(r)))
+    }
+
+    /// Stores a new installation (it has no statuses yet).
+    pub(crate) async fn insert(
+        &self,
+        installation: Installation,
+    ) -> addons_store::Result<Versioned<Installation>> {
+        self.records.insert(installation).await
+    }
+
+    /// Deletes an installation if `condition` holds, and its nodes'
+    /// statuses.
+    pub(crate) async fn delete(
+        &self,
+        id: &str,
+        condition: &Precondition,
+    ) -> addons_store::Result<bool> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let deleted = self.records.delete(id, condition).await?;
+        if deleted {
+            let nodes: Vec<String> = self
+                .read_cache()
+                .get(id)
+                .map(|n| n.keys().cloned().collect())
+                .unwrap_or_default();
+            for node in nodes {
+                self.nodes
+                    .delete(&status_id(id, &node), &Precondition::none())
+                    .await?;
+            }
+            self.write_cache().remove(id);
+            self.locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(id);
+        }
+        Ok(deleted)
+    }
+
+    fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Read-modify-write of a whole installation.
+    pub(crate) async fn modify<F>(
+        &self,
+        id: &str,
+        change: F,
+    ) -> addons_store::Result<Versioned<Installation>>
+    where
+        F: FnMut(&mut Installation) -> addons_store::Result<bool> + Send,
+    {
+        self.modify_at(id, None, change).await
+    }
+
+    /// Read-modify-write of a whole installation that must be at
+    /// `expected_revision` when one is given
+    /// ([`addons_store::Error::StaleRevision`] otherwise).
+    pub(crate) async fn modify_at<F>(
+        &self,
+        id: &str,
+        expected_revision: Option<u64>,
+        change: F,
+    ) -> addons_store::Result<Versioned<Installation>>
+    where
+        F: FnMut(&mut Installation) -> addons_store::Result<bool> + Send,
+    {
+        let mut results = self
+            .modify_many(vec![(id.to_owned(), expected_revision, Box::new(change))])
+            .await;
+        results
+            .pop()
+            .unwrap_or_else(|| unreachable!("one result per change"))
+    }
+
+    /// Changes several installations with their nodes' statuses in three
+    /// store writes: every changed node status, then every installation
+    /// record, then their change-log entries. One result per change, in
+    /// order. A change whose installation is gone or at another revision
+    /// fails alone.
+    pub(crate) async fn modify_many(
+        &self,
+        changes: Vec<(String, Option<u64>, Change<'_>)>,
+    ) -> Vec<addons_store::Result<Versioned<Installation>>> {
+        // Hold every installation's lock, in id order (no deadlock between
+        // two batches).
+        let mut ids: Vec<String> = changes.iter().map(|(id, _, _)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let locks: Vec<_> = ids.iter().map(|id| self.lock_of(id)).collect();
+        let mut held = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            held.push(lock.lock().await);
+        }
+        // Per change: the installation it ends with, or why it failed.
+        let mut results: Vec<Option<Result<String, addons_store::Error>>> =
+            changes.iter().map(|_| None).collect();
+        // The current state of each installation as the batch goes on.
+        let mut current: BTreeMap<String, Versioned<Installation>> = BTreeMap::new();
+        let mut touched: BTreeMap<String, bool> = BTreeMap::new();
+        for (n, (id, expected, mut change)) in changes.into_iter().enumerate() {
+            if !current.contains_key(&id) {
+                match self.records.get(&id).await {
+                    Ok(Some(record)) => {
+                        current.insert(id.clone(), self.hydrated(record));
+                    }
+                    Ok(None) => {
+                        results[n] = Some(Err(addons_store::Error::NotFound {
+                            collection: Installation::COLLECTION.to_owned(),
+                            id,
+                        }));
+                        continue;
+                    }
+                    Err(err) => {
+                        results[n] = Some(Err(err));
+                        continue;
+                    }
+                }
+            }
+            let Some(record) = current.get_mut(&id) else {
+                continue;
+            };
+            if let Some(expected) = expected
+                && expected != record.revision
+            {
+                results[n] = Some(Err(addons_store::Error::StaleRevision {
+                    collection: Installation::COLLECTION.to_owned(),
+                    id,
+                    current: record.revision,
+                    expected,
+                }));
+                continue;
+            }
+            let mut next = record.value.clone();
+            match change(&mut next) {
+                Ok(true) => {
+                    record.value = next;
+                    touched.insert(id.clone(), true);
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    results[n] = Some(Err(err));
+                    continue;
+                }
+            }
+            results[n] = Some(Ok(id));
+        }
+        let outcome = self.store_batch(&current, &touched).await;
+        results
+            .into_iter()
+            .map(|result| match result {
+                Some(Ok(id)) => match &outcome {
+                    Ok(stored) => Ok(stored
+                        .get(&id)
+                        .cloned()
+                        .unwrap_or_else(|| current[&id].clone())),
+                    Err(err) => Err(clone_error(err)),
+                },
+                Some(Err(err)) => Err(err),
+                None => unreachable!("every change has a result"),
+            })
+            .collect()
+    }
+
+    /// Writes the touched installations of a batch: node statuses, then
+    /// records. Returns the records as stored (whole).
+    async fn store_batch(
+        &self,
+        current: &BTreeMap<String, Versioned<Installation>>,
+        touched: &BTreeMap<String, bool>,
+    ) -> addons_store::Result<BTreeMap<String, Versioned<Installation>>> {
+        let mut node_writes = Vec::new();
+        let mut node_deletes = Vec::new();
+        let mut record_writes = Vec::new();
+        let mut cache_updates: Vec<(String, String, Option<Cached>)> = Vec::new();
+        {
+            let cache = self.read_cache();
+            for id in touched.keys() {
+                let whole = &current[id];
+                let before = cache.get(id);
+                let mut after: BTreeMap<&str, Vec<ServiceStatus>> = BTreeMap::new();
+                for service in &whole.value.services {
+                    after
+                        .entry(service.node_id.as_str())
+                        .or_default()
+                        .push(service.clone());
+                }
+                for node in whole.value.report_sequences.keys() {
+                    after.entry(node.as_str()).or_default();
+                }
+                let mut changed = Vec::new();
+                for (node, services) in &after {
+                    let sequence = whole
+                        .value
+                        .report_sequences
+                        .get(*node)
+                        .copied()
+                        .unwrap_or(0);
+                    let old = before.and_then(|b| b.get(*node));
+                    if old.is_some_and(|o| o.sequence == sequence && o.services == *services) {
+                        continue;
+                    }
+                    let revision = old.map_or(1, |o| o.revision + 1);
+                    node_writes.push(Versioned {
+                        revision,
+                        value: NodeStatus {
+                            id: status_id(id, node),
+                            installation_id: id.clone(),
+                            node_id: (*node).to_owned(),
+                            services: services.clone(),
+                            sequence,
+                        },
+                    });
+                    cache_updates.push((
+                        id.clone(),
+                        (*node).to_owned(),
+                        Some(Cached {
+                            revision,
+                            sequence,
+                            services: services.clone(),
+                        }),
+                    ));
+                    changed.extend(services.iter().cloned());
+                }
+                for node in before.into_iter().flat_map(|b| b.keys()) {
+                    if !after.contains_key(node.as_str()) {
+                        node_deletes.push(status_id(id, node));
+                        cache_updates.push((id.clone(), node.clone(), None));
+                    }
+                }
+                let mut stored = whole.value.clone();
+                stored.services.clear();
+                stored.report_sequences.clear();
+                stored.changed = changed;
+                record_writes.push(Versioned {
+                    revision: whole.revision + 1,
+                    value: stored,
+                });
+            }
+        }
+        if !node_writes.is_empty() {
+            self.nodes.write_many(node_writes).await?;
+        }
+        for id in &node_deletes {
+            self.nodes.delete(id, &Precondition::none()).await?;
+        }
+        {
+            let mut cache = self.write_cache();
+            for (id, node, update) in cache_updates {
+                match update {
+                    Some(cached) => {
+                        cache.entry(id).or_default().insert(node, cached);
+                    }
+                    None => {
+                        if let Some(nodes) = cache.get_mut(&id) {
+                            nodes.remove(&node);
+                        }
+                    }
+                }
+            }
+        }
+        let written = self.records.write_many(record_writes).await?;
+        Ok(written
+            .into_iter()
+            .map(|record| {
+                let id = record.value.id.clone();
+                (id, self.hydrated(record))
+            })
+            .collect())
+    }
+}
+
+/// The id of a node's status record of an installation.
+fn status_id(installation: &str, node: &str) -> String {
+    format!("{installation}/{node}")
+}
+
+/// Store errors are not `Clone`; a batch's failure goes to each of its
+/// changes as the same kind of error.
+fn clone_error(err: &addons_store::Error) -> addons_store::Error {
+    use addons_store::Error;
+    match err {
+        Error::NotFound { collection, id } => Error::NotFound {
+            collection: collection.clone(),
+            id: id.clone(),
+        },
+        Error::Conflict { id, reason } => Error::Conflict {
+            id: id.clone(),
+            reason: reason.clone(),
+        },
+        Error::StaleRevision {
+            collection,
+            id,
+            current,
+            expected,
+        } => Error::StaleRevision {
+            collection: collection.clone(),
+            id: id.clone(),
+            current: *current,
+            expected: *expected,
+        },
+        Error::Unavailable { store, reason } => Error::Unavailable {
+            store: store.clone(),
+            reason: reason.clone(),
+        },
+        Error::AlreadyExists { collection, key } => Error::AlreadyExists {
+            collection: collection.clone(),
+            key: key.clone(),
+        },
+        other => Error::Backend {
+            operation: "write",
+            reason: other.to_string(),
+        },
+    }
+}
