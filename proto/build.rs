@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps encode in key order, so one message always encodes to the
         // same bytes (request fingerprints for safe retries rely on it).
         .btree_map(".")
+        // Small per-stream buffers (see `src/codec.rs`).
+        .codec_path("crate::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())
 }

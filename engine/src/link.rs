@@ -105,6 +105,7 @@ impl LinkHub {
             options,
             shutdown: shutdown.clone(),
         };
+        tokio::spawn(hub.clone().write_reports());
         tokio::spawn(desired::follow(
             records, changes, planes, plane, tx, shutdown,
         ));

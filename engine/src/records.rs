@@ -115,7 +115,7 @@ impl Installations {
             tracing::info!(id = %old.id, "moving an installation's node statuses to records of their own");
             let id = old.id.clone();
             let touched = BTreeMap::from([(id.clone(), true)]);
-            this.store_batch(&BTreeMap::from([(id, record)]), &touched)
+            this.store_batch(&mut BTreeMap::from([(id, record)]), &touched)
                 .await?;
         }
         Ok(this)
@@ -373,10 +373,10 @@ impl Installations {
                 }));
                 continue;
             }
-            let mut next = record.value.clone();
-            match change(&mut next) {
+            // In place: a change that returns `Ok(false)` or an error has
+            // left the installation as it found it.
+            match change(&mut record.value) {
                 Ok(true) => {
-                    record.value = next;
                     touched.insert(id.clone(), true);
                 }
                 Ok(false) => {}
@@ -387,15 +387,32 @@ impl Installations {
             }
             results[n] = Some(Ok(id));
         }
-        let outcome = self.store_batch(&current, &touched).await;
+        let outcome = self.store_batch(&mut current, &touched).await;
+        // Each installation goes to its last change's result; earlier
+        // changes of the same installation get a copy.
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        for id in results.iter().flatten().flatten() {
+            *uses.entry(id.clone()).or_default() += 1;
+        }
         results
             .into_iter()
             .map(|result| match result {
                 Some(Ok(id)) => match &outcome {
-                    Ok(stored) => Ok(stored
-                        .get(&id)
-                        .cloned()
-                        .unwrap_or_else(|| current[&id].clone())),
+                    Ok(()) => {
+                        let left = uses.get_mut(&id).map_or(0, |n| {
+                            *n -= 1;
+                            *n
+                        });
+                        let whole = if left == 0 {
+                            current.remove(&id)
+                        } else {
+                            current.get(&id).cloned()
+                        };
+                        whole.ok_or_else(|| addons_store::Error::NotFound {
+                            collection: Installation::COLLECTION.to_owned(),
+                            id,
+                        })
+                    }
                     Err(err) => Err(clone_error(err)),
                 },
                 Some(Err(err)) => Err(err),
@@ -405,12 +422,12 @@ impl Installations {
     }
 
     /// Writes the touched installations of a batch: node statuses, then
-    /// records. Returns the records as stored (whole).
+    /// records; each of `current` then has the revision it was stored at.
     async fn store_batch(
         &self,
-        current: &BTreeMap<String, Versioned<Installation>>,
+        current: &mut BTreeMap<String, Versioned<Installation>>,
         touched: &BTreeMap<String, bool>,
-    ) -> addons_store::Result<BTreeMap<String, Versioned<Installation>>> {
+    ) -> addons_store::Result<()> {
         let mut node_writes = Vec::new();
         let mut node_deletes = Vec::new();
         let mut record_writes = Vec::new();
@@ -420,12 +437,12 @@ impl Installations {
             for id in touched.keys() {
                 let whole = &current[id];
                 let before = cache.get(id);
-                let mut after: BTreeMap<&str, Vec<ServiceStatus>> = BTreeMap::new();
+                let mut after: BTreeMap<&str, Vec<&ServiceStatus>> = BTreeMap::new();
                 for service in &whole.value.services {
                     after
                         .entry(service.node_id.as_str())
                         .or_default()
-                        .push(service.clone());
+                        .push(service);
                 }
                 for node in whole.value.report_sequences.keys() {
                     after.entry(node.as_str()).or_default();
@@ -439,9 +456,15 @@ impl Installations {
                         .copied()
                         .unwrap_or(0);
                     let old = before.and_then(|b| b.get(*node));
-                    if old.is_some_and(|o| o.sequence == sequence && o.services == *services) {
+                    if old.is_some_and(|o| {
+                        o.sequence == sequence
+                            && o.services.len() == services.len()
+                            && o.services.iter().zip(services).all(|(a, b)| a == *b)
+                    }) {
                         continue;
                     }
+                    let services: Vec<ServiceStatus> =
+                        services.iter().map(|s| (*s).clone()).collect();
                     let revision = old.map_or(1, |o| o.revision + 1);
                     node_writes.push(Versioned {
                         revision,
@@ -453,16 +476,7 @@ impl Installations {
                             sequence,
                         },
                     });
-                    cache_updates.push((
-                        id.clone(),
-                        (*node).to_owned(),
-                        Some(Cached {
-                            revision,
-                            sequence,
-                            services: services.clone(),
-                        }),
-                    ));
-                    changed.extend(services.iter().cloned());
+                    changed.extend(services);
                 }
                 for node in before.into_iter().flat_map(|b| b.keys()) {
                     if !after.contains_key(node.as_str()) {
@@ -470,9 +484,7 @@ impl Installations {
                         cache_updates.push((id.clone(), node.clone(), None));
                     }
                 }
-                let mut stored = whole.value.clone();
-                stored.services.clear();
-                stored.report_sequences.clear();
+                let mut stored = stripped(&whole.value);
                 stored.changed = changed;
                 record_writes.push(Versioned {
                     revision: whole.revision + 1,
@@ -480,8 +492,22 @@ impl Installations {
                 });
             }
         }
-        if !node_writes.is_empty() {
-            self.nodes.write_many(node_writes).await?;
+        let written = if node_writes.is_empty() {
+            Vec::new()
+        } else {
+            self.nodes.write_many(node_writes).await?
+        };
+        for status in written {
+            let Versioned { revision, value } = status;
+            cache_updates.push((
+                value.installation_id,
+                value.node_id,
+                Some(Cached {
+                    revision,
+                    sequence: value.sequence,
+                    services: value.services,
+                }),
+            ));
         }
         for id in &node_deletes {
             self.nodes.delete(id, &Precondition::none()).await?;
@@ -502,13 +528,62 @@ impl Installations {
             }
         }
         let written = self.records.write_many(record_writes).await?;
-        Ok(written
-            .into_iter()
-            .map(|record| {
-                let id = record.value.id.clone();
-                (id, self.hydrated(record))
-            })
-            .collect())
+        for record in written {
+            if let Some(whole) = current.get_mut(&record.value.id) {
+                whole.revision = record.revision;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An installation as its record stores it: without the nodes' statuses.
+fn stripped(whole: &Installation) -> Installation {
+    let Installation {
+        id,
+        marketplace_id,
+        addon,
+        plane,
+        status,
+        status_message,
+        services: _,
+        report_sequences: _,
+        changed: _,
+        purge_requested,
+        keep_core_stopped_on_failure,
+        granted_privileges,
+        request_id,
+        create_time,
+        update_time,
+        release,
+        history,
+        rollout,
+        rolled_back,
+        node_selector,
+        unconfirmed_nodes,
+    } = whole;
+    Installation {
+        id: id.clone(),
+        marketplace_id: marketplace_id.clone(),
+        addon: addon.clone(),
+        plane: *plane,
+        status: *status,
+        status_message: status_message.clone(),
+        services: Vec::new(),
+        report_sequences: BTreeMap::new(),
+        changed: Vec::new(),
+        purge_requested: *purge_requested,
+        keep_core_stopped_on_failure: *keep_core_stopped_on_failure,
+        granted_privileges: granted_privileges.clone(),
+        request_id: request_id.clone(),
+        create_time: *create_time,
+        update_time: *update_time,
+        release: *release,
+        history: history.clone(),
+        rollout: rollout.clone(),
+        rolled_back: rolled_back.clone(),
+        node_selector: node_selector.clone(),
+        unconfirmed_nodes: unconfirmed_nodes.clone(),
     }
 }
 
@@ -553,5 +628,156 @@ fn clone_error(err: &addons_store::Error) -> addons_store::Error {
             operation: "write",
             reason: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::ServicePhase,
+        status::tests::{installation, status},
+    };
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let location = format!("embedded:{}/store.redb", dir.path().display())
+            .parse()
+            .unwrap();
+        let store = Store::open(&location, &addons_store::OpenOptions::new("test"))
+            .await
+            .unwrap();
+        (store, dir)
+    }
+
+    fn on(node: &str, phase: ServicePhase) -> ServiceStatus {
+        ServiceStatus {
+            node_id: node.into(),
+            ..status("api", phase)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_stores_only_the_nodes_that_changed() {
+        let (store, _dir) = store().await;
+        let installations = Installations::open(&store).await.unwrap();
+        let inserted = installations.insert(installation(&["api"])).await.unwrap();
+        let id = inserted.value.id.clone();
+        let nodes: Collection<NodeStatus> = store.collection().await.unwrap();
+        let mut changes = nodes.watch();
+        // Two nodes report.
+        let both = installations
+            .modify(&id, |i| {
+                for node in ["n1", "n2"] {
+                    i.report_sequences.insert(node.into(), 1);
+                    crate::status::apply_report(i, node, vec![on(node, ServicePhase::Running)]);
+                }
+                Ok(true)
+            })
+            .await
+            .unwrap();
+        assert_eq!(both.value.services.len(), 2);
+        assert_eq!(both.value.status, crate::model::InstallationStatus::Active);
+        let stored = installations.records().require(&id).await.unwrap();
+        assert!(
+            stored.value.services.is_empty(),
+            "the record holds no statuses"
+        );
+        assert_eq!(stored.value.changed.len(), 2, "it says what changed");
+        assert_eq!(changes.recv().await.unwrap().record.value.node_id, "n1");
+        assert_eq!(changes.recv().await.unwrap().record.value.node_id, "n2");
+        // One node reports again: only its record is written.
+        let after = installations
+            .modify(&id, |i| {
+                i.report_sequences.insert("n2".into(), 2);
+                crate::status::apply_report(i, "n2", vec![on("n2", ServicePhase::Backoff)]);
+                Ok(true)
+            })
+            .await
+            .unwrap();
+        assert_eq!(after.revision, 3);
+        let next = changes.recv().await.unwrap().record;
+        assert_eq!((next.value.node_id.as_str(), next.revision), ("n2", 2));
+        assert!(changes.try_recv().is_err(), "n1 was not written again");
+        let stored = installations.records().require(&id).await.unwrap();
+        assert_eq!(stored.value.changed.len(), 1);
+        assert_eq!(stored.value.changed[0].node_id, "n2");
+        // A stale expected revision changes nothing.
+        let stale = installations
+            .modify_at(&id, Some(1), |_| Ok(true))
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, addons_store::Error::StaleRevision { .. }));
+        // Reopened, the statuses come back whole, with their sequences.
+        drop(installations);
+        let reopened = Installations::open(&store).await.unwrap();
+        let whole = reopened.require(&id).await.unwrap();
+        assert_eq!(whole.value.services, after.value.services);
+        assert_eq!(whole.value.report_sequences.get("n2"), Some(&2));
+        assert_eq!(
+            reopened.reported().len(),
+            2,
+            "presence is seeded from the records"
+        );
+        // Deleting the installation deletes its nodes' statuses.
+        assert!(reopened.delete(&id, &Precondition::none()).await.unwrap());
+        assert!(nodes.list_all(&Filter::default()).await.unwrap().is_empty());
+        assert!(reopened.reported().is_empty());
+    }
+
+    #[tokio::test]
+    async fn statuses_kept_in_an_old_record_move_to_records_of_their_own() {
+        let (store, _dir) = store().await;
+        let records: Collection<Installation> = store.collection().await.unwrap();
+        let mut old = installation(&["api"]);
+        old.services = vec![on("n1", ServicePhase::Running)];
+        old.report_sequences.insert("n1".into(), 7);
+        let id = records.insert(old).await.unwrap().value.id;
+        let installations = Installations::open(&store).await.unwrap();
+        let stored = records.require(&id).await.unwrap();
+        assert!(stored.value.services.is_empty() && stored.value.report_sequences.is_empty());
+        let whole = installations.require(&id).await.unwrap();
+        assert_eq!(whole.value.services.len(), 1);
+        assert_eq!(whole.value.report_sequences.get("n1"), Some(&7));
+    }
+
+    #[tokio::test]
+    async fn a_batch_fails_each_change_alone() {
+        let (store, _dir) = store().await;
+        let installations = Installations::open(&store).await.unwrap();
+        let a = installations.insert(installation(&["api"])).await.unwrap();
+        let changes: Vec<(String, Option<u64>, Change<'_>)> = vec![
+            (
+                a.value.id.clone(),
+                None,
+                Box::new(|_: &mut Installation| Ok(true)),
+            ),
+            (
+                "missing".into(),
+                None,
+                Box::new(|_: &mut Installation| Ok(true)),
+            ),
+            (
+                a.value.id.clone(),
+                Some(99),
+                Box::new(|_: &mut Installation| Ok(true)),
+            ),
+            (
+                a.value.id.clone(),
+                None,
+                Box::new(|_: &mut Installation| Ok(false)),
+            ),
+        ];
+        let results = installations.modify_many(changes).await;
+        assert_eq!(results[0].as_ref().unwrap().revision, 2);
+        assert!(matches!(
+            results[1],
+            Err(addons_store::Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            results[2],
+            Err(addons_store::Error::StaleRevision { .. })
+        ));
+        assert_eq!(results[3].as_ref().unwrap().revision, 2);
     }
 }

@@ -50,6 +50,48 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
+/// Where a process's resident memory is, from `/proc/PID/smaps`: mapped
+/// files (the binary and libraries), the main heap, and other anonymous
+/// mappings (malloc's per-thread arenas and thread stacks), with the
+/// thread count.
+fn memory_breakdown(pid: i32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut files, mut heap, mut anon, mut anon_maps) = (0u64, 0u64, 0u64, 0usize);
+    let mut current = "";
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            current = line;
+            continue;
+        }
+        if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let name = current.split_whitespace().nth(5).unwrap_or_default();
+            if name == "[heap]" {
+                heap += kib;
+            } else if name.starts_with('/') {
+                files += kib;
+            } else if kib > 0 {
+                anon += kib;
+                anon_maps += 1;
+            }
+        }
+    }
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "files {:.1} MiB, main heap {:.1} MiB, other anonymous {:.1} MiB in {anon_maps} mappings, {threads} threads",
+        files as f64 / 1024.0,
+        heap as f64 / 1024.0,
+        anon as f64 / 1024.0
+    )
+}
+
 fn sleeper(name: &str, image: &str) -> mpb::ServiceSpec {
     mpb::ServiceSpec {
         service_name: name.into(),
@@ -198,6 +240,7 @@ async fn main() {
     let monitor_pid = monitor.pid().as_raw();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = rss_kib(monitor_pid);
+    let idle_breakdown = memory_breakdown(monitor_pid);
     let mut market = MarketplaceServiceClient::new(marketplace.channel());
     let raw = Runtime::new(containerd.socket(), "bench-raw".into(), "overlayfs".into());
     let access = RegistryAccess {
@@ -317,6 +360,7 @@ async fn main() {
     let (_, twenty) = install_until(&manager, &addon, pb::InstallationStatus::Active).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let busy_rss = rss_kib(monitor_pid);
+    let busy_breakdown = memory_breakdown(monitor_pid);
     // Uninstall through the monitor, so networks are taken down too.
     uninstall_and_wait(&manager, &twenty).await;
 
@@ -346,6 +390,9 @@ async fn main() {
         idle_rss as f64 / 1024.0,
         busy_rss as f64 / idle_rss as f64
     );
+    println!();
+    println!("Monitor memory idle: {idle_breakdown}.");
+    println!("Monitor memory with 20 services: {busy_breakdown}.");
     monitor.stop().await;
     containerd.stop().await;
 }

@@ -1,7 +1,8 @@
 //! Status latency benchmark: a monitor's status report → the change visible
-//! to a `WatchInstallations` client, with 1, 100 and 500 simulated monitors
-//! each reporting for 10 installations, against the baseline of a unary
-//! gRPC round trip to the same manager measured in the same run.
+//! to a `WatchInstallations` client (with `changed_services_only`, as a
+//! watcher of a large plane runs), with 1, 100, 500 and 1000 simulated
+//! monitors each reporting for 10 installations, against the baseline of a
+//! unary gRPC round trip to the same manager measured in the same run.
 //!
 //! Run with `scripts/bench.sh status`.
 
@@ -159,7 +160,10 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut watch = client
-        .watch_installations(pb::WatchInstallationsRequest::default())
+        .watch_installations(pb::WatchInstallationsRequest {
+            changed_services_only: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -230,6 +234,16 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
         .max(rss_kib(manager.pid().as_raw()));
     drop(monitors_done);
     watcher.abort();
+    if std::env::var_os("ADDONS_BENCH_DEBUG").is_some() {
+        for line in manager
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("written") || l.contains("stored"))
+            .take(60)
+        {
+            eprintln!("{line}");
+        }
+    }
     manager.stop().await;
     Measured {
         latencies,
@@ -262,7 +276,12 @@ async fn main() {
         "| monitors × installations | reports | report → visible in WatchInstallations p50 | p99 | baseline: unary GetInstallation round trip p50 | p99 | ratio (p50) | manager RSS idle | peak under the load |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for monitors in [1, 100, 500] {
+    // `ADDONS_BENCH_MONITORS=100,1000` runs only those levels.
+    let levels: Vec<usize> = std::env::var("ADDONS_BENCH_MONITORS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 100, 500, 1000]);
+    for monitors in levels {
         // Three runs per level; the run with the median p50 is reported.
         let mut runs = Vec::new();
         for _ in 0..RUNS {

@@ -1034,6 +1034,76 @@ async fn watch_resumes_from_its_cursor(mongo: bool) {
     );
 }
 
+/// The installation of a watch's next event.
+async fn next_installation(
+    stream: &mut tonic::Streaming<pb::WatchInstallationsResponse>,
+) -> pb::Installation {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap()
+        .installation
+        .unwrap()
+}
+
+/// A watcher of a large plane asks for only what changed: each report's
+/// event carries the reporting node's statuses, while an ordinary watcher
+/// and GetInstallation see every node's.
+async fn a_watch_can_follow_only_what_changed(mongo: bool) {
+    let stack = Stack::start(mongo, "changed").await;
+    let addon = stack.approved_addon("two").await;
+    let id = install(&mut stack.manager(), &addon.id).await.unwrap().id;
+    let watch = |changed_services_only| {
+        let mut manager = stack.manager();
+        let ids = vec![id.clone()];
+        async move {
+            manager
+                .watch_installations(pb::WatchInstallationsRequest {
+                    ids,
+                    changed_services_only,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut n1 = TestMonitor::connect(stack.manager.channel(), "n1", pb::Plane::Root)
+        .await
+        .unwrap();
+    let mut n2 = TestMonitor::connect(stack.manager.channel(), "n2", pb::Plane::Root)
+        .await
+        .unwrap();
+    let sequence = n1
+        .report(&id, both(ServicePhase::Running, ServicePhase::Running))
+        .await;
+    n1.wait_acked(sequence).await;
+    let mut only_changes = watch(true).await;
+    let mut whole = watch(false).await;
+    // The current state at the start is whole either way.
+    for stream in [&mut only_changes, &mut whole] {
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.installation.unwrap().services.len(), 2);
+        assert!(stream.next().await.unwrap().unwrap().in_sync);
+    }
+    let sequence = n2
+        .report(&id, both(ServicePhase::Pulling, ServicePhase::Running))
+        .await;
+    n2.wait_acked(sequence).await;
+    let changed = next_installation(&mut only_changes).await;
+    let nodes: Vec<&str> = changed
+        .services
+        .iter()
+        .map(|s| s.node_id.as_str())
+        .collect();
+    assert_eq!(nodes, ["n2", "n2"], "only the reporting node's statuses");
+    assert_eq!(changed.status(), Status_::PartiallyActive);
+    let every = next_installation(&mut whole).await;
+    assert_eq!(every.services.len(), 4, "every node's statuses");
+    assert_eq!(get(&mut stack.manager(), &id).await.services.len(), 4);
+}
+
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod embedded {
@@ -1054,4 +1124,5 @@ on_both_stores!(
     survives_a_manager_crash,
     refuses_bad_links_and_shows_disconnects,
     drops_a_slow_watcher_without_slowing_anyone,
+    a_watch_can_follow_only_what_changed,
 );

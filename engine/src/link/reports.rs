@@ -34,15 +34,15 @@ struct PendingReport {
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// Reports waiting to be written, and whose turn it is to write them.
+/// Reports waiting for the writer task, which wakes when one comes.
 #[derive(Debug, Default)]
 pub(super) struct Writer {
     queue: Mutex<Vec<PendingReport>>,
-    turn: tokio::sync::Mutex<()>,
+    wake: tokio::sync::Notify,
 }
 
 /// Most reports one group commit writes.
-const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 2048;
 
 /// A report's services and its verdict on a rolling-out release.
 type Checked = (
@@ -96,13 +96,14 @@ pub(super) fn check_report(mut report: pb::StatusReport) -> Result<Checked, Erro
 }
 
 impl LinkHub {
-    /// Persists a report; returns once it is durable (or known to be a
-    /// re-send, or about an installation that no longer exists).
-    pub(super) async fn apply_report(
+    /// Hands a report to the writer task; the receiver answers once it is
+    /// durable (or known to be a re-send, or about an installation that no
+    /// longer exists), with why not otherwise.
+    pub(super) fn enqueue_report(
         &self,
         node: &str,
         report: pb::StatusReport,
-    ) -> Result<(), Error> {
+    ) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
         let (services, verdict, report) = check_report(report)?;
         let (done, outcome) = oneshot::channel();
         self.writer
@@ -117,55 +118,70 @@ impl LinkHub {
                 verdict,
                 done,
             });
-        {
-            // Group commit: whoever holds the turn writes the reports queued
-            // so far, of every node and installation, in one batch of store
-            // writes; the others find theirs already answered.
-            let _turn = self.writer.turn.lock().await;
-            let batch: Vec<PendingReport> = {
-                let mut queue = self
-                    .writer
-                    .queue
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let take = queue.len().min(MAX_BATCH);
-                queue.drain(..take).collect()
-            };
-            if !batch.is_empty() {
+        self.writer.wake.notify_one();
+        Ok(outcome)
+    }
+
+    /// The writer task: group commit. While one batch is written, the
+    /// reports that arrive meanwhile queue up and go together in the next,
+    /// so the writes per report shrink as the load grows. Runs until
+    /// shutdown.
+    pub(super) async fn write_reports(self) {
+        loop {
+            tokio::select! {
+                () = self.shutdown.fired() => return,
+                () = self.writer.wake.notified() => {}
+            }
+            loop {
+                let batch: Vec<PendingReport> = {
+                    let mut queue = self
+                        .writer
+                        .queue
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let take = queue.len().min(MAX_BATCH);
+                    queue.drain(..take).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let started = std::time::Instant::now();
+                let reports = batch.len();
                 self.write_batch(batch).await;
+                tracing::debug!(reports, took = ?started.elapsed(), "status reports written");
             }
-        }
-        match outcome.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => {
-                tracing::warn!(%node, error = %message, "cannot persist status reports");
-                Err(Error::ReportNotStored(message))
-            }
-            Err(_) => Err(Error::ReportDropped),
         }
     }
 
     /// Applies a batch of reports, each installation's in one change, and
     /// answers each report.
     async fn write_batch(&self, batch: Vec<PendingReport>) {
-        let mut by_installation: BTreeMap<String, Vec<PendingReport>> = BTreeMap::new();
-        for pending in batch {
-            by_installation
+        // Per installation: what its reports say (moved into its change),
+        // and who waits for each.
+        type Waiting = (String, u64, oneshot::Sender<Result<(), String>>);
+        let mut by_installation: BTreeMap<String, (Vec<PendingReport>, Vec<Waiting>)> =
+            BTreeMap::new();
+        for mut pending in batch {
+            let (done, _) = oneshot::channel();
+            let done = std::mem::replace(&mut pending.done, done);
+            let entry = by_installation
                 .entry(pending.installation.clone())
-                .or_default()
-                .push(pending);
+                .or_default();
+            entry.1.push((pending.node.clone(), pending.sequence, done));
+            entry.0.push(pending);
         }
-        let changes: Vec<(String, Option<u64>, Change<'_>)> = by_installation
-            .iter()
-            .map(|(id, reports)| {
-                let change: Change<'_> = Box::new(move |installation: &mut Installation| {
-                    Ok(apply_reports(installation, reports))
-                });
-                (id.clone(), None, change)
-            })
-            .collect();
+        let mut waiting = Vec::with_capacity(by_installation.len());
+        let mut changes: Vec<(String, Option<u64>, Change<'_>)> =
+            Vec::with_capacity(by_installation.len());
+        for (id, (mut reports, acks)) in by_installation {
+            waiting.push((id.clone(), acks));
+            let change: Change<'_> = Box::new(move |installation: &mut Installation| {
+                Ok(apply_reports(installation, &mut reports))
+            });
+            changes.push((id, None, change));
+        }
         let results = self.installations.modify_many(changes).await;
-        for ((id, reports), result) in by_installation.into_iter().zip(results) {
+        for ((id, reports), result) in waiting.into_iter().zip(results) {
             let outcome = match result {
                 Ok(record) => {
                     if record.value.status == InstallationStatus::Disabled
@@ -186,24 +202,26 @@ impl LinkHub {
                 }
                 Err(err) => Err(err.to_string()),
             };
-            for pending in reports {
+            for (node, sequence, done) in reports {
                 if outcome.is_ok() {
-                    self.presence.stored(&pending.node, &id, pending.sequence);
+                    self.presence.stored(&node, &id, sequence);
                 }
-                let _ = pending.done.send(outcome.clone());
+                let _ = done.send(outcome.clone());
             }
         }
     }
 }
 
-/// Applies one installation's queued reports; whether anything changed.
-fn apply_reports(installation: &mut Installation, reports: &[PendingReport]) -> bool {
+/// Applies one installation's queued reports (their statuses move into
+/// it); whether anything changed.
+fn apply_reports(installation: &mut Installation, reports: &mut [PendingReport]) -> bool {
     // Only an installation in the desired state is a node's to report on:
     // anything else (a late report, or a forgery) is acked and not stored.
     if installation.status == InstallationStatus::Disabled {
         return false;
     }
-    let mut changed = false;
+    let mut fresh = Vec::new();
+    let mut verdicts = Vec::new();
     for pending in reports {
         if installation
             .report_sequences
@@ -215,22 +233,23 @@ fn apply_reports(installation: &mut Installation, reports: &[PendingReport]) -> 
         installation
             .report_sequences
             .insert(pending.node.clone(), pending.sequence);
-        status::apply_report(installation, &pending.node, pending.services.clone());
-        if let Some((release, verdict)) = &pending.verdict
-            && rollout::on_verdict(
-                installation,
-                &pending.node,
-                *release,
-                verdict,
-                chrono::Utc::now(),
-            )
-        {
-            status::recompute(installation);
+        fresh.push((pending.node.clone(), std::mem::take(&mut pending.services)));
+        if let Some((release, verdict)) = &pending.verdict {
+            verdicts.push((pending.node.as_str(), *release, verdict));
         }
-        changed = true;
     }
-    if changed {
-        installation.update_time = chrono::Utc::now();
+    if fresh.is_empty() {
+        return false;
     }
-    changed
+    status::apply_reports(installation, fresh);
+    let now = chrono::Utc::now();
+    let mut moved = false;
+    for (node, release, verdict) in verdicts {
+        moved |= rollout::on_verdict(installation, node, release, verdict, now);
+    }
+    if moved {
+        status::recompute(installation);
+    }
+    installation.update_time = now;
+    true
 }

@@ -19,6 +19,14 @@ const MAX_SEQUENCE_STEP: u64 = 1 << 20;
 /// The monitor's end of the session.
 type Outbound = mpsc::Sender<Result<pb::OpenLinkResponse, Status>>;
 
+/// Reports of one link being written at once: the link reads on while
+/// earlier reports are stored (so a burst goes into few group commits),
+/// up to this many, and acks them in order.
+const MAX_REPORTS_IN_FLIGHT: usize = 64;
+
+/// A report handed to the writer, waiting to be acked.
+type InFlight = (u64, tokio::sync::oneshot::Receiver<Result<(), String>>);
+
 impl LinkHub {
     /// Serves one link: checks the hello, then runs the link in a task and
     /// returns the stream of messages to the monitor.
@@ -134,11 +142,30 @@ impl LinkHub {
             open_link_response::Message::Ack(pb::Ack { sequence: stored }),
         )
         .await?;
+        // Acks go out in report order, each once its report is durable.
+        let (in_flight, mut to_ack) = mpsc::channel::<InFlight>(MAX_REPORTS_IN_FLIGHT);
+        let acks = async {
+            while let Some((sequence, done)) = to_ack.recv().await {
+                match done.await {
+                    Ok(Ok(())) => {
+                        send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
+                    }
+                    Ok(Err(message)) => {
+                        tracing::warn!(%node, error = %message, "cannot persist status reports");
+                        return Err(Error::ReportNotStored(message));
+                    }
+                    Err(_) => return Err(Error::ReportDropped),
+                }
+            }
+            Ok(())
+        };
+        tokio::pin!(acks);
         loop {
             tokio::select! {
                 biased;
                 () = self.shutdown.fired() => return Err(Error::ShuttingDown),
                 () = replaced.notified() => return Err(Error::LinkReplaced(node.to_owned())),
+                ended = &mut acks => return ended,
                 changed = desired.changed() => {
                     if changed.is_err() {
                         return Err(Error::ShuttingDown);
@@ -177,8 +204,17 @@ impl LinkHub {
                                     format!("{sequence} jumps more than {MAX_SEQUENCE_STEP} past the last stored {last}"),
                                 ));
                             }
-                            self.apply_report(node, report).await?;
-                            send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
+                            let done = self.enqueue_report(node, report)?;
+                            // At the limit, wait for acks to go out first
+                            // (they go out only while `acks` is polled).
+                            tokio::select! {
+                                sent = in_flight.send((sequence, done)) => {
+                                    if sent.is_err() {
+                                        return Err(Error::MonitorGone);
+                                    }
+                                }
+                                ended = &mut acks => return ended,
+                            }
                         }
                         Some(open_link_request::Message::Hello(_)) => {
                             return Err(Error::invalid("hello", "a link says hello once"));
