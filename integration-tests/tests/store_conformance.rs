@@ -38,6 +38,27 @@ impl Document for Item {
     }
 }
 
+/// The same record type, kept resident.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Cached(Item);
+
+impl Document for Cached {
+    const COLLECTION: &'static str = "cached_items";
+    const RESIDENT: bool = true;
+
+    fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    fn unique_key(&self) -> Option<String> {
+        self.0.unique_key()
+    }
+
+    fn status(&self) -> String {
+        self.0.status.clone()
+    }
+}
+
 fn item(name: &str, status: &str) -> Item {
     Item {
         id: addons_store::new_id(),
@@ -517,6 +538,67 @@ async fn writes_many_records_all_or_none(store: &Store) {
     assert_eq!(after.len(), 2, "failed batches log nothing");
 }
 
+async fn resident_collections_read_their_writes(store: &Store) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cached = store.collection::<Cached>().await.unwrap();
+    let first = cached.insert(Cached(item("first", "new"))).await.unwrap();
+    cached.insert(Cached(item("second", "old"))).await.unwrap();
+    // Another handle of the same store shares the memory.
+    let other = store.collection::<Cached>().await.unwrap();
+    assert_eq!(
+        other.get(&first.value.0.id).await.unwrap(),
+        Some(first.clone())
+    );
+    let made = AtomicUsize::new(0);
+    let view = |record: &addons_store::Versioned<Arc<Cached>>| {
+        made.fetch_add(1, Ordering::SeqCst);
+        format!("{}@{}", record.value.0.name, record.revision)
+    };
+    let id = first.value.0.id.clone();
+    for _ in 0..3 {
+        let shown = other.get_view(&id, view).await.unwrap().unwrap();
+        assert_eq!(*shown, "first@1");
+    }
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        1,
+        "a view is made once per revision"
+    );
+    let mut next = first.value.clone();
+    next.0.name = "renamed".into();
+    cached
+        .replace(next, &Precondition::revision(1))
+        .await
+        .unwrap();
+    let shown = other.get_view(&id, view).await.unwrap().unwrap();
+    assert_eq!(*shown, "renamed@2", "a write is seen at once");
+    let filter = Filter {
+        statuses: vec!["new".into()],
+        ..Filter::default()
+    };
+    let (views, next_page) = other.list_views(&filter, 10, None, view).await.unwrap();
+    assert_eq!(
+        views.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
+        ["renamed@2"]
+    );
+    assert!(next_page.is_none());
+    let (page, token) = other
+        .list_views(&Filter::default(), 1, None, view)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    let (rest, _) = other
+        .list_views(&Filter::default(), 1, token.as_deref(), view)
+        .await
+        .unwrap();
+    assert_eq!(*rest[0], "second@1");
+    cached.delete(&id, &Precondition::none()).await.unwrap();
+    assert!(other.get_view(&id, view).await.unwrap().is_none());
+    assert_eq!(other.list_all(&Filter::default()).await.unwrap().len(), 1);
+    // A store opened again loads what is stored.
+    drop((cached, other));
+}
+
 trait ListAllAfter {
     async fn list_all_after(&self, filter: &Filter, token: Option<&str>) -> Vec<String>;
 }
@@ -570,6 +652,7 @@ conformance!(
     resumes_changes_from_a_cursor,
     refuses_stale_revisions,
     writes_many_records_all_or_none,
+    resident_collections_read_their_writes,
 );
 
 /// The change log and its sequence survive reopening the store: a cursor

@@ -169,9 +169,12 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::GetAddonRequest>,
     ) -> Result<Response<pb::GetAddonResponse>, Status> {
-        let addon = self.core.get(required_id(&request.get_ref().id)?).await?;
+        let addon = self
+            .core
+            .get_view(required_id(&request.get_ref().id)?, convert::addon_view)
+            .await?;
         Ok(Response::new(pb::GetAddonResponse {
-            addon: Some(convert::addon_to_proto(addon)),
+            addon: Some((*addon).clone()),
         }))
     }
 
@@ -188,14 +191,13 @@ impl MarketplaceService for MarketplaceApi {
         .map_err(Error::Invalid)?;
         let name = Some(request.name.as_str()).filter(|n| !n.is_empty());
         let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
-        let page = self.core.list(&statuses, name, page_size, token).await?;
+        let (addons, next) = self
+            .core
+            .list_views(&statuses, name, page_size, token, convert::addon_view)
+            .await?;
         Ok(Response::new(pb::ListAddonsResponse {
-            addons: page
-                .items
-                .into_iter()
-                .map(convert::addon_to_proto)
-                .collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
+            addons: addons.iter().map(|addon| (**addon).clone()).collect(),
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 

@@ -47,6 +47,15 @@ pub(crate) fn addon_to_proto(record: addons_store::Versioned<Addon>) -> pb::Addo
     }
 }
 
+/// The message of an addon kept in memory (a resident record): what
+/// `GetAddon` and `ListAddons` answer, made once per revision.
+pub(crate) fn addon_view(record: &addons_store::Versioned<std::sync::Arc<Addon>>) -> pb::Addon {
+    addon_to_proto(addons_store::Versioned {
+        revision: record.revision,
+        value: (*record.value).clone(),
+    })
+}
+
 fn verification_to_proto(v: Verification) -> pb::Verification {
     pb::Verification {
         attempts: v.attempts,

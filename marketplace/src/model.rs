@@ -52,6 +52,8 @@ pub struct Addon {
 
 impl Document for Addon {
     const COLLECTION: &'static str = "addons";
+    // Read far more often than written: served from memory.
+    const RESIDENT: bool = true;
 
     fn id(&self) -> &str {
         &self.id

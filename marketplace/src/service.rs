@@ -4,9 +4,7 @@ use std::sync::Arc;
 
 use addons_descriptor::Descriptor;
 use addons_server_kit::Shutdown;
-use addons_store::{
-    ChangeKind, Collection, Event, Filter, FollowEnd, Page, Start, Store, Versioned,
-};
+use addons_store::{ChangeKind, Collection, Event, Filter, FollowEnd, Start, Store, Versioned};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -161,29 +159,34 @@ impl Marketplace {
             .ok_or_else(|| Error::NotFound(id.to_owned()))
     }
 
-    /// A page of addons; no statuses means approved ones only.
-    pub async fn list(
+    /// The view `make` derives from an addon (its API message), made once
+    /// per revision and shared.
+    pub async fn get_view<V: Send + Sync + 'static>(
+        &self,
+        id: &str,
+        make: impl FnOnce(&Versioned<Arc<Addon>>) -> V,
+    ) -> Result<Arc<V>, Error> {
+        self.addons
+            .get_view(id, make)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))
+    }
+
+    /// A page of addons (no statuses means approved ones only) as views,
+    /// and the next page's token.
+    pub async fn list_views<V: Send + Sync + 'static>(
         &self,
         statuses: &[AddonStatus],
         name: Option<&str>,
         page_size: usize,
         page_token: Option<&str>,
-    ) -> Result<Page<Addon>, Error> {
-        let statuses = if statuses.is_empty() {
-            &[AddonStatus::Approved][..]
-        } else {
-            statuses
-        };
-        let filter = Filter {
-            statuses: statuses.iter().map(|s| s.as_str().to_owned()).collect(),
-            unique_key_prefix: name.map(model::versions_prefix),
-            ..Filter::default()
-        };
-        let page_size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
-        Ok(self.addons.list(&filter, page_size, page_token).await?)
+        make: impl Fn(&Versioned<Arc<Addon>>) -> V,
+    ) -> Result<(Vec<Arc<V>>, Option<String>), Error> {
+        let (filter, page_size) = list_filter(statuses, name, page_size);
+        Ok(self
+            .addons
+            .list_views(&filter, page_size, page_token, make)
+            .await?)
     }
 
     /// Refuses `caller` changing an addon it did not publish, unless it may
@@ -276,4 +279,24 @@ impl Marketplace {
             other => Ok(other?),
         }
     }
+}
+
+/// The store filter and page size of a listing: no statuses means approved
+/// ones only, no page size the default.
+fn list_filter(statuses: &[AddonStatus], name: Option<&str>, page_size: usize) -> (Filter, usize) {
+    let statuses = if statuses.is_empty() {
+        &[AddonStatus::Approved][..]
+    } else {
+        statuses
+    };
+    let filter = Filter {
+        statuses: statuses.iter().map(|s| s.as_str().to_owned()).collect(),
+        unique_key_prefix: name.map(model::versions_prefix),
+        ..Filter::default()
+    };
+    let page_size = match page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    (filter, page_size)
 }

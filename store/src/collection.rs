@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use crate::{
     Backend, Document, Error, Filter, Page, Precondition, RawFilter, RawRecord, Result, Versioned,
     changelog::{ChangeKind, ChangeLog, Entry, LogState},
+    resident::{Memory, Resident},
     stored_key,
 };
 
@@ -64,6 +65,8 @@ pub struct Collection<T> {
     backend: Arc<dyn Backend>,
     changes: broadcast::Sender<Change<T>>,
     log: Arc<ChangeLog>,
+    /// Every record, for a resident collection.
+    memory: Option<Arc<Memory<T>>>,
     _type: PhantomData<fn() -> T>,
 }
 
@@ -73,6 +76,7 @@ impl<T> Clone for Collection<T> {
             backend: self.backend.clone(),
             changes: self.changes.clone(),
             log: self.log.clone(),
+            memory: self.memory.clone(),
             _type: PhantomData,
         }
     }
@@ -96,8 +100,59 @@ impl<T: Document> Collection<T> {
             backend,
             changes,
             log,
+            memory: None,
             _type: PhantomData,
         }
+    }
+
+    /// Reads every record into memory, for a resident collection.
+    pub(crate) async fn load_memory(&self) -> Result<Memory<T>> {
+        let mut entries = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .backend
+                .list(T::COLLECTION, &RawFilter::default(), after.as_deref(), 500)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(Memory::new(entries));
+            };
+            after = Some(last.id.clone());
+            for raw in page {
+                let (key, status) = (raw.key.clone(), raw.status.clone());
+                let record = decode::<T>(raw)?;
+                entries.push(Resident::new(
+                    Versioned {
+                        revision: record.revision,
+                        value: Arc::new(record.value),
+                    },
+                    key,
+                    status,
+                ));
+            }
+        }
+    }
+
+    pub(crate) fn set_memory(&mut self, memory: Arc<Memory<T>>) {
+        self.memory = Some(memory);
+    }
+
+    /// Takes a committed write into memory, for a resident collection.
+    fn remember(&self, kind: ChangeKind, raw: &RawRecord, record: &Versioned<T>) {
+        let Some(memory) = &self.memory else {
+            return;
+        };
+        let entry = (kind != ChangeKind::Deleted).then(|| {
+            Resident::new(
+                Versioned {
+                    revision: record.revision,
+                    value: Arc::new(record.value.clone()),
+                },
+                raw.key.clone(),
+                raw.status.clone(),
+            )
+        });
+        memory.apply(&raw.id, entry);
     }
 
     /// Holds the change log while a write of a logged collection runs, so
@@ -132,6 +187,7 @@ impl<T: Document> Collection<T> {
                 tracing::error!(collection = T::COLLECTION, id = %raw.id, seq, error = %err, "cannot log a change");
             }
         }
+        self.remember(kind, raw, record);
         // No receiver is not an error: nobody is watching.
         let _ = self.changes.send(Change {
             kind,
@@ -155,6 +211,12 @@ impl<T: Document> Collection<T> {
 
     /// The record with `id`, if there is one.
     pub async fn get(&self, id: &str) -> Result<Option<Versioned<T>>> {
+        if let Some(memory) = &self.memory {
+            return Ok(memory.get(id).map(|entry| Versioned {
+                revision: entry.record.revision,
+                value: (*entry.record.value).clone(),
+            }));
+        }
         self.backend
             .get(T::COLLECTION, id)
             .await?
@@ -315,6 +377,7 @@ impl<T: Document> Collection<T> {
             }
         }
         for (raw, record) in raws.iter().zip(&writes) {
+            self.remember(kind(raw), raw, record);
             let _ = self.changes.send(Change {
                 kind: kind(raw),
                 seq: raw.seq,
@@ -379,6 +442,69 @@ impl<T: Document> Collection<T> {
         Ok(deleted)
     }
 
+    /// The view `make` derives from the record with `id` (such as the
+    /// message an API answers with). In a resident collection it is made
+    /// once per revision and shared, and no read reaches the database;
+    /// otherwise the record is read and the view made each time.
+    pub async fn get_view<V: Send + Sync + 'static>(
+        &self,
+        id: &str,
+        make: impl FnOnce(&Versioned<Arc<T>>) -> V,
+    ) -> Result<Option<Arc<V>>> {
+        if let Some(memory) = &self.memory {
+            return Ok(memory.get(id).map(|entry| entry.view(make)));
+        }
+        Ok(self.get(id).await?.map(|record| {
+            Arc::new(make(&Versioned {
+                revision: record.revision,
+                value: Arc::new(record.value),
+            }))
+        }))
+    }
+
+    /// A page of the views of the records matching `filter`, as
+    /// [`Collection::list`] and [`Collection::get_view`] make them, and the
+    /// next page's token.
+    pub async fn list_views<V: Send + Sync + 'static>(
+        &self,
+        filter: &Filter,
+        page_size: usize,
+        page_token: Option<&str>,
+        make: impl Fn(&Versioned<Arc<T>>) -> V,
+    ) -> Result<(Vec<Arc<V>>, Option<String>)> {
+        let Some(memory) = &self.memory else {
+            let page = self.list(filter, page_size, page_token).await?;
+            let views = page
+                .items
+                .into_iter()
+                .map(|record| {
+                    Arc::new(make(&Versioned {
+                        revision: record.revision,
+                        value: Arc::new(record.value),
+                    }))
+                })
+                .collect();
+            return Ok((views, page.next_page_token));
+        };
+        let page_size = page_size.max(1);
+        let after = page_token.map(decode_token).transpose()?;
+        let raw_filter = raw_filter(filter);
+        let mut entries = memory.page(after.as_deref(), page_size + 1, |entry| {
+            (raw_filter.statuses.is_empty() || raw_filter.statuses.contains(&entry.status))
+                && raw_filter.key_matches(&entry.key)
+        });
+        let more = entries.len() > page_size;
+        entries.truncate(page_size);
+        let next_page_token = match (more, entries.last()) {
+            (true, Some(last)) => Some(encode_token(last.record.value.id())),
+            _ => None,
+        };
+        Ok((
+            entries.iter().map(|entry| entry.view(&make)).collect(),
+            next_page_token,
+        ))
+    }
+
     /// One page of the records matching `filter`, in id order. `page_token`
     /// is `None` for the first page and then the previous page's
     /// `next_page_token`.
@@ -390,17 +516,29 @@ impl<T: Document> Collection<T> {
     ) -> Result<Page<T>> {
         let page_size = page_size.max(1);
         let after = page_token.map(decode_token).transpose()?;
-        let raw_filter = RawFilter {
-            statuses: filter.statuses.clone(),
-            key: filter
-                .unique_key
-                .clone()
-                .map(|key| stored_key(Some(key), "")),
-            key_prefix: filter
-                .unique_key_prefix
-                .clone()
-                .map(|prefix| stored_key(Some(prefix), "")),
-        };
+        let raw_filter = raw_filter(filter);
+        if let Some(memory) = &self.memory {
+            let mut entries = memory.page(after.as_deref(), page_size + 1, |entry| {
+                (raw_filter.statuses.is_empty() || raw_filter.statuses.contains(&entry.status))
+                    && raw_filter.key_matches(&entry.key)
+            });
+            let more = entries.len() > page_size;
+            entries.truncate(page_size);
+            let next_page_token = match (more, entries.last()) {
+                (true, Some(last)) => Some(encode_token(last.record.value.id())),
+                _ => None,
+            };
+            return Ok(Page {
+                items: entries
+                    .iter()
+                    .map(|entry| Versioned {
+                        revision: entry.record.revision,
+                        value: (*entry.record.value).clone(),
+                    })
+                    .collect(),
+                next_page_token,
+            });
+        }
         // One record more than asked tells whether another page follows.
         let mut records = self
             .backend
@@ -472,6 +610,21 @@ impl<T: Document> Collection<T> {
             });
         }
         Ok((changes, receiver))
+    }
+}
+
+/// A [`Filter`] in the backends' terms.
+fn raw_filter(filter: &Filter) -> RawFilter {
+    RawFilter {
+        statuses: filter.statuses.clone(),
+        key: filter
+            .unique_key
+            .clone()
+            .map(|key| stored_key(Some(key), "")),
+        key_prefix: filter
+            .unique_key_prefix
+            .clone()
+            .map(|prefix| stored_key(Some(prefix), "")),
     }
 }
 

@@ -23,6 +23,7 @@ mod embedded;
 mod error;
 mod follow;
 mod mongo;
+mod resident;
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -56,6 +57,13 @@ pub trait Document: Serialize + DeserializeOwned + Clone + Send + Sync + 'static
     /// watchers can resume ([`Collection::changes_since`]). Bookkeeping
     /// collections turn it off.
     const LOGGED: bool = true;
+
+    /// Whether the store keeps every record of the collection in memory as
+    /// well and serves reads from there ([`Collection::get_view`],
+    /// [`Collection::list_views`]): for collections read far more often
+    /// than written. Memory is updated by each write of this process, so
+    /// only this process may write the collection.
+    const RESIDENT: bool = false;
 }
 
 /// A record together with its revision.
@@ -215,6 +223,12 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     changes: collection::ChangeHub,
     log: Arc<changelog::ChangeLog>,
+    /// The memory of each resident collection, by collection name.
+    resident: Arc<
+        tokio::sync::Mutex<
+            std::collections::HashMap<&'static str, Arc<dyn std::any::Any + Send + Sync>>,
+        >,
+    >,
 }
 
 impl fmt::Debug for Store {
@@ -246,6 +260,7 @@ impl Store {
             backend,
             changes: collection::ChangeHub::default(),
             log,
+            resident: Arc::default(),
         })
     }
 
@@ -256,11 +271,31 @@ impl Store {
         if T::LOGGED {
             self.log.repair(T::COLLECTION).await?;
         }
-        Ok(Collection::new(
+        let mut collection = Collection::new(
             self.backend.clone(),
             self.changes.sender::<T>(),
             self.log.clone(),
-        ))
+        );
+        if T::RESIDENT {
+            let mut resident = self.resident.lock().await;
+            let memory = match resident.get(T::COLLECTION) {
+                Some(memory) => memory.clone(),
+                None => {
+                    let memory: Arc<dyn std::any::Any + Send + Sync> =
+                        Arc::new(collection.load_memory().await?);
+                    resident.insert(T::COLLECTION, memory.clone());
+                    memory
+                }
+            };
+            let memory = memory.downcast::<resident::Memory<T>>().map_err(|_| {
+                Error::backend(
+                    "open",
+                    format!("two document types use collection `{}`", T::COLLECTION),
+                )
+            })?;
+            collection.set_memory(memory);
+        }
+        Ok(collection)
     }
 
     /// Describes the backend for logs, without credentials.

@@ -1,0 +1,126 @@
+//! Resident collections: every record kept in memory as well, for
+//! collections read far more often than written (the marketplace's
+//! addons). The memory is loaded when the collection is first opened and
+//! updated by every write of this process in the write call itself, before
+//! it returns, so a read after a write sees it; each collection has one
+//! writer process (the crate's invariant), so no write is missed. An entry
+//! is replaced only by a higher revision, so two writes finishing out of
+//! order never leave the older one behind.
+//!
+//! Each entry also holds a view derived from its revision (such as the
+//! API message a server answers with), made once by the first reader that
+//! asks and dropped with the revision.
+
+use std::{
+    any::Any,
+    collections::BTreeMap,
+    sync::{Arc, OnceLock, PoisonError, RwLock},
+};
+
+use crate::{Document, Versioned};
+
+/// One record in memory.
+pub(crate) struct Resident<T> {
+    pub(crate) record: Versioned<Arc<T>>,
+    /// The stored key (`k:` or `i:`), for key filters.
+    pub(crate) key: String,
+    pub(crate) status: String,
+    view: OnceLock<Arc<dyn Any + Send + Sync>>,
+}
+
+impl<T> Resident<T> {
+    pub(crate) fn new(record: Versioned<Arc<T>>, key: String, status: String) -> Self {
+        Self {
+            record,
+            key,
+            status,
+            view: OnceLock::new(),
+        }
+    }
+
+    /// The view `make` derives from this revision, made once and shared.
+    /// A view of another type than the one made first is made anew.
+    pub(crate) fn view<V: Send + Sync + 'static>(
+        &self,
+        make: impl FnOnce(&Versioned<Arc<T>>) -> V,
+    ) -> Arc<V> {
+        let mut make = Some(make);
+        let shared = self.view.get_or_init(|| match make.take() {
+            Some(make) => Arc::new(make(&self.record)) as Arc<dyn Any + Send + Sync>,
+            None => unreachable!("get_or_init runs its closure once"),
+        });
+        if let Ok(view) = shared.clone().downcast::<V>() {
+            return view;
+        }
+        match make.take() {
+            Some(make) => Arc::new(make(&self.record)),
+            None => unreachable!("a view made just now has the type asked for"),
+        }
+    }
+}
+
+/// The records of one collection, by id.
+pub(crate) struct Memory<T> {
+    records: RwLock<BTreeMap<String, Arc<Resident<T>>>>,
+}
+
+impl<T: Document> Memory<T> {
+    pub(crate) fn new(entries: impl IntoIterator<Item = Resident<T>>) -> Self {
+        Self {
+            records: RwLock::new(
+                entries
+                    .into_iter()
+                    .map(|entry| (entry.record.value.id().to_owned(), Arc::new(entry)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Takes in a committed write: `None` for a deletion of `id`.
+    pub(crate) fn apply(&self, id: &str, entry: Option<Resident<T>>) {
+        let mut records = self.records.write().unwrap_or_else(PoisonError::into_inner);
+        match entry {
+            None => {
+                records.remove(id);
+            }
+            Some(entry) => {
+                let newer = records
+                    .get(id)
+                    .is_none_or(|current| current.record.revision < entry.record.revision);
+                if newer {
+                    records.insert(id.to_owned(), Arc::new(entry));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Resident<T>>> {
+        self.records
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Up to `limit` entries with ids after `after` that `keep` selects, in
+    /// id order.
+    pub(crate) fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&Resident<T>) -> bool,
+    ) -> Vec<Arc<Resident<T>>> {
+        let records = self.records.read().unwrap_or_else(PoisonError::into_inner);
+        let range = match after {
+            Some(after) => records
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => records.range::<str, _>(..),
+        };
+        range
+            .map(|(_, entry)| entry)
+            .filter(|entry| keep(entry))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
