@@ -5,6 +5,7 @@
 #   Debian packages  containerd, runc, CNI plugins, the OCI registry,
 #                    protoc (containerd-client's build runs it; our own protos
 #                    compile with protox), busybox-static, iptables, iproute2,
+#                    util-linux (nsenter, for the multi-host tests),
 #                    curl, procps, python3 + venv, npm
 #   buf              from the npm registry (@bufbuild/buf), for `buf lint`
 #   nx-27017         MongoDB-wire test server from PyPI, in a virtualenv
@@ -30,7 +31,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 packages=(containerd runc containernetworking-plugins docker-registry protobuf-compiler
-          busybox-static iptables iproute2 curl ca-certificates procps)
+          busybox-static iptables iproute2 util-linux curl ca-certificates procps)
 # A Python or npm already on the PATH (pyenv, nvm) is as good as Debian's.
 if ! { command -v python3 >/dev/null 2>&1 && python3 -m venv --help >/dev/null 2>&1; }; then
     packages+=(python3 python3-venv)

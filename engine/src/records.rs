@@ -495,7 +495,10 @@ impl Installations {
         let written = if node_writes.is_empty() {
             Vec::new()
         } else {
-            self.nodes.write_many(node_writes).await?
+            // Durable with the installation records' write below.
+            self.nodes
+                .write_many_with(node_writes, addons_store::Durability::WithNext)
+                .await?
         };
         for status in written {
             let Versioned { revision, value } = status;

@@ -238,7 +238,7 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
         for line in manager
             .stderr()
             .lines()
-            .filter(|l| l.contains("written") || l.contains("stored"))
+            .filter(|l| l.contains("written"))
             .take(60)
         {
             eprintln!("{line}");

@@ -166,7 +166,7 @@ impl ChangeLog {
         }
         match records.as_slice() {
             [one] => self.backend.insert(LOG_COLLECTION, one).await?,
-            many => self.backend.write_many(LOG_COLLECTION, many).await?,
+            many => self.backend.write_many(LOG_COLLECTION, many, true).await?,
         }
         state.retained.extend(entries.iter().map(|(seq, _)| *seq));
         if state.retained.len() > RETAINED + PRUNE_BATCH {

@@ -11,7 +11,8 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use tokio::sync::broadcast;
 
 use crate::{
-    Backend, Document, Error, Filter, Page, Precondition, RawFilter, RawRecord, Result, Versioned,
+    Backend, Document, Durability, Error, Filter, Page, Precondition, RawFilter, RawRecord, Result,
+    Versioned,
     changelog::{ChangeKind, ChangeLog, Entry, LogState},
     resident::{Memory, Resident},
     stored_key,
@@ -330,6 +331,18 @@ impl<T: Document> Collection<T> {
     /// the backends for how atomic that is). Each write is one change in
     /// the log and the feed, in order.
     pub async fn write_many(&self, writes: Vec<Versioned<T>>) -> Result<Vec<Versioned<T>>> {
+        self.write_many_with(writes, Durability::Now).await
+    }
+
+    /// [`Collection::write_many`], durable when `durability` says. A
+    /// logged collection's writes are durable with their change-log
+    /// entries, which are always written durably right after them: one
+    /// disk sync for the records and their entries.
+    pub async fn write_many_with(
+        &self,
+        writes: Vec<Versioned<T>>,
+        durability: Durability,
+    ) -> Result<Vec<Versioned<T>>> {
         if writes.is_empty() {
             return Ok(writes);
         }
@@ -346,7 +359,11 @@ impl<T: Document> Collection<T> {
             let seq = if T::LOGGED { first + n as u64 } else { 0 };
             raws.push(encode(record, seq)?);
         }
-        self.backend.write_many(T::COLLECTION, &raws).await?;
+        // A logged write is made durable by its log entries' durable write.
+        let durable = durability == Durability::Now && !T::LOGGED;
+        self.backend
+            .write_many(T::COLLECTION, &raws, durable)
+            .await?;
         let kind = |raw: &RawRecord| {
             if raw.revision == 1 {
                 ChangeKind::Added
@@ -371,9 +388,10 @@ impl<T: Document> Collection<T> {
                 .collect();
             let borrowed: Vec<(u64, &Entry)> = entries.iter().map(|(s, e)| (*s, e)).collect();
             if let Err(err) = self.log.append_many(state, T::COLLECTION, &borrowed).await {
-                // The records are written and carry their sequences: the next
-                // open of the collection logs them.
+                // The records are written, carry their sequences, but are not
+                // durable yet: the write fails (a retry writes them again).
                 tracing::error!(collection = T::COLLECTION, error = %err, "cannot log changes");
+                return Err(err);
             }
         }
         for (raw, record) in raws.iter().zip(&writes) {

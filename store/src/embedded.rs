@@ -141,12 +141,21 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
-    async fn write_many(&self, collection: &str, records: &[RawRecord]) -> Result<()> {
+    async fn write_many(
+        &self,
+        collection: &str,
+        records: &[RawRecord],
+        durable: bool,
+    ) -> Result<()> {
         const OP: &str = "write_many";
         let collection = collection.to_owned();
         let records = records.to_vec();
         self.blocking(OP, move |db| {
-            let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            let mut tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            if !durable {
+                tx.set_durability(redb::Durability::None)
+                    .map_err(|e| Error::backend(OP, e))?;
+            }
             {
                 let mut tables = Tables::open(&tx, &collection, OP)?;
                 for record in &records {

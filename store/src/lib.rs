@@ -119,6 +119,16 @@ pub struct Filter {
     pub unique_key_prefix: Option<String>,
 }
 
+/// When a write must be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Before the call returns.
+    Now,
+    /// With the store's next durable write, which the caller makes before
+    /// it relies on this one (one disk sync for several writes).
+    WithNext,
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page<T> {
@@ -363,7 +373,15 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// before (as [`Backend::replace`], with no status condition). When one
     /// write fails, none happens: atomically where the database can (redb);
     /// MongoDB checks every condition first and then writes one by one.
-    async fn write_many(&self, collection: &str, records: &[RawRecord]) -> Result<()>;
+    /// Not `durable`: the write may be lost in a crash until the next
+    /// durable write of the store, which makes it durable too (redb; every
+    /// MongoDB write is acknowledged).
+    async fn write_many(
+        &self,
+        collection: &str,
+        records: &[RawRecord],
+        durable: bool,
+    ) -> Result<()>;
     /// Deletes the record if it satisfies `condition`; `false` when there
     /// was none.
     async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool>;

@@ -242,7 +242,12 @@ impl Backend for MongoBackend {
             .await
     }
 
-    async fn write_many(&self, collection: &str, records: &[RawRecord]) -> Result<()> {
+    async fn write_many(
+        &self,
+        collection: &str,
+        records: &[RawRecord],
+        _durable: bool,
+    ) -> Result<()> {
         // No multi-document transactions without a replica set: check every
         // condition first, then write one by one. Each collection has one
         // writer process, which serialises its writes, so nothing moves in

@@ -142,22 +142,37 @@ impl LinkHub {
             open_link_response::Message::Ack(pb::Ack { sequence: stored }),
         )
         .await?;
-        // Acks go out in report order, each once its report is durable.
+        // Acks go out in report order, each once its report is durable;
+        // reports stored by the same write are acked with one message.
         let (in_flight, mut to_ack) = mpsc::channel::<InFlight>(MAX_REPORTS_IN_FLIGHT);
         let acks = async {
-            while let Some((sequence, done)) = to_ack.recv().await {
-                match done.await {
-                    Ok(Ok(())) => {
-                        send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
+            let mut waiting: Option<InFlight> = None;
+            loop {
+                let (mut sequence, done) = match waiting.take() {
+                    Some(next) => next,
+                    None => match to_ack.recv().await {
+                        Some(next) => next,
+                        None => return Ok(()),
+                    },
+                };
+                check_stored(node, done.await)?;
+                while let Ok((later, mut done)) = to_ack.try_recv() {
+                    match done.try_recv() {
+                        Ok(outcome) => {
+                            check_stored(node, Ok(outcome))?;
+                            sequence = later;
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                            waiting = Some((later, done));
+                            break;
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                            return Err(Error::ReportDropped);
+                        }
                     }
-                    Ok(Err(message)) => {
-                        tracing::warn!(%node, error = %message, "cannot persist status reports");
-                        return Err(Error::ReportNotStored(message));
-                    }
-                    Err(_) => return Err(Error::ReportDropped),
                 }
+                send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
             }
-            Ok(())
         };
         tokio::pin!(acks);
         loop {
@@ -224,6 +239,21 @@ impl LinkHub {
                 }
             }
         }
+    }
+}
+
+/// Whether a report the writer answered is stored.
+fn check_stored(
+    node: &str,
+    answer: Result<Result<(), String>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), Error> {
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => {
+            tracing::warn!(%node, error = %message, "cannot persist status reports");
+            Err(Error::ReportNotStored(message))
+        }
+        Err(_) => Err(Error::ReportDropped),
     }
 }
 

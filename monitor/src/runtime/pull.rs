@@ -192,7 +192,7 @@ impl Containerd {
         registry: &RegistryAccess,
         progress: Arc<AtomicU64>,
     ) -> Result<PulledImage, RuntimeError> {
-        let reference = pinned_reference(image).map_err(|reason| RuntimeError::InvalidImage {
+        let reference = image_reference(image).map_err(|reason| RuntimeError::InvalidImage {
             image: image.to_owned(),
             reason,
         })?;
@@ -446,29 +446,33 @@ impl Containerd {
     }
 }
 
-/// Parses an image reference pinned by digest (`[REGISTRY/]REPOSITORY[:TAG]@ALGORITHM:HEX`),
-/// normalised as Docker does (`busybox` is `docker.io/library/busybox`).
-/// Written out instead of `Reference::from_str`, whose grammar is one large
-/// regex: compiling it and its per-thread search caches took 17 MiB of the
-/// monitor's memory.
-pub(crate) fn pinned_reference(image: &str) -> Result<Reference, String> {
-    let (name, digest) = image
-        .split_once('@')
-        .ok_or("not pinned by digest (no `@`)")?;
-    let (algorithm, hex) = digest
-        .split_once(':')
-        .ok_or("the digest is not ALGORITHM:HEX")?;
-    let hex_ok = match algorithm {
-        "sha256" => hex.len() == 64,
-        "sha512" => hex.len() == 128,
-        _ => return Err(format!("unsupported digest algorithm `{algorithm}`")),
-    } && hex
-        .bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex_ok {
-        return Err(format!(
-            "`{digest}` is not a {algorithm} digest in lowercase hex"
-        ));
+/// Parses an image reference (`[REGISTRY/]REPOSITORY[:TAG][@ALGORITHM:HEX]`;
+/// addon images come pinned by digest, core components may name a tag),
+/// normalised as Docker does (`busybox` is `docker.io/library/busybox`,
+/// no tag and no digest means `latest`). Written out instead of
+/// `Reference::from_str`, whose grammar is one large regex: compiling it
+/// and its per-thread search caches took 17 MiB of the monitor's memory.
+pub(crate) fn image_reference(image: &str) -> Result<Reference, String> {
+    let (name, digest) = match image.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let (algorithm, hex) = digest
+            .split_once(':')
+            .ok_or("the digest is not ALGORITHM:HEX")?;
+        let hex_ok = match algorithm {
+            "sha256" => hex.len() == 64,
+            "sha512" => hex.len() == 128,
+            _ => return Err(format!("unsupported digest algorithm `{algorithm}`")),
+        } && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex_ok {
+            return Err(format!(
+                "`{digest}` is not a {algorithm} digest in lowercase hex"
+            ));
+        }
     }
     // A tag is what follows the last `:` after the last `/`.
     let slash = name.rfind('/').map_or(0, |i| i + 1);
@@ -503,20 +507,23 @@ pub(crate) fn pinned_reference(image: &str) -> Result<Reference, String> {
     if !registry_ok {
         return Err(format!("`{registry}` is not a registry"));
     }
-    let digest = digest.to_owned();
-    Ok(match tag {
-        Some(tag) => {
-            let tag_ok = !tag.is_empty()
-                && tag.len() <= 128
-                && tag
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !tag_ok {
-                return Err(format!("`{tag}` is not a tag"));
-            }
-            Reference::with_tag_and_digest(registry, repository, tag.to_owned(), digest)
+    if let Some(tag) = tag {
+        let tag_ok = !tag.is_empty()
+            && tag.len() <= 128
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !tag_ok {
+            return Err(format!("`{tag}` is not a tag"));
         }
-        None => Reference::with_digest(registry, repository, digest),
+    }
+    Ok(match (tag, digest) {
+        (Some(tag), Some(digest)) => {
+            Reference::with_tag_and_digest(registry, repository, tag.to_owned(), digest.to_owned())
+        }
+        (None, Some(digest)) => Reference::with_digest(registry, repository, digest.to_owned()),
+        (Some(tag), None) => Reference::with_tag(registry, repository, tag.to_owned()),
+        (None, None) => Reference::with_tag(registry, repository, "latest".to_owned()),
     })
 }
 
@@ -541,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_pinned_references_as_the_reference_grammar_does() {
+    fn parses_references_as_the_reference_grammar_does() {
         let digest = format!("sha256:{}", "ab".repeat(32));
         for image in [
             format!("127.0.0.1:5000/team/app@{digest}"),
@@ -551,8 +558,11 @@ mod tests {
             format!("busybox@{digest}"),
             format!("busybox:1.36@{digest}"),
             format!("someone/app@{digest}"),
+            "127.0.0.1:5000/team/app:1".to_owned(),
+            "busybox".to_owned(),
+            "registry.example.com/a/b:v2".to_owned(),
         ] {
-            let ours = pinned_reference(&image).unwrap_or_else(|e| panic!("{image}: {e}"));
+            let ours = image_reference(&image).unwrap_or_else(|e| panic!("{image}: {e}"));
             let theirs: Reference = image.parse().unwrap();
             assert_eq!(
                 (
@@ -571,7 +581,6 @@ mod tests {
             );
         }
         for bad in [
-            "127.0.0.1:5000/team/app:1".to_owned(),
             format!("app@sha256:{}", "AB".repeat(32)),
             "app@sha256:abc".to_owned(),
             format!("app@md5:{}", "ab".repeat(16)),
@@ -579,7 +588,7 @@ mod tests {
             format!("app:bad tag@{digest}"),
             format!("/app@{digest}"),
         ] {
-            assert!(pinned_reference(&bad).is_err(), "{bad}");
+            assert!(image_reference(&bad).is_err(), "{bad}");
         }
     }
 }
