@@ -226,25 +226,7 @@ impl Host {
 
     /// `GET /` on the host's `port`, or why there is no answer.
     pub async fn http_get(&self, port: u16) -> Result<String, String> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let attempt = async {
-            let mut stream = tokio::net::TcpStream::connect((self.address, port))
-                .await
-                .map_err(|e| e.to_string())?;
-            stream
-                .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut response = String::new();
-            stream
-                .read_to_string(&mut response)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(response)
-        };
-        tokio::time::timeout(Duration::from_secs(2), attempt)
-            .await
-            .unwrap_or_else(|_| Err("no answer within 2s".to_owned()))
+        crate::http_get_at(self.address, port, Duration::from_secs(2)).await
     }
 }
 

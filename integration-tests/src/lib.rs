@@ -287,9 +287,19 @@ impl MonitorSetup<'_> {
 /// The response (status line, headers and body) to `GET /` on
 /// 127.0.0.1:`port`, or why there is none within `timeout`.
 pub async fn http_get(port: u16, timeout: Duration) -> Result<String, String> {
+    http_get_at(std::net::Ipv4Addr::LOCALHOST, port, timeout).await
+}
+
+/// The response to `GET /` on `ip`:`port`, or why there is none within
+/// `timeout`.
+pub async fn http_get_at(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Result<String, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let mut stream = tokio::net::TcpStream::connect((ip, port))
             .await
             .map_err(|e| e.to_string())?;
         stream
