@@ -11,7 +11,7 @@ use std::{path::Path, sync::Arc};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check};
+use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check, check_parts};
 
 pub(crate) struct EmbeddedBackend {
     db: Arc<Database>,
@@ -252,6 +252,16 @@ impl Backend for EmbeddedBackend {
     }
 }
 
+/// What a replace checks of the stored record; its body is skipped.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    status: std::borrow::Cow<'a, str>,
+    revision: u64,
+}
+
 /// A collection's tables inside one write transaction.
 struct Tables<'tx> {
     collection: &'tx str,
@@ -316,12 +326,21 @@ impl<'tx> Tables<'tx> {
     /// `status_in` (any when empty).
     fn replace(&mut self, record: &RawRecord, status_in: &[String]) -> Result<()> {
         let op = self.operation;
-        let current = match self
+        // Only the envelope: the body is skipped, not copied.
+        let (revision, status, key) = match self
             .records
             .get(record.id.as_str())
             .map_err(|e| Error::backend(op, e))?
         {
-            Some(bytes) => decode_record(op, bytes.value())?,
+            Some(bytes) => {
+                let envelope: Envelope<'_> =
+                    serde_json::from_slice(bytes.value()).map_err(|err| Error::backend(op, err))?;
+                (
+                    envelope.revision,
+                    envelope.status.into_owned(),
+                    envelope.key.into_owned(),
+                )
+            }
             None => {
                 return Err(Error::NotFound {
                     collection: self.collection.to_owned(),
@@ -329,8 +348,14 @@ impl<'tx> Tables<'tx> {
                 });
             }
         };
-        check(&current, Some(record.revision - 1), status_in)?;
-        if current.key != record.key {
+        check_parts(
+            &record.id,
+            revision,
+            &status,
+            Some(record.revision - 1),
+            status_in,
+        )?;
+        if key != record.key {
             if self
                 .keys
                 .get(record.key.as_str())
@@ -343,7 +368,7 @@ impl<'tx> Tables<'tx> {
                 });
             }
             self.keys
-                .remove(current.key.as_str())
+                .remove(key.as_str())
                 .map_err(|e| Error::backend(op, e))?;
             self.keys
                 .insert(record.key.as_str(), record.id.as_str())

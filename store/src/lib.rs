@@ -434,23 +434,36 @@ pub(crate) fn check(
     expected_revision: Option<u64>,
     status_in: &[String],
 ) -> Result<()> {
+    check_parts(
+        &record.id,
+        record.revision,
+        &record.status,
+        expected_revision,
+        status_in,
+    )
+}
+
+/// [`check`] of a record's parts.
+pub(crate) fn check_parts(
+    id: &str,
+    revision: u64,
+    status: &str,
+    expected_revision: Option<u64>,
+    status_in: &[String],
+) -> Result<()> {
     if let Some(expected) = expected_revision
-        && record.revision != expected
+        && revision != expected
     {
         return Err(Error::Conflict {
-            id: record.id.clone(),
-            reason: format!(
-                "revision is {}, the write expected {expected}",
-                record.revision
-            ),
+            id: id.to_owned(),
+            reason: format!("revision is {revision}, the write expected {expected}"),
         });
     }
-    if !status_in.is_empty() && !status_in.contains(&record.status) {
+    if !status_in.is_empty() && !status_in.iter().any(|s| s == status) {
         return Err(Error::Conflict {
-            id: record.id.clone(),
+            id: id.to_owned(),
             reason: format!(
-                "status is {}, the write expected one of {}",
-                record.status,
+                "status is {status}, the write expected one of {}",
                 status_in.join(", ")
             ),
         });
