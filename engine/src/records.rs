@@ -65,8 +65,15 @@ struct Cached {
     services: Vec<ServiceStatus>,
 }
 
-/// Installation → node → what the node reported.
-type Cache = HashMap<String, BTreeMap<String, Cached>>;
+/// What the manager holds of every installation's statuses.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Installation → node → what the node reported.
+    nodes: HashMap<String, BTreeMap<String, Cached>>,
+    /// Installation → the revision of its record these statuses go with:
+    /// a read pairs a record only with the statuses of its revision.
+    revisions: HashMap<String, u64>,
+}
 
 /// Installations with their nodes' statuses. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -96,18 +103,25 @@ impl Installations {
             let mut cache = this.write_cache();
             for record in statuses {
                 let status = record.value;
-                cache.entry(status.installation_id).or_default().insert(
-                    status.node_id,
-                    Cached {
-                        revision: record.revision,
-                        sequence: status.sequence,
-                        services: status.services,
-                    },
-                );
+                cache
+                    .nodes
+                    .entry(status.installation_id)
+                    .or_default()
+                    .insert(
+                        status.node_id,
+                        Cached {
+                            revision: record.revision,
+                            sequence: status.sequence,
+                            services: status.services,
+                        },
+                    );
             }
         }
         let filter = Filter::default();
         for record in this.records.list_all(&filter).await? {
+            this.write_cache()
+                .revisions
+                .insert(record.value.id.clone(), record.revision);
             let old = &record.value;
             if old.services.is_empty() && old.report_sequences.is_empty() {
                 continue;
@@ -135,13 +149,68 @@ impl Installations {
         self.cache.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Fills in the nodes' statuses of a stored record.
+    /// Fills in the nodes' statuses of a stored record as they are now.
     pub(crate) fn hydrate(&self, installation: &mut Installation) {
-        installation.changed.clear();
-        installation.services.clear();
-        installation.report_sequences.clear();
         let cache = self.read_cache();
-        let Some(nodes) = cache.get(&installation.id) else {
+        fill(&cache, installation);
+    }
+
+    /// Fills in the statuses that go with the record's revision; `false`
+    /// (and nothing filled) when the statuses in memory belong to another
+    /// revision: a write of the installation is between its two steps.
+    fn hydrate_at(&self, record: &mut Versioned<Installation>) -> bool {
+        let cache = self.read_cache();
+        let current = cache.revisions.get(&record.value.id).copied();
+        if current.is_some_and(|revision| revision != record.revision) {
+            return false;
+        }
+        fill(&cache, &mut record.value);
+        true
+    }
+
+    /// A stored record with the statuses of its revision: when a write of
+    /// it is under way, waits for the write and reads it again.
+    async fn whole(
+        &self,
+        mut record: Versioned<Installation>,
+    ) -> addons_store::Result<Option<Versioned<Installation>>> {
+        for _ in 0..8 {
+            if self.hydrate_at(&mut record) {
+                return Ok(Some(record));
+            }
+            let lock = self.lock_of(&record.value.id);
+            drop(lock.lock().await);
+            match self.records.get(&record.value.id).await? {
+                Some(again) => record = again,
+                None => return Ok(None),
+            }
+        }
+        // Written again and again meanwhile: the statuses as they are now.
+        self.hydrate(&mut record.value);
+        Ok(Some(record))
+    }
+
+    async fn whole_all(
+        &self,
+        records: Vec<Versioned<Installation>>,
+    ) -> addons_store::Result<Vec<Versioned<Installation>>> {
+        let mut all = Vec::with_capacity(records.len());
+        for record in records {
+            if let Some(whole) = self.whole(record).await? {
+                all.push(whole);
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Fills `installation` with the statuses in `cache`.
+fn fill(cache: &Cache, installation: &mut Installation) {
+    installation.changed.clear();
+    installation.services.clear();
+    installation.report_sequences.clear();
+    {
+        let Some(nodes) = cache.nodes.get(&installation.id) else {
             return;
         };
         for (node, cached) in nodes {
@@ -154,11 +223,13 @@ impl Installations {
                     .insert(node.clone(), cached.sequence);
             }
         }
-        installation
-            .services
-            .sort_by(|a, b| (&a.service_name, &a.node_id).cmp(&(&b.service_name, &b.node_id)));
     }
+    installation
+        .services
+        .sort_by(|a, b| (&a.service_name, &a.node_id).cmp(&(&b.service_name, &b.node_id)));
+}
 
+impl Installations {
     fn hydrated(&self, mut record: Versioned<Installation>) -> Versioned<Installation> {
         self.hydrate(&mut record.value);
         record
@@ -167,6 +238,7 @@ impl Installations {
     /// The services `node` reported for installation `id`.
     pub(crate) fn node_services(&self, id: &str, node: &str) -> Vec<ServiceStatus> {
         self.read_cache()
+            .nodes
             .get(id)
             .and_then(|nodes| nodes.get(node))
             .map(|cached| cached.services.clone())
@@ -176,6 +248,7 @@ impl Installations {
     /// Every (installation, node, last sequence) with a status record.
     pub(crate) fn reported(&self) -> Vec<(String, String, u64)> {
         self.read_cache()
+            .nodes
             .iter()
             .flat_map(|(id, nodes)| {
                 nodes
@@ -190,12 +263,21 @@ impl Installations {
         &self,
         id: &str,
     ) -> addons_store::Result<Option<Versioned<Installation>>> {
-        Ok(self.records.get(id).await?.map(|r| self.hydrated(r)))
+        match self.records.get(id).await? {
+            Some(record) => self.whole(record).await,
+            None => Ok(None),
+        }
     }
 
     /// One installation, whole, or [`addons_store::Error::NotFound`].
     pub(crate) async fn require(&self, id: &str) -> addons_store::Result<Versioned<Installation>> {
-        Ok(self.hydrated(self.records.require(id).await?))
+        let record = self.records.require(id).await?;
+        self.whole(record)
+            .await?
+            .ok_or_else(|| addons_store::Error::NotFound {
+                collection: Installation::COLLECTION.to_owned(),
+                id: id.to_owned(),
+            })
     }
 
     /// A page of installations, whole.
@@ -205,11 +287,11 @@ impl Installations {
         page_size: usize,
         page_token: Option<&str>,
     ) -> addons_store::Result<Page<Installation>> {
-        let mut page = self.records.list(filter, page_size, page_token).await?;
-        for record in &mut page.items {
-            self.hydrate(&mut record.value);
-        }
-        Ok(page)
+        let page = self.records.list(filter, page_size, page_token).await?;
+        Ok(Page {
+            items: self.whole_all(page.items).await?,
+            next_page_token: page.next_page_token,
+        })
     }
 
     /// Every installation matching `filter`, whole.
@@ -217,11 +299,8 @@ impl Installations {
         &self,
         filter: &Filter,
     ) -> addons_store::Result<Vec<Versioned<Installation>>> {
-        let mut all = self.records.list_all(filter).await?;
-        for record in &mut all {
-            self.hydrate(&mut record.value);
-        }
-        Ok(all)
+        let all = self.records.list_all(filter).await?;
+        self.whole_all(all).await
     }
 
     /// The live installation holding `unique_key`, whole.
@@ -229,11 +308,10 @@ impl Installations {
         &self,
         unique_key: &str,
     ) -> addons_store::Result<Option<Versioned<Installation>>> {
-        Ok(self
-            .records
-            .by_unique_key(unique_key)
-            .await?
-            .map(|r| self.hydrated(r)))
+        match self.records.by_unique_key(unique_key).await? {
+            Some(record) => self.whole(record).await,
+            None => Ok(None),
+        }
     }
 
     /// Stores a new installation (it has no statuses yet).
@@ -241,7 +319,11 @@ impl Installations {
         &self,
         installation: Installation,
     ) -> addons_store::Result<Versioned<Installation>> {
-        self.records.insert(installation).await
+        let stored = self.records.insert(installation).await?;
+        self.write_cache()
+            .revisions
+            .insert(stored.value.id.clone(), stored.revision);
+        Ok(stored)
     }
 
     /// Deletes an installation if `condition` holds, and its nodes'
@@ -257,6 +339,7 @@ impl Installations {
         if deleted {
             let nodes: Vec<String> = self
                 .read_cache()
+                .nodes
                 .get(id)
                 .map(|n| n.keys().cloned().collect())
                 .unwrap_or_default();
@@ -265,7 +348,9 @@ impl Installations {
                     .delete(&status_id(id, &node), &Precondition::none())
                     .await?;
             }
-            self.write_cache().remove(id);
+            let mut cache = self.write_cache();
+            cache.nodes.remove(id);
+            cache.revisions.remove(id);
             self.locks
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -436,7 +521,7 @@ impl Installations {
             let cache = self.read_cache();
             for id in touched.keys() {
                 let whole = &current[id];
-                let before = cache.get(id);
+                let before = cache.nodes.get(id);
                 let mut after: BTreeMap<&str, Vec<&ServiceStatus>> = BTreeMap::new();
                 for service in &whole.value.services {
                     after
@@ -515,23 +600,33 @@ impl Installations {
         for id in &node_deletes {
             self.nodes.delete(id, &Precondition::none()).await?;
         }
+        let written = self.records.write_many(record_writes).await;
+        // The statuses and the records' revisions change in memory in one
+        // step, once both are stored: a read never pairs a record with
+        // another revision's statuses.
         {
             let mut cache = self.write_cache();
             for (id, node, update) in cache_updates {
                 match update {
                     Some(cached) => {
-                        cache.entry(id).or_default().insert(node, cached);
+                        cache.nodes.entry(id).or_default().insert(node, cached);
                     }
                     None => {
-                        if let Some(nodes) = cache.get_mut(&id) {
+                        if let Some(nodes) = cache.nodes.get_mut(&id) {
                             nodes.remove(&node);
                         }
                     }
                 }
             }
+            if let Ok(written) = &written {
+                for record in written {
+                    cache
+                        .revisions
+                        .insert(record.value.id.clone(), record.revision);
+                }
+            }
         }
-        let written = self.records.write_many(record_writes).await?;
-        for record in written {
+        for record in written? {
             if let Some(whole) = current.get_mut(&record.value.id) {
                 whole.revision = record.revision;
             }
@@ -681,6 +776,14 @@ mod tests {
             .unwrap();
         assert_eq!(both.value.services.len(), 2);
         assert_eq!(both.value.status, crate::model::InstallationStatus::Active);
+        // A record read before that write is never shown with its
+        // statuses: it is read again.
+        let again = installations
+            .whole(inserted.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((again.revision, again.value.services.len()), (2, 2));
         let stored = installations.records().require(&id).await.unwrap();
         assert!(
             stored.value.services.is_empty(),
