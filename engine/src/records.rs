@@ -15,14 +15,14 @@
 //! serialised in-process.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
 use addons_store::{Collection, Document, Filter, Page, Precondition, Store, Versioned};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Installation, ServiceStatus};
+use crate::model::{Installation, InstallationStatus, ServiceStatus};
 
 /// What one node reported about one installation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,17 +118,20 @@ impl Installations {
             }
         }
         let filter = Filter::default();
-        for record in this.records.list_all(&filter).await? {
-            this.write_cache()
-                .revisions
-                .insert(record.value.id.clone(), record.revision);
+        let records = this.records.list_all(&filter).await?;
+        this.write_cache().revisions.extend(
+            records
+                .iter()
+                .map(|record| (record.value.id.clone(), record.revision)),
+        );
+        for record in records {
             let old = &record.value;
             if old.services.is_empty() && old.report_sequences.is_empty() {
                 continue;
             }
             tracing::info!(id = %old.id, "moving an installation's node statuses to records of their own");
             let id = old.id.clone();
-            let touched = BTreeMap::from([(id.clone(), true)]);
+            let touched = BTreeSet::from([id.clone()]);
             this.store_batch(&mut BTreeMap::from([(id, record)]), &touched)
                 .await?;
         }
@@ -326,6 +329,21 @@ impl Installations {
         Ok(stored)
     }
 
+    /// Deletes an installation that is disabled and whose uninstall asked
+    /// for a purge (with its nodes' statuses); whether it was due, and so
+    /// is gone now.
+    pub(crate) async fn purge_if_done(
+        &self,
+        record: &Versioned<Installation>,
+    ) -> addons_store::Result<bool> {
+        if record.value.status != InstallationStatus::Disabled || !record.value.purge_requested {
+            return Ok(false);
+        }
+        let condition = Precondition::status_in([InstallationStatus::Disabled.as_str()]);
+        self.delete(&record.value.id, &condition).await?;
+        Ok(true)
+    }
+
     /// Deletes an installation if `condition` holds, and its nodes'
     /// statuses.
     pub(crate) async fn delete(
@@ -424,7 +442,7 @@ impl Installations {
             changes.iter().map(|_| None).collect();
         // The current state of each installation as the batch goes on.
         let mut current: BTreeMap<String, Versioned<Installation>> = BTreeMap::new();
-        let mut touched: BTreeMap<String, bool> = BTreeMap::new();
+        let mut touched: BTreeSet<String> = BTreeSet::new();
         for (n, (id, expected, mut change)) in changes.into_iter().enumerate() {
             if !current.contains_key(&id) {
                 match self.records.get(&id).await {
@@ -462,7 +480,7 @@ impl Installations {
             // left the installation as it found it.
             match change(&mut record.value) {
                 Ok(true) => {
-                    touched.insert(id.clone(), true);
+                    touched.insert(id.clone());
                 }
                 Ok(false) => {}
                 Err(err) => {
@@ -511,7 +529,7 @@ impl Installations {
     async fn store_batch(
         &self,
         current: &mut BTreeMap<String, Versioned<Installation>>,
-        touched: &BTreeMap<String, bool>,
+        touched: &BTreeSet<String>,
     ) -> addons_store::Result<()> {
         let mut node_writes = Vec::new();
         let mut node_deletes = Vec::new();
@@ -519,7 +537,7 @@ impl Installations {
         let mut cache_updates: Vec<(String, String, Option<Cached>)> = Vec::new();
         {
             let cache = self.read_cache();
-            for id in touched.keys() {
+            for id in touched {
                 let whole = &current[id];
                 let before = cache.nodes.get(id);
                 let mut after: BTreeMap<&str, Vec<&ServiceStatus>> = BTreeMap::new();

@@ -11,7 +11,7 @@ use addons_descriptor::{
     policy::{CoreRules, Policy, Violation},
     privileges,
 };
-use addons_store::{Event, Filter, FollowEnd, Page, Precondition, Start, Versioned};
+use addons_store::{Event, Filter, FollowEnd, Page, Start, Versioned};
 use oakestra_addons_proto::marketplace::v1::{
     self as mpb, marketplace_service_client::MarketplaceServiceClient,
 };
@@ -536,9 +536,7 @@ impl Manager {
                 addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
                 err => err.into(),
             })?;
-        if record.value.purge_requested && record.value.status == InstallationStatus::Disabled {
-            let condition = Precondition::status_in([InstallationStatus::Disabled.as_str()]);
-            self.installations.delete(id, &condition).await?;
+        if self.installations.purge_if_done(&record).await? {
             return Ok(None);
         }
         Ok(Some(record))

@@ -608,5 +608,4 @@ async fn hot_swap_on_one_node_of_two() {
         }
     })
     .await;
-    monitor_looked(b.monitor(), 2).await;
 }

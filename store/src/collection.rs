@@ -472,12 +472,10 @@ impl<T: Document> Collection<T> {
         if let Some(memory) = &self.memory {
             return Ok(memory.get(id).map(|entry| entry.view(make)));
         }
-        Ok(self.get(id).await?.map(|record| {
-            Arc::new(make(&Versioned {
-                revision: record.revision,
-                value: Arc::new(record.value),
-            }))
-        }))
+        Ok(self
+            .get(id)
+            .await?
+            .map(|record| Arc::new(make(&shared(record)))))
     }
 
     /// A page of the views of the records matching `filter`, as
@@ -490,37 +488,20 @@ impl<T: Document> Collection<T> {
         page_token: Option<&str>,
         make: impl Fn(&Versioned<Arc<T>>) -> V,
     ) -> Result<(Vec<Arc<V>>, Option<String>)> {
-        let Some(memory) = &self.memory else {
-            let page = self.list(filter, page_size, page_token).await?;
-            let views = page
-                .items
-                .into_iter()
-                .map(|record| {
-                    Arc::new(make(&Versioned {
-                        revision: record.revision,
-                        value: Arc::new(record.value),
-                    }))
-                })
-                .collect();
-            return Ok((views, page.next_page_token));
-        };
-        let page_size = page_size.max(1);
-        let after = page_token.map(decode_token).transpose()?;
-        let raw_filter = raw_filter(filter);
-        let mut entries = memory.page(after.as_deref(), page_size + 1, |entry| {
-            (raw_filter.statuses.is_empty() || raw_filter.statuses.contains(&entry.status))
-                && raw_filter.key_matches(&entry.key)
-        });
-        let more = entries.len() > page_size;
-        entries.truncate(page_size);
-        let next_page_token = match (more, entries.last()) {
-            (true, Some(last)) => Some(encode_token(last.record.value.id())),
-            _ => None,
-        };
-        Ok((
-            entries.iter().map(|entry| entry.view(&make)).collect(),
-            next_page_token,
-        ))
+        if let Some(memory) = &self.memory {
+            let (entries, next) = memory_page(memory, filter, page_size, page_token)?;
+            return Ok((
+                entries.iter().map(|entry| entry.view(&make)).collect(),
+                next,
+            ));
+        }
+        let page = self.list(filter, page_size, page_token).await?;
+        let views = page
+            .items
+            .into_iter()
+            .map(|record| Arc::new(make(&shared(record))))
+            .collect();
+        Ok((views, page.next_page_token))
     }
 
     /// One page of the records matching `filter`, in id order. `page_token`
@@ -532,20 +513,8 @@ impl<T: Document> Collection<T> {
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<T>> {
-        let page_size = page_size.max(1);
-        let after = page_token.map(decode_token).transpose()?;
-        let raw_filter = raw_filter(filter);
         if let Some(memory) = &self.memory {
-            let mut entries = memory.page(after.as_deref(), page_size + 1, |entry| {
-                (raw_filter.statuses.is_empty() || raw_filter.statuses.contains(&entry.status))
-                    && raw_filter.key_matches(&entry.key)
-            });
-            let more = entries.len() > page_size;
-            entries.truncate(page_size);
-            let next_page_token = match (more, entries.last()) {
-                (true, Some(last)) => Some(encode_token(last.record.value.id())),
-                _ => None,
-            };
+            let (entries, next_page_token) = memory_page(memory, filter, page_size, page_token)?;
             return Ok(Page {
                 items: entries
                     .iter()
@@ -557,6 +526,9 @@ impl<T: Document> Collection<T> {
                 next_page_token,
             });
         }
+        let page_size = page_size.max(1);
+        let after = page_token.map(decode_token).transpose()?;
+        let raw_filter = raw_filter(filter);
         // One record more than asked tells whether another page follows.
         let mut records = self
             .backend
@@ -629,6 +601,42 @@ impl<T: Document> Collection<T> {
         }
         Ok((changes, receiver))
     }
+}
+
+/// A record shared as the views of a resident collection see it.
+fn shared<T>(record: Versioned<T>) -> Versioned<Arc<T>> {
+    Versioned {
+        revision: record.revision,
+        value: Arc::new(record.value),
+    }
+}
+
+/// The token of the next page, if one follows.
+type NextPage = Option<String>;
+
+/// A page of a resident collection's entries matching `filter`, and the
+/// next page's token, as the backends' listings page.
+fn memory_page<T: Document>(
+    memory: &Memory<T>,
+    filter: &Filter,
+    page_size: usize,
+    page_token: Option<&str>,
+) -> Result<(Vec<Arc<Resident<T>>>, NextPage)> {
+    let page_size = page_size.max(1);
+    let after = page_token.map(decode_token).transpose()?;
+    let raw_filter = raw_filter(filter);
+    // One entry more than asked tells whether another page follows.
+    let mut entries = memory.page(after.as_deref(), page_size + 1, |entry| {
+        (raw_filter.statuses.is_empty() || raw_filter.statuses.contains(&entry.status))
+            && raw_filter.key_matches(&entry.key)
+    });
+    let more = entries.len() > page_size;
+    entries.truncate(page_size);
+    let next_page_token = match (more, entries.last()) {
+        (true, Some(last)) => Some(encode_token(last.record.value.id())),
+        _ => None,
+    };
+    Ok((entries, next_page_token))
 }
 
 /// A [`Filter`] in the backends' terms.

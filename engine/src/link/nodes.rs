@@ -17,11 +17,7 @@ use oakestra_addons_proto::engine::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use super::{LinkHub, hello::ValidHello};
-use crate::{
-    Error, convert,
-    model::{Installation, InstallationStatus},
-    status,
-};
+use crate::{Error, convert, model::Installation, status};
 
 /// What the manager remembers of a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,13 +252,7 @@ impl LinkHub {
     ) -> Result<(), Error> {
         match result {
             Ok(record) => {
-                if record.value.status == InstallationStatus::Disabled
-                    && record.value.purge_requested
-                {
-                    let condition =
-                        Precondition::status_in([InstallationStatus::Disabled.as_str()]);
-                    self.installations.delete(id, &condition).await?;
-                }
+                self.installations.purge_if_done(&record).await?;
                 Ok(())
             }
             Err(addons_store::Error::NotFound { .. }) => {

@@ -10,7 +10,6 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
-use addons_store::Precondition;
 use oakestra_addons_proto::engine::v1 as pb;
 use tokio::sync::oneshot;
 
@@ -26,12 +25,18 @@ use crate::{
 /// A report waiting for its installation's next write.
 #[derive(Debug)]
 struct PendingReport {
-    node: String,
     installation: String,
+    report: Report,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// What a report says, checked.
+#[derive(Debug)]
+struct Report {
+    node: String,
     sequence: u64,
     services: Vec<crate::model::ServiceStatus>,
     verdict: Option<(u64, Verdict)>,
-    done: oneshot::Sender<Result<(), String>>,
 }
 
 /// Reports waiting for the writer task, which wakes when one comes.
@@ -111,11 +116,13 @@ impl LinkHub {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(PendingReport {
-                node: node.to_owned(),
                 installation: report.installation_id.clone(),
-                sequence: report.sequence,
-                services,
-                verdict,
+                report: Report {
+                    node: node.to_owned(),
+                    sequence: report.sequence,
+                    services,
+                    verdict,
+                },
                 done,
             });
         self.writer.wake.notify_one();
@@ -159,16 +166,16 @@ impl LinkHub {
         // Per installation: what its reports say (moved into its change),
         // and who waits for each.
         type Waiting = (String, u64, oneshot::Sender<Result<(), String>>);
-        let mut by_installation: BTreeMap<String, (Vec<PendingReport>, Vec<Waiting>)> =
-            BTreeMap::new();
-        for mut pending in batch {
-            let (done, _) = oneshot::channel();
-            let done = std::mem::replace(&mut pending.done, done);
-            let entry = by_installation
-                .entry(pending.installation.clone())
-                .or_default();
-            entry.1.push((pending.node.clone(), pending.sequence, done));
-            entry.0.push(pending);
+        let mut by_installation: BTreeMap<String, (Vec<Report>, Vec<Waiting>)> = BTreeMap::new();
+        for PendingReport {
+            installation,
+            report,
+            done,
+        } in batch
+        {
+            let entry = by_installation.entry(installation).or_default();
+            entry.1.push((report.node.clone(), report.sequence, done));
+            entry.0.push(report);
         }
         let mut waiting = Vec::with_capacity(by_installation.len());
         let mut changes: Vec<(String, Option<u64>, Change<'_>)> =
@@ -184,14 +191,8 @@ impl LinkHub {
         for ((id, reports), result) in waiting.into_iter().zip(results) {
             let outcome = match result {
                 Ok(record) => {
-                    if record.value.status == InstallationStatus::Disabled
-                        && record.value.purge_requested
-                    {
-                        let condition =
-                            Precondition::status_in([InstallationStatus::Disabled.as_str()]);
-                        if let Err(err) = self.installations.delete(&id, &condition).await {
-                            tracing::warn!(%id, error = %err, "cannot purge installation");
-                        }
+                    if let Err(err) = self.installations.purge_if_done(&record).await {
+                        tracing::warn!(%id, error = %err, "cannot purge installation");
                     }
                     Ok(())
                 }
@@ -214,7 +215,7 @@ impl LinkHub {
 
 /// Applies one installation's queued reports (their statuses move into
 /// it); whether anything changed.
-fn apply_reports(installation: &mut Installation, reports: &mut [PendingReport]) -> bool {
+fn apply_reports(installation: &mut Installation, reports: &mut [Report]) -> bool {
     // Only an installation in the desired state is a node's to report on:
     // anything else (a late report, or a forgery) is acked and not stored.
     if installation.status == InstallationStatus::Disabled {
