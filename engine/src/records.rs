@@ -618,31 +618,20 @@ impl Installations {
         for id in &node_deletes {
             self.nodes.delete(id, &Precondition::none()).await?;
         }
-        let written = self.records.write_many(record_writes).await;
         // The statuses and the records' revisions change in memory in one
-        // step, once both are stored: a read never pairs a record with
-        // another revision's statuses.
-        {
-            let mut cache = self.write_cache();
-            for (id, node, update) in cache_updates {
-                match update {
-                    Some(cached) => {
-                        cache.nodes.entry(id).or_default().insert(node, cached);
-                    }
-                    None => {
-                        if let Some(nodes) = cache.nodes.get_mut(&id) {
-                            nodes.remove(&node);
-                        }
-                    }
-                }
-            }
-            if let Ok(written) = &written {
-                for record in written {
-                    cache
-                        .revisions
-                        .insert(record.value.id.clone(), record.revision);
-                }
-            }
+        // step, once both are stored and before watchers hear of the
+        // records: a read never pairs a record with another revision's
+        // statuses.
+        let mut updates = Some(cache_updates);
+        let written = self
+            .records
+            .write_many_observed(record_writes, addons_store::Durability::Now, |written| {
+                self.remember(updates.take().unwrap_or_default(), written);
+            })
+            .await;
+        if let Some(updates) = updates {
+            // Not stored: the node statuses are, so memory follows them.
+            self.remember(updates, &[]);
         }
         for record in written? {
             if let Some(whole) = current.get_mut(&record.value.id) {
@@ -650,6 +639,35 @@ impl Installations {
             }
         }
         Ok(())
+    }
+}
+
+impl Installations {
+    /// Takes stored node statuses and installation records into memory, in
+    /// one step.
+    fn remember(
+        &self,
+        updates: Vec<(String, String, Option<Cached>)>,
+        records: &[Versioned<Installation>],
+    ) {
+        let mut cache = self.write_cache();
+        for (id, node, update) in updates {
+            match update {
+                Some(cached) => {
+                    cache.nodes.entry(id).or_default().insert(node, cached);
+                }
+                None => {
+                    if let Some(nodes) = cache.nodes.get_mut(&id) {
+                        nodes.remove(&node);
+                    }
+                }
+            }
+        }
+        for record in records {
+            cache
+                .revisions
+                .insert(record.value.id.clone(), record.revision);
+        }
     }
 }
 

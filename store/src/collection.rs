@@ -343,6 +343,19 @@ impl<T: Document> Collection<T> {
         writes: Vec<Versioned<T>>,
         durability: Durability,
     ) -> Result<Vec<Versioned<T>>> {
+        self.write_many_observed(writes, durability, |_| {}).await
+    }
+
+    /// [`Collection::write_many_with`], running `stored` once the records
+    /// are stored and before any watcher hears of them: a writer that keeps
+    /// something derived from them in memory updates it there, so whoever
+    /// reacts to the change finds it current.
+    pub async fn write_many_observed(
+        &self,
+        writes: Vec<Versioned<T>>,
+        durability: Durability,
+        stored: impl FnOnce(&[Versioned<T>]),
+    ) -> Result<Vec<Versioned<T>>> {
         if writes.is_empty() {
             return Ok(writes);
         }
@@ -394,6 +407,7 @@ impl<T: Document> Collection<T> {
                 return Err(err);
             }
         }
+        stored(&writes);
         for (raw, record) in raws.iter().zip(&writes) {
             self.remember(kind(raw), raw, record);
             let _ = self.changes.send(Change {
