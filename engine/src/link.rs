@@ -105,7 +105,7 @@ impl LinkHub {
             options,
             shutdown: shutdown.clone(),
         };
-        tokio::spawn(hub.clone().write_reports());
+        hub.clone().spawn_writer()?;
         tokio::spawn(desired::follow(
             records, changes, planes, plane, tx, shutdown,
         ));

@@ -230,6 +230,8 @@ mod millis {
 
 impl Document for Installation {
     const COLLECTION: &'static str = "installations";
+    // Read by every report batch, hello and API call: served from memory.
+    const RESIDENT: bool = true;
 
     fn id(&self) -> &str {
         &self.id

@@ -467,6 +467,39 @@ async fn resumes_changes_from_a_cursor(store: &Store) {
     ));
 }
 
+/// The log keeps the newest 4096 changes: past that it drops the oldest
+/// (in one step), a cursor among them is refused, and a newer one resumes.
+async fn prunes_the_oldest_changes(store: &Store) {
+    use addons_store::Versioned;
+    let items = store.collection::<Item>().await.unwrap();
+    for _ in 0..11 {
+        let chunk = (0..400)
+            .map(|n| Versioned {
+                revision: 1,
+                value: item(&format!("item-{n}"), "new"),
+            })
+            .map(|mut record| {
+                record.value.unique = false;
+                record
+            })
+            .collect();
+        items.write_many(chunk).await.unwrap();
+    }
+    assert!(matches!(
+        items.changes_since(0).await,
+        Err(Error::CursorOutOfRange { .. })
+    ));
+    let (last, _) = items.changes_since(4400 - 10).await.unwrap();
+    let head = last.last().unwrap().seq;
+    let (kept, _) = items.changes_since(head - 4000).await.unwrap();
+    assert_eq!(kept.len(), 4000);
+    assert!(kept.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+    assert!(matches!(
+        items.changes_since(head - 4400).await,
+        Err(Error::CursorOutOfRange { .. })
+    ));
+}
+
 async fn writes_many_records_all_or_none(store: &Store) {
     use addons_store::Versioned;
     let items = store.collection::<Item>().await.unwrap();
@@ -652,6 +685,7 @@ conformance!(
     resumes_changes_from_a_cursor,
     refuses_stale_revisions,
     writes_many_records_all_or_none,
+    prunes_the_oldest_changes,
     resident_collections_read_their_writes,
 );
 

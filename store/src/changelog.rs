@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result};
+use crate::{Backend, Error, RawFilter, RawRecord, Result};
 
 /// Name of the backend collection holding the log.
 pub(crate) const LOG_COLLECTION: &str = "changes";
@@ -170,15 +170,14 @@ impl ChangeLog {
         }
         state.retained.extend(entries.iter().map(|(seq, _)| *seq));
         if state.retained.len() > RETAINED + PRUNE_BATCH {
-            while state.retained.len() > RETAINED {
-                let Some(oldest) = state.retained.front().copied() else {
-                    break;
-                };
-                self.backend
-                    .delete(LOG_COLLECTION, &entry_id(oldest), &Precondition::none())
-                    .await?;
-                state.retained.pop_front();
-                state.pruned_through = oldest;
+            // In one step: one transaction, one disk sync.
+            let over = state.retained.len() - RETAINED;
+            let oldest: Vec<u64> = state.retained.iter().take(over).copied().collect();
+            let ids: Vec<String> = oldest.iter().map(|seq| entry_id(*seq)).collect();
+            self.backend.delete_many(LOG_COLLECTION, &ids).await?;
+            state.retained.drain(..over);
+            if let Some(last) = oldest.last() {
+                state.pruned_through = *last;
             }
         }
         Ok(())

@@ -204,6 +204,37 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
+    async fn delete_many(&self, collection: &str, ids: &[String]) -> Result<()> {
+        const OP: &str = "delete_many";
+        let collection = collection.to_owned();
+        let ids = ids.to_vec();
+        self.blocking(OP, move |db| {
+            let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
+            {
+                let mut table = tx
+                    .open_table(records(&collection))
+                    .map_err(|e| Error::backend(OP, e))?;
+                let mut key_index = tx
+                    .open_table(keys(&keys_table(&collection)))
+                    .map_err(|e| Error::backend(OP, e))?;
+                for id in &ids {
+                    let removed = table
+                        .remove(id.as_str())
+                        .map_err(|e| Error::backend(OP, e))?
+                        .map(|bytes| decode_record(OP, bytes.value()))
+                        .transpose()?;
+                    if let Some(record) = removed {
+                        key_index
+                            .remove(record.key.as_str())
+                            .map_err(|e| Error::backend(OP, e))?;
+                    }
+                }
+            }
+            tx.commit().map_err(|e| Error::backend(OP, e))
+        })
+        .await
+    }
+
     async fn list(
         &self,
         collection: &str,

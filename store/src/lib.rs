@@ -385,6 +385,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Deletes the record if it satisfies `condition`; `false` when there
     /// was none.
     async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool>;
+    /// Deletes the records with these ids, unconditionally, in one step
+    /// (one transaction on redb, one command on MongoDB); ids without a
+    /// record are skipped. Durable like [`Backend::insert`].
+    async fn delete_many(&self, collection: &str, ids: &[String]) -> Result<()>;
     /// Up to `limit` records matching `filter` with ids after `after`, in id
     /// order.
     async fn list(

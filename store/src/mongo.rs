@@ -305,6 +305,17 @@ impl Backend for MongoBackend {
         }
     }
 
+    async fn delete_many(&self, collection: &str, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.collection(collection)
+            .delete_many(doc! { "_id": { "$in": ids } })
+            .await
+            .map_err(|e| Error::backend("delete_many", e))?;
+        Ok(())
+    }
+
     async fn list(
         &self,
         collection: &str,

@@ -10,6 +10,7 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
+use anyhow::Context as _;
 use oakestra_addons_proto::engine::v1 as pb;
 use tokio::sync::oneshot;
 
@@ -127,6 +128,23 @@ impl LinkHub {
             });
         self.writer.wake.notify_one();
         Ok(outcome)
+    }
+
+    /// Starts the writer task on a thread of its own. Under a burst of
+    /// reports the runtime's workers are busy reading links, and a task
+    /// woken after each store step would queue behind them; the writer is
+    /// what every link waits for, so it does not queue.
+    pub(super) fn spawn_writer(self) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("status-writer-io")
+            .build()
+            .context("cannot build the status writer's runtime")?;
+        std::thread::Builder::new()
+            .name("status-writer".to_owned())
+            .spawn(move || runtime.block_on(self.write_reports()))
+            .context("cannot start the status writer")?;
+        Ok(())
     }
 
     /// The writer task: group commit. While one batch is written, the
