@@ -17,11 +17,13 @@ mod error;
 pub mod json;
 mod manager;
 mod marketplace;
-pub mod oakestra;
 mod paging;
 mod retry;
 mod watch;
 
+/// Oakestra's descriptor format (it lives with the descriptor, which the
+/// marketplace's REST routes read too).
+pub use addons_descriptor::oakestra;
 pub use crate::{
     error::{ClientError, code_name, describe},
     manager::{InstallOptions, InstallationEvent, ManagerClient, RolloutOptions},
@@ -236,21 +238,4 @@ pub async fn probe(channel: Channel) -> Result<Vec<ServiceHealth>, tonic::Status
 
 /// A duration as people write one: `500ms`, `10s`, `5m`, `1h`, or a number
 /// of seconds.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    use std::time::Duration;
-    let invalid = || format!("`{text}` is not a duration such as 500ms, 10s, 5m or 1h");
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| invalid())?;
-    let seconds = |factor: u64| number.checked_mul(factor).map(Duration::from_secs);
-    match unit {
-        "ms" => Some(Duration::from_millis(number)),
-        "s" | "" => seconds(1),
-        "m" => seconds(60),
-        "h" => seconds(3600),
-        _ => None,
-    }
-    .ok_or_else(invalid)
-}
+pub use addons_descriptor::oakestra::parse_duration;

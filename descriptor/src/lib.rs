@@ -5,6 +5,7 @@
 
 mod convert;
 pub mod labels;
+pub mod oakestra;
 pub mod policy;
 pub mod privileges;
 mod validate;

@@ -12,6 +12,7 @@ mod error;
 pub mod link;
 pub mod model;
 mod records;
+pub mod rest;
 pub mod rollout;
 mod service;
 mod status;

@@ -66,6 +66,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             MonitorLinkApi::new(hub).into_service(),
             addons_engine::api::LINK_PERMISSIONS,
         )
+        .rest(addons_engine::rest::ManagerRest)
+        .cors(&config.common.cors_allow_origins)
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

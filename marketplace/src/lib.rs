@@ -17,3 +17,4 @@ pub use crate::{
     service::{Caller, Marketplace},
 };
 pub mod registry;
+pub mod rest;

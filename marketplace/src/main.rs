@@ -50,6 +50,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             MarketplaceApi::new(core, requests, shutdown.clone()).into_service(),
             addons_marketplace::api::PERMISSIONS,
         )
+        .rest(addons_marketplace::rest::MarketplaceRest)
+        .cors(&config.common.cors_allow_origins)
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

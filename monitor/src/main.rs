@@ -166,6 +166,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .into_service(),
             addons_monitor::api::PERMISSIONS,
         )
+        .cors(&config.common.cors_allow_origins)
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -28,6 +28,18 @@ pub struct CommonArgs {
     #[arg(long, env = "ADDONS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Origins whose browser pages may call the server (gRPC-Web and the
+    /// REST routes), such as `https://dashboard.example:8443`; repeat the
+    /// flag or separate with commas; `*` lets any. None by default: only
+    /// pages served from the server's own origin can.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "ADDONS_CORS_ALLOW_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub cors_allow_origins: Vec<String>,
+
     /// TLS and authentication.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,

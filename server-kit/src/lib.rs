@@ -10,6 +10,7 @@ mod client;
 mod errors;
 mod registry_auth;
 mod requests;
+pub mod rest;
 mod server;
 mod shutdown;
 mod status;

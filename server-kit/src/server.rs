@@ -2,7 +2,8 @@
 //! reflection, drain on shutdown.
 
 use std::{
-    collections::HashMap, future::Future, net::SocketAddr, process::ExitCode, time::Duration,
+    collections::HashMap, future::Future, net::SocketAddr, process::ExitCode, sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -13,6 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     Shutdown,
     auth::{AuthLayer, MethodAccess, Security},
+    rest::{RestLayer, RestRoutes},
 };
 
 /// Largest request message any service of the servers decodes. The biggest
@@ -31,6 +33,8 @@ pub struct Server {
     health_names: Vec<&'static str>,
     permissions: HashMap<&'static str, &'static [MethodAccess]>,
     security: Security,
+    rest: Option<Arc<dyn RestRoutes>>,
+    cors_origins: Vec<String>,
 }
 
 impl Default for Server {
@@ -50,7 +54,22 @@ impl Server {
             health_names: Vec::new(),
             permissions: HashMap::new(),
             security: Security::default(),
+            rest: None,
+            cors_origins: Vec::new(),
         }
+    }
+
+    /// Also answers `routes` (REST, over HTTP/1.1 or HTTP/2) on the port.
+    pub fn rest(mut self, routes: impl RestRoutes) -> Self {
+        self.rest = Some(Arc::new(routes));
+        self
+    }
+
+    /// Lets browser pages of these origins call the server (`*`: any); by
+    /// default none may, so only pages of the server's own origin can.
+    pub fn cors(mut self, origins: &[String]) -> Self {
+        self.cors_origins = origins.to_vec();
+        self
     }
 
     /// Serves with TLS and authentication as `security` says.
@@ -129,7 +148,10 @@ impl Server {
             health_names,
             permissions,
             security,
+            rest,
+            cors_origins,
         } = self.add_reflection()?;
+        let cors = cors_layer(&cors_origins)?;
         security.check_listen(listener.local_addr()?)?;
         for name in &health_names {
             health
@@ -157,8 +179,16 @@ impl Server {
             .as_ref()
             .map(|files| crate::tls::server_config(files, security.client_certificates.as_ref()))
             .transpose()?;
+        // HTTP/1.1 too, for gRPC-Web and REST clients. Outermost first: CORS
+        // answers browsers' preflights, the gateway turns REST into gRPC
+        // calls to what follows, gRPC-Web becomes gRPC, and the guard
+        // authenticates and authorizes every call, whichever way it came.
         let router = tonic::transport::Server::builder()
+            .accept_http1(true)
             .trace_fn(crate::telemetry::server_span)
+            .layer(cors)
+            .layer(RestLayer::new(rest))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(AuthLayer::new(security, permissions))
             .add_routes(routes);
         let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
@@ -192,6 +222,48 @@ impl Server {
             }
         }
     }
+}
+
+/// The CORS policy for `origins` (`*`: any). gRPC-Web clients read the
+/// status from headers that must be exposed to them.
+fn cors_layer(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
+    use http::{HeaderName, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let layer = CorsLayer::new()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-grpc-web"),
+            HeaderName::from_static("x-user-agent"),
+            HeaderName::from_static("grpc-timeout"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(600));
+    if origins.iter().any(|origin| origin == "*") {
+        return Ok(layer.allow_origin(tower_http::cors::Any));
+    }
+    let mut allowed = Vec::with_capacity(origins.len());
+    for origin in origins {
+        let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+            && !origin.ends_with('/')
+            && origin.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/'));
+        let value = http::HeaderValue::from_str(origin).ok().filter(|_| valid);
+        allowed.push(value.with_context(|| {
+            format!("--cors-allow-origin `{origin}` is not an origin such as https://dashboard.example:8443, or *")
+        })?);
+    }
+    Ok(layer.allow_origin(AllowOrigin::list(allowed)))
 }
 
 /// Makes `ring` the process's TLS crypto: the dependency graph enables more

@@ -152,7 +152,8 @@ pub(crate) fn server_config(
     let mut config = builder
         .with_single_cert(chain, key)
         .context("the TLS key does not match the certificate")?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 as well, for gRPC-Web and REST clients.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -1,6 +1,7 @@
 //! Oakestra's marketplace descriptor format (the body of Oakestra's
 //! `POST /api/v1/marketplace/addons`), read from JSON or YAML and turned
-//! into the protobuf descriptor, so existing descriptors publish unchanged.
+//! into the protobuf descriptor, so existing descriptors publish unchanged;
+//! and written back from ours, for Oakestra's REST routes.
 //!
 //! Services have `service_name`, `image`, `command` as one string (split as
 //! a shell would), `ports` as a `{"container": "host"}` map (`"53/udp"`
@@ -16,7 +17,7 @@ use std::collections::BTreeMap;
 use oakestra_addons_proto::marketplace::v1 as pb;
 use serde::Deserialize;
 
-use crate::ClientError;
+use crate::FieldViolation;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,13 +102,13 @@ struct TcpProbe {
 }
 
 /// A health check in the marketplace's form; the error names the field.
-fn health_check(i: usize, check: HealthCheck) -> Result<pb::HealthCheck, String> {
+fn health_check(i: usize, check: HealthCheck) -> Result<pb::HealthCheck, FieldViolation> {
     let at = format!("services[{i}].health_check");
     let duration = |field: &str, value: Option<Scalar>| {
         value
             .map(|v| {
-                crate::parse_duration(&v.text())
-                    .map_err(|err| format!("{at}.{field}: {err}"))
+                parse_duration(&v.text())
+                    .map_err(|err| FieldViolation::new(format!("{at}.{field}"), err))
                     .map(|d| prost_types::Duration::try_from(d).unwrap_or_default())
             })
             .transpose()
@@ -121,11 +122,20 @@ fn health_check(i: usize, check: HealthCheck) -> Result<pb::HealthCheck, String>
         (None, None, Some(exec)) => pb::health_check::Probe::Exec(pb::ExecProbe {
             command: match exec {
                 Command::Args(args) => args,
-                Command::Line(line) => shlex::split(&line)
-                    .ok_or_else(|| format!("{at}.exec: unbalanced quotes in `{line}`"))?,
+                Command::Line(line) => shlex::split(&line).ok_or_else(|| {
+                    FieldViolation::new(
+                        format!("{at}.exec"),
+                        format!("unbalanced quotes in `{line}`"),
+                    )
+                })?,
             },
         }),
-        _ => return Err(format!("{at}: exactly one of `http`, `tcp` and `exec`")),
+        _ => {
+            return Err(FieldViolation::new(
+                at,
+                "exactly one of `http`, `tcp` and `exec`",
+            ));
+        }
     };
     Ok(pb::HealthCheck {
         probe: Some(probe),
@@ -222,50 +232,157 @@ fn strings(map: BTreeMap<String, Scalar>) -> BTreeMap<String, String> {
 
 /// Reads an Oakestra descriptor from JSON or YAML text (`name` is used in
 /// errors, such as the file's path).
-pub fn parse_descriptor(text: &str, name: &str) -> Result<pb::Addon, ClientError> {
-    let trimmed = text.trim_start();
-    let parsed: Result<Descriptor, String> = if trimmed.starts_with('{') {
-        let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            format!("{}{}", at(&path), inner)
-        })
+pub fn parse_descriptor(text: &str, name: &str) -> Result<pb::Addon, String> {
+    let result = if text.trim_start().starts_with('{') {
+        from_deserializer(&mut serde_json::Deserializer::from_str(text))
     } else {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            format!("{}{}", at(&path), inner)
-        })
+        from_deserializer(serde_yaml_ng::Deserializer::from_str(text))
     };
-    let descriptor = parsed.map_err(|err| ClientError::Input(format!("{name}: {err}")))?;
-    into_proto(descriptor).map_err(|err| ClientError::Input(format!("{name}: {err}")))
+    result.map_err(|violation| match violation.field.as_str() {
+        "" => format!("{name}: {}", violation.reason),
+        field => format!("{name}: {field}: {}", violation.reason),
+    })
 }
 
-fn at(path: &str) -> String {
-    if path.is_empty() || path == "." {
-        String::new()
-    } else {
-        format!("{path}: ")
+/// Reads an Oakestra descriptor from JSON, such as the body of Oakestra's
+/// `POST /api/v1/marketplace/addons`; what is wrong names the field (empty
+/// when the body as a whole is).
+pub fn from_json(body: &[u8]) -> Result<pb::Addon, FieldViolation> {
+    from_deserializer(&mut serde_json::Deserializer::from_slice(body))
+}
+
+fn from_deserializer<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<pb::Addon, FieldViolation> {
+    let descriptor: Descriptor =
+        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            FieldViolation::new(field, err.into_inner().to_string())
+        })?;
+    into_proto(descriptor)
+}
+
+/// Reads a duration such as `500ms`, `10s`, `5m`, `1h` or a number of
+/// seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let invalid = || format!("`{text}` is not a duration such as 500ms, 10s, 5m or 1h");
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let seconds = |factor: u64| number.checked_mul(factor).map(Duration::from_secs);
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" | "" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        _ => None,
     }
+    .ok_or_else(invalid)
+}
+
+/// An addon's services, volumes and networks in Oakestra's JSON shape:
+/// what its REST routes answer with, beside the fields of the record.
+pub fn descriptor_json(descriptor: &crate::Descriptor) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    out.insert("name".into(), descriptor.name.clone().into());
+    out.insert("version".into(), descriptor.version.clone().into());
+    out.insert("description".into(), descriptor.description.clone().into());
+    out.insert(
+        "services".into(),
+        descriptor.services.iter().map(service_json).collect(),
+    );
+    out.insert(
+        "volumes".into(),
+        descriptor
+            .volumes
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v.name,
+                    "driver": v.driver,
+                    "driver_opts": v.driver_opts,
+                    "labels": v.labels,
+                })
+            })
+            .collect(),
+    );
+    out.insert(
+        "networks".into(),
+        descriptor
+            .networks
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "name": n.name,
+                    "driver": n.driver,
+                    "enable_ipv6": n.enable_ipv6,
+                })
+            })
+            .collect(),
+    );
+    out
+}
+
+/// A service in Oakestra's JSON shape: `command` as one string, `ports` as
+/// a `{"container[/udp]": "host"}` map, `volumes` as `src:dst[:ro]`; our
+/// own fields only where they are set.
+pub fn service_json(service: &crate::Service) -> serde_json::Value {
+    let ports: serde_json::Map<String, serde_json::Value> = service
+        .ports
+        .iter()
+        .map(|p| {
+            let key = if p.protocol == "udp" {
+                format!("{}/udp", p.container_port)
+            } else {
+                p.container_port.to_string()
+            };
+            (key, p.host_port.to_string().into())
+        })
+        .collect();
+    let command = shlex::try_join(service.command.iter().map(String::as_str))
+        .unwrap_or_else(|_| service.command.join(" "));
+    let mut out = serde_json::json!({
+        "service_name": service.service_name,
+        "image": service.image,
+        "command": command,
+        "networks": service.networks,
+        "volumes": service.mounts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ports": ports,
+        "environment": service.environment,
+        "labels": service.labels,
+    });
+    if service.privileged {
+        out["privileged"] = true.into();
+    }
+    if service.inherit_core_environment {
+        out["inherit_core_environment"] = true.into();
+    }
+    if let Some(resolved) = &service.resolved_image {
+        out["resolved_image"] = resolved.clone().into();
+    }
+    out
 }
 
 /// Oakestra's `src:dst[:ro]` volume strings as mounts.
-fn mounts(service: usize, volumes: &[String]) -> Result<Vec<pb::Mount>, String> {
+fn mounts(service: usize, volumes: &[String]) -> Result<Vec<pb::Mount>, FieldViolation> {
     volumes
         .iter()
         .enumerate()
         .map(|(j, text)| {
-            let mount = addons_descriptor::Mount::parse(text).map_err(|reason| {
-                format!("services[{service}].volumes[{j}]: `{text}`: {reason}")
+            let mount = crate::Mount::parse(text).map_err(|reason| {
+                FieldViolation::new(
+                    format!("services[{service}].volumes[{j}]"),
+                    format!("`{text}`: {reason}"),
+                )
             })?;
             Ok(pb::Mount {
                 source: Some(match mount.source {
-                    addons_descriptor::MountSource::HostPath(path) => {
-                        pb::mount::Source::HostPath(path)
-                    }
-                    addons_descriptor::MountSource::Volume(name) => pb::mount::Source::Volume(name),
+                    crate::MountSource::HostPath(path) => pb::mount::Source::HostPath(path),
+                    crate::MountSource::Volume(name) => pb::mount::Source::Volume(name),
                 }),
                 target: mount.target,
                 read_only: mount.read_only,
@@ -274,14 +391,18 @@ fn mounts(service: usize, volumes: &[String]) -> Result<Vec<pb::Mount>, String> 
         .collect()
 }
 
-fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
+fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, FieldViolation> {
     let mut services = Vec::new();
     for (i, service) in descriptor.services.into_iter().enumerate() {
         let command = match service.command {
             None => Vec::new(),
             Some(Command::Args(args)) => args,
-            Some(Command::Line(line)) => shlex::split(&line)
-                .ok_or_else(|| format!("services[{i}].command: unbalanced quotes in `{line}`"))?,
+            Some(Command::Line(line)) => shlex::split(&line).ok_or_else(|| {
+                FieldViolation::new(
+                    format!("services[{i}].command"),
+                    format!("unbalanced quotes in `{line}`"),
+                )
+            })?,
         };
         let mut ports = Vec::new();
         for (container, host) in service.ports {
@@ -293,18 +414,25 @@ fn into_proto(descriptor: Descriptor) -> Result<pb::Addon, String> {
                 "tcp" => pb::Protocol::Tcp,
                 "udp" => pb::Protocol::Udp,
                 other => {
-                    return Err(format!(
-                        "services[{i}].ports: `{container}` has protocol `{other}`; tcp or udp"
+                    return Err(FieldViolation::new(
+                        format!("services[{i}].ports"),
+                        format!("`{container}` has protocol `{other}`; tcp or udp"),
                     ));
                 }
             }
             .into();
             let container_port = port.trim().parse::<u32>().map_err(|_| {
-                format!("services[{i}].ports: `{container}` is not a container port")
+                FieldViolation::new(
+                    format!("services[{i}].ports"),
+                    format!("`{container}` is not a container port"),
+                )
             })?;
             let host = host.text();
             let host_port = host.trim().parse::<u32>().map_err(|_| {
-                format!("services[{i}].ports.{container}: `{host}` is not a host port")
+                FieldViolation::new(
+                    format!("services[{i}].ports.{container}"),
+                    format!("`{host}` is not a host port"),
+                )
             })?;
             ports.push(pb::PortMapping {
                 container_port,
@@ -404,6 +532,32 @@ mod tests {
     }"#;
 
     #[test]
+    fn writes_what_it_reads() {
+        let addon = from_json(OAKESTRA.as_bytes()).unwrap();
+        let json = serde_json::Value::Object(descriptor_json(&crate::Descriptor::from_proto(addon)));
+        let service = &json["services"][0];
+        assert_eq!(service["command"], "exporter --listen :9100 --verbose");
+        assert_eq!(service["ports"]["53/udp"], "5353");
+        assert_eq!(service["ports"]["9100"], "9100");
+        assert_eq!(service["volumes"][1], "/etc/hosts:/etc/host-hosts");
+        assert_eq!(json["networks"][0]["name"], "metrics");
+        // And what it writes reads back the same.
+        let mut again = json.clone();
+        again.as_object_mut().unwrap().remove("version");
+        let reread = from_json(serde_json::to_vec(&again).unwrap().as_slice()).unwrap();
+        assert_eq!(reread, from_json(OAKESTRA.as_bytes()).unwrap());
+    }
+
+    #[test]
+    fn names_the_field_of_a_json_body() {
+        let err = from_json(br#"{"name": "x", "services": [{"service_name": "a"}]}"#).unwrap_err();
+        assert_eq!(err.field, "services[0]");
+        assert!(err.reason.contains("missing field `image`"), "{err:?}");
+        let err = from_json(b"42").unwrap_err();
+        assert_eq!(err.field, "");
+    }
+
+    #[test]
     fn converts_an_oakestra_descriptor() {
         let addon = parse_descriptor(OAKESTRA, "addon.json").unwrap();
         assert_eq!(addon.name, "monitoring");
@@ -464,16 +618,14 @@ mod tests {
             r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "replicas": 2}]}"#,
             "f.json",
         )
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
         assert!(err.starts_with("f.json: services[0]"), "{err}");
         assert!(err.contains("unknown field `replicas`"), "{err}");
         let err = parse_descriptor(
             r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "health_check": {"tcp": {"port": 80}, "interval": "soon"}}]}"#,
             "f.json",
         )
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
         assert!(
             err.contains("services[0].health_check.interval: `soon` is not a duration"),
             "{err}"
@@ -491,23 +643,18 @@ mod tests {
             Some(pb::health_check::Probe::Http(ref http)) if http.path == "/health"
         ));
         let err = parse_descriptor(r#"{"name": "x", "services": [], "owner": 2}"#, "f.json")
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
         assert!(err.contains("unknown field `owner`"), "{err}");
         let err = parse_descriptor(r#"{"name": "x", "services": [], "version": 2}"#, "f.json")
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
         assert!(err.contains("version: invalid type"), "{err}");
         let err = parse_descriptor(
             r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "ports": {"http": "80"}}]}"#,
             "f.json",
         )
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
         assert!(err.contains("services[0].ports: `http`"), "{err}");
-        let err = parse_descriptor("{\"name\": ", "f.json")
-            .unwrap_err()
-            .to_string();
+        let err = parse_descriptor("{\"name\": ", "f.json").unwrap_err();
         assert!(err.starts_with("f.json: "), "{err}");
     }
 }

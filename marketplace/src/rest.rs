@@ -1,0 +1,198 @@
+//! Oakestra's marketplace REST routes, on the marketplace's gRPC port, for
+//! Oakestra's dashboard and its users' scripts:
+//!
+//! - `GET /api/v1/marketplace/addons[?name=N]`: the approved addons;
+//! - `POST /api/v1/marketplace/addons`: publish an Oakestra descriptor (201,
+//!   the stored addon, `under_review`);
+//! - `GET /api/v1/marketplace/addons/{id}`: one addon, in any status;
+//! - `DELETE /api/v1/marketplace/addons/{id}`.
+//!
+//! Each is a call of [`MarketplaceService`](pb::marketplace_service_server)
+//! made through the server's own stack ([`addons_server_kit::rest`]), so the
+//! same roles, validation and audit apply. Addons come back in Oakestra's
+//! shape (`_id`, `status` as `under_review`, `approved` or
+//! `verification_failed`) with our fields beside.
+
+use addons_descriptor::{Descriptor, oakestra};
+use addons_server_kit::rest::{self, Grpc, Reply, RestRequest, RestRoutes};
+use futures::future::BoxFuture;
+use http::{Method, StatusCode};
+use oakestra_addons_proto::marketplace::v1::{self as pb, marketplace_service_server::SERVICE_NAME};
+
+const PREFIX: &str = "/api/v1/marketplace/addons";
+/// Most addons one listing returns: Oakestra's listings have no pages.
+const MAX_LISTED: usize = 5000;
+
+/// The routes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MarketplaceRest;
+
+impl RestRoutes for MarketplaceRest {
+    fn handles(&self, path: &str) -> bool {
+        path.starts_with("/api/v1/marketplace")
+    }
+
+    fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply> {
+        Box::pin(handle(request, grpc))
+    }
+}
+
+fn method(name: &str) -> String {
+    format!("/{SERVICE_NAME}/{name}")
+}
+
+async fn handle(request: RestRequest, grpc: Grpc) -> Reply {
+    let Some(rest) = request.path.strip_prefix(PREFIX) else {
+        return Reply::error(StatusCode::NOT_FOUND, "no such route");
+    };
+    let id = match rest {
+        "" => None,
+        id => match id.strip_prefix('/').filter(|id| rest::is_id(id)) {
+            Some(id) => Some(id.to_owned()),
+            None => return Reply::error(StatusCode::NOT_FOUND, "no such route"),
+        },
+    };
+    let outcome = match (&request.method, id) {
+        (&Method::GET, None) => list(&request, &grpc).await,
+        (&Method::POST, None) => publish(&request, &grpc).await,
+        (&Method::GET, Some(id)) => get(id, &grpc).await,
+        (&Method::DELETE, Some(id)) => delete(id, &grpc).await,
+        (_, None) => Err(not_allowed("GET, POST")),
+        (_, Some(_)) => Err(not_allowed("GET, DELETE")),
+    };
+    outcome.unwrap_or_else(|reply| reply)
+}
+
+fn not_allowed(allowed: &str) -> Reply {
+    Reply::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("this route answers {allowed}"),
+    )
+}
+
+/// A gRPC error as Oakestra's; request fields lose the `addon.` of the
+/// gRPC message, so they name the descriptor's.
+fn failed(status: tonic::Status) -> Reply {
+    Reply::from_status(&status, |field| {
+        field.strip_prefix("addon.").unwrap_or(field).to_owned()
+    })
+}
+
+async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
+    let name = request.query("name").unwrap_or_default().to_owned();
+    let mut addons = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page: pb::ListAddonsResponse = grpc
+            .call(
+                &method("ListAddons"),
+                pb::ListAddonsRequest {
+                    // Oakestra lists only approved addons, as ours does by default.
+                    statuses: Vec::new(),
+                    name: name.clone(),
+                    page_size: 500,
+                    page_token,
+                },
+            )
+            .await
+            .map_err(failed)?;
+        addons.extend(page.addons.into_iter().map(addon_json));
+        if page.next_page_token.is_empty() || addons.len() >= MAX_LISTED {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    addons.truncate(MAX_LISTED);
+    Ok(Reply::json(StatusCode::OK, addons.into()))
+}
+
+async fn publish(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
+    let addon = oakestra::from_json(&request.body)
+        .map_err(|violation| Reply::invalid("json", &[(violation.field, violation.reason)]))?;
+    let published: pb::PublishAddonResponse = grpc
+        .call(
+            &method("PublishAddon"),
+            pb::PublishAddonRequest {
+                addon: Some(addon),
+                request_id: String::new(),
+            },
+        )
+        .await
+        .map_err(failed)?;
+    let addon = published.addon.unwrap_or_default();
+    Ok(Reply::json(StatusCode::CREATED, addon_json(addon)))
+}
+
+async fn get(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
+    let found: pb::GetAddonResponse = grpc
+        .call(&method("GetAddon"), pb::GetAddonRequest { id })
+        .await
+        .map_err(failed)?;
+    Ok(Reply::json(
+        StatusCode::OK,
+        addon_json(found.addon.unwrap_or_default()),
+    ))
+}
+
+async fn delete(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
+    let _: pb::DeleteAddonResponse = grpc
+        .call(
+            &method("DeleteAddon"),
+            pb::DeleteAddonRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(failed)?;
+    Ok(Reply::json(
+        StatusCode::OK,
+        serde_json::json!({ "_id": id, "message": "Addon deleted" }),
+    ))
+}
+
+/// Oakestra's name of a status; the failure is `verification_failed`, as
+/// its code writes it.
+fn status_name(status: pb::AddonStatus) -> &'static str {
+    match status {
+        pb::AddonStatus::Unspecified => "unspecified",
+        pb::AddonStatus::UnderReview => "under_review",
+        pb::AddonStatus::Approved => "approved",
+        pb::AddonStatus::FailedVerification => "verification_failed",
+    }
+}
+
+/// An addon in Oakestra's shape, with our fields beside.
+fn addon_json(addon: pb::Addon) -> serde_json::Value {
+    let status = status_name(addon.status());
+    let verification = addon.verification.clone().unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    out.insert("_id".into(), addon.id.clone().into());
+    out.insert("status".into(), status.into());
+    // Why verification failed, when it did.
+    out.insert(
+        "status_message".into(),
+        verification.last_error.clone().into(),
+    );
+    out.insert("owner".into(), addon.owner.clone().into());
+    out.insert("revision".into(), addon.revision.into());
+    out.insert("create_time".into(), rest::timestamp(addon.create_time.as_ref()));
+    out.insert("update_time".into(), rest::timestamp(addon.update_time.as_ref()));
+    out.insert(
+        "required_privileges".into(),
+        addon
+            .required_privileges
+            .iter()
+            .map(|p| {
+                rest::privilege_json(
+                    p.kind().as_str_name(),
+                    &p.service_name,
+                    &p.value,
+                    p.read_only,
+                )
+            })
+            .collect(),
+    );
+    out.extend(oakestra::descriptor_json(&Descriptor::from_proto(addon)));
+    serde_json::Value::Object(out)
+}
