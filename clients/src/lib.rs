@@ -21,15 +21,15 @@ mod paging;
 mod retry;
 mod watch;
 
-/// Oakestra's descriptor format (it lives with the descriptor, which the
-/// marketplace's REST routes read too).
-pub use addons_descriptor::oakestra;
 pub use crate::{
     error::{ClientError, code_name, describe},
     manager::{InstallOptions, InstallationEvent, ManagerClient, RolloutOptions},
     marketplace::{AddonFilter, MarketplaceClient},
     retry::RetryPolicy,
 };
+/// Oakestra's descriptor format (it lives with the descriptor, which the
+/// marketplace's REST routes read too).
+pub use addons_descriptor::oakestra;
 pub use oakestra_addons_proto as proto;
 
 /// How clients connect and call.

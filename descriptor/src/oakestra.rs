@@ -254,12 +254,11 @@ pub fn from_json(body: &[u8]) -> Result<pb::Addon, FieldViolation> {
 fn from_deserializer<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<pb::Addon, FieldViolation> {
-    let descriptor: Descriptor =
-        serde_path_to_error::deserialize(deserializer).map_err(|err| {
-            let path = err.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            FieldViolation::new(field, err.into_inner().to_string())
-        })?;
+    let descriptor: Descriptor = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        FieldViolation::new(field, err.into_inner().to_string())
+    })?;
     into_proto(descriptor)
 }
 
@@ -286,7 +285,9 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 
 /// An addon's services, volumes and networks in Oakestra's JSON shape:
 /// what its REST routes answer with, beside the fields of the record.
-pub fn descriptor_json(descriptor: &crate::Descriptor) -> serde_json::Map<String, serde_json::Value> {
+pub fn descriptor_json(
+    descriptor: &crate::Descriptor,
+) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     out.insert("name".into(), descriptor.name.clone().into());
     out.insert("version".into(), descriptor.version.clone().into());
@@ -534,7 +535,8 @@ mod tests {
     #[test]
     fn writes_what_it_reads() {
         let addon = from_json(OAKESTRA.as_bytes()).unwrap();
-        let json = serde_json::Value::Object(descriptor_json(&crate::Descriptor::from_proto(addon)));
+        let json =
+            serde_json::Value::Object(descriptor_json(&crate::Descriptor::from_proto(addon)));
         let service = &json["services"][0];
         assert_eq!(service["command"], "exporter --listen :9100 --verbose");
         assert_eq!(service["ports"]["53/udp"], "5353");
@@ -642,8 +644,8 @@ mod tests {
             check.probe,
             Some(pb::health_check::Probe::Http(ref http)) if http.path == "/health"
         ));
-        let err = parse_descriptor(r#"{"name": "x", "services": [], "owner": 2}"#, "f.json")
-            .unwrap_err();
+        let err =
+            parse_descriptor(r#"{"name": "x", "services": [], "owner": 2}"#, "f.json").unwrap_err();
         assert!(err.contains("unknown field `owner`"), "{err}");
         let err = parse_descriptor(r#"{"name": "x", "services": [], "version": 2}"#, "f.json")
             .unwrap_err();

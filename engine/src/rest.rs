@@ -21,9 +21,7 @@ use addons_descriptor::{Descriptor, oakestra};
 use addons_server_kit::rest::{self, Grpc, Reply, RestRequest, RestRoutes};
 use futures::future::BoxFuture;
 use http::{Method, StatusCode};
-use oakestra_addons_proto::engine::v1::{
-    self as pb, addons_manager_service_server::SERVICE_NAME,
-};
+use oakestra_addons_proto::engine::v1::{self as pb, addons_manager_service_server::SERVICE_NAME};
 use serde::Deserialize;
 
 const PREFIX: &str = "/api/v1/addons";
@@ -36,10 +34,6 @@ const MAX_LISTED: usize = 5000;
 pub struct ManagerRest;
 
 impl RestRoutes for ManagerRest {
-    fn handles(&self, path: &str) -> bool {
-        path == PREFIX || path.starts_with("/api/v1/addons/")
-    }
-
     fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply> {
         Box::pin(handle(request, grpc))
     }
@@ -50,15 +44,9 @@ fn method(name: &str) -> String {
 }
 
 async fn handle(request: RestRequest, grpc: Grpc) -> Reply {
-    let Some(rest) = request.path.strip_prefix(PREFIX) else {
-        return Reply::error(StatusCode::NOT_FOUND, "no such route");
-    };
-    let id = match rest {
-        "" => None,
-        id => match id.strip_prefix('/').filter(|id| rest::is_id(id)) {
-            Some(id) => Some(id.to_owned()),
-            None => return Reply::error(StatusCode::NOT_FOUND, "no such route"),
-        },
+    let id = match request.resource(PREFIX) {
+        Ok(id) => id,
+        Err(reply) => return reply,
     };
     let outcome = match (&request.method, id) {
         (&Method::GET, None) => list(&request, &grpc).await,
@@ -70,21 +58,14 @@ async fn handle(request: RestRequest, grpc: Grpc) -> Reply {
             "statuses come from the nodes' monitors over their links and cannot be set; \
              DELETE uninstalls",
         )),
-        (_, None) => Err(not_allowed("GET, POST")),
-        (_, Some(_)) => Err(not_allowed("GET, DELETE")),
+        (_, None) => Err(Reply::method_not_allowed("GET, POST")),
+        (_, Some(_)) => Err(Reply::method_not_allowed("GET, DELETE")),
     };
     outcome.unwrap_or_else(|reply| reply)
 }
 
 fn ok(body: serde_json::Value) -> Reply {
     Reply::json(StatusCode::OK, body)
-}
-
-fn not_allowed(allowed: &str) -> Reply {
-    Reply::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("this route answers {allowed}"),
-    )
 }
 
 fn failed(status: tonic::Status) -> Reply {
@@ -217,8 +198,8 @@ fn parse_install(body: &[u8]) -> Result<pb::InstallAddonRequest, (String, String
 }
 
 async fn install(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
-    let install = parse_install(&request.body)
-        .map_err(|violation| Reply::invalid("json", &[violation]))?;
+    let install =
+        parse_install(&request.body).map_err(|violation| Reply::invalid("json", &[violation]))?;
     let installed: pb::InstallAddonResponse = grpc
         .call(&method("InstallAddon"), install)
         .await
@@ -231,7 +212,10 @@ async fn install(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
 
 async fn get(id: String, grpc: &Grpc) -> Result<pb::Installation, Reply> {
     let found: pb::GetInstallationResponse = grpc
-        .call(&method("GetInstallation"), pb::GetInstallationRequest { id })
+        .call(
+            &method("GetInstallation"),
+            pb::GetInstallationRequest { id },
+        )
         .await
         .map_err(failed)?;
     Ok(found.installation.unwrap_or_default())
@@ -357,7 +341,8 @@ mod tests {
 
     #[test]
     fn reads_oakestra_install_bodies() {
-        let install = parse_install(br#"{"marketplace_id": "m1", "status": "installing"}"#).unwrap();
+        let install =
+            parse_install(br#"{"marketplace_id": "m1", "status": "installing"}"#).unwrap();
         assert_eq!(install.marketplace_id, "m1");
         assert!(install.accepted_privileges.is_empty());
         let install = parse_install(

@@ -17,7 +17,9 @@ use addons_descriptor::{Descriptor, oakestra};
 use addons_server_kit::rest::{self, Grpc, Reply, RestRequest, RestRoutes};
 use futures::future::BoxFuture;
 use http::{Method, StatusCode};
-use oakestra_addons_proto::marketplace::v1::{self as pb, marketplace_service_server::SERVICE_NAME};
+use oakestra_addons_proto::marketplace::v1::{
+    self as pb, marketplace_service_server::SERVICE_NAME,
+};
 
 const PREFIX: &str = "/api/v1/marketplace/addons";
 /// Most addons one listing returns: Oakestra's listings have no pages.
@@ -28,10 +30,6 @@ const MAX_LISTED: usize = 5000;
 pub struct MarketplaceRest;
 
 impl RestRoutes for MarketplaceRest {
-    fn handles(&self, path: &str) -> bool {
-        path.starts_with("/api/v1/marketplace")
-    }
-
     fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply> {
         Box::pin(handle(request, grpc))
     }
@@ -42,32 +40,19 @@ fn method(name: &str) -> String {
 }
 
 async fn handle(request: RestRequest, grpc: Grpc) -> Reply {
-    let Some(rest) = request.path.strip_prefix(PREFIX) else {
-        return Reply::error(StatusCode::NOT_FOUND, "no such route");
-    };
-    let id = match rest {
-        "" => None,
-        id => match id.strip_prefix('/').filter(|id| rest::is_id(id)) {
-            Some(id) => Some(id.to_owned()),
-            None => return Reply::error(StatusCode::NOT_FOUND, "no such route"),
-        },
+    let id = match request.resource(PREFIX) {
+        Ok(id) => id,
+        Err(reply) => return reply,
     };
     let outcome = match (&request.method, id) {
         (&Method::GET, None) => list(&request, &grpc).await,
         (&Method::POST, None) => publish(&request, &grpc).await,
         (&Method::GET, Some(id)) => get(id, &grpc).await,
         (&Method::DELETE, Some(id)) => delete(id, &grpc).await,
-        (_, None) => Err(not_allowed("GET, POST")),
-        (_, Some(_)) => Err(not_allowed("GET, DELETE")),
+        (_, None) => Err(Reply::method_not_allowed("GET, POST")),
+        (_, Some(_)) => Err(Reply::method_not_allowed("GET, DELETE")),
     };
     outcome.unwrap_or_else(|reply| reply)
-}
-
-fn not_allowed(allowed: &str) -> Reply {
-    Reply::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("this route answers {allowed}"),
-    )
 }
 
 /// A gRPC error as Oakestra's; request fields lose the `addon.` of the
@@ -176,8 +161,14 @@ fn addon_json(addon: pb::Addon) -> serde_json::Value {
     );
     out.insert("owner".into(), addon.owner.clone().into());
     out.insert("revision".into(), addon.revision.into());
-    out.insert("create_time".into(), rest::timestamp(addon.create_time.as_ref()));
-    out.insert("update_time".into(), rest::timestamp(addon.update_time.as_ref()));
+    out.insert(
+        "create_time".into(),
+        rest::timestamp(addon.create_time.as_ref()),
+    );
+    out.insert(
+        "update_time".into(),
+        rest::timestamp(addon.update_time.as_ref()),
+    );
     out.insert(
         "required_privileges".into(),
         addon

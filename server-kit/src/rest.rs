@@ -28,12 +28,9 @@ use tower::{BoxError, Service as _, util::BoxCloneSyncService};
 /// Largest REST request body read: a descriptor is bounded at 1 MiB.
 pub const MAX_REST_BODY: usize = 2 * 1024 * 1024;
 
-/// One server's REST routes.
+/// One server's REST routes: every request that is not gRPC (or gRPC-Web)
+/// comes here, and what is not a route is answered 404.
 pub trait RestRoutes: std::fmt::Debug + Send + Sync + 'static {
-    /// Whether `path` is one of these routes' (then answered here, never by
-    /// the gRPC router).
-    fn handles(&self, path: &str) -> bool;
-
     /// Answers one request, calling the server's services through `grpc`.
     fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply>;
 }
@@ -52,6 +49,21 @@ pub struct RestRequest {
 }
 
 impl RestRequest {
+    /// Where the path points under a collection route `prefix`: `None` for
+    /// the collection itself, the id for `prefix/{id}`, and a 404 for
+    /// anything else.
+    pub fn resource(&self, prefix: &str) -> Result<Option<String>, Reply> {
+        let no_route = || Reply::error(StatusCode::NOT_FOUND, "no such route");
+        match self.path.strip_prefix(prefix).ok_or_else(no_route)? {
+            "" => Ok(None),
+            rest => rest
+                .strip_prefix('/')
+                .filter(|id| is_id(id))
+                .map(|id| Some(id.to_owned()))
+                .ok_or_else(no_route),
+        }
+    }
+
     /// The value of query parameter `name`, if given.
     pub fn query(&self, name: &str) -> Option<&str> {
         self.query
@@ -79,6 +91,14 @@ impl Reply {
     /// An error in Oakestra's shape.
     pub fn error(status: StatusCode, message: impl Into<String>) -> Self {
         Self::json(status, error_body(status, &message.into()))
+    }
+
+    /// 405 naming the methods the route answers.
+    pub fn method_not_allowed(allowed: &str) -> Self {
+        Self::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("this route answers {allowed}"),
+        )
     }
 
     /// 422 with the fields of `location` (`json` or `query`) that do not
@@ -321,9 +341,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let routes = match &self.routes {
-            Some(routes) if !is_grpc(&request) && routes.handles(request.uri().path()) => {
-                routes.clone()
-            }
+            Some(routes) if !is_grpc(&request) => routes.clone(),
             _ => return Box::pin(self.inner.call(request)),
         };
         let inner = self.inner.clone();
@@ -393,7 +411,8 @@ pub fn timestamp(time: Option<&prost_types::Timestamp>) -> serde_json::Value {
         chrono::DateTime::from_timestamp(t.seconds, nanos)
     })
     .map_or(serde_json::Value::Null, |t| {
-        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into()
+        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            .into()
     })
 }
 
@@ -401,11 +420,18 @@ pub fn timestamp(time: Option<&prost_types::Timestamp>) -> serde_json::Value {
 /// Oakestra writes statuses (`INSTALLATION_STATUS_PARTIALLY_ACTIVE` →
 /// `partially_active`).
 pub fn enum_name(full: &str, prefix: &str) -> String {
-    full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
 }
 
 /// A privilege in JSON: `kind` without its prefix (`host_path`).
-pub fn privilege_json(kind: &str, service_name: &str, value: &str, read_only: bool) -> serde_json::Value {
+pub fn privilege_json(
+    kind: &str,
+    service_name: &str,
+    value: &str,
+    read_only: bool,
+) -> serde_json::Value {
     serde_json::json!({
         "kind": enum_name(kind, "PRIVILEGE_KIND_"),
         "service_name": service_name,
@@ -424,7 +450,9 @@ fn is_grpc<B>(request: &http::Request<B>) -> bool {
 }
 
 /// `application/x-www-form-urlencoded` pairs, as in a query string.
-fn url_form(query: &str) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
+fn url_form(
+    query: &str,
+) -> impl Iterator<Item = (std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
     query.split('&').filter(|p| !p.is_empty()).map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(key), percent_decode(value))
@@ -467,7 +495,10 @@ mod tests {
         assert!(is_id("01JDX3W0ZK5S9Y2Q8R1V4N6M7T"));
         assert!(!is_id("a/b") && !is_id("") && !is_id(&"x".repeat(65)) && !is_id(".."));
         assert_eq!(
-            enum_name("INSTALLATION_STATUS_PARTIALLY_ACTIVE", "INSTALLATION_STATUS_"),
+            enum_name(
+                "INSTALLATION_STATUS_PARTIALLY_ACTIVE",
+                "INSTALLATION_STATUS_"
+            ),
             "partially_active"
         );
         let time = prost_types::Timestamp {

@@ -257,7 +257,10 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer>
     for origin in origins {
         let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
             && !origin.ends_with('/')
-            && origin.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/'));
+            && origin
+                .split("://")
+                .nth(1)
+                .is_some_and(|host| !host.is_empty() && !host.contains('/'));
         let value = http::HeaderValue::from_str(origin).ok().filter(|_| valid);
         allowed.push(value.with_context(|| {
             format!("--cors-allow-origin `{origin}` is not an origin such as https://dashboard.example:8443, or *")
