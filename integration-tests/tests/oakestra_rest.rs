@@ -63,11 +63,13 @@ async fn curl_trusting(
         command.args(["-H", header]);
     }
     if let Some(body) = body {
+        let file = dir.path().join("body");
+        std::fs::write(&file, body.to_string()).unwrap();
         command.args([
             "-H",
             "content-type: application/json",
             "--data-binary",
-            &body.to_string(),
+            &format!("@{}", file.display()),
         ]);
     }
     let output = command.arg(url).output().await.unwrap();
@@ -168,6 +170,10 @@ async fn the_oakestra_flow_over_rest() {
         unknown.body["errors"]["json"]["replicas"].is_array(),
         "{unknown:?}"
     );
+    let huge = json!({"name": "x", "description": "x".repeat(3 << 20), "services": []});
+    let too_large = curl("POST", &addons, Some(&huge), &[]).await;
+    assert_eq!(too_large.status, 413, "{too_large:?}");
+    assert_eq!(too_large.body["code"], 413);
     let bad_name = curl(
         "POST",
         &addons,

@@ -266,7 +266,10 @@ impl Grpc {
         if data.len() < 5 {
             return Err(Status::internal("the response carries no message"));
         }
-        data.advance(1);
+        if data.get_u8() != 0 {
+            // Nothing asked for compression.
+            return Err(Status::internal("the response message is compressed"));
+        }
         let length = data.get_u32() as usize;
         if data.len() < length {
             return Err(Status::internal("the response message is cut short"));
@@ -347,22 +350,29 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let body = match Limited::new(body, MAX_REST_BODY).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(err) => {
-                    let too_large = err.is::<http_body_util::LengthLimitError>();
-                    let reply = if too_large {
-                        Reply::error(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            format!("the body is larger than {MAX_REST_BODY} bytes"),
-                        )
-                    } else {
-                        Reply::error(
-                            StatusCode::BAD_REQUEST,
-                            format!("cannot read the body: {err}"),
-                        )
-                    };
-                    return Ok(reply.into_response());
+            // Only the routes that take a body read one: a GET costs no
+            // more than the guard's answer to it.
+            let body = if !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+                drop(body);
+                Bytes::new()
+            } else {
+                match Limited::new(body, MAX_REST_BODY).collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(err) => {
+                        let too_large = err.is::<http_body_util::LengthLimitError>();
+                        let reply = if too_large {
+                            Reply::error(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                format!("the body is larger than {MAX_REST_BODY} bytes"),
+                            )
+                        } else {
+                            Reply::error(
+                                StatusCode::BAD_REQUEST,
+                                format!("cannot read the body: {err}"),
+                            )
+                        };
+                        return Ok(reply.into_response());
+                    }
                 }
             };
             let request = RestRequest {
@@ -379,10 +389,23 @@ where
                     .unwrap_or_default(),
                 body,
             };
+            // The caller's credentials and identity headers go on; what
+            // describes the REST message or its connection does not.
             let mut headers = parts.headers;
-            for name in [header::CONTENT_LENGTH, header::CONTENT_TYPE, header::HOST] {
+            for name in [
+                header::CONTENT_LENGTH,
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+                header::HOST,
+                header::TE,
+                header::CONNECTION,
+                header::TRANSFER_ENCODING,
+                header::UPGRADE,
+            ] {
                 headers.remove(name);
             }
+            headers.remove("grpc-encoding");
+            headers.remove("grpc-accept-encoding");
             let grpc = Grpc {
                 service: BoxCloneSyncService::new(tower::ServiceExt::map_err(inner, Into::into)),
                 headers,
