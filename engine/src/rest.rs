@@ -25,9 +25,6 @@ use oakestra_addons_proto::engine::v1::{self as pb, addons_manager_service_serve
 use serde::Deserialize;
 
 const PREFIX: &str = "/api/v1/addons";
-/// Most installations one listing returns: Oakestra's listings have no
-/// pages.
-const MAX_LISTED: usize = 5000;
 
 /// The routes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -98,28 +95,26 @@ async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
             }
         }
     };
-    let mut installations = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page: pb::ListInstallationsResponse = grpc
-            .call(
-                &method("ListInstallations"),
-                pb::ListInstallationsRequest {
-                    statuses: statuses.clone(),
-                    page_size: 500,
-                    page_token,
-                },
-            )
-            .await
-            .map_err(failed)?;
-        installations.extend(page.installations.into_iter().map(installation_json));
-        if page.next_page_token.is_empty() || installations.len() >= MAX_LISTED {
-            break;
+    rest::every_page(|page_token| {
+        let request = pb::ListInstallationsRequest {
+            statuses: statuses.clone(),
+            page_size: 500,
+            page_token,
+        };
+        async move {
+            let page: pb::ListInstallationsResponse = grpc
+                .call(&method("ListInstallations"), request)
+                .await
+                .map_err(failed)?;
+            let installations = page
+                .installations
+                .into_iter()
+                .map(installation_json)
+                .collect();
+            Ok((installations, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
-    installations.truncate(MAX_LISTED);
-    Ok(ok(installations.into()))
+    })
+    .await
 }
 
 /// The body of `POST /api/v1/addons`.

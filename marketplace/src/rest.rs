@@ -22,8 +22,6 @@ use oakestra_addons_proto::marketplace::v1::{
 };
 
 const PREFIX: &str = "/api/v1/marketplace/addons";
-/// Most addons one listing returns: Oakestra's listings have no pages.
-const MAX_LISTED: usize = 5000;
 
 /// The routes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -65,30 +63,24 @@ fn failed(status: tonic::Status) -> Reply {
 
 async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
     let name = request.query("name").unwrap_or_default().to_owned();
-    let mut addons = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page: pb::ListAddonsResponse = grpc
-            .call(
-                &method("ListAddons"),
-                pb::ListAddonsRequest {
-                    // Oakestra lists only approved addons, as ours does by default.
-                    statuses: Vec::new(),
-                    name: name.clone(),
-                    page_size: 500,
-                    page_token,
-                },
-            )
-            .await
-            .map_err(failed)?;
-        addons.extend(page.addons.into_iter().map(addon_json));
-        if page.next_page_token.is_empty() || addons.len() >= MAX_LISTED {
-            break;
+    rest::every_page(|page_token| {
+        let request = pb::ListAddonsRequest {
+            // Oakestra lists only approved addons, as ours does by default.
+            statuses: Vec::new(),
+            name: name.clone(),
+            page_size: 500,
+            page_token,
+        };
+        async move {
+            let page: pb::ListAddonsResponse = grpc
+                .call(&method("ListAddons"), request)
+                .await
+                .map_err(failed)?;
+            let addons = page.addons.into_iter().map(addon_json).collect();
+            Ok((addons, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
-    addons.truncate(MAX_LISTED);
-    Ok(Reply::json(StatusCode::OK, addons.into()))
+    })
+    .await
 }
 
 async fn publish(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {

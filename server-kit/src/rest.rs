@@ -417,6 +417,32 @@ where
     }
 }
 
+/// Most records one REST listing returns: Oakestra's listings have no
+/// pages (the gRPC ones page through everything).
+pub const MAX_LISTED: usize = 5000;
+
+/// Every page of a listing, as one JSON list of at most [`MAX_LISTED`]:
+/// `page` fetches the page after a token (`""` first) and returns its items
+/// and the next token (`""` after the last).
+pub async fn every_page<F, Fut>(mut page: F) -> Result<Reply, Reply>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<serde_json::Value>, String), Reply>>,
+{
+    let mut items = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (more, next) = page(token).await?;
+        items.extend(more);
+        if next.is_empty() || items.len() >= MAX_LISTED {
+            break;
+        }
+        token = next;
+    }
+    items.truncate(MAX_LISTED);
+    Ok(Reply::json(StatusCode::OK, items.into()))
+}
+
 /// Whether a path segment can be a record id (ours are ULIDs; Oakestra's
 /// were ObjectIds): letters, digits, `-` and `_`, at most 64.
 pub fn is_id(segment: &str) -> bool {
