@@ -2,15 +2,19 @@
 //! image builder (`oak-images`) pushes the images of the built binaries to
 //! a private registry, `ctr` pulls and runs the marketplace and the
 //! manager images as their `nonroot` user, `grpcurl` sees both SERVING,
-//! and publish → approve → install works against them.
+//! and publish → approve → install works against them; then the monitor's
+//! image runs as a privileged container with the host mounts the
+//! deployment files give it, and runs that addon until it answers on its
+//! port.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::{path::Path, process::Command, time::Duration};
 
 use integration_tests::{
-    Containerd, RegistryServer, binary, eventually, free_port, grpcurl,
-    images::{ImageSpec, push_image},
+    Containerd, NodeCleanup, RegistryServer, binary, eventually, free_port, grant_all, grpcurl,
+    http_get,
+    images::{ImageSpec, http_server_command, push_image},
     workspace_root,
 };
 use oakestra_addons_proto::{
@@ -19,6 +23,37 @@ use oakestra_addons_proto::{
 };
 
 const NAMESPACE: &str = "oakestra-images";
+/// The monitor's own namespace: never the servers' containers'.
+const ADDONS_NAMESPACE: &str = "oakestra-images-addons";
+
+/// `dir` bind-mounted on itself as a shared mount while it lives, so the
+/// network namespaces a containerized monitor mounts there reach the
+/// host's containerd (as a Kubernetes `Bidirectional` mount needs).
+struct SharedMount(std::path::PathBuf);
+
+impl SharedMount {
+    fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        for args in [
+            vec!["--bind", &*dir.to_string_lossy(), &*dir.to_string_lossy()],
+            vec!["--make-shared", &*dir.to_string_lossy()],
+        ] {
+            let status = Command::new("mount").args(&args).status().unwrap();
+            assert!(status.success(), "mount {args:?}");
+        }
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for SharedMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
 
 /// `ctr` against the private containerd; panics with its output on failure.
 fn ctr(containerd: &Containerd, args: &[&str]) -> String {
@@ -228,17 +263,161 @@ async fn the_server_images_run_under_containerd() {
             .connect_lazy()
     };
     let mut marketplace = MarketplaceServiceClient::new(channel(&marketplace_addr));
-    let published = marketplace
-        .publish_addon(mpb::PublishAddonRequest {
-            addon: Some(mpb::Addon {
-                name: "from-images".into(),
-                services: vec![mpb::ServiceSpec {
-                    service_name: "app".into(),
-                    image: format!("{host}/team/app:1"),
-                    ..Default::default()
+    let published = publish_approved_at(
+        &mut marketplace,
+        mpb::Addon {
+            name: "from-images".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "app".into(),
+                image: format!("{host}/team/app:1"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let installation = AddonsManagerServiceClient::new(channel(&manager_addr))
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: published.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+    assert_eq!(installation.status(), pb::InstallationStatus::Installing);
+    assert_eq!(installation.marketplace_id, published.id);
+
+    // The monitor's image, as the compose file and the DaemonSet run it:
+    // privileged, on the host network, with containerd's socket, the CNI
+    // plugins, iptables' lock and its state dir at the same path, shared.
+    let state = dir.path().join("monitor-state");
+    let _network = NodeCleanup::new(&state, "imx", "10.72");
+    let _shared = SharedMount::new(&state);
+    ctr(
+        &containerd,
+        &["images", "pull", "--plain-http", &image("addons-monitor")],
+    );
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/run/xtables.lock")
+        .unwrap();
+    let socket = containerd.socket().display().to_string();
+    let state_path = state.display().to_string();
+    let monitor_log = dir.path().join("monitor.log");
+    let bind =
+        |src: &str, options: &str| format!("type=bind,src={src},dst={src},options={options}");
+    ctr(
+        &containerd,
+        &[
+            "run",
+            "--detach",
+            "--privileged",
+            "--net-host",
+            "--rootfs-propagation",
+            "shared",
+            "--log-uri",
+            &format!("file://{}", monitor_log.display()),
+            "--mount",
+            &bind(&socket, "rbind:rw"),
+            "--mount",
+            &bind(&state_path, "rbind:rshared:rw"),
+            "--mount",
+            &bind("/usr/lib/cni", "rbind:ro"),
+            "--mount",
+            &bind("/run/xtables.lock", "rbind:rw"),
+            &image("addons-monitor"),
+            "monitor",
+            "/usr/local/bin/addons-monitor",
+            "--listen=127.0.0.1:0",
+            &format!("--manager=http://{manager_addr}"),
+            &format!("--containerd-socket={socket}"),
+            &format!("--namespace={ADDONS_NAMESPACE}"),
+            "--node-id=node-1",
+            &format!("--state-dir={state_path}"),
+            &format!("--insecure-registry={host}"),
+            "--bridge-prefix=imx",
+            "--subnet-prefix=10.72",
+            "--resync-interval=1s",
+            "--stop-grace=2s",
+        ],
+    );
+    let port = free_port();
+    let web = publish_approved_at(
+        &mut marketplace,
+        mpb::Addon {
+            name: "web-from-images".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "web".into(),
+                image: format!("{host}/team/app:1"),
+                command: http_server_command("served by the monitor image"),
+                ports: vec![mpb::PortMapping {
+                    container_port: 8080,
+                    host_port: u32::from(port),
+                    protocol: mpb::Protocol::Tcp.into(),
                 }],
                 ..Default::default()
-            }),
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut manager = AddonsManagerServiceClient::new(channel(&manager_addr));
+    let id = manager
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: web.id.clone(),
+            accepted_privileges: grant_all(&web, false),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    eventually(
+        "active through the monitor image",
+        Duration::from_secs(60),
+        || {
+            let mut manager = manager.clone();
+            let id = id.clone();
+            let log = monitor_log.clone();
+            async move {
+                let installation = manager
+                    .get_installation(pb::GetInstallationRequest { id })
+                    .await
+                    .map_err(|s| s.to_string())?
+                    .into_inner()
+                    .installation
+                    .unwrap();
+                match installation.status() {
+                    pb::InstallationStatus::Active => Ok(()),
+                    other => Err(format!(
+                        "{other:?} {} | monitor log: {}",
+                        installation.status_message,
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )),
+                }
+            }
+        },
+    )
+    .await;
+    let page = http_get(port, Duration::from_secs(5)).await.unwrap();
+    assert!(page.contains("served by the monitor image"), "{page}");
+
+    containerd.kill().await;
+}
+
+/// Publishes `addon` and waits until it is approved.
+async fn publish_approved_at(
+    marketplace: &mut MarketplaceServiceClient<tonic::transport::Channel>,
+    addon: mpb::Addon,
+) -> mpb::Addon {
+    let published = marketplace
+        .publish_addon(mpb::PublishAddonRequest {
+            addon: Some(addon),
             ..Default::default()
         })
         .await
@@ -258,24 +437,10 @@ async fn the_server_images_run_under_containerd() {
                 .addon
                 .unwrap();
             match addon.status() {
-                mpb::AddonStatus::Approved => Ok(()),
+                mpb::AddonStatus::Approved => Ok(addon),
                 other => Err(format!("{other:?} {:?}", addon.verification)),
             }
         }
     })
-    .await;
-    let installation = AddonsManagerServiceClient::new(channel(&manager_addr))
-        .install_addon(pb::InstallAddonRequest {
-            marketplace_id: published.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap();
-    assert_eq!(installation.status(), pb::InstallationStatus::Installing);
-    assert_eq!(installation.marketplace_id, published.id);
-
-    containerd.kill().await;
+    .await
 }
