@@ -347,7 +347,10 @@ where
             Some(routes) if !is_grpc(&request) => routes.clone(),
             _ => return Box::pin(self.inner.call(request)),
         };
-        let inner = self.inner.clone();
+        // The service made ready goes with the request (tower's contract);
+        // a clone stays for the next one.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             // Only the routes that take a body read one: a GET costs no
