@@ -193,8 +193,9 @@ fn parse_install(body: &[u8]) -> Result<pb::InstallAddonRequest, (String, String
 }
 
 async fn install(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
-    let install =
+    let mut install =
         parse_install(&request.body).map_err(|violation| Reply::invalid("json", &[violation]))?;
+    install.request_id = request.idempotency_key.clone();
     let installed: pb::InstallAddonResponse = grpc
         .call(&method("InstallAddon"), install)
         .await

@@ -188,8 +188,13 @@ async fn the_oakestra_flow_over_rest() {
         "{bad_name:?}"
     );
 
-    // Publish: 201, under review.
-    let published = curl("POST", &addons, Some(&descriptor), &[]).await;
+    // Publish: 201, under review. A retry with the same Idempotency-Key
+    // is the same publish, not a second addon.
+    let key = vec!["idempotency-key: publish-rest-web-1".to_owned()];
+    let published = curl("POST", &addons, Some(&descriptor), &key).await;
+    let retried = curl("POST", &addons, Some(&descriptor), &key).await;
+    assert_eq!(retried.status, 201, "{retried:?}");
+    assert_eq!(retried.body["_id"], published.body["_id"]);
     assert_eq!(published.status, 201, "{published:?}");
     assert_eq!(published.body["status"], "under_review");
     assert_eq!(published.body["name"], "rest-web");

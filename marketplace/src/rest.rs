@@ -91,7 +91,7 @@ async fn publish(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
             &method("PublishAddon"),
             pb::PublishAddonRequest {
                 addon: Some(addon),
-                request_id: String::new(),
+                request_id: request.idempotency_key.clone(),
             },
         )
         .await

@@ -46,6 +46,9 @@ pub struct RestRequest {
     pub query: Vec<(String, String)>,
     /// The body, at most [`MAX_REST_BODY`] bytes.
     pub body: Bytes,
+    /// The `Idempotency-Key` header: the `request_id` of the gRPC call a
+    /// mutating route makes, so a retried POST takes effect once.
+    pub idempotency_key: String,
 }
 
 impl RestRequest {
@@ -391,6 +394,12 @@ where
                     })
                     .unwrap_or_default(),
                 body,
+                idempotency_key: parts
+                    .headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
             };
             // The caller's credentials and identity headers go on; what
             // describes the REST message or its connection does not.

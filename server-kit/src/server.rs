@@ -243,6 +243,7 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer>
             HeaderName::from_static("x-grpc-web"),
             HeaderName::from_static("x-user-agent"),
             HeaderName::from_static("grpc-timeout"),
+            HeaderName::from_static("idempotency-key"),
         ])
         .expose_headers([
             HeaderName::from_static("grpc-status"),
