@@ -159,11 +159,21 @@ pub async fn publish_approved(
     marketplace: &ServerProcess,
     addon: oakestra_addons_proto::marketplace::v1::Addon,
 ) -> oakestra_addons_proto::marketplace::v1::Addon {
+    use oakestra_addons_proto::marketplace::v1::marketplace_service_client::MarketplaceServiceClient;
+    publish_approved_on(MarketplaceServiceClient::new(marketplace.channel()), addon).await
+}
+
+/// [`publish_approved`] through `client`, for a marketplace that is not a
+/// [`ServerProcess`] (one in a container, say).
+pub async fn publish_approved_on(
+    client: oakestra_addons_proto::marketplace::v1::marketplace_service_client::MarketplaceServiceClient<
+        tonic::transport::Channel,
+    >,
+    addon: oakestra_addons_proto::marketplace::v1::Addon,
+) -> oakestra_addons_proto::marketplace::v1::Addon {
     use oakestra_addons_proto::marketplace::v1::{
         AddonStatus, GetAddonRequest, PublishAddonRequest,
-        marketplace_service_client::MarketplaceServiceClient,
     };
-    let client = MarketplaceServiceClient::new(marketplace.channel());
     let published = client
         .clone()
         .publish_addon(PublishAddonRequest {

@@ -15,7 +15,7 @@ use integration_tests::{
     Containerd, NodeCleanup, RegistryServer, binary, eventually, free_port, grant_all, grpcurl,
     http_get,
     images::{ImageSpec, http_server_command, push_image},
-    workspace_root,
+    publish_approved_on, workspace_root,
 };
 use oakestra_addons_proto::{
     engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},
@@ -180,35 +180,25 @@ async fn the_server_images_run_under_containerd() {
             &["images", "pull", "--plain-http", &image(name)],
         );
     }
-    let config = ctr(
-        &containerd,
-        &["content", "get", &{
-            let manifest = ctr(&containerd, &["images", "list", "--quiet"]);
-            assert!(
-                manifest.contains(&image("addons-marketplace")),
-                "{manifest}"
-            );
-            // The manifest's config digest, through the image's own listing.
-            let listing = ctr(&containerd, &["images", "list"]);
-            let line = listing
-                .lines()
-                .find(|l| l.starts_with(&image("addons-marketplace")))
-                .unwrap()
-                .to_owned();
-            let digest = line.split_whitespace().nth(2).unwrap().to_owned();
-            let manifest = ctr(&containerd, &["content", "get", &digest]);
-            let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
-            assert_eq!(
-                manifest["annotations"]["org.opencontainers.image.version"],
-                "test"
-            );
-            assert_eq!(
-                manifest["annotations"]["org.opencontainers.image.source"],
-                "https://github.com/oakestra/addons-rs"
-            );
-            manifest["config"]["digest"].as_str().unwrap().to_owned()
-        }],
+    // The manifest (through the image's listing) and its configuration.
+    let listing = ctr(&containerd, &["images", "list"]);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(&image("addons-marketplace")))
+        .unwrap_or_else(|| panic!("{listing}"));
+    let digest = line.split_whitespace().nth(2).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ctr(&containerd, &["content", "get", digest])).unwrap();
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.version"],
+        "test"
     );
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.source"],
+        "https://github.com/oakestra/addons-rs"
+    );
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let config = ctr(&containerd, &["content", "get", config_digest]);
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["config"]["User"], "65532:65532");
 
@@ -262,9 +252,9 @@ async fn the_server_images_run_under_containerd() {
             .unwrap()
             .connect_lazy()
     };
-    let mut marketplace = MarketplaceServiceClient::new(channel(&marketplace_addr));
-    let published = publish_approved_at(
-        &mut marketplace,
+    let marketplace = MarketplaceServiceClient::new(channel(&marketplace_addr));
+    let published = publish_approved_on(
+        marketplace.clone(),
         mpb::Addon {
             name: "from-images".into(),
             services: vec![mpb::ServiceSpec {
@@ -345,8 +335,8 @@ async fn the_server_images_run_under_containerd() {
         ],
     );
     let port = free_port();
-    let web = publish_approved_at(
-        &mut marketplace,
+    let web = publish_approved_on(
+        marketplace.clone(),
         mpb::Addon {
             name: "web-from-images".into(),
             services: vec![mpb::ServiceSpec {
@@ -408,39 +398,4 @@ async fn the_server_images_run_under_containerd() {
     assert!(page.contains("served by the monitor image"), "{page}");
 
     containerd.kill().await;
-}
-
-/// Publishes `addon` and waits until it is approved.
-async fn publish_approved_at(
-    marketplace: &mut MarketplaceServiceClient<tonic::transport::Channel>,
-    addon: mpb::Addon,
-) -> mpb::Addon {
-    let published = marketplace
-        .publish_addon(mpb::PublishAddonRequest {
-            addon: Some(addon),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .addon
-        .unwrap();
-    eventually("approved", Duration::from_secs(30), || {
-        let mut marketplace = marketplace.clone();
-        let id = published.id.clone();
-        async move {
-            let addon = marketplace
-                .get_addon(mpb::GetAddonRequest { id })
-                .await
-                .map_err(|s| s.to_string())?
-                .into_inner()
-                .addon
-                .unwrap();
-            match addon.status() {
-                mpb::AddonStatus::Approved => Ok(addon),
-                other => Err(format!("{other:?} {:?}", addon.verification)),
-            }
-        }
-    })
-    .await
 }

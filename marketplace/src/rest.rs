@@ -142,14 +142,18 @@ fn status_name(status: pb::AddonStatus) -> &'static str {
 /// An addon in Oakestra's shape, with our fields beside.
 fn addon_json(addon: pb::Addon) -> serde_json::Value {
     let status = status_name(addon.status());
-    let verification = addon.verification.clone().unwrap_or_default();
     let mut out = serde_json::Map::new();
     out.insert("_id".into(), addon.id.clone().into());
     out.insert("status".into(), status.into());
     // Why verification failed, when it did.
     out.insert(
         "status_message".into(),
-        verification.last_error.clone().into(),
+        addon
+            .verification
+            .as_ref()
+            .map(|v| v.last_error.clone())
+            .unwrap_or_default()
+            .into(),
     );
     out.insert("owner".into(), addon.owner.clone().into());
     out.insert("revision".into(), addon.revision.into());
