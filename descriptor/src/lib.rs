@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::privileges::{Privilege, PrivilegeKind};
 pub use crate::validate::{
-    DEFAULT_NETWORK, MAX_ARGUMENT, MAX_ENCODED_ADDON, MAX_ENTRIES, MAX_SERVICES, validate,
-    validate_with,
+    DEFAULT_NETWORK, MAX_ARGUMENT, MAX_ENCODED_ADDON, MAX_ENTRIES, MAX_SERVICES, has_control,
+    quoted, validate, validate_record_id, validate_with,
 };
 
 /// A field that breaks a rule, by its path in the request

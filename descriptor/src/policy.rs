@@ -327,6 +327,17 @@ impl Policy {
             }
             Some(PrivilegeKind::HostPath) => {
                 let path = crate::privileges::normal_path(&need.value);
+                // Compared as strings, `/srv/addons/../../etc` would be
+                // under `/srv/addons`: such a path is never allowed.
+                if !path.starts_with('/') || path.split('/').any(|p| p == "." || p == "..") {
+                    return Err(violation(
+                        "host_paths",
+                        format!(
+                            "service {service} mounts host path {} with `.` or `..` segments or not absolute",
+                            crate::quoted(&path)
+                        ),
+                    ));
+                }
                 let allowed = self.host_paths.iter().any(|rule| {
                     let prefix = crate::privileges::normal_path(&rule.prefix);
                     let under = path == prefix

@@ -176,11 +176,20 @@ impl std::fmt::Display for Privilege {
 /// A host path as privileges and policies compare it: without trailing
 /// slashes (`/` stays `/`).
 pub fn normal_path(path: &str) -> String {
-    let trimmed = path.trim_end_matches('/');
-    if trimmed.is_empty() {
+    // Repeated slashes name the same path: `/srv//x` is `/srv/x`.
+    let mut normal = String::with_capacity(path.len());
+    for (i, part) in path.split('/').enumerate() {
+        if i == 0 || !part.is_empty() {
+            if i > 0 {
+                normal.push('/');
+            }
+            normal.push_str(part);
+        }
+    }
+    if normal.is_empty() {
         "/".to_owned()
     } else {
-        trimmed.to_owned()
+        normal
     }
 }
 

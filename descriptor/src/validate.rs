@@ -61,6 +61,42 @@ fn check_label(v: &mut Violations, field: &str, name: &str) {
     }
 }
 
+/// Length of a record identifier: a ULID.
+const RECORD_ID_LEN: usize = 26;
+
+/// Checks a record identifier as the stores hand them out
+/// (`addons_store::new_id`): a ULID in lowercase Crockford base32. The
+/// monitor takes installation and addon ids only in this form, so an id can
+/// never name a path, a label or a container outside its own.
+pub fn validate_record_id(id: &str) -> Result<(), String> {
+    let crockford = |b: u8| {
+        b.is_ascii_digit() || (b.is_ascii_lowercase() && !matches!(b, b'i' | b'l' | b'o' | b'u'))
+    };
+    if id.len() == RECORD_ID_LEN && id.bytes().all(crockford) && id.as_bytes()[0] <= b'7' {
+        Ok(())
+    } else {
+        Err(format!(
+            "not an identifier: {RECORD_ID_LEN} characters of lowercase Crockford base32 (a ULID), got {}",
+            quoted(id)
+        ))
+    }
+}
+
+/// `text` quoted for a message, control characters escaped and at most 64
+/// characters shown: what a stranger wrote never reaches a terminal raw.
+pub fn quoted(text: &str) -> String {
+    let shown: String = text.chars().take(64).collect();
+    let more = if shown.len() < text.len() { "…" } else { "" };
+    format!("{:?}{more}", shown)
+}
+
+/// Whether `text` holds a control character (C0, DEL or C1): none may be in
+/// a descriptor, so nothing a publisher wrote can move a terminal's cursor
+/// or hide a line of a consent prompt.
+pub fn has_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
+}
+
 fn is_env_name(key: &str) -> bool {
     let mut bytes = key.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
@@ -81,6 +117,7 @@ pub fn validate_with(
     image_check: &dyn Fn(&str) -> Result<(), String>,
 ) -> Result<(), Vec<FieldViolation>> {
     let mut v = Violations::default();
+    check_controls(&mut v, addon);
     check_label(&mut v, "name", &addon.name);
     if addon.version.len() > MAX_VERSION {
         v.add("version", format!("at most {MAX_VERSION} bytes"));
@@ -154,6 +191,93 @@ pub fn validate_with(
     v.into_result()
 }
 
+/// Refuses control characters in every string of the descriptor; command
+/// arguments and environment values (scripts, multi-line settings) may hold
+/// tabs and line feeds, and nothing else below U+0020.
+fn check_controls(v: &mut Violations, addon: &Descriptor) {
+    let mut strict = |field: String, text: &str| {
+        if has_control(text) {
+            v.0.push(FieldViolation::new(
+                field,
+                "must not hold control characters",
+            ));
+        }
+    };
+    strict("name".into(), &addon.name);
+    strict("version".into(), &addon.version);
+    strict("description".into(), &addon.description);
+    for (i, volume) in addon.volumes.iter().enumerate().take(MAX_ENTRIES) {
+        strict(format!("volumes[{i}].name"), &volume.name);
+        strict(format!("volumes[{i}].driver"), &volume.driver);
+        for (field, map) in [
+            ("driver_opts", &volume.driver_opts),
+            ("labels", &volume.labels),
+        ] {
+            for (key, value) in map.iter().take(MAX_ENTRIES) {
+                strict(format!("volumes[{i}].{field}"), key);
+                strict(format!("volumes[{i}].{field}[{}]", quoted(key)), value);
+            }
+        }
+    }
+    for (i, network) in addon.networks.iter().enumerate().take(MAX_ENTRIES) {
+        strict(format!("networks[{i}].name"), &network.name);
+    }
+    let data = |text: &str| {
+        text.chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+    };
+    let mut loose = Vec::new();
+    for (i, service) in addon.services.iter().enumerate().take(MAX_SERVICES) {
+        let at = format!("services[{i}]");
+        strict(format!("{at}.service_name"), &service.service_name);
+        strict(format!("{at}.image"), &service.image);
+        if let Some(resolved) = &service.resolved_image {
+            strict(format!("{at}.resolved_image"), resolved);
+        }
+        for (j, network) in service.networks.iter().enumerate().take(MAX_ENTRIES) {
+            strict(format!("{at}.networks[{j}]"), network);
+        }
+        for (j, mount) in service.mounts.iter().enumerate().take(MAX_ENTRIES) {
+            let (MountSource::Volume(source) | MountSource::HostPath(source)) = &mount.source;
+            strict(format!("{at}.mounts[{j}].source"), source);
+            strict(format!("{at}.mounts[{j}].target"), &mount.target);
+        }
+        for (key, value) in service.labels.iter().take(MAX_ENTRIES) {
+            strict(format!("{at}.labels"), key);
+            strict(format!("{at}.labels[{}]", quoted(key)), value);
+        }
+        for (key, value) in service.environment.iter().take(MAX_ENTRIES) {
+            if data(value) {
+                loose.push(format!("{at}.environment[{}]", quoted(key)));
+            }
+        }
+        for (j, argument) in service.command.iter().enumerate().take(MAX_ENTRIES) {
+            if data(argument) {
+                loose.push(format!("{at}.command[{j}]"));
+            }
+        }
+        match service.health_check.as_ref().map(|check| &check.probe) {
+            Some(crate::Probe::Http { path, .. }) => {
+                strict(format!("{at}.health_check.http.path"), path);
+            }
+            Some(crate::Probe::Exec { command }) => {
+                for (j, argument) in command.iter().enumerate().take(64) {
+                    if data(argument) {
+                        loose.push(format!("{at}.health_check.exec.command[{j}]"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for field in loose {
+        v.add(
+            field,
+            "must not hold control characters other than tab and line feed",
+        );
+    }
+}
+
 /// A health check's bounds.
 fn check_health(v: &mut Violations, at: &str, check: &crate::HealthCheck) {
     const SECOND: u64 = 1000;
@@ -220,10 +344,13 @@ fn check_entries(v: &mut Violations, at: &str, map: &std::collections::BTreeMap<
 
 /// An absolute path without `..`, of at most 4096 bytes.
 fn check_path(v: &mut Violations, field: &str, path: &str) {
-    if !path.starts_with('/') || path.len() > MAX_ARGUMENT || path.split('/').any(|p| p == "..") {
+    if !path.starts_with('/')
+        || path.len() > MAX_ARGUMENT
+        || path.split('/').any(|p| p == ".." || p == ".")
+    {
         v.add(
             field,
-            format!("must be an absolute path without '..', at most {MAX_ARGUMENT} bytes"),
+            format!("must be an absolute path without '..' or '.', at most {MAX_ARGUMENT} bytes"),
         );
     }
 }

@@ -35,6 +35,10 @@ pub enum Refusal {
     /// The node's policy forbids it.
     #[error("node policy: {0}")]
     Policy(String),
+    /// A host path cannot be bound as checked (a link beneath it, or it
+    /// changed while it was mounted).
+    #[error("{0}")]
+    HostPath(crate::host_paths::HostPathError),
     /// A host port the service publishes is held by someone else here.
     #[error("host port {port} is in use by {holder}")]
     HostPortInUse {

@@ -188,18 +188,35 @@ impl NodeMonitorService for NodeMonitorApi {
         request: Request<pb::GetServiceLogsRequest>,
     ) -> Result<Response<pb::GetServiceLogsResponse>, Status> {
         let request = request.into_inner();
-        let missing: Vec<(&str, &str)> = [
-            ("installation_id", request.installation_id.is_empty()),
-            ("service_name", request.service_name.is_empty()),
+        // Both go into a containerd filter: only their plain forms.
+        let plain_name = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        let id_error = addons_descriptor::validate_record_id(&request.installation_id).err();
+        let bad: Vec<(&str, &str)> = [
+            (
+                "installation_id",
+                id_error.is_some(),
+                "required: an installation id (26 characters, a ULID)",
+            ),
+            (
+                "service_name",
+                !plain_name(&request.service_name),
+                "required: 1 to 63 letters, digits, '-', '_' and '.'",
+            ),
         ]
         .into_iter()
-        .filter(|(_, empty)| *empty)
-        .map(|(field, _)| (field, "required"))
+        .filter(|(_, bad, _)| *bad)
+        .map(|(field, _, reason)| (field, reason))
         .collect();
-        if !missing.is_empty() {
+        if !bad.is_empty() {
             return Err(ApiError::invalid(
-                "installation_id and service_name are required",
-                missing,
+                "installation_id and service_name must be given in their plain forms",
+                bad,
             )
             .into());
         }
@@ -227,16 +244,13 @@ impl NodeMonitorService for NodeMonitorApi {
             )
             .into());
         };
-        let path = self
-            .state_dir
-            .join("logs")
-            .join(format!("{}.log", container.id));
-        let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        let lines = all[all.len().saturating_sub(lines)..]
-            .iter()
-            .map(|l| (*l).to_owned())
-            .collect();
+        let path = crate::state_dir::StateDir::new(&self.state_dir)
+            .log(&container.id)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let lines = tokio::task::spawn_blocking(move || crate::state_dir::tail(&path, lines))
+            .await
+            .map_err(|err| Status::internal(err.to_string()))?
+            .map_err(|err| Status::internal(format!("cannot read the log: {err}")))?;
         Ok(Response::new(pb::GetServiceLogsResponse { lines }))
     }
 

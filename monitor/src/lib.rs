@@ -10,6 +10,8 @@ pub mod cores;
 mod crash;
 pub mod error;
 pub mod health;
+pub mod host_paths;
+pub mod intake;
 pub mod labels;
 pub mod link;
 pub mod network;

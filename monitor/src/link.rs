@@ -211,11 +211,15 @@ async fn session(
             .ok_or_else(|| anyhow::anyhow!("link closed during the handshake"))?;
         match message.message {
             Some(open_link_response::Message::DesiredState(state)) => {
-                desired.send_replace(Some(state));
+                desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
             }
             Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
                 if let Some(state) = assembler.apply(chunk)? {
-                    desired.send_replace(Some(state));
+                    desired.send_replace(Some(crate::intake::take(
+                        state,
+                        &settings.node_id,
+                        reports,
+                    )));
                 }
             }
             Some(open_link_response::Message::Ack(ack)) => {
@@ -257,11 +261,11 @@ async fn session(
                 let Some(message) = message? else { return Ok(()) };
                 match message.message {
                     Some(open_link_response::Message::DesiredState(state)) => {
-                        desired.send_replace(Some(state));
+                        desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
                     }
                     Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
                         if let Some(state) = assembler.apply(chunk)? {
-                            desired.send_replace(Some(state));
+                            desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
                         }
                     }
                     Some(open_link_response::Message::Ack(ack)) => outbox.ack(ack.sequence),

@@ -27,6 +27,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals()?;
     tonic::transport::Endpoint::from_shared(config.manager.clone())
         .with_context(|| format!("invalid manager URL `{}`", config.manager))?;
+    // Whoever is on a plaintext path to the manager writes this node's
+    // desired state and reads its token.
+    let plaintext = config.manager_ca.is_none()
+        && config.manager_cert.is_none()
+        && !config.manager.starts_with("https://");
+    if plaintext && !addons_server_kit::is_loopback_url(&config.manager) {
+        if !config.common.auth.insecure {
+            anyhow::bail!(
+                "refusing a plaintext link to the manager at {}: use an https:// URL (with --manager-ca), a loopback address (a mesh sidecar), or pass --insecure",
+                config.manager
+            );
+        }
+        tracing::warn!(manager = %config.manager, "linking to the manager WITHOUT TLS (--insecure): anyone on the path can run containers on this node");
+    }
     if let Some(token) = &config.token_file {
         std::fs::read(token)
             .with_context(|| format!("cannot read the token file {}", token.display()))?;

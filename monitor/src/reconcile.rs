@@ -289,7 +289,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             let wanted = release::wanted_trials(d, &self.node_id, &self.trials);
             // Trials no longer wanted go with their files.
             for ended in self.trials.keys().filter(|id| !wanted.contains_key(*id)) {
-                if let Err(err) = StateDir::remove(&self.state.trial(ended)) {
+                if let Err(err) = self
+                    .state
+                    .trial(ended)
+                    .and_then(|path| StateDir::remove(&path))
+                {
                     tracing::warn!(error = %err, "cannot remove a finished release trial");
                 }
             }
@@ -499,8 +503,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     tracing::warn!(installation = %trial.installation, release = trial.release, %reason, "release failed on this node; going back to the release before");
                     failed_now = true;
                 }
-                if let Err(err) =
-                    StateDir::write_json(&self.state.trial(&trial.installation), trial)
+                if let Err(err) = self
+                    .state
+                    .trial(&trial.installation)
+                    .and_then(|path| StateDir::write_json(&path, trial))
                 {
                     tracing::warn!(error = %err, "cannot save the release trial");
                 }

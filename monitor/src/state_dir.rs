@@ -40,6 +40,12 @@ pub enum StateDirError {
         #[source]
         err: std::io::Error,
     },
+    /// A name that would lead outside its directory of the state dir.
+    #[error("{name} is not a plain file name: refused as a path under the state dir")]
+    Outside {
+        /// The name, quoted.
+        name: String,
+    },
     /// The file exists but does not hold a valid record.
     #[error("{} is corrupt: {reason}", .path.display())]
     Corrupt {
@@ -67,34 +73,56 @@ impl StateDir {
         &self.root
     }
 
+    /// `<root>/<dir>/<name><suffix>`: the one way a path under the state
+    /// dir is made from a name the monitor was given (a container id, an
+    /// installation id, a volume name). A name that is not one plain path
+    /// component (empty, `.`, `..`, with `/`, NUL or a control character,
+    /// over 200 bytes) is refused, so no name reaches outside its directory.
+    fn beneath(&self, dir: &str, names: &[&str], suffix: &str) -> Result<PathBuf, StateDirError> {
+        let mut path = self.root.join(dir);
+        for (i, name) in names.iter().enumerate() {
+            if !is_plain_name(name) {
+                return Err(StateDirError::Outside {
+                    name: addons_descriptor::quoted(name),
+                });
+            }
+            if i + 1 == names.len() && !suffix.is_empty() {
+                path.push(format!("{name}{suffix}"));
+            } else {
+                path.push(name);
+            }
+        }
+        Ok(path)
+    }
+
     /// The log of container `id`.
-    pub fn log(&self, id: &str) -> PathBuf {
-        self.root.join("logs").join(format!("{id}.log"))
+    pub fn log(&self, id: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("logs", &[id], ".log")
     }
 
     /// The directory of container `id`'s generated files.
-    pub fn container_dir(&self, id: &str) -> PathBuf {
-        self.root.join("containers").join(id)
+    pub fn container_dir(&self, id: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("containers", &[id], "")
     }
 
     /// The last status of container `id`'s service.
-    pub fn status_file(&self, id: &str) -> PathBuf {
-        self.container_dir(id).join("status.pb")
+    pub fn status_file(&self, id: &str) -> Result<PathBuf, StateDirError> {
+        Ok(self.container_dir(id)?.join("status.pb"))
     }
 
     /// The failure history of container `id`'s service.
-    pub fn failures_file(&self, id: &str) -> PathBuf {
-        self.container_dir(id).join("failures.json")
+    pub fn failures_file(&self, id: &str) -> Result<PathBuf, StateDirError> {
+        Ok(self.container_dir(id)?.join("failures.json"))
     }
 
     /// The swap record of core container `core_id`.
-    pub fn swap_record(&self, core_id: &str) -> PathBuf {
-        self.root.join("cores").join(format!("{core_id}.json"))
+    pub fn swap_record(&self, core_id: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("cores", &[core_id], ".json")
     }
 
     /// The node's trial of a release of `installation` rolling out.
-    pub fn trial(&self, installation: &str) -> PathBuf {
-        self.trials().join(format!("{installation}.json"))
+    pub fn trial(&self, installation: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("trials", &[installation], ".json")
     }
 
     /// Where the node's release trials are kept.
@@ -103,8 +131,13 @@ impl StateDir {
     }
 
     /// The named volumes of an installation.
-    pub fn volumes(&self, installation: &str) -> PathBuf {
-        self.root.join("volumes").join(installation)
+    pub fn volumes(&self, installation: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("volumes", &[installation], "")
+    }
+
+    /// The named volume `name` of an installation.
+    pub fn volume(&self, installation: &str, name: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("volumes", &[installation, name], "")
     }
 
     /// Reads a JSON record: `None` when the file does not exist.
@@ -156,6 +189,56 @@ impl StateDir {
             }),
         }
     }
+}
+
+/// Most bytes read from the end of a log for its tail: an addon that
+/// writes without end costs the monitor this much memory per read, never
+/// the size of its log.
+pub const MAX_TAIL_BYTES: u64 = 1 << 20;
+
+/// Longest line of a tail; the rest of a longer one is cut.
+const MAX_TAIL_LINE: usize = 4096;
+
+/// The last `lines` lines of a file, read from at most its last
+/// [`MAX_TAIL_BYTES`]; a missing file has none.
+pub fn tail(path: &Path, lines: usize) -> std::io::Result<Vec<String>> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(MAX_TAIL_BYTES);
+    file.seek(std::io::SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_TAIL_BYTES).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut all: Vec<&str> = text.lines().collect();
+    // A read that starts inside the file starts inside a line.
+    if start > 0 && !all.is_empty() {
+        all.remove(0);
+    }
+    Ok(all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|line| {
+            let mut end = line.len().min(MAX_TAIL_LINE);
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line[..end].to_owned()
+        })
+        .collect())
+}
+
+/// Whether `name` is one plain path component.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(|c| c == '\0' || c.is_control())
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old content or the
@@ -218,6 +301,52 @@ mod tests {
         StateDir::remove(&path).unwrap();
         StateDir::remove(&path).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tails_read_only_the_end() {
+        let dir = tempdir();
+        let path = dir.join("big.log");
+        assert!(tail(&path, 5).unwrap().is_empty());
+        let mut text = String::new();
+        for i in 0..200_000 {
+            text.push_str(&format!("line {i}\n"));
+        }
+        text.push_str(&"x".repeat(10_000));
+        std::fs::write(&path, &text).unwrap();
+        assert!(text.len() as u64 > MAX_TAIL_BYTES);
+        let last = tail(&path, 3).unwrap();
+        assert_eq!(last[..2], ["line 199998", "line 199999"]);
+        assert_eq!(last[2].len(), MAX_TAIL_LINE);
+        let many = tail(&path, 1_000_000).unwrap();
+        assert!(
+            many.len() < 200_000 && many[0].starts_with("line "),
+            "{}",
+            many[0]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn no_name_leads_outside_the_state_dir() {
+        let state = StateDir::new("/var/lib/oak");
+        assert_eq!(
+            state.volume("01jb8n1m3q9x6c2v4t7w0y5z8k", "data").unwrap(),
+            Path::new("/var/lib/oak/volumes/01jb8n1m3q9x6c2v4t7w0y5z8k/data")
+        );
+        assert_eq!(
+            state.log("root_web").unwrap(),
+            Path::new("/var/lib/oak/logs/root_web.log")
+        );
+        for name in ["", ".", "..", "../../etc", "a/b", "/etc", "a\0b", "x\n"] {
+            assert!(state.volume(name, "etc").is_err(), "{name:?}");
+            assert!(state.volume("i", name).is_err(), "{name:?}");
+            assert!(state.container_dir(name).is_err(), "{name:?}");
+            assert!(state.swap_record(name).is_err(), "{name:?}");
+            assert!(state.trial(name).is_err(), "{name:?}");
+        }
+        // `..log` is a plain name: the suffix cannot make it a parent.
+        assert!(state.log(".").is_err());
     }
 
     fn tempdir() -> PathBuf {

@@ -75,6 +75,45 @@ impl ClientCredentials {
     }
 }
 
+#[cfg(test)]
+mod loopback_tests {
+    #[test]
+    fn tells_loopback_urls() {
+        for url in [
+            "http://127.0.0.1:1",
+            "http://localhost:1",
+            "http://[::1]:1",
+            "http://127.9.9.9",
+        ] {
+            assert!(super::is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1:1",
+            "http://manager:1",
+            "http://localhost.evil:1",
+            "nonsense",
+        ] {
+            assert!(!super::is_loopback_url(url), "{url}");
+        }
+    }
+}
+
+/// Whether `url`'s host is a loopback address or `localhost`: a plaintext
+/// connection to it never leaves the machine (or the pod, to a sidecar).
+pub fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[derive(Debug)]
 struct TokenFile {
     path: PathBuf,

@@ -21,7 +21,7 @@ mod watch;
 pub use crate::{
     args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
     auth::{AuthArgs, Identity, MethodAccess, Role, Security, audit},
-    client::{Authorize, ClientCredentials},
+    client::{Authorize, ClientCredentials, is_loopback_url},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
     registry_auth::read_registry_credentials,
     requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},

@@ -165,7 +165,13 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 .values()
                 .filter(|t| t.installation_id == installation.installation_id)
                 .all(|t| t.status.phase() == pb::ServicePhase::Removed);
-            let volumes = self.state.volumes(&installation.installation_id);
+            let volumes = match self.state.volumes(&installation.installation_id) {
+                Ok(volumes) => volumes,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot purge volumes");
+                    continue;
+                }
+            };
             if gone
                 && volumes.exists()
                 && let Err(err) = std::fs::remove_dir_all(&volumes)

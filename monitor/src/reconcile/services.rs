@@ -132,13 +132,19 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if let Some(core) = core {
             labels.insert(REPLACES.to_owned(), core.id.clone());
         }
-        let log = self.state.log(id);
+        let log = self.state.log(id)?;
         ensure_dir(log.parent())?;
         let created = async {
             self.runtime
                 .create_container(id, image, &pulled.top_snapshot, &spec, labels)
                 .await?;
-            self.runtime.create_task(id, &log).await?;
+            let pinned = crate::host_paths::pin(host_binds(&run.binds, self.state.root()))
+                .map_err(crate::admission::Refusal::HostPath)?;
+            let pid = self.runtime.create_task(id, &log).await?;
+            if let Err(err) = pinned.verify(pid) {
+                self.runtime.delete_task(id).await?;
+                return Err(crate::admission::Refusal::HostPath(err).into());
+            }
             // Prepared, not started: a monitor that stops from here on
             // finds it STARTING, and its first start is no restart.
             self.persist(id);
@@ -203,7 +209,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 self.networks.set_ports(id, &ports).await?;
             }
         }
-        let log = self.state.log(id);
+        let log = self.state.log(id)?;
         ensure_dir(log.parent())?;
         match self.runtime.task_state(id).await? {
             crate::runtime::TaskState::Created if !restart => {
@@ -211,7 +217,25 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             }
             _ => {
                 self.runtime.delete_task(id).await?;
-                self.runtime.create_task(id, &log).await?;
+                // The host paths are checked again at every start: what
+                // an addon did beneath them since must not change what
+                // is mounted.
+                // From the container's own spec: what runc will mount.
+                let binds = self
+                    .runtime
+                    .list_containers()
+                    .await?
+                    .iter()
+                    .find(|info| info.id == id)
+                    .map(spec_binds)
+                    .unwrap_or_default();
+                let pinned = crate::host_paths::pin(host_binds(&binds, self.state.root()))
+                    .map_err(crate::admission::Refusal::HostPath)?;
+                let pid = self.runtime.create_task(id, &log).await?;
+                if let Err(err) = pinned.verify(pid) {
+                    self.runtime.delete_task(id).await?;
+                    return Err(crate::admission::Refusal::HostPath(err).into());
+                }
                 self.runtime.start_created_task(id).await?;
             }
         }
@@ -235,7 +259,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             .remove_container(id, self.options.stop_grace)
             .await?;
         self.networks.detach(id).await?;
-        let dir = self.state.container_dir(id);
+        let dir = self.state.container_dir(id)?;
         if dir.exists()
             && let Err(err) = std::fs::remove_dir_all(&dir)
         {
@@ -275,7 +299,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             env.retain(|entry| !entry.starts_with(&format!("{key}=")));
             env.push(format!("{key}={value}"));
         }
-        let files = self.state.container_dir(id);
+        let files = self.state.container_dir(id)?;
         ensure_dir(Some(&files))?;
         // Bind-mounted into the container: written in place, never renamed.
         let hosts = files.join("hosts");
@@ -296,10 +320,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         for mount in &service.mounts {
             let source = match &mount.source {
                 Some(pb::mount::Source::HostPath(path)) => PathBuf::from(path),
-                Some(pb::mount::Source::Volume(name))
-                    if !name.is_empty() && !name.contains('/') && name != ".." =>
-                {
-                    let dir = self.state.volumes(installation).join(name);
+                Some(pb::mount::Source::Volume(name)) => {
+                    let dir = self.state.volume(installation, name)?;
                     ensure_dir(Some(&dir))?;
                     dir
                 }
@@ -363,7 +385,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     text.push_str(&format!("{address}\t{other_name}\n"));
                 }
             }
-            let path = self.state.container_dir(id).join("hosts");
+            let Ok(path) = self.state.container_dir(id).map(|dir| dir.join("hosts")) else {
+                continue;
+            };
             if path.exists()
                 && let Err(err) = write_in_place(&path, text)
             {
@@ -405,6 +429,37 @@ fn write_in_place(path: &Path, text: String) -> Result<(), MonitorError> {
     })
 }
 
+/// The binds of a run spec that come from the host, not from the state
+/// dir (generated files, named volumes): the granted host paths.
+fn host_binds<'a>(
+    binds: &'a [(PathBuf, String, bool)],
+    state: &'a Path,
+) -> impl Iterator<Item = (&'a Path, &'a str)> {
+    binds
+        .iter()
+        .filter(move |(source, _, _)| !source.starts_with(state))
+        .map(|(source, target, _)| (source.as_path(), target.as_str()))
+}
+
+/// The bind mounts of a container's stored spec.
+fn spec_binds(info: &ContainerInfo) -> Vec<(PathBuf, String, bool)> {
+    let mounts = info
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.pointer("/mounts"))
+        .and_then(|mounts| mounts.as_array());
+    mounts
+        .into_iter()
+        .flatten()
+        .filter(|m| m.get("type").and_then(|t| t.as_str()) == Some("bind"))
+        .filter_map(|m| {
+            let source = m.get("source")?.as_str()?;
+            let target = m.get("destination")?.as_str()?;
+            Some((PathBuf::from(source), target.to_owned(), false))
+        })
+        .collect()
+}
+
 /// The ports a service's descriptor publishes.
 pub(super) fn declared_ports(service: &pb::ServiceSpec) -> Vec<PortMapping> {
     service
@@ -429,7 +484,11 @@ pub(super) fn default_network() -> String {
 
 /// Rotates container `id`'s log when it grew past `max_bytes`.
 pub(super) fn rotate_log_of(state: &StateDir, id: &str, max_bytes: u64) {
-    if let Err(err) = rotate_log(&state.log(id), max_bytes) {
+    let rotated = state
+        .log(id)
+        .map_err(std::io::Error::other)
+        .and_then(|log| rotate_log(&log, max_bytes));
+    if let Err(err) = rotated {
         tracing::warn!(container = %id, error = %err, "cannot rotate log");
     }
 }
@@ -459,12 +518,7 @@ fn rotate_log(path: &Path, max_bytes: u64) -> std::io::Result<bool> {
 
 /// The last `lines` lines of a log file.
 pub(super) fn tail(path: &Path, lines: usize) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| (*l).to_owned())
-        .collect()
+    crate::state_dir::tail(path, lines).unwrap_or_default()
 }
 
 #[cfg(test)]

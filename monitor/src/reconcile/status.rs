@@ -146,7 +146,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             node_id: self.node_id.clone(),
             ..Default::default()
         };
-        let status_path = self.state.status_file(id);
+        let status_path = self.state.status_file(id).unwrap_or_default();
         let status = match StateDir::read(&status_path) {
             Ok(Some(bytes)) => <pb::ServiceStatus as prost::Message>::decode(bytes.as_slice())
                 .map(Some)
@@ -154,7 +154,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             Ok(None) => Ok(None),
             Err(err) => Err(err.to_string()),
         };
-        let failures = StateDir::read_json::<Failures>(&self.state.failures_file(id));
+        let failures = self
+            .state
+            .failures_file(id)
+            .and_then(|path| StateDir::read_json::<Failures>(&path));
         if let Ok(Some(failures)) = &failures
             && failures.installation != installation
         {
@@ -212,7 +215,14 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         let Some(tracked) = self.tracked.get(id) else {
             return;
         };
-        if !self.state.container_dir(id).is_dir() {
+        let (Ok(dir), Ok(status_file), Ok(failures_file)) = (
+            self.state.container_dir(id),
+            self.state.status_file(id),
+            self.state.failures_file(id),
+        ) else {
+            return;
+        };
+        if !dir.is_dir() {
             return;
         }
         let bytes = prost::Message::encode_to_vec(&tracked.status);
@@ -224,8 +234,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             history: tracked.history.clone(),
             retry_at,
         };
-        let saved = crate::state_dir::write_atomic(&self.state.status_file(id), &bytes)
-            .and_then(|()| StateDir::write_json(&self.state.failures_file(id), &failures));
+        let saved = crate::state_dir::write_atomic(&status_file, &bytes)
+            .and_then(|()| StateDir::write_json(&failures_file, &failures));
         if let Err(err) = saved {
             tracing::warn!(container = %id, error = %err, "cannot save service status");
         }
@@ -256,7 +266,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         id: &str,
         exit_code: Option<i32>,
     ) {
-        let log = self.state.log(id);
+        let log = self.state.log(id).unwrap_or_default();
         let cause = self
             .unhealthy_stops
             .remove(id)

@@ -173,7 +173,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         installation: &str,
         declared: &[PortMapping],
     ) -> Result<(), MonitorError> {
-        let record_path = self.state.swap_record(&core.id);
+        let record_path = self.state.swap_record(&core.id)?;
         if core.labels.get(REPLACED_BY).map(String::as_str) != Some(installation) {
             if StateDir::read_json::<SwapRecord>(&record_path)
                 .ok()
@@ -215,7 +215,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// record of a static core component is rebuilt from its entry in the
     /// file; of any other, it is an error naming the file.
     fn original_ports(&self, core: &ContainerInfo) -> Result<Vec<PortMapping>, MonitorError> {
-        let path = self.state.swap_record(&core.id);
+        let path = self.state.swap_record(&core.id)?;
         match StateDir::read_json::<SwapRecord>(&path) {
             Ok(Some(record)) => Ok(record.ports),
             Ok(None) => Ok(self.networks.ports(&core.id)?),
@@ -279,7 +279,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if restore {
             crate::crash::point("restore:core-started");
             self.runtime.set_label(&core.id, REPLACED_BY, None).await?;
-            StateDir::remove(&self.state.swap_record(&core.id))?;
+            StateDir::remove(&self.state.swap_record(&core.id)?)?;
             tracing::info!(container = %core.id, "restored core component");
             // The replacement of any release.
             let replacement = replacement_id(&core.id);
@@ -307,7 +307,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if self.runtime.task_state(id).await? == TaskState::Created {
             self.runtime.start_created_task(id).await?;
         } else {
-            let log = self.state.log(id);
+            let log = self.state.log(id)?;
             if let Some(dir) = log.parent() {
                 std::fs::create_dir_all(dir).map_err(|err| StateDirError::Io {
                     action: "creating",
@@ -316,7 +316,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 })?;
             }
             self.runtime.delete_task(id).await?;
-            self.runtime.create_task(id, &log).await?;
+            let _pid = self.runtime.create_task(id, &log).await?;
             self.runtime.start_created_task(id).await?;
         }
         let now = Instant::now();

@@ -156,10 +156,11 @@ impl Runtime for Fake {
         Ok(())
     }
 
-    async fn create_task(&self, id: &str, _log: &Path) -> Result<(), RuntimeError> {
+    async fn create_task(&self, id: &str, _log: &Path) -> Result<u32, RuntimeError> {
         self.call("create-task", id)?;
         self.set_task(id, TaskState::Created);
-        Ok(())
+        // The test process stands in for the task: its root is the host's.
+        Ok(std::process::id())
     }
 
     async fn start_created_task(&self, id: &str) -> Result<u32, RuntimeError> {
@@ -458,7 +459,7 @@ async fn unreadable_records_never_reset_a_service() {
     let state = tempfile::tempdir().unwrap();
     let fake = Fake::default();
     let mut reconciler = reconciler(&fake, state.path());
-    let web = reconciler.state.container_dir("root_web");
+    let web = reconciler.state.container_dir("root_web").unwrap();
     std::fs::create_dir_all(&web).unwrap();
     let status = pb::ServiceStatus {
         service_name: "web".into(),
@@ -481,7 +482,7 @@ async fn unreadable_records_never_reset_a_service() {
     let web = &reconciler.tracked["root_web"].status;
     assert_eq!(web.phase(), ServicePhase::Failed, "{web:?}");
 
-    let api = reconciler.state.container_dir("root_api");
+    let api = reconciler.state.container_dir("root_api").unwrap();
     std::fs::create_dir_all(&api).unwrap();
     std::fs::write(api.join("status.pb"), b"\xff\xff\xff").unwrap();
     std::fs::write(

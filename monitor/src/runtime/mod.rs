@@ -58,12 +58,12 @@ pub trait Runtime: Clone + Send + Sync + 'static {
         spec: &oci_spec::runtime::Spec,
         labels: HashMap<String, String>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Creates container `id`'s task without starting it.
+    /// Creates container `id`'s task without starting it; returns its pid.
     fn create_task(
         &self,
         id: &str,
         log: &Path,
-    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<u32, RuntimeError>> + Send;
     /// Starts a created task.
     fn start_created_task(
         &self,
@@ -133,7 +133,7 @@ impl Runtime for Containerd {
         Containerd::create_container(self, id, image, top_snapshot, spec, labels).await
     }
 
-    async fn create_task(&self, id: &str, log: &Path) -> Result<(), RuntimeError> {
+    async fn create_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
         Containerd::create_task(self, id, log).await
     }
 

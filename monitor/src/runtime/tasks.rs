@@ -34,7 +34,7 @@ impl Containerd {
     /// Creates container `id`'s task without starting it: the runtime has
     /// set up the process, which runs the moment
     /// [`Containerd::start_created_task`] is called.
-    pub async fn create_task(&self, id: &str, log: &Path) -> Result<(), RuntimeError> {
+    pub async fn create_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
         let channel = self.channel().await?;
         let mounts = SnapshotsClient::new(channel.clone())
             .mounts(self.request(
@@ -50,7 +50,7 @@ impl Containerd {
             .mounts;
         let uri = format!("file://{}", log.display());
         let mut tasks = TasksClient::new(channel);
-        tasks
+        let created = tasks
             .create(self.request(
                 CreateTaskRequest {
                     container_id: id.to_owned(),
@@ -63,7 +63,7 @@ impl Containerd {
             ))
             .await
             .map_err(RuntimeError::call("Tasks.Create"))?;
-        Ok(())
+        Ok(created.into_inner().pid)
     }
 
     /// Starts the created task of container `id`. Returns its pid.

@@ -1,0 +1,448 @@
+//! The node trusts nothing it did not check: attacks mounted against the
+//! real monitor on a real containerd. A hostile manager (a link peer
+//! speaking the real protocol) names paths with its ids; an honest stack
+//! runs an addon that swaps a granted directory for a link.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::{path::Path, pin::Pin, time::Duration};
+
+use futures::Stream;
+use integration_tests::{
+    Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess, binary, eventually,
+    grant_all,
+    images::{ImageSpec, push_image},
+    monitor_looked, publish_approved,
+};
+use oakestra_addons_proto::{
+    engine::v1::{
+        self as pb, ServicePhase,
+        addons_manager_service_client::AddonsManagerServiceClient,
+        monitor_link_service_server::{MonitorLinkService, MonitorLinkServiceServer},
+        open_link_request, open_link_response,
+    },
+    marketplace::v1 as mpb,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// A manager that sends one desired state and passes every report on.
+struct HostileManager {
+    desired: pb::DesiredState,
+    reports: mpsc::UnboundedSender<pb::StatusReport>,
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<pb::OpenLinkResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MonitorLinkService for HostileManager {
+    type OpenLinkStream = Outbound;
+
+    async fn open_link(
+        &self,
+        request: Request<Streaming<pb::OpenLinkRequest>>,
+    ) -> Result<Response<Outbound>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let desired = self.desired.clone();
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let send = |message| pb::OpenLinkResponse {
+                message: Some(message),
+            };
+            let _ = tx
+                .send(Ok(send(open_link_response::Message::DesiredState(desired))))
+                .await;
+            let _ = tx
+                .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
+                    sequence: 0,
+                }))))
+                .await;
+            while let Some(Ok(message)) = inbound.next().await {
+                if let Some(open_link_request::Message::Report(report)) = message.message {
+                    let sequence = report.sequence;
+                    let _ = reports.send(report);
+                    let _ = tx
+                        .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
+                            sequence,
+                        }))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves `desired` on a loopback port; returns its URL and the reports.
+async fn hostile_manager(
+    desired: pb::DesiredState,
+) -> (String, mpsc::UnboundedReceiver<pb::StatusReport>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let service = MonitorLinkServiceServer::new(HostileManager {
+        desired,
+        reports: reports_tx,
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (url, reports)
+}
+
+const ID: &str = "01jb8n1m3q9x6c2v4t7w0y5z8k";
+
+fn volume_service(name: &str, image: &str, volume: &str) -> pb::ServiceSpec {
+    pb::ServiceSpec {
+        service_name: name.into(),
+        image: image.into(),
+        resolved_image: image.into(),
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo owned > /data/owned; exec sleep 3600".into(),
+        ],
+        mounts: vec![pb::Mount {
+            source: Some(pb::mount::Source::Volume(volume.into())),
+            target: "/data".into(),
+            read_only: false,
+        }],
+        ..Default::default()
+    }
+}
+
+fn installation(
+    id: &str,
+    service: pb::ServiceSpec,
+    volume: &str,
+    presence: pb::DesiredPresence,
+) -> pb::DesiredInstallation {
+    pb::DesiredInstallation {
+        installation_id: id.into(),
+        marketplace_id: ID.into(),
+        presence: presence.into(),
+        purge_volumes: presence == pb::DesiredPresence::Removed,
+        release: 1,
+        addon: Some(pb::AddonSnapshot {
+            name: "hostile".into(),
+            version: "1.0.0".into(),
+            services: vec![service],
+            volumes: vec![pb::VolumeSpec {
+                name: volume.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        found.push(entry.path().display().to_string());
+        if entry.path().is_dir() {
+            found.extend(files_in(&entry.path()));
+        }
+    }
+    found
+}
+
+/// A manager sends installation ids and names that are paths: `../..` with
+/// a volume lands a bind mount outside the state dir, and a purge of such
+/// an id deletes what it names. The monitor refuses them, reports what it
+/// can, and touches nothing outside its state dir.
+#[tokio::test]
+async fn a_hostile_manager_cannot_name_paths_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = NodeCleanup::new(&state, "ntr", "10.71");
+    // What a hostile id would reach from the state dir: `../sentinel`
+    // under `volumes/`, here with a file that a purge would delete.
+    let sentinel = dir.path().join("sentinel");
+    std::fs::create_dir_all(sentinel.join("keep")).unwrap();
+    std::fs::write(sentinel.join("keep").join("file"), "mine").unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    let (digest, _) = push_image(&host, "hostile/app", "1", &ImageSpec::default(), None).await;
+    let image = format!("{host}/hostile/app@{digest}");
+
+    let desired = pb::DesiredState {
+        generation: 1,
+        installations: vec![
+            // volumes/../../victim/data: the host's directory mounted
+            // read-write, and written to by the container.
+            installation(
+                "../../victim",
+                volume_service("web", &image, "data"),
+                "data",
+                pb::DesiredPresence::Running,
+            ),
+            // A purge of volumes/../../sentinel.
+            installation(
+                "../../sentinel",
+                volume_service("gone", &image, "keep"),
+                "keep",
+                pb::DesiredPresence::Removed,
+            ),
+            // A sound id with a service name and a volume that are paths.
+            installation(
+                ID,
+                volume_service("../../../x", &image, ".."),
+                "..",
+                pb::DesiredPresence::Running,
+            ),
+        ],
+    };
+    let (url, mut reports) = hostile_manager(desired).await;
+    let monitor = MonitorSetup {
+        manager: url,
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-trust",
+        bridge_prefix: "ntr",
+        subnet_prefix: "10.71",
+    }
+    .start(&["--resync-interval", "1s"], &[])
+    .await;
+
+    // The installation with a sound id is reported FAILED with the fields.
+    let report = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let report = reports.recv().await.unwrap();
+            if report.installation_id == ID {
+                break report;
+            }
+        }
+    })
+    .await
+    .expect("a report about the refused installation");
+    let service = &report.services[0];
+    assert_eq!(service.phase(), ServicePhase::Failed, "{report:?}");
+    assert!(
+        service.reason.contains("refused by the node")
+            && service.reason.contains("addon.services[0].service_name")
+            && service.reason.contains("addon.volumes[0].name"),
+        "{}",
+        service.reason
+    );
+    // Passes went by with the desired state applied: nothing was run, and
+    // nothing outside the state dir was made or deleted.
+    monitor_looked(&monitor, 3).await;
+    assert_eq!(
+        std::fs::read_to_string(sentinel.join("keep").join("file")).unwrap(),
+        "mine"
+    );
+    assert!(files_in(&victim).is_empty(), "{:?}", files_in(&victim));
+    let runtime = addons_monitor::Containerd::new(
+        containerd.socket(),
+        "oakestra-trust".into(),
+        "overlayfs".into(),
+    );
+    assert!(runtime.list_containers(&[]).await.unwrap().is_empty());
+    // No installation-id directory was made under the state dir either.
+    let volumes = state.join("volumes");
+    assert!(
+        !volumes.exists() || files_in(&volumes).is_empty(),
+        "{:?}",
+        files_in(&volumes)
+    );
+    monitor.stop().await;
+}
+
+/// A plaintext link off this machine is refused unless `--insecure` says
+/// so: whoever is on its path writes the node's desired state.
+#[tokio::test]
+async fn a_plaintext_link_off_the_machine_needs_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |insecure: bool| {
+        let mut args = vec![
+            "--manager".to_owned(),
+            "http://192.0.2.1:11101".to_owned(),
+            "--state-dir".to_owned(),
+            dir.path().join("state").display().to_string(),
+            "--containerd-socket".to_owned(),
+            dir.path().join("none.sock").display().to_string(),
+            "--node-id".to_owned(),
+            "n1".to_owned(),
+        ];
+        if insecure {
+            args.push("--insecure".to_owned());
+        }
+        args
+    };
+    let refused = tokio::process::Command::new(binary("addons-monitor"))
+        .args(args(false))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing a plaintext link to the manager"),
+        "{stderr}"
+    );
+    let allowed = args(true);
+    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    let monitor = ServerProcess::start(&binary("addons-monitor"), &allowed).await;
+    monitor.stop().await;
+}
+
+/// With an honest stack: one service of an addon replaces a directory it
+/// may write with a link to a directory it may not; another service of
+/// the addon binds that directory, granted, and restarts. The restart must
+/// not mount what the link names.
+#[tokio::test]
+async fn a_planted_link_is_not_followed_at_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = NodeCleanup::new(&state, "nsl", "10.73");
+    let granted = dir.path().join("srv");
+    std::fs::create_dir_all(granted.join("x").join("sub")).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let image = format!("{host}/team/app:1");
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let granted_text = granted.display().to_string();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!("host_paths:\n  - prefix: {granted_text}\n    writable: true\n"),
+    )
+    .unwrap();
+    let policy_text = policy.display().to_string();
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            &store("e"),
+            "--marketplace",
+            &marketplace.url(),
+            "--policy",
+            &policy_text,
+        ],
+    )
+    .await;
+    let _monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-link",
+        bridge_prefix: "nsl",
+        subnet_prefix: "10.73",
+    }
+    .start(
+        &[
+            "--policy",
+            &policy_text,
+            "--resync-interval",
+            "1s",
+            "--restart-backoff",
+            "200ms",
+            "--stop-grace",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+
+    let mount = |path: &Path, target: &str| mpb::Mount {
+        source: Some(mpb::mount::Source::HostPath(path.display().to_string())),
+        target: target.into(),
+        read_only: false,
+    };
+    let script = |text: String| vec!["/bin/sh".into(), "-c".into(), text];
+    let secret_text = secret.display().to_string();
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "swapper".into(),
+            services: vec![
+                // Waits until the victim ran once, then plants the link.
+                mpb::ServiceSpec {
+                    service_name: "planter".into(),
+                    image: image.clone(),
+                    mounts: vec![mount(&granted.join("x"), "/x")],
+                    command: script(format!(
+                        "until [ -e /x/sub/ran ]; do sleep 0.1; done; rm -rf /x/sub; ln -s {secret_text} /x/sub; touch /x/planted; exec sleep 3600"
+                    )),
+                    ..Default::default()
+                },
+                // Leaves a mark where its mount points, then exits until
+                // the link is planted, so it restarts over the link.
+                mpb::ServiceSpec {
+                    service_name: "victim".into(),
+                    image: image.clone(),
+                    mounts: vec![
+                        mount(&granted.join("x").join("sub"), "/sub"),
+                        mount(&granted, "/srv"),
+                    ],
+                    command: script(
+                        "touch /sub/ran /sub/mark-$$; until [ -e /srv/x/planted ]; do sleep 0.1; done; exit 1"
+                            .into(),
+                    ),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            accepted_privileges: grant_all(&addon, false),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    let victim = eventually(
+        "the victim is refused at its restart",
+        Duration::from_secs(90),
+        || async {
+            let installation = AddonsManagerServiceClient::new(manager.channel())
+                .get_installation(pb::GetInstallationRequest { id: id.clone() })
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner()
+                .installation
+                .unwrap();
+            match installation
+                .services
+                .iter()
+                .find(|s| s.service_name == "victim")
+            {
+                Some(s) if s.phase() == ServicePhase::Failed => Ok(s.clone()),
+                other => Err(format!("{other:?}; {:?}", files_in(&secret))),
+            }
+        },
+    )
+    .await;
+    // Nothing ever ran with the secret directory mounted.
+    assert!(files_in(&secret).is_empty(), "{:?}", files_in(&secret));
+    assert!(victim.reason.contains("symbolic link"), "{}", victim.reason);
+    assert!(granted.join("x").join("planted").exists());
+}
