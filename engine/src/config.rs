@@ -63,6 +63,14 @@ pub struct Config {
     #[arg(long, env = "ADDONS_NODE_EXPIRY", value_name = "DURATION", default_value = "1h", value_parser = parse_node_expiry)]
     pub node_expiry: std::time::Duration,
 
+    /// The labels each node may claim in its hello (YAML: `nodes: {NODE:
+    /// {KEY: VALUE}}` and an optional `default: {KEY: VALUE}` for any other
+    /// node). A node claiming a label the file does not give it is refused.
+    /// Without it, nodes are believed: anyone who may link as a node can
+    /// place itself under any selector.
+    #[arg(long, env = "ADDONS_NODE_LABELS", value_name = "FILE")]
+    pub node_labels: Option<std::path::PathBuf>,
+
     /// The privilege policy (YAML): what installs may be granted at all.
     /// Without it: nothing privileged, no host paths, host ports 1024-65535
     /// except our servers' ports, any core component (each node decides).

@@ -166,6 +166,15 @@ pub enum Error {
         /// The node of the hello.
         node: String,
     },
+    /// The node claims labels the manager's node-labels file does not give
+    /// it.
+    #[error("node {node} may not claim the labels {labels}")]
+    LabelsNotAllowed {
+        /// The node of the hello.
+        node: String,
+        /// The labels it may not claim, `KEY=VALUE`.
+        labels: String,
+    },
     /// A newer link of the same node and identity took over.
     #[error("a newer link of node {0} from the same identity replaced this one")]
     LinkReplaced(String),
@@ -348,6 +357,9 @@ impl From<Error> for Status {
             }
             Error::NodeIdentityMismatch { .. } => {
                 ApiError::new(Code::PermissionDenied, "NODE_IDENTITY_MISMATCH", message)
+            }
+            Error::LabelsNotAllowed { .. } => {
+                ApiError::new(Code::PermissionDenied, "LABELS_NOT_ALLOWED", message)
             }
             Error::LinkReplaced(_) => ApiError::new(Code::Aborted, "LINK_REPLACED", message),
             Error::NodeNotFound(node) => {

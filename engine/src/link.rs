@@ -27,6 +27,7 @@ use addons_server_kit::Shutdown;
 use addons_store::{Collection, Filter, Store};
 use tokio::sync::watch;
 
+pub use self::hello::NodeLabels;
 use self::{
     desired::{Desired, PlaneState},
     presence::Presence,
@@ -48,6 +49,8 @@ pub struct LinkOptions {
     pub hello_timeout: Duration,
     /// A node whose monitor stays disconnected this long is forgotten.
     pub node_expiry: Duration,
+    /// The labels each node may claim; `None`: nodes are believed.
+    pub node_labels: Option<Arc<NodeLabels>>,
 }
 
 impl Default for LinkOptions {
@@ -56,6 +59,7 @@ impl Default for LinkOptions {
             heartbeat_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             node_expiry: Duration::from_secs(3600),
+            node_labels: None,
         }
     }
 }

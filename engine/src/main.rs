@@ -49,6 +49,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         LinkOptions {
             heartbeat_timeout: config.heartbeat_timeout,
             node_expiry: config.node_expiry,
+            node_labels: match &config.node_labels {
+                Some(path) => Some(std::sync::Arc::new(
+                    addons_engine::link::NodeLabels::load(path).map_err(anyhow::Error::msg)?,
+                )),
+                None => None,
+            },
             ..LinkOptions::default()
         },
         shutdown.clone(),

@@ -446,3 +446,164 @@ async fn a_planted_link_is_not_followed_at_a_restart() {
     assert!(victim.reason.contains("symbolic link"), "{}", victim.reason);
     assert!(granted.join("x").join("planted").exists());
 }
+
+/// A hello with `labels`, taking the desired state whole.
+fn hello(node: &str, labels: &[(&str, &str)]) -> pb::OpenLinkRequest {
+    pb::OpenLinkRequest {
+        message: Some(open_link_request::Message::Hello(pb::Hello {
+            node_id: node.into(),
+            plane: pb::Plane::Root.into(),
+            monitor_version: "test".into(),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Reads a link until the ack of `sequence` (or above); returns the
+/// installations of the last desired state seen.
+async fn acked(inbound: &mut tonic::Streaming<pb::OpenLinkResponse>, sequence: u64) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match inbound.message().await.unwrap().and_then(|m| m.message) {
+            Some(open_link_response::Message::DesiredState(state)) => {
+                seen = state
+                    .installations
+                    .into_iter()
+                    .map(|i| i.installation_id)
+                    .collect();
+            }
+            Some(open_link_response::Message::Ack(ack)) if ack.sequence >= sequence => {
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn running(id: &str, service: &str, sequence: u64) -> pb::OpenLinkRequest {
+    pb::OpenLinkRequest {
+        message: Some(open_link_request::Message::Report(pb::StatusReport {
+            sequence,
+            installation_id: id.into(),
+            services: vec![integration_tests::link::service(
+                service,
+                ServicePhase::Running,
+            )],
+            observe_time: None,
+            verdict: None,
+        })),
+    }
+}
+
+/// A node reports on an installation the manager placed on another node
+/// only: the report is acked (so an honest monitor never loops on it) and
+/// dropped; the installation shows only the node it was placed on. And a
+/// node may claim only the labels the manager's node-labels file gives it.
+#[tokio::test]
+async fn a_node_cannot_report_on_another_nodes_installation() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let labels_file = dir.path().join("node-labels.yaml");
+    std::fs::write(
+        &labels_file,
+        "nodes:\n  node-a: {zone: a}\n  node-b: {zone: b}\n",
+    )
+    .unwrap();
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            &store("e"),
+            "--marketplace",
+            &marketplace.url(),
+            "--node-labels",
+            &labels_file.display().to_string(),
+        ],
+    )
+    .await;
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "placed".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "web".into(),
+                image: format!("{host}/team/app:1"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            node_selector: [("zone".to_owned(), "a".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+
+    let link = |node: &'static str, zone: &'static str| {
+        let channel = manager.channel();
+        async move {
+            integration_tests::link::open_raw(channel, hello(node, &[("zone", zone)]))
+                .await
+                .unwrap()
+        }
+    };
+    // A node may not place itself under another zone's selector.
+    let refused = match integration_tests::link::open_raw(
+        manager.channel(),
+        hello("node-c", &[("zone", "a")]),
+    )
+    .await
+    {
+        Err(status) => status,
+        Ok((_tx, mut inbound)) => inbound.message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("zone=a"), "{refused:?}");
+    let (a_tx, mut a_in) = link("node-a", "a").await;
+    let (b_tx, mut b_in) = link("node-b", "b").await;
+    assert_eq!(acked(&mut a_in, 0).await, [id.clone()]);
+    assert!(acked(&mut b_in, 0).await.is_empty());
+
+    // node-b's forged report is acked, and only node-a's is stored.
+    b_tx.send(running(&id, "web", 1)).await.unwrap();
+    acked(&mut b_in, 1).await;
+    a_tx.send(running(&id, "web", 1)).await.unwrap();
+    acked(&mut a_in, 1).await;
+    let installation = AddonsManagerServiceClient::new(manager.channel())
+        .get_installation(pb::GetInstallationRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap();
+    let nodes: Vec<&str> = installation
+        .services
+        .iter()
+        .map(|s| s.node_id.as_str())
+        .collect();
+    assert_eq!(nodes, ["node-a"], "{installation:?}");
+}

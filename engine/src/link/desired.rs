@@ -83,6 +83,14 @@ impl Desired {
         }
     }
 
+    /// The ids of the installations a node with `labels` runs.
+    pub(super) fn placed_ids<'a>(&'a self, labels: &'a Labels) -> impl Iterator<Item = &'a String> {
+        self.installations
+            .iter()
+            .filter(|(_, entry)| placed(entry, labels))
+            .map(|(id, _)| id)
+    }
+
     /// The whole state of a node with `labels` as a run of chunks, the
     /// first with `reset`.
     pub(super) fn full_chunks(&self, labels: &Labels) -> Vec<pb::DesiredStateChunk> {

@@ -1,6 +1,6 @@
 //! The first message of a link, checked once into a [`ValidHello`].
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use oakestra_addons_proto::engine::v1 as pb;
 
@@ -12,6 +12,63 @@ pub(super) const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
 /// dropped after three of them, so a dead or fake link goes within three
 /// minutes.
 pub(super) const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// The labels each node may claim, from the manager's `--node-labels` file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLabels {
+    /// Per node id.
+    #[serde(default)]
+    nodes: BTreeMap<String, BTreeMap<String, String>>,
+    /// For every node not named; without it, none.
+    #[serde(default)]
+    default: BTreeMap<String, String>,
+}
+
+impl NodeLabels {
+    /// Parses the file's text.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        let parsed: Self = serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
+        for (node, labels) in parsed
+            .nodes
+            .iter()
+            .map(|(n, l)| (n.as_str(), l))
+            .chain([("default", &parsed.default)])
+        {
+            if let Some(violation) =
+                addons_descriptor::labels::validate_labels(labels, node).first()
+            {
+                return Err(format!("{}: {}", violation.field, violation.reason));
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Reads and parses the file.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read the node labels {}: {err}", path.display()))?;
+        Self::from_yaml(&text).map_err(|err| format!("node labels {}: {err}", path.display()))
+    }
+
+    /// Whether `node` may claim each of `labels`.
+    pub(super) fn check(&self, node: &str, labels: &BTreeMap<String, String>) -> Result<(), Error> {
+        let allowed = self.nodes.get(node).unwrap_or(&self.default);
+        let refused: Vec<String> = labels
+            .iter()
+            .filter(|(key, value)| allowed.get(*key) != Some(*value))
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::LabelsNotAllowed {
+                node: node.to_owned(),
+                labels: refused.join(", "),
+            })
+        }
+    }
+}
 
 /// A hello that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +142,34 @@ impl TryFrom<pb::Hello> for ValidHello {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_claims_only_the_labels_it_is_given() {
+        let allowed = NodeLabels::from_yaml(
+            "nodes:\n  node-a: {zone: a, tier: edge}\ndefault: {tier: edge}\n",
+        )
+        .unwrap();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert!(allowed.check("node-a", &labels(&[("zone", "a")])).is_ok());
+        assert!(allowed.check("node-a", &labels(&[])).is_ok());
+        assert!(
+            allowed
+                .check("node-b", &labels(&[("tier", "edge")]))
+                .is_ok()
+        );
+        let refused = allowed
+            .check("node-b", &labels(&[("zone", "a"), ("tier", "edge")]))
+            .unwrap_err();
+        assert!(refused.to_string().contains("zone=a"), "{refused}");
+        assert!(allowed.check("node-a", &labels(&[("zone", "b")])).is_err());
+        assert!(NodeLabels::from_yaml("nodes: {n: {\"bad key!\": x}}").is_err());
+        assert!(NodeLabels::from_yaml("other: 1").is_err());
+    }
 
     fn hello() -> pb::Hello {
         pb::Hello {

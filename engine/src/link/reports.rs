@@ -38,6 +38,8 @@ struct Report {
     sequence: u64,
     services: Vec<crate::model::ServiceStatus>,
     verdict: Option<(u64, Verdict)>,
+    /// The link placed the installation on the node.
+    placed: bool,
 }
 
 /// Reports waiting for the writer task, which wakes when one comes.
@@ -45,6 +47,9 @@ struct Report {
 pub(super) struct Writer {
     queue: Mutex<Vec<PendingReport>>,
     wake: tokio::sync::Notify,
+    /// Reports dropped because they were about installations never placed
+    /// on their node.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 /// Most reports one group commit writes.
@@ -109,6 +114,7 @@ impl LinkHub {
         &self,
         node: &str,
         report: pb::StatusReport,
+        placed: bool,
     ) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
         let (services, verdict, report) = check_report(report)?;
         let (done, outcome) = oneshot::channel();
@@ -123,6 +129,7 @@ impl LinkHub {
                     sequence: report.sequence,
                     services,
                     verdict,
+                    placed,
                 },
                 done,
             });
@@ -200,7 +207,24 @@ impl LinkHub {
             Vec::with_capacity(by_installation.len());
         for (id, (mut reports, acks)) in by_installation {
             waiting.push((id.clone(), acks));
+            let writer = self.writer.clone();
             let change: Change<'_> = Box::new(move |installation: &mut Installation| {
+                for (node, refused) in not_placed(installation, &mut reports) {
+                    let total = writer
+                        .refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        + 1;
+                    tracing::warn!(
+                        target: "audit",
+                        subject = %node,
+                        method = "OpenLink/Report",
+                        resource = %installation.id,
+                        outcome = "DROPPED",
+                        reason = "REPORT_NOT_PLACED",
+                        sequence = refused,
+                        refused_total = total,
+                    );
+                }
                 Ok(apply_reports(installation, &mut reports))
             });
             changes.push((id, None, change));
@@ -229,6 +253,23 @@ impl LinkHub {
             }
         }
     }
+}
+
+/// Takes out the reports of nodes the installation was never placed on:
+/// a node that was not sent an installation in this link, and has no
+/// report stored about it from before, has nothing to say about it. A
+/// compromised node could otherwise write any installation's statuses and
+/// steer rollouts. Returns each dropped report's node and sequence.
+fn not_placed(installation: &Installation, reports: &mut Vec<Report>) -> Vec<(String, u64)> {
+    let mut dropped = Vec::new();
+    reports.retain(|report| {
+        let known = report.placed || installation.report_sequences.contains_key(&report.node);
+        if !known {
+            dropped.push((report.node.clone(), report.sequence));
+        }
+        known
+    });
+    dropped
 }
 
 /// Applies one installation's queued reports (their statuses move into

@@ -54,6 +54,9 @@ impl LinkHub {
             }
         };
         let hello = ValidHello::try_from(hello)?;
+        if let Some(allowed) = &self.options.node_labels {
+            allowed.check(&hello.node, &hello.labels)?;
+        }
         if hello.plane != self.plane {
             return Err(Error::PlaneMismatch {
                 node: hello.node.clone(),
@@ -122,6 +125,10 @@ impl LinkHub {
         let node = hello.node.as_str();
         let mut desired = self.desired.clone();
         let mut sent: Arc<Desired> = desired.borrow_and_update().clone();
+        // Every installation this link has placed on the node: a report
+        // about any other is not the node's to make.
+        let mut placed: std::collections::HashSet<String> =
+            sent.placed_ids(&hello.labels).cloned().collect();
         if hello.accepts_chunks {
             for chunk in sent.full_chunks(&hello.labels) {
                 send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
@@ -193,6 +200,7 @@ impl LinkHub {
                     } else {
                         send(tx, open_link_response::Message::DesiredState(current.to_proto(&hello.labels))).await?;
                     }
+                    placed.extend(current.placed_ids(&hello.labels).cloned());
                     sent = current;
                 }
                 received = tokio::time::timeout(heartbeat_timeout, inbound.message()) => {
@@ -219,7 +227,8 @@ impl LinkHub {
                                     format!("{sequence} jumps more than {MAX_SEQUENCE_STEP} past the last stored {last}"),
                                 ));
                             }
-                            let done = self.enqueue_report(node, report)?;
+                            let was_placed = placed.contains(&report.installation_id);
+                            let done = self.enqueue_report(node, report, was_placed)?;
                             // At the limit, wait for acks to go out first
                             // (they go out only while `acks` is polled).
                             tokio::select! {
