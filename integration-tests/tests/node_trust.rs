@@ -585,7 +585,7 @@ async fn a_node_cannot_report_on_another_nodes_installation() {
     assert!(refused.message().contains("zone=a"), "{refused:?}");
     let (a_tx, mut a_in) = link("node-a", "a").await;
     let (b_tx, mut b_in) = link("node-b", "b").await;
-    assert_eq!(acked(&mut a_in, 0).await, [id.clone()]);
+    assert_eq!(acked(&mut a_in, 0).await, std::slice::from_ref(&id));
     assert!(acked(&mut b_in, 0).await.is_empty());
 
     // node-b's forged report is acked, and only node-a's is stored.
