@@ -607,3 +607,119 @@ async fn a_node_cannot_report_on_another_nodes_installation() {
         .collect();
     assert_eq!(nodes, ["node-a"], "{installation:?}");
 }
+
+/// `curl` over HTTP/1.1: `method url` with `headers` and a raw `body`;
+/// the status and the body.
+async fn curl(method: &str, url: &str, headers: &[&str], body: Option<&str>) -> (u16, String) {
+    let mut command = tokio::process::Command::new("curl");
+    command.args(["-sS", "--http1.1", "-X", method, "-w", "\n%{http_code}"]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    if let Some(body) = body {
+        command.args(["--data-binary", body]);
+    }
+    let output = command.arg(url).output().await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_owned())
+}
+
+/// What a web page elsewhere can make a browser on this machine send to an
+/// open server (no authentication, loopback: an anonymous admin): a
+/// CSRF-shaped publish (a simple POST of `text/plain`, with the page's
+/// `Origin`) and a read through a DNS name rebound to 127.0.0.1 (its own
+/// `Host`). Both are refused before anything runs, and nothing is
+/// published.
+#[tokio::test]
+async fn a_web_page_cannot_drive_an_open_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/m.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store, "--allowed-host", "oak.example"],
+    )
+    .await;
+    let addons = format!("http://{}/api/v1/marketplace/addons", marketplace.addr());
+    let port = marketplace.addr().port();
+    let descriptor = serde_json::json!({
+        "name": "planted",
+        "services": [{"service_name": "web", "image": "127.0.0.1:1/x/y:1"}]
+    })
+    .to_string();
+    let count = || async {
+        integration_tests_client(&marketplace)
+            .list_addons(mpb::ListAddonsRequest {
+                statuses: vec![
+                    mpb::AddonStatus::UnderReview.into(),
+                    mpb::AddonStatus::Approved.into(),
+                    mpb::AddonStatus::FailedVerification.into(),
+                ],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .addons
+            .len()
+    };
+
+    // CSRF: a form or fetch without a preflight can send only simple
+    // types, and the browser adds the page's origin.
+    let (status, body) = curl(
+        "POST",
+        &addons,
+        &["content-type: text/plain", "origin: http://evil.example"],
+        Some(&descriptor),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = curl(
+        "POST",
+        &addons,
+        &["content-type: text/plain"],
+        Some(&descriptor),
+    )
+    .await;
+    assert_eq!(status, 415, "{body}");
+    let (status, body) = curl(
+        "POST",
+        &addons,
+        &["content-type: application/x-www-form-urlencoded"],
+        Some(&descriptor),
+    )
+    .await;
+    assert_eq!(status, 415, "{body}");
+    assert_eq!(count().await, 0);
+
+    // What a careful client sends is still taken.
+    let (status, body) = curl(
+        "POST",
+        &addons,
+        &["content-type: application/json"],
+        Some(&descriptor),
+    )
+    .await;
+    assert!(status == 200 || status == 201, "{status} {body}");
+    assert_eq!(count().await, 1);
+    let published: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let one = format!("{addons}/{}", published["_id"].as_str().unwrap());
+
+    // Rebinding: the page's own name, resolved to 127.0.0.1, reads nothing.
+    let rebound = format!("host: evil.example:{port}");
+    let (status, body) = curl("GET", &one, &[&rebound], None).await;
+    assert_eq!(status, 421, "{body}");
+    assert!(!body.contains("planted"), "{body}");
+    // A name the operator allowed, and addresses, are answered.
+    let named = format!("host: oak.example:{port}");
+    let (status, body) = curl("GET", &one, &[&named], None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("planted"), "{body}");
+}
+
+fn integration_tests_client(
+    server: &ServerProcess,
+) -> mpb::marketplace_service_client::MarketplaceServiceClient<tonic::transport::Channel> {
+    mpb::marketplace_service_client::MarketplaceServiceClient::new(server.channel())
+}

@@ -52,6 +52,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
         .rest(addons_marketplace::rest::MarketplaceRest)
         .cors(&config.common.cors_allow_origins)
+        .allowed_hosts(&config.common.allowed_hosts)
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

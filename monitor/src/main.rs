@@ -181,6 +181,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             addons_monitor::api::PERMISSIONS,
         )
         .cors(&config.common.cors_allow_origins)
+        .allowed_hosts(&config.common.allowed_hosts)
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -40,6 +40,19 @@ pub struct CommonArgs {
     )]
     pub cors_allow_origins: Vec<String>,
 
+    /// Host names this server answers browsers' and REST clients' requests
+    /// for, besides IP addresses, `localhost` and the machine's host name
+    /// (the name a dashboard or a proxy reaches it by); repeat the flag or
+    /// separate with commas. A request for any other `Host` is refused
+    /// (421), so a DNS name rebound to this address reads nothing.
+    #[arg(
+        long = "allowed-host",
+        env = "ADDONS_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub allowed_hosts: Vec<String>,
+
     /// TLS and authentication.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,

@@ -6,6 +6,7 @@
 
 mod args;
 pub mod auth;
+pub mod browser;
 mod client;
 mod errors;
 mod registry_auth;

@@ -157,7 +157,7 @@ impl Reply {
         Self::json(http, body)
     }
 
-    fn into_response(self) -> http::Response<Body> {
+    pub(crate) fn into_response(self) -> http::Response<Body> {
         let bytes = serde_json::to_vec(&self.body).unwrap_or_default();
         let mut response = http::Response::new(Body::new(Full::new(Bytes::from(bytes))));
         *response.status_mut() = self.status;

@@ -14,6 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     Shutdown,
     auth::{AuthLayer, MethodAccess, Security},
+    browser::{BrowserLayer, BrowserPolicy},
     rest::{RestLayer, RestRoutes},
 };
 
@@ -35,6 +36,7 @@ pub struct Server {
     security: Security,
     rest: Option<Arc<dyn RestRoutes>>,
     cors_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
 }
 
 impl Default for Server {
@@ -56,6 +58,7 @@ impl Server {
             security: Security::default(),
             rest: None,
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 
@@ -69,6 +72,13 @@ impl Server {
     /// default none may, so only pages of the server's own origin can.
     pub fn cors(mut self, origins: &[String]) -> Self {
         self.cors_origins = origins.to_vec();
+        self
+    }
+
+    /// Answers browsers and REST clients for these host names besides IP
+    /// addresses, `localhost` and the machine's name.
+    pub fn allowed_hosts(mut self, hosts: &[String]) -> Self {
+        self.allowed_hosts = hosts.to_vec();
         self
     }
 
@@ -150,8 +160,10 @@ impl Server {
             security,
             rest,
             cors_origins,
+            allowed_hosts,
         } = self.add_reflection()?;
         let cors = cors_layer(&cors_origins)?;
+        let browsers = BrowserLayer::new(BrowserPolicy::new(&allowed_hosts, &cors_origins));
         security.check_listen(listener.local_addr()?)?;
         for name in &health_names {
             health
@@ -180,13 +192,16 @@ impl Server {
             .map(|files| crate::tls::server_config(files, security.client_certificates.as_ref()))
             .transpose()?;
         // HTTP/1.1 too, for gRPC-Web and REST clients. Outermost first: CORS
-        // answers browsers' preflights, the gateway turns REST into gRPC
-        // calls to what follows, gRPC-Web becomes gRPC, and the guard
-        // authenticates and authorizes every call, whichever way it came.
+        // answers browsers' preflights, the browser policy refuses what a
+        // page elsewhere may have made a browser send, the gateway turns
+        // REST into gRPC calls to what follows, gRPC-Web becomes gRPC, and
+        // the guard authenticates and authorizes every call, whichever way
+        // it came.
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
             .trace_fn(crate::telemetry::server_span)
             .layer(cors)
+            .layer(browsers)
             .layer(RestLayer::new(rest))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(AuthLayer::new(security, permissions))
