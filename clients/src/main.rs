@@ -42,7 +42,8 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("error: {err}");
+            // Server messages may carry what strangers wrote.
+            eprintln!("error: {}", cli::output::shown(&err.to_string()));
             if structured && let Some(details) = err.details_json() {
                 eprintln!("{details:#}");
             }

@@ -491,6 +491,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn control_characters_are_refused_and_scripts_keep_their_lines() {
+        let mut spoof = addon();
+        spoof.description = "fine\u{1b}[2K".into();
+        spoof.services[0].mounts = vec![crate::Mount {
+            source: MountSource::HostPath("/srv\rPrivileges none".into()),
+            target: "/x".into(),
+            read_only: false,
+        }];
+        spoof.services[0].labels = [("team".into(), "a\u{7}".into())].into();
+        let found = fields(&spoof);
+        for field in [
+            "description",
+            "services[0].mounts[0].source",
+            "services[0].labels[\"team\"]",
+        ] {
+            assert!(found.iter().any(|f| f == field), "{field}: {found:?}");
+        }
+        let mut script = addon();
+        script.services[0].command = vec!["sh".into(), "-c".into(), "a\n\tb".into()];
+        script.services[0].environment = [("LINES".into(), "1\n2".into())].into();
+        assert!(validate(&script).is_ok());
+        script.services[0].command[2] = "a\u{1b}b".into();
+        assert_eq!(fields(&script), ["services[0].command[2]"]);
+        let mut dotted = addon();
+        dotted.services[0].mounts = vec![crate::Mount::parse("/srv/./x:/x").unwrap()];
+        assert_eq!(fields(&dotted), ["services[0].mounts[0].host_path"]);
+    }
+
+    #[test]
+    fn record_ids_are_lowercase_ulids() {
+        assert!(validate_record_id("01jb8n1m3q9x6c2v4t7w0y5z8k").is_ok());
+        for bad in [
+            "",
+            "../../..",
+            "01JB8N1M3Q9X6C2V4T7W0Y5Z8K",
+            "81jb8n1m3q9x6c2v4t7w0y5z8k",
+            "01jb8n1m3q9x6c2v4t7w0y5z8",
+            "01jb8n1m3q9x6c2v4t7w0y5z8i",
+        ] {
+            assert!(validate_record_id(bad).is_err(), "{bad}");
+        }
+        assert_eq!(quoted("a\u{1b}b"), "\"a\\u{1b}b\"");
+    }
+
     fn fields(addon: &Descriptor) -> Vec<String> {
         validate(addon)
             .err()

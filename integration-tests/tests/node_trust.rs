@@ -723,3 +723,126 @@ fn integration_tests_client(
 ) -> mpb::marketplace_service_client::MarketplaceServiceClient<tonic::transport::Channel> {
     mpb::marketplace_service_client::MarketplaceServiceClient::new(server.channel())
 }
+
+/// Runs `oak-addons` with `args`, none of the test's `OAK_ADDONS_*`.
+async fn oak(args: &[&str]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(binary("oak-addons"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OAK_ADDONS_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command.args(args).output().await.unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Escape codes cannot spoof what an operator reads: a descriptor holding
+/// them is refused at publish, and what a node reports (a service's
+/// reason) reaches the operator's terminal escaped.
+#[tokio::test]
+async fn escape_codes_never_reach_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+    )
+    .await;
+
+    // A host path that, printed raw, erases the line above and prints an
+    // innocent one instead of the privilege.
+    let spoof = "/srv\u{1b}[1A\u{1b}[2K\rPrivileges none";
+    let descriptor = dir.path().join("spoof.json");
+    std::fs::write(
+        &descriptor,
+        serde_json::json!({
+            "name": "spoof",
+            "services": [{
+                "service_name": "web",
+                "image": format!("{host}/team/app:1"),
+                "volumes": [format!("{spoof}:/host")]
+            }]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let marketplace_url = marketplace.url();
+    let (code, stdout, stderr) = oak(&[
+        "--marketplace",
+        &marketplace_url,
+        "marketplace",
+        "publish",
+        &descriptor.display().to_string(),
+    ])
+    .await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("control characters") && !stderr.contains('\u{1b}'),
+        "{stderr:?}"
+    );
+
+    // A node's report, shown by `get`.
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "plain".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "web".into(),
+                image: format!("{host}/team/app:1"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    let (tx, mut inbound) =
+        integration_tests::link::open_raw(manager.channel(), hello("node-a", &[]))
+            .await
+            .unwrap();
+    acked(&mut inbound, 0).await;
+    let mut report = integration_tests::link::service("web", ServicePhase::Failed);
+    report.reason = "ok\u{1b}]0;owned\u{7}\u{1b}[2K\rall services running".into();
+    tx.send(pb::OpenLinkRequest {
+        message: Some(open_link_request::Message::Report(pb::StatusReport {
+            sequence: 1,
+            installation_id: id.clone(),
+            services: vec![report],
+            observe_time: None,
+            verdict: None,
+        })),
+    })
+    .await
+    .unwrap();
+    acked(&mut inbound, 1).await;
+    let manager_url = manager.url();
+    let (code, stdout, stderr) = oak(&["--manager", &manager_url, "get", &id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('\r'),
+        "{stdout:?}"
+    );
+    assert!(stdout.contains("ok\\u{1b}]0;owned"), "{stdout}");
+}

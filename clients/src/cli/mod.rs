@@ -2,7 +2,7 @@
 
 mod config;
 mod consent;
-mod output;
+pub(crate) mod output;
 mod progress;
 
 use std::{
@@ -947,8 +947,14 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             .lines;
             match format {
                 Format::Table | Format::Id => {
+                    // What an addon wrote reaches a terminal escaped.
+                    let raw = !std::io::IsTerminal::is_terminal(&std::io::stdout());
                     for line in lines {
-                        println!("{line}");
+                        if raw {
+                            println!("{line}");
+                        } else {
+                            println!("{}", output::shown(&line));
+                        }
                     }
                 }
                 Format::Json => println!("{}", serde_json::json!({ "lines": lines })),
@@ -1038,7 +1044,8 @@ async fn wait_verified(
             {
                 eprintln!(
                     "verifying {id}: attempt {} failed: {}; retrying",
-                    v.attempts, v.last_error
+                    v.attempts,
+                    output::shown(&v.last_error)
                 );
             }
             match updates.next().await {
@@ -1065,7 +1072,10 @@ async fn wait_verified(
             .as_ref()
             .map(|v| v.reason.clone())
             .unwrap_or_default();
-        eprintln!("error: addon {id} failed verification: {reason}");
+        eprintln!(
+            "error: addon {id} failed verification: {}",
+            output::shown(&reason)
+        );
         return Ok(EXIT_FAILED);
     }
     Ok(EXIT_OK)

@@ -39,6 +39,41 @@ fn paint(text: &str, code: &str) -> String {
     }
 }
 
+/// The colour codes [`paint`] writes: the only control sequences the CLI
+/// lets through to a terminal.
+const OWN_CODES: &[&str] = &["0", "1", "31", "32", "33"];
+
+/// `text` safe to print on a terminal: every control character (escape
+/// sequences, carriage returns, line feeds, backspaces) is shown escaped
+/// (`\u{1b}`), except the colour codes this CLI writes itself. Whatever a
+/// publisher, an addon or a server wrote cannot move the cursor, hide a
+/// line or fake one, e.g. over the privileges a consent prompt lists.
+pub fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c == '\x1b'
+            && let Some(code) = rest
+                .strip_prefix("\x1b[")
+                .and_then(|after| after.split_once('m'))
+                .map(|(code, _)| code)
+                .filter(|code| OWN_CODES.contains(code))
+        {
+            let sequence = 3 + code.len();
+            out.push_str(&rest[..sequence]);
+            rest = &rest[sequence..];
+            continue;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 /// A status word, green when good, yellow while moving, red when bad.
 pub fn status_word(word: &str) -> String {
     let code = match word {
@@ -71,7 +106,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(width) = widths.get_mut(i) {
-                *width = (*width).max(visible(cell));
+                *width = (*width).max(visible(&shown(cell)));
             }
         }
     }
@@ -89,7 +124,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     };
     line(header.iter().map(|h| paint(h, "1")).collect());
     for row in rows {
-        line(row.clone());
+        line(row.iter().map(|cell| shown(cell)).collect());
     }
 }
 
@@ -208,22 +243,22 @@ fn single_or_list(mut values: Vec<serde_json::Value>, many: bool) -> serde_json:
 
 fn addon_details(addon: &mpb::Addon) {
     println!("ID:          {}", addon.id);
-    println!("Name:        {}", addon.name);
-    println!("Version:     {}", addon.version);
+    println!("Name:        {}", shown(&addon.name));
+    println!("Version:     {}", shown(&addon.version));
     if !addon.description.is_empty() {
-        println!("Description: {}", addon.description);
+        println!("Description: {}", shown(&addon.description));
     }
     println!("Status:      {}", status_word(&addon_status(addon)));
     println!("Created:     {}", ago(addon.create_time.as_ref()));
     println!("Updated:     {}", ago(addon.update_time.as_ref()));
     if let Some(v) = &addon.verification {
         if !v.reason.is_empty() {
-            println!("Reason:      {}", v.reason);
+            println!("Reason:      {}", shown(&v.reason));
         }
         if !v.last_error.is_empty() {
             println!(
                 "Last error:  {} (attempt {}, next {})",
-                v.last_error,
+                shown(&v.last_error),
                 v.attempts,
                 ago(v.next_attempt_time.as_ref())
             );
@@ -404,12 +439,14 @@ fn installation_details(i: &epb::Installation) {
     if let Some(addon) = &i.addon {
         println!(
             "Addon:       {} {} ({})",
-            addon.name, addon.version, i.marketplace_id
+            shown(&addon.name),
+            shown(&addon.version),
+            i.marketplace_id
         );
         println!("Release:     {}", i.release);
     }
     println!("Status:      {}", status_word(&installation_status(i)));
-    println!("Message:     {}", i.status_message);
+    println!("Message:     {}", shown(&i.status_message));
     println!("Installed:   {}", ago(i.create_time.as_ref()));
     println!("Updated:     {}", ago(i.update_time.as_ref()));
     println!();
@@ -442,9 +479,13 @@ fn installation_details(i: &epb::Installation) {
         });
     }
     for s in i.services.iter().filter(|s| !s.logs_tail.is_empty()) {
-        println!("\nLast lines of {} on {}:", s.service_name, s.node_id);
+        println!(
+            "\nLast lines of {} on {}:",
+            shown(&s.service_name),
+            shown(&s.node_id)
+        );
         for line in &s.logs_tail {
-            println!("  {line}");
+            println!("  {}", shown(line));
         }
     }
 }
@@ -620,10 +661,10 @@ pub fn change_line(i: &epb::Installation, deleted: bool) -> String {
     };
     format!(
         "{clock}  {}  {}  {}  {}",
-        i.id,
-        i.addon.as_ref().map(|a| a.name.as_str()).unwrap_or("-"),
+        shown(&i.id),
+        shown(i.addon.as_ref().map(|a| a.name.as_str()).unwrap_or("-")),
         status,
-        i.status_message
+        shown(&i.status_message)
     )
 }
 
@@ -634,4 +675,23 @@ pub fn change_json(i: &epb::Installation, deleted: bool) -> Result<String, Clien
         "deleted": deleted,
     });
     serde_json::to_string(&value).map_err(|err| ClientError::Input(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_own_colours_reach_a_terminal() {
+        assert_eq!(shown("plain"), "plain");
+        assert_eq!(
+            shown("\x1b[32mACTIVE\x1b[0m"),
+            "\x1b[32mACTIVE\x1b[0m",
+            "our colours pass"
+        );
+        assert_eq!(shown("a\x1b[8mhidden"), "a\\u{1b}[8mhidden");
+        assert_eq!(shown("x\r\ny\t"), "x\\r\\ny\\t");
+        assert_eq!(shown("\x1b]0;title\x07"), "\\u{1b}]0;title\\u{7}");
+        assert_eq!(shown("\x1b["), "\\u{1b}[");
+    }
 }

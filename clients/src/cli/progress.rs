@@ -65,12 +65,12 @@ impl Display {
                 .iter()
                 .map(|s| format!("{}={}", s.service_name, output::phase(s)))
                 .collect();
-            let line = format!(
+            let line = output::shown(&format!(
                 "{} {} {}",
                 output::installation_status(installation),
                 services.join(" "),
                 installation.status_message
-            );
+            ));
             if line != self.last_line {
                 eprintln!("{line}");
                 self.last_line = line;
@@ -265,7 +265,7 @@ async fn wait_until(
             "error: installation {} is {}: {}",
             installation.id,
             output::installation_status(&installation),
-            installation.status_message
+            output::shown(&installation.status_message)
         );
     }
     Ok(code)

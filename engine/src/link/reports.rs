@@ -40,6 +40,8 @@ struct Report {
     verdict: Option<(u64, Verdict)>,
     /// The link placed the installation on the node.
     placed: bool,
+    /// The node's labels, as its hello gave them.
+    labels: std::sync::Arc<std::collections::BTreeMap<String, String>>,
 }
 
 /// Reports waiting for the writer task, which wakes when one comes.
@@ -115,6 +117,7 @@ impl LinkHub {
         node: &str,
         report: pb::StatusReport,
         placed: bool,
+        labels: &std::sync::Arc<std::collections::BTreeMap<String, String>>,
     ) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
         let (services, verdict, report) = check_report(report)?;
         let (done, outcome) = oneshot::channel();
@@ -130,6 +133,7 @@ impl LinkHub {
                     services,
                     verdict,
                     placed,
+                    labels: labels.clone(),
                 },
                 done,
             });
@@ -255,15 +259,18 @@ impl LinkHub {
     }
 }
 
-/// Takes out the reports of nodes the installation was never placed on:
-/// a node that was not sent an installation in this link, and has no
-/// report stored about it from before, has nothing to say about it. A
-/// compromised node could otherwise write any installation's statuses and
-/// steer rollouts. Returns each dropped report's node and sequence.
+/// Takes out the reports of nodes the installation is not placed on: a
+/// node that was not sent the installation on its link, whose labels the
+/// installation's selector does not match, and that has no report stored
+/// about it from before, has nothing to say about it. A compromised node
+/// could otherwise write any installation's statuses and steer rollouts.
+/// Returns each dropped report's node and sequence.
 fn not_placed(installation: &Installation, reports: &mut Vec<Report>) -> Vec<(String, u64)> {
     let mut dropped = Vec::new();
     reports.retain(|report| {
-        let known = report.placed || installation.report_sequences.contains_key(&report.node);
+        let known = report.placed
+            || addons_descriptor::labels::matches(&installation.node_selector, &report.labels)
+            || installation.report_sequences.contains_key(&report.node);
         if !known {
             dropped.push((report.node.clone(), report.sequence));
         }

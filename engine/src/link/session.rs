@@ -129,6 +129,7 @@ impl LinkHub {
         // about any other is not the node's to make.
         let mut placed: std::collections::HashSet<String> =
             sent.placed_ids(&hello.labels).cloned().collect();
+        let labels = Arc::new(hello.labels.clone());
         if hello.accepts_chunks {
             for chunk in sent.full_chunks(&hello.labels) {
                 send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
@@ -228,7 +229,7 @@ impl LinkHub {
                                 ));
                             }
                             let was_placed = placed.contains(&report.installation_id);
-                            let done = self.enqueue_report(node, report, was_placed)?;
+                            let done = self.enqueue_report(node, report, was_placed, &labels)?;
                             // At the limit, wait for acks to go out first
                             // (they go out only while `acks` is polled).
                             tokio::select! {
