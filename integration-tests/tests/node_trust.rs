@@ -846,3 +846,150 @@ async fn escape_codes_never_reach_a_terminal() {
     );
     assert!(stdout.contains("ok\\u{1b}]0;owned"), "{stdout}");
 }
+
+/// Runs `script` with `sh` in the network namespace at `netns`, as root:
+/// what a process with every network capability inside that container
+/// could do. Returns whether it succeeded, and its output.
+async fn in_netns(netns: &Path, script: &str) -> (bool, String) {
+    let output = tokio::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", "sh", "-c", script])
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// Whether a TCP connection from `netns` to `address:port` is accepted.
+async fn connects(netns: &Path, address: &str, port: u16) -> (bool, String) {
+    in_netns(
+        netns,
+        &format!("echo hi | timeout 3 busybox nc {address} {port}"),
+    )
+    .await
+}
+
+/// A container's network cannot reach a service listening on the node's
+/// 127.0.0.1, even with every network capability: `portmap`'s `snat` sets
+/// `route_localnet` on the bridges, so the node would route what arrives
+/// there for 127.0.0.0/8 to its own loopback (CVE-2020-8558), and the
+/// monitor's rule drops it. Ordinary containers lack the capabilities to
+/// try at all (no `CAP_NET_RAW`, no `CAP_NET_ADMIN`); the test takes them,
+/// in the container's own network namespace.
+#[tokio::test]
+async fn a_container_cannot_reach_the_nodes_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = NodeCleanup::new(&state, "nlb", "10.75");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listen = |address: &'static str| {
+        let accepted = accepted.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                while let Ok((_stream, _)) = listener.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            port
+        }
+    };
+    // The node's loopback service, and one on every address (the
+    // control: the probe itself works).
+    let secret_port = listen("127.0.0.1:0").await;
+    let open_port = listen("0.0.0.0:0").await;
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let (marketplace, manager) = integration_tests::start_control_plane(dir.path(), &host).await;
+    let _monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-loopback",
+        bridge_prefix: "nlb",
+        subnet_prefix: "10.75",
+    }
+    .start(&["--resync-interval", "1s"], &[])
+    .await;
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "prober".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "prober".into(),
+                image: format!("{host}/team/app:1"),
+                // A published port: `portmap` then sets `route_localnet`
+                // on the bridge.
+                ports: vec![mpb::PortMapping {
+                    container_port: 8080,
+                    host_port: u32::from(integration_tests::free_port()),
+                    protocol: mpb::Protocol::Tcp.into(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            accepted_privileges: grant_all(&addon, false),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    eventually("the prober runs", Duration::from_secs(60), || async {
+        let installation = AddonsManagerServiceClient::new(manager.channel())
+            .get_installation(pb::GetInstallationRequest { id: id.clone() })
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner()
+            .installation
+            .unwrap();
+        match installation.services.first() {
+            Some(s) if s.phase() == ServicePhase::Running => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let netns = state.join("netns").join("root_prober");
+    // Its loopback address gone, 127.0.0.0/8 routed to the bridge's gateway, and
+    // `route_localnet` on its side too: connections to 127.0.0.1 leave
+    // through the bridge.
+    let (set, text) = in_netns(
+        &netns,
+        "set -e; ip addr del 127.0.0.1/8 dev lo; ip link set lo down; \
+         gw=$(ip -4 route show default | awk '{print $3}'); \
+         sysctl -qw net.ipv4.conf.eth0.route_localnet=1; \
+         ip route add 127.0.0.0/8 via $gw dev eth0; \
+         echo $gw",
+    )
+    .await;
+    assert!(set, "{text}");
+    let gateway = text.trim().to_owned();
+    let (reached, text) = connects(&netns, &gateway, open_port).await;
+    assert!(reached, "the probe reaches the node's open port: {text}");
+    let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(before, 1);
+    for _ in 0..3 {
+        let (reached, text) = connects(&netns, "127.0.0.1", secret_port).await;
+        assert!(!reached, "reached the node's loopback: {text}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), before);
+}

@@ -45,6 +45,9 @@ pub enum NetworkError {
     /// Local state is inconsistent.
     #[error("network state: {0}")]
     State(String),
+    /// The node's firewall could not be set up.
+    #[error("firewall: {0}")]
+    Firewall(String),
     /// A state file could not be read or written.
     #[error(transparent)]
     StateDir(#[from] StateDirError),
@@ -149,6 +152,8 @@ pub struct Networks {
     options: NetworkOptions,
     plugin_dir: PathBuf,
     state_dir: PathBuf,
+    /// The loopback guard is in place (checked once per process).
+    loopback_guarded: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Networks {
@@ -159,7 +164,80 @@ impl Networks {
             plugin_dir: options.plugin_dir.clone(),
             options,
             state_dir: state_dir.to_owned(),
+            loopback_guarded: Default::default(),
         }
+    }
+
+    /// The rule that keeps containers off the node's loopback. `portmap`
+    /// with `snat` (which publishes ports on 127.0.0.1 too) sets
+    /// `route_localnet` on the bridges, and the node then routes what
+    /// arrives on them for 127.0.0.0/8 to its own loopback services
+    /// (CVE-2020-8558). This drops it, as kube-proxy does, except the
+    /// replies of connections the node made and what `portmap` translated.
+    /// The comment names the subnets, so cleanups that look for them find
+    /// it.
+    fn loopback_rule(&self) -> Vec<String> {
+        [
+            "INPUT",
+            "-i",
+            &format!("{}+", self.options.bridge_prefix),
+            "-d",
+            "127.0.0.0/8",
+            "-m",
+            "conntrack",
+            "!",
+            "--ctstate",
+            "RELATED,ESTABLISHED,DNAT",
+            "-m",
+            "comment",
+            "--comment",
+            &format!(
+                "oakestra-addons {}.0.0/16: no container reaches the node's loopback",
+                self.options.subnet_prefix
+            ),
+            "-j",
+            "DROP",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Puts the loopback rule in place (unless `-C` finds it), once per
+    /// process, before the first container is attached.
+    async fn guard_loopback(&self) -> Result<(), NetworkError> {
+        use std::sync::atomic::Ordering;
+        if self.loopback_guarded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let rule = self.loopback_rule();
+        let iptables = |action: &'static str| {
+            let rule = rule.clone();
+            async move {
+                tokio::process::Command::new("iptables")
+                    .arg("-w")
+                    .arg(action)
+                    .args(&rule)
+                    .output()
+                    .await
+            }
+        };
+        let present = iptables("-C")
+            .await
+            .map_err(|err| NetworkError::Firewall(format!("cannot run iptables: {err}")))?;
+        if !present.status.success() {
+            let added = iptables("-I")
+                .await
+                .map_err(|err| NetworkError::Firewall(format!("cannot run iptables: {err}")))?;
+            if !added.status.success() {
+                return Err(NetworkError::Firewall(format!(
+                    "cannot keep containers off the node's loopback: {}",
+                    String::from_utf8_lossy(&added.stderr).trim()
+                )));
+            }
+            tracing::info!("containers are kept off the node's loopback");
+        }
+        self.loopback_guarded.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Where container `id`'s network namespace is.
@@ -283,6 +361,7 @@ impl Networks {
         networks: &[String],
         ports: &[PortMapping],
     ) -> Result<Vec<(String, String)>, NetworkError> {
+        self.guard_loopback().await?;
         let netns = self.netns_path(id);
         if !netns.exists() {
             create_netns(&netns)?;

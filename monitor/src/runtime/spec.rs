@@ -79,15 +79,15 @@ fn resources(
     serde_json::from_value(value).map_err(|err| format!("resource limits: {err}"))
 }
 
-/// Docker's default capability set: enough for ordinary services, no
-/// administration of the host.
+/// Docker's default capability set without `CAP_NET_RAW` (raw sockets
+/// forge packets: to the node's loopback, to other containers' addresses):
+/// enough for ordinary services, no administration of the host.
 const DEFAULT_CAPABILITIES: &[Capability] = &[
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
     Capability::Mknod,
-    Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
     Capability::Setfcap,
@@ -263,6 +263,7 @@ mod tests {
             .unwrap();
         assert!(caps.iter().any(|c| c == "CAP_NET_BIND_SERVICE"));
         assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"), "not privileged");
+        assert!(!caps.iter().any(|c| c == "CAP_NET_RAW"), "no raw sockets");
         let mounts = json["mounts"].as_array().unwrap();
         assert!(
             mounts
