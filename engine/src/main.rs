@@ -75,6 +75,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .rest(addons_engine::rest::ManagerRest)
         .cors(&config.common.cors_allow_origins)
         .allowed_hosts(&config.common.allowed_hosts)
+        .limits(config.common.connection_limits())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -53,6 +53,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .rest(addons_marketplace::rest::MarketplaceRest)
         .cors(&config.common.cors_allow_origins)
         .allowed_hosts(&config.common.allowed_hosts)
+        .limits(config.common.connection_limits())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -182,6 +182,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
         .cors(&config.common.cors_allow_origins)
         .allowed_hosts(&config.common.allowed_hosts)
+        .limits(config.common.connection_limits())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -53,9 +53,40 @@ pub struct CommonArgs {
     )]
     pub allowed_hosts: Vec<String>,
 
+    /// Most connections the server keeps open at once; one more is closed
+    /// as it comes.
+    #[arg(
+        long,
+        env = "ADDONS_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 16_384
+    )]
+    pub max_connections: usize,
+
+    /// Most connections one peer address may keep open at once (loopback
+    /// peers, such as a mesh sidecar, count only towards
+    /// `--max-connections`).
+    #[arg(
+        long,
+        env = "ADDONS_MAX_CONNECTIONS_PER_PEER",
+        value_name = "N",
+        default_value_t = 1_024
+    )]
+    pub max_connections_per_peer: usize,
+
     /// TLS and authentication.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
+}
+
+impl CommonArgs {
+    /// The connection limits the flags set.
+    pub fn connection_limits(&self) -> crate::ConnectionLimits {
+        crate::ConnectionLimits {
+            total: self.max_connections.max(1),
+            per_peer: self.max_connections_per_peer.max(1),
+        }
+    }
 }
 
 /// How logs are written.

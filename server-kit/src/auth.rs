@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::Context as _;
 
+pub(crate) use self::guard::Authenticator;
 pub use self::guard::{AuthLayer, MethodAccess};
 use self::jwt::JwtVerifier;
 

@@ -7,6 +7,8 @@
 mod args;
 pub mod auth;
 pub mod browser;
+mod limits;
+pub use crate::limits::ConnectionLimits;
 mod client;
 mod errors;
 mod registry_auth;

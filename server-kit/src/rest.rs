@@ -286,6 +286,7 @@ impl Grpc {
 #[derive(Clone)]
 pub struct RestLayer {
     routes: Option<Arc<dyn RestRoutes>>,
+    authenticator: Option<crate::auth::Authenticator>,
 }
 
 impl std::fmt::Debug for RestLayer {
@@ -297,9 +298,17 @@ impl std::fmt::Debug for RestLayer {
 }
 
 impl RestLayer {
-    /// A gateway for `routes`; none passes everything on.
-    pub fn new(routes: Option<Arc<dyn RestRoutes>>) -> Self {
-        Self { routes }
+    /// A gateway for `routes`; none passes everything on. With an
+    /// `authenticator`, a caller it refuses is answered 401 before any
+    /// body is read.
+    pub(crate) fn new(
+        routes: Option<Arc<dyn RestRoutes>>,
+        authenticator: Option<crate::auth::Authenticator>,
+    ) -> Self {
+        Self {
+            routes,
+            authenticator,
+        }
     }
 }
 
@@ -310,6 +319,7 @@ impl<S> tower_layer::Layer<S> for RestLayer {
         Gateway {
             inner,
             routes: self.routes.clone(),
+            authenticator: self.authenticator.clone(),
         }
     }
 }
@@ -319,6 +329,7 @@ impl<S> tower_layer::Layer<S> for RestLayer {
 pub struct Gateway<S> {
     inner: S,
     routes: Option<Arc<dyn RestRoutes>>,
+    authenticator: Option<crate::auth::Authenticator>,
 }
 
 impl<S> std::fmt::Debug for Gateway<S> {
@@ -350,6 +361,13 @@ where
             Some(routes) if !is_grpc(&request) => routes.clone(),
             _ => return Box::pin(self.inner.call(request)),
         };
+        // A stranger's body is never read: the caller is known first.
+        if let Some(authenticator) = &self.authenticator
+            && let Err(status) = authenticator.authenticate(&request)
+        {
+            let reply = Reply::from_status(&status, str::to_owned);
+            return Box::pin(async move { Ok(reply.into_response()) });
+        }
         // The service made ready goes with the request (tower's contract);
         // a clone stays for the next one.
         let clone = self.inner.clone();

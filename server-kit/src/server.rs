@@ -8,13 +8,14 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tonic::{service::Routes, transport::server::TcpIncoming};
+use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     Shutdown,
     auth::{AuthLayer, MethodAccess, Security},
     browser::{BrowserLayer, BrowserPolicy},
+    limits::ConnectionLimits,
     rest::{RestLayer, RestRoutes},
 };
 
@@ -37,7 +38,12 @@ pub struct Server {
     rest: Option<Arc<dyn RestRoutes>>,
     cors_origins: Vec<String>,
     allowed_hosts: Vec<String>,
+    limits: ConnectionLimits,
 }
+
+/// Requests in flight on one connection at once (HTTP/2 streams): a
+/// monitor's link and a watch or two are what a client holds.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 impl Default for Server {
     fn default() -> Self {
@@ -59,6 +65,7 @@ impl Server {
             rest: None,
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            limits: ConnectionLimits::default(),
         }
     }
 
@@ -79,6 +86,12 @@ impl Server {
     /// addresses, `localhost` and the machine's name.
     pub fn allowed_hosts(mut self, hosts: &[String]) -> Self {
         self.allowed_hosts = hosts.to_vec();
+        self
+    }
+
+    /// Keeps at most this many connections open, in all and per peer.
+    pub fn limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -161,6 +174,7 @@ impl Server {
             rest,
             cors_origins,
             allowed_hosts,
+            limits,
         } = self.add_reflection()?;
         let cors = cors_layer(&cors_origins)?;
         let browsers = BrowserLayer::new(BrowserPolicy::new(&allowed_hosts, &cors_origins));
@@ -197,29 +211,32 @@ impl Server {
         // REST into gRPC calls to what follows, gRPC-Web becomes gRPC, and
         // the guard authenticates and authorizes every call, whichever way
         // it came.
+        let guard = AuthLayer::new(security, permissions);
+        let gateway = RestLayer::new(rest, Some(guard.authenticator()));
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .trace_fn(crate::telemetry::server_span)
             .layer(cors)
             .layer(browsers)
-            .layer(RestLayer::new(rest))
+            .layer(gateway)
             .layer(tonic_web::GrpcWebLayer::new())
-            .layer(AuthLayer::new(security, permissions))
+            .layer(guard)
             .add_routes(routes);
         let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
             match tls {
-                Some(config) => {
+                Some(config) => Box::pin(router.serve_with_incoming_shutdown(
+                    crate::tls::incoming(listener, config, limits),
+                    stopped,
+                )),
+                // Without TCP_NODELAY, small responses wait out the peer's
+                // delayed ACK (40 ms on Linux).
+                None => {
                     Box::pin(router.serve_with_incoming_shutdown(
-                        crate::tls::incoming(listener, config),
+                        crate::limits::plain(listener, limits),
                         stopped,
                     ))
                 }
-                // Without TCP_NODELAY, small responses wait out the peer's
-                // delayed ACK (40 ms on Linux).
-                None => Box::pin(router.serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    stopped,
-                )),
             };
         tokio::pin!(server);
         tokio::select! {

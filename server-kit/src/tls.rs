@@ -8,7 +8,7 @@
 //! certificate it shows (the signature checks are webpki's); only the
 //! chain's trust is deferred to [`ClientCertificates::verify`].
 
-use std::{io, sync::Arc, time::Duration};
+use std::{io, sync::Arc};
 
 use anyhow::Context as _;
 use rustls::{
@@ -20,16 +20,14 @@ use rustls::{
         danger::{ClientCertVerified, ClientCertVerifier},
     },
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected as _;
 
 use crate::auth::TlsFiles;
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in flight at once; more connections wait in the backlog.
-const MAX_HANDSHAKES: usize = 256;
+use crate::limits::HANDSHAKE_TIMEOUT;
 
 /// The CA that client certificates must chain to.
 #[derive(Clone)]
@@ -157,51 +155,35 @@ pub(crate) fn server_config(
     Ok(config)
 }
 
-/// The TLS connections of `listener`: each handshake runs on its own task,
-/// bounded in time and in number, so a slow or silent client holds up no
-/// one. A failed handshake is logged and dropped.
+/// TLS connections on `listener` under `limits`: each handshake runs on
+/// its own, bounded in time and in number (per peer and in all), and never
+/// holds up the next accept.
 pub(crate) fn incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
-) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    limits: crate::limits::ConnectionLimits,
+) -> ReceiverStream<io::Result<TlsStream<crate::limits::Limited>>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
-    let (sender, receiver) = tokio::sync::mpsc::channel(16);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+    let handshakes = crate::limits::Handshakes::new();
+    crate::limits::accept(listener, limits, move |stream, sender| {
+        let acceptor = acceptor.clone();
+        let handshakes = handshakes.clone();
+        async move {
+            let peer = stream
+                .connect_info()
+                .remote_addr()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            let Some(_handshake) = handshakes.start(peer) else {
                 return;
             };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = sender.closed() => return,
-            };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off a bit
-                    // rather than spin.
-                    tracing::warn!(error = %err, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    drop(_handshake);
+                    let _ = sender.send(Ok(stream)).await;
                 }
-            };
-            let _ = stream.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = sender.send(Ok(stream)).await;
-                    }
-                    Ok(Err(err)) => {
-                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                    }
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
+                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
         }
-    });
-    ReceiverStream::new(receiver)
+    })
 }

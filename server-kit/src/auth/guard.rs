@@ -75,6 +75,31 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
     }
 }
 
+/// The guard's authentication alone, for what must know the caller before
+/// it reads a body (the REST gateway).
+#[derive(Clone)]
+pub(crate) struct Authenticator(Arc<Tables>);
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Who sent `request`, or the UNAUTHENTICATED status it gets.
+    pub(crate) fn authenticate<B>(&self, request: &http::Request<B>) -> Result<Identity, Status> {
+        self.0.authenticate(request)
+    }
+}
+
+impl AuthLayer {
+    /// The authentication of this guard.
+    pub(crate) fn authenticator(&self) -> Authenticator {
+        Authenticator(self.tables.clone())
+    }
+}
+
 /// A service behind the guard.
 #[derive(Clone)]
 pub struct Guarded<S> {
