@@ -209,6 +209,7 @@ async fn pulls_from_a_private_registry_with_credentials() {
     let authorized = RegistryAccess {
         insecure: vec![host.clone()],
         credentials: [(host.clone(), ("puller".to_owned(), "s3cret".to_owned()))].into(),
+        ..RegistryAccess::default()
     };
     let pulled = runtime
         .pull(&image, &authorized, Arc::default())

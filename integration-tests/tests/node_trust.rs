@@ -993,3 +993,66 @@ async fn a_container_cannot_reach_the_nodes_loopback() {
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), before);
 }
+
+/// A manager (or a publisher) names an image on the node's own loopback:
+/// the node refuses to pull from it, reports why, and never connects.
+#[tokio::test]
+async fn a_node_pulls_only_from_registries_it_may_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = NodeCleanup::new(&state, "npl", "10.70");
+    let secret = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let secret_port = secret.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(_connection) = secret.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let containerd = Containerd::start().await;
+    let image = format!("127.0.0.1:{secret_port}/x/y@sha256:{}", "ab".repeat(32));
+    let mut service = volume_service("web", &image, "data");
+    service.mounts.clear();
+    let mut wanted = installation(ID, service, "data", pb::DesiredPresence::Running);
+    wanted.addon.as_mut().unwrap().volumes.clear();
+    let (url, mut reports) = hostile_manager(pb::DesiredState {
+        generation: 1,
+        installations: vec![wanted],
+    })
+    .await;
+    let monitor = MonitorSetup {
+        manager: url,
+        containerd: &containerd,
+        state_dir: &state,
+        // The test's own registry is not this one.
+        registry: "127.0.0.1:1",
+        namespace: "oakestra-pulls",
+        bridge_prefix: "npl",
+        subnet_prefix: "10.70",
+    }
+    .start(&["--resync-interval", "1s"], &[])
+    .await;
+    let failed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let report = reports.recv().await.unwrap();
+            // Retried with backoff, then given up on: either says why.
+            if let Some(service) = report
+                .services
+                .iter()
+                .find(|s| s.reason.contains("refused"))
+            {
+                break service.clone();
+            }
+        }
+    })
+    .await
+    .expect("the pull is refused and reported");
+    assert!(
+        failed.reason.contains("not a public address"),
+        "{}",
+        failed.reason
+    );
+    monitor_looked(&monitor, 2).await;
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

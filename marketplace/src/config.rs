@@ -34,6 +34,20 @@ pub struct Config {
     )]
     pub insecure_registries: Vec<String>,
 
+    /// A registry (`host` or `host:port`) images may name. Repeat for
+    /// several; comma-separated in the environment. Without any, every
+    /// registry at a public address may be named; one that resolves to a
+    /// loopback, private, link-local or other non-public address (the
+    /// machine itself, the internal network, a cloud's metadata service)
+    /// is reached only when named here or with --insecure-registry.
+    #[arg(
+        long = "allowed-registry",
+        env = "ADDONS_ALLOWED_REGISTRIES",
+        value_name = "HOST[:PORT]",
+        value_delimiter = ','
+    )]
+    pub allowed_registries: Vec<String>,
+
     /// A platform (`os/arch[/variant]`) every image must provide. Repeat for
     /// several.
     #[arg(
@@ -75,6 +89,7 @@ impl Config {
         Ok(RegistryOptions {
             platforms: self.platforms.clone(),
             insecure: self.insecure_registries.clone(),
+            allowed: self.allowed_registries.clone(),
             credentials: match &self.registry_auth {
                 Some(path) => addons_server_kit::read_registry_credentials(path)?,
                 None => Default::default(),

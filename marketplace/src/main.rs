@@ -20,7 +20,7 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     let _telemetry = init_telemetry("addons-marketplace", config.common.log_format)?;
     let shutdown = Shutdown::on_signals()?;
-    let registry = Arc::new(Registry::new(config.registry_options()?));
+    let registry = Arc::new(Registry::new(config.registry_options()?)?);
     let store = open_store(
         config.store.as_deref(),
         "/var/lib/oakestra-addons/marketplace.redb",

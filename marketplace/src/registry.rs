@@ -3,12 +3,10 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use addons_registry::RegistryError;
 use oci_client::{
-    Client, Reference,
-    client::{ClientConfig, ClientProtocol},
-    errors::{OciDistributionError, OciErrorCode},
+    Reference,
     manifest::{OciDescriptor, OciManifest},
-    secrets::RegistryAuth,
 };
 use serde::Deserialize;
 
@@ -30,6 +28,9 @@ pub struct RegistryOptions {
     pub platforms: Vec<String>,
     /// Registries (`host:port`) reached over plain HTTP.
     pub insecure: Vec<String>,
+    /// The only registries reached (with the insecure ones), at any
+    /// address; none: any at a public address.
+    pub allowed: Vec<String>,
     /// Credentials per registry host, from a docker `config.json`.
     pub credentials: HashMap<String, (String, String)>,
     /// Timeout of each request to a registry.
@@ -41,6 +42,7 @@ impl Default for RegistryOptions {
         Self {
             platforms: vec!["linux/amd64".to_owned()],
             insecure: Vec::new(),
+            allowed: Vec::new(),
             credentials: HashMap::new(),
             timeout: Duration::from_secs(10),
         }
@@ -112,7 +114,7 @@ fn platform_matches(required: &str, available: &str) -> bool {
 
 /// Registry access with the marketplace's credentials and settings.
 pub struct Registry {
-    client: Client,
+    client: addons_registry::Registry,
     options: RegistryOptions,
 }
 
@@ -131,24 +133,38 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// A registry client with `options`.
-    pub fn new(options: RegistryOptions) -> Self {
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(options.insecure.clone()),
-            // Indexes are resolved here, per required platform.
-            platform_resolver: None,
-            read_timeout: Some(options.timeout),
+    pub fn new(options: RegistryOptions) -> anyhow::Result<Self> {
+        let client = addons_registry::Registry::new(addons_registry::RegistryOptions {
+            policy: addons_registry::RegistryPolicy {
+                allowed: options.allowed.clone(),
+                insecure: options.insecure.clone(),
+            },
+            credentials: options.credentials.clone(),
             connect_timeout: Some(options.timeout),
+            read_timeout: Some(options.timeout),
             user_agent: concat!("oakestra-addons-marketplace/", env!("CARGO_PKG_VERSION")),
-            ..ClientConfig::default()
-        });
-        Self { client, options }
+        })
+        .map_err(|err| anyhow::anyhow!("cannot build the registry client: {err}"))?;
+        Ok(Self { client, options })
     }
 
-    fn auth(&self, reference: &Reference) -> RegistryAuth {
-        match self.options.credentials.get(reference.resolve_registry()) {
-            Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
-            None => RegistryAuth::Anonymous,
-        }
+    /// The manifest `reference` names, as raw bytes and its digest.
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        image: &str,
+        fetched: u64,
+    ) -> Result<(Vec<u8>, String), CheckError> {
+        let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
+        self.client
+            .manifest(
+                reference.resolve_registry(),
+                reference.repository(),
+                tag_or_digest,
+                MANIFEST_TYPES,
+            )
+            .await
+            .map_err(|err| classify(image, err, fetched))
     }
 
     /// Checks one image: it resolves, provides every required platform,
@@ -163,13 +179,8 @@ impl Registry {
             reason: format!("`{image}` is not an image reference: {err}"),
             bytes_fetched: 0,
         })?;
-        let auth = self.auth(&reference);
         let mut fetched = 0_u64;
-        let (body, digest) = self
-            .client
-            .pull_manifest_raw(&reference, &auth, MANIFEST_TYPES)
-            .await
-            .map_err(|err| classify(image, err, fetched))?;
+        let (body, digest) = self.manifest(&reference, image, fetched).await?;
         fetched += body.len() as u64;
         let manifest: OciManifest =
             serde_json::from_slice(&body).map_err(|err| CheckError::Definite {
@@ -237,11 +248,7 @@ impl Registry {
                         });
                     };
                     let child = pinned.clone_with_digest(entry_digest.clone());
-                    let (body, _) = self
-                        .client
-                        .pull_manifest_raw(&child, &auth, MANIFEST_TYPES)
-                        .await
-                        .map_err(|err| classify(image, err, fetched))?;
+                    let (body, _) = self.manifest(&child, image, fetched).await?;
                     fetched += body.len() as u64;
                     let OciManifest::Image(manifest) =
                         serde_json::from_slice(&body).map_err(|err| CheckError::Definite {
@@ -295,9 +302,13 @@ impl Registry {
                 bytes_fetched: *fetched,
             });
         }
-        let mut data = Vec::with_capacity(usize::try_from(descriptor.size).unwrap_or(0));
-        self.client
-            .pull_blob(reference, descriptor, &mut data)
+        let data = self
+            .client
+            .blob(
+                reference.resolve_registry(),
+                reference.repository(),
+                &descriptor.digest,
+            )
             .await
             .map_err(|err| classify(image, err, *fetched))?;
         *fetched += data.len() as u64;
@@ -323,71 +334,38 @@ fn not_runnable(image: &str, fetched: u64) -> CheckError {
     }
 }
 
-/// Sorts registry errors into definite failures and transient ones.
-fn classify(image: &str, err: OciDistributionError, fetched: u64) -> CheckError {
+/// Sorts registry errors into definite failures and transient ones. The
+/// reason is ours: a status code and fixed words, never what the registry
+/// answered (whoever runs it chose that, and anyone may read the reason).
+fn classify(image: &str, err: RegistryError, fetched: u64) -> CheckError {
     let definite = |reason: String| CheckError::Definite {
         reason,
         bytes_fetched: fetched,
     };
     match err {
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let rate_limited = envelope
-                .errors
-                .iter()
-                .any(|e| matches!(e.code, OciErrorCode::Toomanyrequests));
-            let text = envelope
-                .errors
-                .iter()
-                .map(|e| format!("{:?}: {}", e.code, e.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            if rate_limited {
-                CheckError::Transient(format!("registry rate-limits `{image}`: {text}"))
-            } else {
-                definite(format!("registry refused `{image}`: {text}"))
-            }
-        }
-        OciDistributionError::ImageManifestNotFoundError(_) => {
-            definite(format!("`{image}` not found in its registry"))
-        }
-        OciDistributionError::UnauthorizedError { .. } => definite(format!(
+        RegistryError::NotFound => definite(format!("`{image}` not found in its registry")),
+        RegistryError::Unauthorized => definite(format!(
             "not authorized to pull `{image}` with the configured credentials"
         )),
-        OciDistributionError::AuthenticationFailure(reason) => {
-            definite(format!("authentication for `{image}` failed: {reason}"))
+        RegistryError::Status(429) => {
+            CheckError::Transient(format!("registry rate-limits `{image}` (429)"))
         }
-        OciDistributionError::ServerError { code, message, .. } => {
-            if code == 429 || code >= 500 {
-                CheckError::Transient(format!("registry answered {code} for `{image}`"))
-            } else if code == 404 {
-                definite(format!("`{image}` not found in its registry"))
-            } else {
-                definite(format!(
-                    "registry answered {code} for `{image}`: {}",
-                    message.trim()
-                ))
-            }
+        RegistryError::Status(code) if code >= 500 => {
+            CheckError::Transient(format!("registry answered {code} for `{image}`"))
         }
-        OciDistributionError::RequestError(err) => CheckError::Transient(format!(
-            "registry of `{image}` unreachable: {}",
-            error_chain(&err)
-        )),
-        OciDistributionError::IoError(err) => {
-            CheckError::Transient(format!("reading `{image}` from its registry failed: {err}"))
+        RegistryError::Status(code) => definite(format!("registry answered {code} for `{image}`")),
+        RegistryError::Unreachable(what) => {
+            CheckError::Transient(format!("registry of `{image}` unreachable: {what}"))
         }
-        other => definite(format!("`{image}` is not a valid image: {other}")),
+        RegistryError::Refused(reason) => {
+            definite(format!("registry of `{image}` not reached: {reason}"))
+        }
+        other @ (RegistryError::TooLarge { .. }
+        | RegistryError::Digest { .. }
+        | RegistryError::Invalid(_)) => {
+            definite(format!("`{image}` is not a valid image: {other}"))
+        }
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Checks the grammar of an image reference.

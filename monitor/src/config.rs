@@ -118,6 +118,19 @@ pub struct Config {
     )]
     pub insecure_registries: Vec<String>,
 
+    /// A registry (`host` or `host:port`) the node pulls from. Repeat for
+    /// several. Without any, every registry at a public address; one that
+    /// resolves to a loopback, private, link-local or other non-public
+    /// address is reached only when named here or with
+    /// --insecure-registry.
+    #[arg(
+        long = "allowed-registry",
+        env = "ADDONS_ALLOWED_REGISTRIES",
+        value_name = "HOST[:PORT]",
+        value_delimiter = ','
+    )]
+    pub allowed_registries: Vec<String>,
+
     /// Directory of the CNI plugin binaries (Debian's
     /// containernetworking-plugins).
     #[arg(

@@ -132,6 +132,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             state_dir: config.state_dir.clone(),
             registry: RegistryAccess {
                 insecure: config.insecure_registries.clone(),
+                allowed: config.allowed_registries.clone(),
                 credentials: match &config.registry_auth {
                     Some(path) => addons_server_kit::read_registry_credentials(path)?,
                     None => Default::default(),

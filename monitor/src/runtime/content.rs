@@ -9,12 +9,13 @@ use std::{
     },
 };
 
+use addons_registry::Registry;
 use containerd_client::services::v1::{
     InfoRequest, ReadContentRequest, UpdateRequest as UpdateContentRequest, WriteAction,
     WriteContentRequest, content_client::ContentClient,
 };
 use futures::StreamExt as _;
-use oci_client::{Client, Reference, manifest::OciDescriptor};
+use oci_client::{Reference, manifest::OciDescriptor};
 
 use super::{Containerd, RuntimeError, pull::registry_error};
 
@@ -85,20 +86,27 @@ impl Containerd {
     /// Streams a layer from the registry into the content store.
     pub(super) async fn stream_blob(
         &self,
-        client: &Client,
+        client: &Registry,
         reference: &Reference,
         layer: &OciDescriptor,
         lease: &str,
         image: &str,
         progress: &Arc<AtomicU64>,
     ) -> Result<u64, RuntimeError> {
+        let size = u64::try_from(layer.size).map_err(|_| RuntimeError::InvalidImage {
+            image: image.to_owned(),
+            reason: format!("layer {} has a negative size", layer.digest),
+        })?;
         let stream = client
-            .pull_blob_stream(reference, layer)
+            .blob_stream(
+                reference.resolve_registry(),
+                reference.repository(),
+                &layer.digest,
+                size,
+            )
             .await
             .map_err(registry_error(image))?;
-        let chunks = stream
-            .stream
-            .map(|chunk| chunk.map_err(|err| err.to_string()));
+        let chunks = stream.map(|chunk| chunk.map_err(|err| err.to_string()));
         self.write_content(
             &layer.digest,
             layer.size,

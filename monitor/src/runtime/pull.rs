@@ -10,16 +10,12 @@ use std::{
     sync::{Arc, atomic::AtomicU64},
 };
 
+use addons_registry::{Registry, RegistryError};
 use containerd_client::{
     services::v1::{CreateImageRequest, GetImageRequest, Image, images_client::ImagesClient},
     types::Descriptor,
 };
-use oci_client::{
-    Client, Reference,
-    client::{ClientConfig, ClientProtocol},
-    manifest::OciDescriptor,
-    secrets::RegistryAuth,
-};
+use oci_client::{Reference, manifest::OciDescriptor};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -46,6 +42,9 @@ const REGISTRY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub struct RegistryAccess {
     /// Registries (`host:port`) reached over plain HTTP.
     pub insecure: Vec<String>,
+    /// The only registries reached (with the insecure ones), at any
+    /// address; none: any at a public address.
+    pub allowed: Vec<String>,
     /// Credentials per registry host; others are accessed anonymously.
     pub credentials: HashMap<String, (String, String)>,
 }
@@ -55,6 +54,7 @@ impl std::fmt::Debug for RegistryAccess {
         // Never print passwords.
         f.debug_struct("RegistryAccess")
             .field("insecure", &self.insecure)
+            .field("allowed", &self.allowed)
             .field(
                 "credentials_for",
                 &self.credentials.keys().collect::<Vec<_>>(),
@@ -174,13 +174,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(super) fn registry_error(
-    image: &str,
-) -> impl Fn(oci_client::errors::OciDistributionError) -> RuntimeError + '_ {
+pub(super) fn registry_error(image: &str) -> impl Fn(RegistryError) -> RuntimeError + '_ {
     move |err| RuntimeError::Registry {
         image: image.to_owned(),
-        reason: super::error_chain(&err),
+        reason: err.to_string(),
     }
+}
+
+/// What a registry request names: the tag, or the digest when pinned.
+fn tag_or_digest(reference: &Reference) -> &str {
+    reference.digest().or(reference.tag()).unwrap_or("latest")
 }
 
 impl Containerd {
@@ -196,23 +199,26 @@ impl Containerd {
             image: image.to_owned(),
             reason,
         })?;
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(registry.insecure.clone()),
-            platform_resolver: None,
+        let client = Registry::new(addons_registry::RegistryOptions {
+            policy: addons_registry::RegistryPolicy {
+                allowed: registry.allowed.clone(),
+                insecure: registry.insecure.clone(),
+            },
+            credentials: registry.credentials.clone(),
             // A registry that accepts a connection and then says nothing
             // fails the pull instead of holding it forever; the monitor's
             // pull timeout bounds the whole pull on top of this.
             connect_timeout: Some(REGISTRY_CONNECT_TIMEOUT),
             read_timeout: Some(REGISTRY_READ_TIMEOUT),
-            ..ClientConfig::default()
-        });
-        let auth = match registry.credentials.get(reference.resolve_registry()) {
-            Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
+            user_agent: concat!("oakestra-addons-monitor/", env!("CARGO_PKG_VERSION")),
+        })
+        .map_err(|reason| RuntimeError::Registry {
+            image: image.to_owned(),
+            reason,
+        })?;
         let lease_id = self.create_lease().await?;
         let result = self
-            .pull_within_lease(image, &reference, &client, &auth, &lease_id, progress)
+            .pull_within_lease(image, &reference, &client, &lease_id, progress)
             .await;
         // The image record and the snapshot labels now hold what the lease
         // protected; if the pull failed, releasing it lets GC clean up.
@@ -224,13 +230,19 @@ impl Containerd {
         &self,
         image: &str,
         reference: &Reference,
-        client: &Client,
-        auth: &RegistryAuth,
+        client: &Registry,
         lease: &str,
         progress: Arc<AtomicU64>,
     ) -> Result<PulledImage, RuntimeError> {
+        let registry = reference.resolve_registry();
+        let repository = reference.repository();
         let (top_bytes, top_digest) = client
-            .pull_manifest_raw(reference, auth, MANIFEST_TYPES)
+            .manifest(
+                registry,
+                repository,
+                tag_or_digest(reference),
+                MANIFEST_TYPES,
+            )
             .await
             .map_err(registry_error(image))?;
         let top: RawManifest =
@@ -260,9 +272,8 @@ impl Containerd {
                         image: image.to_owned(),
                         reason: format!("the index has no linux/{arch} image"),
                     })?;
-                let child = reference.clone_with_digest(entry.digest.clone());
                 let (bytes, digest) = client
-                    .pull_manifest_raw(&child, auth, MANIFEST_TYPES)
+                    .manifest(registry, repository, &entry.digest, MANIFEST_TYPES)
                     .await
                     .map_err(registry_error(image))?;
                 let labels = HashMap::from([(
@@ -299,9 +310,8 @@ impl Containerd {
         let config_bytes = match self.read_blob(&config_descriptor.digest).await {
             Ok(bytes) => bytes,
             Err(_) => {
-                let mut data = Vec::new();
-                client
-                    .pull_blob(reference, &config_descriptor, &mut data)
+                let data = client
+                    .blob(registry, repository, &config_descriptor.digest)
                     .await
                     .map_err(registry_error(image))?;
                 bytes_pulled += self
