@@ -182,29 +182,35 @@ impl AddonsManagerService for ManagerApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("InstallAddon", &request_id, &request, || async {
-                let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
-                let installation = self
-                    .core
-                    .install(
-                        marketplace_id,
-                        request.keep_core_stopped_on_failure,
-                        request
-                            .accepted_privileges
-                            .iter()
-                            .cloned()
-                            .map(Into::into)
-                            .collect(),
-                        request.node_selector.clone().into_iter().collect(),
-                        Some(request_id.as_str()).filter(|id| !id.is_empty()),
-                        &identity.subject,
-                    )
-                    .await?;
-                tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
-                Ok(pb::InstallAddonResponse {
-                    installation: Some(convert::installation_to_proto(installation)),
-                })
-            })
+            .once(
+                "InstallAddon",
+                &identity.subject,
+                &request_id,
+                &request,
+                || async {
+                    let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
+                    let installation = self
+                        .core
+                        .install(
+                            marketplace_id,
+                            request.keep_core_stopped_on_failure,
+                            request
+                                .accepted_privileges
+                                .iter()
+                                .cloned()
+                                .map(Into::into)
+                                .collect(),
+                            request.node_selector.clone().into_iter().collect(),
+                            Some(request_id.as_str()).filter(|id| !id.is_empty()),
+                            &identity.subject,
+                        )
+                        .await?;
+                    tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
+                    Ok(pb::InstallAddonResponse {
+                        installation: Some(convert::installation_to_proto(installation)),
+                    })
+                },
+            )
             .await;
         audit(&identity, "InstallAddon", &request.marketplace_id, &outcome);
         outcome.map(Response::new)
@@ -219,7 +225,7 @@ impl AddonsManagerService for ManagerApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("UpgradeInstallation", &request_id, &request, || async {
+            .once("UpgradeInstallation", &identity.subject, &request_id, &request, || async {
                 let id = required("id", &request.id)?;
                 let version = required("version", &request.version)?;
                 let options = rollout_options(
@@ -257,29 +263,35 @@ impl AddonsManagerService for ManagerApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("RollbackInstallation", &request_id, &request, || async {
-                let id = required("id", &request.id)?;
-                let options = rollout_options(
-                    request.max_parallel,
-                    request.min_healthy_time,
-                    request.progress_deadline,
-                )?;
-                let installation = self
-                    .core
-                    .rollback(
-                        id,
-                        request.release,
-                        accepted(&request.accepted_privileges),
-                        options,
-                        request.expected_revision,
-                        &identity.subject,
-                    )
-                    .await?;
-                tracing::info!(%id, release = installation.value.release, "rollback started");
-                Ok(pb::RollbackInstallationResponse {
-                    installation: Some(convert::installation_to_proto(installation)),
-                })
-            })
+            .once(
+                "RollbackInstallation",
+                &identity.subject,
+                &request_id,
+                &request,
+                || async {
+                    let id = required("id", &request.id)?;
+                    let options = rollout_options(
+                        request.max_parallel,
+                        request.min_healthy_time,
+                        request.progress_deadline,
+                    )?;
+                    let installation = self
+                        .core
+                        .rollback(
+                            id,
+                            request.release,
+                            accepted(&request.accepted_privileges),
+                            options,
+                            request.expected_revision,
+                            &identity.subject,
+                        )
+                        .await?;
+                    tracing::info!(%id, release = installation.value.release, "rollback started");
+                    Ok(pb::RollbackInstallationResponse {
+                        installation: Some(convert::installation_to_proto(installation)),
+                    })
+                },
+            )
             .await;
         audit(&identity, "RollbackInstallation", &request.id, &outcome);
         outcome.map(Response::new)
@@ -294,16 +306,22 @@ impl AddonsManagerService for ManagerApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("UninstallAddon", &request_id, &request, || async {
-                let id = required("id", &request.id)?;
-                let installation = self
-                    .core
-                    .uninstall(id, request.purge, request.expected_revision)
-                    .await?;
-                Ok(pb::UninstallAddonResponse {
-                    installation: installation.map(convert::installation_to_proto),
-                })
-            })
+            .once(
+                "UninstallAddon",
+                &identity.subject,
+                &request_id,
+                &request,
+                || async {
+                    let id = required("id", &request.id)?;
+                    let installation = self
+                        .core
+                        .uninstall(id, request.purge, request.expected_revision)
+                        .await?;
+                    Ok(pb::UninstallAddonResponse {
+                        installation: installation.map(convert::installation_to_proto),
+                    })
+                },
+            )
             .await;
         audit(&identity, "UninstallAddon", &request.id, &outcome);
         outcome.map(Response::new)

@@ -155,9 +155,16 @@ impl Manager {
             Ok(stored) => Ok(stored),
             Err(addons_store::Error::AlreadyExists { .. }) => {
                 match self.installations.by_unique_key(marketplace_id).await? {
+                    // A retry of the caller's own install; another
+                    // caller's request_id is not theirs to reuse.
                     Some(made)
                         if request_id.is_some()
-                            && made.value.request_id.as_deref() == request_id =>
+                            && made.value.request_id.as_deref() == request_id
+                            && made
+                                .value
+                                .history
+                                .first()
+                                .is_some_and(|first| first.requested_by == requested_by) =>
                     {
                         Ok(made)
                     }

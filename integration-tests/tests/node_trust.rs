@@ -249,6 +249,10 @@ async fn a_hostile_manager_cannot_name_paths_on_the_node() {
         "overlayfs".into(),
     );
     assert!(runtime.list_containers(&[]).await.unwrap().is_empty());
+    // The node's state is the monitor's alone, whatever its umask.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "state dir mode {mode:o}");
     // No installation-id directory was made under the state dir either.
     let volumes = state.join("volumes");
     assert!(

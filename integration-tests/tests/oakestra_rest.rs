@@ -397,6 +397,9 @@ async fn rest_and_grpc_web_authenticate_like_grpc() {
             &secret.display().to_string(),
             "--cors-allow-origin",
             "https://dashboard.example",
+            // Tried and unreachable, so the addon stays in review.
+            "--allowed-registry",
+            "127.0.0.1:1",
         ],
     )
     .await;

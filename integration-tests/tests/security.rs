@@ -669,3 +669,110 @@ async fn the_node_api_needs_roles_and_the_monitor_links_over_tls() {
     manager.stop().await;
     containerd.stop().await;
 }
+
+/// What a caller made stays the caller's: another publisher who sends the
+/// same `request_id` gets no answer meant for the first, and cannot take
+/// over an addon name after every version of it was deleted.
+#[tokio::test]
+async fn request_ids_and_names_belong_to_their_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let args = pki.server_args(dir.path(), "m");
+    let marketplace = start("addons-marketplace", &args).await;
+    let mut client = MarketplaceServiceClient::new(pki.channel(&marketplace, None));
+    let alice = token(SECRET, "alice", &["publisher"], 60);
+    let bob = token(SECRET, "bob", &["publisher"], 60);
+    let publish = |version: &str, request_id: &str| PublishAddonRequest {
+        addon: Some(mpb::Addon {
+            name: "claimed".into(),
+            version: version.into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "tool".into(),
+                image: "127.0.0.1:1/tool:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        request_id: request_id.into(),
+    };
+    let first = client
+        .publish_addon(bearer(publish("1.0.0", "shared-id"), &alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(first.owner, "alice");
+    // Bob's call with Alice's request_id is his own call: it runs (and
+    // finds the version taken) instead of returning Alice's answer.
+    let bobs = client
+        .publish_addon(bearer(publish("1.0.0", "shared-id"), &bob))
+        .await
+        .unwrap_err();
+    assert_ne!(bobs.code(), Code::Ok);
+    assert!(
+        matches!(reason(&bobs).as_str(), "NOT_OWNER" | "ADDON_NAME_TAKEN"),
+        "{bobs:?}"
+    );
+    // Alice's retry still gets her answer.
+    let again = client
+        .publish_addon(bearer(publish("1.0.0", "shared-id"), &alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(again.id, first.id);
+
+    // Every version deleted: the name stays Alice's.
+    client
+        .delete_addon(bearer(
+            mpb::DeleteAddonRequest {
+                id: first.id.clone(),
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .unwrap();
+    let taken = client
+        .publish_addon(bearer(publish("2.0.0", ""), &bob))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (taken.code(), reason(&taken).as_str()),
+        (Code::PermissionDenied, "NOT_OWNER"),
+        "{taken:?}"
+    );
+    client
+        .publish_addon(bearer(publish("2.0.0", ""), &alice))
+        .await
+        .unwrap();
+}
+
+/// The CLI says so when a token would cross the network in plain text.
+#[tokio::test]
+async fn the_cli_warns_before_sending_a_token_in_plain_text() {
+    let (_, _, stderr) = oak(&[
+        "--manager",
+        "http://192.0.2.1:11101",
+        "--token",
+        "secret-token",
+        "--timeout",
+        "1s",
+        "list",
+    ])
+    .await;
+    assert!(stderr.contains("warning: your token goes to"), "{stderr}");
+    let (_, _, stderr) = oak(&[
+        "--manager",
+        "http://127.0.0.1:1",
+        "--token",
+        "secret-token",
+        "--timeout",
+        "1s",
+        "list",
+    ])
+    .await;
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

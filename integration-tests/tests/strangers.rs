@@ -126,6 +126,13 @@ async fn connections_are_bounded() {
         &["--store", &store, "--max-connections", "4"],
     )
     .await;
+    // Its store is its own, whatever umask it was started with.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.path().join("m.redb"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "store mode {mode:o}");
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(tokio::net::TcpStream::connect(server.addr()).await.unwrap());

@@ -125,7 +125,7 @@ impl MarketplaceService for MarketplaceApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("PublishAddon", &request_id, &request, || async {
+            .once("PublishAddon", &identity.subject, &request_id, &request, || async {
                 let addon = request
                     .addon
                     .clone()
@@ -211,14 +211,20 @@ impl MarketplaceService for MarketplaceApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("DeleteAddon", &request_id, &request, || async {
-                let id = required_id(&request.id)?;
-                self.core
-                    .delete(id, request.expected_revision, &caller)
-                    .await?;
-                tracing::info!(%id, "addon deleted");
-                Ok(pb::DeleteAddonResponse {})
-            })
+            .once(
+                "DeleteAddon",
+                &identity.subject,
+                &request_id,
+                &request,
+                || async {
+                    let id = required_id(&request.id)?;
+                    self.core
+                        .delete(id, request.expected_revision, &caller)
+                        .await?;
+                    tracing::info!(%id, "addon deleted");
+                    Ok(pb::DeleteAddonResponse {})
+                },
+            )
             .await;
         audit(&identity, "DeleteAddon", &request.id, &outcome);
         outcome.map(Response::new)
@@ -234,19 +240,25 @@ impl MarketplaceService for MarketplaceApi {
         let request_id = std::mem::take(&mut request.request_id);
         let outcome = self
             .requests
-            .once("ReverifyAddon", &request_id, &request, || async {
-                let addon = self
-                    .core
-                    .reverify(
-                        required_id(&request.id)?,
-                        request.expected_revision,
-                        &caller,
-                    )
-                    .await?;
-                Ok(pb::ReverifyAddonResponse {
-                    addon: Some(convert::addon_to_proto(addon)),
-                })
-            })
+            .once(
+                "ReverifyAddon",
+                &identity.subject,
+                &request_id,
+                &request,
+                || async {
+                    let addon = self
+                        .core
+                        .reverify(
+                            required_id(&request.id)?,
+                            request.expected_revision,
+                            &caller,
+                        )
+                        .await?;
+                    Ok(pb::ReverifyAddonResponse {
+                        addon: Some(convert::addon_to_proto(addon)),
+                    })
+                },
+            )
             .await;
         audit(&identity, "ReverifyAddon", &request.id, &outcome);
         outcome.map(Response::new)

@@ -69,6 +69,35 @@ impl Document for Addon {
     }
 }
 
+/// Who owns an addon name: taken by its first version's publisher and kept
+/// when every version is deleted, so a name once published cannot be taken
+/// over by someone else (whose new versions would reach every operator
+/// who trusts the name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameClaim {
+    /// The addon name.
+    pub name: String,
+    /// Its owner: the subject that published its first version.
+    pub owner: String,
+}
+
+impl Document for NameClaim {
+    const COLLECTION: &'static str = "addon_names";
+    const LOGGED: bool = false;
+
+    fn id(&self) -> &str {
+        &self.name
+    }
+
+    fn unique_key(&self) -> Option<String> {
+        None
+    }
+
+    fn status(&self) -> String {
+        String::new()
+    }
+}
+
 /// The unique key of version `version` of addon `name`.
 pub(crate) fn version_key(name: &str, version: &str) -> String {
     format!("{name}@{version}")

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Error,
-    model::{self, Addon, AddonStatus, Verification},
+    model::{self, Addon, AddonStatus, NameClaim, Verification},
     registry::{self, Registry},
     verifier::{self, VerifierOptions, VerifyQueue},
 };
@@ -23,6 +23,8 @@ pub(crate) const MAX_PAGE_SIZE: usize = 500;
 #[derive(Debug, Clone)]
 pub struct Marketplace {
     addons: Collection<Addon>,
+    /// Who owns each addon name, kept after its versions go.
+    names: Collection<NameClaim>,
     queue: VerifyQueue,
     /// Held from the version check to the insert, so two publishes of one
     /// name cannot both pass it. The marketplace is the only writer of
@@ -51,9 +53,11 @@ impl Marketplace {
         shutdown: Shutdown,
     ) -> Result<Self, Error> {
         let addons: Collection<Addon> = store.collection().await?;
+        let names: Collection<NameClaim> = store.collection().await?;
         let queue = verifier::spawn(addons.clone(), registry, options, shutdown);
         Ok(Self {
             addons,
+            names,
             queue,
             publishing: Default::default(),
         })
@@ -97,6 +101,28 @@ impl Marketplace {
                 id: first.value.id.clone(),
                 owner: first.value.owner.clone(),
             });
+        }
+        // The name stays its first publisher's after every version went.
+        match self.names.get(&name).await? {
+            Some(claim) if !caller.any && claim.value.owner != caller.subject => {
+                return Err(Error::NotOwner {
+                    id: name.clone(),
+                    owner: claim.value.owner,
+                });
+            }
+            Some(_) => {}
+            None => {
+                let claim = NameClaim {
+                    name: name.clone(),
+                    owner: versions
+                        .first()
+                        .map_or_else(|| caller.subject.clone(), |v| v.value.owner.clone()),
+                };
+                match self.names.insert(claim).await {
+                    Ok(_) | Err(addons_store::Error::AlreadyExists { .. }) => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
         }
         let highest = versions
             .iter()

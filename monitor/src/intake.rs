@@ -184,6 +184,62 @@ pub fn take(state: pb::DesiredState, node_id: &str, reports: &ReportOutbox) -> p
     state
 }
 
+/// Entry points for the fuzz targets (`fuzz/`). Not an API.
+pub mod fuzzing {
+    use oakestra_addons_proto::engine::v1 as pb;
+    use prost::Message as _;
+
+    use crate::state_dir::StateDir;
+
+    /// A desired state (whole, or a chunk) as the link hands it over,
+    /// through the intake; panics if what passes names a path outside the
+    /// state dir.
+    pub fn desired(data: &[u8]) {
+        let state = match pb::DesiredState::decode(data) {
+            Ok(state) => state,
+            Err(_) => match pb::DesiredStateChunk::decode(data) {
+                Ok(chunk) => pb::DesiredState {
+                    generation: chunk.generation,
+                    installations: chunk.upserts,
+                },
+                Err(_) => return,
+            },
+        };
+        let (kept, refused) = super::sift(state);
+        for refusal in &refused {
+            let _ = refusal.reason();
+        }
+        let root = std::path::Path::new("/state");
+        let dir = StateDir::new(root);
+        for installation in &kept.installations {
+            let id = &installation.installation_id;
+            let addon = installation.addon.as_ref();
+            let volumes = addon.iter().flat_map(|a| &a.volumes);
+            for volume in volumes {
+                let path = dir
+                    .volume(id, &volume.name)
+                    .expect("a kept installation's volume has a path");
+                assert!(inside(root, &path), "{}", path.display());
+            }
+            for service in addon.iter().flat_map(|a| &a.services) {
+                let container = format!("root_{}", service.service_name);
+                for path in [dir.log(&container), dir.container_dir(&container)] {
+                    let path = path.expect("a kept service has its files");
+                    assert!(inside(root, &path), "{}", path.display());
+                }
+            }
+        }
+    }
+
+    /// Whether `path` stays under `root`, with no `..` on the way.
+    fn inside(root: &std::path::Path, path: &std::path::Path) -> bool {
+        path.starts_with(root)
+            && path
+                .components()
+                .all(|c| !matches!(c, std::path::Component::ParentDir))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +305,21 @@ mod tests {
         host.addon.as_mut().unwrap().services[0].mounts[0].source =
             Some(pb::mount::Source::HostPath("/srv/addons/../../etc".into()));
         assert!(check(&host).is_err());
+    }
+
+    #[test]
+    fn the_fuzz_entry_takes_any_bytes() {
+        use prost::Message as _;
+        fuzzing::desired(b"");
+        fuzzing::desired(&[0xff; 64]);
+        let state = pb::DesiredState {
+            generation: 1,
+            installations: vec![
+                installation(ID, "web", "data"),
+                installation("..", "x", ".."),
+            ],
+        };
+        fuzzing::desired(&state.encode_to_vec());
     }
 
     #[test]

@@ -120,13 +120,19 @@ impl Identity {
     }
 
     /// The identity of a request (every request through a [`crate::Server`]
-    /// has one).
+    /// has one). A request that did not pass the guard has none and gets
+    /// an identity without roles: a service reached some other way fails
+    /// closed.
     pub fn of<T>(request: &tonic::Request<T>) -> Identity {
         request
             .extensions()
             .get::<Identity>()
             .cloned()
-            .unwrap_or_else(Identity::anonymous)
+            .unwrap_or_else(|| Self {
+                subject: String::new(),
+                roles: BTreeSet::new(),
+                source: Source::Anonymous,
+            })
     }
 }
 

@@ -27,7 +27,7 @@ pub const MAX_REQUEST_ID: usize = 128;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RequestRecord {
     id: String,
-    /// `method/request_id`.
+    /// `method/LEN:caller/request_id`.
     key: String,
     /// SHA-256 of the encoded request without its `request_id`, base64.
     fingerprint: String,
@@ -105,10 +105,13 @@ impl Requests {
     /// an id seen before for `method` it returns the remembered response, or
     /// INVALID_ARGUMENT `REQUEST_ID_REUSED` when `request` (whose own
     /// `request_id` field the caller has cleared) differs from the first.
-    /// Only successful responses are remembered.
+    /// Only successful responses are remembered. A `request_id` is the
+    /// `caller`'s own: another caller's call with the same id is another
+    /// request, never answered with the first caller's response.
     pub async fn once<Req, Resp, Fut>(
         &self,
         method: &str,
+        caller: &str,
         request_id: &str,
         request: &Req,
         call: impl FnOnce() -> Fut,
@@ -122,7 +125,8 @@ impl Requests {
             return call().await;
         }
         check_request_id(request_id)?;
-        let key = format!("{method}/{request_id}");
+        // The caller's length first: no subject can pose as another.
+        let key = format!("{method}/{}:{caller}/{request_id}", caller.len());
         let fingerprint = STANDARD.encode(Sha256::digest(request.encode_to_vec()));
         let slot = {
             let mut in_flight = self

@@ -331,6 +331,10 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     install_crypto();
+    // Stores, state and logs are the server's alone: files 0600,
+    // directories 0700, whatever umask the process was started with. What
+    // others must read (a container's hosts file) is opened up on purpose.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

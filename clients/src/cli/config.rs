@@ -41,6 +41,17 @@ pub struct Context {
     /// File holding the bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Token for the marketplace only (a token whose audience is the
+    /// marketplace); the marketplace gets it instead of `token_file`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketplace_token_file: Option<PathBuf>,
+    /// Token for the manager only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager_token_file: Option<PathBuf>,
+    /// Token for the node's monitor only: a node that was given the
+    /// manager's token could replay it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_token_file: Option<PathBuf>,
     /// Client certificate file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert: Option<PathBuf>,

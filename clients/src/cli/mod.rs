@@ -308,33 +308,46 @@ enum ConfigCommand {
         name: String,
     },
     /// Create or change a context; only the given fields change.
-    SetContext {
-        /// Its name.
-        name: String,
-        /// URL of the marketplace.
-        #[arg(long = "set-marketplace", value_name = "URL")]
-        marketplace: Option<String>,
-        /// URL of the manager.
-        #[arg(long = "set-manager", value_name = "URL")]
-        manager: Option<String>,
-        /// URL of a node's monitor.
-        #[arg(long = "set-monitor", value_name = "URL")]
-        monitor: Option<String>,
-        /// CA certificate file.
-        #[arg(long = "set-ca-cert", value_name = "FILE")]
-        ca_cert: Option<PathBuf>,
-        /// Token file.
-        #[arg(long = "set-token-file", value_name = "FILE")]
-        token_file: Option<PathBuf>,
-        /// Client certificate file.
-        #[arg(long = "set-client-cert", value_name = "FILE")]
-        client_cert: Option<PathBuf>,
-        /// Client key file.
-        #[arg(long = "set-client-key", value_name = "FILE")]
-        client_key: Option<PathBuf>,
-    },
+    SetContext(Box<SetContext>),
     /// List the contexts; `*` marks the current one.
     GetContexts,
+}
+
+/// `config set-context`: the fields given change.
+#[derive(Debug, clap::Args)]
+struct SetContext {
+    /// Its name.
+    name: String,
+    /// URL of the marketplace.
+    #[arg(long = "set-marketplace", value_name = "URL")]
+    marketplace: Option<String>,
+    /// URL of the manager.
+    #[arg(long = "set-manager", value_name = "URL")]
+    manager: Option<String>,
+    /// URL of a node's monitor.
+    #[arg(long = "set-monitor", value_name = "URL")]
+    monitor: Option<String>,
+    /// CA certificate file.
+    #[arg(long = "set-ca-cert", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Token file.
+    #[arg(long = "set-token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Token file for the marketplace only.
+    #[arg(long = "set-marketplace-token-file", value_name = "FILE")]
+    marketplace_token_file: Option<PathBuf>,
+    /// Token file for the manager only.
+    #[arg(long = "set-manager-token-file", value_name = "FILE")]
+    manager_token_file: Option<PathBuf>,
+    /// Token file for the monitor only.
+    #[arg(long = "set-monitor-token-file", value_name = "FILE")]
+    monitor_token_file: Option<PathBuf>,
+    /// Client certificate file.
+    #[arg(long = "set-client-cert", value_name = "FILE")]
+    client_cert: Option<PathBuf>,
+    /// Client key file.
+    #[arg(long = "set-client-key", value_name = "FILE")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -481,6 +494,43 @@ struct Servers {
     marketplace: String,
     manager: String,
     monitor: String,
+    /// Tokens for one server only, from the context, in the order above.
+    own_tokens: [Option<String>; 3],
+}
+
+impl Servers {
+    /// The client options for `url` (one of the servers, `which` its
+    /// place): its own token when the context names one. Warns on stderr
+    /// when a token would cross the network in plain text.
+    fn options(&self, which: usize, url: &str, base: &ClientOptions) -> ClientOptions {
+        let mut options = base.clone();
+        if let Some(Some(token)) = self.own_tokens.get(which) {
+            options.credentials.token = Some(token.clone());
+        }
+        if options.credentials.token.is_some()
+            && url.starts_with("http://")
+            && !is_loopback_url(url)
+        {
+            eprintln!(
+                "warning: your token goes to {url} over plain HTTP: anyone on the way can read and replay it; use an https:// URL"
+            );
+        }
+        options
+    }
+}
+
+/// Whether `url`'s host is a loopback address or `localhost`.
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned))
+        .unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reads a file the flags or the context name.
@@ -516,7 +566,27 @@ fn resolve(cli: &mut Cli) -> Result<(Servers, oak_addons::Credentials), Failure>
             .take()
             .or(context.monitor)
             .unwrap_or_else(|| "http://127.0.0.1:11103".into()),
+        own_tokens: Default::default(),
     };
+    // A token given on the command line goes to every server; otherwise a
+    // server's own token file wins over the context's shared one.
+    let explicit = cli.token.is_some() || cli.token_file.is_some();
+    let mut servers = servers;
+    if !explicit {
+        for (slot, file) in servers.own_tokens.iter_mut().zip([
+            &context.marketplace_token_file,
+            &context.manager_token_file,
+            &context.monitor_token_file,
+        ]) {
+            if let Some(path) = file {
+                *slot = Some(
+                    String::from_utf8_lossy(&read_file(path, "token file")?)
+                        .trim()
+                        .to_owned(),
+                );
+            }
+        }
+    }
     let token = match (
         cli.token.take(),
         cli.token_file.take().or(context.token_file),
@@ -571,16 +641,20 @@ fn configure(cli: &Cli, command: ConfigCommand) -> Result<u8, Failure> {
             config::save(&path, &file).map_err(Failure::usage)?;
             println!("current context: {name}");
         }
-        ConfigCommand::SetContext {
-            name,
-            marketplace,
-            manager,
-            monitor,
-            ca_cert,
-            token_file,
-            client_cert,
-            client_key,
-        } => {
+        ConfigCommand::SetContext(set) => {
+            let SetContext {
+                name,
+                marketplace,
+                manager,
+                monitor,
+                ca_cert,
+                token_file,
+                marketplace_token_file,
+                manager_token_file,
+                monitor_token_file,
+                client_cert,
+                client_key,
+            } = *set;
             let context = file.contexts.entry(name.clone()).or_default();
             let set = |field: &mut Option<String>, value: Option<String>| {
                 if value.is_some() {
@@ -593,6 +667,9 @@ fn configure(cli: &Cli, command: ConfigCommand) -> Result<u8, Failure> {
             for (field, value) in [
                 (&mut context.ca_cert, ca_cert),
                 (&mut context.token_file, token_file),
+                (&mut context.marketplace_token_file, marketplace_token_file),
+                (&mut context.manager_token_file, manager_token_file),
+                (&mut context.monitor_token_file, monitor_token_file),
                 (&mut context.client_cert, client_cert),
                 (&mut context.client_key, client_key),
             ] {
@@ -645,9 +722,14 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
     };
     let format = cli.output;
     let marketplace = || {
+        let options = servers.options(0, &servers.marketplace, &options);
         MarketplaceClient::connect(&servers.marketplace, &options).map_err(failed("marketplace"))
     };
-    let manager = || ManagerClient::connect(&servers.manager, &options).map_err(failed("manager"));
+    let manager = || {
+        let options = servers.options(1, &servers.manager, &options);
+        ManagerClient::connect(&servers.manager, &options).map_err(failed("manager"))
+    };
+    let monitor_options = || servers.options(2, &servers.monitor, &options);
     match cli.command {
         Command::Marketplace(command) => {
             let client = marketplace()?;
@@ -925,8 +1007,8 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Logs { id, service, tail } => {
-            let channel =
-                oak_addons::auth_channel(&servers.monitor, &options).map_err(failed("monitor"))?;
+            let channel = oak_addons::auth_channel(&servers.monitor, &monitor_options())
+                .map_err(failed("monitor"))?;
             let lines = tokio::time::timeout(
                 options.timeout,
                 NodeMonitorServiceClient::new(channel).get_service_logs(GetServiceLogsRequest {
@@ -968,8 +1050,8 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Node => {
-            let channel =
-                oak_addons::auth_channel(&servers.monitor, &options).map_err(failed("monitor"))?;
+            let channel = oak_addons::auth_channel(&servers.monitor, &monitor_options())
+                .map_err(failed("monitor"))?;
             let node = tokio::time::timeout(
                 options.timeout,
                 NodeMonitorServiceClient::new(channel)

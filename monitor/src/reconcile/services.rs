@@ -323,6 +323,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 Some(pb::mount::Source::Volume(name)) => {
                     let dir = self.state.volume(installation, name)?;
                     ensure_dir(Some(&dir))?;
+                    // The container's user, whoever it is, may enter it.
+                    set_mode(&dir, 0o755)?;
                     dir
                 }
                 _ => return Err(invalid(format!("bad mount of `{}`", mount.target))),
@@ -419,10 +421,25 @@ fn ensure_dir(dir: Option<&Path>) -> Result<(), MonitorError> {
     Ok(())
 }
 
+/// Writes a file bind-mounted into a container (hosts, resolv.conf), which
+/// the container's user, whoever it is, reads: 0644 under the monitor's
+/// umask of 077.
 fn write_in_place(path: &Path, text: String) -> Result<(), MonitorError> {
     std::fs::write(path, text).map_err(|err| {
         MonitorError::StateDir(crate::state_dir::StateDirError::Io {
             action: "writing",
+            path: path.to_owned(),
+            err,
+        })
+    })?;
+    set_mode(path, 0o644)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), MonitorError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|err| {
+        MonitorError::StateDir(crate::state_dir::StateDirError::Io {
+            action: "setting the mode of",
             path: path.to_owned(),
             err,
         })

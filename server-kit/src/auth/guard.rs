@@ -292,23 +292,60 @@ fn peer<B>(request: &http::Request<B>) -> Option<SocketAddr> {
 
 /// The identity in a sidecar's header: Envoy's `x-forwarded-client-cert`
 /// names it as `URI=...` (a SPIFFE id) or `Subject="...CN=..."`; Linkerd's
-/// `l5d-client-id` is the identity itself.
+/// `l5d-client-id` is the identity itself. An `x-forwarded-client-cert`
+/// can hold one element per proxy the request passed, separated by commas
+/// outside quotes; only the last is the one our sidecar added (the others
+/// came with the request, from whoever sent it), so only it counts.
 fn mesh_identity(value: &str) -> String {
-    for part in value.split(';') {
-        if let Some(uri) = part.trim().strip_prefix("URI=") {
+    let element = split_unquoted(value, ',')
+        .into_iter()
+        .rev()
+        .find(|e| !e.trim().is_empty())
+        .unwrap_or_default();
+    let pairs = split_unquoted(element, ';');
+    let is_xfcc = pairs.iter().any(|p| p.contains('='));
+    for pair in &pairs {
+        if let Some(uri) = pair.trim().strip_prefix("URI=") {
             return uri.trim_matches('"').to_owned();
         }
     }
-    for part in value.split([';', ',']) {
-        if let Some(cn) = part
-            .trim()
-            .trim_start_matches("Subject=\"")
-            .strip_prefix("CN=")
-        {
-            return cn.trim_matches('"').to_owned();
+    for pair in &pairs {
+        if let Some(subject) = pair.trim().strip_prefix("Subject=") {
+            let subject = subject.trim_matches('"');
+            return subject
+                .split(',')
+                .find_map(|rdn| rdn.trim().strip_prefix("CN="))
+                .unwrap_or_default()
+                .to_owned();
         }
     }
-    value.trim().to_owned()
+    if is_xfcc {
+        // An element without a URI or a subject names nobody.
+        return String::new();
+    }
+    element.trim().to_owned()
+}
+
+/// `text` split at `separator` where it is not inside double quotes.
+fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == separator && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
 }
 
 /// The subject CN of a DER certificate.
@@ -340,5 +377,18 @@ mod tests {
             mesh_identity("node-3.oak.serviceaccount.identity.linkerd.cluster.local"),
             "node-3.oak.serviceaccount.identity.linkerd.cluster.local"
         );
+        // The request came with an element naming an admin; the sidecar
+        // appended its own: only that one counts.
+        assert_eq!(
+            mesh_identity(
+                "URI=spiffe://cluster/sa/admin,By=spiffe://b;Hash=y;Subject=\"CN=node-4,O=oak\";URI=spiffe://cluster/sa/node-4"
+            ),
+            "spiffe://cluster/sa/node-4"
+        );
+        assert_eq!(
+            mesh_identity("Subject=\"CN=admin\",By=spiffe://b;Hash=y;Subject=\"O=oak,CN=node-5\""),
+            "node-5"
+        );
+        assert_eq!(mesh_identity("URI=spiffe://admin,By=x;Hash=y"), "");
     }
 }

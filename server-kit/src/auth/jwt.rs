@@ -84,6 +84,8 @@ impl JwtVerifier {
         let mut validation = Validation::new(*algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 30;
+        // A token not valid yet is not valid.
+        validation.validate_nbf = true;
         match &self.issuer {
             Some(issuer) => validation.set_issuer(&[issuer]),
             None => validation.iss = None,
@@ -164,5 +166,18 @@ mod tests {
         assert!(other_key.unwrap_err().contains("InvalidSignature"));
         assert!(verifier.verify("not.a.token").is_err());
         assert!(JwtVerifier::new(Some(b"short"), None, None, None).is_err());
+        // Not valid before an hour from now: refused until then.
+        let early = encode(
+            &Header::default(),
+            &serde_json::json!({ "sub": "alice", "exp": now() + 7200, "nbf": now() + 3600, "roles": ["admin"] }),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(
+            verifier
+                .verify(&early)
+                .unwrap_err()
+                .contains("ImmatureSignature")
+        );
     }
 }
