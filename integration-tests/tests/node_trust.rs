@@ -1060,3 +1060,126 @@ async fn a_node_pulls_only_from_registries_it_may_reach() {
     monitor_looked(&monitor, 2).await;
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// An addon that writes without end: its log rotates by size as it is
+/// written (not at the next pass), so the node's disk holds at most two
+/// files of the limit, and reading its end costs the monitor no more than
+/// the end.
+#[tokio::test]
+async fn a_log_bomb_fills_neither_disk_nor_memory() {
+    const MAX: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = NodeCleanup::new(&state, "nlg", "10.69");
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let (marketplace, manager) = integration_tests::start_control_plane(dir.path(), &host).await;
+    let monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-logs",
+        bridge_prefix: "nlg",
+        subnet_prefix: "10.69",
+    }
+    .start(
+        &[
+            "--log-max-bytes",
+            &MAX.to_string(),
+            // No pass comes by in the test's time: the rotation must not
+            // wait for one.
+            "--resync-interval",
+            "10m",
+        ],
+        &[],
+    )
+    .await;
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "bomb".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "bomb".into(),
+                image: format!("{host}/team/app:1"),
+                command: vec!["/bin/busybox".into(), "yes".into(), "x".repeat(200)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    let log = state.join("logs").join("root_bomb.log");
+    let rotated = state.join("logs").join("root_bomb.log.1");
+    // Watch rotations go by (the `.1` file replaced: its inode changes
+    // between looks; freed inodes are reused, so two values may alternate),
+    // and the live file stay under the limit at every look.
+    use std::os::unix::fs::MetadataExt as _;
+    let mut last = None;
+    let mut rotations = 0;
+    let mut largest = 0;
+    eventually(
+        "the log rotates five times",
+        Duration::from_secs(60),
+        || {
+            let seen = std::fs::metadata(&rotated).ok().map(|m| m.ino());
+            if seen.is_some() && seen != last {
+                rotations += 1;
+                last = seen;
+            }
+            if let Ok(meta) = std::fs::metadata(&log) {
+                largest = largest.max(meta.len());
+            }
+            let count = rotations;
+            async move {
+                if count >= 5 {
+                    Ok(())
+                } else {
+                    Err(format!("{count} rotations seen"))
+                }
+            }
+        },
+    )
+    .await;
+    assert!(largest <= MAX, "the log reached {largest} bytes");
+    assert!(std::fs::metadata(&rotated).unwrap().len() <= MAX);
+    // Its end, read while it is written.
+    let lines = oakestra_addons_proto::monitor::v1::node_monitor_service_client::NodeMonitorServiceClient::new(
+        monitor.channel(),
+    )
+    .get_service_logs(oakestra_addons_proto::monitor::v1::GetServiceLogsRequest {
+        installation_id: id,
+        service_name: "bomb".into(),
+        tail_lines: 10_000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .lines;
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.len() <= 4096));
+    let rss = rss_kib(monitor.pid().as_raw().try_into().unwrap());
+    assert!(rss < 150 << 10, "the monitor holds {rss} KiB");
+}

@@ -14,6 +14,7 @@ pub mod host_paths;
 pub mod intake;
 pub mod labels;
 pub mod link;
+pub mod logwriter;
 pub mod network;
 pub mod outbox;
 pub mod plan;

@@ -16,6 +16,20 @@ use anyhow::Context as _;
 use oakestra_addons_proto::engine::v1::Plane;
 
 fn main() -> ExitCode {
+    // Run by containerd's shim as an addon's log writer.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .iter()
+        .any(|arg| arg == addons_monitor::logwriter::FLAG)
+    {
+        return match addons_monitor::logwriter::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("addons-monitor log writer: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match parse_config::<Config>() {
         Ok(config) => main_with(|| run(config)),
         Err(code) => code,
@@ -66,11 +80,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.namespace
         );
     }
+    let log_writer = addons_monitor::logwriter::install(&config.state_dir).with_context(|| {
+        format!(
+            "cannot put the log writer into {}",
+            config.state_dir.display()
+        )
+    })?;
     let containerd = Containerd::new(
         config.containerd_socket.clone(),
         config.namespace.clone(),
         config.snapshotter.clone(),
-    );
+    )
+    .with_log_writer(log_writer, config.log_max_bytes);
     // containerd may start after the monitor or restart under it; the
     // monitor keeps running and says so.
     match containerd.version().await {

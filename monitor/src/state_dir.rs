@@ -199,9 +199,25 @@ pub const MAX_TAIL_BYTES: u64 = 1 << 20;
 /// Longest line of a tail; the rest of a longer one is cut.
 const MAX_TAIL_LINE: usize = 4096;
 
-/// The last `lines` lines of a file, read from at most its last
-/// [`MAX_TAIL_BYTES`]; a missing file has none.
+/// The last `lines` lines of a log, read from at most the last
+/// [`MAX_TAIL_BYTES`] of it and of its rotated file (`.1`), which holds
+/// the lines before when the log was just started anew; a missing file has
+/// none.
 pub fn tail(path: &Path, lines: usize) -> std::io::Result<Vec<String>> {
+    let mut newest = tail_of(path, lines)?;
+    if newest.len() < lines {
+        let mut rotated = path.as_os_str().to_owned();
+        rotated.push(".1");
+        let mut older = tail_of(Path::new(&rotated), lines - newest.len())?;
+        older.append(&mut newest);
+        newest = older;
+    }
+    Ok(newest)
+}
+
+/// The last `lines` lines of one file, read from at most its last
+/// [`MAX_TAIL_BYTES`].
+fn tail_of(path: &Path, lines: usize) -> std::io::Result<Vec<String>> {
     use std::io::{Read as _, Seek as _};
     let mut file = match std::fs::File::open(path) {
         Ok(file) => file,
@@ -324,6 +340,11 @@ mod tests {
             "{}",
             many[0]
         );
+        // Just started anew: the lines before come from the rotated file.
+        std::fs::rename(&path, dir.join("big.log.1")).unwrap();
+        std::fs::write(&path, "new 1\n").unwrap();
+        let across = tail(&path, 3).unwrap();
+        assert_eq!(across[1..], ["x".repeat(MAX_TAIL_LINE), "new 1".to_owned()]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

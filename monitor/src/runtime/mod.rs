@@ -269,9 +269,28 @@ pub struct Containerd {
     /// the same blob (images sharing a layer, or one image by tag and by
     /// digest) would collide on its write ref.
     writes: std::sync::Arc<std::sync::Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>>,
+    /// The binary that writes task output (rotating by size as it writes),
+    /// and the size per file; `None`: the shim appends to the file itself.
+    log_writer: Option<(PathBuf, u64)>,
 }
 
 impl Containerd {
+    /// Task output goes through `writer` (a copy of the monitor's binary),
+    /// which starts a new file whenever one would pass `max_bytes`.
+    #[must_use]
+    pub fn with_log_writer(mut self, writer: PathBuf, max_bytes: u64) -> Self {
+        self.log_writer = Some((writer, max_bytes));
+        self
+    }
+
+    /// The log URI of a task writing to `log`.
+    pub(crate) fn log_uri(&self, log: &std::path::Path) -> String {
+        match &self.log_writer {
+            Some((writer, max_bytes)) => crate::logwriter::uri(writer, log, *max_bytes),
+            None => format!("file://{}", log.display()),
+        }
+    }
+
     /// containerd listening at `socket`; containers live in `namespace`
     /// and their root filesystems in `snapshotter`.
     pub fn new(socket: PathBuf, namespace: String, snapshotter: String) -> Self {
@@ -281,6 +300,7 @@ impl Containerd {
             snapshotter,
             channel: Default::default(),
             writes: Default::default(),
+            log_writer: None,
         }
     }
 

@@ -48,7 +48,7 @@ impl Containerd {
             .map_err(RuntimeError::call("Snapshots.Mounts"))?
             .into_inner()
             .mounts;
-        let uri = format!("file://{}", log.display());
+        let uri = self.log_uri(log);
         let mut tasks = TasksClient::new(channel);
         let created = tasks
             .create(self.request(
