@@ -89,7 +89,7 @@ pub struct NetworkOptions {
 /// the product's ([`Networks`]); unit tests use a recording fake.
 pub trait Network: Send + Sync + 'static {
     /// Where container `id`'s network namespace is.
-    fn netns_path(&self, id: &str) -> PathBuf;
+    fn netns_path(&self, id: &str) -> Result<PathBuf, NetworkError>;
     /// Attaches container `id` to `networks`, publishing `ports` on the
     /// first; returns its address on each.
     fn attach(
@@ -116,7 +116,7 @@ pub trait Network: Send + Sync + 'static {
 }
 
 impl Network for Networks {
-    fn netns_path(&self, id: &str) -> PathBuf {
+    fn netns_path(&self, id: &str) -> Result<PathBuf, NetworkError> {
         Networks::netns_path(self, id)
     }
 
@@ -241,8 +241,8 @@ impl Networks {
     }
 
     /// Where container `id`'s network namespace is.
-    pub fn netns_path(&self, id: &str) -> PathBuf {
-        self.state_dir.join("netns").join(id)
+    pub fn netns_path(&self, id: &str) -> Result<PathBuf, NetworkError> {
+        Ok(StateDir::new(&self.state_dir).netns(id)?)
     }
 
     /// The CNI name of `network`: the plugins name their iptables chains
@@ -256,8 +256,8 @@ impl Networks {
         self.state_dir.join("cni")
     }
 
-    fn attachments_path(&self, id: &str) -> PathBuf {
-        self.cni_dir().join("containers").join(format!("{id}.json"))
+    fn attachments_path(&self, id: &str) -> Result<PathBuf, NetworkError> {
+        Ok(StateDir::new(&self.state_dir).cni_attachments(id)?)
     }
 
     /// The subnet index of `network`, allocated on first use and kept.
@@ -362,7 +362,7 @@ impl Networks {
         ports: &[PortMapping],
     ) -> Result<Vec<(String, String)>, NetworkError> {
         self.guard_loopback().await?;
-        let netns = self.netns_path(id);
+        let netns = self.netns_path(id)?;
         if !netns.exists() {
             create_netns(&netns)?;
             // `lo` up, as every container runtime does: a service reaches
@@ -437,7 +437,7 @@ impl Networks {
         if first.ports == ports {
             return Ok(());
         }
-        let netns = self.netns_path(id);
+        let netns = self.netns_path(id)?;
         let portmap = self
             .plugins(&first.network)?
             .into_iter()
@@ -471,7 +471,7 @@ impl Networks {
     /// Undoes [`Networks::attach`]: CNI DEL on every attachment, in reverse,
     /// then the network namespace. Missing parts are fine.
     pub async fn detach(&self, id: &str) -> Result<(), NetworkError> {
-        let netns = self.netns_path(id);
+        let netns = self.netns_path(id)?;
         let attachments = self.load(id)?;
         let mut first_error = None;
         for attachment in attachments.iter().rev() {
@@ -481,7 +481,7 @@ impl Networks {
             }
         }
         if first_error.is_none() {
-            StateDir::remove(&self.attachments_path(id))?;
+            StateDir::remove(&self.attachments_path(id)?)?;
         }
         remove_netns(&netns);
         match first_error {
@@ -492,13 +492,13 @@ impl Networks {
 
     fn save(&self, id: &str, attachments: &[Attachment]) -> Result<(), NetworkError> {
         Ok(StateDir::write_json(
-            &self.attachments_path(id),
+            &self.attachments_path(id)?,
             attachments,
         )?)
     }
 
     fn load(&self, id: &str) -> Result<Vec<Attachment>, NetworkError> {
-        Ok(StateDir::read_json(&self.attachments_path(id))?.unwrap_or_default())
+        Ok(StateDir::read_json(&self.attachments_path(id)?)?.unwrap_or_default())
     }
 
     async fn add(

@@ -130,6 +130,16 @@ impl StateDir {
         self.root.join("trials")
     }
 
+    /// The network namespace of container `id`.
+    pub fn netns(&self, id: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("netns", &[id], "")
+    }
+
+    /// The CNI ADD results of container `id`.
+    pub fn cni_attachments(&self, id: &str) -> Result<PathBuf, StateDirError> {
+        self.beneath("cni/containers", &[id], ".json")
+    }
+
     /// The named volumes of an installation.
     pub fn volumes(&self, installation: &str) -> Result<PathBuf, StateDirError> {
         self.beneath("volumes", &[installation], "")

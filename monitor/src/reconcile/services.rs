@@ -111,7 +111,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     &[]
                 };
                 self.networks.attach(id, &networks, first).await?;
-                run.netns = Some(self.networks.netns_path(id));
+                run.netns = Some(self.networks.netns_path(id)?);
             }
         }
         self.write_hosts(installation_id);

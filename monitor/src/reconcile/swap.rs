@@ -136,7 +136,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         self.networks
             .attach(id, &networks, &spec.port_mappings())
             .await?;
-        run.netns = Some(self.networks.netns_path(id));
+        run.netns = Some(self.networks.netns_path(id)?);
         let oci = build_spec(&run, self.runtime.namespace()).map_err(|reason| {
             RuntimeError::InvalidImage {
                 image: spec.image.clone(),

@@ -216,8 +216,8 @@ impl Runtime for Fake {
 }
 
 impl Network for Fake {
-    fn netns_path(&self, id: &str) -> PathBuf {
-        PathBuf::from("/nonexistent/netns").join(id)
+    fn netns_path(&self, id: &str) -> Result<PathBuf, crate::network::NetworkError> {
+        Ok(PathBuf::from("/nonexistent/netns").join(id))
     }
 
     async fn attach(
