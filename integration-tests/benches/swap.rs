@@ -354,7 +354,7 @@ async fn main() {
             id: id.into(),
             hostname: id.into(),
             args: http_server_command(body),
-            netns: Some(networks.netns_path("raw_net")),
+            netns: Some(networks.netns_path("raw_net").unwrap()),
             env: vec!["PATH=/bin".into()],
             ..RunSpec::default()
         };
