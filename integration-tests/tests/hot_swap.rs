@@ -677,7 +677,7 @@ async fn swaps_a_core_component_found_by_its_label() {
         hostname: id.into(),
         args: http_server_command("foreign-scheduler"),
         env: vec!["PATH=/bin".into()],
-        netns: Some(networks.netns_path(id)),
+        netns: Some(networks.netns_path(id).unwrap()),
         ..RunSpec::default()
     };
     runtime
