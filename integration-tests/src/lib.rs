@@ -143,6 +143,23 @@ pub async fn monitor_looked(monitor: &ServerProcess, passes: u64) {
     .await;
 }
 
+/// Runs `oak-addons` with `args` and no `OAK_ADDONS_*` from the test's
+/// environment; returns its exit code, stdout and stderr.
+pub async fn oak(args: &[&str]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(binary("oak-addons"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OAK_ADDONS_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command.args(args).output().await.expect("run oak-addons");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A free TCP port on 127.0.0.1, for servers that cannot report the port
 /// they bound themselves.
 pub fn free_port() -> u16 {

@@ -12,7 +12,7 @@ use integration_tests::{
     Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess, binary, eventually,
     grant_all,
     images::{ImageSpec, push_image},
-    monitor_looked, publish_approved,
+    monitor_looked, oak, publish_approved,
 };
 use oakestra_addons_proto::{
     engine::v1::{
@@ -26,6 +26,26 @@ use oakestra_addons_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
+
+/// Installs `addon` with `accepted` privileges; the installation's id.
+async fn install(
+    manager: &ServerProcess,
+    addon: &mpb::Addon,
+    accepted: Vec<pb::Privilege>,
+) -> String {
+    AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(pb::InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            accepted_privileges: accepted,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id
+}
 
 /// A manager that sends one desired state and passes every report on.
 struct HostileManager {
@@ -411,18 +431,7 @@ async fn a_planted_link_is_not_followed_at_a_restart() {
         },
     )
     .await;
-    let id = AddonsManagerServiceClient::new(manager.channel())
-        .install_addon(pb::InstallAddonRequest {
-            marketplace_id: addon.id.clone(),
-            accepted_privileges: grant_all(&addon, false),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap()
-        .id;
+    let id = install(&manager, &addon, grant_all(&addon, false)).await;
     let victim = eventually(
         "the victim is refused at its restart",
         Duration::from_secs(90),
@@ -728,22 +737,6 @@ fn integration_tests_client(
     mpb::marketplace_service_client::MarketplaceServiceClient::new(server.channel())
 }
 
-/// Runs `oak-addons` with `args`, none of the test's `OAK_ADDONS_*`.
-async fn oak(args: &[&str]) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(binary("oak-addons"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("OAK_ADDONS_") {
-            command.env_remove(key);
-        }
-    }
-    let output = command.args(args).output().await.unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// Escape codes cannot spoof what an operator reads: a descriptor holding
 /// them is refused at publish, and what a node reports (a service's
 /// reason) reaches the operator's terminal escaped.
@@ -811,17 +804,7 @@ async fn escape_codes_never_reach_a_terminal() {
         },
     )
     .await;
-    let id = AddonsManagerServiceClient::new(manager.channel())
-        .install_addon(pb::InstallAddonRequest {
-            marketplace_id: addon.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap()
-        .id;
+    let id = install(&manager, &addon, Vec::new()).await;
     let (tx, mut inbound) =
         integration_tests::link::open_raw(manager.channel(), hello("node-a", &[]))
             .await
@@ -946,18 +929,7 @@ async fn a_container_cannot_reach_the_nodes_loopback() {
         },
     )
     .await;
-    let id = AddonsManagerServiceClient::new(manager.channel())
-        .install_addon(pb::InstallAddonRequest {
-            marketplace_id: addon.id.clone(),
-            accepted_privileges: grant_all(&addon, false),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap()
-        .id;
+    let id = install(&manager, &addon, grant_all(&addon, false)).await;
     eventually("the prober runs", Duration::from_secs(60), || async {
         let installation = AddonsManagerServiceClient::new(manager.channel())
             .get_installation(pb::GetInstallationRequest { id: id.clone() })
@@ -1121,17 +1093,7 @@ async fn a_log_bomb_fills_neither_disk_nor_memory() {
         },
     )
     .await;
-    let id = AddonsManagerServiceClient::new(manager.channel())
-        .install_addon(pb::InstallAddonRequest {
-            marketplace_id: addon.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap()
-        .id;
+    let id = install(&manager, &addon, Vec::new()).await;
     let log = state.join("logs").join("root_bomb.log");
     let rotated = state.join("logs").join("root_bomb.log.1");
     // Watch rotations go by (the `.1` file replaced: its inode changes

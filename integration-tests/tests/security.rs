@@ -9,6 +9,7 @@ use std::{path::Path, process::Command};
 use integration_tests::{
     ServerProcess, Started, binary, grpcurl,
     link::{open_raw_with, service},
+    oak,
     pki::{CertFiles, StackPki, TestCa, token},
 };
 use oakestra_addons_proto::{
@@ -430,23 +431,6 @@ async fn no_open_server_off_loopback() {
     )
     .await;
     assert!(insecure.stderr().contains("WITHOUT authentication"));
-}
-
-/// Runs `oak-addons` with `args` and no `OAK_ADDONS_*` from the test's
-/// environment; returns its exit code, stdout and stderr.
-async fn oak(args: &[&str]) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(binary("oak-addons"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("OAK_ADDONS_") {
-            command.env_remove(key);
-        }
-    }
-    let output = command.args(args).output().await.unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
