@@ -17,16 +17,13 @@
 //!    between the check and the mount is caught here, before the task runs.
 
 use std::{
-    os::{
-        fd::{AsFd, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use nix::{
     fcntl::{OFlag, OpenHow, ResolveFlag, open, openat, openat2},
-    sys::stat::Mode,
+    sys::stat::{Mode, SFlag, fstat},
 };
 
 /// A host path that cannot be bound as the policy allowed it.
@@ -88,21 +85,15 @@ pub fn pin<'a>(
     let mut pinned = Pinned::default();
     for (source, target) in binds {
         let file = open_without_links(source)?;
-        let meta =
-            std::fs::File::from(file.try_clone().map_err(|err| HostPathError::Unreadable {
-                path: source.display().to_string(),
-                reason: err.to_string(),
-            })?)
-            .metadata()
-            .map_err(|err| HostPathError::Unreadable {
-                path: source.display().to_string(),
-                reason: err.to_string(),
-            })?;
+        let found = fstat(&file).map_err(|err| HostPathError::Unreadable {
+            path: source.display().to_string(),
+            reason: err.desc().to_owned(),
+        })?;
         pinned.binds.push(PinnedBind {
             source: source.display().to_string(),
             target: target.to_owned(),
-            dev: meta.dev(),
-            ino: meta.ino(),
+            dev: found.st_dev,
+            ino: found.st_ino,
             _file: file,
         });
     }
@@ -131,17 +122,8 @@ pub fn open_without_links(path: &Path) -> Result<OwnedFd, HostPathError> {
         walked.push('/');
         walked.push_str(part);
         let next = openat(current.as_fd(), part, flags, Mode::empty()).map_err(unreadable)?;
-        let meta =
-            std::fs::File::from(next.try_clone().map_err(|err| HostPathError::Unreadable {
-                path: text.clone(),
-                reason: err.to_string(),
-            })?)
-            .metadata()
-            .map_err(|err| HostPathError::Unreadable {
-                path: text.clone(),
-                reason: err.to_string(),
-            })?;
-        if meta.file_type().is_symlink() {
+        let kind = fstat(&next).map_err(unreadable)?.st_mode & SFlag::S_IFMT.bits();
+        if kind == SFlag::S_IFLNK.bits() {
             return Err(HostPathError::Link {
                 path: text,
                 link: walked,
@@ -153,11 +135,6 @@ pub fn open_without_links(path: &Path) -> Result<OwnedFd, HostPathError> {
 }
 
 impl Pinned {
-    /// Whether anything is pinned.
-    pub fn is_empty(&self) -> bool {
-        self.binds.is_empty()
-    }
-
     /// Checks that the created task `pid` has exactly the pinned files
     /// mounted on their targets.
     pub fn verify(&self, pid: u32) -> Result<(), HostPathError> {
@@ -189,10 +166,8 @@ impl Pinned {
                 how,
             )
             .map_err(|_| swapped())?;
-            let meta = std::fs::File::from(mounted)
-                .metadata()
-                .map_err(|_| swapped())?;
-            if (meta.dev(), meta.ino()) != (bind.dev, bind.ino) {
+            let found = fstat(&mounted).map_err(|_| swapped())?;
+            if (found.st_dev, found.st_ino) != (bind.dev, bind.ino) {
                 return Err(swapped());
             }
         }

@@ -234,7 +234,8 @@ pub(crate) fn plain(
     })
 }
 
-/// A place for one TLS handshake of `peer`, if one is free.
+/// Places for TLS handshakes, per peer and in all.
+#[derive(Debug, Clone)]
 pub(crate) struct Handshakes(Arc<Counter>);
 
 impl Handshakes {
@@ -251,18 +252,6 @@ impl Handshakes {
                 None
             }
         }
-    }
-}
-
-impl Clone for Handshakes {
-    fn clone(&self) -> Self {
-        Self(self.0.clone())
-    }
-}
-
-impl std::fmt::Debug for Handshakes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handshakes").finish_non_exhaustive()
     }
 }
 

@@ -138,13 +138,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             self.runtime
                 .create_container(id, image, &pulled.top_snapshot, &spec, labels)
                 .await?;
-            let pinned = crate::host_paths::pin(host_binds(&run.binds, self.state.root()))
-                .map_err(crate::admission::Refusal::HostPath)?;
-            let pid = self.runtime.create_task(id, &log).await?;
-            if let Err(err) = pinned.verify(pid) {
-                self.runtime.delete_task(id).await?;
-                return Err(crate::admission::Refusal::HostPath(err).into());
-            }
+            self.create_task_pinned(id, &log, &run.binds).await?;
             // Prepared, not started: a monitor that stops from here on
             // finds it STARTING, and its first start is no restart.
             self.persist(id);
@@ -217,10 +211,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             }
             _ => {
                 self.runtime.delete_task(id).await?;
-                // The host paths are checked again at every start: what
-                // an addon did beneath them since must not change what
-                // is mounted.
-                // From the container's own spec: what runc will mount.
+                // The binds of the container's own spec: what runc will
+                // mount, checked again, since an addon may have changed
+                // what lies beneath a host path since the last start.
                 let binds = self
                     .runtime
                     .list_containers()
@@ -229,13 +222,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     .find(|info| info.id == id)
                     .map(spec_binds)
                     .unwrap_or_default();
-                let pinned = crate::host_paths::pin(host_binds(&binds, self.state.root()))
-                    .map_err(crate::admission::Refusal::HostPath)?;
-                let pid = self.runtime.create_task(id, &log).await?;
-                if let Err(err) = pinned.verify(pid) {
-                    self.runtime.delete_task(id).await?;
-                    return Err(crate::admission::Refusal::HostPath(err).into());
-                }
+                self.create_task_pinned(id, &log, &binds).await?;
                 self.runtime.start_created_task(id).await?;
             }
         }
@@ -250,6 +237,26 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             ServicePhase::Running,
             "running".into(),
         );
+        Ok(())
+    }
+
+    /// Creates container `id`'s task with its host-path `binds` held to
+    /// what was checked (see [`crate::host_paths`]): opened without links
+    /// before, and found mounted in the created task after, or the task is
+    /// deleted and the service refused.
+    async fn create_task_pinned(
+        &self,
+        id: &str,
+        log: &Path,
+        binds: &[(PathBuf, String, bool)],
+    ) -> Result<(), MonitorError> {
+        let pinned = crate::host_paths::pin(host_binds(binds, self.state.root()))
+            .map_err(crate::admission::Refusal::HostPath)?;
+        let pid = self.runtime.create_task(id, log).await?;
+        if let Err(err) = pinned.verify(pid) {
+            self.runtime.delete_task(id).await?;
+            return Err(crate::admission::Refusal::HostPath(err).into());
+        }
         Ok(())
     }
 
