@@ -196,11 +196,16 @@ macro_rules! conversions {
                     service_name: p.service_name,
                     value: p.value,
                     read_only: p.read_only,
+                    // A caller cannot say that the policy granted it.
+                    by_policy: false,
                 }
             }
         }
 
         impl From<Privilege> for $pb::Privilege {
+            // The manager's message also says whether the policy granted
+            // it; the marketplace's does not.
+            #[allow(clippy::needless_update)]
             fn from(p: Privilege) -> Self {
                 Self {
                     kind: match p.kind {
@@ -216,6 +221,7 @@ macro_rules! conversions {
                     service_name: p.service_name,
                     value: p.value,
                     read_only: p.read_only,
+                    ..Default::default()
                 }
             }
         }

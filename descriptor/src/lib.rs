@@ -5,6 +5,7 @@
 
 mod convert;
 pub mod labels;
+pub mod names;
 pub mod oakestra;
 pub mod policy;
 pub mod privileges;
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::names::{dns_alias, is_name};
 pub use crate::privileges::{Privilege, PrivilegeKind};
 pub use crate::validate::{
     DEFAULT_NETWORK, MAX_ARGUMENT, MAX_ENCODED_ADDON, MAX_ENTRIES, MAX_SERVICES, has_control,
@@ -85,7 +87,7 @@ fn default_version() -> String {
 /// An addon as its developer describes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Descriptor {
-    /// The addon's name: a lowercase DNS label; with `version`, unique in
+    /// The addon's name ([`names::is_name`]); with `version`, unique in
     /// the marketplace.
     pub name: String,
     /// A semantic version (`1.2.0`, `2.0.0-rc.1`); [`DEFAULT_VERSION`] when

@@ -17,7 +17,21 @@
 //! resources:
 //!   default: {memory: 512Mi, pids: 1024}   # for services that set none
 //!   max: {memory: 2Gi, cpu_millis: 2000, pids: 4096}
+//! consent:                     # a manager's only: granted without asking
+//!   addons: ["*"]              # to installs of these addons (default: any)
+//!   host_ports: ["10000-20000/tcp"]   # ports or ranges, `/tcp` or `/udp`
+//!   host_paths:
+//!     - prefix: /srv/addons    # read-only mounts (writable: true for rw)
+//!   core_components: []        # replacing these
+//!   inherit_environment: []    # reading these replaced ones' environment
+//!   privileged: false
 //! ```
+//!
+//! What `consent` names is granted to an install that did not accept it,
+//! recorded as granted by policy; it must still be allowed by the rest of
+//! the policy, and anything it does not name still needs the caller's
+//! consent. Keeping a replaced core component stopped is never consented
+//! by policy.
 //!
 //! Without a file: nothing privileged, no host paths, host ports 1024 to
 //! 65535 except our own servers' ports, the defaults above and no maximum.
@@ -55,6 +69,11 @@ pub struct Policy {
     /// Default and maximum limits of containers.
     #[serde(default)]
     pub resources: ResourceRules,
+    /// Privileges an install receives without asking (a manager's policy
+    /// only): what an operator consents to once, for clients that cannot
+    /// consent, such as Oakestra's dashboard.
+    #[serde(default)]
+    pub consent: Consent,
 }
 
 impl Default for Policy {
@@ -66,6 +85,7 @@ impl Default for Policy {
             reserved_ports: Vec::new(),
             core_components: None,
             resources: ResourceRules::default(),
+            consent: Consent::default(),
         }
     }
 }
@@ -138,6 +158,149 @@ impl PortRange {
     fn contains(&self, port: u16) -> bool {
         (self.first..=self.last).contains(&port)
     }
+}
+
+/// Privileges given to installs without asking.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consent {
+    /// Names of the addons whose installs receive them; `*` is any.
+    #[serde(default = "any_addon")]
+    pub addons: Vec<String>,
+    /// Privileged mode.
+    #[serde(default)]
+    pub privileged: bool,
+    /// Host paths under these prefixes (read-only unless `writable`).
+    #[serde(default)]
+    pub host_paths: Vec<HostPathRule>,
+    /// Host ports in these ranges.
+    #[serde(default)]
+    pub host_ports: Vec<PortRule>,
+    /// Replacing these core components; `*` is any.
+    #[serde(default)]
+    pub core_components: Vec<String>,
+    /// Reading these replaced core components' environment; `*` is any.
+    #[serde(default)]
+    pub inherit_environment: Vec<String>,
+}
+
+impl Default for Consent {
+    fn default() -> Self {
+        Self {
+            addons: any_addon(),
+            privileged: false,
+            host_paths: Vec::new(),
+            host_ports: Vec::new(),
+            core_components: Vec::new(),
+            inherit_environment: Vec::new(),
+        }
+    }
+}
+
+fn any_addon() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl Consent {
+    /// Whether an install of addon `addon` receives `need` without asking.
+    pub fn covers(&self, addon: &str, need: &Privilege) -> bool {
+        if !CoreRules::allows(&self.addons, addon) {
+            return false;
+        }
+        match need.kind {
+            None | Some(PrivilegeKind::KeepCoreStopped) => false,
+            Some(PrivilegeKind::Privileged) => self.privileged,
+            Some(PrivilegeKind::HostPath) => {
+                let path = crate::privileges::normal_path(&need.value);
+                is_plain_absolute(&path)
+                    && self.host_paths.iter().any(|rule| {
+                        is_under(&path, &crate::privileges::normal_path(&rule.prefix))
+                            && (rule.writable || need.read_only)
+                    })
+            }
+            Some(PrivilegeKind::HostPort) => {
+                let (port, protocol) = need.value.split_once('/').unwrap_or((&need.value, "tcp"));
+                port.parse::<u16>().is_ok_and(|port| {
+                    self.host_ports.iter().any(|rule| {
+                        rule.ports.contains(port)
+                            && rule.protocol.as_deref().is_none_or(|p| p == protocol)
+                    })
+                })
+            }
+            Some(PrivilegeKind::CoreComponent) => {
+                CoreRules::allows(&self.core_components, &need.value)
+            }
+            Some(PrivilegeKind::CoreEnvironment) => {
+                CoreRules::allows(&self.inherit_environment, &need.value)
+            }
+        }
+    }
+
+    /// What of `needs` an install of `addon` receives by this consent,
+    /// marked as granted by policy.
+    pub fn grants(&self, addon: &str, needs: &[Privilege]) -> Vec<Privilege> {
+        needs
+            .iter()
+            .filter(|need| self.covers(addon, need))
+            .map(|need| Privilege {
+                by_policy: true,
+                ..need.clone()
+            })
+            .collect()
+    }
+}
+
+/// Ports consented to: `10000-20000/tcp`, `8080` (either protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRule {
+    /// The ports.
+    pub ports: PortRange,
+    /// `tcp` or `udp`; `None`: both.
+    pub protocol: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for PortRule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Port(u16),
+            Text(String),
+        }
+        let text = match Raw::deserialize(deserializer)? {
+            Raw::Port(port) => port.to_string(),
+            Raw::Text(text) => text,
+        };
+        let (range, protocol) = match text.split_once('/') {
+            Some((range, protocol)) if matches!(protocol, "tcp" | "udp") => {
+                (range, Some(protocol.to_owned()))
+            }
+            Some(_) => {
+                return Err(serde::de::Error::custom(format!(
+                    "`{text}`: the protocol is tcp or udp"
+                )));
+            }
+            None => (text.as_str(), None),
+        };
+        let ports = PortRange::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(
+            range,
+        ))?;
+        Ok(Self { ports, protocol })
+    }
+}
+
+/// Whether `path` is absolute, with no `.` or `..` segment.
+fn is_plain_absolute(path: &str) -> bool {
+    path.starts_with('/') && !path.split('/').any(|p| p == "." || p == "..")
+}
+
+/// Whether `path` is `prefix` or below it (both normal).
+fn is_under(path: &str, prefix: &str) -> bool {
+    path == prefix
+        || prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Which core components may be replaced, and whose environment read.
@@ -272,12 +435,19 @@ impl Policy {
             return Ok(Self::default());
         }
         let policy: Self = serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
-        for rule in &policy.host_paths {
-            if !rule.prefix.starts_with('/') || rule.prefix.split('/').any(|part| part == "..") {
-                return Err(format!(
-                    "host_paths: `{}` is not an absolute path without `..`",
-                    rule.prefix
-                ));
+        for (field, rules) in [
+            ("host_paths", &policy.host_paths),
+            ("consent.host_paths", &policy.consent.host_paths),
+        ] {
+            for rule in rules {
+                if !rule.prefix.starts_with('/')
+                    || rule.prefix.split('/').any(|part| part == "..")
+                {
+                    return Err(format!(
+                        "{field}: `{}` is not an absolute path without `..`",
+                        rule.prefix
+                    ));
+                }
             }
         }
         Ok(policy)
@@ -329,7 +499,7 @@ impl Policy {
                 let path = crate::privileges::normal_path(&need.value);
                 // Compared as strings, `/srv/addons/../../etc` would be
                 // under `/srv/addons`: such a path is never allowed.
-                if !path.starts_with('/') || path.split('/').any(|p| p == "." || p == "..") {
+                if !is_plain_absolute(&path) {
                     return Err(violation(
                         "host_paths",
                         format!(
@@ -339,13 +509,8 @@ impl Policy {
                     ));
                 }
                 let allowed = self.host_paths.iter().any(|rule| {
-                    let prefix = crate::privileges::normal_path(&rule.prefix);
-                    let under = path == prefix
-                        || prefix == "/"
-                        || path
-                            .strip_prefix(&prefix)
-                            .is_some_and(|rest| rest.starts_with('/'));
-                    under && (rule.writable || need.read_only)
+                    is_under(&path, &crate::privileges::normal_path(&rule.prefix))
+                        && (rule.writable || need.read_only)
                 });
                 if allowed {
                     Ok(())
@@ -556,6 +721,44 @@ mod tests {
                 .map_err(|v| v.rule),
             Err("core_components.replace")
         );
+    }
+
+    #[test]
+    fn consent_covers_what_it_names_and_no_more() {
+        let policy = Policy::from_yaml(
+            "consent:\n  addons: [dash, other]\n  host_ports: [\"10000-20000/tcp\", 9000]\n  host_paths:\n    - prefix: /srv/addons\n  core_components: [scheduler]\n",
+        )
+        .unwrap();
+        let consent = &policy.consent;
+        let covers = |n: Privilege| consent.covers("dash", &n);
+        assert!(covers(need(PrivilegeKind::HostPort, "10000/tcp", false)));
+        assert!(covers(need(PrivilegeKind::HostPort, "20000/tcp", false)));
+        assert!(!covers(need(PrivilegeKind::HostPort, "20001/tcp", false)));
+        assert!(!covers(need(PrivilegeKind::HostPort, "15000/udp", false)));
+        assert!(covers(need(PrivilegeKind::HostPort, "9000/udp", false)));
+        assert!(covers(need(PrivilegeKind::HostPath, "/srv/addons/a", true)));
+        assert!(!covers(need(PrivilegeKind::HostPath, "/srv/addons/a", false)));
+        assert!(!covers(need(PrivilegeKind::HostPath, "/srv/addons/../../etc", true)));
+        assert!(!covers(need(PrivilegeKind::HostPath, "/srv/addons-x", true)));
+        assert!(covers(need(PrivilegeKind::CoreComponent, "scheduler", false)));
+        assert!(!covers(need(PrivilegeKind::CoreComponent, "service_manager", false)));
+        assert!(!covers(need(PrivilegeKind::KeepCoreStopped, "scheduler", false)));
+        assert!(!covers(need(PrivilegeKind::CoreEnvironment, "scheduler", false)));
+        assert!(!covers(need(PrivilegeKind::Privileged, "", false)));
+        assert!(!consent.covers("stranger", &need(PrivilegeKind::HostPort, "10000/tcp", false)));
+        let granted = consent.grants(
+            "dash",
+            &[
+                need(PrivilegeKind::HostPort, "10000/tcp", false),
+                need(PrivilegeKind::Privileged, "", false),
+            ],
+        );
+        assert_eq!(granted.len(), 1);
+        assert!(granted[0].by_policy);
+        // Nothing by default.
+        assert!(!Consent::default().covers("dash", &need(PrivilegeKind::HostPort, "10000/tcp", false)));
+        assert!(Policy::from_yaml("consent:\n  host_ports: [\"1-2/sctp\"]\n").is_err());
+        assert!(Policy::from_yaml("consent:\n  host_paths: [{prefix: etc}]\n").is_err());
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub struct Privilege {
     pub value: String,
     /// For a host path: whether the mount is read-only.
     pub read_only: bool,
+    /// In an installation's grants: given by the manager's policy
+    /// (`consent`), not accepted by the caller. Never read from a request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_policy: bool,
 }
 
 impl Privilege {
@@ -116,6 +120,7 @@ impl Privilege {
             service_name: service.to_owned(),
             value: value.into(),
             read_only: false,
+            by_policy: false,
         }
     }
 

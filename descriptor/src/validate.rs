@@ -1,13 +1,15 @@
 //! Validation of published descriptors.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use crate::{Descriptor, FieldViolation, MountSource, Service};
+use crate::{
+    Descriptor, FieldViolation, MountSource, Service,
+    names::{NAME_RULE, dns_alias, is_name},
+};
 
 /// Bounds that keep any request from making the server allocate without
 /// limit; the contract documents each of them.
 pub const MAX_SERVICES: usize = 32;
-const MAX_DNS_LABEL: usize = 63;
 const MAX_DESCRIPTION: usize = 4096;
 /// Longest version string.
 const MAX_VERSION: usize = 64;
@@ -40,24 +42,11 @@ impl Violations {
     }
 }
 
-fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_DNS_LABEL
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-fn check_label(v: &mut Violations, field: &str, name: &str) {
+fn check_name(v: &mut Violations, field: &str, name: &str) {
     if name.is_empty() {
         v.add(field, "required");
-    } else if !is_dns_label(name) {
-        v.add(
-            field,
-            "must be a lowercase DNS label: a-z, 0-9 and '-', at most 63 characters, not starting or ending with '-'",
-        );
+    } else if !is_name(name) {
+        v.add(field, format!("must be a name: {NAME_RULE}"));
     }
 }
 
@@ -118,7 +107,7 @@ pub fn validate_with(
 ) -> Result<(), Vec<FieldViolation>> {
     let mut v = Violations::default();
     check_controls(&mut v, addon);
-    check_label(&mut v, "name", &addon.name);
+    check_name(&mut v, "name", &addon.name);
     if addon.version.len() > MAX_VERSION {
         v.add("version", format!("at most {MAX_VERSION} bytes"));
     } else if let Err(err) = semver::Version::parse(&addon.version) {
@@ -147,7 +136,7 @@ pub fn validate_with(
     let volumes: HashSet<&str> = addon.volumes.iter().map(|vol| vol.name.as_str()).collect();
     let networks: HashSet<&str> = addon.networks.iter().map(|n| n.name.as_str()).collect();
     for (i, volume) in addon.volumes.iter().enumerate().take(MAX_ENTRIES) {
-        check_label(&mut v, &format!("volumes[{i}].name"), &volume.name);
+        check_name(&mut v, &format!("volumes[{i}].name"), &volume.name);
         for (field, map) in [
             ("driver_opts", &volume.driver_opts),
             ("labels", &volume.labels),
@@ -162,17 +151,28 @@ pub fn validate_with(
         }
     }
     for (i, network) in addon.networks.iter().enumerate() {
-        check_label(&mut v, &format!("networks[{i}].name"), &network.name);
+        check_name(&mut v, &format!("networks[{i}].name"), &network.name);
     }
     let mut names = HashSet::new();
+    let mut aliases = HashMap::new();
     let mut host_ports = HashSet::new();
     for (i, service) in addon.services.iter().take(MAX_SERVICES).enumerate() {
         let at = format!("services[{i}]");
-        check_label(&mut v, &format!("{at}.service_name"), &service.service_name);
+        check_name(&mut v, &format!("{at}.service_name"), &service.service_name);
         if !service.service_name.is_empty() && !names.insert(service.service_name.as_str()) {
             v.add(
                 format!("{at}.service_name"),
                 "used by another service of the addon",
+            );
+        } else if is_name(&service.service_name)
+            && let Some(other) = aliases.insert(dns_alias(&service.service_name), i)
+        {
+            v.add(
+                format!("{at}.service_name"),
+                format!(
+                    "has the DNS name `{}` of services[{other}]: names that differ only in case, '_' or '.' cannot share an addon",
+                    dns_alias(&service.service_name)
+                ),
             );
         }
         check_service(&mut v, &at, service, &volumes, &networks, &mut host_ports);
@@ -553,7 +553,7 @@ mod tests {
     #[test]
     fn names_every_bad_field() {
         let mut a = addon();
-        a.name = "Energy_Scheduler".into();
+        a.name = "_energy".into();
         a.version = "1.2".into();
         a.services.push(a.services[0].clone());
         a.services[1].ports[0].protocol = "sctp".into();
@@ -590,6 +590,18 @@ mod tests {
                 "services[1].health_check.timeout",
             ]
         );
+    }
+
+    #[test]
+    fn takes_oakestra_names_and_refuses_aliases_that_collide() {
+        let mut a = addon();
+        a.name = "Energy_Scheduler".into();
+        a.services[0].service_name = "service_manager".into();
+        assert_eq!(validate(&a), Ok(()));
+        a.services.push(a.services[0].clone());
+        a.services[1].service_name = "Service.Manager".into();
+        a.services[1].ports.clear();
+        assert_eq!(fields(&a), ["services[1].service_name"]);
     }
 
     #[test]

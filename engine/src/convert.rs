@@ -175,7 +175,7 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
         granted_privileges: installation
             .granted_privileges
             .into_iter()
-            .map(Into::into)
+            .map(privilege_to_proto)
             .collect(),
         release: installation.release,
         history: installation
@@ -259,4 +259,13 @@ pub(crate) fn service_status_from_proto(s: pb::ServiceStatus) -> Result<ServiceS
             _ => None,
         },
     })
+}
+
+/// A grant of an installation, saying whether the policy gave it.
+pub fn privilege_to_proto(privilege: addons_descriptor::Privilege) -> pb::Privilege {
+    let granted_by_policy = privilege.by_policy;
+    pb::Privilege {
+        granted_by_policy,
+        ..privilege.into()
+    }
 }

@@ -1,7 +1,8 @@
 //! Oakestra's Addons Manager REST routes, on the manager's gRPC port:
 //!
 //! - `GET /api/v1/addons[?status=S]`: the installations (`S` as Oakestra
-//!   writes statuses: `installing`, `active`, `partially_active`, ...);
+//!   writes statuses: `installing`, `active`, `partially_active`, ...; and
+//!   the dashboard's `enabled`, the running ones, and `error`, `failed`);
 //! - `POST /api/v1/addons` with `{"marketplace_id": ...}`: install (201);
 //!   ours besides: `accepted_privileges`, `node_selector`,
 //!   `keep_core_stopped_on_failure`;
@@ -74,6 +75,17 @@ const STATUS_PREFIX: &str = "INSTALLATION_STATUS_";
 async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
     let statuses = match request.query("status") {
         None | Some("") => Vec::new(),
+        // Two filter buttons of Oakestra's dashboard name no status of
+        // Oakestra's: they get the statuses they stand for.
+        Some("enabled") => [
+            pb::InstallationStatus::Active,
+            pb::InstallationStatus::PartiallyActive,
+            pb::InstallationStatus::Upgrading,
+            pb::InstallationStatus::RolledBack,
+        ]
+        .map(i32::from)
+        .to_vec(),
+        Some("error") => vec![pb::InstallationStatus::Failed.into()],
         Some(name) => {
             let full = format!("{STATUS_PREFIX}{}", name.to_ascii_uppercase());
             match pb::InstallationStatus::from_str_name(&full)
@@ -181,6 +193,7 @@ fn parse_install(body: &[u8]) -> Result<pb::InstallAddonRequest, (String, String
             service_name: privilege.service_name,
             value: privilege.value,
             read_only: privilege.read_only,
+            granted_by_policy: false,
         });
     }
     Ok(pb::InstallAddonRequest {
@@ -306,12 +319,14 @@ fn installation_json(installation: pb::Installation) -> serde_json::Value {
             .granted_privileges
             .iter()
             .map(|p| {
-                rest::privilege_json(
+                let mut json = rest::privilege_json(
                     p.kind().as_str_name(),
                     &p.service_name,
                     &p.value,
                     p.read_only,
-                )
+                );
+                json["granted_by_policy"] = p.granted_by_policy.into();
+                json
             })
             .collect(),
     );

@@ -107,12 +107,13 @@ impl Manager {
             return Err(Error::Invalid(violations));
         }
         let addon = self.fetch_approved(marketplace_id).await?;
-        self.admit(
+        let mut accepted = accepted;
+        accepted.extend(self.admit(
             marketplace_id,
             &addon,
             keep_core_stopped_on_failure,
             &accepted,
-        )?;
+        )?);
         let _claims = self.claims.lock().await;
         self.check_service_names(marketplace_id, None, &addon)
             .await?;
@@ -178,17 +179,26 @@ impl Manager {
         }
     }
 
-    /// Whether `addon` may run with `granted`: the grants cover what it
-    /// needs, and the manager's policy allows it.
+    /// Whether `addon` may run with `granted`: the grants, with what the
+    /// policy's `consent` gives, cover what it needs, and the manager's
+    /// policy allows it. Returns what the consent gives (marked, and in the
+    /// audit log), to be granted beside `granted`.
     fn admit(
         &self,
         marketplace_id: &str,
         addon: &Descriptor,
         keep_core_stopped_on_failure: bool,
         granted: &[Privilege],
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<Privilege>, Error> {
         let needs = privileges::for_install(addon, keep_core_stopped_on_failure);
-        let missing = privileges::missing(&needs, granted);
+        let by_policy = self
+            .policy
+            .consent
+            .grants(&addon.name, &privileges::missing(&needs, granted));
+        let missing: Vec<Privilege> = privileges::missing(&needs, granted)
+            .into_iter()
+            .filter(|need| !by_policy.iter().any(|grant| grant.covers(need)))
+            .collect();
         if !missing.is_empty() {
             return Err(Error::PrivilegesNotAccepted {
                 marketplace_id: marketplace_id.to_owned(),
@@ -212,7 +222,17 @@ impl Manager {
                 violations,
             });
         }
-        Ok(())
+        for grant in &by_policy {
+            tracing::info!(
+                target: "audit",
+                marketplace_id,
+                addon = %addon.name,
+                privilege = %grant,
+                granted_by = "policy",
+                "privilege granted by the policy's consent",
+            );
+        }
+        Ok(by_policy)
     }
 
     /// Upgrades installation `id` to `version` of its addon: checks it like
@@ -241,12 +261,13 @@ impl Manager {
             .await?;
         let mut granted = current.value.granted_privileges.clone();
         granted.extend(accepted);
-        self.admit(
+        let by_policy = self.admit(
             &marketplace_id,
             &addon,
             current.value.keep_core_stopped_on_failure,
             &granted,
         )?;
+        granted.extend(by_policy);
         let new = NewRelease {
             marketplace_id,
             addon,
@@ -291,12 +312,13 @@ impl Manager {
         };
         let mut granted = target.granted_privileges.clone();
         granted.extend(accepted);
-        self.admit(
+        let by_policy = self.admit(
             &target.marketplace_id,
             &target.addon,
             current.keep_core_stopped_on_failure,
             &granted,
         )?;
+        granted.extend(by_policy);
         let new = NewRelease {
             marketplace_id: target.marketplace_id,
             addon: target.addon,

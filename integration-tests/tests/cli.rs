@@ -405,7 +405,7 @@ async fn error_paths_print_one_line_with_their_exit_code() {
     let file = write(
         dir.path(),
         "invalid.yaml",
-        &format!("name: x\nservices:\n- service_name: Bad_Name\n  image: {host}/team/app:1\n"),
+        &format!("name: x\nservices:\n- service_name: _bad\n  image: {host}/team/app:1\n"),
     );
     let run = oak(&servers, &["marketplace", "publish", &file]).await;
     assert_eq!(run.code, 1, "{run:?}");

@@ -364,7 +364,7 @@ async fn validation(server: &ServerProcess) {
         ["addon.services[0].ports[0].host_port"]
     );
 
-    let mut bad = descriptor("Bad_Name");
+    let mut bad = descriptor("_bad");
     bad.services.push(pb::ServiceSpec {
         service_name: "scheduler".into(),
         image: String::new(),

@@ -177,7 +177,7 @@ async fn the_oakestra_flow_over_rest() {
     let bad_name = curl(
         "POST",
         &addons,
-        Some(&json!({"name": "Bad_Name", "services": [{"service_name": "a", "image": "b"}]})),
+        Some(&json!({"name": "_bad", "services": [{"service_name": "a", "image": "b"}]})),
         &[],
     )
     .await;

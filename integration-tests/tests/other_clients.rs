@@ -32,7 +32,7 @@ async fn grpcurl_decodes_bad_request_and_error_info() {
         .args([
             "-plaintext",
             "-d",
-            r#"{"addon":{"name":"Bad_Name","services":[{"service_name":"s","image":""}]}}"#,
+            r#"{"addon":{"name":"-bad","services":[{"service_name":"s","image":""}]}}"#,
             &server.addr().to_string(),
             "oakestra.addons.marketplace.v1.MarketplaceService/PublishAddon",
         ])

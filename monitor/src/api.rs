@@ -189,13 +189,6 @@ impl NodeMonitorService for NodeMonitorApi {
     ) -> Result<Response<pb::GetServiceLogsResponse>, Status> {
         let request = request.into_inner();
         // Both go into a containerd filter: only their plain forms.
-        let plain_name = |name: &str| {
-            !name.is_empty()
-                && name.len() <= 63
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        };
         let id_error = addons_descriptor::validate_record_id(&request.installation_id).err();
         let bad: Vec<(&str, &str)> = [
             (
@@ -205,8 +198,8 @@ impl NodeMonitorService for NodeMonitorApi {
             ),
             (
                 "service_name",
-                !plain_name(&request.service_name),
-                "required: 1 to 63 letters, digits, '-', '_' and '.'",
+                !addons_descriptor::is_name(&request.service_name),
+                "required: a service name (letters, digits, '_', '.' and '-', starting with a letter or a digit, at most 63 characters)",
             ),
         ]
         .into_iter()

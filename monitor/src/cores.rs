@@ -11,6 +11,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
+use addons_descriptor::{is_name, names::NAME_RULE};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -148,9 +149,9 @@ pub fn parse(text: &str) -> Result<Vec<CoreComponentSpec>, String> {
     let mut host_ports = std::collections::HashSet::new();
     for (i, spec) in specs.iter().enumerate() {
         let at = |field: &str| format!("[{i}].{field}");
-        if !is_dns_label(&spec.name) {
+        if !is_name(&spec.name) {
             return Err(format!(
-                "{}: `{}` is not a DNS label (lower-case letters, digits and '-', at most 63)",
+                "{}: `{}` is not a name ({NAME_RULE})",
                 at("name"),
                 spec.name
             ));
@@ -190,9 +191,9 @@ pub fn parse(text: &str) -> Result<Vec<CoreComponentSpec>, String> {
             }
         }
         for (j, network) in spec.networks.iter().enumerate() {
-            if !is_dns_label(network) {
+            if !is_name(network) {
                 return Err(format!(
-                    "[{i}].networks[{j}]: `{network}` is not a DNS label"
+                    "[{i}].networks[{j}]: `{network}` is not a name ({NAME_RULE})"
                 ));
             }
         }
@@ -206,16 +207,6 @@ pub fn parse(text: &str) -> Result<Vec<CoreComponentSpec>, String> {
         }
     }
     Ok(specs)
-}
-
-fn is_dns_label(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 63
-        && text
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !text.starts_with('-')
-        && !text.ends_with('-')
 }
 
 /// The ports a replacement publishes: the core component's, except where
@@ -287,7 +278,7 @@ mod tests {
     #[test]
     fn refuses_bad_entries_naming_the_field() {
         let cases = [
-            ("- name: Sched\n  image: x\n", "[0].name"),
+            ("- name: _sched\n  image: x\n", "[0].name"),
             ("- name: a\n  image: x\n- name: a\n  image: y\n", "[1].name"),
             ("- name: a\n  image: 'UPPER CASE'\n", "[0].image"),
             (

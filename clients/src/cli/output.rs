@@ -312,7 +312,11 @@ fn privileges_table<P>(list: &[P], convert: impl Fn(&P) -> addons_descriptor::Pr
         .map(|p| {
             let privilege = convert(p);
             vec![
-                privilege.grant_text(),
+                if privilege.by_policy {
+                    format!("{} (by policy)", privilege.grant_text())
+                } else {
+                    privilege.grant_text()
+                },
                 if privilege.service_name.is_empty() {
                     "(any)".to_owned()
                 } else {
@@ -474,8 +478,9 @@ fn installation_details(i: &epb::Installation) {
     );
     if !i.granted_privileges.is_empty() {
         println!("\nGranted privileges:");
-        privileges_table(&i.granted_privileges, |p| {
-            addons_descriptor::Privilege::from(p.clone())
+        privileges_table(&i.granted_privileges, |p| addons_descriptor::Privilege {
+            by_policy: p.granted_by_policy,
+            ..p.clone().into()
         });
     }
     for s in i.services.iter().filter(|s| !s.logs_tail.is_empty()) {

@@ -313,8 +313,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         write_in_place(
             &hosts,
             format!(
-                "127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost\n",
-                name = service.service_name
+                "127.0.0.1\tlocalhost {names}\n::1\tlocalhost ip6-localhost\n",
+                names = host_names(&service.service_name)
             ),
         )?;
         let resolv = files.join("resolv.conf");
@@ -340,7 +340,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         }
         Ok(RunSpec {
             id: id.to_owned(),
-            hostname: service.service_name.clone(),
+            // The kernel takes any hostname; resolvers and many programs
+            // take only DNS names.
+            hostname: addons_descriptor::dns_alias(&service.service_name),
             args,
             env,
             cwd: pulled.config.working_dir.clone(),
@@ -382,7 +384,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             })
             .collect();
         for (id, name, own) in &members {
-            let mut text = format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost\n");
+            let mut text = format!(
+                "127.0.0.1\tlocalhost {}\n::1\tlocalhost ip6-localhost\n",
+                host_names(name)
+            );
             for (other_id, other_name, addresses) in &members {
                 if other_id == id {
                     continue;
@@ -391,7 +396,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     .iter()
                     .find(|(network, _)| own.iter().any(|(mine, _)| mine == network))
                 {
-                    text.push_str(&format!("{address}\t{other_name}\n"));
+                    text.push_str(&format!("{address}\t{}\n", host_names(other_name)));
                 }
             }
             let Ok(path) = self.state.container_dir(id).map(|dir| dir.join("hosts")) else {
@@ -403,6 +408,17 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 tracing::warn!(error = %err, "cannot write hosts file");
             }
         }
+    }
+}
+
+/// The names a service is known by in hosts files: its own name and, when
+/// that is not a DNS name, its DNS alias (`service_manager service-manager`).
+fn host_names(name: &str) -> String {
+    let alias = addons_descriptor::dns_alias(name);
+    if alias == name {
+        alias
+    } else {
+        format!("{name} {alias}")
     }
 }
 
