@@ -207,6 +207,33 @@ pub struct AuthArgs {
     #[arg(long, env = "ADDONS_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
 
+    /// Accept bearer tokens (JWT) signed with the key this URL serves, as
+    /// Oakestra's system manager serves its own (`GET :10011/key`, JSON
+    /// `{"public_key": PEM}`; a plain PEM body is taken too). Fetched at
+    /// start, every 5 minutes, and again (at most every 10 s) when a token
+    /// fails with the key in hand, so a rotated key is followed.
+    #[arg(long, env = "ADDONS_JWT_PUBLIC_KEY_URL", value_name = "URL")]
+    pub jwt_public_key_url: Option<String>,
+
+    /// Allow `--jwt-public-key-url` over plain HTTP off loopback (Oakestra's
+    /// compose network serves the key so): whoever can change the answer
+    /// can sign tokens.
+    #[arg(long, env = "ADDONS_JWT_PUBLIC_KEY_INSECURE_HTTP")]
+    pub jwt_public_key_insecure_http: bool,
+
+    /// Roles of tokens from other issuers as ours: a YAML map from role to
+    /// a list of our roles (`Admin: [admin]`). Without it, Oakestra's:
+    /// `Admin` → admin, `Organization_Admin` → operator, publisher,
+    /// reviewer, `Infrastructure_Provider` → operator,
+    /// `Application_Provider` → publisher. Our own role names always count.
+    #[arg(long, env = "ADDONS_JWT_ROLE_MAP", value_name = "FILE")]
+    pub jwt_role_map: Option<PathBuf>,
+
+    /// One entry of the role map, `ROLE=ours,ours` (repeatable), over the
+    /// map in force.
+    #[arg(long = "jwt-role", value_name = "ROLE=OURS")]
+    pub jwt_roles: Vec<String>,
+
     /// Tokens must carry this `iss`.
     #[arg(long, env = "ADDONS_JWT_ISSUER", value_name = "ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -287,12 +314,35 @@ impl Security {
             .as_ref()
             .map(|p| read(p, "JWT public key"))
             .transpose()?;
-        let jwt = if secret.is_some() || public.is_some() {
+        let fetched = args
+            .jwt_public_key_url
+            .as_deref()
+            .map(|url| jwt::FetchedKey::new(url, args.jwt_public_key_insecure_http))
+            .transpose()
+            .context("in --jwt-public-key-url")?;
+        let mut role_map = match &args.jwt_role_map {
+            Some(path) => parse_identity_roles(&String::from_utf8_lossy(&read(
+                path,
+                "JWT role map",
+            )?))
+            .with_context(|| format!("in {}", path.display()))?,
+            None => jwt::oakestra_roles(),
+        };
+        for entry in &args.jwt_roles {
+            let (name, roles) = jwt::parse_role_entry(entry).context("in --jwt-role")?;
+            role_map.insert(name, roles);
+        }
+        let jwt = if secret.is_some() || public.is_some() || fetched.is_some() {
+            if let Some(fetched) = &fetched {
+                fetched.watch();
+            }
             Some(JwtVerifier::new(
                 secret.as_deref(),
                 public.as_deref(),
+                fetched,
                 args.jwt_issuer.clone(),
                 args.jwt_audience.clone(),
+                role_map,
             )?)
         } else {
             None
@@ -345,7 +395,7 @@ impl Security {
         if !addr.ip().is_loopback() {
             if !self.insecure {
                 anyhow::bail!(
-                    "refusing to serve on {addr} without authentication: set --jwt-secret-file, --jwt-public-key, --tls-client-ca or --trusted-identity-header, listen on a loopback address, or pass --insecure"
+                    "refusing to serve on {addr} without authentication: set --jwt-secret-file, --jwt-public-key, --jwt-public-key-url, --tls-client-ca or --trusted-identity-header, listen on a loopback address, or pass --insecure"
                 );
             }
             tracing::warn!(%addr, "serving WITHOUT authentication on a non-loopback address (--insecure): anyone who can reach it can install addons that run as root");

@@ -371,19 +371,21 @@ where
             );
             return Box::pin(async move { Ok(response) });
         }
-        // A stranger's body is never read: the caller is known first.
-        if let Some(authenticator) = &self.authenticator
-            && let Err(status) = authenticator.authenticate(&request)
-        {
-            let reply = Reply::from_status(&status, str::to_owned);
-            return Box::pin(async move { Ok(reply.into_response()) });
-        }
+        let authenticator = self.authenticator.clone();
         // The service made ready goes with the request (tower's contract);
         // a clone stays for the next one.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
+            // A stranger's body is never read: the caller is known first.
+            let head = http::Request::from_parts(parts, ());
+            if let Some(authenticator) = &authenticator
+                && let Err(status) = authenticator.authenticate_fresh(&head).await
+            {
+                return Ok(Reply::from_status(&status, str::to_owned).into_response());
+            }
+            let (parts, ()) = head.into_parts();
             // Only the routes that take a body read one: a GET costs no
             // more than the guard's answer to it.
             let body = if !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {

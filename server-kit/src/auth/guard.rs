@@ -86,13 +86,6 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-impl Authenticator {
-    /// Who sent `request`, or the UNAUTHENTICATED status it gets.
-    pub(crate) fn authenticate<B>(&self, request: &http::Request<B>) -> Result<Identity, Status> {
-        self.0.authenticate(request)
-    }
-}
-
 impl AuthLayer {
     /// The authentication of this guard.
     pub(crate) fn authenticator(&self) -> Authenticator {
@@ -116,6 +109,7 @@ impl<S> std::fmt::Debug for Guarded<S> {
 impl<S> tower_service::Service<http::Request<Body>> for Guarded<S>
 where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -129,21 +123,62 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        match self.tables.check(&request) {
+        let status = match self.tables.check(&request) {
             Ok(identity) => {
                 request.extensions_mut().insert(identity);
-                Box::pin(self.inner.call(request))
+                return Box::pin(self.inner.call(request));
             }
-            Err(status) => {
-                tracing::info!(
-                    target: "audit",
-                    method = request.uri().path(),
-                    outcome = ?status.code(),
-                    reason = crate::reason_of(&status).unwrap_or_default(),
-                    "call refused",
-                );
-                Box::pin(async move { Ok(status.into_http::<Body>()) })
+            Err(status) => status,
+        };
+        let refused = |request: &http::Request<Body>, status: Status| {
+            tracing::info!(
+                target: "audit",
+                method = request.uri().path(),
+                outcome = ?status.code(),
+                reason = crate::reason_of(&status).unwrap_or_default(),
+                "call refused",
+            );
+            Ok(status.into_http::<Body>())
+        };
+        let Some(key) = self.tables.fetched_key_to_retry(&request, &status) else {
+            return Box::pin(async move { refused(&request, status) });
+        };
+        // The issuer may have rotated its key: fetch it (rate-limited) and
+        // check the token once more. The service made ready goes with the
+        // request (tower's contract).
+        let tables = self.tables.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            if !key.refresh_after_failure().await {
+                return refused(&request, status);
             }
+            match tables.check(&request) {
+                Ok(identity) => {
+                    request.extensions_mut().insert(identity);
+                    inner.call(request).await
+                }
+                Err(status) => refused(&request, status),
+            }
+        })
+    }
+}
+
+impl Authenticator {
+    /// Who sent `request`, or the UNAUTHENTICATED status it gets. When a
+    /// token fails with a fetched key, the key is fetched again
+    /// (rate-limited) and the token tried once more.
+    pub(crate) async fn authenticate_fresh<B>(
+        &self,
+        request: &http::Request<B>,
+    ) -> Result<Identity, Status> {
+        let status = match self.0.authenticate(request) {
+            Ok(identity) => return Ok(identity),
+            Err(status) => status,
+        };
+        match self.0.fetched_key_to_retry(request, &status) {
+            Some(key) if key.refresh_after_failure().await => self.0.authenticate(request),
+            _ => Err(status),
         }
     }
 }
@@ -153,6 +188,23 @@ fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Status {
 }
 
 impl Tables {
+    /// The fetched key to fetch again when `status` refused a request's
+    /// bearer token: only for a token that failed its check, never for a
+    /// missing role.
+    fn fetched_key_to_retry<B>(
+        &self,
+        request: &http::Request<B>,
+        status: &Status,
+    ) -> Option<Arc<super::jwt::FetchedKey>> {
+        let key = self.security.jwt.as_ref()?.fetched()?;
+        (status.code() == Code::Unauthenticated
+            && crate::reason_of(status).as_deref() == Some("TOKEN_INVALID")
+            && request
+                .headers()
+                .contains_key(http::header::AUTHORIZATION))
+        .then(|| key.clone())
+    }
+
     fn check<B>(&self, request: &http::Request<B>) -> Result<Identity, Status> {
         let path = request.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
