@@ -1,5 +1,6 @@
 //! The commands of `oak-addons`.
 
+mod compose;
 mod config;
 mod consent;
 pub(crate) mod output;
@@ -293,10 +294,41 @@ enum Command {
     /// Manage the contexts of the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Core components the monitor runs (its `--core-components` file).
+    #[command(subcommand)]
+    Core(CoreCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CoreCommand {
+    /// Turn Oakestra's compose services (`container_name: <plane>_<name>`)
+    /// into a `--core-components` file on stdout: image, command,
+    /// environment, published ports and networks; what is not carried
+    /// over is named on stderr. `${VAR}` is read from this environment,
+    /// as compose reads it.
+    FromCompose {
+        /// The compose file (`-` reads stdin).
+        file: PathBuf,
+        /// The plane whose services to take.
+        #[arg(long, value_parser = ["root", "cluster"], default_value = "cluster")]
+        plane: String,
+        /// Only this service (compose key, container name or core name).
+        /// Repeatable.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+        /// The image of a service built locally (`build:`), as the node
+        /// pulls it. Repeatable.
+        #[arg(long = "image", value_name = "NAME=REFERENCE")]
+        images: Vec<String>,
+        /// Let plugins replace every component of the file (the node's
+        /// policy still decides; without it only a policy naming one does).
+        #[arg(long)]
+        replaceable: bool,
     },
 }
 
@@ -714,6 +746,16 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
         };
         return configure(&cli, command);
     }
+    if let Command::Core(CoreCommand::FromCompose {
+        file,
+        plane,
+        services,
+        images,
+        replaceable,
+    }) = &cli.command
+    {
+        return from_compose(file, plane, services, images, *replaceable);
+    }
     let (servers, credentials) = resolve(&mut cli)?;
     let options = ClientOptions {
         timeout: cli.timeout,
@@ -1078,7 +1120,7 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             output::table(&["SERVICE", "HEALTH"], &rows);
         }
         // Handled before any connection is made.
-        Command::Config(_) => {}
+        Command::Config(_) | Command::Core(_) => {}
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -1088,6 +1130,52 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
             );
         }
     }
+    Ok(EXIT_OK)
+}
+
+/// `core from-compose`.
+fn from_compose(
+    file: &std::path::Path,
+    plane: &str,
+    services: &[String],
+    images: &[String],
+    replaceable: bool,
+) -> Result<u8, Failure> {
+    let text = if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|err| Failure::usage(format!("stdin: {err}")))?;
+        text
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|err| Failure::usage(format!("cannot read {}: {err}", file.display())))?
+    };
+    let images = images
+        .iter()
+        .map(|entry| {
+            entry
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Failure::usage(format!("--image `{entry}` is not NAME=REFERENCE")))
+        })
+        .collect::<Result<std::collections::BTreeMap<_, _>, _>>()?;
+    let options = compose::Options {
+        plane,
+        only: services,
+        images,
+        replaceable,
+    };
+    let conversion = compose::convert(&text, &options, &|var| std::env::var(var).ok())
+        .map_err(|err| Failure::error(format!("{}: {err}", file.display())))?;
+    for note in &conversion.notes {
+        eprintln!("note: {}", output::shown(note));
+    }
+    eprintln!(
+        "{} core component(s): {}",
+        conversion.names.len(),
+        conversion.names.join(", ")
+    );
+    print!("{}", conversion.yaml);
     Ok(EXIT_OK)
 }
 
