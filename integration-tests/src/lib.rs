@@ -15,6 +15,7 @@ mod node;
 pub mod pki;
 mod process;
 mod registry;
+pub mod rest;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 

@@ -13,6 +13,7 @@ use integration_tests::{
     free_port, http_get,
     images::{ImageSpec, push_image},
     pki::{TestCa, token},
+    rest::{curl, curl_trusting},
     start_control_plane,
 };
 use oakestra_addons_proto::{
@@ -21,75 +22,6 @@ use oakestra_addons_proto::{
 };
 use prost::Message as _;
 use serde_json::{Value, json};
-
-/// What `curl` got back.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: String,
-    body: Value,
-}
-
-/// `METHOD url` with curl over HTTP/1.1, a JSON `body` and extra `headers`.
-async fn curl(method: &str, url: &str, body: Option<&Value>, headers: &[String]) -> Answer {
-    curl_trusting(None, method, url, body, headers).await
-}
-
-/// [`curl`], trusting the CA `ca` for `https` URLs.
-async fn curl_trusting(
-    ca: Option<&std::path::Path>,
-    method: &str,
-    url: &str,
-    body: Option<&Value>,
-    headers: &[String],
-) -> Answer {
-    let dir = tempfile::tempdir().unwrap();
-    let head = dir.path().join("head");
-    let mut command = tokio::process::Command::new("curl");
-    if let Some(ca) = ca {
-        command.arg("--cacert").arg(ca);
-    }
-    command.args([
-        "-sS",
-        "--http1.1",
-        "-X",
-        method,
-        "-D",
-        &head.display().to_string(),
-        "-w",
-        "\n%{http_code}",
-    ]);
-    for header in headers {
-        command.args(["-H", header]);
-    }
-    if let Some(body) = body {
-        let file = dir.path().join("body");
-        std::fs::write(&file, body.to_string()).unwrap();
-        command.args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            &format!("@{}", file.display()),
-        ]);
-    }
-    let output = command.arg(url).output().await.unwrap();
-    assert!(
-        output.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).unwrap();
-    let (body, status) = text.rsplit_once('\n').unwrap();
-    Answer {
-        status: status.trim().parse().unwrap(),
-        headers: std::fs::read_to_string(&head).unwrap_or_default(),
-        body: if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
-        },
-    }
-}
 
 fn http_url(server: &ServerProcess, path: &str) -> String {
     format!("http://{}{path}", server.addr())
