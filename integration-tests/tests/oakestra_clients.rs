@@ -347,6 +347,26 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     assert_eq!(refused.status, 422, "{refused:?}");
     assert!(refused.body["message"].is_string(), "{refused:?}");
 
+    // What the policy does not consent to still needs consent: an addon
+    // asking for the node's /etc is refused to the dashboard.
+    let greedy = json!({
+        "name": "greedy",
+        "services": [{
+            "service_name": "reader",
+            "image": format!("{host}/oak/web:1"),
+            "volumes": ["/etc:/host-etc"],
+            "ports": {"8080": "10080"},
+        }],
+    });
+    let posted = script("POST", &addons, Some(&greedy), &admin).await;
+    assert_eq!(posted.status, 201, "{posted:?}");
+    let greedy_id = posted.body["_id"].as_str().unwrap().to_owned();
+    approved(&marketplace, &greedy_id, &admin).await;
+    let refused = dashboard("POST", &installs, Some(&json!({"marketplace_id": greedy_id})), &admin).await;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert_eq!(refused.body["reason"], "PRIVILEGES_NOT_ACCEPTED", "{refused:?}");
+    assert!(refused.text.contains("/etc") && !refused.text.contains("10080/tcp"), "only what the policy left out is missing: {refused:?}");
+
     // Installed addons: exactly `{"marketplace_id": id}`; the port is
     // granted by the operator's policy, and says so.
     let installed = dashboard("POST", &installs, Some(&json!({"marketplace_id": id})), &admin).await;
@@ -935,4 +955,27 @@ async fn plugins_replace_the_root_orchestrators_components_from_its_compose_file
         built: &[],
     })
     .await;
+}
+
+/// The key that every token is checked with cannot come over plain HTTP
+/// from another machine unless the operator says the network is trusted.
+#[tokio::test]
+async fn a_token_key_over_plain_http_off_loopback_needs_an_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/m.redb", dir.path().display());
+    let args = ["--store", &store, "--jwt-public-key-url", "http://192.0.2.1:10011/key"];
+    match ServerProcess::try_start(&binary("addons-marketplace"), &args).await {
+        integration_tests::Started::Exited(_, stderr) => {
+            assert!(stderr.contains("--jwt-public-key-insecure-http"), "{stderr}");
+        }
+        integration_tests::Started::Running(_) => panic!("started with a key over plain HTTP"),
+    }
+    let mut opted_in = args.to_vec();
+    opted_in.push("--jwt-public-key-insecure-http");
+    let server = ServerProcess::start(&binary("addons-marketplace"), &opted_in).await;
+    // Until the key arrives, no token passes.
+    let token = RsaKey::new(dir.path(), "k").token("Admin", &["Admin"], "access");
+    let answer = script("GET", &url(&server, "/api/v1/marketplace/addons"), None, &token).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert!(answer.text.contains("no key yet"), "{answer:?}");
 }
