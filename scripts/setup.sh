@@ -38,7 +38,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 packages=(containerd runc containernetworking-plugins docker-registry protobuf-compiler
-          busybox-static iptables iproute2 util-linux curl ca-certificates procps)
+          busybox-static iptables iproute2 util-linux curl ca-certificates openssl procps)
 # A Python or npm already on the PATH (pyenv, nvm) is as good as Debian's.
 if ! { command -v python3 >/dev/null 2>&1 && python3 -m venv --help >/dev/null 2>&1; }; then
     packages+=(python3 python3-venv)

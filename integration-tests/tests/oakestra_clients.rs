@@ -570,11 +570,19 @@ networks:
         ),
         _ => format!(
             r#"
+x-root-log-labels: &root-log-labels
+  oakestra.logging.collector: root
+  oakestra.cluster.id: root
+  logging_jobname: containerlogs
+
 services:
   system_manager:
-    image: {registry}/oakestra/oakestra/root-system-manager:latest
-    container_name: system_manager
+    image: system_manager
+    build:
+      context: system-manager-python/
     hostname: system_manager
+    container_name: system_manager
+    labels: *root-log-labels
     ports:
       - "10000:10000"
       - "50052:50052"
@@ -582,6 +590,7 @@ services:
   root_service_manager:
     image: {registry}/oakestra/oakestra-net/root-service-manager:latest
     container_name: root_service_manager
+    labels: *root-log-labels
     hostname: root_service_manager
     expose:
       - "10099"
@@ -591,17 +600,20 @@ services:
       - MY_PORT=10099
       - SYSTEM_MANAGER_URL=system_manager
       - SYSTEM_MANAGER_PORT=10000
-      - CLOUD_MONGO_URL=mongo_net
-      - CLOUD_MONGO_PORT=10008
+      - ROOT_MONGO_URL=mongo_net
+      - ROOT_MONGO_PORT=10008
       - JWT_GENERATOR_URL=jwt_generator
       - JWT_GENERATOR_PORT=10011
     depends_on:
-      - mongo_net
+      - mongo_rootnet
+      - jwt_generator
 
-  cloud_scheduler:
-    image: {registry}/oakestra/oakestra/cloud-scheduler:latest
+  root_scheduler:
+    image: root_scheduler
+    build: ../scheduler/
     container_name: root_scheduler
-    hostname: cloud_scheduler
+    labels: *root-log-labels
+    hostname: root_scheduler
     expose:
       - "10004"
     ports:
@@ -611,9 +623,12 @@ services:
       - API_PORT=10004
       - MANAGER_URL=system_manager
       - MANAGER_PORT=10000
-      - REDIS_ADDR=redis://:cloudRedis@cloud_redis:6379
+      - RESOURCE_ABSTRACTOR_URL=root_resource_abstractor
+      - RESOURCE_ABSTRACTOR_PORT=11011
+      - REDIS_ADDR=redis://:rootRedis@root_redis:6379
     depends_on:
-      - cloud_redis
+      - root_redis
+      - root_resource_abstractor
 
 networks:
   default:
@@ -945,14 +960,9 @@ async fn plugins_replace_the_root_orchestrators_components_from_its_compose_file
                 "MY_PORT",
                 10099,
             ),
-            (
-                "scheduler",
-                "oakestra/oakestra/cloud-scheduler:latest",
-                "API_PORT",
-                10004,
-            ),
+            ("scheduler", "root_scheduler:latest", "API_PORT", 10004),
         ],
-        built: &[],
+        built: &[("root_scheduler", "root_scheduler:latest")],
     })
     .await;
 }
