@@ -11,7 +11,8 @@
 pub const MAX_NAME: usize = 63;
 
 /// What a name may be, for error messages.
-pub const NAME_RULE: &str = "letters, digits, '_', '.' and '-', starting with a letter or a digit, at most 63 characters";
+pub const NAME_RULE: &str =
+    "letters, digits, '_', '.' and '-', starting with a letter or a digit, at most 63 characters";
 
 /// Whether `name` is a name: ASCII letters, digits, `_`, `.` and `-`,
 /// starting with a letter or a digit, at most [`MAX_NAME`] bytes (Docker's

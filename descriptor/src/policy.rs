@@ -282,9 +282,8 @@ impl<'de> Deserialize<'de> for PortRule {
             }
             None => (text.as_str(), None),
         };
-        let ports = PortRange::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(
-            range,
-        ))?;
+        let ports =
+            PortRange::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(range))?;
         Ok(Self { ports, protocol })
     }
 }
@@ -440,8 +439,7 @@ impl Policy {
             ("consent.host_paths", &policy.consent.host_paths),
         ] {
             for rule in rules {
-                if !rule.prefix.starts_with('/')
-                    || rule.prefix.split('/').any(|part| part == "..")
+                if !rule.prefix.starts_with('/') || rule.prefix.split('/').any(|part| part == "..")
                 {
                     return Err(format!(
                         "{field}: `{}` is not an absolute path without `..`",
@@ -737,15 +735,46 @@ mod tests {
         assert!(!covers(need(PrivilegeKind::HostPort, "15000/udp", false)));
         assert!(covers(need(PrivilegeKind::HostPort, "9000/udp", false)));
         assert!(covers(need(PrivilegeKind::HostPath, "/srv/addons/a", true)));
-        assert!(!covers(need(PrivilegeKind::HostPath, "/srv/addons/a", false)));
-        assert!(!covers(need(PrivilegeKind::HostPath, "/srv/addons/../../etc", true)));
-        assert!(!covers(need(PrivilegeKind::HostPath, "/srv/addons-x", true)));
-        assert!(covers(need(PrivilegeKind::CoreComponent, "scheduler", false)));
-        assert!(!covers(need(PrivilegeKind::CoreComponent, "service_manager", false)));
-        assert!(!covers(need(PrivilegeKind::KeepCoreStopped, "scheduler", false)));
-        assert!(!covers(need(PrivilegeKind::CoreEnvironment, "scheduler", false)));
+        assert!(!covers(need(
+            PrivilegeKind::HostPath,
+            "/srv/addons/a",
+            false
+        )));
+        assert!(!covers(need(
+            PrivilegeKind::HostPath,
+            "/srv/addons/../../etc",
+            true
+        )));
+        assert!(!covers(need(
+            PrivilegeKind::HostPath,
+            "/srv/addons-x",
+            true
+        )));
+        assert!(covers(need(
+            PrivilegeKind::CoreComponent,
+            "scheduler",
+            false
+        )));
+        assert!(!covers(need(
+            PrivilegeKind::CoreComponent,
+            "service_manager",
+            false
+        )));
+        assert!(!covers(need(
+            PrivilegeKind::KeepCoreStopped,
+            "scheduler",
+            false
+        )));
+        assert!(!covers(need(
+            PrivilegeKind::CoreEnvironment,
+            "scheduler",
+            false
+        )));
         assert!(!covers(need(PrivilegeKind::Privileged, "", false)));
-        assert!(!consent.covers("stranger", &need(PrivilegeKind::HostPort, "10000/tcp", false)));
+        assert!(!consent.covers(
+            "stranger",
+            &need(PrivilegeKind::HostPort, "10000/tcp", false)
+        ));
         let granted = consent.grants(
             "dash",
             &[
@@ -756,7 +785,9 @@ mod tests {
         assert_eq!(granted.len(), 1);
         assert!(granted[0].by_policy);
         // Nothing by default.
-        assert!(!Consent::default().covers("dash", &need(PrivilegeKind::HostPort, "10000/tcp", false)));
+        assert!(
+            !Consent::default().covers("dash", &need(PrivilegeKind::HostPort, "10000/tcp", false))
+        );
         assert!(Policy::from_yaml("consent:\n  host_ports: [\"1-2/sctp\"]\n").is_err());
         assert!(Policy::from_yaml("consent:\n  host_paths: [{prefix: etc}]\n").is_err());
     }

@@ -83,4 +83,3 @@ pub async fn curl_trusting(
         text: body.to_owned(),
     }
 }
-

@@ -214,7 +214,13 @@ async fn dashboard(method: &str, url: &str, body: Option<&Value>, token: &str) -
 
 /// A script's call: no origin, a bearer token.
 async fn script(method: &str, url: &str, body: Option<&Value>, token: &str) -> Answer {
-    curl(method, url, body, &[format!("authorization: Bearer {token}")]).await
+    curl(
+        method,
+        url,
+        body,
+        &[format!("authorization: Bearer {token}")],
+    )
+    .await
 }
 
 fn url(server: &ServerProcess, path: &str) -> String {
@@ -340,7 +346,10 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     let id = published.body["_id"].as_str().unwrap().to_owned();
     approved(&marketplace, &id, &admin).await;
     let card = dashboard("GET", &addons, None, &admin).await.body[0].clone();
-    assert!(card["_id"].is_string() && card["name"] == "my-addon", "{card}");
+    assert!(
+        card["_id"].is_string() && card["name"] == "my-addon",
+        "{card}"
+    );
     assert!(card["description"].is_string() && card["services"].is_array());
     // An error card shows `error.message`.
     let refused = dashboard("POST", &addons, Some(&json!({"name": "x"})), &admin).await;
@@ -362,18 +371,38 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     assert_eq!(posted.status, 201, "{posted:?}");
     let greedy_id = posted.body["_id"].as_str().unwrap().to_owned();
     approved(&marketplace, &greedy_id, &admin).await;
-    let refused = dashboard("POST", &installs, Some(&json!({"marketplace_id": greedy_id})), &admin).await;
+    let refused = dashboard(
+        "POST",
+        &installs,
+        Some(&json!({"marketplace_id": greedy_id})),
+        &admin,
+    )
+    .await;
     assert_eq!(refused.status, 400, "{refused:?}");
-    assert_eq!(refused.body["reason"], "PRIVILEGES_NOT_ACCEPTED", "{refused:?}");
-    assert!(refused.text.contains("/etc") && !refused.text.contains("10080/tcp"), "only what the policy left out is missing: {refused:?}");
+    assert_eq!(
+        refused.body["reason"], "PRIVILEGES_NOT_ACCEPTED",
+        "{refused:?}"
+    );
+    assert!(
+        refused.text.contains("/etc") && !refused.text.contains("10080/tcp"),
+        "only what the policy left out is missing: {refused:?}"
+    );
 
     // Installed addons: exactly `{"marketplace_id": id}`; the port is
     // granted by the operator's policy, and says so.
-    let installed = dashboard("POST", &installs, Some(&json!({"marketplace_id": id})), &admin).await;
+    let installed = dashboard(
+        "POST",
+        &installs,
+        Some(&json!({"marketplace_id": id})),
+        &admin,
+    )
+    .await;
     assert_eq!(installed.status, 201, "{installed:?}");
     let grants = installed.body["granted_privileges"].as_array().unwrap();
     assert!(
-        grants.iter().any(|g| g["value"] == "80/tcp" && g["granted_by_policy"] == true),
+        grants
+            .iter()
+            .any(|g| g["value"] == "80/tcp" && g["granted_by_policy"] == true),
         "{grants:?}"
     );
     let installation = installed.body["_id"].as_str().unwrap().to_owned();
@@ -390,7 +419,13 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     ] {
         let filtered = dashboard("GET", &format!("{installs}?status={status}"), None, &admin).await;
         assert_eq!(filtered.status, 200, "?status={status}: {filtered:?}");
-        let ids: Vec<&Value> = filtered.body.as_array().unwrap().iter().map(|i| &i["_id"]).collect();
+        let ids: Vec<&Value> = filtered
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["_id"])
+            .collect();
         assert_eq!(
             ids.contains(&&json!(installation)),
             status == "installing",
@@ -403,7 +438,13 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
         assert!(one.body[field].is_string(), "{field}: {}", one.body);
     }
     assert!(one.body["services"].is_array(), "{}", one.body);
-    let disabled = dashboard("DELETE", &format!("{installs}/{installation}"), None, &admin).await;
+    let disabled = dashboard(
+        "DELETE",
+        &format!("{installs}/{installation}"),
+        None,
+        &admin,
+    )
+    .await;
     assert_eq!(disabled.status, 200, "{disabled:?}");
     // No node runs it: nothing to wait for.
     assert!(
@@ -428,7 +469,13 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     assert_eq!(posted.status, 201, "{posted:?}");
     let random_id = posted.body["_id"].as_str().unwrap().to_owned();
     approved(&marketplace, &random_id, &admin).await;
-    let installed = script("POST", &installs, Some(&json!({"marketplace_id": random_id})), &admin).await;
+    let installed = script(
+        "POST",
+        &installs,
+        Some(&json!({"marketplace_id": random_id})),
+        &admin,
+    )
+    .await;
     assert!(installed.status < 400, "{installed:?}");
     // `DELETE /api/v1/addons/` without an id: 405, as Oakestra answers.
     let cleanup = script("DELETE", &format!("{installs}/"), None, &admin).await;
@@ -443,7 +490,13 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     theirs["name"] = json!("providers-addon");
     let posted = script("POST", &addons, Some(&theirs), &provider).await;
     assert_eq!(posted.status, 201, "{posted:?}");
-    let forbidden = script("POST", &installs, Some(&json!({"marketplace_id": id})), &provider).await;
+    let forbidden = script(
+        "POST",
+        &installs,
+        Some(&json!({"marketplace_id": id})),
+        &provider,
+    )
+    .await;
     assert_eq!(forbidden.status, 403, "{forbidden:?}");
 
     // A refresh token (30 days) is not a login; neither is a token before
@@ -451,7 +504,11 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     let refresh = first.token("Admin", &["Admin"], "refresh");
     let early = first.token_with("Admin", &["Admin"], "access", 3600);
     let forged = stranger.token("Admin", &["Admin"], "access");
-    for (what, token) in [("refresh", &refresh), ("early", &early), ("forged", &forged)] {
+    for (what, token) in [
+        ("refresh", &refresh),
+        ("early", &early),
+        ("forged", &forged),
+    ] {
         for list in [&addons, &installs] {
             let answer = script("GET", list, None, token).await;
             assert_eq!(answer.status, 401, "{what} token on {list}: {answer:?}");
@@ -463,14 +520,18 @@ async fn oakestras_dashboard_script_and_login_tokens_work_unchanged() {
     endpoint.rotate(&second.public_pem);
     let renewed = second.token("Admin", &["Admin"], "access");
     for list in [&addons, &installs] {
-        eventually("a token of the new key accepted", Duration::from_secs(30), || async {
-            let answer = script("GET", list, None, &renewed).await;
-            if answer.status == 200 {
-                Ok(())
-            } else {
-                Err(format!("{answer:?}"))
-            }
-        })
+        eventually(
+            "a token of the new key accepted",
+            Duration::from_secs(30),
+            || async {
+                let answer = script("GET", list, None, &renewed).await;
+                if answer.status == 200 {
+                    Ok(())
+                } else {
+                    Err(format!("{answer:?}"))
+                }
+            },
+        )
         .await;
         assert_eq!(dashboard("GET", list, None, &renewed).await.status, 200);
         let old = script("GET", list, None, &admin).await;
@@ -687,7 +748,13 @@ async fn answers(port: u16, wanted: String) -> String {
 }
 
 async fn installation_status(manager: &ServerProcess, id: &str) -> Answer {
-    curl("GET", &url(manager, &format!("/api/v1/addons/{id}")), None, &[]).await
+    curl(
+        "GET",
+        &url(manager, &format!("/api/v1/addons/{id}")),
+        None,
+        &[],
+    )
+    .await
 }
 
 async fn becomes(manager: &ServerProcess, id: &str, wanted: &str) -> Value {
@@ -717,8 +784,14 @@ async fn run_plane(plane: Plane) {
     // Oakestra's images, by their names, in the test registry.
     for (name, repository, variable, _) in plane.components {
         let (repository, tag) = repository.split_once(':').unwrap();
-        push_image(&host, repository, tag, &serving_on(variable, &format!("core {name}")), None)
-            .await;
+        push_image(
+            &host,
+            repository,
+            tag,
+            &serving_on(variable, &format!("core {name}")),
+            None,
+        )
+        .await;
     }
     // The documentation's example addon and the plugins.
     let mut documented_image = serving_on("MY_SERVICE_PORT", "my_service");
@@ -764,7 +837,10 @@ async fn run_plane(plane: Plane) {
     let core_file = dir.path().join("core-components.yaml");
     std::fs::write(&core_file, &output.stdout).unwrap();
     if plane.name == "cluster" {
-        assert!(notes.contains("`depends_on` is not carried over"), "{notes}");
+        assert!(
+            notes.contains("`depends_on` is not carried over"),
+            "{notes}"
+        );
     }
 
     // The control plane of the plane, and the monitor running the core
@@ -772,7 +848,12 @@ async fn run_plane(plane: Plane) {
     let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
     let marketplace = ServerProcess::start(
         &binary("addons-marketplace"),
-        &["--store", &store("marketplace"), "--insecure-registry", &host],
+        &[
+            "--store",
+            &store("marketplace"),
+            "--insecure-registry",
+            &host,
+        ],
     )
     .await;
     // The operator consents, once, to what the documentation's addon and
@@ -896,11 +977,7 @@ async fn run_plane(plane: Plane) {
     assert!(hosts.contains("my_service my-service"), "{hosts}");
     // Each plugin serves on its core component's port, the core stopped.
     for (name, _, _, port) in plane.components {
-        answers(
-            port,
-            format!("plugin {name} on {}", name.replace('_', "-")),
-        )
-        .await;
+        answers(port, format!("plugin {name} on {}", name.replace('_', "-"))).await;
     }
     monitor_looked(&monitor, 2).await;
     for (name, _, _, port) in plane.components {
@@ -973,10 +1050,18 @@ async fn plugins_replace_the_root_orchestrators_components_from_its_compose_file
 async fn a_token_key_over_plain_http_off_loopback_needs_an_opt_in() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded:{}/m.redb", dir.path().display());
-    let args = ["--store", &store, "--jwt-public-key-url", "http://192.0.2.1:10011/key"];
+    let args = [
+        "--store",
+        &store,
+        "--jwt-public-key-url",
+        "http://192.0.2.1:10011/key",
+    ];
     match ServerProcess::try_start(&binary("addons-marketplace"), &args).await {
         integration_tests::Started::Exited(_, stderr) => {
-            assert!(stderr.contains("--jwt-public-key-insecure-http"), "{stderr}");
+            assert!(
+                stderr.contains("--jwt-public-key-insecure-http"),
+                "{stderr}"
+            );
         }
         integration_tests::Started::Running(_) => panic!("started with a key over plain HTTP"),
     }
@@ -985,7 +1070,13 @@ async fn a_token_key_over_plain_http_off_loopback_needs_an_opt_in() {
     let server = ServerProcess::start(&binary("addons-marketplace"), &opted_in).await;
     // Until the key arrives, no token passes.
     let token = RsaKey::new(dir.path(), "k").token("Admin", &["Admin"], "access");
-    let answer = script("GET", &url(&server, "/api/v1/marketplace/addons"), None, &token).await;
+    let answer = script(
+        "GET",
+        &url(&server, "/api/v1/marketplace/addons"),
+        None,
+        &token,
+    )
+    .await;
     assert_eq!(answer.status, 401, "{answer:?}");
     assert!(answer.text.contains("no key yet"), "{answer:?}");
 }

@@ -321,11 +321,10 @@ impl Security {
             .transpose()
             .context("in --jwt-public-key-url")?;
         let mut role_map = match &args.jwt_role_map {
-            Some(path) => parse_identity_roles(&String::from_utf8_lossy(&read(
-                path,
-                "JWT role map",
-            )?))
-            .with_context(|| format!("in {}", path.display()))?,
+            Some(path) => {
+                parse_identity_roles(&String::from_utf8_lossy(&read(path, "JWT role map")?))
+                    .with_context(|| format!("in {}", path.display()))?
+            }
             None => jwt::oakestra_roles(),
         };
         for entry in &args.jwt_roles {

@@ -106,10 +106,9 @@ pub fn convert(
         let wanted = if options.only.is_empty() {
             true
         } else {
-            let hit = options
-                .only
-                .iter()
-                .find(|o| [key, container.as_str()].contains(&o.as_str()) || name.as_ref() == Some(o));
+            let hit = options.only.iter().find(|o| {
+                [key, container.as_str()].contains(&o.as_str()) || name.as_ref() == Some(o)
+            });
             if let Some(hit) = hit {
                 found.push(hit);
             }
@@ -173,7 +172,8 @@ pub fn convert(
             None | Some(Value::Null) => {}
             Some(Value::Sequence(list)) => {
                 for item in list {
-                    let item = scalar(item).ok_or_else(|| at("`environment` holds a non-string"))?;
+                    let item =
+                        scalar(item).ok_or_else(|| at("`environment` holds a non-string"))?;
                     match item.split_once('=') {
                         Some((k, v)) => {
                             environment.insert(k.to_owned(), expand(v, &mut out.notes));
@@ -314,7 +314,7 @@ fn parse_port(value: &Value, interpolate: &dyn Fn(&str) -> String) -> Result<Opt
     let parts: Vec<&str> = text.rsplitn(3, ':').collect();
     match parts.as_slice() {
         [_container] => Ok(None),
-        [container, host, ..] if host.is_empty() => {
+        [container, "", ..] => {
             number(container)?;
             Ok(None)
         }
@@ -402,7 +402,11 @@ fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
         }
     }
     out.push_str(rest);
-    if unset.is_empty() { Ok(out) } else { Err(unset) }
+    if unset.is_empty() {
+        Ok(out)
+    } else {
+        Err(unset)
+    }
 }
 
 #[cfg(test)]
@@ -463,7 +467,10 @@ networks:
         let entries: Value = serde_yaml_ng::from_str(&out.yaml).unwrap();
         let manager = &entries[0];
         assert_eq!(manager["name"], "service_manager");
-        assert_eq!(manager["environment"]["ROOT_SERVICE_MANAGER_URL"], "10.0.0.1");
+        assert_eq!(
+            manager["environment"]["ROOT_SERVICE_MANAGER_URL"],
+            "10.0.0.1"
+        );
         assert_eq!(manager["environment"]["CLUSTER_NAME"], "cluster1");
         assert_eq!(manager["ports"][0]["host_port"], 10110);
         assert_eq!(manager["networks"][0], "oakestra");
@@ -476,7 +483,10 @@ networks:
         );
         let notes = out.notes.join("\n");
         assert!(notes.contains("mqtt: left out"), "{notes}");
-        assert!(notes.contains("`depends_on` is not carried over"), "{notes}");
+        assert!(
+            notes.contains("`depends_on` is not carried over"),
+            "{notes}"
+        );
         assert!(!notes.contains("expose"), "{notes}");
     }
 
@@ -497,21 +507,33 @@ networks:
         };
         let out = convert(CLUSTER, &options, &none).unwrap();
         assert_eq!(out.names, ["service_manager"]);
-        assert!(out.notes.iter().any(|n| n.contains("${SYSTEM_MANAGER_URL} is not set")));
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("${SYSTEM_MANAGER_URL} is not set"))
+        );
         let only = ["mqtt".to_owned()];
         let options = Options {
             plane: "cluster",
             only: &only,
             ..Options::default()
         };
-        assert!(convert(CLUSTER, &options, &none).unwrap_err().contains("not named cluster_<name>"));
+        assert!(
+            convert(CLUSTER, &options, &none)
+                .unwrap_err()
+                .contains("not named cluster_<name>")
+        );
         let only = ["nothing".to_owned()];
         let options = Options {
             plane: "cluster",
             only: &only,
             ..Options::default()
         };
-        assert!(convert(CLUSTER, &options, &none).unwrap_err().contains("no service `nothing`"));
+        assert!(
+            convert(CLUSTER, &options, &none)
+                .unwrap_err()
+                .contains("no service `nothing`")
+        );
         assert!(convert("services: [", &options, &none).is_err());
     }
 
@@ -519,9 +541,16 @@ networks:
     fn reads_every_port_form() {
         let parse = |v: Value| parse_port(&v, &|t: &str| t.to_owned());
         let port = |h: u16, c: u16, p: &str| (h, c, p.to_owned());
-        let got = |v: Value| parse(v).unwrap().map(|p| (p.host_port, p.container_port, p.protocol));
+        let got = |v: Value| {
+            parse(v)
+                .unwrap()
+                .map(|p| (p.host_port, p.container_port, p.protocol))
+        };
         assert_eq!(got("10110:10110".into()), Some(port(10110, 10110, "tcp")));
-        assert_eq!(got("127.0.0.1:80:8080/udp".into()), Some(port(80, 8080, "udp")));
+        assert_eq!(
+            got("127.0.0.1:80:8080/udp".into()),
+            Some(port(80, 8080, "udp"))
+        );
         assert_eq!(got("8080".into()), None);
         assert_eq!(
             got(serde_yaml_ng::from_str("{target: 80, published: 8080}").unwrap()),
@@ -539,7 +568,10 @@ networks:
             _ => None,
         };
         assert_eq!(interpolate("$A-${A}-$$A", &env).unwrap(), "a-a-$A");
-        assert_eq!(interpolate("${EMPTY:-d}|${EMPTY-d}|${NO-d}", &env).unwrap(), "d||d");
+        assert_eq!(
+            interpolate("${EMPTY:-d}|${EMPTY-d}|${NO-d}", &env).unwrap(),
+            "d||d"
+        );
         assert_eq!(interpolate("${NO}$NO2", &env).unwrap_err(), ["NO", "NO2"]);
     }
 }

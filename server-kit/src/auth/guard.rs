@@ -199,9 +199,7 @@ impl Tables {
         let key = self.security.jwt.as_ref()?.fetched()?;
         (status.code() == Code::Unauthenticated
             && crate::reason_of(status).as_deref() == Some("TOKEN_INVALID")
-            && request
-                .headers()
-                .contains_key(http::header::AUTHORIZATION))
+            && request.headers().contains_key(http::header::AUTHORIZATION))
         .then(|| key.clone())
     }
 

@@ -413,7 +413,12 @@ mod tests {
         let verifier =
             JwtVerifier::new(Some(SECRET), None, None, None, None, oakestra_roles()).unwrap();
         let sign = |claims: serde_json::Value| {
-            encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+            encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
         };
         let (_, roles) = verifier
             .verify(&sign(serde_json::json!({
@@ -436,7 +441,10 @@ mod tests {
         assert!(refresh.unwrap_err().contains("not an access token"));
         assert_eq!(
             parse_role_entry("Admin=operator, viewer").unwrap(),
-            ("Admin".to_owned(), BTreeSet::from([Role::Operator, Role::Viewer]))
+            (
+                "Admin".to_owned(),
+                BTreeSet::from([Role::Operator, Role::Viewer])
+            )
         );
         assert!(parse_role_entry("Admin=root").is_err());
         assert!(parse_role_entry("=admin").is_err());
@@ -444,7 +452,8 @@ mod tests {
 
     #[test]
     fn accepts_valid_tokens_only() {
-        let verifier = JwtVerifier::new(Some(SECRET), None, None, None, None, oakestra_roles()).unwrap();
+        let verifier =
+            JwtVerifier::new(Some(SECRET), None, None, None, None, oakestra_roles()).unwrap();
         let (sub, roles) = verifier
             .verify(&token(
                 SECRET,
