@@ -114,6 +114,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let policy = addons_descriptor::policy::Policy::load(config.policy.as_deref())
         .map_err(anyhow::Error::msg)?;
+    if policy.consent != addons_descriptor::policy::Consent::default() {
+        // Consent is given where installs are asked for; a node only
+        // checks what it was granted.
+        tracing::warn!("--policy: `consent` is the manager's; this node ignores it");
+    }
     let labels: std::collections::BTreeMap<String, String> =
         config.node_labels.iter().cloned().collect();
     if let Some(violation) =
