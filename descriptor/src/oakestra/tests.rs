@@ -21,8 +21,7 @@ const OAKESTRA: &str = r#"{
 #[test]
 fn writes_what_it_reads() {
     let addon = from_json(OAKESTRA.as_bytes()).unwrap();
-    let json =
-        serde_json::Value::Object(descriptor_json(&crate::Descriptor::from_proto(addon)));
+    let json = serde_json::Value::Object(descriptor_json(&crate::Descriptor::from_proto(addon)));
     let service = &json["services"][0];
     assert_eq!(service["command"], "exporter --listen :9100 --verbose");
     assert_eq!(service["ports"]["53/udp"], "5353");
@@ -133,8 +132,8 @@ fn names_unknown_and_bad_fields() {
     let err =
         parse_descriptor(r#"{"name": "x", "services": [], "owner": 2}"#, "f.json").unwrap_err();
     assert!(err.contains("unknown field `owner`"), "{err}");
-    let err = parse_descriptor(r#"{"name": "x", "services": [], "version": 2}"#, "f.json")
-        .unwrap_err();
+    let err =
+        parse_descriptor(r#"{"name": "x", "services": [], "version": 2}"#, "f.json").unwrap_err();
     assert!(err.contains("version: invalid type"), "{err}");
     let err = parse_descriptor(
         r#"{"name": "x", "services": [{"service_name": "a", "image": "b", "ports": {"http": "80"}}]}"#,

@@ -116,9 +116,7 @@ fn consent_covers_what_it_names_and_no_more() {
     assert_eq!(granted.len(), 1);
     assert!(granted[0].by_policy);
     // Nothing by default.
-    assert!(
-        !Consent::default().covers("dash", &need(PrivilegeKind::HostPort, "10000/tcp", false))
-    );
+    assert!(!Consent::default().covers("dash", &need(PrivilegeKind::HostPort, "10000/tcp", false)));
     assert!(Policy::from_yaml("consent:\n  host_ports: [\"1-2/sctp\"]\n").is_err());
     assert!(Policy::from_yaml("consent:\n  host_paths: [{prefix: etc}]\n").is_err());
 }

@@ -3,10 +3,8 @@ use super::*;
 #[test]
 fn computes_chain_ids() {
     // The example of the OCI image spec's layer chain id section.
-    let a =
-        "sha256:a9561eb1b190625c9adb5a9513e72c4dedafc1cb2d4c5236c9a6957ec7dfd5a9".to_owned();
-    let b =
-        "sha256:3b7bc2e2e3e2b8a2e7c3f8e8fa0f3c6f5e3a7a6a9d4c2b8e4f1f0e6b9c8d7a6b".to_owned();
+    let a = "sha256:a9561eb1b190625c9adb5a9513e72c4dedafc1cb2d4c5236c9a6957ec7dfd5a9".to_owned();
+    let b = "sha256:3b7bc2e2e3e2b8a2e7c3f8e8fa0f3c6f5e3a7a6a9d4c2b8e4f1f0e6b9c8d7a6b".to_owned();
     let chain = chain_ids(&[a.clone(), b.clone()]);
     assert_eq!(chain[0], a);
     let expected = format!(
