@@ -1,65 +1,28 @@
-//! Typed access to one collection, and the change feed of the process.
+//! Typed access to one collection: its writes here, its reads
+//! (`reads.rs`), its change feed (`feed.rs`) and its records as the
+//! backends store them (`codec.rs`).
 
-use std::{
-    any::Any,
-    collections::HashMap,
-    marker::PhantomData,
-    sync::{Arc, Mutex},
-};
+use std::{marker::PhantomData, sync::Arc};
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use tokio::sync::broadcast;
 
 use crate::{
-    Backend, Document, Durability, Error, Filter, Page, Precondition, RawFilter, RawRecord, Result,
+    Backend, Document, Durability, Error, Filter, Precondition, RawFilter, RawRecord, Result,
     Versioned,
     changelog::{ChangeKind, ChangeLog, Entry, LogState},
     resident::{Memory, Resident},
-    stored_key,
 };
 
-/// How many changes a watcher may fall behind before it misses some.
-const CHANGE_BUFFER: usize = 1024;
+mod codec;
+mod feed;
+mod reads;
+
+use self::codec::{decode, encode};
+pub use self::feed::Change;
+pub(crate) use self::feed::ChangeHub;
 
 /// How often a read-modify-write retries after losing a race.
 const MODIFY_ATTEMPTS: usize = 32;
-
-/// A committed write, as seen by watchers in this process.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change<T> {
-    /// What happened.
-    pub kind: ChangeKind,
-    /// The write's number in the store's change sequence; 0 for a collection
-    /// that is not logged.
-    pub seq: u64,
-    /// The record after the write (before it, for a delete).
-    pub record: Versioned<T>,
-}
-
-/// Change feeds per collection. Each collection has one writer process (the
-/// service that owns it), so an in-process feed sees every change.
-#[derive(Clone, Default)]
-pub(crate) struct ChangeHub {
-    senders: Arc<Mutex<HashMap<&'static str, Box<dyn Any + Send + Sync>>>>,
-}
-
-impl ChangeHub {
-    pub(crate) fn sender<T: Document>(&self) -> broadcast::Sender<Change<T>> {
-        let mut senders = self
-            .senders
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = senders
-            .entry(T::COLLECTION)
-            .or_insert_with(|| Box::new(broadcast::channel::<Change<T>>(CHANGE_BUFFER).0));
-        match entry.downcast_ref::<broadcast::Sender<Change<T>>>() {
-            Some(sender) => sender.clone(),
-            // Two document types sharing a collection name is a programming
-            // error that the first use in any test reveals.
-            None => panic!("two document types use collection `{}`", T::COLLECTION),
-        }
-    }
-}
 
 /// The records of type `T`. Cheap to clone.
 pub struct Collection<T> {
@@ -473,148 +436,6 @@ impl<T: Document> Collection<T> {
         }
         Ok(deleted)
     }
-
-    /// The view `make` derives from the record with `id` (such as the
-    /// message an API answers with). In a resident collection it is made
-    /// once per revision and shared, and no read reaches the database;
-    /// otherwise the record is read and the view made each time.
-    pub async fn get_view<V: Send + Sync + 'static>(
-        &self,
-        id: &str,
-        make: impl FnOnce(&Versioned<Arc<T>>) -> V,
-    ) -> Result<Option<Arc<V>>> {
-        if let Some(memory) = &self.memory {
-            return Ok(memory.get(id).map(|entry| entry.view(make)));
-        }
-        Ok(self
-            .get(id)
-            .await?
-            .map(|record| Arc::new(make(&shared(record)))))
-    }
-
-    /// A page of the views of the records matching `filter`, as
-    /// [`Collection::list`] and [`Collection::get_view`] make them, and the
-    /// next page's token.
-    pub async fn list_views<V: Send + Sync + 'static>(
-        &self,
-        filter: &Filter,
-        page_size: usize,
-        page_token: Option<&str>,
-        make: impl Fn(&Versioned<Arc<T>>) -> V,
-    ) -> Result<(Vec<Arc<V>>, Option<String>)> {
-        if let Some(memory) = &self.memory {
-            let (entries, next) = memory_page(memory, filter, page_size, page_token)?;
-            return Ok((
-                entries.iter().map(|entry| entry.view(&make)).collect(),
-                next,
-            ));
-        }
-        let page = self.list(filter, page_size, page_token).await?;
-        let views = page
-            .items
-            .into_iter()
-            .map(|record| Arc::new(make(&shared(record))))
-            .collect();
-        Ok((views, page.next_page_token))
-    }
-
-    /// One page of the records matching `filter`, in id order. `page_token`
-    /// is `None` for the first page and then the previous page's
-    /// `next_page_token`.
-    pub async fn list(
-        &self,
-        filter: &Filter,
-        page_size: usize,
-        page_token: Option<&str>,
-    ) -> Result<Page<T>> {
-        if let Some(memory) = &self.memory {
-            let (entries, next_page_token) = memory_page(memory, filter, page_size, page_token)?;
-            return Ok(Page {
-                items: entries
-                    .iter()
-                    .map(|entry| Versioned {
-                        revision: entry.record.revision,
-                        value: (*entry.record.value).clone(),
-                    })
-                    .collect(),
-                next_page_token,
-            });
-        }
-        let page_size = page_size.max(1);
-        let after = page_token.map(decode_token).transpose()?;
-        let raw_filter = raw_filter(filter);
-        // One record more than asked tells whether another page follows.
-        let mut records = self
-            .backend
-            .list(T::COLLECTION, &raw_filter, after.as_deref(), page_size + 1)
-            .await?;
-        let more = records.len() > page_size;
-        records.truncate(page_size);
-        let next_page_token = match (more, records.last()) {
-            (true, Some(last)) => Some(encode_token(&last.id)),
-            _ => None,
-        };
-        Ok(Page {
-            items: records.into_iter().map(decode).collect::<Result<_>>()?,
-            next_page_token,
-        })
-    }
-
-    /// Every record matching `filter`, following pages to the end.
-    pub async fn list_all(&self, filter: &Filter) -> Result<Vec<Versioned<T>>> {
-        let mut all = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self.list(filter, 500, token.as_deref()).await?;
-            all.extend(page.items);
-            match page.next_page_token {
-                Some(next) => token = Some(next),
-                None => return Ok(all),
-            }
-        }
-    }
-
-    /// Changes committed through this process from now on. A receiver that
-    /// falls more than 1024 changes behind gets
-    /// [`broadcast::error::RecvError::Lagged`] instead of slowing writers.
-    pub fn watch(&self) -> broadcast::Receiver<Change<T>> {
-        self.changes.subscribe()
-    }
-
-    /// Runs `read` while no write of a logged collection can happen, and
-    /// returns its result with the sequence it reflects (every change up to
-    /// it, none after it) and a receiver of every later change.
-    pub async fn snapshot<R, F>(&self, read: F) -> Result<(R, u64, broadcast::Receiver<Change<T>>)>
-    where
-        F: AsyncFnOnce(&Self) -> Result<R>,
-    {
-        let state = self.log.lock().await;
-        let receiver = self.changes.subscribe();
-        let value = read(self).await?;
-        Ok((value, state.head, receiver))
-    }
-
-    /// Every change of this collection after the sequence `since`, in order,
-    /// and a receiver of later changes (which may repeat some of them: skip
-    /// what is not above the last sequence returned). Fails with
-    /// [`Error::CursorOutOfRange`] when the log no longer holds every change
-    /// after `since`, or `since` is beyond the last change.
-    pub async fn changes_since(
-        &self,
-        since: u64,
-    ) -> Result<(Vec<Change<T>>, broadcast::Receiver<Change<T>>)> {
-        let receiver = self.changes.subscribe();
-        let entries = self.log.since(T::COLLECTION, since).await?;
-        let mut changes = Vec::with_capacity(entries.len());
-        for (seq, entry) in entries {
-            changes.push(Change {
-                kind: entry.kind,
-                seq,
-                record: decode_body(&entry.id, entry.revision, &entry.body)?,
-            });
-        }
-        Ok((changes, receiver))
-    }
 }
 
 /// A record shared as the views of a resident collection see it.
@@ -623,85 +444,6 @@ fn shared<T>(record: Versioned<T>) -> Versioned<Arc<T>> {
         revision: record.revision,
         value: Arc::new(record.value),
     }
-}
-
-/// The token of the next page, if one follows.
-type NextPage = Option<String>;
-
-/// A page of a resident collection's entries matching `filter`, and the
-/// next page's token, as the backends' listings page.
-fn memory_page<T: Document>(
-    memory: &Memory<T>,
-    filter: &Filter,
-    page_size: usize,
-    page_token: Option<&str>,
-) -> Result<(Vec<Arc<Resident<T>>>, NextPage)> {
-    let page_size = page_size.max(1);
-    let after = page_token.map(decode_token).transpose()?;
-    let raw_filter = raw_filter(filter);
-    // One entry more than asked tells whether another page follows.
-    let mut entries = memory.page(after.as_deref(), page_size + 1, |entry| {
-        (raw_filter.statuses.is_empty() || raw_filter.statuses.contains(&entry.status))
-            && raw_filter.key_matches(&entry.key)
-    });
-    let more = entries.len() > page_size;
-    entries.truncate(page_size);
-    let next_page_token = match (more, entries.last()) {
-        (true, Some(last)) => Some(encode_token(last.record.value.id())),
-        _ => None,
-    };
-    Ok((entries, next_page_token))
-}
-
-/// A [`Filter`] in the backends' terms.
-fn raw_filter(filter: &Filter) -> RawFilter {
-    RawFilter {
-        statuses: filter.statuses.clone(),
-        key: filter
-            .unique_key
-            .clone()
-            .map(|key| stored_key(Some(key), "")),
-        key_prefix: filter
-            .unique_key_prefix
-            .clone()
-            .map(|prefix| stored_key(Some(prefix), "")),
-    }
-}
-
-fn encode<T: Document>(record: &Versioned<T>, seq: u64) -> Result<RawRecord> {
-    let id = record.value.id().to_owned();
-    let body = serde_json::value::to_raw_value(&record.value).map_err(|source| Error::Codec {
-        action: "encode",
-        collection: T::COLLECTION.to_owned(),
-        id: id.clone(),
-        source,
-    })?;
-    Ok(RawRecord {
-        key: stored_key(record.value.unique_key(), &id),
-        status: record.value.status(),
-        revision: record.revision,
-        seq,
-        id,
-        body,
-    })
-}
-
-fn decode<T: Document>(raw: RawRecord) -> Result<Versioned<T>> {
-    decode_body(&raw.id, raw.revision, &raw.body)
-}
-
-fn decode_body<T: Document>(
-    id: &str,
-    revision: u64,
-    body: &serde_json::value::RawValue,
-) -> Result<Versioned<T>> {
-    let value = serde_json::from_str(body.get()).map_err(|source| Error::Codec {
-        action: "decode",
-        collection: T::COLLECTION.to_owned(),
-        id: id.to_owned(),
-        source,
-    })?;
-    Ok(Versioned { revision, value })
 }
 
 /// [`Error::StaleRevision`] when a record at `current` is not at the
@@ -715,41 +457,5 @@ fn stale_check<T: Document>(id: &str, current: u64, expected: Option<u64>) -> Re
             expected,
         }),
         _ => Ok(()),
-    }
-}
-
-const TOKEN_PREFIX: &str = "v1:";
-
-fn encode_token(last_id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{last_id}"))
-}
-
-fn decode_token(token: &str) -> Result<String> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| Error::InvalidPageToken)?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::InvalidPageToken)?;
-    text.strip_prefix(TOKEN_PREFIX)
-        .filter(|id| !id.is_empty())
-        .map(str::to_owned)
-        .ok_or(Error::InvalidPageToken)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_garbage() {
-        let token = encode_token("01hx");
-        assert_eq!(decode_token(&token).unwrap(), "01hx");
-        assert!(matches!(
-            decode_token("not a token"),
-            Err(Error::InvalidPageToken)
-        ));
-        assert!(matches!(
-            decode_token(&URL_SAFE_NO_PAD.encode("v2:x")),
-            Err(Error::InvalidPageToken)
-        ));
     }
 }
