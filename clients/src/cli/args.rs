@@ -1,0 +1,439 @@
+//! The command line of `oak-addons`: its flags, commands and exit codes.
+
+use super::*;
+
+/// Everything went as asked.
+pub const EXIT_OK: u8 = 0;
+
+/// A server answered with an error, or could not be reached.
+pub const EXIT_ERROR: u8 = 1;
+
+/// Bad usage, or an input file that cannot be read or used.
+pub const EXIT_USAGE: u8 = 2;
+
+/// `--wait` saw the addon fail verification or the installation fail.
+pub const EXIT_FAILED: u8 = 3;
+
+/// `install --wait` ended partially active.
+pub const EXIT_PARTIAL: u8 = 4;
+
+pub(crate) const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  a server answered with an error or could not be reached
+  2  bad usage, or an input file that cannot be read or used
+  3  --wait ended in FAILED_VERIFICATION (publish), FAILED (install) or
+     ROLLED_BACK (upgrade, rollback)
+  4  install --wait ended PARTIALLY_ACTIVE";
+
+/// Operate the Oakestra addons marketplace and manager.
+#[derive(Debug, clap::Parser)]
+#[command(name = "oak-addons", version, after_help = EXIT_CODES, args_override_self = true)]
+pub struct Cli {
+    /// gRPC URL of the marketplace [default: the context's, else
+    /// http://127.0.0.1:11102].
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_MARKETPLACE",
+        value_name = "URL"
+    )]
+    pub(crate) marketplace: Option<String>,
+
+    /// gRPC URL of the Addons Manager [default: the context's, else
+    /// http://127.0.0.1:11101].
+    #[arg(long, global = true, env = "OAK_ADDONS_MANAGER", value_name = "URL")]
+    pub(crate) manager: Option<String>,
+
+    /// gRPC URL of a node's Addons Monitor (for `logs` and `node`)
+    /// [default: the context's, else http://127.0.0.1:11103].
+    #[arg(long, global = true, env = "OAK_ADDONS_MONITOR", value_name = "URL")]
+    pub(crate) monitor: Option<String>,
+
+    /// Bearer token sent with every call.
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) token: Option<String>,
+
+    /// File holding the bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub(crate) token_file: Option<PathBuf>,
+
+    /// CA certificate (PEM) of the servers' TLS certificates; needed for
+    /// https URLs.
+    #[arg(long, global = true, env = "OAK_ADDONS_CA_CERT", value_name = "FILE")]
+    pub(crate) ca_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM), for mTLS.
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub(crate) client_cert: Option<PathBuf>,
+
+    /// Key of --client-cert (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "OAK_ADDONS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub(crate) client_key: Option<PathBuf>,
+
+    /// Context of the config file to use [default: its current one].
+    #[arg(long, global = true, env = "OAK_ADDONS_CONTEXT", value_name = "NAME")]
+    pub(crate) context: Option<String>,
+
+    /// Config file [default: ~/.config/oak-addons/config.yaml].
+    #[arg(long, global = true, env = "OAK_ADDONS_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "OAK_ADDONS_OUTPUT",
+        value_enum,
+        default_value_t = Format::Table
+    )]
+    pub(crate) output: Format,
+
+    /// Limit of each call, such as 500ms, 10s or 1m.
+    #[arg(long, global = true, env = "OAK_ADDONS_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub(crate) timeout: Duration,
+
+    /// Limit of a `--wait`.
+    #[arg(long, global = true, env = "OAK_ADDONS_WAIT_TIMEOUT", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub(crate) wait_timeout: Duration,
+
+    /// How long `install --wait` watches a final status (ACTIVE,
+    /// PARTIALLY_ACTIVE, FAILED) hold before it believes it: a crashing
+    /// service is RUNNING for a moment.
+    #[arg(long, global = true, env = "OAK_ADDONS_SETTLE", default_value = "3s", value_parser = parse_duration, value_name = "DURATION")]
+    pub(crate) settle: Duration,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Publish, inspect and remove addons in the marketplace.
+    #[command(subcommand)]
+    Marketplace(MarketplaceCommand),
+    /// Install an approved addon.
+    Install {
+        /// Marketplace id of the addon.
+        marketplace_id: String,
+        /// Follow the installation until ACTIVE, PARTIALLY_ACTIVE or
+        /// FAILED; the exit code says which.
+        #[arg(long)]
+        wait: bool,
+        /// When a service replacing a core component fails for good, leave
+        /// the core component stopped instead of restoring it.
+        #[arg(long)]
+        keep_core_stopped_on_failure: bool,
+        /// Grant every privilege the addon needs, without asking.
+        #[arg(long)]
+        grant_all: bool,
+        /// Grant one privilege: `KIND=VALUE`, such as `host-path=/var/log`,
+        /// `host-path=/var/log:ro`, `host-port=8080/tcp`,
+        /// `core-component=scheduler`, or `privileged`. Repeatable.
+        #[arg(long = "grant", value_name = "KIND=VALUE")]
+        grants: Vec<String>,
+        /// Run the addon only on nodes with this label (`--node-label` of
+        /// their monitors). Repeatable: a node needs every one.
+        #[arg(long = "node-selector", value_name = "KEY=VALUE", value_parser = addons_descriptor::labels::parse_label)]
+        node_selector: Vec<(String, String)>,
+    },
+    /// Upgrade an installation to another approved version of its addon,
+    /// node by node; a node that fails sends every node back.
+    Upgrade {
+        /// Installation id.
+        id: String,
+        /// The addon version to move to.
+        version: String,
+        /// Follow the rollout node by node until it ends; exit code 0 when
+        /// the new version runs, 3 when it was rolled back.
+        #[arg(long)]
+        wait: bool,
+        /// Nodes upgraded at once.
+        #[arg(long, default_value_t = 1)]
+        max_parallel: u32,
+        /// How long each node must keep the new version healthy before the
+        /// next one starts (manager default: 10s).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        min_healthy_time: Option<Duration>,
+        /// Grant every new privilege the version needs, without asking.
+        #[arg(long)]
+        grant_all: bool,
+        /// Grant one privilege (as for install). Repeatable.
+        #[arg(long = "grant", value_name = "KIND=VALUE")]
+        grants: Vec<String>,
+    },
+    /// Return an installation to an earlier release of its history.
+    Rollback {
+        /// Installation id.
+        id: String,
+        /// The release to return to (see `history`); the one before the
+        /// current release when left out.
+        release: Option<u64>,
+        /// Follow the rollout until it ends.
+        #[arg(long)]
+        wait: bool,
+        /// Nodes rolled back at once.
+        #[arg(long, default_value_t = 1)]
+        max_parallel: u32,
+        /// How long each node must keep the release healthy.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        min_healthy_time: Option<Duration>,
+    },
+    /// Show an installation's releases: version, pinned images, who asked,
+    /// when and how each went.
+    History {
+        /// Installation id.
+        id: String,
+    },
+    /// Uninstall an installation.
+    Uninstall {
+        /// Installation id.
+        id: String,
+        /// Also delete the record and the addon's named volumes.
+        #[arg(long)]
+        purge: bool,
+        /// Follow it until every service is gone.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List installations.
+    List {
+        /// Only these statuses (active, partially-active, failed, ...).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        status: Vec<StatusArg>,
+        /// Only installations of this addon (its name or marketplace id).
+        #[arg(long, value_name = "NAME_OR_ID")]
+        addon: Option<String>,
+    },
+    /// Show an installation and its services.
+    Get {
+        /// Installation id.
+        id: String,
+    },
+    /// Print one line per change of installations (all when no id).
+    Watch {
+        /// Installation ids.
+        ids: Vec<String>,
+    },
+    /// Print a service's log lines, through the node's monitor.
+    Logs {
+        /// Installation id.
+        id: String,
+        /// Service name.
+        service: String,
+        /// Lines from the end.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// Show what a node's monitor runs: addon services and core
+    /// components (and which installation replaces each).
+    Node,
+    /// List the plane's nodes, as the manager knows them: labels, link,
+    /// when a disconnected one will be forgotten, services running.
+    Nodes,
+    /// Forget a node that is gone for good: its statuses leave every
+    /// installation and nothing waits for it (its monitor must be
+    /// stopped).
+    ForgetNode {
+        /// Node id.
+        node: String,
+    },
+    /// List a server's gRPC services and the health of each, as
+    /// `grpcurl -plaintext ADDR list` plus a health check would.
+    Probe {
+        /// gRPC URL of the server, such as http://127.0.0.1:11102.
+        url: String,
+    },
+    /// Manage the contexts of the config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Core components the monitor runs (its `--core-components` file).
+    #[command(subcommand)]
+    Core(CoreCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CoreCommand {
+    /// Turn Oakestra's compose services (`container_name: <plane>_<name>`)
+    /// into a `--core-components` file on stdout: image, command,
+    /// environment, published ports and networks; what is not carried
+    /// over is named on stderr. `${VAR}` is read from this environment,
+    /// as compose reads it.
+    FromCompose {
+        /// The compose file (`-` reads stdin).
+        file: PathBuf,
+        /// The plane whose services to take.
+        #[arg(long, value_parser = ["root", "cluster"], default_value = "cluster")]
+        plane: String,
+        /// Only this service (compose key, container name or core name).
+        /// Repeatable.
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+        /// The image of a service built locally (`build:`), as the node
+        /// pulls it. Repeatable.
+        #[arg(long = "image", value_name = "NAME=REFERENCE")]
+        images: Vec<String>,
+        /// Let plugins replace every component of the file (the node's
+        /// policy still decides; without it only a policy naming one does).
+        #[arg(long)]
+        replaceable: bool,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Make a context the current one.
+    UseContext {
+        /// Its name.
+        name: String,
+    },
+    /// Create or change a context; only the given fields change.
+    SetContext(Box<SetContext>),
+    /// List the contexts; `*` marks the current one.
+    GetContexts,
+}
+
+/// `config set-context`: the fields given change.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SetContext {
+    /// Its name.
+    pub(crate) name: String,
+    /// URL of the marketplace.
+    #[arg(long = "set-marketplace", value_name = "URL")]
+    pub(crate) marketplace: Option<String>,
+    /// URL of the manager.
+    #[arg(long = "set-manager", value_name = "URL")]
+    pub(crate) manager: Option<String>,
+    /// URL of a node's monitor.
+    #[arg(long = "set-monitor", value_name = "URL")]
+    pub(crate) monitor: Option<String>,
+    /// CA certificate file.
+    #[arg(long = "set-ca-cert", value_name = "FILE")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// Token file.
+    #[arg(long = "set-token-file", value_name = "FILE")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Token file for the marketplace only.
+    #[arg(long = "set-marketplace-token-file", value_name = "FILE")]
+    pub(crate) marketplace_token_file: Option<PathBuf>,
+    /// Token file for the manager only.
+    #[arg(long = "set-manager-token-file", value_name = "FILE")]
+    pub(crate) manager_token_file: Option<PathBuf>,
+    /// Token file for the monitor only.
+    #[arg(long = "set-monitor-token-file", value_name = "FILE")]
+    pub(crate) monitor_token_file: Option<PathBuf>,
+    /// Client certificate file.
+    #[arg(long = "set-client-cert", value_name = "FILE")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// Client key file.
+    #[arg(long = "set-client-key", value_name = "FILE")]
+    pub(crate) client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum MarketplaceCommand {
+    /// Publish an addon from an Oakestra descriptor file (JSON or YAML;
+    /// `-` reads stdin).
+    Publish {
+        /// The descriptor file.
+        file: PathBuf,
+        /// Follow verification to its end; FAILED_VERIFICATION exits 3.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List addons (approved ones unless --all).
+    List {
+        /// Every addon, whatever its status.
+        #[arg(long)]
+        all: bool,
+        /// Only addons with this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show an addon.
+    Get {
+        /// Addon id.
+        id: String,
+    },
+    /// Delete an addon.
+    Delete {
+        /// Addon id.
+        id: String,
+    },
+    /// Verify an addon again.
+    Reverify {
+        /// Addon id.
+        id: String,
+        /// Follow verification to its end; FAILED_VERIFICATION exits 3.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// Installation statuses for `list --status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StatusArg {
+    Installing,
+    Active,
+    PartiallyActive,
+    Failed,
+    Disabling,
+    Disabled,
+    Upgrading,
+    RolledBack,
+}
+
+impl From<StatusArg> for epb::InstallationStatus {
+    fn from(status: StatusArg) -> Self {
+        match status {
+            StatusArg::Installing => Self::Installing,
+            StatusArg::Active => Self::Active,
+            StatusArg::PartiallyActive => Self::PartiallyActive,
+            StatusArg::Failed => Self::Failed,
+            StatusArg::Disabling => Self::Disabling,
+            StatusArg::Disabled => Self::Disabled,
+            StatusArg::Upgrading => Self::Upgrading,
+            StatusArg::RolledBack => Self::RolledBack,
+        }
+    }
+}
+
+impl Cli {
+    /// Whether errors are printed as documents (`--output json|yaml`).
+    pub fn structured_errors(&self) -> bool {
+        matches!(self.output, Format::Json | Format::Yaml)
+    }
+}
+
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    oak_addons::parse_duration(text)
+}
