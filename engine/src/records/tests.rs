@@ -1,0 +1,155 @@
+use super::*;
+use crate::{
+    model::ServicePhase,
+    status::tests::{installation, status},
+};
+
+async fn store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let location = format!("embedded:{}/store.redb", dir.path().display())
+        .parse()
+        .unwrap();
+    let store = Store::open(&location, &addons_store::OpenOptions::new("test"))
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+fn on(node: &str, phase: ServicePhase) -> ServiceStatus {
+    ServiceStatus {
+        node_id: node.into(),
+        ..status("api", phase)
+    }
+}
+
+#[tokio::test]
+async fn a_write_stores_only_the_nodes_that_changed() {
+    let (store, _dir) = store().await;
+    let installations = Installations::open(&store).await.unwrap();
+    let inserted = installations.insert(installation(&["api"])).await.unwrap();
+    let id = inserted.value.id.clone();
+    let nodes: Collection<NodeStatus> = store.collection().await.unwrap();
+    let mut changes = nodes.watch();
+    // Two nodes report.
+    let both = installations
+        .modify(&id, |i| {
+            for node in ["n1", "n2"] {
+                i.report_sequences.insert(node.into(), 1);
+                crate::status::apply_report(i, node, vec![on(node, ServicePhase::Running)]);
+            }
+            Ok(true)
+        })
+        .await
+        .unwrap();
+    assert_eq!(both.value.services.len(), 2);
+    assert_eq!(both.value.status, crate::model::InstallationStatus::Active);
+    // A record read before that write is never shown with its
+    // statuses: it is read again.
+    let again = installations
+        .whole(inserted.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.revision, again.value.services.len()), (2, 2));
+    let stored = installations.records().require(&id).await.unwrap();
+    assert!(
+        stored.value.services.is_empty(),
+        "the record holds no statuses"
+    );
+    assert_eq!(stored.value.changed.len(), 2, "it says what changed");
+    assert_eq!(changes.recv().await.unwrap().record.value.node_id, "n1");
+    assert_eq!(changes.recv().await.unwrap().record.value.node_id, "n2");
+    // One node reports again: only its record is written.
+    let after = installations
+        .modify(&id, |i| {
+            i.report_sequences.insert("n2".into(), 2);
+            crate::status::apply_report(i, "n2", vec![on("n2", ServicePhase::Backoff)]);
+            Ok(true)
+        })
+        .await
+        .unwrap();
+    assert_eq!(after.revision, 3);
+    let next = changes.recv().await.unwrap().record;
+    assert_eq!((next.value.node_id.as_str(), next.revision), ("n2", 2));
+    assert!(changes.try_recv().is_err(), "n1 was not written again");
+    let stored = installations.records().require(&id).await.unwrap();
+    assert_eq!(stored.value.changed.len(), 1);
+    assert_eq!(stored.value.changed[0].node_id, "n2");
+    // A stale expected revision changes nothing.
+    let stale = installations
+        .modify_at(&id, Some(1), |_| Ok(true))
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, addons_store::Error::StaleRevision { .. }));
+    // Reopened, the statuses come back whole, with their sequences.
+    drop(installations);
+    let reopened = Installations::open(&store).await.unwrap();
+    let whole = reopened.require(&id).await.unwrap();
+    assert_eq!(whole.value.services, after.value.services);
+    assert_eq!(whole.value.report_sequences.get("n2"), Some(&2));
+    assert_eq!(
+        reopened.reported().len(),
+        2,
+        "presence is seeded from the records"
+    );
+    // Deleting the installation deletes its nodes' statuses.
+    assert!(reopened.delete(&id, &Precondition::none()).await.unwrap());
+    assert!(nodes.list_all(&Filter::default()).await.unwrap().is_empty());
+    assert!(reopened.reported().is_empty());
+}
+
+#[tokio::test]
+async fn statuses_kept_in_an_old_record_move_to_records_of_their_own() {
+    let (store, _dir) = store().await;
+    let records: Collection<Installation> = store.collection().await.unwrap();
+    let mut old = installation(&["api"]);
+    old.services = vec![on("n1", ServicePhase::Running)];
+    old.report_sequences.insert("n1".into(), 7);
+    let id = records.insert(old).await.unwrap().value.id;
+    let installations = Installations::open(&store).await.unwrap();
+    let stored = records.require(&id).await.unwrap();
+    assert!(stored.value.services.is_empty() && stored.value.report_sequences.is_empty());
+    let whole = installations.require(&id).await.unwrap();
+    assert_eq!(whole.value.services.len(), 1);
+    assert_eq!(whole.value.report_sequences.get("n1"), Some(&7));
+}
+
+#[tokio::test]
+async fn a_batch_fails_each_change_alone() {
+    let (store, _dir) = store().await;
+    let installations = Installations::open(&store).await.unwrap();
+    let a = installations.insert(installation(&["api"])).await.unwrap();
+    let changes: Vec<(String, Option<u64>, Change<'_>)> = vec![
+        (
+            a.value.id.clone(),
+            None,
+            Box::new(|_: &mut Installation| Ok(true)),
+        ),
+        (
+            "missing".into(),
+            None,
+            Box::new(|_: &mut Installation| Ok(true)),
+        ),
+        (
+            a.value.id.clone(),
+            Some(99),
+            Box::new(|_: &mut Installation| Ok(true)),
+        ),
+        (
+            a.value.id.clone(),
+            None,
+            Box::new(|_: &mut Installation| Ok(false)),
+        ),
+    ];
+    let results = installations.modify_many(changes).await;
+    assert_eq!(results[0].as_ref().unwrap().revision, 2);
+    assert!(matches!(
+        results[1],
+        Err(addons_store::Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        results[2],
+        Err(addons_store::Error::StaleRevision { .. })
+    ));
+    assert_eq!(results[3].as_ref().unwrap().revision, 2);
+}
