@@ -13,13 +13,16 @@
 //!
 //! Pulls run as tasks outside the pass ([`Pulls`]); statuses go to the
 //! [`ReportOutbox`], which never blocks. `services.rs` makes and starts
-//! addon containers, `swap.rs` runs core components and swaps them, and
-//! `status.rs` keeps what the monitor knows of each service.
+//! addon containers, `swap.rs` runs core components and swaps them,
+//! `status.rs` keeps what the monitor knows of each service, `trials.rs`
+//! judges release trials and `health.rs` runs health checks.
 
 mod actions;
+mod health;
 mod services;
 mod status;
 mod swap;
+mod trials;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -434,166 +437,6 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         self.report_all(desired);
         self.publish_view(&containers, desired);
         Ok([plan.wake_at, health_wake].into_iter().flatten().min())
-    }
-}
-
-impl<R: Runtime, N: Network> Reconciler<R, N> {
-    /// Reads the trials an earlier run of the monitor kept, once.
-    fn load_trials(&mut self) {
-        if std::mem::replace(&mut self.trials_loaded, true) {
-            return;
-        }
-        let Ok(entries) = std::fs::read_dir(self.state.trials()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            match StateDir::read_json::<Trial>(&path) {
-                Ok(Some(trial)) => {
-                    self.trials.insert(trial.installation.clone(), trial);
-                }
-                Ok(None) => {}
-                // Lost: the release is judged again from now on.
-                Err(err) => {
-                    tracing::warn!(error = %err, "unreadable release trial; starting it again")
-                }
-            }
-        }
-    }
-
-    /// Judges this node's trials from what it reported, keeps them under
-    /// the state dir, and returns when to judge again. A trial that failed
-    /// takes effect at the next pass, which runs the release before.
-    fn judge_trials(&mut self, desired: &pb::DesiredState) -> Option<Instant> {
-        let now_ms = crate::policy::unix_millis(std::time::SystemTime::now());
-        let mut wake: Option<Instant> = None;
-        let mut failed_now = false;
-        for installation in &desired.installations {
-            let Some(trial) = self.trials.get_mut(&installation.installation_id) else {
-                continue;
-            };
-            let Some(rollout) = &installation.rollout else {
-                continue;
-            };
-            let expected = installation.addon.as_ref().map_or(0, |a| a.services.len());
-            let services: Vec<&pb::ServiceStatus> = self
-                .tracked
-                .iter()
-                .filter(|(id, t)| {
-                    t.installation_id == installation.installation_id
-                        && self.current.contains(*id)
-                        && t.status.release == trial.release
-                })
-                .map(|(_, t)| &t.status)
-                .collect();
-            let min_healthy = rollout
-                .min_healthy_time
-                .and_then(|d| Duration::try_from(d).ok())
-                .unwrap_or_default();
-            let before = trial.clone();
-            if let Some(due) = trial.judge(&services, expected, min_healthy, now_ms) {
-                let at = Instant::now() + Duration::from_millis(due.saturating_sub(now_ms));
-                wake = Some(wake.map_or(at, |w| w.min(at)));
-            }
-            if *trial != before {
-                if let release::Outcome::Failed(reason) = &trial.outcome {
-                    tracing::warn!(installation = %trial.installation, release = trial.release, %reason, "release failed on this node; going back to the release before");
-                    failed_now = true;
-                }
-                if let Err(err) = self
-                    .state
-                    .trial(&trial.installation)
-                    .and_then(|path| StateDir::write_json(&path, trial))
-                {
-                    tracing::warn!(error = %err, "cannot save the release trial");
-                }
-            }
-        }
-        if failed_now {
-            // The release before runs from the next pass on, right away.
-            return Some(Instant::now());
-        }
-        wake
-    }
-}
-
-impl<R: Runtime, N: Network> Reconciler<R, N> {
-    /// Runs the health checks of the running services that declare one:
-    /// takes finished probes, starts due ones, shows the health in each
-    /// status, and stops the task of a service found unhealthy (its exit
-    /// then counts against the restart policy). Returns when the next
-    /// probe is due.
-    async fn check_health(
-        &mut self,
-        desired: &pb::DesiredState,
-    ) -> Result<Option<Instant>, MonitorError> {
-        let now = Instant::now();
-        self.health.collect(now);
-        let mut wake: Option<Instant> = None;
-        let mut checked = BTreeSet::new();
-        let wanted: Vec<(String, String, addons_descriptor::HealthCheck)> = desired
-            .installations
-            .iter()
-            .filter(|i| i.presence() == DesiredPresence::Running)
-            .flat_map(|i| {
-                i.addon
-                    .iter()
-                    .flat_map(|a| &a.services)
-                    .filter_map(move |s| {
-                        let check = addons_descriptor::Service::from(s.clone()).health_check?;
-                        Some((i.installation_id.clone(), s.service_name.clone(), check))
-                    })
-            })
-            .collect();
-        for (installation, service, check) in wanted {
-            let Some((id, tracked)) = self.tracked.iter().find(|(id, t)| {
-                t.installation_id == installation
-                    && t.status.service_name == service
-                    && self.current.contains(*id)
-            }) else {
-                continue;
-            };
-            if tracked.status.phase() != pb::ServicePhase::Running {
-                continue;
-            }
-            let id = id.clone();
-            let crate::runtime::TaskState::Running(pid) = self.runtime.task_state(&id).await?
-            else {
-                continue;
-            };
-            self.health.track(&id, pid, &check, now);
-            checked.insert(id.clone());
-            if let Some(next) = self.health.probe_if_due(&id, now, &self.runtime) {
-                wake = Some(wake.map_or(next, |w| w.min(next)));
-            }
-            let Some(state) = self.health.get(&id) else {
-                continue;
-            };
-            let (health, error) = (state.health, state.last_error.clone());
-            let Some(tracked) = self.tracked.get_mut(&id) else {
-                continue;
-            };
-            tracked.status.health = match health {
-                Health::Starting => pb::ServiceHealth::Starting,
-                Health::Healthy => pb::ServiceHealth::Healthy,
-                Health::Unhealthy => pb::ServiceHealth::Unhealthy,
-            }
-            .into();
-            if health == Health::Unhealthy && !self.unhealthy_stops.contains_key(&id) {
-                let reason = format!("unhealthy: {error}");
-                tracked.set(pb::ServicePhase::Running, reason.clone());
-                tracing::warn!(container = %id, %reason, "stopping an unhealthy service");
-                self.unhealthy_stops.insert(id.clone(), reason);
-                self.runtime.stop_task(&id, self.options.stop_grace).await?;
-            }
-        }
-        self.health.retain(|id| checked.contains(id));
-        self.unhealthy_stops
-            .retain(|id, _| self.tracked.contains_key(id));
-        Ok(wake)
     }
 }
 

@@ -1,15 +1,11 @@
 //! The commands of `oak-addons`.
 
-mod compose;
-
-mod config;
-
-mod consent;
-
-pub(crate) mod output;
-
 mod args;
+mod compose;
+mod config;
+mod consent;
 mod failure;
+pub(crate) mod output;
 mod progress;
 mod servers;
 
