@@ -150,7 +150,11 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn sha256(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
+    let hex: String = Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
 }
 
 /// The shared libraries `ldd` says `path` loads, the loader included.
