@@ -2,7 +2,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+#[cfg(feature = "store")]
 use addons_store::{Location, OpenOptions, Store};
+#[cfg(feature = "store")]
 use anyhow::Context as _;
 
 /// Flags shared by the marketplace, the manager and the monitor. Every flag
@@ -122,6 +124,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
 }
 
+#[cfg(feature = "store")]
 /// Opens the store named by `--store`, or the embedded default, failing with
 /// one line that says which store could not be opened and why.
 pub async fn open_store(

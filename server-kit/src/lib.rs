@@ -12,25 +12,32 @@ pub use crate::limits::ConnectionLimits;
 mod client;
 mod errors;
 mod registry_auth;
+#[cfg(feature = "store")]
 mod requests;
 pub mod rest;
 mod server;
 mod shutdown;
+#[cfg(feature = "store")]
 mod status;
 mod telemetry;
 mod tls;
+#[cfg(feature = "store")]
 mod watch;
 
+#[cfg(feature = "store")]
 pub use crate::{
-    args::{CommonArgs, LogFormat, open_store, parse_config, parse_duration},
+    args::open_store,
+    requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
+    status::store_error_to_status,
+    watch::{WatchStream, watch_stream},
+};
+pub use crate::{
+    args::{CommonArgs, LogFormat, parse_config, parse_duration},
     auth::{AuthArgs, Identity, MethodAccess, Role, Security, audit},
     client::{Authorize, ClientCredentials, is_loopback_url},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
     registry_auth::read_registry_credentials,
-    requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
     server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with},
     shutdown::Shutdown,
-    status::store_error_to_status,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
-    watch::{WatchStream, watch_stream},
 };
