@@ -115,6 +115,7 @@ fn filler_layer(size: usize, seed: u64) -> (Vec<u8>, String) {
 
 /// A registry client for test registries (plain HTTP).
 pub fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
         platform_resolver: None,

@@ -207,6 +207,8 @@ fn api_host(registry: &str) -> &str {
 impl Registry {
     /// A client with `options`.
     pub fn new(options: RegistryOptions) -> Result<Self, String> {
+        // ring, as everything else here; a provider installed already wins.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let policy = Arc::new(options.policy);
         let redirects = policy.clone();
         let mut builder = reqwest::Client::builder()

@@ -450,6 +450,7 @@ async fn build_and_push(
 
 async fn run() -> anyhow::Result<()> {
     let args = parse_args()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::new(ClientConfig {
         protocol: if args.plain_http {
             ClientProtocol::Http

@@ -236,6 +236,7 @@ impl FetchedKey {
             }
             other => anyhow::bail!("`{url}`: the scheme {other} is not http or https"),
         }
+        crate::install_crypto();
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(5))
