@@ -24,6 +24,8 @@ use anyhow::Context as _;
 pub(crate) use self::guard::Authenticator;
 pub use self::guard::{AuthLayer, MethodAccess};
 use self::jwt::JwtVerifier;
+pub use crate::tls::TlsFiles;
+use crate::tls::ClientCertificates;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -257,22 +259,11 @@ pub struct AuthArgs {
     pub insecure: bool,
 }
 
-/// TLS material of a server.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// Certificate chain (PEM).
-    pub cert: Vec<u8>,
-    /// Private key (PEM).
-    pub key: Vec<u8>,
-    /// CA of client certificates (PEM), when they are required.
-    pub client_ca: Option<Vec<u8>>,
-}
-
 /// A server's security, loaded from its flags.
 #[derive(Debug, Clone, Default)]
 pub struct Security {
     pub(crate) tls: Option<TlsFiles>,
-    pub(crate) client_certificates: Option<crate::tls::ClientCertificates>,
+    pub(crate) client_certificates: Option<ClientCertificates>,
     pub(crate) jwt: Option<JwtVerifier>,
     pub(crate) identity_roles: BTreeMap<String, BTreeSet<Role>>,
     pub(crate) trusted_header: Option<http::HeaderName>,
@@ -301,7 +292,7 @@ impl Security {
         let client_certificates = tls
             .as_ref()
             .and_then(|tls| tls.client_ca.as_deref())
-            .map(crate::tls::ClientCertificates::from_pem)
+            .map(ClientCertificates::from_pem)
             .transpose()
             .context("in --tls-client-ca")?;
         let secret = args

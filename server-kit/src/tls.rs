@@ -25,9 +25,19 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected as _;
 
-use crate::auth::TlsFiles;
-
 use crate::limits::HANDSHAKE_TIMEOUT;
+
+/// TLS material of a server.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: Vec<u8>,
+    /// Private key (PEM).
+    pub key: Vec<u8>,
+    /// CA of client certificates (PEM), when they are required.
+    pub client_ca: Option<Vec<u8>>,
+}
+
 
 /// The CA that client certificates must chain to.
 #[derive(Clone)]
