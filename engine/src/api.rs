@@ -3,8 +3,8 @@
 
 use addons_descriptor::FieldViolation;
 use addons_server_kit::{
-    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown,
-    WatchStream, audit, watch_stream,
+    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Mutation, Requests, Role,
+    Shutdown, WatchStream, audit, watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::engine::v1::{
@@ -177,17 +177,17 @@ impl AddonsManagerService for ManagerApi {
         &self,
         request: Request<pb::InstallAddonRequest>,
     ) -> Result<Response<pb::InstallAddonResponse>, Status> {
-        let identity = Identity::of(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once(
+        self.requests
+            .serve(
                 "InstallAddon",
-                &identity.subject,
-                &request_id,
-                &request,
-                || async {
+                request,
+                |r| &mut r.request_id,
+                |r| r.marketplace_id.as_str(),
+                async |Mutation {
+                           identity,
+                           request_id,
+                           request,
+                       }| {
                     let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
                     let installation = self
                         .core
@@ -201,7 +201,7 @@ impl AddonsManagerService for ManagerApi {
                                 .map(Into::into)
                                 .collect(),
                             request.node_selector.clone().into_iter().collect(),
-                            Some(request_id.as_str()).filter(|id| !id.is_empty()),
+                            Some(request_id).filter(|id| !id.is_empty()),
                             &identity.subject,
                         )
                         .await?;
@@ -211,64 +211,60 @@ impl AddonsManagerService for ManagerApi {
                     })
                 },
             )
-            .await;
-        audit(&identity, "InstallAddon", &request.marketplace_id, &outcome);
-        outcome.map(Response::new)
+            .await
     }
 
     async fn upgrade_installation(
         &self,
         request: Request<pb::UpgradeInstallationRequest>,
     ) -> Result<Response<pb::UpgradeInstallationResponse>, Status> {
-        let identity = Identity::of(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once("UpgradeInstallation", &identity.subject, &request_id, &request, || async {
-                let id = required("id", &request.id)?;
-                let version = required("version", &request.version)?;
-                let options = rollout_options(
-                    request.max_parallel,
-                    request.min_healthy_time,
-                    request.progress_deadline,
-                )?;
-                let installation = self
-                    .core
-                    .upgrade(
-                        id,
-                        version,
-                        accepted(&request.accepted_privileges),
-                        options,
-                        request.expected_revision,
-                        &identity.subject,
-                    )
-                    .await?;
-                tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
-                Ok(pb::UpgradeInstallationResponse {
-                    installation: Some(convert::installation_to_proto(installation)),
-                })
-            })
-            .await;
-        audit(&identity, "UpgradeInstallation", &request.id, &outcome);
-        outcome.map(Response::new)
+        self.requests
+            .serve(
+                "UpgradeInstallation",
+                request,
+                |r| &mut r.request_id,
+                |r| r.id.as_str(),
+                async |Mutation { identity, request, .. }| {
+                    let id = required("id", &request.id)?;
+                    let version = required("version", &request.version)?;
+                    let options = rollout_options(
+                        request.max_parallel,
+                        request.min_healthy_time,
+                        request.progress_deadline,
+                    )?;
+                    let installation = self
+                        .core
+                        .upgrade(
+                            id,
+                            version,
+                            accepted(&request.accepted_privileges),
+                            options,
+                            request.expected_revision,
+                            &identity.subject,
+                        )
+                        .await?;
+                    tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
+                    Ok(pb::UpgradeInstallationResponse {
+                        installation: Some(convert::installation_to_proto(installation)),
+                    })
+                },
+            )
+            .await
     }
 
     async fn rollback_installation(
         &self,
         request: Request<pb::RollbackInstallationRequest>,
     ) -> Result<Response<pb::RollbackInstallationResponse>, Status> {
-        let identity = Identity::of(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once(
+        self.requests
+            .serve(
                 "RollbackInstallation",
-                &identity.subject,
-                &request_id,
-                &request,
-                || async {
+                request,
+                |r| &mut r.request_id,
+                |r| r.id.as_str(),
+                async |Mutation {
+                           identity, request, ..
+                       }| {
                     let id = required("id", &request.id)?;
                     let options = rollout_options(
                         request.max_parallel,
@@ -292,26 +288,20 @@ impl AddonsManagerService for ManagerApi {
                     })
                 },
             )
-            .await;
-        audit(&identity, "RollbackInstallation", &request.id, &outcome);
-        outcome.map(Response::new)
+            .await
     }
 
     async fn uninstall_addon(
         &self,
         request: Request<pb::UninstallAddonRequest>,
     ) -> Result<Response<pb::UninstallAddonResponse>, Status> {
-        let identity = Identity::of(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once(
+        self.requests
+            .serve(
                 "UninstallAddon",
-                &identity.subject,
-                &request_id,
-                &request,
-                || async {
+                request,
+                |r| &mut r.request_id,
+                |r| r.id.as_str(),
+                async |Mutation { request, .. }| {
                     let id = required("id", &request.id)?;
                     let installation = self
                         .core
@@ -322,9 +312,7 @@ impl AddonsManagerService for ManagerApi {
                     })
                 },
             )
-            .await;
-        audit(&identity, "UninstallAddon", &request.id, &outcome);
-        outcome.map(Response::new)
+            .await
     }
 
     async fn get_installation(

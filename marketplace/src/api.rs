@@ -3,8 +3,8 @@
 
 use addons_descriptor::{Descriptor, FieldViolation};
 use addons_server_kit::{
-    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Requests, Role, Shutdown,
-    WatchStream, audit, watch_stream,
+    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Mutation, Requests, Role,
+    Shutdown, WatchStream, watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::marketplace::v1::{
@@ -51,10 +51,6 @@ pub const PERMISSIONS: &[MethodAccess] = &[
 
 /// Who calls: a reviewer (or admin, or anyone on a marketplace without
 /// authentication) may change any addon, a publisher only its own.
-fn caller<T>(request: &Request<T>) -> crate::service::Caller {
-    caller_of(&Identity::of(request))
-}
-
 fn caller_of(identity: &Identity) -> crate::service::Caller {
     crate::service::Caller {
         any: identity.has(Role::Reviewer),
@@ -120,49 +116,44 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::PublishAddonRequest>,
     ) -> Result<Response<pb::PublishAddonResponse>, Status> {
-        let identity = Identity::of(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once("PublishAddon", &identity.subject, &request_id, &request, || async {
-                let addon = request
-                    .addon
-                    .clone()
-                    .ok_or_else(|| Error::required("addon"))?;
-                if addon.encoded_len() > addons_descriptor::MAX_ENCODED_ADDON {
-                    return Err(Error::Invalid(vec![FieldViolation::new(
-                        "addon",
-                        format!(
-                            "encodes to {} bytes, at most {} are accepted",
-                            addon.encoded_len(),
-                            addons_descriptor::MAX_ENCODED_ADDON
-                        ),
-                    )])
-                    .into());
-                }
-                let descriptor = Descriptor::from_proto(addon);
-                let stored = self
-                    .core
-                    .publish(descriptor, &caller_of(&identity))
-                    .await
-                    .map_err(|err| match err {
-                    Error::Invalid(violations) => in_addon(violations),
-                    other => other,
-                })?;
-                tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
-                Ok(pb::PublishAddonResponse {
-                    addon: Some(convert::addon_to_proto(stored)),
-                })
-            })
-            .await;
-        audit(
-            &identity,
-            "PublishAddon",
-            request.addon.as_ref().map_or("", |a| a.name.as_str()),
-            &outcome,
-        );
-        outcome.map(Response::new)
+        self.requests
+            .serve(
+                "PublishAddon",
+                request,
+                |r| &mut r.request_id,
+                |r| r.addon.as_ref().map_or("", |a| a.name.as_str()),
+                async |Mutation { identity, request, .. }| {
+                    let addon = request
+                        .addon
+                        .clone()
+                        .ok_or_else(|| Error::required("addon"))?;
+                    if addon.encoded_len() > addons_descriptor::MAX_ENCODED_ADDON {
+                        return Err(Error::Invalid(vec![FieldViolation::new(
+                            "addon",
+                            format!(
+                                "encodes to {} bytes, at most {} are accepted",
+                                addon.encoded_len(),
+                                addons_descriptor::MAX_ENCODED_ADDON
+                            ),
+                        )])
+                        .into());
+                    }
+                    let descriptor = Descriptor::from_proto(addon);
+                    let stored = self
+                        .core
+                        .publish(descriptor, &caller_of(identity))
+                        .await
+                        .map_err(|err| match err {
+                        Error::Invalid(violations) => in_addon(violations),
+                        other => other,
+                    })?;
+                    tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
+                    Ok(pb::PublishAddonResponse {
+                        addon: Some(convert::addon_to_proto(stored)),
+                    })
+                },
+            )
+            .await
     }
 
     async fn get_addon(
@@ -205,18 +196,16 @@ impl MarketplaceService for MarketplaceApi {
         &self,
         request: Request<pb::DeleteAddonRequest>,
     ) -> Result<Response<pb::DeleteAddonResponse>, Status> {
-        let identity = Identity::of(&request);
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once(
+        self.requests
+            .serve(
                 "DeleteAddon",
-                &identity.subject,
-                &request_id,
-                &request,
-                || async {
+                request,
+                |r| &mut r.request_id,
+                |r| r.id.as_str(),
+                async |Mutation {
+                           identity, request, ..
+                       }| {
+                    let caller = caller_of(identity);
                     let id = required_id(&request.id)?;
                     self.core
                         .delete(id, request.expected_revision, &caller)
@@ -225,27 +214,23 @@ impl MarketplaceService for MarketplaceApi {
                     Ok(pb::DeleteAddonResponse {})
                 },
             )
-            .await;
-        audit(&identity, "DeleteAddon", &request.id, &outcome);
-        outcome.map(Response::new)
+            .await
     }
 
     async fn reverify_addon(
         &self,
         request: Request<pb::ReverifyAddonRequest>,
     ) -> Result<Response<pb::ReverifyAddonResponse>, Status> {
-        let identity = Identity::of(&request);
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let request_id = std::mem::take(&mut request.request_id);
-        let outcome = self
-            .requests
-            .once(
+        self.requests
+            .serve(
                 "ReverifyAddon",
-                &identity.subject,
-                &request_id,
-                &request,
-                || async {
+                request,
+                |r| &mut r.request_id,
+                |r| r.id.as_str(),
+                async |Mutation {
+                           identity, request, ..
+                       }| {
+                    let caller = caller_of(identity);
                     let addon = self
                         .core
                         .reverify(
@@ -259,9 +244,7 @@ impl MarketplaceService for MarketplaceApi {
                     })
                 },
             )
-            .await;
-        audit(&identity, "ReverifyAddon", &request.id, &outcome);
-        outcome.map(Response::new)
+            .await
     }
 
     type WatchAddonStream = WatchStream<pb::WatchAddonResponse>;

@@ -24,8 +24,8 @@ use anyhow::Context as _;
 pub(crate) use self::guard::Authenticator;
 pub use self::guard::{AuthLayer, MethodAccess};
 use self::jwt::JwtVerifier;
-pub use crate::tls::TlsFiles;
 use crate::tls::ClientCertificates;
+pub use crate::tls::TlsFiles;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -27,7 +27,7 @@ mod watch;
 #[cfg(feature = "store")]
 pub use crate::{
     args::open_store,
-    requests::{MAX_REQUEST_ID, REMEMBERED_FOR, Requests, check_request_id},
+    requests::{MAX_REQUEST_ID, Mutation, REMEMBERED_FOR, Requests, check_request_id},
     status::store_error_to_status,
     watch::{WatchStream, watch_stream},
 };

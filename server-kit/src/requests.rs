@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tonic::{Code, Status};
 
-use crate::ApiError;
+use crate::{ApiError, Identity, audit};
 
 /// How long a response is remembered.
 pub const REMEMBERED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
@@ -91,6 +91,25 @@ pub fn check_request_id(request_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// A mutating call as its handler's use case sees it.
+#[derive(Debug)]
+pub struct Mutation<'a, Req> {
+    /// Who called.
+    pub identity: &'a Identity,
+    /// Its `request_id`, empty when it has none.
+    pub request_id: &'a str,
+    /// The request, its `request_id` cleared.
+    pub request: &'a Req,
+}
+
+impl<Req> Clone for Mutation<'_, Req> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Req> Copy for Mutation<'_, Req> {}
+
 impl Requests {
     /// The remembered calls kept in `store`.
     pub async fn open(store: &Store) -> Result<Self, addons_store::Error> {
@@ -108,6 +127,38 @@ impl Requests {
     /// Only successful responses are remembered. A `request_id` is the
     /// `caller`'s own: another caller's call with the same id is another
     /// request, never answered with the first caller's response.
+    /// Serves a mutating call: takes its caller's identity and its
+    /// `request_id` (cleared in the request, which `request_id` points at),
+    /// runs `call` at most once per caller and id ([`Requests::once`]), and
+    /// writes the audit record of `method` on the resource `resource` names.
+    /// Every mutating handler is this and its call into its use case.
+    pub async fn serve<Req, Resp>(
+        &self,
+        method: &'static str,
+        request: tonic::Request<Req>,
+        request_id: fn(&mut Req) -> &mut String,
+        resource: fn(&Req) -> &str,
+        call: impl AsyncFnOnce(Mutation<'_, Req>) -> Result<Resp, Status>,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: Message,
+        Resp: Message + Default,
+    {
+        let identity = Identity::of(&request);
+        let mut request = request.into_inner();
+        let id = std::mem::take(request_id(&mut request));
+        let mutation = Mutation {
+            identity: &identity,
+            request_id: &id,
+            request: &request,
+        };
+        let outcome = self
+            .once(method, &identity.subject, &id, &request, || call(mutation))
+            .await;
+        audit(&identity, method, resource(&request), &outcome);
+        outcome.map(tonic::Response::new)
+    }
+
     pub async fn once<Req, Resp, Fut>(
         &self,
         method: &str,

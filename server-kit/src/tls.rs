@@ -38,7 +38,6 @@ pub struct TlsFiles {
     pub client_ca: Option<Vec<u8>>,
 }
 
-
 /// The CA that client certificates must chain to.
 #[derive(Clone)]
 pub(crate) struct ClientCertificates {
