@@ -13,6 +13,43 @@
 
 use std::time::Duration;
 
+/// The constructors every typed client has: `connect`, `new` and
+/// `with_bearer`, over the generated stub `$stub`.
+macro_rules! client_constructors {
+    ($client:ident, $stub:ident, $what:literal) => {
+        impl $client {
+            #[doc = concat!("A client of ", $what, " at `url`.")]
+            pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
+                let bearer = crate::Bearer::new(&options.credentials)?;
+                Ok(Self::with_bearer(
+                    crate::channel_with(url, options)?,
+                    bearer,
+                    options,
+                ))
+            }
+
+            /// A client on an existing channel (a token in `options` that is
+            /// not header text is left out).
+            pub fn new(channel: Channel, options: &ClientOptions) -> Self {
+                let bearer = crate::Bearer::new(&options.credentials).unwrap_or_default();
+                Self::with_bearer(channel, bearer, options)
+            }
+
+            fn with_bearer(
+                channel: Channel,
+                bearer: crate::Bearer,
+                options: &ClientOptions,
+            ) -> Self {
+                Self {
+                    inner: $stub::with_interceptor(channel, bearer),
+                    retry: options.retry,
+                    timeout: options.timeout,
+                }
+            }
+        }
+    };
+}
+
 mod error;
 pub mod json;
 mod manager;

@@ -69,32 +69,13 @@ pub struct InstallationEvent {
     pub deleted: bool,
 }
 
+client_constructors!(
+    ManagerClient,
+    AddonsManagerServiceClient,
+    "the Addons Manager"
+);
+
 impl ManagerClient {
-    /// A client of the manager at `url`.
-    pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-        let bearer = crate::Bearer::new(&options.credentials)?;
-        Ok(Self::with_bearer(
-            crate::channel_with(url, options)?,
-            bearer,
-            options,
-        ))
-    }
-
-    /// A client on an existing channel (a token in `options` that is not
-    /// header text is left out).
-    pub fn new(channel: Channel, options: &ClientOptions) -> Self {
-        let bearer = crate::Bearer::new(&options.credentials).unwrap_or_default();
-        Self::with_bearer(channel, bearer, options)
-    }
-
-    fn with_bearer(channel: Channel, bearer: crate::Bearer, options: &ClientOptions) -> Self {
-        Self {
-            inner: AddonsManagerServiceClient::with_interceptor(channel, bearer),
-            retry: options.retry,
-            timeout: options.timeout,
-        }
-    }
-
     /// Installs an approved addon. Retried on `UNAVAILABLE` with one
     /// `request_id`, so the manager installs it once however often the
     /// request arrives.

@@ -46,32 +46,13 @@ impl AddonFilter {
     }
 }
 
+client_constructors!(
+    MarketplaceClient,
+    MarketplaceServiceClient,
+    "the marketplace"
+);
+
 impl MarketplaceClient {
-    /// A client of the marketplace at `url`.
-    pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-        let bearer = crate::Bearer::new(&options.credentials)?;
-        Ok(Self::with_bearer(
-            crate::channel_with(url, options)?,
-            bearer,
-            options,
-        ))
-    }
-
-    /// A client on an existing channel (a token in `options` that is not
-    /// header text is left out).
-    pub fn new(channel: Channel, options: &ClientOptions) -> Self {
-        let bearer = crate::Bearer::new(&options.credentials).unwrap_or_default();
-        Self::with_bearer(channel, bearer, options)
-    }
-
-    fn with_bearer(channel: Channel, bearer: crate::Bearer, options: &ClientOptions) -> Self {
-        Self {
-            inner: MarketplaceServiceClient::with_interceptor(channel, bearer),
-            retry: options.retry,
-            timeout: options.timeout,
-        }
-    }
-
     /// Publishes an addon; it starts under review. Retried on
     /// `UNAVAILABLE` with one `request_id`, so it is published once.
     pub async fn publish(&self, addon: pb::Addon) -> Result<pb::Addon, ClientError> {
