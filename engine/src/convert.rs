@@ -191,10 +191,7 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
 
 /// The plane's name in logs, messages and ids.
 pub(crate) fn plane_name(plane: Plane) -> &'static str {
-    match plane {
-        Plane::Root => "root",
-        Plane::Cluster => "cluster",
-    }
+    pb::Plane::from(plane).as_str()
 }
 
 /// A reported service status; the error names the field that is wrong.

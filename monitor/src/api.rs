@@ -149,10 +149,7 @@ impl NodeMonitorService for NodeMonitorApi {
             });
         }
         services.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-        let plane = match self.plane {
-            Plane::Cluster => "cluster",
-            _ => "root",
-        };
+        let plane = self.plane.as_str();
         let mut core_components = Vec::new();
         for (name, container) in crate::cores::discover(&all, plane) {
             let running = matches!(

@@ -151,10 +151,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(reconcile::run(
         containerd.clone(),
         ReconcileOptions {
-            plane: match plane {
-                Plane::Cluster => "cluster".to_owned(),
-                _ => "root".to_owned(),
-            },
+            plane: plane.as_str().to_owned(),
             state_dir: config.state_dir.clone(),
             registry: RegistryAccess {
                 insecure: config.insecure_registries.clone(),

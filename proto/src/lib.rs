@@ -28,6 +28,18 @@ pub mod engine {
     }
 }
 
+impl engine::v1::Plane {
+    /// The plane's name as Oakestra writes it, in container names
+    /// (`<plane>_<name>`), logs and messages: `root` or `cluster`. A plane
+    /// left unspecified is the root plane.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cluster => "cluster",
+            Self::Root | Self::Unspecified => "root",
+        }
+    }
+}
+
 /// `oakestra.addons.monitor.v1`: the node-local API of an Addons Monitor.
 pub mod monitor {
     /// Version 1 of the monitor contract.

@@ -195,7 +195,7 @@ impl JwtVerifier {
 const KEY_REFRESH: Duration = Duration::from_secs(300);
 /// How often a key that was never fetched is tried again.
 const KEY_RETRY: Duration = Duration::from_secs(5);
-/// Fewest time between two fetches a failed token may cause.
+/// Shortest time between two fetches that failed tokens may cause.
 const KEY_COOLDOWN: Duration = Duration::from_secs(10);
 /// Largest key document read.
 const MAX_KEY_DOCUMENT: usize = 64 * 1024;
