@@ -18,10 +18,10 @@ pub mod logwriter;
 pub mod network;
 pub mod outbox;
 pub mod plan;
-pub mod policy;
 pub mod pulls;
 pub mod reconcile;
 pub mod release;
+pub mod restarts;
 pub mod runtime;
 pub mod state_dir;
 

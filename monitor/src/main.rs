@@ -7,8 +7,8 @@ use addons_monitor::{
     link::{self, LinkSettings},
     network::NetworkOptions,
     outbox::ReportOutbox,
-    policy::RestartPolicy,
     reconcile::{self, NodeView, ReconcileOptions},
+    restarts::RestartPolicy,
     runtime::RegistryAccess,
 };
 use addons_server_kit::{Server, Shutdown, bind, init_telemetry, main_with, parse_config};

@@ -48,9 +48,9 @@ use crate::{
     network::{Network, NetworkOptions, Networks},
     outbox::ReportOutbox,
     plan::{self, Action, Container, Role},
-    policy::RestartPolicy,
     pulls::Pulls,
     release::{self, Trial},
+    restarts::RestartPolicy,
     runtime::{ContainerInfo, RegistryAccess, Runtime},
     state_dir::StateDir,
 };

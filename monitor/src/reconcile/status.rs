@@ -16,7 +16,7 @@ use crate::{
     error::MonitorError,
     network::Network,
     plan::{self, Container, Phase, ServiceMemory},
-    policy::{FailureHistory, RestartPolicy, Verdict, unix_millis},
+    restarts::{FailureHistory, RestartPolicy, Verdict, unix_millis},
     runtime::Runtime,
     state_dir::StateDir,
 };

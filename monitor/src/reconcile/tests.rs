@@ -21,7 +21,7 @@ use crate::{
     },
     network::{Network, NetworkError, NetworkOptions, PortMapping},
     outbox::ReportOutbox,
-    policy::RestartPolicy,
+    restarts::RestartPolicy,
     runtime::{
         ContainerInfo, ImageConfig, PulledImage, RegistryAccess, Runtime, RuntimeError, TaskState,
     },

@@ -33,7 +33,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// the state dir, and returns when to judge again. A trial that failed
     /// takes effect at the next pass, which runs the release before.
     pub(super) fn judge_trials(&mut self, desired: &pb::DesiredState) -> Option<Instant> {
-        let now_ms = crate::policy::unix_millis(std::time::SystemTime::now());
+        let now_ms = crate::restarts::unix_millis(std::time::SystemTime::now());
         let mut wake: Option<Instant> = None;
         let mut failed_now = false;
         for installation in &desired.installations {
