@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Error, Manager, convert, link::LinkHub};
+use crate::{Error, Manager, convert, link::LinkHub, service::Install};
 
 /// How many changes a watcher may have in flight before it is dropped.
 const WATCH_BUFFER: usize = 256;
@@ -191,19 +191,14 @@ impl AddonsManagerService for ManagerApi {
                     let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
                     let installation = self
                         .core
-                        .install(
+                        .install(Install {
                             marketplace_id,
-                            request.keep_core_stopped_on_failure,
-                            request
-                                .accepted_privileges
-                                .iter()
-                                .cloned()
-                                .map(Into::into)
-                                .collect(),
-                            request.node_selector.clone().into_iter().collect(),
-                            Some(request_id).filter(|id| !id.is_empty()),
-                            &identity.subject,
-                        )
+                            keep_core_stopped_on_failure: request.keep_core_stopped_on_failure,
+                            accepted: accepted(&request.accepted_privileges),
+                            node_selector: request.node_selector.clone().into_iter().collect(),
+                            request_id: Some(request_id).filter(|id| !id.is_empty()),
+                            requested_by: &identity.subject,
+                        })
                         .await?;
                     tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
                     Ok(pb::InstallAddonResponse {

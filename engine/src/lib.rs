@@ -17,4 +17,8 @@ pub mod rollout;
 mod service;
 mod status;
 
-pub use crate::{error::Error, records::Installations, service::Manager};
+pub use crate::{
+    error::Error,
+    records::Installations,
+    service::{AddonSource, Install, Manager},
+};

@@ -34,6 +34,7 @@ mod marketplace;
 mod upgrades;
 
 use self::admission::check_accepted;
+pub use self::marketplace::AddonSource;
 
 /// Listing page size when the request names none.
 const DEFAULT_PAGE_SIZE: usize = 50;
@@ -44,11 +45,29 @@ const MAX_PAGE_SIZE: usize = 500;
 type MarketplaceClient =
     MarketplaceServiceClient<InterceptedService<Channel, addons_server_kit::Authorize>>;
 
+/// An install, as [`Manager::install`] takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Install<'a> {
+    /// The approved addon.
+    pub marketplace_id: &'a str,
+    /// Keep a replaced core component stopped when its replacement fails.
+    pub keep_core_stopped_on_failure: bool,
+    /// Privileges the caller accepts.
+    pub accepted: Vec<Privilege>,
+    /// Labels a node needs to run it.
+    pub node_selector: BTreeMap<String, String>,
+    /// The install's own `request_id`, if it has one: a live installation
+    /// of the addon made by the same request is returned as it is.
+    pub request_id: Option<&'a str>,
+    /// Who asked.
+    pub requested_by: &'a str,
+}
+
 /// The manager over its store and the marketplace. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Manager {
     installations: Installations,
-    marketplace: MarketplaceClient,
+    marketplace: std::sync::Arc<dyn AddonSource>,
     plane: Plane,
     /// Held from the service-name check to the insert, so two installs
     /// claiming the same names (and so the same containers and core
@@ -81,14 +100,31 @@ impl Manager {
             .connect_lazy();
         let marketplace =
             MarketplaceServiceClient::with_interceptor(channel, credentials.authorize()?);
-        Ok(Self {
+        Ok(Self::with_source(
             installations,
-            marketplace,
+            std::sync::Arc::new(marketplace::GrpcMarketplace(marketplace)),
+            plane,
+            policy,
+            reserved_ports,
+        ))
+    }
+
+    /// The manager of `plane`, installing addons from `source`.
+    pub fn with_source(
+        installations: Installations,
+        source: std::sync::Arc<dyn AddonSource>,
+        plane: Plane,
+        policy: Policy,
+        reserved_ports: Vec<u16>,
+    ) -> Self {
+        Self {
+            installations,
+            marketplace: source,
             plane,
             claims: Default::default(),
             policy: std::sync::Arc::new(policy),
             reserved_ports,
-        })
+        }
     }
 
     /// Installs an approved addon: snapshots its descriptor, images pinned.
@@ -98,15 +134,15 @@ impl Manager {
     /// The `accepted` privileges must cover everything the addon needs, and
     /// the manager's policy must allow it; both are checked before anything
     /// is written.
-    pub async fn install(
-        &self,
-        marketplace_id: &str,
-        keep_core_stopped_on_failure: bool,
-        accepted: Vec<Privilege>,
-        node_selector: BTreeMap<String, String>,
-        request_id: Option<&str>,
-        requested_by: &str,
-    ) -> Result<Versioned<Installation>, Error> {
+    pub async fn install(&self, install: Install<'_>) -> Result<Versioned<Installation>, Error> {
+        let Install {
+            marketplace_id,
+            keep_core_stopped_on_failure,
+            accepted,
+            node_selector,
+            request_id,
+            requested_by,
+        } = install;
         check_accepted(&accepted)?;
         let violations =
             addons_descriptor::labels::validate_labels(&node_selector, "node_selector");
@@ -306,3 +342,6 @@ impl Manager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

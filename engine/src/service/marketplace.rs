@@ -1,6 +1,52 @@
-//! The addons an installation is made from, read from the marketplace.
+//! The addons an installation is made from, read from the marketplace
+//! (or, in unit tests, from anything that answers as it does).
+
+use futures::future::BoxFuture;
 
 use super::*;
+
+/// Where the addons of installations come from: the marketplace's
+/// `GetAddon` and `ListAddons`, as the manager uses them.
+pub trait AddonSource: std::fmt::Debug + Send + Sync + 'static {
+    /// The addon `id`, in any status; `NOT_FOUND` when there is none.
+    fn get(&self, id: &str) -> BoxFuture<'_, Result<mpb::Addon, tonic::Status>>;
+    /// Every version of the addon `name`, in any status (at most 500).
+    fn versions(&self, name: &str) -> BoxFuture<'_, Result<Vec<mpb::Addon>, tonic::Status>>;
+}
+
+/// The marketplace over gRPC.
+#[derive(Debug, Clone)]
+pub(super) struct GrpcMarketplace(pub(super) MarketplaceClient);
+
+impl AddonSource for GrpcMarketplace {
+    fn get(&self, id: &str) -> BoxFuture<'_, Result<mpb::Addon, tonic::Status>> {
+        let request = mpb::GetAddonRequest { id: id.to_owned() };
+        let mut client = self.0.clone();
+        Box::pin(async move {
+            Ok(client
+                .get_addon(request)
+                .await?
+                .into_inner()
+                .addon
+                .unwrap_or_default())
+        })
+    }
+
+    fn versions(&self, name: &str) -> BoxFuture<'_, Result<Vec<mpb::Addon>, tonic::Status>> {
+        let request = mpb::ListAddonsRequest {
+            statuses: vec![
+                mpb::AddonStatus::Approved.into(),
+                mpb::AddonStatus::UnderReview.into(),
+                mpb::AddonStatus::FailedVerification.into(),
+            ],
+            name: name.to_owned(),
+            page_size: 500,
+            page_token: String::new(),
+        };
+        let mut client = self.0.clone();
+        Box::pin(async move { Ok(client.list_addons(request).await?.into_inner().addons) })
+    }
+}
 
 impl Manager {
     /// Approved version `version` of addon `name`: its marketplace id and
@@ -10,27 +56,12 @@ impl Manager {
         name: &str,
         version: &str,
     ) -> Result<(String, Descriptor), Error> {
-        let response = self
+        let versions = self
             .marketplace
-            .clone()
-            .list_addons(mpb::ListAddonsRequest {
-                statuses: vec![
-                    mpb::AddonStatus::Approved.into(),
-                    mpb::AddonStatus::UnderReview.into(),
-                    mpb::AddonStatus::FailedVerification.into(),
-                ],
-                name: name.to_owned(),
-                page_size: 500,
-                page_token: String::new(),
-            })
+            .versions(name)
             .await
             .map_err(|status| Error::MarketplaceUnavailable(status.message().to_owned()))?;
-        let Some(found) = response
-            .into_inner()
-            .addons
-            .into_iter()
-            .find(|a| a.version == version)
-        else {
+        let Some(found) = versions.into_iter().find(|a| a.version == version) else {
             return Err(Error::AddonNotFound(format!("{name}@{version}")));
         };
         let id = found.id.clone();
@@ -38,15 +69,8 @@ impl Manager {
     }
 
     pub(super) async fn fetch_approved(&self, marketplace_id: &str) -> Result<Descriptor, Error> {
-        let response = self
-            .marketplace
-            .clone()
-            .get_addon(mpb::GetAddonRequest {
-                id: marketplace_id.to_owned(),
-            })
-            .await;
-        let addon = match response {
-            Ok(response) => response.into_inner().addon.unwrap_or_default(),
+        let addon = match self.marketplace.get(marketplace_id).await {
+            Ok(addon) => addon,
             Err(status) if status.code() == Code::NotFound => {
                 return Err(Error::AddonNotFound(marketplace_id.to_owned()));
             }
