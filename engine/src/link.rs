@@ -24,7 +24,7 @@ mod session;
 use std::{sync::Arc, time::Duration};
 
 use addons_server_kit::Shutdown;
-use addons_store::{Collection, Filter, Store};
+use addons_store::{Collection, Store};
 use tokio::sync::watch;
 
 pub use self::hello::NodeLabels;
@@ -33,11 +33,7 @@ use self::{
     presence::Presence,
     reports::Writer,
 };
-use crate::{
-    model::{Installation, Plane},
-    records::Installations,
-    status,
-};
+use crate::{model::Plane, records::Installations, status};
 
 /// Settings of the link.
 #[derive(Debug, Clone)]
@@ -89,11 +85,10 @@ impl LinkHub {
         options: LinkOptions,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
-        let records: Collection<Installation> = installations.records().clone();
         let planes: Collection<PlaneState> = store.collection().await?;
         // Subscribe before reading, so no change falls between the two.
-        let changes = records.watch();
-        let all = records.list_all(&Filter::default()).await?;
+        let changes = installations.watch_records();
+        let all = installations.list_records().await?;
         let mut desired = Desired::from_records(all.iter().map(|r| &r.value));
         desired.generation = desired::bump_generation(&planes, plane).await?;
         let (tx, rx) = watch::channel(Arc::new(desired));
@@ -111,7 +106,12 @@ impl LinkHub {
         };
         hub.clone().spawn_writer()?;
         tokio::spawn(desired::follow(
-            records, changes, planes, plane, tx, shutdown,
+            hub.installations.clone(),
+            changes,
+            planes,
+            plane,
+            tx,
+            shutdown,
         ));
         hub.seed_nodes(&reported).await?;
         for node in reported {

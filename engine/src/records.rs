@@ -140,10 +140,40 @@ impl Installations {
         Ok(this)
     }
 
-    /// The installation records as stored, without the nodes' statuses:
+    /// Every installation record as stored, without the nodes' statuses:
     /// for readers that need only what was asked for (the desired state).
-    pub(crate) fn records(&self) -> &Collection<Installation> {
-        &self.records
+    pub(crate) async fn list_records(&self) -> addons_store::Result<Vec<Versioned<Installation>>> {
+        self.records.list_all(&Filter::default()).await
+    }
+
+    /// The changes of installation records (as stored) from now on.
+    pub(crate) fn watch_records(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<addons_store::Change<Installation>> {
+        self.records.watch()
+    }
+
+    /// Follows the installations (`addons_store`'s follow loop): `initial`
+    /// gives the snapshot, then every change `wanted` selects, as stored
+    /// (each write's changed statuses in `changed`).
+    pub(crate) async fn follow(
+        &self,
+        start: addons_store::Start,
+        initial: impl AsyncFnOnce() -> addons_store::Result<Vec<Versioned<Installation>>>,
+        wanted: impl Fn(&addons_store::Change<Installation>) -> bool,
+        out: tokio::sync::mpsc::Sender<addons_store::Event<Installation>>,
+        stop: impl Future<Output = ()>,
+    ) -> addons_store::Result<addons_store::FollowEnd> {
+        self.records
+            .follow(
+                start,
+                async |_| initial().await,
+                wanted,
+                |_| false,
+                out,
+                stop,
+            )
+            .await
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, Cache> {

@@ -317,10 +317,9 @@ impl Manager {
         let whole = &self.installations;
         let result = self
             .installations
-            .records()
             .follow(
                 start,
-                async |_| {
+                async || {
                     if ids.is_empty() {
                         return whole.list_all(&Filter::default()).await;
                     }
@@ -331,7 +330,6 @@ impl Manager {
                     Ok(found)
                 },
                 |change| selected.is_empty() || selected.contains(&change.record.value.id),
-                |_| false,
                 out,
                 stop,
             )

@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use addons_store::{ChangeKind, Collection, Document, Filter};
+use addons_store::{ChangeKind, Collection, Document};
 use oakestra_addons_proto::engine::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,7 @@ use tokio::sync::{broadcast::error::RecvError, watch};
 use crate::{
     convert,
     model::{Installation, InstallationStatus, Plane},
+    records::Installations,
 };
 
 /// The installations of one chunk add up to at most this many encoded
@@ -236,7 +237,7 @@ pub(super) fn desired_entry(installation: &Installation) -> Option<pb::DesiredIn
 /// Keeps the desired state current from the installations' changes until
 /// the feed closes or `shutdown` fires.
 pub(super) async fn follow(
-    installations: Collection<Installation>,
+    installations: Installations,
     mut changes: tokio::sync::broadcast::Receiver<addons_store::Change<Installation>>,
     planes: Collection<PlaneState>,
     plane: Plane,
@@ -266,7 +267,7 @@ pub(super) async fn follow(
                 }
                 Err(RecvError::Lagged(_)) => {
                     // Missed changes: rebuild from the store.
-                    match installations.list_all(&Filter::default()).await {
+                    match installations.list_records().await {
                         Ok(all) => {
                             let rebuilt = Desired::from_records(all.iter().map(|r| &r.value));
                             // Unchanged entries keep their Arc, so links send

@@ -321,7 +321,6 @@ impl LinkHub {
             if !cache.contains_key(&id) {
                 let name = self
                     .installations
-                    .records()
                     .get(&id)
                     .await?
                     .map(|r| r.value.addon.name);

@@ -51,7 +51,7 @@ async fn a_write_stores_only_the_nodes_that_changed() {
         .unwrap()
         .unwrap();
     assert_eq!((again.revision, again.value.services.len()), (2, 2));
-    let stored = installations.records().require(&id).await.unwrap();
+    let stored = installations.records.require(&id).await.unwrap();
     assert!(
         stored.value.services.is_empty(),
         "the record holds no statuses"
@@ -72,7 +72,7 @@ async fn a_write_stores_only_the_nodes_that_changed() {
     let next = changes.recv().await.unwrap().record;
     assert_eq!((next.value.node_id.as_str(), next.revision), ("n2", 2));
     assert!(changes.try_recv().is_err(), "n1 was not written again");
-    let stored = installations.records().require(&id).await.unwrap();
+    let stored = installations.records.require(&id).await.unwrap();
     assert_eq!(stored.value.changed.len(), 1);
     assert_eq!(stored.value.changed[0].node_id, "n2");
     // A stale expected revision changes nothing.
