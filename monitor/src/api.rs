@@ -19,7 +19,7 @@ use crate::{
         CORE_SOURCE, CORE_SOURCE_STATIC, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, REPLACED_BY,
         REPLACES, SERVICE,
     },
-    outbox::ReportOutbox,
+    link::ReportOutbox,
     reconcile::NodeView,
     runtime::TaskState,
 };

@@ -18,7 +18,7 @@
 use addons_descriptor::{Descriptor, FieldViolation, labels::validate_labels, validate_record_id};
 use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
 
-use crate::outbox::{Report, ReportOutbox};
+use crate::link::{Report, ReportOutbox};
 
 /// Most violations named in a refusal's reason.
 const MAX_NAMED: usize = 8;

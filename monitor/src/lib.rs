@@ -16,7 +16,6 @@ pub mod labels;
 pub mod link;
 pub mod logwriter;
 pub mod network;
-pub mod outbox;
 pub mod plan;
 pub mod pulls;
 pub mod reconcile;

@@ -3,6 +3,10 @@
 //! status reports and keep each until the manager acks it, re-sending what
 //! is unacked after a reconnect.
 
+mod outbox;
+
+pub use self::outbox::{Report, ReportOutbox};
+
 use std::{collections::BTreeMap, time::Duration};
 
 use addons_server_kit::Shutdown;
@@ -13,11 +17,7 @@ use oakestra_addons_proto::engine::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{
-    now,
-    outbox::{Report, ReportOutbox},
-    reconcile::NodeView,
-};
+use crate::{now, reconcile::NodeView};
 
 /// Settings of the link.
 #[derive(Debug, Clone)]
@@ -76,15 +76,15 @@ pub fn spawn(
 /// Reports not acked yet, in sequence order, at most one per installation:
 /// a newer report about an installation supersedes an unacked older one.
 #[derive(Debug, Default)]
-struct Outbox {
+struct Unacked {
     next_sequence: u64,
-    unacked: BTreeMap<u64, pb::StatusReport>,
+    reports: BTreeMap<u64, pb::StatusReport>,
 }
 
-impl Outbox {
+impl Unacked {
     fn push(&mut self, installation_id: String, report: Report) -> pb::StatusReport {
         self.next_sequence = self.next_sequence.max(1);
-        self.unacked
+        self.reports
             .retain(|_, report| report.installation_id != installation_id);
         let report = pb::StatusReport {
             sequence: self.next_sequence,
@@ -94,12 +94,12 @@ impl Outbox {
             verdict: report.verdict,
         };
         self.next_sequence += 1;
-        self.unacked.insert(report.sequence, report.clone());
+        self.reports.insert(report.sequence, report.clone());
         report
     }
 
     fn ack(&mut self, sequence: u64) {
-        self.unacked.retain(|seq, _| *seq > sequence);
+        self.reports.retain(|seq, _| *seq > sequence);
         // Numbering continues above what the manager has stored.
         self.next_sequence = self.next_sequence.max(sequence + 1);
     }
@@ -114,7 +114,7 @@ async fn run(
     shutdown: Shutdown,
 ) {
     let reports = outbox;
-    let mut unacked = Outbox::default();
+    let mut unacked = Unacked::default();
     let mut failures = 0_u32;
     loop {
         let started = std::time::Instant::now();
@@ -170,7 +170,7 @@ async fn session(
     desired: &watch::Sender<Option<pb::DesiredState>>,
     reports: &ReportOutbox,
     connected: &watch::Sender<bool>,
-    outbox: &mut Outbox,
+    unacked: &mut Unacked,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     let channel = settings
@@ -223,7 +223,7 @@ async fn session(
                 }
             }
             Some(open_link_response::Message::Ack(ack)) => {
-                outbox.ack(ack.sequence);
+                unacked.ack(ack.sequence);
                 handshake_acked = true;
             }
             None => {}
@@ -231,7 +231,7 @@ async fn session(
     }
     connected.send_replace(true);
     tracing::info!(manager = %settings.manager, "linked to the manager");
-    for report in outbox.unacked.values() {
+    for report in unacked.reports.values() {
         tx.send(pb::OpenLinkRequest {
             message: Some(open_link_request::Message::Report(report.clone())),
         })
@@ -250,7 +250,7 @@ async fn session(
             }
             () = reports.ready() => {
                 for (installation_id, report) in reports.take() {
-                    let report = outbox.push(installation_id, report);
+                    let report = unacked.push(installation_id, report);
                     tx.send(pb::OpenLinkRequest {
                         message: Some(open_link_request::Message::Report(report)),
                     })
@@ -268,7 +268,7 @@ async fn session(
                             desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
                         }
                     }
-                    Some(open_link_response::Message::Ack(ack)) => outbox.ack(ack.sequence),
+                    Some(open_link_response::Message::Ack(ack)) => unacked.ack(ack.sequence),
                     None => {}
                 }
             }
@@ -380,17 +380,17 @@ mod tests {
     }
 
     #[test]
-    fn outbox_keeps_the_newest_report_per_installation_and_numbers_above_acks() {
-        let mut outbox = Outbox::default();
-        assert_eq!(outbox.push("a".into(), Report::default()).sequence, 1);
-        assert_eq!(outbox.push("b".into(), Report::default()).sequence, 2);
-        assert_eq!(outbox.push("a".into(), Report::default()).sequence, 3);
-        assert_eq!(outbox.unacked.keys().copied().collect::<Vec<_>>(), [2, 3]);
-        outbox.ack(2);
-        assert_eq!(outbox.unacked.keys().copied().collect::<Vec<_>>(), [3]);
+    fn unacked_keeps_the_newest_report_per_installation_and_numbers_above_acks() {
+        let mut unacked = Unacked::default();
+        assert_eq!(unacked.push("a".into(), Report::default()).sequence, 1);
+        assert_eq!(unacked.push("b".into(), Report::default()).sequence, 2);
+        assert_eq!(unacked.push("a".into(), Report::default()).sequence, 3);
+        assert_eq!(unacked.reports.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        unacked.ack(2);
+        assert_eq!(unacked.reports.keys().copied().collect::<Vec<_>>(), [3]);
         // A manager that stored more (a restarted monitor) moves numbering up.
-        outbox.ack(10);
-        assert!(outbox.unacked.is_empty());
-        assert_eq!(outbox.push("a".into(), Report::default()).sequence, 11);
+        unacked.ack(10);
+        assert!(unacked.reports.is_empty());
+        assert_eq!(unacked.push("a".into(), Report::default()).sequence, 11);
     }
 }

@@ -45,8 +45,8 @@ use crate::{
         CORE_SOURCE, CORE_SOURCE_STATIC, INSTALLATION, MANAGED_BY, MANAGED_BY_VALUE, REPLACED_BY,
         SERVICE,
     },
+    link::ReportOutbox,
     network::{Network, NetworkOptions, Networks},
-    outbox::ReportOutbox,
     plan::{self, Action, Container, Role},
     pulls::Pulls,
     release::{self, Trial},
@@ -97,7 +97,7 @@ pub struct Reconciler<R: Runtime, N: Network = Networks> {
     core_starts: HashMap<String, CoreStarts>,
     pulls: Pulls<R>,
     /// The last report put in the outbox, per installation.
-    reported: HashMap<String, crate::outbox::Report>,
+    reported: HashMap<String, crate::link::Report>,
     outbox: ReportOutbox,
     view: watch::Sender<NodeView>,
     static_names: BTreeSet<String>,

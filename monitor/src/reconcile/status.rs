@@ -390,7 +390,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             for cid in ids {
                 self.persist(&cid);
             }
-            let report = crate::outbox::Report { services, verdict };
+            let report = crate::link::Report { services, verdict };
             self.reported.insert(id.clone(), report.clone());
             self.outbox.put(id.clone(), report);
         }

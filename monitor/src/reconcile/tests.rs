@@ -19,8 +19,8 @@ use crate::{
         CORE_COMPONENT, CORE_SOURCE, CORE_SOURCE_STATIC, CORE_SPEC_HASH, INSTALLATION, MANAGED_BY,
         MANAGED_BY_VALUE, REPLACED_BY, REPLACES, SERVICE,
     },
+    link::ReportOutbox,
     network::{Network, NetworkError, NetworkOptions, PortMapping},
-    outbox::ReportOutbox,
     restarts::RestartPolicy,
     runtime::{
         ContainerInfo, ImageConfig, PulledImage, RegistryAccess, Runtime, RuntimeError, TaskState,
