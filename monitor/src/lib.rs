@@ -17,7 +17,7 @@ pub mod link;
 pub mod logwriter;
 pub mod network;
 pub mod plan;
-pub mod pulls;
+pub mod pull_tasks;
 pub mod reconcile;
 pub mod release;
 pub mod restarts;

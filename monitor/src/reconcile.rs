@@ -48,7 +48,7 @@ use crate::{
     link::ReportOutbox,
     network::{Network, NetworkOptions, Networks},
     plan::{self, Action, Container, Role},
-    pulls::Pulls,
+    pull_tasks::Pulls,
     release::{self, Trial},
     restarts::RestartPolicy,
     runtime::{ContainerInfo, RegistryAccess, Runtime},

@@ -17,7 +17,7 @@ use crate::{
     },
     network::Network,
     network::PortMapping,
-    pulls::PullState,
+    pull_tasks::PullState,
     runtime::{ContainerInfo, PulledImage, RunSpec, Runtime, RuntimeError, build_spec},
     state_dir::StateDir,
 };

@@ -19,7 +19,7 @@ use crate::{
     network::Network,
     network::PortMapping,
     plan::{CoreMemory, replacement_id},
-    pulls::PullState,
+    pull_tasks::PullState,
     runtime::{ContainerInfo, PulledImage, Runtime, RuntimeError, TaskState, build_spec},
     state_dir::{StateDir, StateDirError},
 };
