@@ -1,16 +1,18 @@
 //! The manager's end of the monitor link: one bidirectional stream per
-//! node, in four parts, one per job:
+//! node, in parts, one per job:
 //! - `desired.rs`: the plane's desired state, projected from the
 //!   installations at start, followed through the store's change feed,
 //!   numbered by a persisted generation, and cut into bounded chunks;
 //! - `session.rs`: one link, from its hello (checked by `hello.rs`) to its
 //!   end: the desired state whole or in chunks and changes, acks,
 //!   heartbeats;
-//! - `reports.rs`: status reports written with a group commit per
-//!   installation, acked once durable;
+//! - `reports.rs`: status reports, written by one writer task in batches
+//!   (group commit across installations), each acked once durable;
 //! - `presence.rs`: which nodes are linked and what each reported on, so
 //!   a hello and a dropped link cost the same however many installations
-//!   there are.
+//!   there are;
+//! - `nodes.rs`: the plane's node records, their listing and forgetting a
+//!   node that is gone.
 
 mod desired;
 #[doc(hidden)]

@@ -1,9 +1,9 @@
-//! Status reports: each is applied to its installation's record in one
-//! conditional write that also records the report's sequence number for
-//! its node; only then is it acked, and a re-sent report whose number is
-//! not above the recorded one changes nothing. Reports of many nodes about
-//! one installation are written together (group commit) instead of racing
-//! on its revision.
+//! Status reports: one writer task applies them in batches (group commit):
+//! the reports that arrive while a batch is written go together in the
+//! next, one write of every installation they touch (`modify_many`), each
+//! installation's reports in one change that also records each node's
+//! report sequence number. Only then is each report acked, and a re-sent
+//! report whose number is not above the recorded one changes nothing.
 
 use std::{
     collections::BTreeMap,
