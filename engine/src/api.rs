@@ -16,7 +16,11 @@ use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Error, Manager, convert, link::LinkHub, service::Install};
+use crate::{
+    Error, Manager, convert,
+    link::LinkHub,
+    service::{Install, Rollout},
+};
 
 /// How many changes a watcher may have in flight before it is dropped.
 const WATCH_BUFFER: usize = 256;
@@ -222,22 +226,17 @@ impl AddonsManagerService for ManagerApi {
                 async |Mutation { identity, request, .. }| {
                     let id = required("id", &request.id)?;
                     let version = required("version", &request.version)?;
-                    let options = rollout_options(
-                        request.max_parallel,
-                        request.min_healthy_time,
-                        request.progress_deadline,
-                    )?;
-                    let installation = self
-                        .core
-                        .upgrade(
-                            id,
-                            version,
-                            accepted(&request.accepted_privileges),
-                            options,
-                            request.expected_revision,
-                            &identity.subject,
-                        )
-                        .await?;
+                    let rollout = Rollout {
+                        accepted: accepted(&request.accepted_privileges),
+                        options: rollout_options(
+                            request.max_parallel,
+                            request.min_healthy_time,
+                            request.progress_deadline,
+                        )?,
+                        expected_revision: request.expected_revision,
+                        requested_by: &identity.subject,
+                    };
+                    let installation = self.core.upgrade(id, version, rollout).await?;
                     tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
                     Ok(pb::UpgradeInstallationResponse {
                         installation: Some(convert::installation_to_proto(installation)),
@@ -261,22 +260,17 @@ impl AddonsManagerService for ManagerApi {
                            identity, request, ..
                        }| {
                     let id = required("id", &request.id)?;
-                    let options = rollout_options(
-                        request.max_parallel,
-                        request.min_healthy_time,
-                        request.progress_deadline,
-                    )?;
-                    let installation = self
-                        .core
-                        .rollback(
-                            id,
-                            request.release,
-                            accepted(&request.accepted_privileges),
-                            options,
-                            request.expected_revision,
-                            &identity.subject,
-                        )
-                        .await?;
+                    let rollout = Rollout {
+                        accepted: accepted(&request.accepted_privileges),
+                        options: rollout_options(
+                            request.max_parallel,
+                            request.min_healthy_time,
+                            request.progress_deadline,
+                        )?,
+                        expected_revision: request.expected_revision,
+                        requested_by: &identity.subject,
+                    };
+                    let installation = self.core.rollback(id, request.release, rollout).await?;
                     tracing::info!(%id, release = installation.value.release, "rollback started");
                     Ok(pb::RollbackInstallationResponse {
                         installation: Some(convert::installation_to_proto(installation)),

@@ -20,5 +20,5 @@ mod status;
 pub use crate::{
     error::Error,
     records::Installations,
-    service::{AddonSource, Install, Manager},
+    service::{AddonSource, Install, Manager, Rollout},
 };

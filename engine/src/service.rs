@@ -34,7 +34,7 @@ mod marketplace;
 mod upgrades;
 
 use self::admission::check_accepted;
-pub use self::marketplace::AddonSource;
+pub use self::{marketplace::AddonSource, upgrades::Rollout};
 
 /// Listing page size when the request names none.
 const DEFAULT_PAGE_SIZE: usize = 50;

@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// What an upgrade and a rollback both take.
+#[derive(Debug, Clone)]
+pub struct Rollout<'a> {
+    /// Privileges the new release needs beyond those granted before.
+    pub accepted: Vec<Privilege>,
+    /// How the release is rolled out.
+    pub options: RolloutOptions,
+    /// The installation's revision the caller saw, if it is to be checked.
+    pub expected_revision: Option<u64>,
+    /// Who asked.
+    pub requested_by: &'a str,
+}
+
 impl Manager {
     /// Upgrades installation `id` to `version` of its addon: checks it like
     /// an install (the grants it already has plus `accepted` must cover the
@@ -11,11 +24,14 @@ impl Manager {
         &self,
         id: &str,
         version: &str,
-        accepted: Vec<Privilege>,
-        options: RolloutOptions,
-        expected_revision: Option<u64>,
-        requested_by: &str,
+        rollout: Rollout<'_>,
     ) -> Result<Versioned<Installation>, Error> {
+        let Rollout {
+            accepted,
+            options,
+            expected_revision,
+            requested_by,
+        } = rollout;
         check_accepted(&accepted)?;
         let current = self.get(id).await?;
         check_can_roll_out(&current.value)?;
@@ -53,11 +69,14 @@ impl Manager {
         &self,
         id: &str,
         release: u64,
-        accepted: Vec<Privilege>,
-        options: RolloutOptions,
-        expected_revision: Option<u64>,
-        requested_by: &str,
+        rollout: Rollout<'_>,
     ) -> Result<Versioned<Installation>, Error> {
+        let Rollout {
+            accepted,
+            options,
+            expected_revision,
+            requested_by,
+        } = rollout;
         check_accepted(&accepted)?;
         let mut current = self.get(id).await?.value;
         check_can_roll_out(&current)?;
