@@ -150,9 +150,10 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            if !key.refresh_after_failure().await {
-                return refused(&request, status);
-            }
+            // Checked again whether this call fetched or not: a fetch that
+            // was under way (another token's, or the periodic one) may
+            // have brought the key this token needs.
+            key.refresh_after_failure().await;
             match tables.check(&request) {
                 Ok(identity) => {
                     request.extensions_mut().insert(identity);
@@ -177,8 +178,11 @@ impl Authenticator {
             Err(status) => status,
         };
         match self.0.fetched_key_to_retry(request, &status) {
-            Some(key) if key.refresh_after_failure().await => self.0.authenticate(request),
-            _ => Err(status),
+            Some(key) => {
+                key.refresh_after_failure().await;
+                self.0.authenticate(request)
+            }
+            None => Err(status),
         }
     }
 }

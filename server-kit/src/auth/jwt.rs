@@ -258,8 +258,8 @@ impl FetchedKey {
 
     /// Fetches the key again if the last attempt is older than the
     /// cooldown (a token signed with a key we do not have may mean the
-    /// issuer rotated it); whether the key changed.
-    pub(crate) async fn refresh_after_failure(&self) -> bool {
+    /// issuer rotated it); a fetch under way is waited for.
+    pub(crate) async fn refresh_after_failure(&self) {
         let recent = self
             .last_attempt
             .lock()
@@ -267,9 +267,11 @@ impl FetchedKey {
             .and_then(|at| *at)
             .is_some_and(|at| at.elapsed() < KEY_COOLDOWN);
         if recent {
-            return false;
+            // Wait for a fetch under way, if any, so its key is used.
+            drop(self.fetching.lock().await);
+            return;
         }
-        self.fetch().await
+        self.fetch().await;
     }
 
     /// Fetches the key once; whether it changed. Concurrent callers share
