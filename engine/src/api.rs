@@ -121,6 +121,27 @@ fn accepted(privileges: &[pb::Privilege]) -> Vec<addons_descriptor::Privilege> {
     privileges.iter().cloned().map(Into::into).collect()
 }
 
+/// What an upgrade or rollback request asks of its rollout, checked:
+/// the privileges it accepts, its options (max parallel, min healthy time,
+/// progress deadline) and the revision it expects.
+fn rollout<'a>(
+    identity: &'a Identity,
+    accepted_privileges: &[pb::Privilege],
+    (max_parallel, min_healthy_time, progress_deadline): (
+        u32,
+        Option<prost_types::Duration>,
+        Option<prost_types::Duration>,
+    ),
+    expected_revision: Option<u64>,
+) -> Result<Rollout<'a>, Error> {
+    Ok(Rollout {
+        accepted: accepted(accepted_privileges),
+        options: rollout_options(max_parallel, min_healthy_time, progress_deadline)?,
+        expected_revision,
+        requested_by: &identity.subject,
+    })
+}
+
 /// The rollout options of an upgrade or rollback request, checked.
 fn rollout_options(
     max_parallel: u32,
@@ -226,16 +247,12 @@ impl AddonsManagerService for ManagerApi {
                 async |Mutation { identity, request, .. }| {
                     let id = required("id", &request.id)?;
                     let version = required("version", &request.version)?;
-                    let rollout = Rollout {
-                        accepted: accepted(&request.accepted_privileges),
-                        options: rollout_options(
-                            request.max_parallel,
-                            request.min_healthy_time,
-                            request.progress_deadline,
-                        )?,
-                        expected_revision: request.expected_revision,
-                        requested_by: &identity.subject,
-                    };
+                    let rollout = rollout(
+                        identity,
+                        &request.accepted_privileges,
+                        (request.max_parallel, request.min_healthy_time, request.progress_deadline),
+                        request.expected_revision,
+                    )?;
                     let installation = self.core.upgrade(id, version, rollout).await?;
                     tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
                     Ok(pb::UpgradeInstallationResponse {
@@ -260,16 +277,16 @@ impl AddonsManagerService for ManagerApi {
                            identity, request, ..
                        }| {
                     let id = required("id", &request.id)?;
-                    let rollout = Rollout {
-                        accepted: accepted(&request.accepted_privileges),
-                        options: rollout_options(
+                    let rollout = rollout(
+                        identity,
+                        &request.accepted_privileges,
+                        (
                             request.max_parallel,
                             request.min_healthy_time,
                             request.progress_deadline,
-                        )?,
-                        expected_revision: request.expected_revision,
-                        requested_by: &identity.subject,
-                    };
+                        ),
+                        request.expected_revision,
+                    )?;
                     let installation = self.core.rollback(id, request.release, rollout).await?;
                     tracing::info!(%id, release = installation.value.release, "rollback started");
                     Ok(pb::RollbackInstallationResponse {

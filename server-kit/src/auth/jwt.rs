@@ -274,9 +274,9 @@ impl FetchedKey {
         self.fetch().await;
     }
 
-    /// Fetches the key once; whether it changed. Concurrent callers share
-    /// one fetch.
-    async fn fetch(&self) -> bool {
+    /// Fetches the key once, keeping the one in hand when the answer is
+    /// not a key. Concurrent callers share one fetch.
+    async fn fetch(&self) {
         let _one = self.fetching.lock().await;
         let recent = self
             .last_attempt
@@ -286,7 +286,7 @@ impl FetchedKey {
             .is_some_and(|at| at.elapsed() < Duration::from_millis(200));
         if recent {
             // Another caller fetched while this one waited.
-            return false;
+            return;
         }
         if let Ok(mut at) = self.last_attempt.lock() {
             *at = Some(Instant::now());
@@ -295,7 +295,7 @@ impl FetchedKey {
             Ok(pem) => pem,
             Err(err) => {
                 tracing::warn!(url = %self.url, error = %err, "cannot fetch the token key");
-                return false;
+                return;
             }
         };
         let unchanged = self
@@ -304,7 +304,7 @@ impl FetchedKey {
             .ok()
             .is_some_and(|old| old.as_deref() == Some(pem.as_str()));
         if unchanged {
-            return false;
+            return;
         }
         match decoding_key(pem.as_bytes()) {
             Ok(key) => {
@@ -315,11 +315,9 @@ impl FetchedKey {
                     *old = Some(pem);
                 }
                 tracing::info!(url = %self.url, "token key fetched");
-                true
             }
             Err(err) => {
                 tracing::warn!(url = %self.url, error = %err, "the fetched token key is not a key");
-                false
             }
         }
     }
