@@ -17,6 +17,6 @@ if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
     exit 2
 fi
 scripts/setup.sh
-cargo build --release --quiet -p addons-marketplace -p addons-engine -p addons-monitor -p oak-addons --bins
+cargo build --release --quiet -p addons-marketplace -p addons-manager -p addons-monitor -p oak-addons --bins
 cargo build --release --quiet -p integration-tests --bin oak-images
 exec target/release/oak-images "$@" --bin-dir target/release

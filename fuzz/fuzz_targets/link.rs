@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    addons_engine::link::fuzzing::message(data);
-    addons_engine::link::fuzzing::hello(data);
-    addons_engine::link::fuzzing::report(data);
+    addons_manager::link::fuzzing::message(data);
+    addons_manager::link::fuzzing::hello(data);
+    addons_manager::link::fuzzing::report(data);
 });

@@ -1,6 +1,6 @@
 use std::{net::SocketAddr, process::ExitCode};
 
-use addons_engine::{
+use addons_manager::{
     Installations, Manager,
     api::{ManagerApi, MonitorLinkApi},
     config::Config,
@@ -51,7 +51,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             node_expiry: config.node_expiry,
             node_labels: match &config.node_labels {
                 Some(path) => Some(std::sync::Arc::new(
-                    addons_engine::link::NodeLabels::load(path).map_err(anyhow::Error::msg)?,
+                    addons_manager::link::NodeLabels::load(path).map_err(anyhow::Error::msg)?,
                 )),
                 None => None,
             },
@@ -66,13 +66,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .secure(security)
         .add_service(
             ManagerApi::new(core, hub.clone(), requests, shutdown.clone()).into_service(),
-            addons_engine::api::MANAGER_PERMISSIONS,
+            addons_manager::api::MANAGER_PERMISSIONS,
         )
         .add_service(
             MonitorLinkApi::new(hub).into_service(),
-            addons_engine::api::LINK_PERMISSIONS,
+            addons_manager::api::LINK_PERMISSIONS,
         )
-        .rest(addons_engine::rest::ManagerRest)
+        .rest(addons_manager::rest::ManagerRest)
         .cors(&config.common.cors_allow_origins)
         .allowed_hosts(&config.common.allowed_hosts)
         .limits(config.common.connection_limits())
