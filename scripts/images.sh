@@ -18,5 +18,5 @@ if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
 fi
 scripts/setup.sh
 cargo build --release --quiet -p addons-marketplace -p addons-manager -p addons-monitor -p oak-addons --bins
-cargo build --release --quiet -p integration-tests --bin oak-images
+cargo build --release --quiet -p oak-tools --bin oak-images
 exec target/release/oak-images "$@" --bin-dir target/release

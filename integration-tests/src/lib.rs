@@ -8,21 +8,19 @@
 
 mod containerd;
 pub mod hosts;
-pub mod images;
 pub mod link;
 mod mongo;
-mod node;
-pub mod pki;
 mod process;
 mod registry;
 pub mod rest;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
+pub use oak_tools::{NodeCleanup, images, pki};
+
 pub use crate::{
     containerd::Containerd,
     mongo::MongoServer,
-    node::NodeCleanup,
     process::{ServerProcess, Started},
     registry::RegistryServer,
 };

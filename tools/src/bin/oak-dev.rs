@@ -1,4 +1,4 @@
-//! Helpers of `scripts/dev.sh`, built from the test harness so the dev
+//! Helpers of `scripts/dev.sh`, from the project's tools so the dev
 //! stack and the tests share one tested implementation:
 //!
 //! - `oak-dev images REGISTRY`: builds the demo images from busybox-static
@@ -18,7 +18,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use integration_tests::{NodeCleanup, images::push_demo_images, pki::StackPki};
+use oak_tools::{NodeCleanup, images::push_demo_images, pki::StackPki};
 
 async fn images(registry: &str) {
     for (reference, digest) in push_demo_images(registry).await {
