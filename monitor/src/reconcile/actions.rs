@@ -84,7 +84,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             Action::TakeOver { core, installation } => match infos.get(&core) {
                 Some(info) => {
                     let ports =
-                        specs.ports_of_replacement(&self.options.plane, &installation, info);
+                        specs.ports_of_replacement(&self.cx.options.plane, &installation, info);
                     self.take_over(info, &installation, &ports).await
                 }
                 None => Ok(()),
@@ -130,7 +130,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             }
         }
         let results =
-            futures::future::join_all(targets.iter().map(|(id, _)| self.remove(id))).await;
+            futures::future::join_all(targets.iter().map(|(id, _)| self.cx.remove(id))).await;
         let mut unavailable = None;
         for ((id, installation), result) in targets.into_iter().zip(results) {
             match result {
@@ -165,7 +165,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 .values()
                 .filter(|t| t.installation_id == installation.installation_id)
                 .all(|t| t.status.phase() == pb::ServicePhase::Removed);
-            let volumes = match self.state.volumes(&installation.installation_id) {
+            let volumes = match self.cx.state.volumes(&installation.installation_id) {
                 Ok(volumes) => volumes,
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot purge volumes");
@@ -197,8 +197,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         replaces_core: bool,
         specs: &Specs<'_>,
     ) -> Result<addons_descriptor::Resources, Refusal> {
-        let policy = &self.options.policy;
-        let statics = &self.options.core_components;
+        let policy = &self.cx.options.policy;
+        let statics = &self.cx.options.core_components;
         let mut core = policy.core_rules(CoreRules::default());
         core.replace.extend(
             statics
@@ -246,7 +246,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             admission::Node {
                 policy,
                 core: &core,
-                reserved_ports: &self.options.reserved_ports,
+                reserved_ports: &self.cx.options.reserved_ports,
                 ports_in_use: &in_use,
             },
             &addons_descriptor::Service::from(spec.clone()),

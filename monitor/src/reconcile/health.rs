@@ -43,13 +43,13 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 continue;
             }
             let id = id.clone();
-            let crate::runtime::TaskState::Running(pid) = self.runtime.task_state(&id).await?
+            let crate::runtime::TaskState::Running(pid) = self.cx.runtime.task_state(&id).await?
             else {
                 continue;
             };
             self.health.track(&id, pid, &check, now);
             checked.insert(id.clone());
-            if let Some(next) = self.health.probe_if_due(&id, now, &self.runtime) {
+            if let Some(next) = self.health.probe_if_due(&id, now, &self.cx.runtime) {
                 wake = Some(wake.map_or(next, |w| w.min(next)));
             }
             let Some(state) = self.health.get(&id) else {
@@ -70,7 +70,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 tracked.set(pb::ServicePhase::Running, reason.clone());
                 tracing::warn!(container = %id, %reason, "stopping an unhealthy service");
                 self.unhealthy_stops.insert(id.clone(), reason);
-                self.runtime.stop_task(&id, self.options.stop_grace).await?;
+                self.cx
+                    .runtime
+                    .stop_task(&id, self.cx.options.stop_grace)
+                    .await?;
             }
         }
         self.health.retain(|id| checked.contains(id));

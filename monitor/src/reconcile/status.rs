@@ -130,7 +130,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             self.tracked.insert(id.to_owned(), tracked);
         }
         let tracked = self.tracked.get_mut(id).unwrap_or_else(|| unreachable!());
-        tracked.status.node_id.clone_from(&self.node_id);
+        tracked.status.node_id.clone_from(&self.cx.node_id);
         tracked
     }
 
@@ -143,10 +143,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         let fresh = pb::ServiceStatus {
             service_name: service.to_owned(),
             container_id: id.to_owned(),
-            node_id: self.node_id.clone(),
+            node_id: self.cx.node_id.clone(),
             ..Default::default()
         };
-        let status_path = self.state.status_file(id).unwrap_or_default();
+        let status_path = self.cx.state.status_file(id).unwrap_or_default();
         let status = match StateDir::read(&status_path) {
             Ok(Some(bytes)) => <pb::ServiceStatus as prost::Message>::decode(bytes.as_slice())
                 .map(Some)
@@ -155,6 +155,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             Err(err) => Err(err.to_string()),
         };
         let failures = self
+            .cx
             .state
             .failures_file(id)
             .and_then(|path| StateDir::read_json::<Failures>(&path));
@@ -169,7 +170,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 retry_at: None,
             };
         }
-        let policy = self.options.restart;
+        let policy = self.cx.options.restart;
         let now_ms = unix_millis(SystemTime::now());
         let mut status = match status {
             Ok(Some(status)) if status.service_name == service => status,
@@ -216,9 +217,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             return;
         };
         let (Ok(dir), Ok(status_file), Ok(failures_file)) = (
-            self.state.container_dir(id),
-            self.state.status_file(id),
-            self.state.failures_file(id),
+            self.cx.state.container_dir(id),
+            self.cx.state.status_file(id),
+            self.cx.state.failures_file(id),
         ) else {
             return;
         };
@@ -266,7 +267,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         id: &str,
         exit_code: Option<i32>,
     ) {
-        let log = self.state.log(id).unwrap_or_default();
+        let log = self.cx.state.log(id).unwrap_or_default();
         let cause = self
             .unhealthy_stops
             .remove(id)
@@ -280,7 +281,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             .exit_code
             .map_or("unknown".to_owned(), |c| c.to_string());
         let code = format!("{code}{cause}");
-        let policy = self.options.restart;
+        let policy = self.cx.options.restart;
         let tracked = self.track(installation, service, id);
         let verdict = tracked.fail(
             policy,
@@ -297,7 +298,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         } else {
             20
         };
-        tracked.status.logs_tail = super::services::tail(&log, lines);
+        tracked.status.logs_tail = super::context::tail(&log, lines);
         self.persist(id);
     }
 
@@ -325,7 +326,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             tracked.set(ServicePhase::Failed, err.to_string());
             return Ok(());
         }
-        let policy = self.options.restart;
+        let policy = self.cx.options.restart;
         self.track(installation, service, id).fail(
             policy,
             |delay| format!("{err}; retrying in {delay:?}"),

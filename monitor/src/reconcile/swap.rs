@@ -11,7 +11,7 @@ use std::{collections::HashMap, time::Instant};
 
 use oakestra_addons_proto::engine::v1 as pb;
 
-use super::{Reconciler, services::default_network};
+use super::{Reconciler, context::default_network};
 use crate::{
     cores::{self, CoreComponentSpec},
     error::MonitorError,
@@ -69,13 +69,13 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 && !self.static_names.contains(name)
             {
                 tracing::info!(container = %container.id, "removing a core component no longer in the core-components file");
-                self.remove(&container.id).await?;
+                self.cx.remove(&container.id).await?;
                 self.core_starts.remove(&container.id);
                 changed = true;
             }
         }
-        for spec in self.options.core_components.clone() {
-            let id = self.container_id(&spec.name);
+        for spec in self.cx.options.core_components.clone() {
+            let id = self.cx.container_id(&spec.name);
             if let Some(container) = all.iter().find(|c| c.id == id) {
                 if container.labels.get(CORE_SOURCE).map(String::as_str) != Some(CORE_SOURCE_STATIC)
                 {
@@ -88,7 +88,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     continue;
                 }
                 tracing::info!(container = %id, "core component changed in the file; recreating it");
-                self.remove(&id).await?;
+                self.cx.remove(&id).await?;
                 changed = true;
             }
             let pulled = match self.pulls.get(&spec.image) {
@@ -127,17 +127,18 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 .collect(),
             ..Default::default()
         };
-        let mut run = self.run_spec("core", &service, id, pulled)?;
+        let mut run = self.cx.run_spec("core", &service, id, pulled)?;
         let networks = if spec.networks.is_empty() {
             vec![default_network()]
         } else {
             spec.networks.clone()
         };
-        self.networks
+        self.cx
+            .networks
             .attach(id, &networks, &spec.port_mappings())
             .await?;
-        run.netns = Some(self.networks.netns_path(id)?);
-        let oci = build_spec(&run, self.runtime.namespace()).map_err(|reason| {
+        run.netns = Some(self.cx.networks.netns_path(id)?);
+        let oci = build_spec(&run, self.cx.runtime.namespace()).map_err(|reason| {
             RuntimeError::InvalidImage {
                 image: spec.image.clone(),
                 reason,
@@ -147,14 +148,15 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             (CORE_COMPONENT.to_owned(), spec.name.clone()),
             (CORE_SOURCE.to_owned(), CORE_SOURCE_STATIC.to_owned()),
             (CORE_SPEC_HASH.to_owned(), spec.hash()),
-            (PLANE.to_owned(), self.options.plane.clone()),
+            (PLANE.to_owned(), self.cx.options.plane.clone()),
         ]);
         if let Err(err) = self
+            .cx
             .runtime
             .create_container(id, &spec.image, &pulled.top_snapshot, &oci, labels)
             .await
         {
-            if let Err(cleanup) = self.remove(id).await {
+            if let Err(cleanup) = self.cx.remove(id).await {
                 tracing::warn!(container = %id, error = %cleanup, "cannot clean up a core component that failed to be created");
             }
             return Err(err.into());
@@ -173,7 +175,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         installation: &str,
         declared: &[PortMapping],
     ) -> Result<(), MonitorError> {
-        let record_path = self.state.swap_record(&core.id)?;
+        let record_path = self.cx.state.swap_record(&core.id)?;
         if core.labels.get(REPLACED_BY).map(String::as_str) != Some(installation) {
             if StateDir::read_json::<SwapRecord>(&record_path)
                 .ok()
@@ -186,24 +188,26 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 };
                 StateDir::write_json(&record_path, &record)?;
             }
-            self.runtime
+            self.cx
+                .runtime
                 .set_label(&core.id, REPLACED_BY, Some(installation))
                 .await?;
             tracing::info!(container = %core.id, %installation, "replacing core component");
         }
-        match self.runtime.task_state(&core.id).await? {
+        match self.cx.runtime.task_state(&core.id).await? {
             TaskState::Absent => {}
-            TaskState::Stopped(_) => self.runtime.delete_task(&core.id).await?,
+            TaskState::Stopped(_) => self.cx.runtime.delete_task(&core.id).await?,
             _ => {
-                self.runtime
-                    .stop_task(&core.id, self.options.stop_grace)
+                self.cx
+                    .runtime
+                    .stop_task(&core.id, self.cx.options.stop_grace)
                     .await?;
             }
         }
         self.core_starts.remove(&core.id);
         let ports = cores::merge_ports(&self.original_ports(core)?, declared);
-        if !self.networks.addresses(&core.id)?.is_empty()
-            && let Err(err) = self.networks.set_ports(&core.id, &ports).await
+        if !self.cx.networks.addresses(&core.id)?.is_empty()
+            && let Err(err) = self.cx.networks.set_ports(&core.id, &ports).await
         {
             tracing::warn!(container = %core.id, error = %err, "cannot publish the replacement's ports");
         }
@@ -215,13 +219,14 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// record of a static core component is rebuilt from its entry in the
     /// file; of any other, it is an error naming the file.
     fn original_ports(&self, core: &ContainerInfo) -> Result<Vec<PortMapping>, MonitorError> {
-        let path = self.state.swap_record(&core.id)?;
+        let path = self.cx.state.swap_record(&core.id)?;
         match StateDir::read_json::<SwapRecord>(&path) {
             Ok(Some(record)) => Ok(record.ports),
-            Ok(None) => Ok(self.networks.ports(&core.id)?),
+            Ok(None) => Ok(self.cx.networks.ports(&core.id)?),
             Err(err @ StateDirError::Corrupt { .. }) => {
                 let name = core.labels.get(CORE_COMPONENT);
                 let spec = self
+                    .cx
                     .options
                     .core_components
                     .iter()
@@ -254,16 +259,17 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         // Never both: the replacement's task goes first (it shares the
         // network namespace, and the ports).
         if let Some(replacement) = stop_first {
-            self.runtime
-                .stop_task(replacement, self.options.stop_grace)
+            self.cx
+                .runtime
+                .stop_task(replacement, self.cx.options.stop_grace)
                 .await?;
         }
         if restore {
             crate::crash::point("restore:replacement-stopped");
             match self.original_ports(core) {
                 Ok(ports) => {
-                    if !self.networks.addresses(&core.id)?.is_empty() {
-                        self.networks.set_ports(&core.id, &ports).await?;
+                    if !self.cx.networks.addresses(&core.id)?.is_empty() {
+                        self.cx.networks.set_ports(&core.id, &ports).await?;
                     }
                 }
                 // The core component comes back all the same, with the
@@ -278,8 +284,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         }
         if restore {
             crate::crash::point("restore:core-started");
-            self.runtime.set_label(&core.id, REPLACED_BY, None).await?;
-            StateDir::remove(&self.state.swap_record(&core.id)?)?;
+            self.cx
+                .runtime
+                .set_label(&core.id, REPLACED_BY, None)
+                .await?;
+            StateDir::remove(&self.cx.state.swap_record(&core.id)?)?;
             tracing::info!(container = %core.id, "restored core component");
             // The replacement of any release.
             let replacement = replacement_id(&core.id);
@@ -304,10 +313,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
 
     /// Starts a core component's task, counting starts for its backoff.
     async fn start_core(&mut self, id: &str) -> Result<(), MonitorError> {
-        if self.runtime.task_state(id).await? == TaskState::Created {
-            self.runtime.start_created_task(id).await?;
+        if self.cx.runtime.task_state(id).await? == TaskState::Created {
+            self.cx.runtime.start_created_task(id).await?;
         } else {
-            let log = self.state.log(id)?;
+            let log = self.cx.state.log(id)?;
             if let Some(dir) = log.parent() {
                 std::fs::create_dir_all(dir).map_err(|err| StateDirError::Io {
                     action: "creating",
@@ -315,14 +324,16 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     err,
                 })?;
             }
-            self.runtime.delete_task(id).await?;
-            let _pid = self.runtime.create_task(id, &log).await?;
-            self.runtime.start_created_task(id).await?;
+            self.cx.runtime.delete_task(id).await?;
+            let _pid = self.cx.runtime.create_task(id, &log).await?;
+            self.cx.runtime.start_created_task(id).await?;
         }
         let now = Instant::now();
         let count = match self.core_starts.get(id) {
             // It ran longer than the longest backoff: a fresh start.
-            Some(starts) if now.duration_since(starts.last) <= self.options.restart.backoff_max => {
+            Some(starts)
+                if now.duration_since(starts.last) <= self.cx.options.restart.backoff_max =>
+            {
                 starts.count + 1
             }
             _ => 0,
@@ -332,7 +343,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             CoreStarts {
                 count,
                 last: now,
-                next: now + self.options.restart.delay(count),
+                next: now + self.cx.options.restart.delay(count),
             },
         );
         tracing::info!(container = %id, "started core component");

@@ -459,7 +459,7 @@ async fn unreadable_records_never_reset_a_service() {
     let state = tempfile::tempdir().unwrap();
     let fake = Fake::default();
     let mut reconciler = reconciler(&fake, state.path());
-    let web = reconciler.state.container_dir("root_web").unwrap();
+    let web = reconciler.cx.state.container_dir("root_web").unwrap();
     std::fs::create_dir_all(&web).unwrap();
     let status = pb::ServiceStatus {
         service_name: "web".into(),
@@ -482,7 +482,7 @@ async fn unreadable_records_never_reset_a_service() {
     let web = &reconciler.tracked["root_web"].status;
     assert_eq!(web.phase(), ServicePhase::Failed, "{web:?}");
 
-    let api = reconciler.state.container_dir("root_api").unwrap();
+    let api = reconciler.cx.state.container_dir("root_api").unwrap();
     std::fs::create_dir_all(&api).unwrap();
     std::fs::write(api.join("status.pb"), b"\xff\xff\xff").unwrap();
     std::fs::write(

@@ -8,7 +8,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if std::mem::replace(&mut self.trials_loaded, true) {
             return;
         }
-        let Ok(entries) = std::fs::read_dir(self.state.trials()) else {
+        let Ok(entries) = std::fs::read_dir(self.cx.state.trials()) else {
             return;
         };
         for entry in entries.flatten() {
@@ -69,6 +69,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     failed_now = true;
                 }
                 if let Err(err) = self
+                    .cx
                     .state
                     .trial(&trial.installation)
                     .and_then(|path| StateDir::write_json(&path, trial))
