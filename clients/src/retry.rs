@@ -2,7 +2,6 @@
 
 use std::{future::Future, time::Duration};
 
-use rand::Rng as _;
 use tonic::Code;
 
 /// How often and how patiently idempotent calls are retried.
@@ -38,14 +37,7 @@ impl RetryPolicy {
     /// The delay before retry number `retry` (0-based), with full jitter
     /// over its upper half.
     pub fn delay(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .base_delay
-            .saturating_mul(1 << retry.min(16))
-            .min(self.max_delay);
-        let half = ceiling / 2;
-        half + ceiling
-            .saturating_sub(half)
-            .mul_f64(rand::rng().random_range(0.0..=1.0))
+        addons_backoff::Backoff::new(self.base_delay, self.max_delay).jittered(retry)
     }
 
     /// Runs `call` until it succeeds, fails with anything but

@@ -102,8 +102,7 @@ impl Config {
     pub fn verifier_options(&self) -> VerifierOptions {
         VerifierOptions {
             concurrency: usize::from(self.verify_concurrency),
-            backoff_base: self.verify_backoff,
-            backoff_max: self.verify_backoff_max.max(self.verify_backoff),
+            backoff: addons_backoff::Backoff::new(self.verify_backoff, self.verify_backoff_max),
         }
     }
 }

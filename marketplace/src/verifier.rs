@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use addons_backoff::Backoff;
 use addons_server_kit::Shutdown;
 use addons_store::{Collection, Filter, Precondition};
 use chrono::Utc;
@@ -39,18 +40,16 @@ use crate::{
 pub struct VerifierOptions {
     /// Addons verified at the same time.
     pub concurrency: usize,
-    /// Delay before the first retry after a transient error.
-    pub backoff_base: Duration,
-    /// Longest delay between retries.
-    pub backoff_max: Duration,
+    /// Delays between retries after a transient error (jittered, so
+    /// retries of many addons spread out).
+    pub backoff: Backoff,
 }
 
 impl Default for VerifierOptions {
     fn default() -> Self {
         Self {
             concurrency: 4,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
         }
     }
 }
@@ -125,7 +124,7 @@ async fn run(
                 tracing::warn!(error = %err, "cannot list addons under review; retrying");
                 tokio::select! {
                     () = shutdown.fired() => return,
-                    () = tokio::time::sleep(options.backoff_base) => {}
+                    () = tokio::time::sleep(options.backoff.base()) => {}
                 }
             }
         }
@@ -200,15 +199,9 @@ fn instant_of(time: chrono::DateTime<Utc>) -> Instant {
     Instant::now() + wait
 }
 
-/// The delay before retry number `attempts`: exponential, capped, with
-/// jitter over its upper half so that retries of many addons spread out.
+/// The delay before retry number `attempts` (1 is the first).
 fn backoff(options: &VerifierOptions, attempts: u32) -> Duration {
-    let exponent = attempts.saturating_sub(1).min(20);
-    let delay = options
-        .backoff_base
-        .saturating_mul(1 << exponent)
-        .min(options.backoff_max);
-    delay.mul_f64(rand::random_range(0.5..=1.0))
+    options.backoff.jittered(attempts.saturating_sub(1))
 }
 
 async fn attempt(
@@ -222,7 +215,7 @@ async fn attempt(
         Ok(_) => return Outcome::Done,
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot load addon to verify");
-            return Outcome::RetryAt(Instant::now() + options.backoff_base);
+            return Outcome::RetryAt(Instant::now() + options.backoff.base());
         }
     };
     let started = std::time::Instant::now();
@@ -340,7 +333,7 @@ async fn attempt(
         Err(addons_store::Error::NotFound { .. }) => Outcome::Done,
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot store verification result");
-            Outcome::RetryAt(Instant::now() + options.backoff_base)
+            Outcome::RetryAt(Instant::now() + options.backoff.base())
         }
     }
 }
@@ -353,8 +346,7 @@ mod tests {
     fn backoff_grows_is_capped_and_jittered() {
         let options = VerifierOptions {
             concurrency: 1,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(30),
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         };
         for attempts in 1..40 {
             let full =

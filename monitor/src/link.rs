@@ -32,10 +32,8 @@ pub struct LinkSettings {
     pub labels: std::collections::BTreeMap<String, String>,
     /// How often to send a heartbeat.
     pub heartbeat: Duration,
-    /// First reconnect delay; doubles up to `backoff_max`.
-    pub backoff_base: Duration,
-    /// Longest reconnect delay.
-    pub backoff_max: Duration,
+    /// Reconnect delays (jittered).
+    pub backoff: addons_backoff::Backoff,
     /// TLS and token for the manager.
     pub credentials: addons_server_kit::ClientCredentials,
 }
@@ -141,27 +139,12 @@ async fn run(
             failures = 0;
         }
         failures = failures.saturating_add(1);
-        let delay = settings
-            .backoff_base
-            .saturating_mul(1 << failures.saturating_sub(1).min(16))
-            .min(settings.backoff_max)
-            .mul_f64(0.5 + jitter() * 0.5);
+        let delay = settings.backoff.jittered(failures - 1);
         tokio::select! {
             () = shutdown.fired() => return,
             () = tokio::time::sleep(delay) => {}
         }
     }
-}
-
-/// A number in [0, 1) that differs between calls and nodes.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mixed = (u64::from(nanos) ^ u64::from(std::process::id()).rotate_left(17))
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (mixed >> 11) as f64 / (1_u64 << 53) as f64
 }
 
 async fn session(

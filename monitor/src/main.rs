@@ -135,8 +135,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             plane,
             labels,
             heartbeat: config.heartbeat,
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
+            backoff: addons_backoff::Backoff::new(
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+            ),
             credentials: addons_server_kit::ClientCredentials {
                 ca: config.manager_ca.clone(),
                 cert: config.manager_cert.clone(),
@@ -165,8 +167,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             resync: config.resync_interval,
             stop_grace: config.stop_grace,
             restart: RestartPolicy {
-                backoff: config.restart_backoff,
-                backoff_max: config.restart_backoff_max.max(config.restart_backoff),
+                backoff: addons_backoff::Backoff::new(
+                    config.restart_backoff,
+                    config.restart_backoff_max,
+                ),
                 max_failures: config.max_failures,
                 window: config.failure_window,
             },

@@ -5,15 +5,16 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use addons_backoff::Backoff;
 use serde::{Deserialize, Serialize};
 
 /// How the monitor retries a service that exits or cannot be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {
-    /// Delay after the first failure; doubles with each further one.
-    pub backoff: Duration,
-    /// Longest delay.
-    pub backoff_max: Duration,
+    /// Delays after a failure: the first failure's, doubling with each
+    /// further one up to the longest (without jitter: a restart's time is
+    /// reported and persisted).
+    pub backoff: Backoff,
     /// More failures than this within `window` and the service is given up.
     pub max_failures: usize,
     /// Window in which failures are counted.
@@ -39,12 +40,8 @@ pub struct FailureHistory {
 impl RestartPolicy {
     /// The delay before attempt `n + 1` after `n` failures in a row.
     pub fn delay(&self, failures: usize) -> Duration {
-        let exponent = u32::try_from(failures.saturating_sub(1))
-            .unwrap_or(u32::MAX)
-            .min(16);
-        self.backoff
-            .saturating_mul(1 << exponent)
-            .min(self.backoff_max.max(self.backoff))
+        let retry = u32::try_from(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff.ceiling(retry)
     }
 
     /// Counts a failure at `now` in `history` (forgetting those that left
@@ -82,8 +79,7 @@ mod tests {
 
     fn policy() -> RestartPolicy {
         RestartPolicy {
-            backoff: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             max_failures: 5,
             window: Duration::from_secs(300),
         }
@@ -127,8 +123,7 @@ mod tests {
         #[test]
         fn delays_grow_and_stay_bounded(backoff_ms in 1_u64..10_000, max_ms in 1_u64..600_000, n in 0_usize..200) {
             let policy = RestartPolicy {
-                backoff: Duration::from_millis(backoff_ms),
-                backoff_max: Duration::from_millis(max_ms),
+                backoff: Backoff::new(Duration::from_millis(backoff_ms), Duration::from_millis(max_ms)),
                 max_failures: 5,
                 window: Duration::from_secs(60),
             };

@@ -332,7 +332,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         let count = match self.core_starts.get(id) {
             // It ran longer than the longest backoff: a fresh start.
             Some(starts)
-                if now.duration_since(starts.last) <= self.cx.options.restart.backoff_max =>
+                if now.duration_since(starts.last) <= self.cx.options.restart.backoff.max() =>
             {
                 starts.count + 1
             }

@@ -271,8 +271,10 @@ fn reconciler(fake: &Fake, state: &Path) -> Reconciler<Fake, Fake> {
         resync: Duration::from_secs(10),
         stop_grace: Duration::from_secs(1),
         restart: RestartPolicy {
-            backoff: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(1),
+            backoff: addons_backoff::Backoff::new(
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+            ),
             max_failures: 5,
             window: Duration::from_secs(60),
         },

@@ -372,7 +372,7 @@ impl Containerd {
     /// that dies midway leaves nothing GC cannot collect.
     async fn create_lease(&self) -> Result<String, RuntimeError> {
         use containerd_client::services::v1::{CreateRequest, leases_client::LeasesClient};
-        let id = format!("oakestra-{}", rand_suffix());
+        let id = format!("oakestra-{:016x}", rand::random::<u64>());
         let labels = std::collections::HashMap::from([(
             "containerd.io/gc.expire".to_owned(),
             expiry_in_an_hour(),
@@ -419,16 +419,6 @@ impl Containerd {
             revision: response.revision,
         })
     }
-}
-
-/// A short random suffix for temporary keys.
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 /// One hour from now in RFC 3339.

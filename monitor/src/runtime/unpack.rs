@@ -15,7 +15,7 @@ use containerd_client::{
 };
 use oci_client::manifest::OciDescriptor;
 
-use super::{Containerd, RuntimeError, rand_suffix};
+use super::{Containerd, RuntimeError};
 
 impl Containerd {
     pub(super) async fn snapshot_exists(&self, key: &str) -> Result<bool, RuntimeError> {
@@ -54,7 +54,7 @@ impl Containerd {
     ) -> Result<(), RuntimeError> {
         let channel = self.channel().await?;
         let mut snapshots = SnapshotsClient::new(channel.clone());
-        let key = format!("extract-{}-{chain_id}", rand_suffix());
+        let key = format!("extract-{:016x}-{chain_id}", rand::random::<u64>());
         let mounts = snapshots
             .prepare(self.request(
                 PrepareSnapshotRequest {
