@@ -12,6 +12,7 @@
 
 mod guard;
 mod jwt;
+mod subject;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

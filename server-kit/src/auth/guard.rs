@@ -17,7 +17,7 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use super::{Identity, Role, Security, Source};
+use super::{Identity, Role, Security, Source, subject::common_name};
 use crate::ApiError;
 
 /// The roles one method needs: holding any of them (or one that grants
@@ -400,17 +400,6 @@ fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
     }
     parts.push(&text[start..]);
     parts
-}
-
-/// The subject CN of a DER certificate.
-fn common_name(der: &[u8]) -> Option<String> {
-    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
-    certificate
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
 }
 
 #[cfg(test)]
