@@ -48,10 +48,6 @@ impl Document for NodeStatus {
         &self.id
     }
 
-    fn unique_key(&self) -> Option<String> {
-        None
-    }
-
     /// The installation, so one installation's records list by status.
     fn status(&self) -> String {
         self.installation_id.clone()

@@ -88,14 +88,6 @@ impl Document for NameClaim {
     fn id(&self) -> &str {
         &self.name
     }
-
-    fn unique_key(&self) -> Option<String> {
-        None
-    }
-
-    fn status(&self) -> String {
-        String::new()
-    }
 }
 
 /// The unique key of version `version` of addon `name`.

@@ -47,11 +47,17 @@ pub trait Document: Serialize + DeserializeOwned + Clone + Send + Sync + 'static
 
     /// Key that must be unique within the collection, if the record has one
     /// right now (the marketplace: the addon name; the manager: the
-    /// marketplace id of an installation that is not disabled).
-    fn unique_key(&self) -> Option<String>;
+    /// marketplace id of an installation that is not disabled). None by
+    /// default.
+    fn unique_key(&self) -> Option<String> {
+        None
+    }
 
-    /// Status the store filters on and compares in preconditions.
-    fn status(&self) -> String;
+    /// Status the store filters on and compares in preconditions; empty by
+    /// default.
+    fn status(&self) -> String {
+        String::new()
+    }
 
     /// Whether writes of this collection go to the store's change log, so
     /// watchers can resume ([`Collection::changes_since`]). Bookkeeping

@@ -40,14 +40,6 @@ impl Document for PlaneState {
     fn id(&self) -> &str {
         &self.id
     }
-
-    fn unique_key(&self) -> Option<String> {
-        None
-    }
-
-    fn status(&self) -> String {
-        String::new()
-    }
 }
 
 /// The desired state as sent to monitors.

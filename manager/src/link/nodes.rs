@@ -42,14 +42,6 @@ impl Document for NodeRecord {
     fn id(&self) -> &str {
         &self.id
     }
-
-    fn unique_key(&self) -> Option<String> {
-        None
-    }
-
-    fn status(&self) -> String {
-        String::new()
-    }
 }
 
 /// Why a node is forgotten.
