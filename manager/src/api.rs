@@ -204,10 +204,7 @@ impl AddonsManagerService for ManagerApi {
     ) -> Result<Response<pb::InstallAddonResponse>, Status> {
         self.requests
             .serve(
-                "InstallAddon",
                 request,
-                |r| &mut r.request_id,
-                |r| r.marketplace_id.as_str(),
                 async |Mutation {
                            identity,
                            request_id,
@@ -240,10 +237,7 @@ impl AddonsManagerService for ManagerApi {
     ) -> Result<Response<pb::UpgradeInstallationResponse>, Status> {
         self.requests
             .serve(
-                "UpgradeInstallation",
                 request,
-                |r| &mut r.request_id,
-                |r| r.id.as_str(),
                 async |Mutation { identity, request, .. }| {
                     let id = required("id", &request.id)?;
                     let version = required("version", &request.version)?;
@@ -269,10 +263,7 @@ impl AddonsManagerService for ManagerApi {
     ) -> Result<Response<pb::RollbackInstallationResponse>, Status> {
         self.requests
             .serve(
-                "RollbackInstallation",
                 request,
-                |r| &mut r.request_id,
-                |r| r.id.as_str(),
                 async |Mutation {
                            identity, request, ..
                        }| {
@@ -302,22 +293,16 @@ impl AddonsManagerService for ManagerApi {
         request: Request<pb::UninstallAddonRequest>,
     ) -> Result<Response<pb::UninstallAddonResponse>, Status> {
         self.requests
-            .serve(
-                "UninstallAddon",
-                request,
-                |r| &mut r.request_id,
-                |r| r.id.as_str(),
-                async |Mutation { request, .. }| {
-                    let id = required("id", &request.id)?;
-                    let installation = self
-                        .core
-                        .uninstall(id, request.purge, request.expected_revision)
-                        .await?;
-                    Ok(pb::UninstallAddonResponse {
-                        installation: installation.map(convert::installation_to_proto),
-                    })
-                },
-            )
+            .serve(request, async |Mutation { request, .. }| {
+                let id = required("id", &request.id)?;
+                let installation = self
+                    .core
+                    .uninstall(id, request.purge, request.expected_revision)
+                    .await?;
+                Ok(pb::UninstallAddonResponse {
+                    installation: installation.map(convert::installation_to_proto),
+                })
+            })
             .await
     }
 

@@ -118,10 +118,7 @@ impl MarketplaceService for MarketplaceApi {
     ) -> Result<Response<pb::PublishAddonResponse>, Status> {
         self.requests
             .serve(
-                "PublishAddon",
                 request,
-                |r| &mut r.request_id,
-                |r| r.addon.as_ref().map_or("", |a| a.name.as_str()),
                 async |Mutation { identity, request, .. }| {
                     let addon = request
                         .addon
@@ -198,10 +195,7 @@ impl MarketplaceService for MarketplaceApi {
     ) -> Result<Response<pb::DeleteAddonResponse>, Status> {
         self.requests
             .serve(
-                "DeleteAddon",
                 request,
-                |r| &mut r.request_id,
-                |r| r.id.as_str(),
                 async |Mutation {
                            identity, request, ..
                        }| {
@@ -223,10 +217,7 @@ impl MarketplaceService for MarketplaceApi {
     ) -> Result<Response<pb::ReverifyAddonResponse>, Status> {
         self.requests
             .serve(
-                "ReverifyAddon",
                 request,
-                |r| &mut r.request_id,
-                |r| r.id.as_str(),
                 async |Mutation {
                            identity, request, ..
                        }| {

@@ -40,6 +40,48 @@ impl engine::v1::Plane {
     }
 }
 
+/// The request of a mutating call: the method it is the request of (as
+/// audited, and as its `request_id` is remembered under), the resource it
+/// acts on (as the audit record names it), and its `request_id` field, which
+/// makes a retried call take effect once.
+pub trait Mutating: prost::Message {
+    /// The gRPC method, such as `InstallAddon`.
+    const METHOD: &'static str;
+    /// The request's `request_id` field.
+    fn request_id(&mut self) -> &mut String;
+    /// What the call acts on.
+    fn resource(&self) -> &str;
+}
+
+macro_rules! mutating {
+    ($($request:ty: $method:literal, |$r:ident| $resource:expr;)*) => {
+        $(
+            impl Mutating for $request {
+                const METHOD: &'static str = $method;
+
+                fn request_id(&mut self) -> &mut String {
+                    &mut self.request_id
+                }
+
+                fn resource(&self) -> &str {
+                    let $r = self;
+                    $resource
+                }
+            }
+        )*
+    };
+}
+
+mutating! {
+    marketplace::v1::PublishAddonRequest: "PublishAddon", |r| r.addon.as_ref().map_or("", |a| a.name.as_str());
+    marketplace::v1::DeleteAddonRequest: "DeleteAddon", |r| &r.id;
+    marketplace::v1::ReverifyAddonRequest: "ReverifyAddon", |r| &r.id;
+    engine::v1::InstallAddonRequest: "InstallAddon", |r| &r.marketplace_id;
+    engine::v1::UpgradeInstallationRequest: "UpgradeInstallation", |r| &r.id;
+    engine::v1::RollbackInstallationRequest: "RollbackInstallation", |r| &r.id;
+    engine::v1::UninstallAddonRequest: "UninstallAddon", |r| &r.id;
+}
+
 /// `oakestra.addons.monitor.v1`: the node-local API of an Addons Monitor.
 pub mod monitor {
     /// Version 1 of the monitor contract.

@@ -120,6 +120,37 @@ impl Requests {
         })
     }
 
+    /// Serves a mutating call: takes its caller's identity and its
+    /// `request_id` (cleared in the request), runs `call` at most once per
+    /// caller and id ([`Requests::once`]), and writes the audit record of
+    /// the request's method on its resource ([`Mutating`](oakestra_addons_proto::Mutating)). Every mutating
+    /// handler is this and its call into its use case.
+    pub async fn serve<Req, Resp>(
+        &self,
+        request: tonic::Request<Req>,
+        call: impl AsyncFnOnce(Mutation<'_, Req>) -> Result<Resp, Status>,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: oakestra_addons_proto::Mutating,
+        Resp: Message + Default,
+    {
+        let identity = Identity::of(&request);
+        let mut request = request.into_inner();
+        let id = std::mem::take(request.request_id());
+        let mutation = Mutation {
+            identity: &identity,
+            request_id: &id,
+            request: &request,
+        };
+        let outcome = self
+            .once(Req::METHOD, &identity.subject, &id, &request, || {
+                call(mutation)
+            })
+            .await;
+        audit(&identity, Req::METHOD, request.resource(), &outcome);
+        outcome.map(tonic::Response::new)
+    }
+
     /// Runs `call` once per `request_id`: with an empty id it just runs; with
     /// an id seen before for `method` it returns the remembered response, or
     /// INVALID_ARGUMENT `REQUEST_ID_REUSED` when `request` (whose own
@@ -127,38 +158,6 @@ impl Requests {
     /// Only successful responses are remembered. A `request_id` is the
     /// `caller`'s own: another caller's call with the same id is another
     /// request, never answered with the first caller's response.
-    /// Serves a mutating call: takes its caller's identity and its
-    /// `request_id` (cleared in the request, which `request_id` points at),
-    /// runs `call` at most once per caller and id ([`Requests::once`]), and
-    /// writes the audit record of `method` on the resource `resource` names.
-    /// Every mutating handler is this and its call into its use case.
-    pub async fn serve<Req, Resp>(
-        &self,
-        method: &'static str,
-        request: tonic::Request<Req>,
-        request_id: fn(&mut Req) -> &mut String,
-        resource: fn(&Req) -> &str,
-        call: impl AsyncFnOnce(Mutation<'_, Req>) -> Result<Resp, Status>,
-    ) -> Result<tonic::Response<Resp>, Status>
-    where
-        Req: Message,
-        Resp: Message + Default,
-    {
-        let identity = Identity::of(&request);
-        let mut request = request.into_inner();
-        let id = std::mem::take(request_id(&mut request));
-        let mutation = Mutation {
-            identity: &identity,
-            request_id: &id,
-            request: &request,
-        };
-        let outcome = self
-            .once(method, &identity.subject, &id, &request, || call(mutation))
-            .await;
-        audit(&identity, method, resource(&request), &outcome);
-        outcome.map(tonic::Response::new)
-    }
-
     pub async fn once<Req, Resp, Fut>(
         &self,
         method: &str,
