@@ -28,48 +28,31 @@ const WATCH_BUFFER: usize = 256;
 /// Who may call what on the manager: viewers read, operators change.
 pub const MANAGER_PERMISSIONS: &[MethodAccess] = &[
     MethodAccess {
-        method: "GetInstallation",
         roles: &[Role::Viewer],
+        methods: &[
+            "GetInstallation",
+            "ListInstallations",
+            "WatchInstallations",
+            "ListNodes",
+        ],
     },
     MethodAccess {
-        method: "ListInstallations",
-        roles: &[Role::Viewer],
-    },
-    MethodAccess {
-        method: "WatchInstallations",
-        roles: &[Role::Viewer],
-    },
-    MethodAccess {
-        method: "InstallAddon",
         roles: &[Role::Operator],
-    },
-    MethodAccess {
-        method: "UninstallAddon",
-        roles: &[Role::Operator],
-    },
-    MethodAccess {
-        method: "UpgradeInstallation",
-        roles: &[Role::Operator],
-    },
-    MethodAccess {
-        method: "RollbackInstallation",
-        roles: &[Role::Operator],
-    },
-    MethodAccess {
-        method: "ListNodes",
-        roles: &[Role::Viewer],
-    },
-    MethodAccess {
-        method: "ForgetNode",
-        roles: &[Role::Operator],
+        methods: &[
+            "InstallAddon",
+            "UninstallAddon",
+            "UpgradeInstallation",
+            "RollbackInstallation",
+            "ForgetNode",
+        ],
     },
 ];
 
 /// Only nodes open the monitor link (and only as themselves, checked by
 /// the link).
 pub const LINK_PERMISSIONS: &[MethodAccess] = &[MethodAccess {
-    method: "OpenLink",
     roles: &[Role::Node],
+    methods: &["OpenLink"],
 }];
 
 /// The gRPC face of the manager's install API.

@@ -24,28 +24,16 @@ const WATCH_BUFFER: usize = 64;
 /// checked by the service) or `reviewer`.
 pub const PERMISSIONS: &[MethodAccess] = &[
     MethodAccess {
-        method: "GetAddon",
         roles: &[Role::Viewer],
+        methods: &["GetAddon", "ListAddons", "WatchAddon"],
     },
     MethodAccess {
-        method: "ListAddons",
-        roles: &[Role::Viewer],
-    },
-    MethodAccess {
-        method: "WatchAddon",
-        roles: &[Role::Viewer],
-    },
-    MethodAccess {
-        method: "PublishAddon",
         roles: &[Role::Publisher],
+        methods: &["PublishAddon"],
     },
     MethodAccess {
-        method: "DeleteAddon",
         roles: &[Role::Publisher, Role::Reviewer],
-    },
-    MethodAccess {
-        method: "ReverifyAddon",
-        roles: &[Role::Publisher, Role::Reviewer],
+        methods: &["DeleteAddon", "ReverifyAddon"],
     },
 ];
 

@@ -28,16 +28,12 @@ use crate::{
 /// secrets, need an operator.
 pub const PERMISSIONS: &[MethodAccess] = &[
     MethodAccess {
-        method: "ListManagedServices",
         roles: &[Role::Viewer],
+        methods: &["ListManagedServices", "GetRuntimeInfo"],
     },
     MethodAccess {
-        method: "GetRuntimeInfo",
-        roles: &[Role::Viewer],
-    },
-    MethodAccess {
-        method: "GetServiceLogs",
         roles: &[Role::Operator],
+        methods: &["GetServiceLogs"],
     },
 ];
 

@@ -20,14 +20,14 @@ use tonic::{
 use super::{Identity, Role, Security, Source, subject::common_name};
 use crate::ApiError;
 
-/// The roles one method needs: holding any of them (or one that grants
-/// it) is enough.
+/// The roles some methods need: holding any of them (or one that grants
+/// it) is enough. A method not in a service's table is open to no role.
 #[derive(Debug, Clone, Copy)]
 pub struct MethodAccess {
-    /// The method's name, as in the `.proto`.
-    pub method: &'static str,
-    /// Roles that may call it.
+    /// Roles that may call them.
     pub roles: &'static [Role],
+    /// The methods' names, as in the `.proto`.
+    pub methods: &'static [&'static str],
 }
 
 struct Tables {
@@ -223,7 +223,7 @@ impl Tables {
             // Not ours: the router answers UNIMPLEMENTED.
             return Ok(identity);
         };
-        let access = table.iter().find(|m| m.method == method);
+        let access = table.iter().find(|m| m.methods.contains(&method));
         let allowed = access.is_some_and(|access| access.roles.iter().any(|r| identity.has(*r)));
         if allowed {
             return Ok(identity);
