@@ -46,6 +46,31 @@ macro_rules! client_constructors {
                     timeout: options.timeout,
                 }
             }
+
+            /// Calls `method` with `request` on a clone of the stub, within
+            /// the timeout, retried on `UNAVAILABLE` per the retry policy:
+            /// for idempotent calls only (mutating ones carry one
+            /// `request_id` through their retries).
+            async fn call<Req, Resp, Fut>(
+                &self,
+                request: Req,
+                method: impl Fn($stub<crate::AuthChannel>, Req) -> Fut,
+            ) -> Result<Resp, ClientError>
+            where
+                Req: Clone,
+                Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+            {
+                let response = self
+                    .retry
+                    .run(|| {
+                        crate::retry::within(
+                            self.timeout,
+                            method(self.inner.clone(), request.clone()),
+                        )
+                    })
+                    .await?;
+                Ok(response.into_inner())
+            }
         }
     };
 }

@@ -92,17 +92,9 @@ impl ManagerClient {
             node_selector: options.node_selector,
         };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(
-                    self.timeout,
-                    async move { inner.install_addon(request).await },
-                )
-            })
+            .call(request, |mut c, r| async move { c.install_addon(r).await })
             .await?;
-        Ok(response.into_inner().installation.unwrap_or_default())
+        Ok(response.installation.unwrap_or_default())
     }
 
     /// Starts upgrading installation `id` to `version` of its addon.
@@ -124,16 +116,11 @@ impl ManagerClient {
             progress_deadline: None,
         };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(self.timeout, async move {
-                    inner.upgrade_installation(request).await
-                })
+            .call(request, |mut c, r| async move {
+                c.upgrade_installation(r).await
             })
             .await?;
-        Ok(response.into_inner().installation.unwrap_or_default())
+        Ok(response.installation.unwrap_or_default())
     }
 
     /// Starts returning installation `id` to release `release` (0: the one
@@ -155,16 +142,11 @@ impl ManagerClient {
             progress_deadline: None,
         };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(self.timeout, async move {
-                    inner.rollback_installation(request).await
-                })
+            .call(request, |mut c, r| async move {
+                c.rollback_installation(r).await
             })
             .await?;
-        Ok(response.into_inner().installation.unwrap_or_default())
+        Ok(response.installation.unwrap_or_default())
     }
 
     /// Uninstalls; retried on `UNAVAILABLE` with one `request_id`, so a
@@ -176,34 +158,25 @@ impl ManagerClient {
             request_id: new_request_id(),
             expected_revision: None,
         };
-        let response =
-            self.retry
-                .run(|| {
-                    let mut inner = self.inner.clone();
-                    let request = request.clone();
-                    crate::retry::within(self.timeout, async move {
-                        inner.uninstall_addon(request).await
-                    })
-                })
-                .await?;
-        Ok(response.into_inner().installation.unwrap_or_default())
+        let response = self
+            .call(
+                request,
+                |mut c, r| async move { c.uninstall_addon(r).await },
+            )
+            .await?;
+        Ok(response.installation.unwrap_or_default())
     }
 
     /// The installation with `id`.
     pub async fn get(&self, id: &str) -> Result<pb::Installation, ClientError> {
+        let request = pb::GetInstallationRequest { id: id.to_owned() };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let timeout = self.timeout;
-                let request = pb::GetInstallationRequest { id: id.to_owned() };
-                crate::retry::within(
-                    timeout,
-                    async move { inner.get_installation(request).await },
-                )
-            })
+            .call(
+                request,
+                |mut c, r| async move { c.get_installation(r).await },
+            )
             .await?;
-        Ok(response.into_inner().installation.unwrap_or_default())
+        Ok(response.installation.unwrap_or_default())
     }
 
     /// One page of installations.
@@ -218,19 +191,11 @@ impl ManagerClient {
             page_size,
             page_token: page_token.to_owned(),
         };
-        let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let timeout = self.timeout;
-                let request = request.clone();
-                crate::retry::within(
-                    timeout,
-                    async move { inner.list_installations(request).await },
-                )
-            })
-            .await?;
-        Ok(response.into_inner())
+        self.call(
+            request,
+            |mut c, r| async move { c.list_installations(r).await },
+        )
+        .await
     }
 
     /// One page of the plane's nodes.
@@ -243,15 +208,8 @@ impl ManagerClient {
             page_size,
             page_token: page_token.to_owned(),
         };
-        let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(self.timeout, async move { inner.list_nodes(request).await })
-            })
-            .await?;
-        Ok(response.into_inner())
+        self.call(request, |mut c, r| async move { c.list_nodes(r).await })
+            .await
     }
 
     /// Every node of the plane, page after page.
@@ -274,17 +232,9 @@ impl ManagerClient {
             node_id: node_id.to_owned(),
         };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(
-                    self.timeout,
-                    async move { inner.forget_node(request).await },
-                )
-            })
+            .call(request, |mut c, r| async move { c.forget_node(r).await })
             .await?;
-        Ok(response.into_inner().node.unwrap_or_default())
+        Ok(response.node.unwrap_or_default())
     }
 
     /// Every installation with one of `statuses` (all when empty), page

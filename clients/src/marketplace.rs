@@ -61,31 +61,18 @@ impl MarketplaceClient {
             request_id: new_request_id(),
         };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(
-                    self.timeout,
-                    async move { inner.publish_addon(request).await },
-                )
-            })
+            .call(request, |mut c, r| async move { c.publish_addon(r).await })
             .await?;
-        Ok(response.into_inner().addon.unwrap_or_default())
+        Ok(response.addon.unwrap_or_default())
     }
 
     /// The addon with `id`, whatever its status.
     pub async fn get(&self, id: &str) -> Result<pb::Addon, ClientError> {
+        let request = pb::GetAddonRequest { id: id.to_owned() };
         let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let timeout = self.timeout;
-                let request = pb::GetAddonRequest { id: id.to_owned() };
-                crate::retry::within(timeout, async move { inner.get_addon(request).await })
-            })
+            .call(request, |mut c, r| async move { c.get_addon(r).await })
             .await?;
-        Ok(response.into_inner().addon.unwrap_or_default())
+        Ok(response.addon.unwrap_or_default())
     }
 
     /// One page of addons.
@@ -101,16 +88,8 @@ impl MarketplaceClient {
             page_size,
             page_token: page_token.to_owned(),
         };
-        let response = self
-            .retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let timeout = self.timeout;
-                let request = request.clone();
-                crate::retry::within(timeout, async move { inner.list_addons(request).await })
-            })
-            .await?;
-        Ok(response.into_inner())
+        self.call(request, |mut c, r| async move { c.list_addons(r).await })
+            .await
     }
 
     /// Every matching addon, page after page.
@@ -138,15 +117,7 @@ impl MarketplaceClient {
             request_id: new_request_id(),
             expected_revision: None,
         };
-        self.retry
-            .run(|| {
-                let mut inner = self.inner.clone();
-                let request = request.clone();
-                crate::retry::within(
-                    self.timeout,
-                    async move { inner.delete_addon(request).await },
-                )
-            })
+        self.call(request, |mut c, r| async move { c.delete_addon(r).await })
             .await?;
         Ok(())
     }
@@ -158,17 +129,10 @@ impl MarketplaceClient {
             request_id: new_request_id(),
             expected_revision: None,
         };
-        let response =
-            self.retry
-                .run(|| {
-                    let mut inner = self.inner.clone();
-                    let request = request.clone();
-                    crate::retry::within(self.timeout, async move {
-                        inner.reverify_addon(request).await
-                    })
-                })
-                .await?;
-        Ok(response.into_inner().addon.unwrap_or_default())
+        let response = self
+            .call(request, |mut c, r| async move { c.reverify_addon(r).await })
+            .await?;
+        Ok(response.addon.unwrap_or_default())
     }
 
     /// The addon's states as they change, starting with the current one.
