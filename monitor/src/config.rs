@@ -44,21 +44,11 @@ pub struct Config {
     pub manager_ca: Option<PathBuf>,
 
     /// Client certificate for the manager (PEM): its CN must be the node id.
-    #[arg(
-        long,
-        env = "ADDONS_MANAGER_CERT",
-        value_name = "FILE",
-        requires = "manager_key"
-    )]
+    #[arg(long, env = "ADDONS_MANAGER_CERT", value_name = "FILE", requires = "manager_key")]
     pub manager_cert: Option<PathBuf>,
 
     /// Key of `--manager-cert` (PEM).
-    #[arg(
-        long,
-        env = "ADDONS_MANAGER_KEY",
-        value_name = "FILE",
-        requires = "manager_cert"
-    )]
+    #[arg(long, env = "ADDONS_MANAGER_KEY", value_name = "FILE", requires = "manager_cert")]
     pub manager_key: Option<PathBuf>,
 
     /// Bearer token of this node (role `node`, `sub` the node id), read
@@ -76,12 +66,7 @@ pub struct Config {
     pub containerd_socket: PathBuf,
 
     /// containerd namespace of addon and core containers.
-    #[arg(
-        long,
-        env = "ADDONS_NAMESPACE",
-        value_name = "NS",
-        default_value = "oakestra"
-    )]
+    #[arg(long, env = "ADDONS_NAMESPACE", value_name = "NS", default_value = "oakestra")]
     pub namespace: String,
 
     /// Unique id of this node; the host name when not set.
@@ -133,12 +118,7 @@ pub struct Config {
 
     /// Directory of the CNI plugin binaries (Debian's
     /// containernetworking-plugins).
-    #[arg(
-        long,
-        env = "ADDONS_CNI_PLUGIN_DIR",
-        value_name = "DIR",
-        default_value = "/usr/lib/cni"
-    )]
+    #[arg(long, env = "ADDONS_CNI_PLUGIN_DIR", value_name = "DIR", default_value = "/usr/lib/cni")]
     pub cni_plugin_dir: PathBuf,
 
     /// Name prefix of the bridges of addon networks (`<prefix><n>`).
@@ -155,12 +135,7 @@ pub struct Config {
     pub registry_auth: Option<PathBuf>,
 
     /// containerd snapshotter for root filesystems.
-    #[arg(
-        long,
-        env = "ADDONS_SNAPSHOTTER",
-        value_name = "NAME",
-        default_value = "overlayfs"
-    )]
+    #[arg(long, env = "ADDONS_SNAPSHOTTER", value_name = "NAME", default_value = "overlayfs")]
     pub snapshotter: String,
 
     /// Longest time a pull may take; past it, the pull fails and its
@@ -185,12 +160,7 @@ pub struct Config {
     pub restart_backoff_max: Duration,
 
     /// Exits within the failure window after which a service is FAILED.
-    #[arg(
-        long,
-        env = "ADDONS_MAX_FAILURES",
-        value_name = "N",
-        default_value_t = 5
-    )]
+    #[arg(long, env = "ADDONS_MAX_FAILURES", value_name = "N", default_value_t = 5)]
     pub max_failures: usize,
 
     /// Window in which exits are counted.

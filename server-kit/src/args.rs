@@ -57,12 +57,7 @@ pub struct CommonArgs {
 
     /// Most connections the server keeps open at once; one more is closed
     /// as it comes.
-    #[arg(
-        long,
-        env = "ADDONS_MAX_CONNECTIONS",
-        value_name = "N",
-        default_value_t = 16_384
-    )]
+    #[arg(long, env = "ADDONS_MAX_CONNECTIONS", value_name = "N", default_value_t = 16_384)]
     pub max_connections: usize,
 
     /// Most connections one peer address may keep open at once (loopback

@@ -172,33 +172,18 @@ pub fn audit<T>(
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AuthArgs {
     /// Serve TLS with this certificate chain (PEM).
-    #[arg(
-        long,
-        env = "ADDONS_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
+    #[arg(long, env = "ADDONS_TLS_CERT", value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
     /// The private key of `--tls-cert` (PEM).
-    #[arg(
-        long,
-        env = "ADDONS_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "ADDONS_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
     /// Authenticate callers by client certificates signed by this CA (PEM):
     /// the subject's CN is the caller, with roles from `--identity-roles`.
     /// A certificate from any other CA is refused (UNAUTHENTICATED); a
     /// caller without a certificate needs a token, if tokens are accepted.
-    #[arg(
-        long,
-        env = "ADDONS_TLS_CLIENT_CA",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "ADDONS_TLS_CLIENT_CA", value_name = "FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
     /// Accept bearer tokens (JWT) signed with this HS256 secret.

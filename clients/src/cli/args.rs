@@ -32,12 +32,7 @@ Exit codes:
 pub struct Cli {
     /// gRPC URL of the marketplace [default: the context's, else
     /// http://127.0.0.1:11102].
-    #[arg(
-        long,
-        global = true,
-        env = "OAK_ADDONS_MARKETPLACE",
-        value_name = "URL"
-    )]
+    #[arg(long, global = true, env = "OAK_ADDONS_MARKETPLACE", value_name = "URL")]
     pub(crate) marketplace: Option<String>,
 
     /// gRPC URL of the Addons Manager [default: the context's, else
@@ -61,12 +56,7 @@ pub struct Cli {
     pub(crate) token: Option<String>,
 
     /// File holding the bearer token.
-    #[arg(
-        long,
-        global = true,
-        env = "OAK_ADDONS_TOKEN_FILE",
-        value_name = "FILE"
-    )]
+    #[arg(long, global = true, env = "OAK_ADDONS_TOKEN_FILE", value_name = "FILE")]
     pub(crate) token_file: Option<PathBuf>,
 
     /// CA certificate (PEM) of the servers' TLS certificates; needed for
