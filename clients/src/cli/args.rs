@@ -317,36 +317,8 @@ pub(crate) enum ConfigCommand {
 pub(crate) struct SetContext {
     /// Its name.
     pub(crate) name: String,
-    /// URL of the marketplace.
-    #[arg(long = "set-marketplace", value_name = "URL")]
-    pub(crate) marketplace: Option<String>,
-    /// URL of the manager.
-    #[arg(long = "set-manager", value_name = "URL")]
-    pub(crate) manager: Option<String>,
-    /// URL of a node's monitor.
-    #[arg(long = "set-monitor", value_name = "URL")]
-    pub(crate) monitor: Option<String>,
-    /// CA certificate file.
-    #[arg(long = "set-ca-cert", value_name = "FILE")]
-    pub(crate) ca_cert: Option<PathBuf>,
-    /// Token file.
-    #[arg(long = "set-token-file", value_name = "FILE")]
-    pub(crate) token_file: Option<PathBuf>,
-    /// Token file for the marketplace only.
-    #[arg(long = "set-marketplace-token-file", value_name = "FILE")]
-    pub(crate) marketplace_token_file: Option<PathBuf>,
-    /// Token file for the manager only.
-    #[arg(long = "set-manager-token-file", value_name = "FILE")]
-    pub(crate) manager_token_file: Option<PathBuf>,
-    /// Token file for the monitor only.
-    #[arg(long = "set-monitor-token-file", value_name = "FILE")]
-    pub(crate) monitor_token_file: Option<PathBuf>,
-    /// Client certificate file.
-    #[arg(long = "set-client-cert", value_name = "FILE")]
-    pub(crate) client_cert: Option<PathBuf>,
-    /// Client key file.
-    #[arg(long = "set-client-key", value_name = "FILE")]
-    pub(crate) client_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) changes: super::config::Context,
 }
 
 #[derive(Debug, clap::Subcommand)]

@@ -22,42 +22,94 @@ pub struct ConfigFile {
     pub contexts: BTreeMap<String, Context>,
 }
 
-/// Where the servers are and how to reach them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where the servers are and how to reach them. `config set-context` takes
+/// the same fields as flags (`--set-<field>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
 pub struct Context {
     /// URL of the marketplace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-marketplace", value_name = "URL")]
     pub marketplace: Option<String>,
     /// URL of the manager.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-manager", value_name = "URL")]
     pub manager: Option<String>,
     /// URL of a node's monitor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-monitor", value_name = "URL")]
     pub monitor: Option<String>,
     /// CA certificate file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-ca-cert", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// File holding the bearer token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-token-file", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Token for the marketplace only (a token whose audience is the
     /// marketplace); the marketplace gets it instead of `token_file`'s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-marketplace-token-file", value_name = "FILE")]
     pub marketplace_token_file: Option<PathBuf>,
     /// Token for the manager only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-manager-token-file", value_name = "FILE")]
     pub manager_token_file: Option<PathBuf>,
     /// Token for the node's monitor only: a node that was given the
     /// manager's token could replay it there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-monitor-token-file", value_name = "FILE")]
     pub monitor_token_file: Option<PathBuf>,
     /// Client certificate file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-client-cert", value_name = "FILE")]
     pub client_cert: Option<PathBuf>,
     /// Its key file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long = "set-client-key", value_name = "FILE")]
     pub client_key: Option<PathBuf>,
+}
+
+impl Context {
+    /// The fields `changes` sets, over this context's; files are kept as
+    /// absolute paths, so the context works from any directory.
+    pub fn update(&mut self, changes: Context) {
+        let Context {
+            marketplace,
+            manager,
+            monitor,
+            ca_cert,
+            token_file,
+            marketplace_token_file,
+            manager_token_file,
+            monitor_token_file,
+            client_cert,
+            client_key,
+        } = changes;
+        for (field, value) in [
+            (&mut self.marketplace, marketplace),
+            (&mut self.manager, manager),
+            (&mut self.monitor, monitor),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        for (field, value) in [
+            (&mut self.ca_cert, ca_cert),
+            (&mut self.token_file, token_file),
+            (&mut self.marketplace_token_file, marketplace_token_file),
+            (&mut self.manager_token_file, manager_token_file),
+            (&mut self.monitor_token_file, monitor_token_file),
+            (&mut self.client_cert, client_cert),
+            (&mut self.client_key, client_key),
+        ] {
+            if let Some(value) = value {
+                *field = Some(std::path::absolute(&value).unwrap_or(value));
+            }
+        }
+    }
 }
 
 /// The config file's path.

@@ -158,42 +158,11 @@ pub(crate) fn configure(cli: &Cli, command: ConfigCommand) -> Result<u8, Failure
             println!("current context: {name}");
         }
         ConfigCommand::SetContext(set) => {
-            let SetContext {
-                name,
-                marketplace,
-                manager,
-                monitor,
-                ca_cert,
-                token_file,
-                marketplace_token_file,
-                manager_token_file,
-                monitor_token_file,
-                client_cert,
-                client_key,
-            } = *set;
-            let context = file.contexts.entry(name.clone()).or_default();
-            let set = |field: &mut Option<String>, value: Option<String>| {
-                if value.is_some() {
-                    *field = value;
-                }
-            };
-            set(&mut context.marketplace, marketplace);
-            set(&mut context.manager, manager);
-            set(&mut context.monitor, monitor);
-            for (field, value) in [
-                (&mut context.ca_cert, ca_cert),
-                (&mut context.token_file, token_file),
-                (&mut context.marketplace_token_file, marketplace_token_file),
-                (&mut context.manager_token_file, manager_token_file),
-                (&mut context.monitor_token_file, monitor_token_file),
-                (&mut context.client_cert, client_cert),
-                (&mut context.client_key, client_key),
-            ] {
-                if let Some(value) = value {
-                    // Absolute, so the context works from any directory.
-                    *field = Some(std::path::absolute(&value).unwrap_or(value));
-                }
-            }
+            let SetContext { name, changes } = *set;
+            file.contexts
+                .entry(name.clone())
+                .or_default()
+                .update(changes);
             if file.current_context.is_none() {
                 file.current_context = Some(name.clone());
             }
