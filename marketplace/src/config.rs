@@ -1,6 +1,6 @@
 //! Command-line flags of `addons-marketplace`.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use addons_server_kit::{CommonArgs, parse_duration};
 
@@ -19,34 +19,9 @@ pub struct Config {
     #[arg(long, env = "ADDONS_STORE", value_name = "STORE")]
     pub store: Option<String>,
 
-    /// Registry credentials, as a docker `config.json` (`{"auths": {...}}`).
-    /// Registries not named there are accessed anonymously.
-    #[arg(long, env = "ADDONS_REGISTRY_AUTH", value_name = "FILE")]
-    pub registry_auth: Option<PathBuf>,
-
-    /// A registry (`host:port`) to reach over plain HTTP instead of HTTPS.
-    /// Repeat for several; comma-separated in the environment.
-    #[arg(
-        long = "insecure-registry",
-        env = "ADDONS_INSECURE_REGISTRIES",
-        value_name = "HOST:PORT",
-        value_delimiter = ','
-    )]
-    pub insecure_registries: Vec<String>,
-
-    /// A registry (`host` or `host:port`) images may name. Repeat for
-    /// several; comma-separated in the environment. Without any, every
-    /// registry at a public address may be named; one that resolves to a
-    /// loopback, private, link-local or other non-public address (the
-    /// machine itself, the internal network, a cloud's metadata service)
-    /// is reached only when named here or with --insecure-registry.
-    #[arg(
-        long = "allowed-registry",
-        env = "ADDONS_ALLOWED_REGISTRIES",
-        value_name = "HOST[:PORT]",
-        value_delimiter = ','
-    )]
-    pub allowed_registries: Vec<String>,
+    /// Which registries images may name, and their credentials.
+    #[command(flatten)]
+    pub registry: addons_server_kit::RegistryArgs,
 
     /// A platform (`os/arch[/variant]`) every image must provide. Repeat for
     /// several.
@@ -88,12 +63,9 @@ impl Config {
         }
         Ok(RegistryOptions {
             platforms: self.platforms.clone(),
-            insecure: self.insecure_registries.clone(),
-            allowed: self.allowed_registries.clone(),
-            credentials: match &self.registry_auth {
-                Some(path) => addons_server_kit::read_registry_credentials(path)?,
-                None => Default::default(),
-            },
+            insecure: self.registry.insecure_registries.clone(),
+            allowed: self.registry.allowed_registries.clone(),
+            credentials: self.registry.credentials()?,
             timeout: self.registry_timeout,
         })
     }

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use addons_server_kit::{CommonArgs, parse_duration};
+use addons_server_kit::{CommonArgs, RegistryArgs, parse_duration};
 
 /// The orchestration plane a monitor serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,27 +94,9 @@ pub struct Config {
     )]
     pub state_dir: PathBuf,
 
-    /// Registries (`host:port`) reached over plain HTTP when pulling.
-    #[arg(
-        long = "insecure-registry",
-        env = "ADDONS_INSECURE_REGISTRIES",
-        value_name = "HOST:PORT",
-        value_delimiter = ','
-    )]
-    pub insecure_registries: Vec<String>,
-
-    /// A registry (`host` or `host:port`) the node pulls from. Repeat for
-    /// several. Without any, every registry at a public address; one that
-    /// resolves to a loopback, private, link-local or other non-public
-    /// address is reached only when named here or with
-    /// --insecure-registry.
-    #[arg(
-        long = "allowed-registry",
-        env = "ADDONS_ALLOWED_REGISTRIES",
-        value_name = "HOST[:PORT]",
-        value_delimiter = ','
-    )]
-    pub allowed_registries: Vec<String>,
+    /// Which registries the node pulls from, and their credentials.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 
     /// Directory of the CNI plugin binaries (Debian's
     /// containernetworking-plugins).
@@ -128,11 +110,6 @@ pub struct Config {
     /// First two octets of addon network subnets (`<prefix>.<n>.0/24`).
     #[arg(long, env = "ADDONS_SUBNET_PREFIX", value_name = "A.B", default_value = "10.89", value_parser = parse_subnet_prefix)]
     pub subnet_prefix: String,
-
-    /// Registry credentials for pulls, as a docker `config.json`
-    /// (`{"auths": {...}}`), the same file the marketplace takes.
-    #[arg(long, env = "ADDONS_REGISTRY_AUTH", value_name = "FILE")]
-    pub registry_auth: Option<PathBuf>,
 
     /// containerd snapshotter for root filesystems.
     #[arg(long, env = "ADDONS_SNAPSHOTTER", value_name = "NAME", default_value = "overlayfs")]

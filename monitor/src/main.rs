@@ -156,12 +156,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             plane: plane.as_str().to_owned(),
             state_dir: config.state_dir.clone(),
             registry: RegistryAccess {
-                insecure: config.insecure_registries.clone(),
-                allowed: config.allowed_registries.clone(),
-                credentials: match &config.registry_auth {
-                    Some(path) => addons_server_kit::read_registry_credentials(path)?,
-                    None => Default::default(),
-                },
+                insecure: config.registry.insecure_registries.clone(),
+                allowed: config.registry.allowed_registries.clone(),
+                credentials: config.registry.credentials()?,
             },
             pull_timeout: config.pull_timeout,
             resync: config.resync_interval,

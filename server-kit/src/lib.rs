@@ -36,7 +36,7 @@ pub use crate::{
     auth::{AuthArgs, Identity, MethodAccess, Role, Security, audit},
     client::{Authorize, ClientCredentials, is_loopback_url},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
-    registry_auth::read_registry_credentials,
+    registry_auth::RegistryArgs,
     server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with},
     shutdown::Shutdown,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
