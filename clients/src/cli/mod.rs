@@ -30,7 +30,7 @@ use oak_addons::{
     },
 };
 
-use self::{args::*, failure::*, output::Format, servers::*};
+use self::{args::*, failure::*, output::Format, progress::Until, servers::*};
 pub use self::{
     args::{Cli, EXIT_ERROR, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE},
     failure::Failure,
@@ -64,6 +64,7 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
         ..ClientOptions::default()
     };
     let format = cli.output;
+    let timing = (cli.wait_timeout, cli.settle);
     let marketplace = || {
         let options = servers.options(0, &servers.marketplace, &options);
         MarketplaceClient::connect(&servers.marketplace, &options).map_err(failed("marketplace"))
@@ -168,17 +169,8 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                 )
                 .await
                 .map_err(failed(&format!("installing addon {marketplace_id} failed")))?;
-            if wait {
-                return progress::wait_installed(
-                    &client,
-                    installation,
-                    format,
-                    cli.wait_timeout,
-                    cli.settle,
-                )
-                .await;
-            }
-            output::installations(&[installation], format, false).map_err(failed("output"))?;
+            let until = wait.then_some(Until::Settled);
+            return progress::installation(&client, installation, until, format, timing).await;
         }
         Command::Upgrade {
             id,
@@ -235,17 +227,8 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                 )
                 .await
                 .map_err(failed(&format!("upgrading {id} to {version} failed")))?;
-            if wait {
-                return progress::wait_rolled_out(
-                    &client,
-                    installation,
-                    format,
-                    cli.wait_timeout,
-                    cli.settle,
-                )
-                .await;
-            }
-            output::installations(&[installation], format, false).map_err(failed("output"))?;
+            let until = wait.then_some(Until::RolledOut);
+            return progress::installation(&client, installation, until, format, timing).await;
         }
         Command::Rollback {
             id,
@@ -267,17 +250,8 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                 )
                 .await
                 .map_err(failed(&format!("rolling {id} back failed")))?;
-            if wait {
-                return progress::wait_rolled_out(
-                    &client,
-                    installation,
-                    format,
-                    cli.wait_timeout,
-                    cli.settle,
-                )
-                .await;
-            }
-            output::installations(&[installation], format, false).map_err(failed("output"))?;
+            let until = wait.then_some(Until::RolledOut);
+            return progress::installation(&client, installation, until, format, timing).await;
         }
         Command::History { id } => {
             let installation = manager()?
@@ -292,11 +266,8 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
                 .uninstall(&id, purge)
                 .await
                 .map_err(failed(&format!("uninstalling {id} failed")))?;
-            if wait {
-                return progress::wait_removed(&client, installation, format, cli.wait_timeout)
-                    .await;
-            }
-            output::installations(&[installation], format, false).map_err(failed("output"))?;
+            let until = wait.then_some(Until::Removed);
+            return progress::installation(&client, installation, until, format, timing).await;
         }
         Command::Nodes => {
             let nodes: Vec<epb::Node> = collect(manager()?.list_nodes())

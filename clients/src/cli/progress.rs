@@ -216,23 +216,64 @@ async fn follow<T>(
     })?
 }
 
-/// Follows an installation until it settles; the exit code says how.
-pub async fn wait_installed(
+/// What `--wait` follows an installation to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// It settles (install): the exit code says how.
+    Settled,
+    /// Its rollout ends (upgrade, rollback): 0 when the new release runs
+    /// everywhere, 3 when it was rolled back (or the installation failed),
+    /// 4 when it ended partially active. The status message shows each
+    /// node's progress as it changes.
+    RolledOut,
+    /// It is DISABLED or purged (uninstall).
+    Removed,
+}
+
+/// An installation a command made or changed: printed, or with `until`
+/// (`--wait`) followed there, printed then and its exit code returned.
+pub async fn installation(
     client: &ManagerClient,
     installation: epb::Installation,
+    until: Option<Until>,
     format: output::Format,
-    patience: Duration,
-    settle: Duration,
+    (patience, settle): (Duration, Duration),
 ) -> Result<u8, Failure> {
-    wait_until(
-        client,
-        installation,
-        format,
-        (patience, settle),
-        "did not settle",
-        settled,
-    )
-    .await
+    match until {
+        None => {
+            output::installations(&[installation], format, false).map_err(failed("output"))?;
+            Ok(EXIT_OK)
+        }
+        Some(Until::Settled) => {
+            let timing = (patience, settle);
+            wait_until(
+                client,
+                installation,
+                format,
+                timing,
+                "did not settle",
+                settled,
+            )
+            .await
+        }
+        Some(Until::RolledOut) => {
+            let timing = (patience, settle);
+            wait_until(
+                client,
+                installation,
+                format,
+                timing,
+                "did not finish its rollout",
+                |current| match current.status() {
+                    InstallationStatus::Upgrading => None,
+                    InstallationStatus::RolledBack => Some(EXIT_FAILED),
+                    _ => settled(current),
+                },
+            )
+            .await
+        }
+        Some(Until::Removed) => wait_removed(client, installation, format, patience).await,
+    }
 }
 
 /// Follows an installation until `exit_code` has a code for it (and it
@@ -272,7 +313,7 @@ async fn wait_until(
 }
 
 /// Follows an uninstall until DISABLED (or purged).
-pub async fn wait_removed(
+async fn wait_removed(
     client: &ManagerClient,
     installation: epb::Installation,
     format: output::Format,
@@ -300,30 +341,4 @@ pub async fn wait_removed(
             .map_err(failed("output"))?;
     }
     Ok(EXIT_OK)
-}
-
-/// Follows an upgrade or a rollback until its rollout ends: exit code 0
-/// when the new release runs everywhere, 3 when it was rolled back (or
-/// the installation failed), 4 when it ended partially active. The
-/// status message shows each node's progress as it changes.
-pub async fn wait_rolled_out(
-    client: &ManagerClient,
-    installation: epb::Installation,
-    format: output::Format,
-    patience: Duration,
-    settle: Duration,
-) -> Result<u8, Failure> {
-    wait_until(
-        client,
-        installation,
-        format,
-        (patience, settle),
-        "did not finish its rollout",
-        |current| match current.status() {
-            InstallationStatus::Upgrading => None,
-            InstallationStatus::RolledBack => Some(EXIT_FAILED),
-            _ => settled(current),
-        },
-    )
-    .await
 }
