@@ -285,13 +285,13 @@ async fn main() {
             args: vec!["/bin/busybox".into(), "sleep".into(), "3600".into()],
             ..RunSpec::default()
         };
-        raw.create_container(
-            &container,
-            &image,
-            &pulled.top_snapshot,
-            &build_spec(&run, "bench-raw").unwrap(),
-            Default::default(),
-        )
+        raw.create_container(addons_monitor::runtime::NewContainer {
+            id: &container,
+            image: &image,
+            top_snapshot: &pulled.top_snapshot,
+            spec: &build_spec(&run, "bench-raw").unwrap(),
+            labels: Default::default(),
+        })
         .await
         .unwrap();
         raw.start_task(&container, &dir.path().join(format!("{container}.log")))

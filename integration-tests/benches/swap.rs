@@ -358,13 +358,13 @@ async fn main() {
             env: vec!["PATH=/bin".into()],
             ..RunSpec::default()
         };
-        raw.create_container(
+        raw.create_container(addons_monitor::runtime::NewContainer {
             id,
-            &image,
-            &pulled.top_snapshot,
-            &build_spec(&run, "bench-raw").unwrap(),
-            Default::default(),
-        )
+            image: &image,
+            top_snapshot: &pulled.top_snapshot,
+            spec: &build_spec(&run, "bench-raw").unwrap(),
+            labels: Default::default(),
+        })
         .await
         .unwrap();
     }

@@ -74,13 +74,13 @@ async fn pulls_runs_watches_and_removes() {
         "addons-monitor".to_owned(),
     )]);
     runtime
-        .create_container(
-            "root_app",
-            &image,
-            &pulled.top_snapshot,
-            &build_spec(&run("root_app", pulled.config.cmd.clone()), NAMESPACE).unwrap(),
-            labels.clone(),
-        )
+        .create_container(addons_monitor::runtime::NewContainer {
+            id: "root_app",
+            image: &image,
+            top_snapshot: &pulled.top_snapshot,
+            spec: &build_spec(&run("root_app", pulled.config.cmd.clone()), NAMESPACE).unwrap(),
+            labels: labels.clone(),
+        })
         .await
         .unwrap();
     let log = state.path().join("root_app.log");
@@ -109,11 +109,11 @@ async fn pulls_runs_watches_and_removes() {
 
     // A task that fails at once: its exit arrives as an event.
     runtime
-        .create_container(
-            "root_fail",
-            &image,
-            &pulled.top_snapshot,
-            &build_spec(
+        .create_container(addons_monitor::runtime::NewContainer {
+            id: "root_fail",
+            image: &image,
+            top_snapshot: &pulled.top_snapshot,
+            spec: &build_spec(
                 &run(
                     "root_fail",
                     vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
@@ -121,8 +121,8 @@ async fn pulls_runs_watches_and_removes() {
                 NAMESPACE,
             )
             .unwrap(),
-            labels.clone(),
-        )
+            labels: labels.clone(),
+        })
         .await
         .unwrap();
     runtime
@@ -267,13 +267,13 @@ async fn refuses_a_layer_whose_content_is_not_its_diff_id() {
         ..RunSpec::default()
     };
     runtime
-        .create_container(
-            "root_honest",
-            &image,
-            &pulled.top_snapshot,
-            &build_spec(&run, "oakestra-forged").unwrap(),
-            HashMap::new(),
-        )
+        .create_container(addons_monitor::runtime::NewContainer {
+            id: "root_honest",
+            image: &image,
+            top_snapshot: &pulled.top_snapshot,
+            spec: &build_spec(&run, "oakestra-forged").unwrap(),
+            labels: HashMap::new(),
+        })
         .await
         .unwrap();
     let log = state.path().join("honest.log");

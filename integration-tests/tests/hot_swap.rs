@@ -681,17 +681,17 @@ async fn swaps_a_core_component_found_by_its_label() {
         ..RunSpec::default()
     };
     runtime
-        .create_container(
+        .create_container(addons_monitor::runtime::NewContainer {
             id,
-            &stack.image,
-            &pulled.top_snapshot,
-            &build_spec(&run, &stack.namespace()).unwrap(),
-            [(
+            image: &stack.image,
+            top_snapshot: &pulled.top_snapshot,
+            spec: &build_spec(&run, &stack.namespace()).unwrap(),
+            labels: [(
                 "oakestra.io/core-component".to_owned(),
                 "scheduler".to_owned(),
             )]
             .into(),
-        )
+        })
         .await
         .unwrap();
     let logs = foreign_state.join("foreign.log");

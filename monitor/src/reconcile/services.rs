@@ -135,7 +135,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         ensure_dir(log.parent())?;
         let created = async {
             self.cx.runtime
-                .create_container(id, image, &pulled.top_snapshot, &spec, labels)
+                .create_container(crate::runtime::NewContainer { id, image, top_snapshot: &pulled.top_snapshot, spec: &spec, labels })
                 .await?;
             self.cx.create_task_pinned(id, &log, &run.binds).await?;
             // Prepared, not started: a monitor that stops from here on

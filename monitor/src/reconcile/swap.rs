@@ -153,7 +153,13 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if let Err(err) = self
             .cx
             .runtime
-            .create_container(id, &spec.image, &pulled.top_snapshot, &oci, labels)
+            .create_container(crate::runtime::NewContainer {
+                id,
+                image: &spec.image,
+                top_snapshot: &pulled.top_snapshot,
+                spec: &oci,
+                labels,
+            })
             .await
         {
             if let Err(cleanup) = self.cx.remove(id).await {

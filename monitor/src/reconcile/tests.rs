@@ -23,7 +23,8 @@ use crate::{
     network::{Network, NetworkError, NetworkOptions, PortMapping},
     restarts::RestartPolicy,
     runtime::{
-        ContainerInfo, ImageConfig, PulledImage, RegistryAccess, Runtime, RuntimeError, TaskState,
+        ContainerInfo, ImageConfig, NewContainer, PulledImage, RegistryAccess, Runtime,
+        RuntimeError, TaskState,
     },
 };
 
@@ -138,11 +139,9 @@ impl Runtime for Fake {
 
     async fn create_container(
         &self,
-        id: &str,
-        image: &str,
-        _top_snapshot: &str,
-        _spec: &oci_spec::runtime::Spec,
-        labels: HashMap<String, String>,
+        NewContainer {
+            id, image, labels, ..
+        }: NewContainer<'_>,
     ) -> Result<(), RuntimeError> {
         self.call("create", id)?;
         self.world().containers.insert(

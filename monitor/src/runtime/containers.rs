@@ -11,7 +11,7 @@ use containerd_client::services::v1::{
     snapshots::{PrepareSnapshotRequest, snapshots_client::SnapshotsClient},
 };
 
-use super::{Containerd, RuntimeError};
+use super::{Containerd, NewContainer, RuntimeError};
 
 /// A container as containerd lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,32 +84,25 @@ const RUNTIME: &str = "io.containerd.runc.v2";
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 
 impl Containerd {
-    /// Creates container `id` from `image` with its own writable snapshot
-    /// on top of `top_snapshot`.
-    pub async fn create_container(
-        &self,
-        id: &str,
-        image: &str,
-        top_snapshot: &str,
-        spec: &oci_spec::runtime::Spec,
-        labels: HashMap<String, String>,
-    ) -> Result<(), RuntimeError> {
+    /// Creates a container with its own writable snapshot on top of its
+    /// image's.
+    pub async fn create_container(&self, container: NewContainer<'_>) -> Result<(), RuntimeError> {
         // Under a lease until the container record references the snapshot.
         let lease = self.create_lease().await?;
-        let result = self
-            .create_container_within_lease(id, image, top_snapshot, spec, labels, &lease)
-            .await;
+        let result = self.create_container_within_lease(container, &lease).await;
         self.delete_lease(&lease).await;
         result
     }
 
     async fn create_container_within_lease(
         &self,
-        id: &str,
-        image: &str,
-        top_snapshot: &str,
-        spec: &oci_spec::runtime::Spec,
-        labels: HashMap<String, String>,
+        NewContainer {
+            id,
+            image,
+            top_snapshot,
+            spec,
+            labels,
+        }: NewContainer<'_>,
         lease: &str,
     ) -> Result<(), RuntimeError> {
         let channel = self.channel().await?;

@@ -31,6 +31,23 @@ pub use self::{
     spec::{RunSpec, build_spec},
 };
 
+/// What a container is made of: its id, the image it is made from, the
+/// image's top snapshot (its own writable one goes on top), its runtime
+/// spec and its labels.
+#[derive(Debug)]
+pub struct NewContainer<'a> {
+    /// The container id.
+    pub id: &'a str,
+    /// The image reference.
+    pub image: &'a str,
+    /// The image's top snapshot.
+    pub top_snapshot: &'a str,
+    /// The OCI runtime spec.
+    pub spec: &'a oci_spec::runtime::Spec,
+    /// The container's labels.
+    pub labels: HashMap<String, String>,
+}
+
 /// What the reconciler needs of a container runtime. containerd is the
 /// product's; unit tests use a recording fake.
 pub trait Runtime: Clone + Send + Sync + 'static {
@@ -49,14 +66,10 @@ pub trait Runtime: Clone + Send + Sync + 'static {
         registry: &RegistryAccess,
         progress: Arc<AtomicU64>,
     ) -> impl Future<Output = Result<PulledImage, RuntimeError>> + Send;
-    /// Creates container `id` on `top_snapshot` with `spec` and `labels`.
+    /// Creates a container (see [`NewContainer`]).
     fn create_container(
         &self,
-        id: &str,
-        image: &str,
-        top_snapshot: &str,
-        spec: &oci_spec::runtime::Spec,
-        labels: HashMap<String, String>,
+        container: NewContainer<'_>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Creates container `id`'s task without starting it; returns its pid.
     fn create_task(
@@ -122,15 +135,8 @@ impl Runtime for Containerd {
         Containerd::pull(self, image, registry, progress).await
     }
 
-    async fn create_container(
-        &self,
-        id: &str,
-        image: &str,
-        top_snapshot: &str,
-        spec: &oci_spec::runtime::Spec,
-        labels: HashMap<String, String>,
-    ) -> Result<(), RuntimeError> {
-        Containerd::create_container(self, id, image, top_snapshot, spec, labels).await
+    async fn create_container(&self, container: NewContainer<'_>) -> Result<(), RuntimeError> {
+        Containerd::create_container(self, container).await
     }
 
     async fn create_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
