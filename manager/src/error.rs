@@ -205,6 +205,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// A storage error, with the store's not-found as installation `id`'s.
+    pub(crate) fn not_found_as(id: &str) -> impl FnOnce(addons_store::Error) -> Self + '_ {
+        move |err| match err {
+            addons_store::Error::NotFound { .. } => Self::NotFound(id.to_owned()),
+            err => err.into(),
+        }
+    }
+
     pub(crate) fn required(field: &str) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, "required")])
     }

@@ -256,10 +256,7 @@ impl Manager {
                 Ok(changed)
             })
             .await
-            .map_err(|err| match err {
-                addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
-                err => err.into(),
-            })?;
+            .map_err(Error::not_found_as(id))?;
         if self.installations.purge_if_done(&record).await? {
             return Ok(None);
         }

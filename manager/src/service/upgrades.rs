@@ -26,41 +26,19 @@ impl Manager {
         version: &str,
         rollout: Rollout<'_>,
     ) -> Result<Versioned<Installation>, Error> {
-        let Rollout {
-            accepted,
-            options,
-            expected_revision,
-            requested_by,
-        } = rollout;
-        check_accepted(&accepted)?;
-        let current = self.get(id).await?;
-        check_can_roll_out(&current.value)?;
-        if current.value.addon.version == version {
+        check_accepted(&rollout.accepted)?;
+        let current = self.get(id).await?.value;
+        check_can_roll_out(&current)?;
+        if current.addon.version == version {
             return Err(Error::AlreadyAtVersion {
                 id: id.to_owned(),
                 version: version.to_owned(),
             });
         }
-        let (marketplace_id, addon) = self
-            .fetch_version(&current.value.addon.name, version)
-            .await?;
-        let mut granted = current.value.granted_privileges.clone();
-        granted.extend(accepted);
-        let by_policy = self.admit(
-            &marketplace_id,
-            &addon,
-            current.value.keep_core_stopped_on_failure,
-            &granted,
-        )?;
-        granted.extend(by_policy);
-        let new = NewRelease {
-            marketplace_id,
-            addon,
-            granted_privileges: granted,
-            requested_by: requested_by.to_owned(),
-            rollback_of: None,
-        };
-        self.roll_out(id, new, options, expected_revision).await
+        let (marketplace_id, addon) = self.fetch_version(&current.addon.name, version).await?;
+        let grants = current.granted_privileges.clone();
+        self.roll_out_release(&current, (marketplace_id, addon, grants), None, rollout)
+            .await
     }
 
     /// Returns installation `id` to release `release` of its history (0:
@@ -71,13 +49,7 @@ impl Manager {
         release: u64,
         rollout: Rollout<'_>,
     ) -> Result<Versioned<Installation>, Error> {
-        let Rollout {
-            accepted,
-            options,
-            expected_revision,
-            requested_by,
-        } = rollout;
-        check_accepted(&accepted)?;
+        check_accepted(&rollout.accepted)?;
         let mut current = self.get(id).await?.value;
         check_can_roll_out(&current)?;
         rollout::ensure_history(&mut current);
@@ -98,23 +70,38 @@ impl Manager {
                 current: current.release,
             });
         };
-        let mut granted = target.granted_privileges.clone();
-        granted.extend(accepted);
-        let by_policy = self.admit(
-            &target.marketplace_id,
-            &target.addon,
-            current.keep_core_stopped_on_failure,
-            &granted,
-        )?;
+        let release = (
+            target.marketplace_id,
+            target.addon,
+            target.granted_privileges,
+        );
+        self.roll_out_release(&current, release, Some(target.number), rollout)
+            .await
+    }
+
+    /// Rolls a release (its marketplace id, addon and the grants it had)
+    /// out on `current`: granted those and what `rollout` accepts, plus
+    /// what the policy consents to, admitted as an install is.
+    async fn roll_out_release(
+        &self,
+        current: &Installation,
+        (marketplace_id, addon, mut granted): (String, Descriptor, Vec<Privilege>),
+        rollback_of: Option<u64>,
+        rollout: Rollout<'_>,
+    ) -> Result<Versioned<Installation>, Error> {
+        granted.extend(rollout.accepted);
+        let keep_core_stopped = current.keep_core_stopped_on_failure;
+        let by_policy = self.admit(&marketplace_id, &addon, keep_core_stopped, &granted)?;
         granted.extend(by_policy);
         let new = NewRelease {
-            marketplace_id: target.marketplace_id,
-            addon: target.addon,
+            marketplace_id,
+            addon,
             granted_privileges: granted,
-            requested_by: requested_by.to_owned(),
-            rollback_of: Some(target.number),
+            requested_by: rollout.requested_by.to_owned(),
+            rollback_of,
         };
-        self.roll_out(id, new, options, expected_revision).await
+        self.roll_out(&current.id, new, rollout.options, rollout.expected_revision)
+            .await
     }
 
     /// Starts rolling `new` out on installation `id`, after the same name
@@ -144,10 +131,7 @@ impl Manager {
                 Ok(true)
             })
             .await
-            .map_err(|err| match err {
-                addons_store::Error::NotFound { .. } => Error::NotFound(id.to_owned()),
-                err => err.into(),
-            })?;
+            .map_err(Error::not_found_as(id))?;
         match refused {
             Some(err) => Err(err),
             None => Ok(result),
