@@ -205,8 +205,7 @@ pub struct BrowserGuard<S> {
 
 impl<S> tower_service::Service<http::Request<Body>> for BrowserGuard<S>
 where
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
+    S: crate::HttpService,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;

@@ -41,3 +41,32 @@ pub use crate::{
     shutdown::Shutdown,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
 };
+
+/// What each layer of a server's HTTP stack wraps (the layer beneath, down
+/// to the routes): a service of HTTP requests, cloned per request, whose
+/// futures and errors may cross tasks.
+pub trait HttpService:
+    tower_service::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error: Into<tower::BoxError> + Send + 'static,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error: Into<tower::BoxError> + Send + 'static,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}

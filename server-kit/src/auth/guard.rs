@@ -108,11 +108,7 @@ impl<S> std::fmt::Debug for Guarded<S> {
 
 impl<S> tower_service::Service<http::Request<Body>> for Guarded<S>
 where
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: crate::HttpService,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;

@@ -11,7 +11,6 @@ use futures::future::BoxFuture;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use tonic::body::Body;
-use tower::BoxError;
 
 use super::{Grpc, MAX_REST_BODY, Reply, RestRequest, RestRoutes};
 
@@ -73,13 +72,7 @@ impl<S> std::fmt::Debug for Gateway<S> {
 
 impl<S> tower_service::Service<http::Request<Body>> for Gateway<S>
 where
-    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Error: Into<BoxError> + Send + 'static,
-    S::Future: Send + 'static,
+    S: crate::HttpService,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;

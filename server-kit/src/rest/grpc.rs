@@ -27,13 +27,7 @@ impl Grpc {
     /// `headers` and connection `extensions`.
     pub(super) fn new<S>(inner: S, headers: HeaderMap, extensions: http::Extensions) -> Self
     where
-        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Error: Into<BoxError> + Send + 'static,
-        S::Future: Send + 'static,
+        S: crate::HttpService,
     {
         Self {
             service: BoxCloneSyncService::new(tower::ServiceExt::map_err(inner, Into::into)),
