@@ -275,44 +275,32 @@ async fn attempt(
         }
         services.push(verdict);
     }
-    let outcome;
-    if !definite.is_empty() {
+    // A definite failure or approval completes the attempt; a transient
+    // error schedules the next one.
+    let (last_error, retry_in, reason) = if !definite.is_empty() {
         addon.status = AddonStatus::FailedVerification;
-        addon.verification = Verification {
-            attempts,
-            last_error: None,
-            next_attempt_time: None,
-            complete_time: Some(now),
-            services,
-            reason: Some(definite.join("; ")),
-        };
-        outcome = Outcome::Done;
+        (None, None, Some(definite.join("; ")))
     } else if let Some(error) = transient {
-        let delay = backoff(options, attempts);
-        addon.verification = Verification {
-            attempts,
-            last_error: Some(error),
-            next_attempt_time: Some(now + delay),
-            complete_time: None,
-            services,
-            reason: None,
-        };
-        outcome = Outcome::RetryAt(Instant::now() + delay);
+        (Some(error), Some(backoff(options, attempts)), None)
     } else {
         for (service, verdict) in addon.descriptor.services.iter_mut().zip(&services) {
             service.resolved_image = verdict.resolved_image.clone();
         }
         addon.status = AddonStatus::Approved;
-        addon.verification = Verification {
-            attempts,
-            last_error: None,
-            next_attempt_time: None,
-            complete_time: Some(now),
-            services,
-            reason: None,
-        };
-        outcome = Outcome::Done;
-    }
+        (None, None, None)
+    };
+    addon.verification = Verification {
+        attempts,
+        last_error,
+        next_attempt_time: retry_in.map(|delay| now + delay),
+        complete_time: retry_in.is_none().then_some(now),
+        services,
+        reason,
+    };
+    let outcome = match retry_in {
+        Some(delay) => Outcome::RetryAt(Instant::now() + delay),
+        None => Outcome::Done,
+    };
     addon.update_time = now;
     let condition = Precondition {
         revision: Some(current.revision),
