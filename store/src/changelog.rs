@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::{Backend, Error, RawFilter, RawRecord, Result};
+use crate::{Backend, Error, RawFilter, RawPage, RawRecord, Result};
 
 /// Name of the backend collection holding the log.
 pub(crate) const LOG_COLLECTION: &str = "changes";
@@ -89,7 +89,14 @@ async fn scan(
     let mut after = after;
     loop {
         let page = backend
-            .list(collection, filter, after.as_deref(), 500)
+            .list(
+                collection,
+                RawPage {
+                    filter,
+                    after: after.as_deref(),
+                    limit: 500,
+                },
+            )
             .await?;
         let Some(last) = page.last() else {
             return Ok(all);

@@ -7,8 +7,8 @@ use std::{marker::PhantomData, sync::Arc};
 use tokio::sync::broadcast;
 
 use crate::{
-    Backend, Document, Durability, Error, Filter, Precondition, RawFilter, RawRecord, Result,
-    Versioned,
+    Backend, Document, Durability, Error, Filter, Precondition, RawFilter, RawPage, RawRecord,
+    Result, Versioned,
     changelog::{ChangeKind, ChangeLog, Entry, LogState},
     resident::{Memory, Resident},
 };
@@ -76,7 +76,14 @@ impl<T: Document> Collection<T> {
         loop {
             let page = self
                 .backend
-                .list(T::COLLECTION, &RawFilter::default(), after.as_deref(), 500)
+                .list(
+                    T::COLLECTION,
+                    RawPage {
+                        filter: &RawFilter::default(),
+                        after: after.as_deref(),
+                        limit: 500,
+                    },
+                )
                 .await?;
             let Some(last) = page.last() else {
                 return Ok(Memory::new(entries));

@@ -11,7 +11,7 @@ use std::{path::Path, sync::Arc};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check, check_parts};
+use crate::{Backend, Error, Precondition, RawPage, RawRecord, Result, check, check_parts};
 
 pub(crate) struct EmbeddedBackend {
     db: Arc<Database>,
@@ -235,17 +235,12 @@ impl Backend for EmbeddedBackend {
         .await
     }
 
-    async fn list(
-        &self,
-        collection: &str,
-        filter: &RawFilter,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RawRecord>> {
+    async fn list(&self, collection: &str, page: RawPage<'_>) -> Result<Vec<RawRecord>> {
         const OP: &str = "list";
         let collection = collection.to_owned();
-        let filter = filter.clone();
-        let after = after.map(str::to_owned);
+        let filter = page.filter.clone();
+        let after = page.after.map(str::to_owned);
+        let limit = page.limit;
         self.blocking(OP, move |db| {
             let tx = db.begin_read().map_err(|e| Error::backend(OP, e))?;
             let table = match tx.open_table(records(&collection)) {

@@ -395,16 +395,18 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// (one transaction on redb, one command on MongoDB); ids without a
     /// record are skipped. Durable like [`Backend::insert`].
     async fn delete_many(&self, collection: &str, ids: &[String]) -> Result<()>;
-    /// Up to `limit` records matching `filter` with ids after `after`, in id
-    /// order.
-    async fn list(
-        &self,
-        collection: &str,
-        filter: &RawFilter,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RawRecord>>;
+    /// One page of records (see [`RawPage`]).
+    async fn list(&self, collection: &str, page: RawPage<'_>) -> Result<Vec<RawRecord>>;
     fn describe(&self) -> String;
+}
+
+/// One page of a backend's listing: up to `limit` records matching
+/// `filter` with ids after `after`, in id order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawPage<'a> {
+    pub filter: &'a RawFilter,
+    pub after: Option<&'a str>,
+    pub limit: usize,
 }
 
 /// A [`Filter`] in the backends' terms.

@@ -19,7 +19,7 @@ use mongodb::{
     options::{ClientOptions, CollectionOptions, IndexOptions, ReadConcern, WriteConcern},
 };
 
-use crate::{Backend, Error, Precondition, RawFilter, RawRecord, Result, check};
+use crate::{Backend, Error, Precondition, RawPage, RawRecord, Result, check};
 
 /// MongoDB's duplicate key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -316,13 +316,12 @@ impl Backend for MongoBackend {
         Ok(())
     }
 
-    async fn list(
-        &self,
-        collection: &str,
-        filter: &RawFilter,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RawRecord>> {
+    async fn list(&self, collection: &str, page: RawPage<'_>) -> Result<Vec<RawRecord>> {
+        let RawPage {
+            filter,
+            after,
+            limit,
+        } = page;
         let mut query = Document::new();
         status_filter(&mut query, &filter.statuses);
         match (&filter.key, &filter.key_prefix) {

@@ -7,7 +7,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use super::{Collection, codec::decode, shared};
 use crate::{
-    Document, Error, Filter, Page, RawFilter, Result, Versioned,
+    Document, Error, Filter, Page, RawFilter, RawPage, Result, Versioned,
     resident::{Memory, Resident},
     stored_key,
 };
@@ -85,7 +85,14 @@ impl<T: Document> Collection<T> {
         // One record more than asked tells whether another page follows.
         let mut records = self
             .backend
-            .list(T::COLLECTION, &raw_filter, after.as_deref(), page_size + 1)
+            .list(
+                T::COLLECTION,
+                RawPage {
+                    filter: &raw_filter,
+                    after: after.as_deref(),
+                    limit: page_size + 1,
+                },
+            )
             .await?;
         let more = records.len() > page_size;
         records.truncate(page_size);
