@@ -19,47 +19,131 @@
 use std::collections::BTreeMap;
 
 use addons_descriptor::{Descriptor, oakestra};
-use addons_server_kit::rest::{self, Grpc, Reply, RestRequest, RestRoutes};
-use futures::future::BoxFuture;
+use addons_server_kit::rest::{self, Grpc, Reply, RestCollection, RestRequest};
 use http::{Method, StatusCode};
 use oakestra_addons_proto::engine::v1::{self as pb, addons_manager_service_server::SERVICE_NAME};
 use serde::Deserialize;
-
-const PREFIX: &str = "/api/v1/addons";
 
 /// The routes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ManagerRest;
 
-impl RestRoutes for ManagerRest {
-    fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply> {
-        Box::pin(handle(request, grpc))
+impl RestCollection for ManagerRest {
+    const PREFIX: &'static str = "/api/v1/addons";
+
+    async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
+        let statuses = match request.query("status") {
+            None | Some("") => Vec::new(),
+            // Two filter buttons of Oakestra's dashboard name no status of
+            // Oakestra's: they get the statuses they stand for.
+            Some("enabled") => [
+                pb::InstallationStatus::Active,
+                pb::InstallationStatus::PartiallyActive,
+                pb::InstallationStatus::Upgrading,
+                pb::InstallationStatus::RolledBack,
+            ]
+            .map(i32::from)
+            .to_vec(),
+            Some("error") => vec![pb::InstallationStatus::Failed.into()],
+            Some(name) => {
+                let full = format!("{STATUS_PREFIX}{}", name.to_ascii_uppercase());
+                match pb::InstallationStatus::from_str_name(&full)
+                    .filter(|s| *s != pb::InstallationStatus::Unspecified)
+                {
+                    Some(status) => vec![status.into()],
+                    None => {
+                        return Err(Reply::invalid(
+                            "query",
+                            &[(
+                                "status".to_owned(),
+                                format!(
+                                    "`{name}` is not a status: installing, active, partially_active, \
+                                     failed, disabling, disabled, upgrading or rolled_back"
+                                ),
+                            )],
+                        ));
+                    }
+                }
+            }
+        };
+        rest::every_page(|page_token| {
+            let request = pb::ListInstallationsRequest {
+                statuses: statuses.clone(),
+                page_size: 500,
+                page_token,
+            };
+            async move {
+                let page: pb::ListInstallationsResponse = grpc
+                    .call(&method("ListInstallations"), request)
+                    .await
+                    .map_err(failed)?;
+                let installations = page
+                    .installations
+                    .into_iter()
+                    .map(installation_json)
+                    .collect();
+                Ok((installations, page.next_page_token))
+            }
+        })
+        .await
+    }
+
+    async fn create(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
+        let mut install = parse_install(&request.body)
+            .map_err(|violation| Reply::invalid("json", &[violation]))?;
+        install.request_id = request.idempotency_key.clone();
+        let installed: pb::InstallAddonResponse = grpc
+            .call(&method("InstallAddon"), install)
+            .await
+            .map_err(failed)?;
+        Ok(Reply::json(
+            StatusCode::CREATED,
+            installation_json(installed.installation.unwrap_or_default()),
+        ))
+    }
+
+    async fn get(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
+        fetch(id, grpc).await.map(|i| ok(installation_json(i)))
+    }
+
+    /// Oakestra's DELETE: the first disables; on a disabled installation it
+    /// deletes the record.
+    async fn delete(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
+        let current = fetch(id.clone(), grpc).await?;
+        let purge = current.status() == pb::InstallationStatus::Disabled;
+        let uninstalled: pb::UninstallAddonResponse = grpc
+            .call(
+                &method("UninstallAddon"),
+                pb::UninstallAddonRequest {
+                    id: id.clone(),
+                    purge,
+                    request_id: String::new(),
+                    expected_revision: Some(current.revision),
+                },
+            )
+            .await
+            .map_err(failed)?;
+        Ok(ok(match uninstalled.installation {
+            Some(installation) => installation_json(installation),
+            None => serde_json::json!({ "_id": id, "message": "Addon deleted" }),
+        }))
+    }
+
+    fn other_item_method(method: &Method) -> Reply {
+        if method == Method::PATCH {
+            Reply::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "statuses come from the nodes' monitors over their links and cannot be set; \
+                 DELETE uninstalls",
+            )
+        } else {
+            Reply::method_not_allowed("GET, DELETE")
+        }
     }
 }
 
 fn method(name: &str) -> String {
     format!("/{SERVICE_NAME}/{name}")
-}
-
-async fn handle(request: RestRequest, grpc: Grpc) -> Reply {
-    let id = match request.resource(PREFIX) {
-        Ok(id) => id,
-        Err(reply) => return reply,
-    };
-    let outcome = match (&request.method, id) {
-        (&Method::GET, None) => list(&request, &grpc).await,
-        (&Method::POST, None) => install(&request, &grpc).await,
-        (&Method::GET, Some(id)) => get(id, &grpc).await.map(|i| ok(installation_json(i))),
-        (&Method::DELETE, Some(id)) => delete(id, &grpc).await,
-        (&Method::PATCH, Some(_)) => Err(Reply::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "statuses come from the nodes' monitors over their links and cannot be set; \
-             DELETE uninstalls",
-        )),
-        (_, None) => Err(Reply::method_not_allowed("GET, POST")),
-        (_, Some(_)) => Err(Reply::method_not_allowed("GET, DELETE")),
-    };
-    outcome.unwrap_or_else(|reply| reply)
 }
 
 fn ok(body: serde_json::Value) -> Reply {
@@ -71,63 +155,6 @@ fn failed(status: tonic::Status) -> Reply {
 }
 
 const STATUS_PREFIX: &str = "INSTALLATION_STATUS_";
-
-async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
-    let statuses = match request.query("status") {
-        None | Some("") => Vec::new(),
-        // Two filter buttons of Oakestra's dashboard name no status of
-        // Oakestra's: they get the statuses they stand for.
-        Some("enabled") => [
-            pb::InstallationStatus::Active,
-            pb::InstallationStatus::PartiallyActive,
-            pb::InstallationStatus::Upgrading,
-            pb::InstallationStatus::RolledBack,
-        ]
-        .map(i32::from)
-        .to_vec(),
-        Some("error") => vec![pb::InstallationStatus::Failed.into()],
-        Some(name) => {
-            let full = format!("{STATUS_PREFIX}{}", name.to_ascii_uppercase());
-            match pb::InstallationStatus::from_str_name(&full)
-                .filter(|s| *s != pb::InstallationStatus::Unspecified)
-            {
-                Some(status) => vec![status.into()],
-                None => {
-                    return Err(Reply::invalid(
-                        "query",
-                        &[(
-                            "status".to_owned(),
-                            format!(
-                                "`{name}` is not a status: installing, active, partially_active, \
-                                 failed, disabling, disabled, upgrading or rolled_back"
-                            ),
-                        )],
-                    ));
-                }
-            }
-        }
-    };
-    rest::every_page(|page_token| {
-        let request = pb::ListInstallationsRequest {
-            statuses: statuses.clone(),
-            page_size: 500,
-            page_token,
-        };
-        async move {
-            let page: pb::ListInstallationsResponse = grpc
-                .call(&method("ListInstallations"), request)
-                .await
-                .map_err(failed)?;
-            let installations = page
-                .installations
-                .into_iter()
-                .map(installation_json)
-                .collect();
-            Ok((installations, page.next_page_token))
-        }
-    })
-    .await
-}
 
 /// The body of `POST /api/v1/addons`.
 #[derive(Debug, Deserialize)]
@@ -205,21 +232,7 @@ fn parse_install(body: &[u8]) -> Result<pb::InstallAddonRequest, (String, String
     })
 }
 
-async fn install(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
-    let mut install =
-        parse_install(&request.body).map_err(|violation| Reply::invalid("json", &[violation]))?;
-    install.request_id = request.idempotency_key.clone();
-    let installed: pb::InstallAddonResponse = grpc
-        .call(&method("InstallAddon"), install)
-        .await
-        .map_err(failed)?;
-    Ok(Reply::json(
-        StatusCode::CREATED,
-        installation_json(installed.installation.unwrap_or_default()),
-    ))
-}
-
-async fn get(id: String, grpc: &Grpc) -> Result<pb::Installation, Reply> {
+async fn fetch(id: String, grpc: &Grpc) -> Result<pb::Installation, Reply> {
     let found: pb::GetInstallationResponse = grpc
         .call(
             &method("GetInstallation"),
@@ -228,29 +241,6 @@ async fn get(id: String, grpc: &Grpc) -> Result<pb::Installation, Reply> {
         .await
         .map_err(failed)?;
     Ok(found.installation.unwrap_or_default())
-}
-
-/// Oakestra's DELETE: the first disables; on a disabled installation it
-/// deletes the record.
-async fn delete(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
-    let current = get(id.clone(), grpc).await?;
-    let purge = current.status() == pb::InstallationStatus::Disabled;
-    let uninstalled: pb::UninstallAddonResponse = grpc
-        .call(
-            &method("UninstallAddon"),
-            pb::UninstallAddonRequest {
-                id: id.clone(),
-                purge,
-                request_id: String::new(),
-                expected_revision: Some(current.revision),
-            },
-        )
-        .await
-        .map_err(failed)?;
-    Ok(ok(match uninstalled.installation {
-        Some(installation) => installation_json(installation),
-        None => serde_json::json!({ "_id": id, "message": "Addon deleted" }),
-    }))
 }
 
 /// An installation in the shape of Oakestra's addon records (`_id`,

@@ -14,43 +14,89 @@
 //! `verification_failed`) with our fields beside.
 
 use addons_descriptor::{Descriptor, oakestra};
-use addons_server_kit::rest::{self, Grpc, Reply, RestRequest, RestRoutes};
-use futures::future::BoxFuture;
-use http::{Method, StatusCode};
+use addons_server_kit::rest::{self, Grpc, Reply, RestCollection, RestRequest};
+use http::StatusCode;
 use oakestra_addons_proto::marketplace::v1::{
     self as pb, marketplace_service_server::SERVICE_NAME,
 };
-
-const PREFIX: &str = "/api/v1/marketplace/addons";
 
 /// The routes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MarketplaceRest;
 
-impl RestRoutes for MarketplaceRest {
-    fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply> {
-        Box::pin(handle(request, grpc))
+impl RestCollection for MarketplaceRest {
+    const PREFIX: &'static str = "/api/v1/marketplace/addons";
+
+    async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
+        let name = request.query("name").unwrap_or_default().to_owned();
+        rest::every_page(|page_token| {
+            let request = pb::ListAddonsRequest {
+                // Oakestra lists only approved addons, as ours does by default.
+                statuses: Vec::new(),
+                name: name.clone(),
+                page_size: 500,
+                page_token,
+            };
+            async move {
+                let page: pb::ListAddonsResponse = grpc
+                    .call(&method("ListAddons"), request)
+                    .await
+                    .map_err(failed)?;
+                let addons = page.addons.into_iter().map(addon_json).collect();
+                Ok((addons, page.next_page_token))
+            }
+        })
+        .await
+    }
+
+    async fn create(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
+        let addon = oakestra::from_json(&request.body)
+            .map_err(|violation| Reply::invalid("json", &[(violation.field, violation.reason)]))?;
+        let published: pb::PublishAddonResponse = grpc
+            .call(
+                &method("PublishAddon"),
+                pb::PublishAddonRequest {
+                    addon: Some(addon),
+                    request_id: request.idempotency_key.clone(),
+                },
+            )
+            .await
+            .map_err(failed)?;
+        let addon = published.addon.unwrap_or_default();
+        Ok(Reply::json(StatusCode::CREATED, addon_json(addon)))
+    }
+
+    async fn get(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
+        let found: pb::GetAddonResponse = grpc
+            .call(&method("GetAddon"), pb::GetAddonRequest { id })
+            .await
+            .map_err(failed)?;
+        Ok(Reply::json(
+            StatusCode::OK,
+            addon_json(found.addon.unwrap_or_default()),
+        ))
+    }
+
+    async fn delete(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
+        let _: pb::DeleteAddonResponse = grpc
+            .call(
+                &method("DeleteAddon"),
+                pb::DeleteAddonRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(failed)?;
+        Ok(Reply::json(
+            StatusCode::OK,
+            serde_json::json!({ "_id": id, "message": "Addon deleted" }),
+        ))
     }
 }
 
 fn method(name: &str) -> String {
     format!("/{SERVICE_NAME}/{name}")
-}
-
-async fn handle(request: RestRequest, grpc: Grpc) -> Reply {
-    let id = match request.resource(PREFIX) {
-        Ok(id) => id,
-        Err(reply) => return reply,
-    };
-    let outcome = match (&request.method, id) {
-        (&Method::GET, None) => list(&request, &grpc).await,
-        (&Method::POST, None) => publish(&request, &grpc).await,
-        (&Method::GET, Some(id)) => get(id, &grpc).await,
-        (&Method::DELETE, Some(id)) => delete(id, &grpc).await,
-        (_, None) => Err(Reply::method_not_allowed("GET, POST")),
-        (_, Some(_)) => Err(Reply::method_not_allowed("GET, DELETE")),
-    };
-    outcome.unwrap_or_else(|reply| reply)
 }
 
 /// A gRPC error as Oakestra's; request fields lose the `addon.` of the
@@ -59,73 +105,6 @@ fn failed(status: tonic::Status) -> Reply {
     Reply::from_status(&status, |field| {
         field.strip_prefix("addon.").unwrap_or(field).to_owned()
     })
-}
-
-async fn list(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
-    let name = request.query("name").unwrap_or_default().to_owned();
-    rest::every_page(|page_token| {
-        let request = pb::ListAddonsRequest {
-            // Oakestra lists only approved addons, as ours does by default.
-            statuses: Vec::new(),
-            name: name.clone(),
-            page_size: 500,
-            page_token,
-        };
-        async move {
-            let page: pb::ListAddonsResponse = grpc
-                .call(&method("ListAddons"), request)
-                .await
-                .map_err(failed)?;
-            let addons = page.addons.into_iter().map(addon_json).collect();
-            Ok((addons, page.next_page_token))
-        }
-    })
-    .await
-}
-
-async fn publish(request: &RestRequest, grpc: &Grpc) -> Result<Reply, Reply> {
-    let addon = oakestra::from_json(&request.body)
-        .map_err(|violation| Reply::invalid("json", &[(violation.field, violation.reason)]))?;
-    let published: pb::PublishAddonResponse = grpc
-        .call(
-            &method("PublishAddon"),
-            pb::PublishAddonRequest {
-                addon: Some(addon),
-                request_id: request.idempotency_key.clone(),
-            },
-        )
-        .await
-        .map_err(failed)?;
-    let addon = published.addon.unwrap_or_default();
-    Ok(Reply::json(StatusCode::CREATED, addon_json(addon)))
-}
-
-async fn get(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
-    let found: pb::GetAddonResponse = grpc
-        .call(&method("GetAddon"), pb::GetAddonRequest { id })
-        .await
-        .map_err(failed)?;
-    Ok(Reply::json(
-        StatusCode::OK,
-        addon_json(found.addon.unwrap_or_default()),
-    ))
-}
-
-async fn delete(id: String, grpc: &Grpc) -> Result<Reply, Reply> {
-    let _: pb::DeleteAddonResponse = grpc
-        .call(
-            &method("DeleteAddon"),
-            pb::DeleteAddonRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(failed)?;
-    Ok(Reply::json(
-        StatusCode::OK,
-        serde_json::json!({ "_id": id, "message": "Addon deleted" }),
-    ))
 }
 
 /// Oakestra's name of a status; the failure is `verification_failed`, as

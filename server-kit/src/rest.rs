@@ -37,6 +37,60 @@ pub trait RestRoutes: std::fmt::Debug + Send + Sync + 'static {
     fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply>;
 }
 
+/// A server's REST routes as Oakestra lays them out: one collection at
+/// [`PREFIX`](Self::PREFIX), where GET lists and POST creates, and its
+/// items at `PREFIX/{id}`, where GET reads and DELETE removes; each answer
+/// made of the server's own gRPC calls through [`Grpc`]. Every collection
+/// is [`RestRoutes`]: the one dispatch of both servers' routes.
+pub trait RestCollection: std::fmt::Debug + Send + Sync + 'static {
+    /// The collection's path, such as `/api/v1/addons`.
+    const PREFIX: &'static str;
+
+    /// `GET PREFIX`.
+    fn list(
+        request: &RestRequest,
+        grpc: &Grpc,
+    ) -> impl Future<Output = Result<Reply, Reply>> + Send;
+
+    /// `POST PREFIX`.
+    fn create(
+        request: &RestRequest,
+        grpc: &Grpc,
+    ) -> impl Future<Output = Result<Reply, Reply>> + Send;
+
+    /// `GET PREFIX/{id}`.
+    fn get(id: String, grpc: &Grpc) -> impl Future<Output = Result<Reply, Reply>> + Send;
+
+    /// `DELETE PREFIX/{id}`.
+    fn delete(id: String, grpc: &Grpc) -> impl Future<Output = Result<Reply, Reply>> + Send;
+
+    /// The answer to any other method on an item: 405, naming GET and
+    /// DELETE.
+    fn other_item_method(_method: &Method) -> Reply {
+        Reply::method_not_allowed("GET, DELETE")
+    }
+}
+
+impl<C: RestCollection> RestRoutes for C {
+    fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply> {
+        Box::pin(async move {
+            let id = match request.resource(C::PREFIX) {
+                Ok(id) => id,
+                Err(reply) => return reply,
+            };
+            let outcome = match (&request.method, id) {
+                (&Method::GET, None) => C::list(&request, &grpc).await,
+                (&Method::POST, None) => C::create(&request, &grpc).await,
+                (&Method::GET, Some(id)) => C::get(id, &grpc).await,
+                (&Method::DELETE, Some(id)) => C::delete(id, &grpc).await,
+                (_, None) => Err(Reply::method_not_allowed("GET, POST")),
+                (method, Some(_)) => Err(C::other_item_method(method)),
+            };
+            outcome.unwrap_or_else(|reply| reply)
+        })
+    }
+}
+
 /// A REST request, its body read.
 #[derive(Debug, Clone)]
 pub struct RestRequest {
