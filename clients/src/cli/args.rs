@@ -1,5 +1,7 @@
 //! The command line of `oak-addons`: its flags, commands and exit codes.
 
+use clap::builder::TypedValueParser as _;
+
 use super::*;
 
 /// Everything went as asked.
@@ -213,8 +215,8 @@ pub(crate) enum Command {
     /// List installations.
     List {
         /// Only these statuses (active, partially-active, failed, ...).
-        #[arg(long, value_enum, value_delimiter = ',')]
-        status: Vec<StatusArg>,
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(STATUSES).map(status_of))]
+        status: Vec<epb::InstallationStatus>,
         /// Only installations of this addon (its name or marketplace id).
         #[arg(long, value_name = "NAME_OR_ID")]
         addon: Option<String>,
@@ -361,32 +363,26 @@ pub(crate) enum MarketplaceCommand {
     },
 }
 
-/// Installation statuses for `list --status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum StatusArg {
-    Installing,
-    Active,
-    PartiallyActive,
-    Failed,
-    Disabling,
-    Disabled,
-    Upgrading,
-    RolledBack,
-}
+/// The statuses `list --status` takes: the contract's, lowercase and with
+/// dashes.
+const STATUSES: [&str; 8] = [
+    "installing",
+    "active",
+    "partially-active",
+    "failed",
+    "disabling",
+    "disabled",
+    "upgrading",
+    "rolled-back",
+];
 
-impl From<StatusArg> for epb::InstallationStatus {
-    fn from(status: StatusArg) -> Self {
-        match status {
-            StatusArg::Installing => Self::Installing,
-            StatusArg::Active => Self::Active,
-            StatusArg::PartiallyActive => Self::PartiallyActive,
-            StatusArg::Failed => Self::Failed,
-            StatusArg::Disabling => Self::Disabling,
-            StatusArg::Disabled => Self::Disabled,
-            StatusArg::Upgrading => Self::Upgrading,
-            StatusArg::RolledBack => Self::RolledBack,
-        }
-    }
+/// A status of [`STATUSES`] as the contract's enum.
+fn status_of(name: String) -> epb::InstallationStatus {
+    let name = format!(
+        "INSTALLATION_STATUS_{}",
+        name.to_uppercase().replace('-', "_")
+    );
+    epb::InstallationStatus::from_str_name(&name).unwrap_or_default()
 }
 
 impl Cli {
@@ -398,4 +394,19 @@ impl Cli {
 
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     oak_addons::parse_duration(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_takes_every_status_of_the_contract() {
+        let taken: Vec<epb::InstallationStatus> =
+            STATUSES.iter().map(|name| status_of((*name).to_owned())).collect();
+        let contract: Vec<epb::InstallationStatus> = (1..)
+            .map_while(|n| epb::InstallationStatus::try_from(n).ok())
+            .collect();
+        assert_eq!(taken, contract);
+    }
 }

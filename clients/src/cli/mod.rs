@@ -288,7 +288,7 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
         }
         Command::List { status, addon } => {
             let client = manager()?;
-            let statuses = status.into_iter().map(Into::into).collect();
+            let statuses = status;
             let mut list: Vec<epb::Installation> = collect(client.list(statuses))
                 .await
                 .map_err(failed("listing installations failed"))?;

@@ -239,41 +239,23 @@ pub async fn installation(
     format: output::Format,
     (patience, settle): (Duration, Duration),
 ) -> Result<u8, Failure> {
-    match until {
+    let (waiting_for, exit_code): (&str, fn(&epb::Installation) -> Option<u8>) = match until {
         None => {
             output::installations(&[installation], format, false).map_err(failed("output"))?;
-            Ok(EXIT_OK)
+            return Ok(EXIT_OK);
         }
-        Some(Until::Settled) => {
-            let timing = (patience, settle);
-            wait_until(
-                client,
-                installation,
-                format,
-                timing,
-                "did not settle",
-                settled,
-            )
-            .await
-        }
-        Some(Until::RolledOut) => {
-            let timing = (patience, settle);
-            wait_until(
-                client,
-                installation,
-                format,
-                timing,
-                "did not finish its rollout",
-                |current| match current.status() {
-                    InstallationStatus::Upgrading => None,
-                    InstallationStatus::RolledBack => Some(EXIT_FAILED),
-                    _ => settled(current),
-                },
-            )
-            .await
-        }
-        Some(Until::Removed) => wait_removed(client, installation, format, patience).await,
-    }
+        Some(Until::Removed) => return wait_removed(client, installation, format, patience).await,
+        Some(Until::Settled) => ("did not settle", settled),
+        Some(Until::RolledOut) => ("did not finish its rollout", |current| {
+            match current.status() {
+                InstallationStatus::Upgrading => None,
+                InstallationStatus::RolledBack => Some(EXIT_FAILED),
+                _ => settled(current),
+            }
+        }),
+    };
+    let timing = (patience, settle);
+    wait_until(client, installation, format, timing, waiting_for, exit_code).await
 }
 
 /// Follows an installation until `exit_code` has a code for it (and it
