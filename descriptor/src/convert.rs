@@ -11,7 +11,36 @@ use crate::{
 };
 
 macro_rules! conversions {
-    ($pb:ident) => {
+    ($pb:ident, $addon:ident) => {
+        impl From<$pb::$addon> for Descriptor {
+            fn from(addon: $pb::$addon) -> Self {
+                Self {
+                    version: version_or_default(addon.version),
+                    name: addon.name,
+                    description: addon.description,
+                    services: addon.services.into_iter().map(Service::from).collect(),
+                    volumes: addon.volumes.into_iter().map(Volume::from).collect(),
+                    networks: addon.networks.into_iter().map(Network::from).collect(),
+                }
+            }
+        }
+
+        impl From<Descriptor> for $pb::$addon {
+            // The marketplace's `Addon` has record fields besides.
+            #[allow(clippy::needless_update)]
+            fn from(descriptor: Descriptor) -> Self {
+                Self {
+                    name: descriptor.name,
+                    version: descriptor.version,
+                    description: descriptor.description,
+                    services: descriptor.services.into_iter().map(Into::into).collect(),
+                    volumes: descriptor.volumes.into_iter().map(Into::into).collect(),
+                    networks: descriptor.networks.into_iter().map(Into::into).collect(),
+                    ..Self::default()
+                }
+            }
+        }
+
         impl From<$pb::ServiceSpec> for Service {
             fn from(s: $pb::ServiceSpec) -> Self {
                 let port = |value: u32| u16::try_from(value).unwrap_or(0);
@@ -278,8 +307,8 @@ macro_rules! conversions {
     };
 }
 
-conversions!(mpb);
-conversions!(epb);
+conversions!(mpb, Addon);
+conversions!(epb, AddonSnapshot);
 
 /// A message's version: empty (a client that predates versions, or an
 /// Oakestra descriptor) means [`crate::DEFAULT_VERSION`].
@@ -299,52 +328,23 @@ impl Descriptor {
     /// mount without a source stays recognisable, so [`crate::validate`]
     /// rejects them with their field paths.
     pub fn from_proto(addon: mpb::Addon) -> Self {
-        Self {
-            version: version_or_default(addon.version),
-            name: addon.name,
-            description: addon.description,
-            services: addon.services.into_iter().map(Service::from).collect(),
-            volumes: addon.volumes.into_iter().map(Volume::from).collect(),
-            networks: addon.networks.into_iter().map(Network::from).collect(),
-        }
+        addon.into()
     }
 
     /// A marketplace `Addon` message holding the descriptor; the caller fills
     /// in the record fields (`id`, `status`, times, `revision`).
     pub fn into_proto(self) -> mpb::Addon {
-        mpb::Addon {
-            name: self.name,
-            version: self.version,
-            description: self.description,
-            services: self.services.into_iter().map(Into::into).collect(),
-            volumes: self.volumes.into_iter().map(Into::into).collect(),
-            networks: self.networks.into_iter().map(Into::into).collect(),
-            ..mpb::Addon::default()
-        }
+        self.into()
     }
 
     /// The descriptor held by an engine `AddonSnapshot`.
     pub fn from_snapshot(addon: epb::AddonSnapshot) -> Self {
-        Self {
-            version: version_or_default(addon.version),
-            name: addon.name,
-            description: addon.description,
-            services: addon.services.into_iter().map(Service::from).collect(),
-            volumes: addon.volumes.into_iter().map(Volume::from).collect(),
-            networks: addon.networks.into_iter().map(Network::from).collect(),
-        }
+        addon.into()
     }
 
     /// The engine's `AddonSnapshot` of the descriptor.
     pub fn into_snapshot(self) -> epb::AddonSnapshot {
-        epb::AddonSnapshot {
-            name: self.name,
-            version: self.version,
-            description: self.description,
-            services: self.services.into_iter().map(Into::into).collect(),
-            volumes: self.volumes.into_iter().map(Into::into).collect(),
-            networks: self.networks.into_iter().map(Into::into).collect(),
-        }
+        self.into()
     }
 }
 

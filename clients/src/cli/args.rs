@@ -402,8 +402,10 @@ mod tests {
 
     #[test]
     fn list_takes_every_status_of_the_contract() {
-        let taken: Vec<epb::InstallationStatus> =
-            STATUSES.iter().map(|name| status_of((*name).to_owned())).collect();
+        let taken: Vec<epb::InstallationStatus> = STATUSES
+            .iter()
+            .map(|name| status_of((*name).to_owned()))
+            .collect();
         let contract: Vec<epb::InstallationStatus> = (1..)
             .map_while(|n| epb::InstallationStatus::try_from(n).ok())
             .collect();
