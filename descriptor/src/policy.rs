@@ -53,30 +53,23 @@ pub const OUR_PORTS: [u16; 4] = [11101, 11102, 11103, 11201];
 
 /// A policy file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Whether privileged containers are allowed.
-    #[serde(default)]
     pub privileged: bool,
     /// Host paths that may be mounted.
-    #[serde(default)]
     pub host_paths: Vec<HostPathRule>,
     /// Host ports that may be published.
-    #[serde(default = "default_host_ports")]
     pub host_ports: Vec<PortRange>,
     /// Ports never published, besides [`OUR_PORTS`] and the server's own.
-    #[serde(default)]
     pub reserved_ports: Vec<u16>,
     /// Which core components may be replaced; `None`: the caller's default.
-    #[serde(default)]
     pub core_components: Option<CoreRules>,
     /// Default and maximum limits of containers.
-    #[serde(default)]
     pub resources: ResourceRules,
     /// Privileges an install receives without asking (a manager's policy
     /// only): what an operator consents to once, for clients that cannot
     /// consent, such as Oakestra's dashboard.
-    #[serde(default)]
     pub consent: Consent,
 }
 

@@ -8,25 +8,19 @@ use crate::{Privilege, PrivilegeKind};
 
 /// Privileges given to installs without asking.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Consent {
     /// Names of the addons whose installs receive them; `*` is any.
-    #[serde(default = "any_addon")]
     pub addons: Vec<String>,
     /// Privileged mode.
-    #[serde(default)]
     pub privileged: bool,
     /// Host paths under these prefixes (read-only unless `writable`).
-    #[serde(default)]
     pub host_paths: Vec<HostPathRule>,
     /// Host ports in these ranges.
-    #[serde(default)]
     pub host_ports: Vec<PortRule>,
     /// Replacing these core components; `*` is any.
-    #[serde(default)]
     pub core_components: Vec<String>,
     /// Reading these replaced core components' environment; `*` is any.
-    #[serde(default)]
     pub inherit_environment: Vec<String>,
 }
 
