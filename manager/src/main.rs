@@ -6,20 +6,13 @@ use addons_manager::{
     config::Config,
     link::{LinkHub, LinkOptions},
 };
-use addons_server_kit::{
-    Requests, Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
-};
+use addons_server_kit::{Requests, Server, Shutdown, bind, open_store, server_main};
 
 fn main() -> ExitCode {
-    match parse_config::<Config>() {
-        Ok(config) => main_with(|| run(config)),
-        Err(code) => code,
-    }
+    server_main("addons-manager", |config: &Config| &config.common, run)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let _telemetry = init_telemetry("addons-manager", config.common.log_format)?;
-    let shutdown = Shutdown::on_signals()?;
+async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let store = open_store(
         config.store.as_deref(),
         "/var/lib/oakestra-addons/manager.redb",

@@ -6,20 +6,13 @@ use addons_marketplace::{
     config::{Config, DEFAULT_PORT},
     registry::Registry,
 };
-use addons_server_kit::{
-    Requests, Server, Shutdown, bind, init_telemetry, main_with, open_store, parse_config,
-};
+use addons_server_kit::{Requests, Server, Shutdown, bind, open_store, server_main};
 
 fn main() -> ExitCode {
-    match parse_config::<Config>() {
-        Ok(config) => main_with(|| run(config)),
-        Err(code) => code,
-    }
+    server_main("addons-marketplace", |config: &Config| &config.common, run)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let _telemetry = init_telemetry("addons-marketplace", config.common.log_format)?;
-    let shutdown = Shutdown::on_signals()?;
+async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(config.registry_options()?)?);
     let store = open_store(
         config.store.as_deref(),

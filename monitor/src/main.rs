@@ -11,7 +11,7 @@ use addons_monitor::{
     restarts::RestartPolicy,
     runtime::RegistryAccess,
 };
-use addons_server_kit::{Server, Shutdown, bind, init_telemetry, main_with, parse_config};
+use addons_server_kit::{Server, Shutdown, bind, server_main};
 use anyhow::Context as _;
 use oakestra_addons_proto::engine::v1::Plane;
 
@@ -30,15 +30,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    match parse_config::<Config>() {
-        Ok(config) => main_with(|| run(config)),
-        Err(code) => code,
-    }
+    server_main("addons-monitor", |config: &Config| &config.common, run)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let _telemetry = init_telemetry("addons-monitor", config.common.log_format)?;
-    let shutdown = Shutdown::on_signals()?;
+async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     tonic::transport::Endpoint::from_shared(config.manager.clone())
         .with_context(|| format!("invalid manager URL `{}`", config.manager))?;
     // Whoever is on a plaintext path to the manager writes this node's

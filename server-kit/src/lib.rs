@@ -37,7 +37,9 @@ pub use crate::{
     client::{Authorize, ClientCredentials, is_loopback_url},
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
     registry_auth::RegistryArgs,
-    server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with},
+    server::{
+        MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with, server_main,
+    },
     shutdown::Shutdown,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
 };

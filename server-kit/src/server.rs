@@ -323,6 +323,32 @@ pub async fn bind(addr: SocketAddr, security: &Security) -> anyhow::Result<TcpLi
     Ok(listener)
 }
 
+/// The whole `main` of a server binary named `name`: its flags parsed
+/// ([`crate::parse_config`]), the runtime ([`main_with`]), logging and
+/// tracing ([`crate::init_telemetry`], with the log format of the flags
+/// `common` finds), SIGTERM and SIGINT ([`Shutdown::on_signals`]), then
+/// `run` until it returns.
+pub fn server_main<C, F, Fut>(
+    name: &'static str,
+    common: fn(&C) -> &crate::CommonArgs,
+    run: F,
+) -> ExitCode
+where
+    C: clap::Parser,
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config = match crate::parse_config::<C>() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    main_with(|| async move {
+        let _telemetry = crate::init_telemetry(name, common(&config).log_format)?;
+        let shutdown = Shutdown::on_signals()?;
+        run(config, shutdown).await
+    })
+}
+
 /// Runs a server's `main`: a start-up failure is one line on stderr and
 /// exit code 1; a clean shutdown is exit code 0.
 pub fn main_with<F, Fut>(run: F) -> ExitCode
