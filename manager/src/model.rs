@@ -1,7 +1,6 @@
 //! The manager's records: installations and the status of their services.
 
 use addons_descriptor::Descriptor;
-use addons_store::Document;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -228,15 +227,8 @@ mod millis {
     }
 }
 
-impl Document for Installation {
-    const COLLECTION: &'static str = "installations";
-    // Read by every report batch, hello and API call: served from memory.
-    const RESIDENT: bool = true;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
+// Read by every report batch, hello and API call: served from memory.
+addons_store::document!(Installation in "installations", resident;
     /// One live installation per marketplace addon; disabled ones step
     /// aside so the addon can be installed again.
     fn unique_key(&self) -> Option<String> {
@@ -246,7 +238,7 @@ impl Document for Installation {
     fn status(&self) -> String {
         self.status.as_str().to_owned()
     }
-}
+);
 
 /// Where a service is in its life on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,20 +39,13 @@ pub(crate) struct NodeStatus {
     sequence: u64,
 }
 
-impl Document for NodeStatus {
-    const COLLECTION: &'static str = "node_statuses";
-    // Watchers follow the installation records, which say what changed.
-    const LOGGED: bool = false;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
+// Watchers follow the installation records, which say what changed.
+addons_store::document!(NodeStatus in "node_statuses", unlogged;
     /// The installation, so one installation's records list by status.
     fn status(&self) -> String {
         self.installation_id.clone()
     }
-}
+);
 
 /// A node's statuses of one installation, as stored.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -50,15 +50,8 @@ pub struct Addon {
     pub owner: String,
 }
 
-impl Document for Addon {
-    const COLLECTION: &'static str = "addons";
-    // Read far more often than written: served from memory.
-    const RESIDENT: bool = true;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
+// Read far more often than written: served from memory.
+addons_store::document!(Addon in "addons", resident;
     /// One record per name and version.
     fn unique_key(&self) -> Option<String> {
         Some(version_key(&self.descriptor.name, &self.descriptor.version))
@@ -67,7 +60,7 @@ impl Document for Addon {
     fn status(&self) -> String {
         self.status.as_str().to_owned()
     }
-}
+);
 
 /// Who owns an addon name: taken by its first version's publisher and kept
 /// when every version is deleted, so a name once published cannot be taken

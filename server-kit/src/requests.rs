@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use addons_store::{Collection, Document, Filter, Precondition, Store};
+use addons_store::{Collection, Filter, Precondition, Store};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -37,14 +37,7 @@ struct RequestRecord {
     complete_time: i64,
 }
 
-impl Document for RequestRecord {
-    const COLLECTION: &'static str = "requests";
-    const LOGGED: bool = false;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-
+addons_store::document!(RequestRecord in "requests", unlogged;
     fn unique_key(&self) -> Option<String> {
         Some(self.key.clone())
     }
@@ -52,7 +45,7 @@ impl Document for RequestRecord {
     fn status(&self) -> String {
         "done".to_owned()
     }
-}
+);
 
 /// The remembered calls of one server. Cheap to clone.
 #[derive(Debug, Clone)]

@@ -72,6 +72,33 @@ pub trait Document: Serialize + DeserializeOwned + Clone + Send + Sync + 'static
     const RESIDENT: bool = false;
 }
 
+/// Implements [`Document`] for a record whose id is its `id` field:
+/// `document!(Type in "collection")`, then the collection's flags
+/// (`unlogged`: [`Document::LOGGED`] off; `resident`: [`Document::RESIDENT`]
+/// on), then, after `;`, any other items of the impl (`unique_key`,
+/// `status`). A record keyed by another field implements it by hand.
+#[macro_export]
+macro_rules! document {
+    ($type:ident in $collection:literal $(, $flag:ident)* $(; $($items:tt)*)?) => {
+        impl $crate::Document for $type {
+            const COLLECTION: &'static str = $collection;
+            $($crate::document!(@flag $flag);)*
+
+            fn id(&self) -> &str {
+                &self.id
+            }
+
+            $($($items)*)?
+        }
+    };
+    (@flag unlogged) => {
+        const LOGGED: bool = false;
+    };
+    (@flag resident) => {
+        const RESIDENT: bool = true;
+    };
+}
+
 /// A record together with its revision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned<T> {

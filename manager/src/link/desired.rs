@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use addons_store::{ChangeKind, Collection, Document};
+use addons_store::{ChangeKind, Collection};
 use oakestra_addons_proto::engine::v1 as pb;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -32,15 +32,8 @@ pub(super) struct PlaneState {
     generation: u64,
 }
 
-impl Document for PlaneState {
-    const COLLECTION: &'static str = "planes";
-    // A counter, not something anyone watches.
-    const LOGGED: bool = false;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-}
+// A counter, not something anyone watches.
+addons_store::document!(PlaneState in "planes", unlogged);
 
 /// The desired state as sent to monitors.
 #[derive(Debug, Clone, Default)]

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use addons_store::{Document, Filter, Page, Precondition};
+use addons_store::{Filter, Page, Precondition};
 use chrono::{DateTime, Utc};
 use oakestra_addons_proto::engine::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -34,15 +34,8 @@ pub(super) struct NodeRecord {
     pub(super) disconnect_time: Option<DateTime<Utc>>,
 }
 
-impl Document for NodeRecord {
-    const COLLECTION: &'static str = "nodes";
-    // Read by listings, not watched.
-    const LOGGED: bool = false;
-
-    fn id(&self) -> &str {
-        &self.id
-    }
-}
+// Read by listings, not watched.
+addons_store::document!(NodeRecord in "nodes", unlogged);
 
 /// Why a node is forgotten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
