@@ -117,17 +117,8 @@ impl Containerd {
                 Some(lease),
             ))
             .await;
-        match prepared {
-            Ok(_) => {}
-            // Left over from an earlier attempt: reuse it.
-            Err(status) if status.code() == tonic::Code::AlreadyExists => {}
-            Err(status) => {
-                return Err(RuntimeError::Call {
-                    call: "Snapshots.Prepare",
-                    status,
-                });
-            }
-        }
+        // One left over from an earlier attempt is reused.
+        RuntimeError::unless(prepared, "Snapshots.Prepare", tonic::Code::AlreadyExists)?;
         let spec = serde_json::to_vec(spec).map_err(|err| RuntimeError::InvalidImage {
             image: image.to_owned(),
             reason: format!("runtime spec does not encode: {err}"),
@@ -165,19 +156,10 @@ impl Containerd {
     pub async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         self.stop_task(id, grace).await?;
         let mut containers = ContainersClient::new(self.channel().await?);
-        match containers
+        let answer = containers
             .delete(self.request(DeleteContainerRequest { id: id.to_owned() }, None))
-            .await
-        {
-            Ok(_) => {}
-            Err(status) if status.code() == tonic::Code::NotFound => {}
-            Err(status) => {
-                return Err(RuntimeError::Call {
-                    call: "Containers.Delete",
-                    status,
-                });
-            }
-        }
+            .await;
+        RuntimeError::unless(answer, "Containers.Delete", tonic::Code::NotFound)?;
         self.remove_snapshot(id).await
     }
 

@@ -22,22 +22,15 @@ use super::{Containerd, RuntimeError, pull::registry_error};
 impl Containerd {
     pub(super) async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
         let mut content = ContentClient::new(self.channel().await?);
-        match content
+        let answer = content
             .info(self.request(
                 InfoRequest {
                     digest: digest.to_owned(),
                 },
                 None,
             ))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Content.Info",
-                status,
-            }),
-        }
+            .await;
+        Ok(RuntimeError::unless(answer, "Content.Info", tonic::Code::NotFound)?.is_some())
     }
 
     pub(super) async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, RuntimeError> {

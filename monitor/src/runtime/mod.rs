@@ -238,6 +238,21 @@ impl RuntimeError {
         move |status| Self::Call { call, status }
     }
 
+    /// The answer of `call`, where `code` means the state it asks for is
+    /// already there (NOT_FOUND for a removal or a lookup, ALREADY_EXISTS
+    /// for a creation): `None` then.
+    fn unless<T>(
+        answer: Result<tonic::Response<T>, tonic::Status>,
+        call: &'static str,
+        code: Code,
+    ) -> Result<Option<T>, Self> {
+        match answer {
+            Ok(response) => Ok(Some(response.into_inner())),
+            Err(status) if status.code() == code => Ok(None),
+            Err(status) => Err(Self::Call { call, status }),
+        }
+    }
+
     /// Whether containerd answered NOT_FOUND.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Call { status, .. } if status.code() == Code::NotFound)

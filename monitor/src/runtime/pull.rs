@@ -436,7 +436,7 @@ impl Containerd {
             created_at: None,
             updated_at: None,
         };
-        match images
+        let answer = images
             .create(self.request(
                 CreateImageRequest {
                     image: Some(image),
@@ -444,15 +444,8 @@ impl Containerd {
                 },
                 Some(lease),
             ))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Images.Create",
-                status,
-            }),
-        }
+            .await;
+        RuntimeError::unless(answer, "Images.Create", tonic::Code::AlreadyExists).map(drop)
     }
 }
 

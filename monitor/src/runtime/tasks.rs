@@ -172,7 +172,7 @@ impl Containerd {
         id: &str,
         signal: u32,
     ) -> Result<(), RuntimeError> {
-        match tasks
+        let answer = tasks
             .kill(self.request(
                 KillRequest {
                     container_id: id.to_owned(),
@@ -182,15 +182,8 @@ impl Containerd {
                 },
                 None,
             ))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Tasks.Kill",
-                status,
-            }),
-        }
+            .await;
+        RuntimeError::unless(answer, "Tasks.Kill", tonic::Code::NotFound).map(drop)
     }
 
     /// Runs `args` in container `id`'s running task, as its process runs
@@ -313,22 +306,15 @@ impl Containerd {
     /// Deletes container `id`'s (exited) task; a missing task is fine.
     pub async fn delete_task(&self, id: &str) -> Result<(), RuntimeError> {
         let mut tasks = TasksClient::new(self.channel().await?);
-        match tasks
+        let answer = tasks
             .delete(self.request(
                 DeleteTaskRequest {
                     container_id: id.to_owned(),
                 },
                 None,
             ))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Tasks.Delete",
-                status,
-            }),
-        }
+            .await;
+        RuntimeError::unless(answer, "Tasks.Delete", tonic::Code::NotFound).map(drop)
     }
 
     /// Task exits in the monitor's namespace, as containerd publishes them

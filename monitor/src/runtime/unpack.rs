@@ -20,7 +20,7 @@ use super::{Containerd, RuntimeError};
 impl Containerd {
     pub(super) async fn snapshot_exists(&self, key: &str) -> Result<bool, RuntimeError> {
         let mut snapshots = SnapshotsClient::new(self.channel().await?);
-        match snapshots
+        let answer = snapshots
             .stat(self.request(
                 StatSnapshotRequest {
                     snapshotter: self.snapshotter.clone(),
@@ -28,15 +28,8 @@ impl Containerd {
                 },
                 None,
             ))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Snapshots.Stat",
-                status,
-            }),
-        }
+            .await;
+        Ok(RuntimeError::unless(answer, "Snapshots.Stat", tonic::Code::NotFound)?.is_some())
     }
 
     /// Applies one layer on top of `parent` and commits it as `chain_id`,
@@ -136,7 +129,7 @@ impl Containerd {
 
     pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), RuntimeError> {
         let mut snapshots = SnapshotsClient::new(self.channel().await?);
-        match snapshots
+        let answer = snapshots
             .remove(self.request(
                 RemoveSnapshotRequest {
                     snapshotter: self.snapshotter.clone(),
@@ -144,14 +137,7 @@ impl Containerd {
                 },
                 None,
             ))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-            Err(status) => Err(RuntimeError::Call {
-                call: "Snapshots.Remove",
-                status,
-            }),
-        }
+            .await;
+        RuntimeError::unless(answer, "Snapshots.Remove", tonic::Code::NotFound).map(drop)
     }
 }
