@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// The context used when none is named.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub current_context: Option<String>,
     /// Contexts by name.
     #[serde(default)]
@@ -28,45 +28,35 @@ pub struct ConfigFile {
 #[serde(default, deny_unknown_fields)]
 pub struct Context {
     /// URL of the marketplace.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-marketplace", value_name = "URL")]
     pub marketplace: Option<String>,
     /// URL of the manager.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-manager", value_name = "URL")]
     pub manager: Option<String>,
     /// URL of a node's monitor.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-monitor", value_name = "URL")]
     pub monitor: Option<String>,
     /// CA certificate file.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-ca-cert", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// File holding the bearer token.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-token-file", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Token for the marketplace only (a token whose audience is the
     /// marketplace); the marketplace gets it instead of `token_file`'s.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-marketplace-token-file", value_name = "FILE")]
     pub marketplace_token_file: Option<PathBuf>,
     /// Token for the manager only.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-manager-token-file", value_name = "FILE")]
     pub manager_token_file: Option<PathBuf>,
     /// Token for the node's monitor only: a node that was given the
     /// manager's token could replay it there.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-monitor-token-file", value_name = "FILE")]
     pub monitor_token_file: Option<PathBuf>,
     /// Client certificate file.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-client-cert", value_name = "FILE")]
     pub client_cert: Option<PathBuf>,
     /// Its key file.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long = "set-client-key", value_name = "FILE")]
     pub client_key: Option<PathBuf>,
 }
@@ -142,7 +132,10 @@ pub fn save(path: &Path, config: &ConfigFile) -> Result<(), String> {
         std::fs::create_dir_all(dir)
             .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
     }
-    let text = serde_yaml_ng::to_string(config).map_err(|err| err.to_string())?;
+    // Unset fields are left out, not written as nulls.
+    let mut value = serde_yaml_ng::to_value(config).map_err(|err| err.to_string())?;
+    without_nulls(&mut value);
+    let text = serde_yaml_ng::to_string(&value).map_err(|err| err.to_string())?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -152,6 +145,14 @@ pub fn save(path: &Path, config: &ConfigFile) -> Result<(), String> {
         .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     std::io::Write::write_all(&mut file, text.as_bytes())
         .map_err(|err| format!("cannot write {}: {err}", path.display()))
+}
+
+/// `value` with the null entries of its mappings left out.
+fn without_nulls(value: &mut serde_yaml_ng::Value) {
+    if let serde_yaml_ng::Value::Mapping(map) = value {
+        map.retain(|_, v| !v.is_null());
+        map.values_mut().for_each(without_nulls);
+    }
 }
 
 #[cfg(test)]
@@ -175,6 +176,8 @@ mod tests {
         config.current_context = Some("prod".into());
         save(&file, &config).unwrap();
         assert_eq!(load(&file).unwrap(), config);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(!text.contains("null") && !text.contains("marketplace"), "{text}");
         std::fs::write(&file, "contexts: {prod: {managr: x}}").unwrap();
         assert!(load(&file).unwrap_err().contains("managr"));
         std::fs::remove_dir_all(dir).unwrap();
