@@ -114,17 +114,19 @@ pub struct PortRange {
     pub last: u16,
 }
 
+/// A port rule as YAML writes it: a number, or text (a range, a protocol).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortText {
+    Port(u16),
+    Text(String),
+}
+
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Port(u16),
-            Text(String),
-        }
-        let text = match Raw::deserialize(deserializer)? {
-            Raw::Port(port) => return Ok(Self::new(port, port)),
-            Raw::Text(text) => text,
+        let text = match PortText::deserialize(deserializer)? {
+            PortText::Port(port) => return Ok(Self::new(port, port)),
+            PortText::Text(text) => text,
         };
         let port = |t: &str| {
             t.trim()

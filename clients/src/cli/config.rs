@@ -177,7 +177,10 @@ mod tests {
         save(&file, &config).unwrap();
         assert_eq!(load(&file).unwrap(), config);
         let text = std::fs::read_to_string(&file).unwrap();
-        assert!(!text.contains("null") && !text.contains("marketplace"), "{text}");
+        assert!(
+            !text.contains("null") && !text.contains("marketplace"),
+            "{text}"
+        );
         std::fs::write(&file, "contexts: {prod: {managr: x}}").unwrap();
         assert!(load(&file).unwrap_err().contains("managr"));
         std::fs::remove_dir_all(dir).unwrap();

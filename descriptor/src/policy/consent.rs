@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Deserializer};
 
-use super::{CoreRules, HostPathRule, PortRange, is_plain_absolute, is_under};
+use super::{CoreRules, HostPathRule, PortRange, PortText, is_plain_absolute, is_under};
 use crate::{Privilege, PrivilegeKind};
 
 /// Privileges given to installs without asking.
@@ -101,15 +101,9 @@ pub struct PortRule {
 
 impl<'de> Deserialize<'de> for PortRule {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Port(u16),
-            Text(String),
-        }
-        let text = match Raw::deserialize(deserializer)? {
-            Raw::Port(port) => port.to_string(),
-            Raw::Text(text) => text,
+        let text = match PortText::deserialize(deserializer)? {
+            PortText::Port(port) => port.to_string(),
+            PortText::Text(text) => text,
         };
         let (range, protocol) = match text.split_once('/') {
             Some((range, protocol)) if matches!(protocol, "tcp" | "udp") => {
