@@ -79,10 +79,7 @@ impl Backend for EmbeddedBackend {
         let collection = collection.to_owned();
         self.blocking("prepare", move |db| {
             let tx = db.begin_write().map_err(|e| Error::backend("prepare", e))?;
-            tx.open_table(records(&collection))
-                .map_err(|e| Error::backend("prepare", e))?;
-            tx.open_table(keys(&keys_table(&collection)))
-                .map_err(|e| Error::backend("prepare", e))?;
+            drop(Tables::open(&tx, &collection, "prepare")?);
             tx.commit().map_err(|e| Error::backend("prepare", e))
         })
         .await
@@ -180,23 +177,19 @@ impl Backend for EmbeddedBackend {
         self.blocking(OP, move |db| {
             let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
             {
-                let mut table = tx
-                    .open_table(records(&collection))
+                let mut tables = Tables::open(&tx, &collection, OP)?;
+                let stored = tables
+                    .records
+                    .get(id.as_str())
                     .map_err(|e| Error::backend(OP, e))?;
-                let mut key_index = tx
-                    .open_table(keys(&keys_table(&collection)))
-                    .map_err(|e| Error::backend(OP, e))?;
-                let current = match table.get(id.as_str()).map_err(|e| Error::backend(OP, e))? {
-                    Some(bytes) => decode_record(OP, bytes.value())?,
-                    None => return Ok(false),
+                let Some(current) = stored
+                    .map(|bytes| decode_record(OP, bytes.value()))
+                    .transpose()?
+                else {
+                    return Ok(false);
                 };
                 check(&current, condition.revision, &condition.status_in)?;
-                table
-                    .remove(id.as_str())
-                    .map_err(|e| Error::backend(OP, e))?;
-                key_index
-                    .remove(current.key.as_str())
-                    .map_err(|e| Error::backend(OP, e))?;
+                tables.remove(&id)?;
             }
             tx.commit().map_err(|e| Error::backend(OP, e))?;
             Ok(true)
@@ -211,23 +204,9 @@ impl Backend for EmbeddedBackend {
         self.blocking(OP, move |db| {
             let tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
             {
-                let mut table = tx
-                    .open_table(records(&collection))
-                    .map_err(|e| Error::backend(OP, e))?;
-                let mut key_index = tx
-                    .open_table(keys(&keys_table(&collection)))
-                    .map_err(|e| Error::backend(OP, e))?;
+                let mut tables = Tables::open(&tx, &collection, OP)?;
                 for id in &ids {
-                    let removed = table
-                        .remove(id.as_str())
-                        .map_err(|e| Error::backend(OP, e))?
-                        .map(|bytes| decode_record(OP, bytes.value()))
-                        .transpose()?;
-                    if let Some(record) = removed {
-                        key_index
-                            .remove(record.key.as_str())
-                            .map_err(|e| Error::backend(OP, e))?;
-                    }
+                    tables.remove(id)?;
                 }
             }
             tx.commit().map_err(|e| Error::backend(OP, e))
@@ -312,6 +291,22 @@ impl<'tx> Tables<'tx> {
                 .open_table(keys(&keys_table(collection)))
                 .map_err(|e| Error::backend(operation, e))?,
         })
+    }
+
+    /// Removes record `id` and its unique key, if it is there.
+    fn remove(&mut self, id: &str) -> Result<()> {
+        let op = self.operation;
+        let removed = self.records.remove(id).map_err(|e| Error::backend(op, e))?;
+        let Some(record) = removed
+            .map(|bytes| decode_record(op, bytes.value()))
+            .transpose()?
+        else {
+            return Ok(());
+        };
+        self.keys
+            .remove(record.key.as_str())
+            .map_err(|e| Error::backend(op, e))?;
+        Ok(())
     }
 
     /// Inserts a new record; [`Error::AlreadyExists`] when its id or key is
