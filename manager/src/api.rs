@@ -3,8 +3,7 @@
 
 use addons_descriptor::FieldViolation;
 use addons_server_kit::{
-    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Mutation, Requests, Role,
-    Shutdown, WatchStream, audit, watch_stream,
+    Identity, MethodAccess, Mutation, Requests, Role, Shutdown, WatchStream, audit, watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::engine::v1::{
@@ -79,9 +78,7 @@ impl ManagerApi {
 
     /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> AddonsManagerServiceServer<Self> {
-        AddonsManagerServiceServer::new(self)
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        addons_server_kit::limited!(AddonsManagerServiceServer::new(self))
     }
 }
 
@@ -433,9 +430,7 @@ impl MonitorLinkApi {
 
     /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> MonitorLinkServiceServer<Self> {
-        MonitorLinkServiceServer::new(self)
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        addons_server_kit::limited!(MonitorLinkServiceServer::new(self))
     }
 }
 

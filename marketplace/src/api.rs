@@ -3,8 +3,7 @@
 
 use addons_descriptor::{Descriptor, FieldViolation};
 use addons_server_kit::{
-    Identity, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MethodAccess, Mutation, Requests, Role,
-    Shutdown, WatchStream, watch_stream,
+    Identity, MethodAccess, Mutation, Requests, Role, Shutdown, WatchStream, watch_stream,
 };
 use addons_store::{ChangeKind, Event, Start};
 use oakestra_addons_proto::marketplace::v1::{
@@ -67,9 +66,7 @@ impl MarketplaceApi {
 
     /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> MarketplaceServiceServer<Self> {
-        MarketplaceServiceServer::new(self)
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        addons_server_kit::limited!(MarketplaceServiceServer::new(self))
     }
 }
 

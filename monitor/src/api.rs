@@ -85,9 +85,7 @@ impl NodeMonitorApi {
 
     /// The tonic service, with the servers' message size limits.
     pub fn into_service(self) -> NodeMonitorServiceServer<Self> {
-        NodeMonitorServiceServer::new(self)
-            .max_decoding_message_size(addons_server_kit::MAX_REQUEST_BYTES)
-            .max_encoding_message_size(addons_server_kit::MAX_RESPONSE_BYTES)
+        addons_server_kit::limited!(NodeMonitorServiceServer::new(self))
     }
 }
 

@@ -72,3 +72,14 @@ impl<S> HttpService for S where
         + 'static
 {
 }
+
+/// A generated tonic server with the message size limits every service
+/// sets: [`MAX_REQUEST_BYTES`] in, [`MAX_RESPONSE_BYTES`] out.
+#[macro_export]
+macro_rules! limited {
+    ($server:expr) => {
+        $server
+            .max_decoding_message_size($crate::MAX_REQUEST_BYTES)
+            .max_encoding_message_size($crate::MAX_RESPONSE_BYTES)
+    };
+}
