@@ -13,10 +13,19 @@
 
 use std::time::Duration;
 
-/// The constructors every typed client has: `connect`, `new` and
-/// `with_bearer`, over the generated stub `$stub`.
-macro_rules! client_constructors {
+/// A typed client over the generated stub `$stub`: the struct (the stub,
+/// the retry policy, the call timeout), its constructors (`connect`, `new`,
+/// `with_bearer`) and the one shape of its unary calls (`call`).
+macro_rules! typed_client {
     ($client:ident, $stub:ident, $what:literal) => {
+        #[doc = concat!("A typed client of ", $what, ".")]
+        #[derive(Debug, Clone)]
+        pub struct $client {
+            inner: $stub<crate::AuthChannel>,
+            retry: RetryPolicy,
+            timeout: Duration,
+        }
+
         impl $client {
             #[doc = concat!("A client of ", $what, " at `url`.")]
             pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {

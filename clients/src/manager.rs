@@ -14,14 +14,6 @@ use crate::{
     watch::{Cursor, new_request_id, resumed},
 };
 
-/// A typed client of the Addons Manager.
-#[derive(Debug, Clone)]
-pub struct ManagerClient {
-    inner: AddonsManagerServiceClient<crate::AuthChannel>,
-    retry: RetryPolicy,
-    timeout: Duration,
-}
-
 /// How to install.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InstallOptions {
@@ -69,7 +61,7 @@ pub struct InstallationEvent {
     pub deleted: bool,
 }
 
-client_constructors!(
+typed_client!(
     ManagerClient,
     AddonsManagerServiceClient,
     "the Addons Manager"

@@ -14,14 +14,6 @@ use crate::{
     watch::{Cursor, new_request_id, resumed},
 };
 
-/// A typed client of the marketplace.
-#[derive(Debug, Clone)]
-pub struct MarketplaceClient {
-    inner: MarketplaceServiceClient<crate::AuthChannel>,
-    retry: RetryPolicy,
-    timeout: Duration,
-}
-
 /// Which addons a listing returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AddonFilter {
@@ -46,7 +38,7 @@ impl AddonFilter {
     }
 }
 
-client_constructors!(
+typed_client!(
     MarketplaceClient,
     MarketplaceServiceClient,
     "the marketplace"
