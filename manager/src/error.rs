@@ -265,43 +265,18 @@ impl From<Error> for Status {
             Error::PrivilegesNotAccepted {
                 marketplace_id,
                 missing,
-            } => missing.iter().fold(
-                ApiError::new(Code::FailedPrecondition, "PRIVILEGES_NOT_ACCEPTED", message.clone())
-                    .metadata(
-                        "missing",
-                        missing
-                            .iter()
-                            .map(addons_descriptor::Privilege::grant_text)
-                            .collect::<Vec<_>>()
-                            .join(","),
-                    ),
-                |error, need| {
-                    error.precondition(
-                        "PRIVILEGE",
-                        format!("addons/{marketplace_id}/services/{}", need.service_name),
-                        format!("accept {}", need.grant_text()),
-                    )
-                },
+            } => each_service(
+                ApiError::new(Code::FailedPrecondition, "PRIVILEGES_NOT_ACCEPTED", message.clone()),
+                ("missing", "PRIVILEGE", &marketplace_id),
+                missing.iter().map(|need| (need.grant_text(), &need.service_name, format!("accept {}", need.grant_text()))),
             ),
             Error::PolicyViolation {
                 marketplace_id,
                 violations,
-            } => violations.iter().fold(
-                ApiError::new(Code::FailedPrecondition, "POLICY_VIOLATION", message.clone())
-                    .metadata(
-                        "rules",
-                        violations.iter().map(|v| v.rule).collect::<Vec<_>>().join(","),
-                    ),
-                |error, violation| {
-                    error.precondition(
-                        "POLICY",
-                        format!(
-                            "addons/{marketplace_id}/services/{}",
-                            violation.service_name
-                        ),
-                        violation.to_string(),
-                    )
-                },
+            } => each_service(
+                ApiError::new(Code::FailedPrecondition, "POLICY_VIOLATION", message.clone()),
+                ("rules", "POLICY", &marketplace_id),
+                violations.iter().map(|v| (v.rule.to_string(), &v.service_name, v.to_string())),
             ),
             Error::RolloutInProgress { id, release } => {
                 ApiError::new(Code::FailedPrecondition, "ROLLOUT_IN_PROGRESS", message.clone())
@@ -394,4 +369,25 @@ impl From<Error> for Status {
         };
         error.into()
     }
+}
+
+/// `error` about services of addon `marketplace_id`: each item's name (in
+/// the metadata `key`, comma-separated) and, per item, a precondition
+/// violation of `kind` on the service with the item's description.
+fn each_service<'a>(
+    error: ApiError,
+    (key, kind, marketplace_id): (&str, &str, &str),
+    items: impl Iterator<Item = (String, &'a String, String)> + Clone,
+) -> ApiError {
+    let names: Vec<String> = items.clone().map(|(name, _, _)| name).collect();
+    items.fold(
+        error.metadata(key, names.join(",")),
+        |error, (_, service, description)| {
+            error.precondition(
+                kind,
+                format!("addons/{marketplace_id}/services/{service}"),
+                description,
+            )
+        },
+    )
 }
