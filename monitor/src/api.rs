@@ -20,8 +20,8 @@ use crate::{
         REPLACES, SERVICE,
     },
     link::ReportOutbox,
-    reconcile::NodeView,
     runtime::TaskState,
+    view::NodeView,
 };
 
 /// Who may call the node API: viewers see what runs; logs, which may hold

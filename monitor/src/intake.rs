@@ -18,8 +18,6 @@
 use addons_descriptor::{Descriptor, FieldViolation, labels::validate_labels, validate_record_id};
 use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
 
-use crate::link::{Report, ReportOutbox};
-
 /// Most violations named in a refusal's reason.
 const MAX_NAMED: usize = 8;
 
@@ -144,10 +142,15 @@ pub fn sift(mut state: pb::DesiredState) -> (pb::DesiredState, Vec<Refusal>) {
     (state, refused)
 }
 
-/// Takes a desired state from the link: logs and reports what is refused,
-/// returns the rest.
-pub fn take(state: pb::DesiredState, node_id: &str, reports: &ReportOutbox) -> pb::DesiredState {
+/// Takes a desired state from the link: logs what is refused and returns
+/// the rest, with the FAILED statuses to report for each refused
+/// installation whose id is sound (by installation id).
+pub fn take(
+    state: pb::DesiredState,
+    node_id: &str,
+) -> (pb::DesiredState, Vec<(String, Vec<pb::ServiceStatus>)>) {
     let (state, refused) = sift(state);
+    let mut failed = Vec::new();
     for refusal in refused {
         let reason = refusal.reason();
         tracing::warn!(
@@ -163,25 +166,20 @@ pub fn take(state: pb::DesiredState, node_id: &str, reports: &ReportOutbox) -> p
         } else {
             refusal.services
         };
-        reports.put(
-            refusal.installation_id,
-            Report {
-                services: services
-                    .into_iter()
-                    .map(|service_name| pb::ServiceStatus {
-                        service_name,
-                        phase: ServicePhase::Failed.into(),
-                        node_id: node_id.to_owned(),
-                        reason: reason.clone(),
-                        update_time: Some(crate::now()),
-                        ..Default::default()
-                    })
-                    .collect(),
-                verdict: None,
-            },
-        );
+        let statuses = services
+            .into_iter()
+            .map(|service_name| pb::ServiceStatus {
+                service_name,
+                phase: ServicePhase::Failed.into(),
+                node_id: node_id.to_owned(),
+                reason: reason.clone(),
+                update_time: Some(crate::now()),
+                ..Default::default()
+            })
+            .collect();
+        failed.push((refusal.installation_id, statuses));
     }
-    state
+    (state, failed)
 }
 
 /// Entry points for the fuzz targets (`fuzz/`). Not an API.
@@ -332,19 +330,17 @@ mod tests {
                 installation("01jb8n1m3q9x6c2v4t7w0y5z8m", "../x", "data"),
             ],
         };
-        let outbox = ReportOutbox::default();
-        let kept = take(state, "n1", &outbox);
+        let (kept, failed) = take(state, "n1");
         assert_eq!(kept.generation, 3);
         assert_eq!(kept.installations.len(), 1);
-        let reports = outbox.take();
-        assert_eq!(reports.len(), 1);
-        let (id, report) = &reports[0];
+        assert_eq!(failed.len(), 1);
+        let (id, services) = &failed[0];
         assert_eq!(id, "01jb8n1m3q9x6c2v4t7w0y5z8m");
-        assert_eq!(report.services[0].phase(), ServicePhase::Failed);
+        assert_eq!(services[0].phase(), ServicePhase::Failed);
         assert!(
-            report.services[0].reason.contains("service_name"),
+            services[0].reason.contains("service_name"),
             "{}",
-            report.services[0].reason
+            services[0].reason
         );
     }
 }

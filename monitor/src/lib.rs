@@ -23,6 +23,7 @@ pub mod release;
 pub mod restarts;
 pub mod runtime;
 pub mod state_dir;
+pub mod view;
 
 pub use crate::runtime::Containerd;
 

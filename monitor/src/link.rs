@@ -17,7 +17,7 @@ use oakestra_addons_proto::engine::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{now, reconcile::NodeView};
+use crate::{now, view::NodeView};
 
 /// Settings of the link.
 #[derive(Debug, Clone)]
@@ -147,6 +147,20 @@ async fn run(
     }
 }
 
+/// A desired state from the manager, through the node's intake: what it
+/// refuses is reported FAILED and kept from the reconciler.
+fn accept(state: pb::DesiredState, node_id: &str, reports: &ReportOutbox) -> pb::DesiredState {
+    let (state, refused) = crate::intake::take(state, node_id);
+    for (installation_id, services) in refused {
+        let report = Report {
+            services,
+            verdict: None,
+        };
+        reports.put(installation_id, report);
+    }
+    state
+}
+
 async fn session(
     settings: &LinkSettings,
     view: &watch::Receiver<NodeView>,
@@ -194,15 +208,11 @@ async fn session(
             .ok_or_else(|| anyhow::anyhow!("link closed during the handshake"))?;
         match message.message {
             Some(open_link_response::Message::DesiredState(state)) => {
-                desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
+                desired.send_replace(Some(accept(state, &settings.node_id, reports)));
             }
             Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
                 if let Some(state) = assembler.apply(chunk)? {
-                    desired.send_replace(Some(crate::intake::take(
-                        state,
-                        &settings.node_id,
-                        reports,
-                    )));
+                    desired.send_replace(Some(accept(state, &settings.node_id, reports)));
                 }
             }
             Some(open_link_response::Message::Ack(ack)) => {
@@ -244,11 +254,11 @@ async fn session(
                 let Some(message) = message? else { return Ok(()) };
                 match message.message {
                     Some(open_link_response::Message::DesiredState(state)) => {
-                        desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
+                        desired.send_replace(Some(accept(state, &settings.node_id, reports)));
                     }
                     Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
                         if let Some(state) = assembler.apply(chunk)? {
-                            desired.send_replace(Some(crate::intake::take(state, &settings.node_id, reports)));
+                            desired.send_replace(Some(accept(state, &settings.node_id, reports)));
                         }
                     }
                     Some(open_link_response::Message::Ack(ack)) => unacked.ack(ack.sequence),

@@ -7,9 +7,10 @@ use addons_monitor::{
     link::ReportOutbox,
     link::{self, LinkSettings},
     network::NetworkOptions,
-    reconcile::{self, NodeView, ReconcileOptions},
+    reconcile::{self, ReconcileOptions},
     restarts::RestartPolicy,
     runtime::RegistryAccess,
+    view::NodeView,
 };
 use addons_server_kit::{Server, Shutdown, bind, server_main};
 use anyhow::Context as _;

@@ -42,8 +42,9 @@ use std::{
 use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence};
 use tokio::sync::watch;
 
+pub use self::run::run;
 use self::{context::Context, status::Tracked, swap::CoreStarts};
-pub use self::{run::run, status::NodeView};
+use crate::view::NodeView;
 use crate::{
     cores::CoreComponentSpec,
     error::MonitorError,

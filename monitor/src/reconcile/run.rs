@@ -10,8 +10,9 @@ use futures::StreamExt as _;
 use oakestra_addons_proto::engine::v1 as pb;
 use tokio::sync::watch;
 
-use super::{NodeView, ReconcileOptions, Reconciler};
+use super::{ReconcileOptions, Reconciler};
 use crate::link::ReportOutbox;
+use crate::view::NodeView;
 
 /// Runs the reconciler until `shutdown` fires. Addon containers keep
 /// running when it stops.

@@ -2,12 +2,10 @@
 //! failures and its next restart, kept under the state dir so a monitor
 //! restart neither resets counters and the failure window nor revives a
 //! service it gave up on; and how that knowledge leaves the reconciler: the
-//! report outbox, and the view the node API and the link's hello read.
+//! report outbox, and the [`NodeView`](crate::view::NodeView) the node API
+//! and the link's hello read.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
 
@@ -87,19 +85,6 @@ impl From<Phase> for ServicePhase {
             Phase::Removed => Self::Removed,
         }
     }
-}
-
-/// What the reconciler publishes about the node after each pass.
-#[derive(Debug, Clone, Default)]
-pub struct NodeView {
-    /// Passes completed since the monitor started.
-    pub completed_passes: u64,
-    /// Generation of the desired state the last pass applied (0: none yet).
-    pub applied_generation: u64,
-    /// The status of each addon container the monitor knows, by id.
-    pub services: BTreeMap<String, pb::ServiceStatus>,
-    /// The addon containers on the node, for the link's hello.
-    pub observed: Vec<pb::ObservedService>,
 }
 
 /// The failures of a service and its pending restart, as stored

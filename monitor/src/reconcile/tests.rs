@@ -12,7 +12,8 @@ use std::{
 use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence, ServicePhase};
 use tokio::sync::watch;
 
-use super::{NodeView, ReconcileOptions, Reconciler};
+use super::{ReconcileOptions, Reconciler};
+use crate::view::NodeView;
 use crate::{
     cores::CoreComponentSpec,
     labels::{
