@@ -35,7 +35,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// The violations in one line, at most [`MAX_NAMED`] of them.
+    /// The violations in one line, at most `MAX_NAMED` of them.
     pub fn reason(&self) -> String {
         let mut named: Vec<String> = self
             .violations

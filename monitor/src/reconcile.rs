@@ -13,7 +13,7 @@
 //!
 //! Pulls run as tasks outside the pass ([`Pulls`]); statuses go to the
 //! [`ReportOutbox`], which never blocks. What a pass works with (containerd,
-//! the networks, the state dir, the options) is its [`Context`], apart from
+//! the networks, the state dir, the options) is its `Context`, apart from
 //! what the reconciler remembers; the container operations that services
 //! and core components share are the context's, so neither calls back into
 //! the other. `run.rs` is the trigger loop, `pass.rs` one pass,
@@ -89,7 +89,7 @@ pub struct ReconcileOptions {
 
 /// The reconciler's state.
 ///
-/// What it works with is its [`Context`]; the rest is what it remembers
+/// What it works with is its `Context`; the rest is what it remembers
 /// between passes and where it sends what it learns.
 pub struct Reconciler<R: Runtime, N: Network = Networks> {
     cx: Context<R, N>,

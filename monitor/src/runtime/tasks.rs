@@ -189,7 +189,7 @@ impl Containerd {
     /// Runs `args` in container `id`'s running task, as its process runs
     /// (user, environment, working directory, capabilities), without
     /// stdio, and returns its exit status. Past `timeout` the process is
-    /// killed and the answer is [`RuntimeError::Timeout`]. The exec is
+    /// killed and the answer is [`RuntimeError::Exec`]. The exec is
     /// deleted either way.
     pub async fn exec(
         &self,

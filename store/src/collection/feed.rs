@@ -76,7 +76,7 @@ impl<T: Document> Collection<T> {
     /// Every change of this collection after the sequence `since`, in order,
     /// and a receiver of later changes (which may repeat some of them: skip
     /// what is not above the last sequence returned). Fails with
-    /// [`Error::CursorOutOfRange`] when the log no longer holds every change
+    /// [`Error::CursorOutOfRange`](crate::Error::CursorOutOfRange) when the log no longer holds every change
     /// after `since`, or `since` is beyond the last change.
     pub async fn changes_since(
         &self,
