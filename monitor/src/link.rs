@@ -206,21 +206,8 @@ async fn session(
             .message()
             .await?
             .ok_or_else(|| anyhow::anyhow!("link closed during the handshake"))?;
-        match message.message {
-            Some(open_link_response::Message::DesiredState(state)) => {
-                desired.send_replace(Some(accept(state, &settings.node_id, reports)));
-            }
-            Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
-                if let Some(state) = assembler.apply(chunk)? {
-                    desired.send_replace(Some(accept(state, &settings.node_id, reports)));
-                }
-            }
-            Some(open_link_response::Message::Ack(ack)) => {
-                unacked.ack(ack.sequence);
-                handshake_acked = true;
-            }
-            None => {}
-        }
+        handshake_acked =
+            inbound_message(message, &mut assembler, unacked, desired, settings, reports)?;
     }
     connected.send_replace(true);
     tracing::info!(manager = %settings.manager, "linked to the manager");
@@ -252,21 +239,36 @@ async fn session(
             }
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(()) };
-                match message.message {
-                    Some(open_link_response::Message::DesiredState(state)) => {
-                        desired.send_replace(Some(accept(state, &settings.node_id, reports)));
-                    }
-                    Some(open_link_response::Message::DesiredStateChunk(chunk)) => {
-                        if let Some(state) = assembler.apply(chunk)? {
-                            desired.send_replace(Some(accept(state, &settings.node_id, reports)));
-                        }
-                    }
-                    Some(open_link_response::Message::Ack(ack)) => unacked.ack(ack.sequence),
-                    None => {}
-                }
+                inbound_message(message, &mut assembler, unacked, desired, settings, reports)?;
             }
         }
     }
+}
+
+/// Takes one message from the manager: a desired state (whole, or a chunk
+/// that completes one) goes through the intake to the reconciler, an ack
+/// clears what it acknowledges. Returns whether it was an ack.
+fn inbound_message(
+    message: pb::OpenLinkResponse,
+    assembler: &mut Assembler,
+    unacked: &mut Unacked,
+    desired: &watch::Sender<Option<pb::DesiredState>>,
+    settings: &LinkSettings,
+    reports: &ReportOutbox,
+) -> anyhow::Result<bool> {
+    let state = match message.message {
+        Some(open_link_response::Message::DesiredState(state)) => Some(state),
+        Some(open_link_response::Message::DesiredStateChunk(chunk)) => assembler.apply(chunk)?,
+        Some(open_link_response::Message::Ack(ack)) => {
+            unacked.ack(ack.sequence);
+            return Ok(true);
+        }
+        None => None,
+    };
+    if let Some(state) = state {
+        desired.send_replace(Some(accept(state, &settings.node_id, reports)));
+    }
+    Ok(false)
 }
 
 /// Puts the desired state together from its chunks: a run that starts
