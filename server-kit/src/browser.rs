@@ -16,10 +16,7 @@
 //!   otherwise), which no page can send to another origin without a
 //!   preflight.
 
-use std::{
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use http::{HeaderMap, Method, StatusCode, header};
@@ -203,19 +200,13 @@ pub struct BrowserGuard<S> {
     policy: Arc<BrowserPolicy>,
 }
 
-impl<S> tower_service::Service<http::Request<Body>> for BrowserGuard<S>
-where
-    S: crate::HttpService,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+layer_service!(BrowserGuard);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+impl<S: crate::HttpService> BrowserGuard<S> {
+    fn respond(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
         if !is_native_grpc(request.headers())
             && let Err(reply) =
                 self.policy

@@ -4,6 +4,32 @@
 //! SIGTERM/SIGINT, trace-context propagation, and the mapping of storage
 //! errors to gRPC statuses.
 
+/// The `Service` impl of a layer of the HTTP stack (`$layer<S>` with its
+/// service beneath in `inner`): the types every layer shares, readiness
+/// from the service beneath, and `call` as the layer's own `respond`.
+macro_rules! layer_service {
+    ($layer:ident) => {
+        impl<S: crate::HttpService> tower_service::Service<http::Request<tonic::body::Body>>
+            for $layer<S>
+        {
+            type Response = http::Response<tonic::body::Body>;
+            type Error = S::Error;
+            type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+            fn poll_ready(
+                &mut self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Self::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+                self.respond(request)
+            }
+        }
+    };
+}
+
 mod args;
 pub mod auth;
 pub mod browser;

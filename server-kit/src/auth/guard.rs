@@ -3,12 +3,7 @@
 //! [`Identity`] into the request's extensions, and answers UNAUTHENTICATED
 //! or PERMISSION_DENIED (with an `ErrorInfo` reason) itself.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use futures::future::BoxFuture;
 use tonic::{
@@ -106,19 +101,13 @@ impl<S> std::fmt::Debug for Guarded<S> {
     }
 }
 
-impl<S> tower_service::Service<http::Request<Body>> for Guarded<S>
-where
-    S: crate::HttpService,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+layer_service!(Guarded);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+impl<S: crate::HttpService> Guarded<S> {
+    fn respond(
+        &mut self,
+        mut request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
         let status = match self.tables.check(&request) {
             Ok(identity) => {
                 request.extensions_mut().insert(identity);

@@ -1,10 +1,7 @@
 //! The gateway in front of a server's services: REST requests to its
 //! routes, everything else passed on.
 
-use std::{
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -70,19 +67,13 @@ impl<S> std::fmt::Debug for Gateway<S> {
     }
 }
 
-impl<S> tower_service::Service<http::Request<Body>> for Gateway<S>
-where
-    S: crate::HttpService,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+layer_service!(Gateway);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+impl<S: crate::HttpService> Gateway<S> {
+    fn respond(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
         let routes = match &self.routes {
             Some(routes) if !is_grpc(&request) => routes.clone(),
             _ => return Box::pin(self.inner.call(request)),
