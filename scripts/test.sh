@@ -31,6 +31,9 @@ buf lint
 step "buf breaking (against the frozen v1 contracts, proto/v1.binpb)"
 buf breaking --against proto/v1.binpb
 
+step "build oak-images alone, as scripts/images.sh does (no features borrowed from the workspace)"
+cargo build -p oak-tools --bin oak-images
+
 step "build the binaries the integration tests start"
 cargo build --workspace --bins
 
