@@ -345,4 +345,4 @@ fn status_id(installation: &str, node: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,8 @@ use crate::{
     status::tests::{installation, status},
 };
 
-async fn store() -> (Store, tempfile::TempDir) {
+/// A store of its own in a temp dir (kept while the dir lives).
+pub(crate) async fn store() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let location = format!("embedded:{}/store.redb", dir.path().display())
         .parse()

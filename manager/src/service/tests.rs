@@ -3,7 +3,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use addons_store::Store;
 use futures::future::BoxFuture;
 
 use super::*;
@@ -55,13 +54,7 @@ fn addon(id: &str, name: &str, port: u32, status: mpb::AddonStatus) -> mpb::Addo
 }
 
 async fn manager(policy: &str, addons: Vec<mpb::Addon>) -> (Manager, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let location = format!("embedded:{}/store.redb", dir.path().display())
-        .parse()
-        .unwrap();
-    let store = Store::open(&location, &addons_store::OpenOptions::new("test"))
-        .await
-        .unwrap();
+    let (store, dir) = crate::records::tests::store().await;
     let installations = Installations::open(&store).await.unwrap();
     let manager = Manager::with_source(
         installations,
