@@ -47,6 +47,23 @@ impl RolloutOptions {
     }
 }
 
+/// An upgrade or a rollback request (both carry the same rollout fields)
+/// with `$options` and a new `request_id`.
+macro_rules! rollout_request {
+    ($request:path { $($field:ident $(: $value:expr)?),* $(,)? }, $options:expr) => {{
+        let options: RolloutOptions = $options;
+        $request {
+            $($field $(: $value)?,)*
+            min_healthy_time: options.min_healthy_time(),
+            accepted_privileges: options.accepted_privileges,
+            request_id: new_request_id(),
+            max_parallel: options.max_parallel,
+            expected_revision: None,
+            progress_deadline: None,
+        }
+    }};
+}
+
 /// One change seen by [`ManagerClient::watch`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstallationEvent {
@@ -97,16 +114,13 @@ impl ManagerClient {
         version: &str,
         options: RolloutOptions,
     ) -> Result<pb::Installation, ClientError> {
-        let request = pb::UpgradeInstallationRequest {
-            id: id.to_owned(),
-            version: version.to_owned(),
-            min_healthy_time: options.min_healthy_time(),
-            accepted_privileges: options.accepted_privileges,
-            request_id: new_request_id(),
-            max_parallel: options.max_parallel,
-            expected_revision: None,
-            progress_deadline: None,
-        };
+        let request = rollout_request!(
+            pb::UpgradeInstallationRequest {
+                id: id.to_owned(),
+                version: version.to_owned(),
+            },
+            options
+        );
         let response = self
             .call(request, |mut c, r| async move {
                 c.upgrade_installation(r).await
@@ -123,16 +137,13 @@ impl ManagerClient {
         release: u64,
         options: RolloutOptions,
     ) -> Result<pb::Installation, ClientError> {
-        let request = pb::RollbackInstallationRequest {
-            id: id.to_owned(),
-            release,
-            min_healthy_time: options.min_healthy_time(),
-            accepted_privileges: options.accepted_privileges,
-            request_id: new_request_id(),
-            max_parallel: options.max_parallel,
-            expected_revision: None,
-            progress_deadline: None,
-        };
+        let request = rollout_request!(
+            pb::RollbackInstallationRequest {
+                id: id.to_owned(),
+                release,
+            },
+            options
+        );
         let response = self
             .call(request, |mut c, r| async move {
                 c.rollback_installation(r).await

@@ -15,7 +15,7 @@ macro_rules! conversions {
         impl From<$pb::$addon> for Descriptor {
             fn from(addon: $pb::$addon) -> Self {
                 Self {
-                    version: version_or_default(addon.version),
+                    version: or_default(addon.version, crate::DEFAULT_VERSION),
                     name: addon.name,
                     description: addon.description,
                     services: addon.services.into_iter().map(Service::from).collect(),
@@ -259,11 +259,7 @@ macro_rules! conversions {
             fn from(v: $pb::VolumeSpec) -> Self {
                 Self {
                     name: v.name,
-                    driver: if v.driver.is_empty() {
-                        "local".into()
-                    } else {
-                        v.driver
-                    },
+                    driver: or_default(v.driver, "local"),
                     driver_opts: v.driver_opts,
                     labels: v.labels,
                 }
@@ -285,11 +281,7 @@ macro_rules! conversions {
             fn from(n: $pb::NetworkSpec) -> Self {
                 Self {
                     name: n.name,
-                    driver: if n.driver.is_empty() {
-                        "bridge".into()
-                    } else {
-                        n.driver
-                    },
+                    driver: or_default(n.driver, "bridge"),
                     enable_ipv6: n.enable_ipv6,
                 }
             }
@@ -310,13 +302,15 @@ macro_rules! conversions {
 conversions!(mpb, Addon);
 conversions!(epb, AddonSnapshot);
 
-/// A message's version: empty (a client that predates versions, or an
-/// Oakestra descriptor) means [`crate::DEFAULT_VERSION`].
-fn version_or_default(version: String) -> String {
-    if version.is_empty() {
-        crate::DEFAULT_VERSION.to_owned()
+/// A message's string field, or `default` where it is empty (proto3's
+/// unset): an empty version (a client that predates versions, or an
+/// Oakestra descriptor) means [`crate::DEFAULT_VERSION`], an empty volume
+/// driver `local`, an empty network driver `bridge`.
+fn or_default(value: String, default: &str) -> String {
+    if value.is_empty() {
+        default.to_owned()
     } else {
-        version
+        value
     }
 }
 

@@ -316,8 +316,8 @@ pub async fn http_get(port: u16, timeout: Duration) -> Result<String, String> {
     http_get_at(std::net::Ipv4Addr::LOCALHOST, port, timeout).await
 }
 
-/// The response to `GET /` on `ip`:`port`, or why there is none within
-/// `timeout`.
+/// The response to `GET /` on `ip`:`port` (status line, headers and body),
+/// or why there is none within `timeout`.
 pub async fn http_get_at(
     ip: std::net::Ipv4Addr,
     port: u16,
@@ -337,6 +337,11 @@ pub async fn http_get_at(
             .read_to_string(&mut response)
             .await
             .map_err(|e| e.to_string())?;
+        // A connection closed before any response (a server stopping
+        // between accept and answer) is no answer.
+        if !response.starts_with("HTTP/") {
+            return Err(format!("closed without an HTTP response: {response:?}"));
+        }
         Ok(response)
     };
     tokio::time::timeout(timeout, attempt)

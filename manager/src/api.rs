@@ -173,145 +173,154 @@ fn rollout_options(
     })
 }
 
+/// [`rollout`] of an upgrade or a rollback request: both carry the same
+/// fields.
+macro_rules! rollout_of {
+    ($identity:expr, $request:expr) => {
+        rollout(
+            $identity,
+            &$request.accepted_privileges,
+            (
+                $request.max_parallel,
+                $request.min_healthy_time,
+                $request.progress_deadline,
+            ),
+            $request.expected_revision,
+        )
+    };
+}
+
 /// Most ids one watch may select.
 const MAX_WATCH_IDS: usize = 500;
 
-#[tonic::async_trait]
-impl AddonsManagerService for ManagerApi {
-    async fn install_addon(
+/// The use cases of the unary calls (mutating ones behind
+/// [`Requests::serve`]).
+impl ManagerApi {
+    async fn install(
         &self,
-        request: Request<pb::InstallAddonRequest>,
-    ) -> Result<Response<pb::InstallAddonResponse>, Status> {
-        self.requests
-            .serve(
-                request,
-                async |Mutation {
-                           identity,
-                           request_id,
-                           request,
-                       }| {
-                    let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
-                    let installation = self
-                        .core
-                        .install(Install {
-                            marketplace_id,
-                            keep_core_stopped_on_failure: request.keep_core_stopped_on_failure,
-                            accepted: accepted(&request.accepted_privileges),
-                            node_selector: request.node_selector.clone().into_iter().collect(),
-                            request_id: Some(request_id).filter(|id| !id.is_empty()),
-                            requested_by: &identity.subject,
-                        })
-                        .await?;
-                    tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
-                    Ok(pb::InstallAddonResponse {
-                        installation: Some(convert::installation_to_proto(installation)),
-                    })
-                },
-            )
-            .await
-    }
-
-    async fn upgrade_installation(
-        &self,
-        request: Request<pb::UpgradeInstallationRequest>,
-    ) -> Result<Response<pb::UpgradeInstallationResponse>, Status> {
-        self.requests
-            .serve(
-                request,
-                async |Mutation { identity, request, .. }| {
-                    let id = required("id", &request.id)?;
-                    let version = required("version", &request.version)?;
-                    let rollout = rollout(
-                        identity,
-                        &request.accepted_privileges,
-                        (request.max_parallel, request.min_healthy_time, request.progress_deadline),
-                        request.expected_revision,
-                    )?;
-                    let installation = self.core.upgrade(id, version, rollout).await?;
-                    tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
-                    Ok(pb::UpgradeInstallationResponse {
-                        installation: Some(convert::installation_to_proto(installation)),
-                    })
-                },
-            )
-            .await
-    }
-
-    async fn rollback_installation(
-        &self,
-        request: Request<pb::RollbackInstallationRequest>,
-    ) -> Result<Response<pb::RollbackInstallationResponse>, Status> {
-        self.requests
-            .serve(
-                request,
-                async |Mutation {
-                           identity, request, ..
-                       }| {
-                    let id = required("id", &request.id)?;
-                    let rollout = rollout(
-                        identity,
-                        &request.accepted_privileges,
-                        (
-                            request.max_parallel,
-                            request.min_healthy_time,
-                            request.progress_deadline,
-                        ),
-                        request.expected_revision,
-                    )?;
-                    let installation = self.core.rollback(id, request.release, rollout).await?;
-                    tracing::info!(%id, release = installation.value.release, "rollback started");
-                    Ok(pb::RollbackInstallationResponse {
-                        installation: Some(convert::installation_to_proto(installation)),
-                    })
-                },
-            )
-            .await
-    }
-
-    async fn uninstall_addon(
-        &self,
-        request: Request<pb::UninstallAddonRequest>,
-    ) -> Result<Response<pb::UninstallAddonResponse>, Status> {
-        self.requests
-            .serve(request, async |Mutation { request, .. }| {
-                let id = required("id", &request.id)?;
-                let installation = self
-                    .core
-                    .uninstall(id, request.purge, request.expected_revision)
-                    .await?;
-                Ok(pb::UninstallAddonResponse {
-                    installation: installation.map(convert::installation_to_proto),
-                })
-            })
-            .await
-    }
-
-    async fn get_installation(
-        &self,
-        request: Request<pb::GetInstallationRequest>,
-    ) -> Result<Response<pb::GetInstallationResponse>, Status> {
+        Mutation {
+            identity,
+            request_id,
+            request,
+        }: Mutation<'_, pb::InstallAddonRequest>,
+    ) -> Result<pb::InstallAddonResponse, Status> {
+        let marketplace_id = required("marketplace_id", &request.marketplace_id)?;
         let installation = self
             .core
-            .get(required("id", &request.get_ref().id)?)
+            .install(Install {
+                marketplace_id,
+                keep_core_stopped_on_failure: request.keep_core_stopped_on_failure,
+                accepted: accepted(&request.accepted_privileges),
+                node_selector: request.node_selector.clone().into_iter().collect(),
+                request_id: Some(request_id).filter(|id| !id.is_empty()),
+                requested_by: &identity.subject,
+            })
             .await?;
-        Ok(Response::new(pb::GetInstallationResponse {
+        tracing::info!(id = %installation.value.id, %marketplace_id, "addon installed");
+        Ok(pb::InstallAddonResponse {
             installation: Some(convert::installation_to_proto(installation)),
-        }))
+        })
     }
 
-    async fn list_nodes(
+    async fn upgrade(
         &self,
-        request: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let request = request.into_inner();
+        Mutation {
+            identity, request, ..
+        }: Mutation<'_, pb::UpgradeInstallationRequest>,
+    ) -> Result<pb::UpgradeInstallationResponse, Status> {
+        let id = required("id", &request.id)?;
+        let version = required("version", &request.version)?;
+        let rollout = rollout_of!(identity, request)?;
+        let installation = self.core.upgrade(id, version, rollout).await?;
+        tracing::info!(%id, %version, release = installation.value.release, "upgrade started");
+        Ok(pb::UpgradeInstallationResponse {
+            installation: Some(convert::installation_to_proto(installation)),
+        })
+    }
+
+    async fn rollback(
+        &self,
+        Mutation {
+            identity, request, ..
+        }: Mutation<'_, pb::RollbackInstallationRequest>,
+    ) -> Result<pb::RollbackInstallationResponse, Status> {
+        let id = required("id", &request.id)?;
+        let rollout = rollout_of!(identity, request)?;
+        let installation = self.core.rollback(id, request.release, rollout).await?;
+        tracing::info!(%id, release = installation.value.release, "rollback started");
+        Ok(pb::RollbackInstallationResponse {
+            installation: Some(convert::installation_to_proto(installation)),
+        })
+    }
+
+    async fn uninstall(
+        &self,
+        Mutation { request, .. }: Mutation<'_, pb::UninstallAddonRequest>,
+    ) -> Result<pb::UninstallAddonResponse, Status> {
+        let id = required("id", &request.id)?;
+        let installation = self
+            .core
+            .uninstall(id, request.purge, request.expected_revision)
+            .await?;
+        Ok(pb::UninstallAddonResponse {
+            installation: installation.map(convert::installation_to_proto),
+        })
+    }
+
+    async fn get(
+        &self,
+        request: pb::GetInstallationRequest,
+    ) -> Result<pb::GetInstallationResponse, Status> {
+        let installation = self.core.get(required("id", &request.id)?).await?;
+        Ok(pb::GetInstallationResponse {
+            installation: Some(convert::installation_to_proto(installation)),
+        })
+    }
+
+    async fn nodes(&self, request: pb::ListNodesRequest) -> Result<pb::ListNodesResponse, Status> {
         let page_size = usize::try_from(request.page_size)
             .map_err(|_| Error::invalid("page_size", "must not be negative"))?;
         let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let (nodes, next) = self.nodes.list_nodes(page_size, token).await?;
-        Ok(Response::new(pb::ListNodesResponse {
+        Ok(pb::ListNodesResponse {
             nodes,
             next_page_token: next.unwrap_or_default(),
-        }))
+        })
+    }
+
+    async fn list(
+        &self,
+        request: pb::ListInstallationsRequest,
+    ) -> Result<pb::ListInstallationsResponse, Status> {
+        let (statuses, page_size) = addons_descriptor::list_request(
+            &request.statuses,
+            request.page_size,
+            convert::status_from_proto,
+        )
+        .map_err(Error::Invalid)?;
+        let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
+        let page = self.core.list(&statuses, page_size, token).await?;
+        Ok(pb::ListInstallationsResponse {
+            installations: page
+                .items
+                .into_iter()
+                .map(convert::installation_to_proto)
+                .collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AddonsManagerService for ManagerApi {
+    addons_server_kit::unary! {
+        mutating install_addon(pb::InstallAddonRequest) -> pb::InstallAddonResponse = install;
+        mutating upgrade_installation(pb::UpgradeInstallationRequest) -> pb::UpgradeInstallationResponse = upgrade;
+        mutating rollback_installation(pb::RollbackInstallationRequest) -> pb::RollbackInstallationResponse = rollback;
+        mutating uninstall_addon(pb::UninstallAddonRequest) -> pb::UninstallAddonResponse = uninstall;
+        read get_installation(pb::GetInstallationRequest) -> pb::GetInstallationResponse = get;
+        read list_nodes(pb::ListNodesRequest) -> pb::ListNodesResponse = nodes;
+        read list_installations(pb::ListInstallationsRequest) -> pb::ListInstallationsResponse = list;
     }
 
     async fn forget_node(
@@ -328,29 +337,6 @@ impl AddonsManagerService for ManagerApi {
         .await;
         audit(&identity, "ForgetNode", &request.node_id, &outcome);
         outcome.map(Response::new)
-    }
-
-    async fn list_installations(
-        &self,
-        request: Request<pb::ListInstallationsRequest>,
-    ) -> Result<Response<pb::ListInstallationsResponse>, Status> {
-        let request = request.into_inner();
-        let (statuses, page_size) = addons_descriptor::list_request(
-            &request.statuses,
-            request.page_size,
-            convert::status_from_proto,
-        )
-        .map_err(Error::Invalid)?;
-        let token = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
-        let page = self.core.list(&statuses, page_size, token).await?;
-        Ok(Response::new(pb::ListInstallationsResponse {
-            installations: page
-                .items
-                .into_iter()
-                .map(convert::installation_to_proto)
-                .collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
     }
 
     type WatchInstallationsStream = WatchStream<pb::WatchInstallationsResponse>;

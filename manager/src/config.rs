@@ -4,6 +4,21 @@ use addons_server_kit::CommonArgs;
 
 use crate::model::Plane;
 
+addons_server_kit::client_flags! {
+    /// How the manager reaches the marketplace.
+    pub struct MarketplaceClient {
+        peer: "marketplace",
+        flag: "marketplace",
+        env: "ADDONS_MARKETPLACE",
+        cert_help: "Client certificate for the marketplace (PEM), for mTLS.",
+        token: (
+            "marketplace-token-file",
+            "ADDONS_MARKETPLACE_TOKEN_FILE",
+            "Bearer token (a viewer's) for the marketplace, read from this file again whenever it changes."
+        ),
+    }
+}
+
 /// The Oakestra Addons Manager: install and uninstall approved addons.
 #[derive(Debug, clap::Parser)]
 #[command(name = "addons-manager", version, args_override_self = true)]
@@ -25,32 +40,9 @@ pub struct Config {
     )]
     pub marketplace: String,
 
-    /// CA to trust for the marketplace's TLS certificate (PEM).
-    #[arg(long, env = "ADDONS_MARKETPLACE_CA", value_name = "FILE")]
-    pub marketplace_ca: Option<std::path::PathBuf>,
-
-    /// Client certificate for the marketplace (PEM), for mTLS.
-    #[arg(
-        long,
-        env = "ADDONS_MARKETPLACE_CERT",
-        value_name = "FILE",
-        requires = "marketplace_key"
-    )]
-    pub marketplace_cert: Option<std::path::PathBuf>,
-
-    /// Key of `--marketplace-cert` (PEM).
-    #[arg(
-        long,
-        env = "ADDONS_MARKETPLACE_KEY",
-        value_name = "FILE",
-        requires = "marketplace_cert"
-    )]
-    pub marketplace_key: Option<std::path::PathBuf>,
-
-    /// Bearer token (a viewer's) for the marketplace, read from this file
-    /// again whenever it changes.
-    #[arg(long, env = "ADDONS_MARKETPLACE_TOKEN_FILE", value_name = "FILE")]
-    pub marketplace_token_file: Option<std::path::PathBuf>,
+    /// How the manager reaches the marketplace.
+    #[command(flatten)]
+    pub marketplace_client: MarketplaceClient,
 
     /// How long a monitor link may stay silent before it counts as dead; a
     /// node whose link died is shown as disconnected after as long again.
@@ -94,16 +86,6 @@ impl Config {
     /// The policy of `--policy`, or the default.
     pub fn load_policy(&self) -> anyhow::Result<addons_descriptor::policy::Policy> {
         addons_descriptor::policy::Policy::load(self.policy.as_deref()).map_err(anyhow::Error::msg)
-    }
-
-    /// How the manager reaches the marketplace.
-    pub fn marketplace_credentials(&self) -> addons_server_kit::ClientCredentials {
-        addons_server_kit::ClientCredentials {
-            ca: self.marketplace_ca.clone(),
-            cert: self.marketplace_cert.clone(),
-            key: self.marketplace_key.clone(),
-            token_file: self.marketplace_token_file.clone(),
-        }
     }
 
     /// Oakestra's manager port for the plane.

@@ -27,7 +27,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let core = Manager::new(
         installations.clone(),
         &config.marketplace,
-        &config.marketplace_credentials(),
+        &config.marketplace_client.credentials(),
         config.plane,
         config.load_policy()?,
         vec![listen.port()],

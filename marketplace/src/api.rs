@@ -95,67 +95,86 @@ fn change_type(kind: ChangeKind) -> pb::ChangeType {
     }
 }
 
-#[tonic::async_trait]
-impl MarketplaceService for MarketplaceApi {
-    async fn publish_addon(
+/// The use cases of the unary calls (mutating ones behind
+/// [`Requests::serve`]).
+impl MarketplaceApi {
+    async fn publish(
         &self,
-        request: Request<pb::PublishAddonRequest>,
-    ) -> Result<Response<pb::PublishAddonResponse>, Status> {
-        self.requests
-            .serve(
-                request,
-                async |Mutation { identity, request, .. }| {
-                    let addon = request
-                        .addon
-                        .clone()
-                        .ok_or_else(|| Error::required("addon"))?;
-                    if addon.encoded_len() > addons_descriptor::MAX_ENCODED_ADDON {
-                        return Err(Error::Invalid(vec![FieldViolation::new(
-                            "addon",
-                            format!(
-                                "encodes to {} bytes, at most {} are accepted",
-                                addon.encoded_len(),
-                                addons_descriptor::MAX_ENCODED_ADDON
-                            ),
-                        )])
-                        .into());
-                    }
-                    let descriptor = Descriptor::from_proto(addon);
-                    let stored = self
-                        .core
-                        .publish(descriptor, &caller_of(identity))
-                        .await
-                        .map_err(|err| match err {
-                        Error::Invalid(violations) => in_addon(violations),
-                        other => other,
-                    })?;
-                    tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
-                    Ok(pb::PublishAddonResponse {
-                        addon: Some(convert::addon_to_proto(stored)),
-                    })
-                },
-            )
+        Mutation {
+            identity, request, ..
+        }: Mutation<'_, pb::PublishAddonRequest>,
+    ) -> Result<pb::PublishAddonResponse, Status> {
+        let addon = request
+            .addon
+            .clone()
+            .ok_or_else(|| Error::required("addon"))?;
+        if addon.encoded_len() > addons_descriptor::MAX_ENCODED_ADDON {
+            return Err(Error::Invalid(vec![FieldViolation::new(
+                "addon",
+                format!(
+                    "encodes to {} bytes, at most {} are accepted",
+                    addon.encoded_len(),
+                    addons_descriptor::MAX_ENCODED_ADDON
+                ),
+            )])
+            .into());
+        }
+        let descriptor = Descriptor::from_proto(addon);
+        let stored = self
+            .core
+            .publish(descriptor, &caller_of(identity))
             .await
+            .map_err(|err| match err {
+                Error::Invalid(violations) => in_addon(violations),
+                other => other,
+            })?;
+        tracing::info!(id = %stored.value.id, name = %stored.value.descriptor.name, "addon published");
+        Ok(pb::PublishAddonResponse {
+            addon: Some(convert::addon_to_proto(stored)),
+        })
     }
 
-    async fn get_addon(
+    async fn delete(
         &self,
-        request: Request<pb::GetAddonRequest>,
-    ) -> Result<Response<pb::GetAddonResponse>, Status> {
+        Mutation {
+            identity, request, ..
+        }: Mutation<'_, pb::DeleteAddonRequest>,
+    ) -> Result<pb::DeleteAddonResponse, Status> {
+        let id = required_id(&request.id)?;
+        self.core
+            .delete(id, request.expected_revision, &caller_of(identity))
+            .await?;
+        tracing::info!(%id, "addon deleted");
+        Ok(pb::DeleteAddonResponse {})
+    }
+
+    async fn reverify(
+        &self,
+        Mutation {
+            identity, request, ..
+        }: Mutation<'_, pb::ReverifyAddonRequest>,
+    ) -> Result<pb::ReverifyAddonResponse, Status> {
+        let id = required_id(&request.id)?;
         let addon = self
             .core
-            .get_view(required_id(&request.get_ref().id)?, convert::addon_view)
+            .reverify(id, request.expected_revision, &caller_of(identity))
             .await?;
-        Ok(Response::new(pb::GetAddonResponse {
-            addon: Some((*addon).clone()),
-        }))
+        Ok(pb::ReverifyAddonResponse {
+            addon: Some(convert::addon_to_proto(addon)),
+        })
     }
 
-    async fn list_addons(
-        &self,
-        request: Request<pb::ListAddonsRequest>,
-    ) -> Result<Response<pb::ListAddonsResponse>, Status> {
-        let request = request.into_inner();
+    async fn get(&self, request: pb::GetAddonRequest) -> Result<pb::GetAddonResponse, Status> {
+        let addon = self
+            .core
+            .get_view(required_id(&request.id)?, convert::addon_view)
+            .await?;
+        Ok(pb::GetAddonResponse {
+            addon: Some((*addon).clone()),
+        })
+    }
+
+    async fn list(&self, request: pb::ListAddonsRequest) -> Result<pb::ListAddonsResponse, Status> {
         let (statuses, page_size) = addons_descriptor::list_request(
             &request.statuses,
             request.page_size,
@@ -168,59 +187,21 @@ impl MarketplaceService for MarketplaceApi {
             .core
             .list_views(&statuses, name, page_size, token, convert::addon_view)
             .await?;
-        Ok(Response::new(pb::ListAddonsResponse {
+        Ok(pb::ListAddonsResponse {
             addons: addons.iter().map(|addon| (**addon).clone()).collect(),
             next_page_token: next.unwrap_or_default(),
-        }))
+        })
     }
+}
 
-    async fn delete_addon(
-        &self,
-        request: Request<pb::DeleteAddonRequest>,
-    ) -> Result<Response<pb::DeleteAddonResponse>, Status> {
-        self.requests
-            .serve(
-                request,
-                async |Mutation {
-                           identity, request, ..
-                       }| {
-                    let caller = caller_of(identity);
-                    let id = required_id(&request.id)?;
-                    self.core
-                        .delete(id, request.expected_revision, &caller)
-                        .await?;
-                    tracing::info!(%id, "addon deleted");
-                    Ok(pb::DeleteAddonResponse {})
-                },
-            )
-            .await
-    }
-
-    async fn reverify_addon(
-        &self,
-        request: Request<pb::ReverifyAddonRequest>,
-    ) -> Result<Response<pb::ReverifyAddonResponse>, Status> {
-        self.requests
-            .serve(
-                request,
-                async |Mutation {
-                           identity, request, ..
-                       }| {
-                    let caller = caller_of(identity);
-                    let addon = self
-                        .core
-                        .reverify(
-                            required_id(&request.id)?,
-                            request.expected_revision,
-                            &caller,
-                        )
-                        .await?;
-                    Ok(pb::ReverifyAddonResponse {
-                        addon: Some(convert::addon_to_proto(addon)),
-                    })
-                },
-            )
-            .await
+#[tonic::async_trait]
+impl MarketplaceService for MarketplaceApi {
+    addons_server_kit::unary! {
+        mutating publish_addon(pb::PublishAddonRequest) -> pb::PublishAddonResponse = publish;
+        mutating delete_addon(pb::DeleteAddonRequest) -> pb::DeleteAddonResponse = delete;
+        mutating reverify_addon(pb::ReverifyAddonRequest) -> pb::ReverifyAddonResponse = reverify;
+        read get_addon(pb::GetAddonRequest) -> pb::GetAddonResponse = get;
+        read list_addons(pb::ListAddonsRequest) -> pb::ListAddonsResponse = list;
     }
 
     type WatchAddonStream = WatchStream<pb::WatchAddonResponse>;

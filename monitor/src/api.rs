@@ -11,7 +11,7 @@ use oakestra_addons_proto::{
     },
 };
 use tokio::sync::watch;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Status};
 
 use crate::{
     Containerd,
@@ -89,12 +89,12 @@ impl NodeMonitorApi {
     }
 }
 
-#[tonic::async_trait]
-impl NodeMonitorService for NodeMonitorApi {
-    async fn list_managed_services(
+/// The use cases of the calls.
+impl NodeMonitorApi {
+    async fn services(
         &self,
-        _request: Request<pb::ListManagedServicesRequest>,
-    ) -> Result<Response<pb::ListManagedServicesResponse>, Status> {
+        _request: pb::ListManagedServicesRequest,
+    ) -> Result<pb::ListManagedServicesResponse, Status> {
         let all = self
             .containerd
             .list_containers(&[])
@@ -168,17 +168,16 @@ impl NodeMonitorService for NodeMonitorApi {
             });
         }
         core_components.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Response::new(pb::ListManagedServicesResponse {
+        Ok(pb::ListManagedServicesResponse {
             services,
             core_components,
-        }))
+        })
     }
 
-    async fn get_service_logs(
+    async fn logs(
         &self,
-        request: Request<pb::GetServiceLogsRequest>,
-    ) -> Result<Response<pb::GetServiceLogsResponse>, Status> {
-        let request = request.into_inner();
+        request: pb::GetServiceLogsRequest,
+    ) -> Result<pb::GetServiceLogsResponse, Status> {
         // Both go into a containerd filter: only their plain forms.
         let id_error = addons_descriptor::validate_record_id(&request.installation_id).err();
         let bad: Vec<(&str, &str)> = [
@@ -235,13 +234,13 @@ impl NodeMonitorService for NodeMonitorApi {
             .await
             .map_err(|err| Status::internal(err.to_string()))?
             .map_err(|err| Status::internal(format!("cannot read the log: {err}")))?;
-        Ok(Response::new(pb::GetServiceLogsResponse { lines }))
+        Ok(pb::GetServiceLogsResponse { lines })
     }
 
-    async fn get_runtime_info(
+    async fn runtime_info(
         &self,
-        _request: Request<pb::GetRuntimeInfoRequest>,
-    ) -> Result<Response<pb::GetRuntimeInfoResponse>, Status> {
+        _request: pb::GetRuntimeInfoRequest,
+    ) -> Result<pb::GetRuntimeInfoResponse, Status> {
         let mut info = pb::GetRuntimeInfoResponse {
             node_id: self.node_id.clone(),
             plane: self.plane.into(),
@@ -270,6 +269,15 @@ impl NodeMonitorService for NodeMonitorApi {
             }
             Err(err) => info.containerd_error = err.to_string(),
         }
-        Ok(Response::new(info))
+        Ok(info)
+    }
+}
+
+#[tonic::async_trait]
+impl NodeMonitorService for NodeMonitorApi {
+    addons_server_kit::unary! {
+        read list_managed_services(pb::ListManagedServicesRequest) -> pb::ListManagedServicesResponse = services;
+        read get_service_logs(pb::GetServiceLogsRequest) -> pb::GetServiceLogsResponse = logs;
+        read get_runtime_info(pb::GetRuntimeInfoRequest) -> pb::GetRuntimeInfoResponse = runtime_info;
     }
 }

@@ -22,6 +22,21 @@ impl From<PlaneArg> for oakestra_addons_proto::engine::v1::Plane {
     }
 }
 
+addons_server_kit::client_flags! {
+    /// How the monitor reaches the manager.
+    pub struct ManagerClient {
+        peer: "manager",
+        flag: "manager",
+        env: "ADDONS_MANAGER",
+        cert_help: "Client certificate for the manager (PEM): its CN must be the node id.",
+        token: (
+            "token-file",
+            "ADDONS_TOKEN_FILE",
+            "Bearer token of this node (role `node`, `sub` the node id), read again whenever the file changes."
+        ),
+    }
+}
+
 /// The Oakestra Addons Monitor: run a plane's addons on this node's
 /// containerd.
 #[derive(Debug, clap::Parser)]
@@ -39,22 +54,9 @@ pub struct Config {
     )]
     pub manager: String,
 
-    /// CA to trust for the manager's TLS certificate (PEM).
-    #[arg(long, env = "ADDONS_MANAGER_CA", value_name = "FILE")]
-    pub manager_ca: Option<PathBuf>,
-
-    /// Client certificate for the manager (PEM): its CN must be the node id.
-    #[arg(long, env = "ADDONS_MANAGER_CERT", value_name = "FILE", requires = "manager_key")]
-    pub manager_cert: Option<PathBuf>,
-
-    /// Key of `--manager-cert` (PEM).
-    #[arg(long, env = "ADDONS_MANAGER_KEY", value_name = "FILE", requires = "manager_cert")]
-    pub manager_key: Option<PathBuf>,
-
-    /// Bearer token of this node (role `node`, `sub` the node id), read
-    /// again whenever the file changes.
-    #[arg(long, env = "ADDONS_TOKEN_FILE", value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    /// How the monitor reaches the manager.
+    #[command(flatten)]
+    pub manager_client: ManagerClient,
 
     /// containerd's gRPC socket.
     #[arg(

@@ -39,8 +39,8 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .with_context(|| format!("invalid manager URL `{}`", config.manager))?;
     // Whoever is on a plaintext path to the manager writes this node's
     // desired state and reads its token.
-    let plaintext = config.manager_ca.is_none()
-        && config.manager_cert.is_none()
+    let plaintext = config.manager_client.ca.is_none()
+        && config.manager_client.cert.is_none()
         && !config.manager.starts_with("https://");
     if plaintext && !addons_server_kit::is_loopback_url(&config.manager) {
         if !config.common.auth.insecure {
@@ -51,7 +51,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         tracing::warn!(manager = %config.manager, "linking to the manager WITHOUT TLS (--insecure): anyone on the path can run containers on this node");
     }
-    if let Some(token) = &config.token_file {
+    if let Some(token) = &config.manager_client.token_file {
         std::fs::read(token)
             .with_context(|| format!("cannot read the token file {}", token.display()))?;
     }
@@ -135,12 +135,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 Duration::from_millis(200),
                 Duration::from_secs(30),
             ),
-            credentials: addons_server_kit::ClientCredentials {
-                ca: config.manager_ca.clone(),
-                cert: config.manager_cert.clone(),
-                key: config.manager_key.clone(),
-                token_file: config.token_file.clone(),
-            },
+            credentials: config.manager_client.credentials(),
         },
         view_rx.clone(),
         outbox.clone(),

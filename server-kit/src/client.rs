@@ -29,6 +29,55 @@ pub struct ClientCredentials {
     pub token_file: Option<PathBuf>,
 }
 
+/// Declares the flags of how a server reaches another, as a clap `Args`
+/// struct to flatten into its config: `--<flag>-ca`, `--<flag>-cert` and
+/// `--<flag>-key` (environment `<ENV>_CA`, `<ENV>_CERT`, `<ENV>_KEY`), a
+/// token file flag, and `credentials()` for [`ClientCredentials`].
+#[macro_export]
+macro_rules! client_flags {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            peer: $peer:literal,
+            flag: $flag:literal,
+            env: $env:literal,
+            cert_help: $cert_help:literal,
+            token: ($token_flag:literal, $token_env:literal, $token_help:literal) $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct $name {
+            #[arg(long = concat!($flag, "-ca"), env = concat!($env, "_CA"), value_name = "FILE")]
+            #[arg(help = concat!("CA to trust for the ", $peer, "'s TLS certificate (PEM)."))]
+            pub ca: Option<::std::path::PathBuf>,
+
+            #[arg(long = concat!($flag, "-cert"), env = concat!($env, "_CERT"), value_name = "FILE")]
+            #[arg(requires = "key", help = $cert_help)]
+            pub cert: Option<::std::path::PathBuf>,
+
+            #[arg(long = concat!($flag, "-key"), env = concat!($env, "_KEY"), value_name = "FILE")]
+            #[arg(requires = "cert", help = concat!("Key of `--", $flag, "-cert` (PEM)."))]
+            pub key: Option<::std::path::PathBuf>,
+
+            #[arg(long = $token_flag, env = $token_env, value_name = "FILE", help = $token_help)]
+            pub token_file: Option<::std::path::PathBuf>,
+        }
+
+        impl $name {
+            /// Where the TLS material and the token are.
+            pub fn credentials(&self) -> $crate::ClientCredentials {
+                $crate::ClientCredentials {
+                    ca: self.ca.clone(),
+                    cert: self.cert.clone(),
+                    key: self.key.clone(),
+                    token_file: self.token_file.clone(),
+                }
+            }
+        }
+    };
+}
+
 impl ClientCredentials {
     /// An endpoint for `url` with TLS as configured (`https` URLs use TLS
     /// even without a CA: the system's roots are not loaded, so a CA is

@@ -99,6 +99,64 @@ impl<S> HttpService for S where
 {
 }
 
+#[doc(hidden)]
+pub use tonic as __tonic;
+
+/// The unary methods of a generated tonic service trait, one line each
+/// inside its `#[tonic::async_trait]` impl, each calling the API's
+/// use-case method of the same request:
+///
+/// - `mutating`: through [`Requests::serve`] (on the API's `requests`
+///   field), so the use case takes the [`Mutation`]: identity, request id
+///   and request, answered once per request id and audited;
+/// - `read`: the use case takes the request message.
+///
+/// ```ignore
+/// #[tonic::async_trait]
+/// impl MarketplaceService for MarketplaceApi {
+///     addons_server_kit::unary! {
+///         mutating delete_addon(pb::DeleteAddonRequest) -> pb::DeleteAddonResponse = delete;
+///         read get_addon(pb::GetAddonRequest) -> pb::GetAddonResponse = get;
+///     }
+///     // the streaming methods, as written
+/// }
+/// ```
+///
+/// It writes what `async_trait` makes of an `async fn` (the methods it
+/// expands are not seen by `async_trait`, which runs first).
+#[macro_export]
+macro_rules! unary {
+    ($($kind:ident $method:ident($request:ty) -> $response:ty = $use_case:ident;)*) => {
+        $(
+            fn $method<'life0, 'async_trait>(
+                &'life0 self,
+                request: $crate::__tonic::Request<$request>,
+            ) -> ::std::pin::Pin<::std::boxed::Box<
+                dyn ::std::future::Future<
+                    Output = ::std::result::Result<
+                        $crate::__tonic::Response<$response>,
+                        $crate::__tonic::Status,
+                    >,
+                > + ::std::marker::Send + 'async_trait,
+            >>
+            where
+                'life0: 'async_trait,
+                Self: 'async_trait,
+            {
+                ::std::boxed::Box::pin(async move {
+                    $crate::unary!(@call $kind self request $use_case)
+                })
+            }
+        )*
+    };
+    (@call mutating $api:ident $request:ident $use_case:ident) => {
+        $api.requests.serve($request, async |call| $api.$use_case(call).await).await
+    };
+    (@call read $api:ident $request:ident $use_case:ident) => {
+        $api.$use_case($request.into_inner()).await.map($crate::__tonic::Response::new)
+    };
+}
+
 /// A generated tonic server with the message size limits every service
 /// sets: [`MAX_REQUEST_BYTES`] in, [`MAX_RESPONSE_BYTES`] out.
 #[macro_export]
