@@ -10,6 +10,7 @@ addons_server_kit::client_flags! {
         peer: "marketplace",
         flag: "marketplace",
         env: "ADDONS_MARKETPLACE",
+        url: ("http://127.0.0.1:11102", "gRPC URL of the addons marketplace."),
         cert_help: "Client certificate for the marketplace (PEM), for mTLS.",
         token: (
             "marketplace-token-file",
@@ -26,19 +27,9 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// Where records are kept: `embedded:PATH` (the default, under
-    /// /var/lib/oakestra-addons) or `mongodb://host:port/dbname`.
-    #[arg(long, env = "ADDONS_STORE", value_name = "STORE")]
-    pub store: Option<String>,
-
-    /// gRPC URL of the addons marketplace.
-    #[arg(
-        long,
-        env = "ADDONS_MARKETPLACE",
-        value_name = "URL",
-        default_value = "http://127.0.0.1:11102"
-    )]
-    pub marketplace: String,
+    /// Where records are kept.
+    #[command(flatten)]
+    pub store: addons_server_kit::StoreArgs,
 
     /// How the manager reaches the marketplace.
     #[command(flatten)]

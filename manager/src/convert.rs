@@ -2,16 +2,13 @@
 
 use addons_store::Versioned;
 use oakestra_addons_proto::engine::v1 as pb;
-use prost_types::Timestamp;
 
 use crate::model::{
     Health, Installation, InstallationStatus, NodeState, Plane, Release, ReleaseOutcome, Rollout,
     ServicePhase, ServiceStatus,
 };
 
-pub(crate) fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
-    std::time::SystemTime::from(time).into()
-}
+pub(crate) use addons_server_kit::timestamp;
 
 impl From<InstallationStatus> for pb::InstallationStatus {
     fn from(status: InstallationStatus) -> Self {

@@ -6,19 +6,17 @@ use addons_manager::{
     config::Config,
     link::{LinkHub, LinkOptions},
 };
-use addons_server_kit::{Requests, Server, Shutdown, bind, open_store, server_main};
+use addons_server_kit::{Requests, Server, Shutdown, server_main};
 
 fn main() -> ExitCode {
     server_main("addons-manager", |config: &Config| &config.common, run)
 }
 
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let store = open_store(
-        config.store.as_deref(),
-        "/var/lib/oakestra-addons/manager.redb",
-        "addons",
-    )
-    .await?;
+    let store = config
+        .store
+        .open("/var/lib/oakestra-addons/manager.redb", "addons")
+        .await?;
     let listen = config
         .common
         .listen
@@ -26,7 +24,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let installations = Installations::open(&store).await?;
     let core = Manager::new(
         installations.clone(),
-        &config.marketplace,
+        &config.marketplace_client.url,
         &config.marketplace_client.credentials(),
         config.plane,
         config.load_policy()?,
@@ -53,10 +51,8 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
-    let security = addons_server_kit::Security::load(&config.common.auth)?;
-    let listener = bind(listen, &security).await?;
-    Server::new()
-        .secure(security)
+    let (security, listener) = config.common.bind(listen).await?;
+    Server::configured(&config.common, security)
         .add_service(
             ManagerApi::new(core, hub.clone(), requests, shutdown.clone()).into_service(),
             addons_manager::api::MANAGER_PERMISSIONS,
@@ -66,9 +62,6 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             addons_manager::api::LINK_PERMISSIONS,
         )
         .rest(addons_manager::rest::ManagerRest)
-        .cors(&config.common.cors_allow_origins)
-        .allowed_hosts(&config.common.allowed_hosts)
-        .limits(config.common.connection_limits())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

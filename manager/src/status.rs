@@ -187,12 +187,7 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
             installation.status,
             format!(
                 "monitor of {} disconnected; last known: {}",
-                listed(
-                    &disconnected
-                        .iter()
-                        .map(|n| (*n).to_owned())
-                        .collect::<Vec<_>>()
-                ),
+                listed(&disconnected),
                 installation
                     .status_message
                     .split("; last known: ")
@@ -261,12 +256,7 @@ pub(crate) fn aggregate(installation: &Installation) -> (InstallationStatus, Str
     if !disconnected.is_empty() {
         message.push_str(&format!(
             "; monitor of {} disconnected",
-            listed(
-                &disconnected
-                    .iter()
-                    .map(|n| (*n).to_owned())
-                    .collect::<Vec<_>>()
-            )
+            listed(&disconnected)
         ));
     }
     let status = if running == total {
@@ -286,15 +276,13 @@ const LISTED: usize = 8;
 
 /// `a, b, c`, or the first [`LISTED`] and how many more: a message stays
 /// short however many nodes a plane has.
-fn listed(items: &[String]) -> String {
-    if items.len() <= LISTED {
-        return items.join(", ");
+fn listed<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+    let items: Vec<S> = items.into_iter().collect();
+    let shown: Vec<&str> = items.iter().take(LISTED).map(AsRef::as_ref).collect();
+    match items.len() - shown.len() {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
     }
-    format!(
-        "{} and {} more",
-        items[..LISTED].join(", "),
-        items.len() - LISTED
-    )
 }
 
 #[cfg(test)]

@@ -14,10 +14,9 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// Where records are kept: `embedded:PATH` (the default, under
-    /// /var/lib/oakestra-addons) or `mongodb://host:port/dbname`.
-    #[arg(long, env = "ADDONS_STORE", value_name = "STORE")]
-    pub store: Option<String>,
+    /// Where records are kept.
+    #[command(flatten)]
+    pub store: addons_server_kit::StoreArgs,
 
     /// Which registries images may name, and their credentials.
     #[command(flatten)]

@@ -1,13 +1,10 @@
 //! Conversions between the protobuf messages and the marketplace's records.
 
 use oakestra_addons_proto::marketplace::v1 as pb;
-use prost_types::Timestamp;
 
 use crate::model::{Addon, AddonStatus, ServiceVerification, Verification};
 
-pub(crate) fn timestamp(time: chrono::DateTime<chrono::Utc>) -> Timestamp {
-    std::time::SystemTime::from(time).into()
-}
+pub(crate) use addons_server_kit::timestamp;
 
 impl From<AddonStatus> for pb::AddonStatus {
     fn from(status: AddonStatus) -> Self {

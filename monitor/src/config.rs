@@ -28,6 +28,10 @@ addons_server_kit::client_flags! {
         peer: "manager",
         flag: "manager",
         env: "ADDONS_MANAGER",
+        url: (
+            "http://127.0.0.1:11101",
+            "gRPC URL of the Addons Manager of this node's plane."
+        ),
         cert_help: "Client certificate for the manager (PEM): its CN must be the node id.",
         token: (
             "token-file",
@@ -44,15 +48,6 @@ addons_server_kit::client_flags! {
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
-
-    /// gRPC URL of the Addons Manager of this node's plane.
-    #[arg(
-        long,
-        env = "ADDONS_MANAGER",
-        value_name = "URL",
-        default_value = "http://127.0.0.1:11101"
-    )]
-    pub manager: String,
 
     /// How the monitor reaches the manager.
     #[command(flatten)]

@@ -12,7 +12,7 @@ use addons_monitor::{
     runtime::RegistryAccess,
     view::NodeView,
 };
-use addons_server_kit::{Server, Shutdown, bind, server_main};
+use addons_server_kit::{Server, Shutdown, server_main};
 use anyhow::Context as _;
 use oakestra_addons_proto::engine::v1::Plane;
 
@@ -35,21 +35,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    tonic::transport::Endpoint::from_shared(config.manager.clone())
-        .with_context(|| format!("invalid manager URL `{}`", config.manager))?;
+    tonic::transport::Endpoint::from_shared(config.manager_client.url.clone())
+        .with_context(|| format!("invalid manager URL `{}`", config.manager_client.url))?;
     // Whoever is on a plaintext path to the manager writes this node's
     // desired state and reads its token.
     let plaintext = config.manager_client.ca.is_none()
         && config.manager_client.cert.is_none()
-        && !config.manager.starts_with("https://");
-    if plaintext && !addons_server_kit::is_loopback_url(&config.manager) {
+        && !config.manager_client.url.starts_with("https://");
+    if plaintext && !addons_server_kit::is_loopback_url(&config.manager_client.url) {
         if !config.common.auth.insecure {
             anyhow::bail!(
                 "refusing a plaintext link to the manager at {}: use an https:// URL (with --manager-ca), a loopback address (a mesh sidecar), or pass --insecure",
-                config.manager
+                config.manager_client.url
             );
         }
-        tracing::warn!(manager = %config.manager, "linking to the manager WITHOUT TLS (--insecure): anyone on the path can run containers on this node");
+        tracing::warn!(manager = %config.manager_client.url, "linking to the manager WITHOUT TLS (--insecure): anyone on the path can run containers on this node");
     }
     if let Some(token) = &config.manager_client.token_file {
         std::fs::read(token)
@@ -94,15 +94,10 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Ok(version) => tracing::info!(version = %version.version, "containerd answers"),
         Err(err) => tracing::warn!(error = %err, "containerd does not answer yet"),
     }
-    let security = addons_server_kit::Security::load(&config.common.auth)?;
-    let listener = bind(
-        config
-            .common
-            .listen
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))),
-        &security,
-    )
-    .await?;
+    let (security, listener) = config
+        .common
+        .bind(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))
+        .await?;
     let plane: Plane = config.plane.into();
     let core_components = match &config.core_components {
         Some(path) => addons_monitor::cores::load(path).map_err(anyhow::Error::msg)?,
@@ -126,7 +121,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let outbox = ReportOutbox::default();
     let link = link::spawn(
         LinkSettings {
-            manager: config.manager.clone(),
+            manager: config.manager_client.url.clone(),
             node_id: node_id.clone(),
             plane,
             labels,
@@ -178,8 +173,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         view_tx,
         shutdown.clone(),
     ));
-    Server::new()
-        .secure(security)
+    Server::configured(&config.common, security)
         .add_service(
             NodeMonitorApi::new(
                 containerd,
@@ -196,9 +190,6 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             .into_service(),
             addons_monitor::api::PERMISSIONS,
         )
-        .cors(&config.common.cors_allow_origins)
-        .allowed_hosts(&config.common.allowed_hosts)
-        .limits(config.common.connection_limits())
         .serve(listener, shutdown, config.common.shutdown_grace)
         .await
 }

@@ -77,6 +77,18 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    /// What a server does first: loads the security the flags set and
+    /// listens on `--listen` (or `default`), refusing an address the
+    /// security does not allow.
+    pub async fn bind(
+        &self,
+        default: SocketAddr,
+    ) -> anyhow::Result<(crate::Security, tokio::net::TcpListener)> {
+        let security = crate::Security::load(&self.auth)?;
+        let listener = crate::bind(self.listen.unwrap_or(default), &security).await?;
+        Ok((security, listener))
+    }
+
     /// The connection limits the flags set.
     pub fn connection_limits(&self) -> crate::ConnectionLimits {
         crate::ConnectionLimits {
@@ -119,23 +131,36 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
 }
 
+/// The `--store` flag of the servers that keep records.
 #[cfg(feature = "store")]
-/// Opens the store named by `--store`, or the embedded default, failing with
-/// one line that says which store could not be opened and why.
-pub async fn open_store(
-    location: Option<&str>,
-    default_embedded: &str,
-    default_database: &str,
-) -> anyhow::Result<Store> {
-    let location: Location = match location {
-        Some(text) => text.parse()?,
-        None => format!("embedded:{default_embedded}").parse()?,
-    };
-    let store = Store::open(&location, &OpenOptions::new(default_database))
-        .await
-        .context("store unavailable")?;
-    tracing::info!(store = %store.describe(), "store opened");
-    Ok(store)
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Where records are kept: `embedded:PATH` (the default, under
+    /// /var/lib/oakestra-addons) or `mongodb://host:port/dbname`.
+    #[arg(long, env = "ADDONS_STORE", value_name = "STORE")]
+    pub store: Option<String>,
+}
+
+#[cfg(feature = "store")]
+impl StoreArgs {
+    /// Opens the store `--store` names, or the embedded one at
+    /// `default_embedded`, failing with one line that says which store
+    /// could not be opened and why.
+    pub async fn open(
+        &self,
+        default_embedded: &str,
+        default_database: &str,
+    ) -> anyhow::Result<Store> {
+        let location: Location = match &self.store {
+            Some(text) => text.parse()?,
+            None => format!("embedded:{default_embedded}").parse()?,
+        };
+        let store = Store::open(&location, &OpenOptions::new(default_database))
+            .await
+            .context("store unavailable")?;
+        tracing::info!(store = %store.describe(), "store opened");
+        Ok(store)
+    }
 }
 
 /// Parses a server's flags. Help and version go to stdout with exit code 0;

@@ -30,9 +30,10 @@ pub struct ClientCredentials {
 }
 
 /// Declares the flags of how a server reaches another, as a clap `Args`
-/// struct to flatten into its config: `--<flag>-ca`, `--<flag>-cert` and
-/// `--<flag>-key` (environment `<ENV>_CA`, `<ENV>_CERT`, `<ENV>_KEY`), a
-/// token file flag, and `credentials()` for [`ClientCredentials`].
+/// struct to flatten into its config: the peer's URL `--<flag>`
+/// (environment `<ENV>`), `--<flag>-ca`, `--<flag>-cert` and
+/// `--<flag>-key` (`<ENV>_CA`, `<ENV>_CERT`, `<ENV>_KEY`), a token file
+/// flag, and `credentials()` for [`ClientCredentials`].
 #[macro_export]
 macro_rules! client_flags {
     (
@@ -41,13 +42,18 @@ macro_rules! client_flags {
             peer: $peer:literal,
             flag: $flag:literal,
             env: $env:literal,
+            url: ($default_url:literal, $url_help:literal),
             cert_help: $cert_help:literal,
             token: ($token_flag:literal, $token_env:literal, $token_help:literal) $(,)?
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Default, clap::Args)]
+        #[derive(Debug, Clone, clap::Args)]
         pub struct $name {
+            #[arg(long = $flag, env = $env, value_name = "URL", default_value = $default_url)]
+            #[arg(help = $url_help)]
+            pub url: String,
+
             #[arg(long = concat!($flag, "-ca"), env = concat!($env, "_CA"), value_name = "FILE")]
             #[arg(help = concat!("CA to trust for the ", $peer, "'s TLS certificate (PEM)."))]
             pub ca: Option<::std::path::PathBuf>,

@@ -52,7 +52,7 @@ mod watch;
 
 #[cfg(feature = "store")]
 pub use crate::{
-    args::open_store,
+    args::StoreArgs,
     requests::{MAX_REQUEST_ID, Mutation, REMEMBERED_FOR, Requests, check_request_id},
     status::store_error_to_status,
     watch::{WatchStream, watch_stream},
@@ -69,6 +69,11 @@ pub use crate::{
     shutdown::Shutdown,
     telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
 };
+
+/// A record's time as a protobuf `Timestamp`.
+pub fn timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    std::time::SystemTime::from(time).into()
+}
 
 /// What each layer of a server's HTTP stack wraps (the layer beneath, down
 /// to the routes): a service of HTTP requests, cloned per request, whose

@@ -75,6 +75,17 @@ impl Server {
         self
     }
 
+    /// A server as the common flags set it up: `security` (from
+    /// [`CommonArgs::bind`](crate::CommonArgs::bind)), CORS origins, allowed
+    /// hosts and connection limits.
+    pub fn configured(common: &crate::CommonArgs, security: Security) -> Self {
+        Self::new()
+            .secure(security)
+            .cors(&common.cors_allow_origins)
+            .allowed_hosts(&common.allowed_hosts)
+            .limits(common.connection_limits())
+    }
+
     /// Lets browser pages of these origins call the server (`*`: any); by
     /// default none may, so only pages of the server's own origin can.
     pub fn cors(mut self, origins: &[String]) -> Self {

@@ -3,8 +3,9 @@
 /// Result of a storage operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Why a storage operation failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a storage operation failed. `Clone`, so the failure of a batch of
+/// writes goes to each write of it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// `--store` names no usable location.
@@ -82,7 +83,7 @@ pub enum Error {
         id: String,
         /// The serde error.
         #[source]
-        source: serde_json::Error,
+        source: std::sync::Arc<serde_json::Error>,
     },
     /// The database failed an operation.
     #[error("store operation `{operation}` failed: {reason}")]

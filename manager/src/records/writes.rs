@@ -204,7 +204,7 @@ impl Installations {
                             id,
                         })
                     }
-                    Err(err) => Err(clone_error(err)),
+                    Err(err) => Err(err.clone()),
                 },
                 Some(Err(err)) => Err(err),
                 None => unreachable!("every change has a result"),
@@ -406,44 +406,5 @@ fn stripped(whole: &Installation) -> Installation {
         rolled_back: rolled_back.clone(),
         node_selector: node_selector.clone(),
         unconfirmed_nodes: unconfirmed_nodes.clone(),
-    }
-}
-
-/// Store errors are not `Clone`; a batch's failure goes to each of its
-/// changes as the same kind of error.
-fn clone_error(err: &addons_store::Error) -> addons_store::Error {
-    use addons_store::Error;
-    match err {
-        Error::NotFound { collection, id } => Error::NotFound {
-            collection: collection.clone(),
-            id: id.clone(),
-        },
-        Error::Conflict { id, reason } => Error::Conflict {
-            id: id.clone(),
-            reason: reason.clone(),
-        },
-        Error::StaleRevision {
-            collection,
-            id,
-            current,
-            expected,
-        } => Error::StaleRevision {
-            collection: collection.clone(),
-            id: id.clone(),
-            current: *current,
-            expected: *expected,
-        },
-        Error::Unavailable { store, reason } => Error::Unavailable {
-            store: store.clone(),
-            reason: reason.clone(),
-        },
-        Error::AlreadyExists { collection, key } => Error::AlreadyExists {
-            collection: collection.clone(),
-            key: key.clone(),
-        },
-        other => Error::Backend {
-            operation: "write",
-            reason: other.to_string(),
-        },
     }
 }

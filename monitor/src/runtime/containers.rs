@@ -107,14 +107,14 @@ impl Containerd {
     ) -> Result<(), RuntimeError> {
         let channel = self.channel().await?;
         let prepared = SnapshotsClient::new(channel.clone())
-            .prepare(self.request(
+            .prepare(self.leased(
                 PrepareSnapshotRequest {
                     snapshotter: self.snapshotter.clone(),
                     key: id.to_owned(),
                     parent: top_snapshot.to_owned(),
                     labels: HashMap::new(),
                 },
-                Some(lease),
+                lease,
             ))
             .await;
         // One left over from an earlier attempt is reused.
@@ -140,11 +140,11 @@ impl Containerd {
             ..Container::default()
         };
         ContainersClient::new(channel)
-            .create(self.request(
+            .create(self.leased(
                 CreateContainerRequest {
                     container: Some(container),
                 },
-                Some(lease),
+                lease,
             ))
             .await
             .map_err(RuntimeError::call("Containers.Create"))?;
@@ -157,7 +157,7 @@ impl Containerd {
         self.stop_task(id, grace).await?;
         let mut containers = ContainersClient::new(self.channel().await?);
         let answer = containers
-            .delete(self.request(DeleteContainerRequest { id: id.to_owned() }, None))
+            .delete(self.request(DeleteContainerRequest { id: id.to_owned() }))
             .await;
         RuntimeError::unless(answer, "Containers.Delete", tonic::Code::NotFound)?;
         self.remove_snapshot(id).await
@@ -175,19 +175,14 @@ impl Containerd {
             labels.insert(key.to_owned(), value.to_owned());
         }
         ContainersClient::new(self.channel().await?)
-            .update(self.request(
-                UpdateContainerRequest {
-                    container: Some(Container {
-                        id: id.to_owned(),
-                        labels,
-                        ..Container::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec![format!("labels.{key}")],
-                    }),
-                },
-                None,
-            ))
+            .update(self.request(UpdateContainerRequest {
+                container: Some(Container {
+                    id: id.to_owned(),
+                    labels,
+                    ..Container::default()
+                }),
+                update_mask: Some(super::label_mask(key)),
+            }))
             .await
             .map_err(RuntimeError::call("Containers.Update"))?;
         Ok(())
@@ -205,16 +200,13 @@ impl Containerd {
             .join(",");
         let mut containers = ContainersClient::new(self.channel().await?);
         let response = containers
-            .list(self.request(
-                ListContainersRequest {
-                    filters: if filter.is_empty() {
-                        Vec::new()
-                    } else {
-                        vec![filter]
-                    },
+            .list(self.request(ListContainersRequest {
+                filters: if filter.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![filter]
                 },
-                None,
-            ))
+            }))
             .await
             .map_err(RuntimeError::call("Containers.List"))?
             .into_inner();

@@ -23,12 +23,9 @@ impl Containerd {
     pub(super) async fn blob_exists(&self, digest: &str) -> Result<bool, RuntimeError> {
         let mut content = ContentClient::new(self.channel().await?);
         let answer = content
-            .info(self.request(
-                InfoRequest {
-                    digest: digest.to_owned(),
-                },
-                None,
-            ))
+            .info(self.request(InfoRequest {
+                digest: digest.to_owned(),
+            }))
             .await;
         Ok(RuntimeError::unless(answer, "Content.Info", tonic::Code::NotFound)?.is_some())
     }
@@ -36,14 +33,11 @@ impl Containerd {
     pub(super) async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, RuntimeError> {
         let mut content = ContentClient::new(self.channel().await?);
         let mut stream = content
-            .read(self.request(
-                ReadContentRequest {
-                    digest: digest.to_owned(),
-                    offset: 0,
-                    size: 0,
-                },
-                None,
-            ))
+            .read(self.request(ReadContentRequest {
+                digest: digest.to_owned(),
+                offset: 0,
+                size: 0,
+            }))
             .await
             .map_err(RuntimeError::call("Content.Read"))?
             .into_inner();
@@ -193,7 +187,7 @@ impl Containerd {
             })
         };
         let result = content
-            .write(self.request(tokio_stream::wrappers::ReceiverStream::new(rx), Some(lease)))
+            .write(self.leased(tokio_stream::wrappers::ReceiverStream::new(rx), lease))
             .await;
         let outcome = match result {
             Ok(response) => {
@@ -239,19 +233,14 @@ impl Containerd {
     ) -> Result<(), RuntimeError> {
         let mut content = ContentClient::new(self.channel().await?);
         content
-            .update(self.request(
-                UpdateContentRequest {
-                    info: Some(containerd_client::services::v1::Info {
-                        digest: digest.to_owned(),
-                        labels: HashMap::from([(key.to_owned(), value.to_owned())]),
-                        ..Default::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec![format!("labels.{key}")],
-                    }),
-                },
-                None,
-            ))
+            .update(self.request(UpdateContentRequest {
+                info: Some(containerd_client::services::v1::Info {
+                    digest: digest.to_owned(),
+                    labels: HashMap::from([(key.to_owned(), value.to_owned())]),
+                    ..Default::default()
+                }),
+                update_mask: Some(super::label_mask(key)),
+            }))
             .await
             .map_err(RuntimeError::call("Content.Update"))?;
         Ok(())

@@ -48,6 +48,14 @@ pub struct NewContainer<'a> {
     pub labels: HashMap<String, String>,
 }
 
+/// The update mask of an update that sets or clears one label: containerd
+/// then leaves the other labels as they are.
+fn label_mask(key: &str) -> prost_types::FieldMask {
+    prost_types::FieldMask {
+        paths: vec![format!("labels.{key}")],
+    }
+}
+
 /// What the reconciler needs of a container runtime. containerd is the
 /// product's; unit tests use a recording fake.
 pub trait Runtime: Clone + Send + Sync + 'static {
@@ -372,17 +380,22 @@ impl Containerd {
         *self.channel.lock().await = None;
     }
 
-    /// A request in the monitor's namespace, within `lease` if given.
-    fn request<T>(&self, message: T, lease: Option<&str>) -> tonic::Request<T> {
+    /// A request in the monitor's namespace.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         // Namespaces and lease ids are checked to be valid metadata when
         // the monitor starts and when leases are created.
         if let Ok(value) = self.namespace.parse() {
             request.metadata_mut().insert("containerd-namespace", value);
         }
-        if let Some(lease) = lease
-            && let Ok(value) = lease.parse()
-        {
+        request
+    }
+
+    /// A request in the monitor's namespace, within `lease`: what it makes
+    /// is safe from containerd's GC while the lease lives.
+    fn leased<T>(&self, message: T, lease: &str) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Ok(value) = lease.parse() {
             request.metadata_mut().insert("containerd-lease", value);
         }
         request
@@ -399,13 +412,10 @@ impl Containerd {
             expiry_in_an_hour(),
         )]);
         LeasesClient::new(self.channel().await?)
-            .create(self.request(
-                CreateRequest {
-                    id: id.clone(),
-                    labels,
-                },
-                None,
-            ))
+            .create(self.request(CreateRequest {
+                id: id.clone(),
+                labels,
+            }))
             .await
             .map_err(RuntimeError::call("Leases.Create"))?;
         Ok(id)
@@ -416,13 +426,10 @@ impl Containerd {
         use containerd_client::services::v1::{DeleteRequest, leases_client::LeasesClient};
         if let Ok(channel) = self.channel().await {
             let _ = LeasesClient::new(channel)
-                .delete(self.request(
-                    DeleteRequest {
-                        id: id.to_owned(),
-                        sync: false,
-                    },
-                    None,
-                ))
+                .delete(self.request(DeleteRequest {
+                    id: id.to_owned(),
+                    sync: false,
+                }))
                 .await;
         }
     }

@@ -410,12 +410,9 @@ impl Containerd {
     ) -> Result<(), RuntimeError> {
         let mut images = ImagesClient::new(self.channel().await?);
         let exists = images
-            .get(self.request(
-                GetImageRequest {
-                    name: name.to_owned(),
-                },
-                None,
-            ))
+            .get(self.request(GetImageRequest {
+                name: name.to_owned(),
+            }))
             .await
             .is_ok();
         if exists {
@@ -437,12 +434,12 @@ impl Containerd {
             updated_at: None,
         };
         let answer = images
-            .create(self.request(
+            .create(self.leased(
                 CreateImageRequest {
                     image: Some(image),
                     source_date_epoch: None,
                 },
-                Some(lease),
+                lease,
             ))
             .await;
         RuntimeError::unless(answer, "Images.Create", tonic::Code::AlreadyExists).map(drop)

@@ -37,13 +37,10 @@ impl Containerd {
     pub async fn create_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
         let channel = self.channel().await?;
         let mounts = SnapshotsClient::new(channel.clone())
-            .mounts(self.request(
-                MountsRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: id.to_owned(),
-                },
-                None,
-            ))
+            .mounts(self.request(MountsRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: id.to_owned(),
+            }))
             .await
             .map_err(RuntimeError::call("Snapshots.Mounts"))?
             .into_inner()
@@ -51,16 +48,13 @@ impl Containerd {
         let uri = self.log_uri(log);
         let mut tasks = TasksClient::new(channel);
         let created = tasks
-            .create(self.request(
-                CreateTaskRequest {
-                    container_id: id.to_owned(),
-                    rootfs: mounts,
-                    stdout: uri.clone(),
-                    stderr: uri,
-                    ..CreateTaskRequest::default()
-                },
-                None,
-            ))
+            .create(self.request(CreateTaskRequest {
+                container_id: id.to_owned(),
+                rootfs: mounts,
+                stdout: uri.clone(),
+                stderr: uri,
+                ..CreateTaskRequest::default()
+            }))
             .await
             .map_err(RuntimeError::call("Tasks.Create"))?;
         Ok(created.into_inner().pid)
@@ -69,13 +63,10 @@ impl Containerd {
     /// Starts the created task of container `id`. Returns its pid.
     pub async fn start_created_task(&self, id: &str) -> Result<u32, RuntimeError> {
         let started = TasksClient::new(self.channel().await?)
-            .start(self.request(
-                StartRequest {
-                    container_id: id.to_owned(),
-                    exec_id: String::new(),
-                },
-                None,
-            ))
+            .start(self.request(StartRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+            }))
             .await
             .map_err(RuntimeError::call("Tasks.Start"))?;
         Ok(started.into_inner().pid)
@@ -85,13 +76,10 @@ impl Containerd {
     pub async fn task_state(&self, id: &str) -> Result<TaskState, RuntimeError> {
         let mut tasks = TasksClient::new(self.channel().await?);
         let response = match tasks
-            .get(self.request(
-                GetRequest {
-                    container_id: id.to_owned(),
-                    exec_id: String::new(),
-                },
-                None,
-            ))
+            .get(self.request(GetRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+            }))
             .await
         {
             Ok(response) => response.into_inner(),
@@ -126,26 +114,20 @@ impl Containerd {
         {
             let wait = {
                 let mut tasks = tasks.clone();
-                let request = self.request(
-                    WaitRequest {
-                        container_id: id.to_owned(),
-                        exec_id: String::new(),
-                    },
-                    None,
-                );
+                let request = self.request(WaitRequest {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                });
                 tokio::spawn(async move { tasks.wait(request).await })
             };
             self.kill(&mut tasks, id, 15).await?;
             if tokio::time::timeout(grace, wait).await.is_err() {
                 self.kill(&mut tasks, id, 9).await?;
                 let waited = tasks
-                    .wait(self.request(
-                        WaitRequest {
-                            container_id: id.to_owned(),
-                            exec_id: String::new(),
-                        },
-                        None,
-                    ))
+                    .wait(self.request(WaitRequest {
+                        container_id: id.to_owned(),
+                        exec_id: String::new(),
+                    }))
                     .await;
                 if let Err(status) = waited
                     && status.code() != tonic::Code::NotFound
@@ -173,15 +155,12 @@ impl Containerd {
         signal: u32,
     ) -> Result<(), RuntimeError> {
         let answer = tasks
-            .kill(self.request(
-                KillRequest {
-                    container_id: id.to_owned(),
-                    exec_id: String::new(),
-                    signal,
-                    all: true,
-                },
-                None,
-            ))
+            .kill(self.request(KillRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+                signal,
+                all: true,
+            }))
             .await;
         RuntimeError::unless(answer, "Tasks.Kill", tonic::Code::NotFound).map(drop)
     }
@@ -200,7 +179,7 @@ impl Containerd {
     ) -> Result<u32, RuntimeError> {
         let channel = self.channel().await?;
         let container = ContainersClient::new(channel.clone())
-            .get(self.request(GetContainerRequest { id: id.to_owned() }, None))
+            .get(self.request(GetContainerRequest { id: id.to_owned() }))
             .await
             .map_err(RuntimeError::call("Containers.Get"))?
             .into_inner()
@@ -222,39 +201,30 @@ impl Containerd {
         process["terminal"] = serde_json::json!(false);
         let mut tasks = TasksClient::new(channel);
         tasks
-            .exec(self.request(
-                ExecProcessRequest {
-                    container_id: id.to_owned(),
-                    spec: Some(prost_types::Any {
-                        type_url: PROCESS_TYPE.to_owned(),
-                        value: serde_json::to_vec(&process).unwrap_or_default(),
-                    }),
-                    exec_id: exec_id.to_owned(),
-                    ..ExecProcessRequest::default()
-                },
-                None,
-            ))
+            .exec(self.request(ExecProcessRequest {
+                container_id: id.to_owned(),
+                spec: Some(prost_types::Any {
+                    type_url: PROCESS_TYPE.to_owned(),
+                    value: serde_json::to_vec(&process).unwrap_or_default(),
+                }),
+                exec_id: exec_id.to_owned(),
+                ..ExecProcessRequest::default()
+            }))
             .await
             .map_err(RuntimeError::call("Tasks.Exec"))?;
         let ran = async {
             tasks
-                .start(self.request(
-                    StartRequest {
-                        container_id: id.to_owned(),
-                        exec_id: exec_id.to_owned(),
-                    },
-                    None,
-                ))
+                .start(self.request(StartRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                }))
                 .await
                 .map_err(RuntimeError::call("Tasks.Start"))?;
             let mut waiter = tasks.clone();
-            let wait = waiter.wait(self.request(
-                WaitRequest {
-                    container_id: id.to_owned(),
-                    exec_id: exec_id.to_owned(),
-                },
-                None,
-            ));
+            let wait = waiter.wait(self.request(WaitRequest {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            }));
             match tokio::time::timeout(timeout, wait).await {
                 Ok(answer) => Ok(answer
                     .map_err(RuntimeError::call("Tasks.Wait"))?
@@ -262,25 +232,19 @@ impl Containerd {
                     .exit_status),
                 Err(_) => {
                     let _ = tasks
-                        .kill(self.request(
-                            KillRequest {
-                                container_id: id.to_owned(),
-                                exec_id: exec_id.to_owned(),
-                                signal: 9,
-                                all: false,
-                            },
-                            None,
-                        ))
+                        .kill(self.request(KillRequest {
+                            container_id: id.to_owned(),
+                            exec_id: exec_id.to_owned(),
+                            signal: 9,
+                            all: false,
+                        }))
                         .await;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
-                        tasks.clone().wait(self.request(
-                            WaitRequest {
-                                container_id: id.to_owned(),
-                                exec_id: exec_id.to_owned(),
-                            },
-                            None,
-                        )),
+                        tasks.clone().wait(self.request(WaitRequest {
+                            container_id: id.to_owned(),
+                            exec_id: exec_id.to_owned(),
+                        })),
                     )
                     .await;
                     Err(RuntimeError::Exec {
@@ -292,13 +256,10 @@ impl Containerd {
         }
         .await;
         let _ = tasks
-            .delete_process(self.request(
-                DeleteProcessRequest {
-                    container_id: id.to_owned(),
-                    exec_id: exec_id.to_owned(),
-                },
-                None,
-            ))
+            .delete_process(self.request(DeleteProcessRequest {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            }))
             .await;
         ran
     }
@@ -307,12 +268,9 @@ impl Containerd {
     pub async fn delete_task(&self, id: &str) -> Result<(), RuntimeError> {
         let mut tasks = TasksClient::new(self.channel().await?);
         let answer = tasks
-            .delete(self.request(
-                DeleteTaskRequest {
-                    container_id: id.to_owned(),
-                },
-                None,
-            ))
+            .delete(self.request(DeleteTaskRequest {
+                container_id: id.to_owned(),
+            }))
             .await;
         RuntimeError::unless(answer, "Tasks.Delete", tonic::Code::NotFound).map(drop)
     }
@@ -402,13 +360,10 @@ impl Containerd {
             futures::pin_mut!(active_rx);
             loop {
                 publisher
-                    .publish(self.request(
-                        PublishRequest {
-                            topic: PING.to_owned(),
-                            event: Some(ping.clone()),
-                        },
-                        None,
-                    ))
+                    .publish(self.request(PublishRequest {
+                        topic: PING.to_owned(),
+                        event: Some(ping.clone()),
+                    }))
                     .await
                     .map_err(RuntimeError::call("Events.Publish"))?;
                 tokio::select! {

@@ -21,13 +21,10 @@ impl Containerd {
     pub(super) async fn snapshot_exists(&self, key: &str) -> Result<bool, RuntimeError> {
         let mut snapshots = SnapshotsClient::new(self.channel().await?);
         let answer = snapshots
-            .stat(self.request(
-                StatSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: key.to_owned(),
-                },
-                None,
-            ))
+            .stat(self.request(StatSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.to_owned(),
+            }))
             .await;
         Ok(RuntimeError::unless(answer, "Snapshots.Stat", tonic::Code::NotFound)?.is_some())
     }
@@ -49,21 +46,21 @@ impl Containerd {
         let mut snapshots = SnapshotsClient::new(channel.clone());
         let key = format!("extract-{:016x}-{chain_id}", rand::random::<u64>());
         let mounts = snapshots
-            .prepare(self.request(
+            .prepare(self.leased(
                 PrepareSnapshotRequest {
                     snapshotter: self.snapshotter.clone(),
                     key: key.clone(),
                     parent: parent.to_owned(),
                     labels: HashMap::new(),
                 },
-                Some(lease),
+                lease,
             ))
             .await
             .map_err(RuntimeError::call("Snapshots.Prepare"))?
             .into_inner()
             .mounts;
         let applied = DiffClient::new(channel)
-            .apply(self.request(
+            .apply(self.leased(
                 containerd_client::services::v1::ApplyRequest {
                     diff: Some(Descriptor {
                         media_type: layer.media_type.clone(),
@@ -75,7 +72,7 @@ impl Containerd {
                     payloads: HashMap::new(),
                     sync_fs: false,
                 },
-                Some(lease),
+                lease,
             ))
             .await;
         let applied = match applied {
@@ -100,14 +97,14 @@ impl Containerd {
             });
         }
         let committed = snapshots
-            .commit(self.request(
+            .commit(self.leased(
                 CommitSnapshotRequest {
                     snapshotter: self.snapshotter.clone(),
                     name: chain_id.to_owned(),
                     key: key.clone(),
                     labels: HashMap::new(),
                 },
-                Some(lease),
+                lease,
             ))
             .await;
         match committed {
@@ -130,13 +127,10 @@ impl Containerd {
     pub(super) async fn remove_snapshot(&self, key: &str) -> Result<(), RuntimeError> {
         let mut snapshots = SnapshotsClient::new(self.channel().await?);
         let answer = snapshots
-            .remove(self.request(
-                RemoveSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: key.to_owned(),
-                },
-                None,
-            ))
+            .remove(self.request(RemoveSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.to_owned(),
+            }))
             .await;
         RuntimeError::unless(answer, "Snapshots.Remove", tonic::Code::NotFound).map(drop)
     }

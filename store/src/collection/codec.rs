@@ -8,7 +8,7 @@ pub(super) fn encode<T: Document>(record: &Versioned<T>, seq: u64) -> Result<Raw
         action: "encode",
         collection: T::COLLECTION.to_owned(),
         id: id.clone(),
-        source,
+        source: source.into(),
     })?;
     Ok(RawRecord {
         key: stored_key(record.value.unique_key(), &id),
@@ -33,7 +33,7 @@ pub(super) fn decode_body<T: Document>(
         action: "decode",
         collection: T::COLLECTION.to_owned(),
         id: id.to_owned(),
-        source,
+        source: source.into(),
     })?;
     Ok(Versioned { revision, value })
 }
