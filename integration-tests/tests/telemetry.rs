@@ -7,8 +7,9 @@
 use std::{sync::Arc, time::Duration};
 
 use integration_tests::{ServerProcess, binary, eventually};
-use oakestra_addons_proto::engine::v1::{
-    InstallAddonRequest, addons_manager_service_client::AddonsManagerServiceClient,
+use oakestra_addons_proto::{
+    engine::v1::{InstallAddonRequest, addons_manager_service_client::AddonsManagerServiceClient},
+    marketplace::v1::{GetAddonRequest, marketplace_service_client::MarketplaceServiceClient},
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -72,18 +73,105 @@ impl TraceService for Collector {
     }
 }
 
+impl Collector {
+    /// A collector on a free loopback port, and its endpoint URL.
+    async fn start() -> (Self, String) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let serving = collector.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(serving))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        (collector, endpoint)
+    }
+}
+
+#[tokio::test]
+async fn the_traces_endpoint_alone_turns_export_on_and_the_operators_service_name_wins() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marketplace = ServerProcess::start_with_env(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &format!("embedded:{}/m.redb", dir.path().display()),
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "edge-marketplace"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let status = MarketplaceServiceClient::new(marketplace.channel())
+        .get_addon(GetAddonRequest {
+            id: "no-such-addon".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let span = eventually(
+        "the marketplace exports the call's span",
+        Duration::from_secs(15),
+        || {
+            let collector = collector.clone();
+            async move {
+                let spans = collector.spans.lock().await.clone();
+                spans
+                    .iter()
+                    .find(|s| s.name.contains("GetAddon"))
+                    .cloned()
+                    .ok_or_else(|| format!("{spans:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(span.service, "edge-marketplace", "{span:?}");
+    marketplace.stop().await;
+}
+
+#[tokio::test]
+async fn an_exporter_that_cannot_be_set_up_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    // An https:// endpoint (whatever this build's exporter can do with it)
+    // and a protocol no exporter speaks: the server serves all the same.
+    for env in [
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:9"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+        ],
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "not-a-number"),
+        ],
+    ] {
+        let marketplace = ServerProcess::start_with_env(
+            &binary("addons-marketplace"),
+            &[
+                "--store",
+                &format!("embedded:{}/m.redb", dir.path().display()),
+            ],
+            &env,
+        )
+        .await;
+        let status = MarketplaceServiceClient::new(marketplace.channel())
+            .get_addon(GetAddonRequest {
+                id: "no-such-addon".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{env:?}");
+        marketplace.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn trace_context_crosses_both_servers_and_spans_are_exported() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let serving = collector.clone();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(serving))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-    });
+    let (collector, endpoint) = Collector::start().await;
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),

@@ -28,10 +28,14 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs logging to stderr filtered by `RUST_LOG` (default `info`), and,
-/// when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set, export of traces
-/// over OTLP/gRPC. The W3C trace-context propagator is installed either way,
-/// so trace context passes through this process even without export.
+/// Installs logging to stderr filtered by `RUST_LOG` (default `info`), and
+/// export of traces over OTLP/gRPC when the OpenTelemetry environment asks
+/// for it ([`exports_traces`]). The service name is `service_name` unless
+/// `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`)
+/// names another. An exporter that cannot be set up is a warning, never a
+/// server that does not start: tracing is not what it serves. The W3C
+/// trace-context propagator is installed either way, so trace context
+/// passes through this process even without export.
 pub fn init_telemetry(
     service_name: &'static str,
     format: LogFormat,
@@ -46,19 +50,27 @@ pub fn init_telemetry(
     // Spans get OpenTelemetry contexts even when nothing is exported, so a
     // caller's trace context always passes through to the calls this server
     // makes.
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service_name).build());
-    let exporting = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Ok(endpoint) if !endpoint.trim().is_empty() => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|err| anyhow::anyhow!("cannot set up OTLP export to {endpoint}: {err}"))?;
-            builder = builder.with_batch_exporter(exporter);
-            true
-        }
-        _ => false,
-    };
+    let env = |name: &str| std::env::var(name).ok();
+    let mut resource = Resource::builder();
+    if !names_service(env) {
+        resource = resource.with_service_name(service_name);
+    }
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+    let mut export_error = None;
+    let exporting = exports_traces(env)
+        && match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => {
+                builder = builder.with_batch_exporter(exporter);
+                true
+            }
+            Err(err) => {
+                export_error = Some(err);
+                false
+            }
+        };
     let provider = builder.build();
     global::set_tracer_provider(provider.clone());
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name));
@@ -68,9 +80,48 @@ pub fn init_telemetry(
         .with(otel)
         .try_init()
         .map_err(|err| anyhow::anyhow!("cannot install logging: {err}"))?;
+    if let Some(err) = export_error {
+        tracing::warn!(error = %err, "traces are NOT exported: the OTLP exporter cannot be set up");
+    }
     Ok(TelemetryGuard {
         provider: exporting.then_some(provider),
     })
+}
+
+/// Whether the OpenTelemetry environment asks for OTLP trace export, as
+/// the specification's variables say: not when `OTEL_SDK_DISABLED` is
+/// `true` or `OTEL_TRACES_EXPORTER` does not name `otlp`; otherwise when an
+/// endpoint is set (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`) or `OTEL_TRACES_EXPORTER` names `otlp`
+/// outright (its default endpoint). Nothing set: no export, so a server
+/// never sends traces nobody asked for.
+fn exports_traces(env: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |name: &str| env(name).filter(|value| !value.trim().is_empty());
+    if set("OTEL_SDK_DISABLED").is_some_and(|value| value.trim().eq_ignore_ascii_case("true")) {
+        return false;
+    }
+    match set("OTEL_TRACES_EXPORTER") {
+        Some(exporters) => exporters
+            .split(',')
+            .any(|exporter| exporter.trim().eq_ignore_ascii_case("otlp")),
+        None => {
+            set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+                || set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        }
+    }
+}
+
+/// Whether the environment names the service (`OTEL_SERVICE_NAME`, or
+/// `service.name` in `OTEL_RESOURCE_ATTRIBUTES`): an operator's name wins
+/// over the binary's.
+fn names_service(env: impl Fn(&str) -> Option<String>) -> bool {
+    env("OTEL_SERVICE_NAME").is_some_and(|name| !name.trim().is_empty())
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attributes| {
+            attributes
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .any(|(key, value)| key.trim() == "service.name" && !value.trim().is_empty())
+        })
 }
 
 use tracing_subscriber::Layer as _;
@@ -132,5 +183,71 @@ impl Injector for MetadataInjector<'_> {
         ) {
             self.0.insert(key, value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        }
+    }
+
+    #[test]
+    fn export_follows_the_specification_variables() {
+        assert!(!exports_traces(env(&[])), "nothing set: no export");
+        for endpoint in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ] {
+            assert!(
+                exports_traces(env(&[(endpoint, "http://c:4317")])),
+                "{endpoint}"
+            );
+            assert!(!exports_traces(env(&[(endpoint, " ")])), "{endpoint} empty");
+            assert!(
+                !exports_traces(env(&[
+                    (endpoint, "http://c:4317"),
+                    ("OTEL_SDK_DISABLED", "TRUE")
+                ])),
+                "{endpoint} with the SDK disabled"
+            );
+            assert!(
+                !exports_traces(env(&[
+                    (endpoint, "http://c:4317"),
+                    ("OTEL_TRACES_EXPORTER", "none")
+                ])),
+                "{endpoint} with exporter none"
+            );
+        }
+        assert!(exports_traces(env(&[(
+            "OTEL_TRACES_EXPORTER",
+            "console, otlp"
+        )])));
+        assert!(!exports_traces(env(&[("OTEL_TRACES_EXPORTER", "console")])));
+        assert!(exports_traces(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_SDK_DISABLED", "false"),
+        ])));
+    }
+
+    #[test]
+    fn an_operators_service_name_wins() {
+        assert!(!names_service(env(&[])));
+        assert!(names_service(env(&[("OTEL_SERVICE_NAME", "edge-manager")])));
+        assert!(!names_service(env(&[("OTEL_SERVICE_NAME", "")])));
+        assert!(names_service(env(&[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=prod, service.name=edge-manager"
+        )])));
+        assert!(!names_service(env(&[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "service.namespace=oakestra"
+        )])));
     }
 }
