@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use integration_tests::{ServerProcess, binary, eventually};
+use integration_tests::{ServerProcess, binary, eventually, pki::TestCa};
 use oakestra_addons_proto::{
     engine::v1::{InstallAddonRequest, addons_manager_service_client::AddonsManagerServiceClient},
     marketplace::v1::{GetAddonRequest, marketplace_service_client::MarketplaceServiceClient},
@@ -76,35 +76,53 @@ impl TraceService for Collector {
 impl Collector {
     /// A collector on a free loopback port, and its endpoint URL.
     async fn start() -> (Self, String) {
+        Self::start_with(None).await
+    }
+
+    /// A collector serving TLS as `tls` says (`https://` then).
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> (Self, String) {
         let collector = Collector::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
         let serving = collector.clone();
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).unwrap();
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(TraceServiceServer::new(serving))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
         });
         (collector, endpoint)
     }
+
+    /// The first exported span whose name contains `name`.
+    async fn span_named(&self, name: &str) -> Exported {
+        eventually(
+            &format!("a span named {name} is exported"),
+            Duration::from_secs(15),
+            || async move {
+                let spans = self.spans.lock().await.clone();
+                spans
+                    .iter()
+                    .find(|s| s.name.contains(name))
+                    .cloned()
+                    .ok_or_else(|| format!("{spans:?}"))
+            },
+        )
+        .await
+    }
 }
 
-#[tokio::test]
-async fn the_traces_endpoint_alone_turns_export_on_and_the_operators_service_name_wins() {
-    let (collector, endpoint) = Collector::start().await;
-    let dir = tempfile::tempdir().unwrap();
+/// A marketplace with `env`, asked for an addon that does not exist.
+async fn marketplace_called(dir: &std::path::Path, env: &[(&str, &str)]) -> ServerProcess {
     let marketplace = ServerProcess::start_with_env(
         &binary("addons-marketplace"),
-        &[
-            "--store",
-            &format!("embedded:{}/m.redb", dir.path().display()),
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
-            ("OTEL_SERVICE_NAME", "edge-marketplace"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
+        &["--store", &format!("embedded:{}/m.redb", dir.display())],
+        env,
     )
     .await;
     let status = MarketplaceServiceClient::new(marketplace.channel())
@@ -113,23 +131,57 @@ async fn the_traces_endpoint_alone_turns_export_on_and_the_operators_service_nam
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::NotFound);
-    let span = eventually(
-        "the marketplace exports the call's span",
-        Duration::from_secs(15),
-        || {
-            let collector = collector.clone();
-            async move {
-                let spans = collector.spans.lock().await.clone();
-                spans
-                    .iter()
-                    .find(|s| s.name.contains("GetAddon"))
-                    .cloned()
-                    .ok_or_else(|| format!("{spans:?}"))
-            }
-        },
+    assert_eq!(status.code(), tonic::Code::NotFound, "{env:?}");
+    marketplace
+}
+
+#[tokio::test]
+async fn spans_go_to_an_https_collector_over_mtls_with_the_given_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "otel-ca");
+    let server = ca.server("collector");
+    let client = ca.client("addons-marketplace");
+    let read = |path: &std::path::Path| std::fs::read(path).unwrap();
+    // The collector accepts only clients with a certificate of its CA.
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            read(&server.cert),
+            read(&server.key),
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(&ca.cert())));
+    let (collector, endpoint) = Collector::start_with(Some(tls)).await;
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (ca_file, cert_file, key_file) = (path(&ca.cert()), path(&client.cert), path(&client.key));
+    let marketplace = marketplace_called(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_file.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert_file.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", key_file.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
     )
     .await;
+    let span = collector.span_named("GetAddon").await;
+    assert_eq!(span.service, "addons-marketplace", "{span:?}");
+    marketplace.stop().await;
+}
+
+#[tokio::test]
+async fn the_traces_endpoint_alone_turns_export_on_and_the_operators_service_name_wins() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marketplace = marketplace_called(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "edge-marketplace"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let span = collector.span_named("GetAddon").await;
     assert_eq!(span.service, "edge-marketplace", "{span:?}");
     marketplace.stop().await;
 }
@@ -137,35 +189,19 @@ async fn the_traces_endpoint_alone_turns_export_on_and_the_operators_service_nam
 #[tokio::test]
 async fn an_exporter_that_cannot_be_set_up_does_not_stop_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    // An https:// endpoint (whatever this build's exporter can do with it)
-    // and a protocol no exporter speaks: the server serves all the same.
+    // A CA file that cannot be read, and a client certificate without its
+    // key: the server serves all the same, without export.
     for env in [
         [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:9"),
             ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
         ],
         [
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "not-a-number"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:9"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/etc/hostname"),
         ],
     ] {
-        let marketplace = ServerProcess::start_with_env(
-            &binary("addons-marketplace"),
-            &[
-                "--store",
-                &format!("embedded:{}/m.redb", dir.path().display()),
-            ],
-            &env,
-        )
-        .await;
-        let status = MarketplaceServiceClient::new(marketplace.channel())
-            .get_addon(GetAddonRequest {
-                id: "no-such-addon".into(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), tonic::Code::NotFound, "{env:?}");
-        marketplace.stop().await;
+        marketplace_called(dir.path(), &env).await.stop().await;
     }
 }
 

@@ -5,6 +5,7 @@ use opentelemetry::{
     propagation::{Extractor, Injector},
     trace::TracerProvider as _,
 };
+use opentelemetry_otlp::WithTonicConfig as _;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
@@ -58,10 +59,14 @@ pub fn init_telemetry(
     let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
     let mut export_error = None;
     let exporting = exports_traces(env)
-        && match opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-        {
+        && match otlp_tls(env).and_then(|tls| {
+            let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            let exporter = match tls {
+                Some(tls) => exporter.with_tls_config(tls),
+                None => exporter,
+            };
+            exporter.build().map_err(anyhow::Error::from)
+        }) {
             Ok(exporter) => {
                 builder = builder.with_batch_exporter(exporter);
                 true
@@ -109,6 +114,50 @@ fn exports_traces(env: impl Fn(&str) -> Option<String>) -> bool {
                 || set("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
         }
     }
+}
+
+/// The TLS of OTLP export, from the specification's variables: the CA to
+/// trust (`OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`, else
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`) and a client certificate and key for
+/// mTLS (`..._CLIENT_CERTIFICATE`, `..._CLIENT_KEY`), all PEM files. None
+/// set: an `https://` endpoint gets TLS without a CA of its own (tonic's,
+/// so a CA is then needed).
+fn otlp_tls(
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use anyhow::Context as _;
+    let file = |suffix: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        let name = [
+            format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}"),
+            format!("OTEL_EXPORTER_OTLP_{suffix}"),
+        ]
+        .into_iter()
+        .find(|name| env(name).is_some_and(|value| !value.trim().is_empty()));
+        let Some(name) = name else { return Ok(None) };
+        let path = env(&name).unwrap_or_default();
+        std::fs::read(path.trim())
+            .map(Some)
+            .with_context(|| format!("{name}: cannot read {}", path.trim()))
+    };
+    let ca = file("CERTIFICATE")?;
+    let identity = match (file("CLIENT_CERTIFICATE")?, file("CLIENT_KEY")?) {
+        (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(cert, key)),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together"
+        ),
+    };
+    if ca.is_none() && identity.is_none() {
+        return Ok(None);
+    }
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    if let Some(ca) = ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    }
+    if let Some(identity) = identity {
+        tls = tls.identity(identity);
+    }
+    Ok(Some(tls))
 }
 
 /// Whether the environment names the service (`OTEL_SERVICE_NAME`, or
