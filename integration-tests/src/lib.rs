@@ -323,13 +323,24 @@ pub async fn http_get_at(
     port: u16,
     timeout: Duration,
 ) -> Result<String, String> {
+    http_get_path(ip, port, "/", timeout).await
+}
+
+/// The response to `GET path` on `ip`:`port`, or why there is none within
+/// `timeout`.
+pub async fn http_get_path(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<String, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect((ip, port))
             .await
             .map_err(|e| e.to_string())?;
         stream
-            .write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut response = String::new();
@@ -347,6 +358,78 @@ pub async fn http_get_at(
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+/// What a server's metrics endpoint serves at `addr`, read with a
+/// Prometheus text-format parser.
+pub async fn scrape(addr: std::net::SocketAddr) -> Scraped {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        panic!("metrics on IPv4 loopback, not {addr}");
+    };
+    let response = http_get_path(ip, addr.port(), "/metrics", Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|err| panic!("scrape {addr}: {err}"));
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("scrape {addr}: no body in {response:?}"));
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "scrape {addr}: {head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "scrape {addr}: {head}"
+    );
+    let lines = body.lines().map(|line| Ok(line.to_owned()));
+    Scraped(prometheus_parse::Scrape::parse(lines).expect("the Prometheus text format"))
+}
+
+/// A scrape of a metrics endpoint.
+#[derive(Debug)]
+pub struct Scraped(pub prometheus_parse::Scrape);
+
+impl Scraped {
+    /// The value of the one sample of `metric` whose labels include
+    /// `labels`: a counter's or gauge's value, a histogram's count. None
+    /// when no sample matches.
+    pub fn value(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let matching: Vec<_> = self
+            .0
+            .samples
+            .iter()
+            .filter(|sample| {
+                sample.metric == metric
+                    && labels
+                        .iter()
+                        .all(|(key, value)| sample.labels.get(key) == Some(*value))
+            })
+            .collect();
+        assert!(
+            matching.len() <= 1,
+            "{metric} {labels:?} matches {} samples",
+            matching.len()
+        );
+        matching.first().map(|sample| match &sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => buckets
+                .iter()
+                .map(|bucket| bucket.count)
+                .fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+    }
+
+    /// Every value any label of any sample has.
+    pub fn label_values(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .samples
+            .iter()
+            .flat_map(|sample| sample.labels.values().cloned())
+            .collect()
+    }
 }
 
 /// Every privilege installing `addon` needs (what an operator answering

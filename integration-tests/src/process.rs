@@ -19,6 +19,7 @@ pub struct ServerProcess {
     name: String,
     child: Child,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stderr: tempfile::NamedTempFile,
 }
 
@@ -112,8 +113,12 @@ impl ServerProcess {
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics_addr = None;
         let listening = tokio::time::timeout(Duration::from_secs(30), async {
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("metrics on ") {
+                    metrics_addr = addr.parse::<SocketAddr>().ok();
+                }
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     return addr.parse::<SocketAddr>().ok();
                 }
@@ -131,6 +136,7 @@ impl ServerProcess {
                     name,
                     child,
                     addr,
+                    metrics_addr,
                     stderr,
                 }))
             }
@@ -152,6 +158,11 @@ impl ServerProcess {
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of its metrics endpoint (`--metrics-listen`), if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://ADDR`, for gRPC clients.

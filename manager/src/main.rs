@@ -13,6 +13,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let metrics = addons_server_kit::metrics::Metrics::new();
     let store = config
         .store
         .open("/var/lib/oakestra-addons/manager.redb", "addons")
@@ -51,8 +52,11 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    // Before the API: its `listening on` is the last line of a start.
+    let metrics_listener = config.common.bind_metrics().await?;
     let (security, listener) = config.common.bind(listen).await?;
     Server::configured(&config.common, security)
+        .metrics(metrics, metrics_listener)
         .add_service(
             ManagerApi::new(core, hub.clone(), requests, shutdown.clone()).into_service(),
             addons_manager::api::MANAGER_PERMISSIONS,

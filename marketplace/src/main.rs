@@ -13,11 +13,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let metrics = addons_server_kit::metrics::Metrics::new();
     let registry = Arc::new(Registry::new(config.registry_options()?)?);
     let store = config
         .store
         .open("/var/lib/oakestra-addons/marketplace.redb", "marketplace")
         .await?;
+    // Before the API: its `listening on` is the last line of a start.
+    let metrics_listener = config.common.bind_metrics().await?;
     let (security, listener) = config
         .common
         .bind(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))
@@ -31,6 +34,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     .await?;
     let requests = Requests::open(&store).await?;
     Server::configured(&config.common, security)
+        .metrics(metrics, metrics_listener)
         .add_service(
             MarketplaceApi::new(core, requests, shutdown.clone()).into_service(),
             addons_marketplace::api::PERMISSIONS,

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let metrics = addons_server_kit::metrics::Metrics::new();
     tonic::transport::Endpoint::from_shared(config.manager_client.url.clone())
         .with_context(|| format!("invalid manager URL `{}`", config.manager_client.url))?;
     // Whoever is on a plaintext path to the manager writes this node's
@@ -94,6 +95,8 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Ok(version) => tracing::info!(version = %version.version, "containerd answers"),
         Err(err) => tracing::warn!(error = %err, "containerd does not answer yet"),
     }
+    // Before the API: its `listening on` is the last line of a start.
+    let metrics_listener = config.common.bind_metrics().await?;
     let (security, listener) = config
         .common
         .bind(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))
@@ -174,6 +177,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     Server::configured(&config.common, security)
+        .metrics(metrics, metrics_listener)
         .add_service(
             NodeMonitorApi::new(
                 containerd,

@@ -71,6 +71,12 @@ pub struct CommonArgs {
     )]
     pub max_connections_per_peer: usize,
 
+    /// Serve Prometheus metrics (`GET /metrics`) on this address. Off by
+    /// default; the endpoint has no authentication, so only a loopback
+    /// address is accepted unless --insecure.
+    #[arg(long, env = "ADDONS_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// TLS and authentication.
     #[command(flatten)]
     pub auth: crate::auth::AuthArgs,
@@ -87,6 +93,17 @@ impl CommonArgs {
         let security = crate::Security::load(&self.auth)?;
         let listener = crate::bind(self.listen.unwrap_or(default), &security).await?;
         Ok((security, listener))
+    }
+
+    /// The listener of `--metrics-listen`, if set (see
+    /// [`bind_metrics`](crate::metrics::bind_metrics)).
+    pub async fn bind_metrics(&self) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+        match self.metrics_listen {
+            Some(addr) => Ok(Some(
+                crate::metrics::bind_metrics(addr, self.auth.insecure).await?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// The connection limits the flags set.

@@ -34,6 +34,7 @@ mod args;
 pub mod auth;
 pub mod browser;
 mod limits;
+pub mod metrics;
 pub use crate::limits::ConnectionLimits;
 mod client;
 mod errors;

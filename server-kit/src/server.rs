@@ -16,6 +16,7 @@ use crate::{
     auth::{AuthLayer, MethodAccess, Security},
     browser::{BrowserLayer, BrowserPolicy},
     limits::ConnectionLimits,
+    metrics::{GrpcMetrics, Metrics, MetricsLayer},
     rest::{RestLayer, RestRoutes},
 };
 
@@ -39,6 +40,8 @@ pub struct Server {
     cors_origins: Vec<String>,
     allowed_hosts: Vec<String>,
     limits: ConnectionLimits,
+    metrics: Metrics,
+    metrics_listener: Option<TcpListener>,
 }
 
 /// Requests in flight on one connection at once (HTTP/2 streams): a
@@ -66,7 +69,18 @@ impl Server {
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             limits: ConnectionLimits::default(),
+            metrics: Metrics::new(),
+            metrics_listener: None,
         }
+    }
+
+    /// Registers the metrics of every call in `metrics` (where the
+    /// server's parts registered theirs), and serves them all on
+    /// `listener` (`--metrics-listen`) if given.
+    pub fn metrics(mut self, metrics: Metrics, listener: Option<TcpListener>) -> Self {
+        self.metrics = metrics;
+        self.metrics_listener = listener;
+        self
     }
 
     /// Also answers `routes` (REST, over HTTP/1.1 or HTTP/2) on the port.
@@ -186,6 +200,8 @@ impl Server {
             cors_origins,
             allowed_hosts,
             limits,
+            metrics,
+            metrics_listener,
         } = self.add_reflection()?;
         let cors = cors_layer(&cors_origins)?;
         let browsers = BrowserLayer::new(BrowserPolicy::new(&allowed_hosts, &cors_origins));
@@ -222,7 +238,16 @@ impl Server {
         // REST into gRPC calls to what follows, gRPC-Web becomes gRPC, and
         // the guard authenticates and authorizes every call, whichever way
         // it came.
-        let guard = AuthLayer::new(security, permissions);
+        let grpc_metrics = GrpcMetrics::new(&metrics, known_methods(&permissions));
+        if let Some(listener) = metrics_listener {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(err) = metrics.serve(listener, shutdown).await {
+                    tracing::error!(error = %err, "the metrics endpoint failed");
+                }
+            });
+        }
+        let guard = AuthLayer::new(security, permissions, grpc_metrics.clone());
         let gateway = RestLayer::new(rest, Some(guard.authenticator()));
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -232,6 +257,7 @@ impl Server {
             .layer(browsers)
             .layer(gateway)
             .layer(tonic_web::GrpcWebLayer::new())
+            .layer(MetricsLayer(grpc_metrics))
             .layer(guard)
             .add_routes(routes);
         let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
@@ -265,6 +291,35 @@ impl Server {
             }
         }
     }
+}
+
+/// The methods the server answers: its services' (each named in its
+/// permissions), health's and reflection's; any other is `unknown` to the
+/// metrics.
+fn known_methods(
+    permissions: &HashMap<&'static str, &'static [MethodAccess]>,
+) -> Vec<(&'static str, &'static str)> {
+    let mut methods: Vec<_> = permissions
+        .iter()
+        .flat_map(|(service, table)| {
+            table
+                .iter()
+                .flat_map(|access| access.methods.iter().map(|method| (*service, *method)))
+        })
+        .collect();
+    methods.extend([
+        ("grpc.health.v1.Health", "Check"),
+        ("grpc.health.v1.Health", "Watch"),
+        (
+            "grpc.reflection.v1.ServerReflection",
+            "ServerReflectionInfo",
+        ),
+        (
+            "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+        ),
+    ]);
+    methods
 }
 
 /// The CORS policy for `origins` (`*`: any). gRPC-Web clients read the

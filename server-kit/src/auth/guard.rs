@@ -28,6 +28,8 @@ pub struct MethodAccess {
 struct Tables {
     security: Security,
     services: HashMap<&'static str, &'static [MethodAccess]>,
+    /// Where refusals are counted.
+    metrics: crate::metrics::GrpcMetrics,
 }
 
 /// The guard as a tower layer for `tonic::transport::Server::layer`.
@@ -46,14 +48,16 @@ impl std::fmt::Debug for AuthLayer {
 
 impl AuthLayer {
     /// Guards the services of `permissions` (service name → its table).
-    pub fn new(
+    pub(crate) fn new(
         security: Security,
         permissions: HashMap<&'static str, &'static [MethodAccess]>,
+        metrics: crate::metrics::GrpcMetrics,
     ) -> Self {
         Self {
             tables: Arc::new(Tables {
                 security,
                 services: permissions,
+                metrics,
             }),
         }
     }
@@ -115,7 +119,9 @@ impl<S: crate::HttpService> Guarded<S> {
             }
             Err(status) => status,
         };
-        let refused = |request: &http::Request<Body>, status: Status| {
+        let metrics = self.tables.metrics.clone();
+        let refused = move |request: &http::Request<Body>, status: Status| {
+            metrics.refused(status.code(), crate::reason_of(&status).unwrap_or_default());
             tracing::info!(
                 target: "audit",
                 method = request.uri().path(),

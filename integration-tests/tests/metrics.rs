@@ -1,0 +1,256 @@
+//! Every server's Prometheus metrics: off unless asked for, loopback unless
+//! --insecure, and counting what happened, read with a Prometheus
+//! text-format parser.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::time::Duration;
+
+use integration_tests::{ServerProcess, Started, binary, eventually, scrape};
+use oakestra_addons_proto::marketplace::v1::{
+    Addon, GetAddonRequest, GetAddonResponse, ListAddonsRequest, PublishAddonRequest, ServiceSpec,
+    WatchAddonRequest, marketplace_service_client::MarketplaceServiceClient,
+};
+use tonic::codegen::http::uri::PathAndQuery;
+
+const MARKETPLACE: &str = "oakestra.addons.marketplace.v1.MarketplaceService";
+
+/// A marketplace with metrics on a free loopback port, that takes tokens
+/// signed with a secret of `dir`; and a viewer's token.
+async fn marketplace(dir: &std::path::Path) -> (ServerProcess, String) {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a secret of at least thirty-two bytes!").unwrap();
+    let store = format!("embedded:{}/m.redb", dir.display());
+    let server = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store,
+            "--jwt-secret-file",
+            &secret.display().to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let token = integration_tests::pki::token(
+        b"a secret of at least thirty-two bytes!",
+        "dashboard",
+        &["viewer"],
+        3600,
+    );
+    (server, token)
+}
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn every_call_is_counted_by_method_and_code_and_a_strangers_paths_add_no_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = marketplace(dir.path()).await;
+    let metrics = server.metrics_addr().expect("`metrics on ADDR` printed");
+    let mut client = MarketplaceServiceClient::new(server.channel());
+    for _ in 0..2 {
+        client
+            .list_addons(with_token(ListAddonsRequest::default(), &token))
+            .await
+            .unwrap();
+    }
+    let missing = client
+        .get_addon(with_token(
+            GetAddonRequest {
+                id: "no-such-addon".into(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let anonymous = client
+        .get_addon(GetAddonRequest {
+            id: "no-such-addon".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    // Paths of a service nobody serves, with a valid token: each would be
+    // a new label value if the metrics took them from the request.
+    for n in 0..3 {
+        let mut grpc = tonic::client::Grpc::new(server.channel());
+        grpc.ready().await.unwrap();
+        let path = PathAndQuery::try_from(format!("/stranger.Service{n}/Method{n}")).unwrap();
+        let refused = grpc
+            .unary(
+                with_token(GetAddonRequest::default(), &token),
+                path,
+                tonic_prost::ProstCodec::<GetAddonRequest, GetAddonResponse>::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_ne!(refused.code(), tonic::Code::Ok);
+    }
+
+    let scraped = scrape(metrics).await;
+    let method = |name: &'static str| [("grpc_service", MARKETPLACE), ("grpc_method", name)];
+    let handled = |name: &'static str, code: &'static str| {
+        let [service, method] = method(name);
+        scraped.value(
+            "grpc_server_handled_total",
+            &[service, method, ("grpc_code", code)],
+        )
+    };
+    assert_eq!(handled("ListAddons", "OK"), Some(2.0));
+    assert_eq!(handled("GetAddon", "NOT_FOUND"), Some(1.0));
+    assert_eq!(handled("GetAddon", "UNAUTHENTICATED"), Some(1.0));
+    assert_eq!(handled("GetAddon", "OK"), None);
+    assert_eq!(
+        scraped.value("grpc_server_started_total", &method("ListAddons")),
+        Some(2.0)
+    );
+    assert_eq!(
+        scraped.value("grpc_server_started_total", &method("GetAddon")),
+        Some(2.0)
+    );
+    assert_eq!(
+        scraped.value("grpc_server_handling_seconds", &method("ListAddons")),
+        Some(2.0),
+        "two observations of ListAddons' latency"
+    );
+    assert_eq!(
+        scraped.value("grpc_server_in_flight", &method("ListAddons")),
+        Some(0.0)
+    );
+    let strangers: f64 = ["UNIMPLEMENTED", "PERMISSION_DENIED"]
+        .iter()
+        .filter_map(|code| {
+            scraped.value(
+                "grpc_server_handled_total",
+                &[
+                    ("grpc_service", "unknown"),
+                    ("grpc_method", "unknown"),
+                    ("grpc_code", code),
+                ],
+            )
+        })
+        .sum();
+    assert_eq!(strangers, 3.0, "the strangers' calls count as unknown");
+    let values = scraped.label_values();
+    assert!(
+        !values.iter().any(|v| v.contains("stranger")),
+        "no label takes a value from a request's path: {values:?}"
+    );
+    assert_eq!(
+        scraped.value(
+            "addons_guard_refusals_total",
+            &[("grpc_code", "UNAUTHENTICATED")]
+        ),
+        Some(1.0),
+        "the anonymous call was refused by the guard"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_watch_is_in_flight_until_its_client_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, token) = marketplace(dir.path()).await;
+    let metrics = server.metrics_addr().unwrap();
+    let watch = [("grpc_service", MARKETPLACE), ("grpc_method", "WatchAddon")];
+    let mut client = MarketplaceServiceClient::new(server.channel());
+    let publisher = integration_tests::pki::token(
+        b"a secret of at least thirty-two bytes!",
+        "publisher-1",
+        &["publisher"],
+        3600,
+    );
+    let addon = client
+        .publish_addon(with_token(
+            PublishAddonRequest {
+                addon: Some(Addon {
+                    name: "watched".into(),
+                    services: vec![ServiceSpec {
+                        service_name: "svc".into(),
+                        image: "127.0.0.1:1/svc:1".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &publisher,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    let mut stream = client
+        .watch_addon(with_token(
+            WatchAddonRequest {
+                id: addon.id,
+                since_revision: 0,
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // The snapshot came: the watch is open.
+    stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        scrape(metrics).await.value("grpc_server_in_flight", &watch),
+        Some(1.0)
+    );
+    drop(stream);
+    drop(client);
+    eventually(
+        "the watch ends as CANCELLED",
+        Duration::from_secs(10),
+        || async {
+            let scraped = scrape(metrics).await;
+            let in_flight = scraped.value("grpc_server_in_flight", &watch);
+            let cancelled = scraped.value(
+                "grpc_server_handled_total",
+                &[watch[0], watch[1], ("grpc_code", "CANCELLED")],
+            );
+            if in_flight == Some(0.0) && cancelled == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!("in flight {in_flight:?}, cancelled {cancelled:?}"))
+            }
+        },
+    )
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_off_by_default_and_refused_off_loopback_without_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/m.redb", dir.path().display());
+    for binary_name in ["addons-marketplace", "addons-manager"] {
+        let server = ServerProcess::start(&binary(binary_name), &["--store", &store]).await;
+        assert_eq!(server.metrics_addr(), None, "{binary_name}: off by default");
+        server.stop().await;
+        let started = ServerProcess::try_start(
+            &binary(binary_name),
+            &["--store", &store, "--metrics-listen", "0.0.0.0:0"],
+        )
+        .await;
+        match started {
+            Started::Exited(status, stderr) => {
+                assert_eq!(status.code(), Some(1), "{binary_name}: {stderr}");
+                assert!(stderr.contains("--insecure"), "{binary_name}: {stderr}");
+            }
+            Started::Running(_) => {
+                panic!("{binary_name} served metrics on 0.0.0.0 without --insecure");
+            }
+        }
+    }
+}
