@@ -6,10 +6,14 @@
 
 use std::time::Duration;
 
-use integration_tests::{ServerProcess, Started, binary, eventually, scrape};
+use integration_tests::{
+    RegistryServer, ServerProcess, Started, binary, eventually,
+    images::{ImageSpec, push_image},
+    publish_approved, scrape,
+};
 use oakestra_addons_proto::marketplace::v1::{
-    Addon, GetAddonRequest, GetAddonResponse, ListAddonsRequest, PublishAddonRequest, ServiceSpec,
-    WatchAddonRequest, marketplace_service_client::MarketplaceServiceClient,
+    Addon, AddonStatus, GetAddonRequest, GetAddonResponse, ListAddonsRequest, PublishAddonRequest,
+    ServiceSpec, WatchAddonRequest, marketplace_service_client::MarketplaceServiceClient,
 };
 use tonic::codegen::http::uri::PathAndQuery;
 
@@ -253,4 +257,161 @@ async fn metrics_are_off_by_default_and_refused_off_loopback_without_insecure() 
             }
         }
     }
+}
+
+fn addon(name: &str, image: &str) -> Addon {
+    Addon {
+        name: name.into(),
+        services: vec![ServiceSpec {
+            service_name: "svc".into(),
+            image: image.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_marketplace_counts_verifications_and_registry_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = format!("embedded:{}/m.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store,
+            "--insecure-registry",
+            &host,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let metrics = marketplace.metrics_addr().unwrap();
+    publish_approved(&marketplace, addon("good", &format!("{host}/team/app:1"))).await;
+    let mut client = MarketplaceServiceClient::new(marketplace.channel());
+    let missing = client
+        .publish_addon(PublishAddonRequest {
+            addon: Some(addon("missing", &format!("{host}/team/missing:1"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    eventually(
+        "the missing image fails verification",
+        Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            let id = missing.id.clone();
+            async move {
+                let addon = client
+                    .get_addon(GetAddonRequest { id })
+                    .await
+                    .map_err(|status| status.to_string())?
+                    .into_inner()
+                    .addon
+                    .unwrap();
+                match addon.status() {
+                    AddonStatus::FailedVerification => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    let scraped = scrape(metrics).await;
+    let attempts = |outcome| scraped.value("addons_verifications_total", &[("outcome", outcome)]);
+    assert_eq!(attempts("approved"), Some(1.0));
+    assert_eq!(attempts("failed"), Some(1.0));
+    assert_eq!(attempts("retried"), None);
+    assert_eq!(
+        scraped.value("addons_verification_seconds", &[]),
+        Some(2.0),
+        "two attempts timed"
+    );
+    let checks = |outcome| {
+        scraped.value(
+            "addons_registry_checks_total",
+            &[("registry", host.as_str()), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(checks("ok"), Some(1.0));
+    assert_eq!(checks("failed"), Some(1.0));
+    assert_eq!(
+        scraped.value(
+            "addons_registry_check_seconds",
+            &[("registry", host.as_str())]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        scraped.value(
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", MARKETPLACE),
+                ("grpc_method", "PublishAddon"),
+                ("grpc_code", "OK")
+            ]
+        ),
+        Some(2.0)
+    );
+    marketplace.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_registry_counts_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/m.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store,
+            "--insecure-registry",
+            "127.0.0.1:1",
+            "--verify-backoff",
+            "100ms",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let metrics = marketplace.metrics_addr().unwrap();
+    MarketplaceServiceClient::new(marketplace.channel())
+        .publish_addon(PublishAddonRequest {
+            addon: Some(addon("unreachable", "127.0.0.1:1/team/app:1")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually(
+        "the verifier retries and says so",
+        Duration::from_secs(30),
+        || async {
+            let scraped = scrape(metrics).await;
+            let retried = scraped
+                .value("addons_verifications_total", &[("outcome", "retried")])
+                .unwrap_or(0.0);
+            let unavailable = scraped
+                .value(
+                    "addons_registry_checks_total",
+                    &[("registry", "127.0.0.1:1"), ("outcome", "unavailable")],
+                )
+                .unwrap_or(0.0);
+            if retried >= 2.0 && unavailable == retried {
+                Ok(())
+            } else {
+                Err(format!("retried {retried}, unavailable {unavailable}"))
+            }
+        },
+    )
+    .await;
+    marketplace.stop().await;
 }

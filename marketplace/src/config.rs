@@ -69,11 +69,15 @@ impl Config {
         })
     }
 
-    /// Verification settings.
-    pub fn verifier_options(&self) -> VerifierOptions {
+    /// How verification runs, its metrics registered in `metrics`.
+    pub fn verifier_options(
+        &self,
+        metrics: &addons_server_kit::metrics::Metrics,
+    ) -> VerifierOptions {
         VerifierOptions {
             concurrency: usize::from(self.verify_concurrency),
             backoff: addons_backoff::Backoff::new(self.verify_backoff, self.verify_backoff_max),
+            metrics: crate::verifier::VerifierMetrics::new(metrics),
         }
     }
 }

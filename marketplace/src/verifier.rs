@@ -30,9 +30,19 @@ use addons_store::{Collection, Filter, Precondition};
 use chrono::Utc;
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 
+use addons_server_kit::metrics::{BoundedValues, Metrics};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+};
+
 use crate::{
     model::{Addon, AddonStatus, ServiceVerification, Verification},
-    registry::{CheckError, Registry},
+    registry::{CheckError, Inspection, Registry},
 };
 
 /// How verification runs.
@@ -43,6 +53,8 @@ pub struct VerifierOptions {
     /// Delays between retries after a transient error (jittered, so
     /// retries of many addons spread out).
     pub backoff: Backoff,
+    /// Where attempts and registry checks are counted.
+    pub metrics: VerifierMetrics,
 }
 
 impl Default for VerifierOptions {
@@ -50,7 +62,108 @@ impl Default for VerifierOptions {
         Self {
             concurrency: 4,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
+            metrics: VerifierMetrics::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabels {
+    registry: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    registry: String,
+    outcome: &'static str,
+}
+
+/// The verifier's metrics: attempts by outcome and their duration, and
+/// the registry checks by registry (the first 64 registries seen; any
+/// later one is `other`) and outcome.
+#[derive(Debug, Clone)]
+pub struct VerifierMetrics {
+    attempts: Family<OutcomeLabels, Counter>,
+    attempt_seconds: Histogram,
+    checks: Family<CheckLabels, Counter>,
+    check_seconds: Family<RegistryLabels, Histogram>,
+    registries: BoundedValues,
+}
+
+impl Default for VerifierMetrics {
+    fn default() -> Self {
+        Self {
+            attempts: Family::default(),
+            attempt_seconds: Histogram::new(exponential_buckets(0.005, 2.5, 10)),
+            checks: Family::default(),
+            check_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.5, 10))
+            }),
+            registries: BoundedValues::new(64),
+        }
+    }
+}
+
+impl VerifierMetrics {
+    /// The verifier's metrics, registered in `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let this = Self::default();
+        metrics.register(
+            "addons_verifications",
+            "Verification attempts, by outcome: approved, failed (verification failed), retried (a registry could not answer)",
+            this.attempts.clone(),
+        );
+        metrics.register(
+            "addons_verification_seconds",
+            "Time of a verification attempt's registry checks",
+            this.attempt_seconds.clone(),
+        );
+        metrics.register(
+            "addons_registry_checks",
+            "Image checks on registries, by registry and outcome: ok, failed (for good), unavailable (to retry)",
+            this.checks.clone(),
+        );
+        metrics.register(
+            "addons_registry_check_seconds",
+            "Time of one image check (manifests and configurations), by registry",
+            this.check_seconds.clone(),
+        );
+        this
+    }
+
+    fn checked(&self, image: &str, elapsed: Duration, result: &Result<Inspection, CheckError>) {
+        let registry = self.registries.get(
+            image
+                .parse::<oci_client::Reference>()
+                .map(|reference| reference.registry().to_owned())
+                .as_deref()
+                .unwrap_or("invalid"),
+        );
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(CheckError::Definite { .. }) => "failed",
+            Err(CheckError::Transient(_)) => "unavailable",
+        };
+        self.check_seconds
+            .get_or_create(&RegistryLabels {
+                registry: registry.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.checks
+            .get_or_create(&CheckLabels { registry, outcome })
+            .inc();
+    }
+
+    fn attempted(&self, outcome: &'static str, elapsed: Duration) {
+        self.attempts
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.attempt_seconds.observe(elapsed.as_secs_f64());
     }
 }
 
@@ -229,11 +342,15 @@ async fn attempt(
             // is that each pinned digest still resolves, never what the tag
             // points to now.
             let reference = service.resolved_image.as_deref().unwrap_or(&service.image);
-            registry
+            let start = std::time::Instant::now();
+            let result = registry
                 .inspect(reference, !service.command.is_empty())
-                .await
+                .await;
+            options.metrics.checked(reference, start.elapsed(), &result);
+            result
         });
     let results = futures::future::join_all(checks).await;
+    let checked_in = started.elapsed();
 
     let mut addon = current.value.clone();
     let now = Utc::now();
@@ -308,6 +425,12 @@ async fn attempt(
     };
     match addons.replace(addon, &condition).await {
         Ok(stored) => {
+            let outcome_label = match (retry_in, stored.value.status) {
+                (Some(_), _) => "retried",
+                (None, AddonStatus::Approved) => "approved",
+                (None, _) => "failed",
+            };
+            options.metrics.attempted(outcome_label, checked_in);
             tracing::info!(
                 %id,
                 status = stored.value.status.as_str(),
@@ -335,6 +458,7 @@ mod tests {
         let options = VerifierOptions {
             concurrency: 1,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            metrics: VerifierMetrics::default(),
         };
         for attempts in 1..40 {
             let full =

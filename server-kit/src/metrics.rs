@@ -140,6 +140,38 @@ pub async fn bind_metrics(
     Ok(listener)
 }
 
+/// Label values from outside the server's own tables (registry hosts):
+/// the first `max` distinct values as they are, any later one `other`, so
+/// the label sets stay bounded whatever the inputs.
+#[derive(Debug, Clone)]
+pub struct BoundedValues {
+    seen: Arc<Mutex<std::collections::HashSet<String>>>,
+    max: usize,
+}
+
+impl BoundedValues {
+    /// At most `max` distinct values, then `other`.
+    pub fn new(max: usize) -> Self {
+        Self {
+            seen: Arc::default(),
+            max,
+        }
+    }
+
+    /// `value`, or `other` once `max` other values were seen.
+    pub fn get(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
 /// A gRPC method, as a label set.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct MethodLabels {
@@ -428,5 +460,39 @@ impl http_body::Body for MeteredBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_values_keep_the_first_ones_and_fold_the_rest() {
+        let values = BoundedValues::new(2);
+        assert_eq!(values.get("a"), "a");
+        assert_eq!(values.get("b"), "b");
+        assert_eq!(values.get("c"), "other");
+        assert_eq!(values.get("a"), "a");
+        assert_eq!(values.get("d"), "other");
+    }
+
+    #[test]
+    fn a_call_dropped_before_its_end_counts_as_cancelled_once() {
+        let metrics = Metrics::new();
+        let grpc = GrpcMetrics::new(&metrics, [("s.S", "M")]);
+        drop(grpc.start("/s.S/M"));
+        grpc.start("/s.S/M").end(tonic::Code::NotFound);
+        grpc.start("/x/y").end(tonic::Code::Ok);
+        let text = metrics.encode();
+        for line in [
+            r#"grpc_server_started_total{grpc_service="s.S",grpc_method="M"} 2"#,
+            r#"grpc_server_handled_total{grpc_service="s.S",grpc_method="M",grpc_code="CANCELLED"} 1"#,
+            r#"grpc_server_handled_total{grpc_service="s.S",grpc_method="M",grpc_code="NOT_FOUND"} 1"#,
+            r#"grpc_server_handled_total{grpc_service="unknown",grpc_method="unknown",grpc_code="OK"} 1"#,
+            r#"grpc_server_in_flight{grpc_service="s.S",grpc_method="M"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }
