@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use integration_tests::{
-    RegistryServer, ServerProcess, Started, binary, eventually,
+    Containerd, MonitorSetup, RegistryServer, ServerProcess, Started, binary, eventually,
     images::{ImageSpec, push_image},
     publish_approved, scrape,
 };
@@ -413,5 +413,245 @@ async fn an_unreachable_registry_counts_retries() {
         },
     )
     .await;
+    marketplace.stop().await;
+}
+
+/// `marketplace_id` installed on `manager` with every privilege it needs.
+async fn install(manager: &ServerProcess, addon: &Addon) -> String {
+    use oakestra_addons_proto::engine::v1::{
+        InstallAddonRequest, addons_manager_service_client::AddonsManagerServiceClient,
+    };
+    AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(InstallAddonRequest {
+            marketplace_id: addon.id.clone(),
+            accepted_privileges: integration_tests::grant_all(addon, false),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id
+}
+
+/// Waits until `metric` with `labels` on `addr` satisfies `check`.
+async fn metric_becomes(
+    addr: std::net::SocketAddr,
+    metric: &str,
+    labels: &[(&str, &str)],
+    check: impl Fn(f64) -> bool,
+) -> f64 {
+    eventually(
+        &format!("{metric} {labels:?}"),
+        Duration::from_secs(60),
+        || {
+            let check = &check;
+            async move {
+                let value = scrape(addr).await.value(metric, labels).unwrap_or(0.0);
+                if check(value) {
+                    Ok(value)
+                } else {
+                    Err(format!("{value}"))
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            &store("e"),
+            "--marketplace",
+            &marketplace.url(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let manager_metrics = manager.metrics_addr().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = integration_tests::NodeCleanup::new(&state, "om", "10.87");
+    let monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-metrics",
+        bridge_prefix: "om",
+        subnet_prefix: "10.87",
+    }
+    .start(
+        &[
+            "--restart-backoff",
+            "200ms",
+            "--max-failures",
+            "2",
+            "--resync-interval",
+            "1s",
+            "--heartbeat",
+            "1s",
+            "--stop-grace",
+            "2s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .await;
+    let node_metrics = monitor.metrics_addr().unwrap();
+    let linked = metric_becomes(manager_metrics, "addons_monitors_linked", &[], |v| v == 1.0).await;
+    assert_eq!(linked, 1.0);
+    let generation_before = scrape(manager_metrics)
+        .await
+        .value("addons_desired_generation", &[])
+        .unwrap();
+
+    let image = format!("{host}/team/app:1");
+    let sh = |script: &str| vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+    let addon = publish_approved(
+        &marketplace,
+        Addon {
+            name: "metered".into(),
+            services: vec![
+                ServiceSpec {
+                    service_name: "looper".into(),
+                    image: image.clone(),
+                    command: sh("exec /bin/busybox sleep 3600"),
+                    ..Default::default()
+                },
+                ServiceSpec {
+                    service_name: "crasher".into(),
+                    image: image.clone(),
+                    command: sh("exit 1"),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    install(&manager, &addon).await;
+
+    // The crasher is restarted twice (--max-failures 2), then given up on.
+    let action = |action: &'static str| [("action", action), ("outcome", "ok")];
+    metric_becomes(
+        node_metrics,
+        "addons_reconcile_actions_total",
+        &action("restart"),
+        |v| v >= 2.0,
+    )
+    .await;
+    let node = scrape(node_metrics).await;
+    assert_eq!(
+        node.value("addons_reconcile_actions_total", &action("restart")),
+        Some(2.0),
+        "one restart counted per restart"
+    );
+    assert_eq!(
+        node.value("addons_reconcile_actions_total", &action("create")),
+        Some(2.0),
+        "two services created"
+    );
+    assert_eq!(
+        node.value("addons_pulls_total", &[("outcome", "ok")]),
+        Some(1.0),
+        "one image, pulled once"
+    );
+    assert!(node.value("addons_pulled_bytes_total", &[]).unwrap() > 0.0);
+    let passes = node
+        .value("addons_reconcile_passes_total", &[("outcome", "ok")])
+        .unwrap();
+    assert!(passes >= 1.0);
+    assert!(node.value("addons_reconcile_pass_seconds", &[]).unwrap() >= passes);
+    assert_eq!(node.value("addons_link_connected", &[]), Some(1.0));
+    assert!(
+        node.value("addons_reconcile_applied_generation", &[])
+            .unwrap()
+            > generation_before
+    );
+
+    let manager_scrape = scrape(manager_metrics).await;
+    let acked = manager_scrape
+        .value("addons_link_reports_acked_total", &[])
+        .unwrap();
+    assert!(acked >= 1.0, "reports were stored and acked");
+    assert!(
+        manager_scrape
+            .value("addons_link_reports_received_total", &[])
+            .unwrap()
+            >= acked
+    );
+    assert_eq!(
+        manager_scrape.value("addons_link_report_stored_seconds", &[]),
+        Some(acked),
+        "each acked report's time from arrival to ack is observed"
+    );
+    assert!(
+        manager_scrape
+            .value("addons_desired_generation", &[])
+            .unwrap()
+            > generation_before,
+        "the install made a new desired state"
+    );
+    assert_eq!(
+        manager_scrape.value(
+            "grpc_server_handled_total",
+            &[("grpc_method", "InstallAddon"), ("grpc_code", "OK")]
+        ),
+        Some(1.0)
+    );
+
+    // Everything the node acked leaves its outbox.
+    metric_becomes(node_metrics, "addons_outbox_reports", &[], |v| v == 0.0).await;
+
+    // Uninstalling removes both containers.
+    use oakestra_addons_proto::engine::v1::{
+        ListInstallationsRequest, UninstallAddonRequest,
+        addons_manager_service_client::AddonsManagerServiceClient,
+    };
+    let mut client = AddonsManagerServiceClient::new(manager.channel());
+    let id = client
+        .list_installations(ListInstallationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .installations[0]
+        .id
+        .clone();
+    client
+        .uninstall_addon(UninstallAddonRequest {
+            id,
+            purge: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    metric_becomes(
+        node_metrics,
+        "addons_reconcile_actions_total",
+        &action("remove"),
+        |v| v >= 2.0,
+    )
+    .await;
+    monitor.stop().await;
+    metric_becomes(manager_metrics, "addons_monitors_linked", &[], |v| v == 0.0).await;
+    manager.stop().await;
     marketplace.stop().await;
 }

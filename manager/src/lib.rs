@@ -10,6 +10,7 @@ pub mod config;
 mod convert;
 mod error;
 pub mod link;
+mod metrics;
 pub mod model;
 mod records;
 pub mod rest;
@@ -19,6 +20,7 @@ mod status;
 
 pub use crate::{
     error::Error,
+    metrics::ManagerMetrics,
     records::Installations,
     service::{AddonSource, Install, Manager, Rollout},
 };

@@ -49,6 +49,8 @@ pub struct LinkOptions {
     pub node_expiry: Duration,
     /// The labels each node may claim; `None`: nodes are believed.
     pub node_labels: Option<Arc<NodeLabels>>,
+    /// Where links and reports are counted.
+    pub metrics: crate::ManagerMetrics,
 }
 
 impl Default for LinkOptions {
@@ -58,6 +60,7 @@ impl Default for LinkOptions {
             hello_timeout: Duration::from_secs(10),
             node_expiry: Duration::from_secs(3600),
             node_labels: None,
+            metrics: crate::ManagerMetrics::default(),
         }
     }
 }
@@ -93,6 +96,10 @@ impl LinkHub {
         let all = installations.list_records().await?;
         let mut desired = Desired::from_records(all.iter().map(|r| &r.value));
         desired.generation = desired::bump_generation(&planes, plane).await?;
+        options
+            .metrics
+            .desired_generation
+            .set(i64::try_from(desired.generation).unwrap_or(i64::MAX));
         let (tx, rx) = watch::channel(Arc::new(desired));
         let presence = Arc::new(Presence::default());
         let reported = presence.seed(installations.reported());
@@ -113,6 +120,7 @@ impl LinkHub {
             planes,
             plane,
             tx,
+            hub.options.metrics.desired_generation.clone(),
             shutdown,
         ));
         hub.seed_nodes(&reported).await?;

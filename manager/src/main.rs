@@ -47,6 +47,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 )),
                 None => None,
             },
+            metrics: addons_manager::ManagerMetrics::new(&metrics),
             ..LinkOptions::default()
         },
         shutdown.clone(),

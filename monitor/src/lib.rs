@@ -15,6 +15,7 @@ pub mod intake;
 pub mod labels;
 pub mod link;
 pub mod logwriter;
+pub mod metrics;
 pub mod network;
 pub mod plan;
 pub mod pull_tasks;

@@ -139,6 +139,24 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         outbox.clone(),
         shutdown.clone(),
     );
+    let connected = link.connected.clone();
+    metrics.register_gauge_fn(
+        "addons_link_connected",
+        "Whether the link to the manager is up (1) or not (0)",
+        move || i64::from(*connected.borrow()),
+    );
+    let waiting = outbox.clone();
+    metrics.register_gauge_fn(
+        "addons_outbox_reports",
+        "Status reports waiting for the manager's ack",
+        move || i64::try_from(waiting.len()).unwrap_or(i64::MAX),
+    );
+    let view = view_rx.clone();
+    metrics.register_gauge_fn(
+        "addons_reconcile_applied_generation",
+        "Generation of the desired state the last pass applied (0: none yet)",
+        move || i64::try_from(view.borrow().applied_generation).unwrap_or(i64::MAX),
+    );
     tokio::spawn(reconcile::run(
         containerd.clone(),
         ReconcileOptions {
@@ -164,6 +182,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             core_components,
             policy: std::sync::Arc::new(policy),
             reserved_ports: vec![listener.local_addr()?.port()],
+            metrics: addons_monitor::metrics::MonitorMetrics::new(&metrics),
             network: NetworkOptions {
                 plugin_dir: config.cni_plugin_dir.clone(),
                 bridge_prefix: config.bridge_prefix.clone(),

@@ -42,6 +42,7 @@ pub struct Pulls<R> {
     failed: HashMap<String, Arc<MonitorError>>,
     done_tx: mpsc::UnboundedSender<(String, Result<PulledImage, MonitorError>)>,
     done_rx: mpsc::UnboundedReceiver<(String, Result<PulledImage, MonitorError>)>,
+    metrics: crate::metrics::MonitorMetrics,
 }
 
 impl<R: Runtime> Pulls<R> {
@@ -57,7 +58,14 @@ impl<R: Runtime> Pulls<R> {
             failed: HashMap::new(),
             done_tx,
             done_rx,
+            metrics: crate::metrics::MonitorMetrics::default(),
         }
+    }
+
+    /// Counts pulls in `metrics`.
+    pub fn metered(mut self, metrics: crate::metrics::MonitorMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Where `image` stands; starts its pull unless it is ready, running,
@@ -77,9 +85,14 @@ impl<R: Runtime> Pulls<R> {
         let task = {
             let (runtime, registry, timeout) =
                 (self.runtime.clone(), self.registry.clone(), self.timeout);
-            let (image, progress, done) =
-                (image.to_owned(), progress.clone(), self.done_tx.clone());
+            let (image, progress, done, metrics) = (
+                image.to_owned(),
+                progress.clone(),
+                self.done_tx.clone(),
+                self.metrics.clone(),
+            );
             tokio::spawn(async move {
+                let started = std::time::Instant::now();
                 let pulled = tokio::time::timeout(
                     timeout,
                     runtime.pull(&image, &registry, progress.clone()),
@@ -92,6 +105,11 @@ impl<R: Runtime> Pulls<R> {
                         after: timeout,
                     }),
                 };
+                metrics.pulled(
+                    result.is_ok(),
+                    started.elapsed(),
+                    progress.load(std::sync::atomic::Ordering::Relaxed),
+                );
                 let _ = done.send((image, result));
             })
         };

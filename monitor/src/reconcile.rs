@@ -85,6 +85,8 @@ pub struct ReconcileOptions {
     pub policy: std::sync::Arc<addons_descriptor::policy::Policy>,
     /// Ports no addon may publish here: the monitor's own.
     pub reserved_ports: Vec<u16>,
+    /// Where passes, actions and pulls are counted.
+    pub metrics: crate::metrics::MonitorMetrics,
 }
 
 /// The reconciler's state.
@@ -156,7 +158,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 runtime.clone(),
                 options.registry.clone(),
                 options.pull_timeout,
-            ),
+            )
+            .metered(options.metrics.clone()),
             static_names: options
                 .core_components
                 .iter()

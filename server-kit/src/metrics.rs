@@ -56,6 +56,24 @@ impl Metrics {
             .register(name, help, metric);
     }
 
+    /// Registers a gauge whose value `read` gives at each scrape: for what
+    /// a server already keeps (a queue's length, a link's state).
+    pub fn register_gauge_fn(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> i64 + Send + Sync + 'static,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register_collector(Box::new(GaugeFn {
+                name,
+                help,
+                read: Box::new(read),
+            }));
+    }
+
     /// Every metric, in the Prometheus text format (0.0.4).
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -119,6 +137,35 @@ impl Metrics {
                 }
             });
         }
+    }
+}
+
+/// A gauge read at each scrape.
+struct GaugeFn {
+    name: &'static str,
+    help: &'static str,
+    read: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for GaugeFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GaugeFn").field("name", &self.name).finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for GaugeFn {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let metric = encoder.encode_descriptor(
+            self.name,
+            self.help,
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        prometheus_client::metrics::gauge::ConstGauge::new((self.read)()).encode(metric)
     }
 }
 

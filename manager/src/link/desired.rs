@@ -227,6 +227,7 @@ pub(super) async fn follow(
     planes: Collection<PlaneState>,
     plane: Plane,
     tx: watch::Sender<Arc<Desired>>,
+    generation: prometheus_client::metrics::gauge::Gauge,
     shutdown: addons_server_kit::Shutdown,
 ) {
     let mut current = (**tx.borrow()).clone();
@@ -287,6 +288,7 @@ pub(super) async fn follow(
                 current.generation += 1;
             }
         }
+        generation.set(i64::try_from(current.generation).unwrap_or(i64::MAX));
         tx.send_replace(Arc::new(current.clone()));
     }
 }

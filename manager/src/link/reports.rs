@@ -212,8 +212,10 @@ impl LinkHub {
         for (id, (mut reports, acks)) in by_installation {
             waiting.push((id.clone(), acks));
             let writer = self.writer.clone();
+            let metrics = self.options.metrics.clone();
             let change: Change<'_> = Box::new(move |installation: &mut Installation| {
                 for (node, refused) in not_placed(installation, &mut reports) {
+                    metrics.dropped("not_placed");
                     let total = writer
                         .refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)

@@ -24,8 +24,13 @@ type Outbound = mpsc::Sender<Result<pb::OpenLinkResponse, Status>>;
 /// up to this many, and acks them in order.
 const MAX_REPORTS_IN_FLIGHT: usize = 64;
 
-/// A report handed to the writer, waiting to be acked.
-type InFlight = (u64, tokio::sync::oneshot::Receiver<Result<(), String>>);
+/// A report handed to the writer, waiting to be acked: its sequence
+/// number, the writer's answer, and when it came.
+type InFlight = (
+    u64,
+    tokio::sync::oneshot::Receiver<Result<(), String>>,
+    std::time::Instant,
+);
 
 impl LinkHub {
     /// Serves one link: checks the hello, then runs the link in a task and
@@ -88,6 +93,7 @@ impl LinkHub {
             self.presence.unregister(&hello.node, epoch);
             return Err(err.into());
         }
+        self.options.metrics.monitors_linked.inc();
         let heartbeat_timeout = self.options.heartbeat_timeout.max(hello.heartbeat * 3);
         tracing::info!(node = %hello.node, version = %hello.version, observed = hello.observed, chunks = hello.accepts_chunks, "monitor connected");
         let (tx, rx) = mpsc::channel(16);
@@ -105,6 +111,7 @@ impl LinkHub {
                 }
                 Ok(()) => tracing::info!(%node, "monitor link ended"),
             }
+            hub.options.metrics.monitors_linked.dec();
             hub.presence.unregister(&node, epoch);
             if !hub.presence.is_connected(&node) {
                 hub.node_unlinked(&node, chrono::Utc::now()).await;
@@ -156,22 +163,22 @@ impl LinkHub {
         let acks = async {
             let mut waiting: Option<InFlight> = None;
             loop {
-                let (mut sequence, done) = match waiting.take() {
+                let (mut sequence, done, came) = match waiting.take() {
                     Some(next) => next,
                     None => match to_ack.recv().await {
                         Some(next) => next,
                         None => return Ok(()),
                     },
                 };
-                check_stored(node, done.await)?;
-                while let Ok((later, mut done)) = to_ack.try_recv() {
+                self.check_stored(node, done.await, came)?;
+                while let Ok((later, mut done, came)) = to_ack.try_recv() {
                     match done.try_recv() {
                         Ok(outcome) => {
-                            check_stored(node, Ok(outcome))?;
+                            self.check_stored(node, Ok(outcome), came)?;
                             sequence = later;
                         }
                         Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                            waiting = Some((later, done));
+                            waiting = Some((later, done, came));
                             break;
                         }
                         Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
@@ -220,6 +227,8 @@ impl LinkHub {
                     match message.message {
                         Some(open_link_request::Message::Heartbeat(_)) => {}
                         Some(open_link_request::Message::Report(report)) => {
+                            let came = std::time::Instant::now();
+                            self.options.metrics.reports_received.inc();
                             let sequence = report.sequence;
                             let last = self.presence.last_sequence(node);
                             if sequence > last.saturating_add(MAX_SEQUENCE_STEP) {
@@ -233,7 +242,7 @@ impl LinkHub {
                             // At the limit, wait for acks to go out first
                             // (they go out only while `acks` is polled).
                             tokio::select! {
-                                sent = in_flight.send((sequence, done)) => {
+                                sent = in_flight.send((sequence, done, came)) => {
                                     if sent.is_err() {
                                         return Err(Error::MonitorGone);
                                     }
@@ -252,18 +261,34 @@ impl LinkHub {
     }
 }
 
-/// Whether a report the writer answered is stored.
-fn check_stored(
-    node: &str,
-    answer: Result<Result<(), String>, tokio::sync::oneshot::error::RecvError>,
-) -> Result<(), Error> {
-    match answer {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(message)) => {
-            tracing::warn!(%node, error = %message, "cannot persist status reports");
-            Err(Error::ReportNotStored(message))
+impl LinkHub {
+    /// Whether a report the writer answered is stored (counted, with the
+    /// time since it `came`).
+    fn check_stored(
+        &self,
+        node: &str,
+        answer: Result<Result<(), String>, tokio::sync::oneshot::error::RecvError>,
+        came: std::time::Instant,
+    ) -> Result<(), Error> {
+        let metrics = &self.options.metrics;
+        match answer {
+            Ok(Ok(())) => {
+                metrics.reports_acked.inc();
+                metrics
+                    .report_stored_seconds
+                    .observe(came.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Ok(Err(message)) => {
+                metrics.dropped("not_stored");
+                tracing::warn!(%node, error = %message, "cannot persist status reports");
+                Err(Error::ReportNotStored(message))
+            }
+            Err(_) => {
+                metrics.dropped("not_stored");
+                Err(Error::ReportDropped)
+            }
         }
-        Err(_) => Err(Error::ReportDropped),
     }
 }
 

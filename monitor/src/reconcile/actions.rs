@@ -26,6 +26,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         specs: &Specs<'_>,
         infos: &HashMap<String, ContainerInfo>,
     ) -> Result<(), MonitorError> {
+        let kind = action_kind(&action);
+        let metrics = self.cx.options.metrics.clone();
+        // Creates and starts are counted by their own outcome: what
+        // follows an attempt records a failure and goes on.
+        let mut counted = false;
         let result = match action {
             Action::Phase {
                 installation,
@@ -56,6 +61,16 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     }
                     Err(refusal) => Err(refusal.into()),
                 };
+                // Waiting for its image is not a create yet.
+                let pulling = result.is_ok()
+                    && self
+                        .tracked
+                        .get(&id)
+                        .is_some_and(|t| t.status.phase() == pb::ServicePhase::Pulling);
+                if !pulling {
+                    metrics.action(kind, result.is_ok());
+                }
+                counted = true;
                 self.after_attempt(&installation, &service, &id, result)
             }
             Action::Start {
@@ -70,6 +85,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 let result = self
                     .start(&installation, &service, &id, restart, core, spec)
                     .await;
+                metrics.action(kind, result.is_ok());
+                counted = true;
                 self.after_attempt(&installation, &service, &id, result)
             }
             Action::Exited {
@@ -102,6 +119,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 None => Ok(()),
             },
         };
+        if !counted {
+            metrics.action(kind, result.is_ok());
+        }
         match result {
             Err(err) if err.is_unavailable() => Err(err),
             Err(err) => {
@@ -133,6 +153,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             futures::future::join_all(targets.iter().map(|(id, _)| self.cx.remove(id))).await;
         let mut unavailable = None;
         for ((id, installation), result) in targets.into_iter().zip(results) {
+            self.cx.options.metrics.action("remove", result.is_ok());
             match result {
                 Ok(()) => match installation {
                     Some(_) => {
@@ -301,5 +322,23 @@ impl<'a> Specs<'a> {
         self.get(installation, &name)
             .map(|(_, spec)| services::declared_ports(spec))
             .unwrap_or_default()
+    }
+}
+
+/// An action's kind, as the metrics name it.
+fn action_kind(action: &Action) -> &'static str {
+    match action {
+        Action::Phase { .. } => "phase",
+        Action::Remove { .. } => "remove",
+        Action::Create {
+            replaces: Some(_), ..
+        } => "swap",
+        Action::Create { .. } => "create",
+        Action::Start { restart: true, .. } => "restart",
+        Action::Start { .. } => "start",
+        Action::Exited { .. } => "exited",
+        Action::TakeOver { .. } => "take_over",
+        Action::RunCore { restore: true, .. } => "restore",
+        Action::RunCore { .. } => "run_core",
     }
 }

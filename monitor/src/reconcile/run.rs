@@ -39,7 +39,14 @@ pub async fn run(
             }
         }
         let state = desired.borrow_and_update().clone();
-        let wake_at = match reconciler.pass(state.as_ref()).await {
+        let started = Instant::now();
+        let passed = reconciler.pass(state.as_ref()).await;
+        reconciler
+            .cx
+            .options
+            .metrics
+            .pass(passed.is_ok(), started.elapsed());
+        let wake_at = match passed {
             Ok(wake_at) => wake_at,
             Err(err) => {
                 tracing::warn!(error = %err, "reconcile pass failed; retrying at the next resync");

@@ -287,6 +287,7 @@ fn reconciler(fake: &Fake, state: &Path) -> Reconciler<Fake, Fake> {
         core_components: vec![scheduler_spec()],
         policy: Default::default(),
         reserved_ports: Vec::new(),
+        metrics: crate::metrics::MonitorMetrics::default(),
     };
     let (view, _) = watch::channel(NodeView::default());
     Reconciler::with_network(
