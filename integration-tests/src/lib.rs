@@ -422,6 +422,27 @@ impl Scraped {
         })
     }
 
+    /// The sum of the values of every sample of `metric` whose labels
+    /// include `labels` (counters, gauges and untyped ones).
+    pub fn sum(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|sample| {
+                sample.metric == metric
+                    && labels
+                        .iter()
+                        .all(|(key, value)| sample.labels.get(key) == Some(*value))
+            })
+            .map(|sample| match &sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
     /// Every value any label of any sample has.
     pub fn label_values(&self) -> std::collections::BTreeSet<String> {
         self.0

@@ -618,6 +618,27 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
         Some(1.0)
     );
 
+    assert!(
+        manager_scrape.sum(
+            "addons_store_operations_total",
+            &[("operation", "write_many"), ("outcome", "ok")]
+        ) >= 1.0,
+        "reports are written to the store"
+    );
+    assert!(
+        manager_scrape
+            .value(
+                "addons_store_operation_seconds",
+                &[("operation", "write_many")]
+            )
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        manager_scrape.sum("addons_store_operations_total", &[("outcome", "backend")]),
+        0.0
+    );
+
     // Everything the node acked leaves its outbox.
     metric_becomes(node_metrics, "addons_outbox_reports", &[], |v| v == 0.0).await;
 

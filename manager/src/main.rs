@@ -16,7 +16,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = addons_server_kit::metrics::Metrics::new();
     let store = config
         .store
-        .open("/var/lib/oakestra-addons/manager.redb", "addons")
+        .open("/var/lib/oakestra-addons/manager.redb", "addons", &metrics)
         .await?;
     let listen = config
         .common

@@ -17,7 +17,11 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(config.registry_options()?)?);
     let store = config
         .store
-        .open("/var/lib/oakestra-addons/marketplace.redb", "marketplace")
+        .open(
+            "/var/lib/oakestra-addons/marketplace.redb",
+            "marketplace",
+            &metrics,
+        )
         .await?;
     // Before the API: its `listening on` is the last line of a start.
     let metrics_listener = config.common.bind_metrics().await?;

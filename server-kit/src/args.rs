@@ -161,18 +161,23 @@ pub struct StoreArgs {
 #[cfg(feature = "store")]
 impl StoreArgs {
     /// Opens the store `--store` names, or the embedded one at
-    /// `default_embedded`, failing with one line that says which store
+    /// `default_embedded`, its operations measured in `metrics`, failing with one line that says which store
     /// could not be opened and why.
     pub async fn open(
         &self,
         default_embedded: &str,
         default_database: &str,
+        metrics: &crate::metrics::Metrics,
     ) -> anyhow::Result<Store> {
         let location: Location = match &self.store {
             Some(text) => text.parse()?,
             None => format!("embedded:{default_embedded}").parse()?,
         };
-        let store = Store::open(&location, &OpenOptions::new(default_database))
+        let mut options = OpenOptions::new(default_database);
+        options.observer = Some(std::sync::Arc::new(crate::metrics::StoreMetrics::new(
+            metrics,
+        )));
+        let store = Store::open(&location, &options)
             .await
             .context("store unavailable")?;
         tracing::info!(store = %store.describe(), "store opened");

@@ -103,6 +103,23 @@ impl Error {
         }
     }
 
+    /// The kind of failure, in a word (`conflict`, `not_found`, ...): a
+    /// bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidLocation { .. } => "invalid_location",
+            Self::Unavailable { .. } => "unavailable",
+            Self::AlreadyExists { .. } => "already_exists",
+            Self::NotFound { .. } => "not_found",
+            Self::Conflict { .. } => "conflict",
+            Self::StaleRevision { .. } => "stale_revision",
+            Self::CursorOutOfRange { .. } => "cursor_out_of_range",
+            Self::InvalidPageToken => "invalid_page_token",
+            Self::Codec { .. } => "codec",
+            Self::Backend { .. } => "backend",
+        }
+    }
+
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::Backend { .. })

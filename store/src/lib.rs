@@ -23,6 +23,7 @@ mod embedded;
 mod error;
 mod follow;
 mod mongo;
+mod observed;
 mod resident;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -35,6 +36,7 @@ pub use crate::{
     collection::{Change, Collection},
     error::{Error, Result},
     follow::{Event, FollowEnd, Start},
+    observed::Observer,
 };
 
 /// A record type the store can hold.
@@ -248,6 +250,8 @@ pub struct OpenOptions {
     pub default_database: String,
     /// How long to wait for MongoDB to answer at start before giving up.
     pub connect_timeout: Duration,
+    /// Told of every database operation (for metrics); none by default.
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 impl OpenOptions {
@@ -256,6 +260,7 @@ impl OpenOptions {
         Self {
             default_database: default_database.into(),
             connect_timeout: Duration::from_secs(5),
+            observer: None,
         }
     }
 }
@@ -297,6 +302,13 @@ impl Store {
                 )
                 .await?,
             ),
+        };
+        let backend: Arc<dyn Backend> = match &options.observer {
+            Some(observer) => Arc::new(observed::Observed {
+                inner: backend,
+                observer: observer.clone(),
+            }),
+            None => backend,
         };
         let log = Arc::new(changelog::ChangeLog::open(backend.clone()).await?);
         Ok(Self {
