@@ -80,6 +80,27 @@ impl MongoServer {
     }
 }
 
+impl MongoServer {
+    /// Kills the server process (SIGKILL); [`MongoServer::start_again`]
+    /// brings it back on the same port and data. Panics against
+    /// `MONGODB_URI`, which a test cannot stop.
+    pub async fn kill(&mut self) {
+        let private = self
+            .private
+            .as_mut()
+            .expect("only a private nx-27017 can be stopped");
+        let _ = private.child.kill().await;
+        let _ = private.child.wait().await;
+    }
+
+    /// Starts a killed server again, on the same port and data.
+    pub async fn start_again(&mut self) {
+        if let Some(Private { port, dir, .. }) = self.private.take() {
+            self.private = Some(Private::spawn(dir, port).await);
+        }
+    }
+}
+
 impl Private {
     async fn spawn(dir: tempfile::TempDir, port: u16) -> Self {
         let binary = nx_binary();

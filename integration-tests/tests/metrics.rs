@@ -250,7 +250,10 @@ async fn metrics_are_off_by_default_and_refused_off_loopback_without_insecure() 
         match started {
             Started::Exited(status, stderr) => {
                 assert_eq!(status.code(), Some(1), "{binary_name}: {stderr}");
-                assert!(stderr.contains("--insecure"), "{binary_name}: {stderr}");
+                assert!(
+                    stderr.contains("--metrics-insecure"),
+                    "{binary_name}: {stderr}"
+                );
             }
             Started::Running(_) => {
                 panic!("{binary_name} served metrics on 0.0.0.0 without --insecure");

@@ -18,6 +18,13 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .store
         .open("/var/lib/oakestra-addons/manager.redb", "addons", &metrics)
         .await?;
+    let readiness = addons_server_kit::health::Readiness::default();
+    addons_server_kit::health::watch_store(
+        store.clone(),
+        readiness.part("store"),
+        std::time::Duration::from_secs(2),
+        shutdown.clone(),
+    );
     let listen = config
         .common
         .listen
@@ -58,6 +65,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let (security, listener) = config.common.bind(listen).await?;
     Server::configured(&config.common, security)
         .metrics(metrics, metrics_listener)
+        .readiness(readiness)
         .add_service(
             ManagerApi::new(core, hub.clone(), requests, shutdown.clone()).into_service(),
             addons_manager::api::MANAGER_PERMISSIONS,

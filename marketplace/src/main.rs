@@ -23,6 +23,13 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             &metrics,
         )
         .await?;
+    let readiness = addons_server_kit::health::Readiness::default();
+    addons_server_kit::health::watch_store(
+        store.clone(),
+        readiness.part("store"),
+        std::time::Duration::from_secs(2),
+        shutdown.clone(),
+    );
     // Before the API: its `listening on` is the last line of a start.
     let metrics_listener = config.common.bind_metrics().await?;
     let (security, listener) = config
@@ -39,6 +46,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let requests = Requests::open(&store).await?;
     Server::configured(&config.common, security)
         .metrics(metrics, metrics_listener)
+        .readiness(readiness)
         .add_service(
             MarketplaceApi::new(core, requests, shutdown.clone()).into_service(),
             addons_marketplace::api::PERMISSIONS,

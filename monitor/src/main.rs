@@ -139,6 +139,34 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         outbox.clone(),
         shutdown.clone(),
     );
+    // Ready while containerd answers and the link to the manager has not
+    // been down for longer than three heartbeats (a relink takes less).
+    let readiness = addons_server_kit::health::Readiness::default();
+    {
+        let containerd = containerd.clone();
+        addons_server_kit::health::probe(
+            format!("containerd at {}", config.containerd_socket.display()),
+            readiness.part("containerd"),
+            Duration::from_secs(2),
+            shutdown.clone(),
+            move || {
+                let containerd = containerd.clone();
+                async move {
+                    containerd
+                        .version()
+                        .await
+                        .map(drop)
+                        .map_err(|err| err.to_string())
+                }
+            },
+        );
+    }
+    link::watch_link_readiness(
+        link.connected.clone(),
+        readiness.part("manager link"),
+        config.heartbeat * 3,
+        shutdown.clone(),
+    );
     let connected = link.connected.clone();
     metrics.register_gauge_fn(
         "addons_link_connected",
@@ -197,6 +225,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     ));
     Server::configured(&config.common, security)
         .metrics(metrics, metrics_listener)
+        .readiness(readiness)
         .add_service(
             NodeMonitorApi::new(
                 containerd,

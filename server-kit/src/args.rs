@@ -71,11 +71,17 @@ pub struct CommonArgs {
     )]
     pub max_connections_per_peer: usize,
 
-    /// Serve Prometheus metrics (`GET /metrics`) on this address. Off by
-    /// default; the endpoint has no authentication, so only a loopback
-    /// address is accepted unless --insecure.
+    /// Serve Prometheus metrics (`GET /metrics`) and HTTP probes
+    /// (`/livez`, `/readyz`) on this address. Off by default; the endpoint
+    /// has no authentication, so only a loopback address is accepted
+    /// unless --metrics-insecure (or --insecure).
     #[arg(long, env = "ADDONS_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Allow --metrics-listen off loopback, for a Prometheus elsewhere:
+    /// anyone who reaches the address reads how the server is used.
+    #[arg(long, env = "ADDONS_METRICS_INSECURE")]
+    pub metrics_insecure: bool,
 
     /// TLS and authentication.
     #[command(flatten)]
@@ -100,7 +106,8 @@ impl CommonArgs {
     pub async fn bind_metrics(&self) -> anyhow::Result<Option<tokio::net::TcpListener>> {
         match self.metrics_listen {
             Some(addr) => Ok(Some(
-                crate::metrics::bind_metrics(addr, self.auth.insecure).await?,
+                crate::metrics::bind_metrics(addr, self.metrics_insecure || self.auth.insecure)
+                    .await?,
             )),
             None => Ok(None),
         }

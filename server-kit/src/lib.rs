@@ -33,6 +33,7 @@ macro_rules! layer_service {
 mod args;
 pub mod auth;
 pub mod browser;
+pub mod health;
 mod limits;
 pub mod metrics;
 pub use crate::limits::ConnectionLimits;

@@ -83,25 +83,56 @@ impl Metrics {
         text
     }
 
-    /// Serves `GET /metrics` on `listener` until `shutdown` fires: one
-    /// HTTP/1.1 connection at a time per task, nothing else answered.
+    /// Serves on `listener` until `shutdown` fires: `GET /metrics`, and
+    /// the probes of orchestrators that cannot speak gRPC health to a
+    /// loopback address (a host-network pod's): `GET /livez` (200 until
+    /// shutdown) and `GET /readyz` (200 while every part of `readiness`
+    /// works, else 503 naming the parts that do not). Nothing else.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        readiness: crate::health::Readiness,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
         use hyper::{Method, Response, StatusCode, body::Incoming, service::service_fn};
+        let stopping = shutdown.clone();
         let serve_one = move |request: http::Request<Incoming>| {
             let metrics = self.clone();
+            let readiness = readiness.clone();
+            let stopping = stopping.clone();
             async move {
-                let response = match (request.method(), request.uri().path()) {
+                let text = |status: StatusCode, body: String| {
+                    Response::builder()
+                        .status(status)
+                        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                        .body(body)
+                };
+                let path = request.uri().path();
+                let response = match (request.method(), path) {
                     (&Method::GET, "/metrics") => Response::builder()
                         .header(
                             http::header::CONTENT_TYPE,
                             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                         )
                         .body(metrics.encode()),
-                    (_, "/metrics") => Response::builder()
+                    (&Method::GET, "/livez") if stopping.is_fired() => {
+                        text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
+                    }
+                    (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n".into()),
+                    (&Method::GET, "/readyz") => {
+                        let failing = readiness.failing();
+                        if stopping.is_fired() {
+                            text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
+                        } else if failing.is_empty() {
+                            text(StatusCode::OK, "ok\n".into())
+                        } else {
+                            text(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready: {}\n", failing.join(", ")),
+                            )
+                        }
+                    }
+                    (_, "/metrics" | "/livez" | "/readyz") => Response::builder()
                         .status(StatusCode::METHOD_NOT_ALLOWED)
                         .header(http::header::ALLOW, "GET")
                         .body(String::new()),
@@ -169,15 +200,16 @@ impl prometheus_client::collector::Collector for GaugeFn {
     }
 }
 
-/// Binds `--metrics-listen`: loopback only unless `insecure` (the endpoint
-/// has no authentication; what it tells is how the server is used).
+/// Binds `--metrics-listen`: loopback only unless `insecure`
+/// (`--metrics-insecure`; the endpoint has no authentication, and what it
+/// tells is how the server is used).
 pub async fn bind_metrics(
     addr: SocketAddr,
     insecure: bool,
 ) -> anyhow::Result<tokio::net::TcpListener> {
     if !addr.ip().is_loopback() && !insecure {
         anyhow::bail!(
-            "refusing to serve metrics on {addr} without authentication: use a loopback address (a Prometheus agent or a sidecar on the machine), or pass --insecure"
+            "refusing to serve metrics on {addr} without authentication: use a loopback address (a Prometheus agent or a sidecar on the machine), or pass --metrics-insecure"
         );
     }
     let listener = tokio::net::TcpListener::bind(addr)

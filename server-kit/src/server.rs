@@ -15,6 +15,7 @@ use crate::{
     Shutdown,
     auth::{AuthLayer, MethodAccess, Security},
     browser::{BrowserLayer, BrowserPolicy},
+    health::Readiness,
     limits::ConnectionLimits,
     metrics::{GrpcMetrics, Metrics, MetricsLayer},
     rest::{RestLayer, RestRoutes},
@@ -42,6 +43,7 @@ pub struct Server {
     limits: ConnectionLimits,
     metrics: Metrics,
     metrics_listener: Option<TcpListener>,
+    readiness: Readiness,
 }
 
 /// Requests in flight on one connection at once (HTTP/2 streams): a
@@ -71,7 +73,17 @@ impl Server {
             limits: ConnectionLimits::default(),
             metrics: Metrics::new(),
             metrics_listener: None,
+            readiness: Readiness::default(),
         }
+    }
+
+    /// Reports the server ready (health `SERVING`, overall and for each
+    /// service) only while every part of `readiness` works; the health
+    /// name [`LIVENESS`](crate::health::LIVENESS) stays `SERVING` until
+    /// shutdown either way.
+    pub fn readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// Registers the metrics of every call in `metrics` (where the
@@ -202,16 +214,35 @@ impl Server {
             limits,
             metrics,
             metrics_listener,
+            readiness,
         } = self.add_reflection()?;
         let cors = cors_layer(&cors_origins)?;
         let browsers = BrowserLayer::new(BrowserPolicy::new(&allowed_hosts, &cors_origins));
         security.check_listen(listener.local_addr()?)?;
-        for name in &health_names {
-            health
-                .set_service_status(*name, ServingStatus::Serving)
-                .await;
+        health
+            .set_service_status(crate::health::LIVENESS, ServingStatus::Serving)
+            .await;
+        set_readiness(&health, &health_names, &readiness).await;
+        {
+            let (health, names, shutdown, readiness) = (
+                health.clone(),
+                health_names.clone(),
+                shutdown.clone(),
+                readiness.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.fired() => return,
+                        () = readiness.changed() => {}
+                    }
+                    if shutdown.is_fired() {
+                        return;
+                    }
+                    set_readiness(&health, &names, &readiness).await;
+                }
+            });
         }
-        health.set_service_status("", ServingStatus::Serving).await;
 
         let stop = shutdown.clone();
         let health_on_stop = health.clone();
@@ -225,6 +256,9 @@ impl Server {
             }
             health_on_stop
                 .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health_on_stop
+                .set_service_status(crate::health::LIVENESS, ServingStatus::NotServing)
                 .await;
         };
         let tls = security
@@ -240,9 +274,9 @@ impl Server {
         // it came.
         let grpc_metrics = GrpcMetrics::new(&metrics, known_methods(&permissions));
         if let Some(listener) = metrics_listener {
-            let shutdown = shutdown.clone();
+            let (shutdown, readiness) = (shutdown.clone(), readiness.clone());
             tokio::spawn(async move {
-                if let Err(err) = metrics.serve(listener, shutdown).await {
+                if let Err(err) = metrics.serve(listener, readiness, shutdown).await {
                     tracing::error!(error = %err, "the metrics endpoint failed");
                 }
             });
@@ -290,6 +324,20 @@ impl Server {
                 Ok(())
             }
         }
+    }
+}
+
+/// Sets the overall health and each service's to what `readiness` says.
+async fn set_readiness(health: &HealthReporter, names: &[&'static str], readiness: &Readiness) {
+    let failing = readiness.failing();
+    let status = if failing.is_empty() {
+        ServingStatus::Serving
+    } else {
+        tracing::warn!(?failing, "not ready");
+        ServingStatus::NotServing
+    };
+    for name in names.iter().copied().chain([""]) {
+        health.set_service_status(name, status).await;
     }
 }
 

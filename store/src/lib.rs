@@ -269,6 +269,9 @@ impl OpenOptions {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// The backend without its observer, for health probes that are not
+    /// the servers' work.
+    unobserved: Arc<dyn Backend>,
     changes: collection::ChangeHub,
     log: Arc<changelog::ChangeLog>,
     /// The memory of each resident collection, by collection name.
@@ -303,6 +306,7 @@ impl Store {
                 .await?,
             ),
         };
+        let unobserved = backend.clone();
         let backend: Arc<dyn Backend> = match &options.observer {
             Some(observer) => Arc::new(observed::Observed {
                 inner: backend,
@@ -313,10 +317,20 @@ impl Store {
         let log = Arc::new(changelog::ChangeLog::open(backend.clone()).await?);
         Ok(Self {
             backend,
+            unobserved,
             changes: collection::ChangeHub::default(),
             log,
             resident: Arc::default(),
         })
+    }
+
+    /// Whether the database answers: one read of a record that does not
+    /// exist, not counted by the observer.
+    pub async fn ping(&self) -> Result<()> {
+        self.unobserved
+            .get(changelog::LOG_COLLECTION, "~ping")
+            .await
+            .map(drop)
     }
 
     /// The collection of records of type `T`, with its unique-key index in
