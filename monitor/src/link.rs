@@ -304,6 +304,50 @@ impl Assembler {
     }
 }
 
+/// Says in `works` whether the link to the manager is up, or down for no
+/// longer than `grace` (a relink takes less): a node is not ready only
+/// when its manager has been out of reach for a while. Ends when
+/// `shutdown` fires.
+pub fn watch_link_readiness(
+    mut connected: watch::Receiver<bool>,
+    works: watch::Sender<bool>,
+    grace: std::time::Duration,
+    shutdown: addons_server_kit::Shutdown,
+) {
+    tokio::spawn(async move {
+        loop {
+            let up = *connected.borrow_and_update();
+            if up {
+                works.send_replace(true);
+            } else {
+                tokio::select! {
+                    () = shutdown.fired() => return,
+                    () = tokio::time::sleep(grace) => {
+                        if !*connected.borrow() {
+                            tracing::warn!(?grace, "the link to the manager has been down too long: not ready");
+                            works.send_replace(false);
+                        }
+                    }
+                    changed = connected.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.fired() => return,
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,48 +432,4 @@ mod tests {
         assert!(unacked.reports.is_empty());
         assert_eq!(unacked.push("a".into(), Report::default()).sequence, 11);
     }
-}
-
-/// Says in `works` whether the link to the manager is up, or down for no
-/// longer than `grace` (a relink takes less): a node is not ready only
-/// when its manager has been out of reach for a while. Ends when
-/// `shutdown` fires.
-pub fn watch_link_readiness(
-    mut connected: watch::Receiver<bool>,
-    works: watch::Sender<bool>,
-    grace: std::time::Duration,
-    shutdown: addons_server_kit::Shutdown,
-) {
-    tokio::spawn(async move {
-        loop {
-            let up = *connected.borrow_and_update();
-            if up {
-                works.send_replace(true);
-            } else {
-                tokio::select! {
-                    () = shutdown.fired() => return,
-                    () = tokio::time::sleep(grace) => {
-                        if !*connected.borrow() {
-                            tracing::warn!(?grace, "the link to the manager has been down too long: not ready");
-                            works.send_replace(false);
-                        }
-                    }
-                    changed = connected.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-            }
-            tokio::select! {
-                () = shutdown.fired() => return,
-                changed = connected.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
 }
