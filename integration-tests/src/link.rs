@@ -190,6 +190,7 @@ impl TestMonitor {
             services,
             observe_time: None,
             verdict: None,
+            ..Default::default()
         };
         self.unacked.insert(sequence, report.clone());
         self.send(open_link_request::Message::Report(report)).await;
@@ -209,6 +210,7 @@ impl TestMonitor {
             services,
             observe_time: None,
             verdict: None,
+            ..Default::default()
         };
         self.send(open_link_request::Message::Report(report)).await;
     }

@@ -512,6 +512,7 @@ fn running(id: &str, service: &str, sequence: u64) -> pb::OpenLinkRequest {
             )],
             observe_time: None,
             verdict: None,
+            traceparent: String::new(),
         })),
     }
 }
@@ -819,6 +820,7 @@ async fn escape_codes_never_reach_a_terminal() {
             services: vec![report],
             observe_time: None,
             verdict: None,
+            traceparent: String::new(),
         })),
     })
     .await

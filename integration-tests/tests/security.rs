@@ -394,6 +394,7 @@ async fn a_node_may_only_be_itself() {
                 services: vec![service("s", pb::ServicePhase::Running)],
                 observe_time: None,
                 verdict: None,
+                traceparent: String::new(),
             })),
         })
         .await

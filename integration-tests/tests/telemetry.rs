@@ -288,3 +288,148 @@ async fn trace_context_crosses_both_servers_and_spans_are_exported() {
     manager.stop().await;
     marketplace.stop().await;
 }
+
+#[tokio::test]
+async fn an_install_is_one_trace_from_the_call_to_the_container_start() {
+    use integration_tests::{
+        Containerd, MonitorSetup, RegistryServer, grant_all,
+        images::{ImageSpec, push_image},
+        publish_approved,
+    };
+    use oakestra_addons_proto::marketplace::v1 as mpb;
+
+    let (collector, endpoint) = Collector::start().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start().await;
+    let registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start_with_env(
+        &binary("addons-marketplace"),
+        &["--store", &store("m"), "--insecure-registry", &host],
+        &env,
+    )
+    .await;
+    let manager = ServerProcess::start_with_env(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+        &env,
+    )
+    .await;
+    let state = dir.path().join("monitor");
+    let _cleanup = integration_tests::NodeCleanup::new(&state, "ot", "10.67");
+    let monitor = MonitorSetup {
+        manager: manager.url(),
+        containerd: &containerd,
+        state_dir: &state,
+        registry: &host,
+        namespace: "oakestra-traces",
+        bridge_prefix: "ot",
+        subnet_prefix: "10.67",
+    }
+    .start(&["--heartbeat", "1s"], &env)
+    .await;
+    let addon = publish_approved(
+        &marketplace,
+        mpb::Addon {
+            name: "traced".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "sleeper".into(),
+                image: format!("{host}/team/app:1"),
+                command: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "exec /bin/busybox sleep 3600".into(),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(InstallAddonRequest {
+        marketplace_id: addon.id.clone(),
+        accepted_privileges: grant_all(&addon, false),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    AddonsManagerServiceClient::new(manager.channel())
+        .install_addon(request)
+        .await
+        .unwrap();
+
+    let spans = eventually(
+        "the install's trace reaches containerd on the node",
+        Duration::from_secs(60),
+        || {
+            let collector = collector.clone();
+            async move {
+                let spans: Vec<Exported> = collector
+                    .spans
+                    .lock()
+                    .await
+                    .iter()
+                    .filter(|s| s.trace_id == trace_id)
+                    .cloned()
+                    .collect();
+                let has = |service: &str, name: &str| {
+                    spans
+                        .iter()
+                        .any(|s| s.service == service && s.name.contains(name))
+                };
+                if has("addons-manager", "InstallAddon")
+                    && has("addons-marketplace", "GetAddon")
+                    && has("addons-manager", "link send desired state")
+                    && has("addons-monitor", "reconcile create")
+                    && has("addons-monitor", "containerd.create_container")
+                    && has("addons-monitor", "containerd.start_created_task")
+                {
+                    Ok(spans)
+                } else {
+                    Err(format!(
+                        "{:?}",
+                        spans
+                            .iter()
+                            .map(|s| (&s.service, &s.name))
+                            .collect::<Vec<_>>()
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    // The node's work hangs from the manager's send, not from nowhere.
+    let create = spans
+        .iter()
+        .find(|s| s.name.contains("reconcile create"))
+        .unwrap();
+    assert!(
+        spans.iter().any(|s| s.span_id == create.parent_span_id),
+        "the reconcile span's parent is in the trace: {spans:#?}"
+    );
+    let containerd_call = spans
+        .iter()
+        .find(|s| s.name == "containerd.create_container")
+        .unwrap();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.span_id == containerd_call.parent_span_id),
+        "{spans:#?}"
+    );
+    monitor.stop().await;
+    manager.stop().await;
+    marketplace.stop().await;
+}

@@ -125,6 +125,11 @@ pub struct Installation {
     /// Nodes forgotten before they confirmed the removal of its services.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unconfirmed_nodes: Vec<String>,
+    /// The W3C `traceparent` of the call that last changed what nodes must
+    /// do (install, upgrade, rollback, uninstall): sent with the desired
+    /// state, so the nodes' work continues that call's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 fn first_release() -> u64 {

@@ -194,6 +194,7 @@ impl Manager {
             rolled_back: None,
             node_selector,
             unconfirmed_nodes: Vec::new(),
+            trace_parent: addons_server_kit::current_traceparent(),
         };
         match self.installations.insert(installation).await {
             Ok(stored) => Ok(stored),
@@ -233,6 +234,8 @@ impl Manager {
         purge: bool,
         expected_revision: Option<u64>,
     ) -> Result<Option<Versioned<Installation>>, Error> {
+        // Taken here: the write may run on another task.
+        let trace_parent = addons_server_kit::current_traceparent();
         let record = self
             .installations
             .modify_at(id, expected_revision, |installation| {
@@ -252,6 +255,7 @@ impl Manager {
                 }
                 if changed {
                     installation.update_time = chrono::Utc::now();
+                    installation.trace_parent.clone_from(&trace_parent);
                 }
                 Ok(changed)
             })

@@ -325,6 +325,7 @@ pub(crate) mod tests {
             rolled_back: None,
             node_selector: Default::default(),
             unconfirmed_nodes: Vec::new(),
+            trace_parent: None,
         }
     }
 

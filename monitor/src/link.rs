@@ -90,6 +90,7 @@ impl Unacked {
             services: report.services,
             observe_time: Some(now()),
             verdict: report.verdict,
+            traceparent: report.traceparent,
         };
         self.next_sequence += 1;
         self.reports.insert(report.sequence, report.clone());
@@ -155,6 +156,7 @@ fn accept(state: pb::DesiredState, node_id: &str, reports: &ReportOutbox) -> pb:
         let report = Report {
             services,
             verdict: None,
+            traceparent: String::new(),
         };
         reports.put(installation_id, report);
     }

@@ -10,6 +10,7 @@ use std::{
 };
 
 use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::Instrument as _;
 
 use crate::{
     error::MonitorError,
@@ -91,27 +92,31 @@ impl<R: Runtime> Pulls<R> {
                 self.done_tx.clone(),
                 self.metrics.clone(),
             );
-            tokio::spawn(async move {
-                let started = std::time::Instant::now();
-                let pulled = tokio::time::timeout(
-                    timeout,
-                    runtime.pull(&image, &registry, progress.clone()),
-                )
-                .await;
-                let result = match pulled {
-                    Ok(result) => result.map_err(MonitorError::from),
-                    Err(_) => Err(MonitorError::PullTimeout {
-                        image: image.clone(),
-                        after: timeout,
-                    }),
-                };
-                metrics.pulled(
-                    result.is_ok(),
-                    started.elapsed(),
-                    progress.load(std::sync::atomic::Ordering::Relaxed),
-                );
-                let _ = done.send((image, result));
-            })
+            tokio::spawn(
+                async move {
+                    let started = std::time::Instant::now();
+                    let pulled = tokio::time::timeout(
+                        timeout,
+                        runtime.pull(&image, &registry, progress.clone()),
+                    )
+                    .await;
+                    let result = match pulled {
+                        Ok(result) => result.map_err(MonitorError::from),
+                        Err(_) => Err(MonitorError::PullTimeout {
+                            image: image.clone(),
+                            after: timeout,
+                        }),
+                    };
+                    metrics.pulled(
+                        result.is_ok(),
+                        started.elapsed(),
+                        progress.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    let _ = done.send((image, result));
+                }
+                // The pull continues the trace of what asked for it.
+                .in_current_span(),
+            )
         };
         tracing::info!(%image, "pulling");
         self.running

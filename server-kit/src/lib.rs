@@ -69,7 +69,10 @@ pub use crate::{
         MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with, server_main,
     },
     shutdown::Shutdown,
-    telemetry::{TelemetryGuard, init_telemetry, inject_trace_context},
+    telemetry::{
+        TelemetryGuard, continue_trace, current_traceparent, init_telemetry, inject_trace_context,
+        record_ids,
+    },
 };
 
 /// A record's time as a protobuf `Timestamp`.

@@ -190,11 +190,50 @@ pub(crate) fn server_span(request: &http::Request<()>) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
     let parent =
         global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
     let _ = span.set_parent(parent);
+    record_ids(&span);
     span
+}
+
+/// Records the span's OpenTelemetry trace and span ids in its `trace_id`
+/// and `span_id` fields, so every log line within it (JSON logs show the
+/// current span's fields) names the trace it belongs to.
+pub fn record_ids(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    if ids.is_valid() {
+        span.record("trace_id", tracing::field::display(ids.trace_id()));
+        span.record("span_id", tracing::field::display(ids.span_id()));
+    }
+}
+
+/// The W3C `traceparent` of the current span, to carry its trace where no
+/// request header goes (a desired state, a status report); none outside
+/// a trace.
+pub fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&context, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the trace `traceparent` names (W3C), when it
+/// names one; records its ids (see [`record_ids`]).
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = global::get_text_map_propagator(|p| p.extract(&carrier));
+    let _ = span.set_parent(parent);
+    record_ids(span);
 }
 
 /// A tonic interceptor for outgoing calls: puts the current span's trace

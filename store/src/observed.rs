@@ -34,7 +34,20 @@ impl Observed {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let start = Instant::now();
-        let result = call.await;
+        // A span of its own only within a call's span: background writes
+        // (a batch of reports) start no trace of their own.
+        let result = if tracing::Span::current().is_none() {
+            call.await
+        } else {
+            use tracing::Instrument as _;
+            call.instrument(tracing::info_span!(
+                "store",
+                otel.name = %format_args!("store {operation}"),
+                otel.kind = "client",
+                db.operation = operation,
+            ))
+            .await
+        };
         self.observer
             .observe(operation, start.elapsed(), result.as_ref().map(drop));
         result

@@ -196,6 +196,7 @@ pub(super) fn desired_entry(installation: &Installation) -> Option<pb::DesiredIn
             .map(Into::into)
             .collect(),
         release: installation.release,
+        traceparent: installation.trace_parent.clone().unwrap_or_default(),
         rollout: installation.rollout.as_ref().and_then(|rollout| {
             let previous = crate::rollout::find(installation, rollout.from_release)?;
             Some(pb::RolloutPlan {

@@ -203,6 +203,7 @@ impl LinkHub {
                     let current = desired.borrow_and_update().clone();
                     if hello.accepts_chunks {
                         for chunk in current.chunks_since(&sent, &hello.labels) {
+                            let _spans = desired_spans(node, &chunk);
                             send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
                         }
                     } else {
@@ -227,6 +228,17 @@ impl LinkHub {
                     match message.message {
                         Some(open_link_request::Message::Heartbeat(_)) => {}
                         Some(open_link_request::Message::Report(report)) => {
+                            let span = tracing::info_span!(
+                                "link.report",
+                                otel.name = "link report",
+                                node,
+                                installation = %report.installation_id,
+                                sequence = report.sequence,
+                                trace_id = tracing::field::Empty,
+                                span_id = tracing::field::Empty,
+                            );
+                            addons_server_kit::continue_trace(&span, &report.traceparent);
+                            let _in_span = span.enter();
                             let came = std::time::Instant::now();
                             self.options.metrics.reports_received.inc();
                             let sequence = report.sequence;
@@ -290,6 +302,30 @@ impl LinkHub {
             }
         }
     }
+}
+
+/// The spans of sending `chunk` to `node`: one per installation it
+/// changes whose change came with a trace, continuing that trace. They
+/// end when dropped, after the send.
+fn desired_spans(node: &str, chunk: &pb::DesiredStateChunk) -> Vec<tracing::Span> {
+    chunk
+        .upserts
+        .iter()
+        .filter(|upsert| !upsert.traceparent.is_empty())
+        .map(|upsert| {
+            let span = tracing::info_span!(
+                "link.desired",
+                otel.name = "link send desired state",
+                node,
+                installation = %upsert.installation_id,
+                generation = chunk.generation,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            addons_server_kit::continue_trace(&span, &upsert.traceparent);
+            span
+        })
+        .collect()
 }
 
 async fn send(tx: &Outbound, message: open_link_response::Message) -> Result<(), Error> {

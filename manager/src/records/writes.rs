@@ -383,6 +383,7 @@ fn stripped(whole: &Installation) -> Installation {
         rolled_back,
         node_selector,
         unconfirmed_nodes,
+        trace_parent,
     } = whole;
     Installation {
         id: id.clone(),
@@ -406,5 +407,6 @@ fn stripped(whole: &Installation) -> Installation {
         rolled_back: rolled_back.clone(),
         node_selector: node_selector.clone(),
         unconfirmed_nodes: unconfirmed_nodes.clone(),
+        trace_parent: trace_parent.clone(),
     }
 }

@@ -2,6 +2,7 @@
 //! (or, in unit tests, from anything that answers as it does).
 
 use futures::future::BoxFuture;
+use tracing::Instrument as _;
 
 use super::*;
 
@@ -22,14 +23,17 @@ impl AddonSource for GrpcMarketplace {
     fn get(&self, id: &str) -> BoxFuture<'_, Result<mpb::Addon, tonic::Status>> {
         let request = mpb::GetAddonRequest { id: id.to_owned() };
         let mut client = self.0.clone();
-        Box::pin(async move {
-            Ok(client
-                .get_addon(request)
-                .await?
-                .into_inner()
-                .addon
-                .unwrap_or_default())
-        })
+        Box::pin(
+            async move {
+                Ok(client
+                    .get_addon(request)
+                    .await?
+                    .into_inner()
+                    .addon
+                    .unwrap_or_default())
+            }
+            .instrument(client_span("GetAddon")),
+        )
     }
 
     fn versions(&self, name: &str) -> BoxFuture<'_, Result<Vec<mpb::Addon>, tonic::Status>> {
@@ -44,8 +48,23 @@ impl AddonSource for GrpcMarketplace {
             page_token: String::new(),
         };
         let mut client = self.0.clone();
-        Box::pin(async move { Ok(client.list_addons(request).await?.into_inner().addons) })
+        Box::pin(
+            async move { Ok(client.list_addons(request).await?.into_inner().addons) }
+                .instrument(client_span("ListAddons")),
+        )
     }
+}
+
+/// The span of a call to the marketplace: the marketplace's own span of
+/// it is its child (the call carries its `traceparent`).
+fn client_span(method: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "marketplace.call",
+        otel.name = %format_args!("oakestra.addons.marketplace.v1.MarketplaceService/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.method = method,
+    )
 }
 
 impl Manager {

@@ -117,6 +117,8 @@ impl Manager {
         self.check_service_names(&new.marketplace_id, Some(id), &new.addon)
             .await?;
         let mut refused = None;
+        // Taken here: the write may run on another task.
+        let trace_parent = addons_server_kit::current_traceparent();
         let result = self
             .installations
             .modify_at(id, expected_revision, |installation| {
@@ -128,6 +130,7 @@ impl Manager {
                 rollout::begin(installation, new.clone(), options, now);
                 status::recompute(installation);
                 installation.update_time = now;
+                installation.trace_parent.clone_from(&trace_parent);
                 Ok(true)
             })
             .await

@@ -21,6 +21,9 @@ pub struct Report {
     pub services: Vec<pb::ServiceStatus>,
     /// While a release rolls out on the node: how it goes.
     pub verdict: Option<pb::ReleaseVerdict>,
+    /// The trace of the call whose work it tells of (its installation's
+    /// `traceparent`); empty: none.
+    pub traceparent: String,
 }
 
 /// Reports waiting for the link, the newest per installation.
@@ -78,6 +81,7 @@ mod tests {
                 ..Default::default()
             }],
             verdict: None,
+            traceparent: String::new(),
         }
     }
 

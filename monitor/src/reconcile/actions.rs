@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use tracing::Instrument as _;
+
 use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence};
 
 use super::{Reconciler, services};
@@ -19,8 +21,23 @@ use crate::{
 
 impl<R: Runtime, N: Network> Reconciler<R, N> {
     /// Runs one action; an error about its object is recorded against it,
-    /// and only an unreachable containerd is returned.
+    /// and only an unreachable containerd is returned. An action that does
+    /// something runs in a span of its own, which continues the trace of
+    /// the call that asked for it (its installation's `traceparent`), so
+    /// the containerd calls it makes join that trace.
     pub(super) async fn execute(
+        &mut self,
+        action: Action,
+        specs: &Specs<'_>,
+        infos: &HashMap<String, ContainerInfo>,
+    ) -> Result<(), MonitorError> {
+        match action_span(&action, specs) {
+            Some(span) => self.execute_in(action, specs, infos).instrument(span).await,
+            None => self.execute_in(action, specs, infos).await,
+        }
+    }
+
+    async fn execute_in(
         &mut self,
         action: Action,
         specs: &Specs<'_>,
@@ -294,6 +311,14 @@ impl<'a> Specs<'a> {
         Self { services }
     }
 
+    /// The `traceparent` of `installation`, if the desired state has it.
+    pub(super) fn traceparent_of(&self, installation: &str) -> Option<&'a str> {
+        self.services
+            .iter()
+            .find(|((id, _), _)| *id == installation)
+            .map(|(_, (desired, _))| desired.traceparent.as_str())
+    }
+
     fn get(
         &self,
         installation: &str,
@@ -323,6 +348,42 @@ impl<'a> Specs<'a> {
             .map(|(_, spec)| services::declared_ports(spec))
             .unwrap_or_default()
     }
+}
+
+/// The span of an action that does something (not a phase or an exit
+/// seen), a child of its installation's `traceparent` when it has one.
+fn action_span(action: &Action, specs: &Specs<'_>) -> Option<tracing::Span> {
+    let (installation, service) = match action {
+        Action::Create {
+            installation,
+            service,
+            ..
+        }
+        | Action::Start {
+            installation,
+            service,
+            ..
+        } => (installation.as_str(), Some(service.as_str())),
+        Action::TakeOver { installation, .. } => (installation.as_str(), None),
+        Action::RunCore { .. } => ("", None),
+        Action::Phase { .. } | Action::Exited { .. } | Action::Remove { .. } => return None,
+    };
+    let kind = action_kind(action);
+    let span = tracing::info_span!(
+        "reconcile.action",
+        otel.name = %format_args!("reconcile {kind}"),
+        installation,
+        service = service.unwrap_or_default(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let traceparent = service
+        .and_then(|service| specs.get(installation, service))
+        .map(|(desired, _)| desired.traceparent.as_str())
+        .or_else(|| specs.traceparent_of(installation))
+        .unwrap_or_default();
+    addons_server_kit::continue_trace(&span, traceparent);
+    Some(span)
 }
 
 /// An action's kind, as the metrics name it.

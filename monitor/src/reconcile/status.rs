@@ -376,7 +376,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             for cid in ids {
                 self.persist(&cid);
             }
-            let report = crate::link::Report { services, verdict };
+            let report = crate::link::Report {
+                services,
+                verdict,
+                traceparent: installation.traceparent.clone(),
+            };
             self.reported.insert(id.clone(), report.clone());
             self.outbox.put(id.clone(), report);
         }

@@ -86,6 +86,7 @@ const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 impl Containerd {
     /// Creates a container with its own writable snapshot on top of its
     /// image's.
+    #[tracing::instrument(name = "containerd.create_container", skip_all, fields(otel.kind = "client", container = %container.id))]
     pub async fn create_container(&self, container: NewContainer<'_>) -> Result<(), RuntimeError> {
         // Under a lease until the container record references the snapshot.
         let lease = self.create_lease().await?;
@@ -153,6 +154,7 @@ impl Containerd {
 
     /// Removes container `id`: its task (stopped within `grace`), the
     /// container and its snapshot. Missing parts are fine.
+    #[tracing::instrument(name = "containerd.remove_container", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         self.stop_task(id, grace).await?;
         let mut containers = ContainersClient::new(self.channel().await?);

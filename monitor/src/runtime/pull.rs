@@ -189,6 +189,7 @@ fn tag_or_digest(reference: &Reference) -> &str {
 impl Containerd {
     /// Pulls `image` (pinned by digest) and unpacks it, skipping what is
     /// already present; `progress` counts bytes written as they arrive.
+    #[tracing::instrument(name = "containerd.pull", skip_all, fields(otel.kind = "client", image = %image))]
     pub async fn pull(
         &self,
         image: &str,

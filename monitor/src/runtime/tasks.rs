@@ -34,6 +34,7 @@ impl Containerd {
     /// Creates container `id`'s task without starting it: the runtime has
     /// set up the process, which runs the moment
     /// [`Containerd::start_created_task`] is called.
+    #[tracing::instrument(name = "containerd.create_task", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn create_task(&self, id: &str, log: &Path) -> Result<u32, RuntimeError> {
         let channel = self.channel().await?;
         let mounts = SnapshotsClient::new(channel.clone())
@@ -61,6 +62,7 @@ impl Containerd {
     }
 
     /// Starts the created task of container `id`. Returns its pid.
+    #[tracing::instrument(name = "containerd.start_created_task", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn start_created_task(&self, id: &str) -> Result<u32, RuntimeError> {
         let started = TasksClient::new(self.channel().await?)
             .start(self.request(StartRequest {
@@ -107,6 +109,7 @@ impl Containerd {
 
     /// Stops container `id`'s task: SIGTERM, up to `grace`, then SIGKILL;
     /// then deletes the task. A missing task is fine.
+    #[tracing::instrument(name = "containerd.stop_task", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn stop_task(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         let mut tasks = TasksClient::new(self.channel().await?);
         if let TaskState::Running(_) | TaskState::Paused | TaskState::Created =
@@ -143,6 +146,7 @@ impl Containerd {
     }
 
     /// Sends `signal` to container `id`'s task, without waiting.
+    #[tracing::instrument(name = "containerd.signal_task", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn signal_task(&self, id: &str, signal: u32) -> Result<(), RuntimeError> {
         let mut tasks = TasksClient::new(self.channel().await?);
         self.kill(&mut tasks, id, signal).await
@@ -170,6 +174,7 @@ impl Containerd {
     /// stdio, and returns its exit status. Past `timeout` the process is
     /// killed and the answer is [`RuntimeError::Exec`]. The exec is
     /// deleted either way.
+    #[tracing::instrument(name = "containerd.exec", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn exec(
         &self,
         id: &str,
@@ -265,6 +270,7 @@ impl Containerd {
     }
 
     /// Deletes container `id`'s (exited) task; a missing task is fine.
+    #[tracing::instrument(name = "containerd.delete_task", skip_all, fields(otel.kind = "client", container = %id))]
     pub async fn delete_task(&self, id: &str) -> Result<(), RuntimeError> {
         let mut tasks = TasksClient::new(self.channel().await?);
         let answer = tasks
