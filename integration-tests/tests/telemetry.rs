@@ -433,3 +433,55 @@ async fn an_install_is_one_trace_from_the_call_to_the_container_start() {
     manager.stop().await;
     marketplace.stop().await;
 }
+
+#[tokio::test]
+async fn json_log_lines_name_the_trace_they_belong_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "a secret of at least thirty-two bytes!").unwrap();
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &format!("embedded:{}/m.redb", dir.path().display()),
+            "--jwt-secret-file",
+            &secret.display().to_string(),
+            "--log-format",
+            "json",
+        ],
+    )
+    .await;
+    let trace_id = "5b8aa5a2d2c872e8321cf37308d69df2";
+    let mut request = tonic::Request::new(GetAddonRequest {
+        id: "no-such-addon".into(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-051581bf3cb55c13-01")
+            .parse()
+            .unwrap(),
+    );
+    // No token: the guard refuses, and says so in the audit log.
+    let refused = MarketplaceServiceClient::new(marketplace.channel())
+        .get_addon(request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let line = eventually("the refusal is logged", Duration::from_secs(10), || async {
+        marketplace
+            .stderr()
+            .lines()
+            .find(|line| line.contains("call refused"))
+            .map(str::to_owned)
+            .ok_or_else(|| marketplace.stderr())
+    })
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(json["span"]["trace_id"], trace_id, "{line}");
+    assert_eq!(
+        json["span"]["span_id"].as_str().map(str::len),
+        Some(16),
+        "{line}"
+    );
+    marketplace.stop().await;
+}
