@@ -29,7 +29,8 @@ macro_rules! typed_client {
         impl $client {
             #[doc = concat!("A client of ", $what, " at `url`.")]
             pub fn connect(url: &str, options: &ClientOptions) -> Result<Self, ClientError> {
-                let bearer = crate::Bearer::new(&options.credentials)?;
+                let bearer = crate::Bearer::new(&options.credentials)?
+                    .with_traceparent(options.traceparent.as_deref());
                 Ok(Self::with_bearer(
                     crate::channel_with(url, options)?,
                     bearer,
@@ -40,7 +41,9 @@ macro_rules! typed_client {
             /// A client on an existing channel (a token in `options` that is
             /// not header text is left out).
             pub fn new(channel: Channel, options: &ClientOptions) -> Self {
-                let bearer = crate::Bearer::new(&options.credentials).unwrap_or_default();
+                let bearer = crate::Bearer::new(&options.credentials)
+                    .unwrap_or_default()
+                    .with_traceparent(options.traceparent.as_deref());
                 Self::with_bearer(channel, bearer, options)
             }
 
@@ -114,6 +117,9 @@ pub struct ClientOptions {
     pub retry: RetryPolicy,
     /// TLS and bearer token.
     pub credentials: Credentials,
+    /// A W3C `traceparent` sent with every call, so the servers' spans of
+    /// it join the caller's trace.
+    pub traceparent: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -123,6 +129,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(3),
             retry: RetryPolicy::default(),
             credentials: Credentials::default(),
+            traceparent: None,
         }
     }
 }
@@ -150,30 +157,48 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
+/// Adds `authorization: Bearer <token>` to every call, and the caller's
+/// `traceparent` when it has one.
 #[derive(Debug, Clone, Default)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
+pub struct Bearer {
+    token: Option<MetadataValue<Ascii>>,
+    traceparent: Option<MetadataValue<Ascii>>,
+}
 
 impl Bearer {
     /// The token of `credentials` (an empty one is none); one that is not
     /// header text is an error.
     pub fn new(credentials: &Credentials) -> Result<Self, ClientError> {
-        match credentials.token.as_deref().map(str::trim) {
-            None | Some("") => Ok(Self(None)),
-            Some(token) => format!("Bearer {token}")
-                .parse()
-                .map(|header| Self(Some(header)))
-                .map_err(|_| ClientError::Input("the token is not valid header text".into())),
-        }
+        let token =
+            match credentials.token.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                    ClientError::Input("the token is not valid header text".into())
+                })?),
+            };
+        Ok(Self {
+            token,
+            traceparent: None,
+        })
+    }
+
+    /// Also sends `traceparent` (see [`ClientOptions::traceparent`]); one
+    /// that is not header text is left out.
+    pub fn with_traceparent(mut self, traceparent: Option<&str>) -> Self {
+        self.traceparent = traceparent.and_then(|value| value.parse().ok());
+        self
     }
 }
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(header) = &self.0 {
+        if let Some(header) = &self.token {
             request
                 .metadata_mut()
                 .insert("authorization", header.clone());
+        }
+        if let Some(header) = &self.traceparent {
+            request.metadata_mut().insert("traceparent", header.clone());
         }
         Ok(request)
     }

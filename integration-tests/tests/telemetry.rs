@@ -256,7 +256,15 @@ async fn trace_context_crosses_both_servers_and_spans_are_exported() {
                     .collect();
                 let services: std::collections::HashSet<_> =
                     in_trace.iter().map(|s| s.service.as_str()).collect();
-                if services.contains("addons-manager") && services.contains("addons-marketplace") {
+                let client = in_trace
+                    .iter()
+                    .any(|s| s.service == "addons-manager" && s.name.ends_with("Service/GetAddon"));
+                let server = in_trace.iter().any(|s| s.parent_span_id == caller_span);
+                if client
+                    && server
+                    && services.contains("addons-manager")
+                    && services.contains("addons-marketplace")
+                {
                     Ok(in_trace)
                 } else {
                     Err(format!("{in_trace:?}"))
@@ -281,8 +289,16 @@ async fn trace_context_crosses_both_servers_and_spans_are_exported() {
         marketplace_span.name.contains("GetAddon"),
         "{marketplace_span:?}"
     );
+    // The manager's client span of its call is the marketplace span's
+    // parent, and a child of the manager's own call.
+    let client_span = spans
+        .iter()
+        .find(|s| s.span_id == marketplace_span.parent_span_id)
+        .unwrap_or_else(|| panic!("the marketplace span's parent is exported: {spans:#?}"));
+    assert_eq!(client_span.service, "addons-manager", "{spans:#?}");
+    assert!(client_span.name.ends_with("MarketplaceService/GetAddon"));
     assert_eq!(
-        marketplace_span.parent_span_id, manager_span.span_id,
+        client_span.parent_span_id, manager_span.span_id,
         "the marketplace's span continues the manager's: {spans:#?}"
     );
     manager.stop().await;
@@ -290,9 +306,9 @@ async fn trace_context_crosses_both_servers_and_spans_are_exported() {
 }
 
 #[tokio::test]
-async fn an_install_is_one_trace_from_the_call_to_the_container_start() {
+async fn an_install_is_one_trace_from_the_cli_to_the_container_start() {
     use integration_tests::{
-        Containerd, MonitorSetup, RegistryServer, grant_all,
+        Containerd, MonitorSetup, RegistryServer,
         images::{ImageSpec, push_image},
         publish_approved,
     };
@@ -353,23 +369,41 @@ async fn an_install_is_one_trace_from_the_call_to_the_container_start() {
     )
     .await;
 
-    let trace_id = "0af7651916cd43dd8448eb211c80319c";
-    let mut request = tonic::Request::new(InstallAddonRequest {
-        marketplace_id: addon.id.clone(),
-        accepted_privileges: grant_all(&addon, false),
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-b7ad6b7169203331-01")
-            .parse()
-            .unwrap(),
-    );
-    AddonsManagerServiceClient::new(manager.channel())
-        .install_addon(request)
+    // Installed through the CLI, which exports its own span and sends its
+    // trace with every call.
+    let output = tokio::process::Command::new(binary("oak-addons"))
+        .args([
+            "--manager",
+            &manager.url(),
+            "--marketplace",
+            &marketplace.url(),
+            "install",
+            &addon.id,
+            "--grant-all",
+        ])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .output()
         .await
         .unwrap();
-
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let cli_span = eventually("the CLI exports its span", Duration::from_secs(15), || {
+        let collector = collector.clone();
+        async move {
+            let spans = collector.spans.lock().await.clone();
+            spans
+                .into_iter()
+                .find(|s| s.service == "oak-addons" && s.name == "oak-addons install")
+                .ok_or_else(|| "no CLI span yet".to_owned())
+        }
+    })
+    .await;
+    let trace_id = cli_span.trace_id.clone();
+    let trace_id = trace_id.as_str();
     let spans = eventually(
         "the install's trace reaches containerd on the node",
         Duration::from_secs(60),
@@ -389,12 +423,19 @@ async fn an_install_is_one_trace_from_the_call_to_the_container_start() {
                         .iter()
                         .any(|s| s.service == service && s.name.contains(name))
                 };
-                if has("addons-manager", "InstallAddon")
+                if has("oak-addons", "oak-addons install")
+                    && has("addons-manager", "InstallAddon")
                     && has("addons-marketplace", "GetAddon")
                     && has("addons-manager", "link send desired state")
                     && has("addons-monitor", "reconcile create")
                     && has("addons-monitor", "containerd.create_container")
                     && has("addons-monitor", "containerd.start_created_task")
+                    // Each containerd call's parent (its action, which ends
+                    // after it) is exported too.
+                    && spans
+                        .iter()
+                        .filter(|s| s.name.starts_with("containerd."))
+                        .all(|call| spans.iter().any(|s| s.span_id == call.parent_span_id))
                 {
                     Ok(spans)
                 } else {
@@ -410,6 +451,14 @@ async fn an_install_is_one_trace_from_the_call_to_the_container_start() {
         },
     )
     .await;
+    let install = spans
+        .iter()
+        .find(|s| s.service == "addons-manager" && s.name.contains("InstallAddon"))
+        .unwrap();
+    assert_eq!(
+        install.parent_span_id, cli_span.span_id,
+        "the manager's call is the CLI's child: {spans:#?}"
+    );
     // The node's work hangs from the manager's send, not from nowhere.
     let create = spans
         .iter()

@@ -8,6 +8,7 @@ mod failure;
 pub(crate) mod output;
 mod progress;
 mod servers;
+mod trace;
 
 use std::{
     collections::HashMap,
@@ -37,7 +38,20 @@ pub use self::{
 };
 
 /// Runs the command; the exit code on success.
-pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
+pub async fn run(cli: Cli) -> Result<u8, Failure> {
+    let trace = trace::CommandTrace::start(&trace::command_name());
+    let traceparent = trace.as_ref().map(trace::CommandTrace::traceparent);
+    let result = run_traced(cli, traceparent).await;
+    if let Some(trace) = trace {
+        trace
+            .end(result.as_ref().err().map(ToString::to_string))
+            .await;
+    }
+    result
+}
+
+/// Runs the command; its calls carry `traceparent` (the command's span).
+async fn run_traced(mut cli: Cli, traceparent: Option<String>) -> Result<u8, Failure> {
     if let Command::Config(_) = &cli.command {
         let Command::Config(command) = std::mem::replace(
             &mut cli.command,
@@ -61,6 +75,7 @@ pub async fn run(mut cli: Cli) -> Result<u8, Failure> {
     let options = ClientOptions {
         timeout: cli.timeout,
         credentials,
+        traceparent,
         ..ClientOptions::default()
     };
     let format = cli.output;
