@@ -310,6 +310,7 @@ async fn main() {
         let base = median_run(&ceiling, call, &ids).await;
         rows.push((name, ours, base));
     }
+    let rows_get = rows[0].1;
     sampler.abort();
     println!(
         "| call, {CONCURRENCY} concurrent, median of {RUNS} runs of {}s | ours: calls/s | p50 | p99 | baseline: minimal tonic server calls/s | p50 | p99 | ours / baseline (calls/s) |",
@@ -334,5 +335,83 @@ async fn main() {
         peak.load(Ordering::Relaxed) as f64 / 1024.0
     );
     baseline.stop().await;
+
+    // The cost of observability: metrics are counted whatever the flags
+    // (they have no off switch), so "off" is the run above (nothing
+    // scraped, no span exported) and "on" the same marketplace restarted
+    // on the same store with its metrics scraped every second and every
+    // span exported over OTLP to a collector on the machine.
     marketplace.stop().await;
+    let collector = start_collector().await;
+    let observed = ServerProcess::start_with_env(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store,
+            "--insecure-registry",
+            &host,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str())],
+    )
+    .await;
+    let metrics = observed.metrics_addr().unwrap();
+    let scraper = tokio::spawn(async move {
+        loop {
+            let _ = integration_tests::http_get_path(
+                std::net::Ipv4Addr::LOCALHOST,
+                metrics.port(),
+                "/metrics",
+                Duration::from_secs(1),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let off = rows_get;
+    let on = median_run(&observed.channel(), Call::Get, &ids).await;
+    scraper.abort();
+    println!(
+        "\n| GetAddon, {CONCURRENCY} concurrent, median of {RUNS} runs of {}s | metrics scraped every 1 s, every span exported (OTLP): calls/s | p50 | p99 | neither: calls/s | p50 | p99 | on / off (calls/s) |",
+        RUN.as_secs()
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| GetAddon | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+        on.throughput,
+        ms(on.p50),
+        ms(on.p99),
+        off.throughput,
+        ms(off.p50),
+        ms(off.p99),
+        on.throughput / off.throughput
+    );
+    observed.stop().await;
+}
+
+/// An OTLP/gRPC collector that takes every span and keeps none; its URL.
+async fn start_collector() -> String {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    struct Discard;
+    #[tonic::async_trait]
+    impl TraceService for Discard {
+        async fn export(
+            &self,
+            _: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            Ok(Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Discard))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    url
 }
