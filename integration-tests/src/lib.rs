@@ -443,6 +443,18 @@ impl Scraped {
             .sum()
     }
 
+    /// The metric families the scrape names (their `# HELP` lines, so an
+    /// empty family counts), as their metric names: a counter's with its
+    /// `_total`.
+    pub fn families(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .docs
+            .keys()
+            .cloned()
+            .chain(self.0.samples.iter().map(|sample| sample.metric.clone()))
+            .collect()
+    }
+
     /// Every value any label of any sample has.
     pub fn label_values(&self) -> std::collections::BTreeSet<String> {
         self.0

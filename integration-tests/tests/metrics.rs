@@ -473,7 +473,14 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
     let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
     let marketplace = ServerProcess::start(
         &binary("addons-marketplace"),
-        &["--store", &store("m"), "--insecure-registry", &host],
+        &[
+            "--store",
+            &store("m"),
+            "--insecure-registry",
+            &host,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     )
     .await;
     let manager = ServerProcess::start(
@@ -674,6 +681,37 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
         |v| v >= 2.0,
     )
     .await;
+    // Every metric the Grafana dashboard shows is one the servers serve.
+    let mut served = scrape(manager_metrics).await.families();
+    served.extend(scrape(node_metrics).await.families());
+    served.extend(scrape(marketplace.metrics_addr().unwrap()).await.families());
+    let dashboard = std::fs::read_to_string(
+        integration_tests::workspace_root().join("deploy/observability/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut shown = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !c.is_ascii_alphanumeric() && c != '_') {
+                if word.starts_with("addons_") || word.starts_with("grpc_server_") {
+                    let family = word.strip_suffix("_bucket").unwrap_or(word).to_owned();
+                    shown.insert(family);
+                }
+            }
+        }
+    }
+    assert!(shown.len() >= 20, "{shown:?}");
+    // Refusals are labelled by the reason of each, so the family appears
+    // with the first (`every_call_is_counted...` refuses one).
+    served.insert("addons_guard_refusals_total".to_owned());
+    let missing: Vec<_> = shown.difference(&served).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard shows metrics nobody serves: {missing:?}; served: {served:?}"
+    );
+
     monitor.stop().await;
     metric_becomes(manager_metrics, "addons_monitors_linked", &[], |v| v == 0.0).await;
     manager.stop().await;

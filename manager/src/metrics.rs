@@ -69,6 +69,11 @@ impl ManagerMetrics {
             "Status reports stored and acked to their monitor",
             this.reports_acked.clone(),
         );
+        // Both reasons from the start: an alert on drops finds a zero,
+        // not nothing.
+        for reason in ["not_placed", "not_stored"] {
+            let _ = this.reports_dropped.get_or_create(&ReasonLabels { reason });
+        }
         metrics.register(
             "addons_link_reports_dropped",
             "Status reports not stored, by reason: not_placed (about an installation never placed on the node), not_stored (the store failed; the monitor sends it again)",
