@@ -19,12 +19,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .open("/var/lib/oakestra-addons/manager.redb", "addons", &metrics)
         .await?;
     let readiness = addons_server_kit::health::Readiness::default();
-    addons_server_kit::health::watch_store(
-        store.clone(),
-        readiness.part("store"),
-        std::time::Duration::from_secs(2),
-        shutdown.clone(),
-    );
+    readiness.watch_store(&store, &shutdown);
     let listen = config
         .common
         .listen

@@ -2,15 +2,9 @@
 //! monitor links and the reports that come over them, and the desired
 //! state's generation. No node or installation id is a label.
 
-use addons_server_kit::metrics::Metrics;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+use addons_server_kit::metrics::{
+    Metrics,
+    kinds::{Counter, EncodeLabelSet, Family, Gauge, Histogram, latency},
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,57 +32,50 @@ pub struct ManagerMetrics {
 
 impl Default for ManagerMetrics {
     fn default() -> Self {
-        Self {
-            monitors_linked: Gauge::default(),
-            reports_received: Counter::default(),
-            reports_acked: Counter::default(),
-            reports_dropped: Family::default(),
-            // 0.5 ms to 12 s.
-            report_stored_seconds: Histogram::new(exponential_buckets(0.0005, 2.5, 12)),
-            desired_generation: Gauge::default(),
-        }
+        Self::new(&Metrics::new())
     }
 }
 
 impl ManagerMetrics {
     /// The manager's metrics, registered in `metrics`.
     pub fn new(metrics: &Metrics) -> Self {
-        let this = Self::default();
-        metrics.register(
-            "addons_monitors_linked",
-            "Monitors whose link to this manager is open",
-            this.monitors_linked.clone(),
-        );
-        metrics.register(
-            "addons_link_reports_received",
-            "Status reports received from monitors",
-            this.reports_received.clone(),
-        );
-        metrics.register(
-            "addons_link_reports_acked",
-            "Status reports stored and acked to their monitor",
-            this.reports_acked.clone(),
-        );
+        let this = Self {
+            monitors_linked: metrics.add(
+                "addons_monitors_linked",
+                "Monitors whose link to this manager is open",
+                Gauge::default(),
+            ),
+            reports_received: metrics.add(
+                "addons_link_reports_received",
+                "Status reports received from monitors",
+                Counter::default(),
+            ),
+            reports_acked: metrics.add(
+                "addons_link_reports_acked",
+                "Status reports stored and acked to their monitor",
+                Counter::default(),
+            ),
+            reports_dropped: metrics.add(
+                "addons_link_reports_dropped",
+                "Status reports not stored, by reason: not_placed (about an installation never placed on the node), not_stored (the store failed; the monitor sends it again)",
+                Family::default(),
+            ),
+            report_stored_seconds: metrics.add(
+                "addons_link_report_stored_seconds",
+                "Time from a report's arrival to its ack, once it is durable",
+                latency(),
+            ),
+            desired_generation: metrics.add(
+                "addons_desired_generation",
+                "Generation of the desired state the links send",
+                Gauge::default(),
+            ),
+        };
         // Both reasons from the start: an alert on drops finds a zero,
         // not nothing.
         for reason in ["not_placed", "not_stored"] {
             let _ = this.reports_dropped.get_or_create(&ReasonLabels { reason });
         }
-        metrics.register(
-            "addons_link_reports_dropped",
-            "Status reports not stored, by reason: not_placed (about an installation never placed on the node), not_stored (the store failed; the monitor sends it again)",
-            this.reports_dropped.clone(),
-        );
-        metrics.register(
-            "addons_link_report_stored_seconds",
-            "Time from a report's arrival to its ack, once it is durable",
-            this.report_stored_seconds.clone(),
-        );
-        metrics.register(
-            "addons_desired_generation",
-            "Generation of the desired state the links send",
-            this.desired_generation.clone(),
-        );
         this
     }
 

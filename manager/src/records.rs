@@ -287,10 +287,7 @@ impl Installations {
         &self,
         id: &str,
     ) -> addons_store::Result<Option<Versioned<Installation>>> {
-        match self.records.get(id).await? {
-            Some(record) => self.whole(record).await,
-            None => Ok(None),
-        }
+        self.whole_if(self.records.get(id).await?).await
     }
 
     /// One installation, whole, or [`addons_store::Error::NotFound`].
@@ -332,7 +329,16 @@ impl Installations {
         &self,
         unique_key: &str,
     ) -> addons_store::Result<Option<Versioned<Installation>>> {
-        match self.records.by_unique_key(unique_key).await? {
+        self.whole_if(self.records.by_unique_key(unique_key).await?)
+            .await
+    }
+
+    /// `record` whole, if there is one.
+    async fn whole_if(
+        &self,
+        record: Option<Versioned<Installation>>,
+    ) -> addons_store::Result<Option<Versioned<Installation>>> {
+        match record {
             Some(record) => self.whole(record).await,
             None => Ok(None),
         }

@@ -24,12 +24,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         )
         .await?;
     let readiness = addons_server_kit::health::Readiness::default();
-    addons_server_kit::health::watch_store(
-        store.clone(),
-        readiness.part("store"),
-        std::time::Duration::from_secs(2),
-        shutdown.clone(),
-    );
+    readiness.watch_store(&store, &shutdown);
     // Before the API: its `listening on` is the last line of a start.
     let metrics_listener = config.common.bind_metrics().await?;
     let (security, listener) = config

@@ -30,14 +30,9 @@ use addons_store::{Collection, Filter, Precondition};
 use chrono::Utc;
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 
-use addons_server_kit::metrics::{BoundedValues, Metrics};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        histogram::{Histogram, exponential_buckets},
-    },
+use addons_server_kit::metrics::{
+    BoundedValues, Metrics,
+    kinds::{Counter, EncodeLabelSet, Family, Histogram, Latencies, latencies, long},
 };
 
 use crate::{
@@ -91,49 +86,42 @@ pub struct VerifierMetrics {
     attempts: Family<OutcomeLabels, Counter>,
     attempt_seconds: Histogram,
     checks: Family<CheckLabels, Counter>,
-    check_seconds: Family<RegistryLabels, Histogram>,
+    check_seconds: Latencies<RegistryLabels>,
     registries: BoundedValues,
 }
 
 impl Default for VerifierMetrics {
     fn default() -> Self {
-        Self {
-            attempts: Family::default(),
-            attempt_seconds: Histogram::new(exponential_buckets(0.005, 2.5, 10)),
-            checks: Family::default(),
-            check_seconds: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.005, 2.5, 10))
-            }),
-            registries: BoundedValues::new(64),
-        }
+        Self::new(&Metrics::new())
     }
 }
 
 impl VerifierMetrics {
     /// The verifier's metrics, registered in `metrics`.
     pub fn new(metrics: &Metrics) -> Self {
-        let this = Self::default();
-        metrics.register(
-            "addons_verifications",
-            "Verification attempts, by outcome: approved, failed (verification failed), retried (a registry could not answer)",
-            this.attempts.clone(),
-        );
-        metrics.register(
-            "addons_verification_seconds",
-            "Time of a verification attempt's registry checks",
-            this.attempt_seconds.clone(),
-        );
-        metrics.register(
-            "addons_registry_checks",
-            "Image checks on registries, by registry and outcome: ok, failed (for good), unavailable (to retry)",
-            this.checks.clone(),
-        );
-        metrics.register(
-            "addons_registry_check_seconds",
-            "Time of one image check (manifests and configurations), by registry",
-            this.check_seconds.clone(),
-        );
-        this
+        Self {
+            attempts: metrics.add(
+                "addons_verifications",
+                "Verification attempts, by outcome: approved, failed (verification failed), retried (a registry could not answer)",
+                Family::default(),
+            ),
+            attempt_seconds: metrics.add(
+                "addons_verification_seconds",
+                "Time of a verification attempt's registry checks",
+                long(),
+            ),
+            checks: metrics.add(
+                "addons_registry_checks",
+                "Image checks on registries, by registry and outcome: ok, failed (for good), unavailable (to retry)",
+                Family::default(),
+            ),
+            check_seconds: metrics.add(
+                "addons_registry_check_seconds",
+                "Time of one image check (manifests and configurations), by registry",
+                latencies(),
+            ),
+            registries: BoundedValues::new(64),
+        }
     }
 
     fn checked(&self, image: &str, elapsed: Duration, result: &Result<Inspection, CheckError>) {

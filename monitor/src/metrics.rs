@@ -2,14 +2,9 @@
 //! reconcile passes and the actions they take, pulls, restarts, swaps and
 //! restores. No installation, service or container id is a label.
 
-use addons_server_kit::metrics::Metrics;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        histogram::{Histogram, exponential_buckets},
-    },
+use addons_server_kit::metrics::{
+    Metrics,
+    kinds::{Counter, EncodeLabelSet, Family, Histogram, long},
 };
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,54 +32,45 @@ pub struct MonitorMetrics {
 
 impl Default for MonitorMetrics {
     fn default() -> Self {
-        Self {
-            passes: Family::default(),
-            // 1 ms to 30 s.
-            pass_seconds: Histogram::new(exponential_buckets(0.001, 2.5, 12)),
-            actions: Family::default(),
-            pulls: Family::default(),
-            // 10 ms to 10 min.
-            pull_seconds: Histogram::new(exponential_buckets(0.01, 3.0, 13)),
-            pulled_bytes: Counter::default(),
-        }
+        Self::new(&Metrics::new())
     }
 }
 
 impl MonitorMetrics {
     /// The monitor's metrics, registered in `metrics`.
     pub fn new(metrics: &Metrics) -> Self {
-        let this = Self::default();
-        metrics.register(
-            "addons_reconcile_passes",
-            "Reconcile passes, by outcome: ok, error (retried at the next resync)",
-            this.passes.clone(),
-        );
-        metrics.register(
-            "addons_reconcile_pass_seconds",
-            "Time of one reconcile pass",
-            this.pass_seconds.clone(),
-        );
-        metrics.register(
-            "addons_reconcile_actions",
-            "Actions reconcile passes took, by kind (create, start, restart, swap, take_over, restore, run_core, exited, remove, phase) and outcome (ok, error)",
-            this.actions.clone(),
-        );
-        metrics.register(
-            "addons_pulls",
-            "Image pulls, by outcome: ok, error",
-            this.pulls.clone(),
-        );
-        metrics.register(
-            "addons_pull_seconds",
-            "Time of one image pull (resolve, fetch and unpack)",
-            this.pull_seconds.clone(),
-        );
-        metrics.register(
-            "addons_pulled_bytes",
-            "Bytes fetched from registries by pulls",
-            this.pulled_bytes.clone(),
-        );
-        this
+        Self {
+            passes: metrics.add(
+                "addons_reconcile_passes",
+                "Reconcile passes, by outcome: ok, error (retried at the next resync)",
+                Family::default(),
+            ),
+            pass_seconds: metrics.add(
+                "addons_reconcile_pass_seconds",
+                "Time of one reconcile pass",
+                long(),
+            ),
+            actions: metrics.add(
+                "addons_reconcile_actions",
+                "Actions reconcile passes took, by kind (create, start, restart, swap, take_over, restore, run_core, exited, remove, phase) and outcome (ok, error)",
+                Family::default(),
+            ),
+            pulls: metrics.add(
+                "addons_pulls",
+                "Image pulls, by outcome: ok, error",
+                Family::default(),
+            ),
+            pull_seconds: metrics.add(
+                "addons_pull_seconds",
+                "Time of one image pull (resolve, fetch and unpack)",
+                long(),
+            ),
+            pulled_bytes: metrics.add(
+                "addons_pulled_bytes",
+                "Bytes fetched from registries by pulls",
+                Counter::default(),
+            ),
+        }
     }
 
     /// A pass ended, `ok` or not, after `elapsed`.

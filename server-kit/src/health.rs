@@ -108,19 +108,24 @@ pub fn probe<F, Fut>(
     });
 }
 
-/// Probes `store` (one read every `every`) for the readiness part `works`.
 #[cfg(feature = "store")]
-pub fn watch_store(
-    store: addons_store::Store,
-    works: watch::Sender<bool>,
-    every: std::time::Duration,
-    shutdown: crate::Shutdown,
-) {
-    let what = format!("store {}", store.describe());
-    probe(what, works, every, shutdown, move || {
+impl Readiness {
+    /// Makes `store` a part (`store`), probed with one read every 2 s
+    /// until `shutdown` fires.
+    pub fn watch_store(&self, store: &addons_store::Store, shutdown: &crate::Shutdown) {
+        let what = format!("store {}", store.describe());
         let store = store.clone();
-        async move { store.ping().await.map_err(|err| err.to_string()) }
-    });
+        probe(
+            what,
+            self.part("store"),
+            std::time::Duration::from_secs(2),
+            shutdown.clone(),
+            move || {
+                let store = store.clone();
+                async move { store.ping().await.map_err(|err| err.to_string()) }
+            },
+        );
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,13 @@ impl Metrics {
             .register(name, help, metric);
     }
 
+    /// Registers `metric` as [`Metrics::register`] does and gives it back:
+    /// how a part builds the metrics it keeps.
+    pub fn add<M: Metric + Clone>(&self, name: &str, help: &str, metric: M) -> M {
+        self.register(name, help, metric.clone());
+        metric
+    }
+
     /// Registers a gauge whose value `read` gives at each scrape: for what
     /// a server already keeps (a queue's length, a link's state).
     pub fn register_gauge_fn(
@@ -244,6 +251,38 @@ impl BoundedValues {
 mod store;
 #[cfg(feature = "store")]
 pub use store::StoreMetrics;
+
+/// What the servers' parts build their metrics of, in one import.
+pub mod kinds {
+    pub use prometheus_client::{
+        encoding::EncodeLabelSet,
+        metrics::{
+            counter::Counter,
+            family::Family,
+            gauge::Gauge,
+            histogram::{Histogram, exponential_buckets},
+        },
+    };
+
+    /// A family of [`latency`] histograms, one per label set.
+    pub type Latencies<S> = Family<S, Histogram, fn() -> Histogram>;
+
+    /// A histogram of the time of a call or an operation: 0.1 ms to 15 s.
+    pub fn latency() -> Histogram {
+        Histogram::new(exponential_buckets(0.0001, 2.5, 14))
+    }
+
+    /// A histogram of the time of long work (a pass, a pull, a
+    /// verification): 1 ms to 20 min.
+    pub fn long() -> Histogram {
+        Histogram::new(exponential_buckets(0.001, 3.0, 14))
+    }
+
+    /// A [`Latencies`] family.
+    pub fn latencies<S: Clone + std::hash::Hash + Eq>() -> Latencies<S> {
+        Family::new_with_constructor(latency)
+    }
+}
 
 mod grpc;
 pub(crate) use grpc::{GrpcMetrics, MetricsLayer};

@@ -54,59 +54,32 @@ impl Observed {
     }
 }
 
-#[async_trait]
-impl Backend for Observed {
-    async fn prepare(&self, collection: &str) -> Result<()> {
-        self.timed("prepare", self.inner.prepare(collection)).await
-    }
+/// The `Backend` impl of [`Observed`]: each operation of `inner`, timed
+/// and told under its name.
+macro_rules! observed {
+    ($($operation:literal: fn $method:ident(&self, $($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
+        #[async_trait]
+        impl Backend for Observed {
+            $(
+                async fn $method(&self, $($arg: $ty),*) -> Result<$out> {
+                    self.timed($operation, self.inner.$method($($arg),*)).await
+                }
+            )*
 
-    async fn insert(&self, collection: &str, record: &RawRecord) -> Result<()> {
-        self.timed("insert", self.inner.insert(collection, record))
-            .await
-    }
+            fn describe(&self) -> String {
+                self.inner.describe()
+            }
+        }
+    };
+}
 
-    async fn get(&self, collection: &str, id: &str) -> Result<Option<RawRecord>> {
-        self.timed("get", self.inner.get(collection, id)).await
-    }
-
-    async fn replace(
-        &self,
-        collection: &str,
-        record: &RawRecord,
-        status_in: &[String],
-    ) -> Result<()> {
-        self.timed("replace", self.inner.replace(collection, record, status_in))
-            .await
-    }
-
-    async fn write_many(
-        &self,
-        collection: &str,
-        records: &[RawRecord],
-        durable: bool,
-    ) -> Result<()> {
-        self.timed(
-            "write_many",
-            self.inner.write_many(collection, records, durable),
-        )
-        .await
-    }
-
-    async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool> {
-        self.timed("delete", self.inner.delete(collection, id, condition))
-            .await
-    }
-
-    async fn delete_many(&self, collection: &str, ids: &[String]) -> Result<()> {
-        self.timed("delete_many", self.inner.delete_many(collection, ids))
-            .await
-    }
-
-    async fn list(&self, collection: &str, page: RawPage<'_>) -> Result<Vec<RawRecord>> {
-        self.timed("list", self.inner.list(collection, page)).await
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
+observed! {
+    "prepare": fn prepare(&self, collection: &str) -> ();
+    "insert": fn insert(&self, collection: &str, record: &RawRecord) -> ();
+    "get": fn get(&self, collection: &str, id: &str) -> Option<RawRecord>;
+    "replace": fn replace(&self, collection: &str, record: &RawRecord, status_in: &[String]) -> ();
+    "write_many": fn write_many(&self, collection: &str, records: &[RawRecord], durable: bool) -> ();
+    "delete": fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> bool;
+    "delete_many": fn delete_many(&self, collection: &str, ids: &[String]) -> ();
+    "list": fn list(&self, collection: &str, page: RawPage<'_>) -> Vec<RawRecord>;
 }

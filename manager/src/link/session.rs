@@ -228,16 +228,12 @@ impl LinkHub {
                     match message.message {
                         Some(open_link_request::Message::Heartbeat(_)) => {}
                         Some(open_link_request::Message::Report(report)) => {
-                            let span = tracing::info_span!(
-                                "link.report",
-                                otel.name = "link report",
+                            let span = link_span(
+                                "link report",
                                 node,
-                                installation = %report.installation_id,
-                                sequence = report.sequence,
-                                trace_id = tracing::field::Empty,
-                                span_id = tracing::field::Empty,
+                                &report.installation_id,
+                                &report.traceparent,
                             );
-                            addons_server_kit::continue_trace(&span, &report.traceparent);
                             let _in_span = span.enter();
                             let came = std::time::Instant::now();
                             self.options.metrics.reports_received.inc();
@@ -313,19 +309,34 @@ fn desired_spans(node: &str, chunk: &pb::DesiredStateChunk) -> Vec<tracing::Span
         .iter()
         .filter(|upsert| !upsert.traceparent.is_empty())
         .map(|upsert| {
-            let span = tracing::info_span!(
-                "link.desired",
-                otel.name = "link send desired state",
+            link_span(
+                "link send desired state",
                 node,
-                installation = %upsert.installation_id,
-                generation = chunk.generation,
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty,
-            );
-            addons_server_kit::continue_trace(&span, &upsert.traceparent);
-            span
+                &upsert.installation_id,
+                &upsert.traceparent,
+            )
         })
         .collect()
+}
+
+/// A span of the link with `node` about `installation`, named `what`,
+/// continuing the trace `traceparent` names.
+fn link_span(
+    what: &'static str,
+    node: &str,
+    installation: &str,
+    traceparent: &str,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "link",
+        otel.name = what,
+        node,
+        installation,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    addons_server_kit::continue_trace(&span, traceparent);
+    span
 }
 
 async fn send(tx: &Outbound, message: open_link_response::Message) -> Result<(), Error> {

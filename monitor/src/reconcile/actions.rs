@@ -44,10 +44,6 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         infos: &HashMap<String, ContainerInfo>,
     ) -> Result<(), MonitorError> {
         let kind = action_kind(&action);
-        let metrics = self.cx.options.metrics.clone();
-        // Creates and starts are counted by their own outcome: what
-        // follows an attempt records a failure and goes on.
-        let mut counted = false;
         let result = match action {
             Action::Phase {
                 installation,
@@ -78,17 +74,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     }
                     Err(refusal) => Err(refusal.into()),
                 };
-                // Waiting for its image is not a create yet.
-                let pulling = result.is_ok()
-                    && self
-                        .tracked
-                        .get(&id)
-                        .is_some_and(|t| t.status.phase() == pb::ServicePhase::Pulling);
-                if !pulling {
-                    metrics.action(kind, result.is_ok());
-                }
-                counted = true;
-                self.after_attempt(&installation, &service, &id, result)
+                return self.attempted(kind, &installation, &service, &id, result);
             }
             Action::Start {
                 installation,
@@ -102,9 +88,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 let result = self
                     .start(&installation, &service, &id, restart, core, spec)
                     .await;
-                metrics.action(kind, result.is_ok());
-                counted = true;
-                self.after_attempt(&installation, &service, &id, result)
+                return self.attempted(kind, &installation, &service, &id, result);
             }
             Action::Exited {
                 installation,
@@ -136,9 +120,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 None => Ok(()),
             },
         };
-        if !counted {
-            metrics.action(kind, result.is_ok());
-        }
+        self.cx.options.metrics.action(kind, result.is_ok());
         match result {
             Err(err) if err.is_unavailable() => Err(err),
             Err(err) => {
@@ -147,6 +129,28 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             }
             Ok(()) => Ok(()),
         }
+    }
+
+    /// Counts an attempt to create or start a service by its own outcome
+    /// (one that waits for its image is no create yet), then records it
+    /// against the service.
+    fn attempted(
+        &mut self,
+        kind: &'static str,
+        installation: &str,
+        service: &str,
+        id: &str,
+        result: Result<(), MonitorError>,
+    ) -> Result<(), MonitorError> {
+        let pulling = result.is_ok()
+            && self
+                .tracked
+                .get(id)
+                .is_some_and(|t| t.status.phase() == pb::ServicePhase::Pulling);
+        if !pulling {
+            self.cx.options.metrics.action(kind, result.is_ok());
+        }
+        self.after_attempt(installation, service, id, result)
     }
 
     /// Stops and removes containers side by side: each may take its whole

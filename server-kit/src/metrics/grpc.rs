@@ -5,15 +5,9 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
-};
+use oakestra_addons_proto::code_name;
+
+use super::kinds::{Counter, EncodeLabelSet, Family, Gauge, Latencies, latencies};
 
 use super::Metrics;
 
@@ -45,7 +39,7 @@ pub(crate) struct GrpcMetrics {
     methods: Arc<HashMap<String, MethodLabels>>,
     started: Family<MethodLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
-    handling: Family<MethodLabels, Histogram>,
+    handling: Latencies<MethodLabels>,
     in_flight: Family<MethodLabels, Gauge>,
     refused: Family<RefusalLabels, Counter>,
 }
@@ -76,43 +70,34 @@ impl GrpcMetrics {
                 )
             })
             .collect();
-        let this = Self {
+        Self {
             methods: Arc::new(methods),
-            started: Family::default(),
-            handled: Family::default(),
-            handling: Family::new_with_constructor(|| {
-                // 0.5 ms to 12 s.
-                Histogram::new(exponential_buckets(0.0005, 2.5, 12))
-            }),
-            in_flight: Family::default(),
-            refused: Family::default(),
-        };
-        metrics.register(
-            "grpc_server_started",
-            "gRPC calls started on the server",
-            this.started.clone(),
-        );
-        metrics.register(
-            "grpc_server_handled",
-            "gRPC calls completed on the server, by status code",
-            this.handled.clone(),
-        );
-        metrics.register(
-            "grpc_server_handling_seconds",
-            "Time from a gRPC call's start to its end (for streams, their life)",
-            this.handling.clone(),
-        );
-        metrics.register(
-            "grpc_server_in_flight",
-            "gRPC calls under way (for watches and links, the streams open)",
-            this.in_flight.clone(),
-        );
-        metrics.register(
-            "addons_guard_refusals",
-            "Calls the guard refused, by status code and reason",
-            this.refused.clone(),
-        );
-        this
+            started: metrics.add(
+                "grpc_server_started",
+                "gRPC calls started on the server",
+                Family::default(),
+            ),
+            handled: metrics.add(
+                "grpc_server_handled",
+                "gRPC calls completed on the server, by status code",
+                Family::default(),
+            ),
+            handling: metrics.add(
+                "grpc_server_handling_seconds",
+                "Time from a gRPC call's start to its end (for streams, their life)",
+                latencies(),
+            ),
+            in_flight: metrics.add(
+                "grpc_server_in_flight",
+                "gRPC calls under way (for watches and links, the streams open)",
+                Family::default(),
+            ),
+            refused: metrics.add(
+                "addons_guard_refusals",
+                "Calls the guard refused, by status code and reason",
+                Family::default(),
+            ),
+        }
     }
 
     /// A call to `path` starts.
@@ -182,30 +167,6 @@ impl CallMetrics {
 impl Drop for CallMetrics {
     fn drop(&mut self) {
         self.finish(tonic::Code::Cancelled);
-    }
-}
-
-/// A status code's name as gRPC writes it (`OK`, `NOT_FOUND`, ...).
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -1,13 +1,6 @@
 //! The metrics of a server's store, told by the store's observer.
 
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        histogram::{Histogram, exponential_buckets},
-    },
-};
+use super::kinds::{Counter, EncodeLabelSet, Family, Latencies, latencies};
 
 use super::Metrics;
 
@@ -29,30 +22,24 @@ struct OperationLabels {
 #[derive(Debug, Clone)]
 pub struct StoreMetrics {
     operations: Family<StoreLabels, Counter>,
-    seconds: Family<OperationLabels, Histogram>,
+    seconds: Latencies<OperationLabels>,
 }
 
 impl StoreMetrics {
     /// The store's metrics, registered in `metrics`.
     pub fn new(metrics: &Metrics) -> Self {
-        let this = Self {
-            operations: Family::default(),
-            seconds: Family::new_with_constructor(|| {
-                // 0.1 ms to 2.4 s.
-                Histogram::new(exponential_buckets(0.0001, 2.5, 12))
-            }),
-        };
-        metrics.register(
-            "addons_store_operations",
-            "Database operations of the store, by operation and outcome (ok, or the error's kind)",
-            this.operations.clone(),
-        );
-        metrics.register(
-            "addons_store_operation_seconds",
-            "Time of one database operation, by operation",
-            this.seconds.clone(),
-        );
-        this
+        Self {
+            operations: metrics.add(
+                "addons_store_operations",
+                "Database operations of the store, by operation and outcome (ok, or the error's kind)",
+                Family::default(),
+            ),
+            seconds: metrics.add(
+                "addons_store_operation_seconds",
+                "Time of one database operation, by operation",
+                latencies(),
+            ),
+        }
     }
 }
 
