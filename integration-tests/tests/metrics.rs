@@ -568,7 +568,28 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
         |v| v >= 2.0,
     )
     .await;
+    // Given up on: the crasher is FAILED, the looper runs.
+    metric_becomes(
+        node_metrics,
+        "addons_services",
+        &[("phase", "failed")],
+        |v| v == 1.0,
+    )
+    .await;
     let node = scrape(node_metrics).await;
+    assert_eq!(
+        node.value("addons_services", &[("phase", "running")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        node.value("addons_services", &[("phase", "pulling")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        node.value("addons_service_health", &[("health", "healthy")]),
+        Some(0.0),
+        "no service here has a health check"
+    );
     assert_eq!(
         node.value("addons_reconcile_actions_total", &action("restart")),
         Some(2.0),

@@ -179,12 +179,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "Status reports waiting for the manager's ack",
         move || i64::try_from(waiting.len()).unwrap_or(i64::MAX),
     );
-    let view = view_rx.clone();
-    metrics.register_gauge_fn(
-        "addons_reconcile_applied_generation",
-        "Generation of the desired state the last pass applied (0: none yet)",
-        move || i64::try_from(view.borrow().applied_generation).unwrap_or(i64::MAX),
-    );
+    addons_monitor::metrics::register_view(&metrics, view_rx.clone());
     tokio::spawn(reconcile::run(
         containerd.clone(),
         ReconcileOptions {

@@ -60,13 +60,42 @@ impl Metrics {
         help: &'static str,
         read: impl Fn() -> i64 + Send + Sync + 'static,
     ) {
+        self.register_read(
+            name,
+            help,
+            None,
+            Box::new(move || vec![(String::new(), read())]),
+        );
+    }
+
+    /// Registers a gauge with one label, `label`, whose values and their
+    /// gauges `read` gives at each scrape (a count by phase, say: the
+    /// values must come from a bounded set).
+    pub fn register_gauges_fn(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: &'static str,
+        read: impl Fn() -> Vec<(String, i64)> + Send + Sync + 'static,
+    ) {
+        self.register_read(name, help, Some(label), Box::new(read));
+    }
+
+    fn register_read(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: Option<&'static str>,
+        read: Box<dyn Fn() -> Vec<(String, i64)> + Send + Sync>,
+    ) {
         self.registry
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .register_collector(Box::new(GaugeFn {
+            .register_collector(Box::new(GaugesFn {
                 name,
                 help,
-                read: Box::new(read),
+                label,
+                read,
             }));
     }
 
@@ -167,32 +196,45 @@ impl Metrics {
     }
 }
 
-/// A gauge read at each scrape.
-struct GaugeFn {
+/// Gauges read at each scrape: one without a label, or one per value of
+/// `label`.
+struct GaugesFn {
     name: &'static str,
     help: &'static str,
-    read: Box<dyn Fn() -> i64 + Send + Sync>,
+    label: Option<&'static str>,
+    read: Box<dyn Fn() -> Vec<(String, i64)> + Send + Sync>,
 }
 
-impl std::fmt::Debug for GaugeFn {
+impl std::fmt::Debug for GaugesFn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GaugeFn").field("name", &self.name).finish()
+        f.debug_struct("GaugesFn")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
-impl prometheus_client::collector::Collector for GaugeFn {
+impl prometheus_client::collector::Collector for GaugesFn {
     fn encode(
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric as _;
-        let metric = encoder.encode_descriptor(
+        let mut metric = encoder.encode_descriptor(
             self.name,
             self.help,
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        prometheus_client::metrics::gauge::ConstGauge::new((self.read)()).encode(metric)
+        let gauges = (self.read)();
+        let Some(label) = self.label else {
+            let value = gauges.first().map_or(0, |(_, value)| *value);
+            return prometheus_client::metrics::gauge::ConstGauge::new(value).encode(metric);
+        };
+        for (value, gauge) in gauges {
+            prometheus_client::metrics::gauge::ConstGauge::new(gauge)
+                .encode(metric.encode_family(&[(label, value.as_str())])?)?;
+        }
+        Ok(())
     }
 }
 
