@@ -187,9 +187,7 @@ pub async fn publish_approved_on(
     >,
     addon: oakestra_addons_proto::marketplace::v1::Addon,
 ) -> oakestra_addons_proto::marketplace::v1::Addon {
-    use oakestra_addons_proto::marketplace::v1::{
-        AddonStatus, GetAddonRequest, PublishAddonRequest,
-    };
+    use oakestra_addons_proto::marketplace::v1::{AddonStatus, PublishAddonRequest};
     let published = client
         .clone()
         .publish_addon(PublishAddonRequest {
@@ -201,26 +199,43 @@ pub async fn publish_approved_on(
         .into_inner()
         .addon
         .unwrap_or_default();
-    eventually("the addon is approved", Duration::from_secs(30), || {
-        let mut client = client.clone();
-        let id = published.id.clone();
-        async move {
-            let addon = client
-                .get_addon(GetAddonRequest { id })
-                .await
-                .map_err(|status| status.to_string())?
-                .into_inner()
-                .addon
-                .unwrap_or_default();
-            match addon.status() {
-                AddonStatus::Approved => Ok(addon),
-                AddonStatus::FailedVerification => {
-                    panic!("verification failed: {:?}", addon.verification)
+    verified_as(client, &published.id, AddonStatus::Approved).await
+}
+
+/// Waits until the addon `id` leaves review in `status` (the one it
+/// ends in); panics with its verification if it ends in another.
+pub async fn verified_as(
+    client: oakestra_addons_proto::marketplace::v1::marketplace_service_client::MarketplaceServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    status: oakestra_addons_proto::marketplace::v1::AddonStatus,
+) -> oakestra_addons_proto::marketplace::v1::Addon {
+    use oakestra_addons_proto::marketplace::v1::{AddonStatus, GetAddonRequest};
+    eventually(
+        &format!("the addon is {status:?}"),
+        Duration::from_secs(30),
+        || {
+            let mut client = client.clone();
+            let id = id.to_owned();
+            async move {
+                let addon = client
+                    .get_addon(GetAddonRequest { id })
+                    .await
+                    .map_err(|status| status.to_string())?
+                    .into_inner()
+                    .addon
+                    .unwrap_or_default();
+                match addon.status() {
+                    reached if reached == status => Ok(addon),
+                    AddonStatus::UnderReview | AddonStatus::Unspecified => {
+                        Err(format!("{:?}", addon.status()))
+                    }
+                    other => panic!("verification ended {other:?}: {:?}", addon.verification),
                 }
-                other => Err(format!("{other:?}")),
             }
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -230,27 +245,32 @@ pub async fn start_control_plane(
     dir: &std::path::Path,
     registry: &str,
 ) -> (ServerProcess, ServerProcess) {
+    start_control_plane_with(dir, registry, &[], &[]).await
+}
+
+/// [`start_control_plane`], both servers with the flags `extra` and the
+/// environment `env`.
+pub async fn start_control_plane_with(
+    dir: &std::path::Path,
+    registry: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (ServerProcess, ServerProcess) {
     let store = |name: &str| format!("embedded:{}/{name}.redb", dir.display());
-    let marketplace = ServerProcess::start(
-        &binary("addons-marketplace"),
-        &[
-            "--store",
-            &store("marketplace"),
-            "--insecure-registry",
-            registry,
-        ],
-    )
-    .await;
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &[
-            "--store",
-            &store("manager"),
-            "--marketplace",
-            &marketplace.url(),
-        ],
-    )
-    .await;
+    let marketplace_store = store("marketplace");
+    let mut args = vec![
+        "--store",
+        &marketplace_store,
+        "--insecure-registry",
+        registry,
+    ];
+    args.extend_from_slice(extra);
+    let marketplace =
+        ServerProcess::start_with_env(&binary("addons-marketplace"), &args, env).await;
+    let (manager_store, marketplace_url) = (store("manager"), marketplace.url());
+    let mut args = vec!["--store", &manager_store, "--marketplace", &marketplace_url];
+    args.extend_from_slice(extra);
+    let manager = ServerProcess::start_with_env(&binary("addons-manager"), &args, env).await;
     (marketplace, manager)
 }
 
@@ -390,27 +410,24 @@ pub async fn scrape(addr: std::net::SocketAddr) -> Scraped {
 pub struct Scraped(pub prometheus_parse::Scrape);
 
 impl Scraped {
-    /// The value of the one sample of `metric` whose labels include
-    /// `labels`: a counter's or gauge's value, a histogram's count. None
-    /// when no sample matches.
-    pub fn value(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let matching: Vec<_> = self
-            .0
-            .samples
-            .iter()
-            .filter(|sample| {
-                sample.metric == metric
-                    && labels
-                        .iter()
-                        .all(|(key, value)| sample.labels.get(key) == Some(*value))
-            })
-            .collect();
-        assert!(
-            matching.len() <= 1,
-            "{metric} {labels:?} matches {} samples",
-            matching.len()
-        );
-        matching.first().map(|sample| match &sample.value {
+    /// The samples of `metric` whose labels include `labels`.
+    fn matching<'a>(
+        &'a self,
+        metric: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a prometheus_parse::Sample> + 'a {
+        self.0.samples.iter().filter(move |sample| {
+            sample.metric == metric
+                && labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.get(key) == Some(*value))
+        })
+    }
+
+    /// A sample's number: a counter's or gauge's value, a histogram's
+    /// count of observations.
+    fn number(sample: &prometheus_parse::Sample) -> f64 {
+        match &sample.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
             | prometheus_parse::Value::Untyped(v) => *v,
@@ -419,28 +436,25 @@ impl Scraped {
                 .map(|bucket| bucket.count)
                 .fold(0.0, f64::max),
             prometheus_parse::Value::Summary(_) => f64::NAN,
-        })
+        }
     }
 
-    /// The sum of the values of every sample of `metric` whose labels
-    /// include `labels` (counters, gauges and untyped ones).
+    /// The number of the one sample of `metric` whose labels include
+    /// `labels` (see `number`). None when no sample matches.
+    pub fn value(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let matching: Vec<_> = self.matching(metric, labels).collect();
+        assert!(
+            matching.len() <= 1,
+            "{metric} {labels:?} matches {} samples",
+            matching.len()
+        );
+        matching.first().map(|sample| Self::number(sample))
+    }
+
+    /// The sum of the numbers of every sample of `metric` whose labels
+    /// include `labels`.
     pub fn sum(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .samples
-            .iter()
-            .filter(|sample| {
-                sample.metric == metric
-                    && labels
-                        .iter()
-                        .all(|(key, value)| sample.labels.get(key) == Some(*value))
-            })
-            .map(|sample| match &sample.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => *v,
-                _ => 0.0,
-            })
-            .sum()
+        self.matching(metric, labels).map(Self::number).sum()
     }
 
     /// The metric families the scrape names (their `# HELP` lines, so an

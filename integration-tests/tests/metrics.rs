@@ -9,7 +9,7 @@ use std::time::Duration;
 use integration_tests::{
     Containerd, MonitorSetup, RegistryServer, ServerProcess, Started, binary, eventually,
     images::{ImageSpec, push_image},
-    publish_approved, scrape,
+    publish_approved, scrape, start_control_plane_with, verified_as,
 };
 use oakestra_addons_proto::marketplace::v1::{
     Addon, AddonStatus, GetAddonRequest, GetAddonResponse, ListAddonsRequest, PublishAddonRequest,
@@ -176,15 +176,7 @@ async fn an_open_watch_is_in_flight_until_its_client_goes() {
     let addon = client
         .publish_addon(with_token(
             PublishAddonRequest {
-                addon: Some(Addon {
-                    name: "watched".into(),
-                    services: vec![ServiceSpec {
-                        service_name: "svc".into(),
-                        image: "127.0.0.1:1/svc:1".into(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
+                addon: Some(addon("watched", "127.0.0.1:1/svc:1")),
                 ..Default::default()
             },
             &publisher,
@@ -306,28 +298,7 @@ async fn the_marketplace_counts_verifications_and_registry_checks() {
         .into_inner()
         .addon
         .unwrap();
-    eventually(
-        "the missing image fails verification",
-        Duration::from_secs(30),
-        || {
-            let mut client = client.clone();
-            let id = missing.id.clone();
-            async move {
-                let addon = client
-                    .get_addon(GetAddonRequest { id })
-                    .await
-                    .map_err(|status| status.to_string())?
-                    .into_inner()
-                    .addon
-                    .unwrap();
-                match addon.status() {
-                    AddonStatus::FailedVerification => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        },
-    )
-    .await;
+    verified_as(client, &missing.id, AddonStatus::FailedVerification).await;
 
     let scraped = scrape(metrics).await;
     let attempts = |outcome| scraped.value("addons_verifications_total", &[("outcome", outcome)]);
@@ -470,31 +441,9 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start(
-        &binary("addons-marketplace"),
-        &[
-            "--store",
-            &store("m"),
-            "--insecure-registry",
-            &host,
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &[
-            "--store",
-            &store("e"),
-            "--marketplace",
-            &marketplace.url(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
+    let (marketplace, manager) =
+        start_control_plane_with(dir.path(), &host, &["--metrics-listen", "127.0.0.1:0"], &[])
+            .await;
     let manager_metrics = manager.metrics_addr().unwrap();
     let state = dir.path().join("monitor");
     let _cleanup = integration_tests::NodeCleanup::new(&state, "om", "10.87");

@@ -324,19 +324,8 @@ async fn an_install_is_one_trace_from_the_cli_to_the_container_start() {
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
-    let marketplace = ServerProcess::start_with_env(
-        &binary("addons-marketplace"),
-        &["--store", &store("m"), "--insecure-registry", &host],
-        &env,
-    )
-    .await;
-    let manager = ServerProcess::start_with_env(
-        &binary("addons-manager"),
-        &["--store", &store("e"), "--marketplace", &marketplace.url()],
-        &env,
-    )
-    .await;
+    let (marketplace, manager) =
+        integration_tests::start_control_plane_with(dir.path(), &host, &[], &env).await;
     let state = dir.path().join("monitor");
     let _cleanup = integration_tests::NodeCleanup::new(&state, "ot", "10.67");
     let monitor = MonitorSetup {
