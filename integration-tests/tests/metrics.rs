@@ -567,7 +567,20 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
             > generation_before
     );
 
+    // The manager's record says so once the node's reports are in.
+    metric_becomes(
+        manager_metrics,
+        "addons_installations",
+        &[("status", "partially_active")],
+        |v| v == 1.0,
+    )
+    .await;
     let manager_scrape = scrape(manager_metrics).await;
+    assert_eq!(
+        manager_scrape.sum("addons_installations", &[]),
+        1.0,
+        "one installation, in one status"
+    );
     let acked = manager_scrape
         .value("addons_link_reports_acked_total", &[])
         .unwrap();
@@ -649,6 +662,13 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
         "addons_reconcile_actions_total",
         &action("remove"),
         |v| v >= 2.0,
+    )
+    .await;
+    metric_becomes(
+        manager_metrics,
+        "addons_installations",
+        &[("status", "disabled")],
+        |v| v == 1.0,
     )
     .await;
     // Every metric the Grafana dashboard shows is one the servers serve.

@@ -112,6 +112,8 @@ impl Stack {
                 &self.marketplace.url(),
                 "--listen",
                 &self.manager_listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
         )
         .await;
@@ -454,6 +456,22 @@ async fn upgrade_rolls_back_a_crash_and_rolls_back_on_request() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
+    // The manager counted each rollout and each step of its one node.
+    let metrics = integration_tests::scrape(stack.manager().metrics_addr().unwrap()).await;
+    let value = |metric: &str, label: (&str, &str)| metrics.value(metric, &[label]);
+    let started = |kind| value("addons_rollouts_started_total", ("kind", kind));
+    let ended = |outcome| value("addons_rollouts_ended_total", ("outcome", outcome));
+    let steps = |state| value("addons_rollout_node_steps_total", ("state", state));
+    assert_eq!(started("upgrade"), Some(2.0), "1.1.0 and 1.2.0");
+    assert_eq!(started("rollback"), Some(1.0), "back to release 1");
+    assert_eq!(ended("deployed"), Some(2.0), "1.1.0 and the rollback");
+    assert_eq!(ended("rolled_back"), Some(1.0), "1.2.0");
+    assert_eq!(steps("upgrading"), Some(3.0), "the node, in each rollout");
+    assert_eq!(steps("healthy"), Some(2.0), "all but 1.2.0's");
+    let status = |status| value("addons_installations", ("status", status));
+    assert_eq!(status("active"), Some(1.0));
+    assert_eq!(status("rolled_back"), Some(0.0));
+
     // Uninstall removes the current release's container.
     stack
         .client()
@@ -464,6 +482,12 @@ async fn upgrade_rolls_back_a_crash_and_rolls_back_on_request() {
         .await
         .unwrap();
     stack.settles(&id, InstallationStatus::Disabled, 4).await;
+    let metrics = integration_tests::scrape(stack.manager().metrics_addr().unwrap()).await;
+    let status = |status| metrics.value("addons_installations", &[("status", status)]);
+    assert_eq!(
+        (status("active"), status("disabled")),
+        (Some(0.0), Some(1.0))
+    );
     monitor.stop().await;
 }
 

@@ -95,6 +95,8 @@ impl LinkHub {
         let changes = installations.watch_records();
         let all = installations.list_records().await?;
         let mut desired = Desired::from_records(all.iter().map(|r| &r.value));
+        let tally =
+            crate::metrics::Tally::new(options.metrics.clone(), all.iter().map(|r| &r.value));
         desired.generation = desired::bump_generation(&planes, plane).await?;
         options
             .metrics
@@ -120,7 +122,7 @@ impl LinkHub {
             planes,
             plane,
             tx,
-            hub.options.metrics.desired_generation.clone(),
+            tally,
             shutdown,
         ));
         hub.seed_nodes(&reported).await?;

@@ -28,6 +28,18 @@ pub enum InstallationStatus {
 }
 
 impl InstallationStatus {
+    /// Every status, in declaration order.
+    pub const ALL: [Self; 8] = [
+        Self::Installing,
+        Self::Active,
+        Self::PartiallyActive,
+        Self::Failed,
+        Self::Disabling,
+        Self::Disabled,
+        Self::Upgrading,
+        Self::RolledBack,
+    ];
+
     /// The name the store filters on (Oakestra's status strings).
     pub fn as_str(self) -> &'static str {
         match self {

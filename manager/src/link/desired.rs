@@ -228,7 +228,7 @@ pub(super) async fn follow(
     planes: Collection<PlaneState>,
     plane: Plane,
     tx: watch::Sender<Arc<Desired>>,
-    generation: prometheus_client::metrics::gauge::Gauge,
+    mut tally: crate::metrics::Tally,
     shutdown: addons_server_kit::Shutdown,
 ) {
     let mut current = (**tx.borrow()).clone();
@@ -238,10 +238,12 @@ pub(super) async fn follow(
             received = changes.recv() => match received {
                 Ok(change) => {
                     let id = change.record.value.id.clone();
-                    let entry = match change.kind {
+                    let record = match change.kind {
                         ChangeKind::Deleted => None,
-                        ChangeKind::Added | ChangeKind::Modified => desired_entry(&change.record.value),
+                        ChangeKind::Added | ChangeKind::Modified => Some(&change.record.value),
                     };
+                    tally.saw(&id, record);
+                    let entry = record.and_then(desired_entry);
                     if current.installations.get(&id).map(|e| &**e) == entry.as_ref() {
                         false
                     } else {
@@ -256,7 +258,9 @@ pub(super) async fn follow(
                     // Missed changes: rebuild from the store.
                     match installations.list_records().await {
                         Ok(all) => {
-                            let rebuilt = Desired::from_records(all.iter().map(|r| &r.value));
+                            let records: Vec<&Installation> = all.iter().map(|r| &r.value).collect();
+                            tally.saw_all(&records);
+                            let rebuilt = Desired::from_records(records.iter().copied());
                             // Unchanged entries keep their Arc, so links send
                             // only what really changed.
                             for (id, entry) in rebuilt.installations {
@@ -289,7 +293,10 @@ pub(super) async fn follow(
                 current.generation += 1;
             }
         }
-        generation.set(i64::try_from(current.generation).unwrap_or(i64::MAX));
+        tally
+            .metrics()
+            .desired_generation
+            .set(i64::try_from(current.generation).unwrap_or(i64::MAX));
         tx.send_replace(Arc::new(current.clone()));
     }
 }
