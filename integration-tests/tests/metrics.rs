@@ -157,6 +157,74 @@ async fn every_call_is_counted_by_method_and_code_and_a_strangers_paths_add_no_l
         Some(1.0),
         "the anonymous call was refused by the guard"
     );
+
+    // REST requests are counted by route template and status code (never
+    // by their path), and each becomes gRPC calls, counted as such.
+    let url = |path: &str| format!("{}{path}", server.url());
+    let bearer = [format!("authorization: Bearer {token}")];
+    for (path, status) in [
+        ("/api/v1/marketplace/addons", 200),
+        ("/api/v1/marketplace/addons/", 200),
+        ("/api/v1/marketplace/addons/no-such-addon", 404),
+        ("/api/v1/stranger/path", 404),
+        ("/", 200),
+    ] {
+        let answer = integration_tests::rest::curl("GET", &url(path), None, &bearer).await;
+        assert_eq!(answer.status, status, "{path}: {answer:?}");
+    }
+    let anonymous =
+        integration_tests::rest::curl("GET", &url("/api/v1/marketplace/addons"), None, &[]).await;
+    assert_eq!(anonymous.status, 401);
+    let scraped = scrape(metrics).await;
+    let answered = |route: &str, code: &str| {
+        scraped.value(
+            "http_server_request_duration_seconds",
+            &[
+                ("http_request_method", "GET"),
+                ("http_route", route),
+                ("http_response_status_code", code),
+            ],
+        )
+    };
+    assert_eq!(answered("/api/v1/marketplace/addons", "200"), Some(2.0));
+    assert_eq!(answered("/api/v1/marketplace/addons", "401"), Some(1.0));
+    assert_eq!(answered("/api/v1/marketplace/addons/:id", "404"), Some(1.0));
+    assert_eq!(answered("other", "404"), Some(1.0));
+    assert_eq!(answered("/", "200"), Some(1.0));
+    assert_eq!(
+        scraped.sum("http_server_active_requests", &[]),
+        0.0,
+        "none under way"
+    );
+    assert_eq!(
+        handled("ListAddons", "OK"),
+        Some(2.0),
+        "the earlier scrape's"
+    );
+    let handled_now = |name: &'static str, code: &'static str| {
+        let [service, method] = method(name);
+        scraped.value(
+            "grpc_server_handled_total",
+            &[service, method, ("grpc_code", code)],
+        )
+    };
+    assert_eq!(
+        handled_now("ListAddons", "OK"),
+        Some(4.0),
+        "two more, from REST"
+    );
+    assert_eq!(
+        handled_now("GetAddon", "NOT_FOUND"),
+        Some(2.0),
+        "one more, from REST"
+    );
+    let values = scraped.label_values();
+    assert!(
+        !values
+            .iter()
+            .any(|v| v.contains("stranger") || v.contains("no-such")),
+        "no label takes a value from a request's path: {values:?}"
+    );
     server.stop().await;
 }
 
@@ -664,13 +732,24 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
         |v| v >= 2.0,
     )
     .await;
-    metric_becomes(
-        manager_metrics,
-        "addons_installations",
-        &[("status", "disabled")],
-        |v| v == 1.0,
+    // Disabled, then deleted (the uninstall purges): no installation left.
+    eventually(
+        "no installation counted",
+        Duration::from_secs(60),
+        || async move {
+            match scrape(manager_metrics)
+                .await
+                .sum("addons_installations", &[])
+            {
+                0.0 => Ok(()),
+                n => Err(format!("{n}")),
+            }
+        },
     )
     .await;
+    // Oakestra's dashboard checks that the manager is up with `GET /`.
+    let up = integration_tests::rest::curl("GET", &format!("{}/", manager.url()), None, &[]).await;
+    assert_eq!(up.status, 200, "{up:?}");
     // Every metric the Grafana dashboard shows is one the servers serve.
     let mut served = scrape(manager_metrics).await.families();
     served.extend(scrape(node_metrics).await.families());
@@ -685,8 +764,15 @@ async fn an_install_a_crash_loop_and_an_uninstall_are_counted_on_the_manager_and
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
             for word in expr.split(|c: char| !c.is_ascii_alphanumeric() && c != '_') {
-                if word.starts_with("addons_") || word.starts_with("grpc_server_") {
-                    let family = word.strip_suffix("_bucket").unwrap_or(word).to_owned();
+                if ["addons_", "grpc_server_", "http_server_"]
+                    .iter()
+                    .any(|prefix| word.starts_with(prefix))
+                {
+                    let family = ["_bucket", "_count", "_sum"]
+                        .iter()
+                        .find_map(|suffix| word.strip_suffix(suffix))
+                        .unwrap_or(word)
+                        .to_owned();
                     shown.insert(family);
                 }
             }

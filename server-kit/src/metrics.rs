@@ -327,7 +327,11 @@ pub mod kinds {
 }
 
 mod grpc;
-pub(crate) use grpc::{GrpcMetrics, MetricsLayer};
+mod rest;
+pub(crate) use self::{
+    grpc::{GrpcMetrics, MetricsLayer},
+    rest::{OTHER_ROUTE, RestMetrics},
+};
 
 #[cfg(test)]
 mod tests {

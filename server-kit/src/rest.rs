@@ -35,6 +35,12 @@ pub const MAX_REST_BODY: usize = 2 * 1024 * 1024;
 pub trait RestRoutes: std::fmt::Debug + Send + Sync + 'static {
     /// Answers one request, calling the server's services through `grpc`.
     fn handle(&self, request: RestRequest, grpc: Grpc) -> BoxFuture<'static, Reply>;
+
+    /// The template of the route `path` (without a trailing `/`) matches,
+    /// for metrics: `/api/v1/addons/:id` (not `{id}`, which simple
+    /// text-format parsers take for the end of the labels); `None` for no
+    /// route.
+    fn route(&self, path: &str) -> Option<String>;
 }
 
 /// A server's REST routes as Oakestra lays them out: one collection at
@@ -88,6 +94,16 @@ impl<C: RestCollection> RestRoutes for C {
             };
             outcome.unwrap_or_else(|reply| reply)
         })
+    }
+
+    fn route(&self, path: &str) -> Option<String> {
+        match path.strip_prefix(C::PREFIX)? {
+            "" => Some(C::PREFIX.to_owned()),
+            rest => rest
+                .strip_prefix('/')
+                .filter(|id| is_id(id))
+                .map(|_| format!("{}/:id", C::PREFIX)),
+        }
     }
 }
 

@@ -273,6 +273,7 @@ impl Server {
         // the guard authenticates and authorizes every call, whichever way
         // it came.
         let grpc_metrics = GrpcMetrics::new(&metrics, known_methods(&permissions));
+        let gateway_metrics = metrics.clone();
         if let Some(listener) = metrics_listener {
             let (shutdown, readiness) = (shutdown.clone(), readiness.clone());
             tokio::spawn(async move {
@@ -282,7 +283,7 @@ impl Server {
             });
         }
         let guard = AuthLayer::new(security, permissions, grpc_metrics.clone());
-        let gateway = RestLayer::new(rest, Some(guard.authenticator()));
+        let gateway = RestLayer::new(rest, Some(guard.authenticator()), &gateway_metrics);
         let router = tonic::transport::Server::builder()
             .accept_http1(true)
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))

@@ -10,12 +10,14 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use tonic::body::Body;
 
 use super::{Grpc, MAX_REST_BODY, Reply, RestRequest, RestRoutes};
+use crate::metrics::{Metrics, OTHER_ROUTE, RestMetrics};
 
 /// The gateway as a tower layer for `tonic::transport::Server::layer`.
 #[derive(Clone)]
 pub struct RestLayer {
     routes: Option<Arc<dyn RestRoutes>>,
     authenticator: Option<crate::auth::Authenticator>,
+    metrics: Option<RestMetrics>,
 }
 
 impl std::fmt::Debug for RestLayer {
@@ -29,12 +31,14 @@ impl std::fmt::Debug for RestLayer {
 impl RestLayer {
     /// A gateway for `routes`; none passes everything on. With an
     /// `authenticator`, a caller it refuses is answered 401 before any
-    /// body is read.
+    /// body is read. Each request to routes is metered in `metrics`.
     pub(crate) fn new(
         routes: Option<Arc<dyn RestRoutes>>,
         authenticator: Option<crate::auth::Authenticator>,
+        metrics: &Metrics,
     ) -> Self {
         Self {
+            metrics: routes.is_some().then(|| RestMetrics::new(metrics)),
             routes,
             authenticator,
         }
@@ -49,6 +53,7 @@ impl<S> tower_layer::Layer<S> for RestLayer {
             inner,
             routes: self.routes.clone(),
             authenticator: self.authenticator.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -59,6 +64,7 @@ pub struct Gateway<S> {
     inner: S,
     routes: Option<Arc<dyn RestRoutes>>,
     authenticator: Option<crate::auth::Authenticator>,
+    metrics: Option<RestMetrics>,
 }
 
 impl<S> std::fmt::Debug for Gateway<S> {
@@ -78,9 +84,38 @@ impl<S: crate::HttpService> Gateway<S> {
             Some(routes) if !is_grpc(&request) => routes.clone(),
             _ => return Box::pin(self.inner.call(request)),
         };
+        let path = request.uri().path().trim_end_matches('/');
+        let root = path.is_empty();
+        let route = if root {
+            Some("/".to_owned())
+        } else {
+            routes.route(path)
+        };
+        let metered = self.metrics.as_ref().map(|metrics| {
+            metrics.start(
+                request.method(),
+                route.unwrap_or_else(|| OTHER_ROUTE.to_owned()),
+            )
+        });
+        let answer = self.answer(routes, root, request);
+        Box::pin(async move {
+            let response = answer.await;
+            if let (Some(metered), Ok(response)) = (metered, &response) {
+                metered.end(response.status());
+            }
+            response
+        })
+    }
+
+    fn answer(
+        &mut self,
+        routes: Arc<dyn RestRoutes>,
+        root: bool,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
         // Oakestra's servers answer their root `ok`, and its dashboard
         // checks that they are up by fetching it, without a token.
-        if request.uri().path() == "/" && matches!(*request.method(), Method::GET | Method::HEAD) {
+        if root && matches!(*request.method(), Method::GET | Method::HEAD) {
             let mut response = http::Response::new(Body::new(Full::new(Bytes::from_static(b"ok"))));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
