@@ -45,8 +45,16 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.record(request.into_inner()).await;
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// Keeps the spans of `request`.
+    async fn record(&self, request: ExportTraceServiceRequest) {
         let mut spans = self.spans.lock().await;
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let service = resource_spans
                 .resource
                 .iter()
@@ -69,11 +77,80 @@ impl TraceService for Collector {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
-}
 
-impl Collector {
+    /// An OTLP/HTTP collector on a free loopback port (TLS with `tls`),
+    /// and its base URL: it takes protobuf posts on any path and keeps
+    /// the paths it was posted to.
+    async fn start_http(
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (Self, String, Arc<Mutex<Vec<String>>>) {
+        use http_body_util::{BodyExt as _, Full};
+        use prost::Message as _;
+        let collector = Collector::default();
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
+        let (serving, posted) = (collector.clone(), paths.clone());
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (collector, paths, acceptor) =
+                    (serving.clone(), posted.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let (collector, paths) = (collector.clone(), paths.clone());
+                            async move {
+                                let protobuf = request
+                                    .headers()
+                                    .get("content-type")
+                                    .is_some_and(|v| v == "application/x-protobuf");
+                                let path = request.uri().path().to_owned();
+                                let body = request.into_body().collect().await;
+                                let export = body.map_err(|e| e.to_string()).and_then(|body| {
+                                    ExportTraceServiceRequest::decode(body.to_bytes())
+                                        .map_err(|e| e.to_string())
+                                });
+                                let status = match export {
+                                    Ok(export) if protobuf => {
+                                        paths.lock().await.push(path);
+                                        collector.record(export).await;
+                                        200
+                                    }
+                                    _ => 400,
+                                };
+                                let answer = ExportTraceServiceResponse::default().encode_to_vec();
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/x-protobuf")
+                                    .body(Full::new(bytes::Bytes::from(answer)))
+                                    .map_err(|e| e.to_string())
+                            }
+                        },
+                    );
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match acceptor {
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
+                });
+            }
+        });
+        (collector, endpoint, paths)
+    }
+
     /// A collector on a free loopback port, and its endpoint URL.
     async fn start() -> (Self, String) {
         Self::start_with(None).await
@@ -168,6 +245,101 @@ async fn spans_go_to_an_https_collector_over_mtls_with_the_given_ca() {
     marketplace.stop().await;
 }
 
+/// The TLS of an HTTPS collector with `identity`'s certificate, that
+/// takes only clients with a certificate of `ca`.
+fn https_config(
+    ca: &TestCa,
+    identity: &integration_tests::pki::CertFiles,
+) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_file_iter(&identity.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&identity.key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca.cert()).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(clients)
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn spans_go_over_http_protobuf_to_an_https_collector_over_mtls_with_the_given_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "otel-ca");
+    let server = ca.server("collector");
+    let client = ca.client("addons-marketplace");
+    let (collector, endpoint, paths) =
+        Collector::start_http(Some(https_config(&ca, &server))).await;
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (ca_file, cert_file, key_file) = (path(&ca.cert()), path(&client.cert), path(&client.key));
+    // The base endpoint: the exporter posts to its `/v1/traces`.
+    let marketplace = marketplace_called(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_file.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", cert_file.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", key_file.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let span = collector.span_named("GetAddon").await;
+    assert_eq!(span.service, "addons-marketplace", "{span:?}");
+    assert!(
+        paths.lock().await.iter().all(|path| path == "/v1/traces"),
+        "{paths:?}"
+    );
+    marketplace.stop().await;
+}
+
+#[tokio::test]
+async fn the_traces_protocol_and_endpoint_variables_are_taken_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let (collector, endpoint, paths) = Collector::start_http(None).await;
+    let traces = format!("{endpoint}/collector/spans");
+    // The traces' own variables win over the general ones, and their
+    // endpoint is used as it is.
+    let marketplace = marketplace_called(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    collector.span_named("GetAddon").await;
+    assert!(
+        paths
+            .lock()
+            .await
+            .iter()
+            .all(|path| path == "/collector/spans"),
+        "{paths:?}"
+    );
+    marketplace.stop().await;
+}
+
 #[tokio::test]
 async fn the_traces_endpoint_alone_turns_export_on_and_the_operators_service_name_wins() {
     let (collector, endpoint) = Collector::start().await;
@@ -199,6 +371,10 @@ async fn an_exporter_that_cannot_be_set_up_does_not_stop_the_server() {
         [
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:9"),
             ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/etc/hostname"),
+        ],
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ],
     ] {
         marketplace_called(dir.path(), &env).await.stop().await;
