@@ -31,8 +31,8 @@ impl Drop for TelemetryGuard {
 /// Installs logging to stderr filtered by `RUST_LOG` (default `info`), and
 /// export of traces over OTLP (gRPC or HTTP) when the OpenTelemetry
 /// environment asks for it (`addons_otlp::exports_traces`). The service
-/// name is `service_name` unless `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`)
-/// names another. An exporter that cannot be set up is a warning, never a
+/// name is `service_name` unless `OTEL_SERVICE_NAME` (or `service.name`
+/// in `OTEL_RESOURCE_ATTRIBUTES`) names another. An exporter that cannot be set up is a warning, never a
 /// server that does not start: tracing is not what it serves. The W3C
 /// trace-context propagator is installed either way, so trace context
 /// passes through this process even without export.
