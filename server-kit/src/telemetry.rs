@@ -53,7 +53,19 @@ pub fn init_telemetry(
         export_error,
     } = addons_otlp::tracer_provider(service_name);
     global::set_tracer_provider(provider.clone());
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name));
+    // Spans carry what says what they are (their name and fields), not
+    // what every one would repeat at a cost on each call or each poll:
+    // the source location, the thread, the target, busy and idle times.
+    // Nothing here reads `Context::current()`: trace context is taken
+    // from the tracing span (`OpenTelemetrySpanExt::context`), so
+    // entering a span need not activate its context.
+    let otel = tracing_opentelemetry::layer()
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_tracer(provider.tracer(service_name));
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
