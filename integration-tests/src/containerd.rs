@@ -69,6 +69,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.child = spawn(&binary, self.dir.path(), self.netns.as_deref()).await;
     }
 
+    /// Stops containerd (SIGKILL, as a crash), leaves it down for `down`,
+    /// and starts it again on the same root, state and socket. Running
+    /// tasks survive in their shims.
+    pub async fn crash_for(&mut self, down: Duration) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+        tokio::time::sleep(down).await;
+        let binary = which("containerd").expect("containerd");
+        self.child = spawn(&binary, self.dir.path(), self.netns.as_deref()).await;
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw)
+    }
+
     /// Its gRPC socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")

@@ -224,6 +224,62 @@ impl Host {
         }
     }
 
+    /// Its monitor, if it runs.
+    pub fn monitor_if_running(&self) -> Option<&ServerProcess> {
+        self.monitor.as_ref()
+    }
+
+    /// Its monitor dies (SIGKILL); its containerd and containers stay. Its
+    /// stderr is returned, for the record.
+    pub async fn kill_monitor(&mut self) -> Option<String> {
+        let monitor = self.monitor.take()?;
+        let stderr = monitor.stderr();
+        monitor.kill().await;
+        Some(stderr)
+    }
+
+    /// Its containerd, while it runs.
+    pub fn containerd(&mut self) -> &mut Containerd {
+        self.containerd
+            .as_mut()
+            .expect("the host's containerd runs")
+    }
+
+    /// Cuts the host off from the test bridge's address (the manager, the
+    /// registry), both ways, with iptables in its namespace; `false` heals.
+    pub fn partition(&self, cut: bool) {
+        let gateway = self
+            .address
+            .octets()
+            .map(|o| o.to_string())
+            .into_iter()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(".")
+            + ".1";
+        let action = if cut { "-I" } else { "-D" };
+        for (chain, side) in [("OUTPUT", "-d"), ("INPUT", "-s")] {
+            let output = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.netns,
+                    "iptables",
+                    "-w",
+                    action,
+                    chain,
+                ])
+                .args([side, &gateway, "-j", "DROP"])
+                .output()
+                .expect("run iptables (installed by scripts/setup.sh)");
+            assert!(
+                output.status.success() || !cut,
+                "iptables {action} {chain}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
     /// `GET /` on the host's `port`, or why there is no answer.
     pub async fn http_get(&self, port: u16) -> Result<String, String> {
         crate::http_get_at(self.address, port, Duration::from_secs(2)).await

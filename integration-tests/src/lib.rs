@@ -6,6 +6,7 @@
 //! Nothing here is skipped quietly: a server that cannot be started fails the
 //! test with what is missing and how to get it.
 
+pub mod chaos;
 mod containerd;
 pub mod hosts;
 pub mod link;
@@ -37,13 +38,15 @@ pub fn workspace_root() -> PathBuf {
 /// (which `scripts/test.sh` runs before the tests). Panics with that advice
 /// when it is missing.
 pub fn binary(name: &str) -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
+    // Test executables live in target/<profile>/deps, binaries one level
+    // up; a binary of this crate (the chaos campaign) beside them.
     let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/debug"));
+    let dir = exe.parent().map(PathBuf::from);
+    let profile_dir = match dir {
+        Some(dir) if dir.ends_with("deps") => dir.parent().map(PathBuf::from),
+        other => other,
+    }
+    .unwrap_or_else(|| workspace_root().join("target/debug"));
     let path = profile_dir.join(name);
     assert!(
         path.is_file(),

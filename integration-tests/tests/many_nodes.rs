@@ -609,3 +609,37 @@ async fn hot_swap_on_one_node_of_two() {
     })
     .await;
 }
+
+/// Found by the fault campaign (seed 3): a node whose link stayed down past
+/// the heartbeat timeout was shown as disconnected for good once it came
+/// back, as long as nothing it ran changed: its monitor reported only
+/// changes, and the manager had marked its services unknown meanwhile. A
+/// new link now starts with a report of everything the node runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_being_shown_disconnected_is_shown_running_again() {
+    use ServicePhase::{Running, Unknown};
+    let plane = Plane::start("mn6", "10.77.6", &[]).await;
+    let host = plane.host(2, "node-a", &[]).await;
+    let addon = plane.publish_web("steady", "steady", 18086).await;
+    let id = plane.install(&addon, &[]).await;
+    plane
+        .reaches(&id, InstallationStatus::Active, &[("node-a", Running)])
+        .await;
+    // The monitor freezes past the manager's heartbeat timeout (2 s): its
+    // services are shown unknown, as the monitor's of a node that is away.
+    let monitor = host.monitor().pid();
+    nix::sys::signal::kill(monitor, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let shown = plane
+        .reaches(&id, InstallationStatus::Active, &[("node-a", Unknown)])
+        .await;
+    assert!(
+        shown.services[0].reason.contains("disconnected"),
+        "{shown:?}"
+    );
+    nix::sys::signal::kill(monitor, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Back, it links again; nothing it runs changed, and it is shown
+    // running all the same.
+    plane
+        .reaches(&id, InstallationStatus::Active, &[("node-a", Running)])
+        .await;
+}

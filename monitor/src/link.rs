@@ -181,6 +181,9 @@ async fn session(
         .connect()
         .await?;
     let (tx, rx) = mpsc::channel(64);
+    // The pass that the handshake's desired state starts reports every
+    // installation (before the hello, so that pass finds the request).
+    reports.ask_for_everything();
     let hello = pb::Hello {
         node_id: settings.node_id.clone(),
         plane: settings.plane.into(),

@@ -8,7 +8,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use oakestra_addons_proto::engine::v1 as pb;
@@ -31,6 +34,7 @@ pub struct Report {
 pub struct ReportOutbox {
     pending: Arc<Mutex<BTreeMap<String, Report>>>,
     ready: Arc<Notify>,
+    everything: Arc<AtomicBool>,
 }
 
 impl ReportOutbox {
@@ -54,6 +58,20 @@ impl ReportOutbox {
     /// Waits until something was put since the last wait.
     pub async fn ready(&self) {
         self.ready.notified().await;
+    }
+
+    /// Asks for a report about every installation, changed or not: a new
+    /// link starts with them, so the manager's records say what the node
+    /// runs whatever it missed or marked while the node was away (its
+    /// services shown as disconnected, say).
+    pub fn ask_for_everything(&self) {
+        self.everything.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a report about every installation was asked for since the
+    /// last call.
+    pub fn everything_asked(&self) -> bool {
+        self.everything.swap(false, Ordering::SeqCst)
     }
 
     /// How many reports wait.

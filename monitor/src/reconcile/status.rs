@@ -322,11 +322,14 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
     }
 
     /// Puts the statuses of every installation that changed since its last
-    /// report into the outbox.
+    /// report into the outbox (of every one, when a new link asked).
     pub(super) fn report_all(&mut self, desired: Option<&pb::DesiredState>) {
         let Some(desired) = desired else {
             return;
         };
+        if self.outbox.everything_asked() {
+            self.reported.clear();
+        }
         for installation in &desired.installations {
             let id = &installation.installation_id;
             // A service the monitor has not decided about yet has no phase

@@ -1,0 +1,332 @@
+//! The invariants a campaign checks once the faults stopped and the system
+//! had time to settle: what each node runs in containerd is what the
+//! manager's records say it should (no orphan, no missing service, the
+//! release each record runs), the records' statuses match it, a request
+//! retried with its id took effect once, no process panicked, and none
+//! grew its memory or open files past a bound.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use addons_monitor::{
+    labels,
+    runtime::{Containerd, TaskState},
+};
+use oakestra_addons_proto::engine::v1::{self as pb, InstallationStatus};
+
+use super::{
+    cluster::Cluster,
+    workload::{Behaviour, Ledger, Published, list_installations},
+};
+
+/// Resident memory a server may reach, in KiB.
+const MAX_RSS_KIB: u64 = 512 * 1024;
+/// Open files a server may hold.
+const MAX_FDS: usize = 512;
+
+/// What runs on one node: its addon containers by installation, each with
+/// its service, release and whether its task runs.
+#[derive(Debug, Default)]
+struct NodeView {
+    labels: BTreeMap<String, String>,
+    containers: Vec<(String, String, String, u64, bool)>,
+}
+
+async fn node_views(cluster: &Cluster) -> Result<Vec<(String, NodeView)>, String> {
+    let mut views = Vec::new();
+    for node in &cluster.nodes {
+        let mut node = node.lock().await;
+        let id = node.host.node_id.clone();
+        let labels = node.labels.clone();
+        let runtime = Containerd::new(
+            node.host.containerd().socket(),
+            node.host.namespace(),
+            "overlayfs".into(),
+        );
+        let listed = runtime
+            .list_containers(&[(labels::MANAGED_BY, labels::MANAGED_BY_VALUE)])
+            .await
+            .map_err(|err| format!("{id}: list containers: {err}"))?;
+        let mut view = NodeView {
+            labels,
+            containers: Vec::new(),
+        };
+        for container in listed {
+            let Some(installation) = container.labels.get(labels::INSTALLATION) else {
+                continue;
+            };
+            let service = container
+                .labels
+                .get(labels::SERVICE)
+                .cloned()
+                .unwrap_or_default();
+            let release = container
+                .labels
+                .get(labels::RELEASE)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(1);
+            let running = matches!(
+                runtime.task_state(&container.id).await,
+                Ok(TaskState::Running(_))
+            );
+            view.containers.push((
+                container.id,
+                installation.clone(),
+                service,
+                release,
+                running,
+            ));
+        }
+        views.push((id, view));
+    }
+    Ok(views)
+}
+
+fn placed(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What the last convergence check looked at.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Installation records, by status.
+    pub statuses: BTreeMap<String, usize>,
+    /// Addon containers on each node, and how many of them run.
+    pub containers: BTreeMap<String, (usize, usize)>,
+}
+
+/// What does not hold between the manager's records and the nodes, now
+/// (empty when everything does), and what the check looked at.
+pub async fn convergence(cluster: &Cluster, published: &[Published]) -> (Vec<String>, Seen) {
+    let mut seen = Seen::default();
+    let installations = match list_installations(
+        &mut pb::addons_manager_service_client::AddonsManagerServiceClient::new(
+            cluster.manager_channel(),
+        ),
+    )
+    .await
+    {
+        Ok(all) => all,
+        Err(status) => return (vec![format!("the manager does not list: {status}")], seen),
+    };
+    let views = match node_views(cluster).await {
+        Ok(views) => views,
+        Err(err) => return (vec![err], seen),
+    };
+    for installation in &installations {
+        *seen
+            .statuses
+            .entry(format!("{:?}", installation.status()))
+            .or_default() += 1;
+    }
+    for (node, view) in &views {
+        let running = view.containers.iter().filter(|c| c.4).count();
+        seen.containers
+            .insert(node.clone(), (view.containers.len(), running));
+    }
+    let behaviour: HashMap<&str, Behaviour> = published
+        .iter()
+        .map(|p| (p.id.as_str(), p.behaviour))
+        .collect();
+    let mut problems = Vec::new();
+    let known: BTreeSet<&str> = installations.iter().map(|i| i.id.as_str()).collect();
+    for installation in &installations {
+        let status = installation.status();
+        if matches!(
+            status,
+            InstallationStatus::Installing
+                | InstallationStatus::Disabling
+                | InstallationStatus::Upgrading
+        ) {
+            problems.push(format!(
+                "{} is still {status:?}: {}",
+                installation.id, installation.status_message
+            ));
+        }
+        let services: BTreeSet<&str> = installation
+            .addon
+            .iter()
+            .flat_map(|a| &a.services)
+            .map(|s| s.service_name.as_str())
+            .collect();
+        let mut all_running = true;
+        let mut any_placed = false;
+        for (node, view) in &views {
+            let here: Vec<_> = view
+                .containers
+                .iter()
+                .filter(|c| c.1 == installation.id)
+                .collect();
+            let wanted = !matches!(
+                status,
+                InstallationStatus::Disabled | InstallationStatus::Disabling
+            ) && placed(&installation.node_selector, &view.labels);
+            if !wanted {
+                if !here.is_empty() {
+                    problems.push(format!(
+                        "{node} runs {} of {} ({status:?}), not placed there",
+                        here.len(),
+                        installation.id
+                    ));
+                }
+                continue;
+            }
+            any_placed = true;
+            for service in &services {
+                let of_service: Vec<_> = here.iter().filter(|c| c.2 == *service).collect();
+                match of_service.as_slice() {
+                    [one] => {
+                        if one.3 != installation.release {
+                            problems.push(format!(
+                                "{node} runs release {} of {}/{service}, the record release {}",
+                                one.3, installation.id, installation.release
+                            ));
+                        }
+                        all_running &= one.4;
+                    }
+                    [] => problems.push(format!("{node} lacks {}/{service}", installation.id)),
+                    many => problems.push(format!(
+                        "{node} has {} containers of {}/{service}",
+                        many.len(),
+                        installation.id
+                    )),
+                }
+            }
+        }
+        // A version that runs until stopped is ACTIVE exactly when it runs
+        // on every node it is placed on.
+        let steady = matches!(
+            behaviour.get(installation.marketplace_id.as_str()),
+            Some(Behaviour::Good | Behaviour::FillsLogs)
+        );
+        if steady && any_placed && problems.is_empty() {
+            let active = status == InstallationStatus::Active;
+            if active != all_running {
+                let reported: Vec<String> = installation
+                    .services
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}/{} {:?} ({})",
+                            s.node_id,
+                            s.service_name,
+                            s.phase(),
+                            s.reason
+                        )
+                    })
+                    .collect();
+                let labels: Vec<String> = views
+                    .iter()
+                    .map(|(node, view)| format!("{node} {:?}", view.labels))
+                    .collect();
+                problems.push(format!(
+                    "{} is {status:?} ({}) while its containers {} run; selector {:?}, nodes {labels:?}, reported {reported:?}",
+                    installation.id,
+                    installation.status_message,
+                    if all_running { "all" } else { "do not all" },
+                    installation.node_selector
+                ));
+            }
+        }
+    }
+    for (node, view) in &views {
+        for container in &view.containers {
+            if !known.contains(container.1.as_str()) {
+                problems.push(format!(
+                    "{node} runs {} of {}, which no record names",
+                    container.0, container.1
+                ));
+            }
+        }
+    }
+    (problems, seen)
+}
+
+/// Whether each install request took effect at most once: every answer to
+/// one request id names the same installation, and the installations no
+/// answer named are no more than the requests that went unanswered.
+pub async fn exactly_once(cluster: &Cluster, ledger: &Ledger) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut answered = BTreeSet::new();
+    for (request, named) in &ledger.installs {
+        let distinct: BTreeSet<&String> = named.iter().collect();
+        if distinct.len() > 1 {
+            problems.push(format!("request {request} made installations {distinct:?}"));
+        }
+        answered.extend(distinct.into_iter().cloned());
+    }
+    if let Ok(all) = list_installations(
+        &mut pb::addons_manager_service_client::AddonsManagerServiceClient::new(
+            cluster.manager_channel(),
+        ),
+    )
+    .await
+    {
+        let unnamed: Vec<&str> = all
+            .iter()
+            .map(|i| i.id.as_str())
+            .filter(|id| !answered.contains(*id))
+            .collect();
+        if unnamed.len() > ledger.unanswered_installs {
+            problems.push(format!(
+                "{} installations no answer named ({unnamed:?}), for {} unanswered requests",
+                unnamed.len(),
+                ledger.unanswered_installs
+            ));
+        }
+    }
+    problems
+}
+
+/// Panics in any process's log.
+pub fn panics(logs: &[(String, String)]) -> Vec<String> {
+    logs.iter()
+        .flat_map(|(name, log)| {
+            log.lines()
+                .filter(|line| line.contains("panicked at"))
+                .map(move |line| format!("{name}: {line}"))
+        })
+        .collect()
+}
+
+/// Processes past the memory or open-file bounds.
+pub async fn bounds(cluster: &Cluster) -> Vec<String> {
+    let mut pids = Vec::new();
+    if let Some(server) = cluster.manager.lock().await.as_ref() {
+        pids.push(("addons-manager".to_owned(), server.pid()));
+    }
+    if let Some(server) = cluster.marketplace.lock().await.as_ref() {
+        pids.push(("addons-marketplace".to_owned(), server.pid()));
+    }
+    for node in &cluster.nodes {
+        let mut node = node.lock().await;
+        let id = node.host.node_id.clone();
+        if let Some(monitor) = node.host.monitor_if_running() {
+            pids.push((format!("addons-monitor {id}"), monitor.pid()));
+        }
+        if let Some(pid) = node.host.containerd().pid() {
+            pids.push((format!("containerd {id}"), pid));
+        }
+    }
+    let mut problems = Vec::new();
+    for (name, pid) in pids {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        if fds > MAX_FDS {
+            problems.push(format!("{name} holds {fds} open files"));
+        }
+        if rss > MAX_RSS_KIB {
+            problems.push(format!("{name} uses {rss} KiB"));
+        }
+    }
+    problems
+}

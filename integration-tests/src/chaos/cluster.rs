@@ -1,0 +1,236 @@
+//! The system under test: a registry and the manager on a test bridge, the
+//! marketplace on loopback, and nodes (network namespaces, each with its
+//! own containerd and monitor). Every server listens on a port of its own
+//! for the whole campaign, so one killed and started again is found where
+//! it was; the stderr of every process that ends is kept, for the checks.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tokio::sync::Mutex;
+
+use crate::{
+    MongoServer, RegistryServer, ServerProcess, binary,
+    hosts::{Host, TestNet},
+    images::{ImageSpec, push_image},
+};
+
+/// Which store the manager keeps its records in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded store (redb).
+    Embedded,
+    /// A MongoDB-wire server (nx-27017, or `MONGODB_URI`).
+    Mongo,
+}
+
+/// One node and the labels its monitor runs with.
+#[derive(Debug)]
+pub struct Node {
+    /// The host.
+    pub host: Host,
+    /// Its `--node-label`s.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The system under test.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The test bridge.
+    pub net: TestNet,
+    /// The registry (on the bridge's address).
+    pub registry: Mutex<RegistryServer>,
+    /// Its `HOST:PORT`.
+    pub registry_host: String,
+    /// The image every addon service runs (busybox).
+    pub image: String,
+    /// The marketplace, while it runs.
+    pub marketplace: Mutex<Option<ServerProcess>>,
+    /// Its URL (fixed).
+    pub marketplace_url: String,
+    /// The manager, while it runs.
+    pub manager: Mutex<Option<ServerProcess>>,
+    /// Its URL (fixed, on the bridge).
+    pub manager_url: String,
+    /// The MongoDB-wire server of the manager's store, if it uses one.
+    pub mongo: Option<Mutex<MongoServer>>,
+    /// The nodes.
+    pub nodes: Vec<Mutex<Node>>,
+    /// The stderr of each process that ended, with its name.
+    pub ended_logs: Mutex<Vec<(String, String)>>,
+    marketplace_listen: String,
+    manager_listen: String,
+    manager_store: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts it all: bridge `bridge` with prefix `prefix` (three octets),
+    /// `nodes` nodes labelled `zone=a` and `zone=b` in turn.
+    pub async fn start(bridge: &str, prefix: &str, nodes: usize, store: StoreKind) -> Arc<Self> {
+        let net = TestNet::create(bridge, prefix);
+        let registry = RegistryServer::start_on(net.gateway()).await;
+        let registry_host = registry.host();
+        push_image(
+            &registry_host,
+            "chaos/app",
+            "1",
+            &ImageSpec::default(),
+            None,
+        )
+        .await;
+        let image = format!("{registry_host}/chaos/app:1");
+        let dir = tempfile::tempdir().expect("temp dir for the campaign");
+        let mongo = match store {
+            StoreKind::Mongo => Some(MongoServer::start("chaos").await),
+            StoreKind::Embedded => None,
+        };
+        let manager_store = match &mongo {
+            Some(mongo) => mongo.uri(),
+            None => format!("embedded:{}/manager.redb", dir.path().display()),
+        };
+        let marketplace_listen = format!("127.0.0.1:{}", crate::free_port());
+        let manager_listen = format!("{}:{}", net.gateway(), crate::free_port());
+        let cluster = Self {
+            marketplace_url: format!("http://{marketplace_listen}"),
+            manager_url: format!("http://{manager_listen}"),
+            net,
+            registry: Mutex::new(registry),
+            registry_host,
+            image,
+            marketplace: Mutex::new(None),
+            manager: Mutex::new(None),
+            mongo: mongo.map(Mutex::new),
+            nodes: Vec::new(),
+            ended_logs: Mutex::new(Vec::new()),
+            marketplace_listen,
+            manager_listen,
+            manager_store,
+            dir,
+        };
+        cluster.start_marketplace().await;
+        cluster.start_manager().await;
+        let mut cluster = cluster;
+        for n in 0..nodes {
+            let number = u8::try_from(n + 2).expect("at most 248 nodes");
+            let host = cluster.net.host(number, &format!("node-{n}")).await;
+            let zone = if n % 2 == 0 { "a" } else { "b" };
+            let labels = BTreeMap::from([("zone".to_owned(), zone.to_owned())]);
+            cluster.nodes.push(Mutex::new(Node { host, labels }));
+        }
+        let cluster = Arc::new(cluster);
+        for node in &cluster.nodes {
+            let mut node = node.lock().await;
+            cluster.start_monitor(&mut node).await;
+        }
+        cluster
+    }
+
+    /// Starts the marketplace on its port and store.
+    pub async fn start_marketplace(&self) {
+        let server = self.spawn_marketplace().await;
+        *self.marketplace.lock().await = Some(server);
+    }
+
+    /// The marketplace, started on its port and store.
+    pub async fn spawn_marketplace(&self) -> ServerProcess {
+        let store = format!("embedded:{}/marketplace.redb", self.dir.path().display());
+        ServerProcess::start(
+            &binary("addons-marketplace"),
+            &[
+                "--listen",
+                &self.marketplace_listen,
+                "--store",
+                &store,
+                "--insecure-registry",
+                &self.registry_host,
+            ],
+        )
+        .await
+    }
+
+    /// Starts the manager on its port and store.
+    pub async fn start_manager(&self) {
+        let server = self.spawn_manager().await;
+        *self.manager.lock().await = Some(server);
+    }
+
+    /// The manager, started on its port and store.
+    pub async fn spawn_manager(&self) -> ServerProcess {
+        ServerProcess::start(
+            &binary("addons-manager"),
+            &[
+                "--listen",
+                &self.manager_listen,
+                "--store",
+                &self.manager_store,
+                "--marketplace",
+                &self.marketplace_url,
+                "--heartbeat-timeout",
+                "3s",
+                // Not loopback: the test bridge reaches only this
+                // machine's namespaces.
+                "--insecure",
+            ],
+        )
+        .await
+    }
+
+    /// Starts `node`'s monitor with its labels.
+    pub async fn start_monitor(&self, node: &mut Node) {
+        let labels: Vec<String> = node
+            .labels
+            .iter()
+            .flat_map(|(k, v)| ["--node-label".to_owned(), format!("{k}={v}")])
+            .collect();
+        let mut extra: Vec<&str> = labels.iter().map(String::as_str).collect();
+        extra.extend(["--max-failures", "3", "--log-max-bytes", "65536"]);
+        node.host
+            .start_monitor(&self.manager_url, &self.registry_host, &extra)
+            .await;
+    }
+
+    /// Keeps the stderr of a process that ended.
+    pub async fn ended(&self, name: &str, stderr: String) {
+        self.ended_logs.lock().await.push((name.to_owned(), stderr));
+    }
+
+    /// A channel to the manager (connected on first use, so it outlives
+    /// the manager's restarts).
+    pub fn manager_channel(&self) -> tonic::transport::Channel {
+        lazy_channel(&self.manager_url)
+    }
+
+    /// A channel to the marketplace.
+    pub fn marketplace_channel(&self) -> tonic::transport::Channel {
+        lazy_channel(&self.marketplace_url)
+    }
+
+    /// The stderr of every process, running or ended, with its name.
+    pub async fn all_logs(&self) -> Vec<(String, String)> {
+        let mut logs = self.ended_logs.lock().await.clone();
+        if let Some(server) = self.marketplace.lock().await.as_ref() {
+            logs.push(("addons-marketplace".into(), server.stderr()));
+        }
+        if let Some(server) = self.manager.lock().await.as_ref() {
+            logs.push(("addons-manager".into(), server.stderr()));
+        }
+        for node in &self.nodes {
+            let node = node.lock().await;
+            if let Some(monitor) = node.host.monitor_if_running() {
+                logs.push((
+                    format!("addons-monitor {}", node.host.node_id),
+                    monitor.stderr(),
+                ));
+            }
+        }
+        logs
+    }
+}
+
+fn lazy_channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("a server URL")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15))
+        .connect_lazy()
+}

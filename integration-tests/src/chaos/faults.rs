@@ -1,0 +1,235 @@
+//! The faults of a campaign, chosen from the seed and overlapping: servers
+//! killed (SIGKILL) and started again, paused (SIGSTOP, then SIGCONT), a
+//! node's containerd crashed and started again or paused, the registry
+//! down, a node cut off from the manager and the registry, the manager's
+//! MongoDB-wire server killed. A target under one fault gets no second one
+//! until the first ends; every fault ends with its target restored.
+
+use std::{sync::Arc, time::Duration};
+
+use nix::sys::signal::{Signal, kill};
+use tokio::task::JoinSet;
+
+use super::{cluster::Cluster, history::History, rng::Rng};
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The manager is SIGKILLed, and started again.
+    KillManager,
+    /// The manager is SIGSTOPped, and continued.
+    PauseManager,
+    /// The marketplace is SIGKILLed, and started again.
+    KillMarketplace,
+    /// The marketplace is SIGSTOPped, and continued.
+    PauseMarketplace,
+    /// A monitor is SIGKILLed, and started again.
+    KillMonitor,
+    /// A monitor is SIGSTOPped, and continued.
+    PauseMonitor,
+    /// A node's containerd crashes (SIGKILL; its shims and containers
+    /// live), and starts again.
+    CrashContainerd,
+    /// A node's containerd is SIGSTOPped, and continued.
+    PauseContainerd,
+    /// The registry is down, and back.
+    RegistryOutage,
+    /// A node is cut off from the manager and the registry, and healed.
+    Partition,
+    /// The manager's MongoDB-wire server is SIGKILLed, and started again.
+    KillStore,
+}
+
+impl Kind {
+    const ALL: [Kind; 11] = [
+        Kind::KillManager,
+        Kind::PauseManager,
+        Kind::KillMarketplace,
+        Kind::PauseMarketplace,
+        Kind::KillMonitor,
+        Kind::PauseMonitor,
+        Kind::CrashContainerd,
+        Kind::PauseContainerd,
+        Kind::RegistryOutage,
+        Kind::Partition,
+        Kind::KillStore,
+    ];
+
+    /// How often it is chosen, relatively.
+    fn weight(self) -> u32 {
+        match self {
+            Kind::KillManager | Kind::KillMonitor | Kind::Partition => 3,
+            Kind::PauseManager | Kind::PauseMonitor | Kind::CrashContainerd => 2,
+            _ => 1,
+        }
+    }
+
+    /// Its name in the history.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::KillManager => "kill_manager",
+            Kind::PauseManager => "pause_manager",
+            Kind::KillMarketplace => "kill_marketplace",
+            Kind::PauseMarketplace => "pause_marketplace",
+            Kind::KillMonitor => "kill_monitor",
+            Kind::PauseMonitor => "pause_monitor",
+            Kind::CrashContainerd => "crash_containerd",
+            Kind::PauseContainerd => "pause_containerd",
+            Kind::RegistryOutage => "registry_outage",
+            Kind::Partition => "partition",
+            Kind::KillStore => "kill_store",
+        }
+    }
+}
+
+/// Injects faults until `until` (time since the campaign's start), then
+/// waits for every fault to end.
+pub async fn inject(cluster: Arc<Cluster>, history: Arc<History>, mut rng: Rng, until: Duration) {
+    let mut running = JoinSet::new();
+    let weights: Vec<u32> = Kind::ALL
+        .iter()
+        .map(|&kind| {
+            if kind == Kind::KillStore && cluster.mongo.is_none() {
+                0
+            } else {
+                kind.weight()
+            }
+        })
+        .collect();
+    while history.now() < until {
+        tokio::time::sleep(rng.between(Duration::from_millis(500), Duration::from_secs(4))).await;
+        let kind = Kind::ALL[rng.weighted(&weights)];
+        let node = rng.below(cluster.nodes.len());
+        let lasting = match kind {
+            Kind::KillManager
+            | Kind::KillMarketplace
+            | Kind::KillMonitor
+            | Kind::CrashContainerd
+            | Kind::KillStore => rng.between(Duration::from_millis(200), Duration::from_secs(4)),
+            Kind::PauseManager
+            | Kind::PauseMarketplace
+            | Kind::PauseMonitor
+            | Kind::PauseContainerd => rng.between(Duration::from_secs(1), Duration::from_secs(6)),
+            Kind::RegistryOutage | Kind::Partition => {
+                rng.between(Duration::from_secs(2), Duration::from_secs(12))
+            }
+        };
+        let (cluster, history) = (cluster.clone(), history.clone());
+        running.spawn(async move { apply(&cluster, &history, kind, node, lasting).await });
+        // Reap the ones that ended.
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Pauses the process `pid` for `lasting`.
+async fn pause(pid: nix::unistd::Pid, lasting: Duration) {
+    let _ = kill(pid, Signal::SIGSTOP);
+    tokio::time::sleep(lasting).await;
+    let _ = kill(pid, Signal::SIGCONT);
+}
+
+/// Applies one fault; a target already under a fault is left alone.
+async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, lasting: Duration) {
+    let start = history.now();
+    let target = match kind {
+        Kind::KillManager | Kind::PauseManager => {
+            let Ok(mut manager) = cluster.manager.try_lock() else {
+                return;
+            };
+            let Some(server) = manager.take() else { return };
+            if kind == Kind::KillManager {
+                let stderr = server.stderr();
+                server.kill().await;
+                cluster.ended("addons-manager", stderr).await;
+                tokio::time::sleep(lasting).await;
+                *manager = Some(cluster.spawn_manager().await);
+            } else {
+                pause(server.pid(), lasting).await;
+                *manager = Some(server);
+            }
+            "manager".to_owned()
+        }
+        Kind::KillMarketplace | Kind::PauseMarketplace => {
+            let Ok(mut marketplace) = cluster.marketplace.try_lock() else {
+                return;
+            };
+            let Some(server) = marketplace.take() else {
+                return;
+            };
+            if kind == Kind::KillMarketplace {
+                let stderr = server.stderr();
+                server.kill().await;
+                cluster.ended("addons-marketplace", stderr).await;
+                tokio::time::sleep(lasting).await;
+                *marketplace = Some(cluster.spawn_marketplace().await);
+            } else {
+                pause(server.pid(), lasting).await;
+                *marketplace = Some(server);
+            }
+            "marketplace".to_owned()
+        }
+        Kind::RegistryOutage => {
+            let Ok(mut registry) = cluster.registry.try_lock() else {
+                return;
+            };
+            registry.stop().await;
+            tokio::time::sleep(lasting).await;
+            registry.resume().await;
+            "registry".to_owned()
+        }
+        Kind::KillStore => {
+            let Some(mongo) = &cluster.mongo else { return };
+            let Ok(mut mongo) = mongo.try_lock() else {
+                return;
+            };
+            mongo.kill().await;
+            tokio::time::sleep(lasting).await;
+            mongo.start_again().await;
+            "store".to_owned()
+        }
+        Kind::KillMonitor
+        | Kind::PauseMonitor
+        | Kind::CrashContainerd
+        | Kind::PauseContainerd
+        | Kind::Partition => {
+            let Ok(mut node) = cluster.nodes[node].try_lock() else {
+                return;
+            };
+            let id = node.host.node_id.clone();
+            match kind {
+                Kind::KillMonitor => {
+                    if let Some(stderr) = node.host.kill_monitor().await {
+                        cluster.ended(&format!("addons-monitor {id}"), stderr).await;
+                    }
+                    tokio::time::sleep(lasting).await;
+                    cluster.start_monitor(&mut node).await;
+                }
+                Kind::PauseMonitor => {
+                    let Some(pid) = node
+                        .host
+                        .monitor_if_running()
+                        .map(crate::ServerProcess::pid)
+                    else {
+                        return;
+                    };
+                    pause(pid, lasting).await;
+                }
+                Kind::CrashContainerd => node.host.containerd().crash_for(lasting).await,
+                Kind::PauseContainerd => {
+                    let Some(pid) = node.host.containerd().pid() else {
+                        return;
+                    };
+                    pause(pid, lasting).await;
+                }
+                _ => {
+                    node.host.partition(true);
+                    tokio::time::sleep(lasting).await;
+                    node.host.partition(false);
+                }
+            }
+            id
+        }
+    };
+    history.fault(kind.name(), &target, start);
+}
