@@ -44,4 +44,7 @@ if [ -n "${MONGODB_URI:-}" ]; then
 fi
 cargo test --workspace --no-fail-fast -- --test-threads "${ADDONS_TEST_THREADS:-4}"
 
+step "fault campaigns: a fixed seed and a new one (printed), 2 minutes each, alone on the machine"
+cargo test -p integration-tests --test chaos -- --ignored --test-threads 1 --nocapture
+
 step "all checks passed"

@@ -646,3 +646,82 @@ async fn the_failure_window_survives_a_monitor_restart() {
         warnings(&monitor)
     );
 }
+
+/// Found by the fault campaign (seed 20261206): a service installed again
+/// on a node where a monitor that died had left the network of its earlier
+/// container (the namespace with its `eth0`, or an address the IPAM plugin
+/// still held for the id, attached and never recorded) could never start:
+/// every CNI ADD failed ("eth0 already exists", "duplicate allocation").
+/// A container made anew now clears what an earlier one of its id left.
+#[tokio::test]
+async fn a_container_made_anew_clears_the_network_an_earlier_one_left() {
+    use addons_monitor::network::{NetworkOptions, Networks};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("monitor");
+    let _cleanup = integration_tests::NodeCleanup::new(&state, "mrn", "10.66");
+    let networks = Networks::new(
+        NetworkOptions {
+            plugin_dir: "/usr/lib/cni".into(),
+            bridge_prefix: "mrn".into(),
+            subnet_prefix: "10.66".into(),
+        },
+        &state,
+    );
+    let id = "root_steady";
+    let oakestra = ["oakestra".to_owned()];
+    networks.attach(id, &oakestra, &[]).await.unwrap();
+
+    // The container went, its network stayed (its monitor died before the
+    // detach): the next container of the id gets a network all the same.
+    let again = networks.attach(id, &oakestra, &[]).await.unwrap();
+    assert_eq!(again.len(), 1, "{again:?}");
+
+    // An attachment made and never recorded (its monitor died between the
+    // ADD and the record): the namespace holds it, no record says so.
+    let records = || -> Vec<PathBuf> {
+        walk(&state)
+            .into_iter()
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "json")
+                    && p.to_string_lossy().contains(id)
+                    && !p.to_string_lossy().contains("ipam")
+            })
+            .collect()
+    };
+    assert!(
+        !records().is_empty(),
+        "the attachment's record under {state:?}"
+    );
+    for record in records() {
+        std::fs::remove_file(record).unwrap();
+    }
+    let third = networks.attach(id, &oakestra, &[]).await.unwrap();
+    assert_eq!(third.len(), 1, "{third:?}");
+    // Everything undone: no rule of the lost attachment is left behind.
+    networks.detach(id).await.unwrap();
+
+    // Worse: the namespace went too, and the address is still held.
+    networks.attach(id, &oakestra, &[]).await.unwrap();
+    let netns = networks.netns_path(id).unwrap();
+    let _ = nix::mount::umount2(&netns, nix::mount::MntFlags::MNT_DETACH);
+    std::fs::remove_file(&netns).unwrap();
+    for record in records() {
+        std::fs::remove_file(record).unwrap();
+    }
+    let fourth = networks.attach(id, &oakestra, &[]).await.unwrap();
+    assert_eq!(fourth.len(), 1, "{fourth:?}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

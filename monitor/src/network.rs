@@ -363,6 +363,19 @@ impl Networks {
     ) -> Result<Vec<(String, String)>, NetworkError> {
         self.guard_loopback().await?;
         let netns = self.netns_path(id)?;
+        // A container of this id is made anew: what an earlier one left
+        // (its namespace, attachments a monitor that died never undid) is
+        // undone first, or its interface and address would be taken.
+        // Unrecorded attachments first, while the namespace is there to
+        // say which addresses their rules are for.
+        if netns.exists() || !self.load(id).unwrap_or_default().is_empty() {
+            tracing::info!(container = %id, "clearing the network an earlier container of this id left");
+            for (i, network) in networks.iter().enumerate() {
+                self.del_unrecorded(id, &netns, network, &format!("eth{i}"))
+                    .await;
+            }
+            let _ = self.detach(id).await;
+        }
         if !netns.exists() {
             create_netns(&netns)?;
             // `lo` up, as every container runtime does: a service reaches
@@ -381,7 +394,16 @@ impl Networks {
         for (i, network) in networks.iter().enumerate() {
             let ifname = format!("eth{i}");
             let ports = if i == 0 { ports.to_vec() } else { Vec::new() };
-            match self.add(id, &netns, network, &ifname, &ports).await {
+            let mut added = self.add(id, &netns, network, &ifname, &ports).await;
+            if let Err(err) = &added {
+                // An attachment made and never recorded (its monitor died
+                // between the two) holds this id's address: released with a
+                // DEL, the ADD is tried once more.
+                tracing::info!(container = %id, %network, error = %err, "CNI ADD failed; releasing what an earlier attachment may hold and trying again");
+                self.del_unrecorded(id, &netns, network, &ifname).await;
+                added = self.add(id, &netns, network, &ifname, &ports).await;
+            }
+            match added {
                 Ok(result) => {
                     let address = first_address(&result);
                     attachments.push(Attachment {
@@ -516,6 +538,22 @@ impl Networks {
             previous = Some(result);
         }
         Ok(previous.unwrap_or(Value::Null))
+    }
+
+    /// CNI DEL of `network` on `ifname` for an attachment with no record
+    /// (no result, no ports): each plugin releases what it holds for the
+    /// container id and interface, and what it does not hold is fine.
+    async fn del_unrecorded(&self, id: &str, netns: &Path, network: &str, ifname: &str) {
+        let Ok(mut plugins) = self.plugins(network) else {
+            return;
+        };
+        plugins.reverse();
+        for plugin in plugins {
+            let config = plugin_config(plugin, &self.cni_name(network), None, &[]);
+            if let Err(err) = self.exec("DEL", id, netns, network, ifname, config).await {
+                tracing::debug!(container = %id, %network, error = %err, "CNI DEL of an unrecorded attachment");
+            }
+        }
     }
 
     async fn del(

@@ -183,6 +183,16 @@ pub async fn convergence(cluster: &Cluster, published: &[Published]) -> (Vec<Str
                         }
                         all_running &= one.4;
                     }
+                    // Given up on (the record says so) leaves no container
+                    // when the create itself failed for good.
+                    [] if installation.services.iter().any(|s| {
+                        &s.node_id == node
+                            && s.service_name == *service
+                            && s.phase() == pb::ServicePhase::Failed
+                    }) =>
+                    {
+                        all_running = false;
+                    }
                     [] => problems.push(format!("{node} lacks {}/{service}", installation.id)),
                     many => problems.push(format!(
                         "{node} has {} containers of {}/{service}",
