@@ -35,7 +35,8 @@ pub struct TestMonitor {
     pub chunks: usize,
 }
 
-fn hello_with(node: &str, plane: pb::Plane, chunked: bool) -> pb::OpenLinkRequest {
+/// The hello of `node` of `plane` (taking chunks when `chunked`).
+pub fn hello_with(node: &str, plane: pb::Plane, chunked: bool) -> pb::OpenLinkRequest {
     pb::OpenLinkRequest {
         message: Some(open_link_request::Message::Hello(pb::Hello {
             node_id: node.to_owned(),

@@ -93,6 +93,16 @@ impl MongoServer {
         let _ = private.child.wait().await;
     }
 
+    /// The server process, when it is a private one that runs.
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.private
+            .as_ref()?
+            .child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw)
+    }
+
     /// Starts a killed server again, on the same port and data.
     pub async fn start_again(&mut self) {
         if let Some(Private { port, dir, .. }) = self.private.take() {

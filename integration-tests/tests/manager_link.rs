@@ -1104,6 +1104,61 @@ async fn a_watch_can_follow_only_what_changed(mongo: bool) {
     assert_eq!(get(&mut stack.manager(), &id).await.services.len(), 4);
 }
 
+/// Found by the fault campaign (seed 20261206): a monitor that went away
+/// while the manager was recording its node (the store slow) left the node
+/// linked for good, and every later link of the node was refused as a
+/// second one ("a monitor of node ... is connected already"). The
+/// registration now goes when the link's set-up is dropped.
+#[tokio::test]
+async fn a_monitor_gone_while_its_node_is_recorded_does_not_lock_the_node_out() {
+    let stack = Stack::start(true, "lockout").await;
+    // A store this test can pause: not one of `MONGODB_URI`.
+    let Some(store) = stack._mongo.as_ref().and_then(MongoServer::pid) else {
+        return;
+    };
+    use nix::sys::signal::{Signal, kill};
+    let hello = |node: &str| integration_tests::link::hello_with(node, pb::Plane::Root, true);
+    kill(store, Signal::SIGSTOP).unwrap();
+    // The first link's hello is taken; recording the node waits on the store.
+    let channel = stack.manager.channel();
+    let first = tokio::spawn(open_raw(channel.clone(), hello("node-9")));
+    // Proof that the manager holds the node for it: a second is refused.
+    eventually(
+        "the first link holds node-9",
+        Duration::from_secs(10),
+        || {
+            let channel = channel.clone();
+            async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    open_raw(channel, hello("node-9")),
+                )
+                .await
+                {
+                    Ok(Err(status)) if status.code() == Code::AlreadyExists => Ok(()),
+                    other => Err(format!("{:?}", other.map(|r| r.map(|_| ())))),
+                }
+            }
+        },
+    )
+    .await;
+    // The monitor goes away before its link is set up; the store comes back.
+    first.abort();
+    let _ = first.await;
+    kill(store, Signal::SIGCONT).unwrap();
+    // The node links again.
+    eventually("node-9 links again", Duration::from_secs(15), || {
+        let channel = channel.clone();
+        async move {
+            TestMonitor::connect(channel, "node-9", pb::Plane::Root)
+                .await
+                .map(|_| ())
+                .map_err(|status| status.to_string())
+        }
+    })
+    .await;
+}
+
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod embedded {

@@ -148,6 +148,12 @@ pub enum Error {
         /// How long it was silent.
         after: std::time::Duration,
     },
+    /// A link's monitor took no message for as long as it may stay silent.
+    #[error("the monitor took no message for {after:?}")]
+    NotReading {
+        /// How long it took none.
+        after: std::time::Duration,
+    },
     /// A monitor of another plane connected.
     #[error("this manager serves the {manager} plane; node {node} belongs to the {monitor} plane")]
     PlaneMismatch {
@@ -327,7 +333,7 @@ impl From<Error> for Status {
             Error::HelloTimeout(_) => {
                 ApiError::new(Code::DeadlineExceeded, "HELLO_TIMEOUT", message)
             }
-            Error::HeartbeatTimeout { .. } => {
+            Error::HeartbeatTimeout { .. } | Error::NotReading { .. } => {
                 ApiError::new(Code::DeadlineExceeded, "HEARTBEAT_TIMEOUT", message)
             }
             Error::PlaneMismatch { node, monitor, .. } => {

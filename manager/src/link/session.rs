@@ -89,10 +89,15 @@ impl LinkHub {
             ""
         };
         let (epoch, replaced) = self.presence.register(&hello.node, subject)?;
-        if let Err(err) = self.node_linked(&hello).await {
-            self.presence.unregister(&hello.node, epoch);
-            return Err(err.into());
-        }
+        // Released however this call ends: a monitor that goes away while
+        // its node is recorded (the store slow, say) drops this future,
+        // and its node must not stay linked for good.
+        let registered = Registered {
+            presence: self.presence.clone(),
+            node: hello.node.clone(),
+            epoch,
+        };
+        self.node_linked(&hello).await?;
         self.options.metrics.monitors_linked.inc();
         let heartbeat_timeout = self.options.heartbeat_timeout.max(hello.heartbeat * 3);
         tracing::info!(node = %hello.node, version = %hello.version, observed = hello.observed, chunks = hello.accepts_chunks, "monitor connected");
@@ -112,7 +117,7 @@ impl LinkHub {
                 Ok(()) => tracing::info!(%node, "monitor link ended"),
             }
             hub.options.metrics.monitors_linked.dec();
-            hub.presence.unregister(&node, epoch);
+            drop(registered);
             if !hub.presence.is_connected(&node) {
                 hub.node_unlinked(&node, chrono::Utc::now()).await;
                 hub.mark_disconnected_later(node);
@@ -139,12 +144,18 @@ impl LinkHub {
         let labels = Arc::new(hello.labels.clone());
         if hello.accepts_chunks {
             for chunk in sent.full_chunks(&hello.labels) {
-                send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
+                send(
+                    tx,
+                    open_link_response::Message::DesiredStateChunk(chunk),
+                    heartbeat_timeout,
+                )
+                .await?;
             }
         } else {
             send(
                 tx,
                 open_link_response::Message::DesiredState(sent.to_proto(&hello.labels)),
+                heartbeat_timeout,
             )
             .await?;
         }
@@ -155,6 +166,7 @@ impl LinkHub {
         send(
             tx,
             open_link_response::Message::Ack(pb::Ack { sequence: stored }),
+            heartbeat_timeout,
         )
         .await?;
         // Acks go out in report order, each once its report is durable;
@@ -186,7 +198,12 @@ impl LinkHub {
                         }
                     }
                 }
-                send(tx, open_link_response::Message::Ack(pb::Ack { sequence })).await?;
+                send(
+                    tx,
+                    open_link_response::Message::Ack(pb::Ack { sequence }),
+                    heartbeat_timeout,
+                )
+                .await?;
             }
         };
         tokio::pin!(acks);
@@ -204,10 +221,10 @@ impl LinkHub {
                     if hello.accepts_chunks {
                         for chunk in current.chunks_since(&sent, &hello.labels) {
                             let _spans = desired_spans(node, &chunk);
-                            send(tx, open_link_response::Message::DesiredStateChunk(chunk)).await?;
+                            send(tx, open_link_response::Message::DesiredStateChunk(chunk), heartbeat_timeout).await?;
                         }
                     } else {
-                        send(tx, open_link_response::Message::DesiredState(current.to_proto(&hello.labels))).await?;
+                        send(tx, open_link_response::Message::DesiredState(current.to_proto(&hello.labels)), heartbeat_timeout).await?;
                     }
                     placed.extend(current.placed_ids(&hello.labels).cloned());
                     sent = current;
@@ -339,10 +356,33 @@ fn link_span(
     span
 }
 
-async fn send(tx: &Outbound, message: open_link_response::Message) -> Result<(), Error> {
-    tx.send(Ok(pb::OpenLinkResponse {
+/// A link's registration in the presence, released when dropped.
+struct Registered {
+    presence: Arc<super::presence::Presence>,
+    node: String,
+    epoch: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.presence.unregister(&self.node, self.epoch);
+    }
+}
+
+/// Sends `message` on the link; a monitor that takes nothing for `within`
+/// (its end half-open, behind a partition, say) ends the link: otherwise
+/// the link would wait on it for as long as TCP does (many minutes), with
+/// its node locked out (a second link of the node is refused).
+async fn send(
+    tx: &Outbound,
+    message: open_link_response::Message,
+    within: std::time::Duration,
+) -> Result<(), Error> {
+    let response = Ok(pb::OpenLinkResponse {
         message: Some(message),
-    }))
-    .await
-    .map_err(|_| Error::MonitorGone)
+    });
+    match tokio::time::timeout(within, tx.send(response)).await {
+        Ok(sent) => sent.map_err(|_| Error::MonitorGone),
+        Err(_) => Err(Error::NotReading { after: within }),
+    }
 }
