@@ -131,12 +131,18 @@ pub async fn convergence(cluster: &Cluster, published: &[Published]) -> (Vec<Str
     let known: BTreeSet<&str> = installations.iter().map(|i| i.id.as_str()).collect();
     for installation in &installations {
         let status = installation.status();
+        let placed_somewhere = views
+            .iter()
+            .any(|(_, view)| placed(&installation.node_selector, &view.labels));
+        // INSTALLING with no node to run it on is where it waits for one.
+        let waiting = status == InstallationStatus::Installing && !placed_somewhere;
         if matches!(
             status,
             InstallationStatus::Installing
                 | InstallationStatus::Disabling
                 | InstallationStatus::Upgrading
-        ) {
+        ) && !waiting
+        {
             problems.push(format!(
                 "{} is still {status:?}: {}",
                 installation.id, installation.status_message
@@ -209,7 +215,11 @@ pub async fn convergence(cluster: &Cluster, published: &[Published]) -> (Vec<Str
             Some(Behaviour::Good | Behaviour::FillsLogs)
         );
         if steady && any_placed && problems.is_empty() {
-            let active = status == InstallationStatus::Active;
+            // ROLLED_BACK says all runs: the release before a failed one.
+            let active = matches!(
+                status,
+                InstallationStatus::Active | InstallationStatus::RolledBack
+            );
             if active != all_running {
                 let reported: Vec<String> = installation
                     .services

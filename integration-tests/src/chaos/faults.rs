@@ -129,45 +129,72 @@ async fn pause(pid: nix::unistd::Pid, lasting: Duration) {
     let _ = kill(pid, Signal::SIGCONT);
 }
 
+/// Kills (and after `lasting` starts again with `spawn`) or pauses the
+/// server in `slot`; `None` when it is under another fault already.
+async fn server_fault<F, Fut>(
+    cluster: &Cluster,
+    slot: &tokio::sync::Mutex<Option<crate::ServerProcess>>,
+    name: &str,
+    killed: bool,
+    lasting: Duration,
+    spawn: F,
+) -> Option<String>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = crate::ServerProcess>,
+{
+    let mut slot = slot.try_lock().ok()?;
+    let server = slot.take()?;
+    if killed {
+        let stderr = server.stderr();
+        server.kill().await;
+        cluster.ended(name, stderr).await;
+        tokio::time::sleep(lasting).await;
+        *slot = Some(spawn().await);
+    } else {
+        pause(server.pid(), lasting).await;
+        *slot = Some(server);
+    }
+    Some(name.trim_start_matches("addons-").to_owned())
+}
+
 /// Applies one fault; a target already under a fault is left alone.
 async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, lasting: Duration) {
     let start = history.now();
     let target = match kind {
         Kind::KillManager | Kind::PauseManager => {
-            let Ok(mut manager) = cluster.manager.try_lock() else {
+            let killed = kind == Kind::KillManager;
+            let spawn = || cluster.spawn_manager();
+            let Some(name) = server_fault(
+                cluster,
+                &cluster.manager,
+                "addons-manager",
+                killed,
+                lasting,
+                spawn,
+            )
+            .await
+            else {
                 return;
             };
-            let Some(server) = manager.take() else { return };
-            if kind == Kind::KillManager {
-                let stderr = server.stderr();
-                server.kill().await;
-                cluster.ended("addons-manager", stderr).await;
-                tokio::time::sleep(lasting).await;
-                *manager = Some(cluster.spawn_manager().await);
-            } else {
-                pause(server.pid(), lasting).await;
-                *manager = Some(server);
-            }
-            "manager".to_owned()
+            name
         }
         Kind::KillMarketplace | Kind::PauseMarketplace => {
-            let Ok(mut marketplace) = cluster.marketplace.try_lock() else {
+            let killed = kind == Kind::KillMarketplace;
+            let spawn = || cluster.spawn_marketplace();
+            let Some(name) = server_fault(
+                cluster,
+                &cluster.marketplace,
+                "addons-marketplace",
+                killed,
+                lasting,
+                spawn,
+            )
+            .await
+            else {
                 return;
             };
-            let Some(server) = marketplace.take() else {
-                return;
-            };
-            if kind == Kind::KillMarketplace {
-                let stderr = server.stderr();
-                server.kill().await;
-                cluster.ended("addons-marketplace", stderr).await;
-                tokio::time::sleep(lasting).await;
-                *marketplace = Some(cluster.spawn_marketplace().await);
-            } else {
-                pause(server.pid(), lasting).await;
-                *marketplace = Some(server);
-            }
-            "marketplace".to_owned()
+            name
         }
         Kind::RegistryOutage => {
             let Ok(mut registry) = cluster.registry.try_lock() else {

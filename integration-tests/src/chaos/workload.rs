@@ -299,37 +299,24 @@ impl Workload {
             return;
         }
         let target = self.rng.pick(&versions).clone();
-        let request_id = self.request_id();
-        let invoke = self.history.now();
-        let result = self
-            .retried(|mut client| {
-                let request = pb::UpgradeInstallationRequest {
-                    id: installation.id.clone(),
-                    version: target.version.clone(),
-                    accepted_privileges: target.privileges.clone(),
-                    request_id: request_id.clone(),
-                    min_healthy_time: Some(prost_types::Duration {
-                        seconds: 2,
-                        nanos: 0,
-                    }),
-                    progress_deadline: Some(prost_types::Duration {
-                        seconds: 30,
-                        nanos: 0,
-                    }),
-                    ..Default::default()
-                };
-                async move { client.upgrade_installation(request).await.map(|_| ()) }
-            })
-            .await;
-        self.history.operation(
-            "upgrade",
-            invoke,
-            &result,
-            &format!(
-                "{} to {} ({:?})",
-                installation.id, target.version, target.behaviour
-            ),
+        let request = pb::UpgradeInstallationRequest {
+            id: installation.id.clone(),
+            version: target.version.clone(),
+            accepted_privileges: target.privileges.clone(),
+            request_id: self.request_id(),
+            min_healthy_time: seconds(MIN_HEALTHY_S),
+            progress_deadline: seconds(PROGRESS_DEADLINE_S),
+            ..Default::default()
+        };
+        let detail = format!(
+            "{} to {} ({:?})",
+            installation.id, target.version, target.behaviour
         );
+        self.recorded("upgrade", &detail, |mut client| {
+            let request = request.clone();
+            async move { client.upgrade_installation(request).await.map(|_| ()) }
+        })
+        .await;
     }
 
     async fn rollback(&mut self, live: &[pb::Installation]) {
@@ -342,33 +329,20 @@ impl Workload {
             .rng
             .below(usize::try_from(installation.release - 1).unwrap_or(1))
             as u64;
-        let request_id = self.request_id();
-        let invoke = self.history.now();
-        let result = self
-            .retried(|mut client| {
-                let request = pb::RollbackInstallationRequest {
-                    id: installation.id.clone(),
-                    release,
-                    request_id: request_id.clone(),
-                    min_healthy_time: Some(prost_types::Duration {
-                        seconds: 2,
-                        nanos: 0,
-                    }),
-                    progress_deadline: Some(prost_types::Duration {
-                        seconds: 30,
-                        nanos: 0,
-                    }),
-                    ..Default::default()
-                };
-                async move { client.rollback_installation(request).await.map(|_| ()) }
-            })
-            .await;
-        self.history.operation(
-            "rollback",
-            invoke,
-            &result,
-            &format!("{} to release {release}", installation.id),
-        );
+        let request = pb::RollbackInstallationRequest {
+            id: installation.id.clone(),
+            release,
+            request_id: self.request_id(),
+            min_healthy_time: seconds(MIN_HEALTHY_S),
+            progress_deadline: seconds(PROGRESS_DEADLINE_S),
+            ..Default::default()
+        };
+        let detail = format!("{} to release {release}", installation.id);
+        self.recorded("rollback", &detail, |mut client| {
+            let request = request.clone();
+            async move { client.rollback_installation(request).await.map(|_| ()) }
+        })
+        .await;
     }
 
     async fn uninstall(&mut self, live: &[pb::Installation]) {
@@ -377,25 +351,18 @@ impl Workload {
         }
         let installation = self.rng.pick(live).clone();
         let purge = self.rng.chance(0.5);
-        let request_id = self.request_id();
-        let invoke = self.history.now();
-        let result = self
-            .retried(|mut client| {
-                let request = pb::UninstallAddonRequest {
-                    id: installation.id.clone(),
-                    purge,
-                    request_id: request_id.clone(),
-                    ..Default::default()
-                };
-                async move { client.uninstall_addon(request).await.map(|_| ()) }
-            })
-            .await;
-        self.history.operation(
-            "uninstall",
-            invoke,
-            &result,
-            &format!("{} purge {purge}", installation.id),
-        );
+        let request = pb::UninstallAddonRequest {
+            id: installation.id.clone(),
+            purge,
+            request_id: self.request_id(),
+            ..Default::default()
+        };
+        let detail = format!("{} purge {purge}", installation.id);
+        self.recorded("uninstall", &detail, |mut client| {
+            let request = request.clone();
+            async move { client.uninstall_addon(request).await.map(|_| ()) }
+        })
+        .await;
     }
 
     /// A node's zone changes: its monitor restarts with the other label.
@@ -429,6 +396,18 @@ impl Workload {
             .operation("list", invoke, &Outcome::of(&result), "");
     }
 
+    /// Makes the call `call` makes ([`Self::retried`]) and records it as
+    /// an operation of `kind` about `detail`.
+    async fn recorded<F, Fut>(&self, kind: &str, detail: &str, call: F)
+    where
+        F: Fn(AddonsManagerServiceClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+    {
+        let invoke = self.history.now();
+        let outcome = self.retried(call).await;
+        self.history.operation(kind, invoke, &outcome, detail);
+    }
+
     /// Calls `call` until it is answered, at most [`ATTEMPTS`] times.
     async fn retried<F, Fut>(&self, call: F) -> Outcome
     where
@@ -446,6 +425,19 @@ impl Workload {
         outcome
     }
 }
+
+/// `n` seconds, as protobuf has them.
+fn seconds(n: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: n,
+        nanos: 0,
+    })
+}
+
+/// How long a node must keep a release healthy in the campaign's
+/// rollouts, and how long it may take.
+const MIN_HEALTHY_S: i64 = 2;
+const PROGRESS_DEADLINE_S: i64 = 30;
 
 /// Every installation, page by page.
 pub async fn list_installations(
@@ -485,10 +477,7 @@ fn addon(name: &str, version: &str, behaviour: Behaviour, image: &str) -> mpb::A
                 probe: Some(mpb::health_check::Probe::Exec(mpb::ExecProbe {
                     command: vec!["/bin/busybox".into(), "false".into()],
                 })),
-                interval: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
+                interval: seconds(1),
                 timeout: Some(prost_types::Duration {
                     seconds: 0,
                     nanos: 500_000_000,
