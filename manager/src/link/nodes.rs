@@ -79,7 +79,10 @@ impl LinkHub {
                 }
             },
         }
-        if previous.is_some_and(|p| p.value.labels != hello.labels) {
+        // At every hello, not only when the labels changed: a hello whose
+        // set-up was cut short after the new labels were stored must not
+        // leave statuses behind for the next one to miss.
+        if previous.is_some() {
             for id in self.presence.installations_of(&hello.node) {
                 let result = self
                     .installations

@@ -102,6 +102,15 @@ impl Presence {
         }
     }
 
+    /// Whether the link of `node` with `epoch` is its current one.
+    pub(super) fn is_current(&self, node: &str, epoch: u64) -> bool {
+        self.connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .is_some_and(|link| link.epoch == epoch)
+    }
+
     /// Whether `node` is linked.
     pub(super) fn is_connected(&self, node: &str) -> bool {
         self.connected

@@ -42,6 +42,8 @@ struct Report {
     placed: bool,
     /// The node's labels, as its hello gave them.
     labels: std::sync::Arc<std::collections::BTreeMap<String, String>>,
+    /// The link it came on.
+    epoch: u64,
 }
 
 /// Reports waiting for the writer task, which wakes when one comes.
@@ -114,7 +116,7 @@ impl LinkHub {
     /// longer exists), with why not otherwise.
     pub(super) fn enqueue_report(
         &self,
-        node: &str,
+        (node, epoch): (&str, u64),
         report: pb::StatusReport,
         placed: bool,
         labels: &std::sync::Arc<std::collections::BTreeMap<String, String>>,
@@ -134,6 +136,7 @@ impl LinkHub {
                     verdict,
                     placed,
                     labels: labels.clone(),
+                    epoch,
                 },
                 done,
             });
@@ -192,6 +195,19 @@ impl LinkHub {
     /// Applies a batch of reports, each installation's in one change, and
     /// answers each report.
     async fn write_batch(&self, batch: Vec<PendingReport>) {
+        // A report whose link ended before it was written is not: the
+        // node's next link may carry other labels (what it placed there
+        // was dropped at its hello), and the monitor sends every report
+        // again on it.
+        let (batch, ended): (Vec<PendingReport>, Vec<PendingReport>) = batch
+            .into_iter()
+            .partition(|p| self.presence.is_current(&p.report.node, p.report.epoch));
+        for pending in ended {
+            self.options.metrics.dropped("not_stored");
+            let _ = pending
+                .done
+                .send(Err("its link ended before it was stored".to_owned()));
+        }
         // Per installation: what its reports say (moved into its change),
         // and who waits for each.
         type Waiting = (String, u64, oneshot::Sender<Result<(), String>>);

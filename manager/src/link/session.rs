@@ -106,7 +106,7 @@ impl LinkHub {
         tokio::spawn(async move {
             let node = hello.node.clone();
             match hub
-                .run_link(&hello, inbound, &tx, heartbeat_timeout, &replaced)
+                .run_link(&hello, epoch, inbound, &tx, heartbeat_timeout, &replaced)
                 .await
             {
                 Err(err) => {
@@ -129,6 +129,7 @@ impl LinkHub {
     async fn run_link(
         &self,
         hello: &ValidHello,
+        epoch: u64,
         mut inbound: Streaming<pb::OpenLinkRequest>,
         tx: &Outbound,
         heartbeat_timeout: Duration,
@@ -263,7 +264,7 @@ impl LinkHub {
                                 ));
                             }
                             let was_placed = placed.contains(&report.installation_id);
-                            let done = self.enqueue_report(node, report, was_placed, &labels)?;
+                            let done = self.enqueue_report((node, epoch), report, was_placed, &labels)?;
                             // At the limit, wait for acks to go out first
                             // (they go out only while `acks` is polled).
                             tokio::select! {
