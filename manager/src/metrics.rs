@@ -94,7 +94,7 @@ impl ManagerMetrics {
             ),
             reports_dropped: metrics.add(
                 "addons_link_reports_dropped",
-                "Status reports not stored, by reason: not_placed (about an installation never placed on the node), not_stored (the store failed; the monitor sends it again)",
+                "Status reports not stored, by reason: not_placed (about an installation never placed on the node), not_stored (the store failed, or the report's link ended first; the monitor sends it again)",
                 Family::default(),
             ),
             report_stored_seconds: metrics.add(
