@@ -162,39 +162,26 @@ where
 async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, lasting: Duration) {
     let start = history.now();
     let target = match kind {
-        Kind::KillManager | Kind::PauseManager => {
-            let killed = kind == Kind::KillManager;
-            let spawn = || cluster.spawn_manager();
-            let Some(name) = server_fault(
-                cluster,
-                &cluster.manager,
-                "addons-manager",
-                killed,
-                lasting,
-                spawn,
-            )
-            .await
+        Kind::KillManager | Kind::PauseManager | Kind::KillMarketplace | Kind::PauseMarketplace => {
+            let killed = matches!(kind, Kind::KillManager | Kind::KillMarketplace);
+            let manager = matches!(kind, Kind::KillManager | Kind::PauseManager);
+            let (slot, name) = if manager {
+                (&cluster.manager, "addons-manager")
+            } else {
+                (&cluster.marketplace, "addons-marketplace")
+            };
+            let spawn = || async {
+                if manager {
+                    cluster.spawn_manager().await
+                } else {
+                    cluster.spawn_marketplace().await
+                }
+            };
+            let Some(target) = server_fault(cluster, slot, name, killed, lasting, spawn).await
             else {
                 return;
             };
-            name
-        }
-        Kind::KillMarketplace | Kind::PauseMarketplace => {
-            let killed = kind == Kind::KillMarketplace;
-            let spawn = || cluster.spawn_marketplace();
-            let Some(name) = server_fault(
-                cluster,
-                &cluster.marketplace,
-                "addons-marketplace",
-                killed,
-                lasting,
-                spawn,
-            )
-            .await
-            else {
-                return;
-            };
-            name
+            target
         }
         Kind::RegistryOutage => {
             let Ok(mut registry) = cluster.registry.try_lock() else {
