@@ -104,6 +104,7 @@ impl TestNet {
             containerd: Some(containerd),
             monitor: None,
             state_dir: dir.path().join("monitor"),
+            state_tmpfs: false,
             _dir: dir,
         }
     }
@@ -129,6 +130,7 @@ pub struct Host {
     containerd: Option<Containerd>,
     monitor: Option<ServerProcess>,
     state_dir: PathBuf,
+    state_tmpfs: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -151,6 +153,14 @@ impl Host {
     /// Its monitor's state dir.
     pub fn state_dir(&self) -> &std::path::Path {
         &self.state_dir
+    }
+
+    /// Puts its monitor's state dir on a tmpfs of `mib` MiB, a disk that
+    /// can be filled; before its monitor first starts.
+    pub fn state_on_tmpfs(&mut self, mib: u64) {
+        assert!(self.monitor.is_none(), "the host's monitor runs already");
+        mount_tmpfs(&self.state_dir, mib);
+        self.state_tmpfs = true;
     }
 
     /// Starts its monitor, linked to `manager` (a URL the host reaches),
@@ -297,11 +307,29 @@ impl Drop for Host {
                 let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        if self.state_tmpfs {
+            let _ = nix::mount::umount2(&self.state_dir, nix::mount::MntFlags::MNT_DETACH);
+        }
         remove_netns(&self.netns);
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
             .output();
     }
+}
+
+/// Mounts a tmpfs of `mib` MiB on `dir` (created), for a disk that can be
+/// filled; `umount2(dir, MNT_DETACH)` takes it away.
+pub fn mount_tmpfs(dir: &std::path::Path, mib: u64) {
+    std::fs::create_dir_all(dir).expect("create a tmpfs's directory");
+    let options = format!("size={mib}m,mode=0700");
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .expect("mount a tmpfs");
 }
 
 /// Deletes a network namespace, killing what still runs in it.

@@ -145,29 +145,100 @@ fn escape(text: &str) -> String {
 /// filesystem, else a copy), replacing what an older monitor left there
 /// (its running log writers keep their own file); returns its path.
 pub fn install(state_root: &Path) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    let exe = std::env::current_exe()?;
+    install_from(&std::env::current_exe()?, state_root)
+}
+
+/// [`install`] of the binary `exe`. A file there already with the same
+/// bytes stays: a monitor restarted on a state dir of another filesystem
+/// would otherwise copy itself anew at each start, and each copy stays
+/// taken while a log writer of an earlier start runs from it, until the
+/// disk is full (found by the fault campaign).
+fn install_from(exe: &Path, state_root: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
     let dir = state_root.join("bin");
     std::fs::create_dir_all(&dir)?;
     let target = dir.join("addons-monitor");
-    if let (Ok(ours), Ok(there)) = (std::fs::metadata(&exe), std::fs::metadata(&target))
-        && (ours.dev(), ours.ino()) == (there.dev(), there.ino())
-    {
+    if same_file(exe, &target) {
         return Ok(target);
     }
     let temp = dir.join(format!(".addons-monitor.tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&temp);
-    if std::fs::hard_link(&exe, &temp).is_err() {
-        std::fs::copy(&exe, &temp)?;
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o700))?;
+    if std::fs::hard_link(exe, &temp).is_err() {
+        let copied = std::fs::copy(exe, &temp)
+            .and_then(|_| std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o700)));
+        if let Err(err) = copied {
+            // A part copied to a full disk is not left to take its room.
+            let _ = std::fs::remove_file(&temp);
+            return Err(err);
+        }
     }
     std::fs::rename(&temp, &target)?;
     Ok(target)
 }
 
+/// Whether `a` and `b` are one file, or two with the same bytes.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let (Ok(first), Ok(second)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    if (first.dev(), first.ino()) == (second.dev(), second.ino()) {
+        return true;
+    }
+    if first.len() != second.len() {
+        return false;
+    }
+    let (Ok(mut a), Ok(mut b)) = (File::open(a), File::open(b)) else {
+        return false;
+    };
+    let (mut x, mut y) = (vec![0; CHUNK], vec![0; CHUNK]);
+    loop {
+        match (read_full(&mut a, &mut x), read_full(&mut b, &mut y)) {
+            (Ok(0), Ok(0)) => return true,
+            (Ok(n), Ok(m)) if n == m && x[..n] == y[..m] => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Reads until `buffer` is full or the file ends; how much it read.
+fn read_full(file: &mut File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_with_the_same_bytes_stays_and_another_is_replaced() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("exe");
+        std::fs::write(&exe, vec![7_u8; 3 * CHUNK + 5]).unwrap();
+        let state = dir.path().join("state");
+        // What an earlier start copied (another filesystem: no link).
+        std::fs::create_dir_all(state.join("bin")).unwrap();
+        let copied = state.join("bin/addons-monitor");
+        std::fs::copy(&exe, &copied).unwrap();
+        let inode = std::fs::metadata(&copied).unwrap().ino();
+        assert_eq!(install_from(&exe, &state).unwrap(), copied);
+        assert_eq!(std::fs::metadata(&copied).unwrap().ino(), inode, "kept");
+        // Another binary: replaced, and nothing else is left in the dir.
+        let mut other = vec![7_u8; 3 * CHUNK + 5];
+        other[2 * CHUNK + 1] = 8;
+        std::fs::write(&exe, &other).unwrap();
+        install_from(&exe, &state).unwrap();
+        assert_eq!(std::fs::read(&copied).unwrap(), other);
+        assert_eq!(std::fs::read_dir(state.join("bin")).unwrap().count(), 1);
+    }
 
     #[test]
     fn rotates_as_it_writes() {

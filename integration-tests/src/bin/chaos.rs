@@ -35,7 +35,8 @@ fn options() -> Result<Options, String> {
         store: None,
         history: PathBuf::from("chaos-history.jsonl"),
         settle: Duration::from_secs(180),
-        bridge: ("chaosbr".into(), "10.97.1".into()),
+        // Apart from the CI campaigns' (10.96.1 and 10.97.1).
+        bridge: ("chaosbr".into(), "10.95.1".into()),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

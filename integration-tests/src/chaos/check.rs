@@ -15,6 +15,7 @@ use oakestra_addons_proto::engine::v1::{self as pb, InstallationStatus};
 
 use super::{
     cluster::Cluster,
+    swap,
     workload::{Behaviour, Ledger, Published, list_installations},
 };
 
@@ -29,6 +30,10 @@ const MAX_FDS: usize = 512;
 struct NodeView {
     labels: BTreeMap<String, String>,
     containers: Vec<(String, String, String, u64, bool)>,
+    /// Whether the core component's task runs.
+    core_running: bool,
+    /// Who answers on the core component's port.
+    serving: swap::Serving,
 }
 
 async fn node_views(cluster: &Cluster) -> Result<Vec<(String, NodeView)>, String> {
@@ -46,9 +51,15 @@ async fn node_views(cluster: &Cluster) -> Result<Vec<(String, NodeView)>, String
             .list_containers(&[(labels::MANAGED_BY, labels::MANAGED_BY_VALUE)])
             .await
             .map_err(|err| format!("{id}: list containers: {err}"))?;
+        let core_running = matches!(
+            runtime.task_state(&format!("root_{}", swap::CORE)).await,
+            Ok(TaskState::Running(_))
+        );
         let mut view = NodeView {
             labels,
             containers: Vec::new(),
+            core_running,
+            serving: swap::serving(node.host.address).await,
         };
         for container in listed {
             let Some(installation) = container.labels.get(labels::INSTALLATION) else {
@@ -246,6 +257,40 @@ pub async fn convergence(cluster: &Cluster, published: &[Published]) -> (Vec<Str
                     installation.node_selector
                 ));
             }
+        }
+    }
+    // Where the plugin is wanted, it runs and answers in the core
+    // component's place; everywhere else the core component is back.
+    for (node, view) in &views {
+        let plugin = installations.iter().find(|i| {
+            i.addon.as_ref().is_some_and(|a| a.name == swap::PLUGIN)
+                && !matches!(
+                    i.status(),
+                    InstallationStatus::Disabled | InstallationStatus::Disabling
+                )
+                && placed(&i.node_selector, &view.labels)
+        });
+        let expected = match plugin {
+            // Given up on here: whatever the monitor did is in its report.
+            Some(i)
+                if i.services
+                    .iter()
+                    .any(|s| &s.node_id == node && s.phase() == pb::ServicePhase::Failed) =>
+            {
+                None
+            }
+            Some(_) => Some((false, swap::Serving::Plugin)),
+            None => Some((true, swap::Serving::Core)),
+        };
+        if let Some((core, serving)) = expected
+            && (view.core_running, view.serving) != (core, serving)
+        {
+            problems.push(format!(
+                "{node}: the core component {} runs {}, {:?} answers on its port; expected {core} and {serving:?}",
+                swap::CORE,
+                view.core_running,
+                view.serving
+            ));
         }
     }
     for (node, view) in &views {

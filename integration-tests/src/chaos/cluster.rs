@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::Mutex;
 
+use super::{proxy::SlowProxy, swap};
 use crate::{
     MongoServer, RegistryServer, ServerProcess, binary,
     hosts::{Host, TestNet},
@@ -39,7 +40,9 @@ pub struct Cluster {
     pub net: TestNet,
     /// The registry (on the bridge's address).
     pub registry: Mutex<RegistryServer>,
-    /// Its `HOST:PORT`.
+    /// The proxy in front of it, which can be made slow.
+    pub registry_proxy: SlowProxy,
+    /// The proxy's `HOST:PORT`, the registry every reference names.
     pub registry_host: String,
     /// The image every addon service runs (busybox).
     pub image: String,
@@ -60,8 +63,19 @@ pub struct Cluster {
     marketplace_listen: String,
     manager_listen: String,
     manager_store: String,
+    /// The embedded store's directory (a tmpfs that can be filled), if the
+    /// manager uses the embedded store.
+    pub manager_store_dir: Option<std::path::PathBuf>,
+    /// Held while the embedded store's disk is full.
+    pub store_fault: Mutex<()>,
+    core_components: String,
     dir: tempfile::TempDir,
 }
+
+/// The size of each tmpfs a campaign fills: a node's state dir and the
+/// manager's embedded store. A monitor copies its binary (70 MiB, built
+/// for debugging) into its state dir, for its containers' log writers.
+pub const TMPFS_MIB: u64 = 256;
 
 impl Cluster {
     /// Starts it all: bridge `bridge` with prefix `prefix` (three octets),
@@ -69,24 +83,36 @@ impl Cluster {
     pub async fn start(bridge: &str, prefix: &str, nodes: usize, store: StoreKind) -> Arc<Self> {
         let net = TestNet::create(bridge, prefix);
         let registry = RegistryServer::start_on(net.gateway()).await;
-        let registry_host = registry.host();
         push_image(
-            &registry_host,
+            &registry.host(),
             "chaos/app",
             "1",
             &ImageSpec::default(),
             None,
         )
         .await;
+        let registry_proxy = SlowProxy::start(net.gateway().into(), registry.host()).await;
+        let registry_host = registry_proxy.host();
         let image = format!("{registry_host}/chaos/app:1");
         let dir = tempfile::tempdir().expect("temp dir for the campaign");
+        let core_components = dir.path().join("core-components.yaml");
+        std::fs::write(&core_components, swap::core_components_file(&image))
+            .expect("write the core components file");
         let mongo = match store {
             StoreKind::Mongo => Some(MongoServer::start("chaos").await),
             StoreKind::Embedded => None,
         };
+        let manager_store_dir = mongo.is_none().then(|| {
+            let store_dir = dir.path().join("manager-store");
+            crate::hosts::mount_tmpfs(&store_dir, TMPFS_MIB);
+            store_dir
+        });
         let manager_store = match &mongo {
             Some(mongo) => mongo.uri(),
-            None => format!("embedded:{}/manager.redb", dir.path().display()),
+            None => format!(
+                "embedded:{}/manager.redb",
+                dir.path().join("manager-store").display()
+            ),
         };
         let marketplace_listen = format!("127.0.0.1:{}", crate::free_port());
         let manager_listen = format!("{}:{}", net.gateway(), crate::free_port());
@@ -95,6 +121,7 @@ impl Cluster {
             manager_url: format!("http://{manager_listen}"),
             net,
             registry: Mutex::new(registry),
+            registry_proxy,
             registry_host,
             image,
             marketplace: Mutex::new(None),
@@ -105,6 +132,9 @@ impl Cluster {
             marketplace_listen,
             manager_listen,
             manager_store,
+            manager_store_dir,
+            store_fault: Mutex::new(()),
+            core_components: core_components.display().to_string(),
             dir,
         };
         cluster.start_marketplace().await;
@@ -112,7 +142,8 @@ impl Cluster {
         let mut cluster = cluster;
         for n in 0..nodes {
             let number = u8::try_from(n + 2).expect("at most 248 nodes");
-            let host = cluster.net.host(number, &format!("node-{n}")).await;
+            let mut host = cluster.net.host(number, &format!("node-{n}")).await;
+            host.state_on_tmpfs(TMPFS_MIB);
             let zone = if n % 2 == 0 { "a" } else { "b" };
             let labels = BTreeMap::from([("zone".to_owned(), zone.to_owned())]);
             cluster.nodes.push(Mutex::new(Node { host, labels }));
@@ -184,9 +215,25 @@ impl Cluster {
             .collect();
         let mut extra: Vec<&str> = labels.iter().map(String::as_str).collect();
         extra.extend(["--max-failures", "3", "--log-max-bytes", "65536"]);
+        extra.extend(["--core-components", &self.core_components]);
         node.host
             .start_monitor(&self.manager_url, &self.registry_host, &extra)
             .await;
+    }
+
+    /// The nodes, as the swap sampler watches them.
+    pub async fn watched(&self) -> Vec<swap::Watched> {
+        let mut watched = Vec::new();
+        for node in &self.nodes {
+            let node = node.lock().await;
+            watched.push(swap::Watched {
+                node: node.host.node_id.clone(),
+                address: node.host.address,
+                socket: node.host.containerd_socket(),
+                namespace: node.host.namespace(),
+            });
+        }
+        watched
     }
 
     /// Keeps the stderr of a process that ended.
@@ -225,6 +272,33 @@ impl Cluster {
         }
         logs
     }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.manager_store_dir {
+            let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Fills the filesystem of `dir` with the file `dir/chaos-fill`, until
+/// nothing is left; [`unfill`] frees it.
+pub fn fill(dir: &std::path::Path) {
+    use std::io::Write as _;
+    let Ok(mut file) = std::fs::File::create(dir.join("chaos-fill")) else {
+        return;
+    };
+    let chunk = vec![0xa5_u8; 1 << 20];
+    while file.write_all(&chunk).is_ok() {}
+    // What is left is smaller than a chunk.
+    while file.write_all(&chunk[..4096]).is_ok() {}
+    let _ = file.flush();
+}
+
+/// Frees what [`fill`] took.
+pub fn unfill(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join("chaos-fill"));
 }
 
 fn lazy_channel(url: &str) -> tonic::transport::Channel {

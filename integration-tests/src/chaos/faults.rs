@@ -1,8 +1,9 @@
 //! The faults of a campaign, chosen from the seed and overlapping: servers
 //! killed (SIGKILL) and started again, paused (SIGSTOP, then SIGCONT), a
 //! node's containerd crashed and started again or paused, the registry
-//! down, a node cut off from the manager and the registry, the manager's
-//! MongoDB-wire server killed. A target under one fault gets no second one
+//! down or slow, a node cut off from the manager and the registry, a
+//! node's state dir full, the manager's store failing its writes (its
+//! MongoDB-wire server killed, or the embedded store's disk full). A target under one fault gets no second one
 //! until the first ends; every fault ends with its target restored.
 
 use std::{sync::Arc, time::Duration};
@@ -10,7 +11,11 @@ use std::{sync::Arc, time::Duration};
 use nix::sys::signal::{Signal, kill};
 use tokio::task::JoinSet;
 
-use super::{cluster::Cluster, history::History, rng::Rng};
+use super::{
+    cluster::{Cluster, fill, unfill},
+    history::History,
+    rng::Rng,
+};
 
 /// A kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +43,17 @@ pub enum Kind {
     Partition,
     /// The manager's MongoDB-wire server is SIGKILLed, and started again.
     KillStore,
+    /// Every chunk to and from the registry waits, then no longer.
+    SlowRegistry,
+    /// A node's state dir (a tmpfs) is full, and freed.
+    NodeDiskFull,
+    /// The disk of the manager's embedded store is full (every write
+    /// fails), and freed.
+    StoreDiskFull,
 }
 
 impl Kind {
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 14] = [
         Kind::KillManager,
         Kind::PauseManager,
         Kind::KillMarketplace,
@@ -53,6 +65,9 @@ impl Kind {
         Kind::RegistryOutage,
         Kind::Partition,
         Kind::KillStore,
+        Kind::SlowRegistry,
+        Kind::NodeDiskFull,
+        Kind::StoreDiskFull,
     ];
 
     /// How often it is chosen, relatively.
@@ -78,6 +93,9 @@ impl Kind {
             Kind::RegistryOutage => "registry_outage",
             Kind::Partition => "partition",
             Kind::KillStore => "kill_store",
+            Kind::SlowRegistry => "slow_registry",
+            Kind::NodeDiskFull => "node_disk_full",
+            Kind::StoreDiskFull => "store_disk_full",
         }
     }
 }
@@ -88,12 +106,10 @@ pub async fn inject(cluster: Arc<Cluster>, history: Arc<History>, mut rng: Rng, 
     let mut running = JoinSet::new();
     let weights: Vec<u32> = Kind::ALL
         .iter()
-        .map(|&kind| {
-            if kind == Kind::KillStore && cluster.mongo.is_none() {
-                0
-            } else {
-                kind.weight()
-            }
+        .map(|&kind| match kind {
+            Kind::KillStore if cluster.mongo.is_none() => 0,
+            Kind::StoreDiskFull if cluster.manager_store_dir.is_none() => 0,
+            _ => kind.weight(),
         })
         .collect();
     while history.now() < until {
@@ -110,12 +126,24 @@ pub async fn inject(cluster: Arc<Cluster>, history: Arc<History>, mut rng: Rng, 
             | Kind::PauseMarketplace
             | Kind::PauseMonitor
             | Kind::PauseContainerd => rng.between(Duration::from_secs(1), Duration::from_secs(6)),
-            Kind::RegistryOutage | Kind::Partition => {
-                rng.between(Duration::from_secs(2), Duration::from_secs(12))
-            }
+            Kind::RegistryOutage
+            | Kind::Partition
+            | Kind::SlowRegistry
+            | Kind::NodeDiskFull
+            | Kind::StoreDiskFull => rng.between(Duration::from_secs(2), Duration::from_secs(12)),
         };
+        // How slow a slow registry is, per chunk of 16 KiB.
+        let delay = rng.between(Duration::from_millis(20), Duration::from_millis(250));
         let (cluster, history) = (cluster.clone(), history.clone());
-        running.spawn(async move { apply(&cluster, &history, kind, node, lasting).await });
+        running.spawn(async move {
+            let fault = Fault {
+                kind,
+                node,
+                lasting,
+                delay,
+            };
+            apply(&cluster, &history, fault).await;
+        });
         // Reap the ones that ended.
         while running.try_join_next().is_some() {}
     }
@@ -158,8 +186,25 @@ where
     Some(name.trim_start_matches("addons-").to_owned())
 }
 
+/// One fault, as chosen.
+#[derive(Debug, Clone, Copy)]
+struct Fault {
+    kind: Kind,
+    /// The node, for a node's fault.
+    node: usize,
+    lasting: Duration,
+    /// How slow a slow registry is.
+    delay: Duration,
+}
+
 /// Applies one fault; a target already under a fault is left alone.
-async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, lasting: Duration) {
+async fn apply(cluster: &Cluster, history: &History, fault: Fault) {
+    let Fault {
+        kind,
+        node,
+        lasting,
+        delay,
+    } = fault;
     let start = history.now();
     let target = match kind {
         Kind::KillManager | Kind::PauseManager | Kind::KillMarketplace | Kind::PauseMarketplace => {
@@ -183,14 +228,32 @@ async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, la
             };
             target
         }
-        Kind::RegistryOutage => {
+        Kind::RegistryOutage | Kind::SlowRegistry => {
             let Ok(mut registry) = cluster.registry.try_lock() else {
                 return;
             };
-            registry.stop().await;
-            tokio::time::sleep(lasting).await;
-            registry.resume().await;
+            if kind == Kind::SlowRegistry {
+                cluster.registry_proxy.slow(delay);
+                tokio::time::sleep(lasting).await;
+                cluster.registry_proxy.slow(Duration::ZERO);
+            } else {
+                registry.stop().await;
+                tokio::time::sleep(lasting).await;
+                registry.resume().await;
+            }
             "registry".to_owned()
+        }
+        Kind::StoreDiskFull => {
+            let Some(dir) = &cluster.manager_store_dir else {
+                return;
+            };
+            let Ok(_store) = cluster.store_fault.try_lock() else {
+                return;
+            };
+            fill(dir);
+            tokio::time::sleep(lasting).await;
+            unfill(dir);
+            "store".to_owned()
         }
         Kind::KillStore => {
             let Some(mongo) = &cluster.mongo else { return };
@@ -206,7 +269,8 @@ async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, la
         | Kind::PauseMonitor
         | Kind::CrashContainerd
         | Kind::PauseContainerd
-        | Kind::Partition => {
+        | Kind::Partition
+        | Kind::NodeDiskFull => {
             let Ok(mut node) = cluster.nodes[node].try_lock() else {
                 return;
             };
@@ -235,6 +299,11 @@ async fn apply(cluster: &Cluster, history: &History, kind: Kind, node: usize, la
                         return;
                     };
                     pause(pid, lasting).await;
+                }
+                Kind::NodeDiskFull => {
+                    fill(node.host.state_dir());
+                    tokio::time::sleep(lasting).await;
+                    unfill(node.host.state_dir());
                 }
                 _ => {
                     node.host.partition(true);

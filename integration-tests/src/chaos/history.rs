@@ -64,6 +64,18 @@ struct Tally {
     faults: BTreeMap<String, u64>,
     violations: Vec<String>,
     last_fault_end: Option<Duration>,
+    disturbed: Vec<Disturbance>,
+}
+
+/// A time a target was under a fault, or restarted by the workload.
+#[derive(Debug, Clone)]
+pub struct Disturbance {
+    /// The node id, or the server's name.
+    pub target: String,
+    /// When it began, since the campaign's start.
+    pub start: Duration,
+    /// When it ended.
+    pub end: Duration,
 }
 
 impl History {
@@ -135,6 +147,37 @@ impl History {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *tally.faults.entry(kind.to_owned()).or_default() += 1;
         tally.last_fault_end = Some(tally.last_fault_end.map_or(end, |last| last.max(end)));
+        tally.disturbed.push(Disturbance {
+            target: target.to_owned(),
+            start,
+            end,
+        });
+    }
+
+    /// Records that the workload disturbed `target` from `start` to now
+    /// (a node's monitor restarted with new labels).
+    pub fn disturbed(&self, target: &str, start: Duration) {
+        let end = self.now();
+        self.tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .disturbed
+            .push(Disturbance {
+                target: target.to_owned(),
+                start,
+                end,
+            });
+    }
+
+    /// Whether `target` was disturbed (a fault, or a restart by the
+    /// workload) at any time from `start` to `end`.
+    pub fn was_disturbed(&self, target: &str, start: Duration, end: Duration) -> bool {
+        self.tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .disturbed
+            .iter()
+            .any(|d| d.target == target && d.start <= end && start <= d.end)
     }
 
     /// Records an invariant violation.

@@ -8,7 +8,10 @@ pub mod check;
 pub mod cluster;
 pub mod faults;
 pub mod history;
+pub mod proxy;
 pub mod rng;
+pub mod swap;
+pub mod watch;
 pub mod workload;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -51,6 +54,10 @@ pub struct Report {
     pub converged_after: Option<Duration>,
     /// The manager's store.
     pub store: StoreKind,
+    /// Times the watcher watched again from its cursor, and started over.
+    pub watch_resumed: (u64, u64),
+    /// The swap gaps on undisturbed nodes.
+    pub swap_gaps: swap::GapFigures,
 }
 
 impl Report {
@@ -87,6 +94,18 @@ impl Report {
             }
             None => text += "did NOT converge\n",
         }
+        let gaps = self.swap_gaps;
+        text += &format!(
+            "swap gaps (nobody on the core component's port, undisturbed nodes): {}, p50 {} ms, p99 {} ms, max {} ms\n",
+            gaps.count,
+            gaps.p50.as_millis(),
+            gaps.p99.as_millis(),
+            gaps.max.as_millis()
+        );
+        text += &format!(
+            "watcher: resumed from its cursor {} times, started over {} times\n",
+            self.watch_resumed.0, self.watch_resumed.1
+        );
         text += &format!("invariant violations: {}\n", self.violations.len());
         for violation in &self.violations {
             text += &format!("  {violation}\n");
@@ -112,6 +131,20 @@ pub async fn run(options: Options) -> Report {
         cluster::Cluster::start(&options.bridge.0, &options.bridge.1, options.nodes, store).await;
     let mut workload = workload::Workload::new(cluster.clone(), history.clone(), rng.fork(1));
     workload.seed().await;
+    // Every node's core component answers before the sampler starts.
+    for node in cluster.watched().await {
+        let deadline = history.now() + Duration::from_secs(60);
+        while swap::serving(node.address).await != swap::Serving::Core {
+            assert!(
+                history.now() < deadline,
+                "{}'s core component does not answer",
+                node.node
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let sampler = swap::Sampler::start(cluster.watched().await, history.clone());
+    let watcher = watch::Watcher::start(cluster.clone());
     history.note("start", json!({}));
     let until = history.now() + options.duration;
     let faults = tokio::spawn(faults::inject(
@@ -151,6 +184,15 @@ pub async fn run(options: Options) -> Report {
     for problem in &problems {
         history.violation("converges", problem);
     }
+    let (gap_problems, swap_gaps) = swap::check_gaps(&sampler.stop().await, &history);
+    for problem in gap_problems {
+        history.violation("swap", &problem);
+    }
+    let (watch_problems, resumed, started_over) =
+        watcher.finish(&cluster, Duration::from_secs(30)).await;
+    for problem in watch_problems {
+        history.violation("watch", &problem);
+    }
     for problem in check::exactly_once(&cluster, &workload.ledger).await {
         history.violation("exactly_once", &problem);
     }
@@ -179,6 +221,8 @@ pub async fn run(options: Options) -> Report {
         violations: history.violations(),
         converged_after,
         store,
+        watch_resumed: (resumed, started_over),
+        swap_gaps,
     };
     history.note(
         "summary",

@@ -16,6 +16,7 @@ use super::{
     cluster::Cluster,
     history::{History, Outcome},
     rng::Rng,
+    swap,
 };
 
 /// How a published version behaves.
@@ -76,9 +77,10 @@ pub struct Workload {
 const MAX_LIVE: usize = 6;
 
 /// The addons whose new versions the workload publishes, and upgrades
-/// between. Each addon's service is named after it: two installations of
-/// one addon would provide the same service, which the manager refuses.
-const UPGRADABLE: [&str; 3] = ["steady", "sturdy", "stable"];
+/// between. Each addon's service is named after it (the plugin's after the
+/// core component it replaces): two installations of one addon would
+/// provide the same service, which the manager refuses.
+const UPGRADABLE: [&str; 4] = ["steady", "sturdy", "stable", swap::PLUGIN];
 
 /// How many times a call without an answer is tried.
 const ATTEMPTS: usize = 4;
@@ -184,6 +186,13 @@ impl Workload {
     }
 
     async fn publish(&mut self, name: &str, behaviour: Behaviour) {
+        // The plugin is always good: a crashing one would leave its node
+        // without a scheduler, by design.
+        let behaviour = if name == swap::PLUGIN {
+            Behaviour::Good
+        } else {
+            behaviour
+        };
         self.next_version += 1;
         let version = format!("1.{}.0", self.next_version);
         let addon = addon(name, &version, behaviour, &self.cluster.image);
@@ -380,6 +389,7 @@ impl Workload {
         node.labels.insert("zone".into(), zone.into());
         node.host.stop_monitor().await;
         self.cluster.start_monitor(&mut node).await;
+        self.history.disturbed(&node.host.node_id, invoke);
         self.history.operation(
             "relabel",
             invoke,
@@ -469,6 +479,9 @@ fn addon(name: &str, version: &str, behaviour: Behaviour, image: &str) -> mpb::A
     // otherwise, and every stop would wait out the grace period).
     let run = "trap 'exit 0' TERM; while :; do /bin/busybox sleep 1; done";
     let (command, health_check) = match behaviour {
+        Behaviour::Good if name == swap::PLUGIN => {
+            (crate::images::http_server_command(swap::PLUGIN_BODY), None)
+        }
         Behaviour::Good => (sh(run), None),
         Behaviour::Crashes => (sh("echo broken; exit 3"), None),
         Behaviour::Unhealthy => (
@@ -498,7 +511,11 @@ fn addon(name: &str, version: &str, behaviour: Behaviour, image: &str) -> mpb::A
         name: name.into(),
         version: version.into(),
         services: vec![mpb::ServiceSpec {
-            service_name: name.into(),
+            service_name: if name == swap::PLUGIN {
+                swap::CORE.into()
+            } else {
+                name.into()
+            },
             image: image.into(),
             command,
             health_check,

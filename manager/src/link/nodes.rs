@@ -335,3 +335,89 @@ impl LinkHub {
         Ok(shown)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{Plane, ServicePhase, ServiceStatus},
+        records::{Installations, tests::store},
+        status::tests::{installation, status},
+    };
+
+    fn zone(zone: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("zone".to_owned(), zone.to_owned())])
+    }
+
+    /// Found by the fault campaign (seed 13): a hello whose set-up was cut
+    /// short after it stored the node's new labels left the node's
+    /// statuses on an installation those labels no longer place there; the
+    /// next hello, with the same labels, saw no change and kept them, so
+    /// the installation stayed PARTIALLY_ACTIVE with a "disconnected"
+    /// service for good.
+    #[tokio::test]
+    async fn a_hello_drops_what_its_labels_no_longer_place_even_when_they_are_stored_already() {
+        let (store, _dir) = store().await;
+        let installations = Installations::open(&store).await.unwrap();
+        let id = installations
+            .insert(Installation {
+                node_selector: zone("b"),
+                ..installation(&["api"])
+            })
+            .await
+            .unwrap()
+            .value
+            .id;
+        // node-0 runs it, in zone b.
+        installations
+            .modify(&id, |i| {
+                i.report_sequences.insert("node-0".into(), 1);
+                let running = ServiceStatus {
+                    node_id: "node-0".into(),
+                    ..status("api", ServicePhase::Running)
+                };
+                status::apply_report(i, "node-0", vec![running]);
+                Ok(true)
+            })
+            .await
+            .unwrap();
+        let hub = LinkHub::start(
+            &store,
+            installations.clone(),
+            Plane::Root,
+            super::super::LinkOptions::default(),
+            addons_server_kit::Shutdown::new(),
+        )
+        .await
+        .unwrap();
+        // What the hello cut short left: node-0 moved to zone a, recorded.
+        let moved = NodeRecord {
+            id: "node-0".into(),
+            labels: zone("a"),
+            monitor_version: String::new(),
+            connect_time: Utc::now(),
+            disconnect_time: Some(Utc::now()),
+        };
+        hub.nodes
+            .replace(moved, &Precondition::none())
+            .await
+            .unwrap();
+        // Its next hello carries the labels stored already.
+        let hello = ValidHello {
+            node: "node-0".into(),
+            plane: Plane::Root,
+            heartbeat: Duration::from_secs(1),
+            accepts_chunks: true,
+            version: String::new(),
+            observed: 0,
+            labels: zone("a"),
+        };
+        hub.node_linked(&hello).await.unwrap();
+        let after = installations.require(&id).await.unwrap().value;
+        assert!(
+            after.services.iter().all(|s| s.node_id != "node-0"),
+            "node-0's status stays on an installation for zone b: {:?}",
+            after.services
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! A watcher of every installation that goes through the whole campaign:
+//! each time its stream breaks (the manager killed, paused past a
+//! deadline, a connection cut) it watches again from the `sequence` of the
+//! last event it got. The invariant: after the cursor, events come in
+//! order and none is skipped, so the view built from them alone ends up
+//! the manager's list.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use oakestra_addons_proto::engine::v1::{
+    self as pb, ChangeType, addons_manager_service_client::AddonsManagerServiceClient,
+};
+use tokio_stream::StreamExt as _;
+
+use super::{cluster::Cluster, workload::list_installations};
+
+/// What the watcher knows.
+#[derive(Debug, Default)]
+struct State {
+    /// Each installation's status and release, from events alone.
+    view: BTreeMap<String, (i32, u64)>,
+    /// The last event's sequence: where the next watch starts.
+    cursor: u64,
+    /// How many times it watched again from its cursor.
+    resumed: u64,
+    /// How many times the manager would not resume and it started over.
+    started_over: u64,
+    /// Events out of order or repeated.
+    problems: Vec<String>,
+}
+
+/// The watcher.
+#[derive(Debug)]
+pub struct Watcher {
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// Starts watching `cluster`'s manager.
+    pub fn start(cluster: Arc<Cluster>) -> Self {
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(follow(cluster, state.clone(), stop.clone()));
+        Self { state, stop, task }
+    }
+
+    /// Stops it once its view is the manager's list (or after `within`),
+    /// and says what did not hold: events out of order or repeated, and
+    /// any difference left between its view and the list; with how many
+    /// times it resumed and started over.
+    pub async fn finish(self, cluster: &Cluster, within: Duration) -> (Vec<String>, u64, u64) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut difference = Vec::new();
+        loop {
+            let mut client = AddonsManagerServiceClient::new(cluster.manager_channel());
+            if let Ok(all) = list_installations(&mut client).await {
+                let listed: BTreeMap<String, (i32, u64)> = all
+                    .into_iter()
+                    .map(|i| (i.id, (i.status, i.release)))
+                    .collect();
+                let view = self.lock().view.clone();
+                difference = differences(&view, &listed);
+                if difference.is_empty() {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.abort();
+        let state = self.lock();
+        let mut problems = state.problems.clone();
+        problems.extend(difference);
+        (problems, state.resumed, state.started_over)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn differences(
+    view: &BTreeMap<String, (i32, u64)>,
+    listed: &BTreeMap<String, (i32, u64)>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (id, listed) in listed {
+        match view.get(id) {
+            Some(seen) if seen == listed => {}
+            seen => problems.push(format!(
+                "the watcher's view of {id} is {seen:?}, the list's (status, release) {listed:?}"
+            )),
+        }
+    }
+    for id in view.keys().filter(|id| !listed.contains_key(*id)) {
+        problems.push(format!("the watcher still sees {id}, which the list lacks"));
+    }
+    problems
+}
+
+async fn follow(cluster: Arc<Cluster>, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    while !stop.load(Ordering::Relaxed) {
+        let since = lock().cursor;
+        let mut client = AddonsManagerServiceClient::new(cluster.manager_channel());
+        let stream = client
+            .watch_installations(pb::WatchInstallationsRequest {
+                since_revision: since,
+                ..Default::default()
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                refused(&mut lock(), &status);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        // From a snapshot, order holds from the marker on.
+        let mut live = since != 0;
+        if since == 0 {
+            lock().view.clear();
+        } else {
+            lock().resumed += 1;
+        }
+        while let Some(message) = stream.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(status) => {
+                    refused(&mut lock(), &status);
+                    break;
+                }
+            };
+            let mut state = lock();
+            if message.in_sync {
+                live = true;
+                state.cursor = state.cursor.max(message.sequence);
+                continue;
+            }
+            if live {
+                if message.sequence <= state.cursor {
+                    let problem = format!(
+                        "event {} after {} (watching since {since})",
+                        message.sequence, state.cursor
+                    );
+                    state.problems.push(problem);
+                }
+                state.cursor = message.sequence;
+            }
+            let kind = message.r#type();
+            let Some(installation) = message.installation else {
+                continue;
+            };
+            match kind {
+                ChangeType::Deleted => {
+                    state.view.remove(&installation.id);
+                }
+                _ => {
+                    state
+                        .view
+                        .insert(installation.id, (installation.status, installation.release));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A watch ended by `status`: one the manager cannot resume (its change
+/// log no longer reaches the cursor) starts over from a snapshot.
+fn refused(state: &mut State, status: &tonic::Status) {
+    if matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+    ) && state.cursor != 0
+    {
+        state.cursor = 0;
+        state.started_over += 1;
+    }
+}
