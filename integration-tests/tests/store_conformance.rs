@@ -761,3 +761,37 @@ async fn mongodb_data_survives_a_server_restart() {
         Err(Error::AlreadyExists { .. })
     ));
 }
+
+/// Found by the fault campaign (seed 32): once a write failed on a full
+/// disk, redb refused every later operation ("Previous I/O error
+/// occurred") until the database was opened again, so the manager could
+/// write nothing more until it was restarted. The store now opens it again
+/// itself, and writes once the disk has room.
+#[tokio::test]
+async fn the_embedded_store_writes_again_once_its_full_disk_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    integration_tests::hosts::mount_tmpfs(&disk, 16);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
+    let items = store.collection::<Item>().await.unwrap();
+    items.insert(item("before", "new")).await.unwrap();
+    integration_tests::chaos::cluster::fill(&disk);
+    // A record larger than whatever room redb kept fails on the full disk.
+    let mut large = item("large", "new");
+    large.labels.insert("bulk".into(), "x".repeat(1 << 20));
+    let failed = items.insert(large.clone()).await.unwrap_err();
+    assert!(failed.is_transient(), "{failed}");
+    integration_tests::chaos::cluster::unfill(&disk);
+    let stored = items
+        .insert(large)
+        .await
+        .expect("the store writes again once the disk has room");
+    assert_eq!(items.require(&stored.value.id).await.unwrap(), stored);
+}

@@ -65,9 +65,27 @@ pub(crate) struct LogState {
     pruned_through: u64,
 }
 
+/// A write whose outcome is unknown: the backend failed while it was under
+/// way (the connection broke, the server died), so it may have happened.
+/// The next write or read of its collection in this process reads the
+/// record back and, when it did happen, takes it as a change of its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Doubt {
+    /// What the write did.
+    pub kind: ChangeKind,
+    /// The revision it wrote (for a deletion, the one it deleted).
+    pub revision: u64,
+    /// The sequence it wrote into the record.
+    pub seq: u64,
+    /// The record before a deletion.
+    pub before: Option<RawRecord>,
+}
+
 pub(crate) struct ChangeLog {
     backend: Arc<dyn Backend>,
     state: Mutex<LogState>,
+    /// Writes of unknown outcome, by collection and id.
+    doubts: std::sync::Mutex<HashMap<String, HashMap<String, Doubt>>>,
     /// Collections repaired since the store was opened: a process opens a
     /// collection many times, a crash is repaired once.
     repaired: std::sync::Mutex<HashSet<String>>,
@@ -121,13 +139,60 @@ impl ChangeLog {
         Ok(Self {
             backend,
             state: Mutex::new(state),
+            doubts: std::sync::Mutex::default(),
             repaired: std::sync::Mutex::default(),
         })
+    }
+
+    /// Records that the write of `id` in `collection` may have happened.
+    pub(crate) fn doubt(&self, collection: &str, id: &str, doubt: Doubt) {
+        self.doubts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(collection.to_owned())
+            .or_default()
+            .insert(id.to_owned(), doubt);
+    }
+
+    /// The writes of `collection` of unknown outcome.
+    pub(crate) fn doubts(&self, collection: &str) -> Vec<(String, Doubt)> {
+        self.doubts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(collection)
+            .map(|doubts| doubts.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `collection` has writes of unknown outcome.
+    pub(crate) fn in_doubt(&self, collection: &str) -> bool {
+        self.doubts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(collection)
+            .is_some_and(|doubts| !doubts.is_empty())
+    }
+
+    /// The write of `id` in `collection` is settled.
+    pub(crate) fn settled(&self, collection: &str, id: &str) {
+        if let Some(doubts) = self
+            .doubts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(collection)
+        {
+            doubts.remove(id);
+        }
     }
 
     /// Holds the log: no logged write happens while the guard lives.
     pub(crate) async fn lock(&self) -> MutexGuard<'_, LogState> {
         self.state.lock().await
+    }
+
+    /// Holds the log if nothing else does.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, LogState>> {
+        self.state.try_lock().ok()
     }
 
     /// Appends the entry of a change already written to its record, and

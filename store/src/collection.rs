@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use crate::{
     Backend, Document, Durability, Error, Filter, Precondition, RawFilter, RawPage, RawRecord,
     Result, Versioned,
-    changelog::{ChangeKind, ChangeLog, Entry, LogState},
+    changelog::{ChangeKind, ChangeLog, Doubt, Entry, LogState},
     resident::{Memory, Resident},
 };
 
@@ -136,6 +136,91 @@ impl<T: Document> Collection<T> {
         }
     }
 
+    /// Settles the writes of unknown outcome before a read, holding the
+    /// change log as a write does. While the database does not answer, or
+    /// the log is held (by a write, which settles them first, or by a
+    /// snapshot that is reading), the read goes on with what this process
+    /// knows.
+    pub(crate) async fn settle_before_reading(&self) {
+        if !self.log.in_doubt(T::COLLECTION) {
+            return;
+        }
+        let Some(mut guard) = self.log.try_lock() else {
+            return;
+        };
+        let state = T::LOGGED.then_some(&mut *guard);
+        if let Err(err) = self.settle(state).await {
+            tracing::debug!(collection = T::COLLECTION, error = %err, "writes of unknown outcome stay in doubt");
+        }
+    }
+
+    /// [`Self::settle`] while a write holds the log (`state`, for a
+    /// logged collection), when there is anything to settle.
+    async fn settle_under(&self, state: Option<&mut LogState>) -> Result<()> {
+        if self.log.in_doubt(T::COLLECTION) {
+            self.settle(state).await?;
+        }
+        Ok(())
+    }
+
+    /// Settles the writes of this collection whose outcome is unknown:
+    /// each record is read back, and a write that did happen is logged
+    /// under a new sequence (a watcher may have passed the one it was
+    /// given), remembered and published, as any write is.
+    async fn settle(&self, mut state: Option<&mut LogState>) -> Result<()> {
+        for (id, doubt) in self.log.doubts(T::COLLECTION) {
+            let stored = self.backend.get(T::COLLECTION, &id).await?;
+            let happened = match (stored, doubt.kind) {
+                (None, ChangeKind::Deleted) => doubt.before,
+                (Some(raw), kind)
+                    if kind != ChangeKind::Deleted
+                        && (raw.revision, raw.seq) == (doubt.revision, doubt.seq) =>
+                {
+                    Some(raw)
+                }
+                _ => None,
+            };
+            if let Some(raw) = happened {
+                let seq = state.as_ref().map_or(0, |state| state.head + 1);
+                tracing::warn!(collection = T::COLLECTION, %id, seq, "a write of unknown outcome happened");
+                let record = decode(raw.clone())?;
+                self.committed(state.as_deref_mut(), doubt.kind, seq, &raw, &record)
+                    .await;
+            }
+            self.log.settled(T::COLLECTION, &id);
+        }
+        Ok(())
+    }
+
+    /// After a write of `raw` failed with `err`: a failure that leaves
+    /// its outcome unknown puts the write in doubt, and its sequence is not
+    /// handed out again.
+    fn failed(
+        &self,
+        state: Option<&mut LogState>,
+        kind: ChangeKind,
+        raw: &RawRecord,
+        before: Option<&RawRecord>,
+        err: &Error,
+    ) {
+        if !err.is_transient() {
+            return;
+        }
+        if let Some(state) = state {
+            state.head = state.head.max(raw.seq);
+        }
+        self.log.doubt(
+            T::COLLECTION,
+            &raw.id,
+            Doubt {
+                kind,
+                revision: raw.revision,
+                seq: raw.seq,
+                before: before.cloned(),
+            },
+        );
+    }
+
     /// Logs and publishes a committed write.
     async fn committed(
         &self,
@@ -171,10 +256,14 @@ impl<T: Document> Collection<T> {
     /// [`Error::AlreadyExists`] when its id or unique key is taken.
     pub async fn insert(&self, value: T) -> Result<Versioned<T>> {
         let mut guard = self.write_lock().await;
+        self.settle_under(guard.as_deref_mut()).await?;
         let seq = guard.as_ref().map_or(0, |state| state.head + 1);
         let record = Versioned { revision: 1, value };
         let raw = encode(&record, seq)?;
-        self.backend.insert(T::COLLECTION, &raw).await?;
+        if let Err(err) = self.backend.insert(T::COLLECTION, &raw).await {
+            self.failed(guard.as_deref_mut(), ChangeKind::Added, &raw, None, &err);
+            return Err(err);
+        }
         self.committed(guard.as_deref_mut(), ChangeKind::Added, seq, &raw, &record)
             .await;
         Ok(record)
@@ -182,6 +271,7 @@ impl<T: Document> Collection<T> {
 
     /// The record with `id`, if there is one.
     pub async fn get(&self, id: &str) -> Result<Option<Versioned<T>>> {
+        self.settle_before_reading().await;
         if let Some(memory) = &self.memory {
             return Ok(memory.get(id).map(|entry| Versioned {
                 revision: entry.record.revision,
@@ -234,13 +324,17 @@ impl<T: Document> Collection<T> {
         status_in: &[String],
     ) -> Result<Versioned<T>> {
         let mut guard = self.write_lock().await;
+        self.settle_under(guard.as_deref_mut()).await?;
         let seq = guard.as_ref().map_or(0, |state| state.head + 1);
         let record = Versioned {
             revision: expected + 1,
             value,
         };
         let raw = encode(&record, seq)?;
-        self.backend.replace(T::COLLECTION, &raw, status_in).await?;
+        if let Err(err) = self.backend.replace(T::COLLECTION, &raw, status_in).await {
+            self.failed(guard.as_deref_mut(), ChangeKind::Modified, &raw, None, &err);
+            return Err(err);
+        }
         self.committed(
             guard.as_deref_mut(),
             ChangeKind::Modified,
@@ -330,6 +424,7 @@ impl<T: Document> Collection<T> {
             return Ok(writes);
         }
         let mut guard = self.write_lock().await;
+        self.settle_under(guard.as_deref_mut()).await?;
         let first = guard.as_ref().map_or(0, |state| state.head + 1);
         let mut raws = Vec::with_capacity(writes.len());
         for (n, record) in writes.iter().enumerate() {
@@ -344,9 +439,6 @@ impl<T: Document> Collection<T> {
         }
         // A logged write is made durable by its log entries' durable write.
         let durable = durability == Durability::Now && !T::LOGGED;
-        self.backend
-            .write_many(T::COLLECTION, &raws, durable)
-            .await?;
         let kind = |raw: &RawRecord| {
             if raw.revision == 1 {
                 ChangeKind::Added
@@ -354,6 +446,12 @@ impl<T: Document> Collection<T> {
                 ChangeKind::Modified
             }
         };
+        if let Err(err) = self.backend.write_many(T::COLLECTION, &raws, durable).await {
+            for raw in &raws {
+                self.failed(guard.as_deref_mut(), kind(raw), raw, None, &err);
+            }
+            return Err(err);
+        }
         if let Some(state) = guard.as_deref_mut() {
             let entries: Vec<(u64, Entry)> = raws
                 .iter()
@@ -372,8 +470,12 @@ impl<T: Document> Collection<T> {
             let borrowed: Vec<(u64, &Entry)> = entries.iter().map(|(s, e)| (*s, e)).collect();
             if let Err(err) = self.log.append_many(state, T::COLLECTION, &borrowed).await {
                 // The records are written, carry their sequences, but are not
-                // durable yet: the write fails (a retry writes them again).
+                // durable yet: the write fails, and its records are in doubt
+                // until read back (a retry then writes them again).
                 tracing::error!(collection = T::COLLECTION, error = %err, "cannot log changes");
+                for raw in &raws {
+                    self.failed(Some(&mut *state), kind(raw), raw, None, &err);
+                }
                 return Err(err);
             }
         }
@@ -425,12 +527,26 @@ impl<T: Document> Collection<T> {
     /// when there was no record.
     pub async fn delete(&self, id: &str, condition: &Precondition) -> Result<bool> {
         let mut guard = self.write_lock().await;
+        self.settle_under(guard.as_deref_mut()).await?;
         let Some(raw) = self.backend.get(T::COLLECTION, id).await? else {
             return Ok(false);
         };
-        let deleted = self.backend.delete(T::COLLECTION, id, condition).await?;
+        let seq = guard.as_ref().map_or(0, |state| state.head + 1);
+        let deleted = match self.backend.delete(T::COLLECTION, id, condition).await {
+            Ok(deleted) => deleted,
+            Err(err) => {
+                let at = RawRecord { seq, ..raw.clone() };
+                self.failed(
+                    guard.as_deref_mut(),
+                    ChangeKind::Deleted,
+                    &at,
+                    Some(&raw),
+                    &err,
+                );
+                return Err(err);
+            }
+        };
         if deleted {
-            let seq = guard.as_ref().map_or(0, |state| state.head + 1);
             let before = decode(raw.clone())?;
             self.committed(
                 guard.as_deref_mut(),

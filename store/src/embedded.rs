@@ -14,8 +14,39 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableErro
 use crate::{Backend, Error, Precondition, RawPage, RawRecord, Result, check, check_parts};
 
 pub(crate) struct EmbeddedBackend {
-    db: Arc<Database>,
+    db: Arc<std::sync::RwLock<Handle>>,
     path: String,
+}
+
+/// The open database, and how many times it was opened. redb refuses
+/// every operation after one failed its I/O (a full disk, say) until the
+/// database is opened again; a store that stayed that way would need its
+/// process restarted, so the backend opens it again itself.
+struct Handle {
+    db: Option<Database>,
+    opened: u64,
+    path: std::path::PathBuf,
+}
+
+impl Handle {
+    /// Opens the database again, unless it was since `seen`.
+    fn reopen(&mut self, seen: u64) -> Result<()> {
+        if self.opened != seen && self.db.is_some() {
+            return Ok(());
+        }
+        // The file is locked while open: close it first.
+        self.db = None;
+        let db = Database::create(&self.path).map_err(|e| Error::backend("reopen", e))?;
+        tracing::warn!(path = %self.path.display(), "the embedded store was opened again after an I/O error");
+        self.db = Some(db);
+        self.opened += 1;
+        Ok(())
+    }
+}
+
+/// Whether redb failed an I/O, after which it needs opening again.
+fn failed_io(err: &Error) -> bool {
+    matches!(err, Error::Backend { reason, .. } if reason.contains("I/O error"))
 }
 
 fn records(collection: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
@@ -47,21 +78,66 @@ impl EmbeddedBackend {
             reason,
         })?;
         Ok(Self {
-            db: Arc::new(db),
+            db: Arc::new(std::sync::RwLock::new(Handle {
+                db: Some(db),
+                opened: 1,
+                path: path.to_owned(),
+            })),
             path: display,
         })
     }
 
-    /// Runs blocking redb work off the async runtime.
+    /// Runs blocking redb work off the async runtime. After redb failed an
+    /// I/O the database is opened again, so the next operation can succeed
+    /// once the disk can take it.
     async fn blocking<R, F>(&self, operation: &'static str, work: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Database) -> Result<R> + Send + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || work(&db))
-            .await
-            .map_err(|err| Error::backend(operation, err))?
+        let handle = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let lock = || {
+                handle
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
+            let reopen = |seen| {
+                let mut handle = handle
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Err(err) = handle.reopen(seen) {
+                    tracing::warn!(error = %err, "cannot open the embedded store again");
+                }
+            };
+            // Closed by a reopen that failed (the disk still full): try again.
+            let closed = {
+                let guard = lock();
+                guard.db.is_none().then_some(guard.opened)
+            };
+            if let Some(seen) = closed {
+                reopen(seen);
+            }
+            let (result, seen) = {
+                let guard = lock();
+                let result = match &guard.db {
+                    Some(db) => work(db),
+                    None => Err(Error::backend(
+                        operation,
+                        "the database is closed after an I/O error",
+                    )),
+                };
+                (result, guard.opened)
+            };
+            if let Err(err) = &result
+                && failed_io(err)
+            {
+                reopen(seen);
+            }
+            result
+        })
+        .await
+        .map_err(|err| Error::backend(operation, err))?
     }
 }
 

@@ -306,6 +306,11 @@ impl Store {
                 .await?,
             ),
         };
+        Self::over(backend, options).await
+    }
+
+    /// The store kept by `backend`.
+    async fn over(backend: Arc<dyn Backend>, options: &OpenOptions) -> Result<Self> {
         let unobserved = backend.clone();
         let backend: Arc<dyn Backend> = match &options.observer {
             Some(observer) => Arc::new(observed::Observed {
@@ -535,6 +540,9 @@ pub(crate) fn check_parts(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod doubt_tests;
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,7 @@ impl<T: Document> Collection<T> {
         id: &str,
         make: impl FnOnce(&Versioned<Arc<T>>) -> V,
     ) -> Result<Option<Arc<V>>> {
+        self.settle_before_reading().await;
         if let Some(memory) = &self.memory {
             return Ok(memory.get(id).map(|entry| entry.view(make)));
         }
@@ -41,6 +42,7 @@ impl<T: Document> Collection<T> {
         page_token: Option<&str>,
         make: impl Fn(&Versioned<Arc<T>>) -> V,
     ) -> Result<(Vec<Arc<V>>, Option<String>)> {
+        self.settle_before_reading().await;
         if let Some(memory) = &self.memory {
             let (entries, next) = memory_page(memory, filter, page_size, page_token)?;
             return Ok((
@@ -66,6 +68,7 @@ impl<T: Document> Collection<T> {
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<T>> {
+        self.settle_before_reading().await;
         if let Some(memory) = &self.memory {
             let (entries, next_page_token) = memory_page(memory, filter, page_size, page_token)?;
             return Ok(Page {
