@@ -104,7 +104,11 @@ impl Trial {
             self.running_since_ms = None;
             return None;
         }
-        let since = *self.running_since_ms.get_or_insert(now_ms);
+        // Wall-clock time: a clock that went back since the count began
+        // begins it again, so a trial never waits longer than its time.
+        let since = *self
+            .running_since_ms
+            .insert(self.running_since_ms.map_or(now_ms, |since| since.min(now_ms)));
         let due =
             since.saturating_add(u64::try_from(min_healthy_time.as_millis()).unwrap_or(u64::MAX));
         if now_ms >= due {
@@ -255,6 +259,11 @@ mod tests {
         assert_eq!(trial.running_since_ms, None);
         assert_eq!(trial.judge(&[&running], 1, min, 7_000), Some(17_000));
         assert_eq!(trial.judge(&[&running], 1, min, 17_000), None);
+        // The clock goes back an hour mid-trial: due one full time later,
+        // not an hour and a time.
+        let mut back = Trial::new("i1", 2);
+        assert_eq!(back.judge(&[&running], 1, min, 3_600_000), Some(3_610_000));
+        assert_eq!(back.judge(&[&running], 1, min, 2_000), Some(12_000));
         assert_eq!(trial.outcome, Outcome::Healthy);
         assert_eq!(trial.verdict().state(), pb::ReleaseVerdictState::Healthy);
 

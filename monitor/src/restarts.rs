@@ -44,6 +44,13 @@ impl RestartPolicy {
         self.backoff.ceiling(retry)
     }
 
+    /// How long to wait, at `now_ms`, for a restart a monitor before this
+    /// one set for `retry_at_ms` (both wall-clock): never longer than the
+    /// policy's longest delay, however far the clock went back since.
+    pub fn resume_delay(&self, retry_at_ms: u64, now_ms: u64) -> Duration {
+        Duration::from_millis(retry_at_ms.saturating_sub(now_ms)).min(self.delay(self.max_failures))
+    }
+
     /// Counts a failure at `now` in `history` (forgetting those that left
     /// the window) and decides.
     pub fn on_failure(&self, history: &mut FailureHistory, now: SystemTime) -> Verdict {

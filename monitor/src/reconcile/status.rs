@@ -186,8 +186,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 history.at.len()
             );
         }
-        let retry_at =
-            retry_at.map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms)));
+        // Wall-clock time, bounded: a clock that went back since must not
+        // hold a restart for as long as it went back.
+        let retry_at = retry_at.map(|at| Instant::now() + policy.resume_delay(at, now_ms));
         Tracked {
             installation_id: installation.to_owned(),
             status,
