@@ -106,9 +106,10 @@ impl Trial {
         }
         // Wall-clock time: a clock that went back since the count began
         // begins it again, so a trial never waits longer than its time.
-        let since = *self
-            .running_since_ms
-            .insert(self.running_since_ms.map_or(now_ms, |since| since.min(now_ms)));
+        let since = *self.running_since_ms.insert(
+            self.running_since_ms
+                .map_or(now_ms, |since| since.min(now_ms)),
+        );
         let due =
             since.saturating_add(u64::try_from(min_healthy_time.as_millis()).unwrap_or(u64::MAX));
         if now_ms >= due {

@@ -342,6 +342,50 @@ pub async fn exactly_once(cluster: &Cluster, ledger: &Ledger) -> Vec<String> {
     problems
 }
 
+/// Services given up on whose restarts passed the failure count: a
+/// version that crashes at once fails far faster than the failure window,
+/// so wherever it was given up, its monitor restarted it at most
+/// `--max-failures` times first, however often that monitor was itself
+/// killed in between (its failure window is kept under its state dir).
+pub async fn failure_window(cluster: &Cluster, published: &[Published]) -> Vec<String> {
+    let crashes: BTreeSet<&str> = published
+        .iter()
+        .filter(|p| p.behaviour == Behaviour::Crashes)
+        .map(|p| p.id.as_str())
+        .collect();
+    let Ok(all) = list_installations(
+        &mut pb::addons_manager_service_client::AddonsManagerServiceClient::new(
+            cluster.manager_channel(),
+        ),
+    )
+    .await
+    else {
+        return vec!["the manager does not list".to_owned()];
+    };
+    let mut problems = Vec::new();
+    for installation in all
+        .iter()
+        .filter(|i| crashes.contains(i.marketplace_id.as_str()))
+    {
+        for service in &installation.services {
+            if service.phase() == pb::ServicePhase::Failed
+                && service.release == installation.release
+                && service.restart_count > super::cluster::MAX_FAILURES
+            {
+                problems.push(format!(
+                    "{}/{} on {} was restarted {} times before it was given up (at most {})",
+                    installation.id,
+                    service.service_name,
+                    service.node_id,
+                    service.restart_count,
+                    super::cluster::MAX_FAILURES
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// Panics in any process's log.
 pub fn panics(logs: &[(String, String)]) -> Vec<String> {
     logs.iter()

@@ -72,6 +72,9 @@ pub struct Cluster {
     dir: tempfile::TempDir,
 }
 
+/// The monitors' `--max-failures`.
+pub const MAX_FAILURES: u32 = 3;
+
 /// The size of each tmpfs a campaign fills: a node's state dir and the
 /// manager's embedded store. A monitor copies its binary (70 MiB, built
 /// for debugging) into its state dir, for its containers' log writers.
@@ -214,7 +217,8 @@ impl Cluster {
             .flat_map(|(k, v)| ["--node-label".to_owned(), format!("{k}={v}")])
             .collect();
         let mut extra: Vec<&str> = labels.iter().map(String::as_str).collect();
-        extra.extend(["--max-failures", "3", "--log-max-bytes", "65536"]);
+        let max_failures = MAX_FAILURES.to_string();
+        extra.extend(["--max-failures", &max_failures, "--log-max-bytes", "65536"]);
         extra.extend(["--core-components", &self.core_components]);
         node.host
             .start_monitor(&self.manager_url, &self.registry_host, &extra)

@@ -76,6 +76,8 @@ pub struct Disturbance {
     pub start: Duration,
     /// When it ended.
     pub end: Duration,
+    /// Whether the workload did it (a relabel), not a fault.
+    pub by_workload: bool,
 }
 
 impl History {
@@ -151,6 +153,7 @@ impl History {
             target: target.to_owned(),
             start,
             end,
+            by_workload: false,
         });
     }
 
@@ -166,7 +169,19 @@ impl History {
                 target: target.to_owned(),
                 start,
                 end,
+                by_workload: true,
             });
+    }
+
+    /// Whether the workload relabelled node `target` at any time from
+    /// `start` to `end`.
+    pub fn was_relabelled(&self, target: &str, start: Duration, end: Duration) -> bool {
+        self.tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .disturbed
+            .iter()
+            .any(|d| d.by_workload && d.target == target && d.start <= end && start <= d.end)
     }
 
     /// Whether `target` was disturbed (a fault, or a restart by the

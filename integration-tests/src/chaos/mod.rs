@@ -144,7 +144,7 @@ pub async fn run(options: Options) -> Report {
         }
     }
     let sampler = swap::Sampler::start(cluster.watched().await, history.clone());
-    let watcher = watch::Watcher::start(cluster.clone());
+    let watcher = watch::Watcher::start(cluster.clone(), history.clone());
     history.note("start", json!({}));
     let until = history.now() + options.duration;
     let faults = tokio::spawn(faults::inject(
@@ -192,6 +192,9 @@ pub async fn run(options: Options) -> Report {
         watcher.finish(&cluster, Duration::from_secs(30)).await;
     for problem in watch_problems {
         history.violation("watch", &problem);
+    }
+    for problem in check::failure_window(&cluster, workload.published()).await {
+        history.violation("failure_window", &problem);
     }
     for problem in check::exactly_once(&cluster, &workload.ledger).await {
         history.violation("exactly_once", &problem);

@@ -3,7 +3,10 @@
 //! deadline, a connection cut) it watches again from the `sequence` of the
 //! last event it got. The invariant: after the cursor, events come in
 //! order and none is skipped, so the view built from them alone ends up
-//! the manager's list.
+//! the manager's list. And from what the events show: a service given up
+//! on a node (FAILED) is not started again at the same release there,
+//! unless the node left its placement and came back (a relabel); a
+//! monitor restarted in between keeps its failure window.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +22,7 @@ use oakestra_addons_proto::engine::v1::{
 };
 use tokio_stream::StreamExt as _;
 
-use super::{cluster::Cluster, workload::list_installations};
+use super::{cluster::Cluster, history::History, workload::list_installations};
 
 /// What the watcher knows.
 #[derive(Debug, Default)]
@@ -32,8 +35,57 @@ struct State {
     resumed: u64,
     /// How many times the manager would not resume and it started over.
     started_over: u64,
-    /// Events out of order or repeated.
+    /// Events out of order or repeated, services started after giving up.
     problems: Vec<String>,
+    /// When each (installation, node, service, release) was first seen
+    /// given up.
+    given_up: BTreeMap<(String, String, String, u64), Duration>,
+}
+
+impl State {
+    /// Checks `installation`'s services against the ones given up.
+    fn given_up(&mut self, installation: &pb::Installation, history: &History) {
+        use pb::ServicePhase as Phase;
+        let now = history.now();
+        for service in &installation.services {
+            let key = (
+                installation.id.clone(),
+                service.node_id.clone(),
+                service.service_name.clone(),
+                service.release,
+            );
+            match service.phase() {
+                Phase::Failed => {
+                    self.given_up.entry(key).or_insert(now);
+                }
+                Phase::Pending
+                | Phase::Pulling
+                | Phase::Starting
+                | Phase::Running
+                | Phase::Backoff => {
+                    let Some(since) = self.given_up.get(&key).copied() else {
+                        continue;
+                    };
+                    if history.was_relabelled(&service.node_id, since, now) {
+                        self.given_up.remove(&key);
+                        continue;
+                    }
+                    self.problems.push(format!(
+                        "{}/{} on {} at release {} was given up at {} ms and is {:?} at {} ms",
+                        installation.id,
+                        service.service_name,
+                        service.node_id,
+                        service.release,
+                        since.as_millis(),
+                        service.phase(),
+                        now.as_millis()
+                    ));
+                    self.given_up.remove(&key);
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The watcher.
@@ -46,10 +98,10 @@ pub struct Watcher {
 
 impl Watcher {
     /// Starts watching `cluster`'s manager.
-    pub fn start(cluster: Arc<Cluster>) -> Self {
+    pub fn start(cluster: Arc<Cluster>, history: Arc<History>) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(follow(cluster, state.clone(), stop.clone()));
+        let task = tokio::spawn(follow(cluster, history, state.clone(), stop.clone()));
         Self { state, stop, task }
     }
 
@@ -110,7 +162,12 @@ fn differences(
     problems
 }
 
-async fn follow(cluster: Arc<Cluster>, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
+async fn follow(
+    cluster: Arc<Cluster>,
+    history: Arc<History>,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+) {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     while !stop.load(Ordering::Relaxed) {
         let since = lock().cursor;
@@ -164,6 +221,7 @@ async fn follow(cluster: Arc<Cluster>, state: Arc<Mutex<State>>, stop: Arc<Atomi
             let Some(installation) = message.installation else {
                 continue;
             };
+            state.given_up(&installation, &history);
             match kind {
                 ChangeType::Deleted => {
                     state.view.remove(&installation.id);
