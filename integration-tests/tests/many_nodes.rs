@@ -643,3 +643,41 @@ async fn a_node_back_after_being_shown_disconnected_is_shown_running_again() {
         .reaches(&id, InstallationStatus::Active, &[("node-a", Running)])
         .await;
 }
+
+/// Found by the fault campaign (seed 1): a monitor whose state dir is on
+/// another filesystem than its binary copied itself there anew at every
+/// start, and the copy an earlier start made stayed taken while the log
+/// writers of running addons ran from it. A few restarts filled the disk,
+/// and the monitor could no longer start. Here the state dir has room for
+/// one copy and a half: before the fix, the first restart failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_restarted_keeps_the_copy_of_itself_its_addons_log_through() {
+    let plane = Plane::start("mn7", "10.77.7", &[]).await;
+    let size = std::fs::metadata(binary("addons-monitor")).unwrap().len();
+    let mib = size * 3 / 2 / (1 << 20) + 1;
+    let mut host = plane.net.host(2, "node-a").await;
+    host.state_on_tmpfs(mib);
+    let (manager, registry) = (plane.manager.url(), plane.registry.host());
+    host.start_monitor(&manager, &registry, &[]).await;
+    let addon = plane.publish_web("logged", "logged", 18087).await;
+    let id = plane.install(&addon, &[]).await;
+    plane
+        .reaches(
+            &id,
+            InstallationStatus::Active,
+            &[("node-a", ServicePhase::Running)],
+        )
+        .await;
+    for _ in 0..3 {
+        host.stop_monitor().await;
+        host.start_monitor(&manager, &registry, &[]).await;
+    }
+    plane
+        .reaches(
+            &id,
+            InstallationStatus::Active,
+            &[("node-a", ServicePhase::Running)],
+        )
+        .await;
+    assert!(host.http_get(18087).await.unwrap().contains("logged"));
+}
