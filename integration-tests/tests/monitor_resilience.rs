@@ -725,3 +725,61 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// Found by the fault campaign (seed 31): a registry down for two seconds
+/// left a service given up on a node for good. Its pull failed more times
+/// than `--max-failures` allows, each counted as a failure of the service.
+/// The registry's failures are now retried with backoff for as long as it
+/// takes, uncounted, and the service runs once the registry is back.
+#[tokio::test]
+async fn a_registry_down_longer_than_the_failures_allowed_gives_nothing_up() {
+    let mut registry = RegistryServer::start().await;
+    let host = registry.host();
+    push_image(&host, "down/app", "1", &ImageSpec::default(), None).await;
+    let stack = Stack::start("mre", "10.65", &[&host]).await;
+    let monitor = stack.monitor(&["--insecure-registry", &host]).await;
+    stack.core_answers().await;
+    let approved = publish_approved(
+        &stack.marketplace,
+        mpb::Addon {
+            name: "patient".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "patient".into(),
+                image: format!("{host}/down/app:1"),
+                command: vec!["/bin/sh".into(), "-c".into(), "sleep 3600".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    registry.stop().await;
+    let id = stack
+        .manager()
+        .install_addon(pb::InstallAddonRequest {
+            accepted_privileges: integration_tests::grant_all(&approved, false),
+            marketplace_id: approved.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .installation
+        .unwrap()
+        .id;
+    // Three pulls failed (200 ms, 400 ms, then 800 ms of backoff): past
+    // --max-failures 2, and still trying.
+    let waiting = eventually("three pulls failed", PATIENCE, || async {
+        let installation = stack.installation(&id).await;
+        match installation.services.first() {
+            Some(s) if s.reason.contains("retrying in 800ms") => Ok(s.clone()),
+            other => Err(format!("{other:?}\n{}", warnings(&monitor))),
+        }
+    })
+    .await;
+    assert_eq!(waiting.phase(), ServicePhase::Backoff, "{waiting:?}");
+    assert!(waiting.reason.contains("not counted"), "{waiting:?}");
+    registry.resume().await;
+    let running = stack.status_becomes(&id, InstallationStatus::Active).await;
+    assert_eq!(running.services[0].restart_count, 0, "{running:?}");
+}

@@ -51,6 +51,20 @@ impl MonitorError {
         matches!(self, Self::Runtime(err) if err.is_unavailable())
     }
 
+    /// Whether a pull failed in a way trying again later may help: the
+    /// registry could not be reached, broke off, answered 429 or 5xx, or
+    /// the pull timed out. Such a failure is the registry's, not the
+    /// service's: it is retried, with backoff, without counting.
+    pub fn is_transient_pull(&self) -> bool {
+        matches!(
+            self,
+            Self::Image(RuntimeError::Registry {
+                transient: true,
+                ..
+            }) | Self::PullTimeout { .. }
+        )
+    }
+
     /// Whether trying again cannot help: the node refused the service.
     pub fn is_final(&self) -> bool {
         matches!(self, Self::Refused(_))

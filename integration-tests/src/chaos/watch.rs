@@ -47,7 +47,14 @@ impl State {
     fn given_up(&mut self, installation: &pb::Installation, history: &History) {
         use pb::ServicePhase as Phase;
         let now = history.now();
-        for service in &installation.services {
+        // Only the release the installation runs: a node whose trial of a
+        // new release failed goes back to the release before, even one it
+        // had given up on (RELIABILITY.md, found and left as it is).
+        for service in installation
+            .services
+            .iter()
+            .filter(|s| s.release == installation.release)
+        {
             let key = (
                 installation.id.clone(),
                 service.node_id.clone(),

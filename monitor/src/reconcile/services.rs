@@ -301,6 +301,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
 fn image_failure(image: &str, err: &MonitorError) -> RuntimeError {
     RuntimeError::Registry {
         image: image.to_owned(),
+        transient: err.is_transient_pull(),
         reason: match err {
             MonitorError::Image(inner) => inner.to_string(),
             other => other.to_string(),

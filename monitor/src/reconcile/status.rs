@@ -26,6 +26,9 @@ pub(super) struct Tracked {
     pub(super) status: pb::ServiceStatus,
     history: FailureHistory,
     retry_at: Option<Instant>,
+    /// Pulls failed in a row for the registry's reasons (not counted as
+    /// failures of the service).
+    pull_failures: usize,
 }
 
 impl Tracked {
@@ -153,6 +156,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 status: fresh,
                 history: FailureHistory::default(),
                 retry_at: None,
+                pull_failures: 0,
             };
         }
         let policy = self.cx.options.restart;
@@ -194,6 +198,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             status,
             history,
             retry_at,
+            pull_failures: 0,
         }
     }
 
@@ -241,6 +246,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         tracked.set(phase, reason);
         if phase == ServicePhase::Running {
             tracked.retry_at = None;
+            tracked.pull_failures = 0;
         }
     }
 
@@ -306,6 +312,22 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             Err(err) => err,
         };
         tracing::warn!(container = %id, error = %err, "cannot run service");
+        if err.is_transient_pull() {
+            // The registry's failure, not the service's: back off and try
+            // again, for as long as it takes (a registry down for a
+            // moment must not leave the service given up on this node).
+            let policy = self.cx.options.restart;
+            let tracked = self.track(installation, service, id);
+            tracked.pull_failures += 1;
+            let delay = policy.delay(tracked.pull_failures);
+            tracked.retry_at = Some(Instant::now() + delay);
+            tracked.set(
+                ServicePhase::Backoff,
+                format!("{err}; retrying in {delay:?} (the registry's failure: not counted)"),
+            );
+            self.persist(id);
+            return Ok(());
+        }
         if err.is_final() {
             let tracked = self.track(installation, service, id);
             tracked.retry_at = None;

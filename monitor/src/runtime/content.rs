@@ -209,9 +209,11 @@ impl Containerd {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
         {
+            // A download that broke off: trying again may help.
             return Err(RuntimeError::Registry {
                 image: digest.to_owned(),
                 reason,
+                transient: true,
             });
         }
         match outcome {

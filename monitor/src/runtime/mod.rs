@@ -222,6 +222,9 @@ pub enum RuntimeError {
         image: String,
         /// What went wrong.
         reason: String,
+        /// Whether trying again later may help: the registry could not be
+        /// reached, broke off, or answered 429 or 5xx.
+        transient: bool,
     },
     /// The image cannot be run.
     #[error("image {image} cannot be run: {reason}")]

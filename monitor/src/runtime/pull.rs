@@ -177,6 +177,7 @@ fn hex(bytes: &[u8]) -> String {
 pub(super) fn registry_error(image: &str) -> impl Fn(RegistryError) -> RuntimeError + '_ {
     move |err| RuntimeError::Registry {
         image: image.to_owned(),
+        transient: err.is_transient(),
         reason: err.to_string(),
     }
 }
@@ -216,6 +217,7 @@ impl Containerd {
         .map_err(|reason| RuntimeError::Registry {
             image: image.to_owned(),
             reason,
+            transient: false,
         })?;
         let lease_id = self.create_lease().await?;
         let result = self
