@@ -142,21 +142,53 @@ impl<T: Document> Collection<T> {
     /// snapshot that is reading), the read goes on with what this process
     /// knows.
     pub(crate) async fn settle_before_reading(&self) {
-        if !self.log.in_doubt(T::COLLECTION) {
+        if !self.log.in_doubt(T::COLLECTION) && !self.memory_outdated() {
             return;
         }
         let Some(mut guard) = self.log.try_lock() else {
             return;
         };
         let state = T::LOGGED.then_some(&mut *guard);
+        if let Err(err) = self.reread_memory().await {
+            tracing::debug!(collection = T::COLLECTION, error = %err, "memory not read again yet");
+        }
         if let Err(err) = self.settle(state).await {
             tracing::debug!(collection = T::COLLECTION, error = %err, "writes of unknown outcome stay in doubt");
         }
     }
 
+    /// Whether the database was opened again since the memory of this
+    /// resident collection was read.
+    fn memory_outdated(&self) -> bool {
+        self.memory
+            .as_ref()
+            .is_some_and(|memory| memory.read_at() != self.backend.reopened())
+    }
+
+    /// Reads a resident collection's records again when the database was
+    /// opened again since (after an I/O error, which drops the writes not
+    /// yet durable that memory took in): memory must hold what is stored.
+    async fn reread_memory(&self) -> Result<()> {
+        let Some(memory) = &self.memory else {
+            return Ok(());
+        };
+        let reopened = self.backend.reopened();
+        if memory.read_at() == reopened {
+            return Ok(());
+        }
+        let fresh = self.load_memory().await?;
+        tracing::warn!(
+            collection = T::COLLECTION,
+            "read again from the database, opened again after an I/O error"
+        );
+        memory.reset(fresh, reopened);
+        Ok(())
+    }
+
     /// [`Self::settle`] while a write holds the log (`state`, for a
     /// logged collection), when there is anything to settle.
     async fn settle_under(&self, state: Option<&mut LogState>) -> Result<()> {
+        self.reread_memory().await?;
         if self.log.in_doubt(T::COLLECTION) {
             self.settle(state).await?;
         }

@@ -151,6 +151,14 @@ fn encode_record(operation: &'static str, record: &RawRecord) -> Result<Vec<u8>>
 
 #[async_trait]
 impl Backend for EmbeddedBackend {
+    fn reopened(&self) -> u64 {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .opened
+            - 1
+    }
+
     async fn prepare(&self, collection: &str) -> Result<()> {
         let collection = collection.to_owned();
         self.blocking("prepare", move |db| {

@@ -456,6 +456,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// One page of records (see [`RawPage`]).
     async fn list(&self, collection: &str, page: RawPage<'_>) -> Result<Vec<RawRecord>>;
     fn describe(&self) -> String;
+    /// How many times the database was opened again after an I/O error:
+    /// what a reopen drops (writes not yet durable) this process may hold
+    /// in memory, to be read again.
+    fn reopened(&self) -> u64 {
+        0
+    }
 }
 
 /// One page of a backend's listing: up to `limit` records matching

@@ -69,6 +69,10 @@ macro_rules! observed {
             fn describe(&self) -> String {
                 self.inner.describe()
             }
+
+            fn reopened(&self) -> u64 {
+                self.inner.reopened()
+            }
         }
     };
 }

@@ -62,6 +62,9 @@ impl<T> Resident<T> {
 /// The records of one collection, by id.
 pub(crate) struct Memory<T> {
     records: RwLock<BTreeMap<String, Arc<Resident<T>>>>,
+    /// The backend's [`crate::Backend::reopened`] count the records were
+    /// read at.
+    read_at: std::sync::atomic::AtomicU64,
 }
 
 impl<T: Document> Memory<T> {
@@ -73,7 +76,25 @@ impl<T: Document> Memory<T> {
                     .map(|entry| (entry.record.value.id().to_owned(), Arc::new(entry)))
                     .collect(),
             ),
+            read_at: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The backend's reopen count the records were read at.
+    pub(crate) fn read_at(&self) -> u64 {
+        self.read_at.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Replaces every record with `fresh`, read at the backend's reopen
+    /// count `read_at`.
+    pub(crate) fn reset(&self, fresh: Memory<T>, read_at: u64) {
+        let fresh = fresh
+            .records
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        *self.records.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        self.read_at
+            .store(read_at, std::sync::atomic::Ordering::Release);
     }
 
     /// Takes in a committed write: `None` for a deletion of `id`.

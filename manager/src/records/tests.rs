@@ -154,3 +154,48 @@ async fn a_batch_fails_each_change_alone() {
     ));
     assert_eq!(results[3].as_ref().unwrap().revision, 2);
 }
+
+/// Found by the fault campaign (seed 32): memory held a node's statuses
+/// at a revision the store did not (the embedded store, opened again
+/// after a full disk, had dropped the write that was not durable yet), so
+/// every later report of that node was refused as a conflict until the
+/// manager restarted. A refused write now reads the node's statuses again.
+#[tokio::test]
+async fn a_report_refused_because_memory_and_store_differ_is_taken_at_the_next_one() {
+    let (store, _dir) = store().await;
+    let installations = Installations::open(&store).await.unwrap();
+    let id = installations
+        .insert(installation(&["api"]))
+        .await
+        .unwrap()
+        .value
+        .id;
+    let report = |sequence: u64, phase: ServicePhase| {
+        let id = id.clone();
+        let installations = installations.clone();
+        async move {
+            installations
+                .modify(&id, |i| {
+                    i.report_sequences.insert("n1".into(), sequence);
+                    crate::status::apply_report(i, "n1", vec![on("n1", phase)]);
+                    Ok(true)
+                })
+                .await
+        }
+    };
+    report(1, ServicePhase::Running).await.unwrap();
+    // The store loses the node's statuses behind memory's back.
+    let nodes: Collection<NodeStatus> = store.collection().await.unwrap();
+    assert!(
+        nodes
+            .delete(&status_id(&id, "n1"), &Precondition::none())
+            .await
+            .unwrap()
+    );
+    // The next report is refused, and the one after is taken.
+    assert!(report(2, ServicePhase::Backoff).await.is_err());
+    let taken = report(3, ServicePhase::Running).await.unwrap();
+    assert_eq!(taken.value.services[0].phase, ServicePhase::Running);
+    let stored = nodes.require(&status_id(&id, "n1")).await.unwrap();
+    assert_eq!(stored.value.sequence, 3);
+}
