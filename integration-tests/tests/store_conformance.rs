@@ -795,3 +795,80 @@ async fn the_embedded_store_writes_again_once_its_full_disk_has_room() {
         .expect("the store writes again once the disk has room");
     assert_eq!(items.require(&stored.value.id).await.unwrap(), stored);
 }
+
+/// A resident collection whose records are written to be made durable by
+/// the next write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Loose {
+    id: String,
+    n: u32,
+}
+
+impl Document for Loose {
+    const COLLECTION: &'static str = "loose";
+    const LOGGED: bool = false;
+    const RESIDENT: bool = true;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Found by the fault campaign (seed 32): the embedded store, opened again
+/// after a write failed on a full disk, had dropped a write not yet
+/// durable, while the memory of its resident collection still held it.
+/// Memory is now read again when the database was opened again.
+#[tokio::test]
+async fn a_resident_collection_holds_what_the_store_kept_after_a_full_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    integration_tests::hosts::mount_tmpfs(&disk, 16);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
+    let loose = store.collection::<Loose>().await.unwrap();
+    let items = store.collection::<Item>().await.unwrap();
+    let first = loose
+        .insert(Loose {
+            id: "a".into(),
+            n: 1,
+        })
+        .await
+        .unwrap();
+    // Written, to be made durable by the next write...
+    loose
+        .write_many_with(
+            vec![addons_store::Versioned {
+                revision: 2,
+                value: Loose {
+                    id: "a".into(),
+                    n: 2,
+                },
+            }],
+            addons_store::Durability::WithNext,
+        )
+        .await
+        .unwrap();
+    // ... which fails on the full disk.
+    integration_tests::chaos::cluster::fill(&disk);
+    let mut large = item("large", "new");
+    large.labels.insert("bulk".into(), "x".repeat(1 << 20));
+    assert!(items.insert(large).await.is_err());
+    integration_tests::chaos::cluster::unfill(&disk);
+    // What the store kept is what the collection shows, and is written on.
+    let kept = loose.require("a").await.unwrap();
+    assert_eq!(kept, first, "memory holds a write the store dropped");
+    let next = loose
+        .modify("a", |l| {
+            l.n = 3;
+            Ok(true)
+        })
+        .await
+        .unwrap();
+    assert_eq!((next.revision, next.value.n), (2, 3));
+}

@@ -168,8 +168,8 @@ impl Cluster {
     /// The marketplace, started on its port and store.
     pub async fn spawn_marketplace(&self) -> ServerProcess {
         let store = format!("embedded:{}/marketplace.redb", self.dir.path().display());
-        ServerProcess::start(
-            &binary("addons-marketplace"),
+        self.supervised(
+            "addons-marketplace",
             &[
                 "--listen",
                 &self.marketplace_listen,
@@ -190,8 +190,8 @@ impl Cluster {
 
     /// The manager, started on its port and store.
     pub async fn spawn_manager(&self) -> ServerProcess {
-        ServerProcess::start(
-            &binary("addons-manager"),
+        self.supervised(
+            "addons-manager",
             &[
                 "--listen",
                 &self.manager_listen,
@@ -207,6 +207,27 @@ impl Cluster {
             ],
         )
         .await
+    }
+
+    /// Starts server `name` with `args` as a supervisor does: a start that
+    /// fails (the store's disk full, say, when the manager must write at
+    /// start) is tried again, its stderr kept with the ended processes'.
+    async fn supervised(&self, name: &str, args: &[&str]) -> ServerProcess {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match ServerProcess::try_start(&binary(name), args).await {
+                crate::Started::Running(server) => return *server,
+                crate::Started::Exited(status, stderr) => {
+                    self.ended(&format!("{name} (exited at start: {status})"), stderr)
+                        .await;
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{name} does not start"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
     }
 
     /// Starts `node`'s monitor with its labels.
