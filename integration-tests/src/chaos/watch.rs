@@ -40,6 +40,8 @@ struct State {
     /// When each (installation, node, service, release) was first seen
     /// given up.
     given_up: BTreeMap<(String, String, String, u64), Duration>,
+    /// The highest release each installation was seen at.
+    highest_release: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -47,13 +49,20 @@ impl State {
     fn given_up(&mut self, installation: &pb::Installation, history: &History) {
         use pb::ServicePhase as Phase;
         let now = history.now();
-        // Only the release the installation runs: a node whose trial of a
-        // new release failed goes back to the release before, even one it
-        // had given up on (RELIABILITY.md, found and left as it is).
+        let highest = self
+            .highest_release
+            .entry(installation.id.clone())
+            .or_default();
+        *highest = (*highest).max(installation.release);
+        let highest = *highest;
+        // Only the newest release the installation was seen at: a node
+        // whose trial of a new release failed goes back to the release
+        // before, even one it had given up on (RELIABILITY.md, found and
+        // left as it is).
         for service in installation
             .services
             .iter()
-            .filter(|s| s.release == installation.release)
+            .filter(|s| s.release == installation.release && s.release == highest)
         {
             let key = (
                 installation.id.clone(),
