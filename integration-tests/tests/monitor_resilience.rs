@@ -218,6 +218,11 @@ impl Stack {
             },
         )
         .await;
+        self.install_approved(addon).await
+    }
+
+    /// Installs `addon`, approved already, granting what it asks.
+    async fn install_approved(&self, addon: mpb::Addon) -> String {
         self.manager()
             .install_addon(pb::InstallAddonRequest {
                 accepted_privileges: integration_tests::grant_all(&addon, false),
@@ -435,19 +440,7 @@ async fn a_stalled_registry_delays_nothing_else() {
             held.push(socket);
         }
     });
-    let stalled = stack
-        .manager()
-        .install_addon(pb::InstallAddonRequest {
-            accepted_privileges: integration_tests::grant_all(&approved, false),
-            marketplace_id: approved.id,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap()
-        .id;
+    let stalled = stack.install_approved(approved).await;
     eventually("the stalled install pulls", PATIENCE, || async {
         let installation = stack.installation(&stalled).await;
         match installation.services.first() {
@@ -754,19 +747,7 @@ async fn a_registry_down_longer_than_the_failures_allowed_gives_nothing_up() {
     )
     .await;
     registry.stop().await;
-    let id = stack
-        .manager()
-        .install_addon(pb::InstallAddonRequest {
-            accepted_privileges: integration_tests::grant_all(&approved, false),
-            marketplace_id: approved.id,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .installation
-        .unwrap()
-        .id;
+    let id = stack.install_approved(approved).await;
     // Three pulls failed (200 ms, 400 ms, then 800 ms of backoff): past
     // --max-failures 2, and still trying.
     let waiting = eventually("three pulls failed", PATIENCE, || async {

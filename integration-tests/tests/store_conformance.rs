@@ -762,6 +762,29 @@ async fn mongodb_data_survives_a_server_restart() {
     ));
 }
 
+/// A 16 MiB tmpfs, a disk that can be filled; unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// The disk, and its path.
+    fn mount() -> (Self, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk");
+        integration_tests::hosts::mount_tmpfs(&disk, 16);
+        let path = disk.clone();
+        (Self { path, _dir: dir }, disk)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Found by the fault campaign (seed 32): once a write failed on a full
 /// disk, redb refused every later operation ("Previous I/O error
 /// occurred") until the database was opened again, so the manager could
@@ -769,16 +792,7 @@ async fn mongodb_data_survives_a_server_restart() {
 /// itself, and writes once the disk has room.
 #[tokio::test]
 async fn the_embedded_store_writes_again_once_its_full_disk_has_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk");
-    integration_tests::hosts::mount_tmpfs(&disk, 16);
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(disk.clone());
+    let (_disk, disk) = SmallDisk::mount();
     let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
     let items = store.collection::<Item>().await.unwrap();
     items.insert(item("before", "new")).await.unwrap();
@@ -820,16 +834,7 @@ impl Document for Loose {
 /// Memory is now read again when the database was opened again.
 #[tokio::test]
 async fn a_resident_collection_holds_what_the_store_kept_after_a_full_disk() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk");
-    integration_tests::hosts::mount_tmpfs(&disk, 16);
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(disk.clone());
+    let (_disk, disk) = SmallDisk::mount();
     let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
     let loose = store.collection::<Loose>().await.unwrap();
     let items = store.collection::<Item>().await.unwrap();

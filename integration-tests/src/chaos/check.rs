@@ -307,10 +307,11 @@ pub async fn convergence(cluster: &Cluster, published: &[Published]) -> (Vec<Str
 }
 
 /// Whether each install request took effect at most once: every answer to
-/// one request id names the same installation, and the installations no
-/// answer named are no more than the requests that went unanswered.
+/// one request id names the same installation, a request sent again after
+/// its answer was not refused, and the installations no answer named are
+/// no more than the requests that went unanswered.
 pub async fn exactly_once(cluster: &Cluster, ledger: &Ledger) -> Vec<String> {
-    let mut problems = Vec::new();
+    let mut problems = ledger.refused_retries.clone();
     let mut answered = BTreeSet::new();
     for (request, named) in &ledger.installs {
         let distinct: BTreeSet<&String> = named.iter().collect();
@@ -350,7 +351,7 @@ pub async fn exactly_once(cluster: &Cluster, ledger: &Ledger) -> Vec<String> {
 pub async fn failure_window(cluster: &Cluster, published: &[Published]) -> Vec<String> {
     let crashes: BTreeSet<&str> = published
         .iter()
-        .filter(|p| p.behaviour == Behaviour::Crashes)
+        .filter(|p| matches!(p.behaviour, Behaviour::Crashes | Behaviour::CrashesLater))
         .map(|p| p.id.as_str())
         .collect();
     let Ok(all) = list_installations(

@@ -26,6 +26,9 @@ pub enum Behaviour {
     Good,
     /// Exits with an error at once, every time.
     Crashes,
+    /// Runs two seconds, then exits with an error, every time: its
+    /// failures take long enough for a fault to fall among them.
+    CrashesLater,
     /// Runs, and its health check always fails.
     Unhealthy,
     /// Writes its log as fast as a loop of `echo` goes, in bursts.
@@ -57,6 +60,9 @@ pub struct Ledger {
     pub installs: BTreeMap<String, Vec<String>>,
     /// Install requests that no attempt got an answer to.
     pub unanswered_installs: usize,
+    /// Install requests sent again after their answer (a client that
+    /// lost it) that were refused: each is a violation.
+    pub refused_retries: Vec<String>,
 }
 
 /// The workload's state.
@@ -128,6 +134,7 @@ impl Workload {
         }
         for (name, behaviour) in [
             ("crashy", Behaviour::Crashes),
+            ("flaky", Behaviour::CrashesLater),
             ("chatty", Behaviour::FillsLogs),
             ("brief", Behaviour::Exits),
         ] {
@@ -155,6 +162,7 @@ impl Workload {
                     Behaviour::Good,
                     Behaviour::Good,
                     Behaviour::Crashes,
+                    Behaviour::CrashesLater,
                     Behaviour::Unhealthy,
                 ]);
                 let name = *self.rng.pick(&UPGRADABLE);
@@ -246,16 +254,7 @@ impl Workload {
         let mut named = Vec::new();
         let mut outcome = Outcome::Indeterminate;
         for _ in 0..ATTEMPTS {
-            let result = self
-                .manager()
-                .install_addon(pb::InstallAddonRequest {
-                    marketplace_id: chosen.id.clone(),
-                    request_id: request_id.clone(),
-                    accepted_privileges: chosen.privileges.clone(),
-                    node_selector: selector.clone(),
-                    ..Default::default()
-                })
-                .await;
+            let result = self.install_request(&chosen, &selector, &request_id).await;
             outcome = Outcome::of(&result);
             if let Ok(response) = result {
                 named.push(response.into_inner().installation.unwrap_or_default().id);
@@ -268,16 +267,59 @@ impl Workload {
         if outcome == Outcome::Indeterminate {
             self.ledger.unanswered_installs += 1;
         }
+        // One answered install in three is sent again, as by a client
+        // that lost the answer: it must answer with what it made.
+        let mut again = None;
+        if outcome == Outcome::Ok && self.rng.below(3) == 0 {
+            for _ in 0..ATTEMPTS {
+                let result = self.install_request(&chosen, &selector, &request_id).await;
+                let retried = Outcome::of(&result);
+                if let Ok(response) = result {
+                    named.push(response.into_inner().installation.unwrap_or_default().id);
+                }
+                if let Outcome::Refused(code, message) = &retried {
+                    self.ledger
+                        .refused_retries
+                        .push(format!("request {request_id} sent again: {code} {message}"));
+                }
+                if retried != Outcome::Indeterminate {
+                    again = Some(retried);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
         self.ledger.installs.insert(request_id, named.clone());
         self.history.operation(
             "install",
             invoke,
             &outcome,
             &format!(
-                "{} {} ({:?}) on {selector:?}: {named:?}",
-                chosen.name, chosen.version, chosen.behaviour
+                "{} {} ({:?}) on {selector:?}: {named:?}{}",
+                chosen.name,
+                chosen.version,
+                chosen.behaviour,
+                again.map_or(String::new(), |again| format!(", sent again: {again:?}"))
             ),
         );
+    }
+
+    /// One attempt of an install request.
+    async fn install_request(
+        &self,
+        chosen: &Published,
+        selector: &BTreeMap<String, String>,
+        request_id: &str,
+    ) -> Result<tonic::Response<pb::InstallAddonResponse>, tonic::Status> {
+        self.manager()
+            .install_addon(pb::InstallAddonRequest {
+                marketplace_id: chosen.id.clone(),
+                request_id: request_id.to_owned(),
+                accepted_privileges: chosen.privileges.clone(),
+                node_selector: selector.clone(),
+                ..Default::default()
+            })
+            .await
     }
 
     async fn upgrade(&mut self, live: &[pb::Installation]) {
@@ -484,6 +526,7 @@ fn addon(name: &str, version: &str, behaviour: Behaviour, image: &str) -> mpb::A
         }
         Behaviour::Good => (sh(run), None),
         Behaviour::Crashes => (sh("echo broken; exit 3"), None),
+        Behaviour::CrashesLater => (sh("/bin/busybox sleep 2; echo broken; exit 3"), None),
         Behaviour::Unhealthy => (
             sh(run),
             Some(mpb::HealthCheck {
