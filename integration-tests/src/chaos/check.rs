@@ -343,16 +343,31 @@ pub async fn exactly_once(cluster: &Cluster, ledger: &Ledger) -> Vec<String> {
     problems
 }
 
-/// Services given up on whose restarts passed the failure count: a
-/// version that crashes at once fails far faster than the failure window,
-/// so wherever it was given up, its monitor restarted it at most
-/// `--max-failures` times first, however often that monitor was itself
-/// killed in between (its failure window is kept under its state dir).
-pub async fn failure_window(cluster: &Cluster, published: &[Published]) -> Vec<String> {
+/// Services of crashing versions given up after more restarts than the
+/// failure count allows: a monitor restarted meanwhile forgot its failure
+/// window. Both as the watcher saw each given up, at any time of the
+/// campaign, and as the manager lists them at the end.
+pub async fn failure_window(
+    cluster: &Cluster,
+    published: &[Published],
+    gave_up: &[super::watch::GaveUp],
+) -> Vec<String> {
     let crashes: BTreeSet<&str> = published
         .iter()
         .filter(|p| matches!(p.behaviour, Behaviour::Crashes | Behaviour::CrashesLater))
         .map(|p| p.id.as_str())
+        .collect();
+    let mut seen: Vec<(String, String, String, u32)> = gave_up
+        .iter()
+        .filter(|g| crashes.contains(g.marketplace_id.as_str()))
+        .map(|g| {
+            (
+                g.installation.clone(),
+                g.service.clone(),
+                g.node.clone(),
+                g.restart_count,
+            )
+        })
         .collect();
     let Ok(all) = list_installations(
         &mut pb::addons_manager_service_client::AddonsManagerServiceClient::new(
@@ -363,7 +378,6 @@ pub async fn failure_window(cluster: &Cluster, published: &[Published]) -> Vec<S
     else {
         return vec!["the manager does not list".to_owned()];
     };
-    let mut problems = Vec::new();
     for installation in all
         .iter()
         .filter(|i| crashes.contains(i.marketplace_id.as_str()))
@@ -371,17 +385,26 @@ pub async fn failure_window(cluster: &Cluster, published: &[Published]) -> Vec<S
         for service in &installation.services {
             if service.phase() == pb::ServicePhase::Failed
                 && service.release == installation.release
-                && service.restart_count > super::cluster::MAX_FAILURES
             {
-                problems.push(format!(
-                    "{}/{} on {} was restarted {} times before it was given up (at most {})",
-                    installation.id,
-                    service.service_name,
-                    service.node_id,
+                seen.push((
+                    installation.id.clone(),
+                    service.service_name.clone(),
+                    service.node_id.clone(),
                     service.restart_count,
-                    super::cluster::MAX_FAILURES
                 ));
             }
+        }
+    }
+    let mut problems = Vec::new();
+    let mut told = BTreeSet::new();
+    for (installation, service, node, restarts) in seen {
+        if restarts > super::cluster::MAX_FAILURES
+            && told.insert((installation.clone(), service.clone(), node.clone()))
+        {
+            problems.push(format!(
+                "{installation}/{service} on {node} was restarted {restarts} times before it was given up (at most {})",
+                super::cluster::MAX_FAILURES
+            ));
         }
     }
     problems

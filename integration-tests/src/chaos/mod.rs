@@ -8,6 +8,7 @@ pub mod check;
 pub mod cluster;
 pub mod faults;
 pub mod history;
+pub mod links;
 pub mod proxy;
 pub mod rng;
 pub mod swap;
@@ -145,6 +146,7 @@ pub async fn run(options: Options) -> Report {
     }
     let sampler = swap::Sampler::start(cluster.watched().await, history.clone());
     let watcher = watch::Watcher::start(cluster.clone(), history.clone());
+    let links = links::Sampler::start(cluster.clone(), history.clone());
     history.note("start", json!({}));
     let until = history.now() + options.duration;
     let faults = tokio::spawn(faults::inject(
@@ -188,12 +190,15 @@ pub async fn run(options: Options) -> Report {
     for problem in gap_problems {
         history.violation("swap", &problem);
     }
-    let (watch_problems, resumed, started_over) =
-        watcher.finish(&cluster, Duration::from_secs(30)).await;
-    for problem in watch_problems {
-        history.violation("watch", &problem);
+    for problem in links::check(&links.stop().await, &history) {
+        history.violation("linked_shown_disconnected", &problem);
     }
-    for problem in check::failure_window(&cluster, workload.published()).await {
+    let watched = watcher.finish(&cluster, Duration::from_secs(30)).await;
+    for problem in &watched.problems {
+        history.violation("watch", problem);
+    }
+    let (resumed, started_over) = (watched.resumed, watched.started_over);
+    for problem in check::failure_window(&cluster, workload.published(), &watched.gave_up).await {
         history.violation("failure_window", &problem);
     }
     for problem in check::exactly_once(&cluster, &workload.ledger).await {

@@ -42,6 +42,23 @@ struct State {
     given_up: BTreeMap<(String, String, String, u64), Duration>,
     /// The highest release each installation was seen at.
     highest_release: BTreeMap<String, u64>,
+    /// Each service seen given up, as first seen so.
+    gave_up: Vec<GaveUp>,
+}
+
+/// A service seen given up on a node, as the first event that showed it.
+#[derive(Debug, Clone)]
+pub struct GaveUp {
+    /// The installation.
+    pub installation: String,
+    /// The marketplace id of the version it ran.
+    pub marketplace_id: String,
+    /// The node.
+    pub node: String,
+    /// The service.
+    pub service: String,
+    /// Its restarts when it was given up.
+    pub restart_count: u32,
 }
 
 impl State {
@@ -72,7 +89,18 @@ impl State {
             );
             match service.phase() {
                 Phase::Failed => {
-                    self.given_up.entry(key).or_insert(now);
+                    if let std::collections::btree_map::Entry::Vacant(entry) =
+                        self.given_up.entry(key)
+                    {
+                        entry.insert(now);
+                        self.gave_up.push(GaveUp {
+                            installation: installation.id.clone(),
+                            marketplace_id: installation.marketplace_id.clone(),
+                            node: service.node_id.clone(),
+                            service: service.service_name.clone(),
+                            restart_count: service.restart_count,
+                        });
+                    }
                 }
                 Phase::Pending
                 | Phase::Pulling
@@ -104,6 +132,20 @@ impl State {
     }
 }
 
+/// What the watcher found.
+#[derive(Debug)]
+pub struct Finished {
+    /// Events out of order or repeated, services started after giving up,
+    /// differences between its view and the manager's list.
+    pub problems: Vec<String>,
+    /// Times it watched again from its cursor.
+    pub resumed: u64,
+    /// Times the manager would not resume and it started over.
+    pub started_over: u64,
+    /// Every service it saw given up.
+    pub gave_up: Vec<GaveUp>,
+}
+
 /// The watcher.
 #[derive(Debug)]
 pub struct Watcher {
@@ -124,8 +166,8 @@ impl Watcher {
     /// Stops it once its view is the manager's list (or after `within`),
     /// and says what did not hold: events out of order or repeated, and
     /// any difference left between its view and the list; with how many
-    /// times it resumed and started over.
-    pub async fn finish(self, cluster: &Cluster, within: Duration) -> (Vec<String>, u64, u64) {
+    /// times it resumed and started over, and the services it saw given up.
+    pub async fn finish(self, cluster: &Cluster, within: Duration) -> Finished {
         let deadline = tokio::time::Instant::now() + within;
         let mut difference = Vec::new();
         loop {
@@ -151,7 +193,12 @@ impl Watcher {
         let state = self.lock();
         let mut problems = state.problems.clone();
         problems.extend(difference);
-        (problems, state.resumed, state.started_over)
+        Finished {
+            problems,
+            resumed: state.resumed,
+            started_over: state.started_over,
+            gave_up: state.gave_up.clone(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
