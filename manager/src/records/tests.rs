@@ -199,3 +199,126 @@ async fn a_report_refused_because_memory_and_store_differ_is_taken_at_the_next_o
     let stored = nodes.require(&status_id(&id, "n1")).await.unwrap();
     assert_eq!(stored.value.sequence, 3);
 }
+
+/// A 16 MiB tmpfs: a disk the test can fill. Unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs (needs root)");
+        Self { path, _dir: dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fills its disk once the next write of several records is made: the
+/// node statuses of a report, written before their installation's.
+#[derive(Debug)]
+struct FillAfterNextBatch {
+    disk: std::path::PathBuf,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl FillAfterNextBatch {
+    fn fill_file(&self) -> std::path::PathBuf {
+        self.disk.join("fill")
+    }
+}
+
+impl addons_store::Observer for FillAfterNextBatch {
+    fn observe(
+        &self,
+        operation: &'static str,
+        _elapsed: std::time::Duration,
+        outcome: Result<(), &addons_store::Error>,
+    ) {
+        use std::io::Write as _;
+        if operation != "write_many"
+            || outcome.is_err()
+            || !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let mut file = std::fs::File::create(self.fill_file()).unwrap();
+        let chunk = vec![0xa5_u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        while file.write_all(&chunk[..4096]).is_ok() {}
+    }
+}
+
+/// Found by the fault campaign (seed 32): a report's node statuses were
+/// written (not durable yet, to be made so by the installation's write
+/// right after), the installation's write failed on the full disk, and
+/// memory took the statuses anyway. The embedded store, opened again
+/// after the failure, had dropped them: the installation was shown with
+/// the report (a service given up), then, once memory read the store
+/// again, without it (the service back in backoff). Memory now takes what
+/// the store holds after a failed write.
+#[tokio::test]
+async fn a_report_whose_installation_write_failed_is_not_shown() {
+    let disk = SmallDisk::mount();
+    let filler = Arc::new(FillAfterNextBatch {
+        disk: disk.path.clone(),
+        armed: Default::default(),
+    });
+    let mut options = addons_store::OpenOptions::new("test");
+    options.observer = Some(filler.clone());
+    let location = format!("embedded:{}/store.redb", disk.path.display())
+        .parse()
+        .unwrap();
+    let store = Store::open(&location, &options).await.unwrap();
+    let installations = Installations::open(&store).await.unwrap();
+    let id = installations
+        .insert(installation(&["api"]))
+        .await
+        .unwrap()
+        .value
+        .id;
+    let report = |sequence: u64, phase: ServicePhase| {
+        let id = id.clone();
+        let installations = installations.clone();
+        async move {
+            installations
+                .modify(&id, |i| {
+                    i.report_sequences.insert("n1".into(), sequence);
+                    crate::status::apply_report(i, "n1", vec![on("n1", phase)]);
+                    Ok(true)
+                })
+                .await
+        }
+    };
+    report(1, ServicePhase::Running).await.unwrap();
+    filler
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(report(2, ServicePhase::Failed).await.is_err());
+    assert!(
+        !filler.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "the statuses were written before the disk filled"
+    );
+    std::fs::remove_file(filler.fill_file()).unwrap();
+    let shown = installations.require(&id).await.unwrap();
+    assert_eq!(shown.value.services[0].phase, ServicePhase::Running);
+    // And the next report is taken at once.
+    let taken = report(3, ServicePhase::Backoff).await.unwrap();
+    assert_eq!(taken.value.services[0].phase, ServicePhase::Backoff);
+}

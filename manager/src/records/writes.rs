@@ -337,8 +337,17 @@ impl Installations {
             })
             .await;
         if let Some(updates) = updates {
-            // Not stored: the node statuses are, so memory follows them.
-            self.remember(updates, &[]);
+            // Not stored. The node statuses were written to be made durable
+            // by this write: an embedded store opened again after its
+            // failure (a full disk) has dropped them, a MongoDB has them.
+            // Memory takes what the store holds, never what was only
+            // written: a status shown and then lost would go back in time
+            // for every reader (found by the fault campaign, seed 32).
+            let touched = updates
+                .into_iter()
+                .map(|(id, node, _)| (id, node))
+                .collect();
+            self.read_node_statuses_again(touched).await;
         }
         for record in written? {
             if let Some(whole) = current.get_mut(&record.value.id) {
@@ -350,8 +359,6 @@ impl Installations {
 }
 
 impl Installations {
-    /// Takes stored node statuses and installation records into memory, in
-    /// one step.
     /// Takes into memory the node statuses the store holds for `ids`
     /// (installation, node): a write refused as a conflict means memory
     /// and the store differ, as when a store opened again after an I/O
@@ -378,6 +385,8 @@ impl Installations {
         self.remember(updates, &[]);
     }
 
+    /// Takes stored node statuses and installation records into memory, in
+    /// one step.
     fn remember(
         &self,
         updates: Vec<(String, String, Option<Cached>)>,
