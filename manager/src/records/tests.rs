@@ -155,6 +155,23 @@ async fn a_batch_fails_each_change_alone() {
     assert_eq!(results[3].as_ref().unwrap().revision, 2);
 }
 
+/// Node `n1`'s report number `sequence` on installation `id`: its one
+/// service in `phase`.
+async fn report_of_n1(
+    installations: &Installations,
+    id: &str,
+    sequence: u64,
+    phase: ServicePhase,
+) -> Result<Versioned<Installation>, addons_store::Error> {
+    installations
+        .modify(id, |i| {
+            i.report_sequences.insert("n1".into(), sequence);
+            crate::status::apply_report(i, "n1", vec![on("n1", phase)]);
+            Ok(true)
+        })
+        .await
+}
+
 /// Found by the fault campaign (seed 32): memory held a node's statuses
 /// at a revision the store did not (the embedded store, opened again
 /// after a full disk, had dropped the write that was not durable yet), so
@@ -170,19 +187,7 @@ async fn a_report_refused_because_memory_and_store_differ_is_taken_at_the_next_o
         .unwrap()
         .value
         .id;
-    let report = |sequence: u64, phase: ServicePhase| {
-        let id = id.clone();
-        let installations = installations.clone();
-        async move {
-            installations
-                .modify(&id, |i| {
-                    i.report_sequences.insert("n1".into(), sequence);
-                    crate::status::apply_report(i, "n1", vec![on("n1", phase)]);
-                    Ok(true)
-                })
-                .await
-        }
-    };
+    let report = |sequence, phase| report_of_n1(&installations, &id, sequence, phase);
     report(1, ServicePhase::Running).await.unwrap();
     // The store loses the node's statuses behind memory's back.
     let nodes: Collection<NodeStatus> = store.collection().await.unwrap();
@@ -293,19 +298,7 @@ async fn a_report_whose_installation_write_failed_is_not_shown() {
         .unwrap()
         .value
         .id;
-    let report = |sequence: u64, phase: ServicePhase| {
-        let id = id.clone();
-        let installations = installations.clone();
-        async move {
-            installations
-                .modify(&id, |i| {
-                    i.report_sequences.insert("n1".into(), sequence);
-                    crate::status::apply_report(i, "n1", vec![on("n1", phase)]);
-                    Ok(true)
-                })
-                .await
-        }
-    };
+    let report = |sequence, phase| report_of_n1(&installations, &id, sequence, phase);
     report(1, ServicePhase::Running).await.unwrap();
     filler
         .armed
