@@ -681,3 +681,102 @@ async fn a_monitor_restarted_keeps_the_copy_of_itself_its_addons_log_through() {
         .await;
     assert!(host.http_get(18087).await.unwrap().contains("logged"));
 }
+
+/// Found by the fault campaign (CI's seed 20261206): a service installed
+/// while its node's state dir was full was given up on, as if it had
+/// crashed: every attempt to create its container failed to write the
+/// container's files, and each failure counted against the service. Its
+/// monitor, restarted, then tried it again (it could not save the give-up
+/// either). A full disk is the node's failure, not the service's: it is now
+/// retried with backoff, uncounted, until there is room. And a service the
+/// monitor did give up on meanwhile, for crashing, stays given up on after a
+/// restart of the monitor, though the give-up could not be saved under the
+/// state dir: it is labelled on the container in containerd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_dir_gives_no_service_up_and_loses_no_give_up() {
+    use ServicePhase::{Backoff, Failed, Running};
+    use integration_tests::chaos::cluster::{fill, unfill};
+    let plane = Plane::start("mn8", "10.77.8", &[]).await;
+    // Room for the monitor's copy of itself and the services' files.
+    let size = std::fs::metadata(binary("addons-monitor")).unwrap().len();
+    let mut host = plane.net.host(2, "node-a").await;
+    host.state_on_tmpfs(size / (1 << 20) + 16);
+    let (manager, registry) = (plane.manager.url(), plane.registry.host());
+    let flags = ["--max-failures", "2"];
+    host.start_monitor(&manager, &registry, &flags).await;
+    let state = host.state_dir().to_owned();
+
+    // Installed on a full disk: the attempts fail past --max-failures, and
+    // none is counted.
+    fill(&state);
+    let addon = plane.publish_web("patient", "patient", 18088).await;
+    let id = plane.install(&addon, &[]).await;
+    let waiting = eventually(
+        "three attempts failed on the full disk",
+        Duration::from_secs(60),
+        || async {
+            let installation = plane.get(&id).await;
+            match installation.services.first() {
+                Some(s) if s.phase() == Failed => panic!("given up on: {s:?}"),
+                Some(s) if s.reason.contains("retrying in 800ms") => Ok(s.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(waiting.phase(), Backoff, "{waiting:?}");
+    assert!(
+        waiting.reason.contains("No space left on device")
+            && waiting.reason.contains("the node's failure: not counted"),
+        "{waiting:?}"
+    );
+    unfill(&state);
+    let running = plane
+        .reaches(&id, InstallationStatus::Active, &[("node-a", Running)])
+        .await;
+    assert_eq!(running.services[0].restart_count, 0, "{running:?}");
+    assert!(host.http_get(18088).await.unwrap().contains("patient"));
+
+    // A crashing service, given up on while the disk is full: the give-up
+    // cannot be saved under the state dir.
+    let crashy = publish_approved(
+        &plane.marketplace,
+        mpb::Addon {
+            name: "crashy".into(),
+            services: vec![mpb::ServiceSpec {
+                service_name: "crashy".into(),
+                image: plane.image.clone(),
+                command: vec!["/bin/sh".into(), "-c".into(), "sleep 1; exit 3".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let crashing = plane.install(&crashy, &[]).await;
+    eventually("the first exit", Duration::from_secs(60), || async {
+        match plane.get(&crashing).await.services.first() {
+            Some(s) if s.restart_count >= 1 || s.phase() == Backoff => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    fill(&state);
+    let given_up = plane
+        .reaches(&crashing, InstallationStatus::Failed, &[("node-a", Failed)])
+        .await;
+    // The monitor goes before the disk has room again: only the label on
+    // the container keeps the give-up.
+    monitor_looked(host.monitor(), 2).await;
+    host.stop_monitor().await;
+    unfill(&state);
+    host.start_monitor(&manager, &registry, &flags).await;
+    monitor_looked(host.monitor(), 3).await;
+    let after = plane.get(&crashing).await;
+    assert_eq!(after.services.len(), 1, "{after:?}");
+    assert_eq!(after.services[0].phase(), Failed, "{after:?}");
+    assert_eq!(
+        after.services[0].restart_count, given_up.services[0].restart_count,
+        "not started again: {after:?}"
+    );
+}

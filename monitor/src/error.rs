@@ -65,6 +65,22 @@ impl MonitorError {
         )
     }
 
+    /// Whose failure it is, when it is not the service's: the registry's,
+    /// for a pull trying again may help ([`Self::is_transient_pull`]), or
+    /// the node's, for a file of its own state dir that could not be
+    /// written or read (a full or failing disk). Such a failure is retried,
+    /// with backoff, for as long as it takes, without counting against the
+    /// service.
+    pub fn not_the_services(&self) -> Option<&'static str> {
+        if self.is_transient_pull() {
+            Some("the registry's failure")
+        } else if matches!(self, Self::StateDir(StateDirError::Io { .. })) {
+            Some("the node's failure")
+        } else {
+            None
+        }
+    }
+
     /// Whether trying again cannot help: the node refused the service.
     pub fn is_final(&self) -> bool {
         matches!(self, Self::Refused(_))

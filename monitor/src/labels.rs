@@ -28,3 +28,7 @@ pub const REPLACED_BY: &str = "oakestra.io/replaced-by";
 pub const REPLACES: &str = "oakestra.io/replaces";
 /// The installation release a container runs (absent: release 1).
 pub const RELEASE: &str = "oakestra.io/release";
+/// Label on an addon container the monitor gave up on: why. Kept beside the
+/// container in containerd, so the give-up outlives a state dir that could
+/// not be written when it was made (a full disk).
+pub const GIVEN_UP: &str = "oakestra.io/given-up";

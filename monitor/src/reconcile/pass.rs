@@ -140,6 +140,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     self.current.insert(id);
                 }
             }
+            self.restore_give_ups(&infos);
         }
         let now = Instant::now();
         let memory = self
@@ -200,6 +201,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             });
             self.reported.retain(|id, _| ids.contains(id.as_str()));
         }
+        self.persist_unsaved();
+        self.label_give_ups(&infos).await?;
         self.report_all(desired);
         self.publish_view(&containers, desired);
         Ok([plan.wake_at, health_wake].into_iter().flatten().min())

@@ -5,19 +5,46 @@
 //! report outbox, and the [`NodeView`](crate::view::NodeView) the node API
 //! and the link's hello read.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime},
+};
 
 use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
 
 use super::Reconciler;
 use crate::{
     error::MonitorError,
+    labels::{GIVEN_UP, INSTALLATION},
     network::Network,
     plan::{self, Container, Phase, ServiceMemory},
     restarts::{FailureHistory, RestartPolicy, Verdict, unix_millis},
-    runtime::Runtime,
+    runtime::{ContainerInfo, Runtime},
     state_dir::StateDir,
 };
+
+/// The longest reason kept in a [`GIVEN_UP`] label (containerd allows
+/// 4 KiB per label).
+const GIVEN_UP_REASON_BYTES: usize = 1024;
+
+/// What a [`GIVEN_UP`] label holds (JSON): enough to report the give-up as
+/// it was.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct GiveUp {
+    reason: String,
+    restart_count: u32,
+    #[serde(default)]
+    exit_code: Option<i32>,
+}
+
+/// `text`, cut to at most `max` bytes at a character boundary.
+fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 /// What the reconciler tracks per addon container.
 #[derive(Debug, Clone)]
@@ -26,9 +53,12 @@ pub(super) struct Tracked {
     pub(super) status: pb::ServiceStatus,
     history: FailureHistory,
     retry_at: Option<Instant>,
-    /// Pulls failed in a row for the registry's reasons (not counted as
-    /// failures of the service).
-    pull_failures: usize,
+    /// Attempts failed in a row for the registry's or the node's reasons
+    /// (not counted as failures of the service).
+    uncounted_failures: usize,
+    /// Whether what must survive a restart of the monitor could not be
+    /// saved (a full disk): it is saved again at every pass until it is.
+    unsaved: bool,
 }
 
 impl Tracked {
@@ -156,7 +186,8 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 status: fresh,
                 history: FailureHistory::default(),
                 retry_at: None,
-                pull_failures: 0,
+                uncounted_failures: 0,
+                unsaved: false,
             };
         }
         let policy = self.cx.options.restart;
@@ -198,12 +229,15 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             status,
             history,
             retry_at,
-            pull_failures: 0,
+            uncounted_failures: 0,
+            unsaved: false,
         }
     }
 
-    /// Saves what must survive a restart of the monitor.
-    pub(super) fn persist(&self, id: &str) {
+    /// Saves what must survive a restart of the monitor. What cannot be
+    /// saved (a full disk) is kept to be saved again by
+    /// [`Self::persist_unsaved`].
+    pub(super) fn persist(&mut self, id: &str) {
         let Some(tracked) = self.tracked.get(id) else {
             return;
         };
@@ -228,8 +262,102 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         };
         let saved = crate::state_dir::write_atomic(&status_file, &bytes)
             .and_then(|()| StateDir::write_json(&failures_file, &failures));
-        if let Err(err) = saved {
-            tracing::warn!(container = %id, error = %err, "cannot save service status");
+        let unsaved = match saved {
+            Ok(()) => false,
+            Err(err) => {
+                if !tracked.unsaved {
+                    tracing::warn!(container = %id, error = %err, "cannot save service status; trying again at every pass");
+                }
+                true
+            }
+        };
+        if let Some(tracked) = self.tracked.get_mut(id) {
+            tracked.unsaved = unsaved;
+        }
+    }
+
+    /// Saves again what could not be saved before: a service given up on
+    /// while the node's disk was full stays given up on after a restart of
+    /// the monitor that comes once the disk has room again.
+    pub(super) fn persist_unsaved(&mut self) {
+        let unsaved: Vec<String> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.unsaved)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unsaved {
+            self.persist(&id);
+        }
+    }
+
+    /// Labels each container the monitor gave up on for spending its
+    /// failure budget with [`GIVEN_UP`], where `containers` shows it
+    /// unlabelled: the label lives in containerd, not under the state dir,
+    /// so the give-up is kept even when the state dir could not be written.
+    pub(super) async fn label_give_ups(
+        &self,
+        containers: &HashMap<String, ContainerInfo>,
+    ) -> Result<(), MonitorError> {
+        let max_failures = self.cx.options.restart.max_failures;
+        for (id, tracked) in &self.tracked {
+            let Some(info) = containers.get(id) else {
+                continue;
+            };
+            let spent = tracked.status.phase() == ServicePhase::Failed
+                && tracked.history.at.len() > max_failures;
+            if !spent
+                || info.labels.contains_key(GIVEN_UP)
+                || info.labels.get(INSTALLATION) != Some(&tracked.installation_id)
+            {
+                continue;
+            }
+            let give_up = GiveUp {
+                reason: bounded(&tracked.status.reason, GIVEN_UP_REASON_BYTES).to_owned(),
+                restart_count: tracked.status.restart_count,
+                exit_code: tracked.status.exit_code,
+            };
+            let value = serde_json::to_string(&give_up).unwrap_or_default();
+            match self.cx.runtime.set_label(id, GIVEN_UP, Some(&value)).await {
+                Ok(()) => {}
+                Err(err) if err.is_not_found() => {}
+                Err(err) if err.is_unavailable() => return Err(err.into()),
+                Err(err) => {
+                    tracing::warn!(container = %id, error = %err, "cannot label a service given up on");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up again on each service whose container carries
+    /// [`GIVEN_UP`] for its installation, whatever the state dir says: a
+    /// give-up the state dir could not keep.
+    pub(super) fn restore_give_ups(&mut self, containers: &HashMap<String, ContainerInfo>) {
+        for (id, tracked) in &mut self.tracked {
+            let Some(info) = containers.get(id) else {
+                continue;
+            };
+            let Some(label) = info.labels.get(GIVEN_UP) else {
+                continue;
+            };
+            if tracked.status.phase() == ServicePhase::Failed
+                || info.labels.get(INSTALLATION) != Some(&tracked.installation_id)
+            {
+                continue;
+            }
+            // A label that does not parse still says the service was
+            // given up on.
+            let give_up = serde_json::from_str(label).unwrap_or_else(|_| GiveUp {
+                reason: "given up on (before the monitor restarted)".to_owned(),
+                restart_count: 0,
+                exit_code: None,
+            });
+            tracing::warn!(container = %id, "given up on before, as its label says; its saved status was older");
+            tracked.retry_at = None;
+            tracked.status.restart_count = tracked.status.restart_count.max(give_up.restart_count);
+            tracked.status.exit_code = give_up.exit_code.or(tracked.status.exit_code);
+            tracked.set(ServicePhase::Failed, give_up.reason);
         }
     }
 
@@ -246,7 +374,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         tracked.set(phase, reason);
         if phase == ServicePhase::Running {
             tracked.retry_at = None;
-            tracked.pull_failures = 0;
+            tracked.uncounted_failures = 0;
         }
     }
 
@@ -312,18 +440,19 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             Err(err) => err,
         };
         tracing::warn!(container = %id, error = %err, "cannot run service");
-        if err.is_transient_pull() {
-            // The registry's failure, not the service's: back off and try
-            // again, for as long as it takes (a registry down for a
-            // moment must not leave the service given up on this node).
+        if let Some(whose) = err.not_the_services() {
+            // The registry's or the node's failure, not the service's:
+            // back off and try again, for as long as it takes (a registry
+            // down or a disk full for a moment must not leave the service
+            // given up on this node).
             let policy = self.cx.options.restart;
             let tracked = self.track(installation, service, id);
-            tracked.pull_failures += 1;
-            let delay = policy.delay(tracked.pull_failures);
+            tracked.uncounted_failures += 1;
+            let delay = policy.delay(tracked.uncounted_failures);
             tracked.retry_at = Some(Instant::now() + delay);
             tracked.set(
                 ServicePhase::Backoff,
-                format!("{err}; retrying in {delay:?} (the registry's failure: not counted)"),
+                format!("{err}; retrying in {delay:?} ({whose}: not counted)"),
             );
             self.persist(id);
             return Ok(());

@@ -17,8 +17,8 @@ use crate::view::NodeView;
 use crate::{
     cores::CoreComponentSpec,
     labels::{
-        CORE_COMPONENT, CORE_SOURCE, CORE_SOURCE_STATIC, CORE_SPEC_HASH, INSTALLATION, MANAGED_BY,
-        MANAGED_BY_VALUE, REPLACED_BY, REPLACES, SERVICE,
+        CORE_COMPONENT, CORE_SOURCE, CORE_SOURCE_STATIC, CORE_SPEC_HASH, GIVEN_UP, INSTALLATION,
+        MANAGED_BY, MANAGED_BY_VALUE, REPLACED_BY, REPLACES, SERVICE,
     },
     link::ReportOutbox,
     network::{Network, NetworkError, NetworkOptions, PortMapping},
@@ -551,4 +551,67 @@ async fn a_node_refuses_what_was_not_granted_or_is_not_allowed() {
         "nothing pulled for a refused service: {:?}",
         world.calls
     );
+}
+
+/// A service given up on while the state dir cannot be written (a full
+/// disk) stays given up on: the give-up is labelled on its container in
+/// containerd, which a monitor started afresh reads, and its status is
+/// saved at the first pass that can.
+#[tokio::test]
+async fn a_give_up_the_state_dir_cannot_keep_is_kept() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    fake.add(
+        "root_web",
+        &addon_labels("i1", "web"),
+        TaskState::Stopped(3),
+    );
+    fake.world().images.push("img".into());
+    let wanted = desired(vec![("i1", DesiredPresence::Running, vec![("web", "img")])]);
+    let mut first = reconciler(&fake, state.path());
+    first.track("i1", "web", "root_web");
+    // The status file cannot be written: its temporary file's name is
+    // taken by a directory.
+    let dir = first.cx.state.container_dir("root_web").unwrap();
+    let blocker = dir.join(format!("status.pb.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&blocker).unwrap();
+    for _ in 0..6 {
+        first.exited("i1", "web", "root_web", Some(3));
+    }
+    assert_eq!(
+        first.tracked["root_web"].status.phase(),
+        ServicePhase::Failed
+    );
+    pass(&mut first, &wanted).await;
+    assert!(!dir.join("status.pb").exists(), "nothing could be saved");
+    let given_up = first.tracked["root_web"].status.clone();
+    assert!(
+        fake.world().containers["root_web"]
+            .labels
+            .contains_key(GIVEN_UP)
+    );
+
+    // A monitor started afresh, the state dir still without the give-up:
+    // the label keeps it, and the service is not started again.
+    let mut afresh = reconciler(&fake, state.path());
+    pass(&mut afresh, &wanted).await;
+    let web = &afresh.tracked["root_web"].status;
+    assert_eq!(web.phase(), ServicePhase::Failed, "{web:?}");
+    assert_eq!(
+        (&web.reason, web.restart_count, web.exit_code),
+        (&given_up.reason, given_up.restart_count, Some(3)),
+        "reported as it was: {web:?}"
+    );
+    assert!(
+        !fake.world().calls.iter().any(|c| c.starts_with("start")),
+        "started again: {:?}",
+        fake.world().calls
+    );
+
+    // Room again: the first pass saves what could not be saved.
+    std::fs::remove_dir(&blocker).unwrap();
+    pass(&mut first, &wanted).await;
+    let saved = std::fs::read(dir.join("status.pb")).unwrap();
+    let saved = <pb::ServiceStatus as prost::Message>::decode(saved.as_slice()).unwrap();
+    assert_eq!(saved.phase(), ServicePhase::Failed, "{saved:?}");
 }
