@@ -877,3 +877,88 @@ async fn a_resident_collection_holds_what_the_store_kept_after_a_full_disk() {
         .unwrap();
     assert_eq!((next.revision, next.value.n), (2, 3));
 }
+
+/// Found by the fault campaign (seed 32): the manager writes a report's
+/// node statuses not durable yet, to be made durable by the installation's
+/// write right after. Another writer's write failed on the full disk in
+/// between, and the embedded store, opened again, dropped the statuses;
+/// the installation's write then succeeded in the new opening, and
+/// watchers were shown a report the store did not have. A write made
+/// `NowWith` the epoch of the writes it makes durable is now refused once
+/// the database was opened again since.
+#[tokio::test]
+async fn a_write_that_makes_others_durable_is_refused_once_a_reopen_dropped_them() {
+    let (_disk, disk) = SmallDisk::mount();
+    let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
+    let loose = store.collection::<Loose>().await.unwrap();
+    let items = store.collection::<Item>().await.unwrap();
+    let first = loose
+        .insert(Loose {
+            id: "a".into(),
+            n: 1,
+        })
+        .await
+        .unwrap();
+    let epoch = loose.epoch();
+    loose
+        .write_many_with(
+            vec![addons_store::Versioned {
+                revision: 2,
+                value: Loose {
+                    id: "a".into(),
+                    n: 2,
+                },
+            }],
+            addons_store::Durability::WithNext,
+        )
+        .await
+        .unwrap();
+    // Another write fails on the full disk: the database is opened again.
+    integration_tests::chaos::cluster::fill(&disk);
+    let mut large = item("large", "new");
+    large.labels.insert("bulk".into(), "x".repeat(1 << 20));
+    assert!(items.insert(large).await.is_err());
+    integration_tests::chaos::cluster::unfill(&disk);
+    assert_ne!(loose.epoch(), epoch, "opened again");
+    // The write that was to make the first durable is refused, and
+    // writes nothing.
+    let b = item("b", "new");
+    let refused = items
+        .write_many_with(
+            vec![addons_store::Versioned {
+                revision: 1,
+                value: b.clone(),
+            }],
+            addons_store::Durability::NowWith(epoch),
+        )
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(items.get(&b.id).await.unwrap(), None);
+    assert_eq!(loose.require("a").await.unwrap(), first);
+    // In the new opening, the same writes go through.
+    let epoch = loose.epoch();
+    let second = loose
+        .write_many_with(
+            vec![addons_store::Versioned {
+                revision: 2,
+                value: Loose {
+                    id: "a".into(),
+                    n: 2,
+                },
+            }],
+            addons_store::Durability::WithNext,
+        )
+        .await
+        .unwrap();
+    items
+        .write_many_with(
+            vec![addons_store::Versioned {
+                revision: 1,
+                value: b,
+            }],
+            addons_store::Durability::NowWith(epoch),
+        )
+        .await
+        .unwrap();
+    assert_eq!(loose.require("a").await.unwrap(), second[0]);
+}

@@ -206,17 +206,22 @@ impl ChangeLog {
         seq: u64,
         entry: &Entry,
     ) -> Result<()> {
-        self.append_many(state, collection, &[(seq, entry)]).await
+        self.append_many(state, collection, &[(seq, entry)], None)
+            .await
     }
 
     /// Appends the entries of changes already written (each record holds
     /// its sequence) in one backend write, and prunes the oldest entries
-    /// when the log is over its size.
+    /// when the log is over its size. With `since`, the records were
+    /// written not durable yet, in that opening of the database
+    /// ([`Backend::reopened`]): the entries make them durable, so they are
+    /// refused once a reopen dropped the records.
     pub(crate) async fn append_many(
         &self,
         state: &mut LogState,
         collection: &str,
         entries: &[(u64, &Entry)],
+        since: Option<u64>,
     ) -> Result<()> {
         let Some(last) = entries.iter().map(|(seq, _)| *seq).max() else {
             return Ok(());
@@ -236,9 +241,13 @@ impl ChangeLog {
                 body,
             });
         }
-        match records.as_slice() {
-            [one] => self.backend.insert(LOG_COLLECTION, one).await?,
-            many => self.backend.write_many(LOG_COLLECTION, many, true).await?,
+        match (records.as_slice(), since) {
+            ([one], None) => self.backend.insert(LOG_COLLECTION, one).await?,
+            (many, since) => {
+                self.backend
+                    .write_many(LOG_COLLECTION, many, true, since)
+                    .await?;
+            }
         }
         state.retained.extend(entries.iter().map(|(seq, _)| *seq));
         if state.retained.len() > RETAINED + PRUNE_BATCH {

@@ -442,6 +442,13 @@ impl<T: Document> Collection<T> {
         self.write_many_observed(writes, durability, |_| {}).await
     }
 
+    /// The opening of the database writes are made in now: writes made
+    /// [`Durability::WithNext`] after this are made durable by a later one
+    /// made [`Durability::NowWith`] this epoch, or not at all.
+    pub fn epoch(&self) -> crate::Epoch {
+        crate::Epoch(self.backend.reopened())
+    }
+
     /// [`Collection::write_many_with`], running `stored` once the records
     /// are stored and before any watcher hears of them: a writer that keeps
     /// something derived from them in memory updates it there, so whoever
@@ -469,8 +476,16 @@ impl<T: Document> Collection<T> {
             let seq = if T::LOGGED { first + n as u64 } else { 0 };
             raws.push(encode(record, seq)?);
         }
-        // A logged write is made durable by its log entries' durable write.
-        let durable = durability == Durability::Now && !T::LOGGED;
+        // A logged write is made durable by its log entries' durable write,
+        // in the same opening of the database: a reopen in between (an
+        // embedded store after an I/O error, here or in another writer)
+        // drops the records, and the entries are refused.
+        let since = match durability {
+            Durability::NowWith(epoch) => Some(epoch.0),
+            Durability::Now | Durability::WithNext if T::LOGGED => Some(self.backend.reopened()),
+            Durability::Now | Durability::WithNext => None,
+        };
+        let durable = durability != Durability::WithNext && !T::LOGGED;
         let kind = |raw: &RawRecord| {
             if raw.revision == 1 {
                 ChangeKind::Added
@@ -478,7 +493,11 @@ impl<T: Document> Collection<T> {
                 ChangeKind::Modified
             }
         };
-        if let Err(err) = self.backend.write_many(T::COLLECTION, &raws, durable).await {
+        if let Err(err) = self
+            .backend
+            .write_many(T::COLLECTION, &raws, durable, since)
+            .await
+        {
             for raw in &raws {
                 self.failed(guard.as_deref_mut(), kind(raw), raw, None, &err);
             }
@@ -500,7 +519,11 @@ impl<T: Document> Collection<T> {
                 })
                 .collect();
             let borrowed: Vec<(u64, &Entry)> = entries.iter().map(|(s, e)| (*s, e)).collect();
-            if let Err(err) = self.log.append_many(state, T::COLLECTION, &borrowed).await {
+            if let Err(err) = self
+                .log
+                .append_many(state, T::COLLECTION, &borrowed, since)
+                .await
+            {
                 // The records are written, carry their sequences, but are not
                 // durable yet: the write fails, and its records are in doubt
                 // until read back (a retry then writes them again).

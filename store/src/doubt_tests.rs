@@ -92,11 +92,14 @@ impl Backend for Flaky {
         collection: &str,
         records: &[RawRecord],
         durable: bool,
+        since: Option<u64>,
     ) -> Result<()> {
         if collection == crate::changelog::LOG_COLLECTION {
             *self.log_writes.lock().unwrap() += 1;
         }
-        self.inner.write_many(collection, records, durable).await
+        self.inner
+            .write_many(collection, records, durable, since)
+            .await
     }
     async fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> Result<bool> {
         if self.skip() {

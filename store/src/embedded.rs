@@ -95,6 +95,22 @@ impl EmbeddedBackend {
         R: Send + 'static,
         F: FnOnce(&Database) -> Result<R> + Send + 'static,
     {
+        self.blocking_since(operation, None, work).await
+    }
+
+    /// [`Self::blocking`], only in the opening of the database `since`
+    /// counts ([`Backend::reopened`]), when given: refused otherwise, with
+    /// nothing done.
+    async fn blocking_since<R, F>(
+        &self,
+        operation: &'static str,
+        since: Option<u64>,
+        work: F,
+    ) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Database) -> Result<R> + Send + 'static,
+    {
         let handle = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let lock = || {
@@ -121,6 +137,14 @@ impl EmbeddedBackend {
             let (result, seen) = {
                 let guard = lock();
                 let result = match &guard.db {
+                    // Not "I/O error": nothing failed here that a reopen
+                    // would mend.
+                    Some(_) if since.is_some_and(|since| since != guard.opened - 1) => {
+                        Err(Error::backend(
+                            operation,
+                            "the database was opened again since the writes this one was to make durable, and dropped them",
+                        ))
+                    }
                     Some(db) => work(db),
                     None => Err(Error::backend(
                         operation,
@@ -227,11 +251,12 @@ impl Backend for EmbeddedBackend {
         collection: &str,
         records: &[RawRecord],
         durable: bool,
+        since: Option<u64>,
     ) -> Result<()> {
         const OP: &str = "write_many";
         let collection = collection.to_owned();
         let records = records.to_vec();
-        self.blocking(OP, move |db| {
+        self.blocking_since(OP, since, move |db| {
             let mut tx = db.begin_write().map_err(|e| Error::backend(OP, e))?;
             if !durable {
                 tx.set_durability(redb::Durability::None)

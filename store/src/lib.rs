@@ -162,7 +162,19 @@ pub enum Durability {
     /// With the store's next durable write, which the caller makes before
     /// it relies on this one (one disk sync for several writes).
     WithNext,
+    /// Before the call returns, and with it the writes made
+    /// [`Durability::WithNext`] since `Epoch` ([`Collection::epoch`]): the
+    /// write is refused, and nothing written, when the database was opened
+    /// again since (an embedded store after an I/O error), which dropped
+    /// them.
+    NowWith(Epoch),
 }
+
+/// Which opening of the database a write was made in: an embedded store
+/// opens its database again after an I/O error, dropping the writes not
+/// yet durable. See [`Durability::NowWith`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch(pub(crate) u64);
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq)]
@@ -439,12 +451,16 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// MongoDB checks every condition first and then writes one by one.
     /// Not `durable`: the write may be lost in a crash until the next
     /// durable write of the store, which makes it durable too (redb; every
-    /// MongoDB write is acknowledged).
+    /// MongoDB write is acknowledged). With `since`, only in the opening of
+    /// the database [`Backend::reopened`] counted then: a write meant to
+    /// make earlier ones durable is refused, writing nothing, once a
+    /// reopen dropped them.
     async fn write_many(
         &self,
         collection: &str,
         records: &[RawRecord],
         durable: bool,
+        since: Option<u64>,
     ) -> Result<()>;
     /// Deletes the record if it satisfies `condition`; `false` when there
     /// was none.

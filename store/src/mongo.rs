@@ -247,6 +247,8 @@ impl Backend for MongoBackend {
         collection: &str,
         records: &[RawRecord],
         _durable: bool,
+        // Never opened again: every acknowledged write is kept.
+        _since: Option<u64>,
     ) -> Result<()> {
         // No multi-document transactions without a replica set: check every
         // condition first, then write one by one. Each collection has one

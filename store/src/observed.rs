@@ -82,7 +82,7 @@ observed! {
     "insert": fn insert(&self, collection: &str, record: &RawRecord) -> ();
     "get": fn get(&self, collection: &str, id: &str) -> Option<RawRecord>;
     "replace": fn replace(&self, collection: &str, record: &RawRecord, status_in: &[String]) -> ();
-    "write_many": fn write_many(&self, collection: &str, records: &[RawRecord], durable: bool) -> ();
+    "write_many": fn write_many(&self, collection: &str, records: &[RawRecord], durable: bool, since: Option<u64>) -> ();
     "delete": fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> bool;
     "delete_many": fn delete_many(&self, collection: &str, ids: &[String]) -> ();
     "list": fn list(&self, collection: &str, page: RawPage<'_>) -> Vec<RawRecord>;

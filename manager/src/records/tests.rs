@@ -315,3 +315,125 @@ async fn a_report_whose_installation_write_failed_is_not_shown() {
     let taken = report(3, ServicePhase::Backoff).await.unwrap();
     assert_eq!(taken.value.services[0].phase, ServicePhase::Backoff);
 }
+
+/// Blocks the first write of several records after it is armed (a
+/// report's node statuses), until the test lets it go on.
+#[derive(Debug, Default)]
+struct PauseAfterNextBatch {
+    armed: std::sync::atomic::AtomicBool,
+    reached: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    resume: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl addons_store::Observer for PauseAfterNextBatch {
+    fn observe(
+        &self,
+        operation: &'static str,
+        _elapsed: std::time::Duration,
+        outcome: Result<(), &addons_store::Error>,
+    ) {
+        if operation != "write_many"
+            || outcome.is_err()
+            || !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        if let Some(reached) = self.reached.lock().unwrap().take() {
+            let _ = reached.send(());
+        }
+        if let Some(resume) = self.resume.lock().unwrap().take() {
+            let _ = resume.recv();
+        }
+    }
+}
+
+/// Found by the fault campaign (seed 32): a report's node statuses were
+/// written, not durable yet, to be made durable by the installation's
+/// write right after. In between, another write failed on the full disk
+/// and the embedded store was opened again, which dropped the statuses;
+/// the installation's write then went through in the new opening, and
+/// memory and watchers took the report (a service given up) that the
+/// store did not have. The next report of the node was refused as a
+/// conflict, memory read the store again, and the service went back to
+/// backoff. The installation's write is now made in the same opening of
+/// the database as the statuses, or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_whose_statuses_another_writers_failure_dropped_is_not_shown() {
+    let disk = SmallDisk::mount();
+    let pause = Arc::new(PauseAfterNextBatch::default());
+    let mut options = addons_store::OpenOptions::new("test");
+    options.observer = Some(pause.clone());
+    let location = format!("embedded:{}/store.redb", disk.path.display())
+        .parse()
+        .unwrap();
+    let store = Store::open(&location, &options).await.unwrap();
+    let installations = Arc::new(Installations::open(&store).await.unwrap());
+    let id = installations
+        .insert(installation(&["api"]))
+        .await
+        .unwrap()
+        .value
+        .id;
+    report_of_n1(&installations, &id, 1, ServicePhase::Running)
+        .await
+        .unwrap();
+
+    let statuses: Collection<NodeStatus> = store.collection().await.unwrap();
+    let (reached, at_pause) = tokio::sync::oneshot::channel();
+    let (resume, paused) = std::sync::mpsc::channel();
+    *pause.reached.lock().unwrap() = Some(reached);
+    *pause.resume.lock().unwrap() = Some(paused);
+    pause.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The disk is full; a write not durable yet still goes through.
+    let fill = disk.path.join("fill");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&fill).unwrap();
+        let chunk = vec![0xa5_u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        while file.write_all(&chunk[..4096]).is_ok() {}
+    }
+    let report = tokio::spawn({
+        let (installations, id) = (installations.clone(), id.clone());
+        async move { report_of_n1(&installations, &id, 2, ServicePhase::Failed).await }
+    });
+    at_pause.await.unwrap();
+    // The statuses are written; another writer's write fails on the full
+    // disk, and the store is opened again, which drops them.
+    let large = NodeStatus {
+        id: "other/n9".into(),
+        installation_id: "other".into(),
+        node_id: "n9".into(),
+        services: vec![ServiceStatus {
+            reason: "x".repeat(1 << 20),
+            ..on("n9", ServicePhase::Running)
+        }],
+        sequence: 1,
+    };
+    let epoch = statuses.epoch();
+    assert!(statuses.insert(large).await.is_err());
+    assert_ne!(statuses.epoch(), epoch, "opened again");
+    std::fs::remove_file(&fill).unwrap();
+    resume.send(()).unwrap();
+
+    let reported = report.await.unwrap();
+    assert!(reported.is_err(), "taken: {reported:?}");
+    let shown = installations.require(&id).await.unwrap();
+    let stored = statuses
+        .require(&status_id(&id, "n1"))
+        .await
+        .unwrap()
+        .value
+        .services;
+    assert_eq!(stored[0].phase, ServicePhase::Running);
+    assert_eq!(
+        shown.value.services[0].phase,
+        ServicePhase::Running,
+        "shown a report the store dropped"
+    );
+    // The monitor sends it again, and it is taken at once.
+    let taken = report_of_n1(&installations, &id, 2, ServicePhase::Failed)
+        .await
+        .unwrap();
+    assert_eq!(taken.value.services[0].phase, ServicePhase::Failed);
+}

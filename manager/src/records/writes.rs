@@ -283,6 +283,17 @@ impl Installations {
                 });
             }
         }
+        // The node statuses are made durable by the records' write below,
+        // in the same opening of the database: an embedded store opened
+        // again in between (after another writer's I/O error) has dropped
+        // them, and the records' write is refused (found by the fault
+        // campaign, seed 32).
+        let epoch = self.nodes.epoch();
+        let records_durability = if node_writes.is_empty() {
+            addons_store::Durability::Now
+        } else {
+            addons_store::Durability::NowWith(epoch)
+        };
         let written = if node_writes.is_empty() {
             Vec::new()
         } else {
@@ -332,7 +343,7 @@ impl Installations {
         let mut updates = Some(cache_updates);
         let written = self
             .records
-            .write_many_observed(record_writes, addons_store::Durability::Now, |written| {
+            .write_many_observed(record_writes, records_durability, |written| {
                 self.remember(updates.take().unwrap_or_default(), written);
             })
             .await;
@@ -360,11 +371,13 @@ impl Installations {
 
 impl Installations {
     /// Takes into memory the node statuses the store holds for `ids`
-    /// (installation, node): a write refused as a conflict means memory
-    /// and the store differ, as when a store opened again after an I/O
-    /// error dropped writes that were not durable yet (found by the fault
-    /// campaign, seed 32). The report is refused this time and the monitor
-    /// sends it again; the next write starts from what is stored.
+    /// (installation, node), after a write of them was refused as a
+    /// conflict or the records' write that was to make them durable
+    /// failed. A conflict means memory and the store differ, as when a
+    /// store opened again after an I/O error dropped writes that were not
+    /// durable yet (found by the fault campaign, seed 32). The report is
+    /// refused this time and the monitor sends it again; the next write
+    /// starts from what is stored.
     async fn read_node_statuses_again(&self, ids: Vec<(String, String)>) {
         let mut updates = Vec::with_capacity(ids.len());
         for (id, node) in ids {
