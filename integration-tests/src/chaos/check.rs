@@ -343,29 +343,30 @@ pub async fn exactly_once(cluster: &Cluster, ledger: &Ledger) -> Vec<String> {
     problems
 }
 
-/// Services of crashing versions given up after more restarts than the
-/// failure count allows: a monitor restarted meanwhile forgot its failure
-/// window. Both as the watcher saw each given up, at any time of the
+/// Services of crashing versions restarted more often than the failure
+/// count allows, given up or not: a monitor restarted meanwhile forgot its
+/// failure window. Both as the watcher saw each, at any time of the
 /// campaign, and as the manager lists them at the end.
 pub async fn failure_window(
     cluster: &Cluster,
     published: &[Published],
-    gave_up: &[super::watch::GaveUp],
+    restarts: &[super::watch::Restarts],
 ) -> Vec<String> {
     let crashes: BTreeSet<&str> = published
         .iter()
         .filter(|p| matches!(p.behaviour, Behaviour::Crashes | Behaviour::CrashesLater))
         .map(|p| p.id.as_str())
         .collect();
-    let mut seen: Vec<(String, String, String, u32)> = gave_up
+    let mut seen: Vec<(String, String, String, u32, bool)> = restarts
         .iter()
-        .filter(|g| crashes.contains(g.marketplace_id.as_str()))
-        .map(|g| {
+        .filter(|r| crashes.contains(r.marketplace_id.as_str()))
+        .map(|r| {
             (
-                g.installation.clone(),
-                g.service.clone(),
-                g.node.clone(),
-                g.restart_count,
+                r.installation.clone(),
+                r.service.clone(),
+                r.node.clone(),
+                r.restart_count,
+                r.given_up,
             )
         })
         .collect();
@@ -382,27 +383,33 @@ pub async fn failure_window(
         .iter()
         .filter(|i| crashes.contains(i.marketplace_id.as_str()))
     {
-        for service in &installation.services {
-            if service.phase() == pb::ServicePhase::Failed
-                && service.release == installation.release
-            {
-                seen.push((
-                    installation.id.clone(),
-                    service.service_name.clone(),
-                    service.node_id.clone(),
-                    service.restart_count,
-                ));
-            }
+        for service in installation
+            .services
+            .iter()
+            .filter(|s| s.release == installation.release)
+        {
+            seen.push((
+                installation.id.clone(),
+                service.service_name.clone(),
+                service.node_id.clone(),
+                service.restart_count,
+                service.phase() == pb::ServicePhase::Failed,
+            ));
         }
     }
     let mut problems = Vec::new();
     let mut told = BTreeSet::new();
-    for (installation, service, node, restarts) in seen {
+    for (installation, service, node, restarts, given_up) in seen {
         if restarts > super::cluster::MAX_FAILURES
             && told.insert((installation.clone(), service.clone(), node.clone()))
         {
+            let when = if given_up {
+                "before it was given up"
+            } else {
+                "and was not given up"
+            };
             problems.push(format!(
-                "{installation}/{service} on {node} was restarted {restarts} times before it was given up (at most {})",
+                "{installation}/{service} on {node} was restarted {restarts} times {when} (at most {})",
                 super::cluster::MAX_FAILURES
             ));
         }

@@ -198,7 +198,7 @@ pub async fn run(options: Options) -> Report {
         history.violation("watch", problem);
     }
     let (resumed, started_over) = (watched.resumed, watched.started_over);
-    for problem in check::failure_window(&cluster, workload.published(), &watched.gave_up).await {
+    for problem in check::failure_window(&cluster, workload.published(), &watched.restarts).await {
         history.violation("failure_window", &problem);
     }
     for problem in check::exactly_once(&cluster, &workload.ledger).await {

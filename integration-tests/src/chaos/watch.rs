@@ -9,7 +9,7 @@
 //! monitor restarted in between keeps its failure window.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -42,13 +42,17 @@ struct State {
     given_up: BTreeMap<(String, String, String, u64), Duration>,
     /// The highest release each installation was seen at.
     highest_release: BTreeMap<String, u64>,
-    /// Each service seen given up, as first seen so.
-    gave_up: Vec<GaveUp>,
+    /// Each service seen given up, or restarted more often than
+    /// `--max-failures` allows, as first seen so.
+    restarts: Vec<Restarts>,
+    /// The services already in `restarts` for too many restarts.
+    restarted_too_often: BTreeSet<(String, String, String, u64)>,
 }
 
-/// A service seen given up on a node, as the first event that showed it.
+/// A service on a node as the first event showed it given up, or
+/// restarted more often than the monitors' `--max-failures` allows.
 #[derive(Debug, Clone)]
-pub struct GaveUp {
+pub struct Restarts {
     /// The installation.
     pub installation: String,
     /// The marketplace id of the version it ran.
@@ -57,8 +61,10 @@ pub struct GaveUp {
     pub node: String,
     /// The service.
     pub service: String,
-    /// Its restarts when it was given up.
+    /// Its restarts then.
     pub restart_count: u32,
+    /// Whether it was given up.
+    pub given_up: bool,
 }
 
 impl State {
@@ -87,18 +93,33 @@ impl State {
                 service.service_name.clone(),
                 service.release,
             );
+            // A service restarted more often than it may be, given up or
+            // not: a crash loop uninstalled before its end shows it too.
+            if service.restart_count > super::cluster::MAX_FAILURES
+                && self.restarted_too_often.insert(key.clone())
+            {
+                self.restarts.push(Restarts {
+                    installation: installation.id.clone(),
+                    marketplace_id: installation.marketplace_id.clone(),
+                    node: service.node_id.clone(),
+                    service: service.service_name.clone(),
+                    restart_count: service.restart_count,
+                    given_up: service.phase() == Phase::Failed,
+                });
+            }
             match service.phase() {
                 Phase::Failed => {
                     if let std::collections::btree_map::Entry::Vacant(entry) =
                         self.given_up.entry(key)
                     {
                         entry.insert(now);
-                        self.gave_up.push(GaveUp {
+                        self.restarts.push(Restarts {
                             installation: installation.id.clone(),
                             marketplace_id: installation.marketplace_id.clone(),
                             node: service.node_id.clone(),
                             service: service.service_name.clone(),
                             restart_count: service.restart_count,
+                            given_up: true,
                         });
                     }
                 }
@@ -142,8 +163,9 @@ pub struct Finished {
     pub resumed: u64,
     /// Times the manager would not resume and it started over.
     pub started_over: u64,
-    /// Every service it saw given up.
-    pub gave_up: Vec<GaveUp>,
+    /// Every service it saw given up, or restarted more often than
+    /// `--max-failures` allows.
+    pub restarts: Vec<Restarts>,
 }
 
 /// The watcher.
@@ -197,7 +219,7 @@ impl Watcher {
             problems,
             resumed: state.resumed,
             started_over: state.started_over,
-            gave_up: state.gave_up.clone(),
+            restarts: state.restarts.clone(),
         }
     }
 
