@@ -828,6 +828,37 @@ impl Document for Loose {
     }
 }
 
+/// Record `a` of `loose` at `revision`, holding `n`.
+fn loose_a(revision: u64, n: u32) -> addons_store::Versioned<Loose> {
+    addons_store::Versioned {
+        revision,
+        value: Loose { id: "a".into(), n },
+    }
+}
+
+/// Stores record `a` of `loose` (revision 1), writes it again made
+/// durable only by the next write (revision 2), then fails a write of
+/// `items` on the full disk, so that the store opens its database again.
+/// Returns the first write and the epoch before the second.
+async fn written_then_reopened(
+    disk: &std::path::Path,
+    loose: &addons_store::Collection<Loose>,
+    items: &addons_store::Collection<Item>,
+) -> (addons_store::Versioned<Loose>, addons_store::Epoch) {
+    let first = loose.insert(loose_a(1, 1).value).await.unwrap();
+    let epoch = loose.epoch();
+    loose
+        .write_many_with(vec![loose_a(2, 2)], addons_store::Durability::WithNext)
+        .await
+        .unwrap();
+    integration_tests::chaos::cluster::fill(disk);
+    let mut large = item("large", "new");
+    large.labels.insert("bulk".into(), "x".repeat(1 << 20));
+    assert!(items.insert(large).await.is_err());
+    integration_tests::chaos::cluster::unfill(disk);
+    (first, epoch)
+}
+
 /// Found by the fault campaign (seed 32): the embedded store, opened again
 /// after a write failed on a full disk, had dropped a write not yet
 /// durable, while the memory of its resident collection still held it.
@@ -838,33 +869,9 @@ async fn a_resident_collection_holds_what_the_store_kept_after_a_full_disk() {
     let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
     let loose = store.collection::<Loose>().await.unwrap();
     let items = store.collection::<Item>().await.unwrap();
-    let first = loose
-        .insert(Loose {
-            id: "a".into(),
-            n: 1,
-        })
-        .await
-        .unwrap();
-    // Written, to be made durable by the next write...
-    loose
-        .write_many_with(
-            vec![addons_store::Versioned {
-                revision: 2,
-                value: Loose {
-                    id: "a".into(),
-                    n: 2,
-                },
-            }],
-            addons_store::Durability::WithNext,
-        )
-        .await
-        .unwrap();
-    // ... which fails on the full disk.
-    integration_tests::chaos::cluster::fill(&disk);
-    let mut large = item("large", "new");
-    large.labels.insert("bulk".into(), "x".repeat(1 << 20));
-    assert!(items.insert(large).await.is_err());
-    integration_tests::chaos::cluster::unfill(&disk);
+    // Written, to be made durable by the next write, which fails on the
+    // full disk.
+    let (first, _) = written_then_reopened(&disk, &loose, &items).await;
     // What the store kept is what the collection shows, and is written on.
     let kept = loose.require("a").await.unwrap();
     assert_eq!(kept, first, "memory holds a write the store dropped");
@@ -892,33 +899,9 @@ async fn a_write_that_makes_others_durable_is_refused_once_a_reopen_dropped_them
     let store = open(&format!("embedded:{}/store.redb", disk.display())).await;
     let loose = store.collection::<Loose>().await.unwrap();
     let items = store.collection::<Item>().await.unwrap();
-    let first = loose
-        .insert(Loose {
-            id: "a".into(),
-            n: 1,
-        })
-        .await
-        .unwrap();
-    let epoch = loose.epoch();
-    loose
-        .write_many_with(
-            vec![addons_store::Versioned {
-                revision: 2,
-                value: Loose {
-                    id: "a".into(),
-                    n: 2,
-                },
-            }],
-            addons_store::Durability::WithNext,
-        )
-        .await
-        .unwrap();
-    // Another write fails on the full disk: the database is opened again.
-    integration_tests::chaos::cluster::fill(&disk);
-    let mut large = item("large", "new");
-    large.labels.insert("bulk".into(), "x".repeat(1 << 20));
-    assert!(items.insert(large).await.is_err());
-    integration_tests::chaos::cluster::unfill(&disk);
+    // Written, to be made durable by the next write; another write fails
+    // on the full disk, and the database is opened again.
+    let (first, epoch) = written_then_reopened(&disk, &loose, &items).await;
     assert_ne!(loose.epoch(), epoch, "opened again");
     // The write that was to make the first durable is refused, and
     // writes nothing.
@@ -938,16 +921,7 @@ async fn a_write_that_makes_others_durable_is_refused_once_a_reopen_dropped_them
     // In the new opening, the same writes go through.
     let epoch = loose.epoch();
     let second = loose
-        .write_many_with(
-            vec![addons_store::Versioned {
-                revision: 2,
-                value: Loose {
-                    id: "a".into(),
-                    n: 2,
-                },
-            }],
-            addons_store::Durability::WithNext,
-        )
+        .write_many_with(vec![loose_a(2, 2)], addons_store::Durability::WithNext)
         .await
         .unwrap();
     items

@@ -28,6 +28,15 @@ pub mod view;
 
 pub use crate::runtime::Containerd;
 
+/// `text`, cut to at most `max` bytes at a character boundary.
+pub(crate) fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The current time as a protobuf timestamp.
 pub(crate) fn now() -> prost_types::Timestamp {
     std::time::SystemTime::now().into()

@@ -247,13 +247,7 @@ fn tail_of(path: &Path, lines: usize) -> std::io::Result<Vec<String>> {
     }
     Ok(all[all.len().saturating_sub(lines)..]
         .iter()
-        .map(|line| {
-            let mut end = line.len().min(MAX_TAIL_LINE);
-            while !line.is_char_boundary(end) {
-                end -= 1;
-            }
-            line[..end].to_owned()
-        })
+        .map(|line| crate::bounded(line, MAX_TAIL_LINE).to_owned())
         .collect())
 }
 

@@ -93,19 +93,20 @@ impl State {
                 service.service_name.clone(),
                 service.release,
             );
+            let sighting = || Restarts {
+                installation: installation.id.clone(),
+                marketplace_id: installation.marketplace_id.clone(),
+                node: service.node_id.clone(),
+                service: service.service_name.clone(),
+                restart_count: service.restart_count,
+                given_up: service.phase() == Phase::Failed,
+            };
             // A service restarted more often than it may be, given up or
             // not: a crash loop uninstalled before its end shows it too.
             if service.restart_count > super::cluster::MAX_FAILURES
                 && self.restarted_too_often.insert(key.clone())
             {
-                self.restarts.push(Restarts {
-                    installation: installation.id.clone(),
-                    marketplace_id: installation.marketplace_id.clone(),
-                    node: service.node_id.clone(),
-                    service: service.service_name.clone(),
-                    restart_count: service.restart_count,
-                    given_up: service.phase() == Phase::Failed,
-                });
+                self.restarts.push(sighting());
             }
             match service.phase() {
                 Phase::Failed => {
@@ -113,14 +114,7 @@ impl State {
                         self.given_up.entry(key)
                     {
                         entry.insert(now);
-                        self.restarts.push(Restarts {
-                            installation: installation.id.clone(),
-                            marketplace_id: installation.marketplace_id.clone(),
-                            node: service.node_id.clone(),
-                            service: service.service_name.clone(),
-                            restart_count: service.restart_count,
-                            given_up: true,
-                        });
+                        self.restarts.push(sighting());
                     }
                 }
                 Phase::Pending

@@ -235,18 +235,61 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Fills the filesystem of `disk` with the file `disk/fill`, until
+/// nothing is left; [`unfill`] frees it.
+fn fill(disk: &std::path::Path) {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(disk.join("fill")).unwrap();
+    let chunk = vec![0xa5_u8; 1 << 20];
+    while file.write_all(&chunk).is_ok() {}
+    while file.write_all(&chunk[..4096]).is_ok() {}
+}
+
+/// Frees what [`fill`] took.
+fn unfill(disk: &std::path::Path) {
+    std::fs::remove_file(disk.join("fill")).unwrap();
+}
+
+/// An embedded store on `disk` that tells `observer` of every operation,
+/// its installations, and the id of one installed there.
+async fn installed_on(
+    disk: &SmallDisk,
+    observer: Arc<dyn addons_store::Observer>,
+) -> (Store, Installations, String) {
+    let mut options = addons_store::OpenOptions::new("test");
+    options.observer = Some(observer);
+    let location = format!("embedded:{}/store.redb", disk.path.display())
+        .parse()
+        .unwrap();
+    let store = Store::open(&location, &options).await.unwrap();
+    let installations = Installations::open(&store).await.unwrap();
+    let id = installations
+        .insert(installation(&["api"]))
+        .await
+        .unwrap()
+        .value
+        .id;
+    (store, installations, id)
+}
+
+/// Whether `operation` is the first write of several records to succeed
+/// since `armed` was set; it disarms.
+fn next_batch(
+    armed: &std::sync::atomic::AtomicBool,
+    operation: &str,
+    outcome: Result<(), &addons_store::Error>,
+) -> bool {
+    operation == "write_many"
+        && outcome.is_ok()
+        && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Fills its disk once the next write of several records is made: the
 /// node statuses of a report, written before their installation's.
 #[derive(Debug)]
 struct FillAfterNextBatch {
     disk: std::path::PathBuf,
     armed: std::sync::atomic::AtomicBool,
-}
-
-impl FillAfterNextBatch {
-    fn fill_file(&self) -> std::path::PathBuf {
-        self.disk.join("fill")
-    }
 }
 
 impl addons_store::Observer for FillAfterNextBatch {
@@ -256,17 +299,10 @@ impl addons_store::Observer for FillAfterNextBatch {
         _elapsed: std::time::Duration,
         outcome: Result<(), &addons_store::Error>,
     ) {
-        use std::io::Write as _;
-        if operation != "write_many"
-            || outcome.is_err()
-            || !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if !next_batch(&self.armed, operation, outcome) {
             return;
         }
-        let mut file = std::fs::File::create(self.fill_file()).unwrap();
-        let chunk = vec![0xa5_u8; 1 << 20];
-        while file.write_all(&chunk).is_ok() {}
-        while file.write_all(&chunk[..4096]).is_ok() {}
+        fill(&self.disk);
     }
 }
 
@@ -285,19 +321,7 @@ async fn a_report_whose_installation_write_failed_is_not_shown() {
         disk: disk.path.clone(),
         armed: Default::default(),
     });
-    let mut options = addons_store::OpenOptions::new("test");
-    options.observer = Some(filler.clone());
-    let location = format!("embedded:{}/store.redb", disk.path.display())
-        .parse()
-        .unwrap();
-    let store = Store::open(&location, &options).await.unwrap();
-    let installations = Installations::open(&store).await.unwrap();
-    let id = installations
-        .insert(installation(&["api"]))
-        .await
-        .unwrap()
-        .value
-        .id;
+    let (_store, installations, id) = installed_on(&disk, filler.clone()).await;
     let report = |sequence, phase| report_of_n1(&installations, &id, sequence, phase);
     report(1, ServicePhase::Running).await.unwrap();
     filler
@@ -308,7 +332,7 @@ async fn a_report_whose_installation_write_failed_is_not_shown() {
         !filler.armed.load(std::sync::atomic::Ordering::SeqCst),
         "the statuses were written before the disk filled"
     );
-    std::fs::remove_file(filler.fill_file()).unwrap();
+    unfill(&disk.path);
     let shown = installations.require(&id).await.unwrap();
     assert_eq!(shown.value.services[0].phase, ServicePhase::Running);
     // And the next report is taken at once.
@@ -332,10 +356,7 @@ impl addons_store::Observer for PauseAfterNextBatch {
         _elapsed: std::time::Duration,
         outcome: Result<(), &addons_store::Error>,
     ) {
-        if operation != "write_many"
-            || outcome.is_err()
-            || !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if !next_batch(&self.armed, operation, outcome) {
             return;
         }
         if let Some(reached) = self.reached.lock().unwrap().take() {
@@ -361,19 +382,8 @@ impl addons_store::Observer for PauseAfterNextBatch {
 async fn a_report_whose_statuses_another_writers_failure_dropped_is_not_shown() {
     let disk = SmallDisk::mount();
     let pause = Arc::new(PauseAfterNextBatch::default());
-    let mut options = addons_store::OpenOptions::new("test");
-    options.observer = Some(pause.clone());
-    let location = format!("embedded:{}/store.redb", disk.path.display())
-        .parse()
-        .unwrap();
-    let store = Store::open(&location, &options).await.unwrap();
-    let installations = Arc::new(Installations::open(&store).await.unwrap());
-    let id = installations
-        .insert(installation(&["api"]))
-        .await
-        .unwrap()
-        .value
-        .id;
+    let (store, installations, id) = installed_on(&disk, pause.clone()).await;
+    let installations = Arc::new(installations);
     report_of_n1(&installations, &id, 1, ServicePhase::Running)
         .await
         .unwrap();
@@ -385,14 +395,7 @@ async fn a_report_whose_statuses_another_writers_failure_dropped_is_not_shown() 
     *pause.resume.lock().unwrap() = Some(paused);
     pause.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     // The disk is full; a write not durable yet still goes through.
-    let fill = disk.path.join("fill");
-    {
-        use std::io::Write as _;
-        let mut file = std::fs::File::create(&fill).unwrap();
-        let chunk = vec![0xa5_u8; 1 << 20];
-        while file.write_all(&chunk).is_ok() {}
-        while file.write_all(&chunk[..4096]).is_ok() {}
-    }
+    fill(&disk.path);
     let report = tokio::spawn({
         let (installations, id) = (installations.clone(), id.clone());
         async move { report_of_n1(&installations, &id, 2, ServicePhase::Failed).await }
@@ -413,7 +416,7 @@ async fn a_report_whose_statuses_another_writers_failure_dropped_is_not_shown() 
     let epoch = statuses.epoch();
     assert!(statuses.insert(large).await.is_err());
     assert_ne!(statuses.epoch(), epoch, "opened again");
-    std::fs::remove_file(&fill).unwrap();
+    unfill(&disk.path);
     resume.send(()).unwrap();
 
     let reported = report.await.unwrap();

@@ -37,15 +37,6 @@ struct GiveUp {
     exit_code: Option<i32>,
 }
 
-/// `text`, cut to at most `max` bytes at a character boundary.
-fn bounded(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// What the reconciler tracks per addon container.
 #[derive(Debug, Clone)]
 pub(super) struct Tracked {
@@ -313,7 +304,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 continue;
             }
             let give_up = GiveUp {
-                reason: bounded(&tracked.status.reason, GIVEN_UP_REASON_BYTES).to_owned(),
+                reason: crate::bounded(&tracked.status.reason, GIVEN_UP_REASON_BYTES).to_owned(),
                 restart_count: tracked.status.restart_count,
                 exit_code: tracked.status.exit_code,
             };
