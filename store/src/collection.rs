@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use crate::{
     Backend, Document, Durability, Error, Filter, Precondition, RawFilter, RawPage, RawRecord,
     Result, Versioned,
-    changelog::{ChangeKind, ChangeLog, Doubt, Entry, LogState},
+    changelog::{ChangeKind, ChangeLog, Doubt, Entry, Hold, LogState},
     resident::{Memory, Resident},
 };
 
@@ -90,7 +90,7 @@ impl<T: Document> Collection<T> {
             };
             after = Some(last.id.clone());
             for raw in page {
-                let (key, status) = (raw.key.clone(), raw.status.clone());
+                let (key, status, raw_seq) = (raw.key.clone(), raw.status.clone(), raw.seq);
                 let record = decode::<T>(raw)?;
                 entries.push(Resident::new(
                     Versioned {
@@ -99,6 +99,7 @@ impl<T: Document> Collection<T> {
                     },
                     key,
                     status,
+                    raw_seq,
                 ));
             }
         }
@@ -108,8 +109,9 @@ impl<T: Document> Collection<T> {
         self.memory = Some(memory);
     }
 
-    /// Takes a committed write into memory, for a resident collection.
-    fn remember(&self, kind: ChangeKind, raw: &RawRecord, record: &Versioned<T>) {
+    /// Takes a committed write (change `seq`) into memory, for a resident
+    /// collection.
+    fn remember(&self, kind: ChangeKind, seq: u64, raw: &RawRecord, record: &Versioned<T>) {
         let Some(memory) = &self.memory else {
             return;
         };
@@ -121,9 +123,32 @@ impl<T: Document> Collection<T> {
                 },
                 raw.key.clone(),
                 raw.status.clone(),
+                seq,
             )
         });
-        memory.apply(&raw.id, entry);
+        memory.apply(&raw.id, seq, entry);
+    }
+
+    /// Takes `n` sequences for a write of a logged collection (`state`):
+    /// the first, and the hold on them; sequence 0 for one that is not.
+    async fn reserve(&self, state: Option<&mut LogState>, n: usize) -> Result<(u64, Option<Hold>)> {
+        match state {
+            Some(state) => {
+                let (seq, hold) = self.log.reserve(state, n as u64).await?;
+                Ok((seq, Some(hold)))
+            }
+            None => Ok((0, None)),
+        }
+    }
+
+    /// Publishes a committed change to this process's watchers. In a log
+    /// other processes write too, the log's reader publishes every change
+    /// in sequence order, this process's own included.
+    fn publish(&self, change: Change<T>) {
+        if self.log.shared().is_none() || !T::LOGGED {
+            // No receiver is not an error: nobody is watching.
+            let _ = self.changes.send(change);
+        }
     }
 
     /// Holds the change log while a write of a logged collection runs, so
@@ -213,7 +238,7 @@ impl<T: Document> Collection<T> {
                 _ => None,
             };
             if let Some(raw) = happened {
-                let seq = state.as_ref().map_or(0, |state| state.head + 1);
+                let (seq, _hold) = self.reserve(state.as_deref_mut(), 1).await?;
                 tracing::warn!(collection = T::COLLECTION, %id, seq, "a write of unknown outcome happened");
                 let record = decode(raw.clone())?;
                 self.committed(state.as_deref_mut(), doubt.kind, seq, &raw, &record)
@@ -227,7 +252,7 @@ impl<T: Document> Collection<T> {
     /// After a write of `raw` failed with `err`: a failure that leaves
     /// its outcome unknown puts the write in doubt, and its sequence is not
     /// handed out again.
-    fn failed(
+    async fn failed(
         &self,
         state: Option<&mut LogState>,
         kind: ChangeKind,
@@ -235,6 +260,11 @@ impl<T: Document> Collection<T> {
         before: Option<&RawRecord>,
         err: &Error,
     ) {
+        if state.is_some() {
+            // Whatever happened to the record, its change is not logged
+            // under this sequence: a settled doubt takes a new one.
+            self.log.skip(raw.seq..=raw.seq).await;
+        }
         if !err.is_transient() {
             return;
         }
@@ -275,9 +305,8 @@ impl<T: Document> Collection<T> {
                 tracing::error!(collection = T::COLLECTION, id = %raw.id, seq, error = %err, "cannot log a change");
             }
         }
-        self.remember(kind, raw, record);
-        // No receiver is not an error: nobody is watching.
-        let _ = self.changes.send(Change {
+        self.remember(kind, seq, raw, record);
+        self.publish(Change {
             kind,
             seq,
             record: record.clone(),
@@ -289,11 +318,12 @@ impl<T: Document> Collection<T> {
     pub async fn insert(&self, value: T) -> Result<Versioned<T>> {
         let mut guard = self.write_lock().await;
         self.settle_under(guard.as_deref_mut()).await?;
-        let seq = guard.as_ref().map_or(0, |state| state.head + 1);
+        let (seq, _hold) = self.reserve(guard.as_deref_mut(), 1).await?;
         let record = Versioned { revision: 1, value };
         let raw = encode(&record, seq)?;
         if let Err(err) = self.backend.insert(T::COLLECTION, &raw).await {
-            self.failed(guard.as_deref_mut(), ChangeKind::Added, &raw, None, &err);
+            self.failed(guard.as_deref_mut(), ChangeKind::Added, &raw, None, &err)
+                .await;
             return Err(err);
         }
         self.committed(guard.as_deref_mut(), ChangeKind::Added, seq, &raw, &record)
@@ -325,6 +355,24 @@ impl<T: Document> Collection<T> {
         })
     }
 
+    /// The record with `id` as a write must find it: from the database
+    /// where other processes write it too, since memory may not have taken
+    /// in their latest change yet.
+    async fn require_to_write(&self, id: &str) -> Result<Versioned<T>> {
+        if self.memory.is_none() || self.log.shared().is_none() {
+            return self.require(id).await;
+        }
+        self.backend
+            .get(T::COLLECTION, id)
+            .await?
+            .map(decode)
+            .transpose()?
+            .ok_or_else(|| Error::NotFound {
+                collection: T::COLLECTION.to_owned(),
+                id: id.to_owned(),
+            })
+    }
+
     /// Replaces the record with `value.id()` if `condition` holds, bumping
     /// its revision. Fails with [`Error::Conflict`] and writes nothing when
     /// it does not, and with [`Error::NotFound`] when there is no record.
@@ -337,7 +385,7 @@ impl<T: Document> Collection<T> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let current = self.require(value.id()).await?;
+            let current = self.require_to_write(value.id()).await?;
             crate::check(&encode(&current, 0)?, None, &condition.status_in)?;
             match self
                 .replace_at(value.clone(), current.revision, &condition.status_in)
@@ -357,14 +405,15 @@ impl<T: Document> Collection<T> {
     ) -> Result<Versioned<T>> {
         let mut guard = self.write_lock().await;
         self.settle_under(guard.as_deref_mut()).await?;
-        let seq = guard.as_ref().map_or(0, |state| state.head + 1);
+        let (seq, _hold) = self.reserve(guard.as_deref_mut(), 1).await?;
         let record = Versioned {
             revision: expected + 1,
             value,
         };
         let raw = encode(&record, seq)?;
         if let Err(err) = self.backend.replace(T::COLLECTION, &raw, status_in).await {
-            self.failed(guard.as_deref_mut(), ChangeKind::Modified, &raw, None, &err);
+            self.failed(guard.as_deref_mut(), ChangeKind::Modified, &raw, None, &err)
+                .await;
             return Err(err);
         }
         self.committed(
@@ -404,7 +453,7 @@ impl<T: Document> Collection<T> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut current = self.require(id).await?;
+            let mut current = self.require_to_write(id).await?;
             stale_check::<T>(id, current.revision, expected_revision)?;
             if !change(&mut current.value)? {
                 return Ok(current);
@@ -464,7 +513,7 @@ impl<T: Document> Collection<T> {
         }
         let mut guard = self.write_lock().await;
         self.settle_under(guard.as_deref_mut()).await?;
-        let first = guard.as_ref().map_or(0, |state| state.head + 1);
+        let (first, _hold) = self.reserve(guard.as_deref_mut(), writes.len()).await?;
         let mut raws = Vec::with_capacity(writes.len());
         for (n, record) in writes.iter().enumerate() {
             if record.revision == 0 {
@@ -499,7 +548,8 @@ impl<T: Document> Collection<T> {
             .await
         {
             for raw in &raws {
-                self.failed(guard.as_deref_mut(), kind(raw), raw, None, &err);
+                self.failed(guard.as_deref_mut(), kind(raw), raw, None, &err)
+                    .await;
             }
             return Err(err);
         }
@@ -529,15 +579,16 @@ impl<T: Document> Collection<T> {
                 // until read back (a retry then writes them again).
                 tracing::error!(collection = T::COLLECTION, error = %err, "cannot log changes");
                 for raw in &raws {
-                    self.failed(Some(&mut *state), kind(raw), raw, None, &err);
+                    self.failed(Some(&mut *state), kind(raw), raw, None, &err)
+                        .await;
                 }
                 return Err(err);
             }
         }
         stored(&writes);
         for (raw, record) in raws.iter().zip(&writes) {
-            self.remember(kind(raw), raw, record);
-            let _ = self.changes.send(Change {
+            self.remember(kind(raw), raw.seq, raw, record);
+            self.publish(Change {
                 kind: kind(raw),
                 seq: raw.seq,
                 record: record.clone(),
@@ -586,7 +637,7 @@ impl<T: Document> Collection<T> {
         let Some(raw) = self.backend.get(T::COLLECTION, id).await? else {
             return Ok(false);
         };
-        let seq = guard.as_ref().map_or(0, |state| state.head + 1);
+        let (seq, _hold) = self.reserve(guard.as_deref_mut(), 1).await?;
         let deleted = match self.backend.delete(T::COLLECTION, id, condition).await {
             Ok(deleted) => deleted,
             Err(err) => {
@@ -597,10 +648,14 @@ impl<T: Document> Collection<T> {
                     &at,
                     Some(&raw),
                     &err,
-                );
+                )
+                .await;
                 return Err(err);
             }
         };
+        if !deleted && guard.is_some() {
+            self.log.skip(seq..=seq).await;
+        }
         if deleted {
             let before = decode(raw.clone())?;
             self.committed(

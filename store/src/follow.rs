@@ -5,7 +5,27 @@ use std::future::Future;
 
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 
+use std::collections::HashMap;
+
 use crate::{Change, ChangeKind, Collection, Document, Result, Versioned};
+
+/// Whether `change` tells a follower that was `sent` a snapshot (and the
+/// changes since, each record's last revision by id) something new, and
+/// takes it into `sent`: a change the snapshot already reflected is not.
+fn news<T: Document>(sent: &mut HashMap<String, u64>, change: &Change<T>) -> bool {
+    let id = change.record.value.id();
+    if change.kind == ChangeKind::Deleted {
+        return sent.remove(id).is_some();
+    }
+    if sent
+        .get(id)
+        .is_some_and(|revision| *revision >= change.record.revision)
+    {
+        return false;
+    }
+    sent.insert(id.to_owned(), change.record.revision);
+    true
+}
 
 /// What a follower receives.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,9 +81,20 @@ impl<T: Document> Collection<T> {
         I: AsyncFnOnce(&Self) -> Result<Vec<Versioned<T>>>,
     {
         tokio::pin!(stop);
+        // Where other processes write too, a snapshot may already reflect
+        // changes the feed then repeats: each record's revision sent.
+        let mut sent: Option<HashMap<String, u64>> = None;
         let (backlog, mut last, mut receiver) = match start {
             Start::Snapshot => {
                 let (records, seq, receiver) = self.snapshot(initial).await?;
+                if self.shared() {
+                    sent = Some(
+                        records
+                            .iter()
+                            .map(|record| (record.value.id().to_owned(), record.revision))
+                            .collect(),
+                    );
+                }
                 let backlog: Vec<Change<T>> = records
                     .into_iter()
                     .map(|record| Change {
@@ -106,6 +137,12 @@ impl<T: Document> Collection<T> {
                 },
             };
             if change.seq <= last || !wanted(&change) {
+                continue;
+            }
+            if let Some(sent) = &mut sent
+                && !news(sent, &change)
+            {
+                last = change.seq;
                 continue;
             }
             let seq = change.seq;

@@ -332,10 +332,16 @@ impl Store {
             None => backend,
         };
         let log = Arc::new(changelog::ChangeLog::open(backend.clone()).await?);
+        let changes = collection::ChangeHub::default();
+        let hub = changes.clone();
+        changelog::spawn_reader(
+            &log,
+            Box::new(move |collection, seq, entry| hub.apply(collection, seq, entry)),
+        );
         Ok(Self {
             backend,
             unobserved,
-            changes: collection::ChangeHub::default(),
+            changes,
             log,
             resident: Arc::default(),
         })
@@ -379,7 +385,10 @@ impl Store {
                     format!("two document types use collection `{}`", T::COLLECTION),
                 )
             })?;
+            self.changes.hook::<T>(Some(memory.clone()));
             collection.set_memory(memory);
+        } else if T::LOGGED {
+            self.changes.hook::<T>(None);
         }
         Ok(collection)
     }
@@ -477,6 +486,52 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// in memory, to be read again.
     fn reopened(&self) -> u64 {
         0
+    }
+    /// Whether other processes may write this database at the same time
+    /// (MongoDB): the change log's sequence then comes from the database
+    /// ([`Backend::advance`]) and its live feed from reading the log back.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Advances the counter `name` by `by`, atomically across every
+    /// process writing the database, and returns its new value (`by` 0
+    /// reads it). Only a [`Backend::shared`] database has counters.
+    async fn advance(&self, name: &str, by: u64) -> Result<u64> {
+        let _ = (name, by);
+        Err(Error::backend(
+            "advance",
+            "counters exist only in a database several processes share",
+        ))
+    }
+    /// Deletes every record of `collection` whose id sorts before `id`, in
+    /// one step where the database can.
+    async fn delete_before(&self, collection: &str, id: &str) -> Result<()> {
+        let mut doomed = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .list(
+                    collection,
+                    RawPage {
+                        filter: &RawFilter::default(),
+                        after: after.as_deref(),
+                        limit: 500,
+                    },
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            let done = page.iter().any(|record| record.id.as_str() >= id);
+            doomed.extend(
+                page.into_iter()
+                    .map(|record| record.id)
+                    .filter(|doomed| doomed.as_str() < id),
+            );
+            if done {
+                break;
+            }
+        }
+        self.delete_many(collection, &doomed).await
     }
 }
 

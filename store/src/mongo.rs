@@ -16,10 +16,15 @@ use mongodb::{
     Client, Collection, Database, IndexModel,
     bson::{Document, doc},
     error::{ErrorKind, WriteFailure},
-    options::{ClientOptions, CollectionOptions, IndexOptions, ReadConcern, WriteConcern},
+    options::{
+        ClientOptions, CollectionOptions, IndexOptions, ReadConcern, ReturnDocument, WriteConcern,
+    },
 };
 
 use crate::{Backend, Error, Precondition, RawPage, RawRecord, Result, check};
+
+/// The collection of counters ([`Backend::advance`]), one document each.
+const COUNTERS: &str = "counters";
 
 /// MongoDB's duplicate key error code.
 const DUPLICATE_KEY: i32 = 11000;
@@ -251,9 +256,11 @@ impl Backend for MongoBackend {
         _since: Option<u64>,
     ) -> Result<()> {
         // No multi-document transactions without a replica set: check every
-        // condition first, then write one by one. Each collection has one
-        // writer process, which serialises its writes, so nothing moves in
-        // between.
+        // condition first, then write one by one. The collections written
+        // this way (the manager's) have one writer at a time, the manager
+        // holding its plane's lease, which serialises its writes; another
+        // process's write in between makes a later one fail its revision
+        // condition, never overwrite.
         for record in records {
             let current = self.get(collection, &record.id).await?;
             match (record.revision, current) {
@@ -359,6 +366,34 @@ impl Backend for MongoBackend {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn advance(&self, name: &str, by: u64) -> Result<u64> {
+        let by = i64::try_from(by).map_err(|e| Error::backend("advance", e))?;
+        let counter = self
+            .collection(COUNTERS)
+            .find_one_and_update(doc! { "_id": name }, doc! { "$inc": { "value": by } })
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| Error::backend("advance", e))?
+            .ok_or_else(|| Error::backend("advance", format!("counter `{name}` not returned")))?;
+        integer(&counter, "value")
+            .ok()
+            .and_then(|value| u64::try_from(value).ok())
+            .ok_or_else(|| Error::backend("advance", format!("counter `{name}` is not a count")))
+    }
+
+    async fn delete_before(&self, collection: &str, id: &str) -> Result<()> {
+        self.collection(collection)
+            .delete_many(doc! { "_id": { "$lt": id } })
+            .await
+            .map_err(|e| Error::backend("delete_before", e))?;
+        Ok(())
     }
 }
 

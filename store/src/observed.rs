@@ -11,7 +11,7 @@ use crate::{Backend, Error, Precondition, RawPage, RawRecord, Result};
 /// Told of every database operation the store makes.
 pub trait Observer: std::fmt::Debug + Send + Sync + 'static {
     /// `operation` (`get`, `insert`, `replace`, `write_many`, `delete`,
-    /// `delete_many`, `list`, `prepare`) took `elapsed` and ended with
+    /// `delete_many`, `list`, `prepare`, `advance`, `delete_before`) took `elapsed` and ended with
     /// `outcome`.
     fn observe(
         &self,
@@ -73,6 +73,10 @@ macro_rules! observed {
             fn reopened(&self) -> u64 {
                 self.inner.reopened()
             }
+
+            fn shared(&self) -> bool {
+                self.inner.shared()
+            }
         }
     };
 }
@@ -86,4 +90,6 @@ observed! {
     "delete": fn delete(&self, collection: &str, id: &str, condition: &Precondition) -> bool;
     "delete_many": fn delete_many(&self, collection: &str, ids: &[String]) -> ();
     "list": fn list(&self, collection: &str, page: RawPage<'_>) -> Vec<RawRecord>;
+    "advance": fn advance(&self, name: &str, by: u64) -> u64;
+    "delete_before": fn delete_before(&self, collection: &str, id: &str) -> ();
 }

@@ -2,10 +2,13 @@
 //! collections read far more often than written (the marketplace's
 //! addons). The memory is loaded when the collection is first opened and
 //! updated by every write of this process in the write call itself, before
-//! it returns, so a read after a write sees it; each collection has one
-//! writer process (the crate's invariant), so no write is missed. An entry
-//! is replaced only by a higher revision, so two writes finishing out of
-//! order never leave the older one behind.
+//! it returns, so a read after a write sees it. Where other processes write
+//! the database too, the log's reader applies their changes as well, within
+//! its poll. An entry is replaced only by a later change (a higher change
+//! sequence, or revision for a collection without one), and a deletion is
+//! remembered for a while, so changes arriving out of order (a write of
+//! this process and the reader's copy of an older one) never leave the
+//! older one behind.
 //!
 //! Each entry also holds a view derived from its revision (such as the
 //! API message a server answers with), made once by the first reader that
@@ -25,16 +28,28 @@ pub(crate) struct Resident<T> {
     /// The stored key (`k:` or `i:`), for key filters.
     pub(crate) key: String,
     pub(crate) status: String,
+    /// The change sequence of the write it reflects (0: not logged).
+    seq: u64,
     view: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl<T> Resident<T> {
-    pub(crate) fn new(record: Versioned<Arc<T>>, key: String, status: String) -> Self {
+    pub(crate) fn new(record: Versioned<Arc<T>>, key: String, status: String, seq: u64) -> Self {
         Self {
             record,
             key,
             status,
+            seq,
             view: OnceLock::new(),
+        }
+    }
+
+    /// Whether the write `seq` of revision `revision` comes after this one.
+    fn older_than(&self, seq: u64, revision: u64) -> bool {
+        if self.seq != 0 && seq != 0 {
+            self.seq < seq
+        } else {
+            self.record.revision < revision
         }
     }
 
@@ -61,21 +76,35 @@ impl<T> Resident<T> {
 
 /// The records of one collection, by id.
 pub(crate) struct Memory<T> {
-    records: RwLock<BTreeMap<String, Arc<Resident<T>>>>,
+    records: RwLock<Records<T>>,
     /// The backend's [`crate::Backend::reopened`] count the records were
     /// read at.
     read_at: std::sync::atomic::AtomicU64,
 }
 
+/// How many deletions memory remembers, so an older change of a deleted
+/// record arriving late does not bring it back.
+const DELETIONS_KEPT: usize = 4096;
+
+struct Records<T> {
+    by_id: BTreeMap<String, Arc<Resident<T>>>,
+    /// Recent deletions: the sequence of each, by id, and the ids by
+    /// sequence to forget the oldest.
+    deleted: std::collections::HashMap<String, u64>,
+    deletions: BTreeMap<u64, String>,
+}
+
 impl<T: Document> Memory<T> {
     pub(crate) fn new(entries: impl IntoIterator<Item = Resident<T>>) -> Self {
         Self {
-            records: RwLock::new(
-                entries
+            records: RwLock::new(Records {
+                by_id: entries
                     .into_iter()
                     .map(|entry| (entry.record.value.id().to_owned(), Arc::new(entry)))
                     .collect(),
-            ),
+                deleted: std::collections::HashMap::new(),
+                deletions: BTreeMap::new(),
+            }),
             read_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -97,19 +126,51 @@ impl<T: Document> Memory<T> {
             .store(read_at, std::sync::atomic::Ordering::Release);
     }
 
-    /// Takes in a committed write: `None` for a deletion of `id`.
-    pub(crate) fn apply(&self, id: &str, entry: Option<Resident<T>>) {
+    /// Takes in a committed write, change `seq`: `None` for a deletion of
+    /// `id`. A change older than what memory holds of `id` is ignored.
+    pub(crate) fn apply(&self, id: &str, seq: u64, entry: Option<Resident<T>>) {
         let mut records = self.records.write().unwrap_or_else(PoisonError::into_inner);
+        let records = &mut *records;
+        if seq != 0
+            && records
+                .deleted
+                .get(id)
+                .is_some_and(|deleted| *deleted >= seq)
+        {
+            return;
+        }
         match entry {
             None => {
-                records.remove(id);
+                if records
+                    .by_id
+                    .get(id)
+                    .is_some_and(|current| !current.older_than(seq, u64::MAX))
+                {
+                    return;
+                }
+                records.by_id.remove(id);
+                if seq != 0 {
+                    if let Some(before) = records.deleted.insert(id.to_owned(), seq) {
+                        records.deletions.remove(&before);
+                    }
+                    records.deletions.insert(seq, id.to_owned());
+                    while records.deletions.len() > DELETIONS_KEPT {
+                        if let Some((_, oldest)) = records.deletions.pop_first() {
+                            records.deleted.remove(&oldest);
+                        }
+                    }
+                }
             }
             Some(entry) => {
                 let newer = records
+                    .by_id
                     .get(id)
-                    .is_none_or(|current| current.record.revision < entry.record.revision);
+                    .is_none_or(|current| current.older_than(seq, entry.record.revision));
                 if newer {
-                    records.insert(id.to_owned(), Arc::new(entry));
+                    if let Some(before) = records.deleted.remove(id) {
+                        records.deletions.remove(&before);
+                    }
+                    records.by_id.insert(id.to_owned(), Arc::new(entry));
                 }
             }
         }
@@ -119,6 +180,7 @@ impl<T: Document> Memory<T> {
         self.records
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .by_id
             .get(id)
             .cloned()
     }
@@ -132,6 +194,7 @@ impl<T: Document> Memory<T> {
         keep: impl Fn(&Resident<T>) -> bool,
     ) -> Vec<Arc<Resident<T>>> {
         let records = self.records.read().unwrap_or_else(PoisonError::into_inner);
+        let records = &records.by_id;
         let range = match after {
             Some(after) => records
                 .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),

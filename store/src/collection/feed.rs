@@ -10,7 +10,12 @@ use std::{
 use tokio::sync::broadcast;
 
 use super::{Collection, codec::decode_body};
-use crate::{Document, Result, Versioned, changelog::ChangeKind};
+use crate::{
+    Document, Result, Versioned,
+    changelog::{ChangeKind, Entry},
+    resident::{Memory, Resident},
+    stored_key,
+};
 
 /// How many changes a watcher may fall behind before it misses some.
 const CHANGE_BUFFER: usize = 1024;
@@ -27,14 +32,74 @@ pub struct Change<T> {
     pub record: Versioned<T>,
 }
 
-/// Change feeds per collection. Each collection has one writer process (the
-/// service that owns it), so an in-process feed sees every change.
+/// Takes in a change read back from a shared log: its sequence and entry.
+type Apply = Arc<dyn Fn(u64, Entry) + Send + Sync>;
+
+/// Change feeds per collection: this process's writes, or, in a database
+/// other processes write too, every change read back from the log.
 #[derive(Clone, Default)]
 pub(crate) struct ChangeHub {
     senders: Arc<Mutex<HashMap<&'static str, Box<dyn Any + Send + Sync>>>>,
+    /// What a change read back from a shared log goes to, by collection.
+    appliers: Arc<Mutex<HashMap<&'static str, Apply>>>,
 }
 
 impl ChangeHub {
+    /// From now on, a change of `T`'s collection read back from a shared
+    /// log goes to its watchers and, for a resident collection, `memory`.
+    pub(crate) fn hook<T: Document>(&self, memory: Option<Arc<Memory<T>>>) {
+        let mut appliers = self
+            .appliers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if appliers.contains_key(T::COLLECTION) {
+            return;
+        }
+        let sender = self.sender::<T>();
+        let apply = move |seq: u64, entry: Entry| {
+            let record = match decode_body::<T>(&entry.id, entry.revision, &entry.body) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::warn!(collection = T::COLLECTION, seq, error = %err, "a change this version cannot read");
+                    return;
+                }
+            };
+            if let Some(memory) = &memory {
+                let resident = (entry.kind != ChangeKind::Deleted).then(|| {
+                    Resident::new(
+                        Versioned {
+                            revision: record.revision,
+                            value: Arc::new(record.value.clone()),
+                        },
+                        stored_key(record.value.unique_key(), &entry.id),
+                        record.value.status(),
+                        seq,
+                    )
+                });
+                memory.apply(&entry.id, seq, resident);
+            }
+            let _ = sender.send(Change {
+                kind: entry.kind,
+                seq,
+                record,
+            });
+        };
+        appliers.insert(T::COLLECTION, Arc::new(apply));
+    }
+
+    /// Hands a change read back from a shared log to its collection.
+    pub(crate) fn apply(&self, collection: &str, seq: u64, entry: Entry) {
+        let apply = self
+            .appliers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(collection)
+            .cloned();
+        if let Some(apply) = apply {
+            apply(seq, entry);
+        }
+    }
+
     pub(crate) fn sender<T: Document>(&self) -> broadcast::Sender<Change<T>> {
         let mut senders = self
             .senders
@@ -63,14 +128,28 @@ impl<T: Document> Collection<T> {
     /// Runs `read` while no write of a logged collection can happen, and
     /// returns its result with the sequence it reflects (every change up to
     /// it, none after it) and a receiver of every later change.
+    ///
+    /// In a database other processes write too, they are not held back:
+    /// the result reflects every change up to the sequence, and may reflect
+    /// some after it, which the receiver then repeats.
     pub async fn snapshot<R, F>(&self, read: F) -> Result<(R, u64, broadcast::Receiver<Change<T>>)>
     where
         F: AsyncFnOnce(&Self) -> Result<R>,
     {
         let state = self.log.lock().await;
         let receiver = self.changes.subscribe();
+        let seq = self.log.published(&state);
+        if self.log.shared().is_some() {
+            drop(state);
+        }
         let value = read(self).await?;
-        Ok((value, state.head, receiver))
+        Ok((value, seq, receiver))
+    }
+
+    /// Whether other processes write the database too, so a
+    /// [`Collection::snapshot`] may reflect changes its receiver repeats.
+    pub fn shared(&self) -> bool {
+        self.log.shared().is_some()
     }
 
     /// Every change of this collection after the sequence `since`, in order,
