@@ -259,7 +259,7 @@ impl ChangeLog {
                 state.head + 1,
                 Hold {
                     feed: None,
-                    seqs: 1..=0,
+                    seqs: 0..=0,
                 },
             ));
         };
