@@ -24,7 +24,7 @@ const WATCH_BUFFER: usize = 64;
 pub const PERMISSIONS: &[MethodAccess] = &[
     MethodAccess {
         roles: &[Role::Viewer],
-        methods: &["GetAddon", "ListAddons", "WatchAddon"],
+        methods: &["GetAddon", "ListAddons", "WatchAddon", "WatchAddons"],
     },
     MethodAccess {
         roles: &[Role::Publisher],
@@ -236,6 +236,50 @@ impl MarketplaceService for MarketplaceApi {
                     sequence,
                     in_sync: true,
                     ..pb::WatchAddonResponse::default()
+                },
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    type WatchAddonsStream = WatchStream<pb::WatchAddonsResponse>;
+
+    async fn watch_addons(
+        &self,
+        request: Request<pb::WatchAddonsRequest>,
+    ) -> Result<Response<Self::WatchAddonsStream>, Status> {
+        let request = request.into_inner();
+        if request.name.len() > addons_descriptor::names::MAX_NAME {
+            return Err(Error::Invalid(vec![addons_descriptor::FieldViolation::new(
+                "name",
+                format!("at most {} bytes", addons_descriptor::names::MAX_NAME),
+            )])
+            .into());
+        }
+        let name = Some(request.name).filter(|name| !name.is_empty());
+        let start = match request.since_revision {
+            0 => Start::Snapshot,
+            since => Start::After(since),
+        };
+        let core = self.core.clone();
+        let shutdown = self.shutdown.clone();
+        let stream = watch_stream(
+            WATCH_BUFFER,
+            move |tx| async move {
+                core.watch_all(name.as_deref(), start, tx, shutdown.fired())
+                    .await
+            },
+            |event| match event {
+                Event::Change(change) => pb::WatchAddonsResponse {
+                    r#type: change_type(change.kind).into(),
+                    sequence: change.seq,
+                    addon: Some(convert::addon_to_proto(change.record)),
+                    in_sync: false,
+                },
+                Event::InSync(sequence) => pb::WatchAddonsResponse {
+                    sequence,
+                    in_sync: true,
+                    ..pb::WatchAddonsResponse::default()
                 },
             },
         );

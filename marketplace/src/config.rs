@@ -78,6 +78,9 @@ impl Config {
             concurrency: usize::from(self.verify_concurrency),
             backoff: addons_backoff::Backoff::new(self.verify_backoff, self.verify_backoff_max),
             metrics: crate::verifier::VerifierMetrics::new(metrics),
+            replica: addons_store::new_id(),
+            // An attempt's checks are bounded to two thirds of this.
+            claim_for: self.registry_timeout * 3,
         }
     }
 }

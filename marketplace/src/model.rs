@@ -108,6 +108,20 @@ pub struct Verification {
     pub services: Vec<ServiceVerification>,
     /// Why the addon failed, summarised.
     pub reason: Option<String>,
+    /// The marketplace replica running an attempt now, where several
+    /// share the store: the others leave the addon alone until it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+}
+
+/// A replica's claim on the next verification attempt of an addon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The replica (its [`VerifierOptions::replica`](crate::verifier::VerifierOptions::replica)).
+    pub owner: String,
+    /// When another replica may take the attempt over: the owner died or
+    /// hangs.
+    pub expires: DateTime<Utc>,
 }
 
 /// The verification result of one service image.

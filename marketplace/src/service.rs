@@ -305,6 +305,34 @@ impl Marketplace {
             other => Ok(other?),
         }
     }
+
+    /// Sends every addon's current state, or that of every version of
+    /// `name` (or, from a cursor, the changes after it), the in-sync marker,
+    /// then every change of them, until `out` is closed, `stop` completes
+    /// or the watcher falls behind.
+    pub async fn watch_all(
+        &self,
+        name: Option<&str>,
+        start: Start,
+        out: mpsc::Sender<Event<Addon>>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<FollowEnd, Error> {
+        let filter = Filter {
+            unique_key_prefix: name.map(model::versions_prefix),
+            ..Filter::default()
+        };
+        Ok(self
+            .addons
+            .follow(
+                start,
+                async |addons| addons.list_all(&filter).await,
+                |change| name.is_none_or(|name| change.record.value.descriptor.name == name),
+                |_| false,
+                out,
+                stop,
+            )
+            .await?)
+    }
 }
 
 /// The store filter and page size of a listing: no statuses means approved

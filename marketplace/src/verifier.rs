@@ -17,6 +17,13 @@
 //! The update names the revision the attempt started from; if the addon
 //! changed meanwhile (re-verify, delete), the result is dropped and the
 //! attempt runs again on the new state.
+//!
+//! Marketplace replicas sharing one store (MongoDB) each follow every
+//! addon under review, whichever replica it was published on, so one that
+//! dies leaves no work behind. Before an attempt, a replica *claims* it: a
+//! conditional write of its name and an expiry into the record. The others
+//! leave a claimed addon alone until the claim expires, so the registry
+//! sees each attempt once.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,9 +33,16 @@ use std::{
 
 use addons_backoff::Backoff;
 use addons_server_kit::Shutdown;
-use addons_store::{Collection, Filter, Precondition};
+use addons_store::{Change, ChangeKind, Collection, Filter, Precondition, Versioned};
 use chrono::Utc;
-use tokio::{sync::mpsc, task::JoinSet, time::Instant};
+use tokio::{
+    sync::{
+        broadcast::{self, error::RecvError},
+        mpsc,
+    },
+    task::JoinSet,
+    time::Instant,
+};
 
 use addons_server_kit::metrics::{
     BoundedValues, Metrics,
@@ -36,7 +50,7 @@ use addons_server_kit::metrics::{
 };
 
 use crate::{
-    model::{Addon, AddonStatus, ServiceVerification, Verification},
+    model::{Addon, AddonStatus, Claim, ServiceVerification, Verification},
     registry::{CheckError, Inspection, Registry},
 };
 
@@ -50,6 +64,11 @@ pub struct VerifierOptions {
     pub backoff: Backoff,
     /// Where attempts and registry checks are counted.
     pub metrics: VerifierMetrics,
+    /// This replica's name in its claims; unique per process.
+    pub replica: String,
+    /// How long a claim keeps other replicas off an attempt: longer than
+    /// any attempt takes (the registry timeout bounds its checks).
+    pub claim_for: Duration,
 }
 
 impl Default for VerifierOptions {
@@ -58,6 +77,8 @@ impl Default for VerifierOptions {
             concurrency: 4,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(300)),
             metrics: VerifierMetrics::default(),
+            replica: addons_store::new_id(),
+            claim_for: Duration::from_secs(120),
         }
     }
 }
@@ -181,6 +202,57 @@ enum Outcome {
     Again,
 }
 
+/// When this replica should next attempt `addon`, under review: when its
+/// retry is due, or when another replica's claim on it expires. `None`
+/// while this replica holds the claim.
+fn due_at(addon: &Addon, replica: &str) -> Option<Instant> {
+    let verification = &addon.verification;
+    match &verification.claim {
+        Some(claim) if claim.owner == replica => None,
+        Some(claim) if claim.expires > Utc::now() => Some(instant_of(claim.expires)),
+        _ => Some(
+            verification
+                .next_attempt_time
+                .map(instant_of)
+                .unwrap_or_else(Instant::now),
+        ),
+    }
+}
+
+/// Every addon under review, by when it is due.
+async fn pending(
+    addons: &Collection<Addon>,
+    options: &VerifierOptions,
+    shutdown: &Shutdown,
+) -> Option<HashMap<String, Instant>> {
+    let under_review = Filter {
+        statuses: vec![AddonStatus::UnderReview.as_str().to_owned()],
+        ..Filter::default()
+    };
+    loop {
+        match addons.list_all(&under_review).await {
+            Ok(pending) => {
+                return Some(
+                    pending
+                        .into_iter()
+                        .filter_map(|record| {
+                            let at = due_at(&record.value, &options.replica)?;
+                            Some((record.value.id, at))
+                        })
+                        .collect(),
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list addons under review; retrying");
+                tokio::select! {
+                    () = shutdown.fired() => return None,
+                    () = tokio::time::sleep(options.backoff.base()) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Starts the verifier: it resumes every addon under review and then takes
 /// ids from the returned queue until `shutdown` fires.
 pub fn spawn(
@@ -201,35 +273,13 @@ async fn run(
     mut wake: mpsc::UnboundedReceiver<String>,
     shutdown: Shutdown,
 ) {
-    let mut due: HashMap<String, Instant> = HashMap::new();
-    let resume = Filter {
-        statuses: vec![AddonStatus::UnderReview.as_str().to_owned()],
-        ..Filter::default()
+    // Where other replicas share the store, their publishes and expired
+    // claims are this replica's work too.
+    let mut others = addons.shared().then(|| addons.watch());
+    let Some(mut due) = pending(&addons, &options, &shutdown).await else {
+        return;
     };
-    loop {
-        match addons.list_all(&resume).await {
-            Ok(pending) => {
-                for record in pending {
-                    let at = record
-                        .value
-                        .verification
-                        .next_attempt_time
-                        .map(instant_of)
-                        .unwrap_or_else(Instant::now);
-                    due.insert(record.value.id, at);
-                }
-                tracing::info!(pending = due.len(), "verification resumed");
-                break;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot list addons under review; retrying");
-                tokio::select! {
-                    () = shutdown.fired() => return,
-                    () = tokio::time::sleep(options.backoff.base()) => {}
-                }
-            }
-        }
-    }
+    tracing::info!(pending = due.len(), "verification resumed");
     let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
     let mut busy: HashSet<String> = HashSet::new();
     // Ids asked for again while an attempt for them runs.
@@ -283,9 +333,39 @@ async fn run(
                 }
             }
             () = sleep_until(next), if next.is_some() && !at_capacity => {}
+            received = next_change(&mut others), if others.is_some() => match received {
+                Ok(change) => {
+                    let addon = &change.record.value;
+                    if change.kind != ChangeKind::Deleted
+                        && addon.status == AddonStatus::UnderReview
+                        && !busy.contains(&addon.id)
+                        && let Some(at) = due_at(addon, &options.replica)
+                    {
+                        due.insert(addon.id.clone(), at);
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    let Some(all) = pending(&addons, &options, &shutdown).await else { break };
+                    for (id, at) in all {
+                        if !busy.contains(&id) {
+                            due.insert(id, at);
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => others = None,
+            },
         }
     }
     running.abort_all();
+}
+
+async fn next_change(
+    changes: &mut Option<broadcast::Receiver<Change<Addon>>>,
+) -> Result<Change<Addon>, RecvError> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -305,19 +385,63 @@ fn backoff(options: &VerifierOptions, attempts: u32) -> Duration {
     options.backoff.jittered(attempts.saturating_sub(1))
 }
 
+/// Claims the next attempt at `current` for this replica, or says when to
+/// look again: another replica holds an unexpired claim, or the addon
+/// changed.
+async fn claim(
+    addons: &Collection<Addon>,
+    options: &VerifierOptions,
+    current: Versioned<Addon>,
+) -> Result<Versioned<Addon>, Outcome> {
+    if let Some(claim) = &current.value.verification.claim
+        && claim.owner != options.replica
+        && claim.expires > Utc::now()
+    {
+        return Err(Outcome::RetryAt(instant_of(claim.expires)));
+    }
+    let mut addon = current.value;
+    addon.verification.claim = Some(Claim {
+        owner: options.replica.clone(),
+        expires: Utc::now()
+            + chrono::Duration::from_std(options.claim_for).unwrap_or(chrono::Duration::MAX),
+    });
+    let condition = Precondition {
+        revision: Some(current.revision),
+        status_in: vec![AddonStatus::UnderReview.as_str().to_owned()],
+    };
+    let id = addon.id.clone();
+    match addons.replace(addon, &condition).await {
+        Ok(claimed) => Ok(claimed),
+        Err(addons_store::Error::Conflict { .. }) => Err(Outcome::Again),
+        Err(addons_store::Error::NotFound { .. }) => Err(Outcome::Done),
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot claim a verification");
+            Err(Outcome::RetryAt(Instant::now() + options.backoff.base()))
+        }
+    }
+}
+
 async fn attempt(
     addons: &Collection<Addon>,
     registry: &Registry,
     options: &VerifierOptions,
     id: &str,
 ) -> Outcome {
-    let current = match addons.get(id).await {
+    let current = match addons.get_latest(id).await {
         Ok(Some(record)) if record.value.status == AddonStatus::UnderReview => record,
         Ok(_) => return Outcome::Done,
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot load addon to verify");
             return Outcome::RetryAt(Instant::now() + options.backoff.base());
         }
+    };
+    let current = if addons.shared() {
+        match claim(addons, options, current).await {
+            Ok(claimed) => claimed,
+            Err(outcome) => return outcome,
+        }
+    } else {
+        current
     };
     let started = std::time::Instant::now();
     let checks = current
@@ -337,7 +461,27 @@ async fn attempt(
             options.metrics.checked(reference, start.elapsed(), &result);
             result
         });
-    let results = futures::future::join_all(checks).await;
+    let all = futures::future::join_all(checks);
+    let results = if addons.shared() {
+        // A claimed attempt ends well before its claim does, or another
+        // replica could start the same one.
+        let within = options.claim_for * 2 / 3;
+        match tokio::time::timeout(within, all).await {
+            Ok(results) => results,
+            Err(_) => {
+                let late = format!("the registry checks took longer than {within:?}");
+                current
+                    .value
+                    .descriptor
+                    .services
+                    .iter()
+                    .map(|_| Err(CheckError::Transient(late.clone())))
+                    .collect()
+            }
+        }
+    } else {
+        all.await
+    };
     let checked_in = started.elapsed();
 
     let mut addon = current.value.clone();
@@ -401,6 +545,7 @@ async fn attempt(
         complete_time: retry_in.is_none().then_some(now),
         services,
         reason,
+        claim: None,
     };
     let outcome = match retry_in {
         Some(delay) => Outcome::RetryAt(Instant::now() + delay),
@@ -446,7 +591,7 @@ mod tests {
         let options = VerifierOptions {
             concurrency: 1,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
-            metrics: VerifierMetrics::default(),
+            ..VerifierOptions::default()
         };
         for attempts in 1..40 {
             let full =

@@ -335,10 +335,30 @@ impl<T: Document> Collection<T> {
     pub async fn get(&self, id: &str) -> Result<Option<Versioned<T>>> {
         self.settle_before_reading().await;
         if let Some(memory) = &self.memory {
-            return Ok(memory.get(id).map(|entry| Versioned {
+            let held = memory.get(id).map(|entry| Versioned {
                 revision: entry.record.revision,
                 value: (*entry.record.value).clone(),
-            }));
+            });
+            // Where other processes write too, a record created there may
+            // not be in memory yet: a caller that was just told of it (a
+            // client behind a load balancer) must find it.
+            if held.is_some() || self.log.shared().is_none() {
+                return Ok(held);
+            }
+        }
+        self.backend
+            .get(T::COLLECTION, id)
+            .await?
+            .map(decode)
+            .transpose()
+    }
+
+    /// The record with `id` as the database holds it now: for a resident
+    /// collection other processes write too, read from the database rather
+    /// than memory, which takes their changes in within a poll.
+    pub async fn get_latest(&self, id: &str) -> Result<Option<Versioned<T>>> {
+        if self.memory.is_none() || self.log.shared().is_none() {
+            return self.get(id).await;
         }
         self.backend
             .get(T::COLLECTION, id)
@@ -359,18 +379,10 @@ impl<T: Document> Collection<T> {
     /// where other processes write it too, since memory may not have taken
     /// in their latest change yet.
     async fn require_to_write(&self, id: &str) -> Result<Versioned<T>> {
-        if self.memory.is_none() || self.log.shared().is_none() {
-            return self.require(id).await;
-        }
-        self.backend
-            .get(T::COLLECTION, id)
-            .await?
-            .map(decode)
-            .transpose()?
-            .ok_or_else(|| Error::NotFound {
-                collection: T::COLLECTION.to_owned(),
-                id: id.to_owned(),
-            })
+        self.get_latest(id).await?.ok_or_else(|| Error::NotFound {
+            collection: T::COLLECTION.to_owned(),
+            id: id.to_owned(),
+        })
     }
 
     /// Replaces the record with `value.id()` if `condition` holds, bumping

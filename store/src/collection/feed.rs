@@ -146,8 +146,9 @@ impl<T: Document> Collection<T> {
         Ok((value, seq, receiver))
     }
 
-    /// Whether other processes write the database too, so a
-    /// [`Collection::snapshot`] may reflect changes its receiver repeats.
+    /// Whether other processes write the database too: a
+    /// [`Collection::snapshot`] may reflect changes its receiver repeats,
+    /// and [`Collection::watch`] receives every process's changes.
     pub fn shared(&self) -> bool {
         self.log.shared().is_some()
     }
