@@ -107,6 +107,17 @@ impl MarketplaceService for Fixed {
     ) -> Result<Response<Self::WatchAddonStream>, Status> {
         Err(Status::unimplemented("baseline"))
     }
+
+    type WatchAddonsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<mpb::WatchAddonsResponse, Status>> + Send>,
+    >;
+
+    async fn watch_addons(
+        &self,
+        _: Request<mpb::WatchAddonsRequest>,
+    ) -> Result<Response<Self::WatchAddonsStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
 }
 
 /// Runs as the baseline server: reads the page to serve from the file named
