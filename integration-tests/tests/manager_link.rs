@@ -34,21 +34,23 @@ struct Stack {
     manager: ServerProcess,
 }
 
-async fn start_manager(store: &str, marketplace: &str) -> ServerProcess {
-    ServerProcess::start(
-        &binary("addons-manager"),
-        &[
-            "--store",
-            store,
-            "--marketplace",
-            marketplace,
-            "--plane",
-            "root",
-            "--heartbeat-timeout",
-            "1s",
-        ],
-    )
-    .await
+/// Starts a manager, at `listen` when given (a manager restarted where it
+/// ran, as a container restarted in its pod).
+async fn start_manager(store: &str, marketplace: &str, listen: Option<&str>) -> ServerProcess {
+    let mut args = vec![
+        "--store",
+        store,
+        "--marketplace",
+        marketplace,
+        "--plane",
+        "root",
+        "--heartbeat-timeout",
+        "1s",
+    ];
+    if let Some(listen) = listen {
+        args.extend(["--listen", listen]);
+    }
+    ServerProcess::start(&binary("addons-manager"), &args).await
 }
 
 impl Stack {
@@ -87,7 +89,7 @@ impl Stack {
         )
         .await;
         let manager_store = store("manager");
-        let manager = start_manager(&manager_store, &marketplace.url()).await;
+        let manager = start_manager(&manager_store, &marketplace.url(), None).await;
         Self {
             _dir: dir,
             _mongo: mongo,
@@ -108,8 +110,9 @@ impl Stack {
             manager_store,
             manager,
         } = self;
+        let listen = manager.addr().to_string();
         manager.kill().await;
-        let manager = start_manager(&manager_store, &marketplace.url()).await;
+        let manager = start_manager(&manager_store, &marketplace.url(), Some(&listen)).await;
         Self {
             _dir,
             _mongo,

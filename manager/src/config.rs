@@ -63,6 +63,26 @@ pub struct Config {
     /// The orchestration plane this manager serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = Plane::Root)]
     pub plane: Plane,
+
+    /// On a MongoDB store, how long the active manager's lease of its
+    /// plane lasts without renewal: a standby takes over after this long
+    /// once the active one stops (it renews every third of it). At least
+    /// 1s.
+    #[arg(long, env = "ADDONS_LEASE", value_name = "DURATION", default_value = "10s", value_parser = parse_lease)]
+    pub lease: std::time::Duration,
+
+    /// The gRPC URL clients reach this manager at, which standbys name in
+    /// their refusals. Default: `http://HOSTNAME:PORT`.
+    #[arg(long, env = "ADDONS_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
+}
+
+fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
+    let lease = addons_server_kit::parse_duration(text)?;
+    if lease < std::time::Duration::from_secs(1) {
+        return Err("at least 1s".to_owned());
+    }
+    Ok(lease)
 }
 
 fn parse_node_expiry(text: &str) -> Result<std::time::Duration, String> {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 mod convert;
 mod error;
+pub mod lease;
 pub mod link;
 mod metrics;
 pub mod model;
@@ -16,6 +17,7 @@ mod records;
 pub mod rest;
 pub mod rollout;
 mod service;
+pub mod standby;
 mod status;
 
 pub use crate::{

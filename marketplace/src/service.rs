@@ -143,7 +143,10 @@ impl Marketplace {
             id: addons_store::new_id(),
             descriptor,
             status: AddonStatus::UnderReview,
-            verification: Verification::default(),
+            verification: Verification {
+                claim: self.queue.claim(),
+                ..Verification::default()
+            },
             create_time: now,
             update_time: now,
             owner: caller.subject.clone(),
@@ -179,10 +182,23 @@ impl Marketplace {
 
     /// One addon in any status.
     pub async fn get(&self, id: &str) -> Result<Versioned<Addon>, Error> {
-        self.addons
-            .get(id)
-            .await?
-            .ok_or_else(|| Error::NotFound(id.to_owned()))
+        match self.addons.get(id).await? {
+            Some(addon) => Ok(addon),
+            None => self.created_elsewhere(id).await,
+        }
+    }
+
+    /// An addon memory does not hold: where other replicas share the
+    /// store, one may have published it a moment ago (a client behind a
+    /// load balancer, told of it there, asks here), before this replica's
+    /// memory took it in.
+    async fn created_elsewhere(&self, id: &str) -> Result<Versioned<Addon>, Error> {
+        let latest = if self.addons.shared() {
+            self.addons.get_latest(id).await?
+        } else {
+            None
+        };
+        latest.ok_or_else(|| Error::NotFound(id.to_owned()))
     }
 
     /// The view `make` derives from an addon (its API message), made once
@@ -190,12 +206,18 @@ impl Marketplace {
     pub async fn get_view<V: Send + Sync + 'static>(
         &self,
         id: &str,
-        make: impl FnOnce(&Versioned<Arc<Addon>>) -> V,
+        make: impl Fn(&Versioned<Arc<Addon>>) -> V,
     ) -> Result<Arc<V>, Error> {
-        self.addons
-            .get_view(id, make)
-            .await?
-            .ok_or_else(|| Error::NotFound(id.to_owned()))
+        match self.addons.get_view(id, &make).await? {
+            Some(view) => Ok(view),
+            None => {
+                let record = self.created_elsewhere(id).await?;
+                Ok(Arc::new(make(&Versioned {
+                    revision: record.revision,
+                    value: Arc::new(record.value),
+                })))
+            }
+        }
     }
 
     /// A page of addons (no statuses means approved ones only) as views,
@@ -263,7 +285,10 @@ impl Marketplace {
             .addons
             .modify_at(id, expected_revision, |addon| {
                 addon.status = AddonStatus::UnderReview;
-                addon.verification = Verification::default();
+                addon.verification = Verification {
+                    claim: self.queue.claim(),
+                    ..Verification::default()
+                };
                 addon.update_time = chrono::Utc::now();
                 Ok(true)
             })

@@ -180,9 +180,24 @@ impl VerifierMetrics {
 #[derive(Debug, Clone)]
 pub struct VerifyQueue {
     wake: mpsc::UnboundedSender<String>,
+    /// This replica and how long its claims last, where replicas share
+    /// the store.
+    claims: Option<(String, Duration)>,
 }
 
 impl VerifyQueue {
+    /// A claim on an addon's next attempt by this replica, to store with a
+    /// write that puts it in review (publish, reverify): the replica that
+    /// takes the request verifies it, without a write of its own to claim
+    /// it. None where no other replica shares the store.
+    pub fn claim(&self) -> Option<Claim> {
+        self.claims.as_ref().map(|(replica, claim_for)| Claim {
+            owner: replica.clone(),
+            expires: Utc::now()
+                + chrono::Duration::from_std(*claim_for).unwrap_or(chrono::Duration::MAX),
+        })
+    }
+
     /// Asks for a verification of `id` now. The addon's status in the store
     /// decides whether one runs.
     pub fn enqueue(&self, id: &str) {
@@ -262,8 +277,11 @@ pub fn spawn(
     shutdown: Shutdown,
 ) -> VerifyQueue {
     let (wake, rx) = mpsc::unbounded_channel();
+    let claims = addons
+        .shared()
+        .then(|| (options.replica.clone(), options.claim_for));
     tokio::spawn(run(addons, registry, options, rx, shutdown));
-    VerifyQueue { wake }
+    VerifyQueue { wake, claims }
 }
 
 async fn run(
@@ -394,9 +412,13 @@ async fn claim(
     current: Versioned<Addon>,
 ) -> Result<Versioned<Addon>, Outcome> {
     if let Some(claim) = &current.value.verification.claim
-        && claim.owner != options.replica
         && claim.expires > Utc::now()
     {
+        if claim.owner == options.replica {
+            // Claimed with the write that put it in review, or with this
+            // replica's last attempt.
+            return Ok(current);
+        }
         return Err(Outcome::RetryAt(instant_of(claim.expires)));
     }
     let mut addon = current.value;
@@ -545,7 +567,18 @@ async fn attempt(
         complete_time: retry_in.is_none().then_some(now),
         services,
         reason,
-        claim: None,
+        // This replica keeps the addon it retries: the claim lasts until
+        // the next attempt is over.
+        claim: match (retry_in, addons.shared()) {
+            (Some(delay), true) => Some(Claim {
+                owner: options.replica.clone(),
+                expires: now
+                    + delay
+                    + chrono::Duration::from_std(options.claim_for)
+                        .unwrap_or(chrono::Duration::MAX),
+            }),
+            _ => None,
+        },
     };
     let outcome = match retry_in {
         Some(delay) => Outcome::RetryAt(Instant::now() + delay),

@@ -30,7 +30,7 @@ addons_server_kit::client_flags! {
         env: "ADDONS_MANAGER",
         url: (
             "http://127.0.0.1:11101",
-            "gRPC URL of the Addons Manager of this node's plane."
+            "gRPC URL of the Addons Manager of this node's plane; with standby managers, all of their URLs, comma-separated: the monitor links to whichever is active."
         ),
         cert_help: "Client certificate for the manager (PEM): its CN must be the node id.",
         token: (

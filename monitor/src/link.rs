@@ -2,6 +2,12 @@
 //! exponential backoff, say hello, follow the desired state, send numbered
 //! status reports and keep each until the manager acks it, re-sending what
 //! is unacked after a reconnect.
+//!
+//! With several manager addresses (an active manager of the plane and its
+//! standbys), a link that fails moves on to the next address at once; a
+//! standby's refusal (UNAVAILABLE `STANDBY`) is not the manager failing,
+//! so it does not lengthen the backoff: the monitor keeps asking every
+//! [`STANDBY_RETRY`] until one of them is active.
 
 mod outbox;
 
@@ -22,8 +28,9 @@ use crate::{now, view::NodeView};
 /// Settings of the link.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
-    /// gRPC URL of the manager.
-    pub manager: String,
+    /// gRPC URLs of the plane's managers (the active one and its
+    /// standbys), tried in turn; at least one.
+    pub managers: Vec<String>,
     /// This node.
     pub node_id: String,
     /// This node's plane.
@@ -115,32 +122,58 @@ async fn run(
     let reports = outbox;
     let mut unacked = Unacked::default();
     let mut failures = 0_u32;
+    let mut next = 0_usize;
+    let mut round_saw_standby = false;
     loop {
         let started = std::time::Instant::now();
-        let result = session(
-            &settings,
-            &view,
-            &desired,
-            &reports,
-            &connected,
-            &mut unacked,
-            &shutdown,
-        )
-        .await;
+        let manager = &settings.managers[next % settings.managers.len().max(1)];
+        let node = NodeSide {
+            view: &view,
+            desired: &desired,
+            reports: &reports,
+            connected: &connected,
+        };
+        let result = session(&settings, manager, &node, &mut unacked, &shutdown).await;
         connected.send_replace(false);
         if shutdown.is_fired() {
             return;
         }
-        match result {
-            Ok(()) => tracing::info!("manager closed the link"),
-            Err(err) => tracing::warn!(error = %err, "link to the manager failed"),
-        }
+        let standby = match &result {
+            Ok(()) => {
+                tracing::info!(%manager, "manager closed the link");
+                false
+            }
+            Err(err) if is_standby(err) => {
+                tracing::debug!(%manager, error = %err, "a standby manager");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%manager, error = %err, "link to the manager failed");
+                false
+            }
+        };
         // A link that stayed up for a while resets the backoff.
         if started.elapsed() > Duration::from_secs(30) {
             failures = 0;
         }
-        failures = failures.saturating_add(1);
-        let delay = settings.backoff.jittered(failures - 1);
+        next = (next + 1) % settings.managers.len().max(1);
+        round_saw_standby |= standby;
+        let delay = if standby {
+            STANDBY_RETRY
+        } else if next != 0 {
+            // Addresses left to try this round.
+            Duration::ZERO
+        } else if round_saw_standby {
+            // A standby answered: the plane is between two active
+            // managers, not down.
+            STANDBY_RETRY
+        } else {
+            failures = failures.saturating_add(1);
+            settings.backoff.jittered(failures - 1)
+        };
+        if next == 0 {
+            round_saw_standby = false;
+        }
         tokio::select! {
             () = shutdown.fired() => return,
             () = tokio::time::sleep(delay) => {}
@@ -163,18 +196,45 @@ fn accept(state: pb::DesiredState, node_id: &str, reports: &ReportOutbox) -> pb:
     state
 }
 
+/// How soon a monitor asks again after a standby's refusal.
+const STANDBY_RETRY: Duration = Duration::from_millis(250);
+
+/// Whether a link failed because the manager reached stands by.
+fn is_standby(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<tonic::Status>()
+        .and_then(addons_server_kit::reason_of)
+        .is_some_and(|reason| reason == "STANDBY")
+}
+
+/// What the link shares with the rest of the monitor.
+#[derive(Clone, Copy)]
+struct NodeSide<'a> {
+    /// What runs on the node.
+    view: &'a watch::Receiver<NodeView>,
+    /// The desired state, for the reconciler.
+    desired: &'a watch::Sender<Option<pb::DesiredState>>,
+    /// Reports to send.
+    reports: &'a ReportOutbox,
+    /// Whether the link is up.
+    connected: &'a watch::Sender<bool>,
+}
+
 async fn session(
     settings: &LinkSettings,
-    view: &watch::Receiver<NodeView>,
-    desired: &watch::Sender<Option<pb::DesiredState>>,
-    reports: &ReportOutbox,
-    connected: &watch::Sender<bool>,
+    manager: &str,
+    node: &NodeSide<'_>,
     unacked: &mut Unacked,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
+    let NodeSide {
+        view,
+        desired,
+        reports,
+        connected,
+    } = *node;
     let channel = settings
         .credentials
-        .endpoint(&settings.manager)?
+        .endpoint(manager)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -215,7 +275,7 @@ async fn session(
             inbound_message(message, &mut assembler, unacked, desired, settings, reports)?;
     }
     connected.send_replace(true);
-    tracing::info!(manager = %settings.manager, "linked to the manager");
+    tracing::info!(%manager, "linked to the manager");
     for report in unacked.reports.values() {
         tx.send(pb::OpenLinkRequest {
             message: Some(open_link_request::Message::Report(report.clone())),

@@ -36,21 +36,32 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = addons_server_kit::metrics::Metrics::new();
-    tonic::transport::Endpoint::from_shared(config.manager_client.url.clone())
-        .with_context(|| format!("invalid manager URL `{}`", config.manager_client.url))?;
-    // Whoever is on a plaintext path to the manager writes this node's
-    // desired state and reads its token.
-    let plaintext = config.manager_client.ca.is_none()
-        && config.manager_client.cert.is_none()
-        && !config.manager_client.url.starts_with("https://");
-    if plaintext && !addons_server_kit::is_loopback_url(&config.manager_client.url) {
-        if !config.common.auth.insecure {
-            anyhow::bail!(
-                "refusing a plaintext link to the manager at {}: use an https:// URL (with --manager-ca), a loopback address (a mesh sidecar), or pass --insecure",
-                config.manager_client.url
-            );
+    // The plane's managers: the active one and its standbys.
+    let managers: Vec<String> = config
+        .manager_client
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(!managers.is_empty(), "--manager names no URL");
+    for manager in &managers {
+        tonic::transport::Endpoint::from_shared(manager.clone())
+            .with_context(|| format!("invalid manager URL `{manager}`"))?;
+        // Whoever is on a plaintext path to the manager writes this
+        // node's desired state and reads its token.
+        let plaintext = config.manager_client.ca.is_none()
+            && config.manager_client.cert.is_none()
+            && !manager.starts_with("https://");
+        if plaintext && !addons_server_kit::is_loopback_url(manager) {
+            if !config.common.auth.insecure {
+                anyhow::bail!(
+                    "refusing a plaintext link to the manager at {manager}: use an https:// URL (with --manager-ca), a loopback address (a mesh sidecar), or pass --insecure"
+                );
+            }
+            tracing::warn!(%manager, "linking to the manager WITHOUT TLS (--insecure): anyone on the path can run containers on this node");
         }
-        tracing::warn!(manager = %config.manager_client.url, "linking to the manager WITHOUT TLS (--insecure): anyone on the path can run containers on this node");
     }
     if let Some(token) = &config.manager_client.token_file {
         std::fs::read(token)
@@ -124,7 +135,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let outbox = ReportOutbox::default();
     let link = link::spawn(
         LinkSettings {
-            manager: config.manager_client.url.clone(),
+            managers,
             node_id: node_id.clone(),
             plane,
             labels,

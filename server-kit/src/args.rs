@@ -96,8 +96,19 @@ impl CommonArgs {
         &self,
         default: SocketAddr,
     ) -> anyhow::Result<(crate::Security, tokio::net::TcpListener)> {
+        let (security, listener) = self.bind_quietly(default).await?;
+        crate::announce(&listener)?;
+        Ok((security, listener))
+    }
+
+    /// [`CommonArgs::bind`] without printing `listening on`: the caller
+    /// [`announce`](crate::announce)s once it is ready to be called.
+    pub async fn bind_quietly(
+        &self,
+        default: SocketAddr,
+    ) -> anyhow::Result<(crate::Security, tokio::net::TcpListener)> {
         let security = crate::Security::load(&self.auth)?;
-        let listener = crate::bind(self.listen.unwrap_or(default), &security).await?;
+        let listener = crate::bind_quietly(self.listen.unwrap_or(default), &security).await?;
         Ok((security, listener))
     }
 

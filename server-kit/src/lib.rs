@@ -66,7 +66,8 @@ pub use crate::{
     errors::{ApiError, ERROR_DOMAIN, reason_of, watch_too_slow},
     registry_auth::RegistryArgs,
     server::{
-        MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, bind, install_crypto, main_with, server_main,
+        MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Server, announce, bind, bind_quietly,
+        install_crypto, main_with, server_main,
     },
     shutdown::Shutdown,
     telemetry::{

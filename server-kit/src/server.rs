@@ -426,16 +426,28 @@ pub fn install_crypto() {
 /// Binds `addr` and prints the bound address on stdout as
 /// `listening on ADDR`, so callers that asked for port 0 learn the port.
 pub async fn bind(addr: SocketAddr, security: &Security) -> anyhow::Result<TcpListener> {
+    let listener = bind_quietly(addr, security).await?;
+    announce(&listener)?;
+    Ok(listener)
+}
+
+/// [`bind`] without the announcement, for a server that has more to do
+/// before it is ready to be called: it [`announce`]s itself then.
+pub async fn bind_quietly(addr: SocketAddr, security: &Security) -> anyhow::Result<TcpListener> {
     security.check_listen(addr)?;
-    let listener = TcpListener::bind(addr)
+    TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Prints `listening on ADDR` for `listener` on stdout.
+pub fn announce(listener: &TcpListener) -> anyhow::Result<()> {
     let bound = listener
         .local_addr()
         .context("cannot read the bound address")?;
     println!("listening on {bound}");
     tracing::info!(address = %bound, "listening");
-    Ok(listener)
+    Ok(())
 }
 
 /// The whole `main` of a server binary named `name`: its flags parsed

@@ -35,6 +35,15 @@ impl Shutdown {
         Ok(shutdown)
     }
 
+    /// A shutdown that fires with this one, or alone on its own
+    /// [`Shutdown::trigger`]: the end of one part of a server (what a
+    /// manager runs while it is active) without the rest.
+    pub fn child(&self) -> Self {
+        Self {
+            token: self.token.child_token(),
+        }
+    }
+
     /// Fires the shutdown.
     pub fn trigger(&self) {
         self.token.cancel();

@@ -335,16 +335,10 @@ impl<T: Document> Collection<T> {
     pub async fn get(&self, id: &str) -> Result<Option<Versioned<T>>> {
         self.settle_before_reading().await;
         if let Some(memory) = &self.memory {
-            let held = memory.get(id).map(|entry| Versioned {
+            return Ok(memory.get(id).map(|entry| Versioned {
                 revision: entry.record.revision,
                 value: (*entry.record.value).clone(),
-            });
-            // Where other processes write too, a record created there may
-            // not be in memory yet: a caller that was just told of it (a
-            // client behind a load balancer) must find it.
-            if held.is_some() || self.log.shared().is_none() {
-                return Ok(held);
-            }
+            }));
         }
         self.backend
             .get(T::COLLECTION, id)

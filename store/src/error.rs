@@ -22,6 +22,13 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// This process may no longer write (its fence said no, such as a
+    /// manager that lost its plane's lease); nothing was written.
+    #[error("this process may no longer write: {reason}")]
+    Fenced {
+        /// Why.
+        reason: String,
+    },
     /// Another record holds the id or the unique key.
     #[error("{collection} record with key `{key}` already exists")]
     AlreadyExists {
@@ -109,6 +116,7 @@ impl Error {
         match self {
             Self::InvalidLocation { .. } => "invalid_location",
             Self::Unavailable { .. } => "unavailable",
+            Self::Fenced { .. } => "fenced",
             Self::AlreadyExists { .. } => "already_exists",
             Self::NotFound { .. } => "not_found",
             Self::Conflict { .. } => "conflict",

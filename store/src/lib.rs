@@ -21,6 +21,7 @@ mod changelog;
 mod collection;
 mod embedded;
 mod error;
+mod fenced;
 mod follow;
 mod mongo;
 mod observed;
@@ -35,6 +36,7 @@ pub use crate::{
     changelog::ChangeKind,
     collection::{Change, Collection},
     error::{Error, Result},
+    fenced::Fence,
     follow::{Event, FollowEnd, Start},
     observed::Observer,
 };
@@ -345,6 +347,32 @@ impl Store {
             log,
             resident: Arc::default(),
         })
+    }
+
+    /// This store, writing only while `fence` allows: every write of a
+    /// collection opened from it asks first, and fails with
+    /// [`Error::Fenced`], writing nothing, when it says no. The store's
+    /// change log and live feed are shared with `self`.
+    pub fn fenced(&self, fence: Fence) -> Self {
+        let backend: Arc<dyn Backend> = Arc::new(fenced::Fenced {
+            inner: self.backend.clone(),
+            fence,
+        });
+        Self {
+            backend,
+            unobserved: self.unobserved.clone(),
+            changes: self.changes.clone(),
+            // One log: a record write is fenced, its entry follows it.
+            log: self.log.clone(),
+            resident: self.resident.clone(),
+        }
+    }
+
+    /// Whether other processes may write the database at the same time
+    /// (MongoDB): then one of them at a time should write what only one
+    /// may (a plane's desired state).
+    pub fn shared(&self) -> bool {
+        self.backend.shared()
     }
 
     /// Whether the database answers: one read of a record that does not

@@ -374,14 +374,31 @@ impl Backend for MongoBackend {
 
     async fn advance(&self, name: &str, by: u64) -> Result<u64> {
         let by = i64::try_from(by).map_err(|e| Error::backend("advance", e))?;
-        let counter = self
-            .collection(COUNTERS)
-            .find_one_and_update(doc! { "_id": name }, doc! { "$inc": { "value": by } })
-            .upsert(true)
-            .return_document(ReturnDocument::After)
-            .await
-            .map_err(|e| Error::backend("advance", e))?
-            .ok_or_else(|| Error::backend("advance", format!("counter `{name}` not returned")))?;
+        // Two first advances racing to create the counter: one of the
+        // upserts fails on the duplicate id (MongoDB says so; some wire
+        // servers answer no document), and its retry finds the counter.
+        let mut attempts = 0;
+        let counter = loop {
+            attempts += 1;
+            match self
+                .collection(COUNTERS)
+                .find_one_and_update(doc! { "_id": name }, doc! { "$inc": { "value": by } })
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await
+            {
+                Ok(Some(counter)) => break counter,
+                Ok(None) if attempts < 5 => {}
+                Err(err) if is_duplicate_key(&err) && attempts < 5 => {}
+                Ok(None) => {
+                    return Err(Error::backend(
+                        "advance",
+                        format!("counter `{name}` not returned"),
+                    ));
+                }
+                Err(err) => return Err(Error::backend("advance", err)),
+            }
+        };
         integer(&counter, "value")
             .ok()
             .and_then(|value| u64::try_from(value).ok())

@@ -15,8 +15,7 @@ use crate::{
 impl<T: Document> Collection<T> {
     /// The view `make` derives from the record with `id` (such as the
     /// message an API answers with). In a resident collection it is made
-    /// once per revision and shared, and no read reaches the database
-    /// (but for a record memory lacks, where other processes write too);
+    /// once per revision and shared, and no read reaches the database;
     /// otherwise the record is read and the view made each time.
     pub async fn get_view<V: Send + Sync + 'static>(
         &self,
@@ -24,10 +23,8 @@ impl<T: Document> Collection<T> {
         make: impl FnOnce(&Versioned<Arc<T>>) -> V,
     ) -> Result<Option<Arc<V>>> {
         self.settle_before_reading().await;
-        if let Some(memory) = &self.memory
-            && let Some(entry) = memory.get(id)
-        {
-            return Ok(Some(entry.view(make)));
+        if let Some(memory) = &self.memory {
+            return Ok(memory.get(id).map(|entry| entry.view(make)));
         }
         Ok(self
             .get(id)
