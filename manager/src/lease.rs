@@ -301,3 +301,103 @@ impl Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::tests::store;
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Note {
+        id: String,
+    }
+
+    addons_store::document!(Note in "notes");
+
+    fn options(address: &str) -> LeaseOptions {
+        LeaseOptions {
+            plane: "root".to_owned(),
+            duration: Duration::from_millis(600),
+            address: address.to_owned(),
+        }
+    }
+
+    /// A process paused past its lease (here: its only thread blocked, so
+    /// the keeper cannot run either) writes nothing when it wakes, before
+    /// it has noticed anything.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_holder_paused_past_its_lease_writes_nothing() {
+        let (store, _dir) = store().await;
+        let lease = Lease::open(&store, options("http://a")).await.unwrap();
+        let held = lease.try_take().await.unwrap().expect("a free lease");
+        let notes = store
+            .fenced(held.fence())
+            .collection::<Note>()
+            .await
+            .unwrap();
+        notes
+            .insert(Note {
+                id: "before".into(),
+            })
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        let refused = notes.insert(Note { id: "after".into() }).await;
+        assert!(matches!(refused, Err(Error::Fenced { .. })), "{refused:?}");
+        let plain = store.collection::<Note>().await.unwrap();
+        assert!(plain.get("after").await.unwrap().is_none());
+        assert!(held.lost().await.contains("lease"));
+    }
+
+    #[tokio::test]
+    async fn a_standby_waits_out_a_renewed_lease_and_takes_an_abandoned_one() {
+        let (store, _dir) = store().await;
+        let a = Lease::open(&store, options("http://a")).await.unwrap();
+        let b = Lease::open(&store, options("http://b")).await.unwrap();
+        let held = a.try_take().await.unwrap().expect("a free lease");
+        assert!(b.try_take().await.unwrap().is_none(), "held by a");
+        let (tell, told) = watch::channel(Active::default());
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.acquire(&tell).await }
+        });
+        // While a renews (seven renewals: more than two leases), b waits,
+        // knowing who is active.
+        let leases = store.collection::<LeaseRecord>().await.unwrap();
+        let first = leases.require("root").await.unwrap().revision;
+        while leases.require("root").await.unwrap().revision < first + 7 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!waiting.is_finished(), "took a renewed lease");
+        assert_eq!(told.borrow().address.as_deref(), Some("http://a"));
+        // a stops renewing (its keeper gone, as with a crash).
+        drop(held);
+        let stopped = Instant::now();
+        let taken = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("b takes the lease over")
+            .unwrap();
+        assert!(
+            stopped.elapsed() <= Duration::from_millis(2 * 600),
+            "within a lease of a's last renewal: {:?}",
+            stopped.elapsed()
+        );
+        assert_eq!(
+            a.active().await.unwrap().address.as_deref(),
+            Some("http://b")
+        );
+        drop(taken);
+    }
+
+    #[tokio::test]
+    async fn a_manager_restarted_at_its_address_takes_its_lease_at_once() {
+        let (store, _dir) = store().await;
+        let before = Lease::open(&store, options("http://a")).await.unwrap();
+        let crashed = before.try_take().await.unwrap().expect("a free lease");
+        drop(crashed);
+        let again = Lease::open(&store, options("http://a")).await.unwrap();
+        assert!(again.try_take().await.unwrap().is_some());
+        let other = Lease::open(&store, options("http://b")).await.unwrap();
+        assert!(other.try_take().await.unwrap().is_none());
+    }
+}
