@@ -81,7 +81,7 @@ fn kubernetes_manifests_validate() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     let text = std::fs::read_to_string(&manifests[0]).unwrap();
-    std::fs::write(&bad, text.replace("replicas: 1", "replicaz: 1")).unwrap();
+    std::fs::write(&bad, text.replace("replicas: 2", "replicaz: 2")).unwrap();
     let (ok, output) = validate("kubernetes-validate", &["--strict".into()], &[bad]);
     assert!(!ok && output.contains("replicaz"), "{output}");
 }
