@@ -11,7 +11,7 @@ cd "$ROOT"
 scripts/setup.sh
 cargo build --release --bins --quiet
 export ADDONS_NX27017="$ROOT/target/test-env/venv/bin/nx-27017"
-benches=("${@:-verification api status monitor swap}")
+benches=("${@:-verification api status monitor swap replicas}")
 read -r -a benches <<<"${benches[*]}"
 for bench in "${benches[@]}"; do
     echo "## $bench ($(date -u +%Y-%m-%d), $(nproc) cores)"

@@ -70,6 +70,17 @@ impl Readiness {
             })
         });
         futures::future::select_all(changes).await;
+        // Seen: the next call waits for a change after this one. (Clones
+        // start at their original's version: unmarked, every later call
+        // would return at once, and its caller spin.)
+        for part in self
+            .parts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter_mut()
+        {
+            part.works.borrow_and_update();
+        }
     }
 }
 
@@ -151,5 +162,24 @@ mod tests {
         link.send_replace(true);
         store.send_replace(true);
         assert!(readiness.failing().is_empty());
+    }
+
+    /// A change seen is not seen again: a server's readiness loop waits
+    /// for the next one instead of spinning (it did, burning a core).
+    #[tokio::test]
+    async fn a_change_is_reported_once() {
+        use futures::FutureExt as _;
+        let readiness = Readiness::default();
+        let store = readiness.part("store");
+        store.send_replace(false);
+        readiness.changed().await;
+        assert!(
+            readiness.changed().now_or_never().is_none(),
+            "reported the same change twice"
+        );
+        store.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(60), readiness.changed())
+            .await
+            .expect("a new change is reported");
     }
 }
