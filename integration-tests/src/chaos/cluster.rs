@@ -3,12 +3,18 @@
 //! own containerd and monitor). Every server listens on a port of its own
 //! for the whole campaign, so one killed and started again is found where
 //! it was; the stderr of every process that ends is kept, for the checks.
+//! On MongoDB the plane has two managers, one active (holding the plane's
+//! lease) and one standing by: clients reach the active one through a
+//! front (`proxy.rs`, as a Kubernetes Service), monitors are given both.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::Mutex;
 
-use super::{proxy::SlowProxy, swap};
+use super::{
+    proxy::{ManagerFront, SlowProxy},
+    swap,
+};
 use crate::{
     MongoServer, RegistryServer, ServerProcess, binary,
     hosts::{Host, TestNet},
@@ -52,8 +58,15 @@ pub struct Cluster {
     pub marketplace_url: String,
     /// The manager, while it runs.
     pub manager: Mutex<Option<ServerProcess>>,
-    /// Its URL (fixed, on the bridge).
+    /// The second manager of the plane, on MongoDB, while it runs.
+    pub standby: Mutex<Option<ServerProcess>>,
+    /// The URL clients reach the (active) manager at: the manager's own,
+    /// or the front of both.
     pub manager_url: String,
+    /// The front of both managers, on MongoDB.
+    pub front: Option<ManagerFront>,
+    /// The managers' URLs, as monitors are given them.
+    monitor_managers: String,
     /// The MongoDB-wire server of the manager's store, if it uses one.
     pub mongo: Option<Mutex<MongoServer>>,
     /// The nodes.
@@ -62,6 +75,7 @@ pub struct Cluster {
     pub ended_logs: Mutex<Vec<(String, String)>>,
     marketplace_listen: String,
     manager_listen: String,
+    standby_listen: String,
     manager_store: String,
     /// The embedded store's directory (a tmpfs that can be filled), if the
     /// manager uses the embedded store.
@@ -71,6 +85,9 @@ pub struct Cluster {
     core_components: String,
     dir: tempfile::TempDir,
 }
+
+/// The lease of the plane's managers on MongoDB.
+pub const MANAGER_LEASE: &str = "3s";
 
 /// The monitors' `--max-failures`.
 pub const MAX_FAILURES: u32 = 3;
@@ -119,9 +136,30 @@ impl Cluster {
         };
         let marketplace_listen = format!("127.0.0.1:{}", crate::free_port());
         let manager_listen = format!("{}:{}", net.gateway(), crate::free_port());
+        let standby_listen = format!("{}:{}", net.gateway(), crate::free_port());
+        let front = match &mongo {
+            Some(_) => Some(
+                ManagerFront::start(
+                    net.gateway().into(),
+                    vec![manager_listen.clone(), standby_listen.clone()],
+                )
+                .await,
+            ),
+            None => None,
+        };
+        let monitor_managers = match &front {
+            Some(_) => format!("http://{manager_listen},http://{standby_listen}"),
+            None => format!("http://{manager_listen}"),
+        };
         let cluster = Self {
             marketplace_url: format!("http://{marketplace_listen}"),
-            manager_url: format!("http://{manager_listen}"),
+            manager_url: front
+                .as_ref()
+                .map_or_else(|| format!("http://{manager_listen}"), ManagerFront::url),
+            front,
+            monitor_managers,
+            standby: Mutex::new(None),
+            standby_listen,
             net,
             registry: Mutex::new(registry),
             registry_proxy,
@@ -142,6 +180,10 @@ impl Cluster {
         };
         cluster.start_marketplace().await;
         cluster.start_manager().await;
+        if cluster.front.is_some() {
+            let standby = cluster.spawn_manager_at(1).await;
+            *cluster.standby.lock().await = Some(standby);
+        }
         let mut cluster = cluster;
         for n in 0..nodes {
             let number = u8::try_from(n + 2).expect("at most 248 nodes");
@@ -190,23 +232,45 @@ impl Cluster {
 
     /// The manager, started on its port and store.
     pub async fn spawn_manager(&self) -> ServerProcess {
-        self.supervised(
-            "addons-manager",
-            &[
-                "--listen",
-                &self.manager_listen,
-                "--store",
-                &self.manager_store,
-                "--marketplace",
-                &self.marketplace_url,
-                "--heartbeat-timeout",
-                "3s",
-                // Not loopback: the test bridge reaches only this
-                // machine's namespaces.
-                "--insecure",
-            ],
-        )
-        .await
+        self.spawn_manager_at(0).await
+    }
+
+    /// Manager `n` of the plane (0, or 1 on MongoDB), started on its port
+    /// and store.
+    pub async fn spawn_manager_at(&self, n: usize) -> ServerProcess {
+        let listen = if n == 0 {
+            &self.manager_listen
+        } else {
+            &self.standby_listen
+        };
+        let mut args = vec![
+            "--listen",
+            listen,
+            "--store",
+            &self.manager_store,
+            "--marketplace",
+            &self.marketplace_url,
+            "--heartbeat-timeout",
+            "3s",
+            // Not loopback: the test bridge reaches only this machine's
+            // namespaces.
+            "--insecure",
+        ];
+        if self.front.is_some() {
+            // Short, so pauses and kills of the active manager end in
+            // takeovers within a campaign.
+            args.extend(["--lease", MANAGER_LEASE]);
+        }
+        self.supervised("addons-manager", &args).await
+    }
+
+    /// The slot of the active manager (as the front last found it) and its
+    /// number.
+    pub fn active_manager(&self) -> (&Mutex<Option<ServerProcess>>, usize) {
+        match self.front.as_ref().map(ManagerFront::active) {
+            Some(1) => (&self.standby, 1),
+            _ => (&self.manager, 0),
+        }
     }
 
     /// Starts server `name` with `args` as a supervisor does: a start that
@@ -242,7 +306,7 @@ impl Cluster {
         extra.extend(["--max-failures", &max_failures, "--log-max-bytes", "65536"]);
         extra.extend(["--core-components", &self.core_components]);
         node.host
-            .start_monitor(&self.manager_url, &self.registry_host, &extra)
+            .start_monitor(&self.monitor_managers, &self.registry_host, &extra)
             .await;
     }
 
@@ -285,6 +349,9 @@ impl Cluster {
         }
         if let Some(server) = self.manager.lock().await.as_ref() {
             logs.push(("addons-manager".into(), server.stderr()));
+        }
+        if let Some(server) = self.standby.lock().await.as_ref() {
+            logs.push(("addons-manager (second)".into(), server.stderr()));
         }
         for node in &self.nodes {
             let node = node.lock().await;

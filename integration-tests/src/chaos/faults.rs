@@ -3,7 +3,10 @@
 //! node's containerd crashed and started again or paused, the registry
 //! down or slow, a node cut off from the manager and the registry, a
 //! node's state dir full, the manager's store failing its writes (its
-//! MongoDB-wire server killed, or the embedded store's disk full). A target under one fault gets no second one
+//! MongoDB-wire server killed, or the embedded store's disk full), and, on
+//! MongoDB, where the plane has two managers, the active one killed and
+//! kept down past its lease so the other takes over (kills and pauses hit
+//! the active one too). A target under one fault gets no second one
 //! until the first ends; every fault ends with its target restored.
 
 use std::{sync::Arc, time::Duration};
@@ -50,10 +53,14 @@ pub enum Kind {
     /// The disk of the manager's embedded store is full (every write
     /// fails), and freed.
     StoreDiskFull,
+    /// On MongoDB, the active manager is SIGKILLed and kept down longer
+    /// than its lease, so the other takes over; then started again, to
+    /// stand by.
+    ManagerTakeover,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::KillManager,
         Kind::PauseManager,
         Kind::KillMarketplace,
@@ -68,6 +75,7 @@ impl Kind {
         Kind::SlowRegistry,
         Kind::NodeDiskFull,
         Kind::StoreDiskFull,
+        Kind::ManagerTakeover,
     ];
 
     /// How often it is chosen, relatively.
@@ -96,6 +104,7 @@ impl Kind {
             Kind::SlowRegistry => "slow_registry",
             Kind::NodeDiskFull => "node_disk_full",
             Kind::StoreDiskFull => "store_disk_full",
+            Kind::ManagerTakeover => "manager_takeover",
         }
     }
 }
@@ -109,6 +118,7 @@ pub async fn inject(cluster: Arc<Cluster>, history: Arc<History>, mut rng: Rng, 
         .map(|&kind| match kind {
             Kind::KillStore if cluster.mongo.is_none() => 0,
             Kind::StoreDiskFull if cluster.manager_store_dir.is_none() => 0,
+            Kind::ManagerTakeover if cluster.front.is_none() => 0,
             _ => kind.weight(),
         })
         .collect();
@@ -131,6 +141,8 @@ pub async fn inject(cluster: Arc<Cluster>, history: Arc<History>, mut rng: Rng, 
             | Kind::SlowRegistry
             | Kind::NodeDiskFull
             | Kind::StoreDiskFull => rng.between(Duration::from_secs(2), Duration::from_secs(12)),
+            // Longer than the lease (3 s): the other manager takes over.
+            Kind::ManagerTakeover => rng.between(Duration::from_secs(4), Duration::from_secs(8)),
         };
         // How slow a slow registry is, per chunk of 16 KiB.
         let delay = rng.between(Duration::from_millis(20), Duration::from_millis(250));
@@ -207,17 +219,33 @@ async fn apply(cluster: &Cluster, history: &History, fault: Fault) {
     } = fault;
     let start = history.now();
     let target = match kind {
-        Kind::KillManager | Kind::PauseManager | Kind::KillMarketplace | Kind::PauseMarketplace => {
-            let killed = matches!(kind, Kind::KillManager | Kind::KillMarketplace);
-            let manager = matches!(kind, Kind::KillManager | Kind::PauseManager);
-            let (slot, name) = if manager {
-                (&cluster.manager, "addons-manager")
+        Kind::KillManager
+        | Kind::PauseManager
+        | Kind::ManagerTakeover
+        | Kind::KillMarketplace
+        | Kind::PauseMarketplace => {
+            let killed = !matches!(kind, Kind::PauseManager | Kind::PauseMarketplace);
+            let manager = !matches!(kind, Kind::KillMarketplace | Kind::PauseMarketplace);
+            // The active manager of the two, on MongoDB.
+            let (active, n) = cluster.active_manager();
+            let (slot, name) = if manager && cluster.front.is_some() {
+                // Which of the two: the history shows the takeovers.
+                (
+                    active,
+                    if n == 0 {
+                        "addons-manager 0"
+                    } else {
+                        "addons-manager 1"
+                    },
+                )
+            } else if manager {
+                (active, "addons-manager")
             } else {
                 (&cluster.marketplace, "addons-marketplace")
             };
             let spawn = || async {
                 if manager {
-                    cluster.spawn_manager().await
+                    cluster.spawn_manager_at(n).await
                 } else {
                     cluster.spawn_marketplace().await
                 }
