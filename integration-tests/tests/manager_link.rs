@@ -1124,14 +1124,26 @@ async fn a_monitor_gone_while_its_node_is_recorded_does_not_lock_the_node_out() 
     kill(store, Signal::SIGSTOP).unwrap();
     // The first link's hello is taken; recording the node waits on the store.
     let channel = stack.manager.channel();
-    let first = tokio::spawn(open_raw(channel.clone(), hello("node-9")));
+    let first = std::sync::Arc::new(std::sync::Mutex::new(tokio::spawn(open_raw(
+        channel.clone(),
+        hello("node-9"),
+    ))));
     // Proof that the manager holds the node for it: a second is refused.
     eventually(
         "the first link holds node-9",
         Duration::from_secs(10),
         || {
-            let channel = channel.clone();
+            let (channel, first) = (channel.clone(), first.clone());
             async move {
+                {
+                    // A probe that came first took the node instead, and
+                    // let it go when it gave up: the first link was
+                    // refused. Send it again.
+                    let mut first = first.lock().unwrap();
+                    if first.is_finished() {
+                        *first = tokio::spawn(open_raw(channel.clone(), hello("node-9")));
+                    }
+                }
                 match tokio::time::timeout(
                     Duration::from_secs(1),
                     open_raw(channel, hello("node-9")),
@@ -1146,6 +1158,9 @@ async fn a_monitor_gone_while_its_node_is_recorded_does_not_lock_the_node_out() 
     )
     .await;
     // The monitor goes away before its link is set up; the store comes back.
+    let first = std::sync::Arc::try_unwrap(first)
+        .map(|first| first.into_inner().unwrap())
+        .unwrap_or_else(|_| unreachable!("the checks are over"));
     first.abort();
     let _ = first.await;
     kill(store, Signal::SIGCONT).unwrap();
