@@ -117,6 +117,24 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         _ => running = Some(activate(&held).await?),
     }
     addons_server_kit::announce(&listener)?;
+    // After a takeover, what an active manager runs may fail to start (its
+    // store down, say): the lease is given up, for another manager or this
+    // one to take again, rather than the process ending.
+    let activate_or_give_up = async |held: &mut Option<Held>| -> Option<Shutdown> {
+        match activate(held).await {
+            Ok(term) => Some(term),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot start as the active manager: giving the lease up");
+                *held = None;
+                if let Some(lease) = &lease {
+                    lease.release().await;
+                }
+                stand_by(addons_manager::lease::Active::default());
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                None
+            }
+        }
+    };
     let role = async {
         loop {
             if let (Some(lease), None) = (&lease, &running) {
@@ -134,7 +152,10 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                     () = shutdown.fired() => return Ok(()),
                 };
                 tracing::info!("active: this manager holds the plane's lease");
-                running = Some(activate(&held).await?);
+                running = activate_or_give_up(&mut held).await;
+                if running.is_none() {
+                    continue;
+                }
             }
             let Some(lost) = held.take() else {
                 shutdown.fired().await;
@@ -154,7 +175,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             }
             held = take().await;
             if held.is_some() {
-                running = Some(activate(&held).await?);
+                running = activate_or_give_up(&mut held).await;
             }
         }
     };
