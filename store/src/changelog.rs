@@ -539,13 +539,15 @@ impl ChangeLog {
         Ok(entries)
     }
 
-    /// Every change up to this sequence was published to this process's
-    /// watchers: for a shared log, what its reader has read; otherwise the
-    /// head.
-    pub(crate) fn published(&self, state: &LogState) -> u64 {
-        self.shared
-            .as_ref()
-            .map_or(state.head, |feed| *feed.published.borrow())
+    /// In a shared log: the sequence the database has handed out up to
+    /// now, and, once this process published everything up to it (waiting
+    /// at most twice [`GAP_TIMEOUT`]), what it published.
+    pub(crate) async fn caught_up_to_head(&self) -> Result<Option<(u64, u64)>> {
+        let Some(feed) = &self.shared else {
+            return Ok(None);
+        };
+        let head = self.backend.advance(SEQUENCE, 0).await?;
+        Ok(Some((head, feed.caught_up(head).await)))
     }
 
     async fn read(&self, collection: &str, since: u64) -> Result<Vec<(u64, Entry)>> {

@@ -131,18 +131,25 @@ impl<T: Document> Collection<T> {
     ///
     /// In a database other processes write too, they are not held back:
     /// the result reflects every change up to the sequence, and may reflect
-    /// some after it, which the receiver then repeats.
+    /// another process's change after it, which the receiver then repeats.
     pub async fn snapshot<R, F>(&self, read: F) -> Result<(R, u64, broadcast::Receiver<Change<T>>)>
     where
         F: AsyncFnOnce(&Self) -> Result<R>,
     {
         let state = self.log.lock().await;
         let receiver = self.changes.subscribe();
-        let seq = self.log.published(&state);
-        if self.log.shared().is_some() {
-            drop(state);
-        }
+        // Where other processes write too: read once every sequence handed
+        // out so far is published, this process's writes held off by the
+        // lock, so the snapshot reflects exactly the changes up to its
+        // sequence and a cursor it gives replays none it reflects. Another
+        // process's write during the read may be reflected as well (the
+        // follow loop drops it when the feed repeats it).
+        let seq = match self.log.caught_up_to_head().await? {
+            Some((_, published)) => published,
+            None => state.head,
+        };
         let value = read(self).await?;
+        drop(state);
         Ok((value, seq, receiver))
     }
 
