@@ -259,6 +259,22 @@ impl Registry {
         url: &str,
         accept: &str,
     ) -> Result<reqwest::Response, RegistryError> {
+        self.send(reqwest::Method::GET, registry, repository, url, accept, None)
+            .await
+    }
+
+    /// Sends `method` to `url` for `repository` of `registry` with `body`
+    /// (its content type and bytes), authenticating as the registry asks;
+    /// the answer when it is a success (2xx).
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        registry: &str,
+        repository: &str,
+        url: &str,
+        accept: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<reqwest::Response, RegistryError> {
         let url: reqwest::Url = url
             .parse()
             .map_err(|_| RegistryError::Refused(format!("`{url}` is not a URL")))?;
@@ -266,9 +282,14 @@ impl Registry {
         let key = format!("{registry}/{repository}");
         let credentials = self.credentials.get(registry);
         let request = |token: Option<&str>| {
-            let mut request = self.http.get(url.clone());
+            let mut request = self.http.request(method.clone(), url.clone());
             if !accept.is_empty() {
                 request = request.header(header::ACCEPT, accept);
+            }
+            if let Some((content_type, bytes)) = &body {
+                request = request
+                    .header(header::CONTENT_TYPE, *content_type)
+                    .body(bytes.clone());
             }
             match (token, credentials) {
                 (Some(token), _) => request.bearer_auth(token),
@@ -298,7 +319,7 @@ impl Registry {
             response = request(Some(&token)).send().await.map_err(transport)?;
         }
         match response.status() {
-            StatusCode::OK => Ok(response),
+            status if status.is_success() => Ok(response),
             StatusCode::NOT_FOUND => Err(RegistryError::NotFound),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(RegistryError::Unauthorized),
             other => Err(RegistryError::Status(other.as_u16())),
@@ -430,6 +451,77 @@ impl Registry {
                 Ok(chunk)
             }
         }))
+    }
+}
+
+impl Registry {
+    /// Uploads `bytes` as a blob of `repository` (monolithically), unless
+    /// the registry has it already.
+    pub async fn push_blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        bytes: &[u8],
+    ) -> Result<(), RegistryError> {
+        let digest = sha256_digest(bytes);
+        let url = self.url(registry, repository, "blobs", &digest);
+        match self
+            .send(reqwest::Method::HEAD, registry, repository, &url, "", None)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(RegistryError::NotFound) => {}
+            Err(err) => return Err(err),
+        }
+        let start = self.url(registry, repository, "blobs", "uploads/");
+        let answer = self
+            .send(reqwest::Method::POST, registry, repository, &start, "", None)
+            .await?;
+        let location = answer
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(RegistryError::Invalid("the upload answer names no location"))?;
+        let base: reqwest::Url = start
+            .parse()
+            .map_err(|_| RegistryError::Invalid("the upload URL is not a URL"))?;
+        let mut upload = base
+            .join(location)
+            .map_err(|_| RegistryError::Invalid("the upload location is not a URL"))?;
+        upload.query_pairs_mut().append_pair("digest", &digest);
+        self.send(
+            reqwest::Method::PUT,
+            registry,
+            repository,
+            upload.as_str(),
+            "",
+            Some(("application/octet-stream", Bytes::copy_from_slice(bytes))),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stores `bytes`, a manifest of `media_type`, as `reference` (a tag)
+    /// of `repository`; the blobs it names must be there.
+    pub async fn push_manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), RegistryError> {
+        let url = self.url(registry, repository, "manifests", reference);
+        self.send(
+            reqwest::Method::PUT,
+            registry,
+            repository,
+            &url,
+            "",
+            Some((media_type, Bytes::copy_from_slice(bytes))),
+        )
+        .await?;
+        Ok(())
     }
 }
 
