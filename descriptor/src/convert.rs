@@ -6,7 +6,7 @@
 use oakestra_addons_proto::{engine::v1 as epb, marketplace::v1 as mpb};
 
 use crate::{
-    Descriptor, HealthCheck, Mount, MountSource, Network, Port, Privilege, PrivilegeKind, Probe,
+    Descriptor, HealthCheck, ImageSignature, Mount, MountSource, Network, Port, Privilege, PrivilegeKind, Probe,
     Resources, Service, Volume,
 };
 
@@ -127,6 +127,11 @@ macro_rules! conversions {
                             start_period_ms: ms(h.start_period, 0),
                         }
                     }),
+                    image_signature: s.image_signature.map(|sig| ImageSignature {
+                        payload: sig.payload,
+                        signature: sig.signature,
+                        key_fingerprint: sig.key_fingerprint,
+                    }),
                 }
             }
         }
@@ -201,6 +206,11 @@ macro_rules! conversions {
                             retries: h.retries,
                             start_period: duration(h.start_period_ms),
                         }
+                    }),
+                    image_signature: s.image_signature.map(|sig| $pb::ImageSignature {
+                        payload: sig.payload,
+                        signature: sig.signature,
+                        key_fingerprint: sig.key_fingerprint,
                     }),
                 }
             }

@@ -155,6 +155,22 @@ pub struct Service {
     /// How the node checks that the service works, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// The signature of `resolved_image` the marketplace verified, if its
+    /// trust policy checked one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_signature: Option<ImageSignature>,
+}
+
+/// A cosign signature of an image: the simple-signing payload as signed,
+/// and the signature over it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSignature {
+    /// The payload, JSON naming the digest and repository.
+    pub payload: String,
+    /// Base64 of the signature over `payload`.
+    pub signature: String,
+    /// `sha256:<hex>` of the DER public key that made it.
+    pub key_fingerprint: String,
 }
 
 /// A service's health check, as compose files declare one: a probe run

@@ -371,6 +371,20 @@ fn check_service<'a>(
             "not an image reference: too long or has whitespace",
         );
     }
+    if let Some(signature) = &service.image_signature {
+        if signature.payload.len() > 64 << 10 {
+            v.add(format!("{at}.image_signature.payload"), "at most 64 KiB");
+        }
+        if signature.signature.len() > 1024 {
+            v.add(format!("{at}.image_signature.signature"), "at most 1024 bytes");
+        }
+        if signature.key_fingerprint.len() > 128 {
+            v.add(
+                format!("{at}.image_signature.key_fingerprint"),
+                "at most 128 bytes",
+            );
+        }
+    }
     if service.resources.memory_bytes.is_some_and(|m| m < 4 << 20) {
         v.add(
             format!("{at}.resources.memory_bytes"),

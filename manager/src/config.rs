@@ -71,10 +71,27 @@ pub struct Config {
     #[arg(long, env = "ADDONS_LEASE", value_name = "DURATION", default_value = "10s", value_parser = parse_lease)]
     pub lease: std::time::Duration,
 
+    /// What happens to the installations of an addon the marketplace
+    /// revokes: `uninstall` them (its services stop on every node, a
+    /// replaced core component comes back), or `keep` them running. Either
+    /// way they are flagged, and new installs and upgrades to it are
+    /// refused.
+    #[arg(long, env = "ADDONS_ON_REVOKE", value_enum, default_value_t = OnRevoke::Uninstall)]
+    pub on_revoke: OnRevoke,
+
     /// The gRPC URL clients reach this manager at, which standbys name in
     /// their refusals. Default: `http://HOSTNAME:PORT`.
     #[arg(long, env = "ADDONS_ADVERTISE_URL", value_name = "URL")]
     pub advertise_url: Option<String>,
+}
+
+/// What the manager does with installations of a revoked addon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnRevoke {
+    /// Uninstall them.
+    Uninstall,
+    /// Leave them running, flagged.
+    Keep,
 }
 
 fn parse_lease(text: &str) -> Result<std::time::Duration, String> {

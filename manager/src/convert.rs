@@ -183,6 +183,11 @@ pub(crate) fn installation_to_proto(record: Versioned<Installation>) -> pb::Inst
         rollout: installation.rollout.map(rollout_to_proto),
         node_selector: installation.node_selector.into_iter().collect(),
         unconfirmed_nodes: installation.unconfirmed_nodes,
+        revoked: installation.revoked.map(|r| pb::AddonRevocation {
+            reason: r.reason,
+            time: Some(timestamp(r.time)),
+            uninstalled: r.uninstalled,
+        }),
     }
 }
 

@@ -235,6 +235,7 @@ async fn start(
     )
     .await?;
     core.spawn_rollout_deadlines(shutdown.clone());
+    core.spawn_revocations(config.on_revoke, shutdown.clone());
     let requests = Requests::open(store).await?;
     let hub = LinkHub::start(
         store,

@@ -142,6 +142,20 @@ pub struct Installation {
     /// state, so the nodes' work continues that call's trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<String>,
+    /// Set once the marketplace revoked the addon it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Revocation>,
+}
+
+/// The marketplace's revocation of an installation's addon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Why, as the reviewer said.
+    pub reason: String,
+    /// When the manager learnt of it.
+    pub time: DateTime<Utc>,
+    /// Whether the manager uninstalled the installation for it.
+    pub uninstalled: bool,
 }
 
 fn first_release() -> u64 {

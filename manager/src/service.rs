@@ -31,6 +31,7 @@ use crate::{
 
 mod admission;
 mod marketplace;
+mod revocations;
 mod upgrades;
 
 use self::admission::check_accepted;
@@ -192,6 +193,7 @@ impl Manager {
             history: vec![first],
             rollout: None,
             rolled_back: None,
+            revoked: None,
             node_selector,
             unconfirmed_nodes: Vec::new(),
             trace_parent: addons_server_kit::current_traceparent(),

@@ -323,6 +323,7 @@ pub(crate) mod tests {
             history: Vec::new(),
             rollout: None,
             rolled_back: None,
+            revoked: None,
             node_selector: Default::default(),
             unconfirmed_nodes: Vec::new(),
             trace_parent: None,

@@ -20,7 +20,8 @@ const WATCH_BUFFER: usize = 64;
 
 /// Who may call what: every role that views may read; publishing needs
 /// `publisher`; deleting and reverifying need `publisher` (own addons only,
-/// checked by the service) or `reviewer`.
+/// checked by the service) or `reviewer`; revoking needs `reviewer` (an
+/// admin holds every role).
 pub const PERMISSIONS: &[MethodAccess] = &[
     MethodAccess {
         roles: &[Role::Viewer],
@@ -33,6 +34,10 @@ pub const PERMISSIONS: &[MethodAccess] = &[
     MethodAccess {
         roles: &[Role::Publisher, Role::Reviewer],
         methods: &["DeleteAddon", "ReverifyAddon"],
+    },
+    MethodAccess {
+        roles: &[Role::Reviewer],
+        methods: &["RevokeAddon"],
     },
 ];
 
@@ -164,6 +169,34 @@ impl MarketplaceApi {
         })
     }
 
+    async fn revoke(
+        &self,
+        Mutation {
+            identity, request, ..
+        }: Mutation<'_, pb::RevokeAddonRequest>,
+    ) -> Result<pb::RevokeAddonResponse, Status> {
+        let id = required_id(&request.id)?;
+        let reason = request.reason.trim();
+        if reason.is_empty() {
+            return Err(Error::required("reason").into());
+        }
+        if reason.len() > 1024 || reason.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(Error::Invalid(vec![FieldViolation::new(
+                "reason",
+                "at most 1024 bytes, without control characters",
+            )])
+            .into());
+        }
+        let addon = self
+            .core
+            .revoke(id, reason, request.expected_revision, &caller_of(identity))
+            .await?;
+        tracing::warn!(%id, reason, by = %identity.subject, "addon revoked");
+        Ok(pb::RevokeAddonResponse {
+            addon: Some(convert::addon_to_proto(addon)),
+        })
+    }
+
     async fn get(&self, request: pb::GetAddonRequest) -> Result<pb::GetAddonResponse, Status> {
         let addon = self
             .core
@@ -200,6 +233,7 @@ impl MarketplaceService for MarketplaceApi {
         mutating publish_addon(pb::PublishAddonRequest) -> pb::PublishAddonResponse = publish;
         mutating delete_addon(pb::DeleteAddonRequest) -> pb::DeleteAddonResponse = delete;
         mutating reverify_addon(pb::ReverifyAddonRequest) -> pb::ReverifyAddonResponse = reverify;
+        mutating revoke_addon(pb::RevokeAddonRequest) -> pb::RevokeAddonResponse = revoke;
         read get_addon(pb::GetAddonRequest) -> pb::GetAddonResponse = get;
         read list_addons(pb::ListAddonsRequest) -> pb::ListAddonsResponse = list;
     }

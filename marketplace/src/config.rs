@@ -46,6 +46,13 @@ pub struct Config {
     #[arg(long, env = "ADDONS_VERIFY_BACKOFF", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub verify_backoff: Duration,
 
+    /// The trust policy: which keys must have signed which images (YAML;
+    /// see the README). An image its policy requires a signature of is
+    /// approved only when a signature by one of the keys names exactly its
+    /// digest; without a policy, signatures are not checked.
+    #[arg(long, env = "ADDONS_TRUST_POLICY", value_name = "FILE")]
+    pub trust_policy: Option<std::path::PathBuf>,
+
     /// Longest delay between verification retries.
     #[arg(long, env = "ADDONS_VERIFY_BACKOFF_MAX", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub verify_backoff_max: Duration,
@@ -73,15 +80,22 @@ impl Config {
     pub fn verifier_options(
         &self,
         metrics: &addons_server_kit::metrics::Metrics,
-    ) -> VerifierOptions {
-        VerifierOptions {
+    ) -> anyhow::Result<VerifierOptions> {
+        let trust = match &self.trust_policy {
+            Some(path) => Some(std::sync::Arc::new(
+                addons_signature::TrustPolicy::load(path).map_err(|err| anyhow::anyhow!("--trust-policy: {err}"))?,
+            )),
+            None => None,
+        };
+        Ok(VerifierOptions {
             concurrency: usize::from(self.verify_concurrency),
             backoff: addons_backoff::Backoff::new(self.verify_backoff, self.verify_backoff_max),
             metrics: crate::verifier::VerifierMetrics::new(metrics),
             replica: addons_store::new_id(),
             // An attempt's checks are bounded to two thirds of this.
             claim_for: self.registry_timeout * 3,
-        }
+            trust,
+        })
     }
 }
 

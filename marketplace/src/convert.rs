@@ -12,6 +12,7 @@ impl From<AddonStatus> for pb::AddonStatus {
             AddonStatus::UnderReview => Self::UnderReview,
             AddonStatus::Approved => Self::Approved,
             AddonStatus::FailedVerification => Self::FailedVerification,
+            AddonStatus::Revoked => Self::Revoked,
         }
     }
 }
@@ -23,6 +24,7 @@ pub(crate) fn status_from_proto(value: i32) -> Option<AddonStatus> {
         pb::AddonStatus::UnderReview => Some(AddonStatus::UnderReview),
         pb::AddonStatus::Approved => Some(AddonStatus::Approved),
         pb::AddonStatus::FailedVerification => Some(AddonStatus::FailedVerification),
+        pb::AddonStatus::Revoked => Some(AddonStatus::Revoked),
     }
 }
 
@@ -36,6 +38,11 @@ pub(crate) fn addon_to_proto(record: addons_store::Versioned<Addon>) -> pb::Addo
         update_time: Some(timestamp(addon.update_time)),
         revision: record.revision,
         owner: addon.owner,
+        revocation: addon.revocation.map(|r| pb::Revocation {
+            reason: r.reason,
+            revoked_by: r.revoked_by,
+            revoke_time: Some(timestamp(r.time)),
+        }),
         required_privileges: addons_descriptor::privileges::required(&addon.descriptor)
             .into_iter()
             .map(Into::into)
@@ -70,6 +77,18 @@ fn verification_to_proto(v: Verification) -> pb::Verification {
                 reason: s.reason.unwrap_or_default(),
                 platforms: s.platforms,
                 bytes_fetched: s.bytes_fetched,
+                reason_code: s.reason_code.unwrap_or_default(),
+                signed_by: s
+                    .signature
+                    .as_ref()
+                    .map(|c| c.key_name.clone())
+                    .unwrap_or_default(),
+                key_fingerprint: s
+                    .signature
+                    .as_ref()
+                    .map(|c| c.key_fingerprint.clone())
+                    .unwrap_or_default(),
+                signature_check_time: s.signature.map(|c| timestamp(c.check_time)),
             })
             .collect(),
         reason: v.reason.unwrap_or_default(),

@@ -51,6 +51,9 @@ pub enum Error {
         /// The addon holding it.
         highest_id: String,
     },
+    /// The addon was revoked: it is never reviewed again.
+    #[error("addon `{0}` is revoked; it is never reviewed again")]
+    Revoked(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] addons_store::Error),
@@ -99,6 +102,9 @@ impl From<Error> for Status {
             } => ApiError::new(Code::FailedPrecondition, "VERSION_NOT_NEWER", message)
                 .metadata("highest_version", highest)
                 .resource(ADDON, highest_id)
+                .into(),
+            Error::Revoked(id) => ApiError::new(Code::FailedPrecondition, "ADDON_REVOKED", message)
+                .resource(ADDON, id)
                 .into(),
             Error::Store(err) => addons_server_kit::store_error_to_status(err),
         }

@@ -34,7 +34,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let core = Marketplace::start(
         &store,
         registry,
-        config.verifier_options(&metrics),
+        config.verifier_options(&metrics)?,
         shutdown.clone(),
     )
     .await?;

@@ -16,6 +16,8 @@ pub enum AddonStatus {
     Approved,
     /// An image failed verification for good.
     FailedVerification,
+    /// Withdrawn by a reviewer: refused for installs, for good.
+    Revoked,
 }
 
 impl AddonStatus {
@@ -25,6 +27,7 @@ impl AddonStatus {
             Self::UnderReview => "under_review",
             Self::Approved => "approved",
             Self::FailedVerification => "failed_verification",
+            Self::Revoked => "revoked",
         }
     }
 }
@@ -48,6 +51,20 @@ pub struct Addon {
     /// Who published it; empty without authentication.
     #[serde(default)]
     pub owner: String,
+    /// Why and when it was revoked, once it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<Revocation>,
+}
+
+/// A reviewer's revocation of an addon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Why.
+    pub reason: String,
+    /// Who revoked it.
+    pub revoked_by: String,
+    /// When.
+    pub time: DateTime<Utc>,
 }
 
 // Read far more often than written: served from memory.
@@ -141,4 +158,22 @@ pub struct ServiceVerification {
     pub platforms: Vec<String>,
     /// Registry bytes fetched to verify it.
     pub bytes_fetched: u64,
+    /// The stable code of a definite failure: `IMAGE_INVALID`,
+    /// `SIGNATURE_MISSING` or `SIGNATURE_INVALID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<String>,
+    /// Who signed the image, when the trust policy checked a signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureCheck>,
+}
+
+/// The signature that verified an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureCheck {
+    /// The trust policy's name of the key.
+    pub key_name: String,
+    /// `sha256:<hex>` of the key.
+    pub key_fingerprint: String,
+    /// When it was checked.
+    pub check_time: DateTime<Utc>,
 }

@@ -4,6 +4,9 @@
 use std::{collections::HashMap, time::Duration};
 
 use addons_registry::RegistryError;
+use addons_signature::{
+    Mode, Refusal, RefusalCode, Signed, TrustPolicy, Verdict, remote::FetchError,
+};
 use oci_client::{
     Reference,
     manifest::{OciDescriptor, OciManifest},
@@ -75,6 +78,9 @@ pub enum CheckError {
     /// The registry could not answer now: retry later.
     #[error("{0}")]
     Transient(String),
+    /// The trust policy refuses the image's signature (or its absence).
+    #[error("{0}")]
+    Signature(addons_signature::Refusal),
 }
 
 /// The slice of an image configuration the checks read.
@@ -281,6 +287,46 @@ impl Registry {
             platforms,
             bytes_fetched: fetched,
         })
+    }
+
+    /// Checks the signature of the image `inspection` pinned, of addon
+    /// `addon`, under `trust`: who signed it, when the policy checks it and
+    /// it passed.
+    pub async fn check_signature(
+        &self,
+        trust: &TrustPolicy,
+        addon: &str,
+        inspection: &Inspection,
+    ) -> Result<Option<Signed>, CheckError> {
+        let image = inspection.resolved.as_str();
+        let Some((_, digest)) = addons_signature::payload::split_pinned(image) else {
+            return Err(CheckError::Definite {
+                reason: format!("`{image}` is not pinned by a sha256 digest"),
+                bytes_fetched: inspection.bytes_fetched,
+            });
+        };
+        let mode = trust.requirement(image, addon).mode;
+        if mode == Mode::None {
+            return Ok(None);
+        }
+        let candidates = match addons_signature::remote::fetch(&self.client, image, &digest).await {
+            Ok(candidates) => candidates,
+            Err(FetchError::Registry(err)) => {
+                return Err(classify(image, err, inspection.bytes_fetched));
+            }
+            Err(FetchError::Unreadable(_)) if mode == Mode::Optional => return Ok(None),
+            Err(FetchError::Unreadable(reason)) => {
+                return Err(CheckError::Signature(Refusal {
+                    code: RefusalCode::Invalid,
+                    reason: format!("{image}: {reason}"),
+                }));
+            }
+        };
+        match trust.check(image, &digest, addon, &candidates) {
+            Ok(Verdict::Signed(signed)) => Ok(Some(signed)),
+            Ok(Verdict::NotChecked | Verdict::Unsigned) => Ok(None),
+            Err(refusal) => Err(CheckError::Signature(refusal)),
+        }
     }
 
     /// Fetches and parses an image configuration (with the authentication

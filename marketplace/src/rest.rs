@@ -115,6 +115,7 @@ fn status_name(status: pb::AddonStatus) -> &'static str {
         pb::AddonStatus::UnderReview => "under_review",
         pb::AddonStatus::Approved => "approved",
         pb::AddonStatus::FailedVerification => "verification_failed",
+        pb::AddonStatus::Revoked => "revoked",
     }
 }
 
@@ -135,6 +136,39 @@ fn addon_json(addon: pb::Addon) -> serde_json::Value {
             .into(),
     );
     out.insert("owner".into(), addon.owner.clone().into());
+    // Per image, who signed it and when that was checked; the failure
+    // code of one that did not pass.
+    out.insert(
+        "images".into(),
+        addon
+            .verification
+            .iter()
+            .flat_map(|v| &v.services)
+            .map(|s| {
+                serde_json::json!({
+                    "service_name": s.service_name,
+                    "image": s.image,
+                    "resolved_image": s.resolved_image,
+                    "ok": s.ok,
+                    "reason": s.reason,
+                    "reason_code": s.reason_code,
+                    "signed_by": s.signed_by,
+                    "key_fingerprint": s.key_fingerprint,
+                    "signature_check_time": rest::timestamp(s.signature_check_time.as_ref()),
+                })
+            })
+            .collect(),
+    );
+    if let Some(revocation) = &addon.revocation {
+        out.insert(
+            "revocation".into(),
+            serde_json::json!({
+                "reason": revocation.reason,
+                "revoked_by": revocation.revoked_by,
+                "revoke_time": rest::timestamp(revocation.revoke_time.as_ref()),
+            }),
+        );
+    }
     out.insert("revision".into(), addon.revision.into());
     out.insert(
         "create_time".into(),

@@ -76,6 +76,7 @@ impl Marketplace {
     ) -> Result<Versioned<Addon>, Error> {
         for service in &mut descriptor.services {
             service.resolved_image = None;
+            service.image_signature = None;
         }
         addons_descriptor::validate_with(&descriptor, &registry::parse_reference)
             .map_err(Error::Invalid)?;
@@ -150,6 +151,7 @@ impl Marketplace {
             create_time: now,
             update_time: now,
             owner: caller.subject.clone(),
+            revocation: None,
         };
         match self.addons.insert(addon).await {
             Ok(stored) => {
@@ -281,9 +283,16 @@ impl Marketplace {
         caller: &Caller,
     ) -> Result<Versioned<Addon>, Error> {
         self.check_owner(id, caller).await?;
+        let mut revoked = false;
         let result = self
             .addons
             .modify_at(id, expected_revision, |addon| {
+                // Checked in the write itself: a revocation in between is
+                // never undone.
+                revoked = addon.status == AddonStatus::Revoked;
+                if revoked {
+                    return Ok(false);
+                }
                 addon.status = AddonStatus::UnderReview;
                 addon.verification = Verification {
                     claim: self.queue.claim(),
@@ -294,10 +303,46 @@ impl Marketplace {
             })
             .await;
         match result {
+            Ok(_) if revoked => Err(Error::Revoked(id.to_owned())),
             Ok(stored) => {
                 self.queue.enqueue(id);
                 Ok(stored)
             }
+            Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Revokes an addon for good, with `reason`, only while it is at
+    /// `expected_revision` when given; a revoked addon is returned as it is.
+    pub async fn revoke(
+        &self,
+        id: &str,
+        reason: &str,
+        expected_revision: Option<u64>,
+        caller: &Caller,
+    ) -> Result<Versioned<Addon>, Error> {
+        let result = self
+            .addons
+            .modify_at(id, expected_revision, |addon| {
+                if addon.status == AddonStatus::Revoked {
+                    return Ok(false);
+                }
+                addon.status = AddonStatus::Revoked;
+                addon.verification.claim = None;
+                addon.verification.next_attempt_time = None;
+                let now = chrono::Utc::now();
+                addon.revocation = Some(model::Revocation {
+                    reason: reason.to_owned(),
+                    revoked_by: caller.subject.clone(),
+                    time: now,
+                });
+                addon.update_time = now;
+                Ok(true)
+            })
+            .await;
+        match result {
+            Ok(stored) => Ok(stored),
             Err(addons_store::Error::NotFound { .. }) => Err(Error::NotFound(id.to_owned())),
             Err(err) => Err(err.into()),
         }

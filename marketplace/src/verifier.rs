@@ -50,9 +50,10 @@ use addons_server_kit::metrics::{
 };
 
 use crate::{
-    model::{Addon, AddonStatus, Claim, ServiceVerification, Verification},
-    registry::{CheckError, Inspection, Registry},
+    model::{Addon, AddonStatus, Claim, ServiceVerification, SignatureCheck, Verification},
+    registry::{CheckError, Registry},
 };
+use addons_signature::{Signed, TrustPolicy};
 
 /// How verification runs.
 #[derive(Debug, Clone)]
@@ -69,6 +70,9 @@ pub struct VerifierOptions {
     /// How long a claim keeps other replicas off an attempt: longer than
     /// any attempt takes (the registry timeout bounds its checks).
     pub claim_for: Duration,
+    /// Which keys must have signed which images; none: signatures are not
+    /// checked.
+    pub trust: Option<Arc<TrustPolicy>>,
 }
 
 impl Default for VerifierOptions {
@@ -79,6 +83,7 @@ impl Default for VerifierOptions {
             metrics: VerifierMetrics::default(),
             replica: addons_store::new_id(),
             claim_for: Duration::from_secs(120),
+            trust: None,
         }
     }
 }
@@ -145,7 +150,7 @@ impl VerifierMetrics {
         }
     }
 
-    fn checked(&self, image: &str, elapsed: Duration, result: &Result<Inspection, CheckError>) {
+    fn checked<T>(&self, image: &str, elapsed: Duration, result: &Result<T, CheckError>) {
         let registry = self.registries.get(
             image
                 .parse::<oci_client::Reference>()
@@ -155,7 +160,7 @@ impl VerifierMetrics {
         );
         let outcome = match result {
             Ok(_) => "ok",
-            Err(CheckError::Definite { .. }) => "failed",
+            Err(CheckError::Definite { .. } | CheckError::Signature(_)) => "failed",
             Err(CheckError::Transient(_)) => "unavailable",
         };
         self.check_seconds
@@ -398,6 +403,16 @@ fn instant_of(time: chrono::DateTime<Utc>) -> Instant {
     Instant::now() + wait
 }
 
+/// What nodes are sent of a verified signature.
+fn image_signature(signed: &Signed) -> addons_descriptor::ImageSignature {
+    addons_descriptor::ImageSignature {
+        // A payload that passed is JSON, so UTF-8.
+        payload: String::from_utf8_lossy(&signed.candidate.payload).into_owned(),
+        signature: signed.candidate.signature.clone(),
+        key_fingerprint: signed.fingerprint.clone(),
+    }
+}
+
 /// The delay before retry number `attempts` (1 is the first).
 fn backoff(options: &VerifierOptions, attempts: u32) -> Duration {
     options.backoff.jittered(attempts.saturating_sub(1))
@@ -477,9 +492,19 @@ async fn attempt(
             // points to now.
             let reference = service.resolved_image.as_deref().unwrap_or(&service.image);
             let start = std::time::Instant::now();
-            let result = registry
+            let result = match registry
                 .inspect(reference, !service.command.is_empty())
-                .await;
+                .await
+            {
+                Ok(inspection) => match options.trust.as_deref() {
+                    Some(trust) => registry
+                        .check_signature(trust, &current.value.descriptor.name, &inspection)
+                        .await
+                        .map(|signed| (inspection, signed)),
+                    None => Ok((inspection, None)),
+                },
+                Err(err) => Err(err),
+            };
             options.metrics.checked(reference, start.elapsed(), &result);
             result
         });
@@ -519,11 +544,22 @@ async fn attempt(
             ..ServiceVerification::default()
         };
         match result {
-            Ok(inspection) => {
+            Ok((inspection, signed)) => {
                 verdict.ok = true;
                 verdict.resolved_image = Some(inspection.resolved.clone());
                 verdict.platforms = inspection.platforms.clone();
                 verdict.bytes_fetched = inspection.bytes_fetched;
+                verdict.signature = signed.as_ref().map(|signed| SignatureCheck {
+                    key_name: signed.key_name.clone(),
+                    key_fingerprint: signed.fingerprint.clone(),
+                    check_time: now,
+                });
+            }
+            Err(CheckError::Signature(refusal)) => {
+                let reason = refusal.to_string();
+                verdict.reason = Some(reason.clone());
+                verdict.reason_code = Some(refusal.code.as_str().to_owned());
+                definite.push(format!("{}: {reason}", service.service_name));
             }
             Err(CheckError::Definite {
                 reason,
@@ -536,6 +572,7 @@ async fn attempt(
                     None => reason.clone(),
                 };
                 verdict.reason = Some(reason.clone());
+                verdict.reason_code = Some("IMAGE_INVALID".to_owned());
                 verdict.bytes_fetched = *bytes_fetched;
                 definite.push(format!("{}: {reason}", service.service_name));
             }
@@ -554,8 +591,18 @@ async fn attempt(
     } else if let Some(error) = transient {
         (Some(error), Some(backoff(options, attempts)), None)
     } else {
-        for (service, verdict) in addon.descriptor.services.iter_mut().zip(&services) {
+        for ((service, verdict), result) in addon
+            .descriptor
+            .services
+            .iter_mut()
+            .zip(&services)
+            .zip(&results)
+        {
             service.resolved_image = verdict.resolved_image.clone();
+            service.image_signature = match result {
+                Ok((_, Some(signed))) => Some(image_signature(signed)),
+                _ => None,
+            };
         }
         addon.status = AddonStatus::Approved;
         (None, None, None)

@@ -76,6 +76,7 @@ mutating! {
     marketplace::v1::PublishAddonRequest: "PublishAddon", |r| r.addon.as_ref().map_or("", |a| a.name.as_str());
     marketplace::v1::DeleteAddonRequest: "DeleteAddon", |r| &r.id;
     marketplace::v1::ReverifyAddonRequest: "ReverifyAddon", |r| &r.id;
+    marketplace::v1::RevokeAddonRequest: "RevokeAddon", |r| &r.id;
     engine::v1::InstallAddonRequest: "InstallAddon", |r| &r.marketplace_id;
     engine::v1::UpgradeInstallationRequest: "UpgradeInstallation", |r| &r.id;
     engine::v1::RollbackInstallationRequest: "RollbackInstallation", |r| &r.id;

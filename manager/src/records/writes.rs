@@ -451,6 +451,7 @@ fn stripped(whole: &Installation) -> Installation {
         node_selector,
         unconfirmed_nodes,
         trace_parent,
+        revoked,
     } = whole;
     Installation {
         id: id.clone(),
@@ -475,5 +476,6 @@ fn stripped(whole: &Installation) -> Installation {
         node_selector: node_selector.clone(),
         unconfirmed_nodes: unconfirmed_nodes.clone(),
         trace_parent: trace_parent.clone(),
+        revoked: revoked.clone(),
     }
 }

@@ -13,13 +13,35 @@ pub trait AddonSource: std::fmt::Debug + Send + Sync + 'static {
     fn get(&self, id: &str) -> BoxFuture<'_, Result<mpb::Addon, tonic::Status>>;
     /// Every version of the addon `name`, in any status (at most 500).
     fn versions(&self, name: &str) -> BoxFuture<'_, Result<Vec<mpb::Addon>, tonic::Status>>;
+    /// Every addon's state and then its changes, from after
+    /// `since_revision` (0: the current state first), as `WatchAddons`.
+    fn watch(&self, since_revision: u64) -> BoxFuture<'_, Result<AddonEvents, tonic::Status>> {
+        let _ = since_revision;
+        Box::pin(async { Err(tonic::Status::unimplemented("no watch")) })
+    }
 }
+
+/// The events of [`AddonSource::watch`].
+pub type AddonEvents =
+    futures::stream::BoxStream<'static, Result<mpb::WatchAddonsResponse, tonic::Status>>;
 
 /// The marketplace over gRPC.
 #[derive(Debug, Clone)]
 pub(super) struct GrpcMarketplace(pub(super) MarketplaceClient);
 
 impl AddonSource for GrpcMarketplace {
+    fn watch(&self, since_revision: u64) -> BoxFuture<'_, Result<AddonEvents, tonic::Status>> {
+        let request = mpb::WatchAddonsRequest {
+            name: String::new(),
+            since_revision,
+        };
+        let mut client = self.0.clone();
+        Box::pin(async move {
+            use futures::StreamExt as _;
+            Ok(client.watch_addons(request).await?.into_inner().boxed())
+        })
+    }
+
     fn get(&self, id: &str) -> BoxFuture<'_, Result<mpb::Addon, tonic::Status>> {
         let request = mpb::GetAddonRequest { id: id.to_owned() };
         let mut client = self.0.clone();
