@@ -114,6 +114,20 @@ impl MarketplaceClient {
         Ok(())
     }
 
+    /// Revokes the addon with `reason` (reviewer or admin).
+    pub async fn revoke(&self, id: &str, reason: &str) -> Result<pb::Addon, ClientError> {
+        let request = pb::RevokeAddonRequest {
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+            request_id: new_request_id(),
+            expected_revision: None,
+        };
+        let response = self
+            .call(request, |mut c, r| async move { c.revoke_addon(r).await })
+            .await?;
+        Ok(response.addon.unwrap_or_default())
+    }
+
     /// Puts the addon back under review and verifies it again.
     pub async fn reverify(&self, id: &str) -> Result<pb::Addon, ClientError> {
         let request = pb::ReverifyAddonRequest {

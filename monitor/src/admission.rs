@@ -6,6 +6,8 @@
 //! is FAILED with the reason; nothing is retried until the desired state
 //! changes).
 
+use addons_signature::{Candidate, TrustPolicy};
+
 use addons_descriptor::{
     Privilege, Resources, Service,
     policy::{CoreRules, Policy},
@@ -24,6 +26,8 @@ pub struct Node<'a> {
     pub reserved_ports: &'a [u16],
     /// Host ports held here by someone else: `(port, protocol, holder)`.
     pub ports_in_use: &'a [(u16, String, String)],
+    /// Which keys must have signed which images (`--trust-policy`).
+    pub trust: Option<&'a TrustPolicy>,
 }
 
 /// Why a node refuses a service.
@@ -39,6 +43,10 @@ pub enum Refusal {
     /// changed while it was mounted).
     #[error("{0}")]
     HostPath(crate::host_paths::HostPathError),
+    /// The node's trust policy refuses the image's signature, as the
+    /// manager sent it (or its absence).
+    #[error("image signature: {0}")]
+    Signature(addons_signature::Refusal),
     /// A host port the service publishes is held by someone else here.
     #[error("host port {port} is in use by {holder}")]
     HostPortInUse {
@@ -49,14 +57,19 @@ pub enum Refusal {
     },
 }
 
-/// Decides about `service`, which replaces the core component of its name
-/// here when `replaces_core`; the limits it runs with when admitted.
+/// Decides about `service` of addon `addon`, which replaces the core
+/// component of its name here when `replaces_core`; the limits it runs
+/// with when admitted.
 pub fn admit(
     node: Node<'_>,
+    addon: &str,
     service: &Service,
     replaces_core: bool,
     granted: &[Privilege],
 ) -> Result<Resources, Refusal> {
+    if let Some(trust) = node.trust {
+        check_signature(trust, addon, service).map_err(Refusal::Signature)?;
+    }
     let needs = privileges::service_needs(service, replaces_core);
     let missing = privileges::missing(&needs, granted);
     if !missing.is_empty() {
@@ -89,6 +102,32 @@ pub fn admit(
         .map_err(|violation| Refusal::Policy(violation.to_string()))
 }
 
+/// Checks the signature the manager sent with `service`'s pinned image
+/// against the node's own policy: only a key the node trusts can have
+/// made one that passes, so a manager cannot forge it.
+fn check_signature(
+    trust: &TrustPolicy,
+    addon: &str,
+    service: &Service,
+) -> Result<(), addons_signature::Refusal> {
+    let image = service.resolved_image.as_deref().unwrap_or(&service.image);
+    let Some((_, digest)) = addons_signature::payload::split_pinned(image) else {
+        return Err(addons_signature::Refusal {
+            code: addons_signature::RefusalCode::Invalid,
+            reason: format!("{image} is not pinned by a sha256 digest"),
+        });
+    };
+    let candidates: Vec<Candidate> = service
+        .image_signature
+        .iter()
+        .map(|signature| Candidate {
+            payload: signature.payload.clone().into_bytes(),
+            signature: signature.signature.clone(),
+        })
+        .collect();
+    trust.check(image, &digest, addon, &candidates).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use addons_descriptor::{Mount, Port, PrivilegeKind};
@@ -105,6 +144,7 @@ mod tests {
             core,
             reserved_ports: &[11103],
             ports_in_use: in_use,
+            trust: None,
         }
     }
 
@@ -122,7 +162,7 @@ mod tests {
         let none = CoreRules::default();
         let plain = service("web");
         assert_eq!(
-            admit(node(&default, &none, &[]), &plain, false, &[]),
+            admit(node(&default, &none, &[]), "addon", &plain, false, &[]),
             Ok(Resources {
                 memory_bytes: Some(512 << 20),
                 cpu_millis: None,
@@ -134,16 +174,16 @@ mod tests {
         host.mounts = vec![Mount::parse("/:/host").unwrap()];
         let grant = Privilege::parse_grant("host-path=/").unwrap();
         assert!(matches!(
-            admit(node(&default, &none, &[]), &host, false, &[]),
+            admit(node(&default, &none, &[]), "addon", &host, false, &[]),
             Err(Refusal::NotGranted(_))
         ));
-        let refused = admit(node(&default, &none, &[]), &host, false, &[grant]).unwrap_err();
+        let refused = admit(node(&default, &none, &[]), "addon", &host, false, &[grant]).unwrap_err();
         assert!(refused.to_string().contains("host_paths"), "{refused}");
 
         // A replacement the manager did not see as one (not a well-known
         // name) still needs its grant here, and the node's consent.
         let mongo = service("mongo2");
-        let refused = admit(node(&default, &none, &[]), &mongo, true, &[]).unwrap_err();
+        let refused = admit(node(&default, &none, &[]), "addon", &mongo, true, &[]).unwrap_err();
         assert_eq!(
             refused,
             Refusal::NotGranted(vec![Privilege::new(
@@ -153,7 +193,7 @@ mod tests {
             )])
         );
         let granted = [Privilege::parse_grant("core-component=mongo2").unwrap()];
-        let refused = admit(node(&default, &none, &[]), &mongo, true, &granted).unwrap_err();
+        let refused = admit(node(&default, &none, &[]), "addon", &mongo, true, &granted).unwrap_err();
         assert!(
             refused.to_string().contains("core_components.replace"),
             "{refused}"
@@ -162,7 +202,7 @@ mod tests {
             replace: vec!["mongo2".into()],
             inherit_environment: Vec::new(),
         };
-        assert!(admit(node(&default, &marked, &[]), &mongo, true, &granted).is_ok());
+        assert!(admit(node(&default, &marked, &[]), "addon", &mongo, true, &granted).is_ok());
 
         let mut web = service("web");
         web.ports = vec![Port {
@@ -177,12 +217,12 @@ mod tests {
             "core component scheduler".to_owned(),
         )];
         assert_eq!(
-            admit(node(&default, &none, &in_use), &web, false, &port),
+            admit(node(&default, &none, &in_use), "addon", &web, false, &port),
             Err(Refusal::HostPortInUse {
                 port: "8080/tcp".into(),
                 holder: "core component scheduler".into()
             })
         );
-        assert!(admit(node(&default, &none, &[]), &web, false, &port).is_ok());
+        assert!(admit(node(&default, &none, &[]), "addon", &web, false, &port).is_ok());
     }
 }

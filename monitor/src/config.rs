@@ -163,6 +163,16 @@ pub struct Config {
     #[arg(long, env = "ADDONS_POLICY", value_name = "FILE")]
     pub policy: Option<PathBuf>,
 
+    /// This node's trust policy (YAML, the marketplace's format): which
+    /// keys must have signed which images. Each image is checked against
+    /// the signature the manager sent with it, before it is pulled; a
+    /// service whose image does not pass is FAILED with the reason, so
+    /// neither a compromised manager nor a compromised marketplace makes
+    /// this node run what the node's keys did not sign. Without it,
+    /// signatures are not checked here.
+    #[arg(long, env = "ADDONS_TRUST_POLICY", value_name = "FILE")]
+    pub trust_policy: Option<PathBuf>,
+
     /// The orchestration plane this monitor serves.
     #[arg(long, env = "ADDONS_PLANE", value_enum, default_value_t = PlaneArg::Root)]
     pub plane: PlaneArg,

@@ -124,6 +124,13 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         // checks what it was granted.
         tracing::warn!("--policy: `consent` is the manager's; this node ignores it");
     }
+    let trust = match &config.trust_policy {
+        Some(path) => Some(std::sync::Arc::new(
+            addons_signature::TrustPolicy::load(path)
+                .map_err(|err| anyhow::anyhow!("--trust-policy: {err}"))?,
+        )),
+        None => None,
+    };
     let labels: std::collections::BTreeMap<String, String> =
         config.node_labels.iter().cloned().collect();
     if let Some(violation) =
@@ -215,6 +222,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             log_max_bytes: config.log_max_bytes,
             core_components,
             policy: std::sync::Arc::new(policy),
+            trust,
             reserved_ports: vec![listener.local_addr()?.port()],
             metrics: addons_monitor::metrics::MonitorMetrics::new(&metrics),
             network: NetworkOptions {

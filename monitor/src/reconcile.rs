@@ -83,6 +83,9 @@ pub struct ReconcileOptions {
     pub core_components: Vec<CoreComponentSpec>,
     /// What this node allows (`--policy`).
     pub policy: std::sync::Arc<addons_descriptor::policy::Policy>,
+    /// Which keys must have signed which images (`--trust-policy`); none:
+    /// signatures are not checked here.
+    pub trust: Option<std::sync::Arc<addons_signature::TrustPolicy>>,
     /// Ports no addon may publish here: the monitor's own.
     pub reserved_ports: Vec<u16>,
     /// Where passes, actions and pulls are counted.

@@ -13,6 +13,7 @@
 //! - reports a failure by its status code and a fixed text, never with
 //!   what the registry answered, which whoever runs it chose.
 
+mod credentials;
 mod policy;
 
 use std::{
@@ -28,7 +29,10 @@ use futures::{Stream, StreamExt as _};
 use reqwest::{StatusCode, header};
 use sha2::{Digest as _, Sha256};
 
-pub use crate::policy::{RegistryPolicy, is_public, split_host_port};
+pub use crate::{
+    credentials::read_credentials,
+    policy::{RegistryPolicy, is_public, split_host_port},
+};
 
 /// Largest manifest or image configuration read.
 pub const MAX_DOCUMENT_BYTES: u64 = 4 << 20;

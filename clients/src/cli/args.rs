@@ -260,6 +260,36 @@ pub(crate) enum Command {
         /// gRPC URL of the server, such as http://127.0.0.1:11102.
         url: String,
     },
+    /// Sign an image as `cosign sign --key` does: a signature of its
+    /// digest, stored beside it in its registry (`sha256-<hex>.sig`). An
+    /// encrypted cosign key is opened with `COSIGN_PASSWORD`.
+    Sign {
+        /// The image (a tag is resolved to its digest now).
+        image: String,
+        /// The private key: cosign's `cosign.key`, or PKCS#8 PEM.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        registry: super::signing::RegistryAccess,
+    },
+    /// Check that an image is signed by a key, with the marketplace's
+    /// checks; exit code 3 when it is not.
+    Verify {
+        /// The image.
+        image: String,
+        /// The public key (PEM, as `cosign.pub`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        registry: super::signing::RegistryAccess,
+    },
+    /// Write a new ECDSA P-256 key pair as `cosign generate-key-pair`
+    /// does: PREFIX.key encrypted with `COSIGN_PASSWORD`, and PREFIX.pub.
+    GenerateKeyPair {
+        /// Where to write the two files.
+        #[arg(long, default_value = "cosign", value_name = "PREFIX")]
+        output_key_prefix: PathBuf,
+    },
     /// Manage the contexts of the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -352,6 +382,16 @@ pub(crate) enum MarketplaceCommand {
     Delete {
         /// Addon id.
         id: String,
+    },
+    /// Revoke an addon (reviewer or admin): refused for installs and
+    /// upgrades from now on; managers flag its installations and, under
+    /// `--on-revoke uninstall`, uninstall them.
+    Revoke {
+        /// Addon id.
+        id: String,
+        /// Why; shown with the addon and on each installation.
+        #[arg(long)]
+        reason: String,
     },
     /// Verify an addon again.
     Reverify {

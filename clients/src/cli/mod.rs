@@ -8,6 +8,7 @@ mod failure;
 pub(crate) mod output;
 mod progress;
 mod servers;
+mod signing;
 mod trace;
 
 use std::{
@@ -70,6 +71,23 @@ async fn run_traced(mut cli: Cli, traceparent: Option<String>) -> Result<u8, Fai
     }) = &cli.command
     {
         return from_compose(file, plane, services, images, *replaceable);
+    }
+    // Registries and key files only: no server is needed.
+    match &cli.command {
+        Command::Sign {
+            image,
+            key,
+            registry,
+        } => return signing::sign(image, key, registry, cli.output).await,
+        Command::Verify {
+            image,
+            key,
+            registry,
+        } => return signing::verify(image, key, registry, cli.output).await,
+        Command::GenerateKeyPair { output_key_prefix } => {
+            return signing::generate_key_pair(output_key_prefix);
+        }
+        _ => {}
     }
     let (servers, credentials) = resolve(&mut cli)?;
     let options = ClientOptions {
@@ -145,6 +163,13 @@ async fn run_traced(mut cli: Cli, traceparent: Option<String>) -> Result<u8, Fai
                     if format == Format::Table {
                         println!("deleted addon {id}");
                     }
+                }
+                MarketplaceCommand::Revoke { id, reason } => {
+                    let addon = client
+                        .revoke(&id, &reason)
+                        .await
+                        .map_err(failed(&format!("revoking addon {id} failed")))?;
+                    output::addons(&[addon], format, false).map_err(failed("output"))?;
                 }
                 MarketplaceCommand::Reverify { id, wait } => {
                     let addon = client
@@ -407,7 +432,11 @@ async fn run_traced(mut cli: Cli, traceparent: Option<String>) -> Result<u8, Fai
             output::table(&["SERVICE", "HEALTH"], &rows);
         }
         // Handled before any connection is made.
-        Command::Config(_) | Command::Core(_) => {}
+        Command::Config(_)
+        | Command::Core(_)
+        | Command::Sign { .. }
+        | Command::Verify { .. }
+        | Command::GenerateKeyPair { .. } => {}
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

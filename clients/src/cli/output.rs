@@ -192,6 +192,11 @@ pub fn phase(service: &epb::ServiceStatus) -> String {
         .to_owned()
 }
 
+/// Prints a document as JSON or YAML.
+pub(crate) fn document(value: &serde_json::Value, format: Format) -> Result<(), ClientError> {
+    emit(value.clone(), format)
+}
+
 fn emit(value: serde_json::Value, format: Format) -> Result<(), ClientError> {
     match format {
         Format::Json => {

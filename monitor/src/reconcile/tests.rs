@@ -286,6 +286,7 @@ fn reconciler(fake: &Fake, state: &Path) -> Reconciler<Fake, Fake> {
         log_max_bytes: 1 << 20,
         core_components: vec![scheduler_spec()],
         policy: Default::default(),
+        trust: None,
         reserved_ports: Vec::new(),
         metrics: crate::metrics::MonitorMetrics::default(),
     };

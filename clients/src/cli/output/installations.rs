@@ -43,7 +43,24 @@ pub fn installations(
                     i.addon.as_ref().map_or(0, |a| a.services.len())
                 ),
                 ago(i.update_time.as_ref()),
-                i.status_message.clone(),
+                match &i.revoked {
+                    // The warning first: the addon was withdrawn.
+                    Some(revoked) => format!(
+                        "ADDON REVOKED{}: {}{}",
+                        if revoked.uninstalled {
+                            " (uninstalled)"
+                        } else {
+                            ""
+                        },
+                        revoked.reason,
+                        if i.status_message.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", i.status_message)
+                        }
+                    ),
+                    None => i.status_message.clone(),
+                },
             ]
         })
         .collect();
