@@ -32,6 +32,7 @@ impl AddonFilter {
                 pb::AddonStatus::UnderReview,
                 pb::AddonStatus::Approved,
                 pb::AddonStatus::FailedVerification,
+                pb::AddonStatus::Revoked,
             ],
             name: None,
         }

@@ -64,6 +64,7 @@ impl AddonSource for GrpcMarketplace {
                 mpb::AddonStatus::Approved.into(),
                 mpb::AddonStatus::UnderReview.into(),
                 mpb::AddonStatus::FailedVerification.into(),
+                mpb::AddonStatus::Revoked.into(),
             ],
             name: name.to_owned(),
             page_size: 500,
