@@ -6,8 +6,8 @@
 use oakestra_addons_proto::{engine::v1 as epb, marketplace::v1 as mpb};
 
 use crate::{
-    Descriptor, HealthCheck, ImageSignature, Mount, MountSource, Network, Port, Privilege, PrivilegeKind, Probe,
-    Resources, Service, Volume,
+    Descriptor, HealthCheck, ImageSignature, Mount, MountSource, Network, Port, Privilege,
+    PrivilegeKind, Probe, Resources, Service, Volume,
 };
 
 macro_rules! conversions {

@@ -376,7 +376,10 @@ fn check_service<'a>(
             v.add(format!("{at}.image_signature.payload"), "at most 64 KiB");
         }
         if signature.signature.len() > 1024 {
-            v.add(format!("{at}.image_signature.signature"), "at most 1024 bytes");
+            v.add(
+                format!("{at}.image_signature.signature"),
+                "at most 1024 bytes",
+            );
         }
         if signature.key_fingerprint.len() > 128 {
             v.add(

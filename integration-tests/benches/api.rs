@@ -97,6 +97,13 @@ impl MarketplaceService for Fixed {
         Err(Status::unimplemented("baseline"))
     }
 
+    async fn revoke_addon(
+        &self,
+        _: Request<mpb::RevokeAddonRequest>,
+    ) -> Result<Response<mpb::RevokeAddonResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     type WatchAddonStream = std::pin::Pin<
         Box<dyn futures::Stream<Item = Result<mpb::WatchAddonResponse, Status>> + Send>,
     >;

@@ -236,10 +236,64 @@ async fn strangers_are_refused_and_roles_decide() {
         .delete_addon(bearer(delete(), &reviewer))
         .await
         .unwrap();
-    client
+    let republished = client
         .publish_addon(bearer(publish(), &publisher))
         .await
+        .unwrap()
+        .into_inner()
+        .addon
         .unwrap();
+
+    // Only a reviewer revokes, not even the addon's own publisher; the
+    // revocation names who made it.
+    let revoke = |reason: &str| mpb::RevokeAddonRequest {
+        id: republished.id.clone(),
+        reason: reason.into(),
+        ..Default::default()
+    };
+    let denied = client
+        .revoke_addon(bearer(revoke("mine"), &publisher))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (denied.code(), reason(&denied).as_str()),
+        (Code::PermissionDenied, "ROLE_REQUIRED"),
+        "{denied:?}"
+    );
+    let invalid = client
+        .revoke_addon(bearer(revoke(""), &reviewer))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    let revoked = client
+        .revoke_addon(bearer(revoke("malware found"), &reviewer))
+        .await
+        .unwrap()
+        .into_inner()
+        .addon
+        .unwrap();
+    assert_eq!(revoked.status(), mpb::AddonStatus::Revoked);
+    let revocation = revoked.revocation.unwrap();
+    assert_eq!(
+        (revocation.reason.as_str(), revocation.revoked_by.as_str()),
+        ("malware found", "rita")
+    );
+    // Revoked is final: its publisher cannot put it back in review.
+    let reopened = client
+        .reverify_addon(bearer(
+            mpb::ReverifyAddonRequest {
+                id: republished.id.clone(),
+                ..Default::default()
+            },
+            &publisher,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (reopened.code(), reason(&reopened).as_str()),
+        (Code::FailedPrecondition, "ADDON_REVOKED"),
+        "{reopened:?}"
+    );
 
     // A client certificate of the CA is its CN, with the roles of the file.
     let cert = pki.ca.client("viewer-cert");

@@ -94,13 +94,23 @@ fn registry_client(host: &str) -> addons_registry::Registry {
 
 /// Stores beside `image` (pinned at `digest`) a signature by `key` of
 /// `signed_payload`, the way `cosign sign` lays it out.
-async fn attach_payload(host: &str, repository: &str, digest: &str, key: &SigningKey, signed_payload: &[u8]) {
+async fn attach_payload(
+    host: &str,
+    repository: &str,
+    digest: &str,
+    key: &SigningKey,
+    signed_payload: &[u8],
+) {
     let registry = registry_client(host);
     let signature = STANDARD.encode(key.sign(signed_payload).unwrap());
-    let (manifest, config) = manifest::with_layer(None, manifest::layer(signed_payload, &signature))
-        .unwrap()
+    let manifest::Written { manifest, config } =
+        manifest::with_layer(None, manifest::layer(signed_payload, &signature))
+            .unwrap()
+            .unwrap();
+    registry
+        .push_blob(host, repository, signed_payload)
+        .await
         .unwrap();
-    registry.push_blob(host, repository, signed_payload).await.unwrap();
     registry.push_blob(host, repository, &config).await.unwrap();
     registry
         .push_manifest(
@@ -114,7 +124,10 @@ async fn attach_payload(host: &str, repository: &str, digest: &str, key: &Signin
         .unwrap();
 }
 
-async fn settled(client: &MarketplaceServiceClient<tonic::transport::Channel>, id: &str) -> mpb::Addon {
+async fn settled(
+    client: &MarketplaceServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> mpb::Addon {
     eventually("verification ends", Duration::from_secs(30), || {
         let mut client = client.clone();
         let id = id.to_owned();
@@ -186,7 +199,11 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
     let password = [("COSIGN_PASSWORD", "correct horse")];
     for prefix in [&team, &stranger] {
         let (code, _, err) = oak_with(
-            &["generate-key-pair", "--output-key-prefix", prefix.to_str().unwrap()],
+            &[
+                "generate-key-pair",
+                "--output-key-prefix",
+                prefix.to_str().unwrap(),
+            ],
             &password,
         )
         .await;
@@ -219,13 +236,26 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
         let key = key.to_str().unwrap().to_owned();
         async move {
             oak_with(
-                &["sign", &image, "--key", &key, "--insecure", "--output", "json"],
+                &[
+                    "sign",
+                    &image,
+                    "--key",
+                    &key,
+                    "--insecure",
+                    "--output",
+                    "json",
+                ],
                 &[("COSIGN_PASSWORD", password)],
             )
             .await
         }
     };
-    let (code, out, err) = sign(format!("{host}/team/signed:1.0"), &team_key, "correct horse").await;
+    let (code, out, err) = sign(
+        format!("{host}/team/signed:1.0"),
+        &team_key,
+        "correct horse",
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["digest"], signed_digest.as_str());
@@ -294,51 +324,108 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
     .await;
     let client = MarketplaceServiceClient::new(marketplace.channel());
 
-    let signed = publish(&client, one_service("signed", &format!("{host}/team/signed:1.0"))).await;
-    assert_eq!(signed.status(), mpb::AddonStatus::Approved, "{:?}", signed.verification);
+    let signed = publish(
+        &client,
+        one_service("signed", &format!("{host}/team/signed:1.0")),
+    )
+    .await;
+    assert_eq!(
+        signed.status(),
+        mpb::AddonStatus::Approved,
+        "{:?}",
+        signed.verification
+    );
     let check = verdict(&signed);
     assert_eq!(check.signed_by, "team");
-    let team_fingerprint = addons_signature::PublicKey::from_pem(&std::fs::read_to_string(&team_pub).unwrap())
-        .unwrap()
-        .fingerprint();
+    let team_fingerprint =
+        addons_signature::PublicKey::from_pem(&std::fs::read_to_string(&team_pub).unwrap())
+            .unwrap()
+            .fingerprint();
     assert_eq!(check.key_fingerprint, team_fingerprint);
     assert!(check.signature_check_time.is_some());
     let carried = signed.services[0].image_signature.clone().unwrap();
-    assert!(carried.payload.contains(&signed_digest), "{}", carried.payload);
+    assert!(
+        carried.payload.contains(&signed_digest),
+        "{}",
+        carried.payload
+    );
     assert_eq!(carried.key_fingerprint, team_fingerprint);
 
     for (name, image, code, words) in [
-        ("unsigned", format!("{host}/team/unsigned:1.0"), "SIGNATURE_MISSING", "has no signature".to_owned()),
-        ("otherkey", format!("{host}/team/otherkey:1.0"), "SIGNATURE_INVALID", "not signed by a trusted key".to_owned()),
-        ("moved", format!("{host}/team/moved:1.0"), "SIGNATURE_INVALID", format!("the signature is for {old_digest}")),
+        (
+            "unsigned",
+            format!("{host}/team/unsigned:1.0"),
+            "SIGNATURE_MISSING",
+            "has no signature".to_owned(),
+        ),
+        (
+            "otherkey",
+            format!("{host}/team/otherkey:1.0"),
+            "SIGNATURE_INVALID",
+            "not signed by a trusted key".to_owned(),
+        ),
+        (
+            "moved",
+            format!("{host}/team/moved:1.0"),
+            "SIGNATURE_INVALID",
+            format!("the signature is for {old_digest}"),
+        ),
     ] {
         let failed = publish(&client, one_service(name, &image)).await;
-        assert_eq!(failed.status(), mpb::AddonStatus::FailedVerification, "{name}");
+        assert_eq!(
+            failed.status(),
+            mpb::AddonStatus::FailedVerification,
+            "{name}"
+        );
         let check = verdict(&failed);
         assert_eq!(check.reason_code, code, "{name}: {check:?}");
         assert!(check.reason.contains(&words), "{name}: {}", check.reason);
         // The image is named.
         let repository = image.split(':').take(2).collect::<Vec<_>>().join(":");
-        assert!(check.reason.contains(&repository), "{name}: {}", check.reason);
+        assert!(
+            check.reason.contains(&repository),
+            "{name}: {}",
+            check.reason
+        );
         assert!(failed.services[0].image_signature.is_none());
     }
     let _ = other_key_digest;
 
-    let cosigned = publish(&client, one_service("cosigned", &format!("{host}/vendor/cosigned:1.0"))).await;
-    assert_eq!(cosigned.status(), mpb::AddonStatus::Approved, "{:?}", cosigned.verification);
+    let cosigned = publish(
+        &client,
+        one_service("cosigned", &format!("{host}/vendor/cosigned:1.0")),
+    )
+    .await;
+    assert_eq!(
+        cosigned.status(),
+        mpb::AddonStatus::Approved,
+        "{:?}",
+        cosigned.verification
+    );
     assert_eq!(verdict(&cosigned).signed_by, "vendor");
 
     // The REST view names the signer of each image.
     let answer = integration_tests::rest::curl(
         "GET",
-        &format!("{}/api/v1/marketplace/addons/{}", marketplace.url(), signed.id),
+        &format!(
+            "{}/api/v1/marketplace/addons/{}",
+            marketplace.url(),
+            signed.id
+        ),
         None,
         &[],
     )
     .await;
     assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(answer.body["images"][0]["signed_by"], "team", "{}", answer.text);
-    assert_eq!(answer.body["images"][0]["key_fingerprint"], team_fingerprint.as_str());
+    assert_eq!(
+        answer.body["images"][0]["signed_by"], "team",
+        "{}",
+        answer.text
+    );
+    assert_eq!(
+        answer.body["images"][0]["key_fingerprint"],
+        team_fingerprint.as_str()
+    );
 
     // The signature goes from the registry: a reverify checks it again.
     let registry_client = registry_client(&host);
@@ -351,7 +438,9 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
         )
         .await
         .unwrap();
-    let deleted = registry.delete_manifest("team/signed", &signature_manifest).await;
+    let deleted = registry
+        .delete_manifest("team/signed", &signature_manifest)
+        .await;
     assert!(deleted.contains("202"), "{deleted}");
     client
         .clone()
@@ -415,7 +504,11 @@ impl MonitorLinkService for LinkPeer {
     }
 }
 
-fn pinned_service(name: &str, image: &str, signature: Option<pb::ImageSignature>) -> pb::ServiceSpec {
+fn pinned_service(
+    name: &str,
+    image: &str,
+    signature: Option<pb::ImageSignature>,
+) -> pb::ServiceSpec {
     pb::ServiceSpec {
         service_name: name.into(),
         image: image.into(),
@@ -502,10 +595,31 @@ async fn a_node_refuses_what_its_keys_did_not_sign() {
     let desired = pb::DesiredState {
         generation: 1,
         installations: vec![
-            installation(SIGNED, pinned_service("signed", &image, Some(signed_by(&trusted, &repository, &digest)))),
-            installation(FORGED, pinned_service("forged", &other_image, Some(signed_by(&attacker, &repository, &other_digest)))),
+            installation(
+                SIGNED,
+                pinned_service(
+                    "signed",
+                    &image,
+                    Some(signed_by(&trusted, &repository, &digest)),
+                ),
+            ),
+            installation(
+                FORGED,
+                pinned_service(
+                    "forged",
+                    &other_image,
+                    Some(signed_by(&attacker, &repository, &other_digest)),
+                ),
+            ),
             // A real signature by the node's key, of another image.
-            installation(ELSEWHERE, pinned_service("elsewhere", &other_image, Some(signed_by(&trusted, &repository, &digest)))),
+            installation(
+                ELSEWHERE,
+                pinned_service(
+                    "elsewhere",
+                    &other_image,
+                    Some(signed_by(&trusted, &repository, &digest)),
+                ),
+            ),
             installation(BARE, pinned_service("bare", &other_image, None)),
         ],
     };
@@ -552,9 +666,23 @@ async fn a_node_refuses_what_its_keys_did_not_sign() {
     .await
     .unwrap_or_else(|_| panic!("every service settled: {last:#?}\n{}", monitor.stderr()));
     let reason = |id: &str| last[id].reason.clone();
-    assert!(reason(FORGED).contains("SIGNATURE_INVALID") && reason(FORGED).contains("not signed by a trusted key"), "{}", reason(FORGED));
-    assert!(reason(ELSEWHERE).contains("SIGNATURE_INVALID") && reason(ELSEWHERE).contains(&format!("the signature is for {digest}")), "{}", reason(ELSEWHERE));
-    assert!(reason(BARE).contains("SIGNATURE_MISSING"), "{}", reason(BARE));
+    assert!(
+        reason(FORGED).contains("SIGNATURE_INVALID")
+            && reason(FORGED).contains("not signed by a trusted key"),
+        "{}",
+        reason(FORGED)
+    );
+    assert!(
+        reason(ELSEWHERE).contains("SIGNATURE_INVALID")
+            && reason(ELSEWHERE).contains(&format!("the signature is for {digest}")),
+        "{}",
+        reason(ELSEWHERE)
+    );
+    assert!(
+        reason(BARE).contains("SIGNATURE_MISSING"),
+        "{}",
+        reason(BARE)
+    );
 
     // Passes went by: only the signed service has a container, and the
     // refused image was never pulled.
@@ -567,7 +695,9 @@ async fn a_node_refuses_what_its_keys_did_not_sign() {
     let containers = runtime.list_containers(&[]).await.unwrap();
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert!(
-        !registry.log().contains(&format!("manifests/{other_digest}")),
+        !registry
+            .log()
+            .contains(&format!("manifests/{other_digest}")),
         "the refused image's manifest was never fetched"
     );
     monitor.stop().await;
@@ -585,8 +715,7 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let (marketplace, manager) =
-        integration_tests::start_control_plane(dir.path(), &host).await;
+    let (marketplace, manager) = integration_tests::start_control_plane(dir.path(), &host).await;
     let monitor = MonitorSetup {
         manager: manager.url(),
         containerd: &containerd,
@@ -598,7 +727,11 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
     }
     .start(&[], &[])
     .await;
-    let addon = publish_approved(&marketplace, one_service("doomed", &format!("{host}/team/app:1"))).await;
+    let addon = publish_approved(
+        &marketplace,
+        one_service("doomed", &format!("{host}/team/app:1")),
+    )
+    .await;
     let engine = AddonsManagerServiceClient::new(manager.channel());
     let install = || {
         let mut engine = engine.clone();
@@ -624,12 +757,16 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
                 .map(|r| r.into_inner().installation.unwrap())
         }
     };
-    eventually("the installation is ACTIVE", Duration::from_secs(60), || async {
-        let installation = get(&engine).await?;
-        (installation.status() == pb::InstallationStatus::Active)
-            .then_some(())
-            .ok_or(format!("{:?}", installation.status()))
-    })
+    eventually(
+        "the installation is ACTIVE",
+        Duration::from_secs(60),
+        || async {
+            let installation = get(&engine).await?;
+            (installation.status() == pb::InstallationStatus::Active)
+                .then_some(())
+                .ok_or(format!("{:?}", installation.status()))
+        },
+    )
     .await;
     let runtime = addons_monitor::Containerd::new(
         containerd.socket(),
@@ -655,35 +792,63 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
     .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("REVOKED"), "{out}");
-    let (_, listed, _) = oak_with(&["--marketplace", &marketplace_url, "marketplace", "list", "--all"], &[]).await;
+    let (_, listed, _) = oak_with(
+        &[
+            "--marketplace",
+            &marketplace_url,
+            "marketplace",
+            "list",
+            "--all",
+        ],
+        &[],
+    )
+    .await;
     assert!(listed.contains("REVOKED"), "{listed}");
 
     // The manager flags the installation and uninstalls it.
-    let flagged = eventually("the installation is flagged and removed", Duration::from_secs(60), || async {
-        let installation = get(&engine).await?;
-        match &installation.revoked {
-            Some(revoked) if installation.status() == pb::InstallationStatus::Disabled => {
-                Ok((installation.clone(), revoked.clone()))
+    let flagged = eventually(
+        "the installation is flagged and removed",
+        Duration::from_secs(60),
+        || async {
+            let installation = get(&engine).await?;
+            match &installation.revoked {
+                Some(revoked) if installation.status() == pb::InstallationStatus::Disabled => {
+                    Ok((installation.clone(), revoked.clone()))
+                }
+                other => Err(format!("{:?} {other:?}", installation.status())),
             }
-            other => Err(format!("{:?} {other:?}", installation.status())),
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(flagged.1.reason, "publisher key stolen");
     assert!(flagged.1.uninstalled);
     assert!(runtime.list_containers(&[]).await.unwrap().is_empty());
     let (code, out, err) = oak_with(&["--manager", &manager.url(), "list"], &[]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ADDON REVOKED (uninstalled): publisher key stolen"), "{out}");
+    assert!(
+        out.contains("ADDON REVOKED (uninstalled): publisher key stolen"),
+        "{out}"
+    );
 
     // A new install is refused.
     let refused = install().await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert_eq!(
-        refused.get_details_error_info().map(|i| i.reason).unwrap_or_default(),
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .unwrap_or_default(),
         "ADDON_NOT_APPROVED"
     );
-    assert!(refused.message().contains("REVOKED"), "{}", refused.message());
+    assert!(
+        refused.message().contains("REVOKED"),
+        "{}",
+        refused.message()
+    );
     monitor.stop().await;
     manager.stop().await;
     marketplace.stop().await;

@@ -83,7 +83,8 @@ impl Config {
     ) -> anyhow::Result<VerifierOptions> {
         let trust = match &self.trust_policy {
             Some(path) => Some(std::sync::Arc::new(
-                addons_signature::TrustPolicy::load(path).map_err(|err| anyhow::anyhow!("--trust-policy: {err}"))?,
+                addons_signature::TrustPolicy::load(path)
+                    .map_err(|err| anyhow::anyhow!("--trust-policy: {err}"))?,
             )),
             None => None,
         };

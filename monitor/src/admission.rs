@@ -177,7 +177,8 @@ mod tests {
             admit(node(&default, &none, &[]), "addon", &host, false, &[]),
             Err(Refusal::NotGranted(_))
         ));
-        let refused = admit(node(&default, &none, &[]), "addon", &host, false, &[grant]).unwrap_err();
+        let refused =
+            admit(node(&default, &none, &[]), "addon", &host, false, &[grant]).unwrap_err();
         assert!(refused.to_string().contains("host_paths"), "{refused}");
 
         // A replacement the manager did not see as one (not a well-known
@@ -193,7 +194,8 @@ mod tests {
             )])
         );
         let granted = [Privilege::parse_grant("core-component=mongo2").unwrap()];
-        let refused = admit(node(&default, &none, &[]), "addon", &mongo, true, &granted).unwrap_err();
+        let refused =
+            admit(node(&default, &none, &[]), "addon", &mongo, true, &granted).unwrap_err();
         assert!(
             refused.to_string().contains("core_components.replace"),
             "{refused}"
@@ -202,7 +204,16 @@ mod tests {
             replace: vec!["mongo2".into()],
             inherit_environment: Vec::new(),
         };
-        assert!(admit(node(&default, &marked, &[]), "addon", &mongo, true, &granted).is_ok());
+        assert!(
+            admit(
+                node(&default, &marked, &[]),
+                "addon",
+                &mongo,
+                true,
+                &granted
+            )
+            .is_ok()
+        );
 
         let mut web = service("web");
         web.ports = vec![Port {
@@ -224,5 +235,65 @@ mod tests {
             })
         );
         assert!(admit(node(&default, &none, &[]), "addon", &web, false, &port).is_ok());
+    }
+
+    #[test]
+    fn a_node_with_a_trust_policy_runs_only_what_its_keys_signed() {
+        use addons_signature::{SigningKey, payload};
+        use base64::{Engine as _, engine::general_purpose::STANDARD};
+
+        let (trusted, _) = SigningKey::generate().unwrap();
+        let (other, _) = SigningKey::generate().unwrap();
+        let pem: String = trusted
+            .public_key()
+            .to_pem()
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect();
+        let trust = TrustPolicy::parse(
+            &format!("keys:\n  node: |\n{pem}rules:\n  - images: [\"mirror.local/*\"]\n    signature: none\n"),
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let default = Policy::default();
+        let none = CoreRules::default();
+        let node = Node {
+            trust: Some(&trust),
+            ..node(&default, &none, &[])
+        };
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let signed = |key: &SigningKey, repository: &str| {
+            let text = payload::build(repository, &digest);
+            addons_descriptor::ImageSignature {
+                signature: STANDARD.encode(key.sign(&text).unwrap()),
+                payload: String::from_utf8(text).unwrap(),
+                key_fingerprint: key.public_key().fingerprint(),
+            }
+        };
+        let mut web = service("web");
+        web.resolved_image = Some(format!("r.example/team/web@{digest}"));
+        assert!(
+            admit(node, "a", &web, false, &[])
+                .is_err_and(|refusal| refusal.to_string().contains("SIGNATURE_MISSING"))
+        );
+        web.image_signature = Some(signed(&other, "r.example/team/web"));
+        assert!(
+            admit(node, "a", &web, false, &[])
+                .is_err_and(|refusal| refusal.to_string().contains("SIGNATURE_INVALID"))
+        );
+        web.image_signature = Some(signed(&trusted, "r.example/team/other"));
+        assert!(
+            admit(node, "a", &web, false, &[]).is_err(),
+            "another repository's signature"
+        );
+        web.image_signature = Some(signed(&trusted, "r.example/team/web"));
+        assert!(admit(node, "a", &web, false, &[]).is_ok());
+        // A tag, not a digest, is never admitted under a policy.
+        web.resolved_image = Some("r.example/team/web:1".into());
+        assert!(admit(node, "a", &web, false, &[]).is_err());
+        // What the policy does not check runs unsigned.
+        let mut mirrored = service("m");
+        mirrored.resolved_image = Some(format!("mirror.local/x@{digest}"));
+        assert!(admit(node, "a", &mirrored, false, &[]).is_ok());
     }
 }

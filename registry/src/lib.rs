@@ -263,8 +263,15 @@ impl Registry {
         url: &str,
         accept: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        self.send(reqwest::Method::GET, registry, repository, url, accept, None)
-            .await
+        self.send(
+            reqwest::Method::GET,
+            registry,
+            repository,
+            url,
+            accept,
+            None,
+        )
+        .await
     }
 
     /// Sends `method` to `url` for `repository` of `registry` with `body`
@@ -479,13 +486,22 @@ impl Registry {
         }
         let start = self.url(registry, repository, "blobs", "uploads/");
         let answer = self
-            .send(reqwest::Method::POST, registry, repository, &start, "", None)
+            .send(
+                reqwest::Method::POST,
+                registry,
+                repository,
+                &start,
+                "",
+                None,
+            )
             .await?;
         let location = answer
             .headers()
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or(RegistryError::Invalid("the upload answer names no location"))?;
+            .ok_or(RegistryError::Invalid(
+                "the upload answer names no location",
+            ))?;
         let base: reqwest::Url = start
             .parse()
             .map_err(|_| RegistryError::Invalid("the upload URL is not a URL"))?;

@@ -95,7 +95,8 @@ impl PublicKey {
             && der[P256_SPKI_PREFIX.len()] == 0x04
         {
             Algorithm::EcdsaP256
-        } else if der.len() == ED25519_SPKI_PREFIX.len() + 32 && der.starts_with(ED25519_SPKI_PREFIX)
+        } else if der.len() == ED25519_SPKI_PREFIX.len() + 32
+            && der.starts_with(ED25519_SPKI_PREFIX)
         {
             Algorithm::Ed25519
         } else {

@@ -77,7 +77,9 @@ pub fn signature_layers(manifest: &[u8]) -> Result<Vec<SignatureLayer>, String> 
     Ok(manifest
         .layers
         .into_iter()
-        .filter(|layer| layer.media_type == SIMPLE_SIGNING && layer.size <= MAX_PAYLOAD_BYTES as u64)
+        .filter(|layer| {
+            layer.media_type == SIMPLE_SIGNING && layer.size <= MAX_PAYLOAD_BYTES as u64
+        })
         .filter_map(|mut layer| {
             let signature = layer.annotations.remove(SIGNATURE_ANNOTATION)?;
             Some(SignatureLayer {
@@ -90,10 +92,19 @@ pub fn signature_layers(manifest: &[u8]) -> Result<Vec<SignatureLayer>, String> 
         .collect())
 }
 
+/// A signature manifest to store, and the configuration it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The manifest.
+    pub manifest: Vec<u8>,
+    /// Its configuration blob.
+    pub config: Vec<u8>,
+}
+
 /// A signature manifest with `layer` added to the layers of `existing`
 /// (cosign's way: an image signed twice has two layers), and the
 /// configuration it names; `None` when `existing` holds `layer` already.
-pub fn with_layer(existing: Option<&[u8]>, layer: Descriptor) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+pub fn with_layer(existing: Option<&[u8]>, layer: Descriptor) -> Result<Option<Written>, String> {
     let mut layers = match existing {
         Some(bytes) => {
             let manifest: Manifest = serde_json::from_slice(bytes)
@@ -127,8 +138,8 @@ pub fn with_layer(existing: Option<&[u8]>, layer: Descriptor) -> Result<Option<(
         },
         layers,
     };
-    let bytes = serde_json::to_vec(&manifest).map_err(|err| err.to_string())?;
-    Ok(Some((bytes, config)))
+    let manifest = serde_json::to_vec(&manifest).map_err(|err| err.to_string())?;
+    Ok(Some(Written { manifest, config }))
 }
 
 /// The layer descriptor of `payload` signed with `signature` (base64).
@@ -159,7 +170,7 @@ mod tests {
     #[test]
     fn signatures_add_up_and_read_back() {
         let first = layer(b"one", "c2ln");
-        let (manifest, config) = with_layer(None, first.clone()).unwrap().unwrap();
+        let Written { manifest, config } = with_layer(None, first.clone()).unwrap().unwrap();
         assert!(String::from_utf8(config).unwrap().contains(&first.digest));
         assert_eq!(
             with_layer(Some(&manifest), first.clone()).unwrap(),
@@ -167,7 +178,10 @@ mod tests {
             "the same signature is not added twice"
         );
         let second = layer(b"two", "c2lnMg==");
-        let (manifest, _) = with_layer(Some(&manifest), second).unwrap().unwrap();
+        let manifest = with_layer(Some(&manifest), second)
+            .unwrap()
+            .unwrap()
+            .manifest;
         let layers = signature_layers(&manifest).unwrap();
         assert_eq!(layers.len(), 2);
         assert_eq!(layers[0].signature, "c2ln");
@@ -182,9 +196,15 @@ mod tests {
         unsigned.annotations.clear();
         let mut other = layer(b"z", "s");
         other.media_type = "application/vnd.in-toto+json".into();
-        let (manifest, _) = with_layer(None, big).unwrap().unwrap();
-        let (manifest, _) = with_layer(Some(&manifest), unsigned).unwrap().unwrap();
-        let (manifest, _) = with_layer(Some(&manifest), other).unwrap().unwrap();
+        let manifest = with_layer(None, big).unwrap().unwrap().manifest;
+        let manifest = with_layer(Some(&manifest), unsigned)
+            .unwrap()
+            .unwrap()
+            .manifest;
+        let manifest = with_layer(Some(&manifest), other)
+            .unwrap()
+            .unwrap()
+            .manifest;
         assert!(signature_layers(&manifest).unwrap().is_empty());
         assert!(signature_layers(b"[]").is_err());
     }

@@ -169,7 +169,10 @@ mod tests {
     #[test]
     fn normalizes_references() {
         assert_eq!(normalize_repository("busybox"), "docker.io/library/busybox");
-        assert_eq!(normalize_repository("busybox:1"), "docker.io/library/busybox");
+        assert_eq!(
+            normalize_repository("busybox:1"),
+            "docker.io/library/busybox"
+        );
         assert_eq!(normalize_repository("team/app"), "docker.io/team/app");
         assert_eq!(
             normalize_repository("index.docker.io/library/busybox"),

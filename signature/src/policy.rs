@@ -219,7 +219,9 @@ impl TrustPolicy {
                 indexes = all.clone();
             }
             if mode != Mode::None && indexes.is_empty() {
-                return Err(format!("rules[{i}]: a signature is checked but no key is given"));
+                return Err(format!(
+                    "rules[{i}]: a signature is checked but no key is given"
+                ));
             }
             rules.push(Rule {
                 images: rule.images,
@@ -276,10 +278,11 @@ impl TrustPolicy {
         let requirement = self.requirement(image, addon);
         match requirement.mode {
             Mode::None => Ok(Verdict::NotChecked),
-            Mode::Optional => Ok(
-                verify(&requirement.keys, image, digest, candidates).map_or(Verdict::Unsigned, Verdict::Signed),
-            ),
-            Mode::Required => verify(&requirement.keys, image, digest, candidates).map(Verdict::Signed),
+            Mode::Optional => Ok(verify(&requirement.keys, image, digest, candidates)
+                .map_or(Verdict::Unsigned, Verdict::Signed)),
+            Mode::Required => {
+                verify(&requirement.keys, image, digest, candidates).map(Verdict::Signed)
+            }
         }
     }
 }
@@ -381,8 +384,7 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAENptdY/l3nB0yqkXLBWkZWQwo6+cu
 OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
 -----END PUBLIC KEY-----
 ";
-    const COSIGN_SIGNATURE: &str =
-        "MEUCIQD6q/COgzOyW0YH1Dk+CCYSt4uAhm3FDHUwvPI55zwnlwIgE0ZK58ZOWpZw8YVmBapJhBqCfdPekIknimuO0xH8Jh8=";
+    const COSIGN_SIGNATURE: &str = "MEUCIQD6q/COgzOyW0YH1Dk+CCYSt4uAhm3FDHUwvPI55zwnlwIgE0ZK58ZOWpZw8YVmBapJhBqCfdPekIknimuO0xH8Jh8=";
 
     fn policy(text: &str) -> TrustPolicy {
         TrustPolicy::parse(text, Path::new(".")).unwrap()
@@ -401,7 +403,12 @@ OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
             signature: COSIGN_SIGNATURE.into(),
         };
         let verdict = policy
-            .check("registry-testing.svc.lan/busybox:latest", DIGEST, "any", &[candidate.clone()])
+            .check(
+                "registry-testing.svc.lan/busybox:latest",
+                DIGEST,
+                "any",
+                std::slice::from_ref(&candidate),
+            )
             .unwrap();
         let Verdict::Signed(signed) = verdict else {
             panic!("{verdict:?}")
@@ -410,7 +417,12 @@ OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
         // Another digest's check finds the payload names a different one.
         let other = format!("sha256:{}", "1".repeat(64));
         let refused = policy
-            .check("registry-testing.svc.lan/busybox", &other, "any", &[candidate.clone()])
+            .check(
+                "registry-testing.svc.lan/busybox",
+                &other,
+                "any",
+                std::slice::from_ref(&candidate),
+            )
             .unwrap_err();
         assert_eq!(refused.code, RefusalCode::Invalid);
         // One byte changed in what was signed.
@@ -418,7 +430,12 @@ OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
         tampered.payload.push(b' ');
         assert_eq!(
             policy
-                .check("registry-testing.svc.lan/busybox", DIGEST, "any", &[tampered])
+                .check(
+                    "registry-testing.svc.lan/busybox",
+                    DIGEST,
+                    "any",
+                    &[tampered]
+                )
                 .unwrap_err()
                 .code,
             RefusalCode::Invalid
@@ -488,7 +505,10 @@ OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
         let parse = |text: &str| TrustPolicy::parse(text, Path::new(".")).unwrap_err();
         assert!(parse("default: required\n").contains("needs at least one key"));
         assert!(parse("rules:\n  - keys: [x]\n").contains("rules[0]"));
-        assert!(parse("rules:\n  - images: [a]\n    keys: [x]\ndefault: none\n").contains("no key named `x`"));
+        assert!(
+            parse("rules:\n  - images: [a]\n    keys: [x]\ndefault: none\n")
+                .contains("no key named `x`")
+        );
         assert!(parse("keys:\n  k: missing.pub\n").contains("keys.k"));
         assert!(parse("surprise: 1\n").contains("unknown field"));
         assert!(TrustPolicy::parse("default: none\n", Path::new(".")).is_ok());

@@ -24,7 +24,9 @@ pub enum FetchError {
 
 /// `(registry, repository)` of a normalized `registry/path`.
 fn split(repository: &str) -> (&str, &str) {
-    repository.split_once('/').unwrap_or(("docker.io", repository))
+    repository
+        .split_once('/')
+        .unwrap_or(("docker.io", repository))
 }
 
 /// The signatures stored for `digest` in the repository of `image`; none
@@ -94,9 +96,8 @@ pub async fn attach(
     let repository = payload::normalize_repository(image);
     let (host, path) = split(&repository);
     let digest = resolve(registry, image).await?;
-    let tag = manifest::signature_tag(&digest).ok_or(RegistryError::Invalid(
-        "the image's digest is not sha256",
-    ))?;
+    let tag = manifest::signature_tag(&digest)
+        .ok_or(RegistryError::Invalid("the image's digest is not sha256"))?;
     let payload = payload::build(&repository, &digest);
     let signature = STANDARD.encode(
         key.sign(&payload)
@@ -108,8 +109,9 @@ pub async fn attach(
         Err(err) => return Err(err),
     };
     let layer = manifest::layer(&payload, &signature);
-    let Some((manifest, config)) = manifest::with_layer(existing.as_deref(), layer)
-        .map_err(|_| RegistryError::Invalid("the signature manifest there does not parse"))?
+    let Some(manifest::Written { manifest, config }) =
+        manifest::with_layer(existing.as_deref(), layer)
+            .map_err(|_| RegistryError::Invalid("the signature manifest there does not parse"))?
     else {
         return Ok(Attached {
             repository,

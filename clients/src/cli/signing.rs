@@ -39,7 +39,10 @@ fn read_key_file(path: &Path) -> Result<String, Failure> {
 }
 
 /// A registry client for `image`'s registry only: the user named it.
-fn registry_for(image: &str, access: &RegistryAccess) -> Result<addons_registry::Registry, Failure> {
+fn registry_for(
+    image: &str,
+    access: &RegistryAccess,
+) -> Result<addons_registry::Registry, Failure> {
     let repository = addons_signature::payload::normalize_repository(image);
     let host = repository.split('/').next().unwrap_or_default().to_owned();
     let credentials = match &access.registry_auth {
@@ -49,7 +52,11 @@ fn registry_for(image: &str, access: &RegistryAccess) -> Result<addons_registry:
     addons_registry::Registry::new(addons_registry::RegistryOptions {
         policy: addons_registry::RegistryPolicy {
             allowed: vec![host.clone()],
-            insecure: if access.insecure { vec![host] } else { Vec::new() },
+            insecure: if access.insecure {
+                vec![host]
+            } else {
+                Vec::new()
+            },
         },
         credentials,
         connect_timeout: Some(std::time::Duration::from_secs(10)),

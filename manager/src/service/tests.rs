@@ -124,3 +124,71 @@ async fn only_approved_and_known_addons_install() {
         Err(Error::AddonNotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn a_revocation_flags_installations_and_the_policy_decides_the_rest() {
+    let (manager, _dir) = manager(
+        "consent:\n  host_ports: [\"10000-20000/tcp\"]\n",
+        vec![
+            addon("a1", "kept", 10080, mpb::AddonStatus::Approved),
+            addon("a2", "removed", 10081, mpb::AddonStatus::Approved),
+            addon("a3", "untouched", 10082, mpb::AddonStatus::Approved),
+        ],
+    )
+    .await;
+    let kept = manager.install(install("a1")).await.unwrap().value.id;
+    let removed = manager.install(install("a2")).await.unwrap().value.id;
+    let untouched = manager.install(install("a3")).await.unwrap().value.id;
+    let revoked = |id: &str| {
+        let mut addon = addon(id, "x", 1, mpb::AddonStatus::Revoked);
+        addon.revocation = Some(mpb::Revocation {
+            reason: format!("{id} is bad"),
+            ..Default::default()
+        });
+        addon
+    };
+    manager
+        .apply_revocation(&revoked("a1"), crate::config::OnRevoke::Keep)
+        .await
+        .unwrap();
+    manager
+        .apply_revocation(&revoked("a2"), crate::config::OnRevoke::Uninstall)
+        .await
+        .unwrap();
+
+    let kept = manager.get(&kept).await.unwrap().value;
+    let flag = kept.revoked.clone().unwrap();
+    assert_eq!(flag.reason, "a1 is bad");
+    assert!(!flag.uninstalled);
+    assert_eq!(kept.status, InstallationStatus::Installing, "kept running");
+
+    let removed = manager.get(&removed).await.unwrap().value;
+    assert!(removed.revoked.as_ref().unwrap().uninstalled);
+    assert!(
+        matches!(
+            removed.status,
+            InstallationStatus::Disabling | InstallationStatus::Disabled
+        ),
+        "{:?}",
+        removed.status
+    );
+    assert!(
+        manager
+            .get(&untouched)
+            .await
+            .unwrap()
+            .value
+            .revoked
+            .is_none()
+    );
+
+    // Seen again (a watch resumed from the start): nothing changes.
+    let before = manager.get(&kept.id).await.unwrap();
+    manager
+        .apply_revocation(&revoked("a1"), crate::config::OnRevoke::Uninstall)
+        .await
+        .unwrap();
+    let after = manager.get(&kept.id).await.unwrap();
+    assert_eq!(before.revision, after.revision);
+    assert_eq!(after.value.status, InstallationStatus::Installing);
+}
