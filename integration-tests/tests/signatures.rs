@@ -703,11 +703,12 @@ async fn a_node_refuses_what_its_keys_did_not_sign() {
     monitor.stop().await;
 }
 
-/// A revoked addon: its installation is flagged in `oak-addons list`, a
-/// new install of it is refused, and under `--on-revoke uninstall` (the
-/// default) its containers go.
+/// A signed addon runs through the whole chain, marketplace and node each
+/// checking the signature with their own policy; revoked, its installation
+/// is flagged in `oak-addons list`, a new install of it is refused, and
+/// under `--on-revoke uninstall` (the default) its containers go.
 #[tokio::test]
-async fn a_revoked_addon_is_flagged_refused_and_removed() {
+async fn a_signed_addon_runs_and_once_revoked_is_flagged_refused_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("monitor");
     let _cleanup = NodeCleanup::new(&state, "orv", "10.63");
@@ -715,7 +716,41 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
     let registry = RegistryServer::start().await;
     let host = registry.host();
     push_image(&host, "team/app", "1", &ImageSpec::default(), None).await;
-    let (marketplace, manager) = integration_tests::start_control_plane(dir.path(), &host).await;
+    let (key, _) = SigningKey::generate().unwrap();
+    addons_signature::remote::attach(&registry_client(&host), &format!("{host}/team/app:1"), &key)
+        .await
+        .unwrap();
+    let policy = dir.path().join("trust.yaml");
+    let pem: String = key
+        .public_key()
+        .to_pem()
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    std::fs::write(
+        &policy,
+        format!("keys:\n  team: |\n{pem}default: required\n"),
+    )
+    .unwrap();
+    let policy = policy.to_str().unwrap();
+    let store = |name: &str| format!("embedded:{}/{name}.redb", dir.path().display());
+    let marketplace = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store("m"),
+            "--insecure-registry",
+            &host,
+            "--trust-policy",
+            policy,
+        ],
+    )
+    .await;
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &["--store", &store("e"), "--marketplace", &marketplace.url()],
+    )
+    .await;
     let monitor = MonitorSetup {
         manager: manager.url(),
         containerd: &containerd,
@@ -725,7 +760,7 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
         bridge_prefix: "orv",
         subnet_prefix: "10.63",
     }
-    .start(&[], &[])
+    .start(&["--trust-policy", policy], &[])
     .await;
     let addon = publish_approved(
         &marketplace,
@@ -746,6 +781,13 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
         }
     };
     let installed = install().await.unwrap().into_inner().installation.unwrap();
+    // The signature the marketplace checked travels to the node with the
+    // snapshot.
+    let carried = installed.addon.as_ref().unwrap().services[0]
+        .image_signature
+        .clone()
+        .unwrap();
+    assert_eq!(carried.key_fingerprint, key.public_key().fingerprint());
     let get = |engine: &AddonsManagerServiceClient<tonic::transport::Channel>| {
         let mut engine = engine.clone();
         let id = installed.id.clone();
@@ -823,6 +865,20 @@ async fn a_revoked_addon_is_flagged_refused_and_removed() {
     assert_eq!(flagged.1.reason, "publisher key stolen");
     assert!(flagged.1.uninstalled);
     assert!(runtime.list_containers(&[]).await.unwrap().is_empty());
+    // Oakestra's REST view shows it too.
+    let answer = integration_tests::rest::curl(
+        "GET",
+        &format!("{}/api/v1/addons/{}", manager.url(), installed.id),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        answer.body["revoked"]["reason"], "publisher key stolen",
+        "{}",
+        answer.text
+    );
     let (code, out, err) = oak_with(&["--manager", &manager.url(), "list"], &[]).await;
     assert_eq!(code, 0, "{err}");
     assert!(

@@ -295,6 +295,17 @@ fn installation_json(installation: pb::Installation) -> serde_json::Value {
     );
     out.insert("release".into(), installation.release.into());
     out.insert("revision".into(), installation.revision.into());
+    // The warning that the marketplace revoked the addon.
+    if let Some(revoked) = &installation.revoked {
+        out.insert(
+            "revoked".into(),
+            serde_json::json!({
+                "reason": revoked.reason,
+                "time": rest::timestamp(revoked.time.as_ref()),
+                "uninstalled": revoked.uninstalled,
+            }),
+        );
+    }
     out.insert(
         "node_selector".into(),
         serde_json::json!(installation.node_selector),

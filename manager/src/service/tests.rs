@@ -192,3 +192,55 @@ async fn a_revocation_flags_installations_and_the_policy_decides_the_rest() {
     assert_eq!(before.revision, after.revision);
     assert_eq!(after.value.status, InstallationStatus::Installing);
 }
+
+#[tokio::test]
+async fn a_release_of_a_revoked_addon_is_never_rolled_back_to() {
+    let (store, _dir) = crate::records::tests::store().await;
+    let installations = Installations::open(&store).await.unwrap();
+    let mut second = addon("a2", "app", 10080, mpb::AddonStatus::Approved);
+    second.version = "2.0.0".into();
+    let source = Arc::new(Addons(Mutex::new(vec![
+        addon("a1", "app", 10080, mpb::AddonStatus::Approved),
+        second,
+    ])));
+    let manager = Manager::with_source(
+        installations,
+        source.clone(),
+        Plane::Root,
+        Policy::from_yaml("consent:\n  host_ports: [\"10000-20000/tcp\"]\n").unwrap(),
+        Vec::new(),
+    );
+    let id = manager.install(install("a1")).await.unwrap().value.id;
+    let rollout = || Rollout {
+        accepted: Vec::new(),
+        options: RolloutOptions::default(),
+        expected_revision: None,
+        requested_by: "alice",
+    };
+    manager.upgrade(&id, "2.0.0", rollout()).await.unwrap();
+    // The rollout is over (no node takes part here).
+    manager
+        .installations
+        .modify_at(&id, None, |installation| {
+            installation.rollout = None;
+            Ok(true)
+        })
+        .await
+        .unwrap();
+    source.0.lock().unwrap()[0].status = mpb::AddonStatus::Revoked.into();
+    match manager.rollback(&id, 1, rollout()).await {
+        Err(Error::NotApproved { status, .. }) => assert_eq!(status, "ADDON_STATUS_REVOKED"),
+        other => panic!("{other:?}"),
+    }
+    // Not revoked, the same rollback goes ahead.
+    source.0.lock().unwrap()[0].status = mpb::AddonStatus::Approved.into();
+    assert_eq!(
+        manager
+            .rollback(&id, 1, rollout())
+            .await
+            .unwrap()
+            .value
+            .marketplace_id,
+        "a1"
+    );
+}

@@ -70,6 +70,17 @@ impl Manager {
                 current: current.release,
             });
         };
+        // A release of a revoked addon never runs again. The marketplace
+        // unreachable (or the addon deleted) does not block a rollback:
+        // the release was approved when it was installed.
+        if let Ok(addon) = self.marketplace.get(&target.marketplace_id).await
+            && addon.status() == mpb::AddonStatus::Revoked
+        {
+            return Err(Error::NotApproved {
+                marketplace_id: target.marketplace_id,
+                status: mpb::AddonStatus::Revoked.as_str_name().to_owned(),
+            });
+        }
         let release = (
             target.marketplace_id,
             target.addon,
