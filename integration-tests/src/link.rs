@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use oakestra_addons_proto::engine::v1::{
-    self as pb, monitor_link_service_client::MonitorLinkServiceClient, open_link_request,
-    open_link_response,
+    self as pb, monitor_link_service_client::MonitorLinkServiceClient, monitor_link_service_server,
+    open_link_request, open_link_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -309,4 +309,82 @@ pub fn service(name: &str, phase: pb::ServicePhase) -> pb::ServiceStatus {
         container_id: format!("root_{name}"),
         ..Default::default()
     }
+}
+
+/// A manager stand-in for node tests: it sends one desired state (and an
+/// ack of nothing) on every link, then acks each report and passes it on,
+/// whatever the state says, as a hostile or compromised manager would.
+struct FakeManager {
+    desired: pb::DesiredState,
+    reports: mpsc::UnboundedSender<pb::StatusReport>,
+}
+
+type Outbound = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<pb::OpenLinkResponse, Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl monitor_link_service_server::MonitorLinkService for FakeManager {
+    type OpenLinkStream = Outbound;
+
+    async fn open_link(
+        &self,
+        request: tonic::Request<Streaming<pb::OpenLinkRequest>>,
+    ) -> Result<tonic::Response<Outbound>, Status> {
+        use tokio_stream::StreamExt as _;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let desired = self.desired.clone();
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let send = |message| pb::OpenLinkResponse {
+                message: Some(message),
+            };
+            let _ = tx
+                .send(Ok(send(open_link_response::Message::DesiredState(desired))))
+                .await;
+            let _ = tx
+                .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
+                    sequence: 0,
+                }))))
+                .await;
+            while let Some(Ok(message)) = inbound.next().await {
+                if let Some(open_link_request::Message::Report(report)) = message.message {
+                    let sequence = report.sequence;
+                    let _ = reports.send(report);
+                    let _ = tx
+                        .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
+                            sequence,
+                        }))))
+                        .await;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves `desired` to monitors on a loopback port, as [`FakeManager`];
+/// returns its URL and the reports it receives.
+pub async fn fake_manager(
+    desired: pb::DesiredState,
+) -> (String, mpsc::UnboundedReceiver<pb::StatusReport>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!(
+        "http://{}",
+        listener.local_addr().expect("read the bound address")
+    );
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let service = monitor_link_service_server::MonitorLinkServiceServer::new(FakeManager {
+        desired,
+        reports: reports_tx,
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (url, reports)
 }

@@ -47,73 +47,6 @@ async fn install(
         .id
 }
 
-/// A manager that sends one desired state and passes every report on.
-struct HostileManager {
-    desired: pb::DesiredState,
-    reports: mpsc::UnboundedSender<pb::StatusReport>,
-}
-
-type Outbound = Pin<Box<dyn Stream<Item = Result<pb::OpenLinkResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl MonitorLinkService for HostileManager {
-    type OpenLinkStream = Outbound;
-
-    async fn open_link(
-        &self,
-        request: Request<Streaming<pb::OpenLinkRequest>>,
-    ) -> Result<Response<Outbound>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let desired = self.desired.clone();
-        let reports = self.reports.clone();
-        tokio::spawn(async move {
-            let send = |message| pb::OpenLinkResponse {
-                message: Some(message),
-            };
-            let _ = tx
-                .send(Ok(send(open_link_response::Message::DesiredState(desired))))
-                .await;
-            let _ = tx
-                .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
-                    sequence: 0,
-                }))))
-                .await;
-            while let Some(Ok(message)) = inbound.next().await {
-                if let Some(open_link_request::Message::Report(report)) = message.message {
-                    let sequence = report.sequence;
-                    let _ = reports.send(report);
-                    let _ = tx
-                        .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
-                            sequence,
-                        }))))
-                        .await;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// Serves `desired` on a loopback port; returns its URL and the reports.
-async fn hostile_manager(
-    desired: pb::DesiredState,
-) -> (String, mpsc::UnboundedReceiver<pb::StatusReport>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (reports_tx, reports) = mpsc::unbounded_channel();
-    let service = MonitorLinkServiceServer::new(HostileManager {
-        desired,
-        reports: reports_tx,
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (url, reports)
-}
-
 const ID: &str = "01jb8n1m3q9x6c2v4t7w0y5z8k";
 
 fn volume_service(name: &str, image: &str, volume: &str) -> pb::ServiceSpec {
@@ -222,7 +155,7 @@ async fn a_hostile_manager_cannot_name_paths_on_the_node() {
             ),
         ],
     };
-    let (url, mut reports) = hostile_manager(desired).await;
+    let (url, mut reports) = integration_tests::link::fake_manager(desired).await;
     let monitor = MonitorSetup {
         manager: url,
         containerd: &containerd,
@@ -994,7 +927,7 @@ async fn a_node_pulls_only_from_registries_it_may_reach() {
     service.mounts.clear();
     let mut wanted = installation(ID, service, "data", pb::DesiredPresence::Running);
     wanted.addon.as_mut().unwrap().volumes.clear();
-    let (url, mut reports) = hostile_manager(pb::DesiredState {
+    let (url, mut reports) = integration_tests::link::fake_manager(pb::DesiredState {
         generation: 1,
         installations: vec![wanted],
     })

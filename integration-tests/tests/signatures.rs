@@ -30,20 +30,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_types::StatusExt as _;
 
 /// Written by `cosign generate-key-pair` with an empty password: the
-/// sigstore project's test data (sigstore-rs,
-/// `tests/data/keys/cosign_generated_encrypted_empty_private.key`).
-const COSIGN_GENERATED_KEY: &str = "-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----
-eyJrZGYiOnsibmFtZSI6InNjcnlwdCIsInBhcmFtcyI6eyJOIjo2NTUzNiwiciI6
-OCwicCI6MX0sInNhbHQiOiJFY3pJR3Z0bnpFcCsxaEpudERnbGI1UnoxN3gwQVMy
-YklvWGRNcDQrU1NJPSJ9LCJjaXBoZXIiOnsibmFtZSI6Im5hY2wvc2VjcmV0Ym94
-Iiwibm9uY2UiOiJtSVVKbG1OMzNINExvZ0dhaG5MamdmK3R4SmJwci93MCJ9LCJj
-aXBoZXJ0ZXh0IjoiM3FtS2FidXRuYm1WT1IvTkZGM2NDaUErTXp1WWQ5L0VERDVI
-MVlUSGhQVzZsSzAvdjVqdDZCQzlsME12NGV5am9qZkl0d3B6a2JJOXQrZGx5VXZ3
-VUgvMWZjbkFZT2dEdXRLQzkvSkNiOE02SVY2VHpVaDF5c0ZFWDFzeG9xb1FzeUpL
-bjM0UVlldFNlaVdDaGtmUHUyZXByQjFEV0pwekdzTGZIakxNVTkzOEdmNk1xM1A0
-N0ZSd2syZzY1cFZnSGMwVWV1L1N1OUs0Zmc9PSJ9
------END ENCRYPTED SIGSTORE PRIVATE KEY-----
-";
+/// sigstore project's test data (see `signature/testdata/README.md`).
+const COSIGN_GENERATED_KEY: &str =
+    include_str!("../../signature/testdata/cosign_generated_encrypted_empty_private.key");
 
 /// Runs `oak-addons` with `args` and `env`; exit code, stdout, stderr.
 async fn oak_with(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -456,54 +445,6 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
     marketplace.stop().await;
 }
 
-/// A manager that sends one desired state and passes every report on.
-struct LinkPeer {
-    desired: pb::DesiredState,
-    reports: mpsc::UnboundedSender<pb::StatusReport>,
-}
-
-type Outbound = Pin<Box<dyn Stream<Item = Result<pb::OpenLinkResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl MonitorLinkService for LinkPeer {
-    type OpenLinkStream = Outbound;
-
-    async fn open_link(
-        &self,
-        request: Request<Streaming<pb::OpenLinkRequest>>,
-    ) -> Result<Response<Outbound>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let desired = self.desired.clone();
-        let reports = self.reports.clone();
-        tokio::spawn(async move {
-            let send = |message| pb::OpenLinkResponse {
-                message: Some(message),
-            };
-            let _ = tx
-                .send(Ok(send(open_link_response::Message::DesiredState(desired))))
-                .await;
-            let _ = tx
-                .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
-                    sequence: 0,
-                }))))
-                .await;
-            while let Some(Ok(message)) = inbound.next().await {
-                if let Some(open_link_request::Message::Report(report)) = message.message {
-                    let sequence = report.sequence;
-                    let _ = reports.send(report);
-                    let _ = tx
-                        .send(Ok(send(open_link_response::Message::Ack(pb::Ack {
-                            sequence,
-                        }))))
-                        .await;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
 fn pinned_service(
     name: &str,
     image: &str,
@@ -623,17 +564,7 @@ async fn a_node_refuses_what_its_keys_did_not_sign() {
             installation(BARE, pinned_service("bare", &other_image, None)),
         ],
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(MonitorLinkServiceServer::new(LinkPeer {
-                desired,
-                reports: reports_tx,
-            }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (url, mut reports) = integration_tests::link::fake_manager(desired).await;
     let monitor = MonitorSetup {
         manager: url,
         containerd: &containerd,
