@@ -372,8 +372,8 @@ fn check_service<'a>(
         );
     }
     if let Some(signature) = &service.image_signature {
-        if signature.payload.len() > 64 << 10 {
-            v.add(format!("{at}.image_signature.payload"), "at most 64 KiB");
+        if signature.payload.len() > 8 << 10 {
+            v.add(format!("{at}.image_signature.payload"), "at most 8 KiB");
         }
         if signature.signature.len() > 1024 {
             v.add(

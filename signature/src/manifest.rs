@@ -69,7 +69,7 @@ pub struct SignatureLayer {
 }
 
 /// The signature layers of a signature manifest (at most
-/// [`MAX_SIGNATURES`], payloads of at most 64 KiB); other layers are
+/// [`MAX_SIGNATURES`], payloads of at most 8 KiB); other layers are
 /// skipped.
 pub fn signature_layers(manifest: &[u8]) -> Result<Vec<SignatureLayer>, String> {
     let manifest: Manifest = serde_json::from_slice(manifest)
