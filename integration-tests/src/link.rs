@@ -319,9 +319,8 @@ struct FakeManager {
     reports: mpsc::UnboundedSender<pb::StatusReport>,
 }
 
-type Outbound = std::pin::Pin<
-    Box<dyn futures::Stream<Item = Result<pb::OpenLinkResponse, Status>> + Send>,
->;
+type Outbound =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::OpenLinkResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl monitor_link_service_server::MonitorLinkService for FakeManager {

@@ -5,9 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::{path::Path, pin::Pin, time::Duration};
+use std::{path::Path, time::Duration};
 
-use futures::Stream;
 use integration_tests::{
     Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess, binary, eventually,
     grant_all,
@@ -16,16 +15,11 @@ use integration_tests::{
 };
 use oakestra_addons_proto::{
     engine::v1::{
-        self as pb, ServicePhase,
-        addons_manager_service_client::AddonsManagerServiceClient,
-        monitor_link_service_server::{MonitorLinkService, MonitorLinkServiceServer},
+        self as pb, ServicePhase, addons_manager_service_client::AddonsManagerServiceClient,
         open_link_request, open_link_response,
     },
     marketplace::v1 as mpb,
 };
-use tokio::sync::mpsc;
-use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
 
 /// Installs `addon` with `accepted` privileges; the installation's id.
 async fn install(

@@ -5,11 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::{path::Path, pin::Pin, time::Duration};
+use std::{path::Path, time::Duration};
 
 use addons_signature::{SigningKey, manifest, payload};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use futures::Stream;
 use integration_tests::{
     Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess, binary, eventually,
     images::{ImageSpec, push_image},
@@ -17,16 +16,10 @@ use integration_tests::{
 };
 use oakestra_addons_proto::{
     engine::v1::{
-        self as pb, ServicePhase,
-        addons_manager_service_client::AddonsManagerServiceClient,
-        monitor_link_service_server::{MonitorLinkService, MonitorLinkServiceServer},
-        open_link_request, open_link_response,
+        self as pb, ServicePhase, addons_manager_service_client::AddonsManagerServiceClient,
     },
     marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
 };
-use tokio::sync::mpsc;
-use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
 use tonic_types::StatusExt as _;
 
 /// Written by `cosign generate-key-pair` with an empty password: the
