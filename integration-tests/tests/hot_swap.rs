@@ -527,8 +527,9 @@ async fn converges_after_a_crash_at_every_step() {
         )
         .await;
     for (swap_point, restore_point) in [
-        ("swap:prepared", "restore:replacement-stopped"),
-        ("swap:core-stopped", "restore:core-started"),
+        ("swap:prepared", "restore:core-prepared"),
+        ("swap:core-stopped", "restore:replacement-stopped"),
+        ("swap:prepared", "restore:core-started"),
     ] {
         // Swap, with a crash midway.
         let monitor = stack.monitor(Some(swap_point)).await;

@@ -164,8 +164,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         });
         let specs = Specs::new(desired);
         // Phases first and reported, so the manager sees "removing" before
-        // removals that may take their grace period; then removals, side
-        // by side; then everything else in order.
+        // removals that may take their grace period; then core components
+        // coming back; then removals, side by side; then everything else in
+        // order.
         let (phases, rest): (Vec<Action>, Vec<Action>) = plan
             .actions
             .into_iter()
@@ -174,6 +175,23 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             self.execute(action, &specs, &infos).await?;
         }
         self.report_all(desired);
+        // A core component whose replacement goes comes back before the
+        // replacement's container is removed: its run stops the
+        // replacement's task first, then starts it, so the gap on its port
+        // is one stop and one start, and the removal (snapshot, files),
+        // slower, comes after.
+        let (restores, rest): (Vec<Action>, Vec<Action>) = rest.into_iter().partition(|a| {
+            matches!(
+                a,
+                Action::RunCore {
+                    stop_first: Some(_),
+                    ..
+                }
+            )
+        });
+        for action in restores {
+            self.execute(action, &specs, &infos).await?;
+        }
         let (removals, rest): (Vec<Action>, Vec<Action>) = rest
             .into_iter()
             .partition(|a| matches!(a, Action::Remove { .. }));

@@ -262,8 +262,16 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         restore: bool,
         start: bool,
     ) -> Result<(), MonitorError> {
-        // Never both: the replacement's task goes first (it shares the
-        // network namespace, and the ports).
+        // The core's task is made before its replacement stops, as a
+        // swap prepares the replacement: only its start lies in the gap on
+        // the port. Made, not started, it runs nothing and holds no port;
+        // if it cannot be made, the replacement keeps running.
+        if start && stop_first.is_some() {
+            self.prepare_core(&core.id).await?;
+            crate::crash::point("restore:core-prepared");
+        }
+        // Never both running: the replacement's task goes first (it shares
+        // the network namespace, and the ports).
         if let Some(replacement) = stop_first {
             self.cx
                 .runtime
@@ -317,23 +325,29 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         Ok(())
     }
 
+    /// Makes a core component's task, not started, unless it has one
+    /// made already.
+    async fn prepare_core(&mut self, id: &str) -> Result<(), MonitorError> {
+        if self.cx.runtime.task_state(id).await? == TaskState::Created {
+            return Ok(());
+        }
+        let log = self.cx.state.log(id)?;
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).map_err(|err| StateDirError::Io {
+                action: "creating",
+                path: dir.to_owned(),
+                err,
+            })?;
+        }
+        self.cx.runtime.delete_task(id).await?;
+        let _pid = self.cx.runtime.create_task(id, &log).await?;
+        Ok(())
+    }
+
     /// Starts a core component's task, counting starts for its backoff.
     async fn start_core(&mut self, id: &str) -> Result<(), MonitorError> {
-        if self.cx.runtime.task_state(id).await? == TaskState::Created {
-            self.cx.runtime.start_created_task(id).await?;
-        } else {
-            let log = self.cx.state.log(id)?;
-            if let Some(dir) = log.parent() {
-                std::fs::create_dir_all(dir).map_err(|err| StateDirError::Io {
-                    action: "creating",
-                    path: dir.to_owned(),
-                    err,
-                })?;
-            }
-            self.cx.runtime.delete_task(id).await?;
-            let _pid = self.cx.runtime.create_task(id, &log).await?;
-            self.cx.runtime.start_created_task(id).await?;
-        }
+        self.prepare_core(id).await?;
+        self.cx.runtime.start_created_task(id).await?;
         let now = Instant::now();
         let count = match self.core_starts.get(id) {
             // It ran longer than the longest backoff: a fresh start.

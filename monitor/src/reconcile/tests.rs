@@ -386,17 +386,25 @@ async fn a_failing_removal_does_not_stop_a_core_restore() {
             .labels
             .contains_key(REPLACED_BY)
     );
-    let removed = world
-        .calls
-        .iter()
-        .position(|c| c == "remove root_scheduler.addon")
-        .unwrap();
-    let started = world
-        .calls
-        .iter()
-        .position(|c| c == "start root_scheduler")
-        .unwrap();
-    assert!(removed < started, "{:?}", world.calls);
+    let at = |call: &str| {
+        world
+            .calls
+            .iter()
+            .position(|c| c == call)
+            .unwrap_or_else(|| panic!("no {call}: {:?}", world.calls))
+    };
+    // Never both running: the replacement's task stops before the core
+    // starts. The core's task is made before that stop, and the slower
+    // removal of the replacement's container comes after the start.
+    let prepared = at("create-task root_scheduler");
+    let stopped = at("stop root_scheduler.addon");
+    let started = at("start root_scheduler");
+    let removed = at("remove root_scheduler.addon");
+    assert!(
+        prepared < stopped && stopped < started && started < removed,
+        "{:?}",
+        world.calls
+    );
 }
 
 /// A pull that never ends holds up its own service only: another service
