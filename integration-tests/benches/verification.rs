@@ -160,5 +160,94 @@ async fn main() {
             blob_gets.saturating_sub(ROUNDS),
         );
     }
+    push_many(&host).await;
+    println!();
+    println!(
+        "| {CONCURRENT} publishes at once, each its own image | all APPROVED after | each: p50 / p99 | one publish → APPROVED (p50 of {ROUNDS}) | ratio | registry GETs per image |"
+    );
+    println!("|---|---|---|---|---|---|");
+    concurrent_publishes(
+        &registry,
+        &client,
+        &host,
+        "verification concurrency 4 (default)",
+    )
+    .await;
     server.stop().await;
+    // The same with as many verifications at once as publishes: what is
+    // left is the publishes' own writes.
+    let store = format!("embedded:{}/bench-wide.redb", dir.path().display());
+    let wide = ServerProcess::start(
+        &binary("addons-marketplace"),
+        &[
+            "--store",
+            &store,
+            "--insecure-registry",
+            &host,
+            "--verify-concurrency",
+            "100",
+        ],
+    )
+    .await;
+    let client = MarketplaceServiceClient::new(wide.channel());
+    concurrent_publishes(&registry, &client, &host, "verification concurrency 100").await;
+    wide.stop().await;
+}
+
+const CONCURRENT: usize = 100;
+
+/// `CONCURRENT` images, each its own.
+async fn push_many(host: &str) {
+    for i in 0..CONCURRENT {
+        let spec = ImageSpec {
+            filler_bytes: 16,
+            filler_seed: 1000 + i as u64,
+            ..ImageSpec::default()
+        };
+        push_image(host, &format!("many/app{i}"), "1", &spec, None).await;
+    }
+}
+
+/// Publishes that come at once: `CONCURRENT` addons, each with an image of
+/// its own, published together; the time until every one is APPROVED
+/// against the time of one (the median of `ROUNDS` single publishes, in
+/// the same run), and the registry requests each image cost.
+async fn concurrent_publishes(
+    registry: &RegistryServer,
+    client: &MarketplaceServiceClient<tonic::transport::Channel>,
+    host: &str,
+    label: &str,
+) {
+    let mut single = Vec::new();
+    for round in 0..ROUNDS {
+        let mut client = client.clone();
+        let (elapsed, _) = publish_until_approved(
+            &mut client,
+            &format!("one-{round}"),
+            &format!("{host}/many/app0:1"),
+        )
+        .await;
+        single.push(elapsed);
+    }
+    let requests_before = registry.log().matches("\"GET /v2/many/").count();
+    let started = Instant::now();
+    let all = futures::future::join_all((0..CONCURRENT).map(|i| {
+        let mut client = client.clone();
+        let image = format!("{host}/many/app{i}:1");
+        async move { publish_until_approved(&mut client, &format!("many-{i}"), &image).await }
+    }))
+    .await;
+    let together = started.elapsed();
+    let mut latencies: Vec<Duration> = all.into_iter().map(|(elapsed, _)| elapsed).collect();
+    let requests = registry.log().matches("\"GET /v2/many/").count() - requests_before;
+    let one = percentile(&mut single, 0.5);
+    println!(
+        "| {label} | {} | {} / {} | {} | {:.1} | {:.2} |",
+        ms(together),
+        ms(percentile(&mut latencies, 0.5)),
+        ms(percentile(&mut latencies, 0.99)),
+        ms(one),
+        together.as_secs_f64() / one.as_secs_f64(),
+        requests as f64 / CONCURRENT as f64,
+    );
 }
