@@ -375,6 +375,37 @@ async fn bad_configuration_fails_at_start_with_one_clear_line() {
     assert_eq!(code, Some(1));
     assert_one_error_line(&lines, "invalid marketplace URL");
 
+    // Trust policies that cannot be used: a key nobody declared; on a
+    // node, a rule by addon name (the manager names the addon).
+    let policy = dir.path().join("trust.yaml");
+    std::fs::write(&policy, "rules:\n  - images: [\"r/*\"]\n    keys: [nobody]\n").unwrap();
+    let (code, lines) = fails_to_start(
+        "addons-marketplace",
+        &["--store", &store, "--trust-policy", policy.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, Some(1));
+    assert_one_error_line(&lines, "no key named `nobody`");
+    let node_policy = dir.path().join("node-trust.yaml");
+    std::fs::write(
+        &node_policy,
+        "rules:\n  - addons: [\"beta-*\"]\n    signature: none\ndefault: none\n",
+    )
+    .unwrap();
+    let state = dir.path().join("monitor");
+    let (code, lines) = fails_to_start(
+        "addons-monitor",
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--trust-policy",
+            node_policy.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(1));
+    assert_one_error_line(&lines, "rules[0].addons");
+
     // An embedded store another server holds.
     let holder = ServerProcess::start(&binary("addons-marketplace"), &["--store", &store]).await;
     let (code, lines) = fails_to_start("addons-marketplace", &["--store", &store]).await;

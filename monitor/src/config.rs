@@ -168,7 +168,8 @@ pub struct Config {
     /// the signature the manager sent with it, before it is pulled; a
     /// service whose image does not pass is FAILED with the reason, so
     /// neither a compromised manager nor a compromised marketplace makes
-    /// this node run what the node's keys did not sign. Without it,
+    /// this node run what the node's keys did not sign. Rules match by
+    /// `images` only: the addon name comes from the manager. Without it,
     /// signatures are not checked here.
     #[arg(long, env = "ADDONS_TRUST_POLICY", value_name = "FILE")]
     pub trust_policy: Option<PathBuf>,

@@ -126,7 +126,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     let trust = match &config.trust_policy {
         Some(path) => Some(std::sync::Arc::new(
-            addons_signature::TrustPolicy::load(path)
+            addons_signature::TrustPolicy::load_for_node(path)
                 .map_err(|err| anyhow::anyhow!("--trust-policy: {err}"))?,
         )),
         None => None,

@@ -183,6 +183,28 @@ impl TrustPolicy {
         Self::parse(&text, base).map_err(|err| format!("{}: {err}", path.display()))
     }
 
+    /// A node's policy at `path`: as [`TrustPolicy::load`], but a rule may
+    /// not match by addon name. On a node the addon's name is what the
+    /// manager sent, so a rule keyed on it would let a compromised manager
+    /// pick the rule (one with `signature: none`, or other keys) by naming
+    /// the addon; the image it pins is what the node pulls, so image
+    /// patterns are safe.
+    pub fn load_for_node(path: &Path) -> Result<Self, String> {
+        let policy = Self::load(path)?;
+        policy.refuse_addon_rules().map_err(|err| format!("{}: {err}", path.display()))?;
+        Ok(policy)
+    }
+
+    /// Refuses a rule that matches by addon name.
+    pub fn refuse_addon_rules(&self) -> Result<(), String> {
+        match self.rules.iter().position(|rule| !rule.addons.is_empty()) {
+            Some(i) => Err(format!(
+                "rules[{i}].addons: a node cannot trust the addon name the manager sends; match by `images` only"
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Parses a policy; relative key files are read under `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
         let file: PolicyFile = serde_yaml_ng::from_str(text).map_err(|err| err.to_string())?;
@@ -512,6 +534,25 @@ OSWS1X9vPavpiQOoTTGC0xX57OojUadxF1cdQmrsiReWg2Wn4FneJfa8xw==
         assert!(parse("keys:\n  k: missing.pub\n").contains("keys.k"));
         assert!(parse("surprise: 1\n").contains("unknown field"));
         assert!(TrustPolicy::parse("default: none\n", Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn a_node_refuses_rules_by_addon_name() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let keys = format!("keys:\n  k: |\n{}", indent(&key.public_key().to_pem()));
+        let by_name = policy(&format!(
+            "{keys}rules:\n  - addons: [\"beta-*\"]\n    signature: none\n"
+        ));
+        assert!(
+            by_name
+                .refuse_addon_rules()
+                .unwrap_err()
+                .contains("rules[0].addons")
+        );
+        let by_image = policy(&format!(
+            "{keys}rules:\n  - images: [\"mirror.local/*\"]\n    signature: none\n"
+        ));
+        assert!(by_image.refuse_addon_rules().is_ok());
     }
 
     #[test]
