@@ -378,10 +378,19 @@ async fn bad_configuration_fails_at_start_with_one_clear_line() {
     // Trust policies that cannot be used: a key nobody declared; on a
     // node, a rule by addon name (the manager names the addon).
     let policy = dir.path().join("trust.yaml");
-    std::fs::write(&policy, "rules:\n  - images: [\"r/*\"]\n    keys: [nobody]\n").unwrap();
+    std::fs::write(
+        &policy,
+        "rules:\n  - images: [\"r/*\"]\n    keys: [nobody]\n",
+    )
+    .unwrap();
     let (code, lines) = fails_to_start(
         "addons-marketplace",
-        &["--store", &store, "--trust-policy", policy.to_str().unwrap()],
+        &[
+            "--store",
+            &store,
+            "--trust-policy",
+            policy.to_str().unwrap(),
+        ],
     )
     .await;
     assert_eq!(code, Some(1));

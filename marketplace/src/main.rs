@@ -15,6 +15,9 @@ fn main() -> ExitCode {
 async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = addons_server_kit::metrics::Metrics::new();
     let registry = Arc::new(Registry::new(config.registry_options()?)?);
+    // Read before anything listens: a policy that cannot be used stops
+    // the start.
+    let verifier = config.verifier_options(&metrics)?;
     let store = config
         .store
         .open(
@@ -31,13 +34,7 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         .common
         .bind(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))
         .await?;
-    let core = Marketplace::start(
-        &store,
-        registry,
-        config.verifier_options(&metrics)?,
-        shutdown.clone(),
-    )
-    .await?;
+    let core = Marketplace::start(&store, registry, verifier, shutdown.clone()).await?;
     let requests = Requests::open(&store).await?;
     Server::configured(&config.common, security)
         .metrics(metrics, metrics_listener)

@@ -106,12 +106,8 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         Ok(version) => tracing::info!(version = %version.version, "containerd answers"),
         Err(err) => tracing::warn!(error = %err, "containerd does not answer yet"),
     }
-    // Before the API: its `listening on` is the last line of a start.
-    let metrics_listener = config.common.bind_metrics().await?;
-    let (security, listener) = config
-        .common
-        .bind(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))
-        .await?;
+    // The files are read before anything listens: one that cannot be
+    // used stops the start.
     let plane: Plane = config.plane.into();
     let core_components = match &config.core_components {
         Some(path) => addons_monitor::cores::load(path).map_err(anyhow::Error::msg)?,
@@ -138,6 +134,12 @@ async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     {
         anyhow::bail!("{}: {}", violation.field, violation.reason);
     }
+    // Before the API: its `listening on` is the last line of a start.
+    let metrics_listener = config.common.bind_metrics().await?;
+    let (security, listener) = config
+        .common
+        .bind(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))
+        .await?;
     let (view_tx, view_rx) = tokio::sync::watch::channel(NodeView::default());
     let outbox = ReportOutbox::default();
     let link = link::spawn(

@@ -191,7 +191,9 @@ impl TrustPolicy {
     /// patterns are safe.
     pub fn load_for_node(path: &Path) -> Result<Self, String> {
         let policy = Self::load(path)?;
-        policy.refuse_addon_rules().map_err(|err| format!("{}: {err}", path.display()))?;
+        policy
+            .refuse_addon_rules()
+            .map_err(|err| format!("{}: {err}", path.display()))?;
         Ok(policy)
     }
 
