@@ -26,10 +26,11 @@ const ED25519_SPKI_PREFIX: &[u8] = &[
 ];
 /// Largest key file read.
 pub const MAX_KEY_BYTES: usize = 16 << 10;
-/// Bounds on a key file's scrypt cost (cosign writes N = 2^15, r = 8, p = 1).
-const MAX_SCRYPT_LOG_N: u8 = 20;
-const MAX_SCRYPT_R: u32 = 32;
-const MAX_SCRYPT_P: u32 = 16;
+/// Bounds on a key file's scrypt cost (cosign writes N = 2^15 or 2^16,
+/// r = 8, p = 1): at most 64 MiB of memory (128 · r · N) and 4 passes.
+const MAX_SCRYPT_LOG_N: u8 = 16;
+const MAX_SCRYPT_R: u32 = 8;
+const MAX_SCRYPT_P: u32 = 4;
 
 /// Why a key cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
