@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    RegistryServer, ServerProcess, binary,
+    RegistryServer, ServerProcess, binary, cpu_time,
     images::{self, ImageSpec, push_image},
 };
 use oakestra_addons_proto::marketplace::v1::{
@@ -163,11 +163,12 @@ async fn main() {
     push_many(&host).await;
     println!();
     println!(
-        "| {CONCURRENT} publishes at once, each its own image | all APPROVED after | each: p50 / p99 | one publish → APPROVED (p50 of {ROUNDS}) | ratio | registry GETs per image |"
+        "| {CONCURRENT} publishes at once, each its own image | all APPROVED after | each: p50 / p99 | one publish → APPROVED (p50 of {ROUNDS}) | ratio | registry GETs per image | CPU during it: registry / marketplace |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     concurrent_publishes(
         &registry,
+        &server,
         &client,
         &host,
         "verification concurrency 4 (default)",
@@ -190,7 +191,14 @@ async fn main() {
     )
     .await;
     let client = MarketplaceServiceClient::new(wide.channel());
-    concurrent_publishes(&registry, &client, &host, "verification concurrency 100").await;
+    concurrent_publishes(
+        &registry,
+        &wide,
+        &client,
+        &host,
+        "verification concurrency 100",
+    )
+    .await;
     wide.stop().await;
 }
 
@@ -211,9 +219,13 @@ async fn push_many(host: &str) {
 /// Publishes that come at once: `CONCURRENT` addons, each with an image of
 /// its own, published together; the time until every one is APPROVED
 /// against the time of one (the median of `ROUNDS` single publishes, in
-/// the same run), and the registry requests each image cost.
+/// the same run), the registry requests each image cost, and the CPU
+/// time the registry and the marketplace spent on the burst: on two cores
+/// shared by the registry, the marketplace and the callers, the registry's
+/// share bounds how fast the burst can be.
 async fn concurrent_publishes(
     registry: &RegistryServer,
+    marketplace: &ServerProcess,
     client: &MarketplaceServiceClient<tonic::transport::Channel>,
     host: &str,
     label: &str,
@@ -230,6 +242,13 @@ async fn concurrent_publishes(
         single.push(elapsed);
     }
     let requests_before = registry.log().matches("\"GET /v2/many/").count();
+    let cpu = || {
+        (
+            registry.pid().map(cpu_time).unwrap_or_default(),
+            cpu_time(marketplace.pid()),
+        )
+    };
+    let cpu_before = cpu();
     let started = Instant::now();
     let all = futures::future::join_all((0..CONCURRENT).map(|i| {
         let mut client = client.clone();
@@ -238,16 +257,19 @@ async fn concurrent_publishes(
     }))
     .await;
     let together = started.elapsed();
+    let cpu_after = cpu();
     let mut latencies: Vec<Duration> = all.into_iter().map(|(elapsed, _)| elapsed).collect();
     let requests = registry.log().matches("\"GET /v2/many/").count() - requests_before;
     let one = percentile(&mut single, 0.5);
     println!(
-        "| {label} | {} | {} / {} | {} | {:.1} | {:.2} |",
+        "| {label} | {} | {} / {} | {} | {:.1} | {:.2} | {} / {} |",
         ms(together),
         ms(percentile(&mut latencies, 0.5)),
         ms(percentile(&mut latencies, 0.99)),
         ms(one),
         together.as_secs_f64() / one.as_secs_f64(),
         requests as f64 / CONCURRENT as f64,
+        ms(cpu_after.0.saturating_sub(cpu_before.0)),
+        ms(cpu_after.1.saturating_sub(cpu_before.1)),
     );
 }

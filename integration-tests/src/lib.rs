@@ -22,7 +22,7 @@ pub use oak_tools::{NodeCleanup, images, pki};
 pub use crate::{
     containerd::Containerd,
     mongo::MongoServer,
-    process::{ServerProcess, Started},
+    process::{ServerProcess, Started, cpu_time},
     registry::RegistryServer,
 };
 

@@ -237,3 +237,24 @@ impl ServerProcess {
             .unwrap_or_else(|err| panic!("{err}"));
     }
 }
+
+/// The CPU time process `pid` has used so far, user and system, from
+/// `/proc/PID/stat` (its own threads, not its children).
+pub fn cpu_time(pid: Pid) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name, in parentheses, may hold spaces: count after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // Fields 14 and 15 of the line (utime, stime), the 12th and 13th after
+    // the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // Linux counts these in USER_HZ, 100 per second on every architecture
+    // it exposes to user space.
+    const PER_SECOND: u64 = 100;
+    Duration::from_nanos(ticks * 1_000_000_000 / PER_SECOND)
+}

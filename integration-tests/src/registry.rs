@@ -74,6 +74,15 @@ impl RegistryServer {
         std::fs::write(root.join("config.yml"), config).expect("registry config");
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw)
+    }
+
     async fn spawn(&mut self) {
         let binary = PathBuf::from("/usr/bin/docker-registry");
         assert!(

@@ -29,7 +29,35 @@ pub struct Marketplace {
     /// Held from the version check to the insert, so two publishes of one
     /// name cannot both pass it. The marketplace is the only writer of
     /// addons, so an in-process lock makes it atomic.
-    publishing: Arc<tokio::sync::Mutex<()>>,
+    publishing: Arc<NameLocks>,
+}
+
+/// A lock per addon name, in a fixed number of shards: publishes of
+/// different names mostly run at once (their store writes are then synced
+/// together), those of one name one at a time. The shard of a name is
+/// chosen with a hasher keyed per process, so names cannot be picked to
+/// share one.
+#[derive(Debug)]
+struct NameLocks {
+    shards: Vec<tokio::sync::Mutex<()>>,
+    hasher: std::hash::RandomState,
+}
+
+impl Default for NameLocks {
+    fn default() -> Self {
+        Self {
+            shards: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl NameLocks {
+    async fn lock(&self, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::BuildHasher;
+        let shard = self.hasher.hash_one(name) as usize % self.shards.len();
+        self.shards[shard].lock().await
+    }
 }
 
 /// Who asks to change an addon.
@@ -82,7 +110,7 @@ impl Marketplace {
             .map_err(Error::Invalid)?;
         let name = descriptor.name.clone();
         let version = descriptor.version.clone();
-        let _publishing = self.publishing.lock().await;
+        let _publishing = self.publishing.lock(&name).await;
         let versions = self.versions(&name).await?;
         if let Some(same) = versions
             .iter()
