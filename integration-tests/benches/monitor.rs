@@ -4,7 +4,8 @@
 //!   baseline of pulling and starting an image of the same size through
 //!   containerd's API (the monitor's own runtime layer, no manager, no
 //!   network setup);
-//! - task exit → visible in `WatchInstallations`;
+//! - task exit → visible in `WatchInstallations`, from the exit time the
+//!   shim recorded (containerd's exit event), and from the kill call;
 //! - the monitor's resident memory with 20 services running, against the
 //!   same monitor idle.
 //!
@@ -13,19 +14,23 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // A benchmark report.
 
 use std::{
+    collections::BTreeMap,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
-use addons_monitor::runtime::{Containerd as Runtime, RegistryAccess, RunSpec, build_spec};
+use addons_monitor::runtime::{
+    Containerd as Runtime, RegistryAccess, RunSpec, TaskState, build_spec,
+};
 use integration_tests::{
     Containerd, MonitorSetup, NodeCleanup, RegistryServer, ServerProcess,
     images::{ImageSpec, push_image},
-    start_control_plane,
+    monitor_looked, start_control_plane,
 };
 use oakestra_addons_proto::{
     engine::v1::{self as pb, addons_manager_service_client::AddonsManagerServiceClient},
     marketplace::v1::{self as mpb, marketplace_service_client::MarketplaceServiceClient},
+    monitor::v1::{GetRuntimeInfoRequest, node_monitor_service_client::NodeMonitorServiceClient},
 };
 use tokio_stream::StreamExt as _;
 
@@ -205,6 +210,62 @@ async fn uninstall_and_wait(manager: &ServerProcess, id: &str) {
     }
 }
 
+const RESTARTS: usize = 5;
+
+/// Publishes and installs an addon `name` of 20 sleeping services; its id
+/// once ACTIVE.
+async fn install_twenty(
+    market: &mut MarketplaceServiceClient<tonic::transport::Channel>,
+    manager: &ServerProcess,
+    host: &str,
+    name: &str,
+) -> String {
+    // Live installations may not share service names.
+    let services = (0..20)
+        .map(|n| sleeper(&format!("{name}-s{n}"), &format!("{host}/bench/small:1")))
+        .collect();
+    let addon = publish_approved(market, name, services).await;
+    install_until(manager, &addon, pb::InstallationStatus::Active)
+        .await
+        .1
+}
+
+/// Every container's task and its process id.
+async fn task_pids(runtime: &Runtime) -> BTreeMap<String, u32> {
+    let mut pids = BTreeMap::new();
+    for container in runtime.list_containers(&[]).await.unwrap() {
+        if let TaskState::Running(pid) = runtime.task_state(&container.id).await.unwrap() {
+            pids.insert(container.id, pid);
+        }
+    }
+    pids
+}
+
+/// Waits until a freshly started monitor has applied the manager's desired
+/// state in a completed pass (every container adopted) and has no status
+/// report left to send, polling its runtime info.
+async fn adopted_and_reported(monitor: &ServerProcess) {
+    let mut client = NodeMonitorServiceClient::new(monitor.channel());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(info) = client.get_runtime_info(GetRuntimeInfoRequest {}).await {
+            let info = info.into_inner();
+            if info.completed_passes > 0
+                && info.applied_generation > 0
+                && info.manager_connected
+                && info.pending_reports == 0
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the monitor did not adopt its containers"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +275,7 @@ async fn main() {
     let host = registry.host();
     let (marketplace, manager) = start_control_plane(dir.path(), &host).await;
     let state = dir.path().join("monitor");
-    let monitor = MonitorSetup {
+    let monitor_setup = MonitorSetup {
         manager: manager.url(),
         containerd: &containerd,
         state_dir: &state,
@@ -222,21 +283,18 @@ async fn main() {
         namespace: "bench",
         bridge_prefix: "mb",
         subnet_prefix: "10.87",
-    }
-    .start(
-        &[
-            "--restart-backoff",
-            "50ms",
-            "--restart-backoff-max",
-            "50ms",
-            "--stop-grace",
-            "1s",
-            "--max-failures",
-            "1000",
-        ],
-        &[],
-    )
-    .await;
+    };
+    let monitor_args = [
+        "--restart-backoff",
+        "50ms",
+        "--restart-backoff-max",
+        "50ms",
+        "--stop-grace",
+        "1s",
+        "--max-failures",
+        "1000",
+    ];
+    let monitor = monitor_setup.start(&monitor_args, &[]).await;
     let monitor_pid = monitor.pid().as_raw();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = rss_kib(monitor_pid);
@@ -315,6 +373,8 @@ async fn main() {
     let monitored = Runtime::new(containerd.socket(), "bench".into(), "overlayfs".into());
     let mut client = AddonsManagerServiceClient::new(manager.channel());
     let mut exits = Vec::new();
+    let mut from_exit = Vec::new();
+    let mut exit_events = monitored.task_exits().await.unwrap();
     for _ in 0..20 {
         let mut watch = client
             .watch_installations(pb::WatchInstallationsRequest {
@@ -331,6 +391,7 @@ async fn main() {
         // containerd's kill and exit event, the monitor, the link, the
         // manager's durable write and the watch stream.
         let started = Instant::now();
+        let started_wall = SystemTime::now();
         monitored.signal_task("root_victim", 9).await.unwrap();
         loop {
             let installation = watch.next().await.unwrap().unwrap().installation.unwrap();
@@ -339,7 +400,17 @@ async fn main() {
                 .iter()
                 .any(|s| s.phase() != pb::ServicePhase::Running)
             {
+                let seen_wall = SystemTime::now();
                 exits.push(started.elapsed());
+                // When the task exited, as containerd's shim recorded it.
+                let exited_at = loop {
+                    let exit = exit_events.next().await.unwrap().unwrap();
+                    if exit.container_id == "root_victim" {
+                        break exit.exited_at.unwrap();
+                    }
+                };
+                assert!(exited_at >= started_wall, "an exit from before the kill");
+                from_exit.push(seen_wall.duration_since(exited_at).unwrap_or_default());
                 break;
             }
         }
@@ -364,6 +435,41 @@ async fn main() {
     // Uninstall through the monitor, so networks are taken down too.
     uninstall_and_wait(&manager, &twenty).await;
 
+    // 100 addon containers running (5 addons of 20 services): the monitor
+    // restarted, the time until every one is adopted and reported; then 200
+    // (10 addons), the resident memory.
+    let mut many = Vec::new();
+    for batch in 0..5 {
+        many.push(install_twenty(&mut market, &manager, &host, &format!("many-{batch}")).await);
+    }
+    let before = task_pids(&monitored).await;
+    assert_eq!(before.len(), 100, "100 containers run");
+    let mut restarts = Vec::new();
+    let mut monitor = monitor;
+    for _ in 0..RESTARTS {
+        monitor.stop().await;
+        let started = Instant::now();
+        monitor = monitor_setup.start(&monitor_args, &[]).await;
+        adopted_and_reported(&monitor).await;
+        restarts.push(started.elapsed());
+        assert_eq!(
+            task_pids(&monitored).await,
+            before,
+            "no container was restarted or replaced"
+        );
+    }
+    let monitor_pid = monitor.pid().as_raw();
+    for batch in 5..10 {
+        many.push(install_twenty(&mut market, &manager, &host, &format!("many-{batch}")).await);
+    }
+    assert_eq!(task_pids(&monitored).await.len(), 200, "200 containers run");
+    monitor_looked(&monitor, 2).await;
+    let many_rss = rss_kib(monitor_pid);
+    let many_breakdown = memory_breakdown(monitor_pid);
+    for id in &many {
+        uninstall_and_wait(&manager, id).await;
+    }
+
     println!(
         "| measure | ours p50 | ours p90 | baseline p50 | baseline p90 | ours / baseline (p50) |"
     );
@@ -378,7 +484,14 @@ async fn main() {
         ms(percentile(&mut baseline, 0.9)),
     );
     println!(
-        "| task gone → visible in WatchInstallations ({} samples) | {} | {} (p99 {}) | | | |",
+        "| task exit (the shim's `exited_at`) → visible in WatchInstallations ({} samples) | {} | {} (p99 {}) | | | |",
+        from_exit.len(),
+        ms(percentile(&mut from_exit, 0.5)),
+        ms(percentile(&mut from_exit, 0.9)),
+        ms(percentile(&mut from_exit, 0.99)),
+    );
+    println!(
+        "| kill call (containerd's `Tasks.Kill`, runc's kill included) → visible in WatchInstallations ({} samples) | {} | {} (p99 {}) | | | |",
         exits.len(),
         ms(percentile(&mut exits, 0.5)),
         ms(percentile(&mut exits, 0.9)),
@@ -390,9 +503,23 @@ async fn main() {
         idle_rss as f64 / 1024.0,
         busy_rss as f64 / idle_rss as f64
     );
+    println!(
+        "| monitor resident memory with 200 services running vs idle | {:.1} MiB | | {:.1} MiB | | {:.2} |",
+        many_rss as f64 / 1024.0,
+        idle_rss as f64 / 1024.0,
+        many_rss as f64 / idle_rss as f64
+    );
+    println!(
+        "| monitor restarted with 100 addon containers running → every one adopted and reported ({} restarts, none restarted a container) | {} | {} (max {}) | | | |",
+        restarts.len(),
+        ms(percentile(&mut restarts, 0.5)),
+        ms(percentile(&mut restarts, 0.9)),
+        ms(percentile(&mut restarts, 1.0)),
+    );
     println!();
     println!("Monitor memory idle: {idle_breakdown}.");
     println!("Monitor memory with 20 services: {busy_breakdown}.");
+    println!("Monitor memory with 200 services: {many_breakdown}.");
     monitor.stop().await;
     containerd.stop().await;
 }

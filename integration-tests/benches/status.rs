@@ -15,7 +15,7 @@ use std::{
 };
 
 use integration_tests::{
-    RegistryServer, ServerProcess, binary,
+    RegistryServer, ServerProcess, binary, cpu_time,
     images::{ImageSpec, push_image},
     link::{TestMonitor, service},
 };
@@ -253,6 +253,112 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
     }
 }
 
+/// Monitors linked at once that only send heartbeats.
+const IDLE_MONITORS: usize = 5000;
+/// How long the idle plane is measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+/// The monitor's default heartbeat interval (`--heartbeat`).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// `monitors` simulated monitors linked to one manager, each on a
+/// connection of its own, sending a heartbeat every [`HEARTBEAT`] (spread
+/// over the interval), nothing else: the manager's resident memory and its
+/// CPU time over [`IDLE_WINDOW`], as a share of one core.
+async fn idle(monitors: usize, marketplace: &ServerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}/manager.redb", dir.path().display());
+    let manager = ServerProcess::start(
+        &binary("addons-manager"),
+        &[
+            "--store",
+            &store,
+            "--marketplace",
+            &marketplace.url(),
+            "--heartbeat-timeout",
+            "30s",
+        ],
+    )
+    .await;
+    let pid = manager.pid();
+    let idle_rss_kib = rss_kib(pid.as_raw());
+    let started = Instant::now();
+    let mut links = Vec::with_capacity(monitors);
+    for batch in (0..monitors).collect::<Vec<_>>().chunks(100) {
+        let connected = futures::future::join_all(batch.iter().map(|n| {
+            let channel = manager.channel();
+            async move {
+                TestMonitor::connect(channel, &format!("idle-{n}"), pb::Plane::Root)
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        links.extend(connected);
+    }
+    let linked_after = started.elapsed();
+    let beating: Vec<_> = links
+        .into_iter()
+        .enumerate()
+        .map(|(n, monitor)| {
+            let offset = HEARTBEAT.mul_f64(n as f64 / monitors as f64);
+            tokio::spawn(async move {
+                tokio::time::sleep(offset).await;
+                let mut ticks = tokio::time::interval(HEARTBEAT);
+                loop {
+                    ticks.tick().await;
+                    monitor.heartbeat().await;
+                }
+            })
+        })
+        .collect();
+    // One interval for every monitor to have sent a heartbeat, then the
+    // window.
+    tokio::time::sleep(HEARTBEAT).await;
+    let cpu_before = cpu_time(pid);
+    let window_started = Instant::now();
+    let mut peak_rss_kib = rss_kib(pid.as_raw());
+    while window_started.elapsed() < IDLE_WINDOW {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak_rss_kib = peak_rss_kib.max(rss_kib(pid.as_raw()));
+    }
+    let cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let window = window_started.elapsed();
+    let rss_kib_now = rss_kib(pid.as_raw());
+    // Every link is still up: the manager saw every heartbeat in time.
+    let mut client = AddonsManagerServiceClient::new(manager.channel());
+    let mut connected = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_nodes(pb::ListNodesRequest {
+                page_size: 500,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        connected += page.nodes.iter().filter(|node| node.connected).count();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    for task in beating {
+        task.abort();
+    }
+    println!(
+        "| {monitors} monitors linked, heartbeats every {} s | {} | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} % |",
+        HEARTBEAT.as_secs(),
+        connected,
+        linked_after.as_secs_f64(),
+        idle_rss_kib as f64 / 1024.0,
+        rss_kib_now as f64 / 1024.0,
+        peak_rss_kib as f64 / 1024.0,
+        100.0 * cpu.as_secs_f64() / window.as_secs_f64(),
+    );
+    manager.stop().await;
+}
+
 #[tokio::main]
 async fn main() {
     let registry = RegistryServer::start().await;
@@ -316,5 +422,14 @@ async fn main() {
     }
     println!();
     println!("p99 of each run: {}", every_run.join("; "));
+    if std::env::var_os("ADDONS_BENCH_SKIP_IDLE").is_none() {
+        println!();
+        println!(
+            "| idle plane | links up at the end | all linked after | manager RSS before | at the end | peak | manager CPU over {} s (of one core) |",
+            IDLE_WINDOW.as_secs()
+        );
+        println!("|---|---|---|---|---|---|---|");
+        idle(IDLE_MONITORS, &marketplace).await;
+    }
     marketplace.stop().await;
 }

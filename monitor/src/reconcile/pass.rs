@@ -21,7 +21,7 @@ use crate::{
     network::Network,
     plan::{self, Action, Container, Role},
     release,
-    runtime::{ContainerInfo, Runtime},
+    runtime::{ContainerInfo, Runtime, TaskState},
     state_dir::StateDir,
 };
 
@@ -91,6 +91,9 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         if self.ensure_static_cores(&all).await? {
             all = self.cx.runtime.list_containers().await?;
         }
+        // Every task's state in one call, read after the containers: a
+        // container made in between has no task yet (as it would read).
+        let tasks = self.cx.runtime.task_states().await?;
         let mut containers = Vec::new();
         let mut infos: HashMap<String, ContainerInfo> = HashMap::new();
         let cores = cores::discover(&all, &self.cx.options.plane);
@@ -111,7 +114,11 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             } else {
                 continue;
             };
-            let task = self.cx.runtime.task_state(&info.id).await?.into();
+            let task = tasks
+                .get(&info.id)
+                .copied()
+                .unwrap_or(TaskState::Absent)
+                .into();
             containers.push(Container {
                 id: info.id.clone(),
                 role,

@@ -311,20 +311,10 @@ fn image_failure(image: &str, err: &MonitorError) -> RuntimeError {
 
 /// The bind mounts of a container's stored spec.
 fn spec_binds(info: &ContainerInfo) -> Vec<(PathBuf, String, bool)> {
-    let mounts = info
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.pointer("/mounts"))
-        .and_then(|mounts| mounts.as_array());
-    mounts
-        .into_iter()
-        .flatten()
-        .filter(|m| m.get("type").and_then(|t| t.as_str()) == Some("bind"))
-        .filter_map(|m| {
-            let source = m.get("source")?.as_str()?;
-            let target = m.get("destination")?.as_str()?;
-            Some((PathBuf::from(source), target.to_owned(), false))
-        })
+    info.spec
+        .iter()
+        .flat_map(|spec| spec.binds())
+        .map(|(source, target)| (PathBuf::from(source), target.to_owned(), false))
         .collect()
 }
 

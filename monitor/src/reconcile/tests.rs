@@ -117,6 +117,18 @@ impl Runtime for Fake {
         Ok(self.task(id).unwrap_or(TaskState::Absent))
     }
 
+    async fn task_states(
+        &self,
+    ) -> Result<std::collections::HashMap<String, TaskState>, RuntimeError> {
+        Ok(self
+            .world()
+            .containers
+            .iter()
+            .filter(|(_, c)| c.task != TaskState::Absent)
+            .map(|(id, c)| (id.clone(), c.task))
+            .collect())
+    }
+
     async fn pull(
         &self,
         image: &str,

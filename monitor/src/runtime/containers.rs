@@ -22,8 +22,67 @@ pub struct ContainerInfo {
     pub image: String,
     /// Its labels.
     pub labels: HashMap<String, String>,
-    /// Its OCI runtime spec, when it is JSON.
-    pub spec: Option<serde_json::Value>,
+    /// What the monitor reads of its OCI runtime spec, when it is JSON.
+    pub spec: Option<StoredSpec>,
+}
+
+/// The parts of a container's stored OCI runtime spec the monitor reads;
+/// the rest (the seccomp profile, tens of KiB) is skipped as it is parsed,
+/// so listing many containers costs little memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct StoredSpec {
+    #[serde(default)]
+    process: Option<StoredProcess>,
+    #[serde(default)]
+    linux: Option<StoredLinux>,
+    #[serde(default)]
+    mounts: Option<Vec<StoredMount>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+struct StoredProcess {
+    #[serde(default)]
+    env: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+struct StoredLinux {
+    #[serde(default)]
+    namespaces: Option<Vec<StoredNamespace>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+struct StoredNamespace {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+struct StoredMount {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    destination: Option<String>,
+}
+
+impl StoredSpec {
+    /// Reads a stored spec; `None` when it is not a JSON spec.
+    pub fn parse(json: &[u8]) -> Option<Self> {
+        serde_json::from_slice(json).ok()
+    }
+
+    /// Its bind mounts: (source, destination).
+    pub fn binds(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.kind.as_deref() == Some("bind"))
+            .filter_map(|m| Some((m.source.as_deref()?, m.destination.as_deref()?)))
+    }
 }
 
 impl ContainerInfo {
@@ -31,12 +90,14 @@ impl ContainerInfo {
     pub fn netns_path(&self) -> Option<std::path::PathBuf> {
         self.spec
             .as_ref()?
-            .pointer("/linux/namespaces")?
-            .as_array()?
+            .linux
+            .as_ref()?
+            .namespaces
+            .as_ref()?
             .iter()
-            .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))?
-            .get("path")?
-            .as_str()
+            .find(|ns| ns.kind.as_deref() == Some("network"))?
+            .path
+            .as_deref()
             .filter(|path| !path.is_empty())
             .map(std::path::PathBuf::from)
     }
@@ -45,13 +106,8 @@ impl ContainerInfo {
     pub fn env(&self) -> Vec<String> {
         self.spec
             .as_ref()
-            .and_then(|spec| spec.pointer("/process/env"))
-            .and_then(|env| env.as_array())
-            .map(|env| {
-                env.iter()
-                    .filter_map(|e| e.as_str().map(str::to_owned))
-                    .collect()
-            })
+            .and_then(|spec| spec.process.as_ref())
+            .and_then(|process| process.env.clone())
             .unwrap_or_default()
     }
 }
@@ -78,6 +134,8 @@ pub struct TaskExit {
     pub container_id: String,
     /// Its exit status.
     pub exit_status: u32,
+    /// When the task exited, as the shim that reaped it recorded.
+    pub exited_at: Option<std::time::SystemTime>,
 }
 
 const RUNTIME: &str = "io.containerd.runc.v2";
@@ -219,10 +277,58 @@ impl Containerd {
                 id: c.id,
                 image: c.image,
                 labels: c.labels,
-                spec: c
-                    .spec
-                    .and_then(|spec| serde_json::from_slice(&spec.value).ok()),
+                spec: c.spec.and_then(|spec| StoredSpec::parse(&spec.value)),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use super::{ContainerInfo, StoredSpec};
+
+    fn info(spec: &str) -> ContainerInfo {
+        ContainerInfo {
+            id: "c".into(),
+            image: "i".into(),
+            labels: Default::default(),
+            spec: StoredSpec::parse(spec.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn reads_env_network_namespace_and_binds_and_skips_the_rest() {
+        let info = info(
+            r#"{"ociVersion":"1.0.2",
+                "process":{"args":["sh"],"env":["A=1","B=2"],"user":{"uid":0,"gid":0}},
+                "linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/x"}],
+                         "seccomp":{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"}]}},
+                "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+                          {"destination":"/data","type":"bind","source":"/srv/data","options":["rbind"]},
+                          {"destination":"/odd","type":"bind"}]}"#,
+        );
+        assert_eq!(info.env(), ["A=1", "B=2"]);
+        assert_eq!(
+            info.netns_path(),
+            Some(std::path::PathBuf::from("/var/run/netns/x"))
+        );
+        let binds: Vec<_> = info.spec.as_ref().unwrap().binds().collect();
+        assert_eq!(binds, [("/srv/data", "/data")]);
+    }
+
+    #[test]
+    fn missing_or_null_parts_read_as_nothing() {
+        for spec in [
+            "{}",
+            r#"{"process":null,"linux":null,"mounts":null}"#,
+            r#"{"linux":{"namespaces":[{"type":"network","path":""}]}}"#,
+        ] {
+            let info = info(spec);
+            assert!(info.spec.is_some(), "{spec}");
+            assert!(info.env().is_empty(), "{spec}");
+            assert_eq!(info.netns_path(), None, "{spec}");
+            assert_eq!(info.spec.as_ref().unwrap().binds().count(), 0, "{spec}");
+        }
+        assert_eq!(info("not json").spec, None);
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 use tonic::{Code, transport::Channel};
 
 pub use self::{
-    containers::{ContainerInfo, TaskExit, TaskState},
+    containers::{ContainerInfo, StoredSpec, TaskExit, TaskState},
     pull::{ImageConfig, PulledImage, RegistryAccess},
     spec::{RunSpec, build_spec},
 };
@@ -67,6 +67,12 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<ContainerInfo>, RuntimeError>> + Send;
     /// The state of container `id`'s task.
     fn task_state(&self, id: &str) -> impl Future<Output = Result<TaskState, RuntimeError>> + Send;
+    /// The state of every task, by container id (one call, where
+    /// [`Runtime::task_state`] of each container would take one each); a
+    /// container missing from it has no task.
+    fn task_states(
+        &self,
+    ) -> impl Future<Output = Result<HashMap<String, TaskState>, RuntimeError>> + Send;
     /// Pulls and unpacks `image`, counting bytes in `progress`.
     fn pull(
         &self,
@@ -132,6 +138,10 @@ impl Runtime for Containerd {
 
     async fn task_state(&self, id: &str) -> Result<TaskState, RuntimeError> {
         Containerd::task_state(self, id).await
+    }
+
+    async fn task_states(&self) -> Result<HashMap<String, TaskState>, RuntimeError> {
+        Containerd::task_states(self).await
     }
 
     async fn pull(

@@ -6,8 +6,8 @@ use std::{path::Path, time::Duration};
 use containerd_client::{
     services::v1::{
         CreateTaskRequest, DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest,
-        GetContainerRequest, GetRequest, KillRequest, PublishRequest, StartRequest,
-        SubscribeRequest, WaitRequest,
+        GetContainerRequest, GetRequest, KillRequest, ListTasksRequest, PublishRequest,
+        StartRequest, SubscribeRequest, WaitRequest,
         containers_client::ContainersClient,
         events_client::EventsClient,
         snapshots::{MountsRequest, snapshots_client::SnapshotsClient},
@@ -96,15 +96,30 @@ impl Containerd {
         let Some(process) = response.process else {
             return Ok(TaskState::Absent);
         };
-        Ok(
-            match ProcessStatus::try_from(process.status).unwrap_or(ProcessStatus::Unknown) {
-                ProcessStatus::Running => TaskState::Running(process.pid),
-                ProcessStatus::Created => TaskState::Created,
-                ProcessStatus::Stopped => TaskState::Stopped(process.exit_status),
-                ProcessStatus::Paused | ProcessStatus::Pausing => TaskState::Paused,
-                ProcessStatus::Unknown => TaskState::Absent,
-            },
-        )
+        Ok(process_state(&process))
+    }
+
+    /// The state of every task of the namespace, by container id, in one
+    /// call: a container missing from it has no task.
+    pub async fn task_states(
+        &self,
+    ) -> Result<std::collections::HashMap<String, TaskState>, RuntimeError> {
+        let mut tasks = TasksClient::new(self.channel().await?);
+        let response = tasks
+            .list(self.request(ListTasksRequest {
+                filter: String::new(),
+            }))
+            .await
+            .map_err(RuntimeError::call("Tasks.List"))?
+            .into_inner();
+        Ok(response
+            .tasks
+            .into_iter()
+            .map(|process| {
+                let state = process_state(&process);
+                (process.id, state)
+            })
+            .collect())
     }
 
     /// Stops container `id`'s task: SIGTERM, up to `grace`, then SIGKILL;
@@ -351,9 +366,13 @@ impl Containerd {
                 if exit.id != exit.container_id && !exit.id.is_empty() {
                     continue;
                 }
+                let exited_at = exit
+                    .exited_at
+                    .and_then(|t| std::time::SystemTime::try_from(t).ok());
                 let exit = TaskExit {
                     container_id: exit.container_id,
                     exit_status: exit.exit_status,
+                    exited_at,
                 };
                 if tx.send(Ok(exit)).await.is_err() {
                     return;
@@ -390,5 +409,16 @@ impl Containerd {
                 reason: "the event subscription did not become active".to_owned(),
             })??;
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+    }
+}
+
+/// What containerd says of a task's process, as the reconciler sees it.
+fn process_state(process: &containerd_client::types::v1::Process) -> TaskState {
+    match ProcessStatus::try_from(process.status).unwrap_or(ProcessStatus::Unknown) {
+        ProcessStatus::Running => TaskState::Running(process.pid),
+        ProcessStatus::Created => TaskState::Created,
+        ProcessStatus::Stopped => TaskState::Stopped(process.exit_status),
+        ProcessStatus::Paused | ProcessStatus::Pausing => TaskState::Paused,
+        ProcessStatus::Unknown => TaskState::Absent,
     }
 }
