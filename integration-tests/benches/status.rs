@@ -98,6 +98,11 @@ struct Measured {
     baseline: Vec<Duration>,
     idle_rss_kib: u64,
     peak_rss_kib: u64,
+    /// CPU time the manager and this process (the simulated monitors and
+    /// the watcher) spent from the first report sent to the last seen.
+    cpu: (Duration, Duration),
+    /// From the first report sent to the last seen.
+    burst: Duration,
 }
 
 async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) -> Measured {
@@ -191,6 +196,9 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
                 .unwrap(),
         );
     }
+    let cpu = || (cpu_time(manager.pid()), cpu_time(nix::unistd::Pid::this()));
+    let cpu_before = cpu();
+    let burst_started = Instant::now();
     let tasks = links.into_iter().enumerate().map(|(n, mut monitor)| {
         let sent = sent.clone();
         let installations = installations.clone();
@@ -221,6 +229,13 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
         assert!(Instant::now() < deadline, "not every report became visible");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu_after = cpu();
+    let burst = seen
+        .lock()
+        .unwrap()
+        .values()
+        .max()
+        .map_or_else(Duration::default, |last| last.duration_since(burst_started));
     let latencies = {
         let sent = sent.lock().unwrap();
         let seen = seen.lock().unwrap();
@@ -250,6 +265,11 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
         baseline,
         idle_rss_kib,
         peak_rss_kib,
+        cpu: (
+            cpu_after.0.saturating_sub(cpu_before.0),
+            cpu_after.1.saturating_sub(cpu_before.1),
+        ),
+        burst,
     }
 }
 
@@ -389,6 +409,8 @@ async fn main() {
         .unwrap_or_else(|| vec![1, 100, 500, 1000]);
     // Each run's p99, printed under the table: the tail moves between runs.
     let mut every_run = Vec::new();
+    // Where the CPU went in each reported run.
+    let mut cpu_lines = Vec::new();
     for monitors in levels {
         // Three runs per level; the run with the median p50 is reported.
         let mut runs = Vec::new();
@@ -406,7 +428,16 @@ async fn main() {
             mut baseline,
             idle_rss_kib,
             peak_rss_kib,
+            cpu,
+            burst,
         } = runs.swap_remove(RUNS / 2).1;
+        cpu_lines.push(format!(
+            "{monitors} × {INSTALLATIONS}: first report to last seen {}, manager CPU {} ({:.0} µs per report), simulated monitors and watcher CPU {}",
+            ms(burst),
+            ms(cpu.0),
+            cpu.0.as_secs_f64() * 1e6 / (monitors * INSTALLATIONS) as f64,
+            ms(cpu.1),
+        ));
         let ratio = percentile(&mut latencies, 0.5).as_secs_f64()
             / percentile(&mut baseline, 0.5).as_secs_f64();
         println!(
@@ -422,6 +453,8 @@ async fn main() {
     }
     println!();
     println!("p99 of each run: {}", every_run.join("; "));
+    println!();
+    println!("CPU of the reported runs: {}.", cpu_lines.join("; "));
     if std::env::var_os("ADDONS_BENCH_SKIP_IDLE").is_none() {
         println!();
         println!(
