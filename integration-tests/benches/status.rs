@@ -105,7 +105,11 @@ struct Measured {
     burst: Duration,
 }
 
-async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) -> Measured {
+/// A manager on a store of its own (removed with the returned directory).
+async fn fresh_manager(
+    marketplace: &ServerProcess,
+    heartbeat_timeout: &str,
+) -> (ServerProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded:{}/manager.redb", dir.path().display());
     let manager = ServerProcess::start(
@@ -116,10 +120,15 @@ async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) ->
             "--marketplace",
             &marketplace.url(),
             "--heartbeat-timeout",
-            "60s",
+            heartbeat_timeout,
         ],
     )
     .await;
+    (manager, dir)
+}
+
+async fn run(monitors: usize, marketplace: &ServerProcess, addons: &[String]) -> Measured {
+    let (manager, _dir) = fresh_manager(marketplace, "60s").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss_kib = rss_kib(manager.pid().as_raw());
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(idle_rss_kib));
@@ -285,20 +294,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// over the interval), nothing else: the manager's resident memory and its
 /// CPU time over [`IDLE_WINDOW`], as a share of one core.
 async fn idle(monitors: usize, marketplace: &ServerProcess) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!("embedded:{}/manager.redb", dir.path().display());
-    let manager = ServerProcess::start(
-        &binary("addons-manager"),
-        &[
-            "--store",
-            &store,
-            "--marketplace",
-            &marketplace.url(),
-            "--heartbeat-timeout",
-            "30s",
-        ],
-    )
-    .await;
+    let (manager, _dir) = fresh_manager(marketplace, "30s").await;
     let pid = manager.pid();
     let idle_rss_kib = rss_kib(pid.as_raw());
     let started = Instant::now();
