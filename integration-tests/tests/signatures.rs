@@ -170,7 +170,7 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
     };
     let (signed_digest, _) = push_image(&host, "team/signed", "1.0", &spec(1), None).await;
     push_image(&host, "team/unsigned", "1.0", &spec(2), None).await;
-    let (other_key_digest, _) = push_image(&host, "team/otherkey", "1.0", &spec(3), None).await;
+    push_image(&host, "team/otherkey", "1.0", &spec(3), None).await;
     let (moved_digest, _) = push_image(&host, "team/moved", "1.0", &spec(4), None).await;
     let (old_digest, _) = push_image(&host, "team/moved", "0.9", &spec(5), None).await;
     push_image(&host, "vendor/cosigned", "1.0", &spec(6), None).await;
@@ -371,7 +371,6 @@ async fn the_marketplace_approves_only_what_its_keys_signed() {
         );
         assert!(failed.services[0].image_signature.is_none());
     }
-    let _ = other_key_digest;
 
     let cosigned = publish(
         &client,
