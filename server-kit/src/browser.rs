@@ -226,6 +226,48 @@ impl<S: crate::HttpService> BrowserGuard<S> {
     }
 }
 
+/// CORS (`tower_http`'s) for what a browser may have sent. A native gRPC
+/// call without an `Origin` header comes from no browser, so it skips CORS,
+/// whose response headers (`Vary`, `Access-Control-Expose-Headers`) only a
+/// browser reads: every call of every other client would pay for them, and
+/// its client for decoding them. Preflights, gRPC-Web, REST and anything
+/// carrying an `Origin` get the full policy.
+#[derive(Debug, Clone)]
+pub(crate) struct BrowserCorsLayer(pub(crate) tower_http::cors::CorsLayer);
+
+impl<S> tower_layer::Layer<S> for BrowserCorsLayer {
+    type Service = BrowserCors<S>;
+
+    fn layer(&self, inner: S) -> BrowserCors<S> {
+        BrowserCors {
+            inner: self.0.layer(inner),
+        }
+    }
+}
+
+/// A service behind CORS for browsers.
+#[derive(Debug, Clone)]
+pub(crate) struct BrowserCors<S> {
+    inner: tower_http::cors::Cors<S>,
+}
+
+layer_service!(BrowserCors);
+
+impl<S: crate::HttpService> BrowserCors<S> {
+    fn respond(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
+        use tower_service::Service as _;
+        if is_native_grpc(request.headers()) && !request.headers().contains_key(header::ORIGIN) {
+            // Ready: `poll_ready` of `Cors` is its inner service's.
+            Box::pin(self.inner.get_mut().call(request))
+        } else {
+            Box::pin(self.inner.call(request))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

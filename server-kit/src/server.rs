@@ -288,7 +288,7 @@ impl Server {
             .accept_http1(true)
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .trace_fn(crate::telemetry::server_span)
-            .layer(cors)
+            .layer(crate::browser::BrowserCorsLayer(cors))
             .layer(browsers)
             .layer(gateway)
             .layer(tonic_web::GrpcWebLayer::new())
