@@ -10,7 +10,7 @@ use std::{
 
 use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence};
 
-use super::{Reconciler, actions::Specs};
+use super::{Reconciler, actions::Specs, status::Tracked};
 use crate::{
     cores,
     error::MonitorError,
@@ -230,6 +230,19 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         self.label_give_ups(&infos).await?;
         self.report_all(desired);
         self.publish_view(&containers, desired);
-        Ok([plan.wake_at, health_wake].into_iter().flatten().min())
+        // A failure counted in this pass (an exit, a start that failed)
+        // set its retry after the plan was made: the next pass is due at
+        // the first retry too, not at the next resync. Only retries after
+        // the plan's `now`: those before it were due, and acted on.
+        let retry_wake = self
+            .tracked
+            .values()
+            .filter_map(Tracked::retry_at)
+            .filter(|at| *at > now)
+            .min();
+        Ok([plan.wake_at, health_wake, retry_wake]
+            .into_iter()
+            .flatten()
+            .min())
     }
 }

@@ -67,6 +67,11 @@ impl Tracked {
         }
     }
 
+    /// When it is to be started again, after a failure.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
     /// Counts a failure by `policy`: back off (with `retrying(delay)` as the
     /// reason) or give up (`giving_up(count)`).
     fn fail(

@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use oakestra_addons_proto::engine::v1::{self as pb, DesiredPresence, ServicePhase};
@@ -446,6 +446,34 @@ async fn a_stalled_pull_delays_no_restart() {
     assert_eq!(web.phase(), ServicePhase::Pulling, "{web:?}");
     let api = &reconciler.tracked["root_api"].status;
     assert_eq!((api.phase(), api.restart_count), (ServicePhase::Running, 1));
+}
+
+/// An exit counted in a pass has the next pass due at its restart, not at
+/// the next resync (10 s here): the pass says when.
+#[tokio::test]
+async fn a_counted_exit_has_the_next_pass_due_at_its_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    fake.world().images.push("ok".into());
+    fake.add(
+        "root_api",
+        &addon_labels("i1", "api"),
+        TaskState::Stopped(1),
+    );
+    let mut reconciler = reconciler(&fake, state.path());
+    let wanted = desired(vec![("i1", DesiredPresence::Running, vec![("api", "ok")])]);
+    let wake = reconciler.pass(Some(&wanted)).await.unwrap();
+    let api = &reconciler.tracked["root_api"].status;
+    assert_eq!(api.phase(), ServicePhase::Backoff, "{api:?}");
+    // The policy's delay is 1 ms.
+    let wake = wake.expect("the pass names when the restart is due");
+    assert!(
+        wake <= Instant::now() + Duration::from_millis(1),
+        "{wake:?}"
+    );
+    tokio::time::sleep_until(wake.into()).await;
+    pass(&mut reconciler, &wanted).await;
+    assert_eq!(fake.task("root_api"), Some(TaskState::Running(1)));
 }
 
 /// A CNI failure reads as one, not as an image that cannot run, and counts
