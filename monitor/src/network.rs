@@ -113,6 +113,8 @@ pub trait Network: Send + Sync + 'static {
     fn addresses(&self, id: &str) -> Result<Vec<(String, String)>, NetworkError>;
     /// The ports container `id` publishes.
     fn ports(&self, id: &str) -> Result<Vec<PortMapping>, NetworkError>;
+    /// The ids of the containers with an attachment on record.
+    fn attached(&self) -> Result<Vec<String>, NetworkError>;
 }
 
 impl Network for Networks {
@@ -143,6 +145,10 @@ impl Network for Networks {
 
     fn ports(&self, id: &str) -> Result<Vec<PortMapping>, NetworkError> {
         Networks::ports(self, id)
+    }
+
+    fn attached(&self) -> Result<Vec<String>, NetworkError> {
+        Networks::attached(self)
     }
 }
 
@@ -292,12 +298,12 @@ impl Networks {
         Ok(index)
     }
 
-    /// The subnet index of each network some attachment has an address in.
-    fn indexes_in_use(&self) -> Result<BTreeMap<String, u8>, NetworkError> {
+    /// The attachment records on disk.
+    fn records(&self) -> Result<Vec<PathBuf>, NetworkError> {
         let dir = self.cni_dir().join("containers");
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(err) => {
                 return Err(StateDirError::Io {
                     action: "listing",
@@ -307,13 +313,27 @@ impl Networks {
                 .into());
             }
         };
+        Ok(entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .collect())
+    }
+
+    /// The ids of the containers with an attachment on record.
+    pub fn attached(&self) -> Result<Vec<String>, NetworkError> {
+        Ok(self
+            .records()?
+            .iter()
+            .filter_map(|path| path.file_stem()?.to_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The subnet index of each network some attachment has an address in.
+    fn indexes_in_use(&self) -> Result<BTreeMap<String, u8>, NetworkError> {
         let prefix = format!("{}.", self.options.subnet_prefix);
         let mut used = BTreeMap::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
+        for path in self.records()? {
             let attachments: Vec<Attachment> = StateDir::read_json(&path)?.unwrap_or_default();
             for attachment in attachments {
                 let index = attachment

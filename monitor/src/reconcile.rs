@@ -119,6 +119,9 @@ pub struct Reconciler<R: Runtime, N: Network = Networks> {
     health: Checks,
     /// Why the monitor stopped a task: it was unhealthy.
     unhealthy_stops: HashMap<String, String>,
+    /// Networks attached while a service's image pulls, by container id:
+    /// the container, made once the image is in, takes them as they are.
+    prepared: HashMap<String, services::PreparedNetwork>,
 }
 
 impl<R: Runtime, N: Network> std::fmt::Debug for Reconciler<R, N> {
@@ -185,6 +188,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             current: BTreeSet::new(),
             health: Checks::default(),
             unhealthy_stops: HashMap::new(),
+            prepared: HashMap::new(),
         }
     }
 }

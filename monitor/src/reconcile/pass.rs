@@ -134,6 +134,7 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         // act on: counters, failures and pending restarts.
         if let Some(desired) = desired {
             self.current.clear();
+            let mut running = BTreeSet::new();
             for installation in &desired.installations {
                 for service in installation.addon.iter().flat_map(|a| &a.services) {
                     let base = match cores.iter().find(|(name, _)| *name == service.service_name) {
@@ -144,10 +145,15 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                     self.track(&installation.installation_id, &service.service_name, &id)
                         .status
                         .release = installation.release;
+                    if installation.presence() == DesiredPresence::Running {
+                        running.insert(id.clone());
+                    }
                     self.current.insert(id);
                 }
             }
             self.restore_give_ups(&infos);
+            let existing = all.iter().map(|info| info.id.as_str()).collect();
+            self.detach_unused(&existing, &running).await;
         }
         let now = Instant::now();
         let memory = self

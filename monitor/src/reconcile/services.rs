@@ -1,7 +1,10 @@
 //! Addon containers: made from a pulled image, a runtime spec and their
 //! networks; started; removed with everything they had on the host.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+};
 
 use oakestra_addons_proto::engine::v1::{self as pb, ServicePhase};
 
@@ -62,6 +65,10 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
                 let tracked = self.track(installation_id, name, id);
                 tracked.status.pull_bytes_done = done;
                 tracked.set(ServicePhase::Pulling, format!("pulling {image}"));
+                if core.is_none() {
+                    self.prepare_network(id, PreparedNetwork::of(service, supersedes))
+                        .await;
+                }
                 return Ok(());
             }
             PullState::Failed(err) => return Err(MonitorError::Image(image_failure(image, &err))),
@@ -98,18 +105,15 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
         match core.and_then(ContainerInfo::netns_path) {
             Some(netns) => run.netns = Some(netns),
             None => {
-                let networks = if service.networks.is_empty() {
-                    vec![default_network()]
-                } else {
-                    service.networks.clone()
-                };
-                // The old release holds the host ports until it goes.
-                let first = if supersedes.is_empty() {
-                    ports.as_slice()
-                } else {
-                    &[]
-                };
-                self.cx.networks.attach(id, &networks, first).await?;
+                let wanted = PreparedNetwork::of(service, supersedes);
+                // Attached while the image pulled, as the service still
+                // wants it: taken as it is.
+                if self.prepared.remove(id).as_ref() != Some(&wanted) {
+                    self.cx
+                        .networks
+                        .attach(id, &wanted.networks, &wanted.ports)
+                        .await?;
+                }
                 run.netns = Some(self.cx.networks.netns_path(id)?);
             }
         }
@@ -175,6 +179,71 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             "running".into(),
         );
         Ok(())
+    }
+
+    /// Attaches container `id`'s networks while its image pulls, so the
+    /// CNI plugins' time is not added to the start once the image is in.
+    /// A failure is only logged: the attach when the container is made
+    /// tries again and reports it.
+    async fn prepare_network(&mut self, id: &str, network: PreparedNetwork) {
+        if self.prepared.get(id) == Some(&network) {
+            return;
+        }
+        self.prepared.remove(id);
+        match self
+            .cx
+            .networks
+            .attach(id, &network.networks, &network.ports)
+            .await
+        {
+            Ok(_) => {
+                self.prepared.insert(id.to_owned(), network);
+            }
+            Err(err) => {
+                tracing::info!(container = %id, error = %err, "cannot attach the network while the image pulls; trying again at the start");
+            }
+        }
+    }
+
+    /// Takes down the networks of what has no container: prepared for a
+    /// service no longer wanted here (uninstalled, given up, another
+    /// release), or left by a monitor that stopped between an attach and
+    /// the container it was for. `containers` are every container there
+    /// is (listed before this pass made any); `running` the containers of
+    /// the services the desired state wants running.
+    pub(super) async fn detach_unused(
+        &mut self,
+        containers: &BTreeSet<&str>,
+        running: &BTreeSet<String>,
+    ) {
+        let attached = match self.cx.networks.attached() {
+            Ok(attached) => attached,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list network attachments");
+                return;
+            }
+        };
+        for id in attached {
+            if containers.contains(id.as_str()) {
+                continue;
+            }
+            let still_wanted = self.prepared.contains_key(&id)
+                && running.contains(&id)
+                && self
+                    .tracked
+                    .get(&id)
+                    .is_some_and(|t| t.status.phase() != ServicePhase::Failed);
+            if still_wanted {
+                continue;
+            }
+            self.prepared.remove(&id);
+            match self.cx.networks.detach(&id).await {
+                Ok(()) => tracing::info!(container = %id, "took down the network of no container"),
+                Err(err) => {
+                    tracing::warn!(container = %id, error = %err, "cannot take down the network of no container");
+                }
+            }
+        }
     }
 
     /// Starts an existing container's task: its first start (prepared
@@ -293,6 +362,32 @@ impl<R: Runtime, N: Network> Reconciler<R, N> {
             {
                 tracing::warn!(error = %err, "cannot write hosts file");
             }
+        }
+    }
+}
+
+/// The networks a service's own container attaches to, and the host ports
+/// it publishes on the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PreparedNetwork {
+    networks: Vec<String>,
+    ports: Vec<PortMapping>,
+}
+
+impl PreparedNetwork {
+    fn of(service: &pb::ServiceSpec, supersedes: &[String]) -> Self {
+        Self {
+            networks: if service.networks.is_empty() {
+                vec![default_network()]
+            } else {
+                service.networks.clone()
+            },
+            // The old release holds the host ports until it goes.
+            ports: if supersedes.is_empty() {
+                declared_ports(service)
+            } else {
+                Vec::new()
+            },
         }
     }
 }

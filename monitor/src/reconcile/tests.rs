@@ -3,7 +3,7 @@
 //! restart, and every failure says which part failed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
     time::{Duration, Instant},
@@ -43,8 +43,10 @@ struct World {
     calls: Vec<String>,
     /// Calls (`op id`) that fail.
     failing: Vec<String>,
-    /// Images that pull; any other pull never ends.
+    /// Images that pull; any other pull waits until it is one.
     images: Vec<String>,
+    /// Containers with networks attached.
+    attached: BTreeSet<String>,
 }
 
 /// A runtime and a network over one recorded world.
@@ -136,8 +138,8 @@ impl Runtime for Fake {
         _progress: Arc<AtomicU64>,
     ) -> Result<PulledImage, RuntimeError> {
         self.call("pull", image)?;
-        if !self.world().images.iter().any(|i| i == image) {
-            std::future::pending::<()>().await;
+        while !self.world().images.iter().any(|i| i == image) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(PulledImage {
             name: image.to_owned(),
@@ -246,6 +248,7 @@ impl Network for Fake {
                 network: networks.first().cloned().unwrap_or_default(),
                 reason: err.to_string(),
             })?;
+        self.world().attached.insert(id.to_owned());
         Ok(Vec::new())
     }
 
@@ -256,7 +259,9 @@ impl Network for Fake {
 
     async fn detach(&self, id: &str) -> Result<(), NetworkError> {
         self.call("detach", id)
-            .map_err(|err| NetworkError::State(err.to_string()))
+            .map_err(|err| NetworkError::State(err.to_string()))?;
+        self.world().attached.remove(id);
+        Ok(())
     }
 
     fn addresses(&self, _id: &str) -> Result<Vec<(String, String)>, NetworkError> {
@@ -265,6 +270,10 @@ impl Network for Fake {
 
     fn ports(&self, _id: &str) -> Result<Vec<PortMapping>, NetworkError> {
         Ok(Vec::new())
+    }
+
+    fn attached(&self) -> Result<Vec<String>, NetworkError> {
+        Ok(self.world().attached.iter().cloned().collect())
     }
 }
 
@@ -474,6 +483,86 @@ async fn a_counted_exit_has_the_next_pass_due_at_its_restart() {
     tokio::time::sleep_until(wake.into()).await;
     pass(&mut reconciler, &wanted).await;
     assert_eq!(fake.task("root_api"), Some(TaskState::Running(1)));
+}
+
+/// A service's network is attached while its image pulls, once: the
+/// container made when the image is in takes it as it is.
+#[tokio::test]
+async fn the_network_is_attached_while_the_image_pulls() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let mut reconciler = reconciler(&fake, state.path());
+    let wanted = desired(vec![(
+        "i1",
+        DesiredPresence::Running,
+        vec![("web", "late")],
+    )]);
+    pass(&mut reconciler, &wanted).await;
+    assert_eq!(
+        reconciler.tracked["root_web"].status.phase(),
+        ServicePhase::Pulling
+    );
+    assert!(fake.world().attached.contains("root_web"));
+    assert!(fake.task("root_web").is_none(), "no container yet");
+    // Passes while the pull runs attach nothing more.
+    pass(&mut reconciler, &wanted).await;
+    fake.world().images.push("late".into());
+    let image = tokio::time::timeout(Duration::from_secs(5), reconciler.pulls.finished())
+        .await
+        .unwrap();
+    assert_eq!(image, "late");
+    pass(&mut reconciler, &wanted).await;
+    assert_eq!(fake.task("root_web"), Some(TaskState::Running(1)));
+    let world = fake.world();
+    let attaches = world
+        .calls
+        .iter()
+        .filter(|c| *c == "attach root_web")
+        .count();
+    assert_eq!(attaches, 1, "{:?}", world.calls);
+    assert!(
+        !world.calls.iter().any(|c| c == "detach root_web"),
+        "{:?}",
+        world.calls
+    );
+}
+
+/// The network attached for a pull goes when its service is no longer
+/// wanted before its container was made; so does one that no container
+/// has (a monitor stopped between an attach and the container).
+#[tokio::test]
+async fn networks_of_no_container_are_taken_down() {
+    let state = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    fake.world().attached.insert("root_left".into());
+    fake.add(
+        "root_kept",
+        &addon_labels("i0", "kept"),
+        TaskState::Running(2),
+    );
+    fake.world().attached.insert("root_kept".into());
+    fake.world().images.push("ok".into());
+    let mut reconciler = reconciler(&fake, state.path());
+    let kept = ("i0", DesiredPresence::Running, vec![("kept", "ok")]);
+    let wanted = desired(vec![
+        kept.clone(),
+        ("i1", DesiredPresence::Running, vec![("web", "late")]),
+    ]);
+    pass(&mut reconciler, &wanted).await;
+    {
+        let world = fake.world();
+        assert!(world.attached.contains("root_web"));
+        assert!(!world.attached.contains("root_left"), "{:?}", world.calls);
+    }
+    let removed = desired(vec![
+        kept,
+        ("i1", DesiredPresence::Removed, vec![("web", "late")]),
+    ]);
+    pass(&mut reconciler, &removed).await;
+    let world = fake.world();
+    assert!(!world.attached.contains("root_web"), "{:?}", world.calls);
+    // A container's network stays while the container does.
+    assert!(world.attached.contains("root_kept"), "{:?}", world.calls);
 }
 
 /// A CNI failure reads as one, not as an image that cannot run, and counts
