@@ -499,6 +499,36 @@ async fn a_stalled_registry_delays_nothing_else() {
         timed_out.reason.contains("image: pulling") && timed_out.reason.contains("8s"),
         "{timed_out:?}"
     );
+
+    // Its network was attached while the image pulled, ahead of its
+    // container; uninstalled while the registry still stalls, no
+    // container was ever made, and the network goes all the same.
+    let record = stack.state.join("cni/containers/root_stalled.json");
+    let netns = stack.state.join("netns/root_stalled");
+    assert!(
+        record.exists() && netns.exists(),
+        "attached during the pull: {record:?}, {netns:?}"
+    );
+    stack
+        .manager()
+        .uninstall_addon(pb::UninstallAddonRequest {
+            id: stalled.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually("the network of no container goes", PATIENCE, || async {
+        if record.exists() || netns.exists() {
+            Err(format!(
+                "{record:?}: {}, {netns:?}: {}",
+                record.exists(),
+                netns.exists()
+            ))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     stall.abort();
 }
 
