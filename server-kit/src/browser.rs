@@ -408,4 +408,46 @@ mod tests {
             Err(StatusCode::MISDIRECTED_REQUEST)
         );
     }
+
+    /// CORS's headers for what a browser may send; none for a native gRPC
+    /// call without an `Origin`, which no browser sends.
+    #[tokio::test]
+    async fn cors_answers_what_a_browser_may_send() {
+        use tower::{ServiceExt as _, service_fn};
+        let routes = service_fn(|_: http::Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let cors = tower_http::cors::CorsLayer::new()
+            .allow_origin(tower_http::cors::Any)
+            .expose_headers([http::HeaderName::from_static("grpc-status")]);
+        let service = tower_layer::Layer::layer(&BrowserCorsLayer(cors), routes);
+        let call = |content_type: &str, origin: Option<&str>| {
+            let mut request = http::Request::post("/pkg.Service/Method")
+                .header(header::CONTENT_TYPE, content_type);
+            if let Some(origin) = origin {
+                request = request.header(header::ORIGIN, origin);
+            }
+            service
+                .clone()
+                .oneshot(request.body(Body::empty()).unwrap())
+        };
+        let native = call("application/grpc", None).await.unwrap();
+        assert!(native.headers().get(header::VARY).is_none(), "{native:?}");
+        let with_origin = call("application/grpc", Some("https://page.example"))
+            .await
+            .unwrap();
+        assert!(
+            with_origin
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+            "{with_origin:?}"
+        );
+        let web = call("application/grpc-web+proto", None).await.unwrap();
+        assert!(web.headers().contains_key(header::VARY), "{web:?}");
+        assert!(
+            web.headers()
+                .contains_key(header::ACCESS_CONTROL_EXPOSE_HEADERS),
+            "{web:?}"
+        );
+    }
 }
