@@ -230,15 +230,18 @@ async fn install_twenty(
         .1
 }
 
-/// Every container's task and its process id.
+/// Every running task's process id, by container.
 async fn task_pids(runtime: &Runtime) -> BTreeMap<String, u32> {
-    let mut pids = BTreeMap::new();
-    for container in runtime.list_containers(&[]).await.unwrap() {
-        if let TaskState::Running(pid) = runtime.task_state(&container.id).await.unwrap() {
-            pids.insert(container.id, pid);
-        }
-    }
-    pids
+    runtime
+        .task_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(id, state)| match state {
+            TaskState::Running(pid) => Some((id, pid)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Waits until a freshly started monitor has applied the manager's desired

@@ -43,7 +43,8 @@ struct World {
     calls: Vec<String>,
     /// Calls (`op id`) that fail.
     failing: Vec<String>,
-    /// Images that pull; any other pull waits until it is one.
+    /// Images that pull; any other pull waits until `Fake::add_image`
+    /// makes it one.
     images: Vec<String>,
     /// Containers with networks attached.
     attached: BTreeSet<String>,
@@ -51,11 +52,21 @@ struct World {
 
 /// A runtime and a network over one recorded world.
 #[derive(Debug, Clone, Default)]
-struct Fake(Arc<Mutex<World>>);
+struct Fake {
+    world: Arc<Mutex<World>>,
+    /// Woken when an image is added.
+    images_added: Arc<tokio::sync::Notify>,
+}
 
 impl Fake {
     fn world(&self) -> std::sync::MutexGuard<'_, World> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.world.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `image` one that pulls, ending the pulls that wait for it.
+    fn add_image(&self, image: &str) {
+        self.world().images.push(image.to_owned());
+        self.images_added.notify_waiters();
     }
 
     fn call(&self, op: &str, id: &str) -> Result<(), RuntimeError> {
@@ -138,8 +149,16 @@ impl Runtime for Fake {
         _progress: Arc<AtomicU64>,
     ) -> Result<PulledImage, RuntimeError> {
         self.call("pull", image)?;
-        while !self.world().images.iter().any(|i| i == image) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        loop {
+            // Registered before the check, so an image added in between
+            // still wakes it.
+            let added = self.images_added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            if self.world().images.iter().any(|i| i == image) {
+                break;
+            }
+            added.await;
         }
         Ok(PulledImage {
             name: image.to_owned(),
@@ -506,7 +525,7 @@ async fn the_network_is_attached_while_the_image_pulls() {
     assert!(fake.task("root_web").is_none(), "no container yet");
     // Passes while the pull runs attach nothing more.
     pass(&mut reconciler, &wanted).await;
-    fake.world().images.push("late".into());
+    fake.add_image("late");
     let image = tokio::time::timeout(Duration::from_secs(5), reconciler.pulls.finished())
         .await
         .unwrap();
