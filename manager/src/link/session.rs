@@ -119,7 +119,10 @@ impl LinkHub {
             hub.options.metrics.monitors_linked.dec();
             drop(registered);
             if !hub.presence.is_connected(&node) {
-                hub.node_unlinked(&node, chrono::Utc::now()).await;
+                // Boxed: its future is the largest state of this task,
+                // which every linked node holds for as long as it is
+                // linked; boxed, it takes memory only at the end.
+                Box::pin(hub.node_unlinked(&node, chrono::Utc::now())).await;
                 hub.mark_disconnected_later(node);
             }
         });
