@@ -92,12 +92,13 @@ fn failed_io(err: &Error) -> bool {
 
 /// What redb may hold in memory of the file: its read cache and its
 /// buffer of written pages. redb's default is 1 GiB, a ceiling it grows
-/// towards as pages are touched. The collections read on every call are
-/// resident (served from memory, `resident.rs`), so the cache would mostly
-/// hold the pages of recent writes, and the kernel's page cache (shared,
-/// reclaimable) holds the file anyway. With 1000 nodes reporting at once
-/// this keeps about 10 MiB out of the manager's resident memory, at no
-/// cost in time (BENCHMARKS.md).
+/// towards as pages are touched. What the servers read on every call is
+/// served from memory (resident collections, `resident.rs`, and the
+/// manager's node statuses), so the cache would mostly hold the pages of
+/// recent writes, and the kernel's page cache (shared, reclaimable) holds
+/// the file anyway. With 1000 nodes reporting at once this keeps 8 to
+/// 10 MiB out of the manager's resident memory, at no cost in time
+/// (BENCHMARKS.md).
 const CACHE_BYTES: usize = 4 << 20;
 
 fn create_database(path: &Path) -> std::result::Result<Database, redb::DatabaseError> {
